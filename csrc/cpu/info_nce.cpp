@@ -1,0 +1,318 @@
+// palfast::info_nce on the CPU: flash-style tiles, never an N×N matrix.
+//
+// Forward: the similarity matrix is visited in kTile×kTile tiles. s_ij is
+// symmetric, so only tiles (I, K) with I ≤ K are computed (one GEMM each) and
+// each tile updates the online log-sum-exp of its rows *and* of its columns.
+// Threads keep private (max, sum) arrays that are merged at the end, so the
+// result does not depend on scheduling beyond the thread count.
+//
+// Backward: dL/du = (1/τ) M u − (1/τ) [c ∘ (G u) + Gᵀ (c ∘ u)], where
+//   M_ik = g_i p_ik + g_k p_ki, p_ik = exp(s_ik − lse_i), c_i = g_i / W_i.
+// M is symmetric, so again only tiles I ≤ K are recomputed; a tile adds M u_K
+// to rows I and Mᵀ u_I to rows K, each thread into its own gradient buffer.
+// Memory: O(N·D) per thread plus one tile per thread.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../info_nce.h"
+#include "graph_spmm.h"
+
+// The tile loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
+// best one is picked at load time, so the wheel runs on any x86-64 CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PALFAST_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define PALFAST_CLONES
+#endif
+
+namespace palfast::cpu {
+namespace {
+
+constexpr int64_t kTile = 256;
+constexpr int kLanes = 16;  // independent partial reductions, so loops vectorise
+
+// exp(x) for float within ~2 ulp (Cephes polynomial), branch-free so that GCC
+// vectorises loops of it; exp(x < -87) = 0, NaN stays NaN.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : y * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// Online log-sum-exp merge: (M, S) represents Σ exp(.) = S·exp(M).
+template <typename T>
+inline void lse_merge(T& big_m, T& big_s, T m, T s) {
+  if (m == kNegInf<T>) return;
+  if (m > big_m) {
+    big_s = big_s * fast_exp(big_m - m) + s;
+    big_m = m;
+  } else {
+    big_s += s * fast_exp(m - big_m);
+  }
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  T acc[kLanes];
+  std::fill(acc, acc + kLanes, kNegInf<T>);
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = std::max(acc[j], x[c + j]);
+  for (; c < n; ++c) acc[0] = std::max(acc[0], x[c]);
+  return *std::max_element(acc, acc + kLanes);
+}
+
+template <typename T>
+inline T row_sum_exp(const T* x, int64_t n, T shift) {
+  T acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += fast_exp(x[c + j] - shift);
+  for (; c < n; ++c) acc[0] += fast_exp(x[c] - shift);
+  T s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// One forward tile s [ni, nk] (unscaled dot products). Scales by 1/τ, masks the
+// diagonal of diagonal tiles, and merges row stats (and column stats for
+// off-diagonal tiles) into this thread's running (max, sum).
+template <typename T>
+PALFAST_CLONES void forward_tile(T* s, int64_t ni, int64_t nk, T inv_tau, bool diagonal,
+                                 T* row_m, T* row_s, T* col_m, T* col_s, T* col_tmp) {
+  for (int64_t r = 0; r < ni; ++r) {
+    T* row = s + r * nk;
+    for (int64_t c = 0; c < nk; ++c) row[c] *= inv_tau;
+    if (diagonal) row[r] = kNegInf<T>;
+  }
+  for (int64_t r = 0; r < ni; ++r) {
+    const T* row = s + r * nk;
+    const T m = row_max(row, nk);
+    if (m == kNegInf<T>) continue;  // a 1×1 diagonal tile: nothing but i itself
+    lse_merge(row_m[r], row_s[r], m, row_sum_exp(row, nk, m));
+  }
+  if (diagonal) return;
+  T* cm = col_tmp;
+  T* cs = col_tmp + nk;
+  std::fill(cm, cm + nk, kNegInf<T>);
+  std::fill(cs, cs + nk, T(0));
+  for (int64_t r = 0; r < ni; ++r) {
+    const T* row = s + r * nk;
+    for (int64_t c = 0; c < nk; ++c) cm[c] = std::max(cm[c], row[c]);
+  }
+  for (int64_t r = 0; r < ni; ++r) {
+    const T* row = s + r * nk;
+    for (int64_t c = 0; c < nk; ++c) cs[c] += fast_exp(row[c] - cm[c]);
+  }
+  for (int64_t c = 0; c < nk; ++c) lse_merge(col_m[c], col_s[c], cm[c], cs[c]);
+}
+
+// One backward tile: s [ni, nk] (unscaled dots) becomes M_rc = g_r p_rc + g_c p_cr.
+template <typename T>
+PALFAST_CLONES void backward_tile(T* s, int64_t ni, int64_t nk, T inv_tau, bool diagonal,
+                                  const T* g_r, const T* lse_r, const T* g_c, const T* lse_c) {
+  for (int64_t r = 0; r < ni; ++r) {
+    T* row = s + r * nk;
+    const T gr = g_r[r];
+    const T lr = lse_r[r];
+    for (int64_t c = 0; c < nk; ++c) {
+      const T x = row[c] * inv_tau;
+      row[c] = gr * fast_exp(x - lr) + g_c[c] * fast_exp(x - lse_c[c]);
+    }
+    if (diagonal) row[r] = T(0);
+  }
+}
+
+struct TilePairs {
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // (I, K) with I ≤ K
+  explicit TilePairs(int64_t n) {
+    const int64_t nb = (n + kTile - 1) / kTile;
+    for (int64_t i = 0; i < nb; ++i)
+      for (int64_t k = i; k < nb; ++k) pairs.emplace_back(i, k);
+  }
+};
+
+// u = z (as T, contiguous), divided by max(‖z_i‖, 1e-12) when normalising.
+at::Tensor embeddings_for_kernel(const at::Tensor& z, at::ScalarType acc, bool normalize) {
+  at::Tensor u = z.to(acc).contiguous();
+  if (normalize) u = u / u.norm(2, {1}, true).clamp_min(1e-12);
+  return u;
+}
+
+// Per-row log Σ_{k≠i} exp(<u_i, u_k> / τ).
+template <typename T>
+at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau) {
+  const int64_t n = u.size(0);
+  const TilePairs tiles(n);
+  const int nt = std::max(1, at::get_num_threads());
+  std::vector<T> stat_m(static_cast<size_t>(nt) * n, kNegInf<T>);
+  std::vector<T> stat_s(static_cast<size_t>(nt) * n, T(0));
+
+  at::parallel_for(0, static_cast<int64_t>(tiles.pairs.size()), 1, [&](int64_t p0, int64_t p1) {
+    const int tid = at::get_thread_num();
+    T* my_m = stat_m.data() + static_cast<size_t>(tid) * n;
+    T* my_s = stat_s.data() + static_cast<size_t>(tid) * n;
+    at::Tensor buf = at::empty({kTile * kTile}, u.options());
+    std::vector<T> col_tmp(2 * kTile);
+    for (int64_t p = p0; p < p1; ++p) {
+      const auto [bi, bk] = tiles.pairs[p];
+      const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
+      const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
+      at::Tensor s = buf.narrow(0, 0, ni * nk).view({ni, nk});
+      at::mm_out(s, u.narrow(0, i0, ni), u.narrow(0, k0, nk).t());
+      forward_tile<T>(s.data_ptr<T>(), ni, nk, inv_tau, bi == bk, my_m + i0, my_s + i0, my_m + k0,
+                      my_s + k0, col_tmp.data());
+    }
+  });
+
+  at::Tensor lse = at::empty({n}, u.options());
+  T* out = lse.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    T m = kNegInf<T>, s = 0;
+    for (int t = 0; t < nt; ++t) lse_merge(m, s, stat_m[t * n + i], stat_s[t * n + i]);
+    out[i] = m + std::log(s);  // -inf when row i has no other row (N = 1)
+  }
+  return lse;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const GraphArgs& g,
+                                                double temperature, bool normalize) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const T inv_tau = static_cast<T>(1.0 / temperature);
+  at::Tensor u = embeddings_for_kernel(z, c10::CppTypeToScalarType<T>::value, normalize);
+  at::Tensor lse = row_logsumexp<T>(u, inv_tau);
+
+  // Positive term: <u_i, (G u)_i> / (τ W_i).
+  at::Tensor q = at::zeros_like(u);
+  graph_spmm<T>(g, u.data_ptr<T>(), nullptr, q.data_ptr<T>(), n, d, /*transpose=*/false);
+  at::Tensor loss = at::empty({n}, u.options());
+  const T* up = u.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* lp = lse.data_ptr<T>();
+  const float* wp = g.pos_weight.data_ptr<float>();
+  T* out = loss.data_ptr<T>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (!(wp[i] > 0)) {
+        out[i] = 0;
+        continue;
+      }
+      T dot = 0;
+      for (int64_t k = 0; k < d; ++k) dot += up[i * d + k] * qp[i * d + k];
+      out[i] = lp[i] - dot * inv_tau / static_cast<T>(wp[i]);
+    }
+  });
+  return {loss, lse};
+}
+
+template <typename T>
+at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const GraphArgs& g,
+                         const at::Tensor& lse_in, double temperature, bool normalize) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const T inv_tau = static_cast<T>(1.0 / temperature);
+  at::Tensor u = embeddings_for_kernel(z, c10::CppTypeToScalarType<T>::value, normalize);
+  at::Tensor lse = lse_in.contiguous();
+  // Rows without positives carry no loss, whatever grad_rows says.
+  at::Tensor gr = at::where(g.pos_weight > 0, grad_rows, at::zeros_like(grad_rows)).contiguous();
+  const T* gp = gr.data_ptr<T>();
+  const T* lp = lse.data_ptr<T>();
+
+  const TilePairs tiles(n);
+  const int nt = std::max(1, at::get_num_threads());
+  at::Tensor du_threads = at::zeros({nt, n, d}, u.options());
+  at::parallel_for(0, static_cast<int64_t>(tiles.pairs.size()), 1, [&](int64_t p0, int64_t p1) {
+    at::Tensor du = du_threads[at::get_thread_num()];
+    at::Tensor buf = at::empty({kTile * kTile}, u.options());
+    for (int64_t p = p0; p < p1; ++p) {
+      const auto [bi, bk] = tiles.pairs[p];
+      const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
+      const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
+      at::Tensor ui = u.narrow(0, i0, ni), uk = u.narrow(0, k0, nk);
+      at::Tensor m = buf.narrow(0, 0, ni * nk).view({ni, nk});
+      at::mm_out(m, ui, uk.t());
+      backward_tile<T>(m.data_ptr<T>(), ni, nk, inv_tau, bi == bk, gp + i0, lp + i0, gp + k0,
+                       lp + k0);
+      du.narrow(0, i0, ni).addmm_(m, uk);
+      if (bi != bk) du.narrow(0, k0, nk).addmm_(m.t(), ui);
+    }
+  });
+  at::Tensor du = du_threads.sum(0);
+
+  // Positive term: − c ∘ (G u) − Gᵀ (c ∘ u), c_i = g_i / W_i.
+  at::Tensor c = at::where(g.pos_weight > 0, gr / g.pos_weight.to(gr.scalar_type()),
+                           at::zeros_like(gr))
+                     .contiguous();
+  at::Tensor pos = at::zeros_like(u);
+  graph_spmm<T>(g, u.data_ptr<T>(), nullptr, pos.data_ptr<T>(), n, d, /*transpose=*/false);
+  pos.mul_(c.unsqueeze(1));
+  graph_spmm<T>(g, u.data_ptr<T>(), c.data_ptr<T>(), pos.data_ptr<T>(), n, d, /*transpose=*/true);
+  du = (du - pos) * inv_tau;
+
+  if (normalize) {
+    // u = z / max(‖z‖, eps): project out the radial part, or plain 1/eps when clamped.
+    at::Tensor norm = z.to(u.scalar_type()).norm(2, {1}, true);
+    at::Tensor radial = du - u * (u * du).sum(1, true);
+    du = at::where(norm > 1e-12, radial / norm.clamp_min(1e-12), du / 1e-12);
+  }
+  return du.to(z.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_cpu(
+    const at::Tensor& z, const at::Tensor& indptr, const at::Tensor& indices,
+    const at::Tensor& weights, const at::Tensor& t_indptr, const at::Tensor& t_indices,
+    const at::Tensor& t_weights, const at::Tensor& labels, at::ArrayRef<double> label_weights,
+    at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight, double temperature,
+    bool normalize) {
+  const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
+                                      labels, label_weights, label_classes, pos_weight);
+  check_info_nce("palfast.info_nce", z, g, temperature);
+  if (z.scalar_type() == at::kDouble) return forward_impl<double>(z, g, temperature, normalize);
+  return forward_impl<float>(z, g, temperature, normalize);
+}
+
+at::Tensor info_nce_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& indptr,
+    const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
+    const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
+    at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
+    const at::Tensor& pos_weight, const at::Tensor& lse, double temperature, bool normalize) {
+  const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
+                                      labels, label_weights, label_classes, pos_weight);
+  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature);
+  if (z.scalar_type() == at::kDouble)
+    return backward_impl<double>(grad_rows, z, g, lse, temperature, normalize);
+  return backward_impl<float>(grad_rows, z, g, lse, temperature, normalize);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(palfast, CPU, m) {
+  m.impl("info_nce", &info_nce_cpu);
+  m.impl("info_nce_backward", &info_nce_backward_cpu);
+}
+
+}  // namespace palfast::cpu

@@ -1,0 +1,40 @@
+// palfast::info_nce — shape contract and argument checks (SPEC §3.1).
+//
+//   z [N, D] float32/float64/float16/bfloat16, graph over N rows.
+//   forward  -> loss_rows [N], lse [N]  (float64 when z is float64, else float32)
+//   backward(grad_rows [N]) -> grad_z [N, D] (z's dtype)
+//
+//   s_ij = <u_i, u_j> / temperature,  u = normalize ? z / max(|z|, 1e-12) : z
+//   lse_i = log Σ_{k≠i} exp(s_ik)
+//   loss_i = lse_i − (1/W_i) Σ_{j≠i} w_ij s_ij   (0 when W_i = 0)
+#pragma once
+
+#include <cmath>
+
+#include "graph.h"
+
+namespace palfast {
+
+inline at::ScalarType info_nce_acc_dtype(const at::Tensor& z) {
+  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_info_nce(const char* op, const at::Tensor& z, const GraphArgs& g,
+                           double temperature) {
+  check_embeddings(op, z);
+  check_graph(op, g, z);
+  PALFAST_CHECK(std::isfinite(temperature) && temperature > 0, op,
+                ": temperature must be a finite number > 0, got ", temperature);
+}
+
+inline void check_info_nce_backward(const char* op, const at::Tensor& grad_rows,
+                                    const at::Tensor& z, const GraphArgs& g,
+                                    const at::Tensor& lse, double temperature) {
+  check_info_nce(op, z, g, temperature);
+  check_1d(op, "lse", lse, info_nce_acc_dtype(z), z.size(0));
+  check_1d(op, "grad_rows", grad_rows, info_nce_acc_dtype(z), z.size(0));
+  check_same_device(op, "lse", lse, z);
+  check_same_device(op, "grad_rows", grad_rows, z);
+}
+
+}  // namespace palfast

@@ -1,0 +1,41 @@
+// palfast's op schemas (one m.def per op, all in this file) and the Python
+// module stub. Device files only register kernels (TORCH_LIBRARY_IMPL);
+// autograd and fake (meta) kernels are registered in palfast/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing palfast._C runs the static TORCH_LIBRARY registrations below.
+// The module also says how it was built, for `palfast info` and the import check.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", PALFAST_TORCH_VERSION);
+  PyModule_AddStringConstant(m, "cuda_archs", PALFAST_CUDA_ARCHS);
+#ifdef PALFAST_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  return m;
+}
+}
+
+// A graph argument list, spelled out in every schema that takes a PairGraph
+// (see csrc/graph.h for the meaning of each tensor).
+#define PALFAST_GRAPH_ARGS                                                                   \
+  "Tensor indptr, Tensor indices, Tensor weights, Tensor t_indptr, Tensor t_indices, "      \
+  "Tensor t_weights, Tensor labels, float[] label_weights, int[] label_classes, "           \
+  "Tensor pos_weight"
+
+TORCH_LIBRARY(palfast, m) {
+  // Graph-weighted InfoNCE (SPEC §3.1). Returns (per-row loss [N], lse [N]) in
+  // float32 (float64 for float64 z); rows with W_i = 0 get loss 0. Only lse is
+  // saved for backward, which recomputes the similarity tiles.
+  m.def("info_nce(Tensor z, " PALFAST_GRAPH_ARGS
+        ", float temperature, bool normalize) -> (Tensor, Tensor)");
+  // d(Σ_i grad_rows_i · loss_i)/dz, same dtype and shape as z.
+  m.def("info_nce_backward(Tensor grad_rows, Tensor z, " PALFAST_GRAPH_ARGS
+        ", Tensor lse, float temperature, bool normalize) -> Tensor");
+}
