@@ -6,9 +6,10 @@ ICCV 2023). See README.md and SPEC.md.
 """
 
 from . import _ops  # noqa: F401  (loads the extension and registers the ops)
+from . import functional, nn
 from .functional import info_nce
 from .graph import PairGraph
 
 __version__ = "0.1.0"
 
-__all__ = ["PairGraph", "info_nce", "__version__"]
+__all__ = ["PairGraph", "functional", "info_nce", "nn", "__version__"]
