@@ -8,7 +8,7 @@
 //   t_indptr, t_indices, t_weights                                  rows of Gᵀ (the
 //             same tensors when G is symmetric)
 //   labels    [L, N] int64, compact class ids in [0, label_classes[l]) or -1
-//   pos_weight [N] float32, W_i = Σ_{j≠i} w_ij (precomputed by PairGraph)
+//   pos_weight [N] float64, W_i = Σ_{j≠i} w_ij (precomputed by PairGraph)
 #pragma once
 
 #include "checks.h"
@@ -48,7 +48,7 @@ inline void check_graph(const char* op, const GraphArgs& g, const at::Tensor& z)
   check_1d(op, "graph.t_indptr", g.t_indptr, at::kLong, n + 1);
   check_1d(op, "graph.t_indices", g.t_indices, at::kLong, g.indices.size(0));
   check_1d(op, "graph.t_weights", g.t_weights, at::kFloat, g.indices.size(0));
-  check_1d(op, "graph.pos_weight", g.pos_weight, at::kFloat, n);
+  check_1d(op, "graph.pos_weight", g.pos_weight, at::kDouble, n);
   PALFAST_CHECK(g.labels.dim() == 2 && g.labels.size(1) == n, op,
                 ": graph.labels must have shape [L, ", n, "] (one row per label set), got ",
                 g.labels.sizes(), ". The graph was built for a different number of rows than z has");

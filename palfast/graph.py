@@ -83,7 +83,7 @@ class PairGraph:
     labels: torch.Tensor  # [L, N] int64 compact class ids, −1 unknown
     label_weights: tuple[float, ...]
     label_classes: tuple[int, ...]
-    pos_weight: torch.Tensor  # [N] float32, W_i = Σ_{j≠i} w_ij
+    pos_weight: torch.Tensor  # [N] float64, W_i = Σ_{j≠i} w_ij
     num_anchors: int  # rows with W_i > 0
     total_weight: float  # |G| = Σ_ij w_ij
     symmetric: bool
@@ -112,7 +112,6 @@ class PairGraph:
             sizes[known] = counts[y[known]]
             pos += a * (sizes - 1).clamp_min(0) * known
             total += a * float((counts * (counts - 1)).sum())
-        pos = pos.to(torch.float32)
         return cls(n, indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
                    tuple(float(a) for a in label_weights), tuple(int(c) for c in label_classes),
                    pos, int((pos > 0).sum()), total, bool(symmetric))
@@ -239,7 +238,7 @@ class PairGraph:
         return e
 
     def degree(self) -> torch.Tensor:
-        """W_i = Σ_{j≠i} w_ij, float32 [N]."""
+        """W_i = Σ_{j≠i} w_ij, float64 [N] (exact sums of the float32 weights)."""
         return self.pos_weight
 
     def to(self, device) -> PairGraph:
@@ -247,15 +246,15 @@ class PairGraph:
         moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}
         return PairGraph(**{**self.__dict__, **moved})
 
-    def to_dense(self) -> torch.Tensor:
-        """The full [N, N] float32 weight matrix with a zero diagonal (small N only)."""
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full [N, N] weight matrix with a zero diagonal (small N only)."""
         n = self.num_nodes
-        W = torch.zeros(n, n, dtype=torch.float32, device=self.device)
+        W = torch.zeros(n, n, dtype=dtype, device=self.device)
         r, c, w = self._edge_list()
-        W.index_put_((r, c), w, accumulate=True)
+        W.index_put_((r, c), w.to(dtype), accumulate=True)
         for y, a in zip(self.labels, self.label_weights):
             same = (y[:, None] == y[None, :]) & (y[:, None] >= 0)
-            W += a * same.float()
+            W += a * same.to(dtype)
         W.fill_diagonal_(0)
         return W
 

@@ -32,7 +32,7 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     s = u @ u.T / temperature
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
-    w = graph.to_dense().to(device=z.device, dtype=s.dtype).masked_fill(eye, 0)
+    w = graph.to_dense(torch.float64).to(device=z.device, dtype=s.dtype).masked_fill(eye, 0)
     wi = w.sum(1)
     has_pos = wi > 0
     pos = (w * s.masked_fill(eye, 0)).sum(1) / wi.clamp_min(torch.finfo(s.dtype).tiny)

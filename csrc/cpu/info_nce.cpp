@@ -213,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
   const T* up = u.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
   const T* lp = lse.data_ptr<T>();
-  const float* wp = g.pos_weight.data_ptr<float>();
+  const double* wp = g.pos_weight.data_ptr<double>();
   T* out = loss.data_ptr<T>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

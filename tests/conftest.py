@@ -1,0 +1,51 @@
+"""Shared fixtures: devices to test on and graph factories for every graph kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import palfast
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def make_graph(kind: str, n: int, *, seed: int = 0) -> palfast.PairGraph:
+    """A graph over n rows of the given kind, with fresh random structure."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "views":
+        if n % 2:
+            return palfast.PairGraph.from_views(n, 1)  # one view: no positives
+        return palfast.PairGraph.from_views(n // 2, 2)
+    if kind == "labels":  # with unknowns (-1)
+        return palfast.PairGraph.from_labels(torch.randint(-1, max(2, n // 5), (n,), generator=gen))
+    if kind == "edges":  # weighted, sparse, not symmetric, with duplicates and self-loops
+        e = 3 * n
+        src = torch.randint(0, n, (e,), generator=gen)
+        dst = torch.randint(0, n, (e,), generator=gen)
+        w = torch.rand(e, generator=gen) * 2
+        return palfast.PairGraph.from_edges(src, dst, w, num_nodes=n, symmetric=False)
+    if kind == "dense":
+        W = torch.rand(n, n, generator=gen) * (torch.rand(n, n, generator=gen) < 0.2)
+        return palfast.PairGraph.from_dense(W)
+    if kind == "semi":  # PAL's semi-supervised mix of views and some labels
+        m = max(1, n // 2)
+        y = torch.randint(-1, 3, (m,), generator=gen).repeat(2)
+        y = torch.cat([y, torch.randint(-1, 3, (max(0, n - y.numel()),), generator=gen)])[:n]
+        base = palfast.PairGraph.from_views(m, 2) if 2 * m == n else palfast.PairGraph.from_views(n, 1)
+        return 0.7 * base + 0.3 * palfast.PairGraph.from_labels(y)
+    raise ValueError(kind)
+
+
+GRAPH_KINDS = ["views", "labels", "edges", "dense", "semi"]
+
+
+@pytest.fixture
+def graph_factory():
+    """``graph_factory(kind, n, seed=0)`` -> PairGraph (test modules cannot import conftest)."""
+    return make_graph

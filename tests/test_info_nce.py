@@ -1,0 +1,240 @@
+"""palfast.info_nce against the float64 reference, its gradients, and its contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import palfast
+from palfast import reference
+from palfast._ops import ops
+
+KINDS = ["views", "labels", "edges", "dense", "semi"]
+
+
+def _loss_and_grad(fn, z, graph, **kw):
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(z, graph, **kw)
+    # A random weighting of the rows also checks reduction="none" gradients row by row.
+    w = torch.randn(loss.shape, dtype=loss.dtype, device=loss.device, generator=None)
+    (loss * w).sum().backward()
+    return loss.detach(), z.grad, w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 127), (257, 3), (1000, 127)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_reference_float64(device, graph_factory, kind, n, d, normalize):
+    torch.manual_seed(n * 1000 + d)
+    z = torch.randn(n, d, dtype=torch.float64, device=device)
+    if not normalize:
+        z = z / d**0.5  # keep raw dot products / τ in a sane range
+    g = graph_factory(kind, n, seed=n + d).to(device)
+    kw = dict(temperature=0.3, normalize=normalize, reduction="none")
+    z1 = z.detach().clone().requires_grad_(True)
+    z2 = z.detach().clone().requires_grad_(True)
+    got = palfast.info_nce(z1, g, **kw)
+    want = reference.info_nce(z2, g, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    w = torch.randn(n, dtype=torch.float64, device=device)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["views", "labels", "edges"])
+def test_reductions_float32(device, graph_factory, reduction, kind):
+    torch.manual_seed(7)
+    n, d = 300, 64
+    z = torch.randn(n, d, device=device)
+    g = graph_factory(kind, n, seed=3).to(device)
+    z1, z2 = z.clone().requires_grad_(), z.double().requires_grad_()
+    got = palfast.info_nce(z1, g, temperature=0.1, reduction=reduction)
+    want = reference.info_nce(z2, g, temperature=0.1, reduction=reduction)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
+    torch.manual_seed(11)
+    n, d = 257, 64
+    z64 = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory("semi", n, seed=5).to(device)
+    exact = reference.info_nce(z64.requires_grad_(), g, temperature=0.2, reduction="none")
+    (exact.sum()).backward()
+
+    def errors(fn):
+        z = z64.detach().to(dtype).requires_grad_()
+        out = fn(z, g, temperature=0.2, reduction="none")
+        out.float().sum().backward()
+        return ((out.double() - exact).abs().max().item(),
+                (z.grad.double() - z64.grad).abs().max().item())
+
+    kernel_fwd, kernel_bwd = errors(palfast.info_nce)
+    ref_fwd, ref_bwd = errors(reference.info_nce)
+    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
+    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+
+
+def test_gradcheck(device, graph_factory):
+    torch.manual_seed(3)
+    z = torch.randn(13, 5, dtype=torch.float64, device=device, requires_grad=True)
+    for kind in KINDS:
+        g = graph_factory(kind, 13, seed=1).to(device)
+        assert torch.autograd.gradcheck(
+            lambda x: palfast.info_nce(x, g, temperature=0.5, reduction="none"), (z,))
+
+
+def test_opcheck(device, graph_factory):
+    torch.manual_seed(4)
+    z = torch.randn(37, 9, device=device, requires_grad=True)
+    g = graph_factory("semi", 37).to(device)
+    args = (z, *g.kernel_args(), 0.2, True)
+    torch.library.opcheck(ops.info_nce.default, args)
+    _, lse = ops.info_nce(z.detach(), *args[1:])
+    grad_rows = torch.randn(37, device=device)
+    torch.library.opcheck(ops.info_nce_backward.default,
+                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True))
+
+
+def test_two_view_form_is_nt_xent(device):
+    """InfoNCELoss()(z_a, z_b) equals NT-Xent (pytorch-metric-learning NTXentLoss)."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    torch.manual_seed(5)
+    n, d, tau = 33, 16, 0.2
+    z_a, z_b = torch.randn(n, d, device=device), torch.randn(n, d, device=device)
+    ours = palfast.nn.InfoNCELoss(temperature=tau)(z_a, z_b)
+    labels = torch.arange(n, device=device).repeat(2)
+    theirs = pml.NTXentLoss(temperature=tau)(torch.cat([z_a, z_b]), labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_form_is_supcon(device):
+    """from_labels equals SupCon (pytorch-metric-learning SupConLoss)."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    torch.manual_seed(6)
+    n, d, tau = 64, 16, 0.1
+    z = torch.randn(n, d, device=device)
+    y = torch.randint(0, 6, (n,), device=device)
+    ours = palfast.info_nce(z, palfast.PairGraph.from_labels(y), temperature=tau)
+    theirs = pml.SupConLoss(temperature=tau)(z, y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_no_positives_gives_zero_with_zero_gradient(device):
+    z = torch.randn(10, 4, device=device, requires_grad=True)
+    for g in (palfast.PairGraph.from_labels(torch.full((10,), -1)),
+              palfast.PairGraph.from_edges([], [], num_nodes=10),
+              palfast.PairGraph.from_labels(torch.arange(10))):
+        loss = palfast.info_nce(z, g.to(device))
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(z.grad) == 0
+        z.grad = None
+
+
+def test_duplicate_edges_sum_their_weights(device):
+    torch.manual_seed(8)
+    z = torch.randn(6, 3, dtype=torch.float64, device=device)
+    dup = palfast.PairGraph.from_edges([0, 0, 2], [1, 1, 3], num_nodes=6)
+    once = palfast.PairGraph.from_edges([0, 2], [1, 3], [2.0, 1.0], num_nodes=6)
+    torch.testing.assert_close(dup.to_dense(), once.to_dense())
+    torch.testing.assert_close(palfast.info_nce(z, dup.to(device), reduction="none"),
+                               palfast.info_nce(z, once.to(device), reduction="none"))
+
+
+def test_non_contiguous_input(device, graph_factory):
+    torch.manual_seed(9)
+    base = torch.randn(50, 40, dtype=torch.float64, device=device)
+    z = base[:, ::2]  # non-contiguous view [50, 20]
+    assert not z.is_contiguous()
+    g = graph_factory("labels", 50).to(device)
+    torch.testing.assert_close(palfast.info_nce(z, g), reference.info_nce(z, g))
+
+
+def test_nan_propagates_unless_checked(device):
+    z = torch.randn(8, 4, device=device)
+    z[3, 1] = float("nan")
+    g = palfast.PairGraph.from_views(4, 2).to(device)
+    assert torch.isnan(palfast.info_nce(z, g))
+    with pytest.raises(ValueError, match="z must be finite"):
+        palfast.info_nce(z, g, check_finite=True)
+
+
+def test_compile_fullgraph(device):
+    torch.manual_seed(10)
+    g = palfast.PairGraph.from_views(16, 2).to(device)
+    z = torch.randn(32, 8, device=device, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return palfast.info_nce(x * 2.0, g, temperature=0.3)
+
+    loss = step(z)
+    loss.backward()
+    z2 = z.detach().clone().requires_grad_()
+    want = palfast.info_nce(z2 * 2.0, g, temperature=0.3)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad,match,exc", [
+    (dict(temperature=0.0), "temperature must be a finite number > 0", ValueError),
+    (dict(temperature=-1.0), "temperature", ValueError),
+    (dict(temperature=float("nan")), "temperature", ValueError),
+    (dict(temperature="0.1"), "temperature must be a number", TypeError),
+    (dict(reduction="avg"), "reduction must be one of", ValueError),
+])
+def test_bad_arguments(bad, match, exc):
+    z = torch.randn(4, 3)
+    with pytest.raises(exc, match=match):
+        palfast.info_nce(z, palfast.PairGraph.from_views(2, 2), **bad)
+
+
+def test_bad_z_and_graph():
+    g = palfast.PairGraph.from_views(2, 2)
+    with pytest.raises(ValueError, match="z must be a 2-D tensor"):
+        palfast.info_nce(torch.randn(4), g)
+    with pytest.raises(TypeError, match="z must be float32"):
+        palfast.info_nce(torch.ones(4, 3, dtype=torch.long), g)
+    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
+        palfast.info_nce([[1.0]], g)
+    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(5\)"):
+        palfast.info_nce(torch.randn(5, 3), g)
+    with pytest.raises(TypeError, match="graph must be a palfast.PairGraph"):
+        palfast.info_nce(torch.randn(4, 3), torch.eye(4))
+
+
+def test_kernel_checks_its_arguments_too():
+    """Calling the op directly with a mismatched graph is an error, not a crash."""
+    g = palfast.PairGraph.from_views(3, 2)
+    with pytest.raises(ValueError, match="graph.indptr must have 6 entries"):
+        ops.info_nce(torch.randn(5, 2), *g.kernel_args(), 0.1, True)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ops.info_nce(torch.randn(6, 2), *g.kernel_args(), 0.0, True)
+    with pytest.raises(ValueError, match="graph.labels must have shape"):
+        args = list(g.kernel_args())
+        args[6] = args[6][:, :5]
+        ops.info_nce(torch.randn(6, 2), *args, 0.1, True)
+
+
+def test_two_view_module_errors():
+    loss = palfast.nn.InfoNCELoss()
+    with pytest.raises(ValueError, match="z_a and z_b must both be"):
+        loss(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(TypeError, match="z_b must be a torch.Tensor"):
+        loss(torch.randn(4, 3), "graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_on_wrong_device():
+    g = palfast.PairGraph.from_views(2, 2)
+    with pytest.raises(ValueError, match="graph must be on z's device"):
+        palfast.info_nce(torch.randn(4, 3, device="cuda"), g)
