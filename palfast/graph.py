@@ -22,7 +22,7 @@ Example::
     >>> g = 0.5 * palfast.PairGraph.from_views(4, 2) + 0.5 * palfast.PairGraph.from_labels(
     ...     torch.tensor([0, 1, -1, 1, 0, 1, -1, 1]))
     >>> g.num_nodes, g.degree().tolist()
-    (8, [1.0, 1.5, 0.5, 1.5, 1.0, 1.5, 0.5, 1.5])
+    (8, [1.0, 2.0, 0.5, 2.0, 1.0, 2.0, 0.5, 2.0])
 """
 
 from __future__ import annotations
