@@ -27,13 +27,17 @@
 #include "graph_spmm.h"
 
 // The tile loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
-// best one is picked at load time, so the wheel runs on any x86-64 CPU.
+// best one is picked at load time, so the wheel runs on any x86-64 CPU. The
+// clones are chosen by CPU *feature* ("arch=haswell" would test the CPU model
+// and pick the slow default on every AMD part).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PALFAST_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PALFAST_CLONES
 #endif
+// Helpers called from a clone must be inlined into it to get its instruction set.
+#define PALFAST_INLINE inline __attribute__((always_inline))
 
 namespace palfast::cpu {
 namespace {
@@ -43,7 +47,7 @@ constexpr int kLanes = 16;  // independent partial reductions, so loops vectoris
 
 // exp(x) for float within ~2 ulp (Cephes polynomial), branch-free so that GCC
 // vectorises loops of it; exp(x < -87) = 0, NaN stays NaN.
-inline float fast_exp(float x) {
+PALFAST_INLINE float fast_exp(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
   const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
@@ -57,7 +61,7 @@ inline float fast_exp(float x) {
   const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return x < -87.0f ? 0.0f : y * scale;
 }
-inline double fast_exp(double x) { return std::exp(x); }
+PALFAST_INLINE double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -75,7 +79,7 @@ inline void lse_merge(T& big_m, T& big_s, T m, T s) {
 }
 
 template <typename T>
-inline T row_max(const T* x, int64_t n) {
+PALFAST_INLINE T row_max(const T* x, int64_t n) {
   T acc[kLanes];
   std::fill(acc, acc + kLanes, kNegInf<T>);
   int64_t c = 0;
@@ -86,7 +90,7 @@ inline T row_max(const T* x, int64_t n) {
 }
 
 template <typename T>
-inline T row_sum_exp(const T* x, int64_t n, T shift) {
+PALFAST_INLINE T row_sum_exp(const T* x, int64_t n, T shift) {
   T acc[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)

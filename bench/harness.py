@@ -1,0 +1,278 @@
+"""One benchmark harness for every op (SPEC §7, STYLE §10).
+
+A benchmark module ``bench/bench_<op>.py`` exposes ``cases(quick, device) ->
+list[Case]``. A :class:`Case` names a set of implementations of one workload
+(palfast and its baselines) and how to build each one; this harness
+
+* times them in the same process, alternating implementations round by round
+  so that drift (thermal, other load) hits all of them alike, and reports
+  medians and the ratio ``baseline_median / impl_median`` (> 1: faster than the
+  baseline);
+* measures peak memory of one run: on CUDA with ``max_memory_allocated``, on
+  the CPU in a fresh subprocess per implementation (peak RSS during the run
+  minus RSS before it, so imports and inputs are not counted);
+* writes JSON and CSV (with device, versions and git SHA) and prints a table.
+
+Timed tests are not benchmarks: nothing here asserts a speed.
+
+Run it with ``palfast bench`` (see ``palfast bench --help``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["Case", "Skip", "run_cases", "environment"]
+
+BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates"]
+
+
+class Skip(Exception):
+    """Raised by a factory when an implementation cannot run this case (e.g. no memory)."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One workload. ``impls`` maps a label to a factory; calling the factory builds
+    inputs and returns a zero-argument ``run()`` doing one full step (fwd+bwd).
+    ``baseline`` is the label the ratios are taken against."""
+
+    module: str
+    name: str
+    params: dict
+    impls: dict[str, Callable[[], Callable[[], object]]]
+    baseline: str
+    device: str = "cpu"
+
+
+def environment() -> dict:
+    """Device, versions and git SHA, written next to every result."""
+    import palfast
+
+    sha = "unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or sha
+    except (OSError, subprocess.SubprocessError):
+        pass
+    env = {
+        "palfast": palfast.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "git_sha": sha,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return env
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_impls(case: Case, repeats: int, warmup: int, min_time: float) -> dict[str, dict]:
+    runs, result = {}, {}
+    for label, factory in case.impls.items():
+        try:
+            runs[label] = factory()
+        except Skip as e:
+            result[label] = {"status": f"skipped: {e}"}
+        except torch.OutOfMemoryError:
+            result[label] = {"status": "skipped: out of memory"}
+    for label, run in list(runs.items()):
+        try:
+            for _ in range(warmup):
+                run()
+            _sync(case.device)
+        except (Skip, torch.OutOfMemoryError, RuntimeError) as e:
+            result[label] = {"status": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+            del runs[label]
+    times = {label: [] for label in runs}
+    start = time.perf_counter()
+    rounds = 0
+    while runs and (rounds < repeats or (time.perf_counter() - start < min_time and rounds < 100)):
+        for label, run in runs.items():  # alternate implementations every round
+            _sync(case.device)
+            t0 = time.perf_counter()
+            run()
+            _sync(case.device)
+            times[label].append(time.perf_counter() - t0)
+        rounds += 1
+    for label, ts in times.items():
+        result[label] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts),
+                         "runs": len(ts)}
+    return result
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_peak_here(module: str, case_name: str, label: str, quick: bool) -> dict:
+    """Build one implementation of one case and return its peak extra memory of one run."""
+    case = _find_case(module, case_name, quick, "cpu")
+    try:
+        run = case.impls[label]()
+    except Skip as e:
+        return {"status": f"skipped: {e}"}
+    run()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the op's
+    gc.collect()
+    # Writing 5 to clear_refs resets the kernel's peak-RSS mark (VmHWM) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_bytes()
+    run()
+    return {"status": "ok", "peak_bytes": max(0, _vm_hwm_bytes() - before)}
+
+
+def _peak_cpu_subprocess(case: Case, label: str, quick: bool, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", f"{__package__}.harness", "--peak", case.module, case.name,
+           label] + (["--quick"] if quick else [])
+    env = dict(os.environ)
+    if __package__ == "bench":  # running from a checkout: make `bench` importable there too
+        env["PYTHONPATH"] = str(Path(__file__).parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "skipped: peak-memory run timed out"}
+    if out.returncode != 0:
+        return {"status": f"failed: {out.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_cuda(case: Case, label: str) -> dict:
+    try:
+        run = case.impls[label]()
+    except Skip as e:
+        return {"status": f"skipped: {e}"}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        run()
+    except torch.OutOfMemoryError:
+        return {"status": "skipped: out of memory"}
+    torch.cuda.synchronize()
+    return {"status": "ok", "peak_bytes": torch.cuda.max_memory_allocated() - before}
+
+
+def _import_module(module: str):
+    return importlib.import_module(f"{__package__}.{module}")
+
+
+def _find_case(module: str, name: str, quick: bool, device: str) -> Case:
+    for case in _import_module(module).cases(quick=quick, device=device):
+        if case.name == name:
+            return case
+    raise KeyError(f"no case {name!r} in {module}")
+
+
+def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, repeats: int = 5,
+              warmup: int = 1, min_time: float = 0.0, memory: bool = True, out_dir: str | None = None,
+              peak_timeout: float = 600.0, progress: Callable[[str], None] = print) -> dict:
+    """Run every case of ``modules``, print a table, write JSON + CSV into ``out_dir``."""
+    env = environment()
+    env["device"] = device
+    rows = []
+    for module in modules:
+        for case in _import_module(module).cases(quick=quick, device=device):
+            progress(f"[{module}] {case.name} ...")
+            timing = _time_impls(case, repeats, warmup, min_time)
+            base = timing.get(case.baseline, {}).get("median_s")
+            for label in case.impls:
+                row = {"module": module, "case": case.name, "impl": label, **case.params,
+                       **{k: v for k, v in timing[label].items()}}
+                if row.get("median_s") and base:
+                    row["speedup_vs_" + case.baseline] = base / row["median_s"]
+                if memory and row["status"] == "ok":
+                    peak = (_peak_cuda(case, label) if device.startswith("cuda")
+                            else _peak_cpu_subprocess(case, label, quick, peak_timeout))
+                    row["peak_mib"] = (peak["peak_bytes"] / 2**20 if peak["status"] == "ok"
+                                       else None)
+                    if peak["status"] != "ok":
+                        row["memory_status"] = peak["status"]
+                rows.append(row)
+            _add_memory_ratios(rows, case)
+            gc.collect()
+    report = {"environment": env, "results": rows}
+    print(format_table(report))
+    if out_dir:
+        write_report(report, out_dir)
+    return report
+
+
+def _add_memory_ratios(rows: list[dict], case: Case) -> None:
+    mine = [r for r in rows if r["case"] == case.name and r["module"] == case.module]
+    base = next((r.get("peak_mib") for r in mine if r["impl"] == case.baseline), None)
+    for r in mine:
+        if base and r.get("peak_mib"):
+            r["memory_ratio_vs_" + case.baseline] = base / r["peak_mib"]
+
+
+def format_table(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"palfast {env['palfast']} | torch {env['torch']} | device {env['device']} "
+             f"({env['cuda_device'] or env['cpu']}, {env['threads']} threads) | git {env['git_sha']}"]
+    header = f"{'case':<40} {'impl':<22} {'median ms':>10} {'speedup':>8} {'peak MiB':>9} {'mem x':>6}"
+    lines += [header, "-" * len(header)]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['case']:<40} {r['impl']:<22} {r['status']}")
+            continue
+        speed = next((v for k, v in r.items() if k.startswith("speedup_vs_")), None)
+        mem = next((v for k, v in r.items() if k.startswith("memory_ratio_vs_")), None)
+        peak = r.get("peak_mib")
+        lines.append(f"{r['case']:<40} {r['impl']:<22} {1e3 * r['median_s']:>10.2f} "
+                     f"{(f'{speed:.2f}x' if speed else '-'):>8} "
+                     f"{(f'{peak:.1f}' if peak is not None else '-'):>9} "
+                     f"{(f'{mem:.1f}x' if mem else '-'):>6}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{report['environment']['device'].split(':')[0]}_{time.strftime('%Y%m%d_%H%M%S')}"
+    jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
+    jpath.write_text(json.dumps(report, indent=2, default=str))
+    keys = sorted({k for r in report["results"] for k in r}, key=lambda k: (k not in ("module", "case", "impl"), k))
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in report["results"]:
+            w.writerow(r)
+    print(f"wrote {jpath} and {cpath}")
+    return jpath, cpath
+
+
+if __name__ == "__main__":  # the peak-memory subprocess: harness --peak MODULE CASE IMPL
+    import argparse
+
+    p = argparse.ArgumentParser(description="internal: peak memory of one benchmark run")
+    p.add_argument("--peak", nargs=3, metavar=("MODULE", "CASE", "IMPL"), required=True)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    print(json.dumps(measure_peak_here(*a.peak, quick=a.quick)))
