@@ -34,6 +34,12 @@ def _free_bytes(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
+def _dense_guard(N: int, device: str, copies: int = 6) -> None:
+    # the naive losses hold several N×N fp32 matrices at once
+    if copies * N * N * 4 > 0.6 * _free_bytes(device):
+        raise Skip(f"needs ~{copies * N * N * 4 / 2**30:.0f} GiB for N×N matrices")
+
+
 def _inputs(N: int, device: str, dtype: torch.dtype):
     gen = torch.Generator(device=device).manual_seed(N)
     z = torch.randn(N, D, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -54,23 +60,18 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     for N in sizes:
         n = N // 2
 
-        def dense_guard(N=N, copies=6):
-            # the naive losses hold several N×N fp32 matrices at once
-            if copies * N * N * 4 > 0.6 * _free_bytes(device):
-                raise Skip(f"needs ~{copies * N * N * 4 / 2**30:.0f} GiB for N×N matrices")
-
         def make_palfast(N=N, n=n):
             z = _inputs(N, device, dtype)
             g = palfast.PairGraph.from_views(n, 2, device=device)
             return _step(lambda x: palfast.info_nce(x, g, temperature=TAU), z)
 
         def make_naive(N=N, n=n):
-            dense_guard()
+            _dense_guard(N, device)
             z = _inputs(N, device, dtype)
             return _step(lambda x: _naive_nt_xent(x, n), z)
 
         def make_compiled(N=N, n=n):
-            dense_guard()
+            _dense_guard(N, device)
             if N > 16384:
                 raise Skip("compile of the naive loss at this size takes too long to be useful")
             z = _inputs(N, device, dtype)
@@ -78,7 +79,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             return _step(fn, z)
 
         def make_pml(N=N, n=n):
-            dense_guard(copies=10)
+            _dense_guard(N, device, copies=10)
             try:
                 from pytorch_metric_learning.losses import SupConLoss
             except ImportError as e:

@@ -1,0 +1,149 @@
+"""The ``palfast`` command: ``palfast demo | bench | info`` (SPEC §6)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _info(args) -> int:
+    import platform
+
+    import torch
+
+    import palfast
+    from palfast._ops import BUILD_INFO
+
+    cuda_runtime = torch.version.cuda or "none (CPU build of torch)"
+    print(f"palfast        {palfast.__version__}  ({Path(palfast.__file__).parent})")
+    print(f"python         {platform.python_version()}")
+    print(f"torch          {torch.__version__}  (CUDA {cuda_runtime}; extension built against "
+          f"torch {BUILD_INFO['torch_version']})")
+    print("kernels        CPU: compiled")
+    if BUILD_INFO["with_cuda"]:
+        archs = ", ".join(f"sm_{a.replace('.', '')}" for a in BUILD_INFO["cuda_archs"]) or "?"
+        print(f"               CUDA: compiled for {archs}")
+    else:
+        print("               CUDA: not compiled (CPU-only build; rebuild with PALFAST_CUDA=ON "
+              "and a CUDA torch + nvcc)")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"GPUs           {names}")
+    else:
+        print("GPUs           none visible")
+    ops = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                 if n.startswith("palfast::"))
+    print(f"ops            {', '.join(ops)}")
+    print(f"FAISS          {_faiss_status()}")
+    print(f"CPU threads    {torch.get_num_threads()}")
+    return 0
+
+
+def _faiss_status() -> str:
+    if importlib.util.find_spec("faiss") is None:
+        return "not installed (pip install faiss-cpu); candidate_pairs falls back to exact torch"
+    try:
+        import faiss
+    except Exception as e:  # a broken FAISS install should not break `palfast info`
+        return f"installed but fails to import: {e}"
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return f"{faiss.__version__} ({'GPU, ' + str(gpus) + ' device(s)' if gpus else 'CPU'})"
+
+
+def _bench_package():
+    """The benchmark modules: shipped in the wheel as palfast.benchmarks, or bench/ in a checkout."""
+    try:
+        return importlib.import_module("palfast.benchmarks.harness")
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if (root / "bench" / "harness.py").exists():
+            sys.path.insert(0, str(root))
+            return importlib.import_module("bench.harness")
+        raise
+
+
+def _bench(args) -> int:
+    import torch
+
+    harness = _bench_package()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("palfast bench: --device cuda needs a visible GPU and a CUDA build of torch",
+              file=sys.stderr)
+        return 2
+    modules = [f"bench_{name}" for name in args.only] if args.only else harness.BENCH_MODULES
+    available = [m for m in modules
+                 if importlib.util.find_spec(f"{harness.__package__}.{m}") is not None]
+    for m in set(modules) - set(available):
+        print(f"palfast bench: skipping {m} (not present in this version)", file=sys.stderr)
+    harness.run_cases(available, device=device, quick=args.quick, repeats=args.repeats,
+                      warmup=args.warmup, memory=not args.no_memory, out_dir=args.out)
+    return 0
+
+
+def _demo(args) -> int:
+    try:
+        demo = importlib.import_module("palfast.demo")
+    except ImportError as e:
+        print(f"palfast demo: not available in this build ({e})", file=sys.stderr)
+        return 2
+    return demo.run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="palfast",
+        description="palfast: fast Positive Active Learning for PyTorch. "
+                    "Graph-weighted SSL losses as fused C++/CUDA ops, FAISS query selection, "
+                    "and a crash-safe store of oracle answers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+
+    demo = sub.add_parser(
+        "demo", help="active PAL end to end on scikit-learn's digits (active vs passive)",
+        description="Train a small encoder on scikit-learn's bundled digits (1,797 real 8x8 "
+                    "images) with palfast.info_nce on a graph of augmentation views plus the "
+                    "answers of a simulated oracle, choosing the questions actively (pal, nearest) "
+                    "or at random. Prints accuracy against the number of queries, writes a PNG "
+                    "plot and the SQLite answer store.")
+    try:
+        importlib.import_module("palfast.demo").add_demo_arguments(demo)
+    except ImportError:
+        pass
+
+    bench = sub.add_parser(
+        "bench", help="micro-benchmarks against baselines (table, JSON, CSV)",
+        description="Time palfast's ops against naive eager PyTorch, torch.compile and library "
+                    "baselines in the same process (alternating runs, medians, ratios) and "
+                    "measure peak memory (a fresh subprocess per run on the CPU, "
+                    "max_memory_allocated on CUDA). Writes JSON and CSV with device, versions "
+                    "and git SHA.")
+    bench.add_argument("--only", nargs="+", metavar="OP",
+                       help="benchmarks to run: info_nce, covariance, candidates (default: all)")
+    bench.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    bench.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    bench.add_argument("--out", default="bench_results",
+                       help="folder for the JSON and CSV files (default: ./bench_results)")
+
+    sub.add_parser("info", help="versions, compiled kernels (CPU, CUDA archs), FAISS",
+                   description="Print palfast, torch and CUDA versions, which kernels were "
+                               "compiled (CPU; CUDA and for which archs) and which FAISS is "
+                               "importable.")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"demo": _demo, "bench": _bench, "info": _info}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
