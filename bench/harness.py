@@ -151,7 +151,9 @@ def measure_peak_here(module: str, case_name: str, label: str, quick: bool) -> d
 def _peak_cpu_subprocess(case: Case, label: str, quick: bool, timeout: float) -> dict:
     cmd = [sys.executable, "-m", f"{__package__}.harness", "--peak", case.module, case.name,
            label] + (["--quick"] if quick else [])
-    env = dict(os.environ)
+    # A fixed mmap threshold makes glibc return every large block to the OS when
+    # it is freed, so the warm-up run's memory does not hide the measured run's.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     if __package__ == "bench":  # running from a checkout: make `bench` importable there too
         env["PYTHONPATH"] = str(Path(__file__).parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     try:
