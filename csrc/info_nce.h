@@ -7,6 +7,7 @@
 //   s_ij = <u_i, u_j> / temperature,  u = normalize ? z / max(|z|, 1e-12) : z
 //   lse_i = log Σ_{k≠i} exp(s_ik)
 //   loss_i = lse_i − (1/W_i) Σ_{j≠i} w_ij s_ij   (0 when W_i = 0)
+//   for anchor rows i in [anchor_begin, anchor_end); other rows: loss 0, lse +inf.
 #pragma once
 
 #include <cmath>
@@ -20,17 +21,21 @@ inline at::ScalarType info_nce_acc_dtype(const at::Tensor& z) {
 }
 
 inline void check_info_nce(const char* op, const at::Tensor& z, const GraphArgs& g,
-                           double temperature) {
+                           double temperature, int64_t anchor_begin, int64_t anchor_end) {
   check_embeddings(op, z);
   check_graph(op, g, z);
   PALFAST_CHECK(std::isfinite(temperature) && temperature > 0, op,
                 ": temperature must be a finite number > 0, got ", temperature);
+  PALFAST_CHECK(0 <= anchor_begin && anchor_begin <= anchor_end && anchor_end <= z.size(0), op,
+                ": anchor rows must satisfy 0 <= anchor_begin <= anchor_end <= N = ", z.size(0),
+                ", got [", anchor_begin, ", ", anchor_end, ")");
 }
 
 inline void check_info_nce_backward(const char* op, const at::Tensor& grad_rows,
                                     const at::Tensor& z, const GraphArgs& g,
-                                    const at::Tensor& lse, double temperature) {
-  check_info_nce(op, z, g, temperature);
+                                    const at::Tensor& lse, double temperature,
+                                    int64_t anchor_begin, int64_t anchor_end) {
+  check_info_nce(op, z, g, temperature, anchor_begin, anchor_end);
   check_1d(op, "lse", lse, info_nce_acc_dtype(z), z.size(0));
   check_1d(op, "grad_rows", grad_rows, info_nce_acc_dtype(z), z.size(0));
   check_same_device(op, "lse", lse, z);

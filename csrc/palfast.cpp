@@ -32,10 +32,15 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(palfast, m) {
   // Graph-weighted InfoNCE (SPEC §3.1). Returns (per-row loss [N], lse [N]) in
   // float32 (float64 for float64 z); rows with W_i = 0 get loss 0. Only lse is
-  // saved for backward, which recomputes the similarity tiles.
+  // saved for backward, which recomputes the similarity tiles. Anchors are the
+  // rows [anchor_begin, anchor_end) (all rows in one process; a rank's own rows
+  // under torch.distributed, the others being keys only): other rows get loss 0
+  // and lse +inf, and no work is spent on pairs of two non-anchor rows.
   m.def("info_nce(Tensor z, " PALFAST_GRAPH_ARGS
-        ", float temperature, bool normalize) -> (Tensor, Tensor)");
-  // d(Σ_i grad_rows_i · loss_i)/dz, same dtype and shape as z.
+        ", float temperature, bool normalize, int anchor_begin, int anchor_end)"
+        " -> (Tensor, Tensor)");
+  // d(Σ_i grad_rows_i · loss_i)/dz over anchor rows i, same dtype and shape as z.
   m.def("info_nce_backward(Tensor grad_rows, Tensor z, " PALFAST_GRAPH_ARGS
-        ", Tensor lse, float temperature, bool normalize) -> Tensor");
+        ", Tensor lse, float temperature, bool normalize, int anchor_begin, int anchor_end)"
+        " -> Tensor");
 }

@@ -48,7 +48,8 @@ def _acc_dtype(z: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------- info_nce
 @torch.library.register_fake("palfast::info_nce")
 def _info_nce_fake(z, indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                   label_weights, label_classes, pos_weight, temperature, normalize):
+                   label_weights, label_classes, pos_weight, temperature, normalize,
+                   anchor_begin, anchor_end):
     n = z.shape[0]
     return z.new_empty(n, dtype=_acc_dtype(z)), z.new_empty(n, dtype=_acc_dtype(z))
 
@@ -59,19 +60,17 @@ def _info_nce_backward_fake(grad_rows, z, *args):
 
 
 def _info_nce_setup(ctx, inputs, output):
-    z, *graph, temperature, normalize = inputs
+    z, *graph, temperature, normalize, anchor_begin, anchor_end = inputs
     ctx.graph = graph
-    ctx.temperature = temperature
-    ctx.normalize = normalize
+    ctx.scalars = (temperature, normalize, anchor_begin, anchor_end)
     ctx.save_for_backward(z, output[1])
 
 
 def _info_nce_backward(ctx, grad_rows, grad_lse):
     z, lse = ctx.saved_tensors
     # lse is an auxiliary output saved for backward; its gradient is not supported.
-    grad_z = ops.info_nce_backward(grad_rows.contiguous(), z, *ctx.graph, lse, ctx.temperature,
-                                   ctx.normalize)
-    return (grad_z,) + (None,) * (len(ctx.graph) + 2)
+    grad_z = ops.info_nce_backward(grad_rows.contiguous(), z, *ctx.graph, lse, *ctx.scalars)
+    return (grad_z,) + (None,) * (len(ctx.graph) + len(ctx.scalars))
 
 
 torch.library.register_autograd("palfast::info_nce", _info_nce_backward,

@@ -14,6 +14,7 @@ import math
 import torch
 
 from . import _ops
+from . import distributed as _dist
 from .graph import PairGraph
 
 __all__ = ["info_nce"]
@@ -21,7 +22,7 @@ __all__ = ["info_nce"]
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_z(op: str, z, graph, check_finite: bool) -> None:
+def _check_z(op: str, z, graph, check_finite: bool, n_global: bool = False) -> None:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{op}: z must be a torch.Tensor, got {type(z).__name__}")
     if z.dim() != 2:
@@ -31,7 +32,7 @@ def _check_z(op: str, z, graph, check_finite: bool) -> None:
     if not isinstance(graph, PairGraph):
         raise TypeError(f"{op}: graph must be a palfast.PairGraph, got {type(graph).__name__}. "
                         "Build one with PairGraph.from_views / from_labels / from_edges")
-    if graph.num_nodes != z.shape[0]:
+    if not n_global and graph.num_nodes != z.shape[0]:
         raise ValueError(f"{op}: graph must have one node per row of z ({z.shape[0]}), "
                          f"got a graph over {graph.num_nodes} nodes")
     if graph.device != z.device:
@@ -56,7 +57,7 @@ def _check_reduction(op: str, reduction) -> None:
 
 def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
              normalize: bool = True, reduction: str = "mean",
-             check_finite: bool = False) -> torch.Tensor:
+             check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""Graph-weighted InfoNCE (SupCon's L_out with weights), SPEC §3.1.
 
     .. math::
@@ -77,6 +78,10 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         normalize: cosine similarity (True) or raw dot products (False).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+        gather: under torch.distributed (default: on when world size > 1) z holds
+            this rank's rows and ``graph`` is over the global batch; see
+            :mod:`palfast.distributed`. The value is the global loss on every rank;
+            ``reduction="none"`` returns this rank's rows only.
 
     Returns:
         A scalar (or ``[N]`` for ``"none"``) in z's dtype, computed in float32
@@ -90,14 +95,19 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         >>> loss.backward()
     """
     op = "palfast.info_nce"
-    _check_z(op, z, graph, check_finite)
+    gather = _dist.resolve_gather(gather)
+    _check_z(op, z, graph, check_finite, n_global=gather)
     temperature = _check_positive(op, "temperature", temperature)
     _check_reduction(op, reduction)
-    rows, _ = _ops.ops.info_nce(z, *graph.kernel_args(), temperature, bool(normalize))
+    keys, begin, end = (_dist.all_gather_rows(z, graph.num_nodes) if gather
+                        else (z, 0, z.shape[0]))
+    rows, _ = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, bool(normalize),
+                                begin, end)
     if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / max(graph.num_anchors, 1)
+        return rows[begin:end].to(z.dtype)
+    out = rows.sum()
+    if reduction == "mean":
+        out = out / max(graph.num_anchors, 1)
+    if gather:
+        out = _dist.global_value(out)
     return out.to(z.dtype)

@@ -94,12 +94,12 @@ def test_opcheck(device, graph_factory):
     torch.manual_seed(4)
     z = torch.randn(37, 9, device=device, requires_grad=True)
     g = graph_factory("semi", 37).to(device)
-    args = (z, *g.kernel_args(), 0.2, True)
+    args = (z, *g.kernel_args(), 0.2, True, 0, 37)
     torch.library.opcheck(ops.info_nce.default, args)
     _, lse = ops.info_nce(z.detach(), *args[1:])
     grad_rows = torch.randn(37, device=device)
     torch.library.opcheck(ops.info_nce_backward.default,
-                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True))
+                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True, 0, 37))
 
 
 def test_two_view_form_is_nt_xent(device):
@@ -216,13 +216,15 @@ def test_kernel_checks_its_arguments_too():
     """Calling the op directly with a mismatched graph is an error, not a crash."""
     g = palfast.PairGraph.from_views(3, 2)
     with pytest.raises(ValueError, match="graph.indptr must have 6 entries"):
-        ops.info_nce(torch.randn(5, 2), *g.kernel_args(), 0.1, True)
+        ops.info_nce(torch.randn(5, 2), *g.kernel_args(), 0.1, True, 0, 5)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
-        ops.info_nce(torch.randn(6, 2), *g.kernel_args(), 0.0, True)
+        ops.info_nce(torch.randn(6, 2), *g.kernel_args(), 0.0, True, 0, 6)
     with pytest.raises(ValueError, match="graph.labels must have shape"):
         args = list(g.kernel_args())
         args[6] = args[6][:, :5]
-        ops.info_nce(torch.randn(6, 2), *args, 0.1, True)
+        ops.info_nce(torch.randn(6, 2), *args, 0.1, True, 0, 6)
+    with pytest.raises(ValueError, match="anchor rows must satisfy"):
+        ops.info_nce(torch.randn(6, 2), *g.kernel_args(), 0.1, True, 2, 7)
 
 
 def test_two_view_module_errors():
@@ -238,3 +240,24 @@ def test_graph_on_wrong_device():
     g = palfast.PairGraph.from_views(2, 2)
     with pytest.raises(ValueError, match="graph must be on z's device"):
         palfast.info_nce(torch.randn(4, 3, device="cuda"), g)
+
+
+@pytest.mark.parametrize("begin,end", [(0, 0), (0, 300), (100, 613), (257, 258), (600, 613)])
+def test_anchor_range_matches_full_rows(begin, end):
+    """Rows [begin, end) as anchors (what a rank computes under torch.distributed)."""
+    torch.manual_seed(12)
+    n = 613
+    z = torch.randn(n, 17, dtype=torch.float64)
+    g = palfast.PairGraph.from_labels(torch.randint(-1, 20, (n,)))
+    args = (*g.kernel_args(), 0.25, True)
+    full, full_lse = ops.info_nce(z, *args, 0, n)
+    part, lse = ops.info_nce(z, *args, begin, end)
+    torch.testing.assert_close(part[begin:end], full[begin:end])
+    assert torch.all(part[:begin] == 0) and torch.all(part[end:] == 0)
+    assert torch.all(torch.isinf(lse[:begin])) and torch.all(torch.isinf(lse[end:]))
+    grad_rows = torch.randn(n, dtype=torch.float64)
+    masked = torch.zeros_like(grad_rows)
+    masked[begin:end] = grad_rows[begin:end]
+    want = ops.info_nce_backward(masked, z, *g.kernel_args(), full_lse, 0.25, True, 0, n)
+    got = ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.25, True, begin, end)
+    torch.testing.assert_close(got, want)

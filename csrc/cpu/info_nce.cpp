@@ -150,12 +150,16 @@ PALFAST_CLONES void backward_tile(T* s, int64_t ni, int64_t nk, T inv_tau, bool 
   }
 }
 
+// Tile pairs (I, K), I ≤ K, that touch an anchor row: a pair of two non-anchor
+// blocks contributes nothing to anchors' lse or to the gradient.
 struct TilePairs {
-  std::vector<std::pair<int64_t, int64_t>> pairs;  // (I, K) with I ≤ K
-  explicit TilePairs(int64_t n) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  TilePairs(int64_t n, int64_t a0, int64_t a1) {
     const int64_t nb = (n + kTile - 1) / kTile;
+    auto is_anchor_block = [&](int64_t b) { return b * kTile < a1 && (b + 1) * kTile > a0; };
     for (int64_t i = 0; i < nb; ++i)
-      for (int64_t k = i; k < nb; ++k) pairs.emplace_back(i, k);
+      for (int64_t k = i; k < nb; ++k)
+        if (is_anchor_block(i) || is_anchor_block(k)) pairs.emplace_back(i, k);
   }
 };
 
@@ -166,11 +170,11 @@ at::Tensor embeddings_for_kernel(const at::Tensor& z, at::ScalarType acc, bool n
   return u;
 }
 
-// Per-row log Σ_{k≠i} exp(<u_i, u_k> / τ).
+// Per-row log Σ_{k≠i} exp(<u_i, u_k> / τ) for anchor rows [a0, a1), +inf elsewhere.
 template <typename T>
-at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau) {
+at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau, int64_t a0, int64_t a1) {
   const int64_t n = u.size(0);
-  const TilePairs tiles(n);
+  const TilePairs tiles(n, a0, a1);
   const int nt = std::max(1, at::get_num_threads());
   std::vector<T> stat_m(static_cast<size_t>(nt) * n, kNegInf<T>);
   std::vector<T> stat_s(static_cast<size_t>(nt) * n, T(0));
@@ -195,6 +199,10 @@ at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau) {
   at::Tensor lse = at::empty({n}, u.options());
   T* out = lse.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) {
+    if (i < a0 || i >= a1) {
+      out[i] = std::numeric_limits<T>::infinity();  // not an anchor: exp(s - lse) = 0
+      continue;
+    }
     T m = kNegInf<T>, s = 0;
     for (int t = 0; t < nt; ++t) lse_merge(m, s, stat_m[t * n + i], stat_s[t * n + i]);
     out[i] = m + std::log(s);  // -inf when row i has no other row (N = 1)
@@ -204,11 +212,12 @@ at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau) {
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const GraphArgs& g,
-                                                double temperature, bool normalize) {
+                                                double temperature, bool normalize, int64_t a0,
+                                                int64_t a1) {
   const int64_t n = z.size(0), d = z.size(1);
   const T inv_tau = static_cast<T>(1.0 / temperature);
   at::Tensor u = embeddings_for_kernel(z, c10::CppTypeToScalarType<T>::value, normalize);
-  at::Tensor lse = row_logsumexp<T>(u, inv_tau);
+  at::Tensor lse = row_logsumexp<T>(u, inv_tau, a0, a1);
 
   // Positive term: <u_i, (G u)_i> / (τ W_i).
   at::Tensor q = at::zeros_like(u);
@@ -221,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
   T* out = loss.data_ptr<T>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (!(wp[i] > 0)) {
+      if (!(wp[i] > 0) || i < a0 || i >= a1) {
         out[i] = 0;
         continue;
       }
@@ -235,17 +244,22 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
 
 template <typename T>
 at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const GraphArgs& g,
-                         const at::Tensor& lse_in, double temperature, bool normalize) {
+                         const at::Tensor& lse_in, double temperature, bool normalize, int64_t a0,
+                         int64_t a1) {
   const int64_t n = z.size(0), d = z.size(1);
   const T inv_tau = static_cast<T>(1.0 / temperature);
   at::Tensor u = embeddings_for_kernel(z, c10::CppTypeToScalarType<T>::value, normalize);
   at::Tensor lse = lse_in.contiguous();
-  // Rows without positives carry no loss, whatever grad_rows says.
-  at::Tensor gr = at::where(g.pos_weight > 0, grad_rows, at::zeros_like(grad_rows)).contiguous();
+  // Rows without positives, and rows that are not anchors, carry no loss,
+  // whatever grad_rows says.
+  at::Tensor is_anchor = at::zeros({n}, g.pos_weight.options().dtype(at::kBool));
+  is_anchor.narrow(0, a0, a1 - a0).fill_(true);
+  at::Tensor gr = at::where(is_anchor & (g.pos_weight > 0), grad_rows, at::zeros_like(grad_rows))
+                      .contiguous();
   const T* gp = gr.data_ptr<T>();
   const T* lp = lse.data_ptr<T>();
 
-  const TilePairs tiles(n);
+  const TilePairs tiles(n, a0, a1);
   const int nt = std::max(1, at::get_num_threads());
   at::Tensor du_threads = at::zeros({nt, n, d}, u.options());
   at::parallel_for(0, static_cast<int64_t>(tiles.pairs.size()), 1, [&](int64_t p0, int64_t p1) {
@@ -267,8 +281,7 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   at::Tensor du = du_threads.sum(0);
 
   // Positive term: − c ∘ (G u) − Gᵀ (c ∘ u), c_i = g_i / W_i.
-  at::Tensor c = at::where(g.pos_weight > 0, gr / g.pos_weight.to(gr.scalar_type()),
-                           at::zeros_like(gr))
+  at::Tensor c = at::where(gr != 0, gr / g.pos_weight.to(gr.scalar_type()), at::zeros_like(gr))
                      .contiguous();
   at::Tensor pos = at::zeros_like(u);
   graph_spmm<T>(g, u.data_ptr<T>(), nullptr, pos.data_ptr<T>(), n, d, /*transpose=*/false);
@@ -290,12 +303,13 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cpu(
     const at::Tensor& weights, const at::Tensor& t_indptr, const at::Tensor& t_indices,
     const at::Tensor& t_weights, const at::Tensor& labels, at::ArrayRef<double> label_weights,
     at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight, double temperature,
-    bool normalize) {
+    bool normalize, int64_t anchor_begin, int64_t anchor_end) {
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_info_nce("palfast.info_nce", z, g, temperature);
-  if (z.scalar_type() == at::kDouble) return forward_impl<double>(z, g, temperature, normalize);
-  return forward_impl<float>(z, g, temperature, normalize);
+  check_info_nce("palfast.info_nce", z, g, temperature, anchor_begin, anchor_end);
+  if (z.scalar_type() == at::kDouble)
+    return forward_impl<double>(z, g, temperature, normalize, anchor_begin, anchor_end);
+  return forward_impl<float>(z, g, temperature, normalize, anchor_begin, anchor_end);
 }
 
 at::Tensor info_nce_backward_cpu(
@@ -303,13 +317,17 @@ at::Tensor info_nce_backward_cpu(
     const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
     const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
     at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-    const at::Tensor& pos_weight, const at::Tensor& lse, double temperature, bool normalize) {
+    const at::Tensor& pos_weight, const at::Tensor& lse, double temperature, bool normalize,
+    int64_t anchor_begin, int64_t anchor_end) {
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature);
+  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature,
+                          anchor_begin, anchor_end);
   if (z.scalar_type() == at::kDouble)
-    return backward_impl<double>(grad_rows, z, g, lse, temperature, normalize);
-  return backward_impl<float>(grad_rows, z, g, lse, temperature, normalize);
+    return backward_impl<double>(grad_rows, z, g, lse, temperature, normalize, anchor_begin,
+                                 anchor_end);
+  return backward_impl<float>(grad_rows, z, g, lse, temperature, normalize, anchor_begin,
+                              anchor_end);
 }
 
 }  // namespace

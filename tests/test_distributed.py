@@ -1,0 +1,91 @@
+"""Losses under torch.distributed: 2 gloo processes on the CPU must reproduce the
+single-process loss value and, after DDP's gradient averaging, its gradients."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import palfast
+
+N_IN, D = 6, 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _graphs(n):
+    gen = torch.Generator().manual_seed(1)
+    src, dst = torch.randint(0, n, (2 * n,), generator=gen), torch.randint(0, n, (2 * n,), generator=gen)
+    return {
+        "views": palfast.PairGraph.from_views(n // 2, 2),
+        "labels": palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen)),
+        "edges": palfast.PairGraph.from_edges(src, dst, torch.rand(2 * n, generator=gen),
+                                              num_nodes=n, symmetric=False),
+    }
+
+
+def _losses():
+    return {"info_nce": lambda z, g: palfast.info_nce(z, g, temperature=0.3)}
+
+
+def _run(model, x, graph, loss_fn):
+    model.zero_grad()
+    loss = loss_fn(model(x), graph)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _worker(rank, world, port, counts, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        n = sum(counts)
+        x = torch.randn(n, N_IN, dtype=torch.float64)
+        model = torch.nn.Linear(N_IN, D).double()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        begin = sum(counts[:rank])
+        mine = x[begin: begin + counts[rank]]
+        out = {}
+        for gname, g in _graphs(n).items():
+            for lname, fn in _losses().items():
+                out[(gname, lname)] = _run(ddp, mine, g, fn)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counts", [(12, 12), (9, 15)])
+def test_two_gloo_ranks_match_single_process(counts):
+    port = _free_port()
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_worker, args=(2, port, counts, results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    n = sum(counts)
+    x = torch.randn(n, N_IN, dtype=torch.float64)
+    model = torch.nn.Linear(N_IN, D).double()
+    for gname, g in _graphs(n).items():
+        for lname, fn in _losses().items():
+            want_loss, want_grads = _run(model, x, g, fn)
+            for rank in range(2):
+                loss, grads = results[rank][(gname, lname)]
+                torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-9,
+                                           msg=f"{lname}/{gname} loss on rank {rank}")
+                for got, want in zip(grads, want_grads):
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9,
+                                               msg=f"{lname}/{gname} grad on rank {rank}")
+
+
+def test_gather_without_process_group_is_an_error():
+    with pytest.raises(ValueError, match="gather=True needs an initialised"):
+        palfast.info_nce(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), gather=True)
