@@ -1,0 +1,24 @@
+"""The runnable examples run (CPU, gloo)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_ddp_train_with_torchrun_two_processes():
+    pytest.importorskip("sklearn")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         str(EXAMPLES / "ddp_train.py"), "--steps", "12"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", out.stdout)]
+    assert len(losses) >= 2 and "world 2" in out.stdout
+    assert losses[-1] < losses[0]  # it trains
