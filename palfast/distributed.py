@@ -39,10 +39,10 @@ def resolve_gather(gather) -> bool:
     return bool(gather)
 
 
-def _row_counts(n_local: int, n_global: int, device) -> list[int]:
+def _row_counts(n_local: int, device) -> list[int]:
+    # Always exchanged (one tiny collective): guessing an equal split from local
+    # sizes could make ranks disagree on whether to communicate, and hang.
     world = dist.get_world_size()
-    if n_local * world == n_global:  # the usual equal split: no extra collective
-        return [n_local] * world
     counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([n_local], dtype=torch.long, device=device))
     return [int(c) for c in counts]
@@ -70,7 +70,7 @@ class _AllGatherRows(torch.autograd.Function):
 def all_gather_rows(z: torch.Tensor, n_global: int) -> tuple[torch.Tensor, int, int]:
     """Concatenate every rank's rows (with gradient). Returns ``(z_all, begin, end)``,
     the rows ``[begin, end)`` of ``z_all`` being this rank's ``z``."""
-    counts = _row_counts(z.shape[0], n_global, z.device)
+    counts = _row_counts(z.shape[0], z.device)
     if sum(counts) != n_global:
         raise ValueError(f"graph must be over the global batch: the ranks hold {sum(counts)} rows "
                          f"({counts}) but the graph has {n_global} nodes")
