@@ -5,8 +5,11 @@ build an N×N matrix, plus the active-learning loop of PAL (Cabannes et al.,
 ICCV 2023). See README.md and SPEC.md.
 """
 
-from . import _ops  # noqa: F401  (loads the extension and registers the ops)
-from . import functional, nn
+from . import (
+    _ops,  # noqa: F401  (loads the extension and registers the ops)
+    functional,
+    nn,
+)
 from .functional import info_nce
 from .graph import PairGraph
 
