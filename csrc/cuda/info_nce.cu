@@ -35,7 +35,10 @@
 //
 // Positive term: out += G·(scale ∘ x) with one warp per CSR row and, for label
 // sets, per-class sums (atomicAdd into a [C, D] buffer) then S_{y_i} − x_i.
-// Memory: O(N·D) for u, its 16-bit copy, G u and the gradient; O(C·D) for sums.
+// It reads the same u as the tile GEMMs (rounded to 16 bits for 16-bit z,
+// accumulated in fp32), so s_ij in the positive term and in lse_i agree; only
+// the normalisation backward recomputes u from z in full precision.
+// Memory: O(N·D) (u, G u, the gradient accumulator), O(C·D) for class sums.
 // All work is on the current stream; no host synchronisation anywhere.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -55,6 +58,8 @@
 
 namespace palfast::cuda {
 namespace {
+
+namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 128;  // tile kernels: 4 warps
 constexpr int kWarps = kThreads / 32;
@@ -246,7 +251,8 @@ struct SimtTile {
     }
 
     // O += M V with M in s [BM][kLdS] and V in stage [BN][kLdV].
-    __device__ __forceinline__ void add(const Acc* s, const unsigned char*, const unsigned char* stage) {
+    __device__ __forceinline__ void add(const Acc* s, const unsigned char*,
+                                        const unsigned char* stage) {
       const T* v = reinterpret_cast<const T*>(stage);
       const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll 4
@@ -302,19 +308,19 @@ struct WmmaTile {
       std::max<size_t>((BM + BN) * kLdStage, BN * kLdV) * sizeof(T);
   static constexpr size_t kMBytes = BM * kLdM * sizeof(T);
   // M is multiplied by 2^kMScaleLog2 / 2^ilogb(max|g|) before rounding to T, so
-  // M ≤ 2·2^kMScaleLog2 (< 65504 for float16) and tiny M are not flushed to 0.
+  // |M| < 2^(kMScaleLog2 + 2) (< 65504 for float16; |g_i| scaled < 2^13 and
+  // p ≤ 1) and small M are not flushed to 0 (g = 1/N for a mean reduction).
   static constexpr int kMScaleLog2 = 12;
   static_assert(kThreads == 128, "2×2 warps");
 
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragBt = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;  // U_Kᵀ
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
   static __device__ __forceinline__ void dots(const T* x, int64_t n, int64_t d, int64_t i0,
                                               int64_t k0, unsigned char* stage, Acc* s) {
 #if PALFAST_WMMA_OK
-    using namespace nvcuda;
     T* a = reinterpret_cast<T*>(stage);
     T* b = a + BM * kLdStage;
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
@@ -372,7 +378,7 @@ struct WmmaTile {
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) nvcuda::wmma::fill_fragment(o[i][j], 0.0f);
+        for (int j = 0; j < 4; ++j) wmma::fill_fragment(o[i][j], 0.0f);
 #endif
     }
 
@@ -380,7 +386,6 @@ struct WmmaTile {
     __device__ __forceinline__ void add(const Acc*, const unsigned char* m_raw,
                                         const unsigned char* stage) {
 #if PALFAST_WMMA_OK
-      using namespace nvcuda;
       const T* m = reinterpret_cast<const T*>(m_raw);
       const T* v = reinterpret_cast<const T*>(stage);
       const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
@@ -412,7 +417,7 @@ struct WmmaTile {
       for (int i = 0; i < 2; ++i) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          nvcuda::wmma::store_matrix_sync(w, o[i][j], 16, nvcuda::wmma::mem_row_major);
+          wmma::store_matrix_sync(w, o[i][j], 16, wmma::mem_row_major);
           __syncwarp();
           for (int e = lane; e < 256; e += 32) {
             const int64_t gi = i0 + wm * 32 + 16 * i + e / 16;
@@ -568,11 +573,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // -------------------------------------------------------------- row kernels
-// u = z / max(‖z‖, 1e-12) (or z) in Acc, its copy `op` in the GEMM type (when
-// that differs from Acc) and ‖z‖ (when norm != nullptr). One warp per row.
-template <typename Z, typename Acc, typename Op>
+// The GEMM operand u = z / max(‖z‖, 1e-12) (or z) in type Op, and ‖z‖ in Acc
+// when norm != nullptr. One warp per row.
+template <typename Z, typename Op, typename Acc>
 __global__ void prep_kernel(const Z* __restrict__ z, int64_t n, int64_t d, bool normalize,
-                            Acc* __restrict__ u, Op* __restrict__ op, Acc* __restrict__ norm) {
+                            Op* __restrict__ op, Acc* __restrict__ norm) {
   const int lane = threadIdx.x % 32;
   const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   if (i >= n) return;  // whole warp: no shuffle below is left half-done
@@ -589,21 +594,22 @@ __global__ void prep_kernel(const Z* __restrict__ z, int64_t n, int64_t d, bool 
   const Acc denom = normalize ? (nrm < eps ? eps : nrm) : Acc(1);
   for (int64_t k = lane; k < d; k += 32) {
     const Acc v = normalize ? widen(zi[k]) / denom : widen(zi[k]);
-    u[i * d + k] = v;
-    if (op != nullptr) op[i * d + k] = narrow<Op>(v);
+    op[i * d + k] = narrow<Op>(v);
   }
 }
 
 // loss_i = lse_i − <u_i, q_i> · inv_tau / W_i for W_i > 0, else 0 (q = G u).
-template <typename Acc>
-__global__ void loss_kernel(const Acc* __restrict__ u, const Acc* __restrict__ q,
+// u is the GEMM operand, so s_ij here and in lse come from the same values:
+// with one positive and no other key (N = 2) the loss is 0 up to fp32 rounding.
+template <typename X, typename Acc>
+__global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
                             const Acc* __restrict__ lse, const double* __restrict__ pos_weight,
                             int64_t n, int64_t d, Acc inv_tau, Acc* __restrict__ loss) {
   const int lane = threadIdx.x % 32;
   const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   if (i >= n) return;
   Acc dot = Acc(0);
-  for (int64_t k = lane; k < d; k += 32) dot += u[i * d + k] * q[i * d + k];
+  for (int64_t k = lane; k < d; k += 32) dot += widen(u[i * d + k]) * q[i * d + k];
   dot = warp_sum(dot);
   if (lane == 0) {
     const double w = pos_weight[i];
@@ -612,10 +618,12 @@ __global__ void loss_kernel(const Acc* __restrict__ u, const Acc* __restrict__ q
 }
 
 // grad_z_i from v_i = (dneg_i − c_i q_i) · inv_tau = dL/du_i, through the
-// normalisation: (v − u <u, v>) / ‖z‖, or v / 1e-12 where ‖z‖ ≤ 1e-12.
+// normalisation: (v − u <u, v>) / ‖z‖, or v / 1e-12 where ‖z‖ ≤ 1e-12. Here u
+// is recomputed from z in Acc (not the 16-bit operand): the projection is
+// then as exact as on the CPU.
 template <typename Acc, typename Z>
 __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __restrict__ q,
-                                 const Acc* __restrict__ c, const Acc* __restrict__ u,
+                                 const Acc* __restrict__ c, const Z* __restrict__ z,
                                  const Acc* __restrict__ norm, int64_t n, int64_t d, Acc inv_tau,
                                  bool normalize, Z* __restrict__ grad) {
   const int lane = threadIdx.x % 32;
@@ -628,25 +636,27 @@ __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __rest
       grad[base + k] = narrow<Z>((dneg[base + k] - ci * q[base + k]) * inv_tau);
     return;
   }
-  Acc dot = Acc(0);
-  for (int64_t k = lane; k < d; k += 32)
-    dot += u[base + k] * ((dneg[base + k] - ci * q[base + k]) * inv_tau);
-  dot = warp_sum(dot);
   const Acc nrm = norm[i];
   const Acc eps = Acc(1e-12);
+  const Acc denom = nrm < eps ? eps : nrm;
+  Acc dot = Acc(0);
+  for (int64_t k = lane; k < d; k += 32)
+    dot += (widen(z[base + k]) / denom) * ((dneg[base + k] - ci * q[base + k]) * inv_tau);
+  dot = warp_sum(dot);
   for (int64_t k = lane; k < d; k += 32) {
     const Acc v = (dneg[base + k] - ci * q[base + k]) * inv_tau;
-    grad[base + k] = narrow<Z>(nrm > eps ? (v - u[base + k] * dot) / nrm : v / eps);
+    const Acc u = widen(z[base + k]) / denom;
+    grad[base + k] = narrow<Z>(nrm > eps ? (v - u * dot) / nrm : v / eps);
   }
 }
 
 // ------------------------------------------------------ positive term (SpMM)
-// out_i += Σ_{e in row i, j = indices[e] ≠ i} weights[e] · scale_j · x_j.
+// out_i += Σ_{e in row i, j = indices[e] ≠ i} weights[e] · scale_j · x_j, in T.
 // One warp per row; lanes split the columns, so no atomics and a fixed order.
-template <typename T>
+template <typename X, typename T>
 __global__ void csr_spmm_kernel(const int64_t* __restrict__ indptr,
                                 const int64_t* __restrict__ indices,
-                                const float* __restrict__ weights, const T* __restrict__ x,
+                                const float* __restrict__ weights, const X* __restrict__ x,
                                 const T* __restrict__ scale, T* __restrict__ out, int64_t n,
                                 int64_t d) {
   const int lane = threadIdx.x % 32;
@@ -660,15 +670,15 @@ __global__ void csr_spmm_kernel(const int64_t* __restrict__ indptr,
       const int64_t j = indices[e];
       if (j == i) continue;  // w_ii is ignored (SPEC §1)
       const T w = static_cast<T>(weights[e]) * (scale != nullptr ? scale[j] : T(1));
-      acc += w * x[j * d + k];
+      acc += w * widen(x[j * d + k]);
     }
     out[i * d + k] += acc;
   }
 }
 
 // sums[y_i] += scale_i · x_i for rows with a class (y_i ≥ 0).
-template <typename T>
-__global__ void class_sum_kernel(const int64_t* __restrict__ y, const T* __restrict__ x,
+template <typename X, typename T>
+__global__ void class_sum_kernel(const int64_t* __restrict__ y, const X* __restrict__ x,
                                  const T* __restrict__ scale, T* __restrict__ sums, int64_t n,
                                  int64_t d) {
   const int64_t total = n * d;
@@ -678,13 +688,13 @@ __global__ void class_sum_kernel(const int64_t* __restrict__ y, const T* __restr
     const int64_t cls = y[i];
     if (cls < 0) continue;
     const T s = scale != nullptr ? scale[i] : T(1);
-    atomicAdd(sums + cls * d + (e - i * d), s * x[e]);
+    atomicAdd(sums + cls * d + (e - i * d), s * widen(x[e]));
   }
 }
 
 // out_i += a · (sums[y_i] − scale_i · x_i): Σ over the other rows of i's class.
-template <typename T>
-__global__ void class_apply_kernel(const int64_t* __restrict__ y, const T* __restrict__ x,
+template <typename X, typename T>
+__global__ void class_apply_kernel(const int64_t* __restrict__ y, const X* __restrict__ x,
                                    const T* __restrict__ scale, const T* __restrict__ sums, T a,
                                    T* __restrict__ out, int64_t n, int64_t d) {
   const int64_t total = n * d;
@@ -694,7 +704,7 @@ __global__ void class_apply_kernel(const int64_t* __restrict__ y, const T* __res
     const int64_t cls = y[i];
     if (cls < 0) continue;
     const T s = scale != nullptr ? scale[i] : T(1);
-    out[e] += a * (sums[cls * d + (e - i * d)] - s * x[e]);
+    out[e] += a * (sums[cls * d + (e - i * d)] - s * widen(x[e]));
   }
 }
 
@@ -725,31 +735,45 @@ struct CudaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+// The ATen element type behind a CUDA element type (the inverse of CudaType).
+template <typename T>
+struct AtenType {
+  using type = T;
+};
+template <>
+struct AtenType<__half> {
+  using type = at::Half;
+};
+template <>
+struct AtenType<__nv_bfloat16> {
+  using type = at::BFloat16;
+};
+
+// Typed device pointer; data_ptr<> checks the dtype, so a mix-up throws.
 template <typename T>
 const T* ptr(const at::Tensor& t) {
-  using A = std::conditional_t<std::is_same_v<T, __half>, at::Half,
-                               std::conditional_t<std::is_same_v<T, __nv_bfloat16>, at::BFloat16, T>>;
-  return reinterpret_cast<const T*>(t.data_ptr<A>());
+  return reinterpret_cast<const T*>(t.data_ptr<typename AtenType<T>::type>());
 }
 template <typename T>
 T* mut_ptr(at::Tensor& t) {
   return const_cast<T*>(ptr<T>(t));
 }
 
-// out += G · (scale ∘ x) (Gᵀ when transpose), x/out [n, d] contiguous in T,
-// scale [n] or undefined (all ones). Mirrors palfast::cpu::graph_spmm.
-template <typename T>
+// out += G · (scale ∘ x) (Gᵀ when transpose), x [n, d] contiguous in X, out
+// [n, d] contiguous in T (x widened to T), scale [n] in T or undefined (all
+// ones). Mirrors palfast::cpu::graph_spmm.
+template <typename X, typename T>
 void spmm_add(const GraphArgs& g, const at::Tensor& x, const at::Tensor& scale, at::Tensor& out,
               bool transpose, cudaStream_t stream) {
   const int64_t n = x.size(0), d = x.size(1);
-  const T* xp = ptr<T>(x);
+  const X* xp = ptr<X>(x);
   const T* sp = scale.defined() ? ptr<T>(scale) : nullptr;
   T* op = mut_ptr<T>(out);
   const at::Tensor& indices = transpose ? g.t_indices : g.indices;
   if (indices.numel() > 0) {
     const at::Tensor& indptr = transpose ? g.t_indptr : g.indptr;
     const at::Tensor& weights = transpose ? g.t_weights : g.weights;
-    csr_spmm_kernel<T><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
+    csr_spmm_kernel<X, T><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
         indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), weights.data_ptr<float>(), xp, sp,
         op, n, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -761,33 +785,33 @@ void spmm_add(const GraphArgs& g, const at::Tensor& x, const at::Tensor& scale, 
     const int64_t classes = g.label_classes[l];
     if (classes <= 0) continue;  // no row has a class in this set
     const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
-    at::Tensor sums = at::zeros({classes, d}, x.options());
-    class_sum_kernel<T><<<blocks, threads, 0, stream>>>(y, xp, sp, mut_ptr<T>(sums), n, d);
+    at::Tensor sums = at::zeros({classes, d}, out.options());
+    class_sum_kernel<X, T><<<blocks, threads, 0, stream>>>(y, xp, sp, mut_ptr<T>(sums), n, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    class_apply_kernel<T><<<blocks, threads, 0, stream>>>(
+    class_apply_kernel<X, T><<<blocks, threads, 0, stream>>>(
         y, xp, sp, ptr<T>(sums), static_cast<T>(g.label_weights[l]), op, n, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-// u (Acc), the GEMM operand (u itself, or u rounded to z's 16-bit type) and,
-// when wanted, ‖z‖ per row.
+// The GEMM operand u [n, d] in the tile's input type (z's dtype for 16-bit z,
+// else the accumulator type) and, when wanted, ‖z‖ per row in Acc.
 template <typename ZT, typename Tile>
-void prepare(const at::Tensor& z, bool normalize, at::Tensor& u, at::Tensor& op, at::Tensor* norm,
-             cudaStream_t stream) {
+at::Tensor prepare(const at::Tensor& z, bool normalize, at::Tensor* norm, cudaStream_t stream) {
   using Z = typename CudaType<ZT>::type;
   using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   const int64_t n = z.size(0), d = z.size(1);
   const at::Tensor zc = z.contiguous();
-  u = at::empty({n, d}, z.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-  constexpr bool kSeparateOp = !std::is_same_v<In, Acc>;
-  op = kSeparateOp ? at::empty({n, d}, z.options()) : u;
-  if (norm != nullptr) *norm = at::empty({n}, u.options());
-  prep_kernel<Z, Acc, In><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<Z>(zc), n, d, normalize, mut_ptr<Acc>(u), kSeparateOp ? mut_ptr<In>(op) : nullptr,
+  const auto acc_dtype = c10::CppTypeToScalarType<Acc>::value;
+  at::Tensor op = at::empty({n, d}, z.options().dtype(std::is_same_v<In, Acc> ? acc_dtype
+                                                                              : z.scalar_type()));
+  if (norm != nullptr) *norm = at::empty({n}, z.options().dtype(acc_dtype));
+  prep_kernel<Z, In, Acc><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
+      ptr<Z>(zc), n, d, normalize, mut_ptr<In>(op),
       norm != nullptr ? mut_ptr<Acc>(*norm) : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return op;
 }
 
 void check_tensor_cores(const at::Tensor& z) {
@@ -801,6 +825,7 @@ void check_tensor_cores(const at::Tensor& z) {
 template <typename ZT, typename Tile>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const GraphArgs& g,
                                                 double temperature, bool normalize) {
+  using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   const int64_t n = z.size(0), d = z.size(1);
   const auto acc_opts = z.options().dtype(info_nce_acc_dtype(z));
@@ -810,17 +835,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Acc inv_tau = static_cast<Acc>(1.0 / temperature);
 
-  at::Tensor u, op;
-  prepare<ZT, Tile>(z, normalize, u, op, nullptr, stream);
+  const at::Tensor u = prepare<ZT, Tile>(z, normalize, nullptr, stream);
   lse_kernel<Tile><<<grid_x(ceil_div(n, Tile::BM)), kThreads, 0, stream>>>(
-      ptr<typename Tile::In>(op), n, d, inv_tau, mut_ptr<Acc>(lse));
+      ptr<In>(u), n, d, inv_tau, mut_ptr<Acc>(lse));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Positive term: <u_i, (G u)_i> / (τ W_i), in Acc from the unrounded u.
-  at::Tensor q = at::zeros_like(u);
-  spmm_add<Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
-  loss_kernel<Acc><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<Acc>(u), ptr<Acc>(q), ptr<Acc>(lse), g.pos_weight.data_ptr<double>(), n, d, inv_tau,
+  // Positive term: <u_i, (G u)_i> / (τ W_i), accumulated in Acc.
+  at::Tensor q = at::zeros({n, d}, acc_opts);
+  spmm_add<In, Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
+  loss_kernel<In, Acc><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
+      ptr<In>(u), ptr<Acc>(q), ptr<Acc>(lse), g.pos_weight.data_ptr<double>(), n, d, inv_tau,
       mut_ptr<Acc>(loss));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse};
@@ -829,6 +853,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
 template <typename ZT, typename Tile>
 at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const GraphArgs& g,
                          const at::Tensor& lse_in, double temperature, bool normalize) {
+  using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   using Z = typename CudaType<ZT>::type;
   const int64_t n = z.size(0), d = z.size(1);
@@ -836,9 +861,10 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   if (n == 0) return grad;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Acc inv_tau = static_cast<Acc>(1.0 / temperature);
+  const auto acc_opts = z.options().dtype(info_nce_acc_dtype(z));
 
-  at::Tensor u, op, norm;
-  prepare<ZT, Tile>(z, normalize, u, op, &norm, stream);
+  at::Tensor norm;
+  const at::Tensor u = prepare<ZT, Tile>(z, normalize, &norm, stream);
   const at::Tensor lse = lse_in.contiguous();
   // Rows without positives carry no loss, whatever grad_rows says; c_i = g_i / W_i.
   const at::Tensor has_pos = g.pos_weight > 0;
@@ -849,22 +875,23 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   const at::Tensor g_absmax = Tile::kMScaleLog2 != 0 ? gr.abs().amax() : at::Tensor();
 
   // dneg = Σ_K M_IK u_K: every element is written once by the tile kernel.
-  at::Tensor dneg = at::empty({n, d}, u.options());
+  at::Tensor dneg = at::empty({n, d}, acc_opts);
   const int64_t col_blocks = ceil_div(d, Tile::DV);
   TORCH_CHECK(col_blocks <= 65535, "palfast.info_nce_backward: z has too many columns (", d,
               ") for one CUDA grid");
   const dim3 grid(grid_x(ceil_div(n, Tile::BM)), static_cast<unsigned int>(col_blocks));
   grad_tile_kernel<Tile><<<grid, kThreads, 0, stream>>>(
-      ptr<typename Tile::In>(op), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
+      ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
       g_absmax.defined() ? ptr<Acc>(g_absmax) : nullptr, mut_ptr<Acc>(dneg));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Positive term: dneg −= Gᵀ(c ∘ u) here, − c ∘ (G u) in grad_rows_kernel.
-  spmm_add<Acc>(g, u, c.neg(), dneg, /*transpose=*/true, stream);
-  at::Tensor q = at::zeros_like(u);
-  spmm_add<Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
+  spmm_add<In, Acc>(g, u, c.neg(), dneg, /*transpose=*/true, stream);
+  at::Tensor q = at::zeros({n, d}, acc_opts);
+  spmm_add<In, Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
+  const at::Tensor zc = z.contiguous();
   grad_rows_kernel<Acc, Z><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<Acc>(dneg), ptr<Acc>(q), ptr<Acc>(c), ptr<Acc>(u), ptr<Acc>(norm), n, d, inv_tau,
+      ptr<Acc>(dneg), ptr<Acc>(q), ptr<Acc>(c), ptr<Z>(zc), ptr<Acc>(norm), n, d, inv_tau,
       normalize, mut_ptr<Z>(grad));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;
