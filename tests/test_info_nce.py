@@ -243,19 +243,19 @@ def test_graph_on_wrong_device():
 
 
 @pytest.mark.parametrize("begin,end", [(0, 0), (0, 300), (100, 613), (257, 258), (600, 613)])
-def test_anchor_range_matches_full_rows(begin, end):
+def test_anchor_range_matches_full_rows(device, begin, end):
     """Rows [begin, end) as anchors (what a rank computes under torch.distributed)."""
     torch.manual_seed(12)
     n = 613
-    z = torch.randn(n, 17, dtype=torch.float64)
-    g = palfast.PairGraph.from_labels(torch.randint(-1, 20, (n,)))
+    z = torch.randn(n, 17, dtype=torch.float64, device=device)
+    g = palfast.PairGraph.from_labels(torch.randint(-1, 20, (n,))).to(device)
     args = (*g.kernel_args(), 0.25, True)
     full, full_lse = ops.info_nce(z, *args, 0, n)
     part, lse = ops.info_nce(z, *args, begin, end)
     torch.testing.assert_close(part[begin:end], full[begin:end])
     assert torch.all(part[:begin] == 0) and torch.all(part[end:] == 0)
     assert torch.all(torch.isinf(lse[:begin])) and torch.all(torch.isinf(lse[end:]))
-    grad_rows = torch.randn(n, dtype=torch.float64)
+    grad_rows = torch.randn(n, dtype=torch.float64, device=device)
     masked = torch.zeros_like(grad_rows)
     masked[begin:end] = grad_rows[begin:end]
     want = ops.info_nce_backward(masked, z, *g.kernel_args(), full_lse, 0.25, True, 0, n)

@@ -27,7 +27,7 @@ def _rows_and_grad(z, graph, weights, *, temperature, normalize=True, op=True):
     """Per-row losses (kernel op, or the reference) and d(Σ weights·rows)/dz."""
     z = z.detach().clone().requires_grad_(True)
     if op:
-        rows, _ = ops.info_nce(z, *graph.kernel_args(), temperature, normalize)
+        rows, _ = ops.info_nce(z, *graph.kernel_args(), temperature, normalize, 0, z.shape[0])
     else:
         rows = reference.info_nce(z, graph, temperature=temperature, normalize=normalize,
                                   reduction="none")
@@ -146,7 +146,7 @@ def test_low_precision_mean_gradient_is_not_flushed(graph_factory, dtype, bound)
 def test_single_row_gives_zero_loss_and_finite_zero_gradient(dtype):
     z = torch.randn(1, 5, device=CUDA, dtype=dtype, requires_grad=True)
     g = palfast.PairGraph.from_views(1, 1).to(CUDA)
-    rows, lse = ops.info_nce(z, *g.kernel_args(), 0.1, True)
+    rows, lse = ops.info_nce(z, *g.kernel_args(), 0.1, True, 0, z.shape[0])
     assert rows.item() == 0.0
     assert lse.item() == float("-inf")  # no k ≠ i: an empty log-sum-exp, like the CPU kernel
     rows.sum().backward()
@@ -158,7 +158,7 @@ def test_nan_propagates(dtype):
     z = torch.randn(70, 20, device=CUDA, dtype=dtype)
     z[65, 3] = float("nan")  # in the second 64-row block
     rows, lse = ops.info_nce(z, *palfast.PairGraph.from_views(35, 2).to(CUDA).kernel_args(), 0.1,
-                             True)
+                             True, 0, 70)
     assert torch.isnan(rows).all()
     assert not torch.isfinite(lse).any()  # NaN (the CPU kernel gives -inf for the NaN row itself)
 
@@ -188,11 +188,11 @@ def test_opcheck(graph_factory, dtype):
     torch.manual_seed(5)
     z = torch.randn(37, 9, device=CUDA, dtype=dtype, requires_grad=True)
     g = graph_factory("semi", 37).to(CUDA)
-    torch.library.opcheck(ops.info_nce.default, (z, *g.kernel_args(), 0.2, True))
-    _, lse = ops.info_nce(z.detach(), *g.kernel_args(), 0.2, True)
+    torch.library.opcheck(ops.info_nce.default, (z, *g.kernel_args(), 0.2, True, 0, 37))
+    _, lse = ops.info_nce(z.detach(), *g.kernel_args(), 0.2, True, 0, 37)
     grad_rows = torch.randn(37, device=CUDA, dtype=lse.dtype)
     torch.library.opcheck(ops.info_nce_backward.default,
-                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True))
+                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True, 0, 37))
 
 
 def test_non_contiguous_and_side_stream(graph_factory):
@@ -246,5 +246,5 @@ def test_large_n_memory_is_linear():
     lse = torch.logsumexp(s, dim=1)
     partner = (anchors + n // 2) % n
     want = lse - s[torch.arange(64, device=CUDA), partner]
-    rows, _ = ops.info_nce(z.detach(), *g.kernel_args(), 0.1, True)
+    rows, _ = ops.info_nce(z.detach(), *g.kernel_args(), 0.1, True, 0, z.shape[0])
     torch.testing.assert_close(rows[anchors].double(), want, rtol=0, atol=0.05)

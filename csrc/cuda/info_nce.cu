@@ -2,7 +2,9 @@
 //
 // Same semantics as csrc/cpu/info_nce.cpp (the model): u = z / max(‖z‖, 1e-12)
 // (or u = z), s_ik = <u_i, u_k>/τ, lse_i = log Σ_{k≠i} exp(s_ik),
-// loss_i = lse_i − <u_i, (G u)_i>/(τ W_i) for W_i > 0 else 0. Outputs are
+// loss_i = lse_i − <u_i, (G u)_i>/(τ W_i) for W_i > 0 else 0, for anchor rows
+// i in [a0, a1) (all rows in one process, a rank's own rows under
+// torch.distributed); other rows get loss 0 and lse +inf. Outputs are
 // float32 (float64 for float64 z); only lse is saved for backward.
 //
 // Forward (lse_kernel): one block owns BM query rows and walks over all key
@@ -446,11 +448,13 @@ struct Smem {
 };
 
 // ------------------------------------------------------------- tile kernels
-// lse[i] = log Σ_{k≠i} exp(<x_i, x_k> · inv_tau) for the BM rows of this block.
+// lse[i] = log Σ_{k≠i} exp(<x_i, x_k> · inv_tau) for the BM rows of this block,
+// which are anchor rows a0 + blockIdx.x·BM + r (< a1).
 template <typename Tile>
 __global__ void __launch_bounds__(kThreads)
     lse_kernel(const typename Tile::In* __restrict__ x, int64_t n, int64_t d,
-               typename Tile::Acc inv_tau, typename Tile::Acc* __restrict__ lse) {
+               typename Tile::Acc inv_tau, int64_t a0, int64_t a1,
+               typename Tile::Acc* __restrict__ lse) {
   using Acc = typename Tile::Acc;
   using L = Smem<Tile>;
   constexpr int kRowsPerWarp = Tile::BM / kWarps;
@@ -458,7 +462,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(128) unsigned char smem[L::kForward];
   Acc* s = reinterpret_cast<Acc*>(smem + L::kS);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t i0 = int64_t(blockIdx.x) * Tile::BM;
+  const int64_t i0 = a0 + int64_t(blockIdx.x) * Tile::BM;
 
   // Lane-private running (max, sum) of row warp·kRowsPerWarp + rr over the
   // columns lane + 32·cc of every tile.
@@ -498,7 +502,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int64_t i = i0 + warp * kRowsPerWarp + rr;
     // N = 1: m = −inf, sum = 0, lse = −inf (the CPU kernel gives the same).
-    if (lane == 0 && i < n) lse[i] = m + log_acc(sum);
+    if (lane == 0 && i < a1) lse[i] = m + log_acc(sum);
   }
 }
 
@@ -510,7 +514,7 @@ __global__ void __launch_bounds__(kThreads)
     grad_tile_kernel(const typename Tile::In* __restrict__ x, int64_t n, int64_t d,
                      typename Tile::Acc inv_tau, const typename Tile::Acc* __restrict__ g,
                      const typename Tile::Acc* __restrict__ lse,
-                     const typename Tile::Acc* __restrict__ g_absmax,
+                     const typename Tile::Acc* __restrict__ g_absmax, int64_t a0, int64_t a1,
                      typename Tile::Acc* __restrict__ dneg) {
   using Acc = typename Tile::Acc;
   using L = Smem<Tile>;
@@ -542,9 +546,14 @@ __global__ void __launch_bounds__(kThreads)
   }
   // (row stats are first read after the barriers inside dots below)
 
+  // g is 0 outside the anchors [a0, a1), so a block without anchor rows only
+  // needs the key tiles that hold anchors (M_ik = g_k exp(s_ik − lse_k) there).
+  const bool has_anchor_rows = i0 < a1 && i0 + BM > a0;
+  const int64_t k_begin = has_anchor_rows ? 0 : (a0 / BN) * BN;
+  const int64_t k_end = has_anchor_rows ? n : a1;
   typename Tile::Accum acc;
   acc.zero();
-  for (int64_t k0 = 0; k0 < n; k0 += BN) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BN) {
     Tile::dots(x, n, d, i0, k0, smem, s);  // ends with the staging buffer free
     Tile::load_v(smem, x, n, d, k0, j0);
     for (int c = threadIdx.x; c < BN; c += kThreads) {
@@ -604,7 +613,8 @@ __global__ void prep_kernel(const Z* __restrict__ z, int64_t n, int64_t d, bool 
 template <typename X, typename Acc>
 __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
                             const Acc* __restrict__ lse, const double* __restrict__ pos_weight,
-                            int64_t n, int64_t d, Acc inv_tau, Acc* __restrict__ loss) {
+                            int64_t n, int64_t d, Acc inv_tau, int64_t a0, int64_t a1,
+                            Acc* __restrict__ loss) {
   const int lane = threadIdx.x % 32;
   const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   if (i >= n) return;
@@ -613,7 +623,8 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
   dot = warp_sum(dot);
   if (lane == 0) {
     const double w = pos_weight[i];
-    loss[i] = w > 0 ? lse[i] - dot * inv_tau / static_cast<Acc>(w) : Acc(0);
+    const bool anchor = i >= a0 && i < a1;
+    loss[i] = anchor && w > 0 ? lse[i] - dot * inv_tau / static_cast<Acc>(w) : Acc(0);
   }
 }
 
@@ -824,35 +835,40 @@ void check_tensor_cores(const at::Tensor& z) {
 
 template <typename ZT, typename Tile>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const GraphArgs& g,
-                                                double temperature, bool normalize) {
+                                                double temperature, bool normalize, int64_t a0,
+                                                int64_t a1) {
   using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   const int64_t n = z.size(0), d = z.size(1);
   const auto acc_opts = z.options().dtype(info_nce_acc_dtype(z));
   at::Tensor loss = at::empty({n}, acc_opts);
-  at::Tensor lse = at::empty({n}, acc_opts);
+  // Rows that are not anchors keep lse = +inf: exp(s − lse) = 0 in the backward.
+  at::Tensor lse = at::full({n}, std::numeric_limits<double>::infinity(), acc_opts);
   if (n == 0) return {loss, lse};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Acc inv_tau = static_cast<Acc>(1.0 / temperature);
 
   const at::Tensor u = prepare<ZT, Tile>(z, normalize, nullptr, stream);
-  lse_kernel<Tile><<<grid_x(ceil_div(n, Tile::BM)), kThreads, 0, stream>>>(
-      ptr<In>(u), n, d, inv_tau, mut_ptr<Acc>(lse));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a1 > a0) {
+    lse_kernel<Tile><<<grid_x(ceil_div(a1 - a0, Tile::BM)), kThreads, 0, stream>>>(
+        ptr<In>(u), n, d, inv_tau, a0, a1, mut_ptr<Acc>(lse));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
   // Positive term: <u_i, (G u)_i> / (τ W_i), accumulated in Acc.
   at::Tensor q = at::zeros({n, d}, acc_opts);
   spmm_add<In, Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
   loss_kernel<In, Acc><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<In>(u), ptr<Acc>(q), ptr<Acc>(lse), g.pos_weight.data_ptr<double>(), n, d, inv_tau,
-      mut_ptr<Acc>(loss));
+      ptr<In>(u), ptr<Acc>(q), ptr<Acc>(lse), g.pos_weight.data_ptr<double>(), n, d, inv_tau, a0,
+      a1, mut_ptr<Acc>(loss));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse};
 }
 
 template <typename ZT, typename Tile>
 at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const GraphArgs& g,
-                         const at::Tensor& lse_in, double temperature, bool normalize) {
+                         const at::Tensor& lse_in, double temperature, bool normalize, int64_t a0,
+                         int64_t a1) {
   using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   using Z = typename CudaType<ZT>::type;
@@ -866,8 +882,11 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   at::Tensor norm;
   const at::Tensor u = prepare<ZT, Tile>(z, normalize, &norm, stream);
   const at::Tensor lse = lse_in.contiguous();
-  // Rows without positives carry no loss, whatever grad_rows says; c_i = g_i / W_i.
-  const at::Tensor has_pos = g.pos_weight > 0;
+  // Rows without positives, and rows that are not anchors, carry no loss,
+  // whatever grad_rows says; c_i = g_i / W_i.
+  at::Tensor has_pos = g.pos_weight > 0;
+  has_pos.narrow(0, 0, a0).fill_(false);
+  has_pos.narrow(0, a1, n - a1).fill_(false);
   const at::Tensor gr = at::where(has_pos, grad_rows, at::zeros_like(grad_rows)).contiguous();
   const at::Tensor c =
       at::where(has_pos, gr / g.pos_weight.to(gr.scalar_type()), at::zeros_like(gr)).contiguous();
@@ -882,7 +901,7 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   const dim3 grid(grid_x(ceil_div(n, Tile::BM)), static_cast<unsigned int>(col_blocks));
   grad_tile_kernel<Tile><<<grid, kThreads, 0, stream>>>(
       ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
-      g_absmax.defined() ? ptr<Acc>(g_absmax) : nullptr, mut_ptr<Acc>(dneg));
+      g_absmax.defined() ? ptr<Acc>(g_absmax) : nullptr, a0, a1, mut_ptr<Acc>(dneg));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Positive term: dneg −= Gᵀ(c ∘ u) here, − c ∘ (G u) in grad_rows_kernel.
@@ -907,17 +926,17 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cuda(
     const at::Tensor& weights, const at::Tensor& t_indptr, const at::Tensor& t_indices,
     const at::Tensor& t_weights, const at::Tensor& labels, at::ArrayRef<double> label_weights,
     at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight, double temperature,
-    bool normalize) {
+    bool normalize, int64_t a0, int64_t a1) {
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_info_nce("palfast.info_nce", z, g, temperature);
+  check_info_nce("palfast.info_nce", z, g, temperature, a0, a1);
   const c10::cuda::CUDAGuard guard(z.device());
   check_tensor_cores(z);
   switch (z.scalar_type()) {
-    case at::kDouble: return forward_impl<double, DoubleTile>(z, g, temperature, normalize);
-    case at::kFloat: return forward_impl<float, FloatTile>(z, g, temperature, normalize);
-    case at::kHalf: return forward_impl<at::Half, HalfTile>(z, g, temperature, normalize);
-    default: return forward_impl<at::BFloat16, BFloat16Tile>(z, g, temperature, normalize);
+    case at::kDouble: return forward_impl<double, DoubleTile>(z, g, temperature, normalize, a0, a1);
+    case at::kFloat: return forward_impl<float, FloatTile>(z, g, temperature, normalize, a0, a1);
+    case at::kHalf: return forward_impl<at::Half, HalfTile>(z, g, temperature, normalize, a0, a1);
+    default: return forward_impl<at::BFloat16, BFloat16Tile>(z, g, temperature, normalize, a0, a1);
   }
 }
 
@@ -926,22 +945,23 @@ at::Tensor info_nce_backward_cuda(
     const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
     const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
     at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-    const at::Tensor& pos_weight, const at::Tensor& lse, double temperature, bool normalize) {
+    const at::Tensor& pos_weight, const at::Tensor& lse, double temperature, bool normalize,
+    int64_t a0, int64_t a1) {
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature);
+  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature, a0, a1);
   const c10::cuda::CUDAGuard guard(z.device());
   check_tensor_cores(z);
   switch (z.scalar_type()) {
     case at::kDouble:
-      return backward_impl<double, DoubleTile>(grad_rows, z, g, lse, temperature, normalize);
+      return backward_impl<double, DoubleTile>(grad_rows, z, g, lse, temperature, normalize, a0, a1);
     case at::kFloat:
-      return backward_impl<float, FloatTile>(grad_rows, z, g, lse, temperature, normalize);
+      return backward_impl<float, FloatTile>(grad_rows, z, g, lse, temperature, normalize, a0, a1);
     case at::kHalf:
-      return backward_impl<at::Half, HalfTile>(grad_rows, z, g, lse, temperature, normalize);
+      return backward_impl<at::Half, HalfTile>(grad_rows, z, g, lse, temperature, normalize, a0, a1);
     default:
       return backward_impl<at::BFloat16, BFloat16Tile>(grad_rows, z, g, lse, temperature,
-                                                        normalize);
+                                                        normalize, a0, a1);
   }
 }
 
