@@ -84,7 +84,7 @@ _GRAPH_ARG_COUNT = 10  # tensors and lists a PairGraph expands to (kernel_args)
 
 @torch.library.register_fake("palfast::graph_spmm")
 def _graph_spmm_fake(x, *graph_and_transpose):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # the kernels return contiguous tensors
 
 
 def _graph_spmm_setup(ctx, inputs, output):
@@ -109,7 +109,7 @@ def _graph_dirichlet_fake(z, *graph):
 
 @torch.library.register_fake("palfast::graph_dirichlet_backward")
 def _graph_dirichlet_backward_fake(grad, z, *graph):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 def _graph_dirichlet_setup(ctx, inputs, output):
@@ -152,7 +152,7 @@ def _sq_xcorr_fake(p, q, offdiag):
 
 @torch.library.register_fake("palfast::sq_xcorr_backward")
 def _sq_xcorr_backward_fake(grad, p, q, aux, offdiag):
-    return torch.empty_like(p), (p.new_empty(0) if q is None else torch.empty_like(q))
+    return p.new_empty(p.shape), (p.new_empty(0) if q is None else q.new_empty(q.shape))
 
 
 def _sq_xcorr_setup(ctx, inputs, output):
@@ -183,7 +183,7 @@ def _barlow_twins_fake(zhat, *graph_lambd_scale):
 
 @torch.library.register_fake("palfast::barlow_twins_backward")
 def _barlow_twins_backward_fake(grad, zhat, *args):
-    return torch.empty_like(zhat)
+    return zhat.new_empty(zhat.shape)
 
 
 def _barlow_twins_setup(ctx, inputs, output):
