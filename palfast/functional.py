@@ -342,11 +342,13 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
           - \frac{\|B\|_F^2}{n_b} + D,
 
     whose expectation is ``‖E[zzᵀ] − I‖²`` as the two factors are independent
-    (the authors' code does the same, as ``E[(xᵀx')²] − 2 E‖x‖² + D``).
-    It can be negative. ``‖ABᵀ‖²`` is computed on the n_a×n_b or the D×D side,
-    whichever is cheaper. The invariance term is the mean over the graph's
-    positive pairs (weights normalised by |G|; 0 for an empty graph), without the
-    1/D of :func:`vicreg`.
+    (the authors' reference code estimates it the same way, written as
+    ``E[(xᵀx')²] − 2 E‖x‖² + D`` over two halves). It can be negative.
+    ``‖ABᵀ‖²`` is computed on the n_a×n_b or the D×D side, whichever is cheaper.
+    The invariance term is the mean over the graph's positive pairs (weights
+    normalised by |G|; 0 for an empty graph), without the 1/D of :func:`vicreg`.
+    β weights the invariance term; weighting the orthogonality term instead
+    only rescales the loss.
 
     The halves must be independent: views of one image must not be split. ``z`` is
     read as ``n_views`` stacked blocks of n = N / n_views rows (SPEC §1: row
