@@ -17,6 +17,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "covariance.h"
 
 namespace palfast {
@@ -36,6 +38,28 @@ at::Tensor spmm(const at::Tensor& x, const GraphArgs& g, bool transpose) {
                  g.labels, g.label_weights, g.label_classes, g.pos_weight, transpose);
 }
 
+// x xᵀ into out [M, M]. K is symmetric, so only the block rows' parts on and
+// right of the diagonal are multiplied (one GEMM per block row, about half the
+// FLOPs of at::mm) and the strictly lower blocks are copied from their mirror.
+void gram_out(at::Tensor out, const at::Tensor& x) {
+  constexpr int64_t kBlock = 512;
+  const int64_t m = x.size(0);
+  if (m <= kBlock) {
+    at::mm_out(out, x, x.t());
+    return;
+  }
+  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
+    const int64_t ni = std::min(kBlock, m - i0);
+    at::Tensor right = out.narrow(0, i0, ni).narrow(1, i0, m - i0);
+    at::mm_out(right, x.narrow(0, i0, ni), x.narrow(0, i0, m - i0).t());
+  }
+  for (int64_t i0 = 0; i0 + kBlock < m; i0 += kBlock) {
+    const int64_t ni = std::min(kBlock, m - i0), rest = m - i0 - ni;
+    out.narrow(0, i0 + ni, rest).narrow(1, i0, ni).copy_(
+        out.narrow(0, i0, ni).narrow(1, i0 + ni, rest).t());
+  }
+}
+
 // ------------------------------------------------------------------ sq_xcorr
 at::ScalarType pair_acc(const at::Tensor& p, const c10::optional<at::Tensor>& q) {
   if (acc_dtype(p) == at::kDouble || (q.has_value() && acc_dtype(*q) == at::kDouble))
@@ -53,8 +77,9 @@ std::tuple<at::Tensor, at::Tensor> sq_xcorr(const at::Tensor& p_in,
   const at::Tensor q = self ? p : q_in->to(acc);
   const int64_t m = p.size(0), a = p.size(1), b = q.size(1);
   if (sq_xcorr_use_gram(m, a, b, self)) {
-    const at::Tensor kp = at::mm(p, p.t());
-    const at::Tensor aux = self ? kp.unsqueeze(0) : at::stack({kp, at::mm(q, q.t())});
+    at::Tensor aux = at::empty({self ? 1 : 2, m, m}, p.options());
+    gram_out(aux[0], p);
+    if (!self) gram_out(aux[1], q);
     at::Tensor value = (aux[0] * aux[aux.size(0) - 1]).sum();
     // Σ_k C_kk² with C_kk = Σ_i p_ik q_ik: O(M·a), no a×b matrix.
     if (offdiag) value = value - (p * q).sum(0).square().sum();
@@ -138,11 +163,13 @@ std::tuple<at::Tensor, at::Tensor> barlow_twins(
   at::Tensor loss = (1 - c).square().sum();
   if (barlow_use_gram(n, d)) {
     // ‖ẑᵀGẑ‖² = <K, G K Gᵀ>, K = ẑẑᵀ; G K Gᵀ = G (G K)ᵀ as K is symmetric.
-    const at::Tensor k = at::mm(z, z.t());
-    const at::Tensor gkg = spmm(spmm(k, g, false).t().contiguous(), g, false);
-    const at::Tensor off = (k * gkg).sum().mul_(scale * scale) - c.square().sum();
+    at::Tensor aux = at::empty({2, n, n}, z.options());
+    const at::Tensor k = aux[0];
+    gram_out(k, z);
+    aux[1].copy_(spmm(spmm(k, g, false).t().contiguous(), g, false));
+    const at::Tensor off = (k * aux[1]).sum().mul_(scale * scale) - c.square().sum();
     loss = loss + lambd * off;
-    return {loss, at::stack({k, gkg})};
+    return {loss, aux};
   }
   at::Tensor cc = at::mm(z.t(), y).mul_(scale);
   cc.diagonal().zero_();  // exact off-diagonal sum, even when C ≈ I
@@ -178,10 +205,13 @@ at::Tensor barlow_twins_backward(
     // ∂/∂ẑ of scale²<K, G K Gᵀ> is 2 scale² (G K Gᵀ + Gᵀ K G) ẑ; the diagonal
     // terms enter through C_kk = scale Σ_i ẑ_ik (Gẑ)_ik.
     const at::Tensor k = aux[0], gkg = aux[1];
-    const at::Tensor gtkg = spmm(spmm(k, g, true).t().contiguous(), g, true);
-    dz = at::mm(gkg + gtkg, z).mul_(2 * lambd * scale * scale);
-    const at::Tensor hd = h - c * (2 * lambd);
-    dz.add_((y + spmm(z, g, true)) * hd * scale);
+    at::Tensor m = spmm(spmm(k, g, true).t().contiguous(), g, true);  // Gᵀ K G
+    m.add_(gkg);
+    dz = at::mm(m, z).mul_(2 * lambd * scale * scale);
+    m.reset();
+    at::Tensor t = spmm(z, g, true);  // (Gẑ + Gᵀẑ) ∘ h, h_k = ∂(diagonal terms)/∂C_kk
+    t.add_(y).mul_((h - c * (2 * lambd)).mul_(scale));
+    dz.add_(t);
   } else {
     at::Tensor dc = aux[0].mul(2 * lambd);  // aux has a zero diagonal
     dc.diagonal().copy_(h);

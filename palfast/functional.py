@@ -145,7 +145,7 @@ def _variance_covariance(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
     """VICReg's variance and covariance terms of one batch x [N >= 2, D]:
     (1/D) Σ_k relu(1 − sqrt(Var_k + eps)) and (1/D) Σ_{k≠l} C_kl², C the unbiased covariance."""
     n, d = x.shape
-    a = (x - x.mean(0)) / math.sqrt(n - 1)  # C = aᵀa
+    a = (x - x.mean(0)).mul_(1 / math.sqrt(n - 1))  # C = aᵀa
     var = a.square().sum(0)
     var_term = torch.relu(1 - torch.sqrt(var + eps)).mean()
     cov_term = _ops.ops.sq_xcorr(a, None, True)[0] / d
@@ -153,10 +153,11 @@ def _variance_covariance(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
 
 
 def _standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Columns to mean 0, biased variance 1: BatchNorm1d(affine=False) in training mode."""
-    mean = x.mean(0)
-    var = (x - mean).square().mean(0)
-    return (x - mean) * torch.rsqrt(var + eps)
+    """Columns to mean 0, biased variance 1: BatchNorm1d(affine=False) in training mode
+    (the same fused ATen op, which saves only the column statistics for backward)."""
+    if x.shape[0] == 1:  # batch_norm refuses one row; its columns are all 0 after centring
+        return (x - x.mean(0)) * eps**-0.5
+    return torch.nn.functional.batch_norm(x, None, None, training=True, momentum=0.0, eps=eps)
 
 
 def _dirichlet_mean(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:

@@ -124,6 +124,23 @@ def test_graph_spmm_matches_dense(device, graph_factory):
         torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), True), w.T @ x)
 
 
+def test_gram_blocks_beyond_one_tile(device, graph_factory):
+    """N > 512: the Gram matrices are built from upper block rows and mirrored."""
+    torch.manual_seed(14)
+    n, d = 530, 600
+    z = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory("semi", n, seed=9).to(device)
+    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    p, q = (torch.randn(n, 900, dtype=torch.float64, device=device) for _ in range(2))
+    for second in (None, q):  # both take the Gram side at these sizes
+        value, aux = ops.sq_xcorr(p, second, True)
+        assert aux.shape[1:] == (n, n)
+        c = p.T @ (p if second is None else second)
+        torch.testing.assert_close(value, c.square().sum() - c.diagonal().square().sum())
+
+
 # ------------------------------------------------------------------ two views
 def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
     return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
