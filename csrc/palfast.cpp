@@ -44,3 +44,28 @@ TORCH_LIBRARY(palfast, m) {
         ", Tensor lse, float temperature, bool normalize, int anchor_begin, int anchor_end)"
         " -> Tensor");
 }
+
+// --- covariance losses (VICReg, Barlow Twins, spectral contrastive, VIC²; see
+// csrc/covariance.h). A fragment, so this section only appends to the file.
+TORCH_LIBRARY_FRAGMENT(palfast, m) {
+  // G·x (Gᵀ·x when transpose), same dtype and shape as x. Its own backward
+  // (the product with the other side), so it needs no separate backward op.
+  m.def("graph_spmm(Tensor x, " PALFAST_GRAPH_ARGS ", bool transpose) -> Tensor");
+  // Σ_ij w_ij ‖z_i − z_j‖² as a 0-dim float32 (float64 for float64 z) tensor.
+  m.def("graph_dirichlet(Tensor z, " PALFAST_GRAPH_ARGS ") -> Tensor");
+  // d(grad · graph_dirichlet(z))/dz, z's dtype and shape.
+  m.def("graph_dirichlet_backward(Tensor grad, Tensor z, " PALFAST_GRAPH_ARGS ") -> Tensor");
+  // (Σ_kl (pᵀq)_kl² − [offdiag] Σ_k (pᵀq)_kk², aux); q = None means q = p. aux
+  // holds the Gram matrices or the product, whichever side was cheaper.
+  m.def("sq_xcorr(Tensor p, Tensor? q, bool offdiag) -> (Tensor, Tensor)");
+  // (dp, dq) of grad · sq_xcorr; dq is empty when q is None.
+  m.def("sq_xcorr_backward(Tensor grad, Tensor p, Tensor? q, Tensor aux, bool offdiag)"
+        " -> (Tensor, Tensor)");
+  // Barlow Twins on column-standardised zhat: C = scale·ẑᵀGẑ,
+  // (Σ_k (1 − C_kk)² + lambd Σ_{k≠l} C_kl², aux).
+  m.def("barlow_twins(Tensor zhat, " PALFAST_GRAPH_ARGS
+        ", float lambd, float scale) -> (Tensor, Tensor)");
+  // d(grad · loss)/dẑ, ẑ's dtype and shape.
+  m.def("barlow_twins_backward(Tensor grad, Tensor zhat, " PALFAST_GRAPH_ARGS
+        ", Tensor aux, float lambd, float scale) -> Tensor");
+}

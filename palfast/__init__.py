@@ -10,9 +10,10 @@ from . import (
     functional,
     nn,
 )
-from .functional import info_nce
+from .functional import barlow_twins, info_nce, spectral_contrastive, vic2, vicreg
 from .graph import PairGraph
 
 __version__ = "0.1.0"
 
-__all__ = ["PairGraph", "functional", "info_nce", "nn", "__version__"]
+__all__ = ["PairGraph", "functional", "info_nce", "nn", "__version__",
+           "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]

@@ -75,3 +75,128 @@ def _info_nce_backward(ctx, grad_rows, grad_lse):
 
 torch.library.register_autograd("palfast::info_nce", _info_nce_backward,
                                 setup_context=_info_nce_setup)
+
+
+# ------------------------------------------------------------ covariance losses
+# graph_spmm, graph_dirichlet, sq_xcorr, barlow_twins (csrc/covariance.h).
+_GRAPH_ARG_COUNT = 10  # tensors and lists a PairGraph expands to (kernel_args)
+
+
+@torch.library.register_fake("palfast::graph_spmm")
+def _graph_spmm_fake(x, *graph_and_transpose):
+    return x.new_empty(x.shape)  # the kernels return contiguous tensors
+
+
+def _graph_spmm_setup(ctx, inputs, output):
+    _, *graph, transpose = inputs
+    ctx.graph, ctx.transpose = graph, transpose
+
+
+def _graph_spmm_backward(ctx, grad):
+    # (G x)' = Gᵀ: the same op with the other side of the graph.
+    grad_x = ops.graph_spmm(grad.contiguous(), *ctx.graph, not ctx.transpose)
+    return (grad_x,) + (None,) * (len(ctx.graph) + 1)
+
+
+torch.library.register_autograd("palfast::graph_spmm", _graph_spmm_backward,
+                                setup_context=_graph_spmm_setup)
+
+
+@torch.library.register_fake("palfast::graph_dirichlet")
+def _graph_dirichlet_fake(z, *graph):
+    return z.new_empty((), dtype=_acc_dtype(z))
+
+
+@torch.library.register_fake("palfast::graph_dirichlet_backward")
+def _graph_dirichlet_backward_fake(grad, z, *graph):
+    return z.new_empty(z.shape)
+
+
+def _graph_dirichlet_setup(ctx, inputs, output):
+    z, *graph = inputs
+    ctx.graph = graph
+    ctx.save_for_backward(z)
+
+
+def _graph_dirichlet_backward(ctx, grad):
+    (z,) = ctx.saved_tensors
+    grad_z = ops.graph_dirichlet_backward(grad, z, *ctx.graph)
+    return (grad_z,) + (None,) * len(ctx.graph)
+
+
+torch.library.register_autograd("palfast::graph_dirichlet", _graph_dirichlet_backward,
+                                setup_context=_graph_dirichlet_setup)
+
+
+def sq_xcorr_uses_gram(m: int, a: int, b: int, self_product: bool) -> bool:
+    """Mirror of ``sq_xcorr_use_gram`` in csrc/covariance.h (FLOPs of forward + backward)."""
+    return m < a if self_product else 2 * m * (a + b) < 3 * a * b
+
+
+def _pair_acc(p, q):
+    return torch.float64 if torch.float64 in (p.dtype, None if q is None else q.dtype) \
+        else torch.float32
+
+
+@torch.library.register_fake("palfast::sq_xcorr")
+def _sq_xcorr_fake(p, q, offdiag):
+    acc = _pair_acc(p, q)
+    m, a = p.shape
+    b = a if q is None else q.shape[1]
+    if sq_xcorr_uses_gram(m, a, b, q is None):
+        aux = p.new_empty((1 if q is None else 2, m, m), dtype=acc)
+    else:
+        aux = p.new_empty((1, a, b), dtype=acc)
+    return p.new_empty((), dtype=acc), aux
+
+
+@torch.library.register_fake("palfast::sq_xcorr_backward")
+def _sq_xcorr_backward_fake(grad, p, q, aux, offdiag):
+    return p.new_empty(p.shape), (p.new_empty(0) if q is None else q.new_empty(q.shape))
+
+
+def _sq_xcorr_setup(ctx, inputs, output):
+    p, q, offdiag = inputs
+    ctx.offdiag = offdiag
+    ctx.has_q = q is not None
+    ctx.save_for_backward(p, q, output[1])
+
+
+def _sq_xcorr_backward(ctx, grad, grad_aux):
+    # aux is saved for backward only; its gradient is not supported.
+    p, q, aux = ctx.saved_tensors
+    grad_p, grad_q = ops.sq_xcorr_backward(grad, p, q if ctx.has_q else None, aux, ctx.offdiag)
+    return grad_p, (grad_q if ctx.has_q else None), None
+
+
+torch.library.register_autograd("palfast::sq_xcorr", _sq_xcorr_backward,
+                                setup_context=_sq_xcorr_setup)
+
+
+@torch.library.register_fake("palfast::barlow_twins")
+def _barlow_twins_fake(zhat, *graph_lambd_scale):
+    acc = _acc_dtype(zhat)
+    n, d = zhat.shape
+    aux = zhat.new_empty((2, n, n) if n < d else (1, d, d), dtype=acc)
+    return zhat.new_empty((), dtype=acc), aux
+
+
+@torch.library.register_fake("palfast::barlow_twins_backward")
+def _barlow_twins_backward_fake(grad, zhat, *args):
+    return zhat.new_empty(zhat.shape)
+
+
+def _barlow_twins_setup(ctx, inputs, output):
+    zhat, *graph, lambd, scale = inputs
+    ctx.graph, ctx.scalars = graph, (lambd, scale)
+    ctx.save_for_backward(zhat, output[1])
+
+
+def _barlow_twins_backward(ctx, grad, grad_aux):
+    zhat, aux = ctx.saved_tensors
+    grad_z = ops.barlow_twins_backward(grad, zhat, *ctx.graph, aux, *ctx.scalars)
+    return (grad_z,) + (None,) * (len(ctx.graph) + 2)
+
+
+torch.library.register_autograd("palfast::barlow_twins", _barlow_twins_backward,
+                                setup_context=_barlow_twins_setup)

@@ -17,7 +17,7 @@ from . import _ops
 from . import distributed as _dist
 from .graph import PairGraph
 
-__all__ = ["info_nce"]
+__all__ = ["info_nce", "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -111,3 +111,317 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     if gather:
         out = _dist.global_value(out)
     return out.to(z.dtype)
+
+
+# ------------------------------------------------------------ covariance losses
+# VICReg, Barlow Twins, spectral contrastive and PAL's VIC² (SPEC §3.2–3.4).
+# The custom ops do the parts that cost: the graph products (graph_spmm,
+# graph_dirichlet: CSR + class sums, never a dense G) and the squared Frobenius
+# norms of D×D cross-correlations (sq_xcorr, barlow_twins: through N×N Gram
+# matrices when N < D). The O(N·D) rest (centring, standardising, the variance
+# hinge, diagonals) is plain PyTorch in float32 (float64 for float64 z).
+
+def _check_coeff(op: str, name: str, value) -> float:
+    """A finite number >= 0 (a loss weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def _acc(z: torch.Tensor) -> torch.Tensor:
+    """z in the accumulation dtype: float32 for 16-bit z, else unchanged."""
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def _check_rows(op: str, name: str, z: torch.Tensor, minimum: int, why: str) -> None:
+    if z.shape[0] < minimum:
+        raise ValueError(f"{op}: {name} must have at least {minimum} rows ({why}), "
+                         f"got shape {tuple(z.shape)}")
+
+
+def _variance_covariance(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of one batch x [N >= 2, D]:
+    (1/D) Σ_k relu(1 − sqrt(Var_k + eps)) and (1/D) Σ_{k≠l} C_kl², C the unbiased covariance."""
+    n, d = x.shape
+    a = (x - x.mean(0)).mul_(1 / math.sqrt(n - 1))  # C = aᵀa
+    var = a.square().sum(0)
+    var_term = torch.relu(1 - torch.sqrt(var + eps)).mean()
+    cov_term = _ops.ops.sq_xcorr(a, None, True)[0] / d
+    return var_term, cov_term
+
+
+def _standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Columns to mean 0, biased variance 1: BatchNorm1d(affine=False) in training mode
+    (the same fused ATen op, which saves only the column statistics for backward)."""
+    if x.shape[0] == 1:  # batch_norm refuses one row; its columns are all 0 after centring
+        return (x - x.mean(0)) * eps**-0.5
+    return torch.nn.functional.batch_norm(x, None, None, training=True, momentum=0.0, eps=eps)
+
+
+def _dirichlet_mean(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """Σ_ij w_ij ‖x_i − x_j‖² / |G|, or 0 (with zero gradient) for an empty graph."""
+    if graph.total_weight <= 0:
+        return x.new_zeros(())
+    return _ops.ops.graph_dirichlet(x, *graph.kernel_args()) / graph.total_weight
+
+
+def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
+           std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
+           check_finite: bool = False) -> torch.Tensor:
+    r"""Graph-weighted VICReg (Bardes et al. 2022 in PAL's graph form), SPEC §3.2.
+
+    .. math::
+        \mathrm{inv} = \frac{1}{D\,|G|}\sum_{ij} w_{ij}\|z_i - z_j\|^2,\quad
+        \mathrm{var} = \frac1D\sum_k \mathrm{relu}\big(1 - \sqrt{\mathrm{Var}_k(z) + \epsilon}\big),\quad
+        \mathrm{cov} = \frac1D\sum_{k\ne l} C_{kl}^2
+
+    with the unbiased variance and covariance ``C = (z − z̄)ᵀ(z − z̄)/(N − 1)`` over
+    all N rows; loss = sim_coeff·inv + std_coeff·var + cov_coeff·cov.
+    ``Σ C_kl²`` goes through the N×N Gram matrix when N < D (``‖AᵀA‖_F = ‖AAᵀ‖_F``),
+    so time is O(N·D·min(N, D)) and memory O(N·D + min(N, D)²), never D×D for
+    a small batch.
+
+    Relation to the official two-view VICReg: with ``PairGraph.from_views(n, 2)``
+    and ``z = cat(z_a, z_b)`` the invariance term equals ``mse(z_a, z_b)``, but
+    variance and covariance are taken over the 2n pooled rows, where the official
+    loss takes them per view and adds the two covariance terms.
+    ``palfast.nn.VICRegLoss()(z_a, z_b)`` computes the official loss exactly.
+
+    Edge cases: an empty graph (|G| = 0) gives inv = 0; N = 1 raises ``ValueError``
+    (the unbiased variance needs two rows).
+
+    Args:
+        z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings, N >= 2.
+        graph: :class:`PairGraph` over the N rows, on z's device.
+        sim_coeff, std_coeff, cov_coeff: weights >= 0 of the three terms.
+        eps: > 0, added to the variance under the square root.
+        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+
+    Returns:
+        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+
+    Example::
+
+        >>> import torch, palfast
+        >>> z = torch.randn(8, 32, requires_grad=True)
+        >>> loss = palfast.vicreg(z, palfast.PairGraph.from_views(4, 2))
+        >>> loss.backward()
+    """
+    op = "palfast.vicreg"
+    _check_z(op, z, graph, check_finite)
+    sim_coeff = _check_coeff(op, "sim_coeff", sim_coeff)
+    std_coeff = _check_coeff(op, "std_coeff", std_coeff)
+    cov_coeff = _check_coeff(op, "cov_coeff", cov_coeff)
+    eps = _check_positive(op, "eps", eps)
+    _check_rows(op, "z", z, 2, "the unbiased variance over N − 1 needs two")
+    x = _acc(z)
+    inv = _dirichlet_mean(x, graph) / z.shape[1]
+    var, cov = _variance_covariance(x, eps)
+    return (sim_coeff * inv + std_coeff * var + cov_coeff * cov).to(z.dtype)
+
+
+def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5,
+                 check_finite: bool = False) -> torch.Tensor:
+    r"""Graph-weighted Barlow Twins (Zbontar et al. 2021 in PAL's graph form), SPEC §3.3.
+
+    .. math::
+        C = \frac{\hat z^\top G \hat z}{|G|},\qquad
+        \mathcal L = \sum_k (1 - C_{kk})^2 + \lambda \sum_{k\ne l} C_{kl}^2
+
+    where ẑ standardises each column of z over the N rows (mean 0, biased variance
+    1, ``eps`` added to the variance: ``BatchNorm1d(affine=False)``). G enters
+    through sparse products only. When N < D the off-diagonal sum is
+    ``Σ (K ⊙ G K Gᵀ)/|G|²`` with the N×N Gram matrix ``K = ẑẑᵀ`` and G K Gᵀ from
+    SpMMs (one N²·D GEMM forward, one backward); else C itself is formed.
+
+    Relation to the official two-view Barlow Twins (``c = bn(z_a)ᵀ bn(z_b)/n``):
+    with ``from_views(n, 2)`` on ``cat(z_a, z_b)`` the graph form standardises
+    over the pooled 2n rows and its C is the symmetrised cross-correlation,
+    so the two differ; ``palfast.nn.BarlowTwinsLoss()(z_a, z_b)`` computes the
+    official loss exactly. The official code's default λ is 0.0051.
+
+    Edge cases: an empty graph (|G| = 0) has C = 0, so the loss is D with zero
+    gradient. N = 1 is allowed (ẑ = 0).
+
+    Args:
+        z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
+        graph: :class:`PairGraph` over the N rows, on z's device.
+        lambd: λ >= 0, weight of the off-diagonal (redundancy) term.
+        eps: > 0, BatchNorm's epsilon.
+        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+
+    Returns:
+        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+
+    Example::
+
+        >>> import torch, palfast
+        >>> z = torch.randn(8, 32, requires_grad=True)
+        >>> loss = palfast.barlow_twins(z, palfast.PairGraph.from_views(4, 2))
+        >>> loss.backward()
+    """
+    op = "palfast.barlow_twins"
+    _check_z(op, z, graph, check_finite)
+    lambd = _check_coeff(op, "lambd", lambd)
+    eps = _check_positive(op, "eps", eps)
+    zhat = _standardize(_acc(z), eps)
+    if graph.total_weight <= 0:
+        return (zhat.sum() * 0 + z.shape[1]).to(z.dtype)
+    loss, _ = _ops.ops.barlow_twins(zhat, *graph.kernel_args(), lambd, 1.0 / graph.total_weight)
+    return loss.to(z.dtype)
+
+
+def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
+                         check_finite: bool = False) -> torch.Tensor:
+    r"""Graph-weighted spectral contrastive loss (HaoChen et al. 2021), SPEC §3.4.
+
+    .. math::
+        \mathcal L = -\frac{2}{|G|}\sum_{ij} w_{ij}\langle z_i, z_j\rangle
+                     + \frac{1}{N(N-1)}\sum_{i\ne j}\langle z_i, z_j\rangle^2
+
+    The first term is ``<z, G z>`` (one SpMM); the second is
+    ``‖zᵀz‖_F² − Σ_i ‖z_i‖⁴`` computed on the D×D side when D < N and on the N×N
+    side otherwise. An empty graph drops the first term; N = 1 drops the second.
+
+    Relation to the two-view form: ``palfast.nn.SpectralContrastiveLoss()(z_a, z_b)``
+    is HaoChen's ``−2 E_i⟨a_i, b_i⟩ + E_{i≠j}⟨a_i, b_j⟩²`` (negatives across views
+    only). The graph form with ``from_views(n, 2)`` on ``cat(z_a, z_b)`` has the same
+    first term but averages the second over all pairs of the 2n rows.
+
+    Args:
+        z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
+        graph: :class:`PairGraph` over the N rows, on z's device.
+        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+
+    Returns:
+        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+
+    Example::
+
+        >>> import torch, palfast
+        >>> z = torch.randn(8, 32, requires_grad=True)
+        >>> loss = palfast.spectral_contrastive(z, palfast.PairGraph.from_views(4, 2))
+        >>> loss.backward()
+    """
+    op = "palfast.spectral_contrastive"
+    _check_z(op, z, graph, check_finite)
+    x = _acc(z)
+    n = x.shape[0]
+    loss = x.sum() * 0  # stays connected to z when both terms drop out
+    if graph.total_weight > 0:
+        gx = _ops.ops.graph_spmm(x, *graph.kernel_args(), False)
+        loss = loss - 2.0 / graph.total_weight * (x * gx).sum()
+    if n > 1:
+        loss = loss + _ops.ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))
+    return loss.to(z.dtype)
+
+
+def _orthogonality_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tr((AᵀA/n_a − I)(BᵀB/n_b − I)), unbiased for ‖E[zzᵀ] − I‖_F² when A ⟂ B."""
+    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
+    cross = _ops.ops.sq_xcorr(a.T, b.T, False)[0]  # ‖A Bᵀ‖² = <AᵀA, BᵀB>
+    return cross / (na * nb) - a.square().sum() / na - b.square().sum() / nb + d
+
+
+def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int = 1,
+         check_finite: bool = False) -> torch.Tensor:
+    r"""PAL's VIC² loss (Cabannes et al. 2023) with an unbiased orthogonality term.
+
+    .. math::
+        \mathcal L = \beta\,\frac{1}{|G|}\sum_{ij} w_{ij}\|z_i - z_j\|^2
+                     + \big\|\mathbb E[z z^\top] - I\big\|_F^2
+
+    The second term is a square of an expectation, so its plug-in mini-batch value
+    ``‖zᵀz/N − I‖²`` is biased (by the variance of zzᵀ) and so are its gradients.
+    Here it is estimated without bias from two independent halves A, B of the batch:
+
+    .. math::
+        \mathrm{tr}\big((A^\top A/n_a - I)(B^\top B/n_b - I)\big)
+        = \frac{\|A B^\top\|_F^2}{n_a n_b} - \frac{\|A\|_F^2}{n_a}
+          - \frac{\|B\|_F^2}{n_b} + D,
+
+    whose expectation is ``‖E[zzᵀ] − I‖²`` as the two factors are independent
+    (the authors' reference code estimates it the same way, written as
+    ``E[(xᵀx')²] − 2 E‖x‖² + D`` over two halves). It can be negative.
+    ``‖ABᵀ‖²`` is computed on the n_a×n_b or the D×D side, whichever is cheaper.
+    The invariance term is the mean over the graph's positive pairs (weights
+    normalised by |G|; 0 for an empty graph), without the 1/D of :func:`vicreg`.
+    β weights the invariance term; weighting the orthogonality term instead
+    only rescales the loss.
+
+    The halves must be independent: views of one image must not be split. ``z`` is
+    read as ``n_views`` stacked blocks of n = N / n_views rows (SPEC §1: row
+    ``i + v·n`` is view v of image i); A holds images ``0 .. ⌊n/2⌋ − 1`` (all their
+    views), B the others. With the default ``n_views=1`` (rows are independent
+    samples, e.g. a labels or oracle graph) A and B are the first and second half
+    of the rows. Pass ``n_views=2`` for ``z = cat(z_a, z_b)``.
+
+    Args:
+        z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
+        graph: :class:`PairGraph` over the N rows, on z's device.
+        beta: weight >= 0 of the invariance term.
+        n_views: number of stacked view blocks in z (N must be a multiple, and each
+            block must hold at least 2 images).
+        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+
+    Returns:
+        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+
+    Example::
+
+        >>> import torch, palfast
+        >>> z = torch.randn(8, 16, requires_grad=True)
+        >>> loss = palfast.vic2(z, palfast.PairGraph.from_views(4, 2), n_views=2)
+        >>> loss.backward()
+    """
+    op = "palfast.vic2"
+    _check_z(op, z, graph, check_finite)
+    beta = _check_coeff(op, "beta", beta)
+    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
+        raise ValueError(f"{op}: n_views must be an int >= 1, got {n_views!r}")
+    if z.shape[0] % n_views:
+        raise ValueError(f"{op}: z must have a multiple of n_views = {n_views} rows "
+                         f"(stacked view blocks), got shape {tuple(z.shape)}")
+    x = _acc(z)
+    n, d = x.shape[0] // n_views, x.shape[1]
+    if n < 2:
+        raise ValueError(f"{op}: z must hold at least 2 images per view block (two independent "
+                         f"halves), got shape {tuple(z.shape)} with n_views={n_views}")
+    blocks = x.reshape(n_views, n, d)
+    a = blocks[:, : n // 2].reshape(-1, d)
+    b = blocks[:, n // 2:].reshape(-1, d)
+    return (beta * _dirichlet_mean(x, graph) + _orthogonality_halves(a, b)).to(z.dtype)
+
+
+# Two-view drop-ins (palfast.nn modules called as loss(z_a, z_b)): the official
+# losses, with per-view statistics, on the same fast ops.
+
+def _vicreg_two_view(z_a, z_b, *, sim_coeff, std_coeff, cov_coeff, eps):
+    """Official VICReg: 25·mse + 25·(v_a + v_b)/2 + c_a + c_b (per-view statistics)."""
+    xa, xb = _acc(z_a), _acc(z_b)
+    var_a, cov_a = _variance_covariance(xa, eps)
+    var_b, cov_b = _variance_covariance(xb, eps)
+    loss = (sim_coeff * torch.nn.functional.mse_loss(xa, xb)
+            + std_coeff * (var_a + var_b) / 2 + cov_coeff * (cov_a + cov_b))
+    return loss.to(z_a.dtype)
+
+
+def _barlow_twins_two_view(z_a, z_b, *, lambd, eps):
+    """Official Barlow Twins: c = bn(z_a)ᵀbn(z_b)/n, Σ (1 − c_kk)² + λ Σ_{k≠l} c_kl²."""
+    pa, pb = _standardize(_acc(z_a), eps), _standardize(_acc(z_b), eps)
+    n = pa.shape[0]
+    on = (1 - (pa * pb).sum(0) / n).square().sum()
+    off = _ops.ops.sq_xcorr(pa, pb, True)[0] / (n * n)
+    return (on + lambd * off).to(z_a.dtype)
+
+
+def _spectral_contrastive_two_view(z_a, z_b):
+    """HaoChen et al.: −2 E_i⟨a_i, b_i⟩ + E_{i≠j}⟨a_i, b_j⟩²."""
+    xa, xb = _acc(z_a), _acc(z_b)
+    n = xa.shape[0]
+    loss = -2 * (xa * xb).sum() / n
+    if n > 1:
+        loss = loss + _ops.ops.sq_xcorr(xa.T, xb.T, True)[0] / (n * (n - 1))
+    return loss.to(z_a.dtype)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .graph import PairGraph
 
-__all__ = ["info_nce", "reduce_rows"]
+__all__ = ["info_nce", "reduce_rows", "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -38,3 +38,69 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     pos = (w * s.masked_fill(eye, 0)).sum(1) / wi.clamp_min(torch.finfo(s.dtype).tiny)
     rows = torch.where(has_pos, lse - pos, torch.zeros_like(lse))
     return reduce_rows(rows, has_pos, reduction)
+
+
+# ------------------------------------------------------------ covariance losses
+def _dense_graph(graph: PairGraph, z: torch.Tensor) -> torch.Tensor:
+    return graph.to_dense(z.dtype).to(z.device)
+
+
+def _pairwise_sq_dist(z: torch.Tensor) -> torch.Tensor:
+    """‖z_i − z_j‖² as an [N, N] matrix, from the differences (no cancellation)."""
+    return (z[:, None, :] - z[None, :, :]).square().sum(-1)
+
+
+def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
+           std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """SPEC §3.2: sim·Σ w‖z_i − z_j‖²/(D|G|) + std·(1/D)Σ relu(1 − sqrt(Var_k + eps))
+    + cov·(1/D)Σ_{k≠l} C_kl², C = (z − z̄)ᵀ(z − z̄)/(N − 1); inv = 0 when |G| = 0."""
+    n, d = z.shape
+    w = _dense_graph(graph, z)
+    total = w.sum()
+    inv = (w * _pairwise_sq_dist(z)).sum() / (d * total) if total > 0 else z.new_zeros(())
+    zc = z - z.mean(0)
+    c = zc.T @ zc / (n - 1)
+    var = F.relu(1 - torch.sqrt(torch.diagonal(c) + eps)).mean()
+    cov = (c - torch.diag(torch.diagonal(c))).square().sum() / d
+    return sim_coeff * inv + std_coeff * var + cov_coeff * cov
+
+
+def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """SPEC §3.3: ẑ = (z − mean)/sqrt(biased var + eps), C = ẑᵀGẑ/|G| (0 when |G| = 0),
+    Σ_k (1 − C_kk)² + λ Σ_{k≠l} C_kl²."""
+    zhat = (z - z.mean(0)) / torch.sqrt(z.var(0, correction=0) + eps)
+    w = _dense_graph(graph, z)
+    total = w.sum()
+    c = zhat.T @ w @ zhat / total if total > 0 else zhat.T @ zhat * 0
+    on = (1 - torch.diagonal(c)).square().sum()
+    off = (c - torch.diag(torch.diagonal(c))).square().sum()
+    return on + lambd * off
+
+
+def spectral_contrastive(z: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+    """SPEC §3.4: −(2/|G|) Σ w_ij⟨z_i, z_j⟩ + (1/(N(N−1))) Σ_{i≠j}⟨z_i, z_j⟩²
+    (each term 0 when |G| = 0, resp. N = 1)."""
+    n = z.shape[0]
+    w = _dense_graph(graph, z)
+    total = w.sum()
+    s = z @ z.T
+    pos = -2 * (w * s).sum() / total if total > 0 else z.new_zeros(())
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    neg = s.masked_fill(eye, 0).square().sum() / (n * (n - 1)) if n > 1 else z.new_zeros(())
+    return pos + neg
+
+
+def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int = 1) -> torch.Tensor:
+    """PAL's VIC²: β Σ w‖z_i − z_j‖²/|G| + tr((AᵀA/n_a − I)(BᵀB/n_b − I)), A the first
+    ⌊n/2⌋ images of every view block (n = N/n_views), B the others."""
+    n_rows, d = z.shape
+    n = n_rows // n_views
+    w = _dense_graph(graph, z)
+    total = w.sum()
+    inv = (w * _pairwise_sq_dist(z)).sum() / total if total > 0 else z.new_zeros(())
+    image = torch.arange(n_rows, device=z.device) % n
+    a, b = z[image < n // 2], z[image >= n // 2]
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    ortho = torch.trace((a.T @ a / a.shape[0] - eye) @ (b.T @ b / b.shape[0] - eye))
+    return beta * inv + ortho

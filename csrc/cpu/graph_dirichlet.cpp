@@ -1,0 +1,181 @@
+// palfast::graph_dirichlet on the CPU: Σ_ij w_ij ‖z_i − z_j‖² and its gradient.
+//
+// CSR edges are summed from differences z_i − z_j; a label set with weight a
+// contributes a Σ_c Σ_{i≠j∈c} ‖z_i − z_j‖² = Σ_c 2 a n_c Σ_{i∈c} ‖z_i − μ_c‖²
+// (within-class scatter around the class mean), O(N·D) whatever the class
+// sizes. Neither form cancels when positives are close together, which is
+// where the invariance term of a trained model lives.
+// Gradient: dz_i = 2 Σ_j w_ij (z_i − z_j) + 2 Σ_j w_ji (z_i − z_j)
+//                  + Σ_l 4 a_l n_c (z_i − μ_c).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../covariance.h"
+
+namespace palfast::cpu {
+namespace {
+
+// Class sums [C, D] and sizes [C] of label set y (−1 rows skipped), parallel
+// over columns so that no two threads write one sum.
+template <typename T>
+void class_means(const int64_t* y, const T* z, int64_t n, int64_t d, int64_t classes,
+                 std::vector<T>& means, std::vector<T>& sizes) {
+  means.assign(static_cast<size_t>(classes * d), T(0));
+  sizes.assign(static_cast<size_t>(classes), T(0));
+  for (int64_t i = 0; i < n; ++i)
+    if (y[i] >= 0) sizes[y[i]] += 1;
+  at::parallel_for(0, d, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (y[i] < 0) continue;
+      T* dst = means.data() + y[i] * d;
+      const T* zi = z + i * d;
+      for (int64_t k = k0; k < k1; ++k) dst[k] += zi[k];
+    }
+  });
+  for (int64_t c = 0; c < classes; ++c)
+    if (sizes[c] > 0)
+      for (int64_t k = 0; k < d; ++k) means[c * d + k] /= sizes[c];
+}
+
+template <typename T>
+inline T sq_dist(const T* a, const T* b, int64_t d) {
+  T s = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const T t = a[k] - b[k];
+    s += t * t;
+  }
+  return s;
+}
+
+template <typename T>
+at::Tensor forward_impl(const at::Tensor& z, const GraphArgs& g) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const T* zp = z.data_ptr<T>();
+  const int64_t* indptr = g.indptr.data_ptr<int64_t>();
+  const int64_t* indices = g.indices.data_ptr<int64_t>();
+  const float* weights = g.weights.data_ptr<float>();
+  at::Tensor rows = at::zeros({n}, z.options());
+  T* rp = rows.data_ptr<T>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T s = 0;
+      for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
+        if (indices[e] == i) continue;
+        s += static_cast<T>(weights[e]) * sq_dist(zp + i * d, zp + indices[e] * d, d);
+      }
+      rp[i] = s;
+    }
+  });
+  std::vector<T> means, sizes;
+  for (int64_t l = 0; l < g.num_label_sets(); ++l) {
+    const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
+    class_means<T>(y, zp, n, d, g.label_classes[l], means, sizes);
+    const T a2 = static_cast<T>(2 * g.label_weights[l]);
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (y[i] < 0) continue;
+        rp[i] += a2 * sizes[y[i]] * sq_dist(zp + i * d, means.data() + y[i] * d, d);
+      }
+    });
+  }
+  return rows.sum();
+}
+
+template <typename T>
+at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& z, const GraphArgs& g) {
+  const int64_t n = z.size(0), d = z.size(1);
+  const T* zp = z.data_ptr<T>();
+  at::Tensor out = at::zeros_like(z);
+  T* op = out.data_ptr<T>();
+  // Out-edges (rows of G) and in-edges (rows of Gᵀ) both pull z_i towards z_j.
+  for (const bool transpose : {false, true}) {
+    const int64_t* indptr = (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>();
+    const int64_t* indices = (transpose ? g.t_indices : g.indices).data_ptr<int64_t>();
+    const float* weights = (transpose ? g.t_weights : g.weights).data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T* oi = op + i * d;
+        const T* zi = zp + i * d;
+        for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
+          const int64_t j = indices[e];
+          if (j == i) continue;
+          const T w = 2 * static_cast<T>(weights[e]);
+          const T* zj = zp + j * d;
+          for (int64_t k = 0; k < d; ++k) oi[k] += w * (zi[k] - zj[k]);
+        }
+      }
+    });
+  }
+  std::vector<T> means, sizes;
+  for (int64_t l = 0; l < g.num_label_sets(); ++l) {
+    const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
+    class_means<T>(y, zp, n, d, g.label_classes[l], means, sizes);
+    const T a4 = static_cast<T>(4 * g.label_weights[l]);
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (y[i] < 0) continue;
+        const T s = a4 * sizes[y[i]];
+        const T* mu = means.data() + y[i] * d;
+        const T* zi = zp + i * d;
+        T* oi = op + i * d;
+        for (int64_t k = 0; k < d; ++k) oi[k] += s * (zi[k] - mu[k]);
+      }
+    });
+  }
+  return out.mul_(grad.to(out.scalar_type()));
+}
+
+GraphArgs checked_graph(const char* op, const at::Tensor& z, const at::Tensor& indptr,
+                        const at::Tensor& indices, const at::Tensor& weights,
+                        const at::Tensor& t_indptr, const at::Tensor& t_indices,
+                        const at::Tensor& t_weights, const at::Tensor& labels,
+                        at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
+                        const at::Tensor& pos_weight) {
+  GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
+                                label_weights, label_classes, pos_weight);
+  check_embeddings(op, z);
+  check_graph(op, g, z);
+  return g;
+}
+
+at::Tensor graph_dirichlet_cpu(const at::Tensor& z, const at::Tensor& indptr,
+                               const at::Tensor& indices, const at::Tensor& weights,
+                               const at::Tensor& t_indptr, const at::Tensor& t_indices,
+                               const at::Tensor& t_weights, const at::Tensor& labels,
+                               at::ArrayRef<double> label_weights,
+                               at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
+  const GraphArgs g = checked_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
+                                    t_indptr, t_indices, t_weights, labels, label_weights,
+                                    label_classes, pos_weight);
+  const at::Tensor za = z.to(acc_dtype(z)).contiguous();
+  if (za.scalar_type() == at::kDouble) return forward_impl<double>(za, g);
+  return forward_impl<float>(za, g);
+}
+
+at::Tensor graph_dirichlet_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& indptr,
+    const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
+    const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
+    at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
+    const at::Tensor& pos_weight) {
+  const char* op = "palfast.graph_dirichlet_backward";
+  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
+                                    t_weights, labels, label_weights, label_classes, pos_weight);
+  check_scalar_grad(op, grad, z);
+  const at::Tensor za = z.to(acc_dtype(z)).contiguous();
+  const at::Tensor out = za.scalar_type() == at::kDouble ? backward_impl<double>(grad, za, g)
+                                                         : backward_impl<float>(grad, za, g);
+  return out.to(z.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(palfast, CPU, m) {
+  m.impl("graph_dirichlet", &graph_dirichlet_cpu);
+  m.impl("graph_dirichlet_backward", &graph_dirichlet_backward_cpu);
+}
+
+}  // namespace palfast::cpu

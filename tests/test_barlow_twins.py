@@ -1,0 +1,285 @@
+"""palfast.barlow_twins and BarlowTwinsLoss against the float64 reference, the
+official two-view Barlow Twins, and their contract (SPEC §3.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import palfast
+from palfast import reference
+from palfast._ops import ops
+
+KINDS = ["views", "labels", "edges", "dense", "semi"]
+SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # N < D: Gram side; N > D: C side
+
+
+def _both(fn_a, fn_b, z, *args, **kw):
+    out = []
+    for fn in (fn_a, fn_b):
+        x = z.detach().clone().requires_grad_(True)
+        loss = fn(x, *args, **kw)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,d", SIZES)
+def test_matches_reference_float64(device, graph_factory, kind, n, d):
+    torch.manual_seed(n * 1000 + d)
+    z = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory(kind, n, seed=n + d).to(device)
+    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g,
+                                         lambd=0.3, eps=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,d", [(30, 50), (50, 30)])
+def test_asymmetric_weighted_edges(device, n, d):
+    """Gᵀ ≠ G: the backward needs Gᵀ K G as well as G K Gᵀ (Gram side) and Gᵀ (C side)."""
+    torch.manual_seed(1)
+    src, dst = torch.randint(0, n, (4 * n,)), torch.randint(0, n, (4 * n,))
+    g = palfast.PairGraph.from_edges(src, dst, torch.rand(4 * n) * 2, num_nodes=n,
+                                     symmetric=False).to(device)
+    assert not g.symmetric
+    z = torch.randn(n, d, dtype=torch.float64, device=device)
+    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_close_to_float64(device, graph_factory):
+    torch.manual_seed(2)
+    z = torch.randn(300, 200, device=device)
+    g = graph_factory("semi", 300, seed=2).to(device)
+    (_, _), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z.double(), g)
+    z32 = z.clone().requires_grad_()
+    loss32 = palfast.barlow_twins(z32, g)
+    loss32.backward()
+    assert loss32.dtype == torch.float32
+    torch.testing.assert_close(loss32.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z32.grad.double(), g_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(64, 96), (200, 24)])
+def test_low_precision_within_2x_reference_error(device, graph_factory, dtype, n, d):
+    torch.manual_seed(3)
+    z64 = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory("semi", n, seed=4).to(device)
+    x = z64.clone().requires_grad_()
+    exact = reference.barlow_twins(x, g, lambd=0.05)
+    exact.backward()
+
+    def errors(fn):
+        z = z64.to(dtype).requires_grad_()
+        out = fn(z, g, lambd=0.05)
+        out.float().backward()
+        return (out.double() - exact).abs().item(), (z.grad.double() - x.grad).abs().max().item()
+
+    kernel_fwd, kernel_bwd = errors(palfast.barlow_twins)
+    ref_fwd, ref_bwd = errors(reference.barlow_twins)
+    assert ref_fwd == ref_fwd and ref_bwd < float("inf")
+    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
+    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+
+
+@pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
+def test_gradcheck(device, graph_factory, n, d):
+    torch.manual_seed(5)
+    z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
+    for kind in KINDS:
+        g = graph_factory(kind, n, seed=1).to(device)
+        assert torch.autograd.gradcheck(lambda x, g=g: palfast.barlow_twins(x, g, lambd=0.2),
+                                        (z,))
+
+
+def test_opcheck(device, graph_factory):
+    torch.manual_seed(6)
+    for n, d in [(15, 20), (20, 15)]:
+        g = graph_factory("semi", n).to(device)
+        zhat = torch.randn(n, d, device=device, requires_grad=True)
+        args = (*g.kernel_args(), 0.1, 1.0 / g.total_weight)
+        torch.library.opcheck(ops.barlow_twins.default, (zhat, *args))
+        _, aux = ops.barlow_twins(zhat.detach(), *args)
+        assert aux.shape == ((2, n, n) if n < d else (1, d, d))
+        torch.library.opcheck(ops.barlow_twins_backward.default,
+                              (torch.tensor(1.3, device=device), zhat.detach(),
+                               *g.kernel_args(), aux, 0.1, 1.0 / g.total_weight))
+        for transpose in (False, True):
+            torch.library.opcheck(ops.graph_spmm.default, (zhat, *g.kernel_args(), transpose))
+        p, q = (torch.randn(n, d, device=device, requires_grad=True) for _ in range(2))
+        torch.library.opcheck(ops.sq_xcorr.default, (p, q, True))
+
+
+def test_graph_spmm_matches_dense(device, graph_factory):
+    torch.manual_seed(7)
+    for kind in KINDS:
+        g = graph_factory(kind, 37, seed=3).to(device)
+        x = torch.randn(37, 5, dtype=torch.float64, device=device)
+        w = g.to_dense(torch.float64).to(device)
+        torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), False), w @ x)
+        torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), True), w.T @ x)
+
+
+def test_gram_blocks_beyond_one_tile(device, graph_factory):
+    """N > 512: the Gram matrices are built from upper block rows and mirrored."""
+    torch.manual_seed(14)
+    n, d = 530, 600
+    z = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory("semi", n, seed=9).to(device)
+    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    p, q = (torch.randn(n, 900, dtype=torch.float64, device=device) for _ in range(2))
+    for second in (None, q):  # both take the Gram side at these sizes
+        value, aux = ops.sq_xcorr(p, second, True)
+        assert aux.shape[1:] == (n, n)
+        c = p.T @ (p if second is None else second)
+        torch.testing.assert_close(value, c.square().sum() - c.diagonal().square().sum())
+
+
+# ------------------------------------------------------------------ two views
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
+
+
+def official_barlow_twins(z1, z2, lambd=0.0051):
+    """Barlow Twins as in Zbontar et al. (2021), Algorithm 1 / facebookresearch/barlowtwins."""
+    n, d = z1.shape
+    bn = torch.nn.BatchNorm1d(d, affine=False).to(device=z1.device, dtype=z1.dtype)
+    c = bn(z1).T @ bn(z2) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = _off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (16, 64), (100, 10)])
+def test_two_view_is_official_barlow_twins(device, n, d):
+    torch.manual_seed(8)
+    z_a = torch.randn(n, d, dtype=torch.float64, device=device)
+    z_b = z_a + 0.5 * torch.randn(n, d, dtype=torch.float64, device=device)
+    ours = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    theirs = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    got = palfast.nn.BarlowTwinsLoss(lambd=0.0051)(*ours)
+    want = official_barlow_twins(*theirs)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_two_view_float32_matches_official(device):
+    torch.manual_seed(9)
+    z_a, z_b = torch.randn(64, 256, device=device), torch.randn(64, 256, device=device)
+    torch.testing.assert_close(palfast.nn.BarlowTwinsLoss(lambd=0.02)(z_a, z_b),
+                               official_barlow_twins(z_a, z_b, lambd=0.02), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_form_differs_from_two_view_form():
+    """Documented: pooled standardisation and a symmetrised C, not the official loss."""
+    torch.manual_seed(10)
+    z_a, z_b = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+    graph = palfast.barlow_twins(torch.cat([z_a, z_b]), palfast.PairGraph.from_views(12, 2))
+    assert not torch.allclose(graph, palfast.nn.BarlowTwinsLoss()(z_a, z_b))
+
+
+# ----------------------------------------------------------------- edge cases
+def test_empty_graph_gives_d_with_zero_gradient(device):
+    z = torch.randn(10, 4, device=device, requires_grad=True)
+    for g in (palfast.PairGraph.from_edges([], [], num_nodes=10),
+              palfast.PairGraph.from_labels(torch.arange(10))):
+        loss = palfast.barlow_twins(z, g.to(device))
+        loss.backward()
+        assert loss.item() == 4.0
+        assert torch.count_nonzero(z.grad) == 0
+        z.grad = None
+
+
+def test_single_row(device):
+    z = torch.randn(1, 6, dtype=torch.float64, device=device, requires_grad=True)
+    g = palfast.PairGraph.from_dense(torch.ones(1, 1)).to(device)  # no edge: self-loops drop
+    loss = palfast.barlow_twins(z, g)
+    assert loss.item() == 6.0  # ẑ = 0 and |G| = 0
+    torch.testing.assert_close(loss, reference.barlow_twins(z, g))
+
+
+def test_non_contiguous_input(device, graph_factory):
+    torch.manual_seed(12)
+    z = torch.randn(40, 60, dtype=torch.float64, device=device)[:, ::2]
+    g = graph_factory("labels", 40).to(device)
+    torch.testing.assert_close(palfast.barlow_twins(z, g), reference.barlow_twins(z, g))
+
+
+def test_nan_propagates_unless_checked(device):
+    z = torch.randn(8, 4, device=device)
+    z[2, 1] = float("nan")
+    g = palfast.PairGraph.from_views(4, 2).to(device)
+    assert torch.isnan(palfast.barlow_twins(z, g))
+    with pytest.raises(ValueError, match="z must be finite"):
+        palfast.barlow_twins(z, g, check_finite=True)
+
+
+@pytest.mark.parametrize("n,d", [(32, 48), (32, 8)])
+def test_compile_fullgraph(device, n, d):
+    torch.manual_seed(13)
+    g = palfast.PairGraph.from_views(n // 2, 2).to(device)
+    z = torch.randn(n, d, device=device, requires_grad=True)
+    h = n // 2
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return palfast.barlow_twins(x * 2.0, g) + palfast.nn.BarlowTwinsLoss()(x[:h], x[h:])
+
+    loss = step(z)
+    loss.backward()
+    z2 = z.detach().clone().requires_grad_()
+    want = palfast.barlow_twins(z2 * 2.0, g) + palfast.nn.BarlowTwinsLoss()(z2[:h], z2[h:])
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("bad,match,exc", [
+    (dict(lambd=-0.1), "lambd must be a finite number >= 0, got -0.1", ValueError),
+    (dict(lambd=None), "lambd must be a number, got NoneType", TypeError),
+    (dict(eps=-1.0), "eps must be a finite number > 0, got -1.0", ValueError),
+])
+def test_bad_arguments(bad, match, exc):
+    with pytest.raises(exc, match=match):
+        palfast.barlow_twins(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), **bad)
+    with pytest.raises(exc, match=match):
+        palfast.nn.BarlowTwinsLoss(**bad)(torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_bad_z_and_graph():
+    g = palfast.PairGraph.from_views(2, 2)
+    with pytest.raises(ValueError, match="palfast.barlow_twins: z must be a 2-D tensor"):
+        palfast.barlow_twins(torch.randn(4, 3, 1), g)
+    with pytest.raises(TypeError, match="z must be float32"):
+        palfast.barlow_twins(torch.ones(4, 3, dtype=torch.int32), g)
+    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(6\)"):
+        palfast.barlow_twins(torch.randn(6, 3), g)
+    with pytest.raises(ValueError, match="z_b must have z_a's dtype"):
+        palfast.nn.BarlowTwinsLoss()(torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="z_a must be float32"):
+        palfast.nn.BarlowTwinsLoss()(torch.ones(4, 3, dtype=torch.long), torch.randn(4, 3))
+
+
+def test_kernels_check_their_arguments_too():
+    g = palfast.PairGraph.from_views(3, 2)
+    with pytest.raises(ValueError, match="palfast.barlow_twins: graph.indptr must have 6"):
+        ops.barlow_twins(torch.randn(5, 2), *g.kernel_args(), 0.1, 1.0)
+    with pytest.raises(ValueError, match="scale \\(1/|G|\\) must be a finite number > 0"):
+        ops.barlow_twins(torch.randn(6, 2), *g.kernel_args(), 0.1, 0.0)
+    with pytest.raises(ValueError, match="lambd must be a finite number >= 0"):
+        ops.barlow_twins(torch.randn(6, 2), *g.kernel_args(), -1.0, 1.0)
+    with pytest.raises(ValueError, match="palfast.graph_spmm: x must be a 2-D tensor"):
+        ops.graph_spmm(torch.randn(6), *g.kernel_args(), False)
+    with pytest.raises(ValueError, match="aux must be the"):
+        ops.barlow_twins_backward(torch.tensor(1.0), torch.randn(6, 2), *g.kernel_args(),
+                                  torch.ones(2, 6, 6), 0.1, 1.0)

@@ -1,0 +1,182 @@
+"""palfast.spectral_contrastive and SpectralContrastiveLoss against the float64
+reference, HaoChen et al.'s two-view loss, and their contract (SPEC §3.4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import palfast
+from palfast import reference
+from palfast._ops import ops
+
+KINDS = ["views", "labels", "edges", "dense", "semi"]
+SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # D < N: D×D side, else N×N side
+
+
+def _both(fn_a, fn_b, z, *args, **kw):
+    out = []
+    for fn in (fn_a, fn_b):
+        x = z.detach().clone().requires_grad_(True)
+        loss = fn(x, *args, **kw)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,d", SIZES)
+def test_matches_reference_float64(device, graph_factory, kind, n, d):
+    torch.manual_seed(n * 1000 + d)
+    z = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
+    g = graph_factory(kind, n, seed=n + d).to(device)
+    (got, g_got), (want, g_want) = _both(palfast.spectral_contrastive,
+                                         reference.spectral_contrastive, z, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_asymmetric_weighted_edges(device):
+    torch.manual_seed(1)
+    n = 30
+    g = palfast.PairGraph.from_edges(torch.randint(0, n, (90,)), torch.randint(0, n, (90,)),
+                                     torch.rand(90) * 2, num_nodes=n, symmetric=False).to(device)
+    z = torch.randn(n, 20, dtype=torch.float64, device=device)
+    (got, g_got), (want, g_want) = _both(palfast.spectral_contrastive,
+                                         reference.spectral_contrastive, z, g)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
+    torch.manual_seed(3)
+    n, d = 96, 32
+    z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.3  # no fp16 overflow
+    g = graph_factory("semi", n, seed=4).to(device)
+    x = z64.clone().requires_grad_()
+    exact = reference.spectral_contrastive(x, g)
+    exact.backward()
+
+    def errors(fn):
+        z = z64.to(dtype).requires_grad_()
+        out = fn(z, g)
+        out.float().backward()
+        return (out.double() - exact).abs().item(), (z.grad.double() - x.grad).abs().max().item()
+
+    kernel_fwd, kernel_bwd = errors(palfast.spectral_contrastive)
+    ref_fwd, ref_bwd = errors(reference.spectral_contrastive)
+    assert ref_fwd < float("inf") and ref_bwd < float("inf")
+    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
+    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+
+
+@pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
+def test_gradcheck(device, graph_factory, n, d):
+    torch.manual_seed(5)
+    z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
+    for kind in KINDS:
+        g = graph_factory(kind, n, seed=1).to(device)
+        assert torch.autograd.gradcheck(lambda x, g=g: palfast.spectral_contrastive(x, g), (z,))
+    zb = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(palfast.nn.SpectralContrastiveLoss(), (z, zb))
+
+
+def test_opcheck_on_transposed_input(device):
+    """The losses pass zᵀ (a non-contiguous view) to sq_xcorr."""
+    torch.manual_seed(6)
+    x = torch.randn(7, 20, device=device, requires_grad=True)
+    y = torch.randn(20, 7, device=device, requires_grad=True)
+    torch.library.opcheck(ops.sq_xcorr.default, (x.T, None, True))  # N×N side
+    torch.library.opcheck(ops.sq_xcorr.default, (y.T, y.T.flip(1), True))  # D×D side
+
+
+# ------------------------------------------------------------------ two views
+def haochen_spectral_contrastive(z_a, z_b):
+    """HaoChen et al. (2021), eq. (5): −2 E⟨f(x), f(x⁺)⟩ + E⟨f(x), f(x⁻)⟩², with the
+    positives the matching rows and the negatives every other row of the other view."""
+    n = z_a.shape[0]
+    pos = (z_a * z_b).sum(1).mean()
+    s = z_a @ z_b.T
+    neg = s[~torch.eye(n, dtype=torch.bool, device=s.device)].pow(2).mean()
+    return -2 * pos + neg
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (16, 64), (100, 10)])
+def test_two_view_is_haochen(device, n, d):
+    torch.manual_seed(8)
+    z_a = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
+    z_b = z_a + 0.2 * torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
+    ours = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    theirs = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    got = palfast.nn.SpectralContrastiveLoss()(*ours)
+    want = haochen_spectral_contrastive(*theirs)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_graph_form_shares_the_positive_term_with_two_views():
+    torch.manual_seed(9)
+    z_a, z_b = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    g = palfast.PairGraph.from_views(10, 2)
+    z = torch.cat([z_a, z_b])
+    n = 20
+    neg = ((z @ z.T).square().sum() - (z * z).sum(1).square().sum()) / (n * (n - 1))
+    torch.testing.assert_close(palfast.spectral_contrastive(z, g) - neg,
+                               -2 * (z_a * z_b).sum(1).mean())
+
+
+# ----------------------------------------------------------------- edge cases
+def test_empty_graph_and_single_row(device):
+    z = torch.randn(10, 4, dtype=torch.float64, device=device)
+    empty = palfast.PairGraph.from_edges([], [], num_nodes=10).to(device)
+    torch.testing.assert_close(palfast.spectral_contrastive(z, empty),
+                               reference.spectral_contrastive(z, empty))
+    one = torch.randn(1, 4, device=device, requires_grad=True)
+    loss = palfast.spectral_contrastive(one, palfast.PairGraph.from_views(1, 1).to(device))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(one.grad) == 0
+
+
+def test_nan_propagates_unless_checked(device):
+    z = torch.randn(8, 4, device=device)
+    z[2, 1] = float("inf")
+    g = palfast.PairGraph.from_views(4, 2).to(device)
+    assert torch.isnan(palfast.spectral_contrastive(z, g))
+    with pytest.raises(ValueError, match="z must be finite"):
+        palfast.spectral_contrastive(z, g, check_finite=True)
+
+
+def test_compile_fullgraph(device):
+    torch.manual_seed(13)
+    g = palfast.PairGraph.from_labels(torch.randint(-1, 4, (32,))).to(device)
+    z = torch.randn(32, 8, device=device, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return (palfast.spectral_contrastive(x * 2.0, g)
+                + palfast.nn.SpectralContrastiveLoss()(x[:16], x[16:]))
+
+    loss = step(z)
+    loss.backward()
+    z2 = z.detach().clone().requires_grad_()
+    want = (palfast.spectral_contrastive(z2 * 2.0, g)
+            + palfast.nn.SpectralContrastiveLoss()(z2[:16], z2[16:]))
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+def test_bad_input():
+    g = palfast.PairGraph.from_views(2, 2)
+    with pytest.raises(ValueError, match="palfast.spectral_contrastive: z must be a 2-D"):
+        palfast.spectral_contrastive(torch.randn(4), g)
+    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(3\)"):
+        palfast.spectral_contrastive(torch.randn(3, 2), g)
+    with pytest.raises(TypeError, match="graph must be a palfast.PairGraph"):
+        palfast.spectral_contrastive(torch.randn(4, 2), None)
+    with pytest.raises(ValueError, match="z_a and z_b must both be"):
+        palfast.nn.SpectralContrastiveLoss()(torch.randn(4, 3), torch.randn(4, 2))

@@ -1,0 +1,289 @@
+"""palfast.vicreg and VICRegLoss against the float64 reference, the official
+two-view VICReg, and their contract (SPEC §3.2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import palfast
+from palfast import reference
+from palfast._ops import ops
+
+KINDS = ["views", "labels", "edges", "dense", "semi"]
+# (N, D): N < D takes the Gram side, N > D the covariance side.
+SIZES = [(2, 3), (41, 127), (257, 3), (257, 40)]
+
+
+def _both(fn_a, fn_b, z, *args, **kw):
+    """Values and gradients of two implementations on the same input."""
+    out = []
+    for fn in (fn_a, fn_b):
+        x = z.detach().clone().requires_grad_(True)
+        loss = fn(x, *args, **kw)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,d", SIZES)
+def test_matches_reference_float64(device, graph_factory, kind, n, d):
+    torch.manual_seed(n * 1000 + d)
+    z = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory(kind, n, seed=n + d).to(device)
+    kw = dict(sim_coeff=3.0, std_coeff=2.0, cov_coeff=0.7, eps=1e-3)
+    (got, g_got), (want, g_want) = _both(palfast.vicreg, reference.vicreg, z, g, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_asymmetric_edges_with_duplicates(device):
+    torch.manual_seed(1)
+    n = 30
+    src, dst = torch.randint(0, n, (90,)), torch.randint(0, n, (90,))
+    src[:5], dst[:5] = 3, 7  # duplicates, summed
+    g = palfast.PairGraph.from_edges(src, dst, torch.rand(90) * 3, num_nodes=n, symmetric=False)
+    assert not g.symmetric
+    z = torch.randn(n, 50, dtype=torch.float64, device=device)
+    (got, g_got), (want, g_want) = _both(palfast.vicreg, reference.vicreg, z, g.to(device))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_close_to_float64(device, graph_factory):
+    torch.manual_seed(2)
+    z = torch.randn(300, 200, device=device)
+    g = graph_factory("semi", 300, seed=2).to(device)
+    (got, g_got), (want, g_want) = _both(palfast.vicreg, reference.vicreg, z.double(), g)
+    z32 = z.clone().requires_grad_()
+    loss32 = palfast.vicreg(z32, g)
+    loss32.backward()
+    assert loss32.dtype == torch.float32
+    torch.testing.assert_close(loss32.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z32.grad.double(), g_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(64, 96), (200, 24)])
+def test_low_precision_within_2x_reference_error(device, graph_factory, dtype, n, d):
+    torch.manual_seed(3)
+    z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.8
+    g = graph_factory("semi", n, seed=4).to(device)
+    x = z64.clone().requires_grad_()
+    exact = reference.vicreg(x, g)
+    exact.backward()
+
+    def errors(fn):
+        z = z64.to(dtype).requires_grad_()
+        out = fn(z, g)
+        out.float().backward()
+        return (out.double() - exact).abs().item(), (z.grad.double() - x.grad).abs().max().item()
+
+    kernel_fwd, kernel_bwd = errors(palfast.vicreg)
+    ref_fwd, ref_bwd = errors(reference.vicreg)
+    assert ref_fwd == ref_fwd and ref_bwd < float("inf")  # the reference ran in `dtype`
+    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
+    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+
+
+@pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
+def test_gradcheck(device, graph_factory, n, d):
+    torch.manual_seed(5)
+    z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
+    for kind in KINDS:
+        g = graph_factory(kind, n, seed=1).to(device)
+        # eps large enough that no std sits at the hinge's kink
+        assert torch.autograd.gradcheck(lambda x, g=g: palfast.vicreg(x, g, eps=0.5), (z,))
+
+
+def test_opcheck(device, graph_factory):
+    torch.manual_seed(6)
+    g = graph_factory("semi", 23).to(device)
+    z = torch.randn(23, 11, device=device, requires_grad=True)
+    torch.library.opcheck(ops.graph_dirichlet.default, (z, *g.kernel_args()))
+    torch.library.opcheck(ops.graph_dirichlet_backward.default,
+                          (torch.tensor(1.5, device=device), z.detach(), *g.kernel_args()))
+    for n, d in [(7, 20), (20, 7)]:  # Gram side and covariance side
+        p = torch.randn(n, d, device=device, requires_grad=True)
+        torch.library.opcheck(ops.sq_xcorr.default, (p, None, True))
+        _, aux = ops.sq_xcorr(p.detach(), None, True)
+        torch.library.opcheck(ops.sq_xcorr_backward.default,
+                              (torch.tensor(0.5, device=device), p.detach(), None, aux, True))
+
+
+def test_gram_and_covariance_sides_agree(device):
+    """The same A through both sides of sq_xcorr: Σ_{k≠l} (AᵀA)_kl²."""
+    torch.manual_seed(7)
+    a = torch.randn(30, 40, dtype=torch.float64, device=device)
+    gram_v, gram_aux = ops.sq_xcorr(a, None, True)  # 30 < 40: Gram side, aux [1, 30, 30]
+    cov_v, cov_aux = ops.sq_xcorr(a[:, :29], None, True)  # 30 > 29: covariance side
+    assert gram_aux.shape == (1, 30, 30) and cov_aux.shape == (1, 29, 29)
+    c = a.T @ a
+    torch.testing.assert_close(gram_v, (c.square().sum() - c.diagonal().square().sum()))
+    c29 = c[:29, :29]
+    torch.testing.assert_close(cov_v, (c29.square().sum() - c29.diagonal().square().sum()))
+
+
+# ------------------------------------------------------------------ two views
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
+
+
+def official_vicreg(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """VICReg as in Bardes et al. (2022), Algorithm 1 / facebookresearch/vicreg."""
+    n, d = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(dim=0)
+    y = y - y.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + 0.0001)
+    std_y = torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)
+    cov_y = (y.T @ y) / (n - 1)
+    cov_loss = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (16, 64), (100, 10)])
+def test_two_view_is_official_vicreg(device, n, d):
+    torch.manual_seed(8)
+    z_a = torch.randn(n, d, dtype=torch.float64, device=device) * 0.7
+    z_b = z_a + 0.3 * torch.randn(n, d, dtype=torch.float64, device=device)
+    ours = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    theirs = [t.clone().requires_grad_() for t in (z_a, z_b)]
+    got = palfast.nn.VICRegLoss()(*ours)
+    want = official_vicreg(*theirs)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_two_view_float32_matches_official(device):
+    torch.manual_seed(9)
+    z_a, z_b = torch.randn(64, 256, device=device), torch.randn(64, 256, device=device)
+    torch.testing.assert_close(palfast.nn.VICRegLoss(sim_coeff=10.0)(z_a, z_b),
+                               official_vicreg(z_a, z_b, sim_coeff=10.0), rtol=1e-5, atol=1e-6)
+
+
+def test_graph_form_shares_the_invariance_term_with_two_views(device):
+    """With from_views(n, 2) the invariance term equals mse(z_a, z_b)."""
+    torch.manual_seed(10)
+    z_a, z_b = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64)
+    g = palfast.PairGraph.from_views(12, 2)
+    inv = palfast.vicreg(torch.cat([z_a, z_b]), g, std_coeff=0, cov_coeff=0, sim_coeff=1.0)
+    torch.testing.assert_close(inv, F.mse_loss(z_a, z_b))
+
+
+def test_module_graph_call_equals_functional(device, graph_factory):
+    z = torch.randn(20, 6, device=device)
+    g = graph_factory("labels", 20).to(device)
+    m = palfast.nn.VICRegLoss(sim_coeff=2.0, std_coeff=3.0, cov_coeff=4.0)
+    assert torch.equal(m(z, g), palfast.vicreg(z, g, sim_coeff=2.0, std_coeff=3.0, cov_coeff=4.0))
+
+
+# ----------------------------------------------------------------- edge cases
+def test_empty_graph_has_no_invariance_term(device):
+    torch.manual_seed(11)
+    z = torch.randn(10, 4, dtype=torch.float64, device=device, requires_grad=True)
+    for g in (palfast.PairGraph.from_edges([], [], num_nodes=10),
+              palfast.PairGraph.from_labels(torch.full((10,), -1))):
+        got = palfast.vicreg(z, g.to(device))
+        want = palfast.vicreg(z, g.to(device), sim_coeff=0.0)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, reference.vicreg(z, g.to(device)))
+
+
+def test_one_row_is_an_error(device):
+    with pytest.raises(ValueError, match=r"palfast.vicreg: z must have at least 2 rows"):
+        palfast.vicreg(torch.randn(1, 5, device=device), palfast.PairGraph.from_views(1, 1))
+    with pytest.raises(ValueError, match="z_a must have at least 2 rows"):
+        palfast.nn.VICRegLoss()(torch.randn(1, 5), torch.randn(1, 5))
+
+
+def test_non_contiguous_input(device, graph_factory):
+    torch.manual_seed(12)
+    z = torch.randn(40, 60, dtype=torch.float64, device=device)[:, ::2]
+    assert not z.is_contiguous()
+    g = graph_factory("edges", 40).to(device)
+    torch.testing.assert_close(palfast.vicreg(z, g), reference.vicreg(z, g))
+
+
+def test_nan_propagates_unless_checked(device):
+    z = torch.randn(8, 4, device=device)
+    z[2, 1] = float("nan")
+    g = palfast.PairGraph.from_views(4, 2).to(device)
+    assert torch.isnan(palfast.vicreg(z, g))
+    with pytest.raises(ValueError, match="z must be finite"):
+        palfast.vicreg(z, g, check_finite=True)
+
+
+def test_compile_fullgraph(device):
+    torch.manual_seed(13)
+    g = palfast.PairGraph.from_views(16, 2).to(device)
+    z = torch.randn(32, 48, device=device, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        return palfast.vicreg(x * 2.0, g) + palfast.nn.VICRegLoss()(x[:16], x[16:])
+
+    loss = step(z)
+    loss.backward()
+    z2 = z.detach().clone().requires_grad_()
+    want = palfast.vicreg(z2 * 2.0, g) + palfast.nn.VICRegLoss()(z2[:16], z2[16:])
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("bad,match,exc", [
+    (dict(sim_coeff=-1.0), "sim_coeff must be a finite number >= 0, got -1.0", ValueError),
+    (dict(std_coeff=float("inf")), "std_coeff must be a finite number >= 0", ValueError),
+    (dict(cov_coeff="1"), "cov_coeff must be a number, got str", TypeError),
+    (dict(eps=0.0), "eps must be a finite number > 0, got 0.0", ValueError),
+])
+def test_bad_arguments(bad, match, exc):
+    with pytest.raises(exc, match=match):
+        palfast.vicreg(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), **bad)
+    with pytest.raises(exc, match=match):
+        palfast.nn.VICRegLoss(**bad)(torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_bad_z_and_graph():
+    g = palfast.PairGraph.from_views(2, 2)
+    with pytest.raises(ValueError, match="palfast.vicreg: z must be a 2-D tensor"):
+        palfast.vicreg(torch.randn(4), g)
+    with pytest.raises(TypeError, match="z must be float32, float64, float16 or bfloat16"):
+        palfast.vicreg(torch.ones(4, 3, dtype=torch.long), g)
+    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(5\)"):
+        palfast.vicreg(torch.randn(5, 3), g)
+    with pytest.raises(TypeError, match="graph must be a palfast.PairGraph"):
+        palfast.vicreg(torch.randn(4, 3), torch.eye(4))
+    with pytest.raises(ValueError, match="z_a and z_b must both be"):
+        palfast.nn.VICRegLoss()(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(TypeError, match="z_b must be a torch.Tensor or z_b a PairGraph"):
+        palfast.nn.VICRegLoss()(torch.randn(4, 3), "graph")
+
+
+def test_kernels_check_their_arguments_too():
+    g = palfast.PairGraph.from_views(3, 2)
+    with pytest.raises(ValueError, match="palfast.graph_dirichlet: graph.indptr must have 6"):
+        ops.graph_dirichlet(torch.randn(5, 2), *g.kernel_args())
+    with pytest.raises(ValueError, match="palfast.graph_dirichlet_backward: grad must be a 0-dim"):
+        ops.graph_dirichlet_backward(torch.ones(2), torch.randn(6, 2), *g.kernel_args())
+    with pytest.raises(ValueError, match="palfast.sq_xcorr: q must have as many rows as p"):
+        ops.sq_xcorr(torch.randn(5, 2), torch.randn(4, 2), False)
+    with pytest.raises(ValueError, match="offdiag needs square"):
+        ops.sq_xcorr(torch.randn(5, 2), torch.randn(5, 3), True)
+    with pytest.raises(ValueError, match="aux must be the"):
+        ops.sq_xcorr_backward(torch.tensor(1.0), torch.randn(5, 2), None, torch.ones(1, 5, 5), True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_on_wrong_device():
+    with pytest.raises(ValueError, match="graph must be on z's device"):
+        palfast.vicreg(torch.randn(4, 3, device="cuda"), palfast.PairGraph.from_views(2, 2))
