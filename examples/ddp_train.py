@@ -1,6 +1,6 @@
 """Train an encoder with palfast.nn.InfoNCELoss under DistributedDataParallel.
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py            # gloo on CPU
+    torchrun --standalone --nproc_per_node=2 examples/ddp_train.py   # gloo on CPU
     torchrun --nproc_per_node=8 examples/ddp_train.py --steps 500  # NCCL on GPUs
 
 Data: scikit-learn's bundled digits (8×8 images, no download). Every step draws
