@@ -121,6 +121,21 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
 # matrices when N < D). The O(N·D) rest (centring, standardising, the variance
 # hinge, diagonals) is plain PyTorch in float32 (float64 for float64 z).
 
+def _global_rows(op: str, z, graph, check_finite: bool, gather) -> torch.Tensor:
+    """Check z and, under torch.distributed (``gather``), return all ranks' rows.
+
+    The covariance losses then compute the global loss on the gathered rows on
+    every rank: the gather's backward sums each rank's gradient into the owner,
+    i.e. world × the single-process gradient, which DDP's averaging turns back
+    into the exact single-process gradient. Statistics are O(D²) (or the Gram
+    side O(N²) when N < D), never more than the single-process loss uses."""
+    gather = _dist.resolve_gather(gather)
+    _check_z(op, z, graph, check_finite, n_global=gather)
+    if gather:
+        z, _, _ = _dist.all_gather_rows(z, graph.num_nodes)
+    return z
+
+
 def _check_coeff(op: str, name: str, value) -> float:
     """A finite number >= 0 (a loss weight)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -169,7 +184,7 @@ def _dirichlet_mean(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
 
 def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
            std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
-           check_finite: bool = False) -> torch.Tensor:
+           check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""Graph-weighted VICReg (Bardes et al. 2022 in PAL's graph form), SPEC §3.2.
 
     .. math::
@@ -210,7 +225,7 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
         >>> loss.backward()
     """
     op = "palfast.vicreg"
-    _check_z(op, z, graph, check_finite)
+    z = _global_rows(op, z, graph, check_finite, gather)
     sim_coeff = _check_coeff(op, "sim_coeff", sim_coeff)
     std_coeff = _check_coeff(op, "std_coeff", std_coeff)
     cov_coeff = _check_coeff(op, "cov_coeff", cov_coeff)
@@ -223,7 +238,7 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
 
 
 def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5,
-                 check_finite: bool = False) -> torch.Tensor:
+                 check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""Graph-weighted Barlow Twins (Zbontar et al. 2021 in PAL's graph form), SPEC §3.3.
 
     .. math::
@@ -263,7 +278,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
         >>> loss.backward()
     """
     op = "palfast.barlow_twins"
-    _check_z(op, z, graph, check_finite)
+    z = _global_rows(op, z, graph, check_finite, gather)
     lambd = _check_coeff(op, "lambd", lambd)
     eps = _check_positive(op, "eps", eps)
     zhat = _standardize(_acc(z), eps)
@@ -274,7 +289,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
 
 
 def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
-                         check_finite: bool = False) -> torch.Tensor:
+                         check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""Graph-weighted spectral contrastive loss (HaoChen et al. 2021), SPEC §3.4.
 
     .. math::
@@ -306,7 +321,7 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
         >>> loss.backward()
     """
     op = "palfast.spectral_contrastive"
-    _check_z(op, z, graph, check_finite)
+    z = _global_rows(op, z, graph, check_finite, gather)
     x = _acc(z)
     n = x.shape[0]
     loss = x.sum() * 0  # stays connected to z when both terms drop out
@@ -326,7 +341,7 @@ def _orthogonality_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int = 1,
-         check_finite: bool = False) -> torch.Tensor:
+         check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""PAL's VIC² loss (Cabannes et al. 2023) with an unbiased orthogonality term.
 
     .. math::
@@ -377,7 +392,7 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
         >>> loss.backward()
     """
     op = "palfast.vic2"
-    _check_z(op, z, graph, check_finite)
+    z = _global_rows(op, z, graph, check_finite, gather)
     beta = _check_coeff(op, "beta", beta)
     if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
         raise ValueError(f"{op}: n_views must be an int >= 1, got {n_views!r}")

@@ -34,7 +34,13 @@ def _graphs(n):
 
 
 def _losses():
-    return {"info_nce": lambda z, g: palfast.info_nce(z, g, temperature=0.3)}
+    return {
+        "info_nce": lambda z, g: palfast.info_nce(z, g, temperature=0.3),
+        "vicreg": lambda z, g: palfast.vicreg(z, g),
+        "barlow_twins": lambda z, g: palfast.barlow_twins(z, g),
+        "spectral_contrastive": lambda z, g: palfast.spectral_contrastive(z, g),
+        "vic2": lambda z, g: palfast.vic2(z, g),
+    }
 
 
 def _run(model, x, graph, loss_fn):
