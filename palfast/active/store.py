@@ -134,6 +134,7 @@ class RelationStore:
         self._last_id = 0
         self._n_conflicts = 0
         self._roots_cache: np.ndarray | None = None
+        self._keys_cache: tuple[int, np.ndarray] | None = None  # sorted cannot-link keys
         self.refresh()
 
     # ------------------------------------------------------------------ SQLite
@@ -293,6 +294,7 @@ class RelationStore:
         if rows:
             self._last_id = rows[-1][0]
             self._roots_cache = None
+            self._keys_cache = None
 
     # ------------------------------------------------------------ union-find
     def _grow(self, n: int) -> None:
@@ -390,9 +392,14 @@ class RelationStore:
         known = ri == rj
         if self._cannot:
             m = max(self.num_ids, int(p.max()) + 1)
-            keys = np.fromiter((a * m + b for a, s in self._cannot.items() for b in s),
-                               dtype=np.int64)
-            known |= np.isin(ri * m + rj, keys)
+            if self._keys_cache is None or self._keys_cache[0] != m:
+                keys = np.fromiter((a * m + b for a, s in self._cannot.items() for b in s),
+                                   dtype=np.int64)
+                self._keys_cache = (m, np.sort(keys))
+            keys = self._keys_cache[1]
+            q = ri * m + rj
+            pos = np.searchsorted(keys, q).clip(max=keys.shape[0] - 1)
+            known |= keys[pos] == q
         return torch.from_numpy(known)
 
     def roots(self, indices=None) -> torch.Tensor:

@@ -25,19 +25,25 @@ Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosin
     similarity while no positive and negative answers both exist. Candidates are
     the 3k-nearest-neighbour pairs, ordered by |similarity − t|.
 ``"pal"``
-    The PAL rule (Cabannes et al., ICCV 2023, §active labelling): grow the known
-    classes by asking about the samples the model predicts belong to them.
-    A *class* is a component of ≥ 2 rows (a known positive). Repeatedly take the
-    least-queried class C (fewest logged answers touching C, counting the queries
-    already selected in this call; ties: the smaller class), and ask whether its
-    best remaining candidate x belongs to it: candidates are rows outside C and
-    not cannot-linked to C, nearest to C's centroid (mean of the normalised
-    member embeddings) first, each row used once per call; the pair asked is
-    (the member of C most similar to x, x). When x sits in another class this
-    is a merge question. A fraction ``explore`` of the budget (all of it while no
-    class exists) seeds new classes: the row least similar to every class
-    centroid and seed so far (farthest-point), paired with its nearest neighbour,
-    which is most likely positive and then starts a class.
+    The PAL rule (Cabannes et al., ICCV 2023): grow the known classes by asking
+    about the samples the model predicts belong to them. A *class* is a
+    component of ≥ 2 rows (it has a known positive). Repeatedly take the
+    least-queried class C (fewest logged answers touching C, counting the
+    queries already selected in this call; ties: the smaller class) and ask
+    about its best remaining candidate. Candidates of C are the rows in no class
+    and the other classes not cannot-linked to C, ranked by single linkage (a
+    candidate's best cosine similarity to a member of C: the 1-NN prediction),
+    nearest first, each row used once per call. The next row and the next class
+    compete on the expected number of samples they would join to C,
+    P(alike | similarity) · size, where P is an isotonic (non-decreasing) fit of
+    the answers so far against the current similarities (P ≡ 1 before any
+    answer); so the question "are these two classes one?" (a merge, which links
+    |C|·|C'| pairs at once) is asked as soon as it is likely enough. The pair
+    asked is the closest members of the two sides (the easiest question for a
+    person). A share ``explore`` of the budget (all of it while no class exists)
+    seeds new classes: the row least similar to every class member and seed so
+    far (farthest-point), paired with its nearest neighbour. Budget left when
+    every row has been used goes to the most similar unknown pairs.
 
 Example::
 
@@ -157,6 +163,8 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
         _uncertain(sel, x, budget, k, backend)
     else:
         _pal(sel, x, budget, k, explore, generator)
+        if len(sel.pairs) < budget:  # every row already used once: most similar pairs left
+            _nearest(sel, x, budget, k, backend)
     return sel.result()
 
 
@@ -184,18 +192,18 @@ def _random(sel: _Selection, n: int, budget: int, gen: torch.Generator) -> None:
 def _rows_of(sel: _Selection, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-id pairs from candidate_pairs back to row indices."""
     order = torch.argsort(sel.ids)
-    pos_a = torch.searchsorted(sel.ids[order], pairs[:, 0])
-    pos_b = torch.searchsorted(sel.ids[order], pairs[:, 1])
+    sorted_ids = sel.ids[order].contiguous()
+    pos_a = torch.searchsorted(sorted_ids, pairs[:, 0].contiguous())
+    pos_b = torch.searchsorted(sorted_ids, pairs[:, 1].contiguous())
     return order[pos_a], order[pos_b]
 
 
 def _nearest(sel: _Selection, x: torch.Tensor, budget: int, k: int, backend: str) -> None:
+    """Add the most similar unknown pairs (k doubled until the budget is met)."""
     n = x.shape[0]
     while True:
         pairs, _ = candidate_pairs(x, k, store=sel.store, backend=backend, ids=sel.ids)
-        sel.pairs.clear()
-        sel.taken.clear()
-        sel.add_ranked(*_rows_of(sel, pairs), budget)
+        sel.add_ranked(*_rows_of(sel, pairs), budget)  # repeats of earlier picks are skipped
         if len(sel.pairs) >= budget or k >= n - 1:
             return
         k = min(2 * k, n - 1)
