@@ -1,0 +1,278 @@
+"""``palfast demo``: active PAL end to end on scikit-learn's digits (SPEC §6).
+
+The 1797 8×8 digit images ship with scikit-learn (no download). A fixed stratified
+split keeps 2/3 as the pool the oracle is asked about and 1/3 as the test set.
+For each strategy and seed, a small MLP encoder is trained with
+:func:`palfast.info_nce` on mini-batches of two augmented views (±1 pixel shift +
+Gaussian noise) with the graph ``store.graph(batch, n_views=2)``: views graph +
+the classes the oracle revealed so far (transitive closure included). Rounds of
+select → ask (a :class:`LabelOracle` on the pool labels) → record → train, as in
+:class:`palfast.active.ActiveLearner`. After each round the frozen backbone
+features are evaluated: k-NN accuracy (k=20, cosine, majority vote) and linear
+probe accuracy (logistic regression on standardised features), both fitted on the
+whole labelled pool and measured on the test set — the standard protocols for a
+representation; only the *representation* saw the oracle's answers.
+
+Outputs in ``--out``: ``results.csv`` / ``results.json`` (one row per round),
+``accuracy_vs_queries.png``, and one SQLite store per run
+(``store_<strategy>_seed<s>.sqlite``; ``--resume`` continues them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["add_demo_arguments", "run_demo"]
+
+QUICK = {"budget": 100, "queries_per_round": 25, "seeds": 1, "epochs": 8,
+         "strategies": "pal,random"}
+FULL = {"budget": 300, "queries_per_round": 30, "seeds": 3, "epochs": 15,
+        "strategies": "pal,nearest,uncertain,random"}
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the demo's options to ``parser`` (used by ``palfast demo``)."""
+    parser.add_argument("--out", default="palfast_demo_out",
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run, under 2 minutes on 2 CPU cores ({QUICK})")
+    parser.add_argument("--budget", type=int, default=None,
+                        help=f"oracle queries per run (default {FULL['budget']}, "
+                             f"quick {QUICK['budget']})")
+    parser.add_argument("--queries-per-round", type=int, default=None,
+                        help=f"queries per round (default {FULL['queries_per_round']})")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"number of seeds 0..S-1 (default {FULL['seeds']})")
+    parser.add_argument("--strategies", default=None,
+                        help=f"comma-separated, from pal,nearest,uncertain,random "
+                             f"(default {FULL['strategies']})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"training epochs per round (default {FULL['epochs']})")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="probability that the simulated oracle answers wrong")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the SQLite stores found in --out instead of starting over")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+# ------------------------------------------------------------------------ data
+def load_digits_split(seed: int = 0):
+    """Digits as float32 [N, 64] in [0, 1], split 2/3 pool, 1/3 test (stratified,
+    fixed ``seed``): (x_pool, y_pool, x_test, y_test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_pool, x_test, y_pool, y_test = train_test_split(x, y, test_size=1 / 3, stratify=y,
+                                                      random_state=seed)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16.0  # noqa: E731
+    return as_x(x_pool), torch.tensor(y_pool), as_x(x_test), torch.tensor(y_test)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One random view of 8×8 digits ``[B, 64]``: shift by −1..1 pixel in each direction
+    (zero fill) and add N(0, 0.1²) noise."""
+    b = x.shape[0]
+    img = nn.functional.pad(x.reshape(b, 1, 8, 8), (1, 1, 1, 1))
+    dy = torch.randint(0, 3, (b,), generator=gen)
+    dx = torch.randint(0, 3, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(8))[:, :, None]          # [B, 8, 1]
+    cols = (dx[:, None] + torch.arange(8))[:, None, :]          # [B, 1, 8]
+    out = img[torch.arange(b)[:, None, None], 0, rows, cols]    # [B, 8, 8]
+    out = out.reshape(b, 64) + 0.1 * torch.randn(b, 64, generator=gen)
+    return out
+
+
+class Encoder(nn.Module):
+    """MLP: backbone 64 → 256 → 128 (the evaluated features), head 128 → 64 (the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(128, 64))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# ------------------------------------------------------------------------- run
+def _settings(args) -> dict:
+    base = QUICK if args.quick else FULL
+    s = {key: getattr(args, key) if getattr(args, key, None) is not None else base[key]
+         for key in ("budget", "queries_per_round", "seeds", "epochs", "strategies")}
+    from .active import STRATEGIES
+
+    strategies = [t.strip() for t in str(s["strategies"]).split(",") if t.strip()]
+    bad = [t for t in strategies if t not in STRATEGIES]
+    if bad or not strategies:
+        raise ValueError(f"palfast demo: --strategies must name some of {STRATEGIES}, "
+                         f"got {s['strategies']!r}")
+    s["strategies"] = strategies
+    for key in ("budget", "queries_per_round", "seeds"):
+        if s[key] < (0 if key == "budget" else 1):
+            raise ValueError(f"palfast demo: --{key.replace('_', '-')} must be >= "
+                             f"{0 if key == 'budget' else 1}, got {s[key]}")
+    if s["epochs"] < 1:
+        raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
+    if not 0 <= args.noise < 1:
+        raise ValueError(f"palfast demo: --noise must be in [0, 1), got {args.noise}")
+    return s
+
+
+def run_one(strategy: str, seed: int, settings: dict, data, store_path, *, noise: float = 0.0,
+            progress: bool = True, resume: bool = False) -> list[dict]:
+    """One active run; returns the per-round history with test accuracies."""
+    from .active import ActiveLearner, LabelOracle, RelationStore
+    from .metrics import knn_accuracy, linear_probe_accuracy
+
+    x_pool, y_pool, x_test, y_test = data
+    if store_path is not None and not resume and os.path.exists(store_path):
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(store_path + suffix):
+                os.remove(store_path + suffix)
+    torch.manual_seed(seed)
+    encoder = Encoder()
+
+    def evaluate(learner):
+        f_pool, f_test = _features(learner, x_pool), _features(learner, x_test)
+        return {"knn": knn_accuracy(f_pool, y_pool, f_test, y_test, k=20),
+                "linear": linear_probe_accuracy(f_pool, y_pool, f_test, y_test)}
+
+    with RelationStore(store_path) as store:
+        learner = ActiveLearner(encoder, x_pool, LabelOracle(y_pool, noise=noise, seed=seed),
+                                store, strategy=strategy, augment=augment, n_views=2,
+                                epochs_per_round=settings["epochs"], batch_size=256, lr=1e-3,
+                                temperature=0.2, seed=seed, progress=progress)
+        history = learner.run(settings["budget"], settings["queries_per_round"], callback=evaluate)
+    for h in history:
+        h.update(strategy=strategy, seed=seed)
+    return history
+
+
+@torch.no_grad()
+def _features(learner, x):
+    """Backbone features (what a downstream task would use), eval mode."""
+    learner.encoder.eval()
+    out = learner.encoder.backbone(x.to(learner.device)).float().cpu()
+    learner.encoder.train()
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarize(rows: list[dict], strategies: list[str]) -> dict:
+    """{strategy: {metric: [(n_queries, mean, std), ...]}} over seeds, by round."""
+    out = {}
+    for s in strategies:
+        runs = {}
+        for r in rows:
+            if r["strategy"] == s:
+                runs.setdefault(r["round"], []).append(r)
+        out[s] = {m: [(max(x["n_queries"] for x in rs), *_mean_std([x[m] for x in rs]))
+                      for _, rs in sorted(runs.items())] for m in ("linear", "knn")}
+    return out
+
+
+def format_table(summary: dict, metric: str) -> str:
+    strategies = list(summary)
+    checkpoints = [q for q, _, _ in summary[strategies[0]][metric]]
+    if len(checkpoints) > 8:  # keep the table readable: about 6 columns, always the last
+        step = math.ceil((len(checkpoints) - 1) / 6)
+        keep = sorted(set(range(0, len(checkpoints), step)) | {len(checkpoints) - 1})
+    else:
+        keep = list(range(len(checkpoints)))
+    head = f"{'queries':>10} | " + " | ".join(f"{checkpoints[i]:>13}" for i in keep)
+    lines = [head, "-" * len(head)]
+    for s in strategies:
+        cells = []
+        for i in keep:
+            if i < len(summary[s][metric]):
+                _, m, sd = summary[s][metric][i]
+                cells.append(f"{100 * m:6.2f} ± {100 * sd:4.2f}")
+            else:
+                cells.append(" " * 13)
+        lines.append(f"{s:>10} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, metric, title in zip(axes, ("linear", "knn"), ("linear probe", "k-NN (k=20)")):
+        for s, curves in summary.items():
+            q = [c[0] for c in curves[metric]]
+            m = [100 * c[1] for c in curves[metric]]
+            sd = [100 * c[2] for c in curves[metric]]
+            ax.plot(q, m, marker="o", ms=3, label=s)
+            ax.fill_between(q, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                            alpha=0.2)
+        ax.set_xlabel("oracle queries (pairs)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"digits, {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo described in the module docstring; returns an exit status."""
+    try:
+        settings = _settings(args)
+    except ValueError as e:
+        print(e)
+        return 2
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    os.makedirs(args.out, exist_ok=True)
+    data = load_digits_split()
+    print(f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "
+          f"budget {settings['budget']} queries in rounds of {settings['queries_per_round']}, "
+          f"{settings['seeds']} seed(s), strategies {', '.join(settings['strategies'])}")
+    rows: list[dict] = []
+    progress = not args.no_progress
+    for seed in range(settings["seeds"]):
+        for strategy in settings["strategies"]:
+            path = os.path.join(args.out, f"store_{strategy}_seed{seed}.sqlite")
+            history = run_one(strategy, seed, settings, data, path, noise=args.noise,
+                              progress=progress, resume=args.resume)
+            last = history[-1]
+            print(f"  seed {seed} {strategy:>9}: {last['n_queries']} queries "
+                  f"({last['n_positive']} alike) -> linear {100 * last['linear']:.2f}%  "
+                  f"k-NN {100 * last['knn']:.2f}%")
+            rows.extend(history)
+    summary = summarize(rows, settings["strategies"])
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["strategy", "seed", "round", "n_queries", "n_positive",
+                                          "loss", "linear", "knn"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"settings": {**settings, "noise": args.noise}, "rows": rows,
+                   "summary": summary}, f, indent=1)
+    plot(summary, os.path.join(args.out, "accuracy_vs_queries.png"))
+    print("\nlinear probe test accuracy (%), mean ± std over seeds, vs oracle queries")
+    print(format_table(summary, "linear"))
+    print("\nk-NN (k=20) test accuracy (%), mean ± std over seeds, vs oracle queries")
+    print(format_table(summary, "knn"))
+    print(f"\nwrote {args.out}/results.csv, results.json, accuracy_vs_queries.png and "
+          f"{len(settings['strategies']) * settings['seeds']} SQLite stores "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0

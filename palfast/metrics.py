@@ -1,0 +1,154 @@
+"""Evaluation of representations (SPEC §5): RankMe, k-NN accuracy, linear probe.
+
+All three take embeddings as tensors (any float dtype, any device; they are
+evaluated in float64/float32 on the CPU, outside autograd) and return Python floats.
+
+Example::
+
+    >>> import torch
+    >>> from palfast.metrics import rankme, knn_accuracy
+    >>> rankme(torch.eye(4))          # 4 equal singular values: rank 4
+    4.0...
+    >>> z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> y = torch.tensor([0, 0, 1, 1])
+    >>> knn_accuracy(z, y, z, y, k=1)
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["knn_accuracy", "linear_probe_accuracy", "rankme"]
+
+
+def _check_z(op: str, name: str, z) -> torch.Tensor:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must be a non-empty 2-D tensor [N, D], "
+                         f"got shape {tuple(z.shape)}")
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be floating point, got {z.dtype}")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{op}: {name} must be finite, got NaN or Inf entries")
+    return z.detach()
+
+
+def _check_y(op: str, name: str, y, n: int) -> torch.Tensor:
+    t = torch.as_tensor(y)
+    if t.shape != (n,):
+        raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of class ids, "
+                         f"got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must hold integer class ids, got {t.dtype}")
+    t = t.detach().cpu().long()
+    if int(t.min()) < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {int(t.min())}")
+    return t
+
+
+def _check_pair(op, train_z, train_y, test_z, test_y):
+    train_z = _check_z(op, "train_z", train_z)
+    test_z = _check_z(op, "test_z", test_z)
+    if train_z.shape[1] != test_z.shape[1]:
+        raise ValueError(f"{op}: train_z and test_z must have the same width D, got "
+                         f"{train_z.shape[1]} and {test_z.shape[1]}")
+    return (train_z, _check_y(op, "train_y", train_y, train_z.shape[0]), test_z,
+            _check_y(op, "test_y", test_y, test_z.shape[0]))
+
+
+def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
+    r"""RankMe (Garrido et al., 2023), a smooth effective rank of the embeddings.
+
+    .. math::
+        \mathrm{RankMe}(z) = \exp\Big(-\sum_k p_k \log p_k\Big),\qquad
+        p_k = \frac{\sigma_k(z)}{\lVert\sigma(z)\rVert_1} + \varepsilon
+
+    with σ(z) the singular values of ``z [N, D]`` (not centred), computed in float64.
+    Between ~1 (collapse) and min(N, D) (all directions equally used)."""
+    op = "palfast.metrics.rankme"
+    z = _check_z(op, "z", z)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    s = torch.linalg.svdvals(z.cpu().double())
+    total = s.sum()
+    if float(total) == 0.0:
+        return 1.0  # all-zero embeddings: fully collapsed
+    p = s / total + eps
+    return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+def knn_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, k: int = 20, *,
+                 backend: str = "auto") -> float:
+    """Accuracy of a k-nearest-neighbour classifier by cosine similarity.
+
+    Each test row takes the majority class among its k most similar training rows
+    (FAISS ``IndexFlatIP`` on L2-normalised float32 rows, or an exact torch search);
+    a tie goes to the tied class whose best neighbour ranks first. ``k`` is clamped
+    to the number of training rows. Returns the fraction of test rows classified
+    correctly."""
+    op = "palfast.metrics.knn_accuracy"
+    train_z, train_y, test_z, test_y = _check_pair(op, train_z, train_y, test_z, test_y)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be an int >= 1, got {k!r}")
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"{op}: backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    k = min(k, train_z.shape[0])
+    a = F.normalize(train_z.cpu().float(), dim=1).contiguous()
+    b = F.normalize(test_z.cpu().float(), dim=1).contiguous()
+    nbrs = None
+    if backend != "torch":
+        try:
+            import faiss
+        except ImportError:
+            if backend == "faiss":
+                raise ImportError(f"{op}: backend='faiss' needs the faiss package") from None
+        else:
+            index = faiss.IndexFlatIP(a.shape[1])
+            index.add(a.numpy())
+            nbrs = torch.from_numpy(index.search(b.numpy(), k)[1]).long()
+    if nbrs is None:
+        nbrs = torch.cat([(blk @ a.T).topk(k, dim=1).indices for blk in b.split(4096)])
+    votes = train_y[nbrs]  # [M, k], best neighbour first
+    n_cls = int(train_y.max()) + 1
+    counts = torch.zeros(votes.shape[0], n_cls).scatter_add_(1, votes, torch.ones(votes.shape))
+    # Tie-break: among classes with the most votes, the one with the best-ranked neighbour.
+    first = torch.full((votes.shape[0], n_cls), float(k))
+    first.scatter_reduce_(1, votes, torch.arange(k).float().expand_as(votes).contiguous(), "amin")
+    pred = (counts * (k + 1) - first).argmax(1)
+    return float((pred == test_y).float().mean())
+
+
+def linear_probe_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, *,
+                          c: float = 1.0, max_iter: int = 1000) -> float:
+    """Test accuracy of a linear classifier trained on frozen features.
+
+    Features are standardised with the training mean and standard deviation, then a
+    multinomial logistic regression with L2 penalty (scikit-learn
+    ``LogisticRegression(C=c, solver="lbfgs")``, deterministic) is fitted on the
+    training rows. Returns the fraction of test rows classified correctly."""
+    op = "palfast.metrics.linear_probe_accuracy"
+    train_z, train_y, test_z, test_y = _check_pair(op, train_z, train_y, test_z, test_y)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+        raise ValueError(f"{op}: c must be a number > 0, got {c!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{op}: max_iter must be an int >= 1, got {max_iter!r}")
+    if torch.unique(train_y).numel() < 2:
+        raise ValueError(f"{op}: train_y must contain at least 2 classes, got "
+                         f"{torch.unique(train_y).tolist()}")
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    a = train_z.cpu().double()
+    b = test_z.cpu().double()
+    mean, std = a.mean(0), a.std(0, unbiased=False).clamp_min(1e-12)
+    a, b = ((a - mean) / std).numpy(), ((b - mean) / std).numpy()
+    clf = LogisticRegression(C=float(c), max_iter=max_iter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(a, train_y.numpy())
+    return float((torch.from_numpy(clf.predict(b)) == test_y).float().mean())

@@ -1,0 +1,159 @@
+"""select_queries: never a known (or implied) pair, no duplicates, budget respected,
+deterministic, and each strategy does what its name says."""
+
+import pytest
+import torch
+
+from palfast.active import STRATEGIES, LabelOracle, RelationStore, select_queries
+
+
+def clustered(n, n_classes, d=8, spread=0.15, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % n_classes
+    centers = torch.randn(n_classes, d, generator=g)
+    return centers[y] + spread * torch.randn(n, d, generator=g), y
+
+
+def check_selection(q, store, budget, n=None, ids=None):
+    assert q.dtype == torch.long and q.dim() == 2 and q.shape[1] == 2
+    assert q.shape[0] <= budget
+    assert bool((q[:, 0] < q[:, 1]).all())
+    assert not bool(store.known_mask(q).any())                       # nothing known or implied
+    assert len({tuple(p) for p in q.tolist()}) == q.shape[0]         # no duplicates
+    roots = store.roots(q.reshape(-1)).reshape(-1, 2)
+    comp_pairs = {tuple(sorted(r)) for r in roots.tolist()}
+    assert len(comp_pairs) == q.shape[0]                             # no two join the same components
+    if ids is not None:
+        assert bool(torch.isin(q, ids).all())
+    elif n is not None and q.numel():
+        assert int(q.max()) < n
+
+
+def n_unknown_component_pairs(store, ids):
+    """Brute force: how many pairs of components among ``ids`` are still unknown."""
+    roots = store.roots(ids)
+    reps = {}
+    for i, r in zip(ids.tolist(), roots.tolist()):
+        reps.setdefault(r, i)
+    reps = torch.tensor(list(reps.values()))
+    if reps.numel() < 2:
+        return 0
+    return int((~store.known_mask(torch.combinations(reps, 2))).sum())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_rounds_never_reask(strategy, noise):
+    x, y = clustered(90, 5)
+    store, oracle = RelationStore(), LabelOracle(y, noise=noise, seed=1)
+    for r in range(6):
+        q = select_queries(x, store, 25, strategy, k=5, seed=r)
+        check_selection(q, store, 25, n=90)
+        # The full budget, unless fewer unknown component pairs are left.
+        assert q.shape[0] == min(25, n_unknown_component_pairs(store, torch.arange(90)))
+        store.record(q, oracle.ask(q))
+    assert store.n_queries <= 150
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_small_pool_exhausts_cleanly(strategy):
+    x, y = clustered(7, 3, seed=2)
+    store, oracle = RelationStore(), LabelOracle(y)
+    total = 0
+    for r in range(30):
+        q = select_queries(x, store, 4, strategy, k=2, seed=r)
+        check_selection(q, store, 4, n=7)
+        if q.shape[0] == 0:
+            break
+        store.record(q, oracle.ask(q))
+        total += q.shape[0]
+    # Everything is known at the end: the partition of 7 samples in 3 classes.
+    all_pairs = torch.combinations(torch.arange(7), 2)
+    assert bool(store.known_mask(all_pairs).all()), strategy
+    assert total <= 21
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_deterministic_and_budget_zero(strategy):
+    x, _ = clustered(50, 4)
+    store = RelationStore()
+    store.record(torch.tensor([[0, 4], [1, 2]]), torch.tensor([True, False]))
+    a = select_queries(x, store, 12, strategy, seed=3)
+    b = select_queries(x, store, 12, strategy, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert select_queries(x, store, 0, strategy).shape == (0, 2)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ids_select_inside_the_pool(strategy):
+    x, y = clustered(40, 4)
+    ids = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:40]
+    store = RelationStore()
+    oracle_labels = torch.full((500,), -1)
+    oracle_labels[ids] = y
+    oracle = LabelOracle(oracle_labels)
+    for r in range(3):
+        q = select_queries(x, store, 10, strategy, ids=ids, seed=r)
+        check_selection(q, store, 10, ids=ids)
+        store.record(q, oracle.ask(q))
+
+
+def test_nearest_takes_the_most_similar_unknown_pairs():
+    x, _ = clustered(60, 3, seed=4)
+    store = RelationStore()
+    q = select_queries(x, store, 10, "nearest", k=4)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    s = xn @ xn.T
+    s.fill_diagonal_(-2)
+    best = s.triu(1).flatten().topk(10).values
+    got = torch.stack([s[i, j] for i, j in q.tolist()]).sort(descending=True).values
+    assert torch.allclose(got, best)
+
+
+def test_uncertain_targets_the_threshold_region():
+    x, y = clustered(80, 4, spread=0.6, seed=5)
+    store, oracle = RelationStore(), LabelOracle(y)
+    q = select_queries(x, store, 30, "random", seed=0)
+    store.record(q, oracle.ask(q))
+    unc = select_queries(x, store, 20, "uncertain", k=5)
+    near = select_queries(x, store, 20, "nearest", k=5)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    sim = lambda p: (xn[p[:, 0]] * xn[p[:, 1]]).sum(1)  # noqa: E731
+    # The boundary lies below the nearest pairs' similarities: uncertain asks less similar ones.
+    assert float(sim(unc).mean()) < float(sim(near).mean())
+
+
+def test_pal_finds_more_positives_than_random():
+    x, y = clustered(200, 8, spread=0.3, seed=6)
+    rates = {}
+    for strategy in ("pal", "random"):
+        store, oracle = RelationStore(), LabelOracle(y)
+        for r in range(5):
+            q = select_queries(x, store, 20, strategy, k=5, seed=r)
+            store.record(q, oracle.ask(q))
+        _, answers = store.answers()
+        rates[strategy] = float(answers.float().mean())
+        if strategy == "pal":
+            comp = store.components(torch.arange(200))
+            sizes = torch.bincount(comp[comp >= 0])
+            biggest = int(sizes.max())
+    assert rates["pal"] > 0.8 > 0.3 > rates["random"]
+    assert biggest >= 10  # classes grow through transitivity, not just pairs
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"strategy": "greedy"}, ValueError, "strategy must be one of"),
+    ({"budget": -1}, ValueError, "budget must be an int >= 0"),
+    ({"budget": 2.5}, ValueError, "budget must be an int >= 0"),
+    ({"store": {}}, TypeError, "store must be a palfast.active.RelationStore"),
+    ({"k": 0}, ValueError, "k must be an int >= 1"),
+    ({"explore": 1.5}, ValueError, "explore must be a number in \\[0, 1\\]"),
+    ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
+    ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
+    ({"embeddings": torch.full((5, 3), float("nan"))}, ValueError, "embeddings must be finite"),
+    ({"backend": "hnsw"}, ValueError, "backend must be one of"),
+])
+def test_bad_input(kwargs, exc, match):
+    args = {"embeddings": torch.randn(10, 3), "store": RelationStore(), "budget": 3, **kwargs}
+    with pytest.raises(exc, match=match):
+        select_queries(args.pop("embeddings"), args.pop("store"), args.pop("budget"), **args)
