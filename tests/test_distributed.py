@@ -65,6 +65,7 @@ def _worker(rank, world, port, counts, results):
         for gname, g in _graphs(n).items():
             for lname, fn in _losses().items():
                 out[(gname, lname)] = _run(ddp, mine, g, fn)
+        out["candidates"] = palfast.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -90,6 +91,11 @@ def test_two_gloo_ranks_match_single_process(counts):
                 for got, want in zip(grads, want_grads):
                     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9,
                                                msg=f"{lname}/{gname} grad on rank {rank}")
+    want_pairs, want_sims = palfast.active.candidate_pairs(x * 3.0, k=4, backend="torch")
+    for rank in range(2):
+        pairs, sims = results[rank]["candidates"]
+        assert torch.equal(pairs, want_pairs)
+        torch.testing.assert_close(sims, want_sims)
 
 
 def test_gather_without_process_group_is_an_error():
