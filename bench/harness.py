@@ -30,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,8 +157,12 @@ def _peak_cpu_subprocess(case: Case, label: str, quick: bool, timeout: float) ->
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     if __package__ == "bench":  # running from a checkout: make `bench` importable there too
         env["PYTHONPATH"] = str(Path(__file__).parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    # From a checkout, `-m` would import the source tree's palfast (no compiled _C)
+    # ahead of the installed one: run installed benchmarks from a neutral cwd.
+    cwd = None if __package__ == "bench" else tempfile.gettempdir()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                             cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"status": "skipped: peak-memory run timed out"}
     if out.returncode != 0:

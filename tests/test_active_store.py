@@ -179,6 +179,9 @@ def test_reopen_resumes_and_log_is_append_only(tmp_path):
 
 
 def _child_env():
+    # The children import the palfast these tests import. They also run in a
+    # temporary cwd: `python -c` puts the cwd first on sys.path, and a checkout's
+    # palfast/ (no compiled _C) would shadow the installed package.
     root = os.path.dirname(os.path.dirname(os.path.abspath(palfast.__file__)))
     return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
@@ -200,7 +203,7 @@ WRITER = textwrap.dedent("""
 def test_sigkill_loses_nothing_recorded(tmp_path):
     path = str(tmp_path / "killed.sqlite")
     child = subprocess.Popen([sys.executable, "-c", WRITER, path, "1", "1000000"],
-                             stdout=subprocess.PIPE, text=True, env=_child_env())
+                             stdout=subprocess.PIPE, text=True, env=_child_env(), cwd=tmp_path)
     reported = []
     try:
         deadline = time.monotonic() + 60
@@ -230,7 +233,7 @@ def test_two_processes_write_one_file(tmp_path):
     count = 60
     children = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(tag), str(count)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=_child_env()) for tag in (1, 2)]
+                                 env=_child_env(), cwd=tmp_path) for tag in (1, 2)]
     for c in children:
         out, err = c.communicate(timeout=120)
         assert c.returncode == 0, err

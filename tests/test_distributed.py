@@ -72,7 +72,10 @@ def _worker(rank, world, port, counts, results):
 
 
 @pytest.mark.parametrize("counts", [(12, 12), (9, 15)])
-def test_two_gloo_ranks_match_single_process(counts):
+def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
+    # Spawned workers put the cwd first on sys.path: run them away from a
+    # checkout, whose palfast/ (no compiled _C) would shadow the installed one.
+    monkeypatch.chdir(tmp_path)
     port = _free_port()
     manager = mp.Manager()
     results = manager.dict()
