@@ -3,79 +3,23 @@ single-process loss value and, after DDP's gradient averaging, its gradients."""
 
 from __future__ import annotations
 
-import os
-import socket
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import palfast
 
-N_IN, D = 6, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphs(n):
-    gen = torch.Generator().manual_seed(1)
-    src, dst = torch.randint(0, n, (2 * n,), generator=gen), torch.randint(0, n, (2 * n,), generator=gen)
-    return {
-        "views": palfast.PairGraph.from_views(n // 2, 2),
-        "labels": palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen)),
-        "edges": palfast.PairGraph.from_edges(src, dst, torch.rand(2 * n, generator=gen),
-                                              num_nodes=n, symmetric=False),
-    }
-
-
-def _losses():
-    return {
-        "info_nce": lambda z, g: palfast.info_nce(z, g, temperature=0.3),
-        "vicreg": lambda z, g: palfast.vicreg(z, g),
-        "barlow_twins": lambda z, g: palfast.barlow_twins(z, g),
-        "spectral_contrastive": lambda z, g: palfast.spectral_contrastive(z, g),
-        "vic2": lambda z, g: palfast.vic2(z, g),
-    }
-
-
-def _run(model, x, graph, loss_fn):
-    model.zero_grad()
-    loss = loss_fn(model(x), graph)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
-def _worker(rank, world, port, counts, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        n = sum(counts)
-        x = torch.randn(n, N_IN, dtype=torch.float64)
-        model = torch.nn.Linear(N_IN, D).double()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        begin = sum(counts[:rank])
-        mine = x[begin: begin + counts[rank]]
-        out = {}
-        for gname, g in _graphs(n).items():
-            for lname, fn in _losses().items():
-                out[(gname, lname)] = _run(ddp, mine, g, fn)
-        out["candidates"] = palfast.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
-
 
 @pytest.mark.parametrize("counts", [(12, 12), (9, 15)])
 def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
-    # Spawned workers put the cwd first on sys.path: run them away from a
-    # checkout, whose palfast/ (no compiled _C) would shadow the installed one.
+    # Spawned workers get our sys.path and cwd: keep the checkout's root (whose
+    # palfast/ has no compiled _C) off both, and import the worker from tests/.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    from _dist_worker import D, N_IN, _free_port, _graphs, _losses, _run, _worker
+
     port = _free_port()
     manager = mp.Manager()
     results = manager.dict()
