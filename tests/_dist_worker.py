@@ -48,7 +48,7 @@ def _run(model, x, graph, loss_fn):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def _worker(rank, world, port, counts, results):
+def _worker(rank, world, port, counts, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -64,6 +64,6 @@ def _worker(rank, world, port, counts, results):
             for lname, fn in _losses().items():
                 out[(gname, lname)] = _run(ddp, mine, g, fn)
         out["candidates"] = palfast.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
-        results[rank] = out
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
