@@ -110,6 +110,7 @@ class RelationStore:
             raise ValueError(f"RelationStore: timeout must be a number of seconds >= 0, "
                              f"got {timeout!r}")
         self.path = None if path is None else os.fspath(path)
+        self._timeout = float(timeout)
         if self.path is not None and os.path.isdir(self.path):
             raise ValueError(f"RelationStore: path must be a file, got the directory {self.path!r}")
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per record).
@@ -117,6 +118,13 @@ class RelationStore:
                                    isolation_level=None, check_same_thread=False)
         try:
             self._open()
+        except sqlite3.OperationalError as e:
+            self._db.close()
+            if "locked" in str(e):
+                raise TimeoutError(f"RelationStore: {self.path!r} stayed locked by another process "
+                                   f"for more than timeout={timeout} s") from e
+            raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
+                             f"(SQLite says: {e})") from e
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
@@ -143,7 +151,7 @@ class RelationStore:
         db.execute("PRAGMA foreign_keys = ON")
         app_id = db.execute("PRAGMA application_id").fetchone()[0]  # reads the header
         if self.path is not None and app_id == APPLICATION_ID:
-            db.execute("PRAGMA journal_mode = WAL")
+            self._set_wal()
         db.execute("PRAGMA synchronous = FULL")
         if app_id not in (0, APPLICATION_ID):
             raise ValueError(f"RelationStore: {self.path!r} is an SQLite database of another "
@@ -152,6 +160,19 @@ class RelationStore:
         if app_id == 0:
             self._initialise()
         self._check_meta()
+
+    def _set_wal(self) -> str:
+        """Switch to WAL, retrying while another process holds the file: SQLite does not
+        apply the busy timeout to a journal-mode change (seen with two processes
+        creating one store at the same moment)."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                return self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _initialise(self) -> None:
         """Create the schema in an empty database (or find that another process did)."""
@@ -162,7 +183,7 @@ class RelationStore:
             self._refuse_foreign(db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
         if self.path is not None:
             # WAL must be set outside a transaction; it is persistent in the file.
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._set_wal()
             if mode.lower() != "wal":
                 raise ValueError(f"RelationStore: could not switch {self.path!r} to WAL mode "
                                  f"(got journal_mode={mode!r})")
