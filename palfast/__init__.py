@@ -15,4 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["PairGraph", "functional", "info_nce", "nn", "__version__"]
 
 # Active PAL and evaluation (faiss, scikit-learn and matplotlib are imported lazily).
-from . import active, metrics  # noqa: E402
+from . import active, metrics  # noqa: F401

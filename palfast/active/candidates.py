@@ -79,7 +79,7 @@ def _check_backend(op: str, backend) -> str:
 
 def _faiss_search(xn: torch.Tensor, k: int):
     import faiss
-    import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch tensors directly)
+    import faiss.contrib.torch_utils  # lets faiss take torch tensors directly (no copy)
 
     d = xn.shape[1]
     if xn.is_cuda and hasattr(faiss, "StandardGpuResources"):

@@ -330,20 +330,43 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     n_grow = budget - n_seed
     heap = [(int(asked[c]), members[c].numel(), c) for c in range(n_cls)]
     heapq.heapify(heap)
+    # link[c, i]: best similarity of row i to a member of class c; the predicted class
+    # of a row is its most linked class (1-NN over the known members).
+    link = (torch.stack([_max_sim(xn, m) for m in members]) if n_cls
+            else xn.new_zeros(0, n))
+    predicted = link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
+    free = ~in_class
+    # vote_share[o, c]: share of the members of class o whose most linked other class is c.
+    vote_share = torch.zeros(n_cls, n_cls)
+    if n_cls > 1:
+        for o in range(n_cls):
+            other = link[:, members[o]].clone()
+            other[o] = float("-inf")
+            vote_share[o] = torch.bincount(other.argmax(0), minlength=n_cls).float()
+            vote_share[o] /= members[o].numel()
     ranks: list = [None] * n_cls
     row_cur = [0] * n_cls
     cls_cur = [0] * n_cls
     while heap and len(sel.pairs) < n_grow:
         q, size, c = heapq.heappop(heap)
         if ranks[c] is None:
-            s = _max_sim(xn, members[c])
-            link = torch.stack([s[m].max() for m in members])
-            s[in_class] = float("-inf")
-            rows = torch.sort(-s, stable=True).indices[: int((~in_class).sum())]
-            link[c] = float("-inf")
-            others = torch.sort(-link, stable=True).indices[: n_cls - 1]
-            ranks[c] = (rows, p_alike(s[rows]), others,
-                        p_alike(link[others]) * torch.tensor([members[o].numel() for o in others]))
+            # Rows predicted to be in c, in random order (diverse samples of the class,
+            # not only the ones the embedding already puts next to a member), then the
+            # other free rows, most linked first.
+            mine = (free & (predicted == c)).nonzero().flatten()
+            mine = mine[torch.randperm(mine.numel(), generator=gen)]
+            rest = (free & (predicted != c)).nonzero().flatten()
+            rest = rest[torch.sort(-link[c, rest], stable=True).indices]
+            rows = torch.cat([mine, rest])
+            # Another class o is a merge candidate when the majority of its members are
+            # predicted to be in c (1-NN over the classes other than o); the vote share
+            # estimates P(o and c are one class).
+            others = (vote_share[:, c] >= 0.5).nonzero().flatten()
+            others = others[others != c]
+            others = others[torch.sort(-vote_share[others, c], stable=True).indices]
+            ranks[c] = (rows, p_alike(link[c, rows]), others,
+                        vote_share[others, c]
+                        * torch.tensor([members[o].numel() for o in others], dtype=torch.float))
         rows, row_gain, others, cls_gain = ranks[c]
         asked_one = False
         while not asked_one:
