@@ -22,10 +22,10 @@ Example::
 
     >>> import torch
     >>> from palfast.active import candidate_pairs
-    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.3, 0.7]])
     >>> pairs, sims = candidate_pairs(x, k=1, backend="torch")
-    >>> pairs.tolist()
-    [[2, 3], [0, 1]]
+    >>> pairs.tolist(), [round(s, 3) for s in sims.tolist()]
+    ([[0, 1], [2, 3]], [0.994, 0.919])
 """
 
 from __future__ import annotations

@@ -25,25 +25,31 @@ Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosin
     similarity while no positive and negative answers both exist. Candidates are
     the 3k-nearest-neighbour pairs, ordered by |similarity − t|.
 ``"pal"``
-    The PAL rule (Cabannes et al., ICCV 2023): grow the known classes by asking
-    about the samples the model predicts belong to them. A *class* is a
-    component of ≥ 2 rows (it has a known positive). Repeatedly take the
-    least-queried class C (fewest logged answers touching C, counting the
-    queries already selected in this call; ties: the smaller class) and ask
-    about its best remaining candidate. Candidates of C are the rows in no class
-    and the other classes not cannot-linked to C, ranked by single linkage (a
-    candidate's best cosine similarity to a member of C: the 1-NN prediction),
-    nearest first, each row used once per call. The next row and the next class
-    compete on the expected number of samples they would join to C,
-    P(alike | similarity) · size, where P is an isotonic (non-decreasing) fit of
-    the answers so far against the current similarities (P ≡ 1 before any
-    answer); so the question "are these two classes one?" (a merge, which links
-    |C|·|C'| pairs at once) is asked as soon as it is likely enough. The pair
-    asked is the closest members of the two sides (the easiest question for a
-    person). A share ``explore`` of the budget (all of it while no class exists)
-    seeds new classes: the row least similar to every class member and seed so
-    far (farthest-point), paired with its nearest neighbour. Budget left when
-    every row has been used goes to the most similar unknown pairs.
+    The PAL rule (Cabannes et al., ICCV 2023): grow the known classes with samples
+    predicted to belong to them. A *class* is a component of ≥ 2 rows (it has a
+    known positive). Repeatedly take the least-queried class C (fewest logged
+    answers touching C, counting the queries already selected in this call; ties:
+    the smaller class) and ask one question about its next candidate:
+
+    * a row predicted to be in C (its most similar known member is in C: 1-NN over
+      the known classes), in random order, then the other free rows, most similar
+      to C first; each row at most once per call;
+    * or another class C' whose members are mostly predicted to be in C (majority
+      of their 1-NN votes over the classes other than C'): a merge question, which
+      links |C|·|C'| pairs at once.
+
+    The row and the merge compete on the expected number of samples joined to C:
+    P(alike | similarity) for the row, an isotonic (non-decreasing) fit of the
+    answers so far against the current similarities (1 before any answer), and
+    vote share · |C'| for the merge. The pair asked is the two closest members of
+    the two sides (the easiest question for a person). Random order inside the
+    predicted class rather than nearest first: the nearest samples are answered
+    "alike" but teach the encoder little, they are already next to their class
+    (see docs/active.md for the measurement). A share ``explore`` of the budget
+    (all of it while no class exists) seeds new classes: the row least similar to
+    every known member and seed so far (farthest-point), paired with its nearest
+    neighbour. Budget left when every row has been used goes to the most similar
+    unknown pairs.
 
 Example::
 
