@@ -7,8 +7,8 @@ Example::
 
     >>> import torch
     >>> from palfast.metrics import rankme, knn_accuracy
-    >>> rankme(torch.eye(4))          # 4 equal singular values: rank 4
-    4.0...
+    >>> round(rankme(torch.eye(4)), 4)      # 4 equal singular values: rank 4
+    4.0
     >>> z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     >>> y = torch.tensor([0, 0, 1, 1])
     >>> knn_accuracy(z, y, z, y, k=1)

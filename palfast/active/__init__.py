@@ -7,5 +7,5 @@ from .oracle import CallbackOracle, LabelOracle, Oracle
 from .store import RelationStore
 from .strategies import STRATEGIES, select_queries
 
-__all__ = ["ActiveLearner", "CallbackOracle", "LabelOracle", "Oracle", "RelationStore", "STRATEGIES", "candidate_pairs", "knn",
-           "select_queries"]
+__all__ = ["STRATEGIES", "ActiveLearner", "CallbackOracle", "LabelOracle", "Oracle",
+           "RelationStore", "candidate_pairs", "knn", "select_queries"]

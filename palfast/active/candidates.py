@@ -22,10 +22,10 @@ Example::
 
     >>> import torch
     >>> from palfast.active import candidate_pairs
-    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.3, 0.7]])
     >>> pairs, sims = candidate_pairs(x, k=1, backend="torch")
-    >>> pairs.tolist()
-    [[2, 3], [0, 1]]
+    >>> pairs.tolist(), [round(s, 3) for s in sims.tolist()]
+    ([[0, 1], [2, 3]], [0.994, 0.919])
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _check_backend(op: str, backend) -> str:
 
 def _faiss_search(xn: torch.Tensor, k: int):
     import faiss
-    import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch tensors directly)
+    import faiss.contrib.torch_utils  # lets faiss take torch tensors directly (no copy)
 
     d = xn.shape[1]
     if xn.is_cuda and hasattr(faiss, "StandardGpuResources"):

@@ -29,7 +29,7 @@ import torch
 
 from .store import _as_pairs
 
-__all__ = ["Oracle", "LabelOracle", "CallbackOracle"]
+__all__ = ["CallbackOracle", "LabelOracle", "Oracle"]
 
 
 class Oracle:

@@ -234,7 +234,7 @@ class RelationStore:
         """Close the database. Everything recorded is already on disk."""
         self._db.close()
 
-    def __enter__(self) -> RelationStore:
+    def __enter__(self) -> RelationStore:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
@@ -255,10 +255,11 @@ class RelationStore:
         if a.dim() != 1 or a.shape[0] != p.shape[0]:
             raise ValueError(f"RelationStore.record: answers must be a [Q] vector with Q = "
                              f"{p.shape[0]} (one per pair), got shape {tuple(a.shape)}")
-        if a.numel() and a.dtype != torch.bool:
-            if a.dtype.is_floating_point or a.dtype.is_complex or not bool(((a == 0) | (a == 1)).all()):
-                raise TypeError(f"RelationStore.record: answers must be bool (or 0/1 integers), "
-                                f"got {a.dtype}")
+        if a.numel() and a.dtype != torch.bool and (
+                a.dtype.is_floating_point or a.dtype.is_complex
+                or not bool(((a == 0) | (a == 1)).all())):
+            raise TypeError(f"RelationStore.record: answers must be bool (or 0/1 integers), "
+                            f"got {a.dtype}")
         if not isinstance(source, str):
             raise TypeError(f"RelationStore.record: source must be a str, got {type(source).__name__}")
         if p.numel() and bool((p[:, 0] == p[:, 1]).any()):

@@ -25,25 +25,31 @@ Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosin
     similarity while no positive and negative answers both exist. Candidates are
     the 3k-nearest-neighbour pairs, ordered by |similarity − t|.
 ``"pal"``
-    The PAL rule (Cabannes et al., ICCV 2023): grow the known classes by asking
-    about the samples the model predicts belong to them. A *class* is a
-    component of ≥ 2 rows (it has a known positive). Repeatedly take the
-    least-queried class C (fewest logged answers touching C, counting the
-    queries already selected in this call; ties: the smaller class) and ask
-    about its best remaining candidate. Candidates of C are the rows in no class
-    and the other classes not cannot-linked to C, ranked by single linkage (a
-    candidate's best cosine similarity to a member of C: the 1-NN prediction),
-    nearest first, each row used once per call. The next row and the next class
-    compete on the expected number of samples they would join to C,
-    P(alike | similarity) · size, where P is an isotonic (non-decreasing) fit of
-    the answers so far against the current similarities (P ≡ 1 before any
-    answer); so the question "are these two classes one?" (a merge, which links
-    |C|·|C'| pairs at once) is asked as soon as it is likely enough. The pair
-    asked is the closest members of the two sides (the easiest question for a
-    person). A share ``explore`` of the budget (all of it while no class exists)
-    seeds new classes: the row least similar to every class member and seed so
-    far (farthest-point), paired with its nearest neighbour. Budget left when
-    every row has been used goes to the most similar unknown pairs.
+    The PAL rule (Cabannes et al., ICCV 2023): grow the known classes with samples
+    predicted to belong to them. A *class* is a component of ≥ 2 rows (it has a
+    known positive). Repeatedly take the least-queried class C (fewest logged
+    answers touching C, counting the queries already selected in this call; ties:
+    the smaller class) and ask one question about its next candidate:
+
+    * a row predicted to be in C (its most similar known member is in C: 1-NN over
+      the known classes), in random order, then the other free rows, most similar
+      to C first; each row at most once per call;
+    * or another class C' whose members are mostly predicted to be in C (majority
+      of their 1-NN votes over the classes other than C'): a merge question, which
+      links |C|·|C'| pairs at once.
+
+    The row and the merge compete on the expected number of samples joined to C:
+    P(alike | similarity) for the row, an isotonic (non-decreasing) fit of the
+    answers so far against the current similarities (1 before any answer), and
+    vote share · |C'| for the merge. The pair asked is the two closest members of
+    the two sides (the easiest question for a person). Random order inside the
+    predicted class rather than nearest first: the nearest samples are answered
+    "alike" but teach the encoder little, they are already next to their class
+    (see docs/active.md for the measurement). A share ``explore`` of the budget
+    (all of it while no class exists) seeds new classes: the row least similar to
+    every known member and seed so far (farthest-point), paired with its nearest
+    neighbour. Budget left when every row has been used goes to the most similar
+    unknown pairs.
 
 Example::
 
@@ -330,20 +336,43 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     n_grow = budget - n_seed
     heap = [(int(asked[c]), members[c].numel(), c) for c in range(n_cls)]
     heapq.heapify(heap)
+    # link[c, i]: best similarity of row i to a member of class c; the predicted class
+    # of a row is its most linked class (1-NN over the known members).
+    link = (torch.stack([_max_sim(xn, m) for m in members]) if n_cls
+            else xn.new_zeros(0, n))
+    predicted = link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
+    free = ~in_class
+    # vote_share[o, c]: share of the members of class o whose most linked other class is c.
+    vote_share = torch.zeros(n_cls, n_cls)
+    if n_cls > 1:
+        for o in range(n_cls):
+            other = link[:, members[o]].clone()
+            other[o] = float("-inf")
+            vote_share[o] = torch.bincount(other.argmax(0), minlength=n_cls).float()
+            vote_share[o] /= members[o].numel()
     ranks: list = [None] * n_cls
     row_cur = [0] * n_cls
     cls_cur = [0] * n_cls
     while heap and len(sel.pairs) < n_grow:
         q, size, c = heapq.heappop(heap)
         if ranks[c] is None:
-            s = _max_sim(xn, members[c])
-            link = torch.stack([s[m].max() for m in members])
-            s[in_class] = float("-inf")
-            rows = torch.sort(-s, stable=True).indices[: int((~in_class).sum())]
-            link[c] = float("-inf")
-            others = torch.sort(-link, stable=True).indices[: n_cls - 1]
-            ranks[c] = (rows, p_alike(s[rows]), others,
-                        p_alike(link[others]) * torch.tensor([members[o].numel() for o in others]))
+            # Rows predicted to be in c, in random order (diverse samples of the class,
+            # not only the ones the embedding already puts next to a member), then the
+            # other free rows, most linked first.
+            mine = (free & (predicted == c)).nonzero().flatten()
+            mine = mine[torch.randperm(mine.numel(), generator=gen)]
+            rest = (free & (predicted != c)).nonzero().flatten()
+            rest = rest[torch.sort(-link[c, rest], stable=True).indices]
+            rows = torch.cat([mine, rest])
+            # Another class o is a merge candidate when the majority of its members are
+            # predicted to be in c (1-NN over the classes other than o); the vote share
+            # estimates P(o and c are one class).
+            others = (vote_share[:, c] >= 0.5).nonzero().flatten()
+            others = others[others != c]
+            others = others[torch.sort(-vote_share[others, c], stable=True).indices]
+            ranks[c] = (rows, p_alike(link[c, rows]), others,
+                        vote_share[others, c]
+                        * torch.tensor([members[o].numel() for o in others], dtype=torch.float))
         rows, row_gain, others, cls_gain = ranks[c]
         asked_one = False
         while not asked_one:
