@@ -16,7 +16,9 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "palfast's compiled extension (palfast._C) could not be loaded: "
         f"{e}. Rebuild it against the installed torch with\n"
         "    pip install --no-build-isolation --force-reinstall --no-deps .\n"
-        "from a palfast checkout (see README.md, 'Build')."
+        "from a palfast checkout (see README.md, 'Build'). If palfast is installed and you are "
+        "running Python from inside a checkout, its palfast/ folder (which has no compiled "
+        "_C) shadows the installed package: run from another directory, or build in place."
     ) from e
 
 
