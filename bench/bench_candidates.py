@@ -30,24 +30,25 @@ def _torch_mm_topk(x: torch.Tensor, k: int):
     return torch.cat(out)
 
 
+def _inputs(N: int, device: str) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(N)
+    return torch.randn(N, D, device=device, generator=gen)
+
+
 def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     sizes = [4096] if quick else [8192, 65536]
     out = []
     for N in sizes:
-        def inputs(N=N):
-            gen = torch.Generator(device=device).manual_seed(N)
-            return torch.randn(N, D, device=device, generator=gen)
-
         def make_palfast(N=N):
             try:
                 import faiss  # noqa: F401
             except ImportError as e:
                 raise Skip("faiss is not installed") from e
-            x = inputs()
+            x = _inputs(N, device)
             return lambda: candidate_pairs(x, K, backend="faiss")
 
         def make_torch(N=N):
-            x = inputs()
+            x = _inputs(N, device)
             return lambda: _torch_mm_topk(x, K)
 
         out.append(Case("bench_candidates", f"candidate_pairs N={N} D={D} k={K}",
