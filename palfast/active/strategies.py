@@ -294,15 +294,6 @@ def _isotonic(s: torch.Tensor, y: torch.Tensor):
     return predict
 
 
-def _max_sim(xn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """max over r in rows of <xn[r], xn[i]> for every i, a block of rows at a time."""
-    out = torch.full((xn.shape[0],), float("-inf"))
-    block = max(1, (1 << 22) // xn.shape[0])
-    for start in range(0, rows.numel(), block):
-        out = torch.maximum(out, (xn[rows[start:start + block]] @ xn.T).max(0).values)
-    return out
-
-
 def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
          gen: torch.Generator) -> None:
     n = x.shape[0]
