@@ -75,6 +75,7 @@ def main() -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}  (world {world}, global batch {2 * shard * world} rows)")
 
+    dist.barrier()  # no rank tears gloo down while another still sends
     dist.destroy_process_group()
 
 

@@ -213,6 +213,9 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
         sim_coeff, std_coeff, cov_coeff: weights >= 0 of the three terms.
         eps: > 0, added to the variance under the square root.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+        gather: under torch.distributed (default: on when world size > 1) z holds
+            this rank's rows and ``graph`` is over the global batch; the global
+            loss is returned on every rank (see :func:`_global_rows`).
 
     Returns:
         A scalar in z's dtype, computed in float32 (float64 for float64 z).
@@ -266,6 +269,9 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
         lambd: λ >= 0, weight of the off-diagonal (redundancy) term.
         eps: > 0, BatchNorm's epsilon.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+        gather: under torch.distributed (default: on when world size > 1) z holds
+            this rank's rows and ``graph`` is over the global batch; the global
+            loss is returned on every rank (see :func:`_global_rows`).
 
     Returns:
         A scalar in z's dtype, computed in float32 (float64 for float64 z).
@@ -309,6 +315,9 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+        gather: under torch.distributed (default: on when world size > 1) z holds
+            this rank's rows and ``graph`` is over the global batch; the global
+            loss is returned on every rank (see :func:`_global_rows`).
 
     Returns:
         A scalar in z's dtype, computed in float32 (float64 for float64 z).
@@ -380,6 +389,9 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
         n_views: number of stacked view blocks in z (N must be a multiple, and each
             block must hold at least 2 images).
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
+        gather: under torch.distributed (default: on when world size > 1) z holds
+            this rank's rows and ``graph`` is over the global batch; the global
+            loss is returned on every rank (see :func:`_global_rows`).
 
     Returns:
         A scalar in z's dtype, computed in float32 (float64 for float64 z).

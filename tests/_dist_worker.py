@@ -4,7 +4,6 @@ can import it without the checkout's root (and its uncompiled palfast/) on sys.p
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,12 +11,6 @@ import torch.distributed as dist
 import palfast
 
 N_IN, D = 6, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphs(n):
@@ -48,9 +41,10 @@ def _run(model, x, graph, loss_fn):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def _worker(rank, world, port, counts, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, counts, out_dir):
+    # File rendezvous: no free-port probing, which can race with other sockets.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+                            rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         n = sum(counts)
@@ -65,5 +59,6 @@ def _worker(rank, world, port, counts, out_dir):
                 out[(gname, lname)] = _run(ddp, mine, g, fn)
         out["candidates"] = palfast.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still sends
     finally:
         dist.destroy_process_group()

@@ -18,10 +18,9 @@ def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
     # palfast/ has no compiled _C) off both, and import the worker from tests/.
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    from _dist_worker import N_IN, D, _free_port, _graphs, _losses, _run, _worker
+    from _dist_worker import N_IN, D, _graphs, _losses, _run, _worker
 
-    port = _free_port()
-    mp.spawn(_worker, args=(2, port, counts, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, counts, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     n = sum(counts)
