@@ -1,58 +1,12 @@
-"""candidate_pairs (k-NN by cosine similarity, FAISS IndexFlatIP) vs torch mm + topk.
+"""Run the candidates benchmarks: `python bench/bench_candidates.py [--quick] [--filter TEXT] ...`.
 
-The baseline is what a user writes without FAISS: normalise, then for blocks of
-4096 query rows take ``x_block @ x.T`` and ``topk(k + 1)``, self excluded (a
-full N×N matrix at N = 65536 would be 16 GiB). Both are exact (recall is checked
-in tests/test_active_candidates.py, not here). palfast's time includes making the
-unordered unique pairs, sorted by similarity.
+The same as `palfast bench --only candidates ...`; the cases live in
+palfast/benchmarks/bench_candidates.py (shipped in the wheel), results go to bench/results/.
 """
 
-from __future__ import annotations
+import sys
 
-import torch
-import torch.nn.functional as F
+from palfast.cli import main
 
-from palfast.active import candidate_pairs
-
-from .harness import Case, Skip
-
-D, K = 128, 10
-
-
-def _torch_mm_topk(x: torch.Tensor, k: int):
-    xn = F.normalize(x, dim=1)
-    out = []
-    for start in range(0, xn.shape[0], 4096):
-        s = xn[start:start + 4096] @ xn.T
-        rows = torch.arange(s.shape[0], device=s.device)
-        s[rows, rows + start] = float("-inf")
-        out.append(s.topk(k, dim=1).indices)
-    return torch.cat(out)
-
-
-def _inputs(N: int, device: str) -> torch.Tensor:
-    gen = torch.Generator(device=device).manual_seed(N)
-    return torch.randn(N, D, device=device, generator=gen)
-
-
-def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
-    sizes = [4096] if quick else [8192, 65536]
-    out = []
-    for N in sizes:
-        def make_palfast(N=N):
-            try:
-                import faiss  # noqa: F401
-            except ImportError as e:
-                raise Skip("faiss is not installed") from e
-            x = _inputs(N, device)
-            return lambda: candidate_pairs(x, K, backend="faiss")
-
-        def make_torch(N=N):
-            x = _inputs(N, device)
-            return lambda: _torch_mm_topk(x, K)
-
-        out.append(Case("bench_candidates", f"candidate_pairs N={N} D={D} k={K}",
-                        {"N": N, "D": D, "k": K}, {"palfast_faiss": make_palfast,
-                                                   "torch_mm_topk": make_torch},
-                        "torch_mm_topk", device))
-    return out
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--only", "candidates", "--out", "bench/results", *sys.argv[1:]]))

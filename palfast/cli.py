@@ -1,4 +1,4 @@
-"""The ``palfast`` command: ``palfast demo | bench | info`` (SPEC §6)."""
+"""The ``palfast`` command: ``palfast demo | bench | info`` (README.md)."""
 
 from __future__ import annotations
 
@@ -53,22 +53,10 @@ def _faiss_status() -> str:
     return f"{faiss.__version__} ({'GPU, ' + str(gpus) + ' device(s)' if gpus else 'CPU'})"
 
 
-def _bench_package():
-    """The benchmark modules: shipped in the wheel as palfast.benchmarks, or bench/ in a checkout."""
-    try:
-        return importlib.import_module("palfast.benchmarks.harness")
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if (root / "bench" / "harness.py").exists():
-            sys.path.insert(0, str(root))
-            return importlib.import_module("bench.harness")
-        raise
-
-
 def _bench(args) -> int:
     import torch
 
-    harness = _bench_package()
+    from palfast.benchmarks import harness
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +70,8 @@ def _bench(args) -> int:
     for m in set(modules) - set(available):
         print(f"palfast bench: skipping {m} (not present in this version)", file=sys.stderr)
     harness.run_cases(available, device=device, quick=args.quick, repeats=args.repeats,
-                      warmup=args.warmup, memory=not args.no_memory, out_dir=args.out)
+                      warmup=args.warmup, memory=not args.no_memory, out_dir=args.out,
+                      case_filter=args.filter)
     return 0
 
 
@@ -124,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and git SHA.")
     bench.add_argument("--only", nargs="+", metavar="OP",
                        help="benchmarks to run: info_nce, covariance, candidates (default: all)")
+    bench.add_argument("--filter", metavar="TEXT",
+                       help="only the cases whose name contains TEXT (e.g. vicreg, N=8192)")
     bench.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     bench.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
     bench.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")

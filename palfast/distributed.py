@@ -1,4 +1,4 @@
-"""torch.distributed support for the losses (SPEC §3.6).
+"""torch.distributed support for the losses (docs/distributed.md).
 
 Each rank passes its local rows ``z [n_r, D]`` and a graph over the **global**
 batch: rank r's rows are global rows ``offset_r .. offset_r + n_r`` with
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_rows", "all_reduce_sum", "candidate_pairs", "global_value", "is_distributed"]
+__all__ = ["all_gather_rows", "all_reduce_sum", "gather_rows_no_grad", "global_value", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -78,6 +78,12 @@ def all_gather_rows(z: torch.Tensor, n_global: int) -> tuple[torch.Tensor, int, 
     return _AllGatherRows.apply(z, counts), begin, begin + z.shape[0]
 
 
+def gather_rows_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x``, concatenated in rank order, without gradient."""
+    with torch.no_grad():
+        return _AllGatherRows.apply(x.detach(), _row_counts(x.shape[0], x.device))
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -107,45 +113,3 @@ def global_value(local_part: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(total)
     scaled = world * local_part
     return scaled + (total - scaled).detach()
-
-
-def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backend: str = "auto",
-                    src: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`palfast.active.candidate_pairs` over all ranks' rows, computed on rank ``src``.
-
-    Every rank passes its local embeddings ``[n_r, D]``; they are gathered
-    without gradient in rank order (global sample id = row of the concatenation),
-    the k-NN search runs once on rank ``src`` (FAISS there, on its GPU when it has
-    one) and the resulting ``(pairs [P, 2], sims [P])`` are broadcast, so every
-    rank returns the same tensors. Only rank ``src`` needs the
-    :class:`~palfast.active.RelationStore` (pass ``store=None`` elsewhere): keep
-    one writer, and record the oracle's answers there.
-
-    Example (inside a torchrun script)::
-
-        pairs, sims = palfast.distributed.candidate_pairs(
-            model(x_local).detach(), k=10, store=store if rank == 0 else None)
-    """
-    from .active import candidate_pairs as local_candidate_pairs
-
-    if not is_distributed():
-        return local_candidate_pairs(embeddings, k, store=store, backend=backend)
-    if embeddings.dim() != 2:
-        raise ValueError(f"palfast.distributed.candidate_pairs: embeddings must be [n, D], got "
-                         f"shape {tuple(embeddings.shape)}")
-    device = embeddings.device
-    with torch.no_grad():
-        counts = _row_counts(embeddings.shape[0], device)
-        everything = _AllGatherRows.apply(embeddings.detach(), counts)
-    size = torch.zeros(1, dtype=torch.long, device=device)
-    if dist.get_rank() == src:
-        pairs, sims = local_candidate_pairs(everything, k, store=store, backend=backend)
-        pairs, sims = pairs.to(device), sims.to(device=device, dtype=torch.float32)
-        size[0] = pairs.shape[0]
-    dist.broadcast(size, src)
-    if dist.get_rank() != src:
-        pairs = torch.empty(int(size), 2, dtype=torch.long, device=device)
-        sims = torch.empty(int(size), dtype=torch.float32, device=device)
-    dist.broadcast(pairs, src)
-    dist.broadcast(sims, src)
-    return pairs.cpu(), sims.cpu()

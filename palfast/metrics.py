@@ -1,4 +1,4 @@
-"""Evaluation of representations (SPEC §5): RankMe, k-NN accuracy, linear probe.
+"""Evaluation of representations (README.md): RankMe, k-NN accuracy, linear probe.
 
 All three take embeddings as tensors (any float dtype, any device; they are
 evaluated in float64/float32 on the CPU, outside autograd) and return Python floats.
@@ -18,7 +18,9 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ._checks import check_int
+from .knn import knn
 
 __all__ = ["knn_accuracy", "linear_probe_accuracy", "rankme"]
 
@@ -91,33 +93,19 @@ def knn_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, k
     correctly."""
     op = "palfast.metrics.knn_accuracy"
     train_z, train_y, test_z, test_y = _check_pair(op, train_z, train_y, test_z, test_y)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{op}: k must be an int >= 1, got {k!r}")
-    if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"{op}: backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
-    k = min(k, train_z.shape[0])
-    a = F.normalize(train_z.cpu().float(), dim=1).contiguous()
-    b = F.normalize(test_z.cpu().float(), dim=1).contiguous()
-    nbrs = None
-    if backend != "torch":
-        try:
-            import faiss
-        except ImportError:
-            if backend == "faiss":
-                raise ImportError(f"{op}: backend='faiss' needs the faiss package") from None
-        else:
-            index = faiss.IndexFlatIP(a.shape[1])
-            index.add(a.numpy())
-            nbrs = torch.from_numpy(index.search(b.numpy(), k)[1]).long()
-    if nbrs is None:
-        nbrs = torch.cat([(blk @ a.T).topk(k, dim=1).indices for blk in b.split(4096)])
-    votes = train_y[nbrs]  # [M, k], best neighbour first
-    n_cls = int(train_y.max()) + 1
+    k = min(check_int(op, "k", k, 1), train_z.shape[0])
+    _, nbrs = knn(test_z, k, keys=train_z, backend=backend, op=op)
+    nbrs = nbrs.cpu()
+    # Class ids may be any int64 (10**9, say): vote over dense indices of the
+    # classes present, so memory follows the number of classes, not the largest id.
+    classes, dense_y = torch.unique(train_y, return_inverse=True)
+    votes = dense_y[nbrs]  # [M, k], best neighbour first
+    n_cls = classes.numel()
     counts = torch.zeros(votes.shape[0], n_cls).scatter_add_(1, votes, torch.ones(votes.shape))
     # Tie-break: among classes with the most votes, the one with the best-ranked neighbour.
     first = torch.full((votes.shape[0], n_cls), float(k))
     first.scatter_reduce_(1, votes, torch.arange(k).float().expand_as(votes).contiguous(), "amin")
-    pred = (counts * (k + 1) - first).argmax(1)
+    pred = classes[(counts * (k + 1) - first).argmax(1)]
     return float((pred == test_y).float().mean())
 
 

@@ -57,7 +57,7 @@ def _worker(rank, world, counts, out_dir):
         for gname, g in _graphs(n).items():
             for lname, fn in _losses().items():
                 out[(gname, lname)] = _run(ddp, mine, g, fn)
-        out["candidates"] = palfast.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
+        out["candidates"] = palfast.active.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still sends
     finally:

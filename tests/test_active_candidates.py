@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from palfast.active import RelationStore, candidate_pairs, knn
-from palfast.active import candidates as cand_mod
+from palfast import knn as knn_mod
 
 try:
     import faiss  # noqa: F401
@@ -74,7 +74,7 @@ def test_faiss_and_torch_agree():
 def test_torch_backend_in_small_blocks(monkeypatch):
     x = torch.randn(97, 6)
     expected = candidate_pairs(x, 3, backend="torch")
-    monkeypatch.setattr(cand_mod, "_MAX_BLOCK", 97 * 5)  # 5 rows per block
+    monkeypatch.setattr(knn_mod, "MAX_BLOCK", 97 * 5)  # 5 rows per block
     got = candidate_pairs(x, 3, backend="torch")
     assert torch.equal(got[0], expected[0]) and torch.allclose(got[1], expected[1])
 

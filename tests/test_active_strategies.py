@@ -144,11 +144,11 @@ def test_pal_finds_more_positives_than_random():
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"strategy": "greedy"}, ValueError, "strategy must be one of"),
-    ({"budget": -1}, ValueError, "budget must be an int >= 0"),
-    ({"budget": 2.5}, ValueError, "budget must be an int >= 0"),
+    ({"budget": -1}, ValueError, "budget must satisfy 0 <= budget, got -1"),
+    ({"budget": 2.5}, TypeError, "budget must be an int, got 2.5"),
     ({"store": {}}, TypeError, "store must be a palfast.active.RelationStore"),
-    ({"k": 0}, ValueError, "k must be an int >= 1"),
-    ({"explore": 1.5}, ValueError, "explore must be a number in \\[0, 1\\]"),
+    ({"k": 0}, ValueError, "k must satisfy 1 <= k, got 0"),
+    ({"explore": 1.5}, ValueError, "explore must be <= 1.0, got 1.5"),
     ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
     ({"embeddings": torch.full((5, 3), float("nan"))}, ValueError, "embeddings must be finite"),

@@ -121,7 +121,7 @@ def test_bad_input(fn):
 
 def test_bad_options():
     z, y = separable(12)
-    with pytest.raises(ValueError, match="k must be an int >= 1"):
+    with pytest.raises(ValueError, match="k must satisfy 1 <= k, got 0"):
         knn_accuracy(z, y, z, y, k=0)
     with pytest.raises(ValueError, match="backend must be"):
         knn_accuracy(z, y, z, y, backend="hnsw")

@@ -1,11 +1,14 @@
-"""Active PAL (SPEC §4): the answer store, oracles, candidate pairs, query strategies
-and the active learning loop."""
+"""Active PAL (docs/active.md): the answer store, oracles, candidate pairs, query
+strategies and the active learning loop; ``palfast.active.distributed`` runs the
+candidate search over the ranks of a torch.distributed job."""
 
-from .candidates import candidate_pairs, knn
+from ..knn import knn
+from . import distributed
+from .candidates import candidate_pairs
 from .learner import ActiveLearner
 from .oracle import CallbackOracle, LabelOracle, Oracle
 from .store import RelationStore
 from .strategies import STRATEGIES, select_queries
 
 __all__ = ["STRATEGIES", "ActiveLearner", "CallbackOracle", "LabelOracle", "Oracle",
-           "RelationStore", "candidate_pairs", "knn", "select_queries"]
+           "RelationStore", "candidate_pairs", "distributed", "knn", "select_queries"]

@@ -70,7 +70,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .candidates import _check_backend, _check_embeddings, _check_ids, candidate_pairs
+from .._checks import check_choice, check_int, check_number, check_tensor
+from ..knn import resolve_backend
+from .candidates import candidate_pairs, check_ids
 from .store import RelationStore
 
 __all__ = ["STRATEGIES", "select_queries"]
@@ -135,25 +137,19 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     Returns:
         LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
     """
-    x = _check_embeddings(_OP, embeddings)
+    x = check_tensor(_OP, "embeddings", embeddings, min_rows=2, finite=True)
     n = x.shape[0]
-    if n < 2:
-        raise ValueError(f"{_OP}: embeddings must have at least 2 rows, got {n}")
     if not isinstance(store, RelationStore):
         raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, "
                         f"got {type(store).__name__}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"{_OP}: budget must be an int >= 0, got {budget!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{_OP}: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{_OP}: k must be an int >= 1, got {k!r}")
-    if isinstance(explore, bool) or not isinstance(explore, (int, float)) or not 0 <= explore <= 1:
-        raise ValueError(f"{_OP}: explore must be a number in [0, 1], got {explore!r}")
+    budget = check_int(_OP, "budget", budget, 0)
+    check_choice(_OP, "strategy", strategy, STRATEGIES)
+    k = check_int(_OP, "k", k, 1)
+    explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{_OP}: generator must be a torch.Generator, got {type(generator).__name__}")
-    backend = _check_backend(_OP, backend)
-    row_ids = _check_ids(_OP, ids, n)
+    backend = resolve_backend(_OP, backend)
+    row_ids = check_ids(_OP, ids, n)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     k = min(k, n - 1)

@@ -1,6 +1,6 @@
-"""One benchmark harness for every op (SPEC §7, STYLE §10).
+"""One benchmark harness for every op (bench/README.md).
 
-A benchmark module ``bench/bench_<op>.py`` exposes ``cases(quick, device) ->
+A benchmark module ``palfast/benchmarks/bench_<op>.py`` exposes ``cases(quick, device) ->
 list[Case]``. A :class:`Case` names a set of implementations of one workload
 (palfast and its baselines) and how to build each one; this harness
 
@@ -155,14 +155,11 @@ def _peak_cpu_subprocess(case: Case, label: str, quick: bool, timeout: float) ->
     # A fixed mmap threshold makes glibc return every large block to the OS when
     # it is freed, so the warm-up run's memory does not hide the measured run's.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    if __package__ == "bench":  # running from a checkout: make `bench` importable there too
-        env["PYTHONPATH"] = str(Path(__file__).parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     # From a checkout, `-m` would import the source tree's palfast (no compiled _C)
-    # ahead of the installed one: run installed benchmarks from a neutral cwd.
-    cwd = None if __package__ == "bench" else tempfile.gettempdir()
+    # ahead of the installed one: run the subprocess from a neutral cwd.
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                             cwd=cwd)
+                             cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return {"status": "skipped: peak-memory run timed out"}
     if out.returncode != 0:
@@ -199,13 +196,17 @@ def _find_case(module: str, name: str, quick: bool, device: str) -> Case:
 
 def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, repeats: int = 5,
               warmup: int = 1, min_time: float = 0.0, memory: bool = True, out_dir: str | None = None,
-              peak_timeout: float = 600.0, progress: Callable[[str], None] = print) -> dict:
-    """Run every case of ``modules``, print a table, write JSON + CSV into ``out_dir``."""
+              peak_timeout: float = 600.0, progress: Callable[[str], None] = print,
+              case_filter: str | None = None) -> dict:
+    """Run every case of ``modules`` (those whose name contains ``case_filter``, when
+    given), print a table, write JSON + CSV into ``out_dir``."""
     env = environment()
     env["device"] = device
     rows = []
     for module in modules:
         for case in _import_module(module).cases(quick=quick, device=device):
+            if case_filter and case_filter not in case.name:
+                continue
             progress(f"[{module}] {case.name} ...")
             timing = _time_impls(case, repeats, warmup, min_time)
             base = timing.get(case.baseline, {}).get("median_s")

@@ -1,0 +1,75 @@
+"""Argument checks shared by every public function (the bottom layer, beside _ops).
+
+Each check names the function and the argument and says what was expected and
+what was given: ``"<op>: <name> must be ..., got ..."``. Python's truthiness is
+never trusted: ``normalize='no'`` is an error, not ``True``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_tensor"]
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    """``value`` as a bool; only ``True``/``False`` (Python or NumPy) are accepted."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_int(op: str, name: str, value, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """An integer (Python or NumPy, never a bool or a float) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        lo = "" if minimum is None else f"{minimum} <= "
+        hi = "" if maximum is None else f" <= {maximum}"
+        raise ValueError(f"{op}: {name} must satisfy {lo}{name}{hi}, got {value}")
+    return value
+
+
+def check_number(op: str, name: str, value, minimum: float | None = None, *,
+                 strict: bool = False, maximum: float | None = None) -> float:
+    """A finite real number ≥ minimum (> minimum when ``strict``) and ≤ maximum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be a finite number, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{op}: {name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{op}: {name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_choice(op: str, name: str, value, choices: tuple):
+    """One of ``choices`` (compared with ==, so strings only match strings)."""
+    if not isinstance(value, str | int) or isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = True,
+                 finite: bool = False) -> torch.Tensor:
+    """A 2-D tensor ``[N, D]`` with N ≥ min_rows and D ≥ 1 (floating point unless told)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: {name} must be a 2-D tensor [N, D], got shape {tuple(x.shape)}")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    if x.shape[0] < min_rows or x.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have at least {min_rows} rows and D >= 1 columns, "
+                         f"got shape {tuple(x.shape)}")
+    if finite and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise ValueError(f"{op}: {name} must be finite, got {bad} rows with NaN or Inf")
+    return x

@@ -1,0 +1,1 @@
+"""The benchmark cases of `palfast bench`, one module per op, sharing harness.py (bench/README.md)."""
