@@ -75,8 +75,10 @@ def main() -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}  (world {world}, global batch {2 * shard * world} rows)")
 
-    dist.barrier()  # no rank tears gloo down while another still sends
-    dist.destroy_process_group()
+    # End every rank without interpreter finalization: on gloo, a collective made
+    # inside backward() can abort the process at exit otherwise (the docstring of
+    # palfast.distributed.exit_process and docs/distributed.md explain why).
+    palfast.distributed.exit_process(0)
 
 
 if __name__ == "__main__":

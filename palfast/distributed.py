@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_rows", "all_reduce_sum", "gather_rows_no_grad", "global_value", "is_distributed"]
+__all__ = ["all_gather_rows", "all_reduce_sum", "exit_process", "gather_rows_no_grad", "global_value",
+           "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -113,3 +114,32 @@ def global_value(local_part: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(total)
     scaled = world * local_part
     return scaled + (total - scaled).detach()
+
+
+def exit_process(code: int = 0) -> None:
+    """End this rank now, without the abort that gloo can hit at interpreter exit.
+
+    Waits for every rank (a barrier), destroys the process group, flushes stdout
+    and stderr and calls ``os._exit(code)``. Call it last, once results are
+    saved: atexit handlers and ``finally`` blocks do not run after it.
+
+    Why: a gloo process group has no shutdown, so its worker threads outlive
+    ``destroy_process_group()``. A collective issued inside ``backward()`` (DDP's
+    bucket all-reduce, palfast's all-gather backward) captures the caller's
+    thread-local state, which holds Python objects; when the last reference to
+    that work is dropped on a gloo thread while the main thread is in
+    ``Py_FinalizeEx``, the decref waits for the GIL, CPython ends the thread with
+    a forced unwind, and the unwind through a ``noexcept`` destructor calls
+    ``std::terminate`` ("terminate called without an active exception", SIGABRT).
+    Plain DDP on gloo without palfast aborts the same way; ``os._exit`` skips
+    interpreter finalization, so nothing can race with it (docs/distributed.md).
+    """
+    import os
+    import sys
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still sends
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -45,20 +45,20 @@ def _worker(rank, world, counts, out_dir):
     # File rendezvous: no free-port probing, which can race with other sockets.
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
                             rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        n = sum(counts)
-        x = torch.randn(n, N_IN, dtype=torch.float64)
-        model = torch.nn.Linear(N_IN, D).double()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        begin = sum(counts[:rank])
-        mine = x[begin: begin + counts[rank]]
-        out = {}
-        for gname, g in _graphs(n).items():
-            for lname, fn in _losses().items():
-                out[(gname, lname)] = _run(ddp, mine, g, fn)
-        out["candidates"] = palfast.active.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while another still sends
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    n = sum(counts)
+    x = torch.randn(n, N_IN, dtype=torch.float64)
+    model = torch.nn.Linear(N_IN, D).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    begin = sum(counts[:rank])
+    mine = x[begin: begin + counts[rank]]
+    out = {}
+    for gname, g in _graphs(n).items():
+        for lname, fn in _losses().items():
+            out[(gname, lname)] = _run(ddp, mine, g, fn)
+    out["candidates"] = palfast.active.distributed.candidate_pairs(mine * 3.0, k=4, backend="torch")
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Results are saved: end without interpreter finalization, which can abort
+    # a gloo process (see palfast.distributed.exit_process). An exception above
+    # propagates normally, so a failing rank still reports its traceback.
+    palfast.distributed.exit_process(0)
