@@ -623,7 +623,10 @@ def test_bit_flips_never_change_the_log_silently(tmp_path):
         try:
             with RelationStore(trial_path) as s:
                 got_pairs, got_answers = s.answers()
-        except (StoreError, ValueError) as e:   # StoreCorruptError is both
+        except (StoreError, ValueError) as e:
+            # A palfast error (StoreCorruptError, or ValueError "not a RelationStore"),
+            # never a raw one (UnicodeDecodeError is a ValueError too).
+            assert type(e) in (StoreCorruptError, StoreError, ValueError), repr(e)
             outcome[type(e).__name__] += 1
             continue
         if torch.equal(got_pairs, ref_pairs) and torch.equal(got_answers, ref_answers):

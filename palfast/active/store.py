@@ -210,7 +210,8 @@ def _sqlite_error(where: str, path: str | None, e: sqlite3.Error, *, readonly: b
                           f"that its directory exists and that the file and the directory can "
                           f"be {'read' if readonly else 'read and written'} "
                           f"(SQLite says: {msg})")
-    if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+    if opening or (isinstance(e, sqlite3.DatabaseError)
+                   and not isinstance(e, sqlite3.OperationalError)):
         what = ("is not a palfast RelationStore, or is damaged" if opening else "is damaged")
         return StoreCorruptError(f"{where}: {shown} {what} (SQLite says: {msg}). If it is a "
                                  f"store, RelationStore.salvage(path, new_path) copies the rows "
@@ -290,6 +291,12 @@ class RelationStore:
             if isinstance(e, sqlite3.Error):
                 raise _sqlite_error("RelationStore", self.path, e, readonly=self.readonly,
                                     opening=True) from e
+            if isinstance(e, UnicodeDecodeError):  # SQLite's message quotes damaged bytes
+                raise StoreCorruptError(
+                    f"RelationStore: {self.path!r} is not a palfast RelationStore, or is "
+                    f"damaged (SQLite's error message is not valid text: {e}). If it is a "
+                    f"store, RelationStore.salvage(path, new_path) copies the rows that "
+                    f"still verify") from e
             raise
 
     # ------------------------------------------------------------------ SQLite
@@ -339,6 +346,12 @@ class RelationStore:
         if self.path is not None and app_id == APPLICATION_ID:
             self._set_wal()
         db.execute("PRAGMA synchronous = FULL")
+        if app_id not in (0, APPLICATION_ID) and bin(app_id ^ APPLICATION_ID).count("1") == 1:
+            raise StoreCorruptError(f"RelationStore: {self.path!r} has application_id "
+                                    f"{app_id:#x}, one bit away from palfast's "
+                                    f"{APPLICATION_ID:#x}: a damaged store? "
+                                    f"RelationStore.salvage(path, new_path) copies the rows "
+                                    f"that still verify")
         if app_id not in (0, APPLICATION_ID):
             raise ValueError(f"RelationStore: {self.path!r} is an SQLite database of another "
                              f"application (application_id {app_id:#x}, expected "
