@@ -130,6 +130,10 @@ def test_contradictions_are_logged_not_applied():
     pairs, answers = s.answers()
     assert pairs.tolist() == [[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]
     assert answers.tolist() == [True, True, False, False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContradictionWarning)
+        s.record(torch.tensor([[0, 1], [2, 3], [5, 6]]), torch.tensor([True, False, True]))
+    assert s.n_conflicts == 2 and s.n_queries == 8  # repeats and new facts: no warning
 
 
 # -------------------------------------------------------------------- graph

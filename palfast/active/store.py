@@ -614,7 +614,7 @@ class RelationStore:
         return len(rows)
 
     def _apply(self, rows) -> None:
-        for seq, i, j, ans, _, _ in rows:
+        for _, i, j, ans, _, _ in rows:
             self._log_i.append(i)
             self._log_j.append(j)
             self._log_a.append(ans)
