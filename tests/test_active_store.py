@@ -587,6 +587,25 @@ def test_edited_row_fails_its_checksum(tmp_path):
     _tamper(path, "UPDATE answers SET answer = 0 WHERE id = 3")
     with pytest.raises(StoreCorruptError, match="row id=3 fails its check: its checksum"):
         RelationStore(path)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report.kept == 4 and report.dropped[0][0] == 3 and report.unverified == []
+
+
+def test_salvage_keeps_valid_rows_without_checksum(tmp_path):
+    """A schema-1 palfast still running after a migration writes rows without a crc:
+    the store refuses to open, salvage keeps them and says they were unverified."""
+    path = tmp_path / "migrated.sqlite"
+    _v1_store(path, [(0, 1, 1, 1.5, "oracle")])
+    RelationStore(path).close()                                        # migrated to schema 2
+    _tamper(path, "INSERT INTO answers (i, j, answer, time, source) VALUES (1, 2, 1, 2.0, 'v1')")
+    with pytest.raises(StoreCorruptError, match="row id=2 fails its check: checksum is None"):
+        RelationStore(path)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report == (2, [], [2])
+    with RelationStore(tmp_path / "saved.sqlite") as s:
+        assert s.same(0, 2) is True
+    with pytest.raises(ValueError, match="already exists"):
+        RelationStore.salvage(path, tmp_path / "saved.sqlite")
 
 
 @pytest.mark.parametrize("row, match", [(5, "ends at row id=4 but SQLite handed out ids up to 5"),

@@ -131,10 +131,13 @@ class ContradictionWarning(UserWarning):
 
 
 class SalvageReport(NamedTuple):
-    """What :meth:`RelationStore.salvage` copied: ``kept`` rows, and ``dropped`` as
-    ``(row id, reason)`` for each row that could not be read or verified."""
+    """What :meth:`RelationStore.salvage` copied: ``kept`` rows; ``dropped`` as
+    ``(row id, reason)`` for each row that could not be read or verified; ``unverified``:
+    ids of kept rows that had no checksum (valid values, written by a schema-1 palfast
+    after the store was migrated)."""
     kept: int
     dropped: list
+    unverified: list
 
 
 def row_crc(seq: int, i: int, j: int, answer: int, t: float, source: bytes) -> int:
@@ -900,16 +903,18 @@ class RelationStore:
     def salvage(cls, src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
         """Copy every row of a damaged store ``src`` that still verifies (values and
         checksum) into a new store ``dst``, in log order, keeping each answer's pair,
-        time and source. ``src`` is only read. Returns :class:`SalvageReport` with the
-        rows kept and, for each row dropped, its id and why. Check the report: the
-        dropped answers may need to be asked again."""
+        time and source (row ids are renumbered 1, 2, …). ``src`` is only read. Rows
+        without a checksum but with valid values (written by an older palfast after a
+        migration) are kept and listed as ``unverified``. Returns :class:`SalvageReport`
+        with the rows kept and, for each row dropped, its id and why. Check the report:
+        the dropped answers may need to be asked again."""
         where = "RelationStore.salvage"
         src, dst = os.fspath(src), os.fspath(dst)
         if os.path.exists(dst):
             raise ValueError(f"{where}: {dst!r} already exists; choose a new path")
         if not os.path.isfile(src):
             raise StoreError(f"{where}: {src!r} does not exist")
-        kept, dropped = [], []
+        kept, dropped, unverified = [], [], []
         try:
             db = _connect_ro(src, 5.0)
         except sqlite3.Error as e:
@@ -946,7 +951,9 @@ class RelationStore:
                 if scanned and isinstance(row[0], int) and row[0] > last + 1:
                     dropped.append((last + 1, f"missing (ids {last + 1}..{row[0] - 1})"))
                 try:
-                    kept.append(_check_row(row, version))
+                    kept.append(_check_row(row, version if row[6] is not None else 1))
+                    if version >= 2 and row[6] is None:
+                        unverified.append(row[0])
                 except ValueError as e:
                     dropped.append((row[0], str(e)))
                 last = row[0] if isinstance(row[0], int) else last
@@ -965,7 +972,7 @@ class RelationStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return SalvageReport(len(kept), dropped)
+        return SalvageReport(len(kept), dropped, unverified)
 
     def __repr__(self) -> str:
         n_comp = sum(1 for d, p in enumerate(self._parent) if p == d and self._size[d] > 1)
