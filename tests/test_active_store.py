@@ -747,3 +747,14 @@ def test_backup_copies_the_wal_content(tmp_path):
     mem.backup(tmp_path / "from_memory.sqlite")
     with RelationStore(tmp_path / "from_memory.sqlite") as b:
         assert b.same(3, 10**10) is False
+
+
+def test_readonly_path_with_uri_characters(tmp_path):
+    folder = tmp_path / "a?b#c%20d"
+    folder.mkdir()
+    path = folder / "s%3f.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1]], [True])
+    with RelationStore(path, readonly=True) as s:
+        assert s.same(0, 1) is True
+    assert sorted(os.listdir(folder))[0] == "s%3f.sqlite"

@@ -222,19 +222,25 @@ def _sqlite_error(where: str, path: str | None, e: sqlite3.Error, *, readonly: b
     return StoreError(f"{where}: SQLite failed on {shown}: {msg}")
 
 
+def _uri(path: str) -> str:
+    return "file:" + "".join({"%": "%25", "?": "%3f", "#": "%23"}.get(c, c)
+                             for c in os.path.abspath(path))
+
+
 def _connect_ro(path: str, timeout: float) -> sqlite3.Connection:
     """Open ``path`` with SQLite's ``mode=ro``: the database file is never written."""
-    uri = "file:" + os.path.abspath(path).replace("?", "%3f").replace("#", "%23")
     kw = dict(timeout=timeout, isolation_level=None, check_same_thread=False, uri=True)
-    db = sqlite3.connect(uri + "?mode=ro", **kw)
+    db = sqlite3.connect(_uri(path) + "?mode=ro", **kw)
     try:
         db.execute("PRAGMA schema_version").fetchone()
         return db
     except sqlite3.OperationalError:
+        db.close()
+        if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise
         # A WAL store in a read-only directory without its -shm file: SQLite can only
         # read it as immutable (it then ignores a -wal file; no writer can be using it).
-        db.close()
-        return sqlite3.connect(uri + "?mode=ro&immutable=1", **kw)
+        return sqlite3.connect(_uri(path) + "?mode=ro&immutable=1", **kw)
 
 
 class RelationStore:
