@@ -487,6 +487,7 @@ def test_closed_store_is_a_clear_error(tmp_path):
         with pytest.raises(StoreError, match="is closed"):
             call()
     assert s.same(0, 1) is True  # the loaded relation still answers
+    assert palfast.active.StoreError is StoreError and issubclass(StoreCorruptError, ValueError)
 
 
 def test_lock_held_too_long_is_a_clear_error(tmp_path):
