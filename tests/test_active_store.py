@@ -738,6 +738,7 @@ def test_backup_copies_the_wal_content(tmp_path):
     with RelationStore(tmp_path / "naive.sqlite") as naive:
         assert naive.n_queries < 2
     s.backup(tmp_path / "backup.sqlite")
+    assert not os.path.exists(tmp_path / "backup.sqlite-wal")  # one self-contained file
     with pytest.raises(ValueError, match="already exists"):
         s.backup(tmp_path / "backup.sqlite")
     s.close()

@@ -904,6 +904,11 @@ class RelationStore:
             if copy.n_queries < self.n_queries:
                 raise StoreError(f"{where}: the copy {dst!r} holds {copy.n_queries} answers, "
                                  f"fewer than this store's {self.n_queries}")
+        # The read-only check may leave an empty -wal and its -shm: the copy is one file.
+        if os.path.exists(dst + "-wal") and os.path.getsize(dst + "-wal") == 0:
+            for side in (dst + "-wal", dst + "-shm"):
+                if os.path.exists(side):
+                    os.remove(side)
 
     @classmethod
     def salvage(cls, src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
