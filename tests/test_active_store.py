@@ -1,20 +1,32 @@
 """RelationStore: transitive closure, cannot-link propagation, graphs, durability
 (a real SIGKILL), concurrent writers, foreign/corrupt files, bad input."""
 
+import collections
+import math
 import os
+import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
 
 import palfast
 from palfast.active import RelationStore
-from palfast.active.store import APPLICATION_ID
+from palfast.active.store import (
+    APPLICATION_ID,
+    MAX_IMPLICIT_IDS,
+    ContradictionWarning,
+    StoreCorruptError,
+    StoreError,
+    row_crc,
+)
 
 
 # --------------------------------------------------------------- reference
@@ -90,6 +102,7 @@ def test_cannot_link_propagates_through_components_and_merges():
     assert s.known_mask(torch.tensor([[4, 5], [4, 1], [4, 6]])).tolist() == [True, True, False]
 
 
+@pytest.mark.filterwarnings("ignore::palfast.active.store.ContradictionWarning")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("noise", [0.0, 0.2])
 def test_relation_matches_brute_force_closure(seed, noise):
@@ -106,13 +119,21 @@ def test_relation_matches_brute_force_closure(seed, noise):
 
 def test_contradictions_are_logged_not_applied():
     s = RelationStore()
-    s.record(torch.tensor([[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]),
-             torch.tensor([True, True, False, False, True]))
+    with pytest.warns(ContradictionWarning, match="2 of 5 answers contradict"):
+        s.record(torch.tensor([[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]),
+                 torch.tensor([True, True, False, False, True]))
     assert s.n_queries == 5 and s.n_conflicts == 2
+    pos, cpairs, canswers = s.contradictions()
+    assert pos.tolist() == [2, 4] and cpairs.tolist() == [[0, 2], [3, 0]]
+    assert canswers.tolist() == [False, True]
     assert s.same(0, 2) is True and s.same(0, 3) is False
     pairs, answers = s.answers()
     assert pairs.tolist() == [[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]
     assert answers.tolist() == [True, True, False, False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContradictionWarning)
+        s.record(torch.tensor([[0, 1], [2, 3], [5, 6]]), torch.tensor([True, False, True]))
+    assert s.n_conflicts == 2 and s.n_queries == 8  # repeats and new facts: no warning
 
 
 # -------------------------------------------------------------------- graph
@@ -349,6 +370,14 @@ def test_other_bad_input(tmp_path):
         RelationStore(timeout=-1)
 
 
+@pytest.mark.parametrize("timeout, exc", [(math.nan, ValueError), (math.inf, ValueError),
+                                          (-0.5, ValueError), (1e300, ValueError),
+                                          ("3", TypeError), (True, TypeError)])
+def test_bad_timeout_is_refused(timeout, exc):
+    with pytest.raises(exc, match="RelationStore: timeout must"):
+        RelationStore(timeout=timeout)
+
+
 def test_foreign_database_is_left_untouched(tmp_path):
     path = tmp_path / "foreign.sqlite"
     db = sqlite3.connect(path)
@@ -360,3 +389,374 @@ def test_foreign_database_is_left_untouched(tmp_path):
         RelationStore(path)
     assert path.read_bytes() == before
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+# ------------------------------------------------------- arbitrary int64 ids
+def test_huge_sample_ids_are_mapped_to_dense_indices(tmp_path):
+    """Nothing is sized by the largest id: 10**10 used to raise MemoryError in record()
+    and on every later open."""
+    path = tmp_path / "huge.sqlite"
+    big = [10**10, 2**62, 2**63 - 1, 7]
+    with RelationStore(path) as s:
+        s.record([[big[0], big[1]], [big[1], big[3]], [big[2], big[0]]], [True, True, False])
+        assert s.num_ids == 2**63 and s.ids().tolist() == sorted(big)
+    with RelationStore(path) as s:
+        assert s.same(big[0], big[3]) is True and s.same(big[2], big[3]) is False
+        assert s.same(big[2], 5) is None and s.same(10**12, 10**12) is True
+        mask = s.known_mask(torch.tensor([[big[2], big[1]], [5, big[0]], [5, 5]]))
+        assert mask.tolist() == [True, False, True]
+        idx = torch.tensor([big[0], 5, big[3], big[2], big[1]])
+        comp = s.components(idx)
+        assert comp[0] == comp[2] == comp[4] != -1 and comp[1] == -1 and comp[3] == -1
+        roots = s.roots(idx)
+        assert roots[0] == roots[2] == roots[4] and roots[1] == 5 and roots[3] == big[2]
+        dense = s.graph(idx, n_views=2).to_dense()
+        assert dense.shape == (10, 10)
+        assert dense[0, 2] == 1 and dense[0, 4] == 1 and dense[0, 3] == 0 and dense[1, 6] == 1
+        with pytest.raises(ValueError, match="pass the sample ids explicitly"):
+            s.graph()
+        with pytest.raises(ValueError, match="pass the sample ids explicitly"):
+            s.components()
+    assert MAX_IMPLICIT_IDS >= 1 << 20
+
+
+# ------------------------------------------------------------ errors of I/O
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist; create it first"):
+        RelationStore(tmp_path / "no" / "such" / "store.sqlite")
+    with pytest.raises(StoreError, match="does not exist"):
+        RelationStore(tmp_path / "absent.sqlite", readonly=True)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root ignores file permissions")
+def test_read_only_directory_is_a_clear_error(tmp_path):
+    path = tmp_path / "ro" / "store.sqlite"
+    path.parent.mkdir()
+    with RelationStore(path) as s:
+        s.record([[0, 1]], [True])
+    path.parent.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match="read-only.*readonly=True"):
+            RelationStore(path)
+        with RelationStore(path, readonly=True) as s:
+            assert s.same(0, 1) is True
+    finally:
+        path.parent.chmod(0o755)
+
+
+def test_sqlite_read_only_refusal_is_a_clear_error(tmp_path):
+    """What SQLite says when the file cannot be written (a read-only directory, as
+    root cannot be refused one here) becomes a StoreError saying what to do."""
+    path = tmp_path / "store.sqlite"
+    s = RelationStore(path)
+    s.record([[0, 1]], [True])
+    s._db.close()
+    s._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    with pytest.raises(StoreError, match="read-only.*pass readonly=True") as e:
+        s.record([[1, 2]], [True])
+    assert not isinstance(e.value, sqlite3.Error)
+    s.close()
+    with RelationStore(path) as s:
+        assert s.n_queries == 1
+
+
+def test_disk_full_is_a_clear_error_and_records_nothing(tmp_path):
+    path = tmp_path / "full.sqlite"
+    s = RelationStore(path)
+    s.record([[0, 1]], [True])
+    pages = s._db.execute("PRAGMA page_count").fetchone()[0]
+    s._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk is full after one page
+    pairs = torch.stack([torch.arange(2, 2002), torch.arange(3, 2003)], 1)
+    with pytest.raises(StoreError, match="disk .* is full.*nothing of this call was written"):
+        s.record(pairs, torch.ones(2000, dtype=torch.bool), source="x" * 200)
+    assert s.n_queries == 1
+    s.record([[5, 6]], [False])  # still usable for what fits
+    s.close()
+    with RelationStore(path) as s:
+        assert s.answers()[0].tolist() == [[0, 1], [5, 6]]
+
+
+def test_closed_store_is_a_clear_error(tmp_path):
+    s = RelationStore(tmp_path / "c.sqlite")
+    s.record([[0, 1]], [True])
+    s.close()
+    s.close()  # idempotent
+    for call in (lambda: s.record([[1, 2]], [True]), s.refresh,
+                 lambda: s.backup(tmp_path / "b.sqlite")):
+        with pytest.raises(StoreError, match="is closed"):
+            call()
+    assert s.same(0, 1) is True  # the loaded relation still answers
+    assert palfast.active.StoreError is StoreError and issubclass(StoreCorruptError, ValueError)
+
+
+def test_lock_held_too_long_is_a_clear_error(tmp_path):
+    path = tmp_path / "locked.sqlite"
+    RelationStore(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        s = RelationStore(path, timeout=0.05)
+        with pytest.raises(StoreError, match="locked by another process.*timeout="):
+            s.record([[0, 1]], [True])
+        s.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+# -------------------------------------------------------------- read-only mode
+def test_readonly_mode_never_writes_and_sees_writers(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, False])
+    with RelationStore(path, readonly=True) as r:
+        assert r.readonly and r.n_queries == 2 and r.same(0, 2) is False
+        with pytest.raises(StoreError, match="readonly=True"):
+            r.record([[3, 4]], [True])
+        with RelationStore(path) as w:
+            w.record([[3, 4]], [True])
+            assert r.refresh() == 1 and r.same(3, 4) is True
+        backup = tmp_path / "copy.sqlite"
+        r.backup(backup)
+    with RelationStore(backup, readonly=True) as c:
+        assert c.n_queries == 3
+    after = path.read_bytes(), os.stat(path).st_mtime_ns
+    for _ in range(2):
+        with RelationStore(path, readonly=True) as r:
+            assert r.n_queries == 3
+    assert (path.read_bytes(), os.stat(path).st_mtime_ns) == after
+    with pytest.raises(ValueError, match="readonly=True needs the path"):
+        RelationStore(readonly=True)
+    with pytest.raises(TypeError, match="readonly must be True or False"):
+        RelationStore(path, readonly="yes")
+
+
+def test_readonly_refuses_a_foreign_file(tmp_path):
+    path = tmp_path / "foreign.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(ValueError, match="not a palfast RelationStore"):
+        RelationStore(path, readonly=True)
+
+
+# ---------------------------------------------------------------- integrity
+def _tamper(path, *statements, params=()):
+    """Edit a store as another tool would: triggers and CHECK constraints bypassed."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA ignore_check_constraints = ON")
+    db.execute("DROP TRIGGER IF EXISTS answers_no_update")
+    db.execute("DROP TRIGGER IF EXISTS answers_no_delete")
+    for st in statements:
+        db.execute(st, params) if "?" in st else db.execute(st)
+    db.close()
+
+
+def _store_with_rows(path, n=5):
+    with RelationStore(path) as s:
+        s.record(torch.stack([torch.arange(n), torch.arange(1, n + 1)], 1),
+                 torch.ones(n, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("i, j, answer, match", [
+    (0, 1, 7, "answer is 7, not 0 or 1"),
+    (4, 4, 1, "pair \\(4, 4\\) is not two different"),
+    (-3, 1, 0, "pair \\(-3, 1\\) is not two different"),
+])
+def test_rows_inserted_by_another_tool_are_refused(tmp_path, i, j, answer, match):
+    path = tmp_path / "tampered.sqlite"
+    _store_with_rows(path)
+    t = time.time()
+    _tamper(path, "INSERT INTO answers (id, i, j, answer, time, source, crc) "
+                  "VALUES (6, ?, ?, ?, ?, 'tool', ?)",
+            params=(i, j, answer, t, row_crc(6, i, j, answer, t, b"tool")))
+    with pytest.raises(StoreCorruptError, match=f"row id=6 fails its check: {match}.*salvage"):
+        RelationStore(path)
+    with pytest.raises(StoreCorruptError, match="row id=6"):
+        RelationStore(path, readonly=True)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report.kept == 5 and [d[0] for d in report.dropped] == [6]
+    with RelationStore(tmp_path / "saved.sqlite") as s:
+        assert s.n_queries == 5 and s.same(0, 5) is True
+
+
+def test_edited_row_fails_its_checksum(tmp_path):
+    path = tmp_path / "edited.sqlite"
+    _store_with_rows(path)
+    _tamper(path, "UPDATE answers SET answer = 0 WHERE id = 3")
+    with pytest.raises(StoreCorruptError, match="row id=3 fails its check: its checksum"):
+        RelationStore(path)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report.kept == 4 and report.dropped[0][0] == 3 and report.unverified == []
+
+
+def test_salvage_keeps_valid_rows_without_checksum(tmp_path):
+    """A schema-1 palfast still running after a migration writes rows without a crc:
+    the store refuses to open, salvage keeps them and says they were unverified."""
+    path = tmp_path / "migrated.sqlite"
+    _v1_store(path, [(0, 1, 1, 1.5, "oracle")])
+    RelationStore(path).close()                                        # migrated to schema 2
+    _tamper(path, "INSERT INTO answers (i, j, answer, time, source) VALUES (1, 2, 1, 2.0, 'v1')")
+    with pytest.raises(StoreCorruptError, match="row id=2 fails its check: checksum is None"):
+        RelationStore(path)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report == (2, [], [2])
+    with RelationStore(tmp_path / "saved.sqlite") as s:
+        assert s.same(0, 2) is True
+    with pytest.raises(ValueError, match="already exists"):
+        RelationStore.salvage(path, tmp_path / "saved.sqlite")
+
+
+@pytest.mark.parametrize("row, match", [(5, "ends at row id=4 but SQLite handed out ids up to 5"),
+                                        (2, "row id=2 is missing")])
+def test_deleted_rows_are_detected(tmp_path, row, match):
+    path = tmp_path / "deleted.sqlite"
+    _store_with_rows(path)
+    _tamper(path, f"DELETE FROM answers WHERE id = {row}")
+    with pytest.raises(StoreCorruptError, match=match):
+        RelationStore(path)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report.kept == 4 and (row == 5 or report.dropped[0][0] == row)
+
+
+def test_bit_flips_never_change_the_log_silently(tmp_path):
+    """Single bit flips anywhere in a closed store (seeded, N trials): each leaves the log
+    identical or makes the open raise. Before the checksums: 15 of 300 changed it silently."""
+    path = tmp_path / "base.sqlite"
+    pairs, ans = random_answers(50, 40, 4, seed=7)
+    with RelationStore(path) as s:
+        s.record(pairs[:25], ans[:25])
+        s.record(pairs[25:], ans[25:], source="prior")
+        ref_pairs, ref_answers = s.answers()
+    assert not os.path.exists(f"{path}-wal")  # the last close checkpointed
+    data = path.read_bytes()
+    rng = random.Random(0)
+    outcome = collections.Counter()
+    silent = []
+    trial_path = tmp_path / "trial.sqlite"
+    for trial in range(400):
+        bit = rng.randrange(len(data) * 8)
+        flipped = bytearray(data)
+        flipped[bit >> 3] ^= 1 << (bit & 7)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(f"{trial_path}{suffix}"):
+                os.remove(f"{trial_path}{suffix}")
+        trial_path.write_bytes(flipped)
+        try:
+            with RelationStore(trial_path) as s:
+                got_pairs, got_answers = s.answers()
+        except (StoreError, ValueError) as e:
+            # A palfast error (StoreCorruptError, or ValueError "not a RelationStore"),
+            # never a raw one (UnicodeDecodeError is a ValueError too).
+            assert type(e) in (StoreCorruptError, StoreError, ValueError), repr(e)
+            outcome[type(e).__name__] += 1
+            continue
+        if torch.equal(got_pairs, ref_pairs) and torch.equal(got_answers, ref_answers):
+            outcome["identical"] += 1
+        else:
+            silent.append((trial, bit))
+    assert not silent, f"silent changes at (trial, bit) {silent}; outcomes {dict(outcome)}"
+    assert outcome["StoreCorruptError"] > 0 and outcome["identical"] > 0
+
+
+# ------------------------------------------------------------ schema upgrade
+_SCHEMA_V1 = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE answers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        i INTEGER NOT NULL CHECK (i >= 0),
+        j INTEGER NOT NULL CHECK (j >= 0 AND j != i),
+        answer INTEGER NOT NULL CHECK (answer IN (0, 1)),
+        time REAL NOT NULL,
+        source TEXT NOT NULL)""",
+    """CREATE TRIGGER answers_no_update BEFORE UPDATE ON answers
+        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
+    """CREATE TRIGGER answers_no_delete BEFORE DELETE ON answers
+        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
+)
+
+
+def _v1_store(path, rows):
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    for st in _SCHEMA_V1:
+        db.execute(st)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("application", "palfast.RelationStore"),
+                                                      ("schema_version", "1"),
+                                                      ("created", "0.0")])
+    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 1")
+    db.executemany("INSERT INTO answers (i, j, answer, time, source) VALUES (?, ?, ?, ?, ?)",
+                   rows)
+    db.close()
+
+
+def test_version_1_store_is_migrated_in_place(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    rows = [(0, 1, 1, 1.5, "oracle"), (1, 2, 0, 2.5, "prior"), (3, 4, 1, 3.5, "oracle")]
+    _v1_store(path, rows)
+    before = path.read_bytes()
+    with RelationStore(path, readonly=True) as s:   # reads a v1 store, migrates nothing
+        assert s.n_queries == 3 and s.same(0, 2) is False
+    assert path.read_bytes() == before
+    with RelationStore(path) as s:
+        assert s.answers()[0].tolist() == [[0, 1], [1, 2], [3, 4]]
+        s.record([[4, 5]], [True])
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    got = db.execute("SELECT id, i, j, answer, time, source, crc FROM answers").fetchall()
+    assert [r[1:6] for r in got[:3]] == rows
+    assert all(r[6] == row_crc(r[0], r[1], r[2], r[3], r[4], r[5].encode()) for r in got)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE answers SET answer = 1 - answer")
+    db.close()
+    with RelationStore(path) as s:
+        assert s.n_queries == 4 and s.same(3, 5) is True
+
+
+def test_invalid_version_1_row_stops_the_migration(tmp_path):
+    path = tmp_path / "v1bad.sqlite"
+    _v1_store(path, [(0, 1, 1, 1.5, "oracle")])
+    _tamper(path, "INSERT INTO answers (i, j, answer, time, source) VALUES (2, 2, 1, 2.0, 'x')")
+    with pytest.raises(StoreCorruptError, match="row id=2 fails its check"):
+        RelationStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    db.close()
+
+
+# ------------------------------------------------------------- backup, copies
+def test_backup_copies_the_wal_content(tmp_path):
+    path = tmp_path / "live.sqlite"
+    s = RelationStore(path)
+    s.record([[0, 1], [1, 2]], [True, True])
+    assert os.path.getsize(f"{path}-wal") > 0  # answers not yet in the main file
+    # Copying the main file alone, as after a kill, loses acknowledged answers (SQLite's rule).
+    shutil.copyfile(path, tmp_path / "naive.sqlite")
+    with RelationStore(tmp_path / "naive.sqlite") as naive:
+        assert naive.n_queries < 2
+    s.backup(tmp_path / "backup.sqlite")
+    assert not os.path.exists(tmp_path / "backup.sqlite-wal")  # one self-contained file
+    with pytest.raises(ValueError, match="already exists"):
+        s.backup(tmp_path / "backup.sqlite")
+    s.close()
+    with RelationStore(tmp_path / "backup.sqlite") as b:
+        assert b.answers()[0].tolist() == [[0, 1], [1, 2]] and b.same(0, 2) is True
+    mem = RelationStore()
+    mem.record([[10**10, 3]], [False])
+    mem.backup(tmp_path / "from_memory.sqlite")
+    with RelationStore(tmp_path / "from_memory.sqlite") as b:
+        assert b.same(3, 10**10) is False
+
+
+def test_readonly_path_with_uri_characters(tmp_path):
+    folder = tmp_path / "a?b#c%20d"
+    folder.mkdir()
+    path = folder / "s%3f.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1]], [True])
+    with RelationStore(path, readonly=True) as s:
+        assert s.same(0, 1) is True
+    assert sorted(os.listdir(folder))[0] == "s%3f.sqlite"

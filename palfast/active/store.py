@@ -1,11 +1,14 @@
-"""RelationStore: every answer an oracle ever gave, crash-safe in SQLite (SPEC §4).
+"""RelationStore: every answer an oracle ever gave, crash-safe in SQLite (docs/active.md).
 
 An answer is "sample i and sample j are alike" (positive) or "are not" (negative),
-about global sample ids i ≠ j. The store keeps
+about global sample ids i ≠ j (any int64 ≥ 0; nothing is sized by the largest id).
+The store keeps
 
-* an **append-only log** (SQLite table ``answers``: id, i, j, answer, time, source);
-  UPDATE and DELETE on it are refused by triggers;
-* a **union-find** over positive answers (transitivity: i~j, j~k ⇒ i~k);
+* an **append-only log** (SQLite table ``answers``: id, i, j, answer, time, source,
+  crc); UPDATE and DELETE on it are refused by triggers, and every row carries a
+  CRC-32 of its content, verified whenever the row is read;
+* a **union-find** over positive answers (transitivity: i~j, j~k ⇒ i~k), over dense
+  indices (a dict maps sample id → index, in order of first appearance);
 * **cannot-link** pairs between components from negative answers, propagated by
   construction: the negative is stored between the two *components*, so
   A~B and B≁C give A≁C, and merging two components merges their cannot-links.
@@ -15,21 +18,32 @@ Guarantees (file-backed store)
 * Durability: the database runs in WAL mode with ``synchronous=FULL`` and each
   :meth:`RelationStore.record` call is one transaction, so once ``record`` returns,
   the answers survive the process being killed (SIGKILL) or the machine losing power.
+  Until a checkpoint the newest answers live in ``<path>-wal``: copy a store with
+  :meth:`RelationStore.backup`, never by copying the main file alone.
 * Resume: opening an existing file replays the log in id order and rebuilds the
   union-find and the cannot-links exactly.
+* Integrity: opening runs ``PRAGMA quick_check``, checks every row's values and
+  CRC-32, that row ids are 1, 2, 3, … without a gap and that none is missing at the
+  end; any failure raises :class:`StoreCorruptError` naming the row, and nothing is
+  dropped silently (:meth:`RelationStore.salvage` copies the rows that verify).
 * Several processes may append to one file: writes take the lock up front
   (``BEGIN IMMEDIATE``) and wait up to ``timeout`` seconds for it (busy timeout).
   Each ``record`` first replays the rows other processes appended, so every
   process applies the log in the same order; :meth:`RelationStore.refresh` does
   it on demand for a reader.
+* ``readonly=True`` opens with SQLite's ``mode=ro``: the database file is never
+  written (SQLite may create the ``-wal``/``-shm`` side files to read beside writers).
 * A file that is not SQLite, or an SQLite database that is not a RelationStore
   (``PRAGMA application_id`` and the ``meta`` table are checked), or one written
   by a newer schema version raises ``ValueError`` naming the path, never
-  silently mixes data.
+  silently mixes data. Stores of schema version 1 (no checksums) are migrated
+  in one transaction when opened for writing.
 
 Contradictions (a noisy oracle saying i~j after i≁j was implied, or the reverse)
 are logged like any answer but do not change the relation: the first answer
-wins, in log order. :attr:`RelationStore.n_conflicts` counts them.
+wins, in log order. :meth:`RelationStore.record` warns with
+:class:`ContradictionWarning`; :meth:`RelationStore.contradictions` lists them and
+:attr:`RelationStore.n_conflicts` counts them.
 
 Example::
 
@@ -50,34 +64,111 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import struct
 import time
+import warnings
+import zlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .._checks import check_bool, check_number
 from ..graph import PairGraph
 
-__all__ = ["RelationStore"]
+__all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorruptError",
+           "StoreError"]
 
 #: ``PRAGMA application_id`` of a RelationStore file: b"PALF" as a big-endian int32.
 APPLICATION_ID = 0x50414C46
-SCHEMA_VERSION = 1
+#: 1: the first layout; 2: adds the per-row ``crc`` column (migrated on a writable open).
+SCHEMA_VERSION = 2
+#: ``indices=None`` means ``0..num_ids-1``; refused above this many ids (pass indices).
+MAX_IMPLICIT_IDS = 1 << 24
+#: SQLite's busy timeout is an int of milliseconds.
+_MAX_TIMEOUT = 2_000_000.0
+#: :meth:`RelationStore.salvage` reads a store whose scan fails row by row, up to this id.
+_SALVAGE_PROBES = 10_000_000
 
-_SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE answers (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        i INTEGER NOT NULL CHECK (i >= 0),
-        j INTEGER NOT NULL CHECK (j >= 0 AND j != i),
-        answer INTEGER NOT NULL CHECK (answer IN (0, 1)),
-        time REAL NOT NULL,
-        source TEXT NOT NULL)""",
+_APPEND_ONLY = (
     # The log is append-only: refuse edits at the database level, not just in this class.
     """CREATE TRIGGER answers_no_update BEFORE UPDATE ON answers
         BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
     """CREATE TRIGGER answers_no_delete BEFORE DELETE ON answers
         BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
 )
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE answers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        i INTEGER NOT NULL CHECK (typeof(i) = 'integer' AND i >= 0),
+        j INTEGER NOT NULL CHECK (typeof(j) = 'integer' AND j >= 0 AND j != i),
+        answer INTEGER NOT NULL CHECK (answer IN (0, 1)),
+        time REAL NOT NULL,
+        source TEXT NOT NULL,
+        crc INTEGER NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
+    *_APPEND_ONLY,
+)
+_SELECT = "SELECT id, i, j, answer, time, CAST(source AS BLOB), {crc} FROM answers"
+
+
+# ----------------------------------------------------------------- errors
+class StoreError(RuntimeError):
+    """The store cannot do what was asked: missing or read-only directory, disk full,
+    lock held too long, store closed, write on a read-only store. The message says
+    what to do; nothing already recorded is affected."""
+
+
+class StoreCorruptError(StoreError, ValueError):
+    """The file is damaged or was edited outside palfast (a row fails its checks, a
+    row is missing, SQLite finds the file malformed). The store refuses to open;
+    :meth:`RelationStore.salvage` copies the rows that verify into a new store."""
+
+
+class ContradictionWarning(UserWarning):
+    """:meth:`RelationStore.record` logged answers that contradict what was known
+    (kept in the log, ignored by the relation; see :meth:`RelationStore.contradictions`)."""
+
+
+class SalvageReport(NamedTuple):
+    """What :meth:`RelationStore.salvage` copied: ``kept`` rows; ``dropped`` as
+    ``(row id, reason)`` for each row that could not be read or verified; ``unverified``:
+    ids of kept rows that had no checksum (valid values, written by a schema-1 palfast
+    after the store was migrated)."""
+    kept: int
+    dropped: list
+    unverified: list
+
+
+def row_crc(seq: int, i: int, j: int, answer: int, t: float, source: bytes) -> int:
+    """CRC-32 of one log row: little-endian int64 ``seq, i, j, answer``, float64 ``time``,
+    then the UTF-8 bytes of ``source``. Any single flipped bit changes it."""
+    return zlib.crc32(struct.pack("<qqqqd", seq, i, j, answer, t) + source)
+
+
+def _check_row(row, version: int) -> tuple[int, int, int, bool, float, str]:
+    """Validate one row read from SQLite; returns ``(id, i, j, answer, time, source)`` or
+    raises ``ValueError`` saying what is wrong (the caller names the file and the row)."""
+    seq, i, j, ans, t, src, crc = row
+    for name, v in (("i", i), ("j", j), ("answer", ans)):
+        if type(v) is not int:
+            raise ValueError(f"{name} is {v!r}, not an integer")
+    if i < 0 or j < 0 or i == j:
+        raise ValueError(f"pair ({i}, {j}) is not two different sample ids >= 0")
+    if ans not in (0, 1):
+        raise ValueError(f"answer is {ans}, not 0 or 1")
+    if type(t) is not float:
+        raise ValueError(f"time is {t!r}, not a real number")
+    if type(src) is not bytes:
+        raise ValueError(f"source is {src!r}, not text")
+    if version >= 2 and (type(crc) is not int or crc != row_crc(seq, i, j, ans, t, src)):
+        raise ValueError("its checksum does not match its content" if type(crc) is int
+                         else f"checksum is {crc!r}, not an integer")
+    try:
+        text = src.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"source is not valid UTF-8 ({e})") from None
+    return seq, i, j, bool(ans), t, text
 
 
 def _as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
@@ -94,65 +185,182 @@ def _as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
     return t
 
 
+def _sqlite_error(where: str, path: str | None, e: sqlite3.Error, *, readonly: bool = False,
+                  opening: bool = False) -> Exception:
+    """Translate an sqlite3 exception into a palfast one that says what to do."""
+    msg = str(e)
+    low = msg.lower()
+    name = getattr(e, "sqlite_errorname", "")
+    shown = repr(path) if path is not None else "the in-memory store"
+    if "locked" in low or "busy" in low:
+        return StoreError(f"{where}: {shown} stayed locked by another process longer than the "
+                          f"busy timeout; retry, or open it with a larger timeout= "
+                          f"(SQLite says: {msg})")
+    if name == "SQLITE_FULL" or "disk is full" in low:
+        return StoreError(f"{where}: the disk holding {shown} is full; nothing of this call was "
+                          f"written (the transaction was rolled back). Free space and call it "
+                          f"again (SQLite says: {msg})")
+    if "readonly" in low or "read-only" in low or name.startswith("SQLITE_READONLY"):
+        if readonly:
+            return StoreError(f"{where}: {shown} was opened with readonly=True; open it without "
+                              f"readonly to record answers")
+        return StoreError(f"{where}: cannot write {shown}: the file or its directory is "
+                          f"read-only (SQLite writes the file and creates '-wal' and '-shm' "
+                          f"files beside it). Make both writable, or pass readonly=True to "
+                          f"read it (SQLite says: {msg})")
+    if "unable to open" in low or name == "SQLITE_CANTOPEN" or name.startswith("SQLITE_IOERR"):
+        return StoreError(f"{where}: cannot {'open' if opening else 'access'} {shown}: check "
+                          f"that its directory exists and that the file and the directory can "
+                          f"be {'read' if readonly else 'read and written'} "
+                          f"(SQLite says: {msg})")
+    if opening or (isinstance(e, sqlite3.DatabaseError)
+                   and not isinstance(e, sqlite3.OperationalError)):
+        what = ("is not a palfast RelationStore, or is damaged" if opening else "is damaged")
+        return StoreCorruptError(f"{where}: {shown} {what} (SQLite says: {msg}). If it is a "
+                                 f"store, RelationStore.salvage(path, new_path) copies the rows "
+                                 f"that still verify")
+    return StoreError(f"{where}: SQLite failed on {shown}: {msg}")
+
+
+def _uri(path: str) -> str:
+    return "file:" + "".join({"%": "%25", "?": "%3f", "#": "%23"}.get(c, c)
+                             for c in os.path.abspath(path))
+
+
+def _connect_ro(path: str, timeout: float) -> sqlite3.Connection:
+    """Open ``path`` with SQLite's ``mode=ro``: the database file is never written."""
+    kw = dict(timeout=timeout, isolation_level=None, check_same_thread=False, uri=True)
+    db = sqlite3.connect(_uri(path) + "?mode=ro", **kw)
+    try:
+        db.execute("PRAGMA schema_version").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise
+        # A WAL store in a read-only directory without its -shm file: SQLite can only
+        # read it as immutable (it then ignores a -wal file; no writer can be using it).
+        return sqlite3.connect(_uri(path) + "?mode=ro&immutable=1", **kw)
+
+
 class RelationStore:
     """Answers of an oracle about pairs of samples, with transitive closure.
 
     Args:
         path: SQLite file to create or resume; ``None`` keeps everything in memory.
-        timeout: seconds a writer waits for another process's lock (busy timeout).
+        timeout: seconds a writer waits for another process's lock (busy timeout),
+            a finite number ``0 <= timeout <= 2e6``.
+        readonly: open an existing file with SQLite's ``mode=ro``: the file is never
+            written, :meth:`record` raises :class:`StoreError`, :meth:`refresh` still
+            sees what other processes append.
+
+    Raises:
+        StoreError: missing or unreadable/unwritable directory, lock held too long.
+        StoreCorruptError: the file fails its integrity checks (see :meth:`salvage`).
+        ValueError: the file is not a RelationStore, or a newer schema version.
 
     See the module docstring for the guarantees. Use as a context manager or call
     :meth:`close` to release the file.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0):
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-            raise ValueError(f"RelationStore: timeout must be a number of seconds >= 0, "
-                             f"got {timeout!r}")
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0,
+                 readonly: bool = False):
+        self._timeout = check_number("RelationStore", "timeout", timeout, 0.0,
+                                     maximum=_MAX_TIMEOUT)
+        self.readonly = check_bool("RelationStore", "readonly", readonly)
         self.path = None if path is None else os.fspath(path)
-        self._timeout = float(timeout)
-        if self.path is not None and os.path.isdir(self.path):
-            raise ValueError(f"RelationStore: path must be a file, got the directory {self.path!r}")
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per record).
-        self._db = sqlite3.connect(self.path or ":memory:", timeout=float(timeout),
-                                   isolation_level=None, check_same_thread=False)
-        try:
-            self._open()
-        except sqlite3.OperationalError as e:
-            self._db.close()
-            if "locked" in str(e):
-                raise TimeoutError(f"RelationStore: {self.path!r} stayed locked by another process "
-                                   f"for more than timeout={timeout} s") from e
-            raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
-                             f"(SQLite says: {e})") from e
-        except sqlite3.DatabaseError as e:
-            self._db.close()
-            raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
-                             f"(SQLite says: {e})") from e
-        except BaseException:
-            self._db.close()
-            raise
-        # In-memory relation, rebuilt from the log.
-        self._parent: list[int] = []   # union-find forest over ids 0..len-1
+        self._db: sqlite3.Connection | None = None
+        # In-memory relation, rebuilt from the log. Sample ids are mapped to dense
+        # indices (order of first appearance): ids are arbitrary int64, so nothing
+        # may be sized by the largest one.
+        self._dense: dict[int, int] = {}     # sample id -> dense index
+        self._ids: list[int] = []            # dense index -> sample id
+        self._parent: list[int] = []         # union-find forest over dense indices
         self._size: list[int] = []
-        self._cannot: dict[int, set[int]] = {}  # root -> roots it cannot be linked to
+        self._cannot: dict[int, set[int]] = {}  # dense root -> dense roots it cannot join
+        self._max_id = -1
         self._log_i: list[int] = []
         self._log_j: list[int] = []
         self._log_a: list[bool] = []
+        self._conflicts: list[int] = []      # log positions of contradicting answers
         self._last_id = 0
-        self._n_conflicts = 0
-        self._roots_cache: np.ndarray | None = None
-        self._keys_cache: tuple[int, np.ndarray] | None = None  # sorted cannot-link keys
-        self.refresh()
+        self._version = SCHEMA_VERSION
+        self._cache: dict | None = None      # vectorised lookups, rebuilt after changes
+        if self.readonly and self.path is None:
+            raise ValueError("RelationStore: readonly=True needs the path of an existing store")
+        self._check_path()
+        try:
+            self._db = self._connect()
+            self._open()
+            self._load()
+        except BaseException as e:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if isinstance(e, sqlite3.Error):
+                raise _sqlite_error("RelationStore", self.path, e, readonly=self.readonly,
+                                    opening=True) from e
+            if isinstance(e, UnicodeDecodeError):  # SQLite's message quotes damaged bytes
+                raise StoreCorruptError(
+                    f"RelationStore: {self.path!r} is not a palfast RelationStore, or is "
+                    f"damaged (SQLite's error message is not valid text: {e}). If it is a "
+                    f"store, RelationStore.salvage(path, new_path) copies the rows that "
+                    f"still verify") from e
+            raise
 
     # ------------------------------------------------------------------ SQLite
+    def _check_path(self) -> None:
+        if self.path is None:
+            return
+        if os.path.isdir(self.path):
+            raise ValueError(f"RelationStore: path must be a file, got the directory {self.path!r}")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise StoreError(f"RelationStore: the directory {folder!r} of {self.path!r} does not "
+                             f"exist; create it first")
+        if self.readonly:
+            if not os.path.exists(self.path):
+                raise StoreError(f"RelationStore: {self.path!r} does not exist (readonly=True "
+                                 f"opens an existing store and never creates one)")
+        elif not os.access(folder, os.W_OK) or (os.path.exists(self.path)
+                                               and not os.access(self.path, os.W_OK)):
+            raise StoreError(f"RelationStore: cannot write {self.path!r}: the file or its "
+                             f"directory is read-only (SQLite writes the file and creates '-wal' "
+                             f"and '-shm' files beside it). Make both writable, or pass "
+                             f"readonly=True to read it")
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per record).
+        if self.readonly:
+            return _connect_ro(self.path, self._timeout)
+        return sqlite3.connect(self.path or ":memory:", timeout=self._timeout,
+                               isolation_level=None, check_same_thread=False)
+
+    def _conn(self, where: str) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"{where}: the store {self.path!r} is closed; open it again with "
+                             f"RelationStore(path)")
+        return self._db
+
     def _open(self) -> None:
         db = self._db
-        db.execute("PRAGMA foreign_keys = ON")
         app_id = db.execute("PRAGMA application_id").fetchone()[0]  # reads the header
+        if self.readonly:
+            if app_id != APPLICATION_ID:
+                raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
+                                 f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})")
+            self._check_meta()
+            return
+        db.execute("PRAGMA foreign_keys = ON")
         if self.path is not None and app_id == APPLICATION_ID:
             self._set_wal()
         db.execute("PRAGMA synchronous = FULL")
+        if app_id not in (0, APPLICATION_ID) and bin(app_id ^ APPLICATION_ID).count("1") == 1:
+            raise StoreCorruptError(f"RelationStore: {self.path!r} has application_id "
+                                    f"{app_id:#x}, one bit away from palfast's "
+                                    f"{APPLICATION_ID:#x}: a damaged store? "
+                                    f"RelationStore.salvage(path, new_path) copies the rows "
+                                    f"that still verify")
         if app_id not in (0, APPLICATION_ID):
             raise ValueError(f"RelationStore: {self.path!r} is an SQLite database of another "
                              f"application (application_id {app_id:#x}, expected "
@@ -160,6 +368,8 @@ class RelationStore:
         if app_id == 0:
             self._initialise()
         self._check_meta()
+        if self._version < SCHEMA_VERSION:
+            self._migrate()
 
     def _set_wal(self) -> str:
         """Switch to WAL, retrying while another process holds the file: SQLite does not
@@ -217,22 +427,93 @@ class RelationStore:
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
             self._db.execute("SELECT id, i, j, answer, time, source FROM answers LIMIT 0")
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"RelationStore: {self.path!r} carries the palfast marker but its "
-                             f"tables are missing or damaged ({e})") from e
+            raise StoreCorruptError(f"RelationStore: {self.path!r} carries the palfast marker "
+                                    f"but its tables are missing or damaged ({e})") from e
         if meta.get("application") != "palfast.RelationStore":
-            raise ValueError(f"RelationStore: {self.path!r} has no palfast meta record "
-                             f"(got application={meta.get('application')!r})")
-        version = int(meta.get("schema_version", -1))
+            raise StoreCorruptError(f"RelationStore: {self.path!r} has no palfast meta record "
+                                    f"(got application={meta.get('application')!r})")
+        raw = meta.get("schema_version")
+        version = int(raw) if isinstance(raw, str) and raw.isdigit() else -1
         if version > SCHEMA_VERSION:
             raise ValueError(f"RelationStore: {self.path!r} has schema version {version}, newer "
                              f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast")
         if version < 1:
-            raise ValueError(f"RelationStore: {self.path!r} has an invalid schema version "
-                             f"{meta.get('schema_version')!r}")
+            raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema "
+                                    f"version {raw!r}")
+        if version >= 2:
+            try:
+                self._db.execute("SELECT crc FROM answers LIMIT 0")
+            except sqlite3.DatabaseError as e:
+                raise StoreCorruptError(f"RelationStore: {self.path!r} has schema version "
+                                        f"{version} but no crc column ({e})") from e
+        self._version = version
+
+    def _migrate(self) -> None:
+        """Schema 1 → 2: add and fill the crc column, in one transaction. Rows are
+        validated first: a version-1 row that is not a valid answer stops the migration
+        (nothing is changed) with the error naming it."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if version is not None and version[0] == "1":  # another process may have done it
+                rows = db.execute(_SELECT.format(crc="NULL") + " ORDER BY id").fetchall()
+                crcs = []
+                for row in rows:
+                    seq, i, j, a, t, _ = self._verified(row, version=1)
+                    crcs.append((row_crc(seq, i, j, int(a), t, row[5]), seq))
+                db.execute("DROP TRIGGER answers_no_update")
+                db.execute("ALTER TABLE answers ADD COLUMN crc INTEGER "
+                           "CHECK (crc BETWEEN 0 AND 4294967295)")
+                db.executemany("UPDATE answers SET crc = ? WHERE id = ?", crcs)
+                db.execute(_APPEND_ONLY[0])
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                           (str(SCHEMA_VERSION),))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._version = SCHEMA_VERSION
+
+    def _verified(self, row, version: int | None = None):
+        try:
+            return _check_row(row, self._version if version is None else version)
+        except ValueError as e:
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r}: answers row id={row[0]} fails its check: {e}. "
+                f"The file was damaged or edited outside palfast; the store refuses to open "
+                f"rather than drop or change answers. RelationStore.salvage(path, new_path) "
+                f"copies the rows that verify into a new store") from None
+
+    def _load(self) -> None:
+        """First read: every row (its check names it), the structure, nothing missing at
+        the end."""
+        db = self._db
+        self.refresh()
+        if self.path is not None:
+            problems = [r[0] for r in db.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise StoreCorruptError(
+                    f"RelationStore: {self.path!r} is damaged (SQLite quick_check: "
+                    f"{'; '.join(map(str, problems))}). RelationStore.salvage(path, new_path) "
+                    f"copies the rows that still verify into a new store")
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'answers'").fetchone()
+        seq = 0 if seq is None else seq[0]
+        if seq != self._last_id:
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r}: the log ends at row id={self._last_id} but "
+                f"SQLite handed out ids up to {seq!r}: rows are missing (the file was damaged "
+                f"or edited outside palfast). RelationStore.salvage(path, new_path) copies "
+                f"the rows that verify into a new store")
 
     def close(self) -> None:
-        """Close the database. Everything recorded is already on disk."""
-        self._db.close()
+        """Close the database (idempotent). Everything recorded is already on disk;
+        queries on the loaded relation keep working, :meth:`record`, :meth:`refresh`
+        and :meth:`backup` raise :class:`StoreError`."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def __enter__(self) -> RelationStore:  # noqa: PYI034
         return self
@@ -245,95 +526,144 @@ class RelationStore:
         """Append answers to the log (one transaction) and update the relation.
 
         Args:
-            pairs: ``[Q, 2]`` integer sample ids, ``i != j`` in each row.
+            pairs: ``[Q, 2]`` integer sample ids (int64 ≥ 0), ``i != j`` in each row.
             answers: ``[Q]`` bool, True = "alike".
             source: free text stored with each answer (e.g. ``"oracle"``, ``"prior"``).
 
-        When this returns the answers are durable (file-backed store)."""
+        When this returns the answers are durable (file-backed store). Answers that
+        contradict the known relation are kept and warned about
+        (:class:`ContradictionWarning`). On any error nothing of this call is recorded.
+        """
+        where = "RelationStore.record"
+        db = self._conn(where)
+        if self.readonly:
+            raise StoreError(f"{where}: {self.path!r} was opened with readonly=True; open it "
+                             f"without readonly to record answers")
         p = _as_pairs(pairs)
         a = torch.as_tensor(answers)
         if a.dim() != 1 or a.shape[0] != p.shape[0]:
-            raise ValueError(f"RelationStore.record: answers must be a [Q] vector with Q = "
+            raise ValueError(f"{where}: answers must be a [Q] vector with Q = "
                              f"{p.shape[0]} (one per pair), got shape {tuple(a.shape)}")
         if a.numel() and a.dtype != torch.bool and (
                 a.dtype.is_floating_point or a.dtype.is_complex
                 or not bool(((a == 0) | (a == 1)).all())):
-            raise TypeError(f"RelationStore.record: answers must be bool (or 0/1 integers), "
-                            f"got {a.dtype}")
+            raise TypeError(f"{where}: answers must be bool (or 0/1 integers), got {a.dtype}")
         if not isinstance(source, str):
-            raise TypeError(f"RelationStore.record: source must be a str, got {type(source).__name__}")
+            raise TypeError(f"{where}: source must be a str, got {type(source).__name__}")
+        try:
+            src = source.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: source must be valid text ({e})") from None
         if p.numel() and bool((p[:, 0] == p[:, 1]).any()):
             q = int((p[:, 0] == p[:, 1]).nonzero()[0, 0])
-            raise ValueError(f"RelationStore.record: pairs must join two different samples, "
+            raise ValueError(f"{where}: pairs must join two different samples, "
                              f"got pair {q} = ({int(p[q, 0])}, {int(p[q, 1])})")
         if p.numel() == 0:
             return
         now = time.time()
-        rows = [(i, j, int(x), now, source) for (i, j), x in zip(p.tolist(), a.tolist())]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock
         try:
-            db.executemany("INSERT INTO answers (i, j, answer, time, source) VALUES (?, ?, ?, ?, ?)",
-                           rows)
-            # Rows other processes appended since our last look come first (smaller ids),
-            # so every process replays the same log in the same order.
-            new_rows = db.execute("SELECT id, i, j, answer FROM answers WHERE id > ? ORDER BY id",
-                                  (self._last_id,)).fetchall()
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock
+            try:
+                # Ids are assigned here (we hold the write lock) so the checksum can cover them.
+                first = db.execute(
+                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'answers'),"
+                    " 0), coalesce((SELECT max(id) FROM answers), 0)) + 1").fetchone()[0]
+                rows = [(first + k, i, j, int(x), now, source,
+                         row_crc(first + k, i, j, int(x), now, src))
+                        for k, ((i, j), x) in enumerate(zip(p.tolist(), a.tolist()))]
+                db.executemany("INSERT INTO answers (id, i, j, answer, time, source, crc) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                # Rows other processes appended since our last look come first (smaller ids),
+                # so every process replays the same log in the same order.
+                new_rows = self._read(db, self._last_id)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise _sqlite_error(where, self.path, e) from e
+        before = len(self._conflicts)
         self._apply(new_rows)
+        mine = [c for c in self._conflicts[before:] if c >= len(self._log_a) - len(rows)]
+        if mine:
+            c = mine[0]
+            i, j, ans = self._log_i[c], self._log_j[c], self._log_a[c]
+            warnings.warn(
+                f"{where}: {len(mine)} of {len(rows)} answers contradict what the store "
+                f"already knew (first: ({i}, {j}) answered {'alike' if ans else 'different'}, "
+                f"known {'different' if ans else 'alike'}). They are kept in the log and do "
+                f"not change the relation; see RelationStore.contradictions()",
+                ContradictionWarning, stacklevel=2)
+
+    def _read(self, db: sqlite3.Connection, after: int) -> list:
+        crc = "crc" if self._version >= 2 else "NULL"
+        rows = db.execute(_SELECT.format(crc=crc) + " WHERE id > ? ORDER BY id",
+                          (after,)).fetchall()
+        out = []
+        for row in rows:
+            out.append(self._verified(row))
+            if out[-1][0] != after + len(out):  # ids are 1, 2, 3, ... (AUTOINCREMENT, no delete)
+                raise StoreCorruptError(
+                    f"RelationStore: {self.path!r}: answers row id={after + len(out)} is missing "
+                    f"(the next row has id={out[-1][0]}); the file was damaged or edited "
+                    f"outside palfast. RelationStore.salvage(path, new_path) copies the rows "
+                    f"that verify into a new store")
+        return out
 
     def refresh(self) -> int:
         """Apply the rows other processes appended since we last looked; returns how many."""
-        rows = self._db.execute("SELECT id, i, j, answer FROM answers WHERE id > ? ORDER BY id",
-                                (self._last_id,)).fetchall()
+        db = self._conn("RelationStore.refresh")
+        try:
+            rows = self._read(db, self._last_id)
+        except sqlite3.Error as e:
+            raise _sqlite_error("RelationStore.refresh", self.path, e,
+                                readonly=self.readonly) from e
         self._apply(rows)
         return len(rows)
 
     def _apply(self, rows) -> None:
-        for _, i, j, ans in rows:
+        for _, i, j, ans, _, _ in rows:
             self._log_i.append(i)
             self._log_j.append(j)
-            self._log_a.append(bool(ans))
-            self._grow(max(i, j) + 1)
-            ri, rj = self._find(i), self._find(j)
+            self._log_a.append(ans)
+            ri, rj = self._find(self._node(i)), self._find(self._node(j))
             if ans:
                 if ri == rj:
                     continue
                 if rj in self._cannot.get(ri, ()):
-                    self._n_conflicts += 1
+                    self._conflicts.append(len(self._log_a) - 1)
                     continue
                 self._union(ri, rj)
             else:
                 if ri == rj:
-                    self._n_conflicts += 1
+                    self._conflicts.append(len(self._log_a) - 1)
                     continue
                 self._cannot.setdefault(ri, set()).add(rj)
                 self._cannot.setdefault(rj, set()).add(ri)
         if rows:
             self._last_id = rows[-1][0]
-            self._roots_cache = None
-            self._keys_cache = None
+            self._cache = None
 
     # ------------------------------------------------------------ union-find
-    def _grow(self, n: int) -> None:
-        if n > len(self._parent):
-            start = len(self._parent)
-            self._parent.extend(range(start, n))
-            self._size.extend([1] * (n - start))
+    def _node(self, i: int) -> int:
+        """Dense index of sample id ``i``, created on first sight."""
+        d = self._dense.get(i)
+        if d is None:
+            d = self._dense[i] = len(self._ids)
+            self._ids.append(i)
+            self._parent.append(d)
+            self._size.append(1)
+            self._max_id = max(self._max_id, i)
+        return d
 
-    def _find(self, i: int) -> int:
+    def _find(self, d: int) -> int:
         parent = self._parent
-        if i >= len(parent):
-            return i
-        root = i
+        root = d
         while parent[root] != root:
             root = parent[root]
-        while parent[i] != root:  # path compression
-            parent[i], i = root, parent[i]
+        while parent[d] != root:  # path compression
+            parent[d], d = root, parent[d]
         return root
 
     def _union(self, ri: int, rj: int) -> None:
@@ -350,22 +680,42 @@ class RelationStore:
         if moved:
             self._cannot.setdefault(ri, set()).update(moved)
 
-    def _roots(self, ids: np.ndarray) -> np.ndarray:
-        """Root of each id (ids never seen are their own root), vectorised."""
-        if self._roots_cache is None:
+    def _lookup(self) -> dict:
+        """Arrays for vectorised queries: sorted sample ids, their dense index, the dense
+        root of every dense index, and the sorted cannot-link keys."""
+        if self._cache is None:
+            ids = np.asarray(self._ids, dtype=np.int64)
+            order = np.argsort(ids, kind="stable")
             r = np.asarray(self._parent, dtype=np.int64)
             while True:  # pointer jumping until every node points at its root
                 nxt = r[r]
                 if np.array_equal(nxt, r):
                     break
                 r = nxt
-            self._roots_cache = r
-        roots = self._roots_cache
+            n = max(len(self._ids), 1)
+            keys = np.fromiter((x * n + y for x, s in self._cannot.items() for y in s),
+                               dtype=np.int64)
+            self._cache = {"ids": ids, "sorted": ids[order], "order": order, "root": r,
+                           "size": np.asarray(self._size, dtype=np.int64),
+                           "n": n, "keys": np.sort(keys)}
+        return self._cache
+
+    def _dense_roots(self, ids: np.ndarray) -> np.ndarray:
+        """Dense root of each sample id, −1 for ids never seen."""
+        c = self._lookup()
         ids = np.asarray(ids, dtype=np.int64)
-        out = ids.copy()
-        inside = ids < roots.shape[0]
-        out[inside] = roots[ids[inside]]
-        return out
+        if c["sorted"].shape[0] == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
+        pos = np.searchsorted(c["sorted"], ids).clip(max=c["sorted"].shape[0] - 1)
+        seen = c["sorted"][pos] == ids
+        return np.where(seen, c["root"][c["order"][pos]], -1)
+
+    def _roots(self, ids: np.ndarray) -> np.ndarray:
+        """Root sample id of each id (ids never seen are their own root), vectorised."""
+        ids = np.asarray(ids, dtype=np.int64)
+        d = self._dense_roots(ids)
+        return np.where(d >= 0, self._lookup()["ids"][d.clip(min=0)] if len(self._ids) else 0,
+                        ids)
 
     # --------------------------------------------------------------- queries
     @property
@@ -376,12 +726,28 @@ class RelationStore:
     @property
     def n_conflicts(self) -> int:
         """Answers that contradicted what was already known (ignored by the relation)."""
-        return self._n_conflicts
+        return len(self._conflicts)
 
     @property
     def num_ids(self) -> int:
-        """1 + the largest sample id ever recorded (0 when empty)."""
-        return len(self._parent)
+        """1 + the largest sample id ever recorded (0 when empty). Ids need not be dense:
+        use :meth:`ids` for the ids that appear in the log."""
+        return self._max_id + 1
+
+    def ids(self) -> torch.Tensor:
+        """The sample ids that appear in the log, ascending (LongTensor ``[n]``)."""
+        return torch.from_numpy(self._lookup()["sorted"].copy())
+
+    def contradictions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Answers that contradicted what was known when they were applied, in log order:
+        ``(positions LongTensor [C], pairs LongTensor [C, 2], answers BoolTensor [C])``;
+        ``positions`` index :meth:`answers`. They are in the log but not in the relation
+        (the first answer wins)."""
+        pos = torch.tensor(self._conflicts, dtype=torch.long)
+        pairs = torch.tensor([[self._log_i[c], self._log_j[c]] for c in self._conflicts],
+                             dtype=torch.long).reshape(-1, 2)
+        return pos, pairs, torch.tensor([self._log_a[c] for c in self._conflicts],
+                                        dtype=torch.bool)
 
     def _check_id(self, v, name: str) -> int:
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
@@ -394,7 +760,12 @@ class RelationStore:
         """True if i and j are known alike (directly or by transitivity), False if known
         different (directly or propagated), None if unknown. ``same(i, i)`` is True."""
         i, j = self._check_id(i, "i"), self._check_id(j, "j")
-        ri, rj = self._find(i), self._find(j)
+        if i == j:
+            return True
+        di, dj = self._dense.get(i), self._dense.get(j)
+        if di is None or dj is None:
+            return None
+        ri, rj = self._find(di), self._find(dj)
         if ri == rj:
             return True
         if rj in self._cannot.get(ri, ()):
@@ -410,35 +781,31 @@ class RelationStore:
         p = _as_pairs(pairs).numpy()
         if p.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool)
-        ri, rj = self._roots(p[:, 0]), self._roots(p[:, 1])
-        known = ri == rj
-        if self._cannot:
-            m = max(self.num_ids, int(p.max()) + 1)
-            if self._keys_cache is None or self._keys_cache[0] != m:
-                keys = np.fromiter((a * m + b for a, s in self._cannot.items() for b in s),
-                                   dtype=np.int64)
-                self._keys_cache = (m, np.sort(keys))
-            keys = self._keys_cache[1]
-            q = ri * m + rj
+        ri, rj = self._dense_roots(p[:, 0]), self._dense_roots(p[:, 1])
+        both = (ri >= 0) & (rj >= 0)
+        known = (p[:, 0] == p[:, 1]) | (both & (ri == rj))
+        c = self._lookup()
+        keys = c["keys"]
+        if keys.shape[0]:
+            q = np.where(both, ri * c["n"] + rj, -1)
             pos = np.searchsorted(keys, q).clip(max=keys.shape[0] - 1)
-            known |= keys[pos] == q
+            known |= both & (keys[pos] == q)
         return torch.from_numpy(known)
 
     def roots(self, indices=None) -> torch.Tensor:
-        """Union-find root of each sample in ``indices`` (LongTensor ``[B]``); a sample
-        with no known positive is its own root. Equal roots ⇔ known alike."""
+        """Union-find root of each sample in ``indices`` (LongTensor ``[B]``), a sample id;
+        a sample with no known positive is its own root. Equal roots ⇔ known alike."""
         return torch.from_numpy(self._roots(self._indices(indices).numpy()))
 
     def components(self, indices=None) -> torch.Tensor:
         """Component id of each sample in ``indices`` (LongTensor ``[B]``), −1 for samples
-        with no known positive. Ids are roots of the union-find: equal ⇔ known alike.
-        ``indices=None`` means all ids ``0..num_ids-1``."""
-        idx = self._indices(indices)
-        roots = self._roots(idx.numpy())
-        sizes = np.asarray(self._size, dtype=np.int64)
-        size = np.ones_like(roots)
-        inside = roots < sizes.shape[0]
-        size[inside] = sizes[roots[inside]]
+        with no known positive. Ids are roots of the union-find (sample ids): equal ⇔
+        known alike. ``indices=None`` means all ids ``0..num_ids-1``."""
+        idx = self._indices(indices).numpy()
+        d = self._dense_roots(idx)
+        c = self._lookup()
+        size = np.where(d >= 0, c["size"][d.clip(min=0)] if len(self._ids) else 1, 1)
+        roots = np.where(d >= 0, c["ids"][d.clip(min=0)] if len(self._ids) else 0, idx)
         return torch.from_numpy(np.where(size > 1, roots, -1))
 
     def answers(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,12 +815,17 @@ class RelationStore:
 
     def _indices(self, indices) -> torch.Tensor:
         if indices is None:
+            if self.num_ids > MAX_IMPLICIT_IDS:
+                raise ValueError(f"RelationStore: indices=None means every id 0..num_ids-1, "
+                                 f"and num_ids = {self.num_ids} > {MAX_IMPLICIT_IDS}; pass the "
+                                 f"sample ids explicitly (store.ids() lists those in the log)")
             return torch.arange(self.num_ids)
         idx = torch.as_tensor(indices)
         if idx.dim() != 1:
             raise ValueError(f"RelationStore: indices must be a 1-D tensor of sample ids, "
                              f"got shape {tuple(idx.shape)}")
-        if idx.numel() and (idx.dtype.is_floating_point or idx.dtype == torch.bool):
+        if idx.numel() and (idx.dtype.is_floating_point or idx.dtype.is_complex
+                            or idx.dtype == torch.bool):
             raise TypeError(f"RelationStore: indices must hold integer sample ids, got {idx.dtype}")
         idx = idx.to(device="cpu", dtype=torch.long)
         if idx.numel() and int(idx.min()) < 0:
@@ -464,10 +836,12 @@ class RelationStore:
               view_weight: float = 1.0, device=None) -> PairGraph:
         """PairGraph of the known positives over a mini-batch.
 
-        Row b of the batch is sample ``indices[b]``; rows b and b' are positives when
-        the samples are in the same union-find component (answered or transitive).
-        Built as ``PairGraph.from_labels(component ids)`` (−1 for samples with no
-        known positive), so a component of size m never expands into m² edges.
+        Row b of the batch is sample ``indices[b]`` (any int64 ≥ 0 sample id; ids never
+        recorded have no known positive); rows b and b' are positives when the samples
+        are in the same union-find component (answered or transitive). Built as
+        ``PairGraph.from_labels(component ids)`` (−1 for samples with no known
+        positive; from_labels compacts the ids), so a component of size m never expands
+        into m² edges and nothing is sized by the largest sample id.
 
         With ``n_views = V > 1`` the graph is over ``z = cat([view_0, ..., view_{V-1}])``
         of the batch (V·B rows, row ``b + v·B`` = view v of sample b)::
@@ -481,7 +855,8 @@ class RelationStore:
         label_weight = α.
 
         Args:
-            indices: LongTensor ``[B]`` global sample ids (``None``: ``0..num_ids-1``).
+            indices: LongTensor ``[B]`` global sample ids (``None``: ``0..num_ids-1``,
+                refused when ``num_ids > MAX_IMPLICIT_IDS``).
             n_views: V ≥ 1.
             label_weight, view_weight: finite weights ≥ 0.
             device: where the graph lives (default CPU).
@@ -497,7 +872,121 @@ class RelationStore:
             g = float(view_weight) * PairGraph.from_views(idx.numel(), n_views, device=device) + g
         return g
 
+    # ------------------------------------------------------- copies, recovery
+    def backup(self, path: str | os.PathLike) -> None:
+        """Copy the store, WAL content included, into a new file ``path`` (SQLite's online
+        backup API: a consistent snapshot even while other processes write). ``path``
+        must not exist. The copy is verified by opening it read-only.
+
+        Copying the main file alone (``cp answers.sqlite``) can lose the answers that
+        are still in ``answers.sqlite-wal``: use this, or copy while no process has the
+        store open and after one closed it cleanly."""
+        where = "RelationStore.backup"
+        db = self._conn(where)
+        dst = os.fspath(path)
+        if os.path.exists(dst):
+            raise ValueError(f"{where}: {dst!r} already exists; choose a new path (a backup "
+                             f"never overwrites a file)")
+        folder = os.path.dirname(os.path.abspath(dst))
+        if not os.path.isdir(folder):
+            raise StoreError(f"{where}: the directory {folder!r} does not exist; create it first")
+        try:
+            out = sqlite3.connect(dst)
+            try:
+                db.backup(out)
+                if self.path is None:  # an in-memory store becomes a WAL file store
+                    out.execute("PRAGMA journal_mode = WAL")
+            finally:
+                out.close()
+        except sqlite3.Error as e:
+            raise _sqlite_error(where, dst, e) from e
+        with RelationStore(dst, readonly=True) as copy:
+            if copy.n_queries < self.n_queries:
+                raise StoreError(f"{where}: the copy {dst!r} holds {copy.n_queries} answers, "
+                                 f"fewer than this store's {self.n_queries}")
+        # The read-only check may leave an empty -wal and its -shm: the copy is one file.
+        if os.path.exists(dst + "-wal") and os.path.getsize(dst + "-wal") == 0:
+            for side in (dst + "-wal", dst + "-shm"):
+                if os.path.exists(side):
+                    os.remove(side)
+
+    @classmethod
+    def salvage(cls, src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
+        """Copy every row of a damaged store ``src`` that still verifies (values and
+        checksum) into a new store ``dst``, in log order, keeping each answer's pair,
+        time and source (row ids are renumbered 1, 2, …). ``src`` is only read. Rows
+        without a checksum but with valid values (written by an older palfast after a
+        migration) are kept and listed as ``unverified``. Returns :class:`SalvageReport`
+        with the rows kept and, for each row dropped, its id and why. Check the report:
+        the dropped answers may need to be asked again."""
+        where = "RelationStore.salvage"
+        src, dst = os.fspath(src), os.fspath(dst)
+        if os.path.exists(dst):
+            raise ValueError(f"{where}: {dst!r} already exists; choose a new path")
+        if not os.path.isfile(src):
+            raise StoreError(f"{where}: {src!r} does not exist")
+        kept, dropped, unverified = [], [], []
+        try:
+            db = _connect_ro(src, 5.0)
+        except sqlite3.Error as e:
+            raise _sqlite_error(where, src, e, readonly=True, opening=True) from e
+        try:
+            try:
+                raw = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = int(raw[0])
+            except (sqlite3.Error, TypeError, ValueError):
+                version = SCHEMA_VERSION
+            sel = _SELECT.format(crc="crc" if version >= 2 else "NULL")
+            try:
+                rows = db.execute(sel + " ORDER BY id").fetchall()
+                scanned = True
+            except sqlite3.Error:
+                rows, scanned = None, False
+            if rows is None:
+                # A damaged page: read row by row, so it loses its rows, not the rest of the log.
+                rows = []
+                try:
+                    top = db.execute("SELECT max(id) FROM answers").fetchone()[0] or 0
+                except sqlite3.Error as e:
+                    raise _sqlite_error(where, src, e, readonly=True, opening=True) from e
+                for seq_id in range(1, min(top, _SALVAGE_PROBES) + 1):
+                    try:
+                        row = db.execute(sel + " WHERE id = ?", (seq_id,)).fetchone()
+                    except sqlite3.Error as e:
+                        dropped.append((seq_id, f"unreadable ({e})"))
+                        continue
+                    if row is not None:
+                        rows.append(row)
+            last = 0
+            for row in rows:
+                if scanned and isinstance(row[0], int) and row[0] > last + 1:
+                    dropped.append((last + 1, f"missing (ids {last + 1}..{row[0] - 1})"))
+                try:
+                    kept.append(_check_row(row, version if row[6] is not None else 1))
+                    if version >= 2 and row[6] is None:
+                        unverified.append(row[0])
+                except ValueError as e:
+                    dropped.append((row[0], str(e)))
+                last = row[0] if isinstance(row[0], int) else last
+        finally:
+            db.close()
+        with cls(dst) as out:
+            db = out._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO answers (id, i, j, answer, time, source, crc) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
+                     for k, (_, i, j, a, t, s) in enumerate(kept)])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return SalvageReport(len(kept), dropped, unverified)
+
     def __repr__(self) -> str:
-        n_comp = sum(1 for i, p in enumerate(self._parent) if p == i and self._size[i] > 1)
+        n_comp = sum(1 for d, p in enumerate(self._parent) if p == d and self._size[d] > 1)
         return (f"RelationStore(path={self.path!r}, n_queries={self.n_queries}, "
-                f"components={n_comp}, conflicts={self.n_conflicts})")
+                f"components={n_comp}, conflicts={self.n_conflicts}"
+                f"{', readonly' if self.readonly else ''})")
