@@ -5,6 +5,11 @@ about global sample ids i ≠ j. The store keeps
 
 * an **append-only log** (SQLite table ``answers``: id, i, j, answer, time, source);
   UPDATE and DELETE on it are refused by triggers;
+* **retractions** (SQLite table ``retractions``: id, answer_id, time, source, also
+  append-only): :meth:`RelationStore.retract` supersedes earlier answers (an "undo")
+  by appending a record, never by editing the log. The relation, :meth:`answers`
+  and :attr:`n_queries` are those of the log without the retracted answers;
+  :meth:`log` shows every row with what retracted it;
 * a **union-find** over positive answers (transitivity: i~j, j~k ⇒ i~k);
 * **cannot-link** pairs between components from negative answers, propagated by
   construction: the negative is stored between the two *components*, so
@@ -61,7 +66,9 @@ __all__ = ["RelationStore"]
 
 #: ``PRAGMA application_id`` of a RelationStore file: b"PALF" as a big-endian int32.
 APPLICATION_ID = 0x50414C46
-SCHEMA_VERSION = 1
+#: 2 added the ``retractions`` table; a version-1 file is upgraded when opened (so an
+#: older palfast, which would ignore retractions, refuses it instead of misreading it).
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -78,6 +85,18 @@ _SCHEMA = (
     """CREATE TRIGGER answers_no_delete BEFORE DELETE ON answers
         BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
 )
+# Schema version 2: undo without editing the log. UNIQUE: an answer is retracted once.
+_SCHEMA_V2 = (
+    """CREATE TABLE retractions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        answer_id INTEGER NOT NULL UNIQUE REFERENCES answers(id),
+        time REAL NOT NULL,
+        source TEXT NOT NULL)""",
+    """CREATE TRIGGER retractions_no_update BEFORE UPDATE ON retractions
+        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the retractions log is append-only'); END""",
+    """CREATE TRIGGER retractions_no_delete BEFORE DELETE ON retractions
+        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the retractions log is append-only'); END""",
+)
 
 
 def _as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
@@ -92,6 +111,13 @@ def _as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
     if t.numel() and int(t.min()) < 0:
         raise ValueError(f"{name} must hold sample ids >= 0, got {int(t.min())}")
     return t
+
+
+def _as_ids(answer_ids) -> list[int]:
+    t = torch.as_tensor(answer_ids).reshape(-1)
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"RelationStore.retract: answer_ids must be integer log ids, got {t.dtype}")
+    return [int(v) for v in t.tolist()]
 
 
 class RelationStore:
@@ -132,7 +158,11 @@ class RelationStore:
         except BaseException:
             self._db.close()
             raise
-        # In-memory relation, rebuilt from the log.
+        self._reset()
+        self.refresh()
+
+    def _reset(self) -> None:
+        """Forget the in-memory relation; the next refresh replays the whole log."""
         self._parent: list[int] = []   # union-find forest over ids 0..len-1
         self._size: list[int] = []
         self._cannot: dict[int, set[int]] = {}  # root -> roots it cannot be linked to
@@ -140,10 +170,11 @@ class RelationStore:
         self._log_j: list[int] = []
         self._log_a: list[bool] = []
         self._last_id = 0
+        self._retracted: set[int] = set()  # answer ids superseded by a retraction
+        self._last_retraction = 0
         self._n_conflicts = 0
         self._roots_cache: np.ndarray | None = None
         self._keys_cache: tuple[int, np.ndarray] | None = None  # sorted cannot-link keys
-        self.refresh()
 
     # ------------------------------------------------------------------ SQLite
     def _open(self) -> None:
@@ -160,6 +191,7 @@ class RelationStore:
         if app_id == 0:
             self._initialise()
         self._check_meta()
+        self._upgrade()
 
     def _set_wal(self) -> str:
         """Switch to WAL, retrying while another process holds the file: SQLite does not
@@ -193,7 +225,7 @@ class RelationStore:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app_id == 0:
                 self._refuse_foreign(tables)
-                for statement in _SCHEMA:
+                for statement in _SCHEMA + _SCHEMA_V2:
                     db.execute(statement)
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                [("application", "palfast.RelationStore"),
@@ -230,6 +262,25 @@ class RelationStore:
             raise ValueError(f"RelationStore: {self.path!r} has an invalid schema version "
                              f"{meta.get('schema_version')!r}")
 
+    def _upgrade(self) -> None:
+        """Bring a version-1 store (no retractions table) to the current schema, once."""
+        db = self._db
+        if int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) >= 2:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:  # re-read under the lock: another process may have upgraded it meanwhile
+            if int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) < 2:
+                for statement in _SCHEMA_V2:
+                    db.execute(statement)
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                           (str(SCHEMA_VERSION),))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         """Close the database. Everything recorded is already on disk."""
         self._db.close()
@@ -241,7 +292,7 @@ class RelationStore:
         self.close()
 
     # ------------------------------------------------------------- recording
-    def record(self, pairs, answers, source: str = "oracle") -> None:
+    def record(self, pairs, answers, source: str = "oracle") -> list[int]:
         """Append answers to the log (one transaction) and update the relation.
 
         Args:
@@ -249,6 +300,7 @@ class RelationStore:
             answers: ``[Q]`` bool, True = "alike".
             source: free text stored with each answer (e.g. ``"oracle"``, ``"prior"``).
 
+        Returns the log ids of the new rows, in order (what :meth:`retract` takes).
         When this returns the answers are durable (file-backed store)."""
         p = _as_pairs(pairs)
         a = torch.as_tensor(answers)
@@ -267,7 +319,7 @@ class RelationStore:
             raise ValueError(f"RelationStore.record: pairs must join two different samples, "
                              f"got pair {q} = ({int(p[q, 0])}, {int(p[q, 1])})")
         if p.numel() == 0:
-            return
+            return []
         now = time.time()
         rows = [(i, j, int(x), now, source) for (i, j), x in zip(p.tolist(), a.tolist())]
         db = self._db
@@ -277,24 +329,101 @@ class RelationStore:
                            rows)
             # Rows other processes appended since our last look come first (smaller ids),
             # so every process replays the same log in the same order.
-            new_rows = db.execute("SELECT id, i, j, answer FROM answers WHERE id > ? ORDER BY id",
-                                  (self._last_id,)).fetchall()
+            new_rows, new_retractions = self._read_new()
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self._apply(new_rows)
+        self._apply_new(new_rows, new_retractions)
+        # We held the write lock, so our rows are the last ones read.
+        return [r[0] for r in new_rows[len(new_rows) - len(rows):]]
+
+    def retract(self, answer_ids, source: str = "oracle") -> None:
+        """Supersede earlier answers (undo): appends one retraction per answer id, in one
+        transaction; the relation is rebuilt from the log without them. The answers stay
+        in the log (see :meth:`log`). Each id must be in the log and not yet retracted."""
+        ids = _as_ids(answer_ids)
+        if not isinstance(source, str):
+            raise TypeError(f"RelationStore.retract: source must be a str, got {type(source).__name__}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"RelationStore.retract: answer_ids repeat an id: {ids}")
+        if not ids:
+            return
+        now = time.time()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            marks = ",".join("?" * len(ids))
+            found = {r[0] for r in db.execute(f"SELECT id FROM answers WHERE id IN ({marks})", ids)}
+            done = {r[0] for r in db.execute(
+                f"SELECT answer_id FROM retractions WHERE answer_id IN ({marks})", ids)}
+            if missing := [a for a in ids if a not in found]:
+                raise ValueError(f"RelationStore.retract: no answer with id {missing} in the log "
+                                 "(ids are what record() returned)")
+            if done:
+                raise ValueError(f"RelationStore.retract: answers {sorted(done)} are already retracted")
+            db.executemany("INSERT INTO retractions (answer_id, time, source) VALUES (?, ?, ?)",
+                           [(a, now, source) for a in ids])
+            new_rows, new_retractions = self._read_new()
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._apply_new(new_rows, new_retractions)
 
     def refresh(self) -> int:
-        """Apply the rows other processes appended since we last looked; returns how many."""
+        """Apply the rows and retractions other processes appended since we last looked;
+        returns how many rows and retractions."""
+        db = self._db
+        db.execute("BEGIN")  # one snapshot: a retraction never refers to a row we did not read
+        try:
+            rows, retractions = self._read_new()
+        finally:
+            db.execute("COMMIT")
+        self._apply_new(rows, retractions)
+        return len(rows) + len(retractions)
+
+    def _read_new(self):
         rows = self._db.execute("SELECT id, i, j, answer FROM answers WHERE id > ? ORDER BY id",
                                 (self._last_id,)).fetchall()
+        retractions = self._db.execute(
+            "SELECT id, answer_id FROM retractions WHERE id > ? ORDER BY id",
+            (self._last_retraction,)).fetchall()
+        return rows, retractions
+
+    def _apply_new(self, rows, retractions) -> None:
+        if retractions:
+            self._last_retraction = retractions[-1][0]
+            new = {a for _, a in retractions}
+            if any(a <= self._last_id for a in new):
+                # An applied answer was retracted: union-find cannot remove an edge, so
+                # replay the whole log without it (rare: a person pressing undo).
+                retracted = self._retracted | new
+                last_retraction = self._last_retraction
+                upto = rows[-1][0] if rows else self._last_id
+                self._reset()
+                self._retracted, self._last_retraction = retracted, last_retraction
+                rows = self._db.execute("SELECT id, i, j, answer FROM answers WHERE id <= ? "
+                                        "ORDER BY id", (upto,)).fetchall()
+            else:
+                self._retracted |= new
         self._apply(rows)
-        return len(rows)
+
+    def log(self) -> list[tuple]:
+        """Every row of the log, retracted ones included, read from the file, in id order:
+        ``(id, i, j, answer: bool, time, source, retracted_by)`` where ``retracted_by`` is
+        the source of the retraction, or None."""
+        rows = self._db.execute(
+            "SELECT a.id, a.i, a.j, a.answer, a.time, a.source, r.source FROM answers a "
+            "LEFT JOIN retractions r ON r.answer_id = a.id ORDER BY a.id").fetchall()
+        return [(i, a, b, bool(x), t, s, r) for i, a, b, x, t, s, r in rows]
 
     def _apply(self, rows) -> None:
-        for _, i, j, ans in rows:
+        for row_id, i, j, ans in rows:
+            if row_id in self._retracted:
+                continue
             self._log_i.append(i)
             self._log_j.append(j)
             self._log_a.append(bool(ans))
@@ -315,8 +444,8 @@ class RelationStore:
                 self._cannot.setdefault(rj, set()).add(ri)
         if rows:
             self._last_id = rows[-1][0]
-            self._roots_cache = None
-            self._keys_cache = None
+        self._roots_cache = None  # also after a rebuild with no new rows
+        self._keys_cache = None
 
     # ------------------------------------------------------------ union-find
     def _grow(self, n: int) -> None:
@@ -370,7 +499,8 @@ class RelationStore:
     # --------------------------------------------------------------- queries
     @property
     def n_queries(self) -> int:
-        """Number of answers in the log (every source, conflicts and repeats included)."""
+        """Number of answers in the log (every source, conflicts and repeats included),
+        retracted ones excluded."""
         return len(self._log_a)
 
     @property
