@@ -237,7 +237,6 @@ def test_budget_stops_the_questions(tmp_path):
 
 
 def test_random_strategy_without_embeddings_and_captcha(tmp_path):
-    data = ImageData("test", array=images())
     with RelationStore() as store:
         q = Questions(store, Embeddings(N), N, strategy="random", captcha_k=5, background=False)
         got = q.next("captcha", "me")
@@ -326,3 +325,34 @@ def test_max_issued_bounds_memory(served, monkeypatch):
     with pytest.raises(questions_mod.NotIssued):
         q.answer(qids[0], "owner0", "x", [True])
     assert torch.is_tensor(q.store.roots([0]))
+
+
+def test_assets_are_installed_with_the_package():
+    # CI installs the wheel (not the source tree): templates and static files must be in it.
+    from importlib.resources import files
+
+    root = files("palfast.annotate")
+    for name in ("base.html", "pair.html", "captcha.html", "start.html", "error.html", "noquestion.html"):
+        assert (root / "templates" / name).is_file(), name
+    for name in ("annotate.js", "annotate.css"):
+        assert (root / "static" / name).is_file(), name
+
+
+def test_two_servers_share_one_store(tmp_path):
+    """Two app processes (here: two Questions on one file) never ask what the other's
+    people answered, and see each other's undo."""
+    data = ImageData("test", array=images())
+    emb = data.simple_embeddings()
+    with RelationStore(tmp_path / "s.sqlite") as sa, RelationStore(tmp_path / "s.sqlite") as sb:
+        qa = Questions(sa, Embeddings(N, fallback=emb), N, background=False)
+        qb = Questions(sb, Embeddings(N, fallback=emb), N, background=False)
+        got = qa.next("pair", "a")
+        ids = qa.answer(got.qid, "a", "ann", [True])
+        for _ in range(10):
+            other = qb.next("pair", "b")
+            assert {got.anchor, got.others[0]} != {other.anchor, other.others[0]}
+            assert sb.same(other.anchor, other.others[0]) is None
+            qb.answer(other.qid, "b", "bob", [False])
+        assert qb.stats("b")["answered"] == 11
+        qa.undo("a", "ann")
+        assert qb.stats("b")["answered"] == 10 and sb.log()[ids[0] - 1][6] == "ann"
