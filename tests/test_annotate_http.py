@@ -356,3 +356,12 @@ def test_two_servers_share_one_store(tmp_path):
         assert qb.stats("b")["answered"] == 11
         qa.undo("a", "ann")
         assert qb.stats("b")["answered"] == 10 and sb.log()[ids[0] - 1][6] == "ann"
+
+
+def test_embeddings_file_written_later_is_picked_up(tmp_path):
+    path = tmp_path / "emb.npy"
+    fallback = np.ones((N, 2), np.float32)
+    emb = Embeddings(N, path, fallback=fallback)  # the trainer has not written it yet
+    assert np.array_equal(emb.get()[0], fallback) and not emb.poll() and "waiting for" in emb.error
+    np.save(path, np.zeros((N, 5), np.float32))
+    assert emb.poll() and emb.get()[0].shape == (N, 5) and emb.error is None

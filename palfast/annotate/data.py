@@ -195,6 +195,10 @@ class Embeddings:
             return False
         try:
             mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            self.error = (f"palfast annotate: waiting for the embeddings file {str(self.path)!r} "
+                          "(a trainer writes it); questions use the previous embeddings meanwhile")
+            return False
         except OSError as e:
             self.error = f"palfast annotate: cannot read embeddings {str(self.path)!r}: {e}"
             return False
@@ -203,8 +207,9 @@ class Embeddings:
         try:
             x = self._read()
         except Exception as e:  # a trainer mid-write, or a wrong file: keep what we have
-            self.error = str(e) if str(e).startswith("palfast") else (
-                f"palfast annotate: cannot read embeddings {str(self.path)!r}: {e}")
+            self.error = (str(e) if str(e).startswith("palfast") else
+                          f"palfast annotate: cannot read embeddings {str(self.path)!r}: {e}"
+                          ) + " (the previous embeddings stay in use until the file is fixed)"
             return False
         self._mtime, self._array, self.error = mtime, x, None
         self.version += 1
