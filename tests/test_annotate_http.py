@@ -365,3 +365,23 @@ def test_embeddings_file_written_later_is_picked_up(tmp_path):
     assert np.array_equal(emb.get()[0], fallback) and not emb.poll() and "waiting for" in emb.error
     np.save(path, np.zeros((N, 5), np.float32))
     assert emb.poll() and emb.get()[0].shape == (N, 5) and emb.error is None
+
+
+def test_background_refill_serves_and_reports_a_failing_strategy(tmp_path, monkeypatch):
+    data = ImageData("test", array=images())
+    with RelationStore(tmp_path / "s.sqlite") as store:
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N)  # refill thread
+        try:
+            got = q.next("pair", "me")
+            assert got is not None and not store.is_known(got.anchor, got.others[0])
+
+            def broken(*a, **k):
+                raise RuntimeError("faiss exploded")
+
+            monkeypatch.setattr(questions_mod, "select_queries", broken)
+            with q._lock:
+                q._pending.clear()
+            assert q.next("pair", "other") is None  # no pair left, the refill failed: no hang
+            assert "faiss exploded" in q.stats("other")["refill_error"]
+        finally:
+            q.close()

@@ -93,9 +93,9 @@ class Questions:
         self._again: dict[tuple[str, str], _Saved] = {}   # (owner, kind) -> undone, ask again
         self._saved_count: dict[str, int] = {}
         self._want_refill = True
-        self._refilling = False
         self._closed = False
         self.exhausted = False        # select_queries found no unknown pair left
+        self._last_added: int | None = None  # pairs the last refill added
         self.refill_error: str | None = None
         self._rng = np.random.default_rng(seed)
         self._background = background
@@ -127,14 +127,13 @@ class Questions:
         """One refill, in the caller's thread; returns the number of pairs added."""
         with self._lock:
             self._sync()
-            self._refilling = True
+            added = 0
             try:
                 busy = self._busy_pairs()
                 have = set(self._pending) | busy
                 self._rounds += 1
                 got = select_queries(self._embeddings_tensor(), self.store, REFILL, self.strategy,
                                      seed=self._seed * 1_000_003 + self._rounds)
-                added = 0
                 for i, j in got.tolist():
                     if (i, j) not in have:
                         self._pending.append((i, j))
@@ -144,9 +143,8 @@ class Questions:
                 self.refill_error = None
             except Exception as e:  # keep serving what is pending; the page shows the reason
                 self.refill_error = f"{type(e).__name__}: {e}"
-                added = 0
             finally:
-                self._refilling = False
+                self._last_added = added
                 self._want_refill = False
                 self._changed.notify_all()
             return added
@@ -215,6 +213,8 @@ class Questions:
                 if left <= 0:
                     return None
                 self._changed.wait(timeout=left)
+                if not self._pending and not self._want_refill and self._last_added == 0:
+                    return None  # every unknown pair is on someone's screen: ask again later
                 busy = self._busy_pairs()
 
     def _candidates(self, anchor: int, first: int, busy) -> list[int]:
