@@ -69,6 +69,7 @@ APPLICATION_ID = 0x50414C46
 #: 2 added the ``retractions`` table; a version-1 file is upgraded when opened (so an
 #: older palfast, which would ignore retractions, refuses it instead of misreading it).
 SCHEMA_VERSION = 2
+_RETRACTIONS_SINCE = 2  # first schema version with the retractions table
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -265,11 +266,12 @@ class RelationStore:
     def _upgrade(self) -> None:
         """Bring a version-1 store (no retractions table) to the current schema, once."""
         db = self._db
-        if int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) >= 2:
+        version = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema_version'"
+        if db.execute(version).fetchone()[0] >= _RETRACTIONS_SINCE:
             return
         db.execute("BEGIN IMMEDIATE")
         try:  # re-read under the lock: another process may have upgraded it meanwhile
-            if int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) < 2:
+            if db.execute(version).fetchone()[0] < _RETRACTIONS_SINCE:
                 for statement in _SCHEMA_V2:
                     db.execute(statement)
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
