@@ -3,6 +3,7 @@ bad request the issue lists — forged or replayed answers, foreign sessions, CS
 and malformed bodies, image ids out of range or path-like, a foreign Host — each a 4xx,
 never a crash, never a lost answer. Data loaders and the embeddings reload are here too."""
 
+import io
 import os
 import re
 import time
@@ -299,6 +300,10 @@ def test_data_loaders(tmp_path):
         load_data(tmp_path / "e.npy")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_data(tmp_path / "missing")
+    sizes = np.zeros((2, 1000, 700, 3), np.uint8), np.zeros((2, 8, 5), np.uint8)
+    for big, side in zip(sizes, (512, 128)):  # shrunk to MAX_DISPLAY_SIDE, grown to MIN_DISPLAY_SIDE
+        np.save(tmp_path / "s.npy", big)
+        assert max(Image.open(io.BytesIO(load_data(tmp_path / "s.npy").png(0))).size) == side
 
 
 def test_cli_help_and_argument_errors(tmp_path, capsys):

@@ -34,6 +34,9 @@ SIMPLE_SIDE = 16
 #: Images are shown at least this many pixels a side: the digits are 8×8, far too small
 #: to judge; upscaled with nearest neighbour so no detail is invented.
 MIN_DISPLAY_SIDE = 128
+#: Larger images are shrunk to this many pixels a side: enough to judge "alike" on a
+#: screen showing up to 7 images, and a photo folder does not send megabytes per question.
+MAX_DISPLAY_SIDE = 512
 #: Rendered PNGs kept in memory (a captcha screen shows up to ~10, many people share them).
 PNG_CACHE = 4096
 
@@ -99,6 +102,8 @@ class ImageData:
         if side < MIN_DISPLAY_SIDE:
             scale = -(-MIN_DISPLAY_SIDE // side)
             im = im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)
+        elif side > MAX_DISPLAY_SIDE:
+            im.thumbnail((MAX_DISPLAY_SIDE, MAX_DISPLAY_SIDE))
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return buf.getvalue()
