@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="palfast: fast Positive Active Learning for PyTorch. "
                     "Graph-weighted SSL losses as fused C++/CUDA ops, FAISS query selection, "
                     "and a crash-safe store of oracle answers.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,bench,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,bench,info,annotate}")
 
     demo = sub.add_parser(
         "demo", help="active PAL end to end on scikit-learn's digits (active vs passive)",
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_results",
                        help="folder for the JSON and CSV files (default: ./bench_results)")
 
+    annotate = sub.add_parser(  # palfast/annotate/ fills in the description and options
+        "annotate", help="a local web page where people answer 'are these alike?' into the store")
+    importlib.import_module("palfast.annotate").add_arguments(annotate)
+
     sub.add_parser("info", help="versions, compiled kernels (CPU, CUDA archs), FAISS",
                    description="Print palfast, torch and CUDA versions, which kernels were "
                                "compiled (CPU; CUDA and for which archs) and which FAISS is "
@@ -132,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "bench": _bench, "info": _info}[args.command]
+    handler = {"demo": _demo, "bench": _bench, "info": _info,
+               "annotate": lambda a: importlib.import_module("palfast.annotate").run(a)}[args.command]
     return handler(args)
 
 

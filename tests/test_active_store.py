@@ -22,6 +22,7 @@ from palfast.active import RelationStore
 from palfast.active.store import (
     APPLICATION_ID,
     MAX_IMPLICIT_IDS,
+    SCHEMA_VERSION,
     ContradictionWarning,
     StoreCorruptError,
     StoreError,
@@ -602,7 +603,7 @@ def test_salvage_keeps_valid_rows_without_checksum(tmp_path):
     with pytest.raises(StoreCorruptError, match="row id=2 fails its check: checksum is None"):
         RelationStore(path)
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
-    assert report == (2, [], [2])
+    assert report == (2, [], [2], 0, [])
     with RelationStore(tmp_path / "saved.sqlite") as s:
         assert s.same(0, 2) is True
     with pytest.raises(ValueError, match="already exists"):
@@ -705,7 +706,8 @@ def test_version_1_store_is_migrated_in_place(tmp_path):
         assert s.answers()[0].tolist() == [[0, 1], [1, 2], [3, 4]]
         s.record([[4, 5]], [True])
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION)
     got = db.execute("SELECT id, i, j, answer, time, source, crc FROM answers").fetchall()
     assert [r[1:6] for r in got[:3]] == rows
     assert all(r[6] == row_crc(r[0], r[1], r[2], r[3], r[4], r[5].encode()) for r in got)
@@ -714,6 +716,8 @@ def test_version_1_store_is_migrated_in_place(tmp_path):
     db.close()
     with RelationStore(path) as s:
         assert s.n_queries == 4 and s.same(3, 5) is True
+        s.retract([3])  # 1 → 3 also brought the retractions table
+        assert s.n_queries == 3 and s.same(3, 5) is None
 
 
 def test_invalid_version_1_row_stops_the_migration(tmp_path):

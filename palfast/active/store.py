@@ -7,6 +7,12 @@ The store keeps
 * an **append-only log** (SQLite table ``answers``: id, i, j, answer, time, source,
   crc); UPDATE and DELETE on it are refused by triggers, and every row carries a
   CRC-32 of its content, verified whenever the row is read;
+* **retractions** (SQLite table ``retractions``: id, answer_id, time, source, crc;
+  append-only and checksummed the same way): :meth:`RelationStore.retract` supersedes
+  earlier answers (an "undo", used by ``palfast annotate``) by appending a record,
+  never by editing the log. The relation, :meth:`RelationStore.answers` and
+  :attr:`RelationStore.n_queries` are those of the log without the retracted answers;
+  :meth:`RelationStore.log` lists every row with who retracted it;
 * a **union-find** over positive answers (transitivity: i~j, j~k ⇒ i~k), over dense
   indices (a dict maps sample id → index, in order of first appearance);
 * **cannot-link** pairs between components from negative answers, propagated by
@@ -20,15 +26,16 @@ Guarantees (file-backed store)
   the answers survive the process being killed (SIGKILL) or the machine losing power.
   Until a checkpoint the newest answers live in ``<path>-wal``: copy a store with
   :meth:`RelationStore.backup`, never by copying the main file alone.
-* Resume: opening an existing file replays the log in id order and rebuilds the
-  union-find and the cannot-links exactly.
+* Resume: opening an existing file replays the log in id order, leaving out the
+  retracted answers, and rebuilds the union-find and the cannot-links exactly.
 * Integrity: opening runs ``PRAGMA quick_check``, checks every row's values and
-  CRC-32, that row ids are 1, 2, 3, … without a gap and that none is missing at the
-  end; any failure raises :class:`StoreCorruptError` naming the row, and nothing is
-  dropped silently (:meth:`RelationStore.salvage` copies the rows that verify).
+  CRC-32 (answers and retractions), that row ids are 1, 2, 3, … without a gap and
+  that none is missing at the end, and that each retraction names an answer of the
+  log, once; any failure raises :class:`StoreCorruptError` naming the row, and nothing
+  is dropped silently (:meth:`RelationStore.salvage` copies the rows that verify).
 * Several processes may append to one file: writes take the lock up front
   (``BEGIN IMMEDIATE``) and wait up to ``timeout`` seconds for it (busy timeout).
-  Each ``record`` first replays the rows other processes appended, so every
+  Each ``record`` or ``retract`` first replays the rows other processes appended, so every
   process applies the log in the same order; :meth:`RelationStore.refresh` does
   it on demand for a reader.
 * ``readonly=True`` opens with SQLite's ``mode=ro``: the database file is never
@@ -36,8 +43,8 @@ Guarantees (file-backed store)
 * A file that is not SQLite, or an SQLite database that is not a RelationStore
   (``PRAGMA application_id`` and the ``meta`` table are checked), or one written
   by a newer schema version raises ``ValueError`` naming the path, never
-  silently mixes data. Stores of schema version 1 (no checksums) are migrated
-  in one transaction when opened for writing.
+  silently mixes data. Stores of schema version 1 (no checksums) or 2 (no
+  retractions) are migrated in one transaction when opened for writing.
 
 Contradictions (a noisy oracle saying i~j after i≁j was implied, or the reverse)
 are logged like any answer but do not change the relation: the first answer
@@ -51,6 +58,7 @@ Example::
     >>> from palfast.active import RelationStore
     >>> store = RelationStore()                       # in memory; pass a path to persist
     >>> store.record(torch.tensor([[0, 1], [1, 2], [2, 3]]), torch.tensor([True, True, False]))
+    [1, 2, 3]
     >>> store.same(0, 2), store.same(0, 3), store.same(0, 4)
     (True, False, None)
     >>> store.graph(torch.tensor([0, 2, 3, 4])).to_dense()
@@ -62,6 +70,8 @@ Example::
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import os
 import sqlite3
 import struct
@@ -81,8 +91,11 @@ __all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorru
 
 #: ``PRAGMA application_id`` of a RelationStore file: b"PALF" as a big-endian int32.
 APPLICATION_ID = 0x50414C46
-#: 1: the first layout; 2: adds the per-row ``crc`` column (migrated on a writable open).
-SCHEMA_VERSION = 2
+#: 1: the first layout; 2: adds the per-row ``crc`` column; 3: adds the ``retractions``
+#: table. Older files are migrated on a writable open (:meth:`RelationStore._migrate`);
+#: the version bump makes an older palfast, which would ignore retractions, refuse a
+#: store that has them instead of misreading it.
+SCHEMA_VERSION = 3
 #: ``indices=None`` means ``0..num_ids-1``; refused above this many ids (pass indices).
 MAX_IMPLICIT_IDS = 1 << 24
 #: SQLite's busy timeout is an int of milliseconds.
@@ -90,12 +103,26 @@ _MAX_TIMEOUT = 2_000_000.0
 #: :meth:`RelationStore.salvage` reads a store whose scan fails row by row, up to this id.
 _SALVAGE_PROBES = 10_000_000
 
-_APPEND_ONLY = (
-    # The log is append-only: refuse edits at the database level, not just in this class.
-    """CREATE TRIGGER answers_no_update BEFORE UPDATE ON answers
-        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
-    """CREATE TRIGGER answers_no_delete BEFORE DELETE ON answers
-        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
+
+def _append_only(table: str) -> tuple[str, str]:
+    """Triggers refusing UPDATE and DELETE on ``table``: the logs are append-only at the
+    database level, not just in this class."""
+    return tuple(f"""CREATE TRIGGER {table}_no_{op} BEFORE {op.upper()} ON {table}
+        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the {table} log is append-only'); END"""
+                 for op in ("update", "delete"))
+
+
+# Schema 3: an answer is retracted at most once (UNIQUE) and only if it is in the log
+# (REFERENCES, with foreign_keys on; answers are never deleted).
+_RETRACTIONS = (
+    """CREATE TABLE retractions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        answer_id INTEGER NOT NULL UNIQUE REFERENCES answers(id)
+            CHECK (typeof(answer_id) = 'integer' AND answer_id >= 1),
+        time REAL NOT NULL,
+        source TEXT NOT NULL,
+        crc INTEGER NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
+    *_append_only("retractions"),
 )
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -107,9 +134,18 @@ _SCHEMA = (
         time REAL NOT NULL,
         source TEXT NOT NULL,
         crc INTEGER NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
-    *_APPEND_ONLY,
+    *_append_only("answers"),
+    *_RETRACTIONS,
 )
-_SELECT = "SELECT id, i, j, answer, time, CAST(source AS BLOB), {crc} FROM answers"
+#: The integer columns of each log table, between ``id`` and ``time, source, crc``.
+_COLUMNS = {"answers": ("i", "j", "answer"), "retractions": ("answer_id",)}
+
+
+def _select(table: str, version: int) -> str:
+    """SELECT of a log table's rows as ``(id, *integer columns, time, source bytes, crc)``;
+    crc is NULL before schema 2 (reading a version-1 file read-only)."""
+    return (f"SELECT id, {', '.join(_COLUMNS[table])}, time, CAST(source AS BLOB), "
+            f"{'crc' if version >= 2 else 'NULL'} FROM {table}")
 
 
 # ----------------------------------------------------------------- errors
@@ -131,44 +167,61 @@ class ContradictionWarning(UserWarning):
 
 
 class SalvageReport(NamedTuple):
-    """What :meth:`RelationStore.salvage` copied: ``kept`` rows; ``dropped`` as
-    ``(row id, reason)`` for each row that could not be read or verified; ``unverified``:
-    ids of kept rows that had no checksum (valid values, written by a schema-1 palfast
-    after the store was migrated)."""
+    """What :meth:`RelationStore.salvage` copied: ``kept`` answers rows; ``dropped`` as
+    ``(row id, reason)`` for each answers row that could not be read or verified;
+    ``unverified``: ids of kept rows that had no checksum (valid values, written by a
+    schema-1 palfast after the store was migrated); ``retractions_kept`` and
+    ``retractions_dropped`` the same for the retractions table (a dropped retraction
+    brings its answer back into the relation: check them)."""
     kept: int
     dropped: list
     unverified: list
+    retractions_kept: int
+    retractions_dropped: list
 
 
-def row_crc(seq: int, i: int, j: int, answer: int, t: float, source: bytes) -> int:
-    """CRC-32 of one log row: little-endian int64 ``seq, i, j, answer``, float64 ``time``,
-    then the UTF-8 bytes of ``source``. Any single flipped bit changes it."""
-    return zlib.crc32(struct.pack("<qqqqd", seq, i, j, answer, t) + source)
+def row_crc(seq: int, *fields) -> int:
+    """CRC-32 of one row of a log table, ``fields`` being its integer columns, then
+    ``time`` and ``source`` (bytes): an answer is ``row_crc(id, i, j, answer, time,
+    source)``, a retraction ``row_crc(id, answer_id, time, source)``. Little-endian int64
+    ``id`` and integers, float64 ``time``, then the UTF-8 bytes of ``source``. Any single
+    flipped bit changes it."""
+    *ints, t, source = fields
+    return zlib.crc32(struct.pack(f"<{1 + len(ints)}qd", seq, *ints, t) + source)
 
 
-def _check_row(row, version: int) -> tuple[int, int, int, bool, float, str]:
-    """Validate one row read from SQLite; returns ``(id, i, j, answer, time, source)`` or
-    raises ``ValueError`` saying what is wrong (the caller names the file and the row)."""
-    seq, i, j, ans, t, src, crc = row
-    for name, v in (("i", i), ("j", j), ("answer", ans)):
+def _check_row(table: str, row, version: int) -> tuple:
+    """Validate one row of ``table`` read with :func:`_select`; returns ``(id, i, j,
+    answer: bool, time, source)`` for answers, ``(id, answer_id, time, source)`` for
+    retractions, or raises ``ValueError`` saying what is wrong (the caller names the file,
+    the table and the row). Retractions exist from schema 3 on, so always have a crc."""
+    seq, *ints, t, src, crc = row
+    for name, v in zip(_COLUMNS[table], ints):
         if type(v) is not int:
             raise ValueError(f"{name} is {v!r}, not an integer")
-    if i < 0 or j < 0 or i == j:
-        raise ValueError(f"pair ({i}, {j}) is not two different sample ids >= 0")
-    if ans not in (0, 1):
-        raise ValueError(f"answer is {ans}, not 0 or 1")
+    if table == "answers":
+        i, j, ans = ints
+        if i < 0 or j < 0 or i == j:
+            raise ValueError(f"pair ({i}, {j}) is not two different sample ids >= 0")
+        if ans not in (0, 1):
+            raise ValueError(f"answer is {ans}, not 0 or 1")
+        values = (i, j, bool(ans))
+    else:
+        if ints[0] < 1:
+            raise ValueError(f"answer_id is {ints[0]}, not a log id >= 1")
+        values = (ints[0],)
     if type(t) is not float:
         raise ValueError(f"time is {t!r}, not a real number")
     if type(src) is not bytes:
         raise ValueError(f"source is {src!r}, not text")
-    if version >= 2 and (type(crc) is not int or crc != row_crc(seq, i, j, ans, t, src)):
+    if version >= 2 and (type(crc) is not int or crc != row_crc(seq, *ints, t, src)):
         raise ValueError("its checksum does not match its content" if type(crc) is int
                          else f"checksum is {crc!r}, not an integer")
     try:
         text = src.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"source is not valid UTF-8 ({e})") from None
-    return seq, i, j, bool(ans), t, text
+    return (seq, *values, t, text)
 
 
 def _as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
@@ -183,6 +236,16 @@ def _as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
     if t.numel() and int(t.min()) < 0:
         raise ValueError(f"{name} must hold sample ids >= 0, got {int(t.min())}")
     return t
+
+
+def _source_bytes(where: str, source) -> bytes:
+    """The UTF-8 bytes of a row's ``source`` (what its checksum covers)."""
+    if not isinstance(source, str):
+        raise TypeError(f"{where}: source must be a str, got {type(source).__name__}")
+    try:
+        return source.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: source must be valid text ({e})") from None
 
 
 def _sqlite_error(where: str, path: str | None, e: sqlite3.Error, *, readonly: bool = False,
@@ -222,6 +285,46 @@ def _sqlite_error(where: str, path: str | None, e: sqlite3.Error, *, readonly: b
     return StoreError(f"{where}: SQLite failed on {shown}: {msg}")
 
 
+def _salvage_table(db: sqlite3.Connection, where: str, path: str, table: str,
+                   version: int) -> tuple[list, list, list]:
+    """For :meth:`RelationStore.salvage`: the rows of ``table`` that verify (as
+    :func:`_check_row` returns them), ``(id, reason)`` for each that does not, and the
+    ids of answers kept without a checksum (valid rows a schema-1 palfast appended after
+    the migration; a retraction always has one)."""
+    sel = _select(table, version)
+    kept, dropped, unverified = [], [], []
+    try:
+        rows, scanned = db.execute(sel + " ORDER BY id").fetchall(), True
+    except sqlite3.Error:
+        # A damaged page: read row by row, so it loses its rows, not the rest of the log.
+        rows, scanned = [], False
+        try:
+            top = db.execute(f"SELECT max(id) FROM {table}").fetchone()[0] or 0
+        except sqlite3.Error as e:
+            raise _sqlite_error(where, path, e, readonly=True, opening=True) from e
+        for seq_id in range(1, min(top, _SALVAGE_PROBES) + 1):
+            try:
+                row = db.execute(sel + " WHERE id = ?", (seq_id,)).fetchone()
+            except sqlite3.Error as e:
+                dropped.append((seq_id, f"unreadable ({e})"))
+                continue
+            if row is not None:
+                rows.append(row)
+    last = 0
+    for row in rows:
+        if scanned and isinstance(row[0], int) and row[0] > last + 1:
+            dropped.append((last + 1, f"missing (ids {last + 1}..{row[0] - 1})"))
+        no_crc = table == "answers" and version >= 2 and row[-1] is None
+        try:
+            kept.append(_check_row(table, row, 1 if no_crc else version))
+            if no_crc:
+                unverified.append(row[0])
+        except ValueError as e:
+            dropped.append((row[0], str(e)))
+        last = row[0] if isinstance(row[0], int) else last
+    return kept, dropped, unverified
+
+
 def _uri(path: str) -> str:
     return "file:" + "".join({"%": "%25", "?": "%3f", "#": "%23"}.get(c, c)
                              for c in os.path.abspath(path))
@@ -251,8 +354,8 @@ class RelationStore:
         timeout: seconds a writer waits for another process's lock (busy timeout),
             a finite number ``0 <= timeout <= 2e6``.
         readonly: open an existing file with SQLite's ``mode=ro``: the file is never
-            written, :meth:`record` raises :class:`StoreError`, :meth:`refresh` still
-            sees what other processes append.
+            written, :meth:`record` and :meth:`retract` raise :class:`StoreError`,
+            :meth:`refresh` still sees what other processes append.
 
     Raises:
         StoreError: missing or unreadable/unwritable directory, lock held too long.
@@ -270,22 +373,10 @@ class RelationStore:
         self.readonly = check_bool("RelationStore", "readonly", readonly)
         self.path = None if path is None else os.fspath(path)
         self._db: sqlite3.Connection | None = None
-        # In-memory relation, rebuilt from the log. Sample ids are mapped to dense
-        # indices (order of first appearance): ids are arbitrary int64, so nothing
-        # may be sized by the largest one.
-        self._dense: dict[int, int] = {}     # sample id -> dense index
-        self._ids: list[int] = []            # dense index -> sample id
-        self._parent: list[int] = []         # union-find forest over dense indices
-        self._size: list[int] = []
-        self._cannot: dict[int, set[int]] = {}  # dense root -> dense roots it cannot join
-        self._max_id = -1
-        self._log_i: list[int] = []
-        self._log_j: list[int] = []
-        self._log_a: list[bool] = []
-        self._conflicts: list[int] = []      # log positions of contradicting answers
-        self._last_id = 0
         self._version = SCHEMA_VERSION
-        self._cache: dict | None = None      # vectorised lookups, rebuilt after changes
+        self._retracted: set[int] = set()    # answer ids named by a retraction
+        self._last_retraction = 0            # id of the last retraction read
+        self._reset()
         if self.readonly and self.path is None:
             raise ValueError("RelationStore: readonly=True needs the path of an existing store")
         self._check_path()
@@ -307,6 +398,23 @@ class RelationStore:
                     f"store, RelationStore.salvage(path, new_path) copies the rows that "
                     f"still verify") from e
             raise
+
+    def _reset(self) -> None:
+        """Forget the in-memory relation; the next read replays the log from row 1."""
+        # Sample ids are mapped to dense indices (order of first appearance): ids are
+        # arbitrary int64, so nothing may be sized by the largest one.
+        self._dense: dict[int, int] = {}     # sample id -> dense index
+        self._ids: list[int] = []            # dense index -> sample id
+        self._parent: list[int] = []         # union-find forest over dense indices
+        self._size: list[int] = []
+        self._cannot: dict[int, set[int]] = {}  # dense root -> dense roots it cannot join
+        self._max_id = -1
+        self._log_i: list[int] = []          # the answers not retracted, in log order
+        self._log_j: list[int] = []
+        self._log_a: list[bool] = []
+        self._conflicts: list[int] = []      # positions (in _log_*) of contradicting answers
+        self._last_id = 0                    # id of the last answers row read
+        self._cache: dict | None = None      # vectorised lookups, rebuilt after changes
 
     # ------------------------------------------------------------------ SQLite
     def _check_path(self) -> None:
@@ -440,33 +548,45 @@ class RelationStore:
         if version < 1:
             raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema "
                                     f"version {raw!r}")
-        if version >= 2:
-            try:
-                self._db.execute("SELECT crc FROM answers LIMIT 0")
-            except sqlite3.DatabaseError as e:
-                raise StoreCorruptError(f"RelationStore: {self.path!r} has schema version "
-                                        f"{version} but no crc column ({e})") from e
+        for since, table, what in ((2, "answers", "crc column"),
+                                   (3, "retractions", "retractions table")):
+            if version >= since:
+                try:
+                    self._db.execute(_select(table, version) + " LIMIT 0")
+                except sqlite3.DatabaseError as e:
+                    raise StoreCorruptError(f"RelationStore: {self.path!r} has schema version "
+                                            f"{version} but no {what} ({e})") from e
         self._version = version
 
     def _migrate(self) -> None:
-        """Schema 1 → 2: add and fill the crc column, in one transaction. Rows are
-        validated first: a version-1 row that is not a valid answer stops the migration
-        (nothing is changed) with the error naming it."""
+        """Bring an older file to :data:`SCHEMA_VERSION`, step by step, in one transaction
+        (a crash leaves the old version intact):
+
+        * 1 → 2: add and fill the answers' crc column. Rows are validated first: a
+          version-1 row that is not a valid answer stops the migration (nothing is
+          changed) with the error naming it.
+        * 2 → 3: add the (empty) retractions table.
+        """
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if version is not None and version[0] == "1":  # another process may have done it
-                rows = db.execute(_SELECT.format(crc="NULL") + " ORDER BY id").fetchall()
+            # Re-read under the lock: another process may have migrated it meanwhile.
+            version = int(db.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            if version < 2:
                 crcs = []
-                for row in rows:
-                    seq, i, j, a, t, _ = self._verified(row, version=1)
+                for row in db.execute(_select("answers", 1) + " ORDER BY id").fetchall():
+                    seq, i, j, a, t, _ = self._verified("answers", row, version=1)
                     crcs.append((row_crc(seq, i, j, int(a), t, row[5]), seq))
-                db.execute("DROP TRIGGER answers_no_update")
+                db.execute("DROP TRIGGER answers_no_update")  # the UPDATE that fills crc
                 db.execute("ALTER TABLE answers ADD COLUMN crc INTEGER "
                            "CHECK (crc BETWEEN 0 AND 4294967295)")
                 db.executemany("UPDATE answers SET crc = ? WHERE id = ?", crcs)
-                db.execute(_APPEND_ONLY[0])
+                db.execute(_append_only("answers")[0])
+            if version < 3:
+                for statement in _RETRACTIONS:
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                            (str(SCHEMA_VERSION),))
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -476,36 +596,48 @@ class RelationStore:
             raise
         self._version = SCHEMA_VERSION
 
-    def _verified(self, row, version: int | None = None):
+    def _verified(self, table: str, row, version: int | None = None):
         try:
-            return _check_row(row, self._version if version is None else version)
+            return _check_row(table, row, self._version if version is None else version)
         except ValueError as e:
-            raise StoreCorruptError(
-                f"RelationStore: {self.path!r}: answers row id={row[0]} fails its check: {e}. "
-                f"The file was damaged or edited outside palfast; the store refuses to open "
-                f"rather than drop or change answers. RelationStore.salvage(path, new_path) "
-                f"copies the rows that verify into a new store") from None
+            raise self._corrupt(f"{table} row id={row[0]} fails its check: {e}") from None
+
+    def _corrupt(self, what: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"RelationStore: {self.path!r}: {what}. The file was damaged or edited outside "
+            f"palfast; the store refuses to open rather than drop or change answers. "
+            f"RelationStore.salvage(path, new_path) copies the rows that verify into a new "
+            f"store")
+
+    def _tables(self) -> tuple[str, ...]:
+        """The log tables this file has (a read-only version 1 or 2 file: no retractions)."""
+        return ("answers", "retractions") if self._version >= 3 else ("answers",)
 
     def _load(self) -> None:
         """First read: every row (its check names it), the structure, nothing missing at
-        the end."""
+        the end of either table."""
         db = self._db
-        self.refresh()
-        if self.path is not None:
-            problems = [r[0] for r in db.execute("PRAGMA quick_check(5)").fetchall()]
-            if problems != ["ok"]:
-                raise StoreCorruptError(
-                    f"RelationStore: {self.path!r} is damaged (SQLite quick_check: "
-                    f"{'; '.join(map(str, problems))}). RelationStore.salvage(path, new_path) "
-                    f"copies the rows that still verify into a new store")
-        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'answers'").fetchone()
-        seq = 0 if seq is None else seq[0]
-        if seq != self._last_id:
-            raise StoreCorruptError(
-                f"RelationStore: {self.path!r}: the log ends at row id={self._last_id} but "
-                f"SQLite handed out ids up to {seq!r}: rows are missing (the file was damaged "
-                f"or edited outside palfast). RelationStore.salvage(path, new_path) copies "
-                f"the rows that verify into a new store")
+        # One snapshot: a row another process appends meanwhile must not look missing.
+        db.execute("BEGIN")
+        try:
+            self._apply_new(*self._read_new(db))
+            if self.path is not None:
+                problems = [r[0] for r in db.execute("PRAGMA quick_check(5)").fetchall()]
+                if problems != ["ok"]:
+                    raise StoreCorruptError(
+                        f"RelationStore: {self.path!r} is damaged (SQLite quick_check: "
+                        f"{'; '.join(map(str, problems))}). RelationStore.salvage(path, "
+                        f"new_path) copies the rows that still verify into a new store")
+            for table, last in zip(self._tables(), (self._last_id, self._last_retraction)):
+                seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?",
+                                 (table,)).fetchone()
+                seq = 0 if seq is None else seq[0]
+                if seq != last:
+                    raise self._corrupt(f"the {table} log ends at row id={last} but SQLite "
+                                        f"handed out ids up to {seq!r}: rows are missing")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")  # it only read
 
     def close(self) -> None:
         """Close the database (idempotent). Everything recorded is already on disk;
@@ -522,7 +654,40 @@ class RelationStore:
         self.close()
 
     # ------------------------------------------------------------- recording
-    def record(self, pairs, answers, source: str = "oracle") -> None:
+    @contextlib.contextmanager
+    def _transaction(self, where: str, *, write: bool = False):
+        """One transaction on the open database: ``write`` takes the write lock up front
+        (``BEGIN IMMEDIATE``: no lock-upgrade deadlock between writers), a read is one
+        snapshot. Rolled back on any error; sqlite3 errors become palfast ones."""
+        db = self._writable(where) if write else self._conn(where)
+        try:
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise _sqlite_error(where, self.path, e, readonly=self.readonly) from e
+
+    def _writable(self, where: str) -> sqlite3.Connection:
+        db = self._conn(where)
+        if self.readonly:
+            raise StoreError(f"{where}: {self.path!r} was opened with readonly=True; open it "
+                             f"without readonly to change the log")
+        return db
+
+    @staticmethod
+    def _next_id(db: sqlite3.Connection, table: str) -> int:
+        """The id AUTOINCREMENT would give the next row of ``table`` (under the write lock),
+        assigned by us so that the checksum can cover it."""
+        return db.execute(
+            f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0),"
+            f" coalesce((SELECT max(id) FROM {table}), 0)) + 1").fetchone()[0]
+
+    def record(self, pairs, answers, source: str = "oracle") -> list[int]:
         """Append answers to the log (one transaction) and update the relation.
 
         Args:
@@ -530,15 +695,12 @@ class RelationStore:
             answers: ``[Q]`` bool, True = "alike".
             source: free text stored with each answer (e.g. ``"oracle"``, ``"prior"``).
 
+        Returns the log ids of the new rows, in order (what :meth:`retract` takes).
         When this returns the answers are durable (file-backed store). Answers that
         contradict the known relation are kept and warned about
         (:class:`ContradictionWarning`). On any error nothing of this call is recorded.
         """
         where = "RelationStore.record"
-        db = self._conn(where)
-        if self.readonly:
-            raise StoreError(f"{where}: {self.path!r} was opened with readonly=True; open it "
-                             f"without readonly to record answers")
         p = _as_pairs(pairs)
         a = torch.as_tensor(answers)
         if a.dim() != 1 or a.shape[0] != p.shape[0]:
@@ -548,44 +710,30 @@ class RelationStore:
                 a.dtype.is_floating_point or a.dtype.is_complex
                 or not bool(((a == 0) | (a == 1)).all())):
             raise TypeError(f"{where}: answers must be bool (or 0/1 integers), got {a.dtype}")
-        if not isinstance(source, str):
-            raise TypeError(f"{where}: source must be a str, got {type(source).__name__}")
-        try:
-            src = source.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{where}: source must be valid text ({e})") from None
+        src = _source_bytes(where, source)
         if p.numel() and bool((p[:, 0] == p[:, 1]).any()):
             q = int((p[:, 0] == p[:, 1]).nonzero()[0, 0])
             raise ValueError(f"{where}: pairs must join two different samples, "
                              f"got pair {q} = ({int(p[q, 0])}, {int(p[q, 1])})")
         if p.numel() == 0:
-            return
+            self._writable(where)
+            return []
         now = time.time()
-        try:
-            db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock
-            try:
-                # Ids are assigned here (we hold the write lock) so the checksum can cover them.
-                first = db.execute(
-                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'answers'),"
-                    " 0), coalesce((SELECT max(id) FROM answers), 0)) + 1").fetchone()[0]
-                rows = [(first + k, i, j, int(x), now, source,
-                         row_crc(first + k, i, j, int(x), now, src))
-                        for k, ((i, j), x) in enumerate(zip(p.tolist(), a.tolist()))]
-                db.executemany("INSERT INTO answers (id, i, j, answer, time, source, crc) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                # Rows other processes appended since our last look come first (smaller ids),
-                # so every process replays the same log in the same order.
-                new_rows = self._read(db, self._last_id)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise _sqlite_error(where, self.path, e) from e
-        before = len(self._conflicts)
-        self._apply(new_rows)
-        mine = [c for c in self._conflicts[before:] if c >= len(self._log_a) - len(rows)]
+        with self._transaction(where, write=True) as db:
+            first = self._next_id(db, "answers")
+            rows = [(first + k, i, j, int(x), now, source,
+                     row_crc(first + k, i, j, int(x), now, src))
+                    for k, ((i, j), x) in enumerate(zip(p.tolist(), a.tolist()))]
+            db.executemany("INSERT INTO answers (id, i, j, answer, time, source, crc) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            # Rows other processes appended since our last look come first (smaller ids),
+            # so every process replays the same log in the same order.
+            new = self._read_new(db)
+        self._apply_new(*new)
+        # Our rows are the last of the log (never retracted yet): their conflicts are
+        # those at positions from len(_log_a) - len(rows) on (_conflicts is sorted).
+        mine = self._conflicts[bisect.bisect_left(self._conflicts,
+                                                  len(self._log_a) - len(rows)):]
         if mine:
             c = mine[0]
             i, j, ans = self._log_i[c], self._log_j[c], self._log_a[c]
@@ -595,35 +743,106 @@ class RelationStore:
                 f"known {'different' if ans else 'alike'}). They are kept in the log and do "
                 f"not change the relation; see RelationStore.contradictions()",
                 ContradictionWarning, stacklevel=2)
+        return [r[0] for r in rows]
 
-    def _read(self, db: sqlite3.Connection, after: int) -> list:
-        crc = "crc" if self._version >= 2 else "NULL"
-        rows = db.execute(_SELECT.format(crc=crc) + " WHERE id > ? ORDER BY id",
+    def retract(self, answer_ids, source: str = "oracle") -> None:
+        """Supersede earlier answers (undo): appends one retraction per answer id, in one
+        transaction, and rebuilds the relation from the log without them. The answers
+        stay in the log (see :meth:`log`); :meth:`answers`, :attr:`n_queries` and the
+        relation leave them out. Each id must be a log id (what :meth:`record` returned)
+        not yet retracted; on any error nothing is retracted."""
+        where = "RelationStore.retract"
+        t = torch.as_tensor(answer_ids).reshape(-1)
+        if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            raise TypeError(f"{where}: answer_ids must be integer log ids, got {t.dtype}")
+        ids = t.tolist()
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: answer_ids repeat an id: {ids}")
+        src = _source_bytes(where, source)
+        if not ids:
+            self._writable(where)
+            return
+        now = time.time()
+        with self._transaction(where, write=True) as db:
+            new = self._read_new(db)  # what other processes appended counts too
+            last = new[0][-1][0] if new[0] else self._last_id
+            if missing := [a for a in ids if not 1 <= a <= last]:  # log ids are 1..last
+                raise ValueError(f"{where}: no answer with id {missing} in the log "
+                                 f"(ids are what record() returned)")
+            done = self._retracted.union(r[1] for r in new[1]).intersection(ids)
+            if done:
+                raise ValueError(f"{where}: answers {sorted(done)} are already retracted")
+            first = self._next_id(db, "retractions")
+            db.executemany(
+                "INSERT INTO retractions (id, answer_id, time, source, crc) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(first + k, a, now, source, row_crc(first + k, a, now, src))
+                 for k, a in enumerate(ids)])
+            new = self._read_new(db)
+        self._apply_new(*new)
+
+    def refresh(self) -> int:
+        """Apply the answers and retractions other processes appended since we last
+        looked; returns how many rows (of both tables) were new."""
+        before = self._last_id
+        with self._transaction("RelationStore.refresh") as db:
+            new = self._read_new(db)
+        self._apply_new(*new)
+        return self._last_id - before + len(new[1])
+
+    def log(self) -> list[tuple]:
+        """Every answer of the log, retracted ones included, read (and verified) from the
+        file, in id order: ``(id, i, j, answer: bool, time, source, retracted_by)`` where
+        ``retracted_by`` is the source of the retraction, or None."""
+        with self._transaction("RelationStore.log") as db:
+            rows = self._read(db, "answers", 0)
+            by = {} if self._version < 3 else {
+                r[1]: r[3] for r in self._read(db, "retractions", 0)}
+        return [(*row, by.get(row[0])) for row in rows]
+
+    def _read(self, db: sqlite3.Connection, table: str, after: int) -> list:
+        """The verified rows of ``table`` with id > ``after``, in id order."""
+        rows = db.execute(_select(table, self._version) + " WHERE id > ? ORDER BY id",
                           (after,)).fetchall()
         out = []
         for row in rows:
-            out.append(self._verified(row))
+            out.append(self._verified(table, row))
             if out[-1][0] != after + len(out):  # ids are 1, 2, 3, ... (AUTOINCREMENT, no delete)
-                raise StoreCorruptError(
-                    f"RelationStore: {self.path!r}: answers row id={after + len(out)} is missing "
-                    f"(the next row has id={out[-1][0]}); the file was damaged or edited "
-                    f"outside palfast. RelationStore.salvage(path, new_path) copies the rows "
-                    f"that verify into a new store")
+                raise self._corrupt(f"{table} row id={after + len(out)} is missing (the next "
+                                    f"row has id={out[-1][0]})")
         return out
 
-    def refresh(self) -> int:
-        """Apply the rows other processes appended since we last looked; returns how many."""
-        db = self._conn("RelationStore.refresh")
-        try:
-            rows = self._read(db, self._last_id)
-        except sqlite3.Error as e:
-            raise _sqlite_error("RelationStore.refresh", self.path, e,
-                                readonly=self.readonly) from e
+    def _read_new(self, db: sqlite3.Connection) -> tuple[list, list, bool]:
+        """What was appended since our last look, read in the caller's transaction (one
+        snapshot, so every retraction names an answer read here or before):
+        ``(answers rows, retractions, rebuild)``. ``rebuild``: a retraction names an
+        answer already applied; union-find cannot remove an edge, so the rows are then
+        the whole log, to replay from scratch (rare: a person pressing undo)."""
+        retractions = self._read(db, "retractions", self._last_retraction) \
+            if self._version >= 3 else []
+        rebuild = any(r[1] <= self._last_id for r in retractions)
+        rows = self._read(db, "answers", 0 if rebuild else self._last_id)
+        last = rows[-1][0] if rows else self._last_id
+        seen = set()
+        for seq, answer_id, _, _ in retractions:
+            if answer_id > last or answer_id in self._retracted or answer_id in seen:
+                raise self._corrupt(f"retractions row id={seq} names answer id={answer_id}, "
+                                    f"which is not in the log or already retracted")
+            seen.add(answer_id)
+        return rows, retractions, rebuild
+
+    def _apply_new(self, rows, retractions, rebuild: bool) -> None:
+        self._retracted.update(r[1] for r in retractions)
+        if retractions:
+            self._last_retraction = retractions[-1][0]
+        if rebuild:
+            self._reset()
         self._apply(rows)
-        return len(rows)
 
     def _apply(self, rows) -> None:
-        for _, i, j, ans, _, _ in rows:
+        for seq, i, j, ans, _, _ in rows:
+            if seq in self._retracted:
+                continue
             self._log_i.append(i)
             self._log_j.append(j)
             self._log_a.append(ans)
@@ -901,9 +1120,11 @@ class RelationStore:
         except sqlite3.Error as e:
             raise _sqlite_error(where, dst, e) from e
         with RelationStore(dst, readonly=True) as copy:
-            if copy.n_queries < self.n_queries:
-                raise StoreError(f"{where}: the copy {dst!r} holds {copy.n_queries} answers, "
-                                 f"fewer than this store's {self.n_queries}")
+            got = (copy._last_id, copy._last_retraction)
+            if got[0] < self._last_id or got[1] < self._last_retraction:
+                raise StoreError(f"{where}: the copy {dst!r} holds {got[0]} answers and "
+                                 f"{got[1]} retractions, fewer than this store's "
+                                 f"{self._last_id} and {self._last_retraction}")
         # The read-only check may leave an empty -wal and its -shm: the copy is one file.
         if os.path.exists(dst + "-wal") and os.path.getsize(dst + "-wal") == 0:
             for side in (dst + "-wal", dst + "-shm"):
@@ -914,18 +1135,19 @@ class RelationStore:
     def salvage(cls, src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
         """Copy every row of a damaged store ``src`` that still verifies (values and
         checksum) into a new store ``dst``, in log order, keeping each answer's pair,
-        time and source (row ids are renumbered 1, 2, …). ``src`` is only read. Rows
+        time and source (row ids are renumbered 1, 2, …), and each retraction whose
+        answer was kept (pointed at the answer's new id). ``src`` is only read. Rows
         without a checksum but with valid values (written by an older palfast after a
         migration) are kept and listed as ``unverified``. Returns :class:`SalvageReport`
         with the rows kept and, for each row dropped, its id and why. Check the report:
-        the dropped answers may need to be asked again."""
+        the dropped answers may need to be asked again, and a dropped retraction brings
+        its answer back."""
         where = "RelationStore.salvage"
         src, dst = os.fspath(src), os.fspath(dst)
         if os.path.exists(dst):
             raise ValueError(f"{where}: {dst!r} already exists; choose a new path")
         if not os.path.isfile(src):
             raise StoreError(f"{where}: {src!r} does not exist")
-        kept, dropped, unverified = [], [], []
         try:
             db = _connect_ro(src, 5.0)
         except sqlite3.Error as e:
@@ -936,54 +1158,34 @@ class RelationStore:
                 version = int(raw[0])
             except (sqlite3.Error, TypeError, ValueError):
                 version = SCHEMA_VERSION
-            sel = _SELECT.format(crc="crc" if version >= 2 else "NULL")
-            try:
-                rows = db.execute(sel + " ORDER BY id").fetchall()
-                scanned = True
-            except sqlite3.Error:
-                rows, scanned = None, False
-            if rows is None:
-                # A damaged page: read row by row, so it loses its rows, not the rest of the log.
-                rows = []
-                try:
-                    top = db.execute("SELECT max(id) FROM answers").fetchone()[0] or 0
-                except sqlite3.Error as e:
-                    raise _sqlite_error(where, src, e, readonly=True, opening=True) from e
-                for seq_id in range(1, min(top, _SALVAGE_PROBES) + 1):
-                    try:
-                        row = db.execute(sel + " WHERE id = ?", (seq_id,)).fetchone()
-                    except sqlite3.Error as e:
-                        dropped.append((seq_id, f"unreadable ({e})"))
-                        continue
-                    if row is not None:
-                        rows.append(row)
-            last = 0
-            for row in rows:
-                if scanned and isinstance(row[0], int) and row[0] > last + 1:
-                    dropped.append((last + 1, f"missing (ids {last + 1}..{row[0] - 1})"))
-                try:
-                    kept.append(_check_row(row, version if row[6] is not None else 1))
-                    if version >= 2 and row[6] is None:
-                        unverified.append(row[0])
-                except ValueError as e:
-                    dropped.append((row[0], str(e)))
-                last = row[0] if isinstance(row[0], int) else last
+            answers, dropped, unverified = _salvage_table(db, where, src, "answers", version)
+            retractions, r_dropped = [], []
+            if version >= 3:
+                retractions, r_dropped, _ = _salvage_table(db, where, src, "retractions",
+                                                           version)
         finally:
             db.close()
-        with cls(dst) as out:
-            db = out._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "INSERT INTO answers (id, i, j, answer, time, source, crc) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
-                     for k, (_, i, j, a, t, s) in enumerate(kept)])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return SalvageReport(len(kept), dropped, unverified)
+        new_id = {row[0]: k + 1 for k, row in enumerate(answers)}
+        kept_retractions = {}  # new answer id -> (time, source); UNIQUE in the new store
+        for seq, answer_id, t, s in retractions:
+            if answer_id not in new_id or new_id[answer_id] in kept_retractions:
+                r_dropped.append((seq, f"names answer id={answer_id}, which is not in the "
+                                       f"salvaged log or already retracted"))
+            else:
+                kept_retractions[new_id[answer_id]] = (t, s)
+        with cls(dst) as out, out._transaction(where, write=True) as db:
+            db.executemany(
+                "INSERT INTO answers (id, i, j, answer, time, source, crc) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
+                 for k, (_, i, j, a, t, s) in enumerate(answers)])
+            db.executemany(
+                "INSERT INTO retractions (id, answer_id, time, source, crc) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(k + 1, a, t, s, row_crc(k + 1, a, t, s.encode()))
+                 for k, (a, (t, s)) in enumerate(kept_retractions.items())])
+        return SalvageReport(len(answers), dropped, unverified, len(kept_retractions),
+                             sorted(r_dropped))
 
     def __repr__(self) -> str:
         n_comp = sum(1 for d, p in enumerate(self._parent) if p == d and self._size[d] > 1)

@@ -1,0 +1,313 @@
+"""The questions the app hands out, and the answers it takes back into the RelationStore.
+
+One :class:`Questions` object per server owns the store (a RelationStore connection is not
+for concurrent threads: every use holds ``self._lock``). It keeps
+
+* ``pending``: pairs from :func:`palfast.active.select_queries` not yet shown, refilled by a
+  background thread when fewer than ``LOW_WATER`` are left, and rebuilt when the trainer
+  refreshes the embeddings file;
+* ``issued``: the questions on someone's screen, by an unguessable id. An answer is taken
+  only for an issued id, from the session it was issued to, once; the id is dropped only
+  after the store committed the answers, so a failed write can be retried and never loses
+  an answer;
+* per session, a stack of the interactions it saved (for undo: the store retracts them,
+  and the same question is asked again).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..active import RelationStore, select_queries
+from .data import Embeddings
+
+#: Refill the queue when fewer pairs than this are waiting: a person answers a pair in
+#: about a second, a refill on a few thousand samples takes well under that.
+LOW_WATER = 16
+#: Pairs asked of select_queries per refill: enough for a few captcha screens and for
+#: several people at once, few enough that the questions follow the answers closely
+#: (PAL picks the next questions from the classes found so far).
+REFILL = 48
+#: A page waits at most this long for a refill before saying "no question right now".
+WAIT_S = 20.0
+#: Questions outstanding at once (every session holds at most one per screen); past it the
+#: oldest are forgotten, so a flood of new sessions cannot grow memory without bound.
+MAX_ISSUED = 2000
+#: Interactions a session can undo, newest first.
+UNDO_DEPTH = 50
+
+KINDS = ("pair", "captcha")
+
+
+class NotIssued(LookupError):
+    """The answer names a question this app did not issue to this session, or one already answered."""
+
+
+@dataclass
+class Question:
+    qid: str
+    kind: str              # "pair" or "captcha"
+    anchor: int
+    others: list[int]      # pair: [j]; captcha: the K candidates, in screen order
+    owner: str             # session id it was issued to
+    issued_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Saved:
+    kind: str
+    anchor: int
+    others: list[int]
+    ids: list[int]         # store log ids, what retract() takes
+
+
+class Questions:
+    """Hands out pair and captcha questions and records their answers (module docstring)."""
+
+    def __init__(self, store: RelationStore, embeddings: Embeddings, n: int, *, strategy: str = "pal",
+                 budget: int = 500, captcha_k: int = 6, seed: int = 0, background: bool = True):
+        """``background=False``: no refill thread, :meth:`next` refills in the caller's thread."""
+        self.store = store
+        self.embeddings = embeddings
+        self.n = n
+        self.strategy = strategy
+        self.budget = budget
+        self.captcha_k = captcha_k
+        self._seed = seed
+        self._rounds = 0
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # refill done / refill wanted
+        self._pending: deque[tuple[int, int]] = deque()
+        self._version = None          # embeddings version the pending pairs were chosen on
+        self._normed: np.ndarray | None = None
+        self._issued: dict[str, Question] = {}
+        self._by_owner: dict[tuple[str, str], str] = {}   # (owner, kind) -> qid on its screen
+        self._undo: dict[str, deque[_Saved]] = {}
+        self._again: dict[tuple[str, str], _Saved] = {}   # (owner, kind) -> undone, ask again
+        self._saved_count: dict[str, int] = {}
+        self._want_refill = True
+        self._closed = False
+        self.exhausted = False        # select_queries found no unknown pair left
+        self._last_added: int | None = None  # pairs the last refill added
+        self.refill_error: str | None = None
+        self._rng = np.random.default_rng(seed)
+        self._background = background
+        if background:
+            threading.Thread(target=self._refill_loop, name="palfast-annotate-refill", daemon=True).start()
+
+    # ---------------------------------------------------------------- refill
+    def _embeddings_tensor(self) -> torch.Tensor:
+        x, _ = self.embeddings.get()
+        if x is None:  # strategy "random" without embeddings: select_queries ignores the values
+            return torch.zeros(self.n, 1)
+        return torch.from_numpy(x)
+
+    def _sync(self) -> None:
+        """Pick up other processes' answers and a refreshed embeddings file (holds the lock)."""
+        self.store.refresh()
+        self.embeddings.poll()
+        x, version = self.embeddings.get()
+        if version != self._version:
+            self._version = version
+            self._pending.clear()  # chosen on the old embeddings: choose again
+            self.exhausted = False
+            self._normed = None if x is None else x / np.maximum(
+                np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            self._want_refill = True
+            self._changed.notify_all()
+
+    def refill(self) -> int:
+        """One refill, in the caller's thread; returns the number of pairs added."""
+        with self._lock:
+            self._sync()
+            added = 0
+            try:
+                busy = self._busy_pairs()
+                have = set(self._pending) | busy
+                self._rounds += 1
+                got = select_queries(self._embeddings_tensor(), self.store, REFILL, self.strategy,
+                                     seed=self._seed * 1_000_003 + self._rounds)
+                for i, j in got.tolist():
+                    if (i, j) not in have:
+                        self._pending.append((i, j))
+                        have.add((i, j))
+                        added += 1
+                self.exhausted = got.shape[0] == 0
+                self.refill_error = None
+            except Exception as e:  # keep serving what is pending; the page shows the reason
+                self.refill_error = f"{type(e).__name__}: {e}"
+            finally:
+                self._last_added = added
+                self._want_refill = False
+                self._changed.notify_all()
+            return added
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._want_refill or self._closed):
+                    self._changed.wait()
+                if self._closed:
+                    return
+            self.refill()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+
+    # ----------------------------------------------------------------- issue
+    def _busy_pairs(self) -> set[tuple[int, int]]:
+        """Pairs on someone's screen, (min, max) ordered like select_queries' output."""
+        return {(min(q.anchor, o), max(q.anchor, o)) for q in self._issued.values() for o in q.others}
+
+    def _usable(self, i: int, j: int, busy) -> bool:
+        return (min(i, j), max(i, j)) not in busy and not self.store.is_known(i, j)
+
+    def next(self, kind: str, owner: str) -> Question | None:
+        """The question for ``owner``'s ``kind`` screen: the one already on it, the one it
+        undid, or a new one. None when the budget is spent or nothing is left to ask."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        with self._lock:
+            self._sync()
+            qid = self._by_owner.get((owner, kind))
+            if qid in self._issued:
+                return self._issued[qid]
+            if self.store.n_queries >= self.budget:
+                return None
+            busy = self._busy_pairs()
+            again = self._again.pop((owner, kind), None)
+            if again is not None:
+                others = [o for o in again.others if self._usable(again.anchor, o, busy)]
+                if others:
+                    return self._issue(kind, owner, again.anchor, others)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                while self._pending:
+                    i, j = self._pending.popleft()
+                    if self._usable(i, j, busy):
+                        if len(self._pending) < LOW_WATER:
+                            self._want_refill = True
+                            self._changed.notify_all()
+                        if kind == "pair":
+                            return self._issue(kind, owner, i, [j])
+                        return self._issue(kind, owner, i, self._candidates(i, j, busy))
+                if self.exhausted and not self._want_refill:
+                    return None
+                self._want_refill = True
+                if not self._background:  # tests: refill here, deterministically
+                    if self.refill() == 0:
+                        return None
+                    busy = self._busy_pairs()
+                    continue
+                self._changed.notify_all()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(timeout=left)
+                if not self._pending and not self._want_refill and self._last_added == 0:
+                    return None  # every unknown pair is on someone's screen: ask again later
+                busy = self._busy_pairs()
+
+    def _candidates(self, anchor: int, first: int, busy) -> list[int]:
+        """``first`` (select_queries' choice) and the anchor's most similar unknown samples,
+        one per known component (two members of one class would ask the same thing twice),
+        in random screen order."""
+        chosen = [first]
+        comps = {int(self.store.roots([first])[0]), int(self.store.roots([anchor])[0])}
+        if self._normed is not None:
+            order = np.argsort(-(self._normed @ self._normed[anchor]), kind="stable")
+        else:
+            order = self._rng.permutation(self.n)
+        for j in order.tolist():
+            if len(chosen) >= self.captcha_k:
+                break
+            if j == anchor or j == first or not self._usable(anchor, j, busy):
+                continue
+            root = int(self.store.roots([j])[0])
+            if root in comps:
+                continue
+            comps.add(root)
+            chosen.append(j)
+        self._rng.shuffle(chosen)
+        return chosen
+
+    def _issue(self, kind: str, owner: str, anchor: int, others: list[int]) -> Question:
+        while len(self._issued) >= MAX_ISSUED:  # dicts keep insertion order: oldest first
+            old = self._issued.pop(next(iter(self._issued)))
+            self._by_owner.pop((old.owner, old.kind), None)
+        q = Question(secrets.token_urlsafe(16), kind, anchor, list(others), owner)
+        self._issued[q.qid] = q
+        self._by_owner[(owner, kind)] = q.qid
+        return q
+
+    def get(self, qid: str, owner: str) -> Question:
+        """The issued question ``qid`` of ``owner``, or :class:`NotIssued`."""
+        with self._lock:
+            q = self._issued.get(qid)
+            if q is None or not secrets.compare_digest(q.owner, owner):
+                raise NotIssued("this question was not issued to this session, or it was already "
+                                "answered: reload the page for the next one")
+            return q
+
+    # ---------------------------------------------------------------- answer
+    def answer(self, qid: str, owner: str, name: str, answers: list[bool] | None) -> list[int]:
+        """Record the answers to question ``qid`` (``None``: skipped, nothing recorded) under
+        ``name`` as the store's source. Returns the store's log ids; when this returns they
+        are on disk. Raises :class:`NotIssued` for a question not issued to ``owner``."""
+        with self._lock:
+            q = self.get(qid, owner)
+            if answers is not None and len(answers) != len(q.others):
+                raise ValueError(f"expected {len(q.others)} answers, got {len(answers)}")
+            ids: list[int] = []
+            if answers is not None:
+                ids = self.store.record([[q.anchor, o] for o in q.others], answers, source=name)
+            # Only now, after the commit: a failed write leaves the question answerable.
+            del self._issued[qid]
+            self._by_owner.pop((owner, q.kind), None)
+            if ids:
+                stack = self._undo.setdefault(owner, deque(maxlen=UNDO_DEPTH))
+                stack.append(_Saved(q.kind, q.anchor, q.others, ids))
+                self._saved_count[owner] = self._saved_count.get(owner, 0) + len(ids)
+            return ids
+
+    def undo(self, owner: str, name: str) -> _Saved | None:
+        """Retract ``owner``'s last saved interaction (all its answers); it is asked again
+        next on its screen. None when there is nothing to undo."""
+        with self._lock:
+            stack = self._undo.get(owner)
+            if not stack:
+                return None
+            last = stack[-1]
+            self.store.retract(last.ids, source=name)
+            stack.pop()
+            self._saved_count[owner] -= len(last.ids)
+            # The question on that screen now is put back in the queue; the undone one is next.
+            qid = self._by_owner.pop((owner, last.kind), None)
+            if qid in self._issued:
+                q = self._issued.pop(qid)
+                self._pending.extendleft((min(q.anchor, o), max(q.anchor, o)) for o in q.others[:1])
+            self._again[(owner, last.kind)] = last
+            return last
+
+    # ----------------------------------------------------------------- stats
+    def stats(self, owner: str) -> dict:
+        with self._lock:
+            self.store.refresh()
+            roots = self.store.roots(torch.arange(self.n)).numpy()
+            _, sizes = np.unique(roots, return_counts=True)
+            stack = self._undo.get(owner) or ()
+            return {"answered": self.store.n_queries, "budget": self.budget,
+                    "classes": int((sizes > 1).sum()), "components": int(sizes.shape[0]),
+                    "n": self.n, "mine": self._saved_count.get(owner, 0),
+                    "can_undo": bool(stack),
+                    "last_ids": list(stack[-1].ids) if stack else [],
+                    "embeddings_error": self.embeddings.error, "refill_error": self.refill_error}

@@ -1,0 +1,392 @@
+"""palfast annotate at the HTTP level (Flask's test client): the answer flow, undo, and every
+bad request the issue lists — forged or replayed answers, foreign sessions, CSRF, oversized
+and malformed bodies, image ids out of range or path-like, a foreign Host — each a 4xx,
+never a crash, never a lost answer. Data loaders and the embeddings reload are here too."""
+
+import io
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flask", reason="palfast annotate needs Flask: pip install 'palfast[annotate]'")
+pytest.importorskip("PIL", reason="palfast annotate needs Pillow: pip install 'palfast[annotate]'")
+
+from palfast.active import RelationStore  # noqa: E402
+from palfast.annotate import questions as questions_mod  # noqa: E402
+from palfast.annotate.app import MAX_REQUEST_BYTES, create_app  # noqa: E402
+from palfast.annotate.data import Embeddings, ImageData, load_data  # noqa: E402
+from palfast.annotate.questions import Questions  # noqa: E402
+from palfast.cli import main  # noqa: E402
+
+N, CLASSES = 40, 4
+
+
+def images(n=N, seed=0):
+    """n 8x8 grey images in CLASSES classes: a bright square in one of four corners + noise."""
+    g = np.random.default_rng(seed)
+    x = g.integers(0, 60, size=(n, 8, 8)).astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i % CLASSES, 2)
+        x[i, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 180
+    return x
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(client factory, Questions, store) over a small in-memory data set, refills inline."""
+    data = ImageData("test", array=images()[..., None])
+    store = RelationStore(tmp_path / "answers.sqlite")
+    q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=30,
+                  captcha_k=4, background=False)
+    app = create_app(data, q, default_name="tester")
+    app.config["TESTING"] = False  # exercise the real error handlers
+
+    def client(name="ann", screen="pair"):
+        c = app.test_client()
+        if name is not None:
+            page = c.get("/").get_data(as_text=True)
+            r = c.post("/start", data={"csrf": token(page), "name": name, "screen": screen})
+            assert r.status_code == 303
+        return c
+
+    yield client, q, store
+    q.close()
+    store.close()
+
+
+def token(page: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def question(page: str):
+    m = re.search(r'name="qid" value="([^"]+)"', page)
+    return m.group(1) if m else None
+
+
+def screen(c, kind="pair"):
+    r = c.get(f"/{kind}")
+    assert r.status_code == 200
+    page = r.get_data(as_text=True)
+    return page, token(page), question(page)
+
+
+def test_start_page_needs_csrf_and_a_sane_name(served):
+    client, _, _ = served
+    c = client(name=None)
+    page = c.get("/").get_data(as_text=True)
+    assert 'value="tester"' in page  # --name is proposed
+    assert c.post("/start", data={"name": "x"}).status_code == 403
+    assert c.post("/start", data={"csrf": "forged", "name": "x"}).status_code == 403
+    for bad in ("", "   ", "a" * 41, "tab\tin\x00name"):
+        assert c.post("/start", data={"csrf": token(page), "name": bad}).status_code == 400
+    assert c.post("/start", data={"csrf": token(page), "name": "x", "screen": "../etc"}).status_code == 400
+    assert c.get("/pair").status_code == 302  # no name yet: back to the start page
+    r = c.post("/start", data={"csrf": token(page), "name": "  Ada   L. ", "screen": "captcha"})
+    assert r.status_code == 303 and r.headers["Location"].endswith("/captcha")
+    assert "you: <b>Ada L.</b>" in c.get("/captcha").get_data(as_text=True)
+
+
+def test_pair_answer_is_stored_once_under_the_name(served):
+    client, q, store = served
+    c = client("ann")
+    page, csrf, qid = screen(c)
+    assert c.get("/pair").get_data(as_text=True).count(qid) >= 1  # a reload shows the same question
+    i, j = map(int, re.search(r'data-pair="(\d+),(\d+)"', page).groups())
+    r = c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"})
+    assert r.status_code == 303 and r.headers["Location"].endswith("/pair")
+    assert [(row[1], row[2], row[3], row[5]) for row in store.log()] == [(i, j, True, "ann")]
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "no"}).status_code == 409
+    assert c.post("/answer", data={"csrf": csrf, "qid": "made-up", "answer": "no"}).status_code == 409
+    page, csrf, qid2 = screen(c)
+    assert qid2 != qid and "Saved 1 answer (1 alike) as #1" in page
+    assert 'data-answered="1"' in page and 'data-last-ids="1"' in page
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid2, "answer": "skip"}).status_code == 303
+    assert store.n_queries == 1 and "Skipped" in screen(c)[0]
+
+
+def test_malformed_answers_are_4xx_and_the_question_stays_open(served):
+    client, _, store = served
+    c = client("ann")
+    _, csrf, qid = screen(c)
+    for form, code in [({"qid": qid, "answer": "yes"}, 403),                      # no token
+                       ({"csrf": csrf + "x", "qid": qid, "answer": "yes"}, 403),  # wrong token
+                       ({"csrf": csrf, "qid": qid}, 400),                          # no answer
+                       ({"csrf": csrf, "qid": qid, "answer": "maybe"}, 400),
+                       ({"csrf": csrf, "answer": "yes"}, 409)]:                    # no question
+        assert c.post("/answer", data=form).status_code == code, form
+    assert c.post("/answer", data="not a form", content_type="application/json").status_code == 403
+    big = {"csrf": csrf, "qid": qid, "answer": "yes", "pad": "x" * MAX_REQUEST_BYTES}
+    assert c.post("/answer", data=big).status_code == 413
+    many = {"csrf": csrf, "qid": qid, "answer": "yes", **{f"f{k}": "1" for k in range(200)}}
+    assert c.post("/answer", data=many, content_type="multipart/form-data").status_code == 413
+    assert c.post("/answer", data={**many, "answer": "maybe"}).status_code == 400  # extras ignored
+    assert store.n_queries == 0
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "no"}).status_code == 303
+    assert store.n_queries == 1
+
+
+def test_answers_only_for_questions_issued_to_this_session(served):
+    client, _, store = served
+    ann, bob = client("ann"), client("bob")
+    _, _, qid_ann = screen(ann)
+    _, csrf_bob, qid_bob = screen(bob)
+    assert qid_ann != qid_bob
+    # bob cannot answer ann's question, even knowing its id
+    assert bob.post("/answer", data={"csrf": csrf_bob, "qid": qid_ann, "answer": "yes"}).status_code == 409
+    assert bob.post("/answer", data={"csrf": csrf_bob, "qid": qid_bob, "answer": "no"}).status_code == 303
+    assert [r[5] for r in store.log()] == ["bob"]
+
+
+def test_captcha_records_k_answers_in_one_interaction(served):
+    client, _, store = served
+    c = client("ann", screen="captcha")
+    page, csrf, qid = screen(c, "captcha")
+    anchor = int(re.search(r'data-anchor="(\d+)"', page).group(1))
+    cands = [int(v) for v in re.search(r'data-candidates="([\d,]+)"', page).group(1).split(",")]
+    assert len(cands) == 4 and anchor not in cands
+    for bad in (["4"], ["-1"], ["x"], ["0", "0"]):
+        assert c.post("/answer", data={"csrf": csrf, "qid": qid, "alike": bad}).status_code == 400
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "alike": ["0", "2"]}).status_code == 303
+    rows = store.log()
+    assert [(r[1], r[2], r[3]) for r in rows] == [(anchor, cands[k], k in (0, 2)) for k in range(4)]
+    assert len({r[4] for r in rows}) == 1  # one transaction
+    assert "Saved 4 answers (2 alike)" in screen(c, "captcha")[0]
+
+
+def test_undo_supersedes_and_asks_again(served):
+    client, _, store = served
+    c = client("ann")
+    page, csrf, qid = screen(c)
+    pair = re.search(r'data-pair="([\d,]+)"', page).group(1)
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+    assert c.post("/undo", data={"screen": "pair"}).status_code == 403  # CSRF applies to undo too
+    r = c.post("/undo", data={"csrf": csrf, "screen": "pair"})
+    assert r.status_code == 303
+    page = screen(c)[0]
+    assert "Undone: #1" in page and f'data-pair="{pair}"' in page
+    assert store.n_queries == 0 and store.log()[0][6] == "ann"
+    c.post("/undo", data={"csrf": csrf, "screen": "pair"})
+    assert "Nothing to undo" in screen(c)[0]
+    assert c.post("/undo", data={"csrf": csrf, "screen": "nope"}).status_code == 400
+
+
+def test_store_failure_is_503_and_the_answer_can_be_resent(served, monkeypatch):
+    client, q, store = served
+    c = client("ann")
+    _, csrf, qid = screen(c)
+
+    def locked(*a, **k):
+        raise TimeoutError("stayed locked")
+
+    monkeypatch.setattr(store, "record", locked)
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 503
+    monkeypatch.undo()
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+    assert store.n_queries == 1
+
+
+def test_an_unexpected_error_is_a_500_page_not_a_dead_server(served, monkeypatch):
+    client, q, _ = served
+    c = client("ann")
+    monkeypatch.setattr(q, "stats", lambda owner: 1 / 0)
+    r = c.get("/pair")
+    assert r.status_code == 500 and "ZeroDivisionError" in r.get_data(as_text=True)
+    monkeypatch.undo()
+    assert c.get("/pair").status_code == 200
+
+
+def test_images_by_index_only(served):
+    client, _, _ = served
+    c = client(name=None)
+    r = c.get("/image/0.png")
+    assert r.status_code == 200 and r.data[:8] == b"\x89PNG\r\n\x1a\n" and r.mimetype == "image/png"
+    for bad in (f"/image/{N}.png", "/image/-1.png", "/image/1e3.png", "/image/..%2f..%2fetc%2fpasswd",
+                "/image/../../etc/passwd", "/image/0.png/../../x", "/static/../app.py",
+                "/static/..%2fapp.py", f"/image/{10**30}.png"):
+        assert c.get(bad).status_code == 404, bad
+
+
+def test_foreign_host_header_and_security_headers(served):
+    client, _, _ = served
+    c = client(name=None)
+    r = c.get("/")
+    assert "SameSite=Strict" in r.headers["Set-Cookie"] and "HttpOnly" in r.headers["Set-Cookie"]
+    assert c.get("/", headers={"Host": "evil.example:8000"}).status_code == 400
+    for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+        assert c.get("/", headers={"Host": host}).status_code == 200
+    r = c.get("/")
+    assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert c.get("/static/annotate.js").status_code == 200  # shipped with the package
+
+
+def test_budget_stops_the_questions(tmp_path):
+    data = ImageData("test", array=images())
+    with RelationStore(tmp_path / "s.sqlite") as store:
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=2,
+                      background=False)
+        for k in range(2):
+            got = q.next("pair", "me")
+            q.answer(got.qid, "me", "ann", [bool(k)])
+        assert q.next("pair", "me") is None and q.stats("me")["answered"] == 2
+        page = create_app(data, q).test_client()
+        assert page.get("/").status_code == 200
+
+
+def test_random_strategy_without_embeddings_and_captcha(tmp_path):
+    with RelationStore() as store:
+        q = Questions(store, Embeddings(N), N, strategy="random", captcha_k=5, background=False)
+        got = q.next("captcha", "me")
+        assert len(got.others) == 5 and got.anchor not in got.others
+        q.answer(got.qid, "me", "ann", [True] * 5)
+        assert store.n_queries == 5 and q.stats("me")["classes"] == 1
+        with pytest.raises(ValueError, match="expected 5 answers"):
+            q.answer(q.next("captcha", "me").qid, "me", "ann", [True])
+
+
+def test_embeddings_file_is_reloaded_when_it_changes(tmp_path):
+    path = tmp_path / "emb.npy"
+    x = np.random.default_rng(0).standard_normal((N, 3)).astype(np.float32)
+    np.save(path, x)
+    emb = Embeddings(N, path)
+    assert emb.get()[1] == 1 and not emb.poll()
+    with RelationStore() as store:
+        q = Questions(store, emb, N, background=False)
+        assert q.next("pair", "me") is not None and q._pending
+        np.save(tmp_path / "tmp.npy", -x)  # how a trainer should write it: then os.replace
+        os.replace(tmp_path / "tmp.npy", path)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        with q._lock:
+            q._sync()
+        assert emb.get()[1] == 2 and np.array_equal(emb.get()[0], -x) and not q._pending
+        np.save(path, np.zeros((N + 1, 3), np.float32))  # wrong shape: keep the previous ones
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+        assert not emb.poll() and "N = 40" in emb.error and emb.get()[1] == 2
+    np.save(path, np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="one row per image"):
+        Embeddings(N, path)
+
+
+def test_data_loaders(tmp_path):
+    from PIL import Image
+
+    x = images(6)
+    for k in range(6):  # ImageFolder-style: root/<class>/<image>
+        (tmp_path / "tree" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[k]).save(tmp_path / "tree" / f"c{k % 2}" / f"{k}.png")
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        Image.fromarray(x[k]).convert("RGB").save(tmp_path / "flat" / f"{k}.jpg")
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    tree, flat = load_data(tmp_path / "tree"), load_data(tmp_path / "flat")
+    assert tree.n == 6 and flat.n == 6
+    assert np.array_equal(np.asarray(tree.pixels(0).convert("L")), x[0])  # c0/0.png comes first
+    assert tree.png(1)[:4] == b"\x89PNG" and flat.simple_embeddings().shape == (6, 256)
+    np.save(tmp_path / "a.npy", x.astype(np.float32) / 255)
+    assert np.array_equal(np.asarray(load_data(tmp_path / "a.npy").pixels(2)), x[2])
+    np.savez(tmp_path / "b.npz", images=np.repeat(x[..., None], 3, -1), labels=np.arange(6))
+    assert load_data(tmp_path / "b.npz").n == 6
+    np.savez(tmp_path / "c.npz", a=x, b=x)
+    with pytest.raises(ValueError, match="name the images 'images'"):
+        load_data(tmp_path / "c.npz")
+    np.save(tmp_path / "d.npy", x[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        load_data(tmp_path / "d.npy")
+    np.save(tmp_path / "e.npy", np.zeros((4, 2, 2, 2)))
+    with pytest.raises(ValueError, match=r"\[N, H, W\]"):
+        load_data(tmp_path / "e.npy")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_data(tmp_path / "missing")
+    sizes = np.zeros((2, 1000, 700, 3), np.uint8), np.zeros((2, 8, 5), np.uint8)
+    for big, side in zip(sizes, (512, 128)):  # shrunk to MAX_DISPLAY_SIDE, grown to MIN_DISPLAY_SIDE
+        np.save(tmp_path / "s.npy", big)
+        assert max(Image.open(io.BytesIO(load_data(tmp_path / "s.npy").png(0))).size) == side
+
+
+def test_cli_help_and_argument_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["annotate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "captcha" in out and "--demo" in out and "127.0.0.1" in out
+    assert main(["annotate", "--store", str(tmp_path / "s.sqlite")]) == 2
+    assert "exactly one of --demo" in capsys.readouterr().err
+    assert main(["annotate", "--demo", "--captcha-k", "40"]) == 2
+    with RelationStore(tmp_path / "big.sqlite") as s:
+        s.record([[0, 5000]], [True])
+    np.save(tmp_path / "x.npy", images())
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite")]) == 2
+    assert "sample id 5000" in capsys.readouterr().err
+
+
+def test_max_issued_bounds_memory(served, monkeypatch):
+    _, q, _ = served
+    monkeypatch.setattr(questions_mod, "MAX_ISSUED", 3)
+    qids = [q.next("pair", f"owner{k}").qid for k in range(5)]
+    assert len(q._issued) == 3 and list(q._issued) == qids[2:]
+    with pytest.raises(questions_mod.NotIssued):
+        q.answer(qids[0], "owner0", "x", [True])
+    assert torch.is_tensor(q.store.roots([0]))
+
+
+def test_assets_are_installed_with_the_package():
+    # CI installs the wheel (not the source tree): templates and static files must be in it.
+    from importlib.resources import files
+
+    root = files("palfast.annotate")
+    for name in ("base.html", "pair.html", "captcha.html", "start.html", "error.html", "noquestion.html"):
+        assert (root / "templates" / name).is_file(), name
+    for name in ("annotate.js", "annotate.css"):
+        assert (root / "static" / name).is_file(), name
+
+
+def test_two_servers_share_one_store(tmp_path):
+    """Two app processes (here: two Questions on one file) never ask what the other's
+    people answered, and see each other's undo."""
+    data = ImageData("test", array=images())
+    emb = data.simple_embeddings()
+    with RelationStore(tmp_path / "s.sqlite") as sa, RelationStore(tmp_path / "s.sqlite") as sb:
+        qa = Questions(sa, Embeddings(N, fallback=emb), N, background=False)
+        qb = Questions(sb, Embeddings(N, fallback=emb), N, background=False)
+        got = qa.next("pair", "a")
+        ids = qa.answer(got.qid, "a", "ann", [True])
+        for _ in range(10):
+            other = qb.next("pair", "b")
+            assert {got.anchor, got.others[0]} != {other.anchor, other.others[0]}
+            assert sb.same(other.anchor, other.others[0]) is None
+            qb.answer(other.qid, "b", "bob", [False])
+        assert qb.stats("b")["answered"] == 11
+        qa.undo("a", "ann")
+        assert qb.stats("b")["answered"] == 10 and sb.log()[ids[0] - 1][6] == "ann"
+
+
+def test_embeddings_file_written_later_is_picked_up(tmp_path):
+    path = tmp_path / "emb.npy"
+    fallback = np.ones((N, 2), np.float32)
+    emb = Embeddings(N, path, fallback=fallback)  # the trainer has not written it yet
+    assert np.array_equal(emb.get()[0], fallback) and not emb.poll() and "waiting for" in emb.error
+    np.save(path, np.zeros((N, 5), np.float32))
+    assert emb.poll() and emb.get()[0].shape == (N, 5) and emb.error is None
+
+
+def test_background_refill_serves_and_reports_a_failing_strategy(tmp_path, monkeypatch):
+    data = ImageData("test", array=images())
+    with RelationStore(tmp_path / "s.sqlite") as store:
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N)  # refill thread
+        try:
+            got = q.next("pair", "me")
+            assert got is not None and not store.is_known(got.anchor, got.others[0])
+
+            def broken(*a, **k):
+                raise RuntimeError("faiss exploded")
+
+            monkeypatch.setattr(questions_mod, "select_queries", broken)
+            with q._lock:
+                q._pending.clear()
+            assert q.next("pair", "other") is None  # no pair left, the refill failed: no hang
+            assert "faiss exploded" in q.stats("other")["refill_error"]
+        finally:
+            q.close()
