@@ -22,7 +22,7 @@ inline at::ScalarType info_nce_acc_dtype(const at::Tensor& z) {
 
 // ‖z_i‖ as [N, 1] in z's (accumulation) dtype, scaled by the row's max-abs before
 // squaring (like palfast.knn.unit_rows): float32 rows of norm 1e20 do not overflow
-// to inf, nor rows of norm 1e-25 underflow to 0.
+// to inf (their squares would).
 inline at::Tensor row_norms(const at::Tensor& z) {
   const at::Tensor m = z.abs().amax(1, true);
   return (z / at::where(m > 0, m, at::ones_like(m))).norm(2, {1}, true).mul_(m);

@@ -24,10 +24,12 @@ __all__ = ["info_nce", "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
-#: With ``normalize=False`` the logits are raw dot products; beyond this bound (per
-#: accumulation dtype) their rounding error is large enough for the backward's
-#: recomputed tiles to disagree with the forward, so info_nce refuses such z.
-INFO_NCE_MAX_LOGIT = {torch.float32: 1e4, torch.float64: 1e12}
+#: With ``normalize=False`` the logits are raw dot products. Beyond 2**24 (float32
+#: accumulation; 2**53 for float64) neighbouring floats are more than 1 apart, so a
+#: logit's rounding alone changes exp(s_ij − lse_i) by up to a factor e and the
+#: backward's recomputed tiles need not agree with the forward: info_nce refuses
+#: such z rather than return a gradient with no correct digit (docs/api.md).
+INFO_NCE_MAX_LOGIT = {torch.float32: float(2**24), torch.float64: float(2**53)}
 
 
 def _check_z(op: str, z, graph, check_finite, n_global: bool = False) -> None:
