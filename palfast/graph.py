@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -154,6 +155,10 @@ class PairGraph:
     _versions: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "_versions", self._current_versions())
+
+    def __setstate__(self, state):  # pickle, deepcopy: fresh tensors, fresh counters
+        self.__dict__.update(state)
         object.__setattr__(self, "_versions", self._current_versions())
 
     def _current_versions(self) -> tuple:
@@ -310,11 +315,19 @@ class PairGraph:
             self.symmetric and other.symmetric)
 
     def __mul__(self, a) -> PairGraph:
+        op = "PairGraph.__mul__"
         if isinstance(a, torch.Tensor):
-            a = float(a)
-        if not isinstance(a, (int, float)):
+            if a.requires_grad:
+                raise ValueError(f"{op}: scale must not require grad: palfast's losses do not "
+                                 "differentiate with respect to the graph (docs/api.md, "
+                                 "'Gradients')")
+            if a.numel() != 1:
+                raise ValueError(f"{op}: scale must be a number, got a tensor of shape "
+                                 f"{tuple(a.shape)}")
+            a = a.item()
+        if not isinstance(a, numbers.Real):
             return NotImplemented
-        a = check_number("PairGraph.__mul__", "scale", a, 0.0)
+        a = check_number(op, "scale", a, 0.0)
         r, c, w = self._edge_list()
         return PairGraph._build(self.num_nodes, r, c, w.double() * a, self.labels,
                                 tuple(_check_label_weight(a * x, "scale * label weight",

@@ -43,6 +43,18 @@ def test_graph_changed_in_place_is_refused_by_the_losses(device, loss):
         LOSSES[loss](torch.randn(8, 4, device=device), g)
 
 
+def test_copied_and_pickled_graphs_are_not_taken_for_changed_ones():
+    import copy
+    import pickle
+
+    g = _graph()
+    g.indices.add_(0)  # an in-place op that changes nothing still bumps the version
+    for h in (copy.deepcopy(_graph()), pickle.loads(pickle.dumps(_graph())), _graph().to("cpu")):
+        palfast.info_nce(torch.randn(8, 4), h)
+    with pytest.raises(ValueError, match="graph must not be changed"):
+        palfast.info_nce(torch.randn(8, 4), g)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_graph_replaced_with_bad_class_ids_is_refused_by_the_ops(device, loss):
     """dataclasses.replace builds a new graph (new version counters): the C++ check catches it."""
@@ -216,7 +228,10 @@ def test_weights_that_require_grad_are_refused():
         PairGraph.from_edges([0, 1], [1, 2], w, num_nodes=3)
     with pytest.raises(ValueError, match="PairGraph.from_dense: W must not require grad"):
         PairGraph.from_dense(torch.ones(3, 3, requires_grad=True))
+    with pytest.raises(ValueError, match="PairGraph.__mul__: scale must not require grad"):
+        torch.tensor(0.5, requires_grad=True) * PairGraph.from_views(2, 2)
     g = PairGraph.from_views(2, 2)
+    assert (np.float32(0.5) * g).label_weights == (0.5,)
     g = dataclasses.replace(g, pos_weight=g.pos_weight.clone().requires_grad_())
     with pytest.raises(ValueError, match="palfast.vicreg: graph.pos_weight must not require grad"):
         palfast.vicreg(torch.randn(4, 3), g)
