@@ -99,7 +99,9 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
         temperature: τ > 0.
-        normalize: cosine similarity (True) or raw dot products (False).
+        normalize: cosine similarity (True) or raw dot products (False). With False,
+            ``max_i ‖z_i‖² / τ`` must be <= ``INFO_NCE_MAX_LOGIT`` (2**24 in float32;
+            checked with one host sync, else ``ValueError``).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
         gather: under torch.distributed (default: on when world size > 1) z holds
