@@ -62,6 +62,8 @@ def _as_long_vector(x, name: str, op: str) -> torch.Tensor:
     try:
         t = torch.as_tensor(x)
     except (OverflowError, RuntimeError, TypeError, ValueError) as e:
+        if "verflow" in str(e):
+            raise ValueError(f"{op}: {name} must fit in int64, got {x!r:.80}") from e
         raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} "
                         f"({e})") from e
     if t.dim() != 1:
@@ -79,7 +81,10 @@ def _real_weights(w, name: str, op: str) -> torch.Tensor:
         raise ValueError(f"{op}: {name} must not require grad: palfast's losses do not "
                          "differentiate with respect to the graph (docs/api.md, 'Gradients'); "
                          "pass weights.detach()")
-    w = w if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
+    try:
+        w = w if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TypeError(f"{op}: {name} must be a tensor of real numbers, got {w!r:.80}") from e
     if w.dtype.is_complex:
         raise TypeError(f"{op}: {name} must be real, got {w.dtype}")
     return w.to(torch.float64)

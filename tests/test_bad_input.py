@@ -173,6 +173,11 @@ def test_two_view_info_nce_checks_dtypes():
         loss(torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64))
 
 
+def test_from_edges_refuses_weights_that_are_not_numbers():
+    with pytest.raises(TypeError, match="PairGraph.from_edges: weights must be a tensor of real"):
+        PairGraph.from_edges([0], [1], ["a"], num_nodes=2)
+
+
 def test_from_dense_refuses_complex():
     with pytest.raises(TypeError, match="PairGraph.from_dense: W must be real, got torch.complex64"):
         PairGraph.from_dense(torch.ones(3, 3, dtype=torch.complex64))
@@ -181,6 +186,7 @@ def test_from_dense_refuses_complex():
 @pytest.mark.parametrize("labels", [
     np.array([0, 2**64 - 1], dtype=np.uint64),
     torch.tensor([0, 2**63], dtype=torch.uint64),
+    [0, 2**64 - 1],
 ])
 def test_from_labels_refuses_labels_beyond_int64(labels):
     with pytest.raises(ValueError, match="PairGraph.from_labels: labels must fit in int64"):
