@@ -2,8 +2,10 @@
 //
 // Every message reads "<op>: <arg> must <expectation>, got <actual>" so a user
 // can fix the call without reading palfast's source. Checks here are cheap
-// (shapes, dtypes, devices): data-dependent checks (index ranges, finite
-// weights) happen once in Python when a PairGraph is built, never per call.
+// (shapes, dtypes, devices). The one data-dependent check per call is the
+// graph's index ranges (check_graph_values in csrc/graph.h, O(E + N), one host
+// sync), so that no op can read or write out of bounds; the rest (weight
+// ranges, sizes) happens once in Python when a PairGraph is built.
 #pragma once
 
 #include <ATen/ATen.h>

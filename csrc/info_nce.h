@@ -1,4 +1,4 @@
-// palfast::info_nce — shape contract and argument checks (SPEC §3.1).
+// palfast::info_nce — shape contract and argument checks (docs/api.md, "info_nce").
 //
 //   z [N, D] float32/float64/float16/bfloat16, graph over N rows.
 //   forward  -> loss_rows [N], lse [N]  (float64 when z is float64, else float32)
@@ -18,6 +18,22 @@ namespace palfast {
 
 inline at::ScalarType info_nce_acc_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ‖z_i‖ as [N, 1] in z's (accumulation) dtype, scaled by the row's max-abs before
+// squaring (like palfast.knn.unit_rows): float32 rows of norm 1e20 do not overflow
+// to inf (their squares would).
+inline at::Tensor row_norms(const at::Tensor& z) {
+  const at::Tensor m = z.abs().amax(1, true);
+  return (z / at::where(m > 0, m, at::ones_like(m))).norm(2, {1}, true).mul_(m);
+}
+
+// The gradient in z's dtype. A row with ‖z_i‖ <= 1e-12 gets du_i / 1e-12 (as
+// torch.nn.functional.normalize), which is beyond float16's range: saturate it to
+// the largest finite value rather than return inf (NaN stays NaN).
+inline at::Tensor grad_in_dtype(const at::Tensor& du, at::ScalarType dtype) {
+  if (dtype == at::kHalf) return du.clamp(-65504.0, 65504.0).to(dtype);
+  return du.to(dtype);
 }
 
 inline void check_info_nce(const char* op, const at::Tensor& z, const GraphArgs& g,

@@ -2,7 +2,7 @@
 
 Graph-weighted self-supervised losses as fused C++/CUDA custom ops that never
 build an N×N matrix, plus the active-learning loop of PAL (Cabannes et al.,
-ICCV 2023). See README.md and SPEC.md.
+ICCV 2023). See README.md and docs/api.md.
 """
 
 from . import (

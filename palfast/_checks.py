@@ -12,7 +12,11 @@ import numbers
 
 import torch
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_tensor"]
+__all__ = ["FLOAT_DTYPES", "check_bool", "check_choice", "check_int", "check_number",
+           "check_tensor"]
+
+#: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_bool(op: str, name: str, value) -> bool:
@@ -39,14 +43,17 @@ def check_number(op: str, name: str, value, minimum: float | None = None, *,
                  strict: bool = False, maximum: float | None = None) -> float:
     """A finite real number ≥ minimum (> minimum when ``strict``) and ≤ maximum."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a number, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} ({value!r})")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be a finite number, got {value}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{op}: {name} must be {'>' if strict else '>='} {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{op}: {name} must be <= {maximum}, got {value}")
+    low = minimum is not None and (value <= minimum if strict else value < minimum)
+    high = maximum is not None and value > maximum
+    if not math.isfinite(value) or low or high:
+        bound = "a finite number"
+        if minimum is not None:
+            bound += f" {'>' if strict else '>='} {minimum:g}"
+        if maximum is not None:
+            bound += f"{' and' if minimum is not None else ''} <= {maximum:g}"
+        raise ValueError(f"{op}: {name} must be {bound}, got {value}")
     return value
 
 
@@ -58,12 +65,17 @@ def check_choice(op: str, name: str, value, choices: tuple):
 
 
 def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = True,
-                 finite: bool = False) -> torch.Tensor:
-    """A 2-D tensor ``[N, D]`` with N ≥ min_rows and D ≥ 1 (floating point unless told)."""
+                 finite: bool = False, dtypes: tuple | None = None) -> torch.Tensor:
+    """A 2-D tensor ``[N, D]`` with N ≥ min_rows and D ≥ 1 (floating point unless told;
+    one of ``dtypes`` when given, e.g. :data:`FLOAT_DTYPES`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{op}: {name} must be a 2-D tensor [N, D], got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = [str(t).removeprefix("torch.") for t in dtypes]
+        names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise TypeError(f"{op}: {name} must be {names}, got {x.dtype}")
     if floating and not x.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
     if x.shape[0] < min_rows or x.shape[1] < 1:

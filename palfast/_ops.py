@@ -43,6 +43,21 @@ BUILD_INFO = {
 }
 
 
+def _no_double_backward(op: str, *tensors) -> None:
+    """First derivatives only. The backward ops have no derivative of their own, so a
+    second one (``create_graph=True``: Hessian-vector products, gradient penalties)
+    would silently drop their part: refuse it. Autograd runs a backward with grad
+    mode on exactly when ``create_graph=True``."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+            t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"palfast.{op} does not support double backward (create_graph=True, "
+            "torch.autograd.grad of a gradient, Hessian-vector products): its backward is a "
+            "custom op without a derivative, so the result would be wrong. Use "
+            "palfast.reference (pure PyTorch, small N) for higher derivatives "
+            "(docs/api.md, 'Gradients')")
+
+
 def _acc_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
@@ -70,6 +85,7 @@ def _info_nce_setup(ctx, inputs, output):
 
 def _info_nce_backward(ctx, grad_rows, grad_lse):
     z, lse = ctx.saved_tensors
+    _no_double_backward("info_nce", z, grad_rows)
     # lse is an auxiliary output saved for backward; its gradient is not supported.
     grad_z = ops.info_nce_backward(grad_rows.contiguous(), z, *ctx.graph, lse, *ctx.scalars)
     return (grad_z,) + (None,) * (len(ctx.graph) + len(ctx.scalars))
@@ -122,6 +138,7 @@ def _graph_dirichlet_setup(ctx, inputs, output):
 
 def _graph_dirichlet_backward(ctx, grad):
     (z,) = ctx.saved_tensors
+    _no_double_backward("graph_dirichlet (in vicreg and vic2)", z, grad)
     grad_z = ops.graph_dirichlet_backward(grad, z, *ctx.graph)
     return (grad_z,) + (None,) * len(ctx.graph)
 
@@ -167,6 +184,8 @@ def _sq_xcorr_setup(ctx, inputs, output):
 def _sq_xcorr_backward(ctx, grad, grad_aux):
     # aux is saved for backward only; its gradient is not supported.
     p, q, aux = ctx.saved_tensors
+    _no_double_backward("sq_xcorr (in vicreg, barlow_twins, spectral_contrastive and vic2)",
+                        p, q, grad)
     grad_p, grad_q = ops.sq_xcorr_backward(grad, p, q if ctx.has_q else None, aux, ctx.offdiag)
     return grad_p, (grad_q if ctx.has_q else None), None
 
@@ -196,6 +215,7 @@ def _barlow_twins_setup(ctx, inputs, output):
 
 def _barlow_twins_backward(ctx, grad, grad_aux):
     zhat, aux = ctx.saved_tensors
+    _no_double_backward("barlow_twins", zhat, grad)
     grad_z = ops.barlow_twins_backward(grad, zhat, *ctx.graph, aux, *ctx.scalars)
     return (grad_z,) + (None,) * (len(ctx.graph) + 2)
 

@@ -1,10 +1,12 @@
-"""Graph-weighted self-supervised losses (SPEC §3), stateless.
+"""Graph-weighted self-supervised losses (docs/api.md), stateless.
 
 Every loss takes ``(z, graph, *, ...)`` where ``z [N, D]`` are embeddings (views
 of one image are separate rows) and ``graph`` is a :class:`palfast.PairGraph`
 over the N rows. Arguments are checked here, once, before any kernel runs.
 NaN/Inf in ``z`` propagate to a NaN loss like PyTorch's losses; pass
 ``check_finite=True`` to get a ``ValueError`` instead (it costs a host sync).
+First derivatives only: ``create_graph=True`` through a loss raises (docs/api.md,
+"Gradients"), and so does a graph whose tensors require grad.
 """
 
 from __future__ import annotations
@@ -15,20 +17,28 @@ import torch
 
 from . import _ops
 from . import distributed as _dist
+from ._checks import FLOAT_DTYPES, check_bool, check_choice, check_int, check_number, check_tensor
 from .graph import PairGraph
 
 __all__ = ["info_nce", "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
+#: With ``normalize=False`` the logits are raw dot products. Beyond 2**24 (float32
+#: accumulation; 2**53 for float64) neighbouring floats are more than 1 apart, so a
+#: logit's rounding alone changes exp(s_ij − lse_i) by up to a factor e and the
+#: backward's recomputed tiles need not agree with the forward: info_nce refuses
+#: such z rather than return a gradient with no correct digit (docs/api.md).
+INFO_NCE_MAX_LOGIT = {torch.float32: float(2**24), torch.float64: float(2**53)}
 
-def _check_z(op: str, z, graph, check_finite: bool, n_global: bool = False) -> None:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{op}: z must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 2:
-        raise ValueError(f"{op}: z must be a 2-D tensor [N, D], got shape {tuple(z.shape)}")
-    if z.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"{op}: z must be float32, float64, float16 or bfloat16, got {z.dtype}")
+
+def _check_z(op: str, z, graph, check_finite, n_global: bool = False) -> None:
+    """z: a float [N >= 1, D >= 1] tensor; graph: an unchanged PairGraph over its rows.
+
+    An empty batch (N = 0) is refused rather than given a loss of 0: an empty
+    batch is almost always a data-loading bug (docs/api.md, "Edge cases")."""
+    check_finite = check_bool(op, "check_finite", check_finite)
+    check_tensor(op, "z", z, min_rows=1, dtypes=FLOAT_DTYPES)
     if not isinstance(graph, PairGraph):
         raise TypeError(f"{op}: graph must be a palfast.PairGraph, got {type(graph).__name__}. "
                         "Build one with PairGraph.from_views / from_labels / from_edges")
@@ -38,27 +48,41 @@ def _check_z(op: str, z, graph, check_finite: bool, n_global: bool = False) -> N
     if graph.device != z.device:
         raise ValueError(f"{op}: graph must be on z's device ({z.device}), got {graph.device}; "
                          "use graph.to(z.device)")
+    if not torch.compiler.is_compiling():
+        graph.check_unchanged(op)
+    _check_finite(op, "z", z, check_finite)
+
+
+def _check_finite(op: str, name: str, z: torch.Tensor, check_finite: bool) -> None:
     if check_finite and not bool(torch.isfinite(z).all()):
-        raise ValueError(f"{op}: z must be finite (check_finite=True), got NaN or Inf entries")
+        raise ValueError(f"{op}: {name} must be finite (check_finite=True), got NaN or Inf "
+                         "entries")
 
 
-def _check_positive(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
-    return float(value)
+def _check_logit_range(op: str, z: torch.Tensor, temperature: float) -> None:
+    """|s_ij| <= max_i ‖z_i‖² / τ must stay within INFO_NCE_MAX_LOGIT (one host sync;
+    skipped under torch.compile)."""
+    if torch.compiler.is_compiling():
+        return
+    limit = INFO_NCE_MAX_LOGIT[_ops._acc_dtype(z)]
+    bound = float(_acc(z.detach()).square().sum(1).max()) / temperature
+    if not bound <= limit:  # NaN z is left to check_finite
+        if math.isnan(bound):
+            return
+        raise ValueError(f"{op}: with normalize=False, max_i ‖z_i‖² / temperature must be <= "
+                         f"INFO_NCE_MAX_LOGIT = {limit:g} for {_ops._acc_dtype(z)} accumulation "
+                         f"(larger logits lose their precision), got {bound:g}; scale z down, "
+                         "raise the temperature, or use normalize=True")
 
 
-def _check_reduction(op: str, reduction) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+def _check_gather(op: str, gather) -> bool:
+    return _dist.resolve_gather(None if gather is None else check_bool(op, "gather", gather))
 
 
 def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
              normalize: bool = True, reduction: str = "mean",
              check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
-    r"""Graph-weighted InfoNCE (SupCon's L_out with weights), SPEC §3.1.
+    r"""Graph-weighted InfoNCE (SupCon's L_out with weights), docs/api.md.
 
     .. math::
         \ell_i = -\frac{1}{W_i}\sum_{j\ne i} w_{ij}\Big[s_{ij}
@@ -75,7 +99,9 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
         temperature: τ > 0.
-        normalize: cosine similarity (True) or raw dot products (False).
+        normalize: cosine similarity (True) or raw dot products (False). With False,
+            ``max_i ‖z_i‖² / τ`` must be <= ``INFO_NCE_MAX_LOGIT`` (2**24 in float32;
+            checked with one host sync, else ``ValueError``).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
         gather: under torch.distributed (default: on when world size > 1) z holds
@@ -95,14 +121,16 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         >>> loss.backward()
     """
     op = "palfast.info_nce"
-    gather = _dist.resolve_gather(gather)
+    gather = _check_gather(op, gather)
     _check_z(op, z, graph, check_finite, n_global=gather)
-    temperature = _check_positive(op, "temperature", temperature)
-    _check_reduction(op, reduction)
+    temperature = check_number(op, "temperature", temperature, 0.0, strict=True)
+    normalize = check_bool(op, "normalize", normalize)
+    check_choice(op, "reduction", reduction, _REDUCTIONS)
+    if not normalize:
+        _check_logit_range(op, z, temperature)
     keys, begin, end = (_dist.all_gather_rows(z, graph.num_nodes) if gather
                         else (z, 0, z.shape[0]))
-    rows, _ = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, bool(normalize),
-                                begin, end)
+    rows, _ = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
     if reduction == "none":
         return rows[begin:end].to(z.dtype)
     out = rows.sum()
@@ -114,7 +142,7 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
 
 
 # ------------------------------------------------------------ covariance losses
-# VICReg, Barlow Twins, spectral contrastive and PAL's VIC² (SPEC §3.2–3.4).
+# VICReg, Barlow Twins, spectral contrastive and PAL's VIC² (docs/api.md–3.4).
 # The custom ops do the parts that cost: the graph products (graph_spmm,
 # graph_dirichlet: CSR + class sums, never a dense G) and the squared Frobenius
 # norms of D×D cross-correlations (sq_xcorr, barlow_twins: through N×N Gram
@@ -129,20 +157,24 @@ def _global_rows(op: str, z, graph, check_finite: bool, gather) -> torch.Tensor:
     i.e. world × the single-process gradient, which DDP's averaging turns back
     into the exact single-process gradient. Statistics are O(D²) (or the Gram
     side O(N²) when N < D), never more than the single-process loss uses."""
-    gather = _dist.resolve_gather(gather)
+    gather = _check_gather(op, gather)
     _check_z(op, z, graph, check_finite, n_global=gather)
     if gather:
         z, _, _ = _dist.all_gather_rows(z, graph.num_nodes)
     return z
 
 
-def _check_coeff(op: str, name: str, value) -> float:
-    """A finite number >= 0 (a loss weight)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
-    return float(value)
+def _vicreg_coeffs(op: str, sim_coeff, std_coeff, cov_coeff, eps) -> tuple[float, ...]:
+    """VICReg's three weights (finite, >= 0) and eps (finite, > 0)."""
+    return (check_number(op, "sim_coeff", sim_coeff, 0.0),
+            check_number(op, "std_coeff", std_coeff, 0.0),
+            check_number(op, "cov_coeff", cov_coeff, 0.0),
+            check_number(op, "eps", eps, 0.0, strict=True))
+
+
+def _barlow_twins_coeffs(op: str, lambd, eps) -> tuple[float, float]:
+    """Barlow Twins' lambd (finite, >= 0) and eps (finite, > 0)."""
+    return check_number(op, "lambd", lambd, 0.0), check_number(op, "eps", eps, 0.0, strict=True)
 
 
 def _acc(z: torch.Tensor) -> torch.Tensor:
@@ -185,7 +217,7 @@ def _dirichlet_mean(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
 def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
            std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
            check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
-    r"""Graph-weighted VICReg (Bardes et al. 2022 in PAL's graph form), SPEC §3.2.
+    r"""Graph-weighted VICReg (Bardes et al. 2022 in PAL's graph form), docs/api.md.
 
     .. math::
         \mathrm{inv} = \frac{1}{D\,|G|}\sum_{ij} w_{ij}\|z_i - z_j\|^2,\quad
@@ -229,10 +261,7 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
     """
     op = "palfast.vicreg"
     z = _global_rows(op, z, graph, check_finite, gather)
-    sim_coeff = _check_coeff(op, "sim_coeff", sim_coeff)
-    std_coeff = _check_coeff(op, "std_coeff", std_coeff)
-    cov_coeff = _check_coeff(op, "cov_coeff", cov_coeff)
-    eps = _check_positive(op, "eps", eps)
+    sim_coeff, std_coeff, cov_coeff, eps = _vicreg_coeffs(op, sim_coeff, std_coeff, cov_coeff, eps)
     _check_rows(op, "z", z, 2, "the unbiased variance over N − 1 needs two")
     x = _acc(z)
     inv = _dirichlet_mean(x, graph) / z.shape[1]
@@ -242,7 +271,7 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
 
 def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5,
                  check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
-    r"""Graph-weighted Barlow Twins (Zbontar et al. 2021 in PAL's graph form), SPEC §3.3.
+    r"""Graph-weighted Barlow Twins (Zbontar et al. 2021 in PAL's graph form), docs/api.md.
 
     .. math::
         C = \frac{\hat z^\top G \hat z}{|G|},\qquad
@@ -285,8 +314,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
     """
     op = "palfast.barlow_twins"
     z = _global_rows(op, z, graph, check_finite, gather)
-    lambd = _check_coeff(op, "lambd", lambd)
-    eps = _check_positive(op, "eps", eps)
+    lambd, eps = _barlow_twins_coeffs(op, lambd, eps)
     zhat = _standardize(_acc(z), eps)
     if graph.total_weight <= 0:
         return (zhat.sum() * 0 + z.shape[1]).to(z.dtype)
@@ -296,7 +324,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
 
 def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
                          check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
-    r"""Graph-weighted spectral contrastive loss (HaoChen et al. 2021), SPEC §3.4.
+    r"""Graph-weighted spectral contrastive loss (HaoChen et al. 2021), docs/api.md.
 
     .. math::
         \mathcal L = -\frac{2}{|G|}\sum_{ij} w_{ij}\langle z_i, z_j\rangle
@@ -376,7 +404,7 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     only rescales the loss.
 
     The halves must be independent: views of one image must not be split. ``z`` is
-    read as ``n_views`` stacked blocks of n = N / n_views rows (SPEC §1: row
+    read as ``n_views`` stacked blocks of n = N / n_views rows (docs/api.md: row
     ``i + v·n`` is view v of image i); A holds images ``0 .. ⌊n/2⌋ − 1`` (all their
     views), B the others. With the default ``n_views=1`` (rows are independent
     samples, e.g. a labels or oracle graph) A and B are the first and second half
@@ -405,9 +433,8 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     """
     op = "palfast.vic2"
     z = _global_rows(op, z, graph, check_finite, gather)
-    beta = _check_coeff(op, "beta", beta)
-    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
-        raise ValueError(f"{op}: n_views must be an int >= 1, got {n_views!r}")
+    beta = check_number(op, "beta", beta, 0.0)
+    n_views = check_int(op, "n_views", n_views, 1)
     if z.shape[0] % n_views:
         raise ValueError(f"{op}: z must have a multiple of n_views = {n_views} rows "
                          f"(stacked view blocks), got shape {tuple(z.shape)}")

@@ -1,4 +1,4 @@
-"""PairGraph: the similarity graph G of PAL over the N rows of a batch (SPEC §2).
+"""PairGraph: the similarity graph G of PAL over the N rows of a batch (docs/api.md, "PairGraph").
 
 G_ij = w_ij ≥ 0 says "row i and row j are alike, with weight w_ij". It is the
 sum of two parts, neither of which ever becomes an N×N matrix:
@@ -11,8 +11,14 @@ sum of two parts, neither of which ever becomes an N×N matrix:
 
 ``from_views(n, V)`` is a label set too (the class of row i + v·n is i).
 
-All data-dependent validation (index ranges, finite non-negative weights)
-happens once here, so the loss kernels never sync with the host.
+All data-dependent validation (index ranges, weights 0 or in
+[MIN_WEIGHT, MAX_WEIGHT], sizes up to MAX_NODES) happens here, with messages
+naming the argument. The ops re-check the index ranges in C++ (csrc/graph.h,
+``check_graph_values``) because a PairGraph's tensors can still be changed in
+place; the losses refuse such a graph earlier with a clearer message, from the
+tensors' version counters recorded here.
+Weights that require grad are refused: the losses do not differentiate with
+respect to the graph (docs/api.md, "Gradients").
 Duplicate edges are summed (like ``torch.sparse`` coalescing); self-loops are
 dropped (w_ii is ignored by every loss).
 
@@ -27,37 +33,99 @@ Example::
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
-__all__ = ["PairGraph"]
+from ._checks import check_bool, check_int, check_number
+
+__all__ = ["PairGraph", "MAX_NODES", "MIN_WEIGHT", "MAX_WEIGHT"]
+
+#: Largest number of rows a graph may have (kernels index rows with 32-bit ints on
+#: some paths, and a bigger batch could not hold its N×N similarities anyway).
+MAX_NODES = 2**31 - 1
+#: Non-zero weights (an edge after summing duplicates and scaling, a label set's
+#: weight) must lie in [MIN_WEIGHT, MAX_WEIGHT]; so must the total weight |G|.
+#: Smaller ones vanish in float32 (1/W_i, w_ij/W_i give 0/0 = NaN) and bigger
+#: ones overflow float32 sums.
+MIN_WEIGHT = 1e-30
+MAX_WEIGHT = 1e30
+
+_INT64_MAX = 2**63 - 1
 
 
-def _as_long_vector(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
+def _as_long_vector(x, name: str, op: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray) and x.dtype.kind == "u" and x.size and int(x.max()) > _INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {int(x.max())}")
+    try:
+        t = torch.as_tensor(x)
+    except (OverflowError, RuntimeError, TypeError, ValueError) as e:
+        if "verflow" in str(e):
+            raise ValueError(f"{op}: {name} must fit in int64, got {x!r:.80}") from e
+        raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} "
+                        f"({e})") from e
     if t.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must be a 1-D tensor, got shape {tuple(t.shape)}")
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must hold integers, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
+    if t.dtype == torch.uint64 and t.numel() and bool((t.view(torch.int64) < 0).any()):
+        raise ValueError(f"{op}: {name} must fit in int64, got a value >= 2**63")
     return t.to(torch.long)
 
 
-def _check_weights(w: torch.Tensor, name: str) -> None:
+def _real_weights(w, name: str, op: str) -> torch.Tensor:
+    """``w`` as a float64 tensor, refusing complex values and tensors that require grad."""
+    if isinstance(w, torch.Tensor) and w.requires_grad:
+        raise ValueError(f"{op}: {name} must not require grad: palfast's losses do not "
+                         "differentiate with respect to the graph (docs/api.md, 'Gradients'); "
+                         "pass weights.detach()")
+    try:
+        w = w if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise TypeError(f"{op}: {name} must be a tensor of real numbers, got {w!r:.80}") from e
+    if w.dtype.is_complex:
+        raise TypeError(f"{op}: {name} must be real, got {w.dtype}")
+    return w.to(torch.float64)
+
+
+def _check_weights(w: torch.Tensor, name: str, op: str) -> None:
+    """Finite, >= 0, and each non-zero one in [MIN_WEIGHT, MAX_WEIGHT]."""
     if w.numel() == 0:
         return
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(w)).sum())} non-finite")
+        raise ValueError(f"{op}: {name} must be finite, got {int((~torch.isfinite(w)).sum())} "
+                         "non-finite")
     if bool((w < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got minimum {float(w.min())}")
+        raise ValueError(f"{op}: {name} must be >= 0, got minimum {float(w.min())}")
+    nz = w[w != 0]
+    if nz.numel() and (float(nz.min()) < MIN_WEIGHT or float(nz.max()) > MAX_WEIGHT):
+        raise ValueError(f"{op}: {name} must be 0 or in [MIN_WEIGHT, MAX_WEIGHT] = "
+                         f"[{MIN_WEIGHT:g}, {MAX_WEIGHT:g}] (duplicate edges summed, scale "
+                         f"applied), got non-zero values in [{float(nz.min()):g}, "
+                         f"{float(nz.max()):g}]")
+
+
+def _check_label_weight(a: float, name: str, op: str) -> float:
+    a = check_number(op, name, a, 0.0)
+    if a != 0 and not MIN_WEIGHT <= a <= MAX_WEIGHT:
+        raise ValueError(f"{op}: {name} must be 0 or in [MIN_WEIGHT, MAX_WEIGHT] = "
+                         f"[{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {a:g}")
+    return a
+
+
+def _check_nodes(op: str, name: str, n) -> int:
+    return check_int(op, name, n, 1, MAX_NODES)
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, n: int):
-    """Coalesced CSR (duplicates summed, zero weights dropped) of the edges rows→cols."""
+    """Coalesced CSR (duplicates summed in float64, zero weights dropped) of rows→cols;
+    weights come back as float64 (checked, then stored as float32 by the caller)."""
+    w = w.to(torch.float64)
     if rows.numel():
         key, inverse = torch.unique(rows * n + cols, return_inverse=True)
-        w = torch.zeros(key.numel(), dtype=torch.float32, device=w.device).index_add_(0, inverse, w)
+        w = torch.zeros(key.numel(), dtype=torch.float64, device=w.device).index_add_(0, inverse, w)
         keep = w > 0
         key, w = key[keep], w[keep]
         rows, cols = key // n, key % n
@@ -87,19 +155,49 @@ class PairGraph:
     num_anchors: int  # rows with W_i > 0
     total_weight: float  # |G| = Σ_ij w_ij
     symmetric: bool
+    # The tensors' version counters at construction: an in-place change after it
+    # is refused by the losses (check_unchanged) before any kernel runs.
+    _versions: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_versions", self._current_versions())
+
+    def __setstate__(self, state):  # pickle, deepcopy: fresh tensors, fresh counters
+        self.__dict__.update(state)
+        object.__setattr__(self, "_versions", self._current_versions())
+
+    def _current_versions(self) -> tuple:
+        return tuple(getattr(self, f)._version for f in _TENSOR_FIELDS)
+
+    def check_unchanged(self, op: str) -> None:
+        """Raise ``ValueError`` if a tensor of this graph was changed in place after it
+        was built (the kernels would trust stale degrees and totals)."""
+        if self._current_versions() != self._versions:
+            changed = [f for f, a, b in zip(_TENSOR_FIELDS, self._versions,
+                                            self._current_versions()) if a != b]
+            raise ValueError(f"{op}: graph must not be changed after it is built, got in-place "
+                             f"changes to graph.{', graph.'.join(changed)}; build a new PairGraph")
+        for f in _TENSOR_FIELDS:
+            if getattr(self, f).requires_grad:
+                raise ValueError(f"{op}: graph.{f} must not require grad: palfast's losses do "
+                                 "not differentiate with respect to the graph (docs/api.md, "
+                                 "'Gradients')")
 
     # ------------------------------------------------------------------ build
     @classmethod
     def _build(cls, n, rows, cols, w, labels, label_weights, label_classes, symmetric):
         device = rows.device
         off = rows != cols  # w_ii is ignored
-        rows, cols, w = rows[off], cols[off], w[off].to(torch.float32)
+        rows, cols, w = rows[off], cols[off], w[off]
         indptr, indices, weights = _csr(rows, cols, w, n)
+        _check_weights(weights, "edge weights", "PairGraph")
+        weights = weights.to(torch.float32)
         if symmetric:
             t_indptr, t_indices, t_weights = indptr, indices, weights
         else:
             src = torch.repeat_interleave(torch.arange(n, device=device), indptr.diff())
             t_indptr, t_indices, t_weights = _csr(indices, src, weights, n)
+            t_weights = t_weights.to(torch.float32)
         labels = labels.to(device=device, dtype=torch.long).reshape(-1, n)
         pos = torch.zeros(n, dtype=torch.float64, device=device)
         pos.index_add_(0, torch.repeat_interleave(torch.arange(n, device=device), indptr.diff()),
@@ -112,6 +210,9 @@ class PairGraph:
             sizes[known] = counts[y[known]]
             pos += a * (sizes - 1).clamp_min(0) * known
             total += a * float((counts * (counts - 1)).sum())
+        if total > MAX_WEIGHT:
+            raise ValueError(f"PairGraph: the total weight |G| must be <= MAX_WEIGHT = "
+                             f"{MAX_WEIGHT:g}, got {total:g}")
         return cls(n, indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
                    tuple(float(a) for a in label_weights), tuple(int(c) for c in label_classes),
                    pos, int((pos > 0).sum()), total, bool(symmetric))
@@ -127,10 +228,12 @@ class PairGraph:
 
         ``labels`` is an int tensor [N]. Labels are kept as class ids, never expanded
         into Σ n_c² edges."""
-        y = _as_long_vector(labels, "labels")
+        op = "PairGraph.from_labels"
+        y = _as_long_vector(labels, "labels", op)
         if y.numel() and int(y.min()) < -1:
-            raise ValueError(f"labels must be >= -1 (-1 = unknown), got {int(y.min())}")
-        _check_scale(weight, "weight")
+            raise ValueError(f"{op}: labels must be >= -1 (-1 = unknown), got {int(y.min())}")
+        check_int(op, "len(labels)", y.numel(), 1, MAX_NODES)
+        weight = _check_label_weight(weight, "weight", op)
         known = y >= 0
         compact = torch.full_like(y, -1)
         classes = 0
@@ -145,8 +248,12 @@ class PairGraph:
     def from_views(cls, n: int, n_views: int = 2, *, device=None) -> PairGraph:
         """Rows ``i + v*n`` (v = 0..n_views−1) are mutual positives: SimCLR / multi-crop
         with ``z = torch.cat([view_0, ..., view_{V-1}])``."""
-        _check_count(n, "n", 1)
-        _check_count(n_views, "n_views", 1)
+        op = "PairGraph.from_views"
+        n = _check_nodes(op, "n", n)
+        n_views = check_int(op, "n_views", n_views, 1)
+        if n * n_views > MAX_NODES:
+            raise ValueError(f"{op}: n * n_views must be <= MAX_NODES = {MAX_NODES}, got "
+                             f"{n} * {n_views} = {n * n_views}")
         y = torch.arange(n, device=device).repeat(n_views)
         r, c, w = cls._empty_edges(device)
         return cls._build(n * n_views, r, c, w, y[None], (1.0,), (n,), True)
@@ -157,26 +264,26 @@ class PairGraph:
 
         ``symmetric=True`` also adds ``dst → src`` with the same weight. Duplicate
         edges are summed; self-loops are dropped."""
-        _check_count(num_nodes, "num_nodes", 1)
-        s = _as_long_vector(src, "src")
-        d = _as_long_vector(dst, "dst").to(s.device)
+        op = "PairGraph.from_edges"
+        num_nodes = _check_nodes(op, "num_nodes", num_nodes)
+        symmetric = check_bool(op, "symmetric", symmetric)
+        s = _as_long_vector(src, "src", op)
+        d = _as_long_vector(dst, "dst", op).to(s.device)
         if s.numel() != d.numel():
-            raise ValueError(f"src and dst must have the same length, got {s.numel()} and {d.numel()}")
+            raise ValueError(f"{op}: src and dst must have the same length, got {s.numel()} "
+                             f"and {d.numel()}")
         for t, name in ((s, "src"), (d, "dst")):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_nodes):
-                raise ValueError(f"{name} must be in [0, num_nodes={num_nodes}), got values in "
-                                 f"[{int(t.min())}, {int(t.max())}]")
+                raise ValueError(f"{op}: {name} must be in [0, num_nodes={num_nodes}), got values "
+                                 f"in [{int(t.min())}, {int(t.max())}]")
         if weights is None:
-            w = torch.ones(s.numel(), dtype=torch.float32, device=s.device)
+            w = torch.ones(s.numel(), dtype=torch.float64, device=s.device)
         else:
-            w = torch.as_tensor(weights, device=s.device)
-            if not w.dtype.is_floating_point and w.dtype != torch.bool and w.numel():
-                w = w.float()
+            w = _real_weights(weights, "weights", op).to(s.device)
             if w.shape != s.shape:
-                raise ValueError(f"weights must have shape {tuple(s.shape)} like src, "
+                raise ValueError(f"{op}: weights must have shape {tuple(s.shape)} like src, "
                                  f"got {tuple(w.shape)}")
-            w = w.to(torch.float32)
-            _check_weights(w, "weights")
+            _check_weights(w, "weights", op)
         if symmetric:
             s, d, w = torch.cat([s, d]), torch.cat([d, s]), torch.cat([w, w])
         y = torch.zeros(0, num_nodes, dtype=torch.long, device=s.device)
@@ -185,11 +292,12 @@ class PairGraph:
     @classmethod
     def from_dense(cls, W) -> PairGraph:
         """Dense ``[N, N]`` non-negative weights (small N, tests). The diagonal is ignored."""
-        W = torch.as_tensor(W)
+        op = "PairGraph.from_dense"
+        W = _real_weights(W, "W", op)
         if W.dim() != 2 or W.shape[0] != W.shape[1]:
-            raise ValueError(f"W must be a square [N, N] matrix, got shape {tuple(W.shape)}")
-        W = W.to(torch.float32)
-        _check_weights(W, "W")
+            raise ValueError(f"{op}: W must be a square [N, N] matrix, got shape {tuple(W.shape)}")
+        _check_nodes(op, "N", W.shape[0])
+        _check_weights(W, "W", op)
         symmetric = bool(torch.equal(W, W.T))
         r, c = W.nonzero(as_tuple=True)
         y = torch.zeros(0, W.shape[0], dtype=torch.long, device=W.device)
@@ -200,7 +308,8 @@ class PairGraph:
         if not isinstance(other, PairGraph):
             return NotImplemented
         if other.num_nodes != self.num_nodes:
-            raise ValueError(f"cannot add graphs over {self.num_nodes} and {other.num_nodes} nodes")
+            raise ValueError(f"PairGraph.__add__: cannot add graphs over {self.num_nodes} and "
+                             f"{other.num_nodes} nodes")
         r1, c1, w1 = self._edge_list()
         r2, c2, w2 = other._edge_list()
         return PairGraph._build(
@@ -211,14 +320,24 @@ class PairGraph:
             self.symmetric and other.symmetric)
 
     def __mul__(self, a) -> PairGraph:
+        op = "PairGraph.__mul__"
         if isinstance(a, torch.Tensor):
-            a = float(a)
-        if not isinstance(a, (int, float)):
+            if a.requires_grad:
+                raise ValueError(f"{op}: scale must not require grad: palfast's losses do not "
+                                 "differentiate with respect to the graph (docs/api.md, "
+                                 "'Gradients')")
+            if a.numel() != 1:
+                raise ValueError(f"{op}: scale must be a number, got a tensor of shape "
+                                 f"{tuple(a.shape)}")
+            a = a.item()
+        if not isinstance(a, numbers.Real):
             return NotImplemented
-        _check_scale(a, "scale")
+        a = check_number(op, "scale", a, 0.0)
         r, c, w = self._edge_list()
-        return PairGraph._build(self.num_nodes, r, c, w * a, self.labels,
-                                tuple(a * x for x in self.label_weights), self.label_classes,
+        return PairGraph._build(self.num_nodes, r, c, w.double() * a, self.labels,
+                                tuple(_check_label_weight(a * x, "scale * label weight",
+                                                          "PairGraph.__mul__")
+                                      for x in self.label_weights), self.label_classes,
                                 self.symmetric)
 
     __rmul__ = __mul__
@@ -243,8 +362,8 @@ class PairGraph:
 
     def to(self, device) -> PairGraph:
         device = torch.device(device)
-        moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}
-        return PairGraph(**{**self.__dict__, **moved})
+        kept = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return PairGraph(**{**kept, **{f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}})
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full [N, N] weight matrix with a zero diagonal (small N only)."""
@@ -278,12 +397,3 @@ class PairGraph:
 _TENSOR_FIELDS = ("indptr", "indices", "weights", "t_indptr", "t_indices", "t_weights", "labels",
                   "pos_weight")
 
-
-def _check_count(v, name: str, minimum: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-
-def _check_scale(a, name: str) -> None:
-    if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {a!r}")

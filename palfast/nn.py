@@ -3,7 +3,9 @@
 A module holds hyper-parameters only. Call it the PAL way, ``loss(z, graph)``
 with a :class:`~palfast.PairGraph`, or as a two-view drop-in, ``loss(z_a, z_b)``
 with two ``[n, D]`` tensors, which reproduces the usual library loss exactly
-(SPEC §3.5).
+(docs/api.md, "Modules"). Hyper-parameters are checked when the loss is called,
+with the same messages as :mod:`palfast.functional`; ``check_finite=True`` is
+honoured in both forms.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._checks import FLOAT_DTYPES, check_bool, check_tensor
 from .graph import PairGraph
 
 __all__ = [
@@ -19,17 +22,28 @@ __all__ = [
 ]
 
 
-def _two_views(op: str, z_a, z_b) -> tuple[torch.Tensor, PairGraph]:
-    """cat(z_a, z_b) and the views graph that pairs row i with row i + n."""
+def _two_views(z_a, z_b) -> tuple[torch.Tensor, PairGraph]:
+    """cat(z_a, z_b) and the views graph that pairs row i with row i + n (checked views)."""
+    return torch.cat([z_a, z_b]), PairGraph.from_views(z_a.shape[0], 2, device=z_a.device)
+
+
+def _check_two_views(op: str, z_a, z_b, min_rows: int, check_finite) -> None:
+    """z_a, z_b: two float [n >= min_rows, D] tensors of one shape, dtype and device
+    (finite when ``check_finite``)."""
+    check_finite = check_bool(op, "check_finite", check_finite)
+    if not isinstance(z_b, torch.Tensor):
+        raise TypeError(f"{op}: z_b must be a torch.Tensor (or pass a PairGraph), "
+                        f"got {type(z_b).__name__}")
     for name, t in (("z_a", z_a), ("z_b", z_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if z_a.shape != z_b.shape or z_a.dim() != 2:
+        check_tensor(op, name, t, min_rows=min_rows, dtypes=FLOAT_DTYPES)
+    if z_a.shape != z_b.shape:
         raise ValueError(f"{op}: z_a and z_b must both be [n, D] with the same shape, got "
                          f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    if z_a.shape[0] < 1:
-        raise ValueError(f"{op}: z_a must have at least one row, got shape {tuple(z_a.shape)}")
-    return torch.cat([z_a, z_b]), PairGraph.from_views(z_a.shape[0], 2, device=z_a.device)
+    if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
+        raise ValueError(f"{op}: z_b must have z_a's dtype and device ({z_a.dtype}, "
+                         f"{z_a.device}), got {z_b.dtype}, {z_b.device}")
+    for name, t in (("z_a", z_a), ("z_b", z_b)):
+        F._check_finite(op, name, t, check_finite)
 
 
 class InfoNCELoss(nn.Module):
@@ -56,7 +70,8 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if not isinstance(graph_or_z_b, PairGraph):
-            z, graph_or_z_b = _two_views("palfast.nn.InfoNCELoss", z, graph_or_z_b)
+            _check_two_views("palfast.nn.InfoNCELoss", z, graph_or_z_b, 1, self.check_finite)
+            z, graph_or_z_b = _two_views(z, graph_or_z_b)
         return F.info_nce(z, graph_or_z_b, temperature=self.temperature,
                           normalize=self.normalize, reduction=self.reduction,
                           check_finite=self.check_finite)
@@ -66,26 +81,6 @@ class InfoNCELoss(nn.Module):
 
 
 # ------------------------------------------------------------ covariance losses
-def _check_two_views(op: str, z_a, z_b, min_rows: int) -> None:
-    """z_a, z_b: two float [n, D] tensors of one shape, dtype and device."""
-    for name, t in (("z_a", z_a), ("z_b", z_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor or z_b a PairGraph, "
-                            f"got {type(t).__name__}")
-        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, "
-                            f"got {t.dtype}")
-    if z_a.shape != z_b.shape or z_a.dim() != 2:
-        raise ValueError(f"{op}: z_a and z_b must both be [n, D] with the same shape, got "
-                         f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
-        raise ValueError(f"{op}: z_b must have z_a's dtype and device ({z_a.dtype}, "
-                         f"{z_a.device}), got {z_b.dtype}, {z_b.device}")
-    if z_a.shape[0] < min_rows:
-        raise ValueError(f"{op}: z_a must have at least {min_rows} rows, got shape "
-                         f"{tuple(z_a.shape)}")
-
-
 class VICRegLoss(nn.Module):
     """VICReg (:func:`palfast.functional.vicreg`).
 
@@ -116,10 +111,10 @@ class VICRegLoss(nn.Module):
         if isinstance(graph_or_z_b, PairGraph):
             return F.vicreg(z, graph_or_z_b, check_finite=self.check_finite, **kw)
         op = "palfast.nn.VICRegLoss"
-        _check_two_views(op, z, graph_or_z_b, 2)
-        for name, v in kw.items():
-            (F._check_positive if name == "eps" else F._check_coeff)(op, name, v)
-        return F._vicreg_two_view(z, graph_or_z_b, **kw)
+        _check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
+        sim, std, cov, eps = F._vicreg_coeffs(op, **kw)
+        return F._vicreg_two_view(z, graph_or_z_b, sim_coeff=sim, std_coeff=std, cov_coeff=cov,
+                                  eps=eps)
 
     def extra_repr(self) -> str:
         return (f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, "
@@ -132,7 +127,7 @@ class BarlowTwinsLoss(nn.Module):
     ``BarlowTwinsLoss()(z, graph)`` is the graph form. ``BarlowTwinsLoss()(z_a, z_b)``
     is the official Barlow Twins exactly: ``c = bn(z_a)ᵀ bn(z_b) / n`` with
     ``BatchNorm1d(affine=False)`` per view, ``Σ (1 − c_kk)² + lambd Σ_{k≠l} c_kl²``
-    (the official code's default lambd is 0.0051; palfast's is SPEC's 5e-3).
+    (the official code's default lambd is 0.0051; palfast's is 5e-3, docs/api.md).
 
     Example::
 
@@ -150,9 +145,8 @@ class BarlowTwinsLoss(nn.Module):
             return F.barlow_twins(z, graph_or_z_b, lambd=self.lambd, eps=self.eps,
                                   check_finite=self.check_finite)
         op = "palfast.nn.BarlowTwinsLoss"
-        _check_two_views(op, z, graph_or_z_b, 1)
-        lambd = F._check_coeff(op, "lambd", self.lambd)
-        eps = F._check_positive(op, "eps", self.eps)
+        _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
+        lambd, eps = F._barlow_twins_coeffs(op, self.lambd, self.eps)
         return F._barlow_twins_two_view(z, graph_or_z_b, lambd=lambd, eps=eps)
 
     def extra_repr(self) -> str:
@@ -181,7 +175,8 @@ class SpectralContrastiveLoss(nn.Module):
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if isinstance(graph_or_z_b, PairGraph):
             return F.spectral_contrastive(z, graph_or_z_b, check_finite=self.check_finite)
-        _check_two_views("palfast.nn.SpectralContrastiveLoss", z, graph_or_z_b, 1)
+        _check_two_views("palfast.nn.SpectralContrastiveLoss", z, graph_or_z_b, 1,
+                         self.check_finite)
         return F._spectral_contrastive_two_view(z, graph_or_z_b)
 
 
@@ -205,8 +200,8 @@ class VIC2Loss(nn.Module):
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         n_views = self.n_views
         if not isinstance(graph_or_z_b, PairGraph):
-            _check_two_views("palfast.nn.VIC2Loss", z, graph_or_z_b, 2)
-            z, graph_or_z_b = _two_views("palfast.nn.VIC2Loss", z, graph_or_z_b)
+            _check_two_views("palfast.nn.VIC2Loss", z, graph_or_z_b, 2, self.check_finite)
+            z, graph_or_z_b = _two_views(z, graph_or_z_b)
             n_views = 2
         return F.vic2(z, graph_or_z_b, beta=self.beta, n_views=n_views,
                       check_finite=self.check_finite)

@@ -1,4 +1,4 @@
-"""Naive pure-PyTorch references, written from the formulas in SPEC.md.
+"""Naive pure-PyTorch references, written from the formulas in docs/api.md.
 
 They build the dense N×N graph and similarity matrices, so they are only for
 small N: tests compare every kernel against them in float64, benchmarks use
@@ -26,7 +26,7 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch
 
 def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
              normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
-    """SPEC §3.1:  ℓ_i = −(1/W_i) Σ_{j≠i} w_ij [s_ij − log Σ_{k≠i} exp(s_ik)]  for W_i > 0."""
+    """docs/api.md:  ℓ_i = −(1/W_i) Σ_{j≠i} w_ij [s_ij − log Σ_{k≠i} exp(s_ik)]  for W_i > 0."""
     n = z.shape[0]
     u = F.normalize(z, dim=1) if normalize else z
     s = u @ u.T / temperature
@@ -52,7 +52,7 @@ def _pairwise_sq_dist(z: torch.Tensor) -> torch.Tensor:
 
 def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
            std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
-    """SPEC §3.2: sim·Σ w‖z_i − z_j‖²/(D|G|) + std·(1/D)Σ relu(1 − sqrt(Var_k + eps))
+    """docs/api.md: sim·Σ w‖z_i − z_j‖²/(D|G|) + std·(1/D)Σ relu(1 − sqrt(Var_k + eps))
     + cov·(1/D)Σ_{k≠l} C_kl², C = (z − z̄)ᵀ(z − z̄)/(N − 1); inv = 0 when |G| = 0."""
     n, d = z.shape
     w = _dense_graph(graph, z)
@@ -67,7 +67,7 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
 
 def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3,
                  eps: float = 1e-5) -> torch.Tensor:
-    """SPEC §3.3: ẑ = (z − mean)/sqrt(biased var + eps), C = ẑᵀGẑ/|G| (0 when |G| = 0),
+    """docs/api.md: ẑ = (z − mean)/sqrt(biased var + eps), C = ẑᵀGẑ/|G| (0 when |G| = 0),
     Σ_k (1 − C_kk)² + λ Σ_{k≠l} C_kl²."""
     zhat = (z - z.mean(0)) / torch.sqrt(z.var(0, correction=0) + eps)
     w = _dense_graph(graph, z)
@@ -79,7 +79,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3,
 
 
 def spectral_contrastive(z: torch.Tensor, graph: PairGraph) -> torch.Tensor:
-    """SPEC §3.4: −(2/|G|) Σ w_ij⟨z_i, z_j⟩ + (1/(N(N−1))) Σ_{i≠j}⟨z_i, z_j⟩²
+    """docs/api.md: −(2/|G|) Σ w_ij⟨z_i, z_j⟩ + (1/(N(N−1))) Σ_{i≠j}⟨z_i, z_j⟩²
     (each term 0 when |G| = 0, resp. N = 1)."""
     n = z.shape[0]
     w = _dense_graph(graph, z)

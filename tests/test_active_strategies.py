@@ -148,7 +148,7 @@ def test_pal_finds_more_positives_than_random():
     ({"budget": 2.5}, TypeError, "budget must be an int, got 2.5"),
     ({"store": {}}, TypeError, "store must be a palfast.active.RelationStore"),
     ({"k": 0}, ValueError, "k must satisfy 1 <= k, got 0"),
-    ({"explore": 1.5}, ValueError, "explore must be <= 1.0, got 1.5"),
+    ({"explore": 1.5}, ValueError, "explore must be a finite number >= 0 and <= 1, got 1.5"),
     ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
     ({"embeddings": torch.full((5, 3), float("nan"))}, ValueError, "embeddings must be finite"),

@@ -1,5 +1,5 @@
 """palfast.barlow_twins and BarlowTwinsLoss against the float64 reference, the
-official two-view Barlow Twins, and their contract (SPEC §3.3)."""
+official two-view Barlow Twins, and their contract (docs/api.md)."""
 
 from __future__ import annotations
 

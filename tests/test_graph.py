@@ -1,4 +1,4 @@
-"""PairGraph constructors, algebra and validation (SPEC §2)."""
+"""PairGraph constructors, algebra and validation (docs/api.md, "PairGraph")."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def test_to_device_keeps_everything():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: PairGraph.from_views(0, 2), "n must be an int >= 1"),
-    (lambda: PairGraph.from_views(3, 0), "n_views must be an int >= 1"),
+    (lambda: PairGraph.from_views(0, 2), "n must satisfy 1 <= n"),
+    (lambda: PairGraph.from_views(3, 0), "n_views must satisfy 1 <= n_views"),
     (lambda: PairGraph.from_labels(torch.tensor([0, -2])), "labels must be >= -1"),
     (lambda: PairGraph.from_labels(torch.zeros(2, 2, dtype=torch.long)), "labels must be a 1-D"),
     (lambda: PairGraph.from_labels(torch.rand(3)), "labels must hold integers"),

@@ -261,3 +261,60 @@ def test_anchor_range_matches_full_rows(device, begin, end):
     want = ops.info_nce_backward(masked, z, *g.kernel_args(), full_lse, 0.25, True, 0, n)
     got = ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.25, True, begin, end)
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------- extreme but valid input
+# (docs/api.md, "Numerics"). CPU only: csrc/cuda/info_nce.cu does not scale rows
+# by their max-abs nor saturate float16 gradients yet ("Known gaps").
+def test_float16_zero_row_gives_a_finite_gradient():
+    torch.manual_seed(3)
+    z = torch.randn(8, 16).half()
+    z[0] = 0
+    z.requires_grad_()
+    loss = palfast.info_nce(z, palfast.PairGraph.from_views(4, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    # Other rows get the float32 gradient rounded to float16.
+    z32 = z.detach().float().requires_grad_()
+    palfast.info_nce(z32, palfast.PairGraph.from_views(4, 2)).backward()
+    torch.testing.assert_close(z.grad[1:].float(), z32.grad[1:], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_rows_of_extreme_norm_normalise_without_overflow(scale):
+    torch.manual_seed(4)
+    g = palfast.PairGraph.from_views(4, 2)
+    z = torch.randn(8, 16)
+    big = (z * scale).requires_grad_()
+    unit = z.clone().requires_grad_()
+    loss_big, loss_unit = palfast.info_nce(big, g), palfast.info_nce(unit, g)
+    torch.testing.assert_close(loss_big, loss_unit)
+    loss_big.backward()
+    loss_unit.backward()
+    torch.testing.assert_close(big.grad * scale, unit.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_unnormalised_logits_beyond_float32_precision_are_refused():
+    g = palfast.PairGraph.from_views(4, 2)
+    z = torch.randn(8, 16)
+    z = z / z.norm(dim=1).max() * 6e9**0.5  # logits up to ~6e9
+    with pytest.raises(ValueError, match=r"normalize=False, max_i ‖z_i‖² / temperature must be "
+                                         r"<= INFO_NCE_MAX_LOGIT = 1.67772e\+07"):
+        palfast.info_nce(z, g, normalize=False, temperature=1.0)
+    palfast.info_nce(z.double(), g, normalize=False, temperature=1.0)  # fine in float64
+
+
+def test_unnormalised_logits_within_the_bound_match_float64():
+    torch.manual_seed(5)
+    g = palfast.PairGraph.from_labels(torch.randint(0, 5, (130,)))
+    z = torch.randn(1, 33, dtype=torch.float64) + 1e-3 * torch.randn(130, 33, dtype=torch.float64)
+    z = z / z.norm(dim=1).max() * 1e6**0.5  # nearly tied logits up to 1e6
+    z32 = z.float().requires_grad_()
+    z64 = z.clone().requires_grad_()
+    ref32 = z.float().requires_grad_()
+    palfast.info_nce(z32, g, normalize=False, temperature=1.0).backward()
+    palfast.info_nce(z64, g, normalize=False, temperature=1.0).backward()
+    reference.info_nce(ref32, g, normalize=False, temperature=1.0).backward()
+    err = (z32.grad.double() - z64.grad).abs().max()
+    ref_err = (ref32.grad.double() - z64.grad).abs().max()
+    assert err <= 2 * ref_err + 1e-6 * z64.grad.abs().max()

@@ -1,5 +1,5 @@
 """palfast.spectral_contrastive and SpectralContrastiveLoss against the float64
-reference, HaoChen et al.'s two-view loss, and their contract (SPEC §3.4)."""
+reference, HaoChen et al.'s two-view loss, and their contract (docs/api.md)."""
 
 from __future__ import annotations
 

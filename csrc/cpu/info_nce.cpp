@@ -166,7 +166,7 @@ struct TilePairs {
 // u = z (as T, contiguous), divided by max(‖z_i‖, 1e-12) when normalising.
 at::Tensor embeddings_for_kernel(const at::Tensor& z, at::ScalarType acc, bool normalize) {
   at::Tensor u = z.to(acc).contiguous();
-  if (normalize) u = u / u.norm(2, {1}, true).clamp_min(1e-12);
+  if (normalize) u = u / row_norms(u).clamp_min(1e-12);
   return u;
 }
 
@@ -291,11 +291,11 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
 
   if (normalize) {
     // u = z / max(‖z‖, eps): project out the radial part, or plain 1/eps when clamped.
-    at::Tensor norm = z.to(u.scalar_type()).norm(2, {1}, true);
+    at::Tensor norm = row_norms(z.to(u.scalar_type()));
     at::Tensor radial = du - u * (u * du).sum(1, true);
     du = at::where(norm > 1e-12, radial / norm.clamp_min(1e-12), du / 1e-12);
   }
-  return du.to(z.scalar_type());
+  return grad_in_dtype(du, z.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> info_nce_cpu(
