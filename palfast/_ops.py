@@ -32,9 +32,9 @@ def _check_torch(built_version: str, built_cuda: str | None, torch_version: str,
                  torch_cuda: str | None, torch_hip: str | None = None) -> None:
     """Raise ImportError unless the installed torch has the minor version and flavour palfast was built for.
 
-    The C++ ABI of libtorch changes between minor versions, and a CUDA build links
-    libraries a CPU torch lacks (and vice versa kernels would be missing), so both
-    must match. ``built_cuda=None`` means unknown (an old build): check the minor only.
+    The C++ ABI of libtorch changes between minor versions, a CUDA build links
+    libraries a CPU torch lacks, and a CPU build has no kernels for a CUDA torch's
+    tensors: both must match. ``built_cuda=None`` means unknown (an old build): check the minor only.
     """
     minor_ok = _torch_minor(built_version) == _torch_minor(torch_version)
     built = None if built_cuda is None else _torch_flavour(built_cuda)
