@@ -13,7 +13,7 @@ from . import (
 from .functional import barlow_twins, info_nce, spectral_contrastive, vic2, vicreg
 from .graph import PairGraph
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["PairGraph", "active", "distributed", "functional", "info_nce", "metrics", "nn", "__version__",
            "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]

@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from . import _C
-except ImportError as e:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "palfast's compiled extension (palfast._C) could not be loaded: "
-        f"{e}. Rebuild it against the installed torch with\n"
-        "    pip install --no-build-isolation --force-reinstall --no-deps .\n"
-        "from a palfast checkout (see README.md, 'Build'). If palfast is installed and you are "
-        "running Python from inside a checkout, its palfast/ folder (which has no compiled "
-        "_C) shadows the installed package: run from another directory, or build in place."
-    ) from e
+_REBUILD = "    pip install --no-build-isolation --force-reinstall --no-deps .\n"
+# Where PyTorch publishes each flavour of torch (cpu, cu130, ...).
+_TORCH_INDEX = "https://download.pytorch.org/whl/"
 
 
 def _torch_minor(version: str) -> tuple[int, int]:
@@ -27,17 +19,69 @@ def _torch_minor(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-if _torch_minor(_C.torch_version) != _torch_minor(torch.__version__):
+def _torch_flavour(cuda: str | None, hip: str | None = None) -> str:
+    """``cpu``, ``cu130`` or ``rocm6.2``, as in PyTorch's index names (and tools/palfast_meta.py)."""
+    if cuda:
+        return "cu" + "".join(cuda.split(".")[:2])
+    if hip:
+        return "rocm" + ".".join(hip.split(".")[:2])
+    return "cpu"
+
+
+def _check_torch(built_version: str, built_cuda: str | None, torch_version: str,
+                 torch_cuda: str | None, torch_hip: str | None = None) -> None:
+    """Raise ImportError unless the installed torch has the minor version and flavour palfast was built for.
+
+    The C++ ABI of libtorch changes between minor versions, a CUDA build links
+    libraries a CPU torch lacks, and a CPU build has no kernels for a CUDA torch's
+    tensors: both must match. ``built_cuda=None`` means unknown (an old build): check the minor only.
+    """
+    minor_ok = _torch_minor(built_version) == _torch_minor(torch_version)
+    built = None if built_cuda is None else _torch_flavour(built_cuda)
+    installed = _torch_flavour(torch_cuda, torch_hip)
+    if minor_ok and built in (None, installed):
+        return
+    public = built_version.split("+")[0]
+    fix = f"    pip install torch=={public}"
+    if built is not None:
+        fix += f" --index-url {_TORCH_INDEX}{built}"
     raise ImportError(
-        f"palfast._C was built against torch {_C.torch_version} but torch {torch.__version__} "
-        "is installed; the C++ ABI differs between torch minor versions. Rebuild with\n"
-        "    pip install --no-build-isolation --force-reinstall --no-deps .")
+        f"palfast was built against torch {built_version} ({built or 'flavour unknown'}) but torch "
+        f"{torch_version} ({installed}) is installed; the C++ ABI differs between torch minor versions "
+        "and between CPU and CUDA builds. Install the torch palfast was built for:\n"
+        f"{fix}\n"
+        "or the palfast wheel built for your torch (docs/install.md), or rebuild palfast against "
+        "the installed torch from a palfast checkout:\n" + _REBUILD)
+
+
+try:
+    from . import _build_info  # written by CMakeLists.txt next to _C
+except ImportError:  # a checkout without an in-place build: _C below reports it
+    _build_info = None
+if _build_info is not None:  # before loading _C, whose loader errors would hide the cause
+    _check_torch(_build_info.torch_version, _build_info.torch_cuda, torch.__version__,
+                 torch.version.cuda, getattr(torch.version, "hip", None))
+
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "palfast's compiled extension (palfast._C) could not be loaded: "
+        f"{e}. Rebuild it against the installed torch with\n" + _REBUILD +
+        "from a palfast checkout (see README.md, 'Build'). If palfast is installed and you are "
+        "running Python from inside a checkout, its palfast/ folder (which has no compiled "
+        "_C) shadows the installed package: run from another directory, or build in place."
+    ) from e
+
+if _build_info is None:  # a build older than _build_info.py: _C knows only the torch version
+    _check_torch(_C.torch_version, None, torch.__version__, torch.version.cuda)
 
 ops = torch.ops.palfast
 
 #: How the extension was built: torch version, whether CUDA kernels exist, archs.
 BUILD_INFO = {
     "torch_version": _C.torch_version,
+    "torch_cuda": _build_info.torch_cuda if _build_info else None,
     "with_cuda": bool(_C.with_cuda),
     "cuda_archs": [a for a in _C.cuda_archs.replace(",", ";").split(";") if a],
 }
