@@ -45,7 +45,8 @@ step() {
     echo "skipped: out of time"; FAILED+=("$name (no time left)"); return
   fi
   local t0=$(date +%s) rc=0
-  timeout --kill-after=5 "$cap" "$@" 2>&1 | tee "$OUT/$name.log"
+  # The steps are shell functions: timeout runs them in a child bash (export -f below).
+  timeout --kill-after=5 "$cap" bash -c '"$@"' step "$@" 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   echo "--- $name: exit $rc in $(( $(date +%s) - t0 )) s"
   if (( rc == 124 || rc == 137 )); then FAILED+=("$name (timed out after ${cap} s)")
@@ -125,6 +126,8 @@ bench() {
        pyenv "$PY" tools/gpu_bench.py bench --device cpu --quick --out "$OUT"; fi
 }
 
+export DRY_RUN HAVE_GPU DEVICE OUT PY JOBS
+export -f find_nvcc no_gpu pyenv env_info build tests sanitize bench
 echo "gpu_session: dry_run=$DRY_RUN gpu=$HAVE_GPU out=$OUT"
 step env 30 env_info
 step build 210 build

@@ -84,7 +84,10 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 256 * 1024;  // ample for kernels compiled at -O1
-constexpr int kFragElems = 8;                // elements of a 16×16 fragment per lane
+constexpr int kTile = 16;                    // WMMA m16n16k16
+constexpr int kTileElems = kTile * kTile;
+constexpr int kFragElems = kTileElems / kWarpSize;  // elements of a fragment per lane
+constexpr size_t kGuardBytes = 4096;         // one page below each fiber stack
 
 // kBarrier: at __syncthreads; kWarp: in a warp collective; kStuck: after fail().
 enum class State { kReady, kBarrier, kWarp, kStuck, kDone };
@@ -136,7 +139,7 @@ struct Warp {
   unsigned arrived = 0;  // lanes waiting at the warp barrier
   unsigned exited = 0;
   uint64_t slot[kWarpSize];
-  float a[256], b[256], c[256];
+  float a[kTileElems], b[kTileElems], c[kTileElems];
 };
 
 struct Launch {
@@ -254,7 +257,7 @@ inline char* stack_for(int t) {
     void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map a fiber stack");
-    mprotect(p, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    mprotect(p, kGuardBytes, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
     r.stacks.push_back(static_cast<char*>(p));
   }
   return r.stacks[t];
@@ -547,22 +550,23 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
               const fragment<matrix_a, 16, 16, 16, T, LA>& a,
               const fragment<matrix_b, 16, 16, 16, T, LB>& b,
               const fragment<accumulator, 16, 16, 16, float, void>& c) {
+  using palfast_emu::kTile;
   palfast_emu::Fiber& f = palfast_emu::self();
   palfast_emu::Warp& w = palfast_emu::cur().warps[f.warp];
   for (int e = 0; e < palfast_emu::kFragElems; ++e) {
     const palfast_emu::Pos pa = palfast_emu::a_pos(f.lane, e);
     const palfast_emu::Pos pb = palfast_emu::b_pos(f.lane, e);
     const palfast_emu::Pos pc = palfast_emu::c_pos(f.lane, e);
-    w.a[pa.row * 16 + pa.col] = float(a.x[e]);
-    w.b[pb.row * 16 + pb.col] = float(b.x[e]);
-    w.c[pc.row * 16 + pc.col] = c.x[e];
+    w.a[pa.row * kTile + pa.col] = float(a.x[e]);
+    w.b[pb.row * kTile + pb.col] = float(b.x[e]);
+    w.c[pc.row * kTile + pc.col] = c.x[e];
   }
   palfast_emu::warp_barrier(palfast_emu::kFullMask);
   float out[palfast_emu::kFragElems];
   for (int e = 0; e < palfast_emu::kFragElems; ++e) {
     const palfast_emu::Pos q = palfast_emu::c_pos(f.lane, e);
-    float acc = w.c[q.row * 16 + q.col];
-    for (int k = 0; k < 16; ++k) acc += w.a[q.row * 16 + k] * w.b[k * 16 + q.col];
+    float acc = w.c[q.row * kTile + q.col];
+    for (int k = 0; k < kTile; ++k) acc += w.a[q.row * kTile + k] * w.b[k * kTile + q.col];
     out[e] = acc;
   }
   palfast_emu::warp_barrier(palfast_emu::kFullMask);  // all have read before the scratch is reused
