@@ -295,3 +295,30 @@ def test_emulator_ran_threads(emu):
     before = emu.emu_switches()
     emu.info_nce(torch.randn(70, 20), *_graph("semi", 70, 0).kernel_args(), TEMPERATURE, True, 0, 70)
     assert emu.emu_switches() > before  # fibers met at barriers: not a serial loop
+
+
+# ------------------------------------------------------ the emulator itself
+def test_emulator_missing_barrier_reads_stale_shared_memory(emu):
+    wrong = []
+    for seed in range(3):
+        emu.emu_set_seed(seed)
+        assert emu.emu_selftest_neighbour_reads_wrong(True) == 0
+        wrong.append(emu.emu_selftest_neighbour_reads_wrong(False))
+    assert min(wrong) > 0, wrong
+
+
+def test_emulator_rejects_shuffle_with_exited_lanes(emu):
+    with pytest.raises(RuntimeError, match="exited"):
+        emu.emu_selftest_half_warp_shuffle()
+
+
+def test_emulator_wmma_fragment_layouts(emu):
+    assert emu.emu_selftest_mma_max_error() == 0
+
+
+@pytest.mark.parametrize("x", [1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, 2**-24, 3 * 2**-25,
+                               -0.0, 1e-9, float("inf"), 1 / 3])
+def test_emulator_16_bit_rounding_matches_torch(emu, x):
+    as_bits = lambda t: int(t.view(torch.int16).item()) & 0xFFFF
+    assert emu.emu_selftest_half_bits(x) == as_bits(torch.tensor(x, dtype=torch.float32).half())
+    assert emu.emu_selftest_bfloat16_bits(x) == as_bits(torch.tensor(x).bfloat16())
