@@ -10,7 +10,8 @@
 // reproducible to rounding, not bitwise (alert_atomic_sums).
 // x is in X (16-bit types are widened), the accumulation type T is float or
 // double; x, scale, out are contiguous device arrays; everything runs on
-// `stream`, with no host synchronisation.
+// `stream`, with no host synchronisation (the ops check the graph's ranges
+// beforehand, check_graph_ranges in csrc/graph.h).
 #pragma once
 
 #include <ATen/ATen.h>

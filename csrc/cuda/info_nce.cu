@@ -35,13 +35,16 @@
 //   float64: SIMT fp64; BM = 32, BN = 64, BK = 16, DV = 32 (fits 48 KiB of smem).
 // All blocks have 128 threads. Shared memory per block ≤ 45 KiB (static).
 //
-// Positive term: out += G·(scale ∘ x) with one warp per CSR row and, for label
-// sets, per-class sums (atomicAdd into a [C, D] buffer) then S_{y_i} − x_i.
+// Positive term (graph_spmm.cuh): out += G·(scale ∘ x) with one warp per CSR
+// row and, for label sets, per-class sums (atomicAdd into a [C, D] buffer, so
+// those ops alert under deterministic mode) then S_{y_i} − x_i. The graph's
+// index and class-id ranges are checked first (check_graph_ranges).
 // It reads the same u as the tile GEMMs (rounded to 16 bits for 16-bit z,
 // accumulated in fp32), so s_ij in the positive term and in lse_i agree; only
 // the normalisation backward recomputes u from z in full precision.
 // Memory: O(N·D) (u, G u, the gradient accumulator), O(C·D) for class sums.
-// All work is on the current stream; no host synchronisation anywhere.
+// All work is on the current stream; the only host synchronisation is the one
+// of check_graph_ranges (a bad class id would otherwise write out of bounds).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -486,7 +489,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     Acc m = run_m[rr], sum = run_s[rr];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
       const Acc m2 = __shfl_xor_sync(kFullWarp, m, off);
       const Acc s2 = __shfl_xor_sync(kFullWarp, sum, off);
       lse_merge(m, sum, m2, s2);
