@@ -3,7 +3,7 @@
 // within-class scatter 2 a n_c Σ_{i∈c} ‖z_i − μ_c‖² for label sets).
 // Forward: one warp per row writes its term to rows[i]; the sum is at::sum.
 // Backward: one warp per row, lanes over columns, for the rows of G and of Gᵀ;
-// the label part is elementwise against class sums (graph_spmm.cuh's kernel).
+// the label part is elementwise against class sums (graph_spmm.cuh's class_sums).
 // The incoming gradient is multiplied on the device: no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,30 +18,24 @@
 namespace palfast::cuda {
 namespace {
 
-using spmm_detail::grid_for;
 using spmm_detail::kThreads;
 using spmm_detail::kWarpsPerBlock;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
 
 template <typename T>
 __global__ void csr_energy_kernel(const int64_t* __restrict__ indptr,
                                   const int64_t* __restrict__ indices,
                                   const float* __restrict__ weights, const T* __restrict__ z,
                                   T* __restrict__ rows, int64_t n, int64_t d) {
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32; i < n; i += warps) {
+  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
+       i += warps) {
     T acc = 0;
     for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
       const int64_t j = indices[e];
       if (j == i) continue;
       T s = 0;
-      for (int64_t k = lane; k < d; k += 32) {
+      for (int64_t k = lane; k < d; k += kWarpSize) {
         const T t = z[i * d + k] - z[j * d + k];
         s += t * t;
       }
@@ -65,14 +59,15 @@ template <typename T>
 __global__ void scatter_energy_kernel(const int64_t* __restrict__ y, const T* __restrict__ z,
                                       const T* __restrict__ sums, const T* __restrict__ sizes,
                                       T a, T* __restrict__ rows, int64_t n, int64_t d) {
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32; i < n; i += warps) {
+  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
+       i += warps) {
     const int64_t c = y[i];
     if (c < 0) continue;
     const T nc = sizes[c];
     T s = 0;
-    for (int64_t k = lane; k < d; k += 32) {
+    for (int64_t k = lane; k < d; k += kWarpSize) {
       const T t = z[i * d + k] - sums[c * d + k] / nc;
       s += t * t;
     }
@@ -87,12 +82,13 @@ __global__ void csr_grad_kernel(const int64_t* __restrict__ indptr,
                                 const int64_t* __restrict__ indices,
                                 const float* __restrict__ weights, const T* __restrict__ z,
                                 T* __restrict__ out, int64_t n, int64_t d) {
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32; i < n; i += warps) {
+  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
+       i += warps) {
     const int64_t e0 = indptr[i], e1 = indptr[i + 1];
     if (e0 == e1) continue;
-    for (int64_t k = lane; k < d; k += 32) {
+    for (int64_t k = lane; k < d; k += kWarpSize) {
       const T zik = z[i * d + k];
       T acc = 0;
       for (int64_t e = e0; e < e1; ++e) {
@@ -119,85 +115,66 @@ __global__ void scatter_grad_kernel(const int64_t* __restrict__ y, const T* __re
   }
 }
 
-// Class sums [C, D] and sizes [C] of label set l.
+// Class sums [C, D] and sizes [C] of label set l. The sizes are atomic adds of
+// 1, exact below 2^24 whatever their order.
 template <typename T>
-std::pair<at::Tensor, at::Tensor> class_stats(const GraphArgs& g, int64_t l, const T* z, int64_t n,
-                                              int64_t d, cudaStream_t stream) {
-  const auto opts = g.labels.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t classes = g.label_classes[l];
-  const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
-  at::Tensor sums = at::zeros({classes, d}, opts);
-  at::Tensor sizes = at::zeros({classes}, opts);
-  spmm_detail::class_sums_kernel<T><<<grid_for(n * d, kThreads), kThreads, 0, stream>>>(
-      y, z, nullptr, sums.data_ptr<T>(), n, d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  class_sizes_kernel<T><<<grid_for(n, kThreads), kThreads, 0, stream>>>(y, sizes.data_ptr<T>(), n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+std::pair<at::Tensor, at::Tensor> class_stats(const char* op, const GraphArgs& g, int64_t l,
+                                              const T* z, int64_t n, int64_t d,
+                                              cudaStream_t stream) {
+  at::Tensor sums = class_sums<T, T>(op, g, l, z, nullptr, n, d, stream);
+  at::Tensor sizes = at::zeros({g.label_classes[l]}, sums.options());
+  launch(class_sizes_kernel<T>, grid_stride(n, kThreads), kThreads, stream,
+         g.labels.data_ptr<int64_t>() + l * n, sizes.data_ptr<T>(), n);
   return {sums, sizes};
 }
 
 template <typename T>
-at::Tensor forward_impl(const at::Tensor& z, const GraphArgs& g, cudaStream_t stream) {
+at::Tensor forward_impl(const char* op, const at::Tensor& z, const GraphArgs& g,
+                        cudaStream_t stream) {
   const int64_t n = z.size(0), d = z.size(1);
   at::Tensor rows = at::zeros({n}, z.options());
   const T* zp = z.data_ptr<T>();
   if (g.indices.numel() > 0) {
-    csr_energy_kernel<T><<<grid_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
-        g.indptr.data_ptr<int64_t>(), g.indices.data_ptr<int64_t>(), g.weights.data_ptr<float>(),
-        zp, rows.data_ptr<T>(), n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(csr_energy_kernel<T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
+           g.indptr.data_ptr<int64_t>(), g.indices.data_ptr<int64_t>(), g.weights.data_ptr<float>(),
+           zp, rows.data_ptr<T>(), n, d);
   }
   for (int64_t l = 0; l < g.num_label_sets(); ++l) {
     if (g.label_classes[l] <= 0) continue;
-    const std::pair<at::Tensor, at::Tensor> stats = class_stats<T>(g, l, zp, n, d, stream);
+    const std::pair<at::Tensor, at::Tensor> stats = class_stats<T>(op, g, l, zp, n, d, stream);
     const at::Tensor& sums = stats.first;
     const at::Tensor& sizes = stats.second;
-    scatter_energy_kernel<T><<<grid_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
-        g.labels.data_ptr<int64_t>() + l * n, zp, sums.data_ptr<T>(), sizes.data_ptr<T>(),
-        static_cast<T>(g.label_weights[l]), rows.data_ptr<T>(), n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(scatter_energy_kernel<T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
+           g.labels.data_ptr<int64_t>() + l * n, zp, sums.data_ptr<T>(), sizes.data_ptr<T>(),
+           static_cast<T>(g.label_weights[l]), rows.data_ptr<T>(), n, d);
   }
   return rows.sum();
 }
 
 template <typename T>
-at::Tensor backward_impl(const at::Tensor& z, const GraphArgs& g, cudaStream_t stream) {
+at::Tensor backward_impl(const char* op, const at::Tensor& z, const GraphArgs& g,
+                         cudaStream_t stream) {
   const int64_t n = z.size(0), d = z.size(1);
   at::Tensor out = at::zeros_like(z);
   const T* zp = z.data_ptr<T>();
   if (g.indices.numel() > 0) {
     for (const bool transpose : {false, true}) {
-      csr_grad_kernel<T><<<grid_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
-          (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>(),
-          (transpose ? g.t_indices : g.indices).data_ptr<int64_t>(),
-          (transpose ? g.t_weights : g.weights).data_ptr<float>(), zp, out.data_ptr<T>(), n, d);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(csr_grad_kernel<T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
+             (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>(),
+             (transpose ? g.t_indices : g.indices).data_ptr<int64_t>(),
+             (transpose ? g.t_weights : g.weights).data_ptr<float>(), zp, out.data_ptr<T>(), n, d);
     }
   }
   for (int64_t l = 0; l < g.num_label_sets(); ++l) {
     if (g.label_classes[l] <= 0) continue;
-    const std::pair<at::Tensor, at::Tensor> stats = class_stats<T>(g, l, zp, n, d, stream);
+    const std::pair<at::Tensor, at::Tensor> stats = class_stats<T>(op, g, l, zp, n, d, stream);
     const at::Tensor& sums = stats.first;
     const at::Tensor& sizes = stats.second;
-    scatter_grad_kernel<T><<<grid_for(n * d, kThreads), kThreads, 0, stream>>>(
-        g.labels.data_ptr<int64_t>() + l * n, zp, sums.data_ptr<T>(), sizes.data_ptr<T>(),
-        static_cast<T>(g.label_weights[l]), out.data_ptr<T>(), n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(scatter_grad_kernel<T>, grid_stride(n * d, kThreads), kThreads, stream,
+           g.labels.data_ptr<int64_t>() + l * n, zp, sums.data_ptr<T>(), sizes.data_ptr<T>(),
+           static_cast<T>(g.label_weights[l]), out.data_ptr<T>(), n, d);
   }
   return out;
-}
-
-GraphArgs checked_graph(const char* op, const at::Tensor& z, const at::Tensor& indptr,
-                        const at::Tensor& indices, const at::Tensor& weights,
-                        const at::Tensor& t_indptr, const at::Tensor& t_indices,
-                        const at::Tensor& t_weights, const at::Tensor& labels,
-                        at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-                        const at::Tensor& pos_weight) {
-  GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                                label_weights, label_classes, pos_weight);
-  check_embeddings(op, z);
-  check_graph(op, g, z);
-  return g;
 }
 
 at::Tensor graph_dirichlet_cuda(const at::Tensor& z, const at::Tensor& indptr,
@@ -207,14 +184,15 @@ at::Tensor graph_dirichlet_cuda(const at::Tensor& z, const at::Tensor& indptr,
                                 at::ArrayRef<double> label_weights,
                                 at::ArrayRef<int64_t> label_classes,
                                 const at::Tensor& pos_weight) {
-  const GraphArgs g = checked_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
-                                    t_indptr, t_indices, t_weights, labels, label_weights,
-                                    label_classes, pos_weight);
+  const char* op = "palfast.graph_dirichlet";
+  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
+                                    t_weights, labels, label_weights, label_classes, pos_weight);
+  check_graph_ranges(op, g, z.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor za = z.to(acc_dtype(z)).contiguous();
   return AT_DISPATCH_FLOATING_TYPES(za.scalar_type(), "graph_dirichlet_cuda",
-                                    [&] { return forward_impl<scalar_t>(za, g, stream); });
+                                    [&] { return forward_impl<scalar_t>(op, za, g, stream); });
 }
 
 at::Tensor graph_dirichlet_backward_cuda(
@@ -227,11 +205,12 @@ at::Tensor graph_dirichlet_backward_cuda(
   const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
                                     t_weights, labels, label_weights, label_classes, pos_weight);
   check_scalar_grad(op, grad, z);
+  check_graph_ranges(op, g, z.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor za = z.to(acc_dtype(z)).contiguous();
   at::Tensor out = AT_DISPATCH_FLOATING_TYPES(za.scalar_type(), "graph_dirichlet_backward_cuda",
-                                              [&] { return backward_impl<scalar_t>(za, g, stream); });
+                                              [&] { return backward_impl<scalar_t>(op, za, g, stream); });
   return out.mul_(grad.to(out.scalar_type())).to(z.scalar_type());
 }
 

@@ -22,13 +22,15 @@ at::Tensor graph_spmm_cuda(const at::Tensor& x, const at::Tensor& indptr,
                                       labels, label_weights, label_classes, pos_weight);
   check_matrix(op, "x", x);
   check_graph(op, g, x);
+  check_graph_ranges(op, g, x.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xa = x.to(acc_dtype(x)).contiguous();
   at::Tensor out = at::zeros_like(xa);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "graph_spmm_cuda", [&] {
-    graph_spmm<scalar_t>(g, xa.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(),
-                         xa.size(0), xa.size(1), transpose, stream);
+    graph_spmm<scalar_t, scalar_t>(op, g, xa.data_ptr<scalar_t>(), nullptr,
+                                   out.data_ptr<scalar_t>(), xa.size(0), xa.size(1), transpose,
+                                   stream);
   });
   return out.to(x.scalar_type());
 }

@@ -35,19 +35,20 @@
 //   float64: SIMT fp64; BM = 32, BN = 64, BK = 16, DV = 32 (fits 48 KiB of smem).
 // All blocks have 128 threads. Shared memory per block ≤ 45 KiB (static).
 //
-// Positive term: out += G·(scale ∘ x) with one warp per CSR row and, for label
-// sets, per-class sums (atomicAdd into a [C, D] buffer) then S_{y_i} − x_i.
+// Positive term (graph_spmm.cuh): out += G·(scale ∘ x) with one warp per CSR
+// row and, for label sets, per-class sums (atomicAdd into a [C, D] buffer, so
+// those ops alert under deterministic mode) then S_{y_i} − x_i. The graph's
+// index and class-id ranges are checked first (check_graph_ranges).
 // It reads the same u as the tile GEMMs (rounded to 16 bits for 16-bit z,
 // accumulated in fp32), so s_ij in the positive term and in lse_i agree; only
 // the normalisation backward recomputes u from z in full precision.
 // Memory: O(N·D) (u, G u, the gradient accumulator), O(C·D) for class sums.
-// All work is on the current stream; no host synchronisation anywhere.
+// All work is on the current stream; the only host synchronisation is the one
+// of check_graph_ranges (a bad class id would otherwise write out of bounds).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 #include <torch/library.h>
 
@@ -57,6 +58,7 @@
 #include <type_traits>
 
 #include "../info_nce.h"
+#include "graph_spmm.cuh"
 
 namespace palfast::cuda {
 namespace {
@@ -64,15 +66,13 @@ namespace {
 namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 128;  // tile kernels: 4 warps
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRowWarps = 8;  // row kernels: one warp per row, 8 rows per block
+constexpr int kRowThreads = kRowWarps * kWarpSize;
+constexpr const char* kForwardOp = "palfast.info_nce";
+constexpr const char* kBackwardOp = "palfast.info_nce_backward";
 
 // ------------------------------------------------------------------ scalars
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 // narrow<T>(x): round an accumulator value to the storage type T.
 template <typename T>
 struct Narrow;
@@ -105,13 +105,6 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 template <typename T>
 __device__ __forceinline__ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // Running log-sum-exp (m, s) means Σ exp(.) = s·exp(m). Adds one term x.
@@ -325,7 +318,7 @@ struct WmmaTile {
 #if PALFAST_WMMA_OK
     T* a = reinterpret_cast<T*>(stage);
     T* b = a + BM * kLdStage;
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+    const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
     FragC acc[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -390,7 +383,7 @@ struct WmmaTile {
 #if PALFAST_WMMA_OK
       const T* m = reinterpret_cast<const T*>(m_raw);
       const T* v = reinterpret_cast<const T*>(stage);
-      const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+      const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
 #pragma unroll
       for (int kk = 0; kk < BN; kk += 16) {
         FragA fa[2];
@@ -413,7 +406,8 @@ struct WmmaTile {
     __device__ __forceinline__ void store(Acc* out, int64_t n, int64_t d, int64_t i0, int64_t j0,
                                           Acc out_scale, Acc* scratch) const {
 #if PALFAST_WMMA_OK
-      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wm = warp / 2, wn = warp % 2;
+      const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+      const int wm = warp / 2, wn = warp % 2;
       float* w = scratch + warp * 256;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -421,7 +415,7 @@ struct WmmaTile {
         for (int j = 0; j < 4; ++j) {
           wmma::store_matrix_sync(w, o[i][j], 16, wmma::mem_row_major);
           __syncwarp();
-          for (int e = lane; e < 256; e += 32) {
+          for (int e = lane; e < 256; e += kWarpSize) {
             const int64_t gi = i0 + wm * 32 + 16 * i + e / 16;
             const int64_t gj = j0 + wn * 64 + 16 * j + e % 16;
             if (gi < n && gj < d) out[gi * d + gj] = w[e] * out_scale;
@@ -458,10 +452,10 @@ __global__ void __launch_bounds__(kThreads)
   using Acc = typename Tile::Acc;
   using L = Smem<Tile>;
   constexpr int kRowsPerWarp = Tile::BM / kWarps;
-  constexpr int kColsPerLane = Tile::BN / 32;
+  constexpr int kColsPerLane = Tile::BN / kWarpSize;
   __shared__ __align__(128) unsigned char smem[L::kForward];
   Acc* s = reinterpret_cast<Acc*>(smem + L::kS);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t i0 = a0 + int64_t(blockIdx.x) * Tile::BM;
 
   // Lane-private running (max, sum) of row warp·kRowsPerWarp + rr over the
@@ -482,7 +476,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + r;
 #pragma unroll
       for (int cc = 0; cc < kColsPerLane; ++cc) {
-        const int c = lane + 32 * cc;
+        const int c = lane + kWarpSize * cc;
         const int64_t k = k0 + c;
         // Masked entries (k ≥ n, the diagonal) are skipped, never exp'd.
         if (k < n && k != i) lse_add(run_m[rr], run_s[rr], s[r * Tile::kLdS + c] * inv_tau);
@@ -495,9 +489,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     Acc m = run_m[rr], sum = run_s[rr];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const Acc m2 = __shfl_xor_sync(0xffffffffu, m, off);
-      const Acc s2 = __shfl_xor_sync(0xffffffffu, sum, off);
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+      const Acc m2 = __shfl_xor_sync(kFullWarp, m, off);
+      const Acc s2 = __shfl_xor_sync(kFullWarp, sum, off);
       lse_merge(m, sum, m2, s2);
     }
     const int64_t i = i0 + warp * kRowsPerWarp + rr;
@@ -587,12 +581,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Z, typename Op, typename Acc>
 __global__ void prep_kernel(const Z* __restrict__ z, int64_t n, int64_t d, bool normalize,
                             Op* __restrict__ op, Acc* __restrict__ norm) {
-  const int lane = threadIdx.x % 32;
-  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize;
   if (i >= n) return;  // whole warp: no shuffle below is left half-done
   const Z* zi = z + i * d;
   Acc ss = Acc(0);
-  for (int64_t k = lane; k < d; k += 32) {
+  for (int64_t k = lane; k < d; k += kWarpSize) {
     const Acc v = widen(zi[k]);
     ss += v * v;
   }
@@ -601,7 +595,7 @@ __global__ void prep_kernel(const Z* __restrict__ z, int64_t n, int64_t d, bool 
   // Like clamp_min: a NaN norm stays NaN (and so does the row).
   const Acc eps = Acc(1e-12);
   const Acc denom = normalize ? (nrm < eps ? eps : nrm) : Acc(1);
-  for (int64_t k = lane; k < d; k += 32) {
+  for (int64_t k = lane; k < d; k += kWarpSize) {
     const Acc v = normalize ? widen(zi[k]) / denom : widen(zi[k]);
     op[i * d + k] = narrow<Op>(v);
   }
@@ -615,11 +609,11 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
                             const Acc* __restrict__ lse, const double* __restrict__ pos_weight,
                             int64_t n, int64_t d, Acc inv_tau, int64_t a0, int64_t a1,
                             Acc* __restrict__ loss) {
-  const int lane = threadIdx.x % 32;
-  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize;
   if (i >= n) return;
   Acc dot = Acc(0);
-  for (int64_t k = lane; k < d; k += 32) dot += widen(u[i * d + k]) * q[i * d + k];
+  for (int64_t k = lane; k < d; k += kWarpSize) dot += widen(u[i * d + k]) * q[i * d + k];
   dot = warp_sum(dot);
   if (lane == 0) {
     const double w = pos_weight[i];
@@ -637,13 +631,13 @@ __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __rest
                                  const Acc* __restrict__ c, const Z* __restrict__ z,
                                  const Acc* __restrict__ norm, int64_t n, int64_t d, Acc inv_tau,
                                  bool normalize, Z* __restrict__ grad) {
-  const int lane = threadIdx.x % 32;
-  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize;
   if (i >= n) return;
   const int64_t base = i * d;
   const Acc ci = c[i];
   if (!normalize) {
-    for (int64_t k = lane; k < d; k += 32)
+    for (int64_t k = lane; k < d; k += kWarpSize)
       grad[base + k] = narrow<Z>((dneg[base + k] - ci * q[base + k]) * inv_tau);
     return;
   }
@@ -651,88 +645,17 @@ __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __rest
   const Acc eps = Acc(1e-12);
   const Acc denom = nrm < eps ? eps : nrm;
   Acc dot = Acc(0);
-  for (int64_t k = lane; k < d; k += 32)
+  for (int64_t k = lane; k < d; k += kWarpSize)
     dot += (widen(z[base + k]) / denom) * ((dneg[base + k] - ci * q[base + k]) * inv_tau);
   dot = warp_sum(dot);
-  for (int64_t k = lane; k < d; k += 32) {
+  for (int64_t k = lane; k < d; k += kWarpSize) {
     const Acc v = (dneg[base + k] - ci * q[base + k]) * inv_tau;
     const Acc u = widen(z[base + k]) / denom;
     grad[base + k] = narrow<Z>(nrm > eps ? (v - u * dot) / nrm : v / eps);
   }
 }
 
-// ------------------------------------------------------ positive term (SpMM)
-// out_i += Σ_{e in row i, j = indices[e] ≠ i} weights[e] · scale_j · x_j, in T.
-// One warp per row; lanes split the columns, so no atomics and a fixed order.
-template <typename X, typename T>
-__global__ void csr_spmm_kernel(const int64_t* __restrict__ indptr,
-                                const int64_t* __restrict__ indices,
-                                const float* __restrict__ weights, const X* __restrict__ x,
-                                const T* __restrict__ scale, T* __restrict__ out, int64_t n,
-                                int64_t d) {
-  const int lane = threadIdx.x % 32;
-  const int64_t i = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
-  if (i >= n) return;
-  const int64_t e0 = indptr[i], e1 = indptr[i + 1];
-  if (e0 == e1) return;
-  for (int64_t k = lane; k < d; k += 32) {
-    T acc = T(0);
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t j = indices[e];
-      if (j == i) continue;  // w_ii is ignored (SPEC §1)
-      const T w = static_cast<T>(weights[e]) * (scale != nullptr ? scale[j] : T(1));
-      acc += w * widen(x[j * d + k]);
-    }
-    out[i * d + k] += acc;
-  }
-}
-
-// sums[y_i] += scale_i · x_i for rows with a class (y_i ≥ 0).
-template <typename X, typename T>
-__global__ void class_sum_kernel(const int64_t* __restrict__ y, const X* __restrict__ x,
-                                 const T* __restrict__ scale, T* __restrict__ sums, int64_t n,
-                                 int64_t d) {
-  const int64_t total = n * d;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t i = e / d;
-    const int64_t cls = y[i];
-    if (cls < 0) continue;
-    const T s = scale != nullptr ? scale[i] : T(1);
-    atomicAdd(sums + cls * d + (e - i * d), s * widen(x[e]));
-  }
-}
-
-// out_i += a · (sums[y_i] − scale_i · x_i): Σ over the other rows of i's class.
-template <typename X, typename T>
-__global__ void class_apply_kernel(const int64_t* __restrict__ y, const X* __restrict__ x,
-                                   const T* __restrict__ scale, const T* __restrict__ sums, T a,
-                                   T* __restrict__ out, int64_t n, int64_t d) {
-  const int64_t total = n * d;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t i = e / d;
-    const int64_t cls = y[i];
-    if (cls < 0) continue;
-    const T s = scale != nullptr ? scale[i] : T(1);
-    out[e] += a * (sums[cls * d + (e - i * d)] - s * widen(x[e]));
-  }
-}
-
 // ------------------------------------------------------------------- host side
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned int grid_x(int64_t blocks) {
-  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(),
-              "palfast.info_nce: too many rows for one CUDA grid (", blocks, " blocks)");
-  return static_cast<unsigned int>(blocks);
-}
-
-// Grid of an elementwise grid-stride kernel over `total` elements.
-unsigned int grid_elementwise(int64_t total, int threads) {
-  return static_cast<unsigned int>(std::min<int64_t>(ceil_div(total, threads), int64_t(1) << 20));
-}
-
 template <typename T>
 struct CudaType {
   using type = T;
@@ -770,41 +693,6 @@ T* mut_ptr(at::Tensor& t) {
   return const_cast<T*>(ptr<T>(t));
 }
 
-// out += G · (scale ∘ x) (Gᵀ when transpose), x [n, d] contiguous in X, out
-// [n, d] contiguous in T (x widened to T), scale [n] in T or undefined (all
-// ones). Mirrors palfast::cpu::graph_spmm.
-template <typename X, typename T>
-void spmm_add(const GraphArgs& g, const at::Tensor& x, const at::Tensor& scale, at::Tensor& out,
-              bool transpose, cudaStream_t stream) {
-  const int64_t n = x.size(0), d = x.size(1);
-  const X* xp = ptr<X>(x);
-  const T* sp = scale.defined() ? ptr<T>(scale) : nullptr;
-  T* op = mut_ptr<T>(out);
-  const at::Tensor& indices = transpose ? g.t_indices : g.indices;
-  if (indices.numel() > 0) {
-    const at::Tensor& indptr = transpose ? g.t_indptr : g.indptr;
-    const at::Tensor& weights = transpose ? g.t_weights : g.weights;
-    csr_spmm_kernel<X, T><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-        indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), weights.data_ptr<float>(), xp, sp,
-        op, n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  // The label part is symmetric: the same for G and Gᵀ.
-  const int threads = 256;
-  const unsigned int blocks = grid_elementwise(n * d, threads);
-  for (int64_t l = 0; l < g.num_label_sets(); ++l) {
-    const int64_t classes = g.label_classes[l];
-    if (classes <= 0) continue;  // no row has a class in this set
-    const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
-    at::Tensor sums = at::zeros({classes, d}, out.options());
-    class_sum_kernel<X, T><<<blocks, threads, 0, stream>>>(y, xp, sp, mut_ptr<T>(sums), n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    class_apply_kernel<X, T><<<blocks, threads, 0, stream>>>(
-        y, xp, sp, ptr<T>(sums), static_cast<T>(g.label_weights[l]), op, n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 // The GEMM operand u [n, d] in the tile's input type (z's dtype for 16-bit z,
 // else the accumulator type) and, when wanted, ‖z‖ per row in Acc.
 template <typename ZT, typename Tile>
@@ -818,10 +706,9 @@ at::Tensor prepare(const at::Tensor& z, bool normalize, at::Tensor* norm, cudaSt
   at::Tensor op = at::empty({n, d}, z.options().dtype(std::is_same_v<In, Acc> ? acc_dtype
                                                                               : z.scalar_type()));
   if (norm != nullptr) *norm = at::empty({n}, z.options().dtype(acc_dtype));
-  prep_kernel<Z, In, Acc><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<Z>(zc), n, d, normalize, mut_ptr<In>(op),
-      norm != nullptr ? mut_ptr<Acc>(*norm) : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(prep_kernel<Z, In, Acc>, grid_exact(kForwardOp, ceil_div(n, kRowWarps)), kRowThreads,
+         stream, ptr<Z>(zc), n, d, normalize, mut_ptr<In>(op),
+         norm != nullptr ? mut_ptr<Acc>(*norm) : nullptr);
   return op;
 }
 
@@ -850,18 +737,17 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
 
   const at::Tensor u = prepare<ZT, Tile>(z, normalize, nullptr, stream);
   if (a1 > a0) {
-    lse_kernel<Tile><<<grid_x(ceil_div(a1 - a0, Tile::BM)), kThreads, 0, stream>>>(
-        ptr<In>(u), n, d, inv_tau, a0, a1, mut_ptr<Acc>(lse));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(lse_kernel<Tile>, grid_exact(kForwardOp, ceil_div(a1 - a0, Tile::BM)), kThreads, stream,
+           ptr<In>(u), n, d, inv_tau, a0, a1, mut_ptr<Acc>(lse));
   }
 
   // Positive term: <u_i, (G u)_i> / (τ W_i), accumulated in Acc.
   at::Tensor q = at::zeros({n, d}, acc_opts);
-  spmm_add<In, Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
-  loss_kernel<In, Acc><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<In>(u), ptr<Acc>(q), ptr<Acc>(lse), g.pos_weight.data_ptr<double>(), n, d, inv_tau, a0,
-      a1, mut_ptr<Acc>(loss));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  graph_spmm<In, Acc>(kForwardOp, g, ptr<In>(u), nullptr, mut_ptr<Acc>(q), n, d,
+                      /*transpose=*/false, stream);
+  launch(loss_kernel<In, Acc>, grid_exact(kForwardOp, ceil_div(n, kRowWarps)), kRowThreads, stream,
+         ptr<In>(u), ptr<Acc>(q), ptr<Acc>(lse), g.pos_weight.data_ptr<double>(), n, d, inv_tau,
+         a0, a1, mut_ptr<Acc>(loss));
   return {loss, lse};
 }
 
@@ -896,23 +782,26 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   // dneg = Σ_K M_IK u_K: every element is written once by the tile kernel.
   at::Tensor dneg = at::empty({n, d}, acc_opts);
   const int64_t col_blocks = ceil_div(d, Tile::DV);
-  TORCH_CHECK(col_blocks <= 65535, "palfast.info_nce_backward: z has too many columns (", d,
+  constexpr int64_t kMaxGridY = 65535;
+  TORCH_CHECK(col_blocks <= kMaxGridY, kBackwardOp, ": z has too many columns (", d,
               ") for one CUDA grid");
-  const dim3 grid(grid_x(ceil_div(n, Tile::BM)), static_cast<unsigned int>(col_blocks));
-  grad_tile_kernel<Tile><<<grid, kThreads, 0, stream>>>(
-      ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
-      g_absmax.defined() ? ptr<Acc>(g_absmax) : nullptr, a0, a1, mut_ptr<Acc>(dneg));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(grid_exact(kBackwardOp, ceil_div(n, Tile::BM)),
+                  static_cast<unsigned int>(col_blocks));
+  launch(grad_tile_kernel<Tile>, grid, kThreads, stream, ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr),
+         ptr<Acc>(lse), g_absmax.defined() ? ptr<Acc>(g_absmax) : nullptr, a0, a1,
+         mut_ptr<Acc>(dneg));
 
   // Positive term: dneg −= Gᵀ(c ∘ u) here, − c ∘ (G u) in grad_rows_kernel.
-  spmm_add<In, Acc>(g, u, c.neg(), dneg, /*transpose=*/true, stream);
+  const at::Tensor minus_c = c.neg();
+  graph_spmm<In, Acc>(kBackwardOp, g, ptr<In>(u), ptr<Acc>(minus_c), mut_ptr<Acc>(dneg), n, d,
+                      /*transpose=*/true, stream);
   at::Tensor q = at::zeros({n, d}, acc_opts);
-  spmm_add<In, Acc>(g, u, at::Tensor(), q, /*transpose=*/false, stream);
+  graph_spmm<In, Acc>(kBackwardOp, g, ptr<In>(u), nullptr, mut_ptr<Acc>(q), n, d,
+                      /*transpose=*/false, stream);
   const at::Tensor zc = z.contiguous();
-  grad_rows_kernel<Acc, Z><<<grid_x(ceil_div(n, kRowWarps)), kRowWarps * 32, 0, stream>>>(
-      ptr<Acc>(dneg), ptr<Acc>(q), ptr<Acc>(c), ptr<Z>(zc), ptr<Acc>(norm), n, d, inv_tau,
-      normalize, mut_ptr<Z>(grad));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(grad_rows_kernel<Acc, Z>, grid_exact(kBackwardOp, ceil_div(n, kRowWarps)), kRowThreads,
+         stream, ptr<Acc>(dneg), ptr<Acc>(q), ptr<Acc>(c), ptr<Z>(zc), ptr<Acc>(norm), n, d,
+         inv_tau, normalize, mut_ptr<Z>(grad));
   return grad;
 }
 
@@ -929,7 +818,8 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cuda(
     bool normalize, int64_t a0, int64_t a1) {
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_info_nce("palfast.info_nce", z, g, temperature, a0, a1);
+  check_info_nce(kForwardOp, z, g, temperature, a0, a1);
+  check_graph_ranges(kForwardOp, g, z.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
   check_tensor_cores(z);
   switch (z.scalar_type()) {
@@ -949,7 +839,8 @@ at::Tensor info_nce_backward_cuda(
     int64_t a0, int64_t a1) {
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature, a0, a1);
+  check_info_nce_backward(kBackwardOp, grad_rows, z, g, lse, temperature, a0, a1);
+  check_graph_ranges(kBackwardOp, g, z.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
   check_tensor_cores(z);
   switch (z.scalar_type()) {

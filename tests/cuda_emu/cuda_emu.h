@@ -1,0 +1,593 @@
+// A CPU emulator for the subset of CUDA that palfast's kernels use, so the real
+// csrc/cuda/*.cu sources run in the test suite on machines without a GPU.
+// Test-only: tests/cuda_emu/build.py compiles csrc/cuda/*.cu with g++ against
+// this header (through the stand-in CUDA headers in include/); nothing here is
+// part of the palfast package.
+//
+// Semantics kept from the GPU, because they are what kernels get wrong:
+//   * a launch runs its blocks one after another, in a random order; the
+//     threads of a block are fibers on one OS thread, so __shared__
+//     (a function-local static here) is shared by the block's threads;
+//   * the scheduler switches fibers only where threads wait for each other
+//     (__syncthreads, __syncwarp, shuffles, wmma::mma_sync) and picks the
+//     next fiber at random (seeded): code that reads shared memory written by
+//     another thread without a barrier in between sees stale data;
+//   * __syncthreads is a real barrier (exited threads no longer count, as on
+//     sm_70+); warp collectives wait for every lane of their mask, and a mask
+//     naming an exited lane is reported as an error, as is a deadlock;
+//   * __half / __nv_bfloat16 round to nearest even like __float2half_rn;
+//   * WMMA m16n16k16 fragments hold the elements of the PTX ISA's
+//     mma.m16n8k16 layouts (two n8 halves), one lane's share per thread, and
+//     mma_sync multiplies with fp32 accumulation; fragment pointers must be
+//     32-byte aligned and ldm a multiple of 16 bytes, as on the GPU.
+// Not modelled: lanes of a warp in lock-step for ordinary loads and stores
+// (fibers never interleave inside a plain read-modify-write, so a non-atomic
+// `+=` from several threads is not caught), out-of-bounds accesses, and
+// uninitialised shared memory (it keeps the previous block's contents).
+#pragma once
+
+#include <math.h>  // the float overloads of expf/fma/sqrt... in the global namespace
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// ------------------------------------------------------------ keywords
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// One block runs at a time, so a static is exactly one block's shared memory.
+#define __shared__ static
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+      : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+struct __attribute__((aligned(16))) uint4 {
+  unsigned int x, y, z, w;
+};
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) {
+  return uint4{x, y, z, w};
+}
+using cudaStream_t = struct CUstream_st*;
+struct cudaDeviceProp {
+  int major, minor;
+};
+
+// Integer max/min are global device functions in CUDA.
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+
+namespace palfast_emu {
+
+// An emulator error (deadlock, misuse of a collective, __trap): the launch
+// stops and the host side throws.
+[[noreturn]] inline void fail(const std::string& what);
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStackBytes = 256 * 1024;  // ample for kernels compiled at -O1
+constexpr int kTile = 16;                    // WMMA m16n16k16
+constexpr int kTileElems = kTile * kTile;
+constexpr int kFragElems = kTileElems / kWarpSize;  // elements of a fragment per lane
+constexpr size_t kGuardBytes = 4096;         // one page below each fiber stack
+
+// kBarrier: at __syncthreads; kWarp: in a warp collective; kStuck: after fail().
+enum class State { kReady, kBarrier, kWarp, kStuck, kDone };
+
+// Context switches: a few instructions on x86-64 (runtime.cpp), ucontext elsewhere
+// (whose swapcontext makes a system call per switch: correct, ~10× slower).
+#if defined(__x86_64__)
+#define PALFAST_EMU_FAST_SWITCH 1
+extern "C" void palfast_emu_switch(void** save_sp, void* load_sp);
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_to(Context& from, Context& to) { palfast_emu_switch(&from.sp, to.sp); }
+inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  // The frame palfast_emu_switch pops: six callee-saved registers, then entry as
+  // the return address, above it a null return address for entry itself (never
+  // used: fibers end by switching away). Stack top 16-byte aligned, so at entry
+  // rsp % 16 == 8 as after a call.
+  auto* top = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
+  top[-1] = nullptr;
+  top[-2] = reinterpret_cast<void*>(entry);
+  for (int i = 3; i <= 8; ++i) top[-i] = nullptr;
+  c.sp = top - 8;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+  Context ctx;
+  char* stack = nullptr;
+  uint3 tid;
+  int lane = 0, warp = 0;
+  State state = State::kDone;
+};
+
+// Scratch for warp collectives: shuffle slots and the three 16×16 operands of mma_sync.
+struct Warp {
+  unsigned arrived = 0;  // lanes waiting at the warp barrier
+  unsigned exited = 0;
+  uint64_t slot[kWarpSize];
+  float a[kTileElems], b[kTileElems], c[kTileElems];
+};
+
+struct Launch {
+  dim3 grid, block, block_idx;
+  int nthreads = 0, live = 0, at_barrier = 0;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<int> ready;
+  std::function<void()>* body = nullptr;
+  std::string error;
+};
+
+struct Runtime {
+  Context host;
+  Fiber* current = nullptr;
+  Launch* launch = nullptr;
+  std::mt19937_64 rng{0};
+  std::vector<char*> stacks;
+  long long switches = 0;
+};
+
+inline Runtime& rt() {
+  static thread_local Runtime r;
+  return r;
+}
+inline Fiber& self() { return *rt().current; }
+inline Launch& cur() { return *rt().launch; }
+
+// Back to the scheduler; returns when this fiber is picked again.
+inline void yield() {
+  Runtime& r = rt();
+  ++r.switches;
+  switch_to(r.current->ctx, r.host);
+}
+
+[[noreturn]] inline void fail(const std::string& what) {
+  Launch& l = cur();
+  if (l.error.empty()) l.error = what;
+  self().state = State::kStuck;  // never resumed: the scheduler stops
+  for (;;) yield();
+}
+
+inline void make_ready(Fiber& f) {
+  f.state = State::kReady;
+  cur().ready.push_back(static_cast<int>(&f - cur().fibers.data()));
+}
+
+inline void release_block_barrier() {
+  Launch& l = cur();
+  if (l.at_barrier == 0 || l.at_barrier < l.live) return;
+  l.at_barrier = 0;
+  for (Fiber& f : l.fibers)
+    if (f.state == State::kBarrier) make_ready(f);
+}
+
+inline void syncthreads() {
+  Launch& l = cur();
+  self().state = State::kBarrier;
+  ++l.at_barrier;
+  release_block_barrier();
+  yield();
+}
+
+// Warp barrier over the lanes in mask: returns once all of them arrived.
+inline void warp_barrier(unsigned mask) {
+  Fiber& f = self();
+  Warp& w = cur().warps[f.warp];
+  if (!(mask >> f.lane & 1u)) fail("warp collective: the calling lane is not in its own mask");
+  if (mask & w.exited)
+    fail("warp collective: mask names a lane that has exited (warp " + std::to_string(f.warp) + ")");
+  w.arrived |= 1u << f.lane;
+  f.state = State::kWarp;
+  if ((w.arrived & mask) == mask) {
+    w.arrived &= ~mask;
+    const int base = f.warp * kWarpSize;
+    for (int lane = 0; lane < kWarpSize; ++lane)
+      if (mask >> lane & 1u) make_ready(cur().fibers[base + lane]);
+  }
+  yield();
+}
+
+template <typename T>
+T shuffle(unsigned mask, T v, int src_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  Fiber& f = self();
+  Warp& w = cur().warps[f.warp];
+  std::memcpy(&w.slot[f.lane], &v, sizeof(T));
+  warp_barrier(mask);  // every lane has published its value
+  T out = v;
+  if (src_lane >= 0 && src_lane < kWarpSize) {
+    if (!(mask >> src_lane & 1u)) fail("shuffle reads a lane outside the mask");
+    std::memcpy(&out, &w.slot[src_lane], sizeof(T));
+  }
+  warp_barrier(mask);  // every lane has read before a slot is reused
+  return out;
+}
+
+inline void fiber_entry() {
+  Runtime& r = rt();
+  (*r.launch->body)();
+  Fiber& f = *r.current;
+  Launch& l = *r.launch;
+  f.state = State::kDone;
+  --l.live;
+  Warp& w = l.warps[f.warp];
+  w.exited |= 1u << f.lane;
+  if (w.arrived != 0) fail("a lane exited while others of its warp wait in a warp collective");
+  release_block_barrier();
+  yield();  // never resumed
+}
+
+inline char* stack_for(int t) {
+  Runtime& r = rt();
+  while (static_cast<int>(r.stacks.size()) <= t) {
+    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map a fiber stack");
+    mprotect(p, kGuardBytes, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    r.stacks.push_back(static_cast<char*>(p));
+  }
+  return r.stacks[t];
+}
+
+// Runs one block to completion; returns an error message or "".
+inline std::string run_block(Launch& l) {
+  Runtime& r = rt();
+  l.live = l.nthreads;
+  l.at_barrier = 0;
+  for (Warp& w : l.warps) w.arrived = w.exited = 0;
+  l.ready.clear();
+  for (int t = 0; t < l.nthreads; ++t) {
+    Fiber& f = l.fibers[t];
+    f.tid = uint3(t % l.block.x, t / l.block.x % l.block.y, t / (l.block.x * l.block.y));
+    f.lane = t % kWarpSize;
+    f.warp = t / kWarpSize;
+    f.stack = stack_for(t);
+    start_context(f.ctx, f.stack, kStackBytes, fiber_entry);
+    f.state = State::kReady;
+    l.ready.push_back(t);
+  }
+  // A partial last warp: its missing lanes count as exited.
+  if (l.nthreads % kWarpSize != 0)
+    l.warps.back().exited = ~0u << (l.nthreads % kWarpSize);
+  while (l.error.empty()) {
+    if (l.ready.empty()) {
+      if (l.live == 0) break;
+      l.error = "deadlock: " + std::to_string(l.live) +
+                " threads wait at a barrier that the others never reach";
+      break;
+    }
+    const size_t pick = r.rng() % l.ready.size();
+    const int t = l.ready[pick];
+    l.ready[pick] = l.ready.back();
+    l.ready.pop_back();
+    r.current = &l.fibers[t];
+    switch_to(r.host, r.current->ctx);
+  }
+  r.current = nullptr;
+  return l.error;
+}
+
+inline void set_seed(uint64_t seed) { rt().rng.seed(seed); }
+
+// kernel<<<grid, block, smem>>>(args...): blocks in a random order, each a set of fibers.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+  if (smem != 0) throw std::runtime_error("cuda_emu: dynamic shared memory is not emulated");
+  const long long nthreads = static_cast<long long>(block.x) * block.y * block.z;
+  if (nthreads < 1 || nthreads > kMaxThreads)
+    throw std::runtime_error("cuda_emu: invalid block size " + std::to_string(nthreads));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0)
+    throw std::runtime_error("cuda_emu: empty grid (CUDA reports invalid configuration)");
+  const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // copied once, like CUDA
+  std::function<void()> body = [&] { std::apply(kernel, params); };
+  Runtime& r = rt();
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.nthreads = static_cast<int>(nthreads);
+  l.fibers.resize(l.nthreads);
+  l.warps.resize((l.nthreads + kWarpSize - 1) / kWarpSize);
+  l.body = &body;
+  std::vector<dim3> order;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) order.emplace_back(x, y, z);
+  std::shuffle(order.begin(), order.end(), r.rng);
+  Launch* outer = r.launch;
+  r.launch = &l;
+  std::string error;
+  for (const dim3& b : order) {
+    l.block_idx = b;
+    error = run_block(l);
+    if (!error.empty()) break;
+  }
+  r.launch = outer;
+  if (!error.empty()) throw std::runtime_error("cuda_emu: kernel failed: " + error);
+}
+
+inline const uint3& thread_idx() { return self().tid; }
+
+}  // namespace palfast_emu
+
+#define threadIdx (::palfast_emu::thread_idx())
+#define blockIdx (::palfast_emu::cur().block_idx)
+#define blockDim (::palfast_emu::cur().block)
+#define gridDim (::palfast_emu::cur().grid)
+
+inline void __syncthreads() { palfast_emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = palfast_emu::kFullMask) {
+  palfast_emu::warp_barrier(mask);
+}
+inline void __trap() { palfast_emu::fail("__trap()"); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = palfast_emu::kWarpSize) {
+  const int lane = palfast_emu::self().lane;
+  const int src = lane ^ lane_mask;
+  return palfast_emu::shuffle(mask, v, (src / width == lane / width) ? src : lane);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = palfast_emu::kWarpSize) {
+  const int lane = palfast_emu::self().lane;
+  const int src = lane + static_cast<int>(delta);
+  return palfast_emu::shuffle(mask, v, (src / width == lane / width) ? src : lane);
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = palfast_emu::kWarpSize) {
+  const int lane = palfast_emu::self().lane;
+  return palfast_emu::shuffle(mask, v, lane / width * width + src_lane % width);
+}
+
+// Fibers never interleave inside a call, so plain arithmetic is atomic here;
+// the order of the adds still varies with the scheduler seed, as on the GPU.
+template <typename T>
+T atomicAdd(T* address, T v) {
+  const T old = *address;
+  *address = old + v;
+  return old;
+}
+
+// ------------------------------------------------------------ 16-bit floats
+namespace palfast_emu {
+
+inline uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// float -> IEEE binary16, round to nearest even (overflow to inf, NaN kept quiet).
+inline uint16_t half_from_float(float x) {
+  const uint32_t f = float_bits(x);
+  const uint16_t sign = static_cast<uint16_t>((f >> 16) & 0x8000u);
+  const uint32_t a = f & 0x7fffffffu;
+  if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // ≥ 65520 rounds to inf
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal step is 2^-24, and x·2^24 is exact
+    return sign | static_cast<uint16_t>(nearbyintf(bits_float(a) * 16777216.0f));
+  }
+  // Rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits.
+  return sign | static_cast<uint16_t>((a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13);
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) return (sign ? -1.0f : 1.0f) * static_cast<float>(man) * 0x1p-24f;
+  if (exp == 31) return bits_float(sign | 0x7f800000u | (man << 13));
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+inline uint16_t bf16_from_float(float x) {
+  const uint32_t f = float_bits(x);
+  if ((f & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((f >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+}
+inline float bf16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
+
+}  // namespace palfast_emu
+
+struct __half {
+  uint16_t bits;
+  __half() = default;
+  __half(float x) : bits(palfast_emu::half_from_float(x)) {}
+  operator float() const { return palfast_emu::half_to_float(bits); }
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float x) : bits(palfast_emu::bf16_from_float(x)) {}
+  operator float() const { return palfast_emu::bf16_to_float(bits); }
+};
+inline __half __float2half_rn(float x) { return __half(x); }
+inline float __half2float(__half x) { return float(x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
+inline float __bfloat162float(__nv_bfloat16 x) { return float(x); }
+
+// ------------------------------------------------------------ WMMA
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "cuda_emu: only m16n16k16 is emulated");
+  static constexpr int num_elements = palfast_emu::kFragElems;
+  T x[num_elements];
+};
+
+}  // namespace nvcuda::wmma
+
+namespace palfast_emu {
+
+// Element e of a lane's fragment -> (row, column) of the 16×16 tile, from the
+// PTX ISA's mma.m16n8k16 fragment figures (g = lane / 4, t = lane % 4; the
+// second n8 half of B and C is e ≥ 4).
+struct Pos {
+  int row, col;
+};
+inline Pos a_pos(int lane, int e) {  // A: M×K
+  const int g = lane >> 2, t = lane & 3;
+  return {g + 8 * ((e >> 1) & 1), 2 * t + (e & 1) + 8 * (e >> 2)};
+}
+inline Pos b_pos(int lane, int e) {  // B: K×N
+  const int g = lane >> 2, t = lane & 3, j = e & 3;
+  return {2 * t + (j & 1) + 8 * (j >> 1), g + 8 * (e >> 2)};
+}
+inline Pos c_pos(int lane, int e) {  // C, D: M×N
+  const int g = lane >> 2, t = lane & 3, j = e & 3;
+  return {g + 8 * (j >> 1), 2 * t + (j & 1) + 8 * (e >> 2)};
+}
+
+inline void check_wmma_ptr(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
+  constexpr uintptr_t kAlign = 32;  // 256 bits
+  constexpr size_t kLdmBytes = 16;  // ldm: a multiple of 8 16-bit or 4 32-bit elements
+  if (reinterpret_cast<uintptr_t>(p) % kAlign != 0)
+    fail(std::string(what) + ": pointer not 32-byte aligned");
+  if (ldm * elem_bytes % kLdmBytes != 0)
+    fail(std::string(what) + ": ldm " + std::to_string(ldm) + " is not a multiple of 16 bytes");
+}
+
+template <typename Use>
+Pos frag_pos(int lane, int e) {
+  if constexpr (std::is_same_v<Use, nvcuda::wmma::matrix_a>) return a_pos(lane, e);
+  else if constexpr (std::is_same_v<Use, nvcuda::wmma::matrix_b>) return b_pos(lane, e);
+  else return c_pos(lane, e);
+}
+
+}  // namespace palfast_emu
+
+namespace nvcuda::wmma {
+
+template <typename Use, typename T, typename L, typename V>
+void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const V& v) {
+  for (T& x : f.x) x = T(v);
+}
+
+// Operand loads: each lane reads only its own elements; Layout is the memory
+// order of the 16×16 tile (element (r, c) at p[r·ldm + c] or p[c·ldm + r]).
+template <typename Use, typename T, typename L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_void_v<L>, "operand fragments have a layout");
+  palfast_emu::check_wmma_ptr(p, ldm, sizeof(T), "wmma::load_matrix_sync");
+  const int lane = palfast_emu::self().lane;
+  for (int e = 0; e < palfast_emu::kFragElems; ++e) {
+    const palfast_emu::Pos q = palfast_emu::frag_pos<Use>(lane, e);
+    f.x[e] = std::is_same_v<L, row_major> ? p[q.row * ldm + q.col] : p[q.col * ldm + q.row];
+  }
+}
+
+template <typename T>
+void load_matrix_sync(fragment<accumulator, 16, 16, 16, T, void>& f, const T* p, unsigned ldm,
+                      layout_t layout) {
+  palfast_emu::check_wmma_ptr(p, ldm, sizeof(T), "wmma::load_matrix_sync");
+  const int lane = palfast_emu::self().lane;
+  for (int e = 0; e < palfast_emu::kFragElems; ++e) {
+    const palfast_emu::Pos q = palfast_emu::c_pos(lane, e);
+    f.x[e] = layout == mem_row_major ? p[q.row * ldm + q.col] : p[q.col * ldm + q.row];
+  }
+}
+
+template <typename T>
+void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T, void>& f, unsigned ldm,
+                       layout_t layout) {
+  palfast_emu::check_wmma_ptr(p, ldm, sizeof(T), "wmma::store_matrix_sync");
+  const int lane = palfast_emu::self().lane;
+  for (int e = 0; e < palfast_emu::kFragElems; ++e) {
+    const palfast_emu::Pos q = palfast_emu::c_pos(lane, e);
+    (layout == mem_row_major ? p[q.row * ldm + q.col] : p[q.col * ldm + q.row]) = f.x[e];
+  }
+}
+
+// D = A·B + C over the whole warp: the lanes publish their elements, then each
+// computes its own elements of D in fp32 (16-bit products are exact in fp32).
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
+              const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+              const fragment<accumulator, 16, 16, 16, float, void>& c) {
+  using palfast_emu::kTile;
+  palfast_emu::Fiber& f = palfast_emu::self();
+  palfast_emu::Warp& w = palfast_emu::cur().warps[f.warp];
+  for (int e = 0; e < palfast_emu::kFragElems; ++e) {
+    const palfast_emu::Pos pa = palfast_emu::a_pos(f.lane, e);
+    const palfast_emu::Pos pb = palfast_emu::b_pos(f.lane, e);
+    const palfast_emu::Pos pc = palfast_emu::c_pos(f.lane, e);
+    w.a[pa.row * kTile + pa.col] = float(a.x[e]);
+    w.b[pb.row * kTile + pb.col] = float(b.x[e]);
+    w.c[pc.row * kTile + pc.col] = c.x[e];
+  }
+  palfast_emu::warp_barrier(palfast_emu::kFullMask);
+  float out[palfast_emu::kFragElems];
+  for (int e = 0; e < palfast_emu::kFragElems; ++e) {
+    const palfast_emu::Pos q = palfast_emu::c_pos(f.lane, e);
+    float acc = w.c[q.row * kTile + q.col];
+    for (int k = 0; k < kTile; ++k) acc += w.a[q.row * kTile + k] * w.b[k * kTile + q.col];
+    out[e] = acc;
+  }
+  palfast_emu::warp_barrier(palfast_emu::kFullMask);  // all have read before the scratch is reused
+  for (int e = 0; e < palfast_emu::kFragElems; ++e) d.x[e] = out[e];
+}
+
+}  // namespace nvcuda::wmma
+
+// ------------------------------------------------------------ host API stand-ins
+namespace at::cuda {
+inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+// The emulated device: an sm_90 (H100/H200), so every kernel path is taken.
+inline const cudaDeviceProp* getCurrentDeviceProperties() {
+  static const cudaDeviceProp prop{9, 0};
+  return &prop;
+}
+}  // namespace at::cuda
+namespace c10::cuda {
+struct CUDAGuard {
+  template <typename D>
+  explicit CUDAGuard(const D&) {}
+};
+}  // namespace c10::cuda
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)

@@ -1,0 +1,324 @@
+"""palfast's CUDA kernels, executed on the CPU by the emulator in tests/cuda_emu.
+
+The real csrc/cuda/*.cu files are compiled with the host compiler against a
+shim of the CUDA built-ins (threads of a block as fibers with a seeded random
+scheduler, real barriers, warp shuffles in step, RNE 16-bit types, WMMA with
+the PTX fragment layouts) and registered as torch.ops.palfast_emu.* for CPU
+tensors. Every CUDA op is checked here against palfast.reference in float64,
+float32, bfloat16 and float16 (16-bit: the kernel's error at most 2× the error
+of the reference computed in the same precision, both against float64).
+The first run compiles the emulator (cached under build/cuda_emu by content
+hash); skipped only when there is no C++ compiler.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import palfast
+from palfast import reference
+
+_spec = importlib.util.spec_from_file_location(
+    "palfast_cuda_emu_build", Path(__file__).parent / "cuda_emu" / "build.py")
+emu_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emu_build)
+
+if emu_build.compiler() is None:
+    pytest.skip("no C++ compiler to build the CUDA emulator (set CXX or install g++)",
+                allow_module_level=True)
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+NS = [1, 2, 63, 65, 130]
+DS = [3, 64, 136]
+KINDS = ["edges", "labels", "semi", "views"]
+TEMPERATURE = 0.3
+TOL64 = {"rtol": 1e-10, "atol": 1e-10}
+TOL32 = {"rtol": 2e-5, "atol": 2e-5}
+TOL32_GRAD = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emu_build.load()
+
+
+def _graph(kind: str, n: int, seed: int) -> palfast.PairGraph:
+    """Weighted asymmetric edges with duplicates and self-loops, labels with -1, or a mix."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "edges":
+        e = 3 * n
+        src = torch.randint(0, n, (e,), generator=gen)
+        dst = torch.randint(0, n, (e,), generator=gen)
+        src = torch.cat([src, src[: n // 2]])  # duplicates
+        dst = torch.cat([dst, dst[: n // 2]])
+        w = torch.rand(src.numel(), generator=gen) * 2
+        return palfast.PairGraph.from_edges(src, dst, w, num_nodes=n, symmetric=False)
+    if kind == "labels":
+        return palfast.PairGraph.from_labels(torch.randint(-1, max(2, n // 5), (n,), generator=gen))
+    if kind == "views":
+        return palfast.PairGraph.from_views(n // 2, 2) if n % 2 == 0 else palfast.PairGraph.from_views(n, 1)
+    # semi: weighted edges plus a label set
+    edges = _graph("edges", n, seed)
+    y = torch.randint(-1, 3, (n,), generator=gen)
+    return 0.7 * edges + 0.3 * palfast.PairGraph.from_labels(y)
+
+
+def _case(i: int):
+    """Graph kind and normalize for the i-th size, so every dtype sees every combination."""
+    return KINDS[i % len(KINDS)], (i // len(KINDS)) % 2 == 0
+
+
+SIZES = [(n, d) for n in NS for d in DS]
+
+
+# ------------------------------------------------------------------ info_nce
+def _info_nce_emu(emu, z, g, normalize, a0, a1, grad_rows):
+    rows, lse = emu.info_nce(z, *g.kernel_args(), TEMPERATURE, normalize, a0, a1)
+    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, TEMPERATURE,
+                                 normalize, a0, a1)
+    return rows, lse, grad
+
+
+def _info_nce_ref(z, g, normalize, a0, a1, grad_rows):
+    """Rows of the anchors [a0, a1) (0 elsewhere) and d(Σ grad_rows·rows)/dz, in z's dtype."""
+    z = z.detach().clone().requires_grad_(True)
+    rows = reference.info_nce(z, g, temperature=TEMPERATURE, normalize=normalize, reduction="none")
+    anchor = torch.zeros(z.shape[0], dtype=torch.bool)
+    anchor[a0:a1] = True
+    rows = torch.where(anchor, rows, torch.zeros_like(rows))
+    (rows * grad_rows.to(rows.dtype)).sum().backward()
+    return rows.detach(), z.grad
+
+
+def _low_precision_ok(got, want64, low):
+    """16-bit rule: error ≤ 2× the reference's own error in low's precision, both
+    against float64, plus one unit of that precision (relative to the largest
+    value): where the low-precision reference happens to be exact, as in
+    cancellations, the rule would otherwise demand exact results."""
+    err = (got.double() - want64).abs().max().item()
+    ref_err = (low.double() - want64).abs().max().item()
+    ulp = torch.finfo(low.dtype).eps * max(1.0, want64.abs().max().item())
+    assert err <= 2 * ref_err + ulp, (err, ref_err, ulp)
+
+
+def _check_info_nce(emu, dtype, n, d, kind, normalize, a0, a1, seed):
+    torch.manual_seed(seed)
+    emu.emu_set_seed(seed)
+    z64 = torch.randn(n, d, dtype=torch.float64)
+    if not normalize:
+        z64 = z64 / d**0.5
+    g = _graph(kind, n, seed)
+    grad_rows = torch.randn(n, dtype=torch.float64)
+    rows, lse, grad = _info_nce_emu(emu, z64.to(dtype), g, normalize, a0, a1, grad_rows)
+    assert grad.dtype == dtype and grad.shape == (n, d)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[a0:a1] = False
+    assert (rows[outside] == 0).all() and torch.isinf(lse[outside]).all()
+    want_rows, want_grad = _info_nce_ref(z64, g, normalize, a0, a1, grad_rows)
+    if dtype == torch.float64:
+        torch.testing.assert_close(rows, want_rows, **TOL64)
+        torch.testing.assert_close(grad, want_grad, **TOL64)
+    elif dtype == torch.float32:
+        torch.testing.assert_close(rows.double(), want_rows, **TOL32)
+        torch.testing.assert_close(grad.double(), want_grad, **TOL32_GRAD)
+    else:
+        low_rows, low_grad = _info_nce_ref(z64.to(dtype), g, normalize, a0, a1, grad_rows)
+        _low_precision_ok(rows, want_rows, low_rows)
+        _low_precision_ok(grad, want_grad, low_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("i", range(len(SIZES)), ids=[f"n{n}-d{d}" for n, d in SIZES])
+def test_info_nce_matches_reference(emu, dtype, i):
+    n, d = SIZES[i]
+    kind, normalize = _case(i)
+    _check_info_nce(emu, dtype, n, d, kind, normalize, 0, n, seed=100 + i)
+
+
+# Anchor ranges whose start is not a multiple of the 64-row tiles, in every
+# dtype: the backward recomputes the forward's S, which must agree bit for bit.
+ANCHORS = [(1, 130), (5, 70), (65, 66), (70, 129)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("a0,a1", ANCHORS)
+@pytest.mark.parametrize("kind", ["semi", "labels"])
+def test_info_nce_anchor_range(emu, dtype, a0, a1, kind):
+    _check_info_nce(emu, dtype, 130, 64, kind, kind == "semi", a0, a1, seed=a0 * 7 + a1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_info_nce_same_bits_for_every_schedule(emu, dtype):
+    """No atomics on a CSR graph: any thread or block order gives the same bits."""
+    torch.manual_seed(0)
+    z = torch.randn(130, 136).to(dtype)
+    g = _graph("edges", 130, seed=1)
+    grad_rows = torch.randn(130)
+    results = []
+    for seed in (1, 2, 3):
+        emu.emu_set_seed(seed)
+        results.append(_info_nce_emu(emu, z, g, True, 5, 130, grad_rows))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_info_nce_several_schedules(emu, seed):
+    _check_info_nce(emu, torch.bfloat16, 130, 136, "semi", True, 3, 130, seed=seed)
+    _check_info_nce(emu, torch.float32, 130, 136, "labels", True, 3, 130, seed=seed)
+
+
+def test_info_nce_single_row_lse_is_minus_inf(emu):
+    """N = 1: every lane merges (−inf, 0) pairs; lse must be −inf, not NaN."""
+    for dtype in DTYPES:
+        z = torch.randn(1, 8).to(dtype)
+        g = palfast.PairGraph.from_views(1, 1)
+        rows, lse, grad = _info_nce_emu(emu, z, g, True, 0, 1, torch.ones(1))
+        assert lse.item() == float("-inf") and rows.item() == 0
+        assert torch.isfinite(grad.double()).all()
+
+
+def test_info_nce_rejects_class_ids_out_of_range(emu):
+    g = palfast.PairGraph.from_labels(torch.tensor([0, 1, 2, 2, -1]))
+    args = list(g.kernel_args())
+    args[8] = [2]  # label_classes says 2 classes, but id 2 is present
+    z = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"palfast.info_nce: graph.labels\[0\] must hold values in \[-1, 2\)"):
+        emu.info_nce(z, *args, TEMPERATURE, True, 0, 5)
+    args[6] = torch.tensor([[0, 1, -2, 0, 1]])
+    args[8] = [3]
+    with pytest.raises(ValueError, match=r"got values in \[-2, 1\]"):
+        emu.info_nce(z, *args, TEMPERATURE, True, 0, 5)
+
+
+def test_edge_indices_out_of_range(emu):
+    g = _graph("edges", 6, seed=0)
+    args = list(g.kernel_args())
+    args[1] = args[1].clone()
+    args[1][0] = 6
+    with pytest.raises(ValueError, match=r"graph.indices must hold values in \[0, 6\)"):
+        emu.graph_spmm(torch.randn(6, 3), *args, False)
+
+
+def test_float_atomics_alert_in_deterministic_mode(emu):
+    z = torch.randn(20, 8)
+    labels = _graph("labels", 20, seed=0)
+    edges = _graph("edges", 20, seed=0)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        emu.info_nce(z, *edges.kernel_args(), TEMPERATURE, True, 0, 20)  # CSR only: deterministic
+        for call in (lambda: emu.info_nce(z, *labels.kernel_args(), TEMPERATURE, True, 0, 20),
+                     lambda: emu.graph_spmm(z, *labels.kernel_args(), False),
+                     lambda: emu.graph_dirichlet(z, *labels.kernel_args())):
+            with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+                call()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# ------------------------------------------------------ graph_spmm, graph_dirichlet
+
+
+def _check_close(got, want64, dtype, low=None):
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want64, **TOL64)
+    elif dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want64, rtol=2e-5, atol=1e-4)
+    else:
+        _low_precision_ok(got, want64, low)
+
+
+GRAPH_SIZES = [(n, d) for n in NS for d in (3, 136)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("i", range(len(GRAPH_SIZES)), ids=[f"n{n}-d{d}" for n, d in GRAPH_SIZES])
+def test_graph_spmm_matches_reference(emu, dtype, i):
+    n, d = GRAPH_SIZES[i]
+    kind = KINDS[i % 3]  # edges, labels, semi
+    emu.emu_set_seed(i)
+    torch.manual_seed(i)
+    x64 = torch.randn(n, d, dtype=torch.float64)
+    g = _graph(kind, n, seed=i)
+    W = g.to_dense(torch.float64)
+    for transpose in (False, True):
+        got = emu.graph_spmm(x64.to(dtype), *g.kernel_args(), transpose)
+        assert got.dtype == dtype
+        Wt = W.T if transpose else W
+        low = (Wt.to(dtype) @ x64.to(dtype)) if dtype in (torch.float16, torch.bfloat16) else None
+        _check_close(got, Wt @ x64, dtype, low)
+
+
+def _dirichlet_ref(z, g):
+    W = g.to_dense(torch.float64).to(z.dtype)
+    return (W * reference._pairwise_sq_dist(z)).sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("i", range(len(GRAPH_SIZES)), ids=[f"n{n}-d{d}" for n, d in GRAPH_SIZES])
+def test_graph_dirichlet_matches_reference(emu, dtype, i):
+    n, d = GRAPH_SIZES[i]
+    kind = KINDS[i % 3]
+    emu.emu_set_seed(i)
+    torch.manual_seed(i)
+    z64 = torch.randn(n, d, dtype=torch.float64)
+    g = _graph(kind, n, seed=i)
+    grad = torch.tensor(0.7, dtype=torch.float64)
+    got = emu.graph_dirichlet(z64.to(dtype), *g.kernel_args())
+    got_grad = emu.graph_dirichlet_backward(grad.to(got.dtype), z64.to(dtype), *g.kernel_args())
+    assert got_grad.dtype == dtype
+
+    def ref(z):
+        z = z.detach().clone().requires_grad_(True)
+        out = _dirichlet_ref(z, g)
+        (out * grad.to(out.dtype)).backward()
+        return out.detach(), z.grad
+
+    want, want_grad = ref(z64)
+    low, low_grad = ref(z64.to(dtype)) if dtype in (torch.float16, torch.bfloat16) else (None, None)
+    scale = max(1.0, want.abs().item())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=2e-5, atol=1e-4)
+    else:
+        _check_close(got, want, dtype, low)
+        _check_close(got_grad, want_grad, dtype, low_grad)
+
+
+def test_emulator_ran_threads(emu):
+    before = emu.emu_switches()
+    emu.info_nce(torch.randn(70, 20), *_graph("semi", 70, 0).kernel_args(), TEMPERATURE, True, 0, 70)
+    assert emu.emu_switches() > before  # fibers met at barriers: not a serial loop
+
+
+# ------------------------------------------------------ the emulator itself
+def test_emulator_missing_barrier_reads_stale_shared_memory(emu):
+    wrong = []
+    for seed in range(3):
+        emu.emu_set_seed(seed)
+        assert emu.emu_selftest_neighbour_reads_wrong(True) == 0
+        wrong.append(emu.emu_selftest_neighbour_reads_wrong(False))
+    assert min(wrong) > 0, wrong
+
+
+def test_emulator_rejects_shuffle_with_exited_lanes(emu):
+    with pytest.raises(RuntimeError, match="exited"):
+        emu.emu_selftest_half_warp_shuffle()
+
+
+def test_emulator_wmma_fragment_layouts(emu):
+    assert emu.emu_selftest_mma_max_error() == 0
+
+
+@pytest.mark.parametrize("x", [1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, 2**-24, 3 * 2**-25,
+                               -0.0, 1e-9, float("inf"), 1 / 3])
+def test_emulator_16_bit_rounding_matches_torch(emu, x):
+    as_bits = lambda t: int(t.view(torch.int16).item()) & 0xFFFF
+    assert emu.emu_selftest_half_bits(x) == as_bits(torch.tensor(x, dtype=torch.float32).half())
+    assert emu.emu_selftest_bfloat16_bits(x) == as_bits(torch.tensor(x).bfloat16())

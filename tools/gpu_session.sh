@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The first command of a session that is lent a GPU (one H200, 15 minutes in all):
+#   1. environment (GPU, driver, torch, nvcc)       4. compute-sanitizer memcheck, racecheck,
+#   2. build palfast in place for the local GPU        synccheck over every CUDA op
+#   3. the CUDA tests                               5. info_nce fwd+bwd benchmark vs eager
+#                                                      PyTorch and torch.compile (JSON in $OUT)
+# Every step has a time cap and the whole run ends within 9 minutes; a failing
+# step is reported and the next one still runs. The exit status is non-zero if
+# any step failed.
+#
+#   tools/gpu_session.sh            # on the GPU machine
+#   tools/gpu_session.sh --dry-run  # the same steps on the CPU (CI runs this): the build
+#                                   # is configured only, CUDA parts say "skipped: no GPU"
+# OUT=dir sets where logs and JSON go (default build/gpu_session).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+case "${1:-}" in
+  --dry-run) DRY_RUN=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
+
+OUT="${OUT:-build/gpu_session}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+TOTAL_S=540          # 9 minutes: leaves the lent 15 minutes room for a second try
+SAFETY_S=15          # kept back for the table at the end
+START=$(date +%s)
+PY="${PYTHON:-python3}"
+JOBS=$(nproc)
+FAILED=()
+
+remaining() { echo $(( TOTAL_S - SAFETY_S - ($(date +%s) - START) )); }
+
+# step NAME CAP_S COMMAND...: runs COMMAND with the smaller of CAP_S and the time
+# left, output to the terminal and $OUT/NAME.log.
+step() {
+  local name=$1 cap=$2; shift 2
+  local left; left=$(remaining)
+  (( cap > left )) && cap=$left
+  echo "=== $name (cap ${cap} s) ==="
+  if (( cap <= 0 )); then
+    echo "skipped: out of time"; FAILED+=("$name (no time left)"); return
+  fi
+  local t0=$(date +%s) rc=0
+  # The steps are shell functions: timeout runs them in a child bash (export -f below).
+  timeout --kill-after=5 "$cap" bash -c '"$@"' step "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "--- $name: exit $rc in $(( $(date +%s) - t0 )) s"
+  if (( rc == 124 || rc == 137 )); then FAILED+=("$name (timed out after ${cap} s)")
+  elif (( rc != 0 )); then FAILED+=("$name (exit $rc)"); fi
+}
+
+HAVE_GPU=0
+if (( ! DRY_RUN )) && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  HAVE_GPU=1
+fi
+DEVICE=cpu; (( HAVE_GPU )) && DEVICE=cuda
+no_gpu() { echo "skipped: no GPU ($*)"; }
+
+# The toolkit's own nvcc (a wrapper elsewhere on PATH would mislead torch's CMake config).
+find_nvcc() {
+  local c
+  for c in "${CUDACXX:-}" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc \
+           "$(command -v nvcc 2>/dev/null)"; do
+    [ -n "$c" ] && [ -x "$c" ] && { readlink -f "$c"; return; }
+  done
+}
+
+env_info() {
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  if (( HAVE_GPU )); then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  else no_gpu "nvidia-smi"; fi
+  echo "nvcc: $(find_nvcc || true)"
+  local n; n=$(find_nvcc); [ -n "$n" ] && "$n" --version | tail -1
+  command -v compute-sanitizer || echo "compute-sanitizer: not found"
+  nproc
+}
+
+# In place: CMake builds _C and copies it into palfast/ (PALFAST_INPLACE), so
+# PYTHONPATH=. imports this checkout; no pip, whose metadata pins torch's minor.
+build() {
+  local args=(-S . -B build/gpu-session -G Ninja -DCMAKE_BUILD_TYPE=Release -DPALFAST_INPLACE=ON
+              -DPython_EXECUTABLE="$(command -v "$PY")")
+  if (( DRY_RUN )); then
+    cmake "${args[@]}" -DPALFAST_CUDA=OFF && echo "build skipped in dry run (configure only; the tests use the installed palfast)"
+    return
+  fi
+  local nvcc; nvcc=$(find_nvcc)
+  [ -n "$nvcc" ] || { echo "no nvcc found" >&2; return 1; }
+  local cc; cc=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  TORCH_CUDA_ARCH_LIST="$cc" CUDACXX="$nvcc" cmake "${args[@]}" -DPALFAST_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER="$nvcc" &&
+    cmake --build build/gpu-session -j "$JOBS" &&
+    PYTHONPATH=. "$PY" -c "import palfast, palfast._C as c; print('built', c.cuda_archs, 'with_cuda', c.with_cuda)"
+}
+
+pyenv() { if (( DRY_RUN )); then "$@"; else PYTHONPATH=. "$@"; fi; }
+
+tests() {
+  if (( HAVE_GPU )); then
+    pyenv "$PY" -m pytest -x -q tests/test_info_nce_cuda.py tests/test_info_nce.py tests/test_graph.py -k "cuda or CUDA"
+  else
+    no_gpu "CUDA tests"; pyenv "$PY" -m pytest -q tests/test_info_nce_cuda.py
+  fi
+}
+
+sanitize() {
+  local tool=$1
+  if (( HAVE_GPU )); then
+    command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
+    # Caching allocator off: memcheck then sees each tensor's real bounds.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 pyenv compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      "$PY" tools/gpu_bench.py workload --device cuda
+  else
+    no_gpu "compute-sanitizer --tool $tool; the workload runs on the CPU"
+    pyenv "$PY" tools/gpu_bench.py workload --device cpu
+  fi
+}
+
+bench() {
+  if (( HAVE_GPU )); then pyenv "$PY" tools/gpu_bench.py bench --device cuda --out "$OUT"
+  else no_gpu "benchmark at N=4096..65536; a quick CPU run instead"
+       pyenv "$PY" tools/gpu_bench.py bench --device cpu --quick --out "$OUT"; fi
+}
+
+export DRY_RUN HAVE_GPU DEVICE OUT PY JOBS
+export -f find_nvcc no_gpu pyenv env_info build tests sanitize bench
+echo "gpu_session: dry_run=$DRY_RUN gpu=$HAVE_GPU out=$OUT"
+# Caps add up to more than TOTAL_S on purpose: a step that finishes early leaves
+# its time to the later ones, and the last steps get what is left.
+step env 20 env_info
+step build 180 build
+step tests 80 tests
+step memcheck 60 sanitize memcheck   # importing torch under a sanitizer alone takes ~20 s
+step racecheck 60 sanitize racecheck
+step synccheck 45 sanitize synccheck
+step bench 150 bench
+
+echo "=== summary ($(( $(date +%s) - START )) s) ==="
+if [ -f "$OUT/bench_info_nce.json" ]; then pyenv "$PY" tools/gpu_bench.py table --out "$OUT"; fi
+if (( ${#FAILED[@]} )); then printf 'FAILED: %s\n' "${FAILED[@]}"; exit 1; fi
+echo "all steps passed"
