@@ -189,38 +189,4 @@ inline GraphArgs checked_graph(const char* op, const at::Tensor& z, const at::Te
   return g;
 }
 
-// The data-dependent part of the contract: edge indices in [0, N) and class
-// ids in [-1, label_classes[l]). PairGraph guarantees it, but a kernel that
-// indexes with these unchecked (the CUDA class sums are atomics into a [C, D]
-// buffer) would write out of bounds on a hand-made graph, so the CUDA ops call
-// this: O(E + L·N) tensor reductions on the graph's device and one host sync.
-inline void check_graph_ranges(const char* op, const GraphArgs& g, int64_t n) {
-  struct Range {
-    std::string name;
-    at::Tensor t;
-    int64_t lo, hi;  // allowed: [lo, hi)
-  };
-  std::vector<Range> ranges;
-  if (g.indices.numel() > 0) {
-    ranges.push_back({"graph.indices", g.indices, 0, n});
-    ranges.push_back({"graph.t_indices", g.t_indices, 0, n});
-  }
-  if (n > 0) {
-    for (int64_t l = 0; l < g.num_label_sets(); ++l) {
-      ranges.push_back({"graph.labels[" + std::to_string(l) + "]", g.labels[l], -1,
-                        g.label_classes[l]});
-    }
-  }
-  if (ranges.empty()) return;
-  std::vector<at::Tensor> bad;
-  for (const Range& r : ranges) bad.push_back((r.t.min() < r.lo) | (r.t.max() >= r.hi));
-  if (!at::stack(bad).any().item<bool>()) return;  // the one sync of the fast path
-  for (const Range& r : ranges) {
-    const int64_t lo = r.t.min().item<int64_t>(), hi = r.t.max().item<int64_t>();
-    PALFAST_CHECK(lo >= r.lo && hi < r.hi, op, ": ", r.name, " must hold values in [", r.lo, ", ",
-                  r.hi, ")", r.lo < 0 ? " (class ids, -1 for none, below label_classes)" : "",
-                  ", got values in [", lo, ", ", hi, "]");
-  }
-}
-
 }  // namespace palfast

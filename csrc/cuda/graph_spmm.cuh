@@ -11,7 +11,7 @@
 // x is in X (16-bit types are widened), the accumulation type T is float or
 // double; x, scale, out are contiguous device arrays; everything runs on
 // `stream`, with no host synchronisation (the ops check the graph's ranges
-// beforehand, check_graph_ranges in csrc/graph.h).
+// beforehand, check_graph_values in csrc/graph.h).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -38,13 +38,13 @@
 // Positive term (graph_spmm.cuh): out += G·(scale ∘ x) with one warp per CSR
 // row and, for label sets, per-class sums (atomicAdd into a [C, D] buffer, so
 // those ops alert under deterministic mode) then S_{y_i} − x_i. The graph's
-// index and class-id ranges are checked first (check_graph_ranges).
+// index and class-id ranges are checked first (check_graph_values in csrc/graph.h).
 // It reads the same u as the tile GEMMs (rounded to 16 bits for 16-bit z,
 // accumulated in fp32), so s_ij in the positive term and in lse_i agree; only
 // the normalisation backward recomputes u from z in full precision.
 // Memory: O(N·D) (u, G u, the gradient accumulator), O(C·D) for class sums.
 // All work is on the current stream; the only host synchronisation is the one
-// of check_graph_ranges (a bad class id would otherwise write out of bounds).
+// of check_graph_values (a bad class id would otherwise write out of bounds).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -819,7 +819,6 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cuda(
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
   check_info_nce(kForwardOp, z, g, temperature, a0, a1);
-  check_graph_ranges(kForwardOp, g, z.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
   check_tensor_cores(z);
   switch (z.scalar_type()) {
@@ -840,7 +839,6 @@ at::Tensor info_nce_backward_cuda(
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
   check_info_nce_backward(kBackwardOp, grad_rows, z, g, lse, temperature, a0, a1);
-  check_graph_ranges(kBackwardOp, g, z.size(0));
   const c10::cuda::CUDAGuard guard(z.device());
   check_tensor_cores(z);
   switch (z.scalar_type()) {
