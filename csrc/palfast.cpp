@@ -30,7 +30,7 @@ PyObject* PyInit__C(void) {
   "Tensor pos_weight"
 
 TORCH_LIBRARY(palfast, m) {
-  // Graph-weighted InfoNCE (SPEC §3.1). Returns (per-row loss [N], lse [N]) in
+  // Graph-weighted InfoNCE (docs/api.md). Returns (per-row loss [N], lse [N]) in
   // float32 (float64 for float64 z); rows with W_i = 0 get loss 0. Only lse is
   // saved for backward, which recomputes the similarity tiles. Anchors are the
   // rows [anchor_begin, anchor_end) (all rows in one process; a rank's own rows

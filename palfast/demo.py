@@ -1,4 +1,4 @@
-"""``palfast demo``: active PAL end to end on scikit-learn's digits (SPEC §6).
+"""``palfast demo``: active PAL end to end on scikit-learn's digits (README.md).
 
 The 1797 8×8 digit images ship with scikit-learn (no download). A fixed stratified
 split keeps 2/3 as the pool the oracle is asked about and 1/3 as the test set.

@@ -3,7 +3,7 @@
 //
 // CSR part: one warp per row i, lanes over the D columns, the row's edges in
 // CSR order (no atomics: bitwise reproducible); self-loops skipped (w_ii is
-// ignored, SPEC §1).
+// ignored, docs/api.md).
 // Label part: per-class sums S_c = Σ_{y_j = c} scale_j x_j by atomicAdd into a
 // [C, D] buffer, then out_i += a (S_{y_i} − scale_i x_i): O(N·D) whatever the
 // class sizes. atomicAdd order varies from run to run, so the label part is

@@ -1,4 +1,4 @@
-"""ActiveLearner: the active PAL loop (SPEC §4).
+"""ActiveLearner: the active PAL loop (docs/active.md).
 
 One round = train the encoder with the store's graph → embed the pool → select
 pairs → ask the oracle → record the answers. The loss is

@@ -1,4 +1,4 @@
-"""Oracles answer "are samples i and j alike?" (SPEC §4).
+"""Oracles answer "are samples i and j alike?" (docs/active.md).
 
 Two ways to ask:
 

@@ -1,4 +1,4 @@
-"""Which pairs to ask the oracle next (SPEC §4).
+"""Which pairs to ask the oracle next (docs/active.md).
 
 ``select_queries(embeddings, store, budget, strategy)`` returns at most ``budget``
 pairs of sample ids ``[Q, 2]`` (``i < j``). Every strategy obeys the same rules:
