@@ -27,7 +27,31 @@
 #include <mutex>
 #include <thread>
 
+// MKL's thread-local thread count: the C entry point behind mkl_service.h's
+// mkl_set_num_threads_local macro (the lower-case symbol is the Fortran one,
+// which takes a pointer). Exported by torch's MKL builds; declared weak, so
+// builds without MKL link and skip it. A GEMM called inside an
+// OpenMP region may otherwise start a team of its own on every call, whose
+// spinning threads fight the region's threads for the cores: measured here
+// beside other jobs, the info_nce step ran 5-15x slower than with one thread.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace palfast::cpu {
+
+// Within its scope, GEMMs on this thread run on this thread only.
+class SerialBlas {
+ public:
+  SerialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  // 0 restores MKL's global setting, which is what a thread starts with.
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int prev_;
+};
 
 // Result slots per thread in run_ordered: a thread may run this many units
 // ahead of the oldest unit still being computed (by a peer the OS paused)
@@ -91,6 +115,7 @@ void run_ordered(int64_t units, const Compute& compute, const Apply& apply) {
   // it, and at::parallel_for rethrows the exception.
   std::atomic<bool> failed{false};
   at::parallel_for(0, std::min(num_threads(), units), 1, [&](int64_t, int64_t) {
+    const SerialBlas serial_blas;
     for (int64_t u = next.fetch_add(1); u < units && !failed.load(); u = next.fetch_add(1)) {
       while (applied.load() <= u - slots) {  // slot still holds an unapplied unit
         if (failed.load()) return;
