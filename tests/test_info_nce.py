@@ -286,8 +286,7 @@ def _cpu_fwd_bwd(z, g, n_threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_cpu_same_bits_run_to_run(dtype, n_threads):
-    """Dynamic scheduling gives every run another schedule; the bits stay. (Across
-    thread counts only as far as MKL's GEMM, whose rounding follows its thread setting.)"""
+    """Dynamic scheduling gives every run another schedule; the bits stay."""
     torch.manual_seed(13)
     n = 1100  # 5 row blocks of 256, the last one partial: 15 tile pairs
     z = torch.randn(n, 40, dtype=dtype)
@@ -296,6 +295,19 @@ def test_cpu_same_bits_run_to_run(dtype, n_threads):
     for _ in range(3):
         for got, want in zip(_cpu_fwd_bwd(z, g, n_threads), first):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_same_bits_for_any_thread_count(dtype):
+    """Partials merge in tile-pair order and each tile's GEMMs run on one thread."""
+    torch.manual_seed(15)
+    n = 1100
+    z = torch.randn(n, 40, dtype=dtype)
+    g = palfast.PairGraph.from_labels(torch.randint(-1, 30, (n,)))
+    one = _cpu_fwd_bwd(z, g, 1)
+    for n_threads in (2, 3, 4):
+        for got, want in zip(_cpu_fwd_bwd(z, g, n_threads), one):
+            assert torch.equal(got, want), n_threads
 
 
 def test_cpu_same_bits_beside_a_busy_process():

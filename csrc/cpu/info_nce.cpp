@@ -14,8 +14,8 @@
 // process costs its share of the tiles and no more. Each tile pair writes its
 // partial (row and column (max, sum) in the forward, its [tile, D] row and
 // column gradients in the backward) into a slot, and the slots are merged in
-// tile-pair order: for a given thread count the result is bitwise the same
-// whatever the schedule (which thread ran which tile, how long the OS paused it). Memory: O(N·D) outputs plus kSlotsPerThread slots per thread,
+// tile-pair order: the result is bitwise the same whatever the schedule (which
+// thread ran which tile, how long the OS paused it) and the thread count. Memory: O(N·D) outputs plus kSlotsPerThread slots per thread,
 // i.e. O(N·D + threads·kTile·D) in the backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

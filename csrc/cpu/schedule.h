@@ -13,9 +13,9 @@
 //                          of info_nce): each unit writes a private slot, and
 //                          the slots are added into the outputs in unit order,
 //                          so the result is bitwise the same whichever thread
-//                          ran which unit. (Across thread counts it is as
-//                          deterministic as the unit's own code: MKL's GEMM
-//                          may round differently under another thread setting.)
+//                          ran which unit, and for any thread count as long
+//                          as the unit's own code is (its GEMMs run on one
+//                          thread, see SerialBlas).
 #pragma once
 
 #include <ATen/Parallel.h>
