@@ -32,6 +32,17 @@ inline void check_embeddings(const char* op, const at::Tensor& z) {
   PALFAST_CHECK(z.size(1) >= 1, op, ": z must have at least one column, got shape ", z.sizes());
 }
 
+// Accumulation dtype of the kernels: float64 for float64 inputs, else float32.
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_matrix(const char* op, const char* name, const at::Tensor& x) {
+  PALFAST_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", x.sizes());
+  PALFAST_CHECK_TYPE(is_float_dtype(x.scalar_type()), op, ": ", name,
+                     " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+}
+
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
                               const at::Tensor& z) {
   PALFAST_CHECK(t.device() == z.device(), op, ": ", name, " must be on the same device as z (",
@@ -47,6 +58,12 @@ inline void check_1d(const char* op, const char* name, const at::Tensor& t, at::
     PALFAST_CHECK(t.size(0) == size, op, ": ", name, " must have ", size, " entries, got ",
                   t.size(0));
   }
+}
+
+// The incoming gradient of an op with a 0-dim output.
+inline void check_scalar_grad(const char* op, const at::Tensor& grad, const at::Tensor& like) {
+  PALFAST_CHECK(grad.dim() == 0, op, ": grad must be a 0-dim tensor, got shape ", grad.sizes());
+  check_same_device(op, "grad", grad, like);
 }
 
 }  // namespace palfast

@@ -4,7 +4,7 @@
 //   forward  -> loss_rows [N], lse [N]  (float64 when z is float64, else float32)
 //   backward(grad_rows [N]) -> grad_z [N, D] (z's dtype)
 //
-//   s_ij = <u_i, u_j> / temperature,  u = normalize ? z / max(|z|, 1e-12) : z
+//   s_ij = <u_i, u_j> / temperature,  u = normalize ? z / max(|z|, kNormFloor) : z
 //   lse_i = log Σ_{k≠i} exp(s_ik)
 //   loss_i = lse_i − (1/W_i) Σ_{j≠i} w_ij s_ij   (0 when W_i = 0)
 //   for anchor rows i in [anchor_begin, anchor_end); other rows: loss 0, lse +inf.
@@ -15,6 +15,10 @@
 #include "graph.h"
 
 namespace palfast {
+
+// The normalisation floor: u_i = z_i / max(‖z_i‖, kNormFloor), so an all-zero
+// row gives u_i = 0 instead of 0/0. (csrc/cuda/info_nce.cu spells it as 1e-12.)
+constexpr double kNormFloor = 1e-12;
 
 inline at::ScalarType info_nce_acc_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

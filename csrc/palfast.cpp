@@ -45,8 +45,8 @@ TORCH_LIBRARY(palfast, m) {
         " -> Tensor");
 }
 
-// --- covariance losses (VICReg, Barlow Twins, spectral contrastive, VIC²; see
-// csrc/covariance.h). A fragment, so this section only appends to the file.
+// --- the covariance losses' ops (VICReg, Barlow Twins, spectral contrastive, VIC²;
+// contracts in csrc/<op>.h). A fragment, so this section only appends to the file.
 TORCH_LIBRARY_FRAGMENT(palfast, m) {
   // G·x (Gᵀ·x when transpose), same dtype and shape as x. Its own backward
   // (the product with the other side), so it needs no separate backward op.
@@ -56,16 +56,18 @@ TORCH_LIBRARY_FRAGMENT(palfast, m) {
   // d(grad · graph_dirichlet(z))/dz, z's dtype and shape.
   m.def("graph_dirichlet_backward(Tensor grad, Tensor z, " PALFAST_GRAPH_ARGS ") -> Tensor");
   // (Σ_kl (pᵀq)_kl² − [offdiag] Σ_k (pᵀq)_kk², aux); q = None means q = p. aux
-  // holds the Gram matrices or the product, whichever side was cheaper.
-  m.def("sq_xcorr(Tensor p, Tensor? q, bool offdiag) -> (Tensor, Tensor)");
+  // holds the M×M Gram matrices when gram, else the product pᵀq; the caller
+  // picks the cheaper side (palfast/_ops.py, sq_xcorr_uses_gram).
+  m.def("sq_xcorr(Tensor p, Tensor? q, bool offdiag, bool gram) -> (Tensor, Tensor)");
   // (dp, dq) of grad · sq_xcorr; dq is empty when q is None.
-  m.def("sq_xcorr_backward(Tensor grad, Tensor p, Tensor? q, Tensor aux, bool offdiag)"
-        " -> (Tensor, Tensor)");
-  // Barlow Twins on column-standardised zhat: C = scale·ẑᵀGẑ,
-  // (Σ_k (1 − C_kk)² + lambd Σ_{k≠l} C_kl², aux).
-  m.def("barlow_twins(Tensor zhat, " PALFAST_GRAPH_ARGS
-        ", float lambd, float scale) -> (Tensor, Tensor)");
+  m.def("sq_xcorr_backward(Tensor grad, Tensor p, Tensor? q, Tensor aux, bool offdiag, "
+        "bool gram) -> (Tensor, Tensor)");
+  // The Barlow Twins objective of C = scale·ẑᵀGẑ for column-standardised zhat:
+  // (Σ_k (1 − C_kk)² + lambd Σ_{k≠l} C_kl², aux), on the N×N Gram side when gram
+  // (palfast/_ops.py, barlow_twins_xcorr_uses_gram).
+  m.def("barlow_twins_xcorr(Tensor zhat, " PALFAST_GRAPH_ARGS
+        ", float lambd, float scale, bool gram) -> (Tensor, Tensor)");
   // d(grad · loss)/dẑ, ẑ's dtype and shape.
-  m.def("barlow_twins_backward(Tensor grad, Tensor zhat, " PALFAST_GRAPH_ARGS
-        ", Tensor aux, float lambd, float scale) -> Tensor");
+  m.def("barlow_twins_xcorr_backward(Tensor grad, Tensor zhat, " PALFAST_GRAPH_ARGS
+        ", Tensor aux, float lambd, float scale, bool gram) -> Tensor");
 }

@@ -140,7 +140,7 @@ torch.library.register_autograd("palfast::info_nce", _info_nce_backward,
 
 
 # ------------------------------------------------------------ covariance losses
-# graph_spmm, graph_dirichlet, sq_xcorr, barlow_twins (csrc/covariance.h).
+# graph_spmm, graph_dirichlet, sq_xcorr, barlow_twins_xcorr (contracts: csrc/<op>.h).
 _GRAPH_ARG_COUNT = 10  # tensors and lists a PairGraph expands to (kernel_args)
 
 
@@ -191,9 +191,34 @@ torch.library.register_autograd("palfast::graph_dirichlet", _graph_dirichlet_bac
                                 setup_context=_graph_dirichlet_setup)
 
 
+# The Gram-side rules: the only copies. The ops take the side as an argument
+# (csrc/sq_xcorr.h, csrc/barlow_twins_xcorr.h), so the C++ never decides it and
+# the fake kernels below derive aux's shape from the same argument.
 def sq_xcorr_uses_gram(m: int, a: int, b: int, self_product: bool) -> bool:
-    """Mirror of ``sq_xcorr_use_gram`` in csrc/covariance.h (FLOPs of forward + backward)."""
+    """Whether ``sq_xcorr`` of p [m, a], q [m, b] is cheaper on the m×m Gram side.
+
+    FLOPs of forward + backward: Gram 2·m²·(a + b) (self: 2·m²·a), product 3·m·a·b
+    (self: 2·m·a²)."""
     return m < a if self_product else 2 * m * (a + b) < 3 * a * b
+
+
+def barlow_twins_xcorr_uses_gram(n: int, d: int) -> bool:
+    """Whether ``barlow_twins_xcorr`` of zhat [n, d] works on n×n Gram matrices (n < d)."""
+    return n < d
+
+
+def sq_xcorr(p: torch.Tensor, q: torch.Tensor | None, offdiag: bool):
+    """``palfast::sq_xcorr`` on the cheaper side: (value, aux)."""
+    m, a = p.shape
+    b = a if q is None else q.shape[1]
+    return ops.sq_xcorr(p, q, offdiag, sq_xcorr_uses_gram(m, a, b, q is None))
+
+
+def barlow_twins_xcorr(zhat: torch.Tensor, graph_args, lambd: float, scale: float):
+    """``palfast::barlow_twins_xcorr`` on the cheaper side: (loss, aux)."""
+    n, d = zhat.shape
+    return ops.barlow_twins_xcorr(zhat, *graph_args, lambd, scale,
+                                  barlow_twins_xcorr_uses_gram(n, d))
 
 
 def _pair_acc(p, q):
@@ -202,11 +227,11 @@ def _pair_acc(p, q):
 
 
 @torch.library.register_fake("palfast::sq_xcorr")
-def _sq_xcorr_fake(p, q, offdiag):
+def _sq_xcorr_fake(p, q, offdiag, gram):
     acc = _pair_acc(p, q)
     m, a = p.shape
     b = a if q is None else q.shape[1]
-    if sq_xcorr_uses_gram(m, a, b, q is None):
+    if gram:
         aux = p.new_empty((1 if q is None else 2, m, m), dtype=acc)
     else:
         aux = p.new_empty((1, a, b), dtype=acc)
@@ -214,13 +239,13 @@ def _sq_xcorr_fake(p, q, offdiag):
 
 
 @torch.library.register_fake("palfast::sq_xcorr_backward")
-def _sq_xcorr_backward_fake(grad, p, q, aux, offdiag):
+def _sq_xcorr_backward_fake(grad, p, q, aux, offdiag, gram):
     return p.new_empty(p.shape), (p.new_empty(0) if q is None else q.new_empty(q.shape))
 
 
 def _sq_xcorr_setup(ctx, inputs, output):
-    p, q, offdiag = inputs
-    ctx.offdiag = offdiag
+    p, q, offdiag, gram = inputs
+    ctx.offdiag, ctx.gram = offdiag, gram
     ctx.has_q = q is not None
     ctx.save_for_backward(p, q, output[1])
 
@@ -230,39 +255,41 @@ def _sq_xcorr_backward(ctx, grad, grad_aux):
     p, q, aux = ctx.saved_tensors
     _no_double_backward("sq_xcorr (in vicreg, barlow_twins, spectral_contrastive and vic2)",
                         p, q, grad)
-    grad_p, grad_q = ops.sq_xcorr_backward(grad, p, q if ctx.has_q else None, aux, ctx.offdiag)
-    return grad_p, (grad_q if ctx.has_q else None), None
+    grad_p, grad_q = ops.sq_xcorr_backward(grad, p, q if ctx.has_q else None, aux, ctx.offdiag,
+                                           ctx.gram)
+    return grad_p, (grad_q if ctx.has_q else None), None, None
 
 
 torch.library.register_autograd("palfast::sq_xcorr", _sq_xcorr_backward,
                                 setup_context=_sq_xcorr_setup)
 
 
-@torch.library.register_fake("palfast::barlow_twins")
-def _barlow_twins_fake(zhat, *graph_lambd_scale):
+@torch.library.register_fake("palfast::barlow_twins_xcorr")
+def _barlow_twins_xcorr_fake(zhat, *graph_lambd_scale_gram):
     acc = _acc_dtype(zhat)
     n, d = zhat.shape
-    aux = zhat.new_empty((2, n, n) if n < d else (1, d, d), dtype=acc)
+    gram = graph_lambd_scale_gram[-1]
+    aux = zhat.new_empty((2, n, n) if gram else (1, d, d), dtype=acc)
     return zhat.new_empty((), dtype=acc), aux
 
 
-@torch.library.register_fake("palfast::barlow_twins_backward")
-def _barlow_twins_backward_fake(grad, zhat, *args):
+@torch.library.register_fake("palfast::barlow_twins_xcorr_backward")
+def _barlow_twins_xcorr_backward_fake(grad, zhat, *args):
     return zhat.new_empty(zhat.shape)
 
 
-def _barlow_twins_setup(ctx, inputs, output):
-    zhat, *graph, lambd, scale = inputs
-    ctx.graph, ctx.scalars = graph, (lambd, scale)
+def _barlow_twins_xcorr_setup(ctx, inputs, output):
+    zhat, *graph, lambd, scale, gram = inputs
+    ctx.graph, ctx.scalars = graph, (lambd, scale, gram)
     ctx.save_for_backward(zhat, output[1])
 
 
-def _barlow_twins_backward(ctx, grad, grad_aux):
+def _barlow_twins_xcorr_backward(ctx, grad, grad_aux):
     zhat, aux = ctx.saved_tensors
     _no_double_backward("barlow_twins", zhat, grad)
-    grad_z = ops.barlow_twins_backward(grad, zhat, *ctx.graph, aux, *ctx.scalars)
-    return (grad_z,) + (None,) * (len(ctx.graph) + 2)
+    grad_z = ops.barlow_twins_xcorr_backward(grad, zhat, *ctx.graph, aux, *ctx.scalars)
+    return (grad_z,) + (None,) * (len(ctx.graph) + len(ctx.scalars))
 
 
-torch.library.register_autograd("palfast::barlow_twins", _barlow_twins_backward,
-                                setup_context=_barlow_twins_setup)
+torch.library.register_autograd("palfast::barlow_twins_xcorr", _barlow_twins_xcorr_backward,
+                                setup_context=_barlow_twins_xcorr_setup)

@@ -64,6 +64,10 @@ def _bench(args) -> int:
         print("palfast bench: --device cuda needs a visible GPU and a CUDA build of torch",
               file=sys.stderr)
         return 2
+    if args.contention and args.busy < 1:
+        print(f"palfast bench: --busy must be >= 1 with --contention, got {args.busy}",
+              file=sys.stderr)
+        return 2
     modules = [f"bench_{name}" for name in args.only] if args.only else harness.BENCH_MODULES
     available = [m for m in modules
                  if importlib.util.find_spec(f"{harness.__package__}.{m}") is not None]
@@ -71,7 +75,8 @@ def _bench(args) -> int:
         print(f"palfast bench: skipping {m} (not present in this version)", file=sys.stderr)
     harness.run_cases(available, device=device, quick=args.quick, repeats=args.repeats,
                       warmup=args.warmup, memory=not args.no_memory, out_dir=args.out,
-                      case_filter=args.filter)
+                      case_filter=args.filter, contention=args.busy if args.contention else 0,
+                      impls=args.impls)
     return 0
 
 
@@ -115,10 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmarks to run: info_nce, covariance, candidates (default: all)")
     bench.add_argument("--filter", metavar="TEXT",
                        help="only the cases whose name contains TEXT (e.g. vicreg, N=8192)")
+    bench.add_argument("--impls", nargs="+", metavar="IMPL",
+                       help="only these implementations (e.g. palfast); the baseline always runs")
     bench.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     bench.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
     bench.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bench.add_argument("--contention", action="store_true",
+                       help="time every case twice: quiet, then beside --busy busy-loop processes "
+                            "(as data-loader workers or other jobs compete for cores in training); "
+                            "reports the speedups of both")
+    bench.add_argument("--busy", type=int, default=1, metavar="K",
+                       help="busy-loop processes for --contention (default 1)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     bench.add_argument("--out", default="bench_results",
                        help="folder for the JSON and CSV files (default: ./bench_results)")

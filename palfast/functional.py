@@ -145,7 +145,7 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
 # VICReg, Barlow Twins, spectral contrastive and PAL's VIC² (docs/api.md–3.4).
 # The custom ops do the parts that cost: the graph products (graph_spmm,
 # graph_dirichlet: CSR + class sums, never a dense G) and the squared Frobenius
-# norms of D×D cross-correlations (sq_xcorr, barlow_twins: through N×N Gram
+# norms of D×D cross-correlations (sq_xcorr, barlow_twins_xcorr: through N×N Gram
 # matrices when N < D). The O(N·D) rest (centring, standardising, the variance
 # hinge, diagonals) is plain PyTorch in float32 (float64 for float64 z).
 
@@ -195,7 +195,7 @@ def _variance_covariance(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
     a = (x - x.mean(0)).mul_(1 / math.sqrt(n - 1))  # C = aᵀa
     var = a.square().sum(0)
     var_term = torch.relu(1 - torch.sqrt(var + eps)).mean()
-    cov_term = _ops.ops.sq_xcorr(a, None, True)[0] / d
+    cov_term = _ops.sq_xcorr(a, None, True)[0] / d
     return var_term, cov_term
 
 
@@ -318,7 +318,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
     zhat = _standardize(_acc(z), eps)
     if graph.total_weight <= 0:
         return (zhat.sum() * 0 + z.shape[1]).to(z.dtype)
-    loss, _ = _ops.ops.barlow_twins(zhat, *graph.kernel_args(), lambd, 1.0 / graph.total_weight)
+    loss, _ = _ops.barlow_twins_xcorr(zhat, graph.kernel_args(), lambd, 1.0 / graph.total_weight)
     return loss.to(z.dtype)
 
 
@@ -366,14 +366,14 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
         gx = _ops.ops.graph_spmm(x, *graph.kernel_args(), False)
         loss = loss - 2.0 / graph.total_weight * (x * gx).sum()
     if n > 1:
-        loss = loss + _ops.ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))
+        loss = loss + _ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))
     return loss.to(z.dtype)
 
 
 def _orthogonality_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """tr((AᵀA/n_a − I)(BᵀB/n_b − I)), unbiased for ‖E[zzᵀ] − I‖_F² when A ⟂ B."""
     na, nb, d = a.shape[0], b.shape[0], a.shape[1]
-    cross = _ops.ops.sq_xcorr(a.T, b.T, False)[0]  # ‖A Bᵀ‖² = <AᵀA, BᵀB>
+    cross = _ops.sq_xcorr(a.T, b.T, False)[0]  # ‖A Bᵀ‖² = <AᵀA, BᵀB>
     return cross / (na * nb) - a.square().sum() / na - b.square().sum() / nb + d
 
 
@@ -467,7 +467,7 @@ def _barlow_twins_two_view(z_a, z_b, *, lambd, eps):
     pa, pb = _standardize(_acc(z_a), eps), _standardize(_acc(z_b), eps)
     n = pa.shape[0]
     on = (1 - (pa * pb).sum(0) / n).square().sum()
-    off = _ops.ops.sq_xcorr(pa, pb, True)[0] / (n * n)
+    off = _ops.sq_xcorr(pa, pb, True)[0] / (n * n)
     return (on + lambd * off).to(z_a.dtype)
 
 
@@ -477,5 +477,5 @@ def _spectral_contrastive_two_view(z_a, z_b):
     n = xa.shape[0]
     loss = -2 * (xa * xb).sum() / n
     if n > 1:
-        loss = loss + _ops.ops.sq_xcorr(xa.T, xb.T, True)[0] / (n * (n - 1))
+        loss = loss + _ops.sq_xcorr(xa.T, xb.T, True)[0] / (n * (n - 1))
     return loss.to(z_a.dtype)

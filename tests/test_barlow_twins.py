@@ -8,7 +8,6 @@ import torch
 
 import palfast
 from palfast import reference
-from palfast._ops import ops
 
 KINDS = ["views", "labels", "edges", "dense", "semi"]
 SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # N < D: Gram side; N > D: C side
@@ -96,36 +95,9 @@ def test_gradcheck(device, graph_factory, n, d):
                                         (z,))
 
 
-def test_opcheck(device, graph_factory):
-    torch.manual_seed(6)
-    for n, d in [(15, 20), (20, 15)]:
-        g = graph_factory("semi", n).to(device)
-        zhat = torch.randn(n, d, device=device, requires_grad=True)
-        args = (*g.kernel_args(), 0.1, 1.0 / g.total_weight)
-        torch.library.opcheck(ops.barlow_twins.default, (zhat, *args))
-        _, aux = ops.barlow_twins(zhat.detach(), *args)
-        assert aux.shape == ((2, n, n) if n < d else (1, d, d))
-        torch.library.opcheck(ops.barlow_twins_backward.default,
-                              (torch.tensor(1.3, device=device), zhat.detach(),
-                               *g.kernel_args(), aux, 0.1, 1.0 / g.total_weight))
-        for transpose in (False, True):
-            torch.library.opcheck(ops.graph_spmm.default, (zhat, *g.kernel_args(), transpose))
-        p, q = (torch.randn(n, d, device=device, requires_grad=True) for _ in range(2))
-        torch.library.opcheck(ops.sq_xcorr.default, (p, q, True))
-
-
-def test_graph_spmm_matches_dense(device, graph_factory):
-    torch.manual_seed(7)
-    for kind in KINDS:
-        g = graph_factory(kind, 37, seed=3).to(device)
-        x = torch.randn(37, 5, dtype=torch.float64, device=device)
-        w = g.to_dense(torch.float64).to(device)
-        torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), False), w @ x)
-        torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), True), w.T @ x)
-
-
 def test_gram_blocks_beyond_one_tile(device, graph_factory):
-    """N > 512: the Gram matrices are built from upper block rows and mirrored."""
+    """N > 512: the Gram matrices are built from upper block rows and mirrored
+    (sq_xcorr's side: tests/test_sq_xcorr.py)."""
     torch.manual_seed(14)
     n, d = 530, 600
     z = torch.randn(n, d, dtype=torch.float64, device=device)
@@ -133,12 +105,6 @@ def test_gram_blocks_beyond_one_tile(device, graph_factory):
     (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
-    p, q = (torch.randn(n, 900, dtype=torch.float64, device=device) for _ in range(2))
-    for second in (None, q):  # both take the Gram side at these sizes
-        value, aux = ops.sq_xcorr(p, second, True)
-        assert aux.shape[1:] == (n, n)
-        c = p.T @ (p if second is None else second)
-        torch.testing.assert_close(value, c.square().sum() - c.diagonal().square().sum())
 
 
 # ------------------------------------------------------------------ two views
@@ -268,18 +234,3 @@ def test_bad_z_and_graph():
         palfast.nn.BarlowTwinsLoss()(torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="z_a must be float32"):
         palfast.nn.BarlowTwinsLoss()(torch.ones(4, 3, dtype=torch.long), torch.randn(4, 3))
-
-
-def test_kernels_check_their_arguments_too():
-    g = palfast.PairGraph.from_views(3, 2)
-    with pytest.raises(ValueError, match="palfast.barlow_twins: graph.indptr must have 6"):
-        ops.barlow_twins(torch.randn(5, 2), *g.kernel_args(), 0.1, 1.0)
-    with pytest.raises(ValueError, match="scale \\(1/|G|\\) must be a finite number > 0"):
-        ops.barlow_twins(torch.randn(6, 2), *g.kernel_args(), 0.1, 0.0)
-    with pytest.raises(ValueError, match="lambd must be a finite number >= 0"):
-        ops.barlow_twins(torch.randn(6, 2), *g.kernel_args(), -1.0, 1.0)
-    with pytest.raises(ValueError, match="palfast.graph_spmm: x must be a 2-D tensor"):
-        ops.graph_spmm(torch.randn(6), *g.kernel_args(), False)
-    with pytest.raises(ValueError, match="aux must be the"):
-        ops.barlow_twins_backward(torch.tensor(1.0), torch.randn(6, 2), *g.kernel_args(),
-                                  torch.ones(2, 6, 6), 0.1, 1.0)

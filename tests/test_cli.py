@@ -44,3 +44,23 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("demo", "bench", "info"):
         assert cmd in out
+
+
+def test_bench_contention_times_quiet_and_busy(tmp_path, capsys):
+    assert cli.main(["bench", "--only", "info_nce", "--quick", "--repeats", "1", "--device", "cpu",
+                     "--filter", "N=1024", "--no-memory", "--contention",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "quiet" in out and "1 busy process" in out and "load average" in out
+    [jpath] = tmp_path.glob("*.json")
+    rows = json.loads(jpath.read_text())["results"]
+    assert {(r["impl"], r["busy_processes"]) for r in rows} >= {
+        ("palfast", 0), ("palfast", 1), ("naive_eager", 0), ("naive_eager", 1)}
+    for r in rows:
+        assert r["status"] == "ok" and r["speedup_vs_naive_eager"] > 0
+        assert len(r["load_average"]) == 2
+
+
+def test_bench_contention_needs_a_busy_process(capsys):
+    assert cli.main(["bench", "--contention", "--busy", "0", "--device", "cpu"]) == 2
+    assert "--busy must be >= 1" in capsys.readouterr().err

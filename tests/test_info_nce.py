@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -318,3 +322,102 @@ def test_unnormalised_logits_within_the_bound_match_float64():
     err = (z32.grad.double() - z64.grad).abs().max()
     ref_err = (ref32.grad.double() - z64.grad).abs().max()
     assert err <= 2 * ref_err + 1e-6 * z64.grad.abs().max()
+
+
+# ----------------------------------------------------- CPU scheduling and memory
+# csrc/cpu/info_nce.cpp hands tile pairs to whichever thread is free and merges
+# their partials in tile-pair order: the bits must not depend on who ran what.
+def _cpu_fwd_bwd(z, g, n_threads):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n_threads)
+        rows, lse = ops.info_nce(z, *g.kernel_args(), 0.1, True, 0, z.shape[0])
+        grad_rows = torch.linspace(-1, 1, z.shape[0], dtype=rows.dtype)
+        grad = ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.1, True, 0,
+                                     z.shape[0])
+    finally:
+        torch.set_num_threads(threads)
+    return rows, lse, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_cpu_same_bits_run_to_run(dtype, n_threads):
+    """Dynamic scheduling gives every run another schedule; the bits stay."""
+    torch.manual_seed(13)
+    n = 1100  # 5 row blocks of 256, the last one partial: 15 tile pairs
+    z = torch.randn(n, 40, dtype=dtype)
+    g = palfast.PairGraph.from_labels(torch.randint(-1, 30, (n,)))
+    first = _cpu_fwd_bwd(z, g, n_threads)
+    for _ in range(3):
+        for got, want in zip(_cpu_fwd_bwd(z, g, n_threads), first):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_same_bits_for_any_thread_count(dtype):
+    """Partials merge in tile-pair order and each tile's GEMMs run on one thread."""
+    torch.manual_seed(15)
+    n = 1100
+    z = torch.randn(n, 40, dtype=dtype)
+    g = palfast.PairGraph.from_labels(torch.randint(-1, 30, (n,)))
+    one = _cpu_fwd_bwd(z, g, 1)
+    for n_threads in (2, 3, 4):
+        for got, want in zip(_cpu_fwd_bwd(z, g, n_threads), one):
+            assert torch.equal(got, want), n_threads
+
+
+def test_cpu_same_bits_beside_a_busy_process():
+    """A busy process pauses the threads at random points: the schedule changes, the bits not."""
+    from palfast.benchmarks.harness import busy_processes
+
+    torch.manual_seed(14)
+    z = torch.randn(1300, 24)
+    g = palfast.PairGraph.from_views(650, 2)
+    quiet = _cpu_fwd_bwd(z, g, 2)
+    with busy_processes(1):
+        for _ in range(2):
+            for got, want in zip(_cpu_fwd_bwd(z, g, 2), quiet):
+                assert torch.equal(got, want)
+
+
+_PEAK_SCRIPT = r"""
+import sys, torch, palfast
+from palfast._ops import ops
+n, d, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+z = torch.randn(n, d)
+g = palfast.PairGraph.from_views(n // 2, 2)
+# Anchors: the first row block only, so the run is short but du is still [N, D].
+rows, lse = ops.info_nce(z, *g.kernel_args(), 0.1, True, 0, 256)
+grad_rows = torch.ones_like(rows)
+ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.1, True, 0, 256)  # warm-up
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+before = rss()
+ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.1, True, 0, 256)
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(hwm - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_cpu_backward_memory_does_not_grow_with_threads_times_n_d(tmp_path):
+    """Backward memory is O(N·D + threads·tile·D): 4 threads may add a few tiles'
+    worth over 1 thread, never another [N, D] buffer per thread."""
+    n, d = 32768, 64
+    nd_bytes = n * d * 4
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+
+    def peak(threads):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), str(threads)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    one, four = peak(1), peak(4)
+    assert four - one < nd_bytes / 2, (one, four, nd_bytes)

@@ -10,7 +10,6 @@ import torch
 
 import palfast
 from palfast import reference
-from palfast._ops import ops
 
 KINDS = ["views", "labels", "edges", "dense", "semi"]
 
@@ -83,18 +82,6 @@ def test_gradcheck(device, graph_factory):
         for kind in KINDS:
             g = graph_factory(kind, n, seed=1).to(device)
             assert torch.autograd.gradcheck(lambda x, g=g: palfast.vic2(x, g, n_views=2), (z,))
-
-
-def test_opcheck(device):
-    torch.manual_seed(6)
-    for n, d in [(6, 40), (40, 6)]:  # n_a×n_b side and D×D side of ‖ABᵀ‖²
-        a = torch.randn(n, d, device=device, requires_grad=True)
-        b = torch.randn(n + 1, d, device=device, requires_grad=True)
-        torch.library.opcheck(ops.sq_xcorr.default, (a.T, b.T, False))
-        _, aux = ops.sq_xcorr(a.detach().T, b.detach().T, False)
-        torch.library.opcheck(ops.sq_xcorr_backward.default,
-                              (torch.tensor(2.0, device=device), a.detach().T, b.detach().T,
-                               aux, False))
 
 
 def test_two_view_module(device):

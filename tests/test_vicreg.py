@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import palfast
 from palfast import reference
-from palfast._ops import ops
 
 KINDS = ["views", "labels", "edges", "dense", "semi"]
 # (N, D): N < D takes the Gram side, N > D the covariance side.
@@ -96,34 +95,6 @@ def test_gradcheck(device, graph_factory, n, d):
         g = graph_factory(kind, n, seed=1).to(device)
         # eps large enough that no std sits at the hinge's kink
         assert torch.autograd.gradcheck(lambda x, g=g: palfast.vicreg(x, g, eps=0.5), (z,))
-
-
-def test_opcheck(device, graph_factory):
-    torch.manual_seed(6)
-    g = graph_factory("semi", 23).to(device)
-    z = torch.randn(23, 11, device=device, requires_grad=True)
-    torch.library.opcheck(ops.graph_dirichlet.default, (z, *g.kernel_args()))
-    torch.library.opcheck(ops.graph_dirichlet_backward.default,
-                          (torch.tensor(1.5, device=device), z.detach(), *g.kernel_args()))
-    for n, d in [(7, 20), (20, 7)]:  # Gram side and covariance side
-        p = torch.randn(n, d, device=device, requires_grad=True)
-        torch.library.opcheck(ops.sq_xcorr.default, (p, None, True))
-        _, aux = ops.sq_xcorr(p.detach(), None, True)
-        torch.library.opcheck(ops.sq_xcorr_backward.default,
-                              (torch.tensor(0.5, device=device), p.detach(), None, aux, True))
-
-
-def test_gram_and_covariance_sides_agree(device):
-    """The same A through both sides of sq_xcorr: Σ_{k≠l} (AᵀA)_kl²."""
-    torch.manual_seed(7)
-    a = torch.randn(30, 40, dtype=torch.float64, device=device)
-    gram_v, gram_aux = ops.sq_xcorr(a, None, True)  # 30 < 40: Gram side, aux [1, 30, 30]
-    cov_v, cov_aux = ops.sq_xcorr(a[:, :29], None, True)  # 30 > 29: covariance side
-    assert gram_aux.shape == (1, 30, 30) and cov_aux.shape == (1, 29, 29)
-    c = a.T @ a
-    torch.testing.assert_close(gram_v, (c.square().sum() - c.diagonal().square().sum()))
-    c29 = c[:29, :29]
-    torch.testing.assert_close(cov_v, (c29.square().sum() - c29.diagonal().square().sum()))
 
 
 # ------------------------------------------------------------------ two views
@@ -267,20 +238,6 @@ def test_bad_z_and_graph():
         palfast.nn.VICRegLoss()(torch.randn(4, 3), torch.randn(5, 3))
     with pytest.raises(TypeError, match="z_b must be a torch.Tensor"):
         palfast.nn.VICRegLoss()(torch.randn(4, 3), "graph")
-
-
-def test_kernels_check_their_arguments_too():
-    g = palfast.PairGraph.from_views(3, 2)
-    with pytest.raises(ValueError, match="palfast.graph_dirichlet: graph.indptr must have 6"):
-        ops.graph_dirichlet(torch.randn(5, 2), *g.kernel_args())
-    with pytest.raises(ValueError, match="palfast.graph_dirichlet_backward: grad must be a 0-dim"):
-        ops.graph_dirichlet_backward(torch.ones(2), torch.randn(6, 2), *g.kernel_args())
-    with pytest.raises(ValueError, match="palfast.sq_xcorr: q must have as many rows as p"):
-        ops.sq_xcorr(torch.randn(5, 2), torch.randn(4, 2), False)
-    with pytest.raises(ValueError, match="offdiag needs square"):
-        ops.sq_xcorr(torch.randn(5, 2), torch.randn(5, 3), True)
-    with pytest.raises(ValueError, match="aux must be the"):
-        ops.sq_xcorr_backward(torch.tensor(1.0), torch.randn(5, 2), None, torch.ones(1, 5, 5), True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -13,7 +13,8 @@
 
 #include <vector>
 
-#include "../covariance.h"
+#include "../graph_dirichlet.h"
+#include "schedule.h"
 
 namespace palfast::cpu {
 namespace {
@@ -27,7 +28,7 @@ void class_means(const int64_t* y, const T* z, int64_t n, int64_t d, int64_t cla
   sizes.assign(static_cast<size_t>(classes), T(0));
   for (int64_t i = 0; i < n; ++i)
     if (y[i] >= 0) sizes[y[i]] += 1;
-  at::parallel_for(0, d, 16, [&](int64_t k0, int64_t k1) {
+  parallel_for_dynamic(d, kColsPerUnit, [&](int64_t k0, int64_t k1) {
     for (int64_t i = 0; i < n; ++i) {
       if (y[i] < 0) continue;
       T* dst = means.data() + y[i] * d;
@@ -59,7 +60,7 @@ at::Tensor forward_impl(const at::Tensor& z, const GraphArgs& g) {
   const float* weights = g.weights.data_ptr<float>();
   at::Tensor rows = at::zeros({n}, z.options());
   T* rp = rows.data_ptr<T>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T s = 0;
       for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
@@ -74,7 +75,7 @@ at::Tensor forward_impl(const at::Tensor& z, const GraphArgs& g) {
     const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
     class_means<T>(y, zp, n, d, g.label_classes[l], means, sizes);
     const T a2 = static_cast<T>(2 * g.label_weights[l]);
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] < 0) continue;
         rp[i] += a2 * sizes[y[i]] * sq_dist(zp + i * d, means.data() + y[i] * d, d);
@@ -95,7 +96,7 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& z, const Grap
     const int64_t* indptr = (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>();
     const int64_t* indices = (transpose ? g.t_indices : g.indices).data_ptr<int64_t>();
     const float* weights = (transpose ? g.t_weights : g.weights).data_ptr<float>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T* oi = op + i * d;
         const T* zi = zp + i * d;
@@ -114,7 +115,7 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& z, const Grap
     const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
     class_means<T>(y, zp, n, d, g.label_classes[l], means, sizes);
     const T a4 = static_cast<T>(4 * g.label_weights[l]);
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] < 0) continue;
         const T s = a4 * sizes[y[i]];
@@ -134,7 +135,7 @@ at::Tensor graph_dirichlet_cpu(const at::Tensor& z, const at::Tensor& indptr,
                                const at::Tensor& t_weights, const at::Tensor& labels,
                                at::ArrayRef<double> label_weights,
                                at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
-  const GraphArgs g = checked_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
+  const GraphArgs g = checked_dirichlet_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
                                     t_indptr, t_indices, t_weights, labels, label_weights,
                                     label_classes, pos_weight);
   const at::Tensor za = z.to(acc_dtype(z)).contiguous();
@@ -149,7 +150,7 @@ at::Tensor graph_dirichlet_backward_cpu(
     at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
     const at::Tensor& pos_weight) {
   const char* op = "palfast.graph_dirichlet_backward";
-  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
+  const GraphArgs g = checked_dirichlet_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
                                     t_weights, labels, label_weights, label_classes, pos_weight);
   check_scalar_grad(op, grad, z);
   const at::Tensor za = z.to(acc_dtype(z)).contiguous();

@@ -2,7 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "../covariance.h"
+#include "../graph_spmm.h"
 #include "graph_spmm.h"
 
 namespace palfast::cpu {
@@ -17,8 +17,7 @@ at::Tensor graph_spmm_cpu(const at::Tensor& x, const at::Tensor& indptr,
   const char* op = "palfast.graph_spmm";
   const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
                                       labels, label_weights, label_classes, pos_weight);
-  check_matrix(op, "x", x);
-  check_graph(op, g, x);
+  check_graph_spmm(op, x, g);
   const at::Tensor xa = x.to(acc_dtype(x)).contiguous();
   at::Tensor out = at::zeros_like(xa);
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "graph_spmm_cpu", [&] {

@@ -5,11 +5,10 @@
 // sizes. Self-loops in the CSR part are skipped (w_ii is ignored, SPEC §1).
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <vector>
 
 #include "graph.h"
+#include "schedule.h"
 
 namespace palfast::cpu {
 
@@ -21,7 +20,7 @@ void graph_spmm(const GraphArgs& g, const T* x, const T* scale, T* out, int64_t 
   const int64_t* indices = (transpose ? g.t_indices : g.indices).data_ptr<int64_t>();
   const float* weights = (transpose ? g.t_weights : g.weights).data_ptr<float>();
 
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* o = out + i * d;
       for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
@@ -41,7 +40,7 @@ void graph_spmm(const GraphArgs& g, const T* x, const T* scale, T* out, int64_t 
     const T a = static_cast<T>(g.label_weights[l]);
     std::vector<T> sums(static_cast<size_t>(classes * d), T(0));
     // Class sums, parallel over feature columns so no two threads write one sum.
-    at::parallel_for(0, d, 16, [&](int64_t k0, int64_t k1) {
+    parallel_for_dynamic(d, kColsPerUnit, [&](int64_t k0, int64_t k1) {
       for (int64_t i = 0; i < n; ++i) {
         if (y[i] < 0) continue;
         const T s = scale ? scale[i] : T(1);
@@ -50,7 +49,7 @@ void graph_spmm(const GraphArgs& g, const T* x, const T* scale, T* out, int64_t 
         for (int64_t k = k0; k < k1; ++k) dst[k] += s * xi[k];
       }
     });
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] < 0) continue;
         const T s = scale ? scale[i] : T(1);

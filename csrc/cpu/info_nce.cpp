@@ -3,14 +3,20 @@
 // Forward: the similarity matrix is visited in kTile×kTile tiles. s_ij is
 // symmetric, so only tiles (I, K) with I ≤ K are computed (one GEMM each) and
 // each tile updates the online log-sum-exp of its rows *and* of its columns.
-// Threads keep private (max, sum) arrays that are merged at the end, so the
-// result does not depend on scheduling beyond the thread count.
 //
 // Backward: dL/du = (1/τ) M u − (1/τ) [c ∘ (G u) + Gᵀ (c ∘ u)], where
 //   M_ik = g_i p_ik + g_k p_ki, p_ik = exp(s_ik − lse_i), c_i = g_i / W_i.
 // M is symmetric, so again only tiles I ≤ K are recomputed; a tile adds M u_K
-// to rows I and Mᵀ u_I to rows K, each thread into its own gradient buffer.
-// Memory: O(N·D) per thread plus one tile per thread.
+// to rows I and Mᵀ u_I to rows K.
+//
+// Scheduling (csrc/cpu/schedule.h, run_ordered): the tile pairs are handed out
+// one at a time to whichever thread is free, so a core taken by another
+// process costs its share of the tiles and no more. Each tile pair writes its
+// partial (row and column (max, sum) in the forward, its [tile, D] row and
+// column gradients in the backward) into a slot, and the slots are merged in
+// tile-pair order: the result is bitwise the same whatever the schedule (which
+// thread ran which tile, how long the OS paused it) and the thread count. Memory: O(N·D) outputs plus kSlotsPerThread slots per thread,
+// i.e. O(N·D + threads·kTile·D) in the backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +31,7 @@
 
 #include "../info_nce.h"
 #include "graph_spmm.h"
+#include "schedule.h"
 
 // The tile loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
 // best one is picked at load time, so the wheel runs on any x86-64 CPU. The
@@ -42,6 +49,8 @@
 namespace palfast::cpu {
 namespace {
 
+// Rows per tile: a 256×256 tile (256 KiB in float32) stays in L2 while its GEMM and
+// exps run, and N = 8192 gives 528 tile pairs, plenty to balance over the threads.
 constexpr int64_t kTile = 256;
 constexpr int kLanes = 16;  // independent partial reductions, so loops vectorise
 
@@ -163,38 +172,63 @@ struct TilePairs {
   }
 };
 
-// u = z (as T, contiguous), divided by max(‖z_i‖, 1e-12) when normalising.
+// u = z (as T, contiguous), divided by max(‖z_i‖, kNormFloor) when normalising.
 at::Tensor embeddings_for_kernel(const at::Tensor& z, at::ScalarType acc, bool normalize) {
   at::Tensor u = z.to(acc).contiguous();
-  if (normalize) u = u / row_norms(u).clamp_min(1e-12);
+  if (normalize) u = u / row_norms(u).clamp_min(kNormFloor);
   return u;
 }
+
+// One kTile×kTile scratch tile per thread (the GEMM output, used by one unit at
+// a time): units run on the at::parallel_for threads, numbered 0 .. threads-1.
+struct TileScratch {
+  std::vector<at::Tensor> tiles;
+  explicit TileScratch(const at::TensorOptions& options) {
+    for (int64_t t = 0; t < num_threads(); ++t) tiles.push_back(at::empty({kTile * kTile}, options));
+  }
+  at::Tensor get(int64_t ni, int64_t nk) const {
+    return tiles[at::get_thread_num()].narrow(0, 0, ni * nk).view({ni, nk});
+  }
+};
 
 // Per-row log Σ_{k≠i} exp(<u_i, u_k> / τ) for anchor rows [a0, a1), +inf elsewhere.
 template <typename T>
 at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau, int64_t a0, int64_t a1) {
   const int64_t n = u.size(0);
   const TilePairs tiles(n, a0, a1);
-  const int nt = std::max(1, at::get_num_threads());
-  std::vector<T> stat_m(static_cast<size_t>(nt) * n, kNegInf<T>);
-  std::vector<T> stat_s(static_cast<size_t>(nt) * n, T(0));
+  const int64_t units = static_cast<int64_t>(tiles.pairs.size());
+  std::vector<T> stat_m(n, kNegInf<T>), stat_s(n, T(0));
+  // A slot holds one tile pair's row max, row sum, column max, column sum.
+  constexpr int64_t kSlotSize = 4 * kTile;
+  std::vector<T> slot_stats(static_cast<size_t>(ordered_slots(units) * kSlotSize));
+  const TileScratch scratch(u.options());
+  std::vector<std::vector<T>> col_tmp(num_threads(), std::vector<T>(2 * kTile));
 
-  at::parallel_for(0, static_cast<int64_t>(tiles.pairs.size()), 1, [&](int64_t p0, int64_t p1) {
-    const int tid = at::get_thread_num();
-    T* my_m = stat_m.data() + static_cast<size_t>(tid) * n;
-    T* my_s = stat_s.data() + static_cast<size_t>(tid) * n;
-    at::Tensor buf = at::empty({kTile * kTile}, u.options());
-    std::vector<T> col_tmp(2 * kTile);
-    for (int64_t p = p0; p < p1; ++p) {
-      const auto [bi, bk] = tiles.pairs[p];
-      const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-      const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-      at::Tensor s = buf.narrow(0, 0, ni * nk).view({ni, nk});
-      at::mm_out(s, u.narrow(0, i0, ni), u.narrow(0, k0, nk).t());
-      forward_tile<T>(s.data_ptr<T>(), ni, nk, inv_tau, bi == bk, my_m + i0, my_s + i0, my_m + k0,
-                      my_s + k0, col_tmp.data());
-    }
-  });
+  auto compute = [&](int64_t unit, int64_t slot) {
+    const auto [bi, bk] = tiles.pairs[unit];
+    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
+    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
+    at::Tensor s = scratch.get(ni, nk);
+    at::mm_out(s, u.narrow(0, i0, ni), u.narrow(0, k0, nk).t());
+    T* st = slot_stats.data() + slot * kSlotSize;
+    std::fill(st, st + kTile, kNegInf<T>);
+    std::fill(st + kTile, st + 2 * kTile, T(0));
+    std::fill(st + 2 * kTile, st + 3 * kTile, kNegInf<T>);
+    std::fill(st + 3 * kTile, st + 4 * kTile, T(0));
+    forward_tile<T>(s.data_ptr<T>(), ni, nk, inv_tau, bi == bk, st, st + kTile, st + 2 * kTile,
+                    st + 3 * kTile, col_tmp[at::get_thread_num()].data());
+  };
+  auto apply = [&](int64_t unit, int64_t slot) {
+    const auto [bi, bk] = tiles.pairs[unit];
+    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
+    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
+    const T* st = slot_stats.data() + slot * kSlotSize;
+    for (int64_t r = 0; r < ni; ++r) lse_merge(stat_m[i0 + r], stat_s[i0 + r], st[r], st[kTile + r]);
+    if (bi == bk) return;  // a diagonal tile's columns are its rows, already merged
+    for (int64_t c = 0; c < nk; ++c)
+      lse_merge(stat_m[k0 + c], stat_s[k0 + c], st[2 * kTile + c], st[3 * kTile + c]);
+  };
+  run_ordered(units, compute, apply);
 
   at::Tensor lse = at::empty({n}, u.options());
   T* out = lse.data_ptr<T>();
@@ -203,9 +237,7 @@ at::Tensor row_logsumexp(const at::Tensor& u, T inv_tau, int64_t a0, int64_t a1)
       out[i] = std::numeric_limits<T>::infinity();  // not an anchor: exp(s - lse) = 0
       continue;
     }
-    T m = kNegInf<T>, s = 0;
-    for (int t = 0; t < nt; ++t) lse_merge(m, s, stat_m[t * n + i], stat_s[t * n + i]);
-    out[i] = m + std::log(s);  // -inf when row i has no other row (N = 1)
+    out[i] = stat_m[i] + std::log(stat_s[i]);  // -inf when row i has no other row (N = 1)
   }
   return lse;
 }
@@ -228,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
   const T* lp = lse.data_ptr<T>();
   const double* wp = g.pos_weight.data_ptr<double>();
   T* out = loss.data_ptr<T>();
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (!(wp[i] > 0) || i < a0 || i >= a1) {
         out[i] = 0;
@@ -260,25 +292,43 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   const T* lp = lse.data_ptr<T>();
 
   const TilePairs tiles(n, a0, a1);
-  const int nt = std::max(1, at::get_num_threads());
-  at::Tensor du_threads = at::zeros({nt, n, d}, u.options());
-  at::parallel_for(0, static_cast<int64_t>(tiles.pairs.size()), 1, [&](int64_t p0, int64_t p1) {
-    at::Tensor du = du_threads[at::get_thread_num()];
-    at::Tensor buf = at::empty({kTile * kTile}, u.options());
-    for (int64_t p = p0; p < p1; ++p) {
-      const auto [bi, bk] = tiles.pairs[p];
-      const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-      const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-      at::Tensor ui = u.narrow(0, i0, ni), uk = u.narrow(0, k0, nk);
-      at::Tensor m = buf.narrow(0, 0, ni * nk).view({ni, nk});
-      at::mm_out(m, ui, uk.t());
-      backward_tile<T>(m.data_ptr<T>(), ni, nk, inv_tau, bi == bk, gp + i0, lp + i0, gp + k0,
-                       lp + k0);
-      du.narrow(0, i0, ni).addmm_(m, uk);
-      if (bi != bk) du.narrow(0, k0, nk).addmm_(m.t(), ui);
-    }
-  });
-  at::Tensor du = du_threads.sum(0);
+  const int64_t units = static_cast<int64_t>(tiles.pairs.size());
+  at::Tensor du = at::zeros({n, d}, u.options());
+  // A slot holds one tile pair's contribution to its rows (M u_K) and to its
+  // columns (Mᵀ u_I), until it is added into du in tile-pair order.
+  at::Tensor slot_grads = at::empty({ordered_slots(units), 2, kTile, d}, u.options());
+  const TileScratch scratch(u.options());
+
+  auto compute = [&](int64_t unit, int64_t slot) {
+    const auto [bi, bk] = tiles.pairs[unit];
+    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
+    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
+    const at::Tensor ui = u.narrow(0, i0, ni), uk = u.narrow(0, k0, nk);
+    at::Tensor m = scratch.get(ni, nk);
+    at::mm_out(m, ui, uk.t());
+    backward_tile<T>(m.data_ptr<T>(), ni, nk, inv_tau, bi == bk, gp + i0, lp + i0, gp + k0,
+                     lp + k0);
+    at::Tensor rows = slot_grads[slot][0].narrow(0, 0, ni);
+    at::mm_out(rows, m, uk);
+    if (bi == bk) return;  // M of a diagonal tile is symmetric: its rows are its columns
+    at::Tensor cols = slot_grads[slot][1].narrow(0, 0, nk);
+    at::mm_out(cols, m.t(), ui);
+  };
+  T* dp = du.data_ptr<T>();
+  const T* sp = slot_grads.data_ptr<T>();
+  auto add_rows = [&](int64_t r0, int64_t nr, const T* src) {
+    T* dst = dp + r0 * d;
+    for (int64_t e = 0; e < nr * d; ++e) dst[e] += src[e];
+  };
+  auto apply = [&](int64_t unit, int64_t slot) {
+    const auto [bi, bk] = tiles.pairs[unit];
+    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
+    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
+    const T* src = sp + slot * 2 * kTile * d;
+    add_rows(i0, ni, src);
+    if (bi != bk) add_rows(k0, nk, src + kTile * d);
+  };
+  run_ordered(units, compute, apply);
 
   // Positive term: − c ∘ (G u) − Gᵀ (c ∘ u), c_i = g_i / W_i.
   at::Tensor c = at::where(gr != 0, gr / g.pos_weight.to(gr.scalar_type()), at::zeros_like(gr))
@@ -293,7 +343,7 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
     // u = z / max(‖z‖, eps): project out the radial part, or plain 1/eps when clamped.
     at::Tensor norm = row_norms(z.to(u.scalar_type()));
     at::Tensor radial = du - u * (u * du).sum(1, true);
-    du = at::where(norm > 1e-12, radial / norm.clamp_min(1e-12), du / 1e-12);
+    du = at::where(norm > kNormFloor, radial / norm.clamp_min(kNormFloor), du / kNormFloor);
   }
   return grad_in_dtype(du, z.scalar_type());
 }

@@ -11,6 +11,10 @@ list[Case]``. A :class:`Case` names a set of implementations of one workload
 * measures peak memory of one run: on CUDA with ``max_memory_allocated``, on
   the CPU in a fresh subprocess per implementation (peak RSS during the run
   minus RSS before it, so imports and inputs are not counted);
+* with ``contention=k``, times every case twice: quiet, then with k busy-loop
+  processes (``while True: pass``, pinned nowhere) competing for the cores, as
+  data-loader workers or other jobs do in training; each row says which
+  (``load``) and carries the load average seen during it;
 * writes JSON and CSV (with device, versions and git SHA) and prints a table.
 
 Timed tests are not benchmarks: nothing here asserts a speed.
@@ -20,11 +24,13 @@ Run it with ``palfast bench`` (see ``palfast bench --help``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gc
 import importlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -78,6 +84,43 @@ def environment() -> dict:
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return env
+
+
+def _busy_loop() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes spinning ``while True: pass`` for the duration of the block.
+
+    Forked (the child runs no torch code, so the parent's thread pools do not
+    matter), started before the timed runs and killed after them."""
+    procs = [multiprocessing.get_context("fork").Process(target=_busy_loop, daemon=True)
+             for _ in range(count)]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(0.2 if count else 0.0)  # let the scheduler see them before timing starts
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.join()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (/proc/loadavg), or None where there is none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _load_label(busy: int) -> str:
+    return "quiet" if busy == 0 else f"{busy} busy process{'es' if busy > 1 else ''}"
 
 
 def _sync(device: str) -> None:
@@ -197,34 +240,50 @@ def _find_case(module: str, name: str, quick: bool, device: str) -> Case:
 def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, repeats: int = 5,
               warmup: int = 1, min_time: float = 0.0, memory: bool = True, out_dir: str | None = None,
               peak_timeout: float = 600.0, progress: Callable[[str], None] = print,
-              case_filter: str | None = None) -> dict:
+              case_filter: str | None = None, contention: int = 0,
+              impls: list[str] | None = None) -> dict:
     """Run every case of ``modules`` (those whose name contains ``case_filter``, when
-    given), print a table, write JSON + CSV into ``out_dir``."""
+    given; only the implementations in ``impls`` and the baseline, when given), print a
+    table, write JSON + CSV into ``out_dir``. With ``contention`` > 0,
+    every case is timed quiet and then beside that many busy-loop processes
+    (peak memory is measured in the quiet pass only)."""
     env = environment()
     env["device"] = device
+    env["load_average_start"] = load_average()
     rows = []
+    loads = [0, contention] if contention > 0 else [0]
     for module in modules:
         for case in _import_module(module).cases(quick=quick, device=device):
             if case_filter and case_filter not in case.name:
                 continue
-            progress(f"[{module}] {case.name} ...")
-            timing = _time_impls(case, repeats, warmup, min_time)
-            base = timing.get(case.baseline, {}).get("median_s")
-            for label in case.impls:
-                row = {"module": module, "case": case.name, "impl": label, **case.params,
-                       **{k: v for k, v in timing[label].items()}}
-                if row.get("median_s") and base:
-                    row["speedup_vs_" + case.baseline] = base / row["median_s"]
-                if memory and row["status"] == "ok":
-                    peak = (_peak_cuda(case, label) if device.startswith("cuda")
-                            else _peak_cpu_subprocess(case, label, quick, peak_timeout))
-                    row["peak_mib"] = (peak["peak_bytes"] / 2**20 if peak["status"] == "ok"
-                                       else None)
-                    if peak["status"] != "ok":
-                        row["memory_status"] = peak["status"]
-                rows.append(row)
-            _add_memory_ratios(rows, case)
-            gc.collect()
+            if impls:  # the baseline stays: the ratios are taken against it
+                case = dataclasses.replace(case, impls={
+                    k: v for k, v in case.impls.items() if k in impls or k == case.baseline})
+            for busy in loads:
+                progress(f"[{module}] {case.name} ({_load_label(busy)}) ...")
+                with busy_processes(busy):
+                    load_before = load_average()
+                    timing = _time_impls(case, repeats, warmup, min_time)
+                    load_after = load_average()
+                base = timing.get(case.baseline, {}).get("median_s")
+                for label in case.impls:
+                    row = {"module": module, "case": case.name, "impl": label, **case.params,
+                           "load": _load_label(busy), "busy_processes": busy,
+                           "load_average": [load_before, load_after],
+                           **{k: v for k, v in timing[label].items()}}
+                    if row.get("median_s") and base:
+                        row["speedup_vs_" + case.baseline] = base / row["median_s"]
+                    if memory and busy == 0 and row["status"] == "ok":
+                        peak = (_peak_cuda(case, label) if device.startswith("cuda")
+                                else _peak_cpu_subprocess(case, label, quick, peak_timeout))
+                        row["peak_mib"] = (peak["peak_bytes"] / 2**20 if peak["status"] == "ok"
+                                           else None)
+                        if peak["status"] != "ok":
+                            row["memory_status"] = peak["status"]
+                    rows.append(row)
+                _add_memory_ratios(rows, case)
+                gc.collect()
+    env["load_average_end"] = load_average()
     report = {"environment": env, "results": rows}
     print(format_table(report))
     if out_dir:
@@ -233,7 +292,8 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
 
 
 def _add_memory_ratios(rows: list[dict], case: Case) -> None:
-    mine = [r for r in rows if r["case"] == case.name and r["module"] == case.module]
+    mine = [r for r in rows if r["case"] == case.name and r["module"] == case.module
+            and r.get("busy_processes", 0) == 0]
     base = next((r.get("peak_mib") for r in mine if r["impl"] == case.baseline), None)
     for r in mine:
         if base and r.get("peak_mib"):
@@ -244,16 +304,20 @@ def format_table(report: dict) -> str:
     env = report["environment"]
     lines = [f"palfast {env['palfast']} | torch {env['torch']} | device {env['device']} "
              f"({env['cuda_device'] or env['cpu']}, {env['threads']} threads) | git {env['git_sha']}"]
-    header = f"{'case':<40} {'impl':<22} {'median ms':>10} {'speedup':>8} {'peak MiB':>9} {'mem x':>6}"
+    load = f" | load average {env['load_average_start']}" if env.get("load_average_start") else ""
+    lines[0] += load
+    header = (f"{'case':<40} {'impl':<22} {'load':<16} {'median ms':>10} {'speedup':>8} "
+              f"{'peak MiB':>9} {'mem x':>6}")
     lines += [header, "-" * len(header)]
     for r in report["results"]:
+        where = f"{r['case']:<40} {r['impl']:<22} {r.get('load', 'quiet'):<16}"
         if r["status"] != "ok":
-            lines.append(f"{r['case']:<40} {r['impl']:<22} {r['status']}")
+            lines.append(f"{where} {r['status']}")
             continue
         speed = next((v for k, v in r.items() if k.startswith("speedup_vs_")), None)
         mem = next((v for k, v in r.items() if k.startswith("memory_ratio_vs_")), None)
         peak = r.get("peak_mib")
-        lines.append(f"{r['case']:<40} {r['impl']:<22} {1e3 * r['median_s']:>10.2f} "
+        lines.append(f"{where} {1e3 * r['median_s']:>10.2f} "
                      f"{(f'{speed:.2f}x' if speed else '-'):>8} "
                      f"{(f'{peak:.1f}' if peak is not None else '-'):>9} "
                      f"{(f'{mem:.1f}x' if mem else '-'):>6}")
