@@ -120,8 +120,9 @@ def test_every_graph_op_rejects_corrupt_graph_tensors(device, what):
         "graph_spmm": lambda: ops.graph_spmm(z, *args, False),
         "graph_dirichlet": lambda: ops.graph_dirichlet(z, *args),
         "graph_dirichlet_backward": lambda: ops.graph_dirichlet_backward(g0, z, *args),
-        "barlow_twins": lambda: ops.barlow_twins(z, *args, 0.005, 0.1),
-        "barlow_twins_backward": lambda: ops.barlow_twins_backward(g0, z, *args, aux, 0.005, 0.1),
+        "barlow_twins_xcorr": lambda: ops.barlow_twins_xcorr(z, *args, 0.005, 0.1, False),
+        "barlow_twins_xcorr_backward": lambda: ops.barlow_twins_xcorr_backward(
+            g0, z, *args, aux, 0.005, 0.1, False),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=rf"palfast.{name}: {CORRUPTIONS[what]}"):

@@ -12,7 +12,7 @@
 
 #include <utility>
 
-#include "../covariance.h"
+#include "../graph_dirichlet.h"
 #include "graph_spmm.cuh"
 
 namespace palfast::cuda {

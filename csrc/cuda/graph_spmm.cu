@@ -4,7 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../covariance.h"
+#include "../graph_spmm.h"
 #include "graph_spmm.cuh"
 
 namespace palfast::cuda {
