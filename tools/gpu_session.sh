@@ -101,9 +101,9 @@ pyenv() { if (( DRY_RUN )); then "$@"; else PYTHONPATH=. "$@"; fi; }
 
 tests() {
   if (( HAVE_GPU )); then
-    pyenv "$PY" -m pytest -x -q tests/test_info_nce_cuda.py tests/test_info_nce.py tests/test_graph.py -k "cuda or CUDA"
+    pyenv "$PY" -P -m pytest -x -q tests/test_info_nce_cuda.py tests/test_info_nce.py tests/test_graph.py -k "cuda or CUDA"
   else
-    no_gpu "CUDA tests"; pyenv "$PY" -m pytest -q tests/test_info_nce_cuda.py
+    no_gpu "CUDA tests"; pyenv "$PY" -P -m pytest -q tests/test_info_nce_cuda.py
   fi
 }
 
