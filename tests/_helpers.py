@@ -72,6 +72,23 @@ def assert_within_2x_reference_error(kernel, ref, z64, graph, dtype, *,
     assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
 
 
+def assert_gradcheck_every_kind(fn, z, graph_factory):
+    """torch.autograd.gradcheck of fn(z, g) for a graph of every kind over z's rows."""
+    for kind in KINDS:
+        g = graph_factory(kind, z.shape[0], seed=1).to(z.device)
+        assert torch.autograd.gradcheck(lambda x, g=g: fn(x, g), (z,))
+
+
+def assert_constant_with_zero_gradient(fn, z, graphs, value):
+    """fn(z, g) == value, with an all-zero gradient, for each graph (moved to z's device)."""
+    for g in graphs:
+        loss = fn(z, g.to(z.device))
+        loss.backward()
+        assert loss.item() == value
+        assert torch.count_nonzero(z.grad) == 0
+        z.grad = None
+
+
 def assert_compile_matches_eager(step, z):
     """torch.compile(fullgraph=True) of step gives eager's loss and gradient on z (a leaf)."""
     loss = torch.compile(step, fullgraph=True, backend="aot_eager")(z)
