@@ -10,20 +10,5 @@
 // cancellation when positives are close (the regime SSL converges to).
 #pragma once
 
+// Arguments are checked by checked_graph (graph.h), as for every op taking z and a graph.
 #include "graph.h"
-
-namespace palfast {
-
-inline GraphArgs checked_dirichlet_graph(
-    const char* op, const at::Tensor& z, const at::Tensor& indptr, const at::Tensor& indices,
-    const at::Tensor& weights, const at::Tensor& t_indptr, const at::Tensor& t_indices,
-    const at::Tensor& t_weights, const at::Tensor& labels, at::ArrayRef<double> label_weights,
-    at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
-  GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                                label_weights, label_classes, pos_weight);
-  check_embeddings(op, z);
-  check_graph(op, g, z);
-  return g;
-}
-
-}  // namespace palfast

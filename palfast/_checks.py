@@ -12,8 +12,8 @@ import numbers
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_bool", "check_choice", "check_int", "check_number",
-           "check_tensor"]
+__all__ = ["FLOAT_DTYPES", "check_bool", "check_choice", "check_id_vector", "check_int",
+           "check_number", "check_tensor"]
 
 #: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -62,6 +62,21 @@ def check_choice(op: str, name: str, value, choices: tuple):
     if not isinstance(value, str | int) or isinstance(value, bool) or value not in choices:
         raise ValueError(f"{op}: {name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_id_vector(op: str, name: str, values, n: int, what: str) -> torch.Tensor:
+    """``values`` as an int64 CPU vector of n integer ids >= 0, one per row
+    (``what`` names them in errors: "sample id", "class id")."""
+    t = torch.as_tensor(values)
+    if t.shape != (n,):
+        raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), "
+                         f"got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must hold integer {what}s, got {t.dtype}")
+    t = t.detach().to(device="cpu", dtype=torch.long)
+    if int(t.min()) < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {int(t.min())}")
+    return t
 
 
 def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = True,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_id_vector, check_int
 from .knn import knn
 
 __all__ = ["knn_accuracy", "linear_probe_accuracy", "rankme"]
@@ -39,16 +39,7 @@ def _check_z(op: str, name: str, z) -> torch.Tensor:
 
 
 def _check_y(op: str, name: str, y, n: int) -> torch.Tensor:
-    t = torch.as_tensor(y)
-    if t.shape != (n,):
-        raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of class ids, "
-                         f"got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{op}: {name} must hold integer class ids, got {t.dtype}")
-    t = t.detach().cpu().long()
-    if int(t.min()) < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got {int(t.min())}")
-    return t
+    return check_id_vector(op, name, y, n, "class id")
 
 
 def _check_pair(op, train_z, train_y, test_z, test_y):

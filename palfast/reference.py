@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .graph import PairGraph
 
-__all__ = ["info_nce", "reduce_rows", "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
+__all__ = ["info_nce", "reduce_rows", "vicreg", "barlow_twins", "spectral_contrastive", "vic2",
+           "vicreg_two_view_official", "barlow_twins_two_view_official"]
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -104,3 +105,42 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     ortho = torch.trace((a.T @ a / a.shape[0] - eye) @ (b.T @ b / b.shape[0] - eye))
     return beta * inv + ortho
+
+
+# ------------------------------------------------------------ official two-view losses
+# Written as in the authors' pseudo-code, not from docs/api.md: the tests check
+# palfast.nn.VICRegLoss / BarlowTwinsLoss against them, and
+# palfast/benchmarks/bench_covariance.py times them as the "official eager" baseline.
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
+
+
+def vicreg_two_view_official(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0,
+                             std_coeff: float = 25.0, cov_coeff: float = 1.0) -> torch.Tensor:
+    """VICReg on two views as in Bardes et al. (2022), Algorithm 1, and
+    facebookresearch/vicreg (main_vicreg.py, ``VICReg.forward``): per-view variance
+    (eps 1e-4) and covariance, mse invariance."""
+    n, d = z_a.shape
+    repr_loss = F.mse_loss(z_a, z_b)
+    x = z_a - z_a.mean(dim=0)
+    y = z_b - z_b.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + 0.0001)
+    std_y = torch.sqrt(y.var(dim=0) + 0.0001)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (n - 1)
+    cov_y = (y.T @ y) / (n - 1)
+    cov_loss = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+def barlow_twins_two_view_official(z_a: torch.Tensor, z_b: torch.Tensor, *,
+                                   lambd: float = 5e-3) -> torch.Tensor:
+    """Barlow Twins on two views as in Zbontar et al. (2021), Algorithm 1, and
+    facebookresearch/barlowtwins (main.py, ``BarlowTwins.forward``): each view through
+    BatchNorm1d(affine=False), C = bn(z_a)ᵀ bn(z_b)/N, Σ (C_kk − 1)² + λ Σ_{k≠l} C_kl²."""
+    n, d = z_a.shape
+    bn = torch.nn.BatchNorm1d(d, affine=False).to(device=z_a.device, dtype=z_a.dtype)
+    c = bn(z_a).T @ bn(z_b) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = _off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag

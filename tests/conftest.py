@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import palfast
+
+# Test modules load with --import-mode=importlib and cannot import each other; this
+# folder (never the checkout root, whose palfast/ lacks the extension) on sys.path
+# lets them share tests/_helpers.py.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -40,9 +50,6 @@ def make_graph(kind: str, n: int, *, seed: int = 0) -> palfast.PairGraph:
         base = palfast.PairGraph.from_views(m, 2) if 2 * m == n else palfast.PairGraph.from_views(n, 1)
         return 0.7 * base + 0.3 * palfast.PairGraph.from_labels(y)
     raise ValueError(kind)
-
-
-GRAPH_KINDS = ["views", "labels", "edges", "dense", "semi"]
 
 
 @pytest.fixture

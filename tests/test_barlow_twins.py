@@ -3,24 +3,27 @@ official two-view Barlow Twins, and their contract (docs/api.md)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import palfast
 from palfast import reference
 
-KINDS = ["views", "labels", "edges", "dense", "semi"]
+from _helpers import (
+    KINDS,
+    assert_compile_matches_eager,
+    assert_constant_with_zero_gradient,
+    assert_float32_close_to_float64,
+    assert_gradcheck_every_kind,
+    assert_matches_float64,
+    assert_nan_propagates_unless_checked,
+    assert_two_views_match,
+    assert_within_2x_reference_error,
+)
+
 SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # N < D: Gram side; N > D: C side
-
-
-def _both(fn_a, fn_b, z, *args, **kw):
-    out = []
-    for fn in (fn_a, fn_b):
-        x = z.detach().clone().requires_grad_(True)
-        loss = fn(x, *args, **kw)
-        loss.backward()
-        out.append((loss.detach(), x.grad))
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -29,10 +32,8 @@ def test_matches_reference_float64(device, graph_factory, kind, n, d):
     torch.manual_seed(n * 1000 + d)
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     g = graph_factory(kind, n, seed=n + d).to(device)
-    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g,
-                                         lambd=0.3, eps=1e-3)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g,
+                           lambd=0.3, eps=1e-3)
 
 
 @pytest.mark.parametrize("n,d", [(30, 50), (50, 30)])
@@ -44,22 +45,14 @@ def test_asymmetric_weighted_edges(device, n, d):
                                      symmetric=False).to(device)
     assert not g.symmetric
     z = torch.randn(n, d, dtype=torch.float64, device=device)
-    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g)
 
 
 def test_float32_close_to_float64(device, graph_factory):
     torch.manual_seed(2)
     z = torch.randn(300, 200, device=device)
     g = graph_factory("semi", 300, seed=2).to(device)
-    (_, _), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z.double(), g)
-    z32 = z.clone().requires_grad_()
-    loss32 = palfast.barlow_twins(z32, g)
-    loss32.backward()
-    assert loss32.dtype == torch.float32
-    torch.testing.assert_close(loss32.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(z32.grad.double(), g_want, rtol=1e-4, atol=1e-6)
+    assert_float32_close_to_float64(palfast.barlow_twins, reference.barlow_twins, z, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -68,31 +61,15 @@ def test_low_precision_within_2x_reference_error(device, graph_factory, dtype, n
     torch.manual_seed(3)
     z64 = torch.randn(n, d, dtype=torch.float64, device=device)
     g = graph_factory("semi", n, seed=4).to(device)
-    x = z64.clone().requires_grad_()
-    exact = reference.barlow_twins(x, g, lambd=0.05)
-    exact.backward()
-
-    def errors(fn):
-        z = z64.to(dtype).requires_grad_()
-        out = fn(z, g, lambd=0.05)
-        out.float().backward()
-        return (out.double() - exact).abs().item(), (z.grad.double() - x.grad).abs().max().item()
-
-    kernel_fwd, kernel_bwd = errors(palfast.barlow_twins)
-    ref_fwd, ref_bwd = errors(reference.barlow_twins)
-    assert ref_fwd == ref_fwd and ref_bwd < float("inf")
-    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
-    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+    assert_within_2x_reference_error(palfast.barlow_twins, reference.barlow_twins, z64, g, dtype,
+                                     ref_forward_may_overflow=True, lambd=0.05)
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
 def test_gradcheck(device, graph_factory, n, d):
     torch.manual_seed(5)
     z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
-    for kind in KINDS:
-        g = graph_factory(kind, n, seed=1).to(device)
-        assert torch.autograd.gradcheck(lambda x, g=g: palfast.barlow_twins(x, g, lambd=0.2),
-                                        (z,))
+    assert_gradcheck_every_kind(lambda x, g: palfast.barlow_twins(x, g, lambd=0.2), z, graph_factory)
 
 
 def test_gram_blocks_beyond_one_tile(device, graph_factory):
@@ -102,47 +79,27 @@ def test_gram_blocks_beyond_one_tile(device, graph_factory):
     n, d = 530, 600
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     g = graph_factory("semi", n, seed=9).to(device)
-    (got, g_got), (want, g_want) = _both(palfast.barlow_twins, reference.barlow_twins, z, g)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g)
 
 
 # ------------------------------------------------------------------ two views
-def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
-    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
-
-
-def official_barlow_twins(z1, z2, lambd=0.0051):
-    """Barlow Twins as in Zbontar et al. (2021), Algorithm 1 / facebookresearch/barlowtwins."""
-    n, d = z1.shape
-    bn = torch.nn.BatchNorm1d(d, affine=False).to(device=z1.device, dtype=z1.dtype)
-    c = bn(z1).T @ bn(z2) / n
-    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-    off_diag = _off_diagonal(c).pow(2).sum()
-    return on_diag + lambd * off_diag
-
-
 @pytest.mark.parametrize("n,d", [(2, 3), (16, 64), (100, 10)])
 def test_two_view_is_official_barlow_twins(device, n, d):
     torch.manual_seed(8)
     z_a = torch.randn(n, d, dtype=torch.float64, device=device)
     z_b = z_a + 0.5 * torch.randn(n, d, dtype=torch.float64, device=device)
-    ours = [t.clone().requires_grad_() for t in (z_a, z_b)]
-    theirs = [t.clone().requires_grad_() for t in (z_a, z_b)]
-    got = palfast.nn.BarlowTwinsLoss(lambd=0.0051)(*ours)
-    want = official_barlow_twins(*theirs)
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+    # lambd 0.0051: facebookresearch/barlowtwins' default
+    official = functools.partial(reference.barlow_twins_two_view_official, lambd=0.0051)
+    assert_two_views_match(palfast.nn.BarlowTwinsLoss(lambd=0.0051), official, z_a, z_b,
+                           rtol=1e-10, atol=0)
 
 
 def test_two_view_float32_matches_official(device):
     torch.manual_seed(9)
     z_a, z_b = torch.randn(64, 256, device=device), torch.randn(64, 256, device=device)
-    torch.testing.assert_close(palfast.nn.BarlowTwinsLoss(lambd=0.02)(z_a, z_b),
-                               official_barlow_twins(z_a, z_b, lambd=0.02), rtol=1e-5, atol=1e-5)
+    official = reference.barlow_twins_two_view_official(z_a, z_b, lambd=0.02)
+    torch.testing.assert_close(palfast.nn.BarlowTwinsLoss(lambd=0.02)(z_a, z_b), official,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_graph_form_differs_from_two_view_form():
@@ -156,13 +113,9 @@ def test_graph_form_differs_from_two_view_form():
 # ----------------------------------------------------------------- edge cases
 def test_empty_graph_gives_d_with_zero_gradient(device):
     z = torch.randn(10, 4, device=device, requires_grad=True)
-    for g in (palfast.PairGraph.from_edges([], [], num_nodes=10),
-              palfast.PairGraph.from_labels(torch.arange(10))):
-        loss = palfast.barlow_twins(z, g.to(device))
-        loss.backward()
-        assert loss.item() == 4.0
-        assert torch.count_nonzero(z.grad) == 0
-        z.grad = None
+    graphs = (palfast.PairGraph.from_edges([], [], num_nodes=10),
+              palfast.PairGraph.from_labels(torch.arange(10)))
+    assert_constant_with_zero_gradient(palfast.barlow_twins, z, graphs, 4.0)
 
 
 def test_single_row(device):
@@ -184,9 +137,7 @@ def test_nan_propagates_unless_checked(device):
     z = torch.randn(8, 4, device=device)
     z[2, 1] = float("nan")
     g = palfast.PairGraph.from_views(4, 2).to(device)
-    assert torch.isnan(palfast.barlow_twins(z, g))
-    with pytest.raises(ValueError, match="z must be finite"):
-        palfast.barlow_twins(z, g, check_finite=True)
+    assert_nan_propagates_unless_checked(palfast.barlow_twins, z, g)
 
 
 @pytest.mark.parametrize("n,d", [(32, 48), (32, 8)])
@@ -196,17 +147,10 @@ def test_compile_fullgraph(device, n, d):
     z = torch.randn(n, d, device=device, requires_grad=True)
     h = n // 2
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
     def step(x):
         return palfast.barlow_twins(x * 2.0, g) + palfast.nn.BarlowTwinsLoss()(x[:h], x[h:])
 
-    loss = step(z)
-    loss.backward()
-    z2 = z.detach().clone().requires_grad_()
-    want = palfast.barlow_twins(z2 * 2.0, g) + palfast.nn.BarlowTwinsLoss()(z2[:h], z2[h:])
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(z.grad, z2.grad)
+    assert_compile_matches_eager(step, z)
 
 
 # ------------------------------------------------------------------ bad input

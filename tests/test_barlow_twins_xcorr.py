@@ -11,7 +11,7 @@ import palfast
 from palfast import _ops
 from palfast._ops import ops
 
-KINDS = ["views", "labels", "edges", "dense", "semi"]
+from _helpers import KINDS
 
 
 @pytest.mark.parametrize("n,d", [(2, 3), (15, 20), (20, 15)])

@@ -9,7 +9,7 @@ import torch
 import palfast
 from palfast._ops import ops
 
-KINDS = ["views", "labels", "edges", "dense", "semi"]
+from _helpers import KINDS
 
 
 @pytest.mark.parametrize("n", [1, 2, 37, 257])

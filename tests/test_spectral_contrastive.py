@@ -9,18 +9,17 @@ import torch
 import palfast
 from palfast import reference
 
-KINDS = ["views", "labels", "edges", "dense", "semi"]
+from _helpers import (
+    KINDS,
+    assert_compile_matches_eager,
+    assert_gradcheck_every_kind,
+    assert_matches_float64,
+    assert_nan_propagates_unless_checked,
+    assert_two_views_match,
+    assert_within_2x_reference_error,
+)
+
 SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # D < N: D×D side, else N×N side
-
-
-def _both(fn_a, fn_b, z, *args, **kw):
-    out = []
-    for fn in (fn_a, fn_b):
-        x = z.detach().clone().requires_grad_(True)
-        loss = fn(x, *args, **kw)
-        loss.backward()
-        out.append((loss.detach(), x.grad))
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -29,10 +28,7 @@ def test_matches_reference_float64(device, graph_factory, kind, n, d):
     torch.manual_seed(n * 1000 + d)
     z = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
     g = graph_factory(kind, n, seed=n + d).to(device)
-    (got, g_got), (want, g_want) = _both(palfast.spectral_contrastive,
-                                         reference.spectral_contrastive, z, g)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g)
 
 
 def test_asymmetric_weighted_edges(device):
@@ -41,10 +37,7 @@ def test_asymmetric_weighted_edges(device):
     g = palfast.PairGraph.from_edges(torch.randint(0, n, (90,)), torch.randint(0, n, (90,)),
                                      torch.rand(90) * 2, num_nodes=n, symmetric=False).to(device)
     z = torch.randn(n, 20, dtype=torch.float64, device=device)
-    (got, g_got), (want, g_want) = _both(palfast.spectral_contrastive,
-                                         reference.spectral_contrastive, z, g)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -53,30 +46,15 @@ def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
     n, d = 96, 32
     z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.3  # no fp16 overflow
     g = graph_factory("semi", n, seed=4).to(device)
-    x = z64.clone().requires_grad_()
-    exact = reference.spectral_contrastive(x, g)
-    exact.backward()
-
-    def errors(fn):
-        z = z64.to(dtype).requires_grad_()
-        out = fn(z, g)
-        out.float().backward()
-        return (out.double() - exact).abs().item(), (z.grad.double() - x.grad).abs().max().item()
-
-    kernel_fwd, kernel_bwd = errors(palfast.spectral_contrastive)
-    ref_fwd, ref_bwd = errors(reference.spectral_contrastive)
-    assert ref_fwd < float("inf") and ref_bwd < float("inf")
-    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
-    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+    assert_within_2x_reference_error(palfast.spectral_contrastive, reference.spectral_contrastive,
+                                     z64, g, dtype)
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
 def test_gradcheck(device, graph_factory, n, d):
     torch.manual_seed(5)
     z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
-    for kind in KINDS:
-        g = graph_factory(kind, n, seed=1).to(device)
-        assert torch.autograd.gradcheck(lambda x, g=g: palfast.spectral_contrastive(x, g), (z,))
+    assert_gradcheck_every_kind(palfast.spectral_contrastive, z, graph_factory)
     zb = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(palfast.nn.SpectralContrastiveLoss(), (z, zb))
 
@@ -97,15 +75,8 @@ def test_two_view_is_haochen(device, n, d):
     torch.manual_seed(8)
     z_a = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
     z_b = z_a + 0.2 * torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
-    ours = [t.clone().requires_grad_() for t in (z_a, z_b)]
-    theirs = [t.clone().requires_grad_() for t in (z_a, z_b)]
-    got = palfast.nn.SpectralContrastiveLoss()(*ours)
-    want = haochen_spectral_contrastive(*theirs)
-    got.backward()
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
+    assert_two_views_match(palfast.nn.SpectralContrastiveLoss(), haochen_spectral_contrastive,
+                           z_a, z_b, rtol=1e-10, atol=1e-13)
 
 
 def test_graph_form_shares_the_positive_term_with_two_views():
@@ -135,9 +106,7 @@ def test_nan_propagates_unless_checked(device):
     z = torch.randn(8, 4, device=device)
     z[2, 1] = float("inf")
     g = palfast.PairGraph.from_views(4, 2).to(device)
-    assert torch.isnan(palfast.spectral_contrastive(z, g))
-    with pytest.raises(ValueError, match="z must be finite"):
-        palfast.spectral_contrastive(z, g, check_finite=True)
+    assert_nan_propagates_unless_checked(palfast.spectral_contrastive, z, g)
 
 
 def test_compile_fullgraph(device):
@@ -145,19 +114,11 @@ def test_compile_fullgraph(device):
     g = palfast.PairGraph.from_labels(torch.randint(-1, 4, (32,))).to(device)
     z = torch.randn(32, 8, device=device, requires_grad=True)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
     def step(x):
         return (palfast.spectral_contrastive(x * 2.0, g)
                 + palfast.nn.SpectralContrastiveLoss()(x[:16], x[16:]))
 
-    loss = step(z)
-    loss.backward()
-    z2 = z.detach().clone().requires_grad_()
-    want = (palfast.spectral_contrastive(z2 * 2.0, g)
-            + palfast.nn.SpectralContrastiveLoss()(z2[:16], z2[16:]))
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(z.grad, z2.grad)
+    assert_compile_matches_eager(step, z)
 
 
 def test_bad_input():

@@ -11,17 +11,13 @@ import torch
 import palfast
 from palfast import reference
 
-KINDS = ["views", "labels", "edges", "dense", "semi"]
-
-
-def _both(fn_a, fn_b, z, *args, **kw):
-    out = []
-    for fn in (fn_a, fn_b):
-        x = z.detach().clone().requires_grad_(True)
-        loss = fn(x, *args, **kw)
-        loss.backward()
-        out.append((loss.detach(), x.grad))
-    return out
+from _helpers import (
+    KINDS,
+    assert_compile_matches_eager,
+    assert_gradcheck_every_kind,
+    assert_matches_float64,
+    assert_within_2x_reference_error,
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -32,9 +28,7 @@ def test_matches_reference_float64(device, graph_factory, kind, n, d):
     g = graph_factory(kind, n, seed=n + d).to(device)
     n_views = 2 if kind in ("views", "semi") else 1
     kw = dict(beta=0.7, n_views=n_views)
-    (got, g_got), (want, g_want) = _both(palfast.vic2, reference.vic2, z, g, **kw)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.vic2, reference.vic2, z, g, **kw)
 
 
 @pytest.mark.parametrize("n_rows,n_views", [(41, 1), (45, 3), (6, 2)])
@@ -42,9 +36,7 @@ def test_odd_and_multi_view_splits(device, n_rows, n_views):
     torch.manual_seed(1)
     z = torch.randn(n_rows, 7, dtype=torch.float64, device=device)
     g = palfast.PairGraph.from_views(n_rows // n_views, n_views).to(device)
-    (got, g_got), (want, g_want) = _both(palfast.vic2, reference.vic2, z, g, n_views=n_views)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+    assert_matches_float64(palfast.vic2, reference.vic2, z, g, n_views=n_views)
 
 
 def test_unbiased_orthogonality_estimate():
@@ -79,9 +71,7 @@ def test_gradcheck(device, graph_factory):
     torch.manual_seed(5)
     for n, d in [(10, 5), (6, 9)]:
         z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
-        for kind in KINDS:
-            g = graph_factory(kind, n, seed=1).to(device)
-            assert torch.autograd.gradcheck(lambda x, g=g: palfast.vic2(x, g, n_views=2), (z,))
+        assert_gradcheck_every_kind(lambda x, g: palfast.vic2(x, g, n_views=2), z, graph_factory)
 
 
 def test_two_view_module(device):
@@ -99,21 +89,7 @@ def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
     n, d = 96, 32
     z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.3
     g = graph_factory("semi", n, seed=4).to(device)
-    x = z64.clone().requires_grad_()
-    exact = reference.vic2(x, g, n_views=2)
-    exact.backward()
-
-    def errors(fn):
-        z = z64.to(dtype).requires_grad_()
-        out = fn(z, g, n_views=2)
-        out.float().backward()
-        return (out.double() - exact).abs().item(), (z.grad.double() - x.grad).abs().max().item()
-
-    kernel_fwd, kernel_bwd = errors(palfast.vic2)
-    ref_fwd, ref_bwd = errors(reference.vic2)
-    assert ref_fwd < float("inf") and ref_bwd < float("inf")
-    assert kernel_fwd <= 2 * ref_fwd + 1e-6, (kernel_fwd, ref_fwd)
-    assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
+    assert_within_2x_reference_error(palfast.vic2, reference.vic2, z64, g, dtype, n_views=2)
 
 
 def test_empty_graph_has_no_invariance_term(device):
@@ -127,18 +103,7 @@ def test_compile_fullgraph(device):
     torch.manual_seed(13)
     g = palfast.PairGraph.from_views(16, 2).to(device)
     z = torch.randn(32, 8, device=device, requires_grad=True)
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(x):
-        return palfast.vic2(x * 2.0, g, n_views=2)
-
-    loss = step(z)
-    loss.backward()
-    z2 = z.detach().clone().requires_grad_()
-    want = palfast.vic2(z2 * 2.0, g, n_views=2)
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(z.grad, z2.grad)
+    assert_compile_matches_eager(lambda x: palfast.vic2(x * 2.0, g, n_views=2), z)
 
 
 def test_bad_input():

@@ -135,7 +135,7 @@ at::Tensor graph_dirichlet_cpu(const at::Tensor& z, const at::Tensor& indptr,
                                const at::Tensor& t_weights, const at::Tensor& labels,
                                at::ArrayRef<double> label_weights,
                                at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
-  const GraphArgs g = checked_dirichlet_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
+  const GraphArgs g = checked_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
                                     t_indptr, t_indices, t_weights, labels, label_weights,
                                     label_classes, pos_weight);
   const at::Tensor za = z.to(acc_dtype(z)).contiguous();
@@ -150,7 +150,7 @@ at::Tensor graph_dirichlet_backward_cpu(
     at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
     const at::Tensor& pos_weight) {
   const char* op = "palfast.graph_dirichlet_backward";
-  const GraphArgs g = checked_dirichlet_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
+  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
                                     t_weights, labels, label_weights, label_classes, pos_weight);
   check_scalar_grad(op, grad, z);
   const at::Tensor za = z.to(acc_dtype(z)).contiguous();

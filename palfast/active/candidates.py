@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_id_vector
 from ..knn import knn
 
 __all__ = ["candidate_pairs", "check_ids"]
@@ -69,15 +70,7 @@ def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backen
 def check_ids(op: str, ids, n: int) -> torch.Tensor:
     if ids is None:
         return torch.arange(n)
-    t = torch.as_tensor(ids)
-    if t.shape != (n,):
-        raise ValueError(f"{op}: ids must be a [N] = [{n}] tensor (one sample id per row), "
-                         f"got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{op}: ids must hold integer sample ids, got {t.dtype}")
-    t = t.to(device="cpu", dtype=torch.long)
-    if int(t.min()) < 0:
-        raise ValueError(f"{op}: ids must be >= 0, got {int(t.min())}")
+    t = check_id_vector(op, "ids", ids, n, "sample id")
     if torch.unique(t).numel() != n:
         raise ValueError(f"{op}: ids must be distinct, got {n - torch.unique(t).numel()} repeats")
     return t

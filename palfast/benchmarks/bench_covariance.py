@@ -5,7 +5,9 @@ losses' batch size; the official VICReg ImageNet setting is n = 2048, D = 8192).
 Implementations, all in the same process:
 
 * ``official_eager``: the official two-view loss written as in the papers'
-  pseudo-code (facebookresearch/vicreg, facebookresearch/barlowtwins): D×D
+  pseudo-code (``palfast.reference.vicreg_two_view_official`` /
+  ``barlow_twins_two_view_official``, after facebookresearch/vicreg and
+  facebookresearch/barlowtwins): D×D
   covariance / cross-correlation matrices, autograd backward. The baseline.
 * ``palfast_two_view``: ``palfast.nn.VICRegLoss()(z_a, z_b)`` (resp.
   ``BarlowTwinsLoss``): the *same* loss value, with the squared Frobenius norms
@@ -21,41 +23,14 @@ Run ``palfast bench --only covariance [--quick] [--filter vicreg]``, or
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import palfast
+from palfast import reference
 
 from .harness import Case
 
 DIMS = [256, 2048, 8192]
 BATCHES = [256, 2048]
-
-
-def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
-    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
-
-
-def official_vicreg(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    """VICReg, Bardes et al. 2022 (Algorithm 1), per-view variance and covariance."""
-    n, d = x.shape
-    repr_loss = F.mse_loss(x, y)
-    x = x - x.mean(dim=0)
-    y = y - y.mean(dim=0)
-    std_x = torch.sqrt(x.var(dim=0) + 0.0001)
-    std_y = torch.sqrt(y.var(dim=0) + 0.0001)
-    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
-    cov_x = (x.T @ x) / (n - 1)
-    cov_y = (y.T @ y) / (n - 1)
-    cov_loss = _off_diagonal(cov_x).pow(2).sum() / d + _off_diagonal(cov_y).pow(2).sum() / d
-    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
-
-
-def official_barlow_twins(z1, z2, lambd=5e-3):
-    """Barlow Twins, Zbontar et al. 2021 (Algorithm 1): BatchNorm1d(affine=False) per view."""
-    n, d = z1.shape
-    bn = torch.nn.BatchNorm1d(d, affine=False).to(device=z1.device, dtype=z1.dtype)
-    c = bn(z1).T @ bn(z2) / n
-    return (torch.diagonal(c) - 1).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
 
 
 def _views(n: int, d: int, device: str):
@@ -74,7 +49,8 @@ def _step(loss_fn, *leaves):
 
 
 def _impls(loss: str, n: int, d: int, device: str) -> dict:
-    official = {"vicreg": official_vicreg, "barlow_twins": official_barlow_twins}[loss]
+    official = {"vicreg": reference.vicreg_two_view_official,
+                "barlow_twins": reference.barlow_twins_two_view_official}[loss]
     module = {"vicreg": palfast.nn.VICRegLoss, "barlow_twins": palfast.nn.BarlowTwinsLoss}[loss]
     graph_fn = {"vicreg": palfast.vicreg, "barlow_twins": palfast.barlow_twins}[loss]
 
