@@ -78,9 +78,120 @@ def _check_logit_range(op: str, z: torch.Tensor, temperature: float) -> None:
 def _check_gather(op: str, gather) -> bool:
     return _dist.resolve_gather(None if gather is None else check_bool(op, "gather", gather))
 
+#: info_nce(unknown_weight < 1) gathers the rows of known pairs in chunks of at most
+#: this many elements (pairs × D): 2**22 float32 values are 16 MiB per gathered side,
+#: small beside the O(N·D) the kernel holds, large enough that the per-chunk
+#: overhead is negligible.
+KNOWN_PAIR_GATHER = 1 << 22
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(‖x‖, 1e-12) row-wise, as the info_nce kernel normalises: the norm is
+    taken after dividing by the row's largest |entry| so rows of norm 1e30 do not
+    overflow in float32 (docs/api.md, "Numerics")."""
+    scale = x.detach().abs().amax(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    norm = (x / scale).norm(dim=1, keepdim=True) * scale
+    return x / norm.clamp_min(1e-12)
+
+
+def _label_set_pairs(y: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordered pairs (i, k), i ≠ k, of rows sharing a known class of label set y,
+    for the rows i where ``anchor`` holds: Σ_c (anchors in c)·n_c pairs."""
+    known = (y >= 0).nonzero().squeeze(1)
+    order = known[torch.argsort(y[known], stable=True)]  # rows grouped by class
+    counts = torch.bincount(y[order])
+    starts = torch.cumsum(counts, 0) - counts
+    rows = order[anchor[order]]
+    size = counts[y[rows]]
+    r = torch.repeat_interleave(rows, size)
+    local = torch.arange(r.numel(), device=y.device) - torch.repeat_interleave(
+        torch.cumsum(size, 0) - size, size)
+    c = order[starts[y[r]] + local]
+    off = r != c
+    return r[off], c[off]
+
+
+def _known_pairs(graph: PairGraph, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair (i, k), i ≠ k, of an anchor row i that is a positive or a known
+    negative, once, sorted by (i, k)."""
+    parts = []
+    for g in (graph, graph.negatives):
+        if g is None:
+            continue
+        r, c, _ = g._edge_list()
+        parts.append((r[anchor[r]], c[anchor[r]]))
+        parts += [_label_set_pairs(y, anchor) for y, a in zip(g.labels, g.label_weights) if a > 0]
+    n = graph.num_nodes
+    keys = torch.unique(torch.cat([r * n + c for r, c in parts]))
+    return keys // n, keys % n
+
+
+class _KnownPairsLogSumExp(torch.autograd.Function):
+    """t_i = log Σ_{e: rows[e] = i} exp(⟨u_i, u_{cols[e]}⟩ / τ) (−inf for rows without
+    pairs), by chunks of pairs; backward recomputes the chunks, so nothing of size
+    pairs × D is kept."""
+
+    @staticmethod
+    def forward(ctx, u, rows, cols, temperature):
+        chunk = max(1, KNOWN_PAIR_GATHER // u.shape[1])
+        spans = [(b, min(b + chunk, rows.numel())) for b in range(0, rows.numel(), chunk)]
+
+        def logits(b, e):
+            return (u[rows[b:e]] * u[cols[b:e]]).sum(1) / temperature
+
+        peak = u.new_full((u.shape[0],), float("-inf"))
+        for b, e in spans:  # first pass: each row's largest logit, so exp cannot overflow
+            peak.scatter_reduce_(0, rows[b:e], logits(b, e), "amax")
+        total = u.new_zeros(u.shape[0])
+        for b, e in spans:
+            total.index_add_(0, rows[b:e], torch.exp(logits(b, e) - peak[rows[b:e]]))
+        t = torch.log(total) + peak
+        ctx.save_for_backward(u, rows, cols, t)
+        ctx.temperature, ctx.spans = temperature, spans
+        return t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_t):
+        u, rows, cols, t = ctx.saved_tensors
+        grad_u = torch.zeros_like(u)
+        for b, e in ctx.spans:
+            r, c = rows[b:e], cols[b:e]
+            s = (u[r] * u[c]).sum(1) / ctx.temperature
+            g = (grad_t[r] * torch.exp(s - t[r]) / ctx.temperature)[:, None]
+            grad_u.index_add_(0, r, g * u[c])
+            grad_u.index_add_(0, c, g * u[r])
+        return grad_u, None, None, None
+
+
+def _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize, begin, end,
+                              unknown_weight):
+    """lse'_i − lse_i for the anchors of rows [begin, end) (0 elsewhere), where
+    lse'_i = log(λ e^{lse_i} + (1 − λ) Σ_{k∈K_i} e^{s_ik}) (info_nce, "Unknown pairs").
+
+    lse_i is the kernel's value; its gradient is that of ℓ⁰_i + ⟨û_i, (Gû)_i⟩/(τ W_i),
+    which equals lse_i for an anchor (ℓ⁰ the kernel's rows), through the kernel's
+    backward and one graph SpMM."""
+    x = _acc(keys)
+    u = _unit_rows(x) if normalize else x
+    w = graph.degree().to(x.dtype)
+    anchor = w > 0
+    anchor[:begin] = False
+    anchor[end:] = False
+    pos = (u * _ops.ops.graph_spmm(u, *graph.kernel_args(), False)).sum(1) / (
+        temperature * torch.where(anchor, w, torch.ones_like(w)))
+    recon = rows + pos
+    lse = lse.detach() + (recon - recon.detach())
+    pr, pc = _known_pairs(graph, anchor)
+    t = _KnownPairsLogSumExp.apply(u, pr, pc, temperature)
+    t = torch.where(anchor, t, torch.zeros_like(t))  # finite where unused: no NaN gradients
+    mixed = torch.logaddexp(lse + math.log(unknown_weight) if unknown_weight > 0 else
+                            torch.full_like(lse, float("-inf")), t + math.log1p(-unknown_weight))
+    return torch.where(anchor, mixed - lse, torch.zeros_like(lse))
+
 
 def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
-             normalize: bool = True, reduction: str = "mean",
+             normalize: bool = True, reduction: str = "mean", unknown_weight: float = 1.0,
              check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""Graph-weighted InfoNCE (SupCon's L_out with weights), docs/api.md.
 
@@ -95,6 +206,26 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     ``PairGraph.from_views(n, 2)`` this is SimCLR's NT-Xent; with ``from_labels``
     it is SupCon. The kernel never builds the N×N matrix: memory is O(N·D + E).
 
+    **Unknown pairs** (``unknown_weight`` λ < 1). Every k ≠ i in the denominator is
+    pushed away from i, also when nothing says that i and k differ (two pieces of
+    one class the oracle has not joined yet). With λ the denominator weighs pairs by
+    what is known about them:
+
+    .. math::
+        \log\sum_{k\ne i}\omega_{ik}e^{s_{ik}}
+        = \log\Big(\lambda\,e^{\mathrm{lse}_i} + (1-\lambda)\sum_{k\in K_i} e^{s_{ik}}\Big),
+        \qquad \omega_{ik} = 1 \text{ if } k\in K_i \text{ else } \lambda
+
+    where K_i is the known pairs of row i: its positives (w_ik > 0) and its known
+    negatives (``graph.negatives`` has w⁻_ik > 0; their weights are not used, only
+    that they are known) and lse_i the dense log-sum-exp. λ = 1 (the default) is the
+    loss above, bit for bit, and ignores ``graph.negatives``; λ = 0 contrasts each
+    anchor with its known pairs only. lse_i comes from the same kernel (O(N·D)
+    memory); the sum over K_i runs over the known pairs in chunks of at most
+    ``KNOWN_PAIR_GATHER`` gathered elements and is recomputed in backward, so
+    memory is O(N·D + E_K) with E_K the known ordered pairs of the anchors (label
+    sets expanded: a class of m rows counts m² pairs).
+
     Args:
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
@@ -103,6 +234,8 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
             ``max_i ‖z_i‖² / τ`` must be <= ``INFO_NCE_MAX_LOGIT`` (2**24 in float32;
             checked with one host sync, else ``ValueError``).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        unknown_weight: λ in [0, 1], the weight of pairs neither positive nor known
+            negative in the denominator (1: every pair, as SimCLR / SupCon).
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
         gather: under torch.distributed (default: on when world size > 1) z holds
             this rank's rows and ``graph`` is over the global batch; see
@@ -126,11 +259,15 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     temperature = check_number(op, "temperature", temperature, 0.0, strict=True)
     normalize = check_bool(op, "normalize", normalize)
     check_choice(op, "reduction", reduction, _REDUCTIONS)
+    unknown_weight = check_number(op, "unknown_weight", unknown_weight, 0.0, maximum=1.0)
     if not normalize:
         _check_logit_range(op, z, temperature)
     keys, begin, end = (_dist.all_gather_rows(z, graph.num_nodes) if gather
                         else (z, 0, z.shape[0]))
-    rows, _ = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
+    rows, lse = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
+    if unknown_weight < 1:
+        rows = rows + _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize,
+                                                begin, end, unknown_weight)
     if reduction == "none":
         return rows[begin:end].to(z.dtype)
     out = rows.sum()
@@ -239,6 +376,13 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
     Edge cases: an empty graph (|G| = 0) gives inv = 0; N = 1 raises ``ValueError``
     (the unbiased variance needs two rows).
 
+    Known negatives (``graph.negatives``) are ignored, by design: subtracted in the
+    invariance term, ``−Σ w⁻_ij‖z_i − z_j‖²`` is unbounded below (the variance hinge
+    floors each column's spread, never caps it, and the covariance term leaves the
+    diagonal free), and VICReg's repulsion already comes from its variance and
+    covariance terms over all rows. A graph from ``RelationStore.graph(...,
+    negatives=True)`` therefore gives the same value as one without negatives.
+
     Args:
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings, N >= 2.
         graph: :class:`PairGraph` over the N rows, on z's device.
@@ -292,6 +436,12 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
     Edge cases: an empty graph (|G| = 0) has C = 0, so the loss is D with zero
     gradient. N = 1 is allowed (ẑ = 0).
 
+    Known negatives (``graph.negatives``) are ignored, by design: with a signed
+    ``G⁺ − βG⁻`` the target C_kk = 1 would ask every two known-different classes
+    to be perfectly anti-correlated in every feature, which no more than two
+    classes can be, and the redundancy term already decorrelates features over
+    all rows. A graph with negatives gives the value of its positives alone.
+
     Args:
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
@@ -322,7 +472,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
     return loss.to(z.dtype)
 
 
-def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
+def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: float = 1.0,
                          check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
     r"""Graph-weighted spectral contrastive loss (HaoChen et al. 2021), docs/api.md.
 
@@ -334,6 +484,13 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
     ``‖zᵀz‖_F² − Σ_i ‖z_i‖⁴`` computed on the D×D side when D < N and on the N×N
     side otherwise. An empty graph drops the first term; N = 1 drops the second.
 
+    **Known negatives.** When ``graph.negatives`` is set the graph is signed,
+    ``w_ij = w⁺_ij − β w⁻_ij`` with β = ``negative_weight``, and
+    ``|G| = |G⁺| + β|G⁻|`` (the total absolute weight): known-different pairs enter
+    the attraction term with a negative sign and are pushed towards negative inner
+    products. The loss stays bounded below (the second term is quadratic in every
+    inner product). Without negatives, or with β = 0, it is the loss above exactly.
+
     Relation to the two-view form: ``palfast.nn.SpectralContrastiveLoss()(z_a, z_b)``
     is HaoChen's ``−2 E_i⟨a_i, b_i⟩ + E_{i≠j}⟨a_i, b_j⟩²`` (negatives across views
     only). The graph form with ``from_views(n, 2)`` on ``cat(z_a, z_b)`` has the same
@@ -342,6 +499,7 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
     Args:
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
+        negative_weight: β >= 0, the weight of ``graph.negatives`` in the signed graph.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
         gather: under torch.distributed (default: on when world size > 1) z holds
             this rank's rows and ``graph`` is over the global batch; the global
@@ -359,12 +517,18 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
     """
     op = "palfast.spectral_contrastive"
     z = _global_rows(op, z, graph, check_finite, gather)
+    negative_weight = check_number(op, "negative_weight", negative_weight, 0.0)
     x = _acc(z)
     n = x.shape[0]
     loss = x.sum() * 0  # stays connected to z when both terms drop out
-    if graph.total_weight > 0:
-        gx = _ops.ops.graph_spmm(x, *graph.kernel_args(), False)
-        loss = loss - 2.0 / graph.total_weight * (x * gx).sum()
+    signed = [(1.0, graph)]
+    if graph.negatives is not None and negative_weight > 0:
+        signed.append((-negative_weight, graph.negatives))
+    total = sum(abs(a) * g.total_weight for a, g in signed)
+    for a, g in signed:
+        if g.total_weight > 0:
+            gx = _ops.ops.graph_spmm(x, *g.kernel_args(), False)
+            loss = loss - 2.0 * a / total * (x * gx).sum()
     if n > 1:
         loss = loss + _ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))
     return loss.to(z.dtype)

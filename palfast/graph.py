@@ -11,6 +11,14 @@ sum of two parts, neither of which ever becomes an N×N matrix:
 
 ``from_views(n, V)`` is a label set too (the class of row i + v·n is i).
 
+A graph may also carry known negatives ("cannot-links"): ``graph.negatives`` is
+``None`` or a PairGraph over the same rows whose edges are the pairs known to
+differ, with weight > 0 saying how strongly (``graph.with_negatives(neg)``;
+``RelationStore.graph(..., negatives=True)`` builds it from "no" answers). No
+pair may be both positive and negative. Everything else in a PairGraph (degrees,
+totals, ``kernel_args``, ``to_dense``) is about the positives; each loss says how
+it uses the negatives (docs/api.md, "Known negatives").
+
 All data-dependent validation (index ranges, weights 0 or in
 [MIN_WEIGHT, MAX_WEIGHT], sizes up to MAX_NODES) happens here, with messages
 naming the argument. The ops re-check the index ranges in C++ (csrc/graph.h,
@@ -34,7 +42,7 @@ Example::
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -155,11 +163,14 @@ class PairGraph:
     num_anchors: int  # rows with W_i > 0
     total_weight: float  # |G| = Σ_ij w_ij
     symmetric: bool
+    # Known negatives over the same rows (None: none known); see with_negatives.
+    negatives: PairGraph | None = None
     # The tensors' version counters at construction: an in-place change after it
     # is refused by the losses (check_unchanged) before any kernel runs.
     _versions: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        _check_negatives(self)
         object.__setattr__(self, "_versions", self._current_versions())
 
     def __setstate__(self, state):  # pickle, deepcopy: fresh tensors, fresh counters
@@ -169,19 +180,22 @@ class PairGraph:
     def _current_versions(self) -> tuple:
         return tuple(getattr(self, f)._version for f in _TENSOR_FIELDS)
 
-    def check_unchanged(self, op: str) -> None:
-        """Raise ``ValueError`` if a tensor of this graph was changed in place after it
-        was built (the kernels would trust stale degrees and totals)."""
+    def check_unchanged(self, op: str, name: str = "graph") -> None:
+        """Raise ``ValueError`` if a tensor of this graph (or of its negatives) was changed
+        in place after it was built (the kernels would trust stale degrees and totals)."""
         if self._current_versions() != self._versions:
             changed = [f for f, a, b in zip(_TENSOR_FIELDS, self._versions,
                                             self._current_versions()) if a != b]
-            raise ValueError(f"{op}: graph must not be changed after it is built, got in-place "
-                             f"changes to graph.{', graph.'.join(changed)}; build a new PairGraph")
+            raise ValueError(f"{op}: {name} must not be changed after it is built, got in-place "
+                             f"changes to {name}.{f', {name}.'.join(changed)}; build a new "
+                             "PairGraph")
         for f in _TENSOR_FIELDS:
             if getattr(self, f).requires_grad:
-                raise ValueError(f"{op}: graph.{f} must not require grad: palfast's losses do "
+                raise ValueError(f"{op}: {name}.{f} must not require grad: palfast's losses do "
                                  "not differentiate with respect to the graph (docs/api.md, "
                                  "'Gradients')")
+        if self.negatives is not None:
+            self.negatives.check_unchanged(op, f"{name}.negatives")
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -317,7 +331,8 @@ class PairGraph:
             torch.cat([w1, w2.to(r1.device)]),
             torch.cat([self.labels, other.labels.to(self.labels.device)]),
             self.label_weights + other.label_weights, self.label_classes + other.label_classes,
-            self.symmetric and other.symmetric)
+            self.symmetric and other.symmetric).with_negatives(
+                _sum_negatives(self.negatives, other.negatives, self.device))
 
     def __mul__(self, a) -> PairGraph:
         op = "PairGraph.__mul__"
@@ -338,9 +353,30 @@ class PairGraph:
                                 tuple(_check_label_weight(a * x, "scale * label weight",
                                                           "PairGraph.__mul__")
                                       for x in self.label_weights), self.label_classes,
-                                self.symmetric)
+                                self.symmetric).with_negatives(
+                                    None if self.negatives is None else a * self.negatives)
 
     __rmul__ = __mul__
+
+    # ------------------------------------------------------------ negatives
+    def with_negatives(self, negatives: PairGraph | None) -> PairGraph:
+        """This graph's positives with ``negatives`` as its known negatives (``None``
+        drops them). ``negatives`` is a PairGraph over the same rows and device, without
+        negatives of its own, sharing no pair with the positives (w_ij > 0 in both);
+        build it with ``PairGraph.from_edges(src, dst, weights, num_nodes=N)``. Its
+        weights say how strongly a pair differs (used by ``spectral_contrastive``;
+        ``info_nce`` only uses which pairs are known). ``g1 + g2`` adds the negatives
+        too, ``a * g`` scales them with the positives, ``g.to(device)`` moves them.
+
+        Example::
+
+            >>> import torch, palfast
+            >>> g = palfast.PairGraph.from_views(2, 2).with_negatives(
+            ...     palfast.PairGraph.from_edges([0, 0, 2, 2], [1, 3, 1, 3], num_nodes=4))
+            >>> g.negatives.to_dense().tolist()
+            [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+        """
+        return replace(self, negatives=negatives)
 
     # ------------------------------------------------------------ queries
     @property
@@ -363,10 +399,13 @@ class PairGraph:
     def to(self, device) -> PairGraph:
         device = torch.device(device)
         kept = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        return PairGraph(**{**kept, **{f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}})
+        moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}
+        negatives = None if self.negatives is None else self.negatives.to(device)
+        return PairGraph(**{**kept, **moved, "negatives": negatives})
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The full [N, N] weight matrix with a zero diagonal (small N only)."""
+        """The full [N, N] positive weight matrix with a zero diagonal (small N only);
+        ``graph.negatives.to_dense()`` is the negative one."""
         n = self.num_nodes
         W = torch.zeros(n, n, dtype=dtype, device=self.device)
         r, c, w = self._edge_list()
@@ -378,7 +417,8 @@ class PairGraph:
         return W
 
     def kernel_args(self) -> tuple:
-        """The graph as the custom ops take it (see csrc/graph.h)."""
+        """The positive graph as the custom ops take it (see csrc/graph.h); the
+        negatives are passed as their own graph (``graph.negatives.kernel_args()``)."""
         return (self.indptr, self.indices, self.weights, self.t_indptr, self.t_indices,
                 self.t_weights, self.labels, list(self.label_weights),
                 list(self.label_classes), self.pos_weight)
@@ -391,9 +431,82 @@ class PairGraph:
     def __repr__(self) -> str:
         return (f"PairGraph(num_nodes={self.num_nodes}, csr_edges={self.indices.numel()}, "
                 f"label_sets={len(self.label_weights)}, anchors={self.num_anchors}, "
-                f"total_weight={self.total_weight:g}, device={self.device})")
+                f"total_weight={self.total_weight:g}, "
+                f"negative_edges={None if self.negatives is None else self.negatives.num_edges}, "
+                f"device={self.device})")
 
 
 _TENSOR_FIELDS = ("indptr", "indices", "weights", "t_indptr", "t_indices", "t_weights", "labels",
                   "pos_weight")
 
+
+
+def _sum_negatives(a: PairGraph | None, b: PairGraph | None, device) -> PairGraph | None:
+    """The known negatives of ``g1 + g2``: the union of both sides' (weights summed)."""
+    if a is None or b is None:
+        return a if b is None else b.to(device)
+    return a + b.to(device)
+
+
+def _label_pair_rows(y: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Which of the ordered pairs (r[e], c[e]) share a known class of label set y."""
+    return (y[r] == y[c]) & (y[r] >= 0)
+
+
+def _shared_pair(a: PairGraph, b: PairGraph) -> tuple[int, int] | None:
+    """An ordered pair (i, j), i ≠ j, with w_ij > 0 in both a and b, or None.
+
+    O(E·L + N·L²) without expanding label sets into pairs: explicit edges are
+    looked up in the other side's edges (sorted keys) and label sets; two label
+    sets share a pair when two rows agree on both class ids."""
+    n = a.num_nodes
+    ra, ca, _ = a._edge_list()
+    rb, cb, _ = b._edge_list()
+    hit = torch.isin(ra * n + ca, rb * n + cb)
+    if bool(hit.any()):
+        k = int(hit.nonzero()[0])
+        return int(ra[k]), int(ca[k])
+    for (r, c), other in (((ra, ca), b), ((rb, cb), a)):
+        for y, w in zip(other.labels, other.label_weights):
+            hit = _label_pair_rows(y, r, c) if w > 0 else torch.zeros_like(r, dtype=torch.bool)
+            if bool(hit.any()):
+                k = int(hit.nonzero()[0])
+                return int(r[k]), int(c[k])
+    for ya, wa, ka in zip(a.labels, a.label_weights, a.label_classes):
+        for yb, wb in zip(b.labels, b.label_weights):
+            both = ((ya >= 0) & (yb >= 0)).nonzero().squeeze(1)
+            if wa == 0 or wb == 0 or both.numel() < 2:
+                continue
+            key = yb[both] * max(ka, 1) + ya[both]  # one key per (class in b, class in a)
+            _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+            if bool((counts > 1).any()):
+                rows = both[inverse == int((counts > 1).nonzero()[0])]
+                return int(rows[0]), int(rows[1])
+    return None
+
+
+def _check_negatives(g: PairGraph) -> None:
+    """graph.negatives: None, or a PairGraph over g's rows and device with no negatives
+    of its own and no pair that is also a positive of g."""
+    neg, op = g.negatives, "PairGraph"
+    if neg is None:
+        return
+    if not isinstance(neg, PairGraph):
+        raise TypeError(f"{op}: negatives must be a PairGraph or None, got "
+                        f"{type(neg).__name__}; build one with PairGraph.from_edges(src, dst, "
+                        "num_nodes=N)")
+    if neg.negatives is not None:
+        raise ValueError(f"{op}: negatives must not carry negatives of its own (a pair is "
+                         "alike, different or unknown); pass negatives.with_negatives(None)")
+    if neg.num_nodes != g.num_nodes:
+        raise ValueError(f"{op}: negatives must be over the graph's {g.num_nodes} rows, got a "
+                         f"graph over {neg.num_nodes} nodes")
+    if neg.device != g.device:
+        raise ValueError(f"{op}: negatives must be on the graph's device ({g.device}), got "
+                         f"{neg.device}; use negatives.to({str(g.device)!r})")
+    shared = _shared_pair(g, neg)
+    if shared is not None:
+        raise ValueError(f"{op}: negatives must not contain a positive pair, got rows {shared} "
+                         "both alike and different; resolve the contradiction first "
+                         "(RelationStore keeps the first answer and warns with "
+                         "ContradictionWarning)")

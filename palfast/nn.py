@@ -61,11 +61,13 @@ class InfoNCELoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True,
-                 reduction: str = "mean", check_finite: bool = False):
+                 reduction: str = "mean", check_finite: bool = False,
+                 unknown_weight: float = 1.0):
         super().__init__()
         self.temperature = temperature
         self.normalize = normalize
         self.reduction = reduction
+        self.unknown_weight = unknown_weight
         self.check_finite = check_finite
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
@@ -74,10 +76,11 @@ class InfoNCELoss(nn.Module):
             z, graph_or_z_b = _two_views(z, graph_or_z_b)
         return F.info_nce(z, graph_or_z_b, temperature=self.temperature,
                           normalize=self.normalize, reduction=self.reduction,
-                          check_finite=self.check_finite)
+                          unknown_weight=self.unknown_weight, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}"
+        return (f"temperature={self.temperature}, normalize={self.normalize}, "
+                f"unknown_weight={self.unknown_weight}")
 
 
 # ------------------------------------------------------------ covariance losses
@@ -159,7 +162,7 @@ class SpectralContrastiveLoss(nn.Module):
     ``SpectralContrastiveLoss()(z, graph)`` is the graph form;
     ``SpectralContrastiveLoss()(z_a, z_b)`` is HaoChen et al.'s two-view loss
     ``−2 E_i⟨a_i, b_i⟩ + E_{i≠j}⟨a_i, b_j⟩²`` (negatives are the other images'
-    other view).
+    other view). ``negative_weight`` weighs a graph's known negatives (graph form only).
 
     Example::
 
@@ -168,16 +171,21 @@ class SpectralContrastiveLoss(nn.Module):
         >>> loss = palfast.nn.SpectralContrastiveLoss()(z_a, z_b)
     """
 
-    def __init__(self, check_finite: bool = False):
+    def __init__(self, check_finite: bool = False, negative_weight: float = 1.0):
         super().__init__()
+        self.negative_weight = negative_weight
         self.check_finite = check_finite
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if isinstance(graph_or_z_b, PairGraph):
-            return F.spectral_contrastive(z, graph_or_z_b, check_finite=self.check_finite)
+            return F.spectral_contrastive(z, graph_or_z_b, negative_weight=self.negative_weight,
+                                          check_finite=self.check_finite)
         _check_two_views("palfast.nn.SpectralContrastiveLoss", z, graph_or_z_b, 1,
                          self.check_finite)
         return F._spectral_contrastive_two_view(z, graph_or_z_b)
+
+    def extra_repr(self) -> str:
+        return f"negative_weight={self.negative_weight}"
 
 
 class VIC2Loss(nn.Module):

@@ -7,6 +7,8 @@ them as the "naive eager" baseline, and they document the maths in one screen.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,17 +27,31 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch
     return rows.sum() / mask.sum().clamp_min(1)
 
 
+def _dense_negatives(graph: PairGraph, like: torch.Tensor) -> torch.Tensor:
+    """graph.negatives as a dense [N, N] matrix (zeros when there are none)."""
+    if graph.negatives is None:
+        return torch.zeros_like(like)
+    return graph.negatives.to_dense(torch.float64).to(device=like.device, dtype=like.dtype)
+
+
 def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
-             normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
-    """docs/api.md:  ℓ_i = −(1/W_i) Σ_{j≠i} w_ij [s_ij − log Σ_{k≠i} exp(s_ik)]  for W_i > 0."""
+             normalize: bool = True, reduction: str = "mean",
+             unknown_weight: float = 1.0) -> torch.Tensor:
+    """docs/api.md:  ℓ_i = −(1/W_i) Σ_{j≠i} w_ij [s_ij − log Σ_{k≠i} ω_ik exp(s_ik)]  for W_i > 0,
+    ω_ik = 1 when k is a positive or a known negative of i (w_ik > 0 or w⁻_ik > 0), else
+    λ = ``unknown_weight``."""
     n = z.shape[0]
     u = F.normalize(z, dim=1) if normalize else z
     s = u @ u.T / temperature
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=1)
     w = graph.to_dense(torch.float64).to(device=z.device, dtype=s.dtype).masked_fill(eye, 0)
     wi = w.sum(1)
     has_pos = wi > 0
+    known = (w > 0) | (_dense_negatives(graph, w) > 0)
+    # log ω (0 on rows without positives, whose ℓ_i is 0 anyway: no −inf there)
+    log_lam = math.log(unknown_weight) if unknown_weight > 0 else float("-inf")
+    log_omega = torch.zeros_like(s).masked_fill(~(known | ~has_pos[:, None]), log_lam)
+    lse = torch.logsumexp((s + log_omega).masked_fill(eye, float("-inf")), dim=1)
     pos = (w * s.masked_fill(eye, 0)).sum(1) / wi.clamp_min(torch.finfo(s.dtype).tiny)
     rows = torch.where(has_pos, lse - pos, torch.zeros_like(lse))
     return reduce_rows(rows, has_pos, reduction)
@@ -79,12 +95,16 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3,
     return on + lambd * off
 
 
-def spectral_contrastive(z: torch.Tensor, graph: PairGraph) -> torch.Tensor:
+def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
+                         negative_weight: float = 1.0) -> torch.Tensor:
     """docs/api.md: −(2/|G|) Σ w_ij⟨z_i, z_j⟩ + (1/(N(N−1))) Σ_{i≠j}⟨z_i, z_j⟩²
-    (each term 0 when |G| = 0, resp. N = 1)."""
+    (each term 0 when |G| = 0, resp. N = 1), with the signed w = w⁺ − β w⁻ and
+    |G| = Σ|w| = |G⁺| + β|G⁻| when the graph has known negatives (β = negative_weight)."""
     n = z.shape[0]
-    w = _dense_graph(graph, z)
-    total = w.sum()
+    w_pos = _dense_graph(graph, z)
+    w_neg = negative_weight * _dense_negatives(graph, w_pos)
+    w = w_pos - w_neg
+    total = w_pos.sum() + w_neg.sum()
     s = z @ z.T
     pos = -2 * (w * s).sum() / total if total > 0 else z.new_zeros(())
     eye = torch.eye(n, dtype=torch.bool, device=z.device)

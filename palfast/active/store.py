@@ -1052,8 +1052,9 @@ class RelationStore:
         return idx
 
     def graph(self, indices=None, *, n_views: int = 1, label_weight: float = 1.0,
-              view_weight: float = 1.0, device=None) -> PairGraph:
-        """PairGraph of the known positives over a mini-batch.
+              view_weight: float = 1.0, negatives: bool = False, device=None) -> PairGraph:
+        """PairGraph of the known positives (and, with ``negatives=True``, the known
+        negatives) over a mini-batch.
 
         Row b of the batch is sample ``indices[b]`` (any int64 ≥ 0 sample id; ids never
         recorded have no known positive); rows b and b' are positives when the samples
@@ -1073,11 +1074,20 @@ class RelationStore:
         This is PAL's G = (1−α)·G_views + α·G_labels with view_weight = 1−α,
         label_weight = α.
 
+        With ``negatives=True`` the graph carries ``graph.negatives``: an edge of weight
+        1 between every two rows whose samples are known to differ, directly or by
+        transitivity (a "no" between a and c makes every member of a's component
+        differ from every member of c's), all views included. The cannot-links are
+        expanded over the batch's rows only: the cost is O(Σ_r min(|cannot(r)|, R))
+        set lookups for the R components in the batch, plus one edge per ordered
+        pair of rows known to differ (up to (V·B)², never more than the batch).
+
         Args:
             indices: LongTensor ``[B]`` global sample ids (``None``: ``0..num_ids-1``,
                 refused when ``num_ids > MAX_IMPLICIT_IDS``).
             n_views: V ≥ 1.
             label_weight, view_weight: finite weights ≥ 0.
+            negatives: also build ``graph.negatives`` from the "different" answers.
             device: where the graph lives (default CPU).
         """
         idx = self._indices(indices)
@@ -1085,11 +1095,43 @@ class RelationStore:
             raise ValueError("RelationStore.graph: indices must hold at least one sample id")
         if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
             raise ValueError(f"RelationStore.graph: n_views must be an int >= 1, got {n_views!r}")
+        negatives = check_bool("RelationStore.graph", "negatives", negatives)
         comp = self.components(idx).to(device)
         g = PairGraph.from_labels(comp.repeat(n_views), weight=float(label_weight))
         if n_views > 1:
             g = float(view_weight) * PairGraph.from_views(idx.numel(), n_views, device=device) + g
+        if negatives:
+            g = g.with_negatives(self._negative_graph(idx, n_views, device))
         return g
+
+    def _negative_graph(self, idx: torch.Tensor, n_views: int, device) -> PairGraph:
+        """Rows of ``cat([view_0, ..., view_{V-1}])`` of the batch ``idx`` known to differ,
+        as a symmetric PairGraph with weight 1 (see :meth:`graph`)."""
+        roots = np.tile(self._dense_roots(idx.numpy()), n_views)  # −1: never recorded
+        rows = np.flatnonzero(roots >= 0)
+        batch_roots, code = np.unique(roots[rows], return_inverse=True)
+        in_batch = {int(r): k for k, r in enumerate(batch_roots)}
+        pairs = []
+        for r, k in in_batch.items():
+            cannot = self._cannot.get(r, ())
+            # Walk the smaller side: never more than the batch's components.
+            small, big = (cannot, in_batch) if len(cannot) < len(in_batch) else (in_batch, cannot)
+            pairs += [(k, in_batch[r2]) for r2 in small if r < r2 and r2 in big]
+        n_rows = idx.numel() * n_views
+        if not pairs:
+            return PairGraph.from_edges([], [], num_nodes=n_rows).to(device or "cpu")
+        # Rows grouped by component: component k owns rows[order[start[k]:start[k] + count[k]]].
+        order = np.argsort(code, kind="stable")
+        count = np.bincount(code, minlength=batch_roots.size)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        a, b = np.asarray(pairs, dtype=np.int64).T
+        sizes = count[a] * count[b]  # one edge per (row of a, row of b)
+        pair = np.repeat(np.arange(a.size), sizes)
+        local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        src = rows[order[start[a][pair] + local // count[b][pair]]]
+        dst = rows[order[start[b][pair] + local % count[b][pair]]]
+        return PairGraph.from_edges(torch.from_numpy(src), torch.from_numpy(dst),
+                                    num_nodes=n_rows).to(device or "cpu")
 
     # ------------------------------------------------------- copies, recovery
     def backup(self, path: str | os.PathLike) -> None:
