@@ -7,6 +7,15 @@ NaN/Inf in ``z`` propagate to a NaN loss like PyTorch's losses; pass
 ``check_finite=True`` to get a ``ValueError`` instead (it costs a host sync).
 First derivatives only: ``create_graph=True`` through a loss raises (docs/api.md,
 "Gradients"), and so does a graph whose tensors require grad.
+
+Covariance losses (:func:`vicreg`, :func:`barlow_twins`, :func:`spectral_contrastive`,
+:func:`vic2`) share two arguments and their return value:
+
+* ``check_finite``: raise ``ValueError`` on NaN/Inf in z (else they give NaN);
+* ``gather``: under torch.distributed (default: on when world size > 1) z holds this
+  rank's rows and ``graph`` is over the global batch; the global loss is returned on
+  every rank (see :func:`_global_rows`);
+* they return a scalar in z's dtype, computed in float32 (float64 for float64 z).
 """
 
 from __future__ import annotations
@@ -388,13 +397,8 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
         graph: :class:`PairGraph` over the N rows, on z's device.
         sim_coeff, std_coeff, cov_coeff: weights >= 0 of the three terms.
         eps: > 0, added to the variance under the square root.
-        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
-        gather: under torch.distributed (default: on when world size > 1) z holds
-            this rank's rows and ``graph`` is over the global batch; the global
-            loss is returned on every rank (see :func:`_global_rows`).
-
-    Returns:
-        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+        check_finite, gather: as for every covariance loss (see "Covariance losses"
+            in the module docstring), which also says what is returned.
 
     Example::
 
@@ -447,20 +451,15 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
         graph: :class:`PairGraph` over the N rows, on z's device.
         lambd: λ >= 0, weight of the off-diagonal (redundancy) term.
         eps: > 0, BatchNorm's epsilon.
-        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
-        gather: under torch.distributed (default: on when world size > 1) z holds
-            this rank's rows and ``graph`` is over the global batch; the global
-            loss is returned on every rank (see :func:`_global_rows`).
-
-    Returns:
-        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+        check_finite, gather: as for every covariance loss (see "Covariance losses"
+            in the module docstring), which also says what is returned.
 
     Example::
 
         >>> import torch, palfast
+        >>> labels = torch.tensor([0, 0, 1, 1, -1, 2, 2, 2])   # -1: unknown
         >>> z = torch.randn(8, 32, requires_grad=True)
-        >>> loss = palfast.barlow_twins(z, palfast.PairGraph.from_views(4, 2))
-        >>> loss.backward()
+        >>> palfast.barlow_twins(z, palfast.PairGraph.from_labels(labels)).backward()
     """
     op = "palfast.barlow_twins"
     z = _global_rows(op, z, graph, check_finite, gather)
@@ -500,13 +499,8 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
         graph: :class:`PairGraph` over the N rows, on z's device.
         negative_weight: β >= 0, the weight of ``graph.negatives`` in the signed graph.
-        check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
-        gather: under torch.distributed (default: on when world size > 1) z holds
-            this rank's rows and ``graph`` is over the global batch; the global
-            loss is returned on every rank (see :func:`_global_rows`).
-
-    Returns:
-        A scalar in z's dtype, computed in float32 (float64 for float64 z).
+        check_finite, gather: as for every covariance loss (see "Covariance losses"
+            in the module docstring), which also says what is returned.
 
     Example::
 

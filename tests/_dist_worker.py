@@ -21,12 +21,18 @@ def _graphs(n):
         "labels": palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen)),
         "edges": palfast.PairGraph.from_edges(src, dst, torch.rand(2 * n, generator=gen),
                                               num_nodes=n, symmetric=False),
+        # known negatives between neighbouring rows (never two views of one image)
+        "signed": palfast.PairGraph.from_views(n // 2, 2).with_negatives(
+            palfast.PairGraph.from_edges(torch.arange(n), (torch.arange(n) + 1) % n,
+                                         num_nodes=n)),
     }
 
 
 def _losses():
     return {
         "info_nce": lambda z, g: palfast.info_nce(z, g, temperature=0.3),
+        "info_nce_unknown": lambda z, g: palfast.info_nce(z, g, temperature=0.3,
+                                                          unknown_weight=0.3),
         "vicreg": lambda z, g: palfast.vicreg(z, g),
         "barlow_twins": lambda z, g: palfast.barlow_twins(z, g),
         "spectral_contrastive": lambda z, g: palfast.spectral_contrastive(z, g),
