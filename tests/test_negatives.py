@@ -143,13 +143,12 @@ def test_info_nce_unknown_weight_matches_reference_float64(device, graph_factory
     torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.6])
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("lam,normalize", [(0.0, True), (0.6, False)])
 def test_info_nce_unknown_weight_gradcheck(device, graph_factory, lam, normalize):
     torch.manual_seed(5)
-    z = torch.randn(13, 4, dtype=torch.float64, device=device, requires_grad=True)
+    z = torch.randn(9, 3, dtype=torch.float64, device=device, requires_grad=True)
     for kind in KINDS:
-        g = with_random_negatives(graph_factory(kind, 13, seed=2), seed=3).to(device)
+        g = with_random_negatives(graph_factory(kind, 9, seed=2), seed=3).to(device)
         assert torch.autograd.gradcheck(
             lambda x, g=g: palfast.info_nce(x, g, temperature=0.5, normalize=normalize,
                                             unknown_weight=lam, reduction="none"), (z,))
@@ -247,7 +246,7 @@ def test_info_nce_module_passes_unknown_weight():
 
 # ------------------------------------------------------------ spectral_contrastive
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 17), (257, 5)])
+@pytest.mark.parametrize("n,d", [(2, 3), (41, 17), (257, 5)])  # N = 1: tests/test_spectral_contrastive.py
 @pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
 def test_spectral_signed_graph_matches_reference_float64(device, graph_factory, kind, n, d, beta):
     torch.manual_seed(n + d)
