@@ -233,7 +233,9 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     memory); the sum over K_i runs over the known pairs in chunks of at most
     ``KNOWN_PAIR_GATHER`` gathered elements and is recomputed in backward, so
     memory is O(N·D + E_K) with E_K the known ordered pairs of the anchors (label
-    sets expanded: a class of m rows counts m² pairs).
+    sets expanded: a class of m rows counts m² pairs). That list has a data-dependent
+    size, so λ < 1 does not run under ``torch.compile(fullgraph=True)`` (it raises,
+    saying so).
 
     Args:
         z: ``[N, D]`` float32/float64/float16/bfloat16 embeddings.
@@ -275,6 +277,10 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
                         else (z, 0, z.shape[0]))
     rows, lse = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
     if unknown_weight < 1:
+        if torch.compiler.is_compiling():
+            raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.compile (its "
+                             "known-pair list has a data-dependent size); call info_nce outside "
+                             "the compiled region, or use unknown_weight=1.0")
         rows = rows + _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize,
                                                 begin, end, unknown_weight)
     if reduction == "none":

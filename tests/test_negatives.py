@@ -370,3 +370,17 @@ def test_store_graph_trains_info_nce_and_spectral_with_negatives():
     assert torch.isfinite(z.grad).all()
     torch.testing.assert_close(palfast.info_nce(z, g, unknown_weight=0.2),
                                reference.info_nce(z, g, unknown_weight=0.2))
+
+
+def test_info_nce_unknown_weight_under_compile():
+    """fullgraph=True names the limit; without it the call runs eagerly and matches."""
+    torch.manual_seed(3)
+    z = torch.randn(8, 4)
+    g = PairGraph.from_views(4, 2).with_negatives(PairGraph.from_edges([0], [1], num_nodes=8))
+
+    def step(x):
+        return palfast.info_nce(x, g, unknown_weight=0.5)
+
+    with pytest.raises(Exception, match="unknown_weight < 1 cannot run under torch.compile"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(z)
+    torch.testing.assert_close(torch.compile(step, backend="aot_eager")(z), step(z))
