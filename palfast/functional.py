@@ -21,6 +21,7 @@ Covariance losses (:func:`vicreg`, :func:`barlow_twins`, :func:`spectral_contras
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -87,13 +88,6 @@ def _check_logit_range(op: str, z: torch.Tensor, temperature: float) -> None:
 def _check_gather(op: str, gather) -> bool:
     return _dist.resolve_gather(None if gather is None else check_bool(op, "gather", gather))
 
-#: info_nce(unknown_weight < 1) gathers the rows of known pairs in chunks of at most
-#: this many elements (pairs × D): 2**22 float32 values are 16 MiB per gathered side,
-#: small beside the O(N·D) the kernel holds, large enough that the per-chunk
-#: overhead is negligible.
-KNOWN_PAIR_GATHER = 1 << 22
-
-
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     """x / max(‖x‖, 1e-12) row-wise, as the info_nce kernel normalises: the norm is
     taken after dividing by the row's largest |entry| so rows of norm 1e30 do not
@@ -135,41 +129,49 @@ def _known_pairs(graph: PairGraph, anchor: torch.Tensor) -> tuple[torch.Tensor, 
     return keys // n, keys % n
 
 
+def _sparse_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                n: int) -> torch.Tensor:
+    """[n, n] CSR matrix with ``values`` at (rows, cols); rows sorted ascending."""
+    crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": ours is tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (n, n), check_invariants=False)
+
+
 class _KnownPairsLogSumExp(torch.autograd.Function):
     """t_i = log Σ_{e: rows[e] = i} exp(⟨u_i, u_{cols[e]}⟩ / τ) (−inf for rows without
-    pairs), by chunks of pairs; backward recomputes the chunks, so nothing of size
-    pairs × D is kept."""
+    pairs; rows sorted, pairs unique). The logits come from a sampled dense-dense
+    product (SDDMM) on the pairs' CSR pattern and the gradient from two sparse-dense
+    products, so nothing of size pairs × D is formed: memory O(N·D + pairs)."""
 
     @staticmethod
     def forward(ctx, u, rows, cols, temperature):
-        chunk = max(1, KNOWN_PAIR_GATHER // u.shape[1])
-        spans = [(b, min(b + chunk, rows.numel())) for b in range(0, rows.numel(), chunk)]
-
-        def logits(b, e):
-            return (u[rows[b:e]] * u[cols[b:e]]).sum(1) / temperature
-
-        peak = u.new_full((u.shape[0],), float("-inf"))
-        for b, e in spans:  # first pass: each row's largest logit, so exp cannot overflow
-            peak.scatter_reduce_(0, rows[b:e], logits(b, e), "amax")
-        total = u.new_zeros(u.shape[0])
-        for b, e in spans:
-            total.index_add_(0, rows[b:e], torch.exp(logits(b, e) - peak[rows[b:e]]))
+        n = u.shape[0]
+        pattern = _sparse_csr(rows, cols, u.new_zeros(rows.numel()), n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            s = torch.sparse.sampled_addmm(pattern, u, u.T, beta=0.0,
+                                           alpha=1.0 / temperature).values()
+        # each row's sum is shifted by its largest logit, so exp cannot overflow
+        peak = u.new_full((n,), float("-inf")).scatter_reduce_(0, rows, s, "amax")
+        total = u.new_zeros(n).index_add_(0, rows, torch.exp(s - peak[rows]))
         t = torch.log(total) + peak
-        ctx.save_for_backward(u, rows, cols, t)
-        ctx.temperature, ctx.spans = temperature, spans
+        ctx.save_for_backward(u, rows, cols, s, t)
+        ctx.temperature = temperature
         return t
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_t):
-        u, rows, cols, t = ctx.saved_tensors
-        grad_u = torch.zeros_like(u)
-        for b, e in ctx.spans:
-            r, c = rows[b:e], cols[b:e]
-            s = (u[r] * u[c]).sum(1) / ctx.temperature
-            g = (grad_t[r] * torch.exp(s - t[r]) / ctx.temperature)[:, None]
-            grad_u.index_add_(0, r, g * u[c])
-            grad_u.index_add_(0, c, g * u[r])
+        u, rows, cols, s, t = ctx.saved_tensors
+        n = u.shape[0]
+        q = grad_t[rows] * torch.exp(s - t[rows]) / ctx.temperature  # ∂loss/∂s_e
+        by_col = torch.argsort(cols * n + rows)  # the transpose's CSR order
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            grad_u = torch.sparse.mm(_sparse_csr(rows, cols, q, n), u)
+            grad_u += torch.sparse.mm(_sparse_csr(cols[by_col], rows[by_col], q[by_col], n), u)
         return grad_u, None, None, None
 
 
@@ -230,10 +232,10 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     that they are known) and lse_i the dense log-sum-exp. λ = 1 (the default) is the
     loss above, bit for bit, and ignores ``graph.negatives``; λ = 0 contrasts each
     anchor with its known pairs only. lse_i comes from the same kernel (O(N·D)
-    memory); the sum over K_i runs over the known pairs in chunks of at most
-    ``KNOWN_PAIR_GATHER`` gathered elements and is recomputed in backward, so
-    memory is O(N·D + E_K) with E_K the known ordered pairs of the anchors (label
-    sets expanded: a class of m rows counts m² pairs). That list has a data-dependent
+    memory); the sum over K_i is a sampled product on the known pairs' sparse
+    pattern and its gradient two sparse products, so memory is O(N·D + E_K) with
+    E_K the known ordered pairs of the anchors (label sets expanded: a class of m
+    rows counts m² pairs). That list has a data-dependent
     size, so λ < 1 does not run under ``torch.compile(fullgraph=True)`` (it raises,
     saying so).
 
