@@ -17,7 +17,7 @@ from palfast import PairGraph, reference
 from palfast.active import RelationStore
 from palfast.active.store import ContradictionWarning
 
-from _helpers import KINDS, assert_matches_float64
+from _helpers import KINDS, assert_matches_float64, assert_within_2x_reference_error
 
 
 def with_random_negatives(g: PairGraph, *, seed: int, density: float = 0.15) -> PairGraph:
@@ -176,6 +176,16 @@ def test_info_nce_unknown_weight_float32_close_to_float64(device, graph_factory)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_info_nce_unknown_weight_low_precision_within_2x_reference_error(device, graph_factory,
+                                                                          dtype):
+    torch.manual_seed(11)
+    z64 = torch.randn(257, 64, dtype=torch.float64, device=device)
+    g = with_random_negatives(graph_factory("semi", 257, seed=5), seed=7, density=0.05)
+    assert_within_2x_reference_error(palfast.info_nce, reference.info_nce, z64, g.to(device),
+                                     dtype, temperature=0.2, reduction="none", unknown_weight=0.3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
