@@ -4,8 +4,8 @@ store filtering, bad input rejected before FAISS runs."""
 import pytest
 import torch
 
-from palfast.active import RelationStore, candidate_pairs, knn
 from palfast import knn as knn_mod
+from palfast.active import RelationStore, candidate_pairs, knn
 
 try:
     import faiss  # noqa: F401
