@@ -154,12 +154,15 @@ def test_info_nce_anchor_range(emu, dtype, a0, a1, kind):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("a0,a1", [(0, 257), (70, 200)])
-def test_info_nce_symmetric_regions_of_several_tiles(emu, dtype, a0, a1):
-    """The symmetric forward (csrc/cuda/info_nce.cu, symmetric_lse) sizes its grid
-    for the GPU's SMs: with one emulated SM, 257 rows give 3 regions of 2 tiles of
-    64 rows (4 tiles of 32 in fp64), so region pairs hold several tile pairs, some
-    of them diagonal, and the last region is cut short."""
-    emu.emu_set_sm_count(1)
+@pytest.mark.parametrize("sms", [1, 7])
+def test_info_nce_grids_sized_for_few_sms(emu, dtype, a0, a1, sms):
+    """The grids of csrc/cuda/info_nce.cu are sized for the GPU's SMs (the default
+    132 gives one tile per region and per key split at these N). With one emulated
+    SM, 257 rows give the symmetric forward 3 regions of 2 tiles of 64 rows (4 of
+    32 in fp64): region pairs of several tile pairs, some diagonal, the last region
+    cut short; the backward runs unsplit. With 7 SMs the backward splits its 5 key
+    tiles into runs of 2, 2 and 1."""
+    emu.emu_set_sm_count(sms)
     try:
         _check_info_nce(emu, dtype, 257, 24, "semi", True, a0, a1, seed=a0 + a1)
     finally:

@@ -28,6 +28,8 @@
 // writes its slice of dneg once: no atomics on the gradient. For D > DV the
 // grid has ceil(D/DV) column blocks, each recomputing S (cost × ceil(D/DV) on
 // the first GEMM; DV = 128 for the 16-bit path covers the common D ≤ 128).
+// At small N the key tiles are split over several blocks per output tile (grid
+// z), whose partial sums are then added in a fixed order (sum_slices_kernel).
 // Then, as on the CPU:
 //   dL/du = (1/τ) [dneg − c ∘ (G u) − Gᵀ(c ∘ u)],  c_i = g_i / W_i (0 if W_i = 0),
 // followed by the normalisation backward, fused in grad_rows_kernel.
@@ -678,14 +680,16 @@ __device__ __forceinline__ Acc row_factor(Acc g_scaled, Acc lse, Acc inv_tau) {
 // dneg[I, J] = Σ_K M_IK x[K, J] for this block's BM rows I and DV columns J,
 // M_ik = g_i exp(s_ik − lse_i) + g_k exp(s_ik − lse_k), s = x xᵀ · inv_tau
 // (kFixed: M_ik = e_ik (a_i + a_k), see use_fixed_shift). g_absmax (a device
-// scalar, max|g|) sets the power-of-two scale of M.
+// scalar, max|g|) sets the power-of-two scale of M. With key splits (small N,
+// see backward_impl), block z of the grid's third dimension sums only the key
+// tiles [z·split_tiles, (z+1)·split_tiles) into the slice z of dneg [splits, N, D].
 template <typename Tile, bool kFixed>
 __global__ void __launch_bounds__(kTileThreads)
     grad_tile_kernel(const typename Tile::In* __restrict__ x, int64_t n, int64_t d,
                      typename Tile::Acc inv_tau, const typename Tile::Acc* __restrict__ g,
                      const typename Tile::Acc* __restrict__ lse,
                      const typename Tile::Acc* __restrict__ g_absmax, int64_t a0, int64_t a1,
-                     typename Tile::Acc* __restrict__ dneg) {
+                     int64_t split_tiles, typename Tile::Acc* __restrict__ dneg) {
   using Acc = typename Tile::Acc;
   using L = Smem<Tile>;
   constexpr int BM = Tile::BM, BN = Tile::BN;
@@ -722,8 +726,11 @@ __global__ void __launch_bounds__(kTileThreads)
   // g is 0 outside the anchors [a0, a1), so a block without anchor rows only
   // needs the key tiles that hold anchors (M_ik = g_k exp(s_ik − lse_k) there).
   const bool has_anchor_rows = i0 < a1 && i0 + BM > a0;
-  const int64_t k_begin = has_anchor_rows ? 0 : (a0 / BN) * BN;
-  const int64_t k_end = has_anchor_rows ? n : a1;
+  const int64_t split_begin = int64_t(blockIdx.z) * split_tiles * BN;
+  const int64_t split_end = std::min(n, split_begin + split_tiles * BN);
+  // Both bounds are multiples of BN or N: the key tiles are those of the unsplit grid.
+  const int64_t k_begin = std::max(split_begin, has_anchor_rows ? int64_t(0) : (a0 / BN) * BN);
+  const int64_t k_end = std::min(split_end, has_anchor_rows ? n : a1);
   typename Tile::Accum acc;
   acc.zero();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BN) {
@@ -756,7 +763,19 @@ __global__ void __launch_bounds__(kTileThreads)
     acc.add(s, mbuf, smem);
     __syncthreads();  // M, V, S and column stats are read; the next tile may overwrite them
   }
-  acc.store(dneg, n, d, i0, j0, out_scale, s);
+  acc.store(dneg + int64_t(blockIdx.z) * n * d, n, d, i0, j0, out_scale, s);
+}
+
+// out[e] = Σ_s parts[s][e] for e < count, the slices added in order (deterministic).
+template <typename Acc>
+__global__ void sum_slices_kernel(const Acc* __restrict__ parts, int64_t slices, int64_t count,
+                                  Acc* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < count; e += stride) {
+    Acc sum = parts[e];
+    for (int64_t sl = 1; sl < slices; ++sl) sum += parts[sl * count + e];
+    out[e] = sum;
+  }
 }
 
 // -------------------------------------------------------------- row kernels
@@ -941,8 +960,9 @@ void check_tensor_cores(const at::Tensor& z) {
               prop->minor, "; pass z.float() instead");
 }
 
-// Region pairs per SM that the symmetric forward aims for when there are enough
-// tiles: two, so that every SM has a block while another one waits on memory.
+// Blocks per SM that the grids of small N aim for (the symmetric forward's region
+// pairs, the backward's key splits): two, so that every SM has a block to run
+// while another one waits on memory or at a barrier.
 constexpr int64_t kBlocksPerSm = 2;
 
 // lse of the anchor rows [a0, a1) by the symmetric fixed-shift kernels.
@@ -1031,12 +1051,25 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   const int64_t col_blocks = ceil_div(d, Tile::DV);
   TORCH_CHECK(col_blocks <= kMaxGridY, kBackwardOp, ": z has too many columns (", d,
               ") for one CUDA grid");
-  const dim3 grid(grid_exact(kBackwardOp, ceil_div(n, Tile::BM)),
-                  static_cast<unsigned int>(col_blocks));
+  const int64_t row_blocks = ceil_div(n, Tile::BM), key_tiles = ceil_div(n, Tile::BN);
+  // Small N: split the key tiles over up to `splits` blocks per output tile, so
+  // that the grid has kBlocksPerSm blocks per SM; their partial sums go to slices
+  // [splits, N, D] (about kBlocksPerSm·SMs·BM·D floats in all, whatever N)
+  // added in a fixed order. Large N: one slice, written straight into dneg.
+  const int64_t want = ceil_div(kBlocksPerSm * sm_count(), row_blocks * col_blocks);
+  const int64_t split_tiles = ceil_div(key_tiles, std::clamp<int64_t>(want, 1, key_tiles));
+  const int64_t splits = ceil_div(key_tiles, split_tiles);  // ≤ kMaxGridY: want ≤ 2·SMs
+  at::Tensor parts = splits == 1 ? dneg : at::empty({splits, n, d}, acc_opts);
+  const dim3 grid(grid_exact(kBackwardOp, row_blocks), static_cast<unsigned int>(col_blocks),
+                  static_cast<unsigned int>(splits));
   launch(use_fixed_shift<Acc>(normalize, temperature) ? grad_tile_kernel<Tile, true>
                                                      : grad_tile_kernel<Tile, false>,
          grid, kTileThreads, stream, ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
-         ptr<Acc>(g_absmax), a0, a1, mut_ptr<Acc>(dneg));
+         ptr<Acc>(g_absmax), a0, a1, split_tiles, mut_ptr<Acc>(parts));
+  if (splits > 1) {
+    launch(sum_slices_kernel<Acc>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
+           ptr<Acc>(parts), splits, n * d, mut_ptr<Acc>(dneg));
+  }
 
   // Positive term: dneg −= Gᵀ(c ∘ u) here, − c ∘ (G u) in grad_rows_kernel.
   const at::Tensor minus_c = c.neg();
