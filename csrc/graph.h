@@ -31,12 +31,19 @@ struct GraphArgs {
   int64_t num_label_sets() const { return labels.size(0); }
 };
 
-inline GraphArgs make_graph_args(const at::Tensor& indptr, const at::Tensor& indices,
-                                 const at::Tensor& weights, const at::Tensor& t_indptr,
-                                 const at::Tensor& t_indices, const at::Tensor& t_weights,
-                                 const at::Tensor& labels, at::ArrayRef<double> label_weights,
-                                 at::ArrayRef<int64_t> label_classes,
-                                 const at::Tensor& pos_weight) {
+// The graph parameters of an op's C++ entry point, in the order of the schemas'
+// PALFAST_GRAPH_ARGS (csrc/palfast.cpp), and the same names as call arguments:
+// every entry point (csrc/<op>.h) spells them through these two macros.
+#define PALFAST_GRAPH_PARAMS                                                                  \
+  const at::Tensor &indptr, const at::Tensor &indices, const at::Tensor &weights,              \
+      const at::Tensor &t_indptr, const at::Tensor &t_indices, const at::Tensor &t_weights,     \
+      const at::Tensor &labels, at::ArrayRef<double> label_weights,                            \
+      at::ArrayRef<int64_t> label_classes, const at::Tensor &pos_weight
+#define PALFAST_GRAPH_NAMES                                                                   \
+  indptr, indices, weights, t_indptr, t_indices, t_weights, labels, label_weights,              \
+      label_classes, pos_weight
+
+inline GraphArgs make_graph_args(PALFAST_GRAPH_PARAMS) {
   return GraphArgs{indptr.contiguous(),   indices.contiguous(),
                    weights.contiguous(),  t_indptr.contiguous(),
                    t_indices.contiguous(), t_weights.contiguous(),
@@ -242,14 +249,8 @@ inline void check_graph(const char* op, const GraphArgs& g, const at::Tensor& z)
 }
 
 // make_graph_args + the checks of a graph over the rows of z (ops taking z and a graph).
-inline GraphArgs checked_graph(const char* op, const at::Tensor& z, const at::Tensor& indptr,
-                               const at::Tensor& indices, const at::Tensor& weights,
-                               const at::Tensor& t_indptr, const at::Tensor& t_indices,
-                               const at::Tensor& t_weights, const at::Tensor& labels,
-                               at::ArrayRef<double> label_weights,
-                               at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
-  GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                                label_weights, label_classes, pos_weight);
+inline GraphArgs checked_graph(const char* op, const at::Tensor& z, PALFAST_GRAPH_PARAMS) {
+  GraphArgs g = make_graph_args(PALFAST_GRAPH_NAMES);
   check_embeddings(op, z);
   check_graph(op, g, z);
   return g;
