@@ -15,8 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <utility>
+#include <vector>
 
 namespace palfast {
 
@@ -31,12 +31,19 @@ struct GraphArgs {
   int64_t num_label_sets() const { return labels.size(0); }
 };
 
-inline GraphArgs make_graph_args(const at::Tensor& indptr, const at::Tensor& indices,
-                                 const at::Tensor& weights, const at::Tensor& t_indptr,
-                                 const at::Tensor& t_indices, const at::Tensor& t_weights,
-                                 const at::Tensor& labels, at::ArrayRef<double> label_weights,
-                                 at::ArrayRef<int64_t> label_classes,
-                                 const at::Tensor& pos_weight) {
+// The graph parameters of an op's C++ entry point, in the order of the schemas'
+// PALFAST_GRAPH_ARGS (csrc/palfast.cpp), and the same names as call arguments:
+// every entry point (csrc/<op>.h) spells them through these two macros.
+#define PALFAST_GRAPH_PARAMS                                                                  \
+  const at::Tensor &indptr, const at::Tensor &indices, const at::Tensor &weights,              \
+      const at::Tensor &t_indptr, const at::Tensor &t_indices, const at::Tensor &t_weights,     \
+      const at::Tensor &labels, at::ArrayRef<double> label_weights,                            \
+      at::ArrayRef<int64_t> label_classes, const at::Tensor &pos_weight
+#define PALFAST_GRAPH_NAMES                                                                   \
+  indptr, indices, weights, t_indptr, t_indices, t_weights, labels, label_weights,              \
+      label_classes, pos_weight
+
+inline GraphArgs make_graph_args(PALFAST_GRAPH_PARAMS) {
   return GraphArgs{indptr.contiguous(),   indices.contiguous(),
                    weights.contiguous(),  t_indptr.contiguous(),
                    t_indices.contiguous(), t_weights.contiguous(),
@@ -59,79 +66,145 @@ inline GraphArgs make_graph_args(const at::Tensor& indptr, const at::Tensor& ind
 // and copy the few results to the host at once.
 namespace graph_values {
 
-// [min, max] of a 1-D contiguous tensor (NaN when it holds a NaN), or nullopt when empty.
-inline std::optional<std::pair<double, double>> range(const at::Tensor& t) {
-  if (t.numel() == 0) return std::nullopt;
-  if (!t.is_cpu()) {
-    const auto mm = at::aminmax(t);
-    const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kDouble).cpu();
-    return std::make_pair(both[0].item<double>(), both[1].item<double>());
-  }
-  double lo = 0, hi = 0;
-  AT_DISPATCH_ALL_TYPES(t.scalar_type(), "palfast_graph_range", [&] {
-    const scalar_t* p = t.data_ptr<scalar_t>();
-    scalar_t a = p[0], b = p[0];
-    bool nan = false;
-    for (int64_t k = 1, m = t.numel(); k < m; ++k) {
-      const scalar_t v = p[k];
-      nan |= v != v;
-      a = v < a ? v : a;
-      b = v > b ? v : b;
+// The few numbers check_graph_values tests, gathered before any is tested: CPU
+// tensors are scanned by this thread at once; device tensors are reduced on
+// their device and all results copied to the host together by fetch(), so a
+// check costs one host sync per op call, not one per number.
+class Stats {
+ public:
+  // Queues [min, max] of a 1-D contiguous tensor (NaN when it holds a NaN).
+  // Returns the slot of min (max is the next one), or -1 when t is empty.
+  int64_t range(const at::Tensor& t) {
+    if (t.numel() == 0) return -1;
+    if (!t.is_cpu()) {
+      const auto mm = at::aminmax(t);
+      return push(std::get<0>(mm), std::get<1>(mm));
     }
-    nan |= p[0] != p[0];
-    lo = nan ? NAN : static_cast<double>(a);
-    hi = nan ? NAN : static_cast<double>(b);
-  });
-  return std::make_pair(lo, hi);
-}
+    double lo = 0, hi = 0;
+    AT_DISPATCH_ALL_TYPES(t.scalar_type(), "palfast_graph_range", [&] {
+      const scalar_t* p = t.data_ptr<scalar_t>();
+      scalar_t a = p[0], b = p[0];
+      bool nan = p[0] != p[0];
+      for (int64_t k = 1, m = t.numel(); k < m; ++k) {
+        const scalar_t v = p[k];
+        nan |= v != v;
+        a = v < a ? v : a;
+        b = v > b ? v : b;
+      }
+      lo = nan ? NAN : static_cast<double>(a);
+      hi = nan ? NAN : static_cast<double>(b);
+    });
+    return push(lo, hi);
+  }
 
-// Smallest step ptr[k + 1] − ptr[k] of a CSR row-pointer array (0 when it has one entry).
-inline int64_t min_step(const at::Tensor& ptr) {
-  if (ptr.numel() < 2) return 0;
-  if (!ptr.is_cpu()) return ptr.diff().min().item<int64_t>();
-  const int64_t* p = ptr.data_ptr<int64_t>();
-  int64_t m = p[1] - p[0];
-  for (int64_t k = 1, n = ptr.numel() - 1; k < n; ++k) m = std::min(m, p[k + 1] - p[k]);
-  return m;
-}
+  // Queues ptr[0], ptr[last] and the smallest step ptr[k + 1] − ptr[k] (0 when ptr
+  // has one entry) of a CSR row-pointer array; returns the slot of ptr[0].
+  int64_t csr(const at::Tensor& ptr) {
+    const int64_t last = ptr.numel() - 1;
+    if (!ptr.is_cpu()) {
+      const at::Tensor step = last > 0 ? ptr.diff().min() : at::zeros({}, ptr.options());
+      const int64_t slot = push(ptr[0], ptr[last]);
+      push(step);
+      return slot;
+    }
+    const int64_t* p = ptr.data_ptr<int64_t>();
+    int64_t m = last > 0 ? p[1] - p[0] : 0;
+    for (int64_t k = 1; k < last; ++k) m = std::min(m, p[k + 1] - p[k]);
+    const int64_t slot = push(static_cast<double>(p[0]), static_cast<double>(p[last]));
+    push(static_cast<double>(m));
+    return slot;
+  }
+
+  // Copies every queued device value to the host (one sync); a no-op on the CPU.
+  void fetch() {
+    if (device_.empty()) return;
+    const at::Tensor all = at::stack(device_).to(at::kDouble).cpu();
+    values_.assign(all.data_ptr<double>(), all.data_ptr<double>() + all.numel());
+    device_.clear();
+  }
+
+  // Int64 values pass through double: exact below 2^53, and a corrupt index
+  // beyond that still compares out of range.
+  double operator[](int64_t slot) const { return values_.at(static_cast<size_t>(slot)); }
+
+ private:
+  template <typename... V>
+  int64_t push(const V&... v) {
+    const int64_t slot = static_cast<int64_t>(values_.size() + device_.size());
+    (add(v), ...);
+    return slot;
+  }
+  void add(double v) { values_.push_back(v); }
+  void add(const at::Tensor& v) { device_.push_back(v.to(at::kDouble)); }
+
+  std::vector<double> values_;
+  std::vector<at::Tensor> device_;
+};
 
 }  // namespace graph_values
 
+// The values every kernel indexes with: CSR row pointers monotone from 0 to E,
+// column indices in [0, N), class ids in [-1, label_classes[l]) with
+// label_classes[l] <= N, weights and degrees finite and >= 0. PairGraph's
+// constructors guarantee all of this, but its tensors can be changed in place
+// afterwards (or a graph rebuilt with dataclasses.replace), and a raw call of
+// torch.ops.palfast.* must never read or write out of bounds.
+//
+// This is the one deliberate exception to "no host syncs in forward/backward"
+// (docs/api.md, "Graph validation in the ops"): O(E + N) work. CPU tensors are
+// scanned by this thread alone (about 1 ms at N = 65536, E = 524288): dozens of
+// small parallel ATen reductions would each wait for every pool thread, which on
+// a busy machine cost 60 ms at the median. Other devices reduce on the device
+// and copy all the results to the host at once (graph_values::Stats::fetch).
 inline void check_graph_values(const char* op, const GraphArgs& g, int64_t n) {
   const int64_t e = g.indices.size(0);
   const char* stale =
       ". If the graph came from a PairGraph, its tensors were changed after it was built (in "
       "place, or with dataclasses.replace): build a new PairGraph";
-  auto csr = [&](const char* ptr_name, const at::Tensor& ptr, const char* idx_name,
-                 const at::Tensor& idx) {
-    const at::Tensor ends = at::stack({ptr[0], ptr[n]}).cpu();  // one copy
-    const int64_t first = ends.data_ptr<int64_t>()[0], last = ends.data_ptr<int64_t>()[1];
-    PALFAST_CHECK(first == 0 && last == e, op, ": ", ptr_name, " must start at 0 and end at E = ",
-                  e, ", got first ", first, ", last ", last, stale);
-    const int64_t step = graph_values::min_step(ptr);
-    PALFAST_CHECK(step >= 0, op, ": ", ptr_name, " must be non-decreasing, got a step of ", step,
-                  stale);
-    if (const auto r = graph_values::range(idx)) {
-      PALFAST_CHECK(r->first >= 0 && r->second < n, op, ": ", idx_name, " must be in [0, N = ", n,
-                    "), got values in [", static_cast<int64_t>(r->first), ", ",
-                    static_cast<int64_t>(r->second), "]", stale);
-    }
+  const bool own_transpose = !g.t_indptr.is_same(g.indptr) || !g.t_indices.is_same(g.indices);
+  const bool own_t_weights = !g.t_weights.is_same(g.weights);
+  // Everything is queued first, then fetched with one copy, then tested.
+  graph_values::Stats stats;
+  struct Csr {
+    const char *ptr_name, *idx_name;
+    int64_t ptr_slot, idx_slot;
   };
-  // NaN fails both comparisons, so it is caught with negative values and infinities.
-  auto finite_nonneg = [&](const char* name, const at::Tensor& w) {
-    if (const auto r = graph_values::range(w)) {
-      PALFAST_CHECK(r->first >= 0 && r->second < INFINITY, op, ": ", name,
-                    " must be finite and >= 0, got values in [", r->first, ", ", r->second, "]",
-                    stale);
-    }
-  };
-  csr("graph.indptr", g.indptr, "graph.indices", g.indices);
-  if (!g.t_indptr.is_same(g.indptr) || !g.t_indices.is_same(g.indices)) {
-    csr("graph.t_indptr", g.t_indptr, "graph.t_indices", g.t_indices);
+  std::vector<Csr> csrs = {{"graph.indptr", "graph.indices", stats.csr(g.indptr),
+                            stats.range(g.indices)}};
+  if (own_transpose) {
+    csrs.push_back({"graph.t_indptr", "graph.t_indices", stats.csr(g.t_indptr),
+                    stats.range(g.t_indices)});
   }
-  finite_nonneg("graph.weights", g.weights);
-  if (!g.t_weights.is_same(g.weights)) finite_nonneg("graph.t_weights", g.t_weights);
-  finite_nonneg("graph.pos_weight", g.pos_weight);
+  std::vector<std::pair<const char*, int64_t>> weights = {{"graph.weights", stats.range(g.weights)},
+                                                          {"graph.pos_weight",
+                                                           stats.range(g.pos_weight)}};
+  if (own_t_weights) weights.emplace_back("graph.t_weights", stats.range(g.t_weights));
+  std::vector<int64_t> label_slots;
+  for (int64_t l = 0; l < g.num_label_sets(); ++l) label_slots.push_back(stats.range(g.labels[l]));
+  stats.fetch();
+
+  for (const Csr& c : csrs) {
+    const double first = stats[c.ptr_slot], last = stats[c.ptr_slot + 1];
+    PALFAST_CHECK(first == 0 && last == static_cast<double>(e), op, ": ", c.ptr_name,
+                  " must start at 0 and end at E = ", e, ", got first ",
+                  static_cast<int64_t>(first), ", last ", static_cast<int64_t>(last), stale);
+    const double step = stats[c.ptr_slot + 2];
+    PALFAST_CHECK(step >= 0, op, ": ", c.ptr_name, " must be non-decreasing, got a step of ",
+                  static_cast<int64_t>(step), stale);
+    if (c.idx_slot >= 0) {
+      const double lo = stats[c.idx_slot], hi = stats[c.idx_slot + 1];
+      PALFAST_CHECK(lo >= 0 && hi < static_cast<double>(n), op, ": ", c.idx_name,
+                    " must be in [0, N = ", n, "), got values in [", static_cast<int64_t>(lo),
+                    ", ", static_cast<int64_t>(hi), "]", stale);
+    }
+  }
+  // NaN fails both comparisons, so it is caught with negative values and infinities.
+  for (const auto& [name, slot] : weights) {
+    if (slot < 0) continue;
+    PALFAST_CHECK(stats[slot] >= 0 && stats[slot + 1] < INFINITY, op, ": ", name,
+                  " must be finite and >= 0, got values in [", stats[slot], ", ", stats[slot + 1],
+                  "]", stale);
+  }
   for (int64_t l = 0; l < g.num_label_sets(); ++l) {
     const int64_t c = g.label_classes[l];
     const double a = g.label_weights[l];
@@ -139,11 +212,11 @@ inline void check_graph_values(const char* op, const GraphArgs& g, int64_t n) {
                   "] (compact class ids), got ", c, stale);
     PALFAST_CHECK(std::isfinite(a) && a >= 0, op, ": graph.label_weights[", l,
                   "] must be finite and >= 0, got ", a, stale);
-    if (const auto r = graph_values::range(g.labels[l])) {
-      PALFAST_CHECK(r->first >= -1 && r->second < c, op, ": graph.labels[", l,
-                    "] must hold class ids in [-1, label_classes = ", c, "), got values in [",
-                    static_cast<int64_t>(r->first), ", ", static_cast<int64_t>(r->second), "]",
-                    stale);
+    if (const int64_t slot = label_slots[static_cast<size_t>(l)]; slot >= 0) {
+      PALFAST_CHECK(stats[slot] >= -1 && stats[slot + 1] < static_cast<double>(c), op,
+                    ": graph.labels[", l, "] must hold class ids in [-1, label_classes = ", c,
+                    "), got values in [", static_cast<int64_t>(stats[slot]), ", ",
+                    static_cast<int64_t>(stats[slot + 1]), "]", stale);
     }
   }
 }
@@ -176,14 +249,8 @@ inline void check_graph(const char* op, const GraphArgs& g, const at::Tensor& z)
 }
 
 // make_graph_args + the checks of a graph over the rows of z (ops taking z and a graph).
-inline GraphArgs checked_graph(const char* op, const at::Tensor& z, const at::Tensor& indptr,
-                               const at::Tensor& indices, const at::Tensor& weights,
-                               const at::Tensor& t_indptr, const at::Tensor& t_indices,
-                               const at::Tensor& t_weights, const at::Tensor& labels,
-                               at::ArrayRef<double> label_weights,
-                               at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
-  GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                                label_weights, label_classes, pos_weight);
+inline GraphArgs checked_graph(const char* op, const at::Tensor& z, PALFAST_GRAPH_PARAMS) {
+  GraphArgs g = make_graph_args(PALFAST_GRAPH_NAMES);
   check_embeddings(op, z);
   check_graph(op, g, z);
   return g;

@@ -12,3 +12,31 @@
 
 // Arguments are checked by checked_graph (graph.h), as for every op taking z and a graph.
 #include "graph.h"
+
+namespace palfast {
+
+// A device's kernels, on za = z in its accumulation dtype (contiguous) and a
+// checked graph; op names the op in alerts. The forward returns the 0-dim sum,
+// the backward d(grad · sum)/dza, both in za's dtype.
+using GraphDirichletImpl = at::Tensor (*)(const char* op, const at::Tensor& za, const GraphArgs& g);
+using GraphDirichletBackwardImpl = at::Tensor (*)(const char* op, const at::Tensor& grad,
+                                                  const at::Tensor& za, const GraphArgs& g);
+
+// The ops' entry points for every device (m.impl(..., &graph_dirichlet_entry<...>)).
+template <GraphDirichletImpl kImpl>
+at::Tensor graph_dirichlet_entry(const at::Tensor& z, PALFAST_GRAPH_PARAMS) {
+  const char* op = "palfast.graph_dirichlet";
+  const GraphArgs g = checked_graph(op, z, PALFAST_GRAPH_NAMES);
+  return kImpl(op, z.to(acc_dtype(z)).contiguous(), g);
+}
+
+template <GraphDirichletBackwardImpl kImpl>
+at::Tensor graph_dirichlet_backward_entry(const at::Tensor& grad, const at::Tensor& z,
+                                          PALFAST_GRAPH_PARAMS) {
+  const char* op = "palfast.graph_dirichlet_backward";
+  const GraphArgs g = checked_graph(op, z, PALFAST_GRAPH_NAMES);
+  check_scalar_grad(op, grad, z);
+  return kImpl(op, grad, z.to(acc_dtype(z)).contiguous(), g).to(z.scalar_type());
+}
+
+}  // namespace palfast

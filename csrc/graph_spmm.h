@@ -17,4 +17,22 @@ inline void check_graph_spmm(const char* op, const at::Tensor& x, const GraphArg
   check_graph(op, g, x);
 }
 
+// A device's product: out (zeros, x's accumulation dtype) += G·xa (Gᵀ·xa when
+// transpose), xa = x in that dtype, contiguous; op names the op in alerts.
+using GraphSpmmImpl = void (*)(const char* op, const GraphArgs& g, const at::Tensor& xa,
+                               at::Tensor& out, bool transpose);
+
+// The op's entry point for every device (m.impl("graph_spmm", &graph_spmm_entry<...>)):
+// the checks, then kImpl (graph_spmm_cpu, graph_spmm_cuda).
+template <GraphSpmmImpl kImpl>
+at::Tensor graph_spmm_entry(const at::Tensor& x, PALFAST_GRAPH_PARAMS, bool transpose) {
+  const char* op = "palfast.graph_spmm";
+  const GraphArgs g = make_graph_args(PALFAST_GRAPH_NAMES);
+  check_graph_spmm(op, x, g);
+  const at::Tensor xa = x.to(acc_dtype(x)).contiguous();
+  at::Tensor out = at::zeros_like(xa);
+  kImpl(op, g, xa, out, transpose);
+  return out.to(x.scalar_type());
+}
+
 }  // namespace palfast

@@ -101,7 +101,7 @@ def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_sel
 
 
 def knn(x: torch.Tensor, k: int, *, keys: torch.Tensor | None = None, backend: str = "auto",
-        op: str = "palfast.knn.knn"):
+        op: str = "palfast.knn.knn", finite: bool = True):
     """The k most cosine-similar rows of ``keys`` for each row of ``x``.
 
     Args:
@@ -111,20 +111,21 @@ def knn(x: torch.Tensor, k: int, *, keys: torch.Tensor | None = None, backend: s
         keys: optional ``[N, D]`` rows to search among.
         backend: ``"auto"`` | ``"faiss"`` | ``"torch"``.
         op: the public name reported in error messages.
+        finite: scan x and keys for NaN/Inf (False only when the caller already did).
 
     Returns:
         ``(sims FloatTensor [M, k], nbrs LongTensor [M, k])``, each row sorted by
         similarity, highest first, on x's device.
     """
     self_search = keys is None
-    x = check_tensor(op, "embeddings" if self_search else "queries", x, min_rows=1, finite=True)
+    x = check_tensor(op, "embeddings" if self_search else "queries", x, min_rows=1, finite=finite)
     if self_search:
         k = check_int(op, "k", k)
         if not 1 <= k < x.shape[0]:
             raise ValueError(f"{op}: k must satisfy 1 <= k < N = {x.shape[0]} (number of rows), "
                              f"got k={k}")
     else:
-        keys = check_tensor(op, "keys", keys, min_rows=1, finite=True)
+        keys = check_tensor(op, "keys", keys, min_rows=1, finite=finite)
         if keys.shape[1] != x.shape[1]:
             raise ValueError(f"{op}: keys must have the queries' width D = {x.shape[1]}, "
                              f"got shape {tuple(keys.shape)}")

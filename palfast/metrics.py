@@ -19,23 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_id_vector, check_int
+from ._checks import check_id_vector, check_int, check_number, check_tensor
 from .knn import knn
 
 __all__ = ["knn_accuracy", "linear_probe_accuracy", "rankme"]
 
 
 def _check_z(op: str, name: str, z) -> torch.Tensor:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
-        raise ValueError(f"{op}: {name} must be a non-empty 2-D tensor [N, D], "
-                         f"got shape {tuple(z.shape)}")
-    if not z.dtype.is_floating_point:
-        raise TypeError(f"{op}: {name} must be floating point, got {z.dtype}")
-    if not bool(torch.isfinite(z).all()):
-        raise ValueError(f"{op}: {name} must be finite, got NaN or Inf entries")
-    return z.detach()
+    return check_tensor(op, name, z, min_rows=1, finite=True).detach()
 
 
 def _check_y(op: str, name: str, y, n: int) -> torch.Tensor:
@@ -63,8 +54,7 @@ def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
     Between ~1 (collapse) and min(N, D) (all directions equally used)."""
     op = "palfast.metrics.rankme"
     z = _check_z(op, "z", z)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    eps = check_number(op, "eps", eps, 0.0)
     s = torch.linalg.svdvals(z.cpu().double())
     total = s.sum()
     if float(total) == 0.0:
@@ -85,7 +75,7 @@ def knn_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, k
     op = "palfast.metrics.knn_accuracy"
     train_z, train_y, test_z, test_y = _check_pair(op, train_z, train_y, test_z, test_y)
     k = min(check_int(op, "k", k, 1), train_z.shape[0])
-    _, nbrs = knn(test_z, k, keys=train_z, backend=backend, op=op)
+    _, nbrs = knn(test_z, k, keys=train_z, backend=backend, op=op, finite=False)
     nbrs = nbrs.cpu()
     # Class ids may be any int64 (10**9, say): vote over dense indices of the
     # classes present, so memory follows the number of classes, not the largest id.
@@ -110,10 +100,8 @@ def linear_probe_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, 
     training rows. Returns the fraction of test rows classified correctly."""
     op = "palfast.metrics.linear_probe_accuracy"
     train_z, train_y, test_z, test_y = _check_pair(op, train_z, train_y, test_z, test_y)
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
-        raise ValueError(f"{op}: c must be a number > 0, got {c!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{op}: max_iter must be an int >= 1, got {max_iter!r}")
+    c = check_number(op, "c", c, 0.0, strict=True)
+    max_iter = check_int(op, "max_iter", max_iter, 1)
     if torch.unique(train_y).numel() < 2:
         raise ValueError(f"{op}: train_y must contain at least 2 classes, got "
                          f"{torch.unique(train_y).tolist()}")
@@ -126,7 +114,7 @@ def linear_probe_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, 
     b = test_z.cpu().double()
     mean, std = a.mean(0), a.std(0, unbiased=False).clamp_min(1e-12)
     a, b = ((a - mean) / std).numpy(), ((b - mean) / std).numpy()
-    clf = LogisticRegression(C=float(c), max_iter=max_iter)
+    clf = LogisticRegression(C=c, max_iter=max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(a, train_y.numpy())

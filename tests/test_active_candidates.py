@@ -4,8 +4,8 @@ store filtering, bad input rejected before FAISS runs."""
 import pytest
 import torch
 
-from palfast.active import RelationStore, candidate_pairs, knn
 from palfast import knn as knn_mod
+from palfast.active import RelationStore, candidate_pairs, knn
 
 try:
     import faiss  # noqa: F401
@@ -138,3 +138,12 @@ def test_bad_input(kwargs, exc, match, backend):
 def test_single_row_has_no_valid_k():
     with pytest.raises(ValueError, match="k must satisfy 1 <= k < N = 1"):
         candidate_pairs(torch.randn(1, 3), 1)
+
+
+def test_ids_are_checked_before_the_search():
+    """A bad ids argument is reported before the search reads the embeddings (whose
+    NaN the search would report first)."""
+    x = torch.randn(10, 3)
+    x[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="ids must be distinct"):
+        candidate_pairs(x, 3, ids=torch.zeros(10, dtype=torch.long))

@@ -62,6 +62,15 @@ def closure_reference(n, pairs, answers):
     return out
 
 
+def _execute(path, *statements: str) -> None:
+    """Run SQL on a store file behind RelationStore's back (to damage or age it)."""
+    db = sqlite3.connect(path)
+    for sql in statements:
+        db.execute(sql)
+    db.commit()
+    db.close()
+
+
 def relation_of(store, n):
     code = {True: 1, False: 0, None: -1}
     return torch.tensor([[code[store.same(i, j)] for j in range(n)] for i in range(n)])
@@ -294,16 +303,10 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
 
 def test_foreign_sqlite_is_refused(tmp_path):
     path = tmp_path / "foreign.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE answers (x)")
-    db.commit()
-    db.close()
+    _execute(path, "CREATE TABLE answers (x)")
     with pytest.raises(ValueError, match="foreign"):
         RelationStore(path)
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA application_id = 1234")
-    db.commit()
-    db.close()
+    _execute(path, "PRAGMA application_id = 1234")
     with pytest.raises(ValueError, match="another application"):
         RelationStore(path)
 
@@ -311,18 +314,12 @@ def test_foreign_sqlite_is_refused(tmp_path):
 def test_newer_schema_and_damaged_store_are_refused(tmp_path):
     path = tmp_path / "newer.sqlite"
     RelationStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    db.commit()
-    db.close()
+    _execute(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(ValueError, match="schema version 99"):
         RelationStore(path)
     path = tmp_path / "damaged.sqlite"
     RelationStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("DROP TABLE meta")
-    db.commit()
-    db.close()
+    _execute(path, "DROP TABLE meta")
     with pytest.raises(ValueError, match="missing or damaged"):
         RelationStore(path)
 
@@ -381,10 +378,7 @@ def test_bad_timeout_is_refused(timeout, exc):
 
 def test_foreign_database_is_left_untouched(tmp_path):
     path = tmp_path / "foreign.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE t (x)")
-    db.commit()
-    db.close()
+    _execute(path, "CREATE TABLE t (x)")
     before = path.read_bytes()
     with pytest.raises(ValueError, match="foreign"):
         RelationStore(path)
@@ -535,10 +529,7 @@ def test_readonly_mode_never_writes_and_sees_writers(tmp_path):
 
 def test_readonly_refuses_a_foreign_file(tmp_path):
     path = tmp_path / "foreign.sqlite"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE t (x)")
-    db.commit()
-    db.close()
+    _execute(path, "CREATE TABLE t (x)")
     with pytest.raises(ValueError, match="not a palfast RelationStore"):
         RelationStore(path, readonly=True)
 

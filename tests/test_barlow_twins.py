@@ -15,12 +15,9 @@ from _helpers import (
     KINDS,
     assert_compile_matches_eager,
     assert_constant_with_zero_gradient,
-    assert_float32_close_to_float64,
     assert_gradcheck_every_kind,
     assert_matches_float64,
-    assert_nan_propagates_unless_checked,
     assert_two_views_match,
-    assert_within_2x_reference_error,
 )
 
 SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # N < D: Gram side; N > D: C side
@@ -46,23 +43,6 @@ def test_asymmetric_weighted_edges(device, n, d):
     assert not g.symmetric
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g)
-
-
-def test_float32_close_to_float64(device, graph_factory):
-    torch.manual_seed(2)
-    z = torch.randn(300, 200, device=device)
-    g = graph_factory("semi", 300, seed=2).to(device)
-    assert_float32_close_to_float64(palfast.barlow_twins, reference.barlow_twins, z, g)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,d", [(64, 96), (200, 24)])
-def test_low_precision_within_2x_reference_error(device, graph_factory, dtype, n, d):
-    torch.manual_seed(3)
-    z64 = torch.randn(n, d, dtype=torch.float64, device=device)
-    g = graph_factory("semi", n, seed=4).to(device)
-    assert_within_2x_reference_error(palfast.barlow_twins, reference.barlow_twins, z64, g, dtype,
-                                     ref_forward_may_overflow=True, lambd=0.05)
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
@@ -124,20 +104,6 @@ def test_single_row(device):
     loss = palfast.barlow_twins(z, g)
     assert loss.item() == 6.0  # ẑ = 0 and |G| = 0
     torch.testing.assert_close(loss, reference.barlow_twins(z, g))
-
-
-def test_non_contiguous_input(device, graph_factory):
-    torch.manual_seed(12)
-    z = torch.randn(40, 60, dtype=torch.float64, device=device)[:, ::2]
-    g = graph_factory("labels", 40).to(device)
-    torch.testing.assert_close(palfast.barlow_twins(z, g), reference.barlow_twins(z, g))
-
-
-def test_nan_propagates_unless_checked(device):
-    z = torch.randn(8, 4, device=device)
-    z[2, 1] = float("nan")
-    g = palfast.PairGraph.from_views(4, 2).to(device)
-    assert_nan_propagates_unless_checked(palfast.barlow_twins, z, g)
 
 
 @pytest.mark.parametrize("n,d", [(32, 48), (32, 8)])

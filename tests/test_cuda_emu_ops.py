@@ -14,6 +14,7 @@ hash); skipped only when there is no C++ compiler.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,23 @@ def test_info_nce_anchor_range(emu, dtype, a0, a1, kind):
     _check_info_nce(emu, dtype, 130, 64, kind, kind == "semi", a0, a1, seed=a0 * 7 + a1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("a0,a1", [(0, 257), (70, 200)])
+@pytest.mark.parametrize("sms", [1, 7])
+def test_info_nce_grids_sized_for_few_sms(emu, dtype, a0, a1, sms):
+    """The grids of csrc/cuda/info_nce.cu are sized for the GPU's SMs (the default
+    132 gives one tile per region and per key split at these N). With one emulated
+    SM, 257 rows give the symmetric forward 3 regions of 2 tiles of 64 rows (4 of
+    32 in fp64): region pairs of several tile pairs, some diagonal, the last region
+    cut short; the backward runs unsplit. With 7 SMs the backward splits its 5 key
+    tiles into runs of 2, 2 and 1."""
+    emu.emu_set_sm_count(sms)
+    try:
+        _check_info_nce(emu, dtype, 257, 24, "semi", True, a0, a1, seed=a0 + a1)
+    finally:
+        emu.emu_set_sm_count(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_info_nce_same_bits_for_every_schedule(emu, dtype):
     """No atomics on a CSR graph: any thread or block order gives the same bits."""
@@ -171,6 +189,66 @@ def test_info_nce_same_bits_for_every_schedule(emu, dtype):
 def test_info_nce_several_schedules(emu, seed):
     _check_info_nce(emu, torch.bfloat16, 130, 136, "semi", True, 3, 130, seed=seed)
     _check_info_nce(emu, torch.float32, 130, 136, "labels", True, 3, 130, seed=seed)
+
+
+# The fixed-shift softmax (csrc/cuda/info_nce.cu, use_fixed_shift) runs for
+# normalize=True while 2·log2(e)/τ ≤ 112 (fp32 accumulation) or 1000 (fp64); the
+# online (max, sum) path runs below that τ.
+FIXED_SHIFT_MIN_TAU = {torch.float32: 2 * math.log2(math.e) / 112,
+                       torch.float64: 2 * math.log2(math.e) / 1000}
+
+
+def _near_antipodal(n: int, d: int, dtype) -> torch.Tensor:
+    """Row 0 near v, rows 1.. near −v: row 0's terms are all about e^(−2/τ), the
+    smallest a fixed-shift row sum can be (the bound's worst case)."""
+    v = torch.randn(d, dtype=torch.float64)
+    z = -v.expand(n, d).clone()
+    z[0] = v
+    return (z + 1e-2 * torch.randn(n, d, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("side", [1.02, 0.98, 0.85, 0.5])
+def test_info_nce_fixed_shift_bound(emu, dtype, side):
+    """Both sides of the fixed-shift bound, on rows whose sums are as small as they
+    get: at τ above it every term is a normal float, below it the online path takes
+    over. A bound that let the fixed shift run at smaller τ fails here: at 0.85·bound its
+    terms are subnormal and a_i = g_i/Σ_i overflows fp32 (an inf gradient), at
+    0.5·bound they underflow to a zero sum (lse −inf)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = side * FIXED_SHIFT_MIN_TAU[acc]
+    torch.manual_seed(int(side * 100))
+    emu.emu_set_seed(int(side * 100))
+    n, d = 6, 20
+    z64 = _near_antipodal(n, d, torch.float64)
+    g = _graph("edges", n, seed=3)
+    # A loss-scaled gradient (2^20, as from a GradScaler) for fp32/fp64: a_i = g_i/Σ_i
+    # must not overflow; 16-bit gradients of that size would overflow the dtype itself.
+    scale = 1.0 if dtype in (torch.float16, torch.bfloat16) else 2.0**20
+    grad_rows = scale * torch.rand(n, dtype=torch.float64)
+
+    def ref(z):
+        z = z.detach().clone().requires_grad_(True)
+        rows = reference.info_nce(z, g, temperature=tau, normalize=True, reduction="none")
+        (rows * grad_rows.to(rows.dtype)).sum().backward()
+        return rows.detach(), z.grad
+
+    z = z64.to(dtype)
+    rows, lse = emu.info_nce(z, *g.kernel_args(), tau, True, 0, n)
+    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, tau, True,
+                                 0, n)
+    assert torch.isfinite(lse).all() and torch.isfinite(grad.double()).all()
+    # s = c/τ is large here (up to 1/τ ≈ 80 in fp32), so every precision, the
+    # reference's included, loses about |s|·eps: judged against the largest value
+    # (fp64) or by the rule of the 16-bit tests against the reference in z's dtype.
+    want_rows, want_grad = ref(z64)
+    low_rows, low_grad = ref(z) if dtype != torch.float64 else (None, None)
+    for got, want, low in ((rows, want_rows, low_rows), (grad, want_grad, low_grad)):
+        if dtype == torch.float64:
+            top = want.abs().max()
+            torch.testing.assert_close(got / top, want / top, rtol=0, atol=1e-10)
+        else:
+            _low_precision_ok(got, want, low)
 
 
 def test_info_nce_single_row_lse_is_minus_inf(emu):

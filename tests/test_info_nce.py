@@ -18,8 +18,6 @@ from _helpers import (
     assert_compile_matches_eager,
     assert_constant_with_zero_gradient,
     assert_gradcheck_every_kind,
-    assert_nan_propagates_unless_checked,
-    assert_within_2x_reference_error,
 )
 
 
@@ -59,16 +57,6 @@ def test_reductions_float32(device, graph_factory, reduction, kind):
     got.sum().backward()
     want.sum().backward()
     torch.testing.assert_close(z1.grad.double(), z2.grad, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
-    torch.manual_seed(11)
-    n, d = 257, 64
-    z64 = torch.randn(n, d, dtype=torch.float64, device=device)
-    g = graph_factory("semi", n, seed=5).to(device)
-    assert_within_2x_reference_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
-                                     temperature=0.2, reduction="none")
 
 
 def test_gradcheck(device, graph_factory):
@@ -130,22 +118,6 @@ def test_duplicate_edges_sum_their_weights(device):
     torch.testing.assert_close(dup.to_dense(), once.to_dense())
     torch.testing.assert_close(palfast.info_nce(z, dup.to(device), reduction="none"),
                                palfast.info_nce(z, once.to(device), reduction="none"))
-
-
-def test_non_contiguous_input(device, graph_factory):
-    torch.manual_seed(9)
-    base = torch.randn(50, 40, dtype=torch.float64, device=device)
-    z = base[:, ::2]  # non-contiguous view [50, 20]
-    assert not z.is_contiguous()
-    g = graph_factory("labels", 50).to(device)
-    torch.testing.assert_close(palfast.info_nce(z, g), reference.info_nce(z, g))
-
-
-def test_nan_propagates_unless_checked(device):
-    z = torch.randn(8, 4, device=device)
-    z[3, 1] = float("nan")
-    g = palfast.PairGraph.from_views(4, 2).to(device)
-    assert_nan_propagates_unless_checked(palfast.info_nce, z, g)
 
 
 def test_compile_fullgraph(device):

@@ -14,9 +14,7 @@ from _helpers import (
     assert_compile_matches_eager,
     assert_gradcheck_every_kind,
     assert_matches_float64,
-    assert_nan_propagates_unless_checked,
     assert_two_views_match,
-    assert_within_2x_reference_error,
 )
 
 SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # D < N: D×D side, else N×N side
@@ -38,16 +36,6 @@ def test_asymmetric_weighted_edges(device):
                                      torch.rand(90) * 2, num_nodes=n, symmetric=False).to(device)
     z = torch.randn(n, 20, dtype=torch.float64, device=device)
     assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
-    torch.manual_seed(3)
-    n, d = 96, 32
-    z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.3  # no fp16 overflow
-    g = graph_factory("semi", n, seed=4).to(device)
-    assert_within_2x_reference_error(palfast.spectral_contrastive, reference.spectral_contrastive,
-                                     z64, g, dtype)
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
@@ -100,13 +88,6 @@ def test_empty_graph_and_single_row(device):
     loss = palfast.spectral_contrastive(one, palfast.PairGraph.from_views(1, 1).to(device))
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(one.grad) == 0
-
-
-def test_nan_propagates_unless_checked(device):
-    z = torch.randn(8, 4, device=device)
-    z[2, 1] = float("inf")
-    g = palfast.PairGraph.from_views(4, 2).to(device)
-    assert_nan_propagates_unless_checked(palfast.spectral_contrastive, z, g)
 
 
 def test_compile_fullgraph(device):

@@ -13,12 +13,9 @@ from palfast import reference
 from _helpers import (
     KINDS,
     assert_compile_matches_eager,
-    assert_float32_close_to_float64,
     assert_gradcheck_every_kind,
     assert_matches_float64,
-    assert_nan_propagates_unless_checked,
     assert_two_views_match,
-    assert_within_2x_reference_error,
 )
 
 # (N, D): N < D takes the Gram side, N > D the covariance side.
@@ -44,23 +41,6 @@ def test_asymmetric_edges_with_duplicates(device):
     assert not g.symmetric
     z = torch.randn(n, 50, dtype=torch.float64, device=device)
     assert_matches_float64(palfast.vicreg, reference.vicreg, z, g.to(device))
-
-
-def test_float32_close_to_float64(device, graph_factory):
-    torch.manual_seed(2)
-    z = torch.randn(300, 200, device=device)
-    g = graph_factory("semi", 300, seed=2).to(device)
-    assert_float32_close_to_float64(palfast.vicreg, reference.vicreg, z, g)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,d", [(64, 96), (200, 24)])
-def test_low_precision_within_2x_reference_error(device, graph_factory, dtype, n, d):
-    torch.manual_seed(3)
-    z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.8
-    g = graph_factory("semi", n, seed=4).to(device)
-    assert_within_2x_reference_error(palfast.vicreg, reference.vicreg, z64, g, dtype,
-                                     ref_forward_may_overflow=True)
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
@@ -122,21 +102,6 @@ def test_one_row_is_an_error(device):
         palfast.vicreg(torch.randn(1, 5, device=device), palfast.PairGraph.from_views(1, 1))
     with pytest.raises(ValueError, match="z_a must have at least 2 rows"):
         palfast.nn.VICRegLoss()(torch.randn(1, 5), torch.randn(1, 5))
-
-
-def test_non_contiguous_input(device, graph_factory):
-    torch.manual_seed(12)
-    z = torch.randn(40, 60, dtype=torch.float64, device=device)[:, ::2]
-    assert not z.is_contiguous()
-    g = graph_factory("edges", 40).to(device)
-    torch.testing.assert_close(palfast.vicreg(z, g), reference.vicreg(z, g))
-
-
-def test_nan_propagates_unless_checked(device):
-    z = torch.randn(8, 4, device=device)
-    z[2, 1] = float("nan")
-    g = palfast.PairGraph.from_views(4, 2).to(device)
-    assert_nan_propagates_unless_checked(palfast.vicreg, z, g)
 
 
 def test_compile_fullgraph(device):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import palfast
 
 TEMPERATURE = 0.2
+SMALL_TEMPERATURE = 0.01  # below the CUDA fixed-shift bound (about 0.026)
 BENCH_NS = [4096, 16384, 65536]
 BENCH_D = 128
 QUICK_NS = [256]  # --quick (CPU dry run): the code path, not the numbers
@@ -50,8 +51,11 @@ def workload(device: torch.device) -> None:
     g = (0.5 * edges + palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen))).to(device)
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-        rows, lse = ops.info_nce(z, *_graph_args(g), TEMPERATURE, True, 3, n)
-        ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, TEMPERATURE, True, 3, n)
+        # The fixed-shift softmax (normalize=True, τ above its bound), and the online
+        # path (τ below the bound, normalize=False): csrc/cuda/info_nce.cu, use_fixed_shift.
+        for normalize, tau in ((True, TEMPERATURE), (True, SMALL_TEMPERATURE), (False, TEMPERATURE)):
+            rows, lse = ops.info_nce(z, *_graph_args(g), tau, normalize, 3, n)
+            ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, tau, normalize, 3, n)
         for transpose in (False, True):
             ops.graph_spmm(z, *_graph_args(g), transpose)
         e = ops.graph_dirichlet(z, *_graph_args(g))

@@ -129,41 +129,23 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& z, const Grap
   return out.mul_(grad.to(out.scalar_type()));
 }
 
-at::Tensor graph_dirichlet_cpu(const at::Tensor& z, const at::Tensor& indptr,
-                               const at::Tensor& indices, const at::Tensor& weights,
-                               const at::Tensor& t_indptr, const at::Tensor& t_indices,
-                               const at::Tensor& t_weights, const at::Tensor& labels,
-                               at::ArrayRef<double> label_weights,
-                               at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight) {
-  const GraphArgs g = checked_graph("palfast.graph_dirichlet", z, indptr, indices, weights,
-                                    t_indptr, t_indices, t_weights, labels, label_weights,
-                                    label_classes, pos_weight);
-  const at::Tensor za = z.to(acc_dtype(z)).contiguous();
+// The kernels behind the entry points of csrc/graph_dirichlet.h (which check the arguments).
+at::Tensor graph_dirichlet_cpu(const char*, const at::Tensor& za, const GraphArgs& g) {
   if (za.scalar_type() == at::kDouble) return forward_impl<double>(za, g);
   return forward_impl<float>(za, g);
 }
 
-at::Tensor graph_dirichlet_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& indptr,
-    const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
-    const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
-    at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-    const at::Tensor& pos_weight) {
-  const char* op = "palfast.graph_dirichlet_backward";
-  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
-                                    t_weights, labels, label_weights, label_classes, pos_weight);
-  check_scalar_grad(op, grad, z);
-  const at::Tensor za = z.to(acc_dtype(z)).contiguous();
-  const at::Tensor out = za.scalar_type() == at::kDouble ? backward_impl<double>(grad, za, g)
-                                                         : backward_impl<float>(grad, za, g);
-  return out.to(z.scalar_type());
+at::Tensor graph_dirichlet_backward_cpu(const char*, const at::Tensor& grad, const at::Tensor& za,
+                                        const GraphArgs& g) {
+  if (za.scalar_type() == at::kDouble) return backward_impl<double>(grad, za, g);
+  return backward_impl<float>(grad, za, g);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(palfast, CPU, m) {
-  m.impl("graph_dirichlet", &graph_dirichlet_cpu);
-  m.impl("graph_dirichlet_backward", &graph_dirichlet_backward_cpu);
+  m.impl("graph_dirichlet", &graph_dirichlet_entry<&graph_dirichlet_cpu>);
+  m.impl("graph_dirichlet_backward", &graph_dirichlet_backward_entry<&graph_dirichlet_backward_cpu>);
 }
 
 }  // namespace palfast::cpu

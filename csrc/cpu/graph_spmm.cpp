@@ -8,27 +8,17 @@
 namespace palfast::cpu {
 namespace {
 
-at::Tensor graph_spmm_cpu(const at::Tensor& x, const at::Tensor& indptr,
-                          const at::Tensor& indices, const at::Tensor& weights,
-                          const at::Tensor& t_indptr, const at::Tensor& t_indices,
-                          const at::Tensor& t_weights, const at::Tensor& labels,
-                          at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-                          const at::Tensor& pos_weight, bool transpose) {
-  const char* op = "palfast.graph_spmm";
-  const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
-                                      labels, label_weights, label_classes, pos_weight);
-  check_graph_spmm(op, x, g);
-  const at::Tensor xa = x.to(acc_dtype(x)).contiguous();
-  at::Tensor out = at::zeros_like(xa);
+// The kernel behind graph_spmm_entry (csrc/graph_spmm.h, which checks the arguments).
+void graph_spmm_cpu(const char*, const GraphArgs& g, const at::Tensor& xa, at::Tensor& out,
+                    bool transpose) {
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "graph_spmm_cpu", [&] {
     graph_spmm<scalar_t>(g, xa.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(),
                          xa.size(0), xa.size(1), transpose);
   });
-  return out.to(x.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(palfast, CPU, m) { m.impl("graph_spmm", &graph_spmm_cpu); }
+TORCH_LIBRARY_IMPL(palfast, CPU, m) { m.impl("graph_spmm", &graph_spmm_entry<&graph_spmm_cpu>); }
 
 }  // namespace palfast::cpu

@@ -348,31 +348,18 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   return grad_in_dtype(du, z.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> info_nce_cpu(
-    const at::Tensor& z, const at::Tensor& indptr, const at::Tensor& indices,
-    const at::Tensor& weights, const at::Tensor& t_indptr, const at::Tensor& t_indices,
-    const at::Tensor& t_weights, const at::Tensor& labels, at::ArrayRef<double> label_weights,
-    at::ArrayRef<int64_t> label_classes, const at::Tensor& pos_weight, double temperature,
-    bool normalize, int64_t anchor_begin, int64_t anchor_end) {
-  const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
-                                      labels, label_weights, label_classes, pos_weight);
-  check_info_nce("palfast.info_nce", z, g, temperature, anchor_begin, anchor_end);
+// The kernels behind the entry points of csrc/info_nce.h (which check the arguments).
+std::tuple<at::Tensor, at::Tensor> info_nce_cpu(const at::Tensor& z, const GraphArgs& g,
+                                                double temperature, bool normalize,
+                                                int64_t anchor_begin, int64_t anchor_end) {
   if (z.scalar_type() == at::kDouble)
     return forward_impl<double>(z, g, temperature, normalize, anchor_begin, anchor_end);
   return forward_impl<float>(z, g, temperature, normalize, anchor_begin, anchor_end);
 }
 
-at::Tensor info_nce_backward_cpu(
-    const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& indptr,
-    const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
-    const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
-    at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-    const at::Tensor& pos_weight, const at::Tensor& lse, double temperature, bool normalize,
-    int64_t anchor_begin, int64_t anchor_end) {
-  const GraphArgs g = make_graph_args(indptr, indices, weights, t_indptr, t_indices, t_weights,
-                                      labels, label_weights, label_classes, pos_weight);
-  check_info_nce_backward("palfast.info_nce_backward", grad_rows, z, g, lse, temperature,
-                          anchor_begin, anchor_end);
+at::Tensor info_nce_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& z,
+                                 const GraphArgs& g, const at::Tensor& lse, double temperature,
+                                 bool normalize, int64_t anchor_begin, int64_t anchor_end) {
   if (z.scalar_type() == at::kDouble)
     return backward_impl<double>(grad_rows, z, g, lse, temperature, normalize, anchor_begin,
                                  anchor_end);
@@ -383,8 +370,8 @@ at::Tensor info_nce_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(palfast, CPU, m) {
-  m.impl("info_nce", &info_nce_cpu);
-  m.impl("info_nce_backward", &info_nce_backward_cpu);
+  m.impl("info_nce", &info_nce_entry<&info_nce_cpu>);
+  m.impl("info_nce_backward", &info_nce_backward_entry<&info_nce_backward_cpu>);
 }
 
 }  // namespace palfast::cpu

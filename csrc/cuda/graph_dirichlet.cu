@@ -18,32 +18,22 @@
 namespace palfast::cuda {
 namespace {
 
-using spmm_detail::kThreads;
-using spmm_detail::kWarpsPerBlock;
-
 template <typename T>
-__global__ void csr_energy_kernel(const int64_t* __restrict__ indptr,
-                                  const int64_t* __restrict__ indices,
-                                  const float* __restrict__ weights, const T* __restrict__ z,
-                                  T* __restrict__ rows, int64_t n, int64_t d) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
-       i += warps) {
-    T acc = 0;
-    for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
-      const int64_t j = indices[e];
-      if (j == i) continue;
+__global__ void csr_energy_kernel(CsrView csr, const T* __restrict__ z, T* __restrict__ rows,
+                                  int64_t n, int64_t d) {
+  for_each_row(n, [&](int64_t i, int lane) {
+    // This lane's columns of Σ_e w_e ‖z_i − z_j‖², summed over the warp below.
+    T acc = csr.row_sum<T>(i, [&](int64_t j) {
       T s = 0;
       for (int64_t k = lane; k < d; k += kWarpSize) {
         const T t = z[i * d + k] - z[j * d + k];
         s += t * t;
       }
-      acc += static_cast<T>(weights[e]) * s;
-    }
+      return s;
+    });
     acc = warp_sum(acc);
     if (lane == 0) rows[i] += acc;
-  }
+  });
 }
 
 template <typename T>
@@ -59,12 +49,9 @@ template <typename T>
 __global__ void scatter_energy_kernel(const int64_t* __restrict__ y, const T* __restrict__ z,
                                       const T* __restrict__ sums, const T* __restrict__ sizes,
                                       T a, T* __restrict__ rows, int64_t n, int64_t d) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
-       i += warps) {
+  for_each_row(n, [&](int64_t i, int lane) {
     const int64_t c = y[i];
-    if (c < 0) continue;
+    if (c < 0) return;
     const T nc = sizes[c];
     T s = 0;
     for (int64_t k = lane; k < d; k += kWarpSize) {
@@ -73,32 +60,20 @@ __global__ void scatter_energy_kernel(const int64_t* __restrict__ y, const T* __
     }
     s = warp_sum(s);
     if (lane == 0) rows[i] += 2 * a * nc * s;
-  }
+  });
 }
 
 // out_i += 2 Σ_e w_e (z_i − z_j) over the rows of G (or Gᵀ).
 template <typename T>
-__global__ void csr_grad_kernel(const int64_t* __restrict__ indptr,
-                                const int64_t* __restrict__ indices,
-                                const float* __restrict__ weights, const T* __restrict__ z,
-                                T* __restrict__ out, int64_t n, int64_t d) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
-       i += warps) {
-    const int64_t e0 = indptr[i], e1 = indptr[i + 1];
-    if (e0 == e1) continue;
+__global__ void csr_grad_kernel(CsrView csr, const T* __restrict__ z, T* __restrict__ out,
+                                int64_t n, int64_t d) {
+  for_each_row(n, [&](int64_t i, int lane) {
+    if (csr.empty_row(i)) return;
     for (int64_t k = lane; k < d; k += kWarpSize) {
       const T zik = z[i * d + k];
-      T acc = 0;
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t j = indices[e];
-        if (j == i) continue;
-        acc += static_cast<T>(weights[e]) * (zik - z[j * d + k]);
-      }
-      out[i * d + k] += 2 * acc;
+      out[i * d + k] += 2 * csr.row_sum<T>(i, [&](int64_t j) { return zik - z[j * d + k]; });
     }
-  }
+  });
 }
 
 // out_i += 4 a n_c (z_i − S_c / n_c).
@@ -123,7 +98,7 @@ std::pair<at::Tensor, at::Tensor> class_stats(const char* op, const GraphArgs& g
                                               cudaStream_t stream) {
   at::Tensor sums = class_sums<T, T>(op, g, l, z, nullptr, n, d, stream);
   at::Tensor sizes = at::zeros({g.label_classes[l]}, sums.options());
-  launch(class_sizes_kernel<T>, grid_stride(n, kThreads), kThreads, stream,
+  launch(class_sizes_kernel<T>, grid_stride(n, kRowThreads), kRowThreads, stream,
          g.labels.data_ptr<int64_t>() + l * n, sizes.data_ptr<T>(), n);
   return {sums, sizes};
 }
@@ -135,16 +110,15 @@ at::Tensor forward_impl(const char* op, const at::Tensor& z, const GraphArgs& g,
   at::Tensor rows = at::zeros({n}, z.options());
   const T* zp = z.data_ptr<T>();
   if (g.indices.numel() > 0) {
-    launch(csr_energy_kernel<T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
-           g.indptr.data_ptr<int64_t>(), g.indices.data_ptr<int64_t>(), g.weights.data_ptr<float>(),
-           zp, rows.data_ptr<T>(), n, d);
+    launch(csr_energy_kernel<T>, grid_stride(n, kRowWarps), kRowThreads, stream,
+           csr_view(g, /*transpose=*/false), zp, rows.data_ptr<T>(), n, d);
   }
   for (int64_t l = 0; l < g.num_label_sets(); ++l) {
     if (g.label_classes[l] <= 0) continue;
     const std::pair<at::Tensor, at::Tensor> stats = class_stats<T>(op, g, l, zp, n, d, stream);
     const at::Tensor& sums = stats.first;
     const at::Tensor& sizes = stats.second;
-    launch(scatter_energy_kernel<T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
+    launch(scatter_energy_kernel<T>, grid_stride(n, kRowWarps), kRowThreads, stream,
            g.labels.data_ptr<int64_t>() + l * n, zp, sums.data_ptr<T>(), sizes.data_ptr<T>(),
            static_cast<T>(g.label_weights[l]), rows.data_ptr<T>(), n, d);
   }
@@ -159,10 +133,8 @@ at::Tensor backward_impl(const char* op, const at::Tensor& z, const GraphArgs& g
   const T* zp = z.data_ptr<T>();
   if (g.indices.numel() > 0) {
     for (const bool transpose : {false, true}) {
-      launch(csr_grad_kernel<T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
-             (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>(),
-             (transpose ? g.t_indices : g.indices).data_ptr<int64_t>(),
-             (transpose ? g.t_weights : g.weights).data_ptr<float>(), zp, out.data_ptr<T>(), n, d);
+      launch(csr_grad_kernel<T>, grid_stride(n, kRowWarps), kRowThreads, stream,
+             csr_view(g, transpose), zp, out.data_ptr<T>(), n, d);
     }
   }
   for (int64_t l = 0; l < g.num_label_sets(); ++l) {
@@ -170,53 +142,36 @@ at::Tensor backward_impl(const char* op, const at::Tensor& z, const GraphArgs& g
     const std::pair<at::Tensor, at::Tensor> stats = class_stats<T>(op, g, l, zp, n, d, stream);
     const at::Tensor& sums = stats.first;
     const at::Tensor& sizes = stats.second;
-    launch(scatter_grad_kernel<T>, grid_stride(n * d, kThreads), kThreads, stream,
+    launch(scatter_grad_kernel<T>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
            g.labels.data_ptr<int64_t>() + l * n, zp, sums.data_ptr<T>(), sizes.data_ptr<T>(),
            static_cast<T>(g.label_weights[l]), out.data_ptr<T>(), n, d);
   }
   return out;
 }
 
-at::Tensor graph_dirichlet_cuda(const at::Tensor& z, const at::Tensor& indptr,
-                                const at::Tensor& indices, const at::Tensor& weights,
-                                const at::Tensor& t_indptr, const at::Tensor& t_indices,
-                                const at::Tensor& t_weights, const at::Tensor& labels,
-                                at::ArrayRef<double> label_weights,
-                                at::ArrayRef<int64_t> label_classes,
-                                const at::Tensor& pos_weight) {
-  const char* op = "palfast.graph_dirichlet";
-  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
-                                    t_weights, labels, label_weights, label_classes, pos_weight);
-  const c10::cuda::CUDAGuard guard(z.device());
+// The kernels behind the entry points of csrc/graph_dirichlet.h (which check the arguments).
+at::Tensor graph_dirichlet_cuda(const char* op, const at::Tensor& za, const GraphArgs& g) {
+  const c10::cuda::CUDAGuard guard(za.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor za = z.to(acc_dtype(z)).contiguous();
   return AT_DISPATCH_FLOATING_TYPES(za.scalar_type(), "graph_dirichlet_cuda",
                                     [&] { return forward_impl<scalar_t>(op, za, g, stream); });
 }
 
-at::Tensor graph_dirichlet_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& indptr,
-    const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& t_indptr,
-    const at::Tensor& t_indices, const at::Tensor& t_weights, const at::Tensor& labels,
-    at::ArrayRef<double> label_weights, at::ArrayRef<int64_t> label_classes,
-    const at::Tensor& pos_weight) {
-  const char* op = "palfast.graph_dirichlet_backward";
-  const GraphArgs g = checked_graph(op, z, indptr, indices, weights, t_indptr, t_indices,
-                                    t_weights, labels, label_weights, label_classes, pos_weight);
-  check_scalar_grad(op, grad, z);
-  const c10::cuda::CUDAGuard guard(z.device());
+// The incoming gradient is multiplied on the device: no host synchronisation.
+at::Tensor graph_dirichlet_backward_cuda(const char* op, const at::Tensor& grad,
+                                         const at::Tensor& za, const GraphArgs& g) {
+  const c10::cuda::CUDAGuard guard(za.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor za = z.to(acc_dtype(z)).contiguous();
   at::Tensor out = AT_DISPATCH_FLOATING_TYPES(za.scalar_type(), "graph_dirichlet_backward_cuda",
                                               [&] { return backward_impl<scalar_t>(op, za, g, stream); });
-  return out.mul_(grad.to(out.scalar_type())).to(z.scalar_type());
+  return out.mul_(grad.to(out.scalar_type()));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(palfast, CUDA, m) {
-  m.impl("graph_dirichlet", &graph_dirichlet_cuda);
-  m.impl("graph_dirichlet_backward", &graph_dirichlet_backward_cuda);
+  m.impl("graph_dirichlet", &graph_dirichlet_entry<&graph_dirichlet_cuda>);
+  m.impl("graph_dirichlet_backward", &graph_dirichlet_backward_entry<&graph_dirichlet_backward_cuda>);
 }
 
 }  // namespace palfast::cuda

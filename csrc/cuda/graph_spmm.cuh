@@ -23,34 +23,46 @@
 
 namespace palfast::cuda {
 
+// One side of a graph's CSR edges (the rows of G, or of Gᵀ) as device pointers.
+struct CsrView {
+  const int64_t* indptr;
+  const int64_t* indices;
+  const float* weights;
+
+  __device__ __forceinline__ bool empty_row(int64_t i) const { return indptr[i] == indptr[i + 1]; }
+
+  // Σ_{edges e of row i, j = indices[e] ≠ i} weights[e] · term(j), in CSR order
+  // (self-loops skipped, docs/api.md).
+  template <typename T, typename F>
+  __device__ __forceinline__ T row_sum(int64_t i, F&& term) const {
+    T acc = T(0);
+    for (int64_t e = indptr[i], e1 = indptr[i + 1]; e < e1; ++e) {
+      const int64_t j = indices[e];
+      if (j != i) acc += static_cast<T>(weights[e]) * term(j);
+    }
+    return acc;
+  }
+};
+
+inline CsrView csr_view(const GraphArgs& g, bool transpose) {
+  return {(transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>(),
+          (transpose ? g.t_indices : g.indices).data_ptr<int64_t>(),
+          (transpose ? g.t_weights : g.weights).data_ptr<float>()};
+}
+
 namespace spmm_detail {
 
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarpSize;
-
 template <typename X, typename T>
-__global__ void csr_rows_kernel(const int64_t* __restrict__ indptr,
-                                const int64_t* __restrict__ indices,
-                                const float* __restrict__ weights, const X* __restrict__ x,
-                                const T* __restrict__ scale, T* __restrict__ out, int64_t n,
-                                int64_t d) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; i < n;
-       i += warps) {
-    const int64_t e0 = indptr[i], e1 = indptr[i + 1];
-    if (e0 == e1) continue;
+__global__ void csr_rows_kernel(CsrView csr, const X* __restrict__ x, const T* __restrict__ scale,
+                                T* __restrict__ out, int64_t n, int64_t d) {
+  for_each_row(n, [&](int64_t i, int lane) {
+    if (csr.empty_row(i)) return;
     for (int64_t k = lane; k < d; k += kWarpSize) {
-      T acc = T(0);
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t j = indices[e];
-        if (j == i) continue;
-        const T w = static_cast<T>(weights[e]) * (scale != nullptr ? scale[j] : T(1));
-        acc += w * widen(x[j * d + k]);
-      }
-      out[i * d + k] += acc;
+      out[i * d + k] += csr.row_sum<T>(i, [&](int64_t j) {
+        return (scale != nullptr ? scale[j] : T(1)) * widen(x[j * d + k]);
+      });
     }
-  }
+  });
 }
 
 // sums[y_i] += scale_i · x_i for rows with a class (y_i ≥ 0).
@@ -89,7 +101,7 @@ at::Tensor class_sums(const char* op, const GraphArgs& g, int64_t l, const X* x,
   alert_atomic_sums(op);
   at::Tensor sums = at::zeros({g.label_classes[l], d},
                               g.labels.options().dtype(c10::CppTypeToScalarType<T>::value));
-  launch(class_sums_kernel<X, T>, grid_stride(n * d, kThreads), kThreads, stream,
+  launch(class_sums_kernel<X, T>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
          g.labels.data_ptr<int64_t>() + l * n, x, scale, sums.data_ptr<T>(), n, d);
   return sums;
 }
@@ -101,18 +113,14 @@ void graph_spmm(const char* op, const GraphArgs& g, const X* x, const T* scale, 
                 int64_t d, bool transpose, cudaStream_t stream) {
   using namespace spmm_detail;
   if (n == 0 || d == 0) return;
-  const at::Tensor& indices = transpose ? g.t_indices : g.indices;
-  if (indices.numel() > 0) {
-    const at::Tensor& indptr = transpose ? g.t_indptr : g.indptr;
-    const at::Tensor& weights = transpose ? g.t_weights : g.weights;
-    launch(csr_rows_kernel<X, T>, grid_stride(n, kWarpsPerBlock), kThreads, stream,
-           indptr.data_ptr<int64_t>(), indices.data_ptr<int64_t>(), weights.data_ptr<float>(), x,
-           scale, out, n, d);
+  if (g.indices.numel() > 0) {
+    launch(csr_rows_kernel<X, T>, grid_stride(n, kRowWarps), kRowThreads, stream,
+           csr_view(g, transpose), x, scale, out, n, d);
   }
   for (int64_t l = 0; l < g.num_label_sets(); ++l) {
     if (g.label_classes[l] <= 0) continue;  // no row of this set has a class
     const at::Tensor sums = class_sums<X, T>(op, g, l, x, scale, n, d, stream);
-    launch(class_apply_kernel<X, T>, grid_stride(n * d, kThreads), kThreads, stream,
+    launch(class_apply_kernel<X, T>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
            g.labels.data_ptr<int64_t>() + l * n, x, scale, sums.data_ptr<T>(),
            static_cast<T>(g.label_weights[l]), out, n, d);
   }

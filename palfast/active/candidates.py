@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_id_vector
+from .._checks import check_id_vector, check_tensor
 from ..knn import knn
 
 __all__ = ["candidate_pairs", "check_ids"]
@@ -44,9 +44,10 @@ def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backen
         descending; both on CPU. P ≤ N·k.
     """
     op = "palfast.active.candidate_pairs"
-    sims, nbrs = knn(embeddings, k, backend=backend, op=op)
-    n = embeddings.shape[0]
+    # ids before the search, so a bad ids argument costs no search.
+    n = check_tensor(op, "embeddings", embeddings, min_rows=1).shape[0]
     row_ids = check_ids(op, ids, n)
+    sims, nbrs = knn(embeddings, k, backend=backend, op=op)
     sims, nbrs = sims.cpu(), nbrs.cpu()
     a = torch.arange(n).repeat_interleave(k)
     b = nbrs.reshape(-1)

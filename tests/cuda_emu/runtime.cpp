@@ -34,7 +34,22 @@ palfast_emu_switch:
 )");
 #endif
 
+namespace palfast_emu {
 namespace {
+constexpr int kH200Sms = 132;  // the default: an H200's streaming multiprocessors
+int emulated_sms = kH200Sms;
+}  // namespace
+// The SM count the kernels' grids are sized for (csrc/cuda/common.cuh, sm_count).
+int sm_count() { return emulated_sms; }
+}  // namespace palfast_emu
+
+namespace {
+
+// Sets the emulated SM count (0: back to the default); small counts give small
+// grids of large work items, as on a GPU with few SMs.
+void set_sm_count(int64_t sms) {
+  palfast_emu::emulated_sms = sms > 0 ? static_cast<int>(sms) : palfast_emu::kH200Sms;
+}
 
 // Seeds the scheduler: the block order and the order in which threads run.
 void set_seed(int64_t seed) { palfast_emu::set_seed(static_cast<uint64_t>(seed)); }
@@ -117,6 +132,7 @@ int64_t bfloat16_bits(double x) { return __nv_bfloat16(float(x)).bits; }
 TORCH_LIBRARY_FRAGMENT(palfast_emu, m) {
   m.def("emu_set_seed(int seed) -> ()", &set_seed);
   m.def("emu_switches() -> int", &switches);
+  m.def("emu_set_sm_count(int sms) -> ()", &set_sm_count);
   m.def("emu_selftest_neighbour_reads_wrong(bool barrier) -> int", &neighbour_reads_wrong);
   m.def("emu_selftest_half_warp_shuffle() -> ()", &half_warp_shuffle);
   m.def("emu_selftest_mma_max_error() -> float", &mma_max_error);

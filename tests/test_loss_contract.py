@@ -1,0 +1,94 @@
+"""The part of the contract every graph loss shares (docs/api.md), run once per loss.
+
+Each loss's own file (tests/test_<loss>.py) checks what is particular to it: the
+float64 reference over sizes and graph kinds, gradcheck, its two-view form, its
+edge cases and its error messages. Here the same checks run over every loss in
+LOSSES: float32 close to float64, float16/bfloat16 within twice the reference's
+own error, non-contiguous input, and non-finite input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import palfast
+from palfast import reference
+
+from _helpers import (
+    assert_float32_close_to_float64,
+    assert_nan_propagates_unless_checked,
+    assert_within_2x_reference_error,
+)
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable
+    ref: Callable
+    # [N, D] of the low-precision check, and the scale of its z: small enough that
+    # the naive reference does not overflow float16 on the way (else it is no yardstick).
+    low_precision_shapes: tuple = ((64, 96), (200, 24))
+    low_precision_scale: float = 1.0
+    low_precision_kw: dict = field(default_factory=dict)
+    # The naive reference's forward may reach inf in float16 (a D×D sum of squares).
+    ref_forward_may_overflow: bool = False
+
+
+LOSSES = {
+    "info_nce": Loss(palfast.info_nce, reference.info_nce, low_precision_shapes=((257, 64),),
+                     low_precision_kw=dict(temperature=0.2, reduction="none")),
+    "vicreg": Loss(palfast.vicreg, reference.vicreg, low_precision_scale=0.8,
+                   ref_forward_may_overflow=True),
+    "barlow_twins": Loss(palfast.barlow_twins, reference.barlow_twins,
+                         low_precision_kw=dict(lambd=0.05), ref_forward_may_overflow=True),
+    "spectral_contrastive": Loss(palfast.spectral_contrastive, reference.spectral_contrastive,
+                                 low_precision_shapes=((96, 32),), low_precision_scale=0.3),
+}
+
+
+def _low_precision_cases():
+    return [pytest.param(name, n, d, id=f"{name}-{n}x{d}")
+            for name, loss in LOSSES.items() for n, d in loss.low_precision_shapes]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_float32_close_to_float64(device, graph_factory, name):
+    torch.manual_seed(2)
+    z = torch.randn(300, 200, device=device)
+    g = graph_factory("semi", 300, seed=2).to(device)
+    assert_float32_close_to_float64(LOSSES[name].fn, LOSSES[name].ref, z, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name,n,d", _low_precision_cases())
+def test_low_precision_within_2x_reference_error(device, graph_factory, name, n, d, dtype):
+    loss = LOSSES[name]
+    torch.manual_seed(3)
+    z64 = torch.randn(n, d, dtype=torch.float64, device=device) * loss.low_precision_scale
+    g = graph_factory("semi", n, seed=4).to(device)
+    assert_within_2x_reference_error(loss.fn, loss.ref, z64, g, dtype,
+                                     ref_forward_may_overflow=loss.ref_forward_may_overflow,
+                                     **loss.low_precision_kw)
+
+
+@pytest.mark.parametrize("kind", ["labels", "edges"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_non_contiguous_input(device, graph_factory, name, kind):
+    torch.manual_seed(12)
+    z = torch.randn(40, 60, dtype=torch.float64, device=device)[:, ::2]
+    assert not z.is_contiguous()
+    g = graph_factory(kind, 40).to(device)
+    torch.testing.assert_close(LOSSES[name].fn(z, g), LOSSES[name].ref(z, g))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", LOSSES)
+def test_non_finite_input_gives_nan_unless_checked(device, name, bad):
+    z = torch.randn(8, 4, device=device)
+    z[2, 1] = bad
+    g = palfast.PairGraph.from_views(4, 2).to(device)
+    assert_nan_propagates_unless_checked(LOSSES[name].fn, z, g)
