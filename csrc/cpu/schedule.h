@@ -19,6 +19,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <atomic>
@@ -114,7 +115,13 @@ void run_ordered(int64_t units, const Compute& compute, const Apply& apply) {
   // A unit that throws is never filled: the others stop instead of waiting for
   // it, and at::parallel_for rethrows the exception.
   std::atomic<bool> failed{false};
+  // The caller's thread-local state (autograd exclusions of the kernel being
+  // below autograd, inference mode, ...) for the ATen ops the units call: an
+  // OpenMP worker thread starts without it, and at::mm_out on a tensor that
+  // requires grad would then refuse to run there.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, std::min(num_threads(), units), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     const SerialBlas serial_blas;
     for (int64_t u = next.fetch_add(1); u < units && !failed.load(); u = next.fetch_add(1)) {
       while (applied.load() <= u - slots) {  // slot still holds an unapplied unit
