@@ -26,8 +26,8 @@
 // gradients in the backward) into a slot, and the slots are merged in
 // tile-pair order: the result is bitwise the same whatever the schedule (which
 // thread ran which tile, how long the OS paused it) and the thread count.
-// Memory: O(N·D) outputs plus kSlotsPerThread slots per thread, i.e.
-// O(N·D + threads·kTile·D) in the backward.
+// Memory: O(N·D) outputs plus kSlotsPerThread slots of [2, kTile, D] per
+// thread in the backward, i.e. O(N·D + threads·kTile·D).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -69,6 +69,11 @@ namespace {
 // exps run, and N = 8192 gives 528 tile pairs, plenty to balance over the threads.
 constexpr int64_t kTile = 256;
 constexpr int kLanes = 16;  // independent partial reductions, so loops vectorise
+// The forward's run_ordered slots per thread: its slots hold a few kTile-long
+// vectors (a few KiB), so a thread may run 64 tile pairs (tens of ms) ahead of a
+// peer the OS paused for little memory; the backward's [2, kTile, D] slots keep
+// schedule.h's kSlotsPerThread.
+constexpr int64_t kForwardSlotsPerThread = 64;
 
 // exp(x) for float within ~2 ulp (Cephes polynomial), branch-free so that GCC
 // vectorises loops of it; exp(x < -87) = 0, NaN stays NaN.
@@ -245,28 +250,20 @@ bool cpu_has_avx2_fma() {
 // The fixed-shift tiles: AVX2 + FMA for float32 where the CPU has them, else
 // the generic loops (cloned for AVX-512, AVX2 and baseline x86-64).
 template <typename T>
-void forward_tile_fixed_best(const T* s, int64_t ni, int64_t nk, T inv_tau, T shift,
-                             bool diagonal, T* row_sum, T* col_sum) {
+struct FixedShiftTiles {
+  decltype(&forward_tile_fixed<T>) forward = &forward_tile_fixed<T>;
+  decltype(&backward_tile_fixed<T>) backward = &backward_tile_fixed<T>;
+  FixedShiftTiles() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma())
-      return forward_tile_fixed_avx2(s, ni, nk, inv_tau, shift, diagonal, row_sum, col_sum);
-  }
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu_has_avx2_fma()) {
+        forward = &forward_tile_fixed_avx2;
+        backward = &backward_tile_fixed_avx2;
+      }
+    }
 #endif
-  forward_tile_fixed<T>(s, ni, nk, inv_tau, shift, diagonal, row_sum, col_sum);
-}
-
-template <typename T>
-void backward_tile_fixed_best(T* s, int64_t ni, int64_t nk, T inv_tau, T shift, bool diagonal,
-                              const T* a_r, const T* a_c) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma())
-      return backward_tile_fixed_avx2(s, ni, nk, inv_tau, shift, diagonal, a_r, a_c);
   }
-#endif
-  backward_tile_fixed<T>(s, ni, nk, inv_tau, shift, diagonal, a_r, a_c);
-}
+};
 
 // Online log-sum-exp merge: (M, S) represents Σ exp(.) = S·exp(M).
 template <typename T>
@@ -354,14 +351,24 @@ PALFAST_CLONES void backward_tile(T* s, int64_t ni, int64_t nk, T inv_tau, bool 
 
 // Tile pairs (I, K), I ≤ K, that touch an anchor row: a pair of two non-anchor
 // blocks contributes nothing to anchors' lse or to the gradient.
+struct Tile {
+  int64_t i0, ni, k0, nk;  // rows [i0, i0 + ni) against rows [k0, k0 + nk)
+  bool diagonal() const { return i0 == k0; }
+};
 struct TilePairs {
+  int64_t n;
   std::vector<std::pair<int64_t, int64_t>> pairs;
-  TilePairs(int64_t n, int64_t a0, int64_t a1) {
+  TilePairs(int64_t n, int64_t a0, int64_t a1) : n(n) {
     const int64_t nb = (n + kTile - 1) / kTile;
     auto is_anchor_block = [&](int64_t b) { return b * kTile < a1 && (b + 1) * kTile > a0; };
     for (int64_t i = 0; i < nb; ++i)
       for (int64_t k = i; k < nb; ++k)
         if (is_anchor_block(i) || is_anchor_block(k)) pairs.emplace_back(i, k);
+  }
+  int64_t size() const { return static_cast<int64_t>(pairs.size()); }
+  Tile operator[](int64_t unit) const {
+    const auto [bi, bk] = pairs[unit];
+    return {bi * kTile, std::min(kTile, n - bi * kTile), bk * kTile, std::min(kTile, n - bk * kTile)};
   }
 };
 
@@ -383,6 +390,30 @@ struct TileScratch {
     return tiles[at::get_thread_num()].narrow(0, 0, ni * nk).view({ni, nk});
   }
 };
+
+// The tile pairs of u's similarity matrix touching anchor rows [a0, a1), run
+// by run_ordered with `slots` slots: on any thread, the GEMM s = u_I u_Kᵀ into
+// a scratch tile, then tile(s, t, slot); merge(t, slot) in tile-pair order.
+template <typename T, typename TileFn, typename Merge>
+void run_tiles(const at::Tensor& u, int64_t a0, int64_t a1, int64_t slots, const TileFn& tile,
+               const Merge& merge) {
+  const TilePairs tiles(u.size(0), a0, a1);
+  const TileScratch scratch(u.options());
+  auto compute = [&](int64_t unit, int64_t slot) {
+    const Tile t = tiles[unit];
+    at::Tensor s = scratch.get(t.ni, t.nk);
+    at::mm_out(s, u.narrow(0, t.i0, t.ni), u.narrow(0, t.k0, t.nk).t());
+    tile(s, t, slot);
+  };
+  run_ordered(tiles.size(), slots, compute, [&](int64_t unit, int64_t slot) {
+    merge(tiles[unit], slot);
+  });
+}
+
+// Slots for the tile pairs touching anchor rows [a0, a1), per_thread each.
+inline int64_t tile_slots(int64_t n, int64_t a0, int64_t a1, int64_t per_thread) {
+  return ordered_slots(TilePairs(n, a0, a1).size(), per_thread);
+}
 
 // b = max_i ‖u_i‖² / τ bounds every |s_ik|; `fixed` says whether the fixed
 // shift applies (2b ≤ kFixedShiftSpan<T>; false for inf/NaN b). O(N·D) on this
@@ -424,34 +455,25 @@ at::Tensor anchor_lse(int64_t n, int64_t a0, int64_t a1, const LseOf& lse_of) {
 template <typename T>
 at::Tensor row_logsumexp_fixed(const at::Tensor& u, T inv_tau, T shift, int64_t a0, int64_t a1) {
   const int64_t n = u.size(0);
-  const TilePairs tiles(n, a0, a1);
-  const int64_t units = static_cast<int64_t>(tiles.pairs.size());
   std::vector<double> sums(n, 0.0);
-  // A slot holds one tile pair's row sums and column sums.
+  // A slot holds one tile pair's row sums and column sums (2 KiB in float32).
   constexpr int64_t kSlotSize = 2 * kTile;
-  std::vector<T> slot_sums(static_cast<size_t>(ordered_slots(units) * kSlotSize));
-  const TileScratch scratch(u.options());
-
-  auto compute = [&](int64_t unit, int64_t slot) {
-    const auto [bi, bk] = tiles.pairs[unit];
-    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-    at::Tensor s = scratch.get(ni, nk);
-    at::mm_out(s, u.narrow(0, i0, ni), u.narrow(0, k0, nk).t());
-    T* st = slot_sums.data() + slot * kSlotSize;
-    forward_tile_fixed_best<T>(s.data_ptr<T>(), ni, nk, inv_tau, shift, bi == bk, st,
-                               st + kTile);
-  };
-  auto apply = [&](int64_t unit, int64_t slot) {
-    const auto [bi, bk] = tiles.pairs[unit];
-    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-    const T* st = slot_sums.data() + slot * kSlotSize;
-    for (int64_t r = 0; r < ni; ++r) sums[i0 + r] += st[r];
-    if (bi == bk) return;  // a diagonal tile's columns are its rows, already added
-    for (int64_t c = 0; c < nk; ++c) sums[k0 + c] += st[kTile + c];
-  };
-  run_ordered(units, compute, apply);
+  const int64_t slots = tile_slots(n, a0, a1, kForwardSlotsPerThread);
+  std::vector<T> slot_sums(static_cast<size_t>(slots * kSlotSize));
+  const FixedShiftTiles<T> tile_fns;
+  run_tiles<T>(
+      u, a0, a1, slots,
+      [&](at::Tensor& s, const Tile& t, int64_t slot) {
+        T* st = slot_sums.data() + slot * kSlotSize;
+        tile_fns.forward(s.data_ptr<T>(), t.ni, t.nk, inv_tau, shift, t.diagonal(), st,
+                         st + kTile);
+      },
+      [&](const Tile& t, int64_t slot) {
+        const T* st = slot_sums.data() + slot * kSlotSize;
+        for (int64_t r = 0; r < t.ni; ++r) sums[t.i0 + r] += st[r];
+        if (t.diagonal()) return;  // a diagonal tile's columns are its rows, already added
+        for (int64_t c = 0; c < t.nk; ++c) sums[t.k0 + c] += st[kTile + c];
+      });
   return anchor_lse<T>(n, a0, a1, [&](int64_t i) { return shift + std::log(sums[i]); });
 }
 
@@ -459,41 +481,31 @@ at::Tensor row_logsumexp_fixed(const at::Tensor& u, T inv_tau, T shift, int64_t 
 template <typename T>
 at::Tensor row_logsumexp_online(const at::Tensor& u, T inv_tau, int64_t a0, int64_t a1) {
   const int64_t n = u.size(0);
-  const TilePairs tiles(n, a0, a1);
-  const int64_t units = static_cast<int64_t>(tiles.pairs.size());
   std::vector<T> stat_m(n, kNegInf<T>), stat_s(n, T(0));
   // A slot holds one tile pair's row max, row sum, column max, column sum.
   constexpr int64_t kSlotSize = 4 * kTile;
-  std::vector<T> slot_stats(static_cast<size_t>(ordered_slots(units) * kSlotSize));
-  const TileScratch scratch(u.options());
+  const int64_t slots = tile_slots(n, a0, a1, kForwardSlotsPerThread);
+  std::vector<T> slot_stats(static_cast<size_t>(slots * kSlotSize));
   std::vector<std::vector<T>> col_tmp(num_threads(), std::vector<T>(2 * kTile));
-
-  auto compute = [&](int64_t unit, int64_t slot) {
-    const auto [bi, bk] = tiles.pairs[unit];
-    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-    at::Tensor s = scratch.get(ni, nk);
-    at::mm_out(s, u.narrow(0, i0, ni), u.narrow(0, k0, nk).t());
-    T* st = slot_stats.data() + slot * kSlotSize;
-    std::fill(st, st + kTile, kNegInf<T>);
-    std::fill(st + kTile, st + 2 * kTile, T(0));
-    std::fill(st + 2 * kTile, st + 3 * kTile, kNegInf<T>);
-    std::fill(st + 3 * kTile, st + 4 * kTile, T(0));
-    forward_tile<T>(s.data_ptr<T>(), ni, nk, inv_tau, bi == bk, st, st + kTile, st + 2 * kTile,
-                    st + 3 * kTile, col_tmp[at::get_thread_num()].data());
-  };
-  auto apply = [&](int64_t unit, int64_t slot) {
-    const auto [bi, bk] = tiles.pairs[unit];
-    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-    const T* st = slot_stats.data() + slot * kSlotSize;
-    for (int64_t r = 0; r < ni; ++r) lse_merge(stat_m[i0 + r], stat_s[i0 + r], st[r], st[kTile + r]);
-    if (bi == bk) return;  // a diagonal tile's columns are its rows, already merged
-    for (int64_t c = 0; c < nk; ++c)
-      lse_merge(stat_m[k0 + c], stat_s[k0 + c], st[2 * kTile + c], st[3 * kTile + c]);
-  };
-  run_ordered(units, compute, apply);
-
+  run_tiles<T>(
+      u, a0, a1, slots,
+      [&](at::Tensor& s, const Tile& t, int64_t slot) {
+        T* st = slot_stats.data() + slot * kSlotSize;
+        std::fill(st, st + kTile, kNegInf<T>);
+        std::fill(st + kTile, st + 2 * kTile, T(0));
+        std::fill(st + 2 * kTile, st + 3 * kTile, kNegInf<T>);
+        std::fill(st + 3 * kTile, st + 4 * kTile, T(0));
+        forward_tile<T>(s.data_ptr<T>(), t.ni, t.nk, inv_tau, t.diagonal(), st, st + kTile,
+                        st + 2 * kTile, st + 3 * kTile, col_tmp[at::get_thread_num()].data());
+      },
+      [&](const Tile& t, int64_t slot) {
+        const T* st = slot_stats.data() + slot * kSlotSize;
+        for (int64_t r = 0; r < t.ni; ++r)
+          lse_merge(stat_m[t.i0 + r], stat_s[t.i0 + r], st[r], st[kTile + r]);
+        if (t.diagonal()) return;  // a diagonal tile's columns are its rows, already merged
+        for (int64_t c = 0; c < t.nk; ++c)
+          lse_merge(stat_m[t.k0 + c], stat_s[t.k0 + c], st[2 * kTile + c], st[3 * kTile + c]);
+      });
   return anchor_lse<T>(n, a0, a1, [&](int64_t i) { return stat_m[i] + std::log(stat_s[i]); });
 }
 
@@ -552,6 +564,7 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   // (exp(b − lse_i) = 1 / Σ_k e_ik ≤ exp(kFixedShiftSpan<T>)); if it is not
   // (another lse, or a huge g_i), the online tiles take over.
   const FixedShift<T> shift(u, inv_tau);
+  const FixedShiftTiles<T> tile_fns;
   bool fixed = shift.fixed;
   std::vector<T> a(fixed ? n : 0);
   for (int64_t i = 0; i < n && fixed; ++i) {
@@ -560,48 +573,38 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
     fixed = std::isfinite(a[i]);
   }
 
-  const TilePairs tiles(n, a0, a1);
-  const int64_t units = static_cast<int64_t>(tiles.pairs.size());
   at::Tensor du = at::zeros({n, d}, u.options());
   // A slot holds one tile pair's contribution to its rows (M u_K) and to its
   // columns (Mᵀ u_I), until it is added into du in tile-pair order.
-  at::Tensor slot_grads = at::empty({ordered_slots(units), 2, kTile, d}, u.options());
-  const TileScratch scratch(u.options());
-
-  auto compute = [&](int64_t unit, int64_t slot) {
-    const auto [bi, bk] = tiles.pairs[unit];
-    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-    const at::Tensor ui = u.narrow(0, i0, ni), uk = u.narrow(0, k0, nk);
-    at::Tensor m = scratch.get(ni, nk);
-    at::mm_out(m, ui, uk.t());
-    if (fixed)
-      backward_tile_fixed_best<T>(m.data_ptr<T>(), ni, nk, inv_tau, shift.b, bi == bk,
-                                  a.data() + i0, a.data() + k0);
-    else
-      backward_tile<T>(m.data_ptr<T>(), ni, nk, inv_tau, bi == bk, gp + i0, lp + i0, gp + k0,
-                       lp + k0);
-    at::Tensor rows = slot_grads[slot][0].narrow(0, 0, ni);
-    at::mm_out(rows, m, uk);
-    if (bi == bk) return;  // M of a diagonal tile is symmetric: its rows are its columns
-    at::Tensor cols = slot_grads[slot][1].narrow(0, 0, nk);
-    at::mm_out(cols, m.t(), ui);
-  };
+  const int64_t slots = tile_slots(n, a0, a1, kSlotsPerThread);
+  at::Tensor slot_grads = at::empty({slots, 2, kTile, d}, u.options());
   T* dp = du.data_ptr<T>();
   const T* sp = slot_grads.data_ptr<T>();
   auto add_rows = [&](int64_t r0, int64_t nr, const T* src) {
     T* dst = dp + r0 * d;
     for (int64_t e = 0; e < nr * d; ++e) dst[e] += src[e];
   };
-  auto apply = [&](int64_t unit, int64_t slot) {
-    const auto [bi, bk] = tiles.pairs[unit];
-    const int64_t i0 = bi * kTile, ni = std::min(kTile, n - i0);
-    const int64_t k0 = bk * kTile, nk = std::min(kTile, n - k0);
-    const T* src = sp + slot * 2 * kTile * d;
-    add_rows(i0, ni, src);
-    if (bi != bk) add_rows(k0, nk, src + kTile * d);
-  };
-  run_ordered(units, compute, apply);
+  run_tiles<T>(
+      u, a0, a1, slots,
+      [&](at::Tensor& m, const Tile& t, int64_t slot) {
+        if (fixed)
+          tile_fns.backward(m.data_ptr<T>(), t.ni, t.nk, inv_tau, shift.b, t.diagonal(),
+                            a.data() + t.i0, a.data() + t.k0);
+        else
+          backward_tile<T>(m.data_ptr<T>(), t.ni, t.nk, inv_tau, t.diagonal(), gp + t.i0,
+                           lp + t.i0, gp + t.k0, lp + t.k0);
+        const at::Tensor ui = u.narrow(0, t.i0, t.ni), uk = u.narrow(0, t.k0, t.nk);
+        at::Tensor rows = slot_grads[slot][0].narrow(0, 0, t.ni);
+        at::mm_out(rows, m, uk);
+        if (t.diagonal()) return;  // M of a diagonal tile is symmetric: its rows are its columns
+        at::Tensor cols = slot_grads[slot][1].narrow(0, 0, t.nk);
+        at::mm_out(cols, m.t(), ui);
+      },
+      [&](const Tile& t, int64_t slot) {
+        const T* src = sp + slot * 2 * kTile * d;
+        add_rows(t.i0, t.ni, src);
+        if (!t.diagonal()) add_rows(t.k0, t.nk, src + kTile * d);
+      });
 
   // Positive term: − c ∘ (G u) − Gᵀ (c ∘ u), c_i = g_i / W_i.
   at::Tensor c = at::where(gr != 0, gr / g.pos_weight.to(gr.scalar_type()), at::zeros_like(gr))
