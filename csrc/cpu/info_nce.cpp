@@ -372,10 +372,37 @@ struct TilePairs {
   }
 };
 
+// ‖x‖ of one row, scaled by its max-abs before squaring (as row_norms in
+// csrc/info_nce.h): float32 rows of norm 1e20 do not overflow.
+template <typename T>
+T row_norm(const T* x, int64_t d) {
+  T m = 0;
+  for (int64_t k = 0; k < d; ++k) m = std::max(m, std::abs(x[k]));
+  if (!(m > 0)) return m;
+  T sq = 0;
+  for (int64_t k = 0; k < d; ++k) sq += (x[k] / m) * (x[k] / m);
+  return std::sqrt(sq) * m;
+}
+
 // u = z (as T, contiguous), divided by max(‖z_i‖, kNormFloor) when normalising.
-at::Tensor embeddings_for_kernel(const at::Tensor& z, at::ScalarType acc, bool normalize) {
-  at::Tensor u = z.to(acc).contiguous();
-  if (normalize) u = u / row_norms(u).clamp_min(kNormFloor);
+// One dynamically scheduled row loop rather than a chain of ATen ops, each of
+// which would wait for every pool thread (a whole time slice when another
+// process holds a core).
+template <typename T>
+at::Tensor embeddings_for_kernel(const at::Tensor& z, bool normalize) {
+  const at::Tensor x = z.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  if (!normalize) return x;
+  const int64_t n = x.size(0), d = x.size(1);
+  at::Tensor u = at::empty_like(x);
+  const T* xp = x.data_ptr<T>();
+  T* up = u.data_ptr<T>();
+  const T floor = static_cast<T>(kNormFloor);
+  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T norm = std::max(row_norm(xp + i * d, d), floor);
+      for (int64_t k = 0; k < d; ++k) up[i * d + k] = xp[i * d + k] / norm;
+    }
+  });
   return u;
 }
 
@@ -515,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& z, const Graph
                                                 int64_t a1) {
   const int64_t n = z.size(0), d = z.size(1);
   const T inv_tau = static_cast<T>(1.0 / temperature);
-  at::Tensor u = embeddings_for_kernel(z, c10::CppTypeToScalarType<T>::value, normalize);
+  at::Tensor u = embeddings_for_kernel<T>(z, normalize);
   const FixedShift<T> shift(u, inv_tau);
   at::Tensor lse = shift.fixed ? row_logsumexp_fixed<T>(u, inv_tau, shift.b, a0, a1)
                                : row_logsumexp_online<T>(u, inv_tau, a0, a1);
@@ -549,15 +576,19 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
                          int64_t a1) {
   const int64_t n = z.size(0), d = z.size(1);
   const T inv_tau = static_cast<T>(1.0 / temperature);
-  at::Tensor u = embeddings_for_kernel(z, c10::CppTypeToScalarType<T>::value, normalize);
+  at::Tensor u = embeddings_for_kernel<T>(z, normalize);
   at::Tensor lse = lse_in.contiguous();
+  const at::Tensor grad_c = grad_rows.contiguous();
   // Rows without positives, and rows that are not anchors, carry no loss,
-  // whatever grad_rows says.
-  at::Tensor is_anchor = at::zeros({n}, g.pos_weight.options().dtype(at::kBool));
-  is_anchor.narrow(0, a0, a1 - a0).fill_(true);
-  at::Tensor gr = at::where(is_anchor & (g.pos_weight > 0), grad_rows, at::zeros_like(grad_rows))
-                      .contiguous();
-  const T* gp = gr.data_ptr<T>();
+  // whatever grad_rows says. c_i = g_i / W_i weighs the positive term.
+  const double* wp = g.pos_weight.data_ptr<double>();
+  std::vector<T> gr(n), c(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool loss_row = i >= a0 && i < a1 && wp[i] > 0;
+    gr[i] = loss_row ? grad_c.data_ptr<T>()[i] : T(0);
+    c[i] = gr[i] != 0 ? gr[i] / static_cast<T>(wp[i]) : T(0);
+  }
+  const T* gp = gr.data();
   const T* lp = lse.data_ptr<T>();
   // With the fixed shift, g_i p_ik = e_ik a_i, a_i = g_i exp(b − lse_i): one
   // exponential per element. a_i is finite whenever lse comes from the forward
@@ -606,21 +637,34 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
         if (!t.diagonal()) add_rows(t.k0, t.nk, src + kTile * d);
       });
 
-  // Positive term: − c ∘ (G u) − Gᵀ (c ∘ u), c_i = g_i / W_i.
-  at::Tensor c = at::where(gr != 0, gr / g.pos_weight.to(gr.scalar_type()), at::zeros_like(gr))
-                     .contiguous();
-  at::Tensor pos = at::zeros_like(u);
-  graph_spmm<T>(g, u.data_ptr<T>(), nullptr, pos.data_ptr<T>(), n, d, /*transpose=*/false);
-  pos.mul_(c.unsqueeze(1));
-  graph_spmm<T>(g, u.data_ptr<T>(), c.data_ptr<T>(), pos.data_ptr<T>(), n, d, /*transpose=*/true);
-  du = (du - pos) * inv_tau;
-
-  if (normalize) {
-    // u = z / max(‖z‖, eps): project out the radial part, or plain 1/eps when clamped.
-    at::Tensor norm = row_norms(z.to(u.scalar_type()));
-    at::Tensor radial = du - u * (u * du).sum(1, true);
-    du = at::where(norm > kNormFloor, radial / norm.clamp_min(kNormFloor), du / kNormFloor);
-  }
+  // Positive term: − c ∘ (G u) − Gᵀ (c ∘ u), then the 1/τ, then (when
+  // normalising) back through u = z / max(‖z‖, eps): project out the radial
+  // part, or plain 1/eps when clamped. One row loop after the two SpMMs.
+  at::Tensor gu = at::zeros_like(u), gtcu = at::zeros_like(u);
+  graph_spmm<T>(g, u.data_ptr<T>(), nullptr, gu.data_ptr<T>(), n, d, /*transpose=*/false);
+  graph_spmm<T>(g, u.data_ptr<T>(), c.data(), gtcu.data_ptr<T>(), n, d, /*transpose=*/true);
+  const at::Tensor x = normalize ? z.to(u.scalar_type()).contiguous() : u;
+  const T* up = u.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* p1 = gu.data_ptr<T>();
+  const T* p2 = gtcu.data_ptr<T>();
+  const T floor = static_cast<T>(kNormFloor);
+  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* di = dp + i * d;
+      const int64_t o = i * d;
+      for (int64_t k = 0; k < d; ++k) di[k] = (di[k] - (c[i] * p1[o + k] + p2[o + k])) * inv_tau;
+      if (!normalize) continue;
+      const T norm = row_norm(xp + o, d);
+      if (norm > floor) {
+        T radial = 0;
+        for (int64_t k = 0; k < d; ++k) radial += up[o + k] * di[k];
+        for (int64_t k = 0; k < d; ++k) di[k] = (di[k] - up[o + k] * radial) / norm;
+      } else {
+        for (int64_t k = 0; k < d; ++k) di[k] /= floor;
+      }
+    }
+  });
   return grad_in_dtype(du, z.scalar_type());
 }
 
