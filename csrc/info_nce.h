@@ -29,14 +29,6 @@ inline at::ScalarType info_nce_acc_dtype(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// ‖z_i‖ as [N, 1] in z's (accumulation) dtype, scaled by the row's max-abs before
-// squaring (like palfast.knn.unit_rows): float32 rows of norm 1e20 do not overflow
-// to inf (their squares would).
-inline at::Tensor row_norms(const at::Tensor& z) {
-  const at::Tensor m = z.abs().amax(1, true);
-  return (z / at::where(m > 0, m, at::ones_like(m))).norm(2, {1}, true).mul_(m);
-}
-
 // The gradient in z's dtype. A row with ‖z_i‖ <= kNormFloor gets du_i / kNormFloor (as
 // torch.nn.functional.normalize), which is beyond float16's range: saturate it to
 // the largest finite value rather than return inf (NaN stays NaN).

@@ -263,6 +263,31 @@ def test_unnormalised_logits_within_the_bound_match_float64():
     assert err <= 2 * ref_err + 1e-6 * z64.grad.abs().max()
 
 
+# csrc/cpu/info_nce.cpp uses one exponential per element (a fixed shift b = max ‖u‖² / τ)
+# when 2b <= 80 in float32 (700 in float64), and the online (max, sum) tiles beyond.
+# τ = 0.03 and 0.02 with normalize=True (2b = 67 and 100) land on either side in
+# float32; 0.002 (2b = 1000) is past float64's span too.
+@pytest.mark.parametrize("temperature", [0.03, 0.02, 0.002])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_tile_paths_match_float64(device, graph_factory, temperature, dtype):
+    torch.manual_seed(21)
+    n, d = 300, 17  # two row blocks of 256, the second partial
+    z64 = torch.randn(n, d, dtype=torch.float64, device=device)
+    g = graph_factory("semi", n, seed=7).to(device)
+    kw = dict(temperature=temperature, reduction="none")
+    if dtype == torch.float64:
+        z1, z2 = z64.clone().requires_grad_(), z64.clone().requires_grad_()
+        got, want = palfast.info_nce(z1, g, **kw), reference.info_nce(z2, g, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        w = torch.randn(n, dtype=torch.float64, device=device)
+        (got * w).sum().backward()
+        (want * w).sum().backward()
+        torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-9, atol=1e-10)
+    else:
+        assert_within_2x_reference_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
+                                         **kw)
+
+
 # ----------------------------------------------------- CPU scheduling and memory
 # csrc/cpu/info_nce.cpp hands tile pairs to whichever thread is free and merges
 # their partials in tile-pair order: the bits must not depend on who ran what.

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../graph_dirichlet.h"
+#include "graph_spmm.h"
 #include "schedule.h"
 
 namespace palfast::cpu {
@@ -41,6 +42,23 @@ void class_means(const int64_t* y, const T* z, int64_t n, int64_t d, int64_t cla
       for (int64_t k = 0; k < d; ++k) means[c * d + k] /= sizes[c];
 }
 
+// member(i, a, n_c, μ_c) for every row i with a class c in each label set
+// (weight a), rows handed out dynamically; member may write row i's outputs only.
+template <typename T, typename Member>
+void for_each_class_member(const GraphArgs& g, const T* z, int64_t n, int64_t d,
+                           const Member& member) {
+  std::vector<T> means, sizes;
+  for (int64_t l = 0; l < g.num_label_sets(); ++l) {
+    const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
+    class_means<T>(y, z, n, d, g.label_classes[l], means, sizes);
+    const T a = static_cast<T>(g.label_weights[l]);
+    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (y[i] >= 0) member(i, a, sizes[y[i]], means.data() + y[i] * d);
+    });
+  }
+}
+
 template <typename T>
 inline T sq_dist(const T* a, const T* b, int64_t d) {
   T s = 0;
@@ -55,33 +73,14 @@ template <typename T>
 at::Tensor forward_impl(const at::Tensor& z, const GraphArgs& g) {
   const int64_t n = z.size(0), d = z.size(1);
   const T* zp = z.data_ptr<T>();
-  const int64_t* indptr = g.indptr.data_ptr<int64_t>();
-  const int64_t* indices = g.indices.data_ptr<int64_t>();
-  const float* weights = g.weights.data_ptr<float>();
   at::Tensor rows = at::zeros({n}, z.options());
   T* rp = rows.data_ptr<T>();
-  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T s = 0;
-      for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
-        if (indices[e] == i) continue;
-        s += static_cast<T>(weights[e]) * sq_dist(zp + i * d, zp + indices[e] * d, d);
-      }
-      rp[i] = s;
-    }
+  for_each_csr_edge(g, n, /*transpose=*/false, [&](int64_t i, int64_t j, float w) {
+    rp[i] += static_cast<T>(w) * sq_dist(zp + i * d, zp + j * d, d);
   });
-  std::vector<T> means, sizes;
-  for (int64_t l = 0; l < g.num_label_sets(); ++l) {
-    const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
-    class_means<T>(y, zp, n, d, g.label_classes[l], means, sizes);
-    const T a2 = static_cast<T>(2 * g.label_weights[l]);
-    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (y[i] < 0) continue;
-        rp[i] += a2 * sizes[y[i]] * sq_dist(zp + i * d, means.data() + y[i] * d, d);
-      }
-    });
-  }
+  for_each_class_member<T>(g, zp, n, d, [&](int64_t i, T a, T size, const T* mu) {
+    rp[i] += 2 * a * size * sq_dist(zp + i * d, mu, d);
+  });
   return rows.sum();
 }
 
@@ -92,40 +91,18 @@ at::Tensor backward_impl(const at::Tensor& grad, const at::Tensor& z, const Grap
   at::Tensor out = at::zeros_like(z);
   T* op = out.data_ptr<T>();
   // Out-edges (rows of G) and in-edges (rows of Gᵀ) both pull z_i towards z_j.
-  for (const bool transpose : {false, true}) {
-    const int64_t* indptr = (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>();
-    const int64_t* indices = (transpose ? g.t_indices : g.indices).data_ptr<int64_t>();
-    const float* weights = (transpose ? g.t_weights : g.weights).data_ptr<float>();
-    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        T* oi = op + i * d;
-        const T* zi = zp + i * d;
-        for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
-          const int64_t j = indices[e];
-          if (j == i) continue;
-          const T w = 2 * static_cast<T>(weights[e]);
-          const T* zj = zp + j * d;
-          for (int64_t k = 0; k < d; ++k) oi[k] += w * (zi[k] - zj[k]);
-        }
-      }
+  auto pull = [&](int64_t i, const T* target, T w) {
+    T* oi = op + i * d;
+    const T* zi = zp + i * d;
+    for (int64_t k = 0; k < d; ++k) oi[k] += w * (zi[k] - target[k]);
+  };
+  for (const bool transpose : {false, true})
+    for_each_csr_edge(g, n, transpose, [&](int64_t i, int64_t j, float w) {
+      pull(i, zp + j * d, 2 * static_cast<T>(w));
     });
-  }
-  std::vector<T> means, sizes;
-  for (int64_t l = 0; l < g.num_label_sets(); ++l) {
-    const int64_t* y = g.labels.data_ptr<int64_t>() + l * n;
-    class_means<T>(y, zp, n, d, g.label_classes[l], means, sizes);
-    const T a4 = static_cast<T>(4 * g.label_weights[l]);
-    parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (y[i] < 0) continue;
-        const T s = a4 * sizes[y[i]];
-        const T* mu = means.data() + y[i] * d;
-        const T* zi = zp + i * d;
-        T* oi = op + i * d;
-        for (int64_t k = 0; k < d; ++k) oi[k] += s * (zi[k] - mu[k]);
-      }
-    });
-  }
+  for_each_class_member<T>(g, zp, n, d, [&](int64_t i, T a, T size, const T* mu) {
+    pull(i, mu, 4 * a * size);
+  });
   return out.mul_(grad.to(out.scalar_type()));
 }
 

@@ -12,25 +12,30 @@
 
 namespace palfast::cpu {
 
+// edge(i, j, w_ij) for every CSR edge i → j of G (of Gᵀ with transpose=true)
+// but self-loops, rows of n handed out dynamically; edge may write row i's
+// outputs only.
+template <typename Edge>
+void for_each_csr_edge(const GraphArgs& g, int64_t n, bool transpose, const Edge& edge) {
+  const int64_t* indptr = (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>();
+  const int64_t* indices = (transpose ? g.t_indices : g.indices).data_ptr<int64_t>();
+  const float* weights = (transpose ? g.t_weights : g.weights).data_ptr<float>();
+  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e)
+        if (indices[e] != i) edge(i, indices[e], weights[e]);
+  });
+}
+
 // transpose=true applies Gᵀ (the t_* CSR arrays). scale may be nullptr (all ones).
 template <typename T>
 void graph_spmm(const GraphArgs& g, const T* x, const T* scale, T* out, int64_t n, int64_t d,
                 bool transpose) {
-  const int64_t* indptr = (transpose ? g.t_indptr : g.indptr).data_ptr<int64_t>();
-  const int64_t* indices = (transpose ? g.t_indices : g.indices).data_ptr<int64_t>();
-  const float* weights = (transpose ? g.t_weights : g.weights).data_ptr<float>();
-
-  parallel_for_dynamic(n, kRowsPerUnit, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* o = out + i * d;
-      for (int64_t e = indptr[i]; e < indptr[i + 1]; ++e) {
-        const int64_t j = indices[e];
-        if (j == i) continue;
-        const T w = static_cast<T>(weights[e]) * (scale ? scale[j] : T(1));
-        const T* xj = x + j * d;
-        for (int64_t k = 0; k < d; ++k) o[k] += w * xj[k];
-      }
-    }
+  for_each_csr_edge(g, n, transpose, [&](int64_t i, int64_t j, float weight) {
+    const T w = static_cast<T>(weight) * (scale ? scale[j] : T(1));
+    T* o = out + i * d;
+    const T* xj = x + j * d;
+    for (int64_t k = 0; k < d; ++k) o[k] += w * xj[k];
   });
 
   const int64_t* labels = g.labels.data_ptr<int64_t>();

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <atomic>
@@ -55,7 +56,9 @@ class SerialBlas {
 
 // Result slots per thread in run_ordered: a thread may run this many units
 // ahead of the oldest unit still being computed (by a peer the OS paused)
-// before it has to wait for that unit's slot.
+// before it has to wait for that unit's slot. The default suits large slots
+// (info_nce's backward: [2, kTile, D] each, which its memory bound counts);
+// small slots can afford more.
 constexpr int64_t kSlotsPerThread = 4;
 
 // Units of the O(N·D) row loops (SpMM, row losses): a few µs of work each, so
@@ -79,19 +82,18 @@ void parallel_for_dynamic(int64_t n, int64_t chunk, const F& f) {
   });
 }
 
-// Number of slots run_ordered uses for `units` units on the current threads.
-inline int64_t ordered_slots(int64_t units) {
-  return std::max<int64_t>(1, std::min(units, kSlotsPerThread * num_threads()));
+// Number of slots for `units` units on the current threads, per_thread each.
+inline int64_t ordered_slots(int64_t units, int64_t per_thread = kSlotsPerThread) {
+  return std::max<int64_t>(1, std::min(units, per_thread * num_threads()));
 }
 
-// compute(unit, slot) writes unit's result into slot (in [0, ordered_slots(units))),
-// on any thread; apply(unit, slot) adds it into the outputs, one call at a time
-// and in unit order 0, 1, 2, ... Slot of unit u is u % slots: it is free once
-// unit u − slots has been applied.
+// compute(unit, slot) writes unit's result into slot (in [0, slots), slots from
+// ordered_slots), on any thread; apply(unit, slot) adds it into the outputs,
+// one call at a time and in unit order 0, 1, 2, ... Slot of unit u is
+// u % slots: it is free once unit u − slots has been applied.
 template <typename Compute, typename Apply>
-void run_ordered(int64_t units, const Compute& compute, const Apply& apply) {
+void run_ordered(int64_t units, int64_t slots, const Compute& compute, const Apply& apply) {
   if (units <= 0) return;
-  const int64_t slots = ordered_slots(units);
   std::atomic<int64_t> next{0};     // next unit to hand out
   std::atomic<int64_t> applied{0};  // units 0 .. applied-1 are in the outputs
   // filled[s] = the unit whose result slot s holds, once computed.
@@ -114,7 +116,13 @@ void run_ordered(int64_t units, const Compute& compute, const Apply& apply) {
   // A unit that throws is never filled: the others stop instead of waiting for
   // it, and at::parallel_for rethrows the exception.
   std::atomic<bool> failed{false};
+  // The caller's thread-local state (autograd exclusions of the kernel being
+  // below autograd, inference mode, ...) for the ATen ops the units call: an
+  // OpenMP worker thread starts without it, and at::mm_out on a tensor that
+  // requires grad would then refuse to run there.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, std::min(num_threads(), units), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     const SerialBlas serial_blas;
     for (int64_t u = next.fetch_add(1); u < units && !failed.load(); u = next.fetch_add(1)) {
       while (applied.load() <= u - slots) {  // slot still holds an unapplied unit

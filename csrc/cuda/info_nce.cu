@@ -784,7 +784,7 @@ __global__ void sum_slices_kernel(const Acc* __restrict__ parts, int64_t slices,
 
 // ‖z_i‖ in every lane, with the row scaled before squaring by the power of two
 // 2^−e that brings its largest |z_ik| into [1, 2) (e clamped so that 2^±e are
-// normal floats), as row_norms in csrc/info_nce.h: float32 rows of norm 1e20 do
+// normal floats), as row_norm in csrc/cpu/info_nce.cpp: float32 rows of norm 1e20 do
 // not overflow (nor rows of 1e-30 underflow); a power of two scales exactly.
 template <typename Acc, typename Z>
 __device__ __forceinline__ Acc row_norm(const Z* __restrict__ zi, int64_t d, int lane) {
