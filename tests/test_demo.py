@@ -53,7 +53,8 @@ def test_learner_callback_oracle_and_grouped_batches():
 
     store = RelationStore()
     learner = make_learner(data, CallbackOracle(person), store)
-    learner.run(budget=12, queries_per_round=6, callback=lambda lr: {"n_comp": 1})
+    history = learner.run(budget=12, queries_per_round=6, on_round=lambda lr, rec: {"n_comp": 1})
+    assert all(h["n_comp"] == 1 for h in history)
     assert sum(p.shape[0] for p in asked) == 12
     # Known components stay together in the epoch order (at most one run per chunk).
     order = learner._epoch_order(48)
@@ -86,8 +87,14 @@ def test_oracles_count_pairs_and_interactions():
         CallbackOracle(lambda p: [True]).ask(torch.tensor([[0, 1], [1, 2]]))
     with pytest.raises(ValueError, match="noise must be a probability"):
         LabelOracle(y, noise=1.0)
-    with pytest.raises(TypeError, match="fn must be callable"):
+    with pytest.raises(ValueError, match="LabelOracle: noise must be a finite number >= 0 and <= 1"):
+        LabelOracle(y, noise=1.5)
+    with pytest.raises(TypeError, match="LabelOracle: seed must be an int"):
+        LabelOracle(y, seed="0")
+    with pytest.raises(TypeError, match=r"CallbackOracle: fn must be a callable fn\(pairs"):
         CallbackOracle(3)
+    with pytest.raises(TypeError, match="CallbackOracle: batch_fn must be a callable"):
+        CallbackOracle(lambda p: p, batch_fn=[])
 
 
 def test_augment_keeps_shape_and_varies():
