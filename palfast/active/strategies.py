@@ -329,13 +329,21 @@ def _uncertain(sel: _Selection, x: torch.Tensor, budget: int, k: int, backend: s
         k = min(2 * k, n - 1)
 
 
-def _max_sim(xn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """max over r in rows of <xn[r], xn[i]> for every i, a block of rows at a time."""
-    out = torch.full((xn.shape[0],), float("-inf"))
-    block = max(1, (1 << 22) // xn.shape[0])
+#: Similarities _class_links computes at once (16 MB of float32).
+_SIM_BLOCK = 1 << 22
+
+
+def _class_links(xn: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor,
+                 n_cls: int) -> torch.Tensor:
+    """``link [n_cls, N]``: link[c, i] = max over the member rows r of class c
+    (``cls[k]`` is the class of ``rows[k]``) of <xn[r], xn[i]>; one matrix product and
+    one segmented max per block of members, whatever the number of classes."""
+    link = torch.full((n_cls, xn.shape[0]), float("-inf"))
+    block = max(1, _SIM_BLOCK // xn.shape[0])
     for start in range(0, rows.numel(), block):
-        out = torch.maximum(out, (xn[rows[start:start + block]] @ xn.T).max(0).values)
-    return out
+        sims = xn[rows[start:start + block]] @ xn.T
+        link.scatter_reduce_(0, cls[start:start + block, None].expand_as(sims), sims, "amax")
+    return link
 
 
 def _isotonic(s: torch.Tensor, y: torch.Tensor):
@@ -370,7 +378,9 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     cls = torch.unique(class_of[class_of >= 0])
     class_of = torch.searchsorted(cls, class_of.clamp_min(0)).where(class_of >= 0, -1)
     n_cls = cls.numel()
-    members = [(class_of == c).nonzero().flatten() for c in range(n_cls)]
+    member_rows = torch.sort(class_of, stable=True).indices[int((class_of < 0).sum()):]
+    member_cls = class_of[member_rows]  # the rows of the classes, grouped by class
+    members = list(member_rows.split(torch.bincount(member_cls, minlength=n_cls).tolist()))
     in_class = class_of >= 0
     used = torch.zeros(n, dtype=torch.bool)  # rows already in a query of this call
 
@@ -396,18 +406,17 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     heapq.heapify(heap)
     # link[c, i]: best similarity of row i to a member of class c; the predicted class
     # of a row is its most linked class (1-NN over the known members).
-    link = (torch.stack([_max_sim(xn, m) for m in members]) if n_cls
-            else xn.new_zeros(0, n))
+    link = _class_links(xn, member_rows, member_cls, n_cls)
     predicted = link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
     free = ~in_class
     # vote_share[o, c]: share of the members of class o whose most linked other class is c.
     vote_share = torch.zeros(n_cls, n_cls)
     if n_cls > 1:
-        for o in range(n_cls):
-            other = link[:, members[o]].clone()
-            other[o] = float("-inf")
-            vote_share[o] = torch.bincount(other.argmax(0), minlength=n_cls).float()
-            vote_share[o] /= members[o].numel()
+        other = link[:, member_rows]
+        other[member_cls, torch.arange(member_rows.numel())] = float("-inf")
+        vote_share.index_put_((member_cls, other.argmax(0)),
+                              torch.ones(member_rows.numel()), accumulate=True)
+        vote_share /= torch.tensor([m.numel() for m in members], dtype=torch.float)[:, None]
     ranks: list = [None] * n_cls
     row_cur = [0] * n_cls
     cls_cur = [0] * n_cls
@@ -468,7 +477,7 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     # ---- seed new classes far from everything known (and fill what growth could not):
     # the row least similar to every class member and seed so far, with its nearest
     # neighbour (most likely alike).
-    maxsim = _max_sim(xn, in_class.nonzero().flatten()) if n_cls else torch.full((n,), -2.0)
+    maxsim = link.max(0).values if n_cls else torch.full((n,), -2.0)
     first = True
     while len(sel.pairs) < budget:
         eligible = ~(in_class | used)
