@@ -76,6 +76,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"training epochs per round (default {FULL['epochs']})")
     parser.add_argument("--noise", type=float, default=0.0,
                         help="probability that the simulated oracle answers wrong")
+    parser.add_argument("--order", default="gain", choices=("gain", "random"),
+                        help="pal's order inside a class (docs/active.md; default %(default)s)")
     parser.add_argument("--views", default="shift", choices=VIEWS,
                         help="views per image: shift = ±1 pixel shift + noise (default); "
                              "noise = Gaussian noise only (weaker: views alone teach less); "
@@ -158,6 +160,7 @@ def _settings(args) -> dict:
         raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
     if not 0 <= args.noise < 1:
         raise ValueError(f"palfast demo: --noise must be in [0, 1), got {args.noise}")
+    s["order"] = getattr(args, "order", "gain")
     s["views"] = getattr(args, "views", "shift")
     if s["views"] not in VIEWS:
         raise ValueError(f"palfast demo: --views must be one of {VIEWS}, got {s['views']!r}")
@@ -189,7 +192,8 @@ def run_one(strategy: str, seed: int, settings: dict, data, store_path, *, noise
         learner = ActiveLearner(encoder, x_pool, LabelOracle(y_pool, noise=noise, seed=seed),
                                 store, strategy=strategy, augment=view_fn, n_views=2,
                                 epochs_per_round=settings["epochs"], batch_size=256, lr=1e-3,
-                                temperature=0.2, seed=seed, progress=progress)
+                                temperature=0.2, seed=seed, progress=progress,
+                                order=settings.get("order", "gain"))
         history = learner.run(settings["budget"], settings["queries_per_round"],
                               on_round=evaluate)
     for h in history:

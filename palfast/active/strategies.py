@@ -398,9 +398,8 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     n_seed = _exploration(sel.store, state, n_cls, budget, explore)
 
     # ---- grow the classes, least-queried first. Candidates of class c: rows in no
-    # class and the other classes, by single linkage (best similarity to a member of
-    # c: the 1-NN prediction), the most similar first. The next row and the next class
-    # compete on the expected number of samples joined to c: P(alike | sim) · size.
+    # class and the other classes. The next row and the next class compete on the
+    # expected number of samples joined to c (module docstring).
     n_grow = budget - n_seed
     heap = [(int(asked[c]), members[c].numel(), c) for c in range(n_cls)]
     heapq.heapify(heap)
@@ -423,9 +422,9 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     while heap and len(sel.pairs) < n_grow:
         q, size, c = heapq.heappop(heap)
         if ranks[c] is None:
-            # Rows predicted to be in c, in random order (diverse samples of the class,
-            # not only the ones the embedding already puts next to a member), then the
-            # other free rows, most linked first.
+            # Rows predicted to be in c (order "gain": likeliest "alike" first, ties in
+            # random order; order "random": all in random order, diverse samples of the
+            # class), then the other free rows, most linked first.
             mine = (free & (predicted == c)).nonzero().flatten()
             mine = mine[torch.randperm(mine.numel(), generator=gen)]
             if order == "gain":  # most likely "alike" first; ties (a flat step of P) random
