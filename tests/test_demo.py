@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from palfast.active import ActiveLearner, CallbackOracle, LabelOracle, RelationStore
-from palfast.demo import (add_demo_arguments, area_under_curve, augment, evaluate_strategies,
-                          format_evaluation, queries_to_reach, run_demo)
+from palfast.demo import (
+    add_demo_arguments,
+    area_under_curve,
+    augment,
+    evaluate_strategies,
+    format_evaluation,
+    queries_to_reach,
+    run_demo,
+)
 
 
 def toy(n=40, seed=0):
