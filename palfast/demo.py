@@ -19,8 +19,9 @@ strategies are compared paired by seed: the printed evaluation gives, per strate
 the area under the accuracy-vs-queries curve (mean accuracy over the budget), the
 accuracy at a third, two thirds and all of the budget, each with its paired
 difference to ``random``, and per seed the queries needed to reach ``random``'s final
-accuracy. ``--views noise`` (Gaussian noise only) and ``--views none`` (no views: the
-loss sees only the answers) are harder settings, where views alone teach less.
+accuracy. ``--views none`` (no views: the loss sees only the answers) is the harder
+setting, where the value of queries shows; ``--views noise`` (Gaussian noise only, no
+shift) is another view family (measured: not harder on digits, docs/active.md).
 
 Outputs in ``--out``: ``results.csv`` / ``results.json`` (one row per round;
 the JSON also holds the evaluation), ``accuracy_vs_queries.png``, and one SQLite store
@@ -80,7 +81,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="pal's order inside a class (docs/active.md; default %(default)s)")
     parser.add_argument("--views", default="shift", choices=VIEWS,
                         help="views per image: shift = ±1 pixel shift + noise (default); "
-                             "noise = Gaussian noise only (weaker: views alone teach less); "
+                             "noise = Gaussian noise only, no shift (not harder on digits: docs/active.md); "
                              "none = no views, the loss sees only the answers (hardest)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the SQLite stores found in --out instead of starting over")
