@@ -12,8 +12,8 @@ import numbers
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_bool", "check_choice", "check_id_vector", "check_int",
-           "check_number", "check_tensor"]
+__all__ = ["FLOAT_DTYPES", "check_bool", "check_callable", "check_choice", "check_id_vector",
+           "check_instance", "check_int", "check_number", "check_tensor"]
 
 #: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -100,3 +100,18 @@ def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = T
         bad = int((~torch.isfinite(x)).any(1).sum())
         raise ValueError(f"{op}: {name} must be finite, got {bad} rows with NaN or Inf")
     return x
+
+
+def check_instance(op: str, name: str, value, cls: type | tuple, what: str):
+    """``value`` if it is an instance of ``cls`` (``what`` names the type in the error,
+    e.g. "a torch.nn.Module"), else TypeError."""
+    if isinstance(value, cls):
+        return value
+    raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+
+
+def check_callable(op: str, name: str, value, signature: str):
+    """``value`` if it is callable (``signature`` shows how it is called), else TypeError."""
+    if callable(value):
+        return value
+    raise TypeError(f"{op}: {name} must be a callable {signature}, got {type(value).__name__}")

@@ -5,7 +5,8 @@ split keeps 2/3 as the pool the oracle is asked about and 1/3 as the test set.
 For each strategy and seed, a small MLP encoder is trained with
 :func:`palfast.info_nce` on mini-batches of two augmented views (±1 pixel shift +
 Gaussian noise) with the graph ``store.graph(batch, n_views=2)``: views graph +
-the classes the oracle revealed so far (transitive closure included). Rounds of
+the classes the oracle revealed so far (transitive closure included; for ``passive``
+only the pairs answered "alike"). Rounds of
 select → ask (a :class:`LabelOracle` on the pool labels) → record → train, as in
 :class:`palfast.active.ActiveLearner`. After each round the frozen 32-d
 embedding is evaluated: k-NN accuracy (k=20, cosine, majority vote) and linear
@@ -13,9 +14,18 @@ probe accuracy (logistic regression on standardised features), both fitted on th
 whole labelled pool and measured on the test set — the standard protocols for a
 representation; only the *representation* saw the oracle's answers.
 
-Outputs in ``--out``: ``results.csv`` / ``results.json`` (one row per round),
-``accuracy_vs_queries.png``, and one SQLite store per run
-(``store_<strategy>_seed<s>.sqlite``; ``--resume`` continues them).
+Every run of one seed starts from the same initial weights and oracle seed, so the
+strategies are compared paired by seed: the printed evaluation gives, per strategy,
+the area under the accuracy-vs-queries curve (mean accuracy over the budget), the
+accuracy at a third, two thirds and all of the budget, each with its paired
+difference to ``random``, and per seed the queries needed to reach ``random``'s final
+accuracy. ``--views none`` (no views: the loss sees only the answers) is the harder
+setting, where the value of queries shows; ``--views noise`` (Gaussian noise only, no
+shift) is another view family (measured: not harder on digits, docs/active.md).
+
+Outputs in ``--out``: ``results.csv`` / ``results.json`` (one row per round;
+the JSON also holds the evaluation), ``accuracy_vs_queries.png``, and one SQLite store
+per run (``store_<strategy>_seed<s>.sqlite``; ``--resume`` continues them).
 """
 
 from __future__ import annotations
@@ -32,14 +42,23 @@ from torch import nn
 
 __all__ = ["add_demo_arguments", "run_demo"]
 
-QUICK = {"budget": 300, "queries_per_round": 60, "seeds": 2, "epochs": 25,
+# Rounds of 50 / 25 queries put a checkpoint at 100, 200 and 300 queries, where
+# docs/active.md compares the strategies.
+QUICK = {"budget": 300, "queries_per_round": 50, "seeds": 2, "epochs": 25,
          "strategies": "pal,random"}
-FULL = {"budget": 300, "queries_per_round": 30, "seeds": 5, "epochs": 15,
-        "strategies": "pal,nearest,uncertain,random"}
+FULL = {"budget": 300, "queries_per_round": 25, "seeds": 5, "epochs": 15,
+        "strategies": "pal,nearest,uncertain,random,passive"}
+#: --views: what one augmented view of a digit is ("none": no views, one row per image,
+#: the graph holds only the oracle's answers).
+VIEWS = ("shift", "noise", "none")
+#: The strategy the others are compared with ("queries to reach its final accuracy").
+BASELINE = "random"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the demo's options to ``parser`` (used by ``palfast demo``)."""
+    from .active import STRATEGIES
+
     parser.add_argument("--out", default="palfast_demo_out",
                         help="output directory (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -52,12 +71,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"number of seeds 0..S-1 (default {FULL['seeds']})")
     parser.add_argument("--strategies", default=None,
-                        help=f"comma-separated, from pal,nearest,uncertain,random "
+                        help=f"comma-separated, from {','.join(STRATEGIES)} "
                              f"(default {FULL['strategies']})")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"training epochs per round (default {FULL['epochs']})")
     parser.add_argument("--noise", type=float, default=0.0,
                         help="probability that the simulated oracle answers wrong")
+    parser.add_argument("--order", default="gain", choices=("gain", "random"),
+                        help="pal's order inside a class (docs/active.md; default %(default)s)")
+    parser.add_argument("--views", default="shift", choices=VIEWS,
+                        help="views per image: shift = ±1 pixel shift + noise (default); "
+                             "noise = Gaussian noise only, no shift (not harder on digits: docs/active.md); "
+                             "none = no views, the loss sees only the answers (hardest)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the SQLite stores found in --out instead of starting over")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -76,6 +101,11 @@ def load_digits_split(seed: int = 0):
                                                       random_state=seed)
     as_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16.0
     return as_x(x_pool), torch.tensor(y_pool), as_x(x_test), torch.tensor(y_test)
+
+
+def augment_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A weak view of digits ``[B, 64]``: N(0, 0.1²) noise added, no shift."""
+    return x + 0.1 * torch.randn(x.shape, generator=gen)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -131,6 +161,10 @@ def _settings(args) -> dict:
         raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
     if not 0 <= args.noise < 1:
         raise ValueError(f"palfast demo: --noise must be in [0, 1), got {args.noise}")
+    s["order"] = getattr(args, "order", "gain")
+    s["views"] = getattr(args, "views", "shift")
+    if s["views"] not in VIEWS:
+        raise ValueError(f"palfast demo: --views must be one of {VIEWS}, got {s['views']!r}")
     return s
 
 
@@ -148,17 +182,21 @@ def run_one(strategy: str, seed: int, settings: dict, data, store_path, *, noise
     torch.manual_seed(seed)
     encoder = Encoder()
 
-    def evaluate(learner):
+    def evaluate(learner, record):
         f_pool, f_test = learner.embed(x_pool), learner.embed(x_test)
         return {"knn": knn_accuracy(f_pool, y_pool, f_test, y_test, k=20),
                 "linear": linear_probe_accuracy(f_pool, y_pool, f_test, y_test)}
 
+    views = settings.get("views", "shift")
+    view_fn = {"shift": augment, "noise": augment_noise, "none": None}[views]
     with RelationStore(store_path) as store:
         learner = ActiveLearner(encoder, x_pool, LabelOracle(y_pool, noise=noise, seed=seed),
-                                store, strategy=strategy, augment=augment, n_views=2,
+                                store, strategy=strategy, augment=view_fn, n_views=2,
                                 epochs_per_round=settings["epochs"], batch_size=256, lr=1e-3,
-                                temperature=0.2, seed=seed, progress=progress)
-        history = learner.run(settings["budget"], settings["queries_per_round"], callback=evaluate)
+                                temperature=0.2, seed=seed, progress=progress,
+                                order=settings.get("order", "gain"))
+        history = learner.run(settings["budget"], settings["queries_per_round"],
+                              on_round=evaluate)
     for h in history:
         h.update(strategy=strategy, seed=seed)
     return history
@@ -181,6 +219,93 @@ def summarize(rows: list[dict], strategies: list[str]) -> dict:
         out[s] = {m: [(max(x["n_queries"] for x in rs), *_mean_std([x[m] for x in rs]))
                       for _, rs in sorted(runs.items())] for m in ("linear", "knn")}
     return out
+
+
+def _curves(rows: list[dict], strategy: str, metric: str) -> dict:
+    """{seed: ([n_queries], [accuracy])} of one strategy, rounds in order."""
+    out: dict = {}
+    for r in sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["round"]):
+        q, acc = out.setdefault(r["seed"], ([], []))
+        q.append(r["n_queries"])
+        acc.append(r[metric])
+    return out
+
+
+def area_under_curve(queries: list[int], acc: list[float]) -> float:
+    """Mean accuracy over the query range (trapezoids, divided by the range): 1.0 means
+    perfect from the first query on; a single point is its own value."""
+    if len(queries) < 2 or queries[-1] == queries[0]:
+        return acc[-1]
+    area = sum((q1 - q0) * (a0 + a1) / 2
+               for q0, q1, a0, a1 in zip(queries, queries[1:], acc, acc[1:]))
+    return area / (queries[-1] - queries[0])
+
+
+def queries_to_reach(queries: list[int], acc: list[float], target: float) -> int | None:
+    """The first checkpoint (queries) whose accuracy is ≥ target; None if never."""
+    return next((q for q, a in zip(queries, acc) if a >= target), None)
+
+
+def _at(queries: list[int], acc: list[float], q: int) -> float:
+    """Accuracy of the last checkpoint with at most q queries."""
+    return [a for n, a in zip(queries, acc) if n <= q][-1]
+
+
+def evaluate_strategies(rows: list[dict], strategies: list[str], budget: int,
+                        metric: str = "linear") -> dict:
+    """Paired-by-seed comparison (every run of one seed starts from the same weights and
+    oracle seed). Per strategy: area under the accuracy-vs-queries curve (mean accuracy
+    over [0, budget]) and, when :data:`BASELINE` ran, its paired difference to it;
+    accuracy at a third, two thirds and all of the budget with the paired difference;
+    per seed, the queries needed to reach the baseline's final accuracy of that seed."""
+    checkpoints = sorted({budget // 3, 2 * budget // 3, budget})
+    curves = {s: _curves(rows, s, metric) for s in strategies}
+    base = curves.get(BASELINE)
+    out = {}
+    for s in strategies:
+        seeds = sorted(curves[s])
+        auc = [area_under_curve(*curves[s][k]) for k in seeds]
+        entry = {"seeds": seeds, "auc": _mean_std(auc),
+                 "at": {q: _mean_std([_at(*curves[s][k], q) for k in seeds])
+                        for q in checkpoints}}
+        if base is not None and all(k in base for k in seeds):
+            entry["auc_vs_baseline"] = _mean_std(
+                [a - area_under_curve(*base[k]) for a, k in zip(auc, seeds)])
+            entry["at_vs_baseline"] = {q: _mean_std([_at(*curves[s][k], q) - _at(*base[k], q)
+                                                     for k in seeds]) for q in checkpoints}
+            entry["reach_baseline_final"] = [queries_to_reach(*curves[s][k], base[k][1][-1])
+                                             for k in seeds]
+        out[s] = entry
+    return out
+
+
+def format_evaluation(ev: dict, metric_name: str) -> str:
+    """The table printed by the demo (and pasted into docs/active.md)."""
+    first = next(iter(ev.values()))
+    qs = list(first["at"])
+    paired = "auc_vs_baseline" in first
+    head = f"{'strategy':>10} | {'AUC (mean acc)':>15}"
+    head += f" | {'Δ vs ' + BASELINE:>13}" if paired else ""
+    for q in qs:
+        head += f" | {'@' + str(q):>8}" + (f" {'Δ':>13}" if paired else "")
+    if paired:
+        head += f" | queries to reach {BASELINE}'s final (per seed)"
+    lines = [f"{metric_name} test accuracy (%), mean ± std over {len(first['seeds'])} seed(s), "
+             f"Δ = paired difference to {BASELINE} (same seed)" if paired else
+             f"{metric_name} test accuracy (%), mean ± std over {len(first['seeds'])} seed(s)",
+             head, "-" * len(head)]
+    pct = lambda ms: f"{100 * ms[0]:6.2f} ± {100 * ms[1]:4.2f}"
+    for s, e in ev.items():
+        line = f"{s:>10} | {pct(e['auc']):>15}"
+        line += f" | {pct(e['auc_vs_baseline']):>13}" if paired else ""
+        for q in qs:
+            line += f" | {100 * e['at'][q][0]:8.2f}"
+            line += f" {pct(e['at_vs_baseline'][q]):>13}" if paired else ""
+        if paired:
+            line += " | " + ", ".join("—" if r is None else str(r)
+                                      for r in e["reach_baseline_final"])
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def format_table(summary: dict, metric: str) -> str:
@@ -241,6 +366,7 @@ def run_demo(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     data = load_digits_split()
     print(f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "
+          f"views {settings['views']}, "
           f"budget {settings['budget']} queries in rounds of {settings['queries_per_round']}, "
           f"{settings['seeds']} seed(s), strategies {', '.join(settings['strategies'])}")
     rows: list[dict] = []
@@ -258,17 +384,23 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = summarize(rows, settings["strategies"])
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["strategy", "seed", "round", "n_queries", "n_positive",
-                                          "loss", "linear", "knn"])
+                                          "n_conflicts", "n_seeds", "stop", "loss", "linear",
+                                          "knn"])
         w.writeheader()
         w.writerows(rows)
+    evaluation = {m: evaluate_strategies(rows, settings["strategies"], settings["budget"], m)
+                  for m in ("linear", "knn")}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"settings": {**settings, "noise": args.noise}, "rows": rows,
-                   "summary": summary}, f, indent=1)
+                   "summary": summary, "evaluation": evaluation}, f, indent=1)
     plot(summary, os.path.join(args.out, "accuracy_vs_queries.png"))
     print("\nlinear probe test accuracy (%), mean ± std over seeds, vs oracle queries")
     print(format_table(summary, "linear"))
     print("\nk-NN (k=20) test accuracy (%), mean ± std over seeds, vs oracle queries")
     print(format_table(summary, "knn"))
+    for metric, name in (("linear", "linear probe"), ("knn", "k-NN (k=20)")):
+        print()
+        print(format_evaluation(evaluation[metric], name))
     print(f"\nwrote {args.out}/results.csv, results.json, accuracy_vs_queries.png and "
           f"{len(settings['strategies']) * settings['seeds']} SQLite stores "
           f"({time.perf_counter() - start:.1f} s)")

@@ -544,7 +544,8 @@ def _orthogonality_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int = 1,
-         check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
+         pool_size: int | None = None, check_finite: bool = False,
+         gather: bool | None = None) -> torch.Tensor:
     r"""PAL's VIC² loss (Cabannes et al. 2023) with an unbiased orthogonality term.
 
     .. math::
@@ -569,6 +570,27 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     β weights the invariance term; weighting the orthogonality term instead
     only rescales the loss.
 
+    **On a fixed pool, pass** ``pool_size``. The halves estimator is unbiased for
+    samples drawn from an infinite population, and no unbiased estimator of this
+    square can be bounded below there (the U-statistic is the only symmetric one,
+    and one sample grown along a direction the others do not use drives it to −∞;
+    any unbiased estimator averages over orderings to it). On a pool of P images
+    that batches are drawn from, the halves never see the pool's own ``‖x_i‖⁴``
+    terms, so training can exploit it: one exploding sample drove it to −2946 in an
+    active-learning run whose batch was the whole pool. With ``pool_size = P``, per
+    image i of the batch ``X_i = (1/V) Σ_v z_iv z_ivᵀ`` (its views' mean) and
+    ``S = Σ_i X_i`` over the n images of the batch, the term is
+
+    .. math::
+        \frac{P-1}{P\,n(n-1)}\Big(\|S\|_F^2 - \sum_i\|X_i\|_F^2\Big)
+        + \frac{1}{P\,n}\sum_i\|X_i\|_F^2 - \frac{2}{n}\,\mathrm{tr}\,S + D,
+
+    unbiased, over batches of n images drawn uniformly without replacement, for the
+    pool's ``‖(1/P) Σ_pool X_i − I‖²`` (≥ 0, so training cannot win in expectation
+    by exploding a sample), bounded below by ``−D·(P − 1)`` for every batch
+    (⟨X_i, X_j⟩ ≥ 0 and ``‖X_i‖² ≥ (tr X_i)²/D``), and equal to the plug-in
+    ``‖S/n − I‖² ≥ 0`` when the batch is the whole pool (n = P).
+
     The halves must be independent: views of one image must not be split. ``z`` is
     read as ``n_views`` stacked blocks of n = N / n_views rows (docs/api.md: row
     ``i + v·n`` is view v of image i); A holds images ``0 .. ⌊n/2⌋ − 1`` (all their
@@ -582,6 +604,10 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
         beta: weight >= 0 of the invariance term.
         n_views: number of stacked view blocks in z (N must be a multiple, and each
             block must hold at least 2 images).
+        pool_size: None (default) = the halves estimator (samples from an infinite
+            population); an int P = the batch's images are drawn from a fixed pool of
+            P ≥ n images (the pool estimator above, bounded below). Under
+            torch.distributed, n counts the global batch.
         check_finite: raise ``ValueError`` on NaN/Inf in z (else they give NaN).
         gather: under torch.distributed (default: on when world size > 1) z holds
             this rank's rows and ``graph`` is over the global batch; the global
@@ -610,9 +636,26 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
         raise ValueError(f"{op}: z must hold at least 2 images per view block (two independent "
                          f"halves), got shape {tuple(z.shape)} with n_views={n_views}")
     blocks = x.reshape(n_views, n, d)
-    a = blocks[:, : n // 2].reshape(-1, d)
-    b = blocks[:, n // 2:].reshape(-1, d)
-    return (beta * _dirichlet_mean(x, graph) + _orthogonality_halves(a, b)).to(z.dtype)
+    if pool_size is not None:
+        pool_size = check_int(op, "pool_size", pool_size, n)
+        ortho = _orthogonality_pool(blocks, pool_size)
+    else:
+        ortho = _orthogonality_halves(blocks[:, : n // 2].reshape(-1, d),
+                                      blocks[:, n // 2:].reshape(-1, d))
+    return (beta * _dirichlet_mean(x, graph) + ortho).to(z.dtype)
+
+
+def _orthogonality_pool(blocks: torch.Tensor, pool: int) -> torch.Tensor:
+    """vic2's pool estimator of ‖(1/P) Σ_pool X_i − I‖² (see vic2) from ``blocks
+    [V, n, D]`` (view v of image i) and the pool size P ≥ n."""
+    v, n, d = blocks.shape
+    x = blocks.reshape(-1, d)
+    s_sq = _ops.sq_xcorr(x, None, False)[0] / v**2                   # ‖S‖², S = ZᵀZ / V
+    grams = torch.einsum("vnd,wnd->nvw", blocks, blocks)             # z_ivᵀ z_iw
+    own_sq = grams.square().sum() / v**2                              # Σ_i ‖X_i‖²
+    trace = x.square().sum() / v                                      # tr S
+    return ((pool - 1) / (pool * n * (n - 1)) * (s_sq - own_sq) + own_sq / (pool * n)
+            - 2 * trace / n + d)
 
 
 # Two-view drop-ins (palfast.nn modules called as loss(z_a, z_b)): the official

@@ -5,6 +5,11 @@ import pytest
 import torch
 
 from palfast.active import STRATEGIES, LabelOracle, RelationStore, select_queries
+from palfast.active.strategies import STABLE_SEEDS
+
+#: The strategies bound by the shared rules (never a known or implied pair, ...):
+#: all but "passive", which asks implied pairs on purpose (the paper's baseline).
+INFORMED = tuple(s for s in STRATEGIES if s != "passive")
 
 
 def clustered(n, n_classes, d=8, spread=0.15, seed=0):
@@ -41,7 +46,7 @@ def n_unknown_component_pairs(store, ids):
     return int((~store.known_mask(torch.combinations(reps, 2))).sum())
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", INFORMED)
 @pytest.mark.parametrize("noise", [0.0, 0.1])
 def test_rounds_never_reask(strategy, noise):
     x, y = clustered(90, 5)
@@ -55,7 +60,7 @@ def test_rounds_never_reask(strategy, noise):
     assert store.n_queries <= 150
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", INFORMED)
 def test_small_pool_exhausts_cleanly(strategy):
     x, y = clustered(7, 3, seed=2)
     store, oracle = RelationStore(), LabelOracle(y)
@@ -84,7 +89,7 @@ def test_deterministic_and_budget_zero(strategy):
     assert select_queries(x, store, 0, strategy).shape == (0, 2)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", INFORMED)
 def test_ids_select_inside_the_pool(strategy):
     x, y = clustered(40, 4)
     ids = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:40]
@@ -149,6 +154,8 @@ def test_pal_finds_more_positives_than_random():
     ({"store": {}}, TypeError, "store must be a palfast.active.RelationStore"),
     ({"k": 0}, ValueError, "k must satisfy 1 <= k, got 0"),
     ({"explore": 1.5}, ValueError, "explore must be a finite number >= 0 and <= 1, got 1.5"),
+    ({"order": "nearest"}, ValueError, "order must be one of"),
+    ({"state": []}, TypeError, "state must be a dict"),
     ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
     ({"embeddings": torch.full((5, 3), float("nan"))}, ValueError, "embeddings must be finite"),
@@ -158,3 +165,90 @@ def test_bad_input(kwargs, exc, match):
     args = {"embeddings": torch.randn(10, 3), "store": RelationStore(), "budget": 3, **kwargs}
     with pytest.raises(exc, match=match):
         select_queries(args.pop("embeddings"), args.pop("store"), args.pop("budget"), **args)
+
+
+def test_passive_asks_implied_pairs_but_never_repeats_one():
+    x, y = clustered(12, 2, seed=7)
+    store, oracle = RelationStore(), LabelOracle(y)
+    implied = 0
+    for r in range(12):
+        q = select_queries(x, store, 6, "passive", seed=r)
+        assert q.shape[0] == min(6, 66 - store.n_queries)  # 66 = C(12, 2) pairs in all
+        asked = {tuple(p) for p in store.answers()[0].tolist()}
+        drawn = [tuple(p) for p in q.tolist()]
+        assert not asked & set(drawn) and len(set(drawn)) == len(drawn)
+        assert bool((q[:, 0] < q[:, 1]).all())
+        implied += int(store.known_mask(q).sum())
+        store.record(q, oracle.ask(q))
+    assert store.n_queries == 66 and implied > 0  # every pair once, some of them implied
+    assert select_queries(x, store, 6, "passive").shape == (0, 2)
+
+
+def known_classes_with_free_rows(n_classes=4, per_class=10, known=8, seed=8):
+    """clustered data whose first ``known`` samples of each class form a known class."""
+    x, y = clustered(n_classes * per_class, n_classes, spread=0.1, seed=seed)
+    store = RelationStore()
+    for c in range(n_classes):
+        members = (y == c).nonzero().flatten()[:known]
+        store.record(torch.stack([members[:-1], members[1:]], 1),
+                     torch.ones(known - 1, dtype=torch.bool))
+    return x, y, store
+
+
+def test_pal_exploration_credit_adds_up_across_calls():
+    """explore = 0.1 with one question per call: one seed every ten calls (rounding up
+    per call would make every question a seed)."""
+    x, y, store = known_classes_with_free_rows(per_class=30)
+    oracle, state = LabelOracle(y), {}
+    for r in range(20):
+        q = select_queries(x, store, 1, "pal", explore=0.1, seed=r, state=state)
+        store.record(q, oracle.ask(q))
+    assert state["n_seeds"] == 2
+    assert state["explore_credit"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pal_stops_exploring_once_the_classes_are_stable():
+    x, y, store = known_classes_with_free_rows()
+    oracle, state = LabelOracle(y), {}
+    q = select_queries(x, store, STABLE_SEEDS, "pal", explore=1.0, state=state)
+    assert state["n_seeds"] == STABLE_SEEDS and state["exploring"]
+    # Each seed's nearest neighbour is a member of its known class: no new class found.
+    assert all(not free for _, _, free in state["pending"])
+    store.record(q, oracle.ask(q))
+    select_queries(x, store, 4, "pal", explore=1.0, state=state)
+    assert state["exploring"] is False and state["misses"] == STABLE_SEEDS
+    assert state["n_seeds"] == STABLE_SEEDS  # no new seed once stable
+
+
+def test_pal_gain_order_asks_the_merge_first_and_likely_rows_next():
+    x, y = clustered(80, 4, spread=0.4, seed=9)
+    store, oracle = RelationStore(), LabelOracle(y)
+    zero = (y == 0).nonzero().flatten()
+    halves = (zero[:5], zero[5:10])  # one class known as two components
+    for h in halves:
+        store.record(torch.stack([h[:-1], h[1:]], 1), torch.ones(4, dtype=torch.bool))
+    q = select_queries(x, store, 2, "pal", order="gain", explore=0.0)
+    joins = [bool(torch.isin(p, halves[0]).any() and torch.isin(p, halves[1]).any())
+             for p in q]
+    assert any(joins)
+    # Rows: the gain order asks likelier (more similar) rows than the random order, on
+    # overlapping classes (separable ones make P(alike) flat: every order ties).
+    sims = {"gain": 0.0, "random": 0.0}
+    for data_seed in (9, 10, 11):
+        x, y = clustered(80, 4, spread=1.2, seed=data_seed)
+        oracle = LabelOracle(y)
+        xn = torch.nn.functional.normalize(x, dim=1)
+        for order in sims:
+            s = RelationStore()
+            for c in range(4):
+                m = (y == c).nonzero().flatten()[:3]
+                s.record(torch.stack([m[:-1], m[1:]], 1), torch.ones(2, dtype=torch.bool))
+            known = select_queries(x, s, 30, "random", seed=0)  # answers of both kinds
+            s.record(known, oracle.ask(known))
+            start = s.n_queries
+            for r in range(3):
+                q = select_queries(x, s, 8, "pal", order=order, explore=0.0, seed=r)
+                s.record(q, oracle.ask(q))
+            pairs = s.answers()[0][start:]
+            sims[order] += float((xn[pairs[:, 0]] * xn[pairs[:, 1]]).sum(1).mean()) / 3
+    assert sims["gain"] > sims["random"] + 0.02

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from palfast.active import ActiveLearner, CallbackOracle, LabelOracle, RelationStore
-from palfast.demo import add_demo_arguments, augment, run_demo
+from palfast.demo import (
+    add_demo_arguments,
+    area_under_curve,
+    augment,
+    evaluate_strategies,
+    format_evaluation,
+    queries_to_reach,
+    run_demo,
+)
 
 
 def toy(n=40, seed=0):
@@ -53,7 +61,8 @@ def test_learner_callback_oracle_and_grouped_batches():
 
     store = RelationStore()
     learner = make_learner(data, CallbackOracle(person), store)
-    learner.run(budget=12, queries_per_round=6, callback=lambda lr: {"n_comp": 1})
+    history = learner.run(budget=12, queries_per_round=6, on_round=lambda lr, rec: {"n_comp": 1})
+    assert all(h["n_comp"] == 1 for h in history)
     assert sum(p.shape[0] for p in asked) == 12
     # Known components stay together in the epoch order (at most one run per chunk).
     order = learner._epoch_order(48)
@@ -86,8 +95,14 @@ def test_oracles_count_pairs_and_interactions():
         CallbackOracle(lambda p: [True]).ask(torch.tensor([[0, 1], [1, 2]]))
     with pytest.raises(ValueError, match="noise must be a probability"):
         LabelOracle(y, noise=1.0)
-    with pytest.raises(TypeError, match="fn must be callable"):
+    with pytest.raises(ValueError, match="LabelOracle: noise must be a finite number >= 0 and <= 1"):
+        LabelOracle(y, noise=1.5)
+    with pytest.raises(TypeError, match="LabelOracle: seed must be an int"):
+        LabelOracle(y, seed="0")
+    with pytest.raises(TypeError, match=r"CallbackOracle: fn must be a callable fn\(pairs"):
         CallbackOracle(3)
+    with pytest.raises(TypeError, match="CallbackOracle: batch_fn must be a callable"):
+        CallbackOracle(lambda p: p, batch_fn=[])
 
 
 def test_augment_keeps_shape_and_varies():
@@ -107,6 +122,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "linear probe test accuracy" in text and "k-NN" in text
     assert "pal" in text and "random" in text
+    assert "AUC (mean acc)" in text and "queries to reach random's final (per seed)" in text
     png = (out / "accuracy_vs_queries.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     rows = (out / "results.csv").read_text().splitlines()
@@ -132,3 +148,31 @@ def test_cli_main_dispatches_demo(tmp_path):
                  "4", "--seeds", "1", "--epochs", "1", "--strategies", "nearest",
                  "--no-progress"]) == 0
     assert (tmp_path / "o" / "store_nearest_seed0.sqlite").exists()
+
+
+def test_area_and_queries_to_reach():
+    # Trapezoids over 0..300, divided by the range: the mean accuracy over the budget.
+    assert area_under_curve([0, 100, 300], [0.5, 0.9, 0.9]) == pytest.approx(
+        (100 * 0.7 + 200 * 0.9) / 300)
+    assert area_under_curve([0], [0.8]) == 0.8
+    assert queries_to_reach([0, 100, 200], [0.5, 0.91, 0.95], 0.9) == 100
+    assert queries_to_reach([0, 100, 200], [0.5, 0.6, 0.7], 0.9) is None
+
+
+def test_evaluation_pairs_strategies_by_seed():
+    rows = []
+    for seed, base in ((0, 0.80), (1, 0.90)):  # seed 1 is an easier draw for every strategy
+        for strategy, gain in (("pal", 0.05), ("random", 0.0)):
+            for r, q in enumerate((0, 100, 200, 300)):
+                acc = base + (gain if q else 0.0) + 0.01 * r
+                rows.append({"strategy": strategy, "seed": seed, "round": r, "n_queries": q,
+                             "linear": acc})
+    ev = evaluate_strategies(rows, ["pal", "random"], 300)
+    assert ev["pal"]["at_vs_baseline"][100] == pytest.approx((0.05, 0.0))  # paired: no spread
+    assert ev["pal"]["at"][300][1] > 0.05          # unpaired: the seeds' spread
+    # pal at 100 (base + .06) >= random at 300 (base + .03): reached at 100 on both seeds.
+    assert ev["pal"]["reach_baseline_final"] == [100, 100]
+    assert ev["random"]["reach_baseline_final"] == [300, 300]
+    assert ev["pal"]["auc_vs_baseline"][0] == pytest.approx(0.05 * (1 - 50 / 300))
+    text = format_evaluation(ev, "linear probe")
+    assert "100, 100" in text and "Δ vs random" in text

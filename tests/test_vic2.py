@@ -120,3 +120,106 @@ def test_bad_input():
         palfast.vic2(torch.full((6, 2), float("nan")), g, check_finite=True)
     with pytest.raises(ValueError, match=r"graph must have one node per row of z \(4\)"):
         palfast.vic2(torch.randn(4, 2), g)
+
+
+# ---------------------------------------------------------------- fixed pool (pool_size)
+def pool_objective(z, n_views):
+    """‖(1/P) Σ_i X_i − I‖², X_i = mean over image i's views of z zᵀ: the pool's VIC²
+    orthogonality term, from the definition (z holds every image of the pool)."""
+    v, d = n_views, z.shape[1]
+    blocks = z.reshape(v, -1, d)
+    x = torch.einsum("vnd,vne->nde", blocks, blocks) / v  # X_i
+    return (x.mean(0) - torch.eye(d, dtype=z.dtype)).square().sum()
+
+
+def pool_estimate_by_pairs(z, n_views, pool):
+    """The pool estimator written pair by pair (docstring of palfast.vic2)."""
+    v, d = n_views, z.shape[1]
+    blocks = z.reshape(v, -1, d)
+    n = blocks.shape[1]
+    x = torch.einsum("vnd,vne->nde", blocks, blocks) / v
+    cross = sum((x[i] * x[j]).sum() for i in range(n) for j in range(n) if i != j)
+    own = sum(x[i].square().sum() for i in range(n))
+    trace = sum(torch.trace(x[i]) for i in range(n))
+    return (pool - 1) / (pool * n * (n - 1)) * cross + own / (pool * n) - 2 * trace / n + d
+
+
+def exploding_pool(t, n=8, d=4, n_views=2, seed=0):
+    """A pool whose image 0 is t·e_0 in every view and whose other images never use
+    coordinate 0: the shape of the failure seen in an active-learning run."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_views, n, d, generator=g, dtype=torch.float64) * 0.5
+    z[:, :, 0] = 0.0
+    z[:, 0] = 0.0
+    z[:, 0, 0] = t
+    return z.reshape(n_views * n, d)
+
+
+def test_fixed_pool_old_estimator_is_unbounded_below_pool_estimator_is_not():
+    g = palfast.PairGraph.from_views(8, 2)
+    old = [palfast.vic2(exploding_pool(t), g, beta=0.0, n_views=2).item() for t in (1, 10, 100)]
+    new = [palfast.vic2(exploding_pool(t), g, beta=0.0, n_views=2, pool_size=8).item()
+           for t in (1, 10, 100)]
+    assert old[0] > old[1] > old[2] and old[2] < -1e3   # the halves: −∞ as the sample grows
+    assert min(new) >= 0.0 and new[2] > new[1]           # whole pool: the plug-in, ≥ 0
+    for t, value in zip((1, 10, 100), new):
+        torch.testing.assert_close(torch.tensor(value, dtype=torch.float64),
+                                   pool_objective(exploding_pool(t), 2))
+
+
+def test_training_on_a_fixed_pool_runs_away_without_pool_size():
+    """Adam on the pool's embeddings, batch = whole pool: the halves estimator is driven
+    far below 0 (the failure), the pool estimator stays ≥ 0 and reaches ≈ 0."""
+    def train(**kw):
+        torch.manual_seed(0)
+        z = torch.nn.Parameter(torch.randn(2 * 16, 4, dtype=torch.float64) * 0.3)
+        g = palfast.PairGraph.from_views(16, 2)
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(300):
+            loss = palfast.vic2(z, g, n_views=2, **kw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return palfast.vic2(z.detach(), g, n_views=2, **kw).item()
+
+    assert train() < -10.0
+    assert 0.0 <= train(pool_size=16) < 0.5
+
+
+def test_pool_estimator_is_unbiased_over_batches_without_replacement():
+    """Exact: the mean over every batch of 4 images from a pool of 7 is the pool's term."""
+    import itertools
+
+    torch.manual_seed(2)
+    pool, n, v, d = 7, 4, 2, 3
+    z = torch.randn(v, pool, d, dtype=torch.float64)
+    target = pool_objective(z.reshape(-1, d), v)
+    g = palfast.PairGraph.from_views(n, v)
+    values = [palfast.vic2(z[:, list(batch)].reshape(-1, d), g, beta=0.0, n_views=v,
+                           pool_size=pool)
+              for batch in itertools.combinations(range(pool), n)]
+    torch.testing.assert_close(torch.stack(values).mean(), target)
+    assert min(v.item() for v in values) >= -d * (pool - 1)  # the documented floor
+
+
+@pytest.mark.parametrize("n,v,d,pool", [(2, 1, 3, 2), (5, 2, 4, 9), (41, 3, 7, 100)])
+def test_pool_estimator_matches_pairwise_formula_and_gradcheck(n, v, d, pool):
+    torch.manual_seed(n + d)
+    z = torch.randn(v * n, d, dtype=torch.float64, requires_grad=True)
+    g = palfast.PairGraph.from_views(n, v) if v > 1 else palfast.PairGraph.from_labels(
+        torch.arange(n) % 2)
+    got = palfast.vic2(z, g, beta=0.0, n_views=v, pool_size=pool)
+    want = pool_estimate_by_pairs(z, v, pool)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
+    if n <= 5:
+        assert torch.autograd.gradcheck(
+            lambda x: palfast.vic2(x, g, beta=0.5, n_views=v, pool_size=pool), (z,))
+
+
+def test_pool_size_bad_input():
+    g = palfast.PairGraph.from_views(3, 2)
+    with pytest.raises(ValueError, match=r"palfast.vic2: pool_size must satisfy 3 <= pool_size"):
+        palfast.vic2(torch.randn(6, 2), g, n_views=2, pool_size=2)
+    with pytest.raises(TypeError, match="palfast.vic2: pool_size must be an int"):
+        palfast.vic2(torch.randn(6, 2), g, n_views=2, pool_size=3.0)

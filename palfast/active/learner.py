@@ -1,15 +1,22 @@
 """ActiveLearner: the active PAL loop (docs/active.md).
 
 One round = train the encoder with the store's graph → embed the pool → select
-pairs → ask the oracle → record the answers. The loss is
-:func:`palfast.info_nce` on ``z = encoder(cat(views))`` of a mini-batch with the graph
-``store.graph(batch_ids, n_views=V)`` = views graph + graph of the known classes
-(union-find components, transitive closure included).
+pairs → ask the oracle → record the answers. The loss is any callable
+``loss(z, graph) -> scalar`` (default :func:`palfast.info_nce` with the learner's
+temperature) on ``z = encoder(cat(views))`` of a mini-batch; the graph is built in
+one place, :meth:`ActiveLearner.batch_graph`: ``store.graph(batch_ids, n_views=V)`` =
+views graph + graph of the known classes (union-find components, transitive closure
+included), or only the answered pairs with ``transitive=False``.
+
+The run stops when the store holds ``budget`` answers, or earlier when the strategy
+returns no pair (for the built-in strategies: every pair of the pool is known or
+implied, nothing is left to ask); the last round's record says which (``"stop"``).
 
 Everything the learner knows is in the store, so a new learner on the same store
 file continues where the last one stopped: ``run(budget)`` asks only
 ``budget − store.n_queries`` more pairs (the encoder is retrained from the store's
-answers; pass the same ``seed`` for the same choices).
+answers; pass the same ``seed`` for the same choices; ``"pal"``'s exploration credit
+starts again from zero).
 
 Example::
 
@@ -23,22 +30,30 @@ Example::
     ...                         augment=lambda x, gen: x + 0.1 * torch.randn(x.shape, generator=gen),
     ...                         epochs_per_round=2, progress=False)
     >>> history = learner.run(budget=20, queries_per_round=10)
-    >>> [h["n_queries"] for h in history]
-    [0, 10, 20]
+    >>> [h["n_queries"] for h in history], history[-1]["stop"]
+    ([0, 10, 20], 'budget')
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from .._checks import check_bool, check_callable, check_choice, check_instance, check_int, check_number
 from ..functional import info_nce
+from ..graph import PairGraph
 from .oracle import Oracle
-from .store import RelationStore
-from .strategies import STRATEGIES, select_queries
+from .store import ContradictionWarning, RelationStore, _as_pairs
+from .strategies import ORDERS, STRATEGIES, select_queries
 
 __all__ = ["ActiveLearner"]
+
+_OP = "palfast.active.ActiveLearner"
+#: How a strategy callable is called (docs/active.md, "ActiveLearner").
+_STRATEGY_CALL = "strategy(embeddings, store, budget, k=k, generator=generator) -> [Q, 2]"
 
 
 class ActiveLearner:
@@ -50,14 +65,24 @@ class ActiveLearner:
             to ``device``).
         oracle: an :class:`~palfast.active.Oracle` over the sample ids.
         store: the :class:`RelationStore` (default: a new in-memory one).
-        strategy: a name of :data:`STRATEGIES`.
+        strategy: a name of :data:`STRATEGIES`, or a callable called as
+            ``strategy(embeddings, store, budget, k=k, generator=generator)`` returning
+            pairs ``[Q, 2]`` with Q ≤ budget (e.g. ``functools.partial(select_queries,
+            strategy="nearest")``, or your own rule).
+        loss: ``loss(z, graph) -> scalar`` on ``z = encoder(cat(views)) [V·B, D]`` and the
+            batch's :class:`PairGraph` (default :func:`palfast.info_nce` with
+            ``temperature``; any palfast loss, e.g. ``functools.partial(palfast.vic2,
+            n_views=2, pool_size=N)``, or your own).
         augment: ``augment(x_batch, generator) -> x_batch`` producing one random view;
             ``None`` = no views (``n_views`` is then forced to 1).
         n_views: views per sample in each batch (V ≥ 1).
         epochs_per_round, batch_size, lr, weight_decay: the Adam training of each round.
-        temperature: of :func:`palfast.info_nce`.
+        temperature: of the default loss :func:`palfast.info_nce`.
         label_weight, view_weight: weights of the two graphs (see ``RelationStore.graph``).
-        k, explore: passed to :func:`select_queries`.
+        k, explore, order: passed to :func:`select_queries` (named strategies only).
+        transitive: the loss sees the known classes with their transitive closure
+            (``store.graph``); False = only the pairs answered "alike" (the paper's
+            passive baseline). Default: False for ``strategy="passive"``, else True.
         embed_fn: ``embed_fn(encoder, x_batch) -> [B, D]`` used for selection
             (default ``encoder(x_batch)``).
         seed: seeds the batches, views and selections.
@@ -69,55 +94,74 @@ class ActiveLearner:
     """
 
     def __init__(self, encoder: torch.nn.Module, data: torch.Tensor, oracle: Oracle,
-                 store: RelationStore | None = None, *, strategy: str = "pal",
-                 augment: Callable | None = None, n_views: int = 2, epochs_per_round: int = 10,
-                 batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
-                 temperature: float = 0.1, label_weight: float = 1.0, view_weight: float = 1.0,
-                 k: int = 10, explore: float = 0.1, embed_fn: Callable | None = None,
-                 seed: int = 0, device=None, progress: bool = True,
-                 source: str = "oracle", group_components: bool = True):
-        op = "palfast.active.ActiveLearner"
-        if not isinstance(encoder, torch.nn.Module):
-            raise TypeError(f"{op}: encoder must be a torch.nn.Module, got {type(encoder).__name__}")
-        if not isinstance(data, torch.Tensor) or data.dim() < 1 or data.shape[0] < 2:
-            raise ValueError(f"{op}: data must be a tensor [N, ...] with N >= 2 samples, got "
-                             f"{getattr(data, 'shape', type(data).__name__)}")
-        if not isinstance(oracle, Oracle):
-            raise TypeError(f"{op}: oracle must be a palfast.active.Oracle, got "
-                            f"{type(oracle).__name__}")
-        if store is not None and not isinstance(store, RelationStore):
-            raise TypeError(f"{op}: store must be a RelationStore, got {type(store).__name__}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"{op}: strategy must be one of {STRATEGIES}, got {strategy!r}")
-        for name, v in (("n_views", n_views), ("epochs_per_round", epochs_per_round),
-                        ("batch_size", batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name.startswith("e") else 1):
-                raise ValueError(f"{op}: {name} must be a positive int, got {v!r}")
-        self.encoder = encoder
+                 store: RelationStore | None = None, *, strategy: str | Callable = "pal",
+                 loss: Callable | None = None, augment: Callable | None = None,
+                 n_views: int = 2, epochs_per_round: int = 10, batch_size: int = 256,
+                 lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 0.1,
+                 label_weight: float = 1.0, view_weight: float = 1.0, k: int = 10,
+                 explore: float = 0.1, order: str = "gain", transitive: bool | None = None,
+                 embed_fn: Callable | None = None, seed: int = 0, device=None,
+                 progress: bool = True, source: str = "oracle", group_components: bool = True):
+        self.encoder = check_instance(_OP, "encoder", encoder, torch.nn.Module,
+                                      "a torch.nn.Module")
+        check_instance(_OP, "data", data, torch.Tensor, "a torch.Tensor [N, ...]")
+        if data.dim() < 1 or data.shape[0] < 2:
+            raise ValueError(f"{_OP}: data must be a tensor [N, ...] with N >= 2 samples, got "
+                             f"shape {tuple(data.shape)}")
         self.data = data
-        self.oracle = oracle
-        self.store = store if store is not None else RelationStore()
-        self.strategy = strategy
-        self.augment = augment
-        self.n_views = n_views if augment is not None else 1
-        self.epochs_per_round = epochs_per_round
-        self.batch_size = batch_size
-        self.temperature = temperature
-        self.label_weight = label_weight
-        self.view_weight = view_weight
-        self.k = k
-        self.explore = explore
-        self.embed_fn = embed_fn
-        self.seed = int(seed)
-        self.progress = progress
-        self.source = source
-        self.group_components = bool(group_components)
+        self.oracle = check_instance(_OP, "oracle", oracle, Oracle, "a palfast.active.Oracle")
+        self.store = RelationStore() if store is None else check_instance(
+            _OP, "store", store, RelationStore, "a palfast.active.RelationStore")
+        if callable(strategy):
+            self.strategy = strategy
+        else:
+            self.strategy = check_choice(_OP, "strategy", strategy, STRATEGIES)
+        self.loss = (functools.partial(info_nce, temperature=check_number(
+            _OP, "temperature", temperature, 0.0, strict=True)) if loss is None
+            else check_callable(_OP, "loss", loss, "loss(z, graph) -> scalar"))
+        self.augment = (None if augment is None else
+                        check_callable(_OP, "augment", augment, "augment(x, generator) -> x"))
+        n_views = check_int(_OP, "n_views", n_views, 1)
+        #: RelationStore.graph's keywords, in this one place (see batch_graph).
+        self.graph_options = {
+            "n_views": n_views if augment is not None else 1,
+            "label_weight": check_number(_OP, "label_weight", label_weight, 0.0),
+            "view_weight": check_number(_OP, "view_weight", view_weight, 0.0)}
+        self.transitive = (self.strategy != "passive" if transitive is None
+                           else check_bool(_OP, "transitive", transitive))
+        self.epochs_per_round = check_int(_OP, "epochs_per_round", epochs_per_round, 0)
+        self.batch_size = check_int(_OP, "batch_size", batch_size, 1)
+        self.k = check_int(_OP, "k", k, 1)
+        self.explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
+        self.order = check_choice(_OP, "order", order, ORDERS)
+        self.embed_fn = (None if embed_fn is None else check_callable(
+            _OP, "embed_fn", embed_fn, "embed_fn(encoder, x) -> [B, D]"))
+        self.seed = check_int(_OP, "seed", seed)
+        self.progress = check_bool(_OP, "progress", progress)
+        self.source = check_instance(_OP, "source", source, str, "a str")
+        self.group_components = check_bool(_OP, "group_components", group_components)
+        #: What "pal" carries from one selection to the next (exploration credit, seeds).
+        self.strategy_state: dict = {}
         params = list(encoder.parameters())
         self.device = torch.device(device) if device is not None else (
             params[0].device if params else torch.device("cpu"))
         self.encoder.to(self.device)
-        self.optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(
+            params, lr=check_number(_OP, "lr", lr, 0.0, strict=True),
+            weight_decay=check_number(_OP, "weight_decay", weight_decay, 0.0))
         self._gen = torch.Generator().manual_seed(self.seed)
+        self._positives = torch.zeros(0, 2, dtype=torch.long)
+
+    @property
+    def n_views(self) -> int:
+        """Views per sample in each batch (1 without ``augment``)."""
+        return self.graph_options["n_views"]
+
+    @property
+    def strategy_name(self) -> str:
+        """The strategy's name, or the callable's ``__name__``."""
+        s = self.strategy
+        return s if isinstance(s, str) else getattr(s, "__name__", type(s).__name__)
 
     # ------------------------------------------------------------------ steps
     def train(self, epochs: int | None = None) -> float:
@@ -125,6 +169,9 @@ class ActiveLearner:
         the current graph; returns the mean loss of the last epoch (nan if no epoch)."""
         epochs = self.epochs_per_round if epochs is None else epochs
         n = self.data.shape[0]
+        if not self.transitive:
+            pairs, answers = self.store.answers()
+            self._positives = pairs[answers]
         self.encoder.train()
         last = float("nan")
         for _ in range(epochs):
@@ -136,12 +183,10 @@ class ActiveLearner:
                 x = self.data[idx.to(self.data.device)].to(self.device)
                 views = [self.augment(x, self._gen) if self.augment else x
                          for _ in range(self.n_views)]
-                graph = self.store.graph(idx, n_views=self.n_views, label_weight=self.label_weight,
-                                         view_weight=self.view_weight, device=self.device)
+                graph = self.batch_graph(idx)
                 if graph.num_anchors == 0:
                     continue  # no positive anywhere in this batch: nothing to learn from
-                z = self.encoder(torch.cat(views))
-                loss = info_nce(z, graph, temperature=self.temperature)
+                loss = self.loss(self.encoder(torch.cat(views)), graph)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -149,6 +194,32 @@ class ActiveLearner:
                 count += 1
             last = total / max(count, 1)
         return last
+
+    def batch_graph(self, idx: torch.Tensor) -> PairGraph:
+        """The graph the loss trains on for the batch of sample ids ``idx [B]``, over
+        ``cat(views)`` (V·B rows): the only place it is built, with the store's graph
+        keywords from :attr:`graph_options`.
+
+        ``transitive=True``: ``store.graph(idx, **graph_options)`` (known classes, closure
+        included). ``transitive=False``: views graph + only the pairs answered "alike"
+        whose two samples are in the batch (every view of one with every view of the
+        other), so nothing is inferred (the paper's passive baseline)."""
+        if self.transitive:
+            return self.store.graph(idx, device=self.device, **self.graph_options)
+        b, v = idx.numel(), self.n_views
+        largest = max(int(idx.max()), int(self._positives.max()) if self._positives.numel() else 0)
+        row = torch.full((largest + 1,), -1, dtype=torch.long)
+        row[idx] = torch.arange(b)
+        ra, rb = row[self._positives[:, 0]], row[self._positives[:, 1]]
+        both = (ra >= 0) & (rb >= 0)
+        ra, rb = ra[both], rb[both]
+        shift = torch.arange(v) * b  # view v of batch row r is row r + v·b of cat(views)
+        src = (ra[:, None, None] + shift[None, :, None]).expand(-1, v, v).reshape(-1)
+        dst = (rb[:, None, None] + shift[None, None, :]).expand(-1, v, v).reshape(-1)
+        g = self.graph_options["label_weight"] * PairGraph.from_edges(src, dst, num_nodes=v * b)
+        if v > 1:
+            g = self.graph_options["view_weight"] * PairGraph.from_views(b, v) + g
+        return g.to(self.device)
 
     def _epoch_order(self, n: int) -> torch.Tensor:
         """A random order of the pool in which known components stay together.
@@ -187,63 +258,95 @@ class ActiveLearner:
     def select(self, budget: int) -> torch.Tensor:
         """Pairs to ask next (``[Q, 2]``, Q ≤ budget) by the learner's strategy."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.store.n_queries)
-        if self.strategy == "random":  # embeddings are not used: skip the forward pass
+        if self.strategy in ("random", "passive"):  # embeddings unused: skip the forward pass
             emb = torch.zeros(self.data.shape[0], 1)
         else:
             emb = self.embed()
-        return select_queries(emb, self.store, budget, self.strategy, k=self.k, generator=gen,
-                              explore=self.explore)
+        if isinstance(self.strategy, str):
+            return select_queries(emb, self.store, budget, self.strategy, k=self.k,
+                                  generator=gen, explore=self.explore, order=self.order,
+                                  state=self.strategy_state)
+        pairs = _as_pairs(self.strategy(emb, self.store, budget, k=self.k, generator=gen),
+                          f"{_OP}: the pairs that strategy {self.strategy_name!r} returned")
+        if pairs.shape[0] > budget:
+            raise ValueError(f"{_OP}: strategy {self.strategy_name!r} returned {pairs.shape[0]} "
+                             f"pairs for a budget of {budget}; it must return at most budget")
+        return pairs
 
     def ask_and_record(self, pairs: torch.Tensor) -> torch.Tensor:
-        """Ask the oracle and record the answers (one store transaction)."""
+        """Ask the oracle and record the answers (one store transaction). Answers that
+        contradict the known relation are counted in ``store.n_conflicts``, not warned
+        about here: :meth:`run` warns once per run with the total."""
         answers = self.oracle.ask(pairs)
-        self.store.record(pairs, answers, source=self.source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ContradictionWarning)
+            self.store.record(pairs, answers, source=self.source)
         return answers
 
     # -------------------------------------------------------------------- loop
     def run(self, budget: int, queries_per_round: int = 50,
-            callback: Callable | None = None) -> list[dict]:
-        """Rounds until ``store.n_queries >= budget``: train, then (``callback``), then
+            on_round: Callable | None = None) -> list[dict]:
+        """Rounds until ``store.n_queries >= budget``: train, then ``on_round``, then
         select/ask/record. The last round trains on every answer, so the last entry
-        describes the final encoder. ``callback(learner) -> dict | None`` adds its
-        entries (e.g. test accuracy) to the round's record.
+        describes the final encoder.
+
+        Stopping rule: the run ends after the round that trained on ``budget`` answers
+        (``"stop": "budget"``), or earlier after a round whose selection returned no
+        pair (``"stop": "exhausted"``: for the built-in strategies every pair of the pool
+        is known or implied). ``"stop"`` is None in the other rounds' records.
+
+        ``on_round(learner, record) -> dict | None`` is called once per round after
+        training, with the round's record so far; the entries it returns (e.g. test
+        accuracy) are added to the record.
 
         Returns one dict per round: ``round``, ``n_queries`` (answers the encoder was
-        trained with), ``n_positive`` (answers "alike" so far), ``loss``, callback entries.
+        trained with), ``n_positive`` (answers "alike" so far), ``n_conflicts`` (answers
+        so far that contradict earlier ones: a noisy oracle), ``loss``, ``n_seeds``
+        (``"pal"``'s exploration questions so far), ``stop``, and the hook's entries.
+        A run whose answers added contradictions warns once, at its end, with
+        :class:`ContradictionWarning`.
         """
-        op = "palfast.active.ActiveLearner.run"
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(f"{op}: budget must be an int >= 0, got {budget!r}")
-        if (isinstance(queries_per_round, bool) or not isinstance(queries_per_round, int)
-                or queries_per_round < 1):
-            raise ValueError(f"{op}: queries_per_round must be an int >= 1, got "
-                             f"{queries_per_round!r}")
+        op = f"{_OP}.run"
+        budget = check_int(op, "budget", budget, 0)
+        queries_per_round = check_int(op, "queries_per_round", queries_per_round, 1)
+        if on_round is not None:
+            check_callable(op, "on_round", on_round, "on_round(learner, record) -> dict | None")
         history: list[dict] = []
         remaining = max(0, budget - self.store.n_queries)
         n_rounds = -(-remaining // queries_per_round) + 1
-        bar = _progress(n_rounds, f"{self.strategy}", self.progress)
+        conflicts_before = self.store.n_conflicts
+        bar = _progress(n_rounds, self.strategy_name, self.progress)
         try:
             while True:
                 loss = self.train()
                 _, answers = self.store.answers()
                 info = {"round": len(history), "n_queries": self.store.n_queries,
-                        "n_positive": int(answers.sum()), "loss": loss}
-                if callback is not None:
-                    info.update(callback(self) or {})
+                        "n_positive": int(answers.sum()), "n_conflicts": self.store.n_conflicts,
+                        "loss": loss, "n_seeds": self.strategy_state.get("n_seeds", 0),
+                        "stop": None}
+                if on_round is not None:
+                    info.update(on_round(self, dict(info)) or {})
                 history.append(info)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(queries=info["n_queries"], loss=f"{loss:.3f}")
                 remaining = budget - self.store.n_queries
                 if remaining <= 0:
+                    info["stop"] = "budget"
                     break
                 pairs = self.select(min(queries_per_round, remaining))
                 if pairs.shape[0] == 0:
-                    break  # every pair is known: nothing left to ask
+                    info["stop"] = "exhausted"
+                    break
                 self.ask_and_record(pairs)
         finally:
             if bar is not None:
                 bar.close()
+        added = self.store.n_conflicts - conflicts_before
+        if added:
+            warnings.warn(f"{op}: {added} of this run's answers contradict earlier answers (a "
+                          f"noisy oracle?); the first answer wins, store.contradictions() lists "
+                          f"them", ContradictionWarning, stacklevel=2)
         return history
 
 

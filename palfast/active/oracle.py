@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._checks import check_callable, check_int, check_number
 from .store import _as_pairs
 
 __all__ = ["CallbackOracle", "LabelOracle", "Oracle"]
@@ -112,11 +113,12 @@ class LabelOracle(Oracle):
                              f"got shape {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype.is_complex:
             raise TypeError(f"LabelOracle: labels must be integers, got {y.dtype}")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 1:
-            raise ValueError(f"LabelOracle: noise must be a probability in [0, 1), got {noise!r}")
+        self.noise = check_number("LabelOracle", "noise", noise, 0.0, maximum=1.0)
+        if self.noise == 1.0:  # every answer flipped is a perfect oracle saying the opposite
+            raise ValueError("LabelOracle: noise must be a probability in [0, 1), got 1.0")
         self.labels = y.to(device="cpu", dtype=torch.long)
-        self.noise = float(noise)
-        self._gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        seed = 0 if seed is None else check_int("LabelOracle", "seed", seed)
+        self._gen = torch.Generator().manual_seed(seed)
 
     def _answer(self, pairs: torch.Tensor) -> torch.Tensor:
         n = self.labels.numel()
@@ -141,13 +143,9 @@ class CallbackOracle(Oracle):
 
     def __init__(self, fn: Callable, batch_fn: Callable | None = None):
         super().__init__()
-        if not callable(fn):
-            raise TypeError(f"CallbackOracle: fn must be callable, got {type(fn).__name__}")
-        if batch_fn is not None and not callable(batch_fn):
-            raise TypeError(f"CallbackOracle: batch_fn must be callable, got "
-                            f"{type(batch_fn).__name__}")
-        self.fn = fn
-        self.batch_fn = batch_fn
+        self.fn = check_callable("CallbackOracle", "fn", fn, "fn(pairs [Q, 2]) -> [Q] bools")
+        self.batch_fn = None if batch_fn is None else check_callable(
+            "CallbackOracle", "batch_fn", batch_fn, "batch_fn(anchor, candidates [K]) -> [K] bools")
 
     def _answer(self, pairs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.fn(pairs.clone()))

@@ -1,7 +1,8 @@
 """Which pairs to ask the oracle next (docs/active.md).
 
 ``select_queries(embeddings, store, budget, strategy)`` returns at most ``budget``
-pairs of sample ids ``[Q, 2]`` (``i < j``). Every strategy obeys the same rules:
+pairs of sample ids ``[Q, 2]`` (``i < j``). Every strategy but ``"passive"`` obeys
+the same rules:
 
 * never a pair the store knows, directly or by implication (same component, or
   components linked by a cannot-link);
@@ -11,10 +12,17 @@ pairs of sample ids ``[Q, 2]`` (``i < j``). Every strategy obeys the same rules:
 
 Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosine):
 
+``"passive"``
+    The passive baseline of the PAL paper: pairs of distinct rows drawn uniformly
+    at random; only a pair already asked (or drawn twice) is rejected, so pairs
+    the answers already imply are asked again and cost a query. (With
+    ``ActiveLearner`` the loss then sees only the answered pairs, no transitive
+    closure.) Q = budget unless fewer unasked pairs exist.
 ``"random"``
-    Passive baseline: pairs of distinct rows drawn uniformly at random, rejected
-    when known or already taken (the unknown pairs are enumerated when rejection
-    sampling stalls on small pools).
+    Random pairs that use transitivity: drawn uniformly, rejected when known or
+    implied or joining two components already joined by this call (the unknown
+    pairs are enumerated when rejection sampling stalls on small pools). Stronger
+    than ``"passive"``: no query is wasted on an implied answer.
 ``"nearest"``
     The most similar unknown pairs first: :func:`candidate_pairs` with k nearest
     neighbours (k doubled until the budget is filled or k = N − 1).
@@ -25,31 +33,43 @@ Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosin
     similarity while no positive and negative answers both exist. Candidates are
     the 3k-nearest-neighbour pairs, ordered by |similarity − t|.
 ``"pal"``
-    The PAL rule (Cabannes et al., ICCV 2023): grow the known classes with samples
-    predicted to belong to them. A *class* is a component of ≥ 2 rows (it has a
-    known positive). Repeatedly take the least-queried class C (fewest logged
-    answers touching C, counting the queries already selected in this call; ties:
-    the smaller class) and ask one question about its next candidate:
+    Inspired by the PAL paper's rule (Cabannes et al., ICCV 2023: grow the known
+    classes with samples predicted to belong to them), with merge questions,
+    seeds and a gain order the paper does not have. A *class* is a component of
+    ≥ 2 rows (it has a known positive). Repeatedly take the least-queried class C
+    (fewest logged answers touching C, counting the queries already selected in
+    this call; ties: the smaller class) and ask one question about its next
+    candidate, a row or a merge:
 
-    * a row predicted to be in C (its most similar known member is in C: 1-NN over
-      the known classes), in random order, then the other free rows, most similar
-      to C first; each row at most once per call;
-    * or another class C' whose members are mostly predicted to be in C (majority
-      of their 1-NN votes over the classes other than C'): a merge question, which
-      links |C|·|C'| pairs at once.
+    * rows: those predicted to be in C (their most similar known member is in C:
+      1-NN over the known classes), then the other free rows, most similar to C
+      first; each row at most once per call. The gain of a row is P(alike | its
+      similarity to C), an isotonic (non-decreasing) fit of the answers so far
+      against the current similarities (1 before any answer): a "yes" joins one
+      sample to C;
+    * merges: another class C' whose members are mostly predicted to be in C
+      (majority of their 1-NN votes over the classes other than C'); a "yes"
+      joins |C'| samples (|C|·|C'| pairs) at once.
 
-    The row and the merge compete on the expected number of samples joined to C:
-    P(alike | similarity) for the row, an isotonic (non-decreasing) fit of the
-    answers so far against the current similarities (1 before any answer), and
-    vote share · |C'| for the merge. The pair asked is the two closest members of
-    the two sides (the easiest question for a person). Random order inside the
-    predicted class rather than nearest first: the nearest samples are answered
-    "alike" but teach the encoder little, they are already next to their class
-    (see docs/active.md for the measurement). A share ``explore`` of the budget
-    (all of it while no class exists) seeds new classes: the row least similar to
-    every known member and seed so far (farthest-point), paired with its nearest
-    neighbour. Budget left when every row has been used goes to the most similar
-    unknown pairs.
+    ``order="gain"`` (default) ranks the predicted rows by gain, ties (a flat step
+    of the isotonic fit) in random order, and gives a merge the gain
+    min(P(alike | similarity of the two closest members), vote share) · |C'|, so
+    a likely merge beats any single row. ``order="random"`` is the earlier rule:
+    predicted rows in random order (diverse samples of the class, not only the
+    ones next to a member; see docs/active.md for the measurement) and a merge
+    gain of vote share · |C'|. Either way the next row and the next merge of C
+    compete on gain. The pair asked is the two closest members of the two sides
+    (the easiest question for a person).
+
+    Seeds explore: the row least similar to every known member and seed so far
+    (farthest-point), paired with its nearest neighbour. All of the budget seeds
+    while no class exists; then ``explore · budget`` per call is added to a credit
+    carried in ``state`` from call to call and its whole part is spent (no rounding
+    up per call). A seed *finds a class* when answered "alike" with both rows
+    outside every class; after :data:`STABLE_SEEDS` seeds in a row found none the
+    number of classes is taken as stable and exploring stops. Budget left when
+    every row has been used goes to more seeds, then to the most similar unknown
+    pairs.
 
 Example::
 
@@ -65,7 +85,6 @@ Example::
 from __future__ import annotations
 
 import heapq
-import math
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +94,18 @@ from ..knn import resolve_backend
 from .candidates import candidate_pairs, check_ids
 from .store import RelationStore
 
-__all__ = ["STRATEGIES", "select_queries"]
+__all__ = ["ORDERS", "STABLE_SEEDS", "STRATEGIES", "select_queries"]
 
-STRATEGIES = ("pal", "nearest", "uncertain", "random")
+STRATEGIES = ("pal", "nearest", "uncertain", "random", "passive")
+#: ``"pal"``'s order of the candidates inside a class (module docstring).
+ORDERS = ("gain", "random")
 _OP = "palfast.active.select_queries"
+#: ``"pal"`` stops exploring after this many seeds in a row found no new class: three
+#: misses in a row, not one, because a single seed can land in a known class by chance
+#: while others are still undiscovered.
+STABLE_SEEDS = 3
+#: Float sums of explore·budget (0.1 added ten times is 0.999…) still make whole seeds.
+_CREDIT_SLACK = 1e-9
 
 
 class _Selection:
@@ -119,20 +146,31 @@ class _Selection:
 def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
                    strategy: str = "pal", *, k: int = 10, generator: torch.Generator | None = None,
                    seed: int | None = None, ids=None, backend: str = "auto",
-                   explore: float = 0.1) -> torch.Tensor:
+                   explore: float = 0.1, order: str = "gain",
+                   state: dict | None = None) -> torch.Tensor:
     """Choose up to ``budget`` unknown pairs to ask the oracle.
 
     Args:
         embeddings: ``[N, D]`` floating point, row r = sample ``ids[r]``, N ≥ 2.
         store: the :class:`RelationStore` of answers so far.
         budget: number of pairs wanted (int ≥ 0).
-        strategy: ``"pal"`` | ``"nearest"`` | ``"uncertain"`` | ``"random"`` (module docstring).
+        strategy: ``"pal"`` | ``"nearest"`` | ``"uncertain"`` | ``"random"`` | ``"passive"``
+            (module docstring).
         k: nearest neighbours per row for the candidate pairs (clamped to N − 1).
-        generator / seed: randomness of ``"random"`` and of ``"pal"``'s first seed;
+        generator / seed: randomness of ``"random"``, ``"passive"`` and ``"pal"``;
             default ``seed=0`` (reproducible).
         ids: ``[N]`` distinct sample ids of the rows (default ``arange(N)``).
         backend: k-NN backend of :func:`candidate_pairs`.
-        explore: ``"pal"`` only, share of the budget spent seeding new classes.
+        explore: ``"pal"`` only, share of the budget spent seeding new classes (a
+            fraction carried from call to call through ``state``).
+        order: ``"pal"`` only, how a class's candidates are ranked: ``"gain"`` (expected
+            samples joined, merges first) or ``"random"`` (module docstring).
+        state: ``"pal"`` only, a dict it reads and updates so that consecutive calls
+            add up: ``explore_credit`` (the fraction of a seed not yet spent),
+            ``n_seeds`` (seeds asked so far), ``exploring`` (False once the number of
+            classes is stable), ``misses`` and ``pending`` (seeds not yet judged).
+            Pass the same dict to every call (:class:`ActiveLearner` does); None =
+            a fresh one each call.
 
     Returns:
         LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
@@ -146,6 +184,10 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     check_choice(_OP, "strategy", strategy, STRATEGIES)
     k = check_int(_OP, "k", k, 1)
     explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
+    order = check_choice(_OP, "order", order, ORDERS)
+    if state is not None and not isinstance(state, dict):
+        raise TypeError(f"{_OP}: state must be a dict (pass the same one to every call) or None, "
+                        f"got {type(state).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{_OP}: generator must be a torch.Generator, got {type(generator).__name__}")
     backend = resolve_backend(_OP, backend)
@@ -159,37 +201,66 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     x = x.detach().float().cpu()
     if strategy == "random":
         _random(sel, n, budget, generator)
+    elif strategy == "passive":
+        return _passive(store, row_ids, budget, generator)
     elif strategy == "nearest":
         _nearest(sel, x, budget, k, backend)
     elif strategy == "uncertain":
         _uncertain(sel, x, budget, k, backend)
     else:
-        _pal(sel, x, budget, k, explore, generator)
+        _pal(sel, x, budget, k, explore, generator, order, {} if state is None else state)
         if len(sel.pairs) < budget:  # every row already used once: most similar pairs left
             _nearest(sel, x, budget, k, backend)
     return sel.result()
 
 
 # ---------------------------------------------------------------- strategies
-def _random(sel: _Selection, n: int, budget: int, gen: torch.Generator) -> None:
-    for _ in range(64):  # rejection sampling: cheap while unknown pairs are plentiful
-        need = budget - len(sel.pairs)
+#: Rounds of rejection sampling before the random strategies enumerate every pair.
+_REJECTION_ROUNDS = 64
+#: Enumerate the pairs only up to this many (two int64 index vectors of 32 MB each).
+_MAX_ENUMERATED_PAIRS = 4_000_000
+
+
+def _random_row_pairs(n: int, missing, gen: torch.Generator):
+    """Batches ``(a, b)`` of uniform random row pairs a ≠ b while ``missing() > 0``:
+    rejection sampling first (cheap while wanted pairs are plentiful), then, when it
+    stalls on a small pool, every pair a < b once in a random order."""
+    for _ in range(_REJECTION_ROUNDS):
+        need = missing()
         if need <= 0:
             return
         m = 4 * need + 16
         a = torch.randint(0, n, (m,), generator=gen)
         b = torch.randint(0, n - 1, (m,), generator=gen)
-        b += (b >= a).long()  # uniform over rows b != a
+        yield a, b + (b >= a).long()  # uniform over rows b != a
+    if missing() > 0 and n * (n - 1) // 2 <= _MAX_ENUMERATED_PAIRS:
+        a, b = torch.triu_indices(n, n, 1)
+        perm = torch.randperm(a.numel(), generator=gen)
+        yield a[perm], b[perm]
+
+
+def _random(sel: _Selection, n: int, budget: int, gen: torch.Generator) -> None:
+    for a, b in _random_row_pairs(n, lambda: budget - len(sel.pairs), gen):
         unknown = ~sel.store.known_mask(torch.stack([sel.ids[a], sel.ids[b]], 1))
         sel.add_ranked(a[unknown], b[unknown], budget)
-    if len(sel.pairs) < budget and n * (n - 1) // 2 <= 4_000_000:
-        # Few unknown pairs left: enumerate them all and take a random order.
-        a, b = torch.triu_indices(n, n, 1)
-        unknown = ~sel.store.known_mask(torch.stack([sel.ids[a], sel.ids[b]], 1))
-        a, b = a[unknown], b[unknown]
-        perm = torch.randperm(a.numel(), generator=gen)
-        sel.add_ranked(a[perm], b[perm], budget)
 
+
+def _passive(store: RelationStore, ids: torch.Tensor, budget: int,
+             gen: torch.Generator) -> torch.Tensor:
+    """The paper's passive baseline: uniform random pairs of distinct rows, only the
+    pairs already asked (or drawn twice) rejected; implied pairs are asked."""
+    asked_pairs, _ = store.answers()
+    seen = {(int(i), int(j)) for i, j in asked_pairs.tolist()}
+    seen |= {(j, i) for i, j in seen}
+    out: list[tuple[int, int]] = []
+    for a, b in _random_row_pairs(ids.numel(), lambda: budget - len(out), gen):
+        for i, j in zip(ids[a].tolist(), ids[b].tolist()):
+            if len(out) >= budget:
+                break
+            if (i, j) not in seen:
+                seen.update(((i, j), (j, i)))
+                out.append((min(i, j), max(i, j)))
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
 
 def _rows_of(sel: _Selection, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-id pairs from candidate_pairs back to row indices."""
@@ -258,13 +329,21 @@ def _uncertain(sel: _Selection, x: torch.Tensor, budget: int, k: int, backend: s
         k = min(2 * k, n - 1)
 
 
-def _max_sim(xn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """max over r in rows of <xn[r], xn[i]> for every i, a block of rows at a time."""
-    out = torch.full((xn.shape[0],), float("-inf"))
-    block = max(1, (1 << 22) // xn.shape[0])
+#: Similarities _class_links computes at once (16 MB of float32).
+_SIM_BLOCK = 1 << 22
+
+
+def _class_links(xn: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor,
+                 n_cls: int) -> torch.Tensor:
+    """``link [n_cls, N]``: link[c, i] = max over the member rows r of class c
+    (``cls[k]`` is the class of ``rows[k]``) of <xn[r], xn[i]>; one matrix product and
+    one segmented max per block of members, whatever the number of classes."""
+    link = torch.full((n_cls, xn.shape[0]), float("-inf"))
+    block = max(1, _SIM_BLOCK // xn.shape[0])
     for start in range(0, rows.numel(), block):
-        out = torch.maximum(out, (xn[rows[start:start + block]] @ xn.T).max(0).values)
-    return out
+        sims = xn[rows[start:start + block]] @ xn.T
+        link.scatter_reduce_(0, cls[start:start + block, None].expand_as(sims), sims, "amax")
+    return link
 
 
 def _isotonic(s: torch.Tensor, y: torch.Tensor):
@@ -291,7 +370,7 @@ def _isotonic(s: torch.Tensor, y: torch.Tensor):
 
 
 def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
-         gen: torch.Generator) -> None:
+         gen: torch.Generator, order: str, state: dict) -> None:
     n = x.shape[0]
     xn = F.normalize(x, dim=1)
     _, inv, counts = torch.unique(sel.roots, return_inverse=True, return_counts=True)
@@ -299,7 +378,9 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     cls = torch.unique(class_of[class_of >= 0])
     class_of = torch.searchsorted(cls, class_of.clamp_min(0)).where(class_of >= 0, -1)
     n_cls = cls.numel()
-    members = [(class_of == c).nonzero().flatten() for c in range(n_cls)]
+    member_rows = torch.sort(class_of, stable=True).indices[int((class_of < 0).sum()):]
+    member_cls = class_of[member_rows]  # the rows of the classes, grouped by class
+    members = list(member_rows.split(torch.bincount(member_cls, minlength=n_cls).tolist()))
     in_class = class_of >= 0
     used = torch.zeros(n, dtype=torch.bool)  # rows already in a query of this call
 
@@ -314,40 +395,40 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     ra, rb, y = _answered_rows(sel, log_pairs, log_answers)
     p_alike = _isotonic((xn[ra] * xn[rb]).sum(1), y)
 
-    n_seed = budget if not n_cls else (min(budget, math.ceil(explore * budget)) if explore else 0)
+    n_seed = _exploration(sel.store, state, n_cls, budget, explore)
 
     # ---- grow the classes, least-queried first. Candidates of class c: rows in no
-    # class and the other classes, by single linkage (best similarity to a member of
-    # c: the 1-NN prediction), the most similar first. The next row and the next class
-    # compete on the expected number of samples joined to c: P(alike | sim) · size.
+    # class and the other classes. The next row and the next class compete on the
+    # expected number of samples joined to c (module docstring).
     n_grow = budget - n_seed
     heap = [(int(asked[c]), members[c].numel(), c) for c in range(n_cls)]
     heapq.heapify(heap)
     # link[c, i]: best similarity of row i to a member of class c; the predicted class
     # of a row is its most linked class (1-NN over the known members).
-    link = (torch.stack([_max_sim(xn, m) for m in members]) if n_cls
-            else xn.new_zeros(0, n))
+    link = _class_links(xn, member_rows, member_cls, n_cls)
     predicted = link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
     free = ~in_class
     # vote_share[o, c]: share of the members of class o whose most linked other class is c.
     vote_share = torch.zeros(n_cls, n_cls)
     if n_cls > 1:
-        for o in range(n_cls):
-            other = link[:, members[o]].clone()
-            other[o] = float("-inf")
-            vote_share[o] = torch.bincount(other.argmax(0), minlength=n_cls).float()
-            vote_share[o] /= members[o].numel()
+        other = link[:, member_rows]
+        other[member_cls, torch.arange(member_rows.numel())] = float("-inf")
+        vote_share.index_put_((member_cls, other.argmax(0)),
+                              torch.ones(member_rows.numel()), accumulate=True)
+        vote_share /= torch.tensor([m.numel() for m in members], dtype=torch.float)[:, None]
     ranks: list = [None] * n_cls
     row_cur = [0] * n_cls
     cls_cur = [0] * n_cls
     while heap and len(sel.pairs) < n_grow:
         q, size, c = heapq.heappop(heap)
         if ranks[c] is None:
-            # Rows predicted to be in c, in random order (diverse samples of the class,
-            # not only the ones the embedding already puts next to a member), then the
-            # other free rows, most linked first.
+            # Rows predicted to be in c (order "gain": likeliest "alike" first, ties in
+            # random order; order "random": all in random order, diverse samples of the
+            # class), then the other free rows, most linked first.
             mine = (free & (predicted == c)).nonzero().flatten()
             mine = mine[torch.randperm(mine.numel(), generator=gen)]
+            if order == "gain":  # most likely "alike" first; ties (a flat step of P) random
+                mine = mine[torch.sort(-p_alike(link[c, mine]), stable=True).indices]
             rest = (free & (predicted != c)).nonzero().flatten()
             rest = rest[torch.sort(-link[c, rest], stable=True).indices]
             rows = torch.cat([mine, rest])
@@ -356,10 +437,15 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
             # estimates P(o and c are one class).
             others = (vote_share[:, c] >= 0.5).nonzero().flatten()
             others = others[others != c]
-            others = others[torch.sort(-vote_share[others, c], stable=True).indices]
-            ranks[c] = (rows, p_alike(link[c, rows]), others,
-                        vote_share[others, c]
-                        * torch.tensor([members[o].numel() for o in others], dtype=torch.float))
+            sizes = torch.tensor([members[o].numel() for o in others], dtype=torch.float)
+            if order == "gain":  # P(alike) of the pair asked (the closest members) · |o|
+                closest = torch.stack([link[c, members[o]].max() for o in others]) \
+                    if others.numel() else torch.zeros(0)
+                merge_gain = torch.minimum(p_alike(closest), vote_share[others, c]) * sizes
+            else:
+                merge_gain = vote_share[others, c] * sizes
+            by_gain = torch.sort(-merge_gain, stable=True).indices
+            ranks[c] = (rows, p_alike(link[c, rows]), others[by_gain], merge_gain[by_gain])
         rows, row_gain, others, cls_gain = ranks[c]
         asked_one = False
         while not asked_one:
@@ -390,7 +476,7 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     # ---- seed new classes far from everything known (and fill what growth could not):
     # the row least similar to every class member and seed so far, with its nearest
     # neighbour (most likely alike).
-    maxsim = _max_sim(xn, in_class.nonzero().flatten()) if n_cls else torch.full((n,), -2.0)
+    maxsim = link.max(0).values if n_cls else torch.full((n,), -2.0)
     first = True
     while len(sel.pairs) < budget:
         eligible = ~(in_class | used)
@@ -408,13 +494,48 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
         sims = xn @ xn[x_row]
         maxsim = torch.maximum(maxsim, sims)
         sims[used] = float("-inf")
-        order = torch.sort(-sims, stable=True).indices[: n - int(used.sum())]
-        for start in range(0, order.numel(), 64):
-            chunk = order[start:start + 64]
+        nearest_rows = torch.sort(-sims, stable=True).indices[: n - int(used.sum())]
+        for start in range(0, nearest_rows.numel(), 64):
+            chunk = nearest_rows[start:start + 64]
             anchor = torch.full_like(chunk, x_row)
             unknown = ~sel.store.known_mask(torch.stack([sel.ids[anchor], sel.ids[chunk]], 1))
             hit = next((b for b in chunk[unknown].tolist() if sel.try_add(x_row, b)), None)
             if hit is not None:
                 used[hit] = True
                 maxsim = torch.maximum(maxsim, xn @ xn[hit])
+                state["n_seeds"] = state.get("n_seeds", 0) + 1
+                state.setdefault("pending", []).append(
+                    (int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit])))
                 break
+
+
+def _exploration(store: RelationStore, state: dict, n_cls: int, budget: int,
+                 explore: float) -> int:
+    """How many of this call's ``budget`` questions seed new classes (module docstring).
+
+    First the seeds of earlier calls are judged: a seed *found a class* when it was
+    answered "alike" with both rows outside every known class. After
+    :data:`STABLE_SEEDS` misses in a row the number of classes is taken as stable and
+    exploring stops for good. While no class exists, the whole budget seeds; else
+    ``explore · budget`` is added to a credit carried across calls and its whole part
+    is spent (no rounding up per call: with explore = 0.1 and one question per call,
+    one seed every ten calls)."""
+    waiting = []
+    for a, b, partner_free in state.pop("pending", []):
+        same = store.same(a, b)
+        if same is None:
+            waiting.append((a, b, partner_free))  # not answered yet: judge it later
+            continue
+        state["misses"] = 0 if (same and partner_free) else state.get("misses", 0) + 1
+    state["pending"] = waiting
+    if state.get("misses", 0) >= STABLE_SEEDS:
+        state["exploring"] = False
+    if not n_cls:
+        return budget
+    if not state.setdefault("exploring", True):
+        return 0
+    credit = state.get("explore_credit", 0.0) + explore * budget
+    n_seed = min(budget, int(credit + _CREDIT_SLACK))
+    credit = max(credit, float(n_seed))
+    state["explore_credit"] = credit - n_seed
+    return n_seed
