@@ -266,7 +266,8 @@ def test_info_nce_rejects_class_ids_out_of_range(emu):
     args = list(g.kernel_args())
     args[8] = [2]  # label_classes says 2 classes, but id 2 is present
     z = torch.randn(5, 4)
-    with pytest.raises(ValueError, match=r"palfast.info_nce: graph.labels\[0\] must hold class ids in \[-1, label_classes = 2\)"):
+    with pytest.raises(ValueError, match=r"palfast.info_nce: graph.labels\[0\] must hold class ids "
+                                         r"in \[-1, label_classes = 2\)"):
         emu.info_nce(z, *args, TEMPERATURE, True, 0, 5)
     args[6] = torch.tensor([[0, 1, -2, 0, 1]])
     args[8] = [3]

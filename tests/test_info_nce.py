@@ -18,6 +18,7 @@ from _helpers import (
     assert_compile_matches_eager,
     assert_constant_with_zero_gradient,
     assert_gradcheck_every_kind,
+    assert_within_2x_reference_error,
 )
 
 

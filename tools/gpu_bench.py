@@ -138,7 +138,7 @@ def bench(device: torch.device, out: Path, quick: bool) -> None:
             for name, fn in impls.items():
                 z = z0.clone().requires_grad_(True)
 
-                def step(fn=fn, z=z):
+                def step(fn=fn, z=z, graph=graph, positive=positive):
                     z.grad = None
                     loss = (palfast.info_nce(z, graph, temperature=TEMPERATURE) if fn is None
                             else fn(z, positive))
