@@ -77,6 +77,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"training epochs per round (default {FULL['epochs']})")
     parser.add_argument("--noise", type=float, default=0.0,
                         help="probability that the simulated oracle answers wrong")
+    parser.add_argument("--unknown-weight", type=float, default=1.0, metavar="LAMBDA",
+                        help="InfoNCE's weight in [0, 1] on pairs not known to be alike or "
+                             "different (1: plain InfoNCE; below 1 the loss also gets the "
+                             "known 'different' answers, docs/api.md 'Known negatives')")
     parser.add_argument("--order", default="gain", choices=("gain", "random"),
                         help="pal's order inside a class (docs/active.md; default %(default)s)")
     parser.add_argument("--views", default="shift", choices=VIEWS,
@@ -161,6 +165,10 @@ def _settings(args) -> dict:
         raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
     if not 0 <= args.noise < 1:
         raise ValueError(f"palfast demo: --noise must be in [0, 1), got {args.noise}")
+    s["unknown_weight"] = getattr(args, "unknown_weight", 1.0)
+    if not 0 <= s["unknown_weight"] <= 1:
+        raise ValueError(f"palfast demo: --unknown-weight must be in [0, 1], got "
+                         f"{s['unknown_weight']}")
     s["order"] = getattr(args, "order", "gain")
     s["views"] = getattr(args, "views", "shift")
     if s["views"] not in VIEWS:
@@ -194,7 +202,8 @@ def run_one(strategy: str, seed: int, settings: dict, data, store_path, *, noise
                                 store, strategy=strategy, augment=view_fn, n_views=2,
                                 epochs_per_round=settings["epochs"], batch_size=256, lr=1e-3,
                                 temperature=0.2, seed=seed, progress=progress,
-                                order=settings.get("order", "gain"))
+                                order=settings.get("order", "gain"),
+                                unknown_weight=settings.get("unknown_weight", 1.0))
         history = learner.run(settings["budget"], settings["queries_per_round"],
                               on_round=evaluate)
     for h in history:
@@ -366,7 +375,7 @@ def run_demo(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     data = load_digits_split()
     print(f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "
-          f"views {settings['views']}, "
+          f"views {settings['views']}, unknown weight {settings['unknown_weight']:g}, "
           f"budget {settings['budget']} queries in rounds of {settings['queries_per_round']}, "
           f"{settings['seeds']} seed(s), strategies {', '.join(settings['strategies'])}")
     rows: list[dict] = []

@@ -107,10 +107,33 @@ def test_graph_is_built_in_one_place_with_the_learner_options(monkeypatch):
     calls = []
     real = store.graph
     monkeypatch.setattr(store, "graph", lambda idx, **kw: calls.append(kw) or real(idx, **kw))
-    lrn.graph_options["label_weight"] = 0.25  # what a merge adding negatives=True edits
+    lrn.graph_options["label_weight"] = 0.25
     lrn.train(1)
     assert calls and all(kw == {"n_views": 2, "label_weight": 0.25, "view_weight": 2.0,
-                                "device": lrn.device} for kw in calls)
+                                "negatives": False, "device": lrn.device} for kw in calls)
+
+
+def test_unknown_weight_trains_on_the_known_negatives():
+    """unknown_weight < 1 turns on negatives=True, and the batches' graphs carry the
+    "different" answers to palfast.info_nce."""
+    data, y = toy(16, 2)
+    store = RelationStore()
+    store.record(torch.tensor([[0, 2], [0, 1]]), torch.tensor([True, False]))
+    lrn = learner(data, y, store, unknown_weight=0.5)
+    assert lrn.graph_options["negatives"] is True
+    assert learner(data, y, store).graph_options["negatives"] is False
+    g = lrn.batch_graph(torch.tensor([0, 1, 2, 3]))
+    neg = g.negatives.to_dense()
+    # 0≁1 answered and 2≁1 implied (2~0), every view of one with every view of the other.
+    for a, b in [(0, 1), (2, 1)]:
+        for v in range(2):
+            for w in range(2):
+                assert neg[a + 4 * v, b + 4 * w] > 0
+    assert neg[0, 2] == 0 and neg[:, 3].sum() == 0
+    z = torch.randn(8, 8, dtype=torch.float64)
+    torch.testing.assert_close(lrn.loss(z, g), palfast.info_nce(z, g, temperature=0.1,
+                                                                unknown_weight=0.5))
+    lrn.train(1)
 
 
 def test_transitive_false_trains_on_the_answered_pairs_only():
@@ -143,6 +166,10 @@ def test_transitive_false_trains_on_the_answered_pairs_only():
     ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
     ({"order": "nearest"}, ValueError, "order must be one of"),
     ({"transitive": "no"}, TypeError, "transitive must be True or False"),
+    ({"negatives": "yes"}, TypeError, "negatives must be True or False"),
+    ({"unknown_weight": 1.5}, ValueError, "unknown_weight must be a finite number >= 0"),
+    ({"unknown_weight": 0.5, "loss": palfast.info_nce}, ValueError,
+     "unknown_weight sets the default loss"),
     ({"progress": 1}, TypeError, "progress must be True or False"),
 ])
 def test_bad_arguments_name_the_learner_and_the_argument(kwargs, exc, match):

@@ -80,6 +80,14 @@ class ActiveLearner:
         temperature: of the default loss :func:`palfast.info_nce`.
         label_weight, view_weight: weights of the two graphs (see ``RelationStore.graph``).
         k, explore, order: passed to :func:`select_queries` (named strategies only).
+        negatives: the batch graph carries the known "different" pairs
+            (``RelationStore.graph(..., negatives=True)``, ``graph.negatives``), for losses
+            that use them (``info_nce`` with ``unknown_weight < 1``,
+            ``spectral_contrastive``; docs/api.md). Default: True when ``unknown_weight``
+            < 1, else False. Used with ``transitive=True`` only (the passive
+            baseline's graph holds the answered "alike" pairs and nothing else).
+        unknown_weight: of the default loss :func:`palfast.info_nce` (λ = 1: today's
+            InfoNCE; λ < 1 stops pushing apart pairs not known to differ).
         transitive: the loss sees the known classes with their transitive closure
             (``store.graph``); False = only the pairs answered "alike" (the paper's
             passive baseline). Default: False for ``strategy="passive"``, else True.
@@ -100,6 +108,7 @@ class ActiveLearner:
                  lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 0.1,
                  label_weight: float = 1.0, view_weight: float = 1.0, k: int = 10,
                  explore: float = 0.1, order: str = "gain", transitive: bool | None = None,
+                 negatives: bool | None = None, unknown_weight: float = 1.0,
                  embed_fn: Callable | None = None, seed: int = 0, device=None,
                  progress: bool = True, source: str = "oracle", group_components: bool = True):
         self.encoder = check_instance(_OP, "encoder", encoder, torch.nn.Module,
@@ -116,9 +125,14 @@ class ActiveLearner:
             self.strategy = strategy
         else:
             self.strategy = check_choice(_OP, "strategy", strategy, STRATEGIES)
+        unknown_weight = check_number(_OP, "unknown_weight", unknown_weight, 0.0, maximum=1.0)
+        if loss is not None and unknown_weight != 1.0:
+            raise ValueError(f"{_OP}: unknown_weight sets the default loss (palfast.info_nce); "
+                             f"with loss= given, pass it to your loss instead, got "
+                             f"unknown_weight={unknown_weight}")
         self.loss = (functools.partial(info_nce, temperature=check_number(
-            _OP, "temperature", temperature, 0.0, strict=True)) if loss is None
-            else check_callable(_OP, "loss", loss, "loss(z, graph) -> scalar"))
+            _OP, "temperature", temperature, 0.0, strict=True), unknown_weight=unknown_weight)
+            if loss is None else check_callable(_OP, "loss", loss, "loss(z, graph) -> scalar"))
         self.augment = (None if augment is None else
                         check_callable(_OP, "augment", augment, "augment(x, generator) -> x"))
         n_views = check_int(_OP, "n_views", n_views, 1)
@@ -126,7 +140,9 @@ class ActiveLearner:
         self.graph_options = {
             "n_views": n_views if augment is not None else 1,
             "label_weight": check_number(_OP, "label_weight", label_weight, 0.0),
-            "view_weight": check_number(_OP, "view_weight", view_weight, 0.0)}
+            "view_weight": check_number(_OP, "view_weight", view_weight, 0.0),
+            "negatives": (unknown_weight < 1 if negatives is None
+                          else check_bool(_OP, "negatives", negatives))}
         self.transitive = (self.strategy != "passive" if transitive is None
                            else check_bool(_OP, "transitive", transitive))
         self.epochs_per_round = check_int(_OP, "epochs_per_round", epochs_per_round, 0)
