@@ -51,6 +51,12 @@ FULL = {"budget": 300, "queries_per_round": 25, "seeds": 5, "epochs": 15,
 #: --views: what one augmented view of a digit is ("none": no views, one row per image,
 #: the graph holds only the oracle's answers).
 VIEWS = ("shift", "noise", "none")
+#: Torch threads of the demo (--threads). Its encoder is a small MLP on 64 pixels in
+#: batches of 256, too little work per op to gain from more threads; and when another
+#: process competes for the cores, ATen's OpenMP threads spin-wait for each other:
+#: measured on a 2-core machine beside a test run, a 50-query run took 12 s on one
+#: thread and 90 s on two.
+DEMO_THREADS = 1
 #: The strategy the others are compared with ("queries to reach its final accuracy").
 BASELINE = "random"
 
@@ -77,6 +83,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"training epochs per round (default {FULL['epochs']})")
     parser.add_argument("--noise", type=float, default=0.0,
                         help="probability that the simulated oracle answers wrong")
+    parser.add_argument("--threads", type=int, default=DEMO_THREADS,
+                        help=f"torch threads (default {DEMO_THREADS}: the demo's small "
+                             "model gains nothing from more, and loses much when other "
+                             "processes compete for the cores)")
     parser.add_argument("--unknown-weight", type=float, default=1.0, metavar="LAMBDA",
                         help="InfoNCE's weight in [0, 1] on pairs not known to be alike or "
                              "different (1: plain InfoNCE; below 1 the loss also gets the "
@@ -165,6 +175,9 @@ def _settings(args) -> dict:
         raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
     if not 0 <= args.noise < 1:
         raise ValueError(f"palfast demo: --noise must be in [0, 1), got {args.noise}")
+    s["threads"] = getattr(args, "threads", DEMO_THREADS)
+    if s["threads"] < 1:
+        raise ValueError(f"palfast demo: --threads must be >= 1, got {s['threads']}")
     s["unknown_weight"] = getattr(args, "unknown_weight", 1.0)
     if not 0 <= s["unknown_weight"] <= 1:
         raise ValueError(f"palfast demo: --unknown-weight must be in [0, 1], got "
@@ -370,8 +383,16 @@ def run_demo(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(e)
         return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings["threads"])
+    try:
+        return _run(args, settings)
+    finally:
+        torch.set_num_threads(threads)  # run_demo may be called from a longer program
+
+
+def _run(args: argparse.Namespace, settings: dict) -> int:
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     os.makedirs(args.out, exist_ok=True)
     data = load_digits_split()
     print(f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "

@@ -117,9 +117,12 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     args = parser.parse_args(["--out", str(out), "--budget", "12", "--queries-per-round", "6",
                               "--seeds", "1", "--epochs", "1", "--strategies", "pal,random",
-                              "--no-progress"])
+                              "--unknown-weight", "0.5", "--threads", "1", "--no-progress"])
+    threads = torch.get_num_threads()
     assert run_demo(args) == 0
+    assert torch.get_num_threads() == threads  # the demo's --threads is undone
     text = capsys.readouterr().out
+    assert "unknown weight 0.5" in text
     assert "linear probe test accuracy" in text and "k-NN" in text
     assert "pal" in text and "random" in text
     assert "AUC (mean acc)" in text and "queries to reach random's final (per seed)" in text
@@ -139,6 +142,10 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
     args = parser.parse_args(["--out", str(tmp_path), "--strategies", "pal,greedy"])
     assert run_demo(args) == 2
     assert "--strategies must name some of" in capsys.readouterr().out
+    for bad, message in ((["--threads", "0"], "--threads must be >= 1"),
+                         (["--unknown-weight", "1.5"], "--unknown-weight must be in [0, 1]")):
+        assert run_demo(parser.parse_args(["--out", str(tmp_path), *bad])) == 2
+        assert message in capsys.readouterr().out
 
 
 def test_cli_main_dispatches_demo(tmp_path):
