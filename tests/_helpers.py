@@ -31,6 +31,18 @@ def assert_matches_float64(fn_a, fn_b, z, *args, **kw):
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
 
 
+def assert_rows_match_float64(fn_a, fn_b, z, *args, **kw):
+    """Per-row losses fn_a and fn_b ([N], e.g. ``reduction="none"``) agree on a float64 z
+    to rounding, and so do the gradients of a random weighting of the rows."""
+    z1, z2 = z.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    got, want = fn_a(z1, *args, **kw), fn_b(z2, *args, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    w = torch.randn(z.shape[0], dtype=torch.float64, device=z.device)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-9, atol=1e-10)
+
+
 def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
     """Two-view losses fn_a(z_a, z_b), fn_b(z_a, z_b) agree in value (rtol, atol)
     and in both gradients (rtol 1e-9, atol 1e-13)."""
