@@ -88,13 +88,18 @@ def _check_logit_range(op: str, z: torch.Tensor, temperature: float) -> None:
 def _check_gather(op: str, gather) -> bool:
     return _dist.resolve_gather(None if gather is None else check_bool(op, "gather", gather))
 
+#: Rows of norm below this are divided by it instead of normalised: the kernels'
+#: kNormFloor (csrc/info_nce.h), which is torch.nn.functional.normalize's eps.
+_NORM_FLOOR = 1e-12
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """x / max(‖x‖, 1e-12) row-wise, as the info_nce kernel normalises: the norm is
+    """x / max(‖x‖, _NORM_FLOOR) row-wise, as the info_nce kernel normalises: the norm is
     taken after dividing by the row's largest |entry| so rows of norm 1e30 do not
     overflow in float32 (docs/api.md, "Numerics")."""
     scale = x.detach().abs().amax(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     norm = (x / scale).norm(dim=1, keepdim=True) * scale
-    return x / norm.clamp_min(1e-12)
+    return x / norm.clamp_min(_NORM_FLOOR)
 
 
 def _label_set_pairs(y: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
