@@ -59,9 +59,10 @@ def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
 
 def assert_within_2x_reference_error(kernel, ref, z64, graph, dtype, *,
                                      ref_forward_may_overflow=False, **kw):
-    """SPEC's low-precision rule: run kernel and ref in `dtype`; the kernel's largest
-    forward and gradient errors, both against ref in float64, are at most twice the
-    reference's own (+1e-6). Outputs may be scalars or per-row (summed for backward).
+    """The low-precision rule every loss is held to (tests/test_loss_contract.py): run
+    kernel and ref in `dtype`; the kernel's largest forward and gradient errors, both
+    against ref in float64, are at most twice the reference's own (+1e-6). Outputs may
+    be scalars or per-row (summed for backward).
     ``ref_forward_may_overflow``: the naive reference's forward may reach inf in
     `dtype` (which leaves the kernel's forward unjudged), though never NaN."""
     x = z64.detach().clone().requires_grad_()

@@ -2,7 +2,7 @@
 //
 // The CSR part is a row-parallel SpMM; the label part uses per-class sums,
 // Σ_{j≠i, y_j=y_i} x_j = S_{y_i} − x_i, so it costs O(N·D) whatever the class
-// sizes. Self-loops in the CSR part are skipped (w_ii is ignored, SPEC §1).
+// sizes. Self-loops in the CSR part are skipped (w_ii is ignored, docs/api.md "PairGraph").
 #pragma once
 
 #include <vector>
