@@ -156,7 +156,7 @@ def test_info_nce_anchor_range(emu, dtype, a0, a1, kind):
 @pytest.mark.parametrize("a0,a1", [(0, 257), (70, 200)])
 @pytest.mark.parametrize("sms", [1, 7])
 def test_info_nce_grids_sized_for_few_sms(emu, dtype, a0, a1, sms):
-    """The grids of csrc/cuda/info_nce.cu are sized for the GPU's SMs (the default
+    """The grids of csrc/cuda/info_nce_*.cu are sized for the GPU's SMs (the default
     132 gives one tile per region and per key split at these N). With one emulated
     SM, 257 rows give the symmetric forward 3 regions of 2 tiles of 64 rows (4 of
     32 in fp64): region pairs of several tile pairs, some diagonal, the last region
@@ -191,7 +191,7 @@ def test_info_nce_several_schedules(emu, seed):
     _check_info_nce(emu, torch.float32, 130, 136, "labels", True, 3, 130, seed=seed)
 
 
-# The fixed-shift softmax (csrc/cuda/info_nce.cu, use_fixed_shift) runs for
+# The fixed-shift softmax (csrc/cuda/info_nce.cuh, use_fixed_shift) runs for
 # normalize=True while 2·log2(e)/τ ≤ 112 (fp32 accumulation) or 1000 (fp64); the
 # online (max, sum) path runs below that τ.
 FIXED_SHIFT_MIN_TAU = {torch.float32: 2 * math.log2(math.e) / 112,
