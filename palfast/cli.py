@@ -64,6 +64,9 @@ def _bench(args) -> int:
         print("palfast bench: --device cuda needs a visible GPU and a CUDA build of torch",
               file=sys.stderr)
         return 2
+    if args.min_time < 0:
+        print(f"palfast bench: --min-time must be >= 0 seconds, got {args.min_time}", file=sys.stderr)
+        return 2
     if args.contention and args.busy < 1:
         print(f"palfast bench: --busy must be >= 1 with --contention, got {args.busy}",
               file=sys.stderr)
@@ -74,9 +77,10 @@ def _bench(args) -> int:
     for m in set(modules) - set(available):
         print(f"palfast bench: skipping {m} (not present in this version)", file=sys.stderr)
     harness.run_cases(available, device=device, quick=args.quick, repeats=args.repeats,
-                      warmup=args.warmup, memory=not args.no_memory, out_dir=args.out,
-                      case_filter=args.filter, contention=args.busy if args.contention else 0,
-                      impls=args.impls)
+                      warmup=args.warmup, min_time=args.min_time, memory=not args.no_memory,
+                      out_dir=args.out, case_filter=args.filter,
+                      contention=args.busy if args.contention else 0, impls=args.impls,
+                      kernels=not args.no_kernels)
     return 0
 
 
@@ -112,10 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="micro-benchmarks against baselines (table, JSON, CSV)",
         description="Time palfast's ops against naive eager PyTorch, torch.compile and library "
-                    "baselines in the same process (alternating runs, medians, ratios) and "
-                    "measure peak memory (a fresh subprocess per run on the CPU, "
-                    "max_memory_allocated on CUDA). Writes JSON and CSV with device, versions "
-                    "and git SHA.")
+                    "baselines in the same process (alternating runs, medians, ratios, effective "
+                    "TFLOP/s; CUDA events on a GPU) and measure peak memory (a fresh subprocess "
+                    "per run on the CPU, max_memory_allocated on CUDA) and, on CUDA, the kernels "
+                    "a run launches. Writes JSON and CSV with device, versions, git SHA and the "
+                    "targets the results meet (bench/README.md).")
     bench.add_argument("--only", nargs="+", metavar="OP",
                        help="benchmarks to run: info_nce, covariance, candidates (default: all)")
     bench.add_argument("--filter", metavar="TEXT",
@@ -126,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
     bench.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bench.add_argument("--min-time", type=float, default=0.0, metavar="SECONDS",
+                       help="keep alternating rounds past --repeats until a case has run this "
+                            "long, up to a round limit (for millisecond GPU steps; default 0)")
     bench.add_argument("--contention", action="store_true",
                        help="time every case twice: quiet, then beside --busy busy-loop processes "
                             "(as data-loader workers or other jobs compete for cores in training); "
@@ -133,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--busy", type=int, default=1, metavar="K",
                        help="busy-loop processes for --contention (default 1)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    bench.add_argument("--no-kernels", action="store_true",
+                       help="skip the torch.profiler run that records the kernels (grid sizes) "
+                            "of each implementation on CUDA")
     bench.add_argument("--out", default="bench_results",
                        help="folder for the JSON and CSV files (default: ./bench_results)")
 

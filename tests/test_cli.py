@@ -22,18 +22,27 @@ def test_info_tells_what_was_compiled(capsys):
 
 
 def test_bench_quick_writes_json_csv_and_table(tmp_path, capsys):
+    # N=1024 has both steps (fwd, fwd+bwd); each row's peak memory costs a subprocess.
     assert cli.main(["bench", "--only", "info_nce", "--quick", "--repeats", "1", "--device", "cpu",
-                     "--out", str(tmp_path)]) == 0
+                     "--filter", "N=1024", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "palfast" in out and "naive_eager" in out and "git" in out
+    assert "TFLOP/s" in out and "fwd counted as 2·N²·D" in out and "fwd+bwd counted as 6·N²·D" in out
     [jpath] = tmp_path.glob("*.json")
     [cpath] = tmp_path.glob("*.csv")
     report = json.loads(jpath.read_text())
     assert report["environment"]["torch"] == torch.__version__
+    assert "inf-cl" in report["environment"]["baseline_packages"]
     rows = [r for r in report["results"] if r["status"] == "ok"]
     assert {r["impl"] for r in rows} >= {"palfast", "naive_eager"}
+    assert {r["step"] for r in rows} == {"fwd", "fwd+bwd"}
     for r in rows:
         assert r["median_s"] > 0 and r["peak_mib"] is not None
+        assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
+        assert r["speedup_vs_naive_eager"] > 0
+    # Issue 11's targets are for a GPU: stated, and unmeasured here.
+    assert report["targets"] and all(t["status"] == "unmeasured (no GPU)" for t in report["targets"])
+    assert "unmeasured (no GPU)" in out
     assert len(list(csv.DictReader(cpath.open()))) == len(report["results"])
 
 
@@ -64,3 +73,19 @@ def test_bench_contention_times_quiet_and_busy(tmp_path, capsys):
 def test_bench_contention_needs_a_busy_process(capsys):
     assert cli.main(["bench", "--contention", "--busy", "0", "--device", "cpu"]) == 2
     assert "--busy must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_min_time_must_not_be_negative(capsys):
+    assert cli.main(["bench", "--min-time", "-1", "--device", "cpu"]) == 2
+    assert "--min-time must be >= 0 seconds, got -1.0" in capsys.readouterr().err
+
+
+def test_bench_cpu_skips_inf_cl_with_its_reason(tmp_path, capsys):
+    assert cli.main(["bench", "--only", "info_nce", "--filter", "N=1024 D=128 float32 fwd+bwd",
+                     "--impls", "palfast", "inf_cl", "--repeats", "1", "--device", "cpu",
+                     "--no-memory", "--out", str(tmp_path)]) == 0
+    assert "inf_cl" in capsys.readouterr().out
+    [jpath] = tmp_path.glob("*.json")
+    status = {r["impl"]: r["status"] for r in json.loads(jpath.read_text())["results"]}
+    assert status == {"palfast": "ok", "naive_eager": "ok",
+                      "inf_cl": "skipped: Inf-CL's kernels are written in Triton for CUDA GPUs"}

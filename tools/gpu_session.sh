@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The first command of a session that is lent a GPU (one H200, 15 minutes in all):
-#   1. environment (GPU, driver, torch, nvcc)       4. compute-sanitizer memcheck, racecheck,
-#   2. build palfast in place for the local GPU        synccheck over every CUDA op
-#   3. the CUDA tests                               5. info_nce fwd+bwd benchmark vs eager
-#                                                      PyTorch and torch.compile (JSON in $OUT)
+#   1. environment (GPU, driver, torch, nvcc);      4. `palfast bench --only info_nce`:
+#      wheels carried in .whl/ installed               effective TFLOP/s, forward and
+#   2. build palfast in place for the local GPU        forward+backward, vs eager PyTorch,
+#   3. the CUDA tests                                  torch.compile and Inf-CL, kernel
+#                                                      grids, issue 11's targets (JSON in $OUT)
+#                                                   5. compute-sanitizer memcheck, racecheck,
+#                                                      synccheck over every CUDA op
 # Every step has a time cap and the whole run ends within 9 minutes; a failing
 # step is reported and the next one still runs. The exit status is non-zero if
-# any step failed.
+# any step failed. The benchmark runs before the sanitizers: its numbers need
+# the most time, and the sanitizers' small workload fits in what is left.
 #
-#   tools/gpu_session.sh            # on the GPU machine
+#   tools/gpu_session.sh            # on the GPU machine (docs/cuda.md, "On a GPU")
 #   tools/gpu_session.sh --dry-run  # the same steps on the CPU (CI runs this): the build
 #                                   # is configured only, CUDA parts say "skipped: no GPU"
-# OUT=dir sets where logs and JSON go (default build/gpu_session).
+# OUT=dir sets where logs and the benchmark's JSON go (default build/gpu_session);
+# they are 8 files, as many as the device tool brings back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +36,11 @@ START=$(date +%s)
 PY="${PYTHON:-python3}"
 JOBS=$(nproc)
 FAILED=()
+# Wheels a GPU machine lacks (Inf-CL), carried in .whl/ (docs/cuda.md), go here.
+SITE="$PWD/build/gpu_session_site"
+# The benchmark writes JSON + CSV here; the JSON alone is copied into $OUT at the end.
+BENCH_DIR="$PWD/build/gpu_session_bench"
+rm -rf "$BENCH_DIR"
 
 remaining() { echo $(( TOTAL_S - SAFETY_S - ($(date +%s) - START) )); }
 
@@ -69,6 +79,15 @@ find_nvcc() {
   done
 }
 
+# The carried wheels, installed without the network or their dependencies (.whl/ holds
+# every one that is missing there, one version each).
+install_wheels() {
+  local wheels=(.whl/*.whl)
+  if [ ! -e "${wheels[0]}" ]; then echo "no .whl/*.whl: nothing to install (Inf-CL will be skipped)"; return; fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "${wheels[@]}" && echo "installed into $SITE: ${wheels[*]}"
+}
+
 env_info() {
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   if (( HAVE_GPU )); then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -77,6 +96,7 @@ env_info() {
   local n; n=$(find_nvcc); [ -n "$n" ] && "$n" --version | tail -1
   command -v compute-sanitizer || echo "compute-sanitizer: not found"
   nproc
+  install_wheels
 }
 
 # In place: CMake builds _C and copies it into palfast/ (PALFAST_INPLACE), so
@@ -97,7 +117,12 @@ build() {
     PYTHONPATH=. "$PY" -c "import palfast, palfast._C as c; print('built', c.cuda_archs, 'with_cuda', c.with_cuda)"
 }
 
-pyenv() { if (( DRY_RUN )); then "$@"; else PYTHONPATH=. "$@"; fi; }
+# On the GPU this checkout (built in place) comes first; the carried wheels follow.
+pyenv() {
+  local path="$SITE"
+  (( DRY_RUN )) || path=".:$SITE"
+  PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" "$@"
+}
 
 tests() {
   if (( HAVE_GPU )); then
@@ -120,26 +145,35 @@ sanitize() {
   fi
 }
 
+# -P: the installed palfast in a dry run, not the source tree in the current folder.
 bench() {
-  if (( HAVE_GPU )); then pyenv "$PY" tools/gpu_bench.py bench --device cuda --out "$OUT"
-  else no_gpu "benchmark at N=4096..65536; a quick CPU run instead"
-       pyenv "$PY" tools/gpu_bench.py bench --device cpu --quick --out "$OUT"; fi
+  if (( HAVE_GPU )); then
+    pyenv "$PY" -P -m palfast.cli bench --device cuda --only info_nce --repeats 10 --min-time 0.3 \
+      --out "$BENCH_DIR"
+  else
+    no_gpu "benchmark at N=4096..65536 on CUDA; one small CPU case instead"
+    pyenv "$PY" -P -m palfast.cli bench --device cpu --only info_nce --quick --filter "N=1024" \
+      --repeats 1 --no-memory --out "$BENCH_DIR"
+  fi
 }
 
-export DRY_RUN HAVE_GPU DEVICE OUT PY JOBS
-export -f find_nvcc no_gpu pyenv env_info build tests sanitize bench
+export DRY_RUN HAVE_GPU DEVICE OUT PY JOBS SITE BENCH_DIR
+export -f find_nvcc no_gpu pyenv install_wheels env_info build tests sanitize bench
 echo "gpu_session: dry_run=$DRY_RUN gpu=$HAVE_GPU out=$OUT"
 # Caps add up to more than TOTAL_S on purpose: a step that finishes early leaves
 # its time to the later ones, and the last steps get what is left.
-step env 20 env_info
+step env 30 env_info
 step build 180 build
 step tests 80 tests
+# Compiling torch.compile's and Inf-CL's kernels takes most of it; the JSON is rewritten
+# after every case, so a cut run keeps the cases it finished (issue 11's targets first).
+step bench 240 bench
 step memcheck 60 sanitize memcheck   # importing torch under a sanitizer alone takes ~20 s
 step racecheck 60 sanitize racecheck
 step synccheck 45 sanitize synccheck
-step bench 150 bench
 
 echo "=== summary ($(( $(date +%s) - START )) s) ==="
-if [ -f "$OUT/bench_info_nce.json" ]; then pyenv "$PY" tools/gpu_bench.py table --out "$OUT"; fi
+for f in "$BENCH_DIR"/bench_*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+pyenv "$PY" tools/gpu_bench.py table --out "$BENCH_DIR" || FAILED+=("bench (no results)")
 if (( ${#FAILED[@]} )); then printf 'FAILED: %s\n' "${FAILED[@]}"; exit 1; fi
 echo "all steps passed"

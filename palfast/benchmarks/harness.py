@@ -8,14 +8,24 @@ list[Case]``. A :class:`Case` names a set of implementations of one workload
   so that drift (thermal, other load) hits all of them alike, and reports
   medians and the ratio ``baseline_median / impl_median`` (> 1: faster than the
   baseline);
+* times CUDA runs with CUDA events (warm-up runs excluded), CPU runs with the
+  wall clock;
+* reports effective TFLOP/s where a case counts its FLOPs (``Case.flops``; each
+  ``bench_<op>.py`` says how it counts them) and ratios to the baseline and to the
+  labels in ``Case.compare_to``;
 * measures peak memory of one run: on CUDA with ``max_memory_allocated``, on
   the CPU in a fresh subprocess per implementation (peak RSS during the run
   minus RSS before it, so imports and inputs are not counted);
+* on CUDA, records the kernels one run launches (torch.profiler: name, blocks,
+  threads per block, GPU time), so that grid sizes can be checked;
 * with ``contention=k``, times every case twice: quiet, then with k busy-loop
   processes (``while True: pass``, pinned nowhere) competing for the cores, as
   data-loader workers or other jobs do in training; each row says which
   (``load``) and carries the load average seen during it;
-* writes JSON and CSV (with device, versions and git SHA) and prints a table.
+* writes JSON and CSV (with device, versions and git SHA) after every case, so
+  that a run stopped by a time limit keeps what it measured, and prints a table;
+* asks each benchmark module that has a ``targets(rows, environment)`` function
+  which of its targets the results meet (``report["targets"]``).
 
 Timed tests are not benchmarks: nothing here asserts a speed.
 
@@ -55,8 +65,10 @@ class Skip(Exception):
 @dataclasses.dataclass
 class Case:
     """One workload. ``impls`` maps a label to a factory; calling the factory builds
-    inputs and returns a zero-argument ``run()`` doing one full step (fwd+bwd).
-    ``baseline`` is the label the ratios are taken against."""
+    inputs and returns a zero-argument ``run()`` doing one step of the workload.
+    ``baseline`` is the label the ratios are taken against; ``compare_to`` names
+    more labels to take ratios against. ``flops`` is the effective FLOP count of one
+    run (the rows then carry ``tflops``), None where a case counts none."""
 
     module: str
     name: str
@@ -64,6 +76,8 @@ class Case:
     impls: dict[str, Callable[[], Callable[[], object]]]
     baseline: str
     device: str = "cpu"
+    compare_to: tuple[str, ...] = ()
+    flops: float | None = None
 
 
 def environment() -> dict:
@@ -82,8 +96,31 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "baseline_packages": _package_versions(BASELINE_PACKAGES),
     }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties()
+        env.update(cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}")
     return env
+
+
+# Libraries whose versions a result depends on beside torch and palfast: the baselines'
+# (bench_info_nce.py: pytorch-metric-learning, inf-cl) and Triton, which runs Inf-CL's and
+# torch.compile's GPU kernels.
+BASELINE_PACKAGES = ("inf-cl", "triton", "pytorch-metric-learning")
+
+
+def _package_versions(names) -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _busy_loop() -> None:
@@ -128,6 +165,38 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _time_one(run: Callable[[], object], device: str) -> float:
+    """Seconds of one run(): CUDA events around it on a GPU (the device's own clock,
+    after a synchronize so that earlier work is not counted), the wall clock on the CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def _free_cuda_cache(device: str) -> None:
+    """Give cached blocks back, so that the next implementation (or an N×N baseline after
+    an out-of-memory error) finds the memory free."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# The most rounds ``min_time`` may add: enough for a stable median of millisecond GPU steps.
+MAX_ROUNDS = 100
+
+
+def _failed(e: Exception) -> dict:
+    return {"status": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+
+
 def _time_impls(case: Case, repeats: int, warmup: int, min_time: float) -> dict[str, dict]:
     runs, result = {}, {}
     for label, factory in case.impls.items():
@@ -137,24 +206,24 @@ def _time_impls(case: Case, repeats: int, warmup: int, min_time: float) -> dict[
             result[label] = {"status": f"skipped: {e}"}
         except torch.OutOfMemoryError:
             result[label] = {"status": "skipped: out of memory"}
+        except Exception as e:  # a baseline that breaks (a compiler, a library) must not stop the rest
+            result[label] = _failed(e)
     for label, run in list(runs.items()):
         try:
             for _ in range(warmup):
                 run()
             _sync(case.device)
-        except (Skip, torch.OutOfMemoryError, RuntimeError) as e:
-            result[label] = {"status": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+        except Exception as e:  # as above; also out of memory, or a Skip raised late
+            result[label] = _failed(e)
             del runs[label]
+            _free_cuda_cache(case.device)
     times = {label: [] for label in runs}
     start = time.perf_counter()
     rounds = 0
-    while runs and (rounds < repeats or (time.perf_counter() - start < min_time and rounds < 100)):
+    while runs and (rounds < repeats or (time.perf_counter() - start < min_time
+                                         and rounds < MAX_ROUNDS)):
         for label, run in runs.items():  # alternate implementations every round
-            _sync(case.device)
-            t0 = time.perf_counter()
-            run()
-            _sync(case.device)
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(_time_one(run, case.device))
         rounds += 1
     for label, ts in times.items():
         result[label] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts),
@@ -215,6 +284,8 @@ def _peak_cuda(case: Case, label: str) -> dict:
         run = case.impls[label]()
     except Skip as e:
         return {"status": f"skipped: {e}"}
+    except Exception as e:  # it was timed, so this is rare: say so, go on
+        return _failed(e)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -222,8 +293,82 @@ def _peak_cuda(case: Case, label: str) -> dict:
         run()
     except torch.OutOfMemoryError:
         return {"status": "skipped: out of memory"}
+    except Exception as e:
+        return _failed(e)
     torch.cuda.synchronize()
     return {"status": "ok", "peak_bytes": torch.cuda.max_memory_allocated() - before}
+
+
+# The heaviest kernels of one run kept in the JSON; the rest of a step's launches are
+# small (fills, reductions, casts) and would only make the file long.
+KERNELS_KEPT = 8
+# Kernel names are whole C++ template signatures; this much names one.
+KERNEL_NAME_CHARS = 160
+
+
+def _dims(value) -> int | None:
+    """The product of a kernel's grid or block dimensions as the profiler's trace writes
+    them: a list [x, y, z] (or its string form)."""
+    if isinstance(value, str):
+        value = [int(v) for v in value.strip("[]() ").split(",") if v.strip()]
+    if not value:
+        return None
+    total = 1
+    for v in value:
+        total *= int(v)
+    return total
+
+
+def summarize_kernels(trace: dict) -> list[dict]:
+    """The GPU kernels of a Chrome trace written by torch.profiler (events of category
+    "kernel"), one entry per kernel name: launches, the fewest and most blocks a launch
+    had, threads per block, GPU time in µs and its share of the run's kernel time;
+    heaviest first, the first KERNELS_KEPT."""
+    kernels: dict[str, dict] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") != "kernel":
+            continue
+        args = e.get("args", {})
+        blocks, threads = _dims(args.get("grid")), _dims(args.get("block"))
+        k = kernels.setdefault(e["name"], {
+            "name": e["name"][:KERNEL_NAME_CHARS], "launches": 0, "min_blocks": blocks,
+            "max_blocks": blocks, "threads_per_block": threads, "gpu_us": 0.0})
+        k["launches"] += 1
+        k["gpu_us"] += float(e.get("dur", 0.0))
+        if blocks is not None:
+            k["min_blocks"] = min(k["min_blocks"] or blocks, blocks)
+            k["max_blocks"] = max(k["max_blocks"] or blocks, blocks)
+    total = sum(k["gpu_us"] for k in kernels.values())
+    out = sorted(kernels.values(), key=lambda k: -k["gpu_us"])
+    for k in out:
+        k["share"] = k["gpu_us"] / total if total else None
+    return out[:KERNELS_KEPT]
+
+
+def kernel_launches(run: Callable[[], object]) -> list[dict]:
+    """The CUDA kernels one run() launches (:func:`summarize_kernels` of a torch.profiler
+    trace of it): the grid sizes come from the launch records, not from formulas."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return summarize_kernels(json.loads(path.read_text()))
+
+
+def _kernels_cuda(case: Case, label: str) -> dict:
+    try:
+        run = case.impls[label]()
+        run()  # warm-up: compilation and one-time set-up launch kernels of their own
+        return {"status": "ok", "kernels": kernel_launches(run)}
+    except Skip as e:
+        return {"status": f"skipped: {e}"}
+    except Exception as e:  # the profiler unavailable, out of memory: the timing stands
+        return _failed(e)
 
 
 def _import_module(module: str):
@@ -241,19 +386,23 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
               warmup: int = 1, min_time: float = 0.0, memory: bool = True, out_dir: str | None = None,
               peak_timeout: float = 600.0, progress: Callable[[str], None] = print,
               case_filter: str | None = None, contention: int = 0,
-              impls: list[str] | None = None) -> dict:
+              impls: list[str] | None = None, kernels: bool = True) -> dict:
     """Run every case of ``modules`` (those whose name contains ``case_filter``, when
     given; only the implementations in ``impls`` and the baseline, when given), print a
-    table, write JSON + CSV into ``out_dir``. With ``contention`` > 0,
-    every case is timed quiet and then beside that many busy-loop processes
-    (peak memory is measured in the quiet pass only)."""
+    table, write JSON + CSV into ``out_dir`` (rewritten after every case). With
+    ``contention`` > 0, every case is timed quiet and then beside that many busy-loop
+    processes (peak memory and kernels are measured in the quiet pass only). With
+    ``kernels`` on CUDA, each row carries the kernels one run launches."""
     env = environment()
     env["device"] = device
     env["load_average_start"] = load_average()
     rows = []
+    report = {"environment": env, "results": rows, "targets": []}
+    stem = _report_stem(device)
     loads = [0, contention] if contention > 0 else [0]
     for module in modules:
-        for case in _import_module(module).cases(quick=quick, device=device):
+        mod = _import_module(module)
+        for case in mod.cases(quick=quick, device=device):
             if case_filter and case_filter not in case.name:
                 continue
             if impls:  # the baseline stays: the ratios are taken against it
@@ -265,14 +414,18 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
                     load_before = load_average()
                     timing = _time_impls(case, repeats, warmup, min_time)
                     load_after = load_average()
-                base = timing.get(case.baseline, {}).get("median_s")
                 for label in case.impls:
                     row = {"module": module, "case": case.name, "impl": label, **case.params,
-                           "load": _load_label(busy), "busy_processes": busy,
+                           "baseline": case.baseline, "load": _load_label(busy), "busy_processes": busy,
                            "load_average": [load_before, load_after],
                            **{k: v for k, v in timing[label].items()}}
-                    if row.get("median_s") and base:
-                        row["speedup_vs_" + case.baseline] = base / row["median_s"]
+                    if row.get("median_s"):
+                        if case.flops:
+                            row["flops"] = case.flops
+                            row["tflops"] = case.flops / row["median_s"] / 1e12
+                        for other in (case.baseline, *case.compare_to):
+                            if timing.get(other, {}).get("median_s"):
+                                row["speedup_vs_" + other] = timing[other]["median_s"] / row["median_s"]
                     if memory and busy == 0 and row["status"] == "ok":
                         peak = (_peak_cuda(case, label) if device.startswith("cuda")
                                 else _peak_cpu_subprocess(case, label, quick, peak_timeout))
@@ -280,15 +433,35 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
                                            else None)
                         if peak["status"] != "ok":
                             row["memory_status"] = peak["status"]
+                    if kernels and device.startswith("cuda") and busy == 0 and row["status"] == "ok":
+                        launched = _kernels_cuda(case, label)
+                        row["kernels"] = launched.get("kernels")
+                        if launched["status"] != "ok":
+                            row["kernels_status"] = launched["status"]
                     rows.append(row)
+                    _free_cuda_cache(device)
                 _add_memory_ratios(rows, case)
                 gc.collect()
-    env["load_average_end"] = load_average()
-    report = {"environment": env, "results": rows}
+            env["load_average_end"] = load_average()
+            report["targets"] = _targets(modules, rows, env)
+            if out_dir:
+                write_report(report, out_dir, stem, quiet=True)
     print(format_table(report))
     if out_dir:
-        write_report(report, out_dir)
+        write_report(report, out_dir, stem)
     return report
+
+
+def _targets(modules: list[str], rows: list[dict], env: dict) -> list[dict]:
+    """The targets of every module that states some (``targets(rows, environment)``),
+    judged on the rows so far; each carries its module's name."""
+    out = []
+    for module in modules:
+        judge = getattr(_import_module(module), "targets", None)
+        if judge is not None:
+            mine = [r for r in rows if r["module"] == module]
+            out += [{"module": module, **t} for t in judge(mine, env)]
+    return out
 
 
 def _add_memory_ratios(rows: list[dict], case: Case) -> None:
@@ -306,37 +479,61 @@ def format_table(report: dict) -> str:
              f"({env['cuda_device'] or env['cpu']}, {env['threads']} threads) | git {env['git_sha']}"]
     load = f" | load average {env['load_average_start']}" if env.get("load_average_start") else ""
     lines[0] += load
-    header = (f"{'case':<40} {'impl':<22} {'load':<16} {'median ms':>10} {'speedup':>8} "
-              f"{'peak MiB':>9} {'mem x':>6}")
+    header = (f"{'case':<44} {'impl':<22} {'load':<16} {'median ms':>10} {'TFLOP/s':>8} "
+              f"{'speedup':>8} {'peak MiB':>9} {'mem x':>6}  other ratios")
     lines += [header, "-" * len(header)]
     for r in report["results"]:
-        where = f"{r['case']:<40} {r['impl']:<22} {r.get('load', 'quiet'):<16}"
+        where = f"{r['case']:<44} {r['impl']:<22} {r.get('load', 'quiet'):<16}"
         if r["status"] != "ok":
             lines.append(f"{where} {r['status']}")
             continue
-        speed = next((v for k, v in r.items() if k.startswith("speedup_vs_")), None)
+        speedups = {k[len("speedup_vs_"):]: v for k, v in r.items() if k.startswith("speedup_vs_")}
+        speed = speedups.pop(r.get("baseline"), None)
+        others = ", ".join(f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"])
         mem = next((v for k, v in r.items() if k.startswith("memory_ratio_vs_")), None)
-        peak = r.get("peak_mib")
+        peak, tflops = r.get("peak_mib"), r.get("tflops")
         lines.append(f"{where} {1e3 * r['median_s']:>10.2f} "
+                     f"{(f'{tflops:.3g}' if tflops is not None else '-'):>8} "
                      f"{(f'{speed:.2f}x' if speed else '-'):>8} "
                      f"{(f'{peak:.1f}' if peak is not None else '-'):>9} "
-                     f"{(f'{mem:.1f}x' if mem else '-'):>6}")
+                     f"{(f'{mem:.1f}x' if mem else '-'):>6}  {others}".rstrip())
+    notes = sorted({r["flop_count"] for r in report["results"] if r.get("flop_count")})
+    if notes:
+        lines.append("TFLOP/s: effective, " + "; ".join(notes))
+    if report.get("targets"):
+        lines.append("targets:")
+        for t in report["targets"]:
+            value = "-" if t.get("value") is None else f"{t['value']:.4g} {t.get('unit', '')}".rstrip()
+            lines.append(f"  {t['target']:<64} {value:>14}  {t['status']}")
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: str) -> tuple[Path, Path]:
+def _report_stem(device: str) -> str:
+    return f"bench_{device.split(':')[0]}_{time.strftime('%Y%m%d_%H%M%S')}"
+
+
+def write_report(report: dict, out_dir: str, stem: str | None = None,
+                 quiet: bool = False) -> tuple[Path, Path]:
+    """Write ``report`` as STEM.json and STEM.csv into ``out_dir`` (STEM: bench_DEVICE_TIME
+    unless given), replacing earlier versions of the same files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{report['environment']['device'].split(':')[0]}_{time.strftime('%Y%m%d_%H%M%S')}"
+    stem = stem or _report_stem(report["environment"]["device"])
     jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
-    jpath.write_text(json.dumps(report, indent=2, default=str))
-    keys = sorted({k for r in report["results"] for k in r}, key=lambda k: (k not in ("module", "case", "impl"), k))
+    # Written aside and renamed: a run killed by a time limit mid-write keeps the last whole file.
+    tmp = jpath.with_name(jpath.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(jpath)
+    # The kernel lists stay in the JSON: a CSV cell cannot hold them readably.
+    keys = sorted({k for r in report["results"] for k in r if k != "kernels"},
+                  key=lambda k: (k not in ("module", "case", "impl"), k))
     with cpath.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in report["results"]:
-            w.writerow(r)
-    print(f"wrote {jpath} and {cpath}")
+            w.writerow({k: v for k, v in r.items() if k != "kernels"})
+    if not quiet:
+        print(f"wrote {jpath} and {cpath}")
     return jpath, cpath
 
 

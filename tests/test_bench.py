@@ -1,0 +1,224 @@
+"""The benchmark harness and the info_nce cases (palfast/benchmarks/, bench/README.md):
+effective FLOPs and TFLOP/s, ratios, the Inf-CL baseline's skip and glue, kernel
+records, issue 11's targets, and tools/gpu_bench.py's summary. No GPU needed: the
+CUDA plan is built, not run, and GPU results are written by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from palfast.benchmarks import bench_info_nce as bi
+from palfast.benchmarks import harness
+from palfast.benchmarks.harness import Case, Skip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_effective_flops_count_the_dense_algorithm():
+    assert bi.effective_flops(4096, 128, "fwd") == 2 * 4096**2 * 128
+    assert bi.effective_flops(65536, 128, "fwd+bwd") == 6 * 65536**2 * 128
+    # Issue 11: 6 ms for forward + backward at N = 65536, D = 128 is about 550 TFLOP/s.
+    assert bi.effective_flops(65536, 128, "fwd+bwd") / 6e-3 / 1e12 == pytest.approx(550, rel=0.01)
+
+
+def test_cuda_plan_has_the_issue_sizes_and_baselines():
+    cases = bi.cases(quick=False, device="cuda")  # built, not run
+    got = {(c.params["N"], c.params["dtype"], c.params["step"]) for c in cases}
+    want = {(N, "bfloat16", step) for N in (4096, 16384, 65536) for step in ("fwd", "fwd+bwd")}
+    assert got == want | {(65536, "float32", "fwd+bwd")}
+    # The targets' size first, so that a run cut by a time limit has it.
+    assert cases[0].params["N"] == 65536
+    for c in cases:
+        assert c.baseline == "naive_eager"
+        assert set(c.compare_to) == {"torch_compile_naive", "inf_cl"} <= set(c.impls)
+        assert c.flops == bi.effective_flops(c.params["N"], bi.D, c.params["step"])
+        assert c.name.endswith(c.params["step"]) and c.device == "cuda"
+    cpu = bi.cases(quick=True, device="cpu")
+    assert {c.params["step"] for c in cpu} == {"fwd", "fwd+bwd"}
+    assert {c.params["dtype"] for c in cpu} == {"float32"}
+
+
+def test_inf_cl_skips_on_the_cpu_and_when_missing(monkeypatch):
+    [cpu_case] = [c for c in bi.cases(quick=False, device="cpu") if c.params["N"] == 1024
+                  and c.params["step"] == "fwd"]
+    with pytest.raises(Skip, match="Triton for CUDA GPUs"):
+        cpu_case.impls["inf_cl"]()
+    monkeypatch.setitem(sys.modules, "inf_cl", None)  # makes `import inf_cl` fail
+    cuda_case = bi.cases(quick=False, device="cuda")[0]
+    with pytest.raises(Skip, match="inf_cl cannot be imported.*pip install inf-cl"):
+        cuda_case.impls["inf_cl"]()
+
+
+def _fake_inf_cl(swap_labels: bool = False):
+    """inf_cl.cal_inf_loss as its source computes it (inf_cl/flash.py, _cal_flash_loss):
+    mean_i of logsumexp_k(scale q_i·k_k) − scale q_i·k_{labels_i}, no diagonal mask."""
+    def cal_inf_loss(q, k, labels=None, scale=None, head_dim=256):
+        assert head_dim == q.shape[1]
+        labels = labels.roll(1) if swap_labels else labels
+        logits = scale * q @ k.T
+        return (torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None])[:, 0]).mean()
+    return types.SimpleNamespace(cal_inf_loss=cal_inf_loss)
+
+
+@pytest.mark.parametrize("swap_labels", [False, True])
+def test_inf_cl_glue_is_checked_against_the_dense_formula(monkeypatch, swap_labels):
+    monkeypatch.setitem(sys.modules, "inf_cl", _fake_inf_cl(swap_labels))
+    bi._inf_cl_mismatch.cache_clear()
+    try:
+        mismatch = bi._inf_cl_mismatch("cpu")
+    finally:
+        bi._inf_cl_mismatch.cache_clear()
+    if swap_labels:  # a wrong positive index must not pass as Inf-CL
+        assert mismatch and "not timed" in mismatch
+    else:
+        assert mismatch is None
+
+
+def _sleeper(seconds):
+    def factory():
+        return lambda: time.sleep(seconds)
+    return factory
+
+
+def _cannot_run():
+    raise Skip("no way")
+
+
+def _fake_module(monkeypatch, judged):
+    mod = types.ModuleType("palfast.benchmarks.bench_fake")
+
+    def cases(quick=False, device="cpu"):
+        impls = {"fast": _sleeper(0.01), "base": _sleeper(0.03), "other": _sleeper(0.02)}
+        skipping = {"base": _sleeper(0.01), "gone": _cannot_run}
+        return [Case("bench_fake", "fake one", {"step": "fwd", "flop_count": "fwd counted as 1e9"},
+                     impls, "base", compare_to=("other",), flops=1e9),
+                Case("bench_fake", "fake two", {}, skipping, "base")]
+
+    def targets(rows, env):
+        judged.append(len(rows))
+        return [{"target": "fast below 1 s", "value": 0.5, "unit": "s", "limit": 1.0,
+                 "status": "met"}]
+
+    mod.cases, mod.targets = cases, targets
+    monkeypatch.setitem(sys.modules, "palfast.benchmarks.bench_fake", mod)
+
+
+def test_harness_reports_tflops_ratios_targets_and_writes_after_each_case(monkeypatch, tmp_path, capsys):
+    judged, seen = [], []
+
+    def progress(msg):
+        if "fake two" in msg:  # the first case's results must already be on disk
+            [path] = tmp_path.glob("bench_cpu_*.json")
+            seen.extend(json.loads(path.read_text())["results"])
+
+    _fake_module(monkeypatch, judged)
+    report = harness.run_cases(["bench_fake"], device="cpu", repeats=3, memory=False,
+                               out_dir=str(tmp_path), progress=progress)
+    assert {r["case"] for r in seen} == {"fake one"}
+    rows = {(r["case"], r["impl"]): r for r in report["results"]}
+    fast, base, other = (rows["fake one", k] for k in ("fast", "base", "other"))
+    assert fast["tflops"] == pytest.approx(1e9 / fast["median_s"] / 1e12)
+    assert fast["speedup_vs_base"] == pytest.approx(base["median_s"] / fast["median_s"])
+    assert fast["speedup_vs_other"] == pytest.approx(other["median_s"] / fast["median_s"])
+    assert fast["speedup_vs_base"] > other["speedup_vs_base"] > 1.0 > base["speedup_vs_other"]
+    assert rows["fake two", "gone"]["status"] == "skipped: no way"
+    assert "tflops" not in rows["fake two", "base"]  # that case counts no FLOPs
+    assert judged == [3, 5]  # the targets are judged after every case
+    assert report["targets"] == [{"module": "bench_fake", "target": "fast below 1 s", "value": 0.5,
+                                  "unit": "s", "limit": 1.0, "status": "met"}]
+    out = capsys.readouterr().out
+    assert "TFLOP/s" in out and "vs other" in out and "fwd counted as 1e9" in out
+    assert "fast below 1 s" in out and "met" in out
+    [path] = tmp_path.glob("bench_cpu_*.json")
+    assert json.loads(path.read_text())["targets"] == report["targets"]
+
+
+def test_summarize_kernels_reads_profiler_trace():
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "void ns::tile_kernel<T>(int)", "dur": 60.0,
+         "args": {"grid": [66, 8, 1], "block": [128, 1, 1]}},
+        {"ph": "X", "cat": "kernel", "name": "void ns::tile_kernel<T>(int)", "dur": 20.0,
+         "args": {"grid": [16, 1, 1], "block": [128, 1, 1]}},
+        {"ph": "X", "cat": "kernel", "name": "fill", "dur": 20.0,
+         "args": {"grid": "[2, 1, 1]", "block": "[256, 1, 1]"}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 500.0, "args": {}},
+    ]}
+    tile, fill = harness.summarize_kernels(trace)
+    assert tile == {"name": "void ns::tile_kernel<T>(int)", "launches": 2, "min_blocks": 16,
+                    "max_blocks": 528, "threads_per_block": 128, "gpu_us": 80.0, "share": 0.8}
+    assert (fill["min_blocks"], fill["threads_per_block"], fill["share"]) == (2, 256, 0.2)
+
+
+def _gpu_rows(fwd_ms, step_ms, fp32_ms, blocks, peaks):
+    rows = []
+    for (N, dtype, step), ms in {(65536, "bfloat16", "fwd"): fwd_ms,
+                                 (65536, "bfloat16", "fwd+bwd"): step_ms,
+                                 (65536, "float32", "fwd+bwd"): fp32_ms,
+                                 (4096, "bfloat16", "fwd"): 1.0, (4096, "bfloat16", "fwd+bwd"): 1.0,
+                                 (16384, "bfloat16", "fwd"): 1.0,
+                                 (16384, "bfloat16", "fwd+bwd"): 1.0}.items():
+        kernels = [{"name": "tile", "min_blocks": blocks, "share": 0.9},
+                   {"name": "small", "min_blocks": 1, "share": 0.05}]
+        rows.append({"module": "bench_info_nce", "impl": "palfast", "N": N, "dtype": dtype,
+                     "step": step, "status": "ok", "median_s": ms / 1e3, "busy_processes": 0,
+                     "kernels": kernels, "peak_mib": peaks.get((N, dtype, step))})
+    return rows
+
+
+def test_targets_are_unmeasured_without_a_gpu():
+    got = bi.targets(_gpu_rows(1, 1, 1, 1000, {}), {"device": "cpu"})
+    assert len(got) == 8
+    assert all(t["status"] == "unmeasured (no GPU)" for t in got)
+
+
+def test_targets_are_judged_on_gpu_rows():
+    env = {"device": "cuda", "sm_count": 132}
+    peaks = {(16384, "bfloat16", "fwd+bwd"): 100.0, (65536, "bfloat16", "fwd+bwd"): 390.0}
+    met = bi.targets(_gpu_rows(1.9, 5.9, 20.0, 264, peaks), env)
+    assert [t["status"] for t in met] == ["met"] * 8
+    assert met[2]["value"] == pytest.approx(20.0 / 5.9)
+    assert met[3]["value"] == 264 and met[3]["limit"] == 264 and met[3]["kernels"][0]["name"] == "tile"
+    peaks[65536, "bfloat16", "fwd+bwd"] = 1600.0  # an N×N buffer: 16× for 4× the rows
+    missed = bi.targets(_gpu_rows(2.1, 6.1, 25.0, 263, peaks), env)
+    assert [t["status"] for t in missed] == ["missed"] * 8
+    some = [r for r in _gpu_rows(1.9, 5.9, 20.0, 264, {}) if r["N"] != 16384]
+    partial = {t["target"]: t["status"] for t in bi.targets(some, env)}
+    assert partial["forward <= 2 ms at N=65536 bf16"] == "met"
+    assert partial["fwd kernels >= 2 x SMs blocks at N=16384 bf16"] == (
+        "unmeasured (palfast not timed at N=16384 bfloat16 fwd)")
+    assert any(s == "unmeasured (peak memory not measured)" for s in
+               (t["status"] for t in bi.targets(_gpu_rows(1, 1, 1, 300, {}), env)))
+
+
+def _gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "tools" / "gpu_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_bench_table_prints_targets_and_heavy_kernels(tmp_path, capsys):
+    gpu_bench = _gpu_bench()
+    assert gpu_bench._short_name(
+        "void palfast::cuda::(anonymous namespace)::sym_lse_kernel<Tile<bf16>>(const T*)") == "sym_lse_kernel"
+    assert gpu_bench.table(tmp_path) == 1
+    env = {"palfast": "0", "torch": torch.__version__, "device": "cuda", "cuda_device": "H200",
+           "threads": 1, "git_sha": "abc", "sm_count": 132}
+    rows = _gpu_rows(1.9, 5.9, 20.0, 264, {})
+    for r in rows:
+        r.update(case=f"info_nce N={r['N']} {r['step']}", load="quiet")
+    report = {"environment": env, "results": rows, "targets": bi.targets(rows, env)}
+    (tmp_path / "bench_cuda_1.json").write_text(json.dumps(report))
+    assert gpu_bench.table(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "forward <= 2 ms at N=65536 bf16" in out and "met" in out
+    assert "heavy kernels of palfast, info_nce N=4096 fwd (132 SMs): tile 264 blocks 90%" in out
+    assert "small" not in out
