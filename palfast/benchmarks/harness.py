@@ -99,7 +99,7 @@ def environment() -> dict:
         "baseline_packages": _package_versions(BASELINE_PACKAGES),
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties()
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(cuda=torch.version.cuda, sm_count=props.multi_processor_count,
                    compute_capability=f"{props.major}.{props.minor}")
     return env
