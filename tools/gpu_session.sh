@@ -9,8 +9,9 @@
 #                                                      synccheck over every CUDA op
 # Every step has a time cap and the whole run ends within 9 minutes; a failing
 # step is reported and the next one still runs. The exit status is non-zero if
-# any step failed. The benchmark runs before the sanitizers: its numbers need
-# the most time, and the sanitizers' small workload fits in what is left.
+# any step failed. The benchmark runs before the sanitizers: it needs the most
+# time, and the sanitizers (small workloads, capped at 60, 60 and 45 s) get what
+# is left.
 #
 #   tools/gpu_session.sh            # on the GPU machine (docs/cuda.md, "On a GPU")
 #   tools/gpu_session.sh --dry-run  # the same steps on the CPU (CI runs this): the build
