@@ -6,6 +6,8 @@ tests/conftest.py puts this folder on sys.path so they can ``from _helpers impor
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -129,3 +131,16 @@ def assert_nan_propagates_unless_checked(fn, z, graph):
     assert torch.isnan(fn(z, graph))
     with pytest.raises(ValueError, match="z must be finite"):
         fn(z, graph, check_finite=True)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only: bool = False):
+    """torch.use_deterministic_algorithms(True, warn_only=warn_only) inside the block;
+    the previous mode is restored after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
