@@ -3,8 +3,9 @@
 //
 // palfast::info_nce on CUDA: flash-style tiles, never an N×N matrix. The forward
 // kernels (lse_kernel, sym_lse_kernel, lse_finish_kernel, loss_kernel) are in
-// info_nce_forward.cu, the backward's (grad_tile_kernel, sum_slices_kernel,
-// grad_rows_kernel) in info_nce_backward.cu; this file has what both use.
+// info_nce_forward.cu, the backward's (sym_grad_kernel, grad_tile_kernel,
+// sum_slices_kernel, grad_rows_kernel) in info_nce_backward.cu; this file has what
+// both use.
 //
 // Same semantics as csrc/cpu/info_nce.cpp (the model): u = z / max(‖z‖, kNormFloor)
 // (or u = z), s_ik = <u_i, u_k>/τ, lse_i = log Σ_{k≠i} exp(s_ik),
@@ -25,29 +26,36 @@
 // Both compute S = U_I U_Kᵀ over D in chunks of BK (partial tiles zero-padded in
 // shared memory) and store S in shared memory.
 //
-// Backward (grad_tile_kernel): one block owns BM rows and DV columns of
+// Backward, dneg = M u with
 //   dneg_I = Σ_K M_IK U_K,   M_ik = g_i exp(s_ik − lse_i) + g_k exp(s_ik − lse_k)
 // (= e_ik (a_i + a_k) on the fixed-shift path, one exp per entry),
 // with the diagonal and rows/columns ≥ N masked (their exp is never evaluated,
 // so lse = −inf for N = 1 gives no NaN). S is recomputed exactly as in the
-// forward (same code, same chunk order), so exp(s_ik − lse_i) ≤ 1. The block
-// writes its slice of dneg once: no atomics on the gradient. For D > DV the
-// grid has ceil(D/DV) column blocks, each recomputing S (cost × ceil(D/DV) on
-// the first GEMM; DV = 128 for the 16-bit path covers the common D ≤ 128).
-// At small N the key tiles are split over several blocks per output tile (grid
-// z), whose partial sums are then added in a fixed order (sum_slices_kernel).
+// forward (same code, same chunk order), so exp(s_ik − lse_i) ≤ 1. A block owns
+// DV = 128 gradient columns (registers), V staged DVS columns at a time, so D ≤ 128
+// computes S once per tile; for D > DV the grid has ceil(D/DV) column blocks,
+// each recomputing S. Two kernels (info_nce_backward.cu):
+//  * sym_grad_kernel, the fixed-shift path unless torch's deterministic mode is
+//    on: tile pairs I ≤ K only (M is symmetric), M_IK U_K to rows I and M_IKᵀ U_I
+//    to rows K, both by float atomicAdd (not bitwise reproducible);
+//  * grad_tile_kernel (the online path, and deterministic mode): one block owns
+//    BM rows and walks every key tile, writing its slice of dneg once. At small N
+//    the key tiles are split over several blocks per output tile (grid z), whose
+//    partial sums are then added in a fixed order (sum_slices_kernel).
 // Then, as on the CPU:
 //   dL/du = (1/τ) [dneg − c ∘ (G u) − Gᵀ(c ∘ u)],  c_i = g_i / W_i (0 if W_i = 0),
 // followed by the normalisation backward, fused in grad_rows_kernel.
 //
 // Tile GEMMs:
 //   float16/bfloat16: WMMA m16n16k16 tensor cores, fp32 accumulation; BM = BN = 64,
-//     BK = 32, DV = 128, 4 warps in 2×2 (32×32 of S, 32×64 of the gradient each).
+//     BK = 32, DV = DVS = 128, 4 warps in 2×2 (32×32 of S, 32×64 of the gradient each).
 //     M is rounded to the 16-bit type for the second GEMM, after scaling by a
 //     power of two 2^12/max|g| so that float16 does not flush small M to zero
 //     (g = 1/N for a mean reduction); the scale is undone in fp32.
-//   float32: SIMT fp32 (exact like the CPU, no TF32); BM = BN = 64, BK = 16, DV = 64.
-//   float64: SIMT fp64; BM = BN = 32, BK = 16, DV = 32 (fits 48 KiB of smem).
+//   float32: SIMT fp32 (exact like the CPU, no TF32); BM = BN = 64, BK = 16,
+//     DV = 128 staged in DVS = 64.
+//   float64: SIMT fp64; BM = BN = 32, BK = 16, DV = 128 staged in DVS = 32 (fits
+//     48 KiB of smem).
 // All blocks have 128 threads. Shared memory per block ≤ 45 KiB (static).
 //
 // Positive term (graph_spmm.cuh): out += G·(scale ∘ x) with one warp per CSR
