@@ -6,8 +6,15 @@ tests/conftest.py puts this folder on sys.path so they can ``from _helpers impor
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+
+# gradcheck's nondet_tol for ops whose CUDA backward adds with float atomics in a
+# varying order (docs/cuda.md, "Determinism"): two float64 passes on the same input
+# then differ by rounding, orders of magnitude below gradcheck's own tolerances.
+ATOMIC_NONDET_TOL = 1e-12
 
 # Every graph kind tests/conftest.py's graph_factory builds.
 KINDS = ["views", "labels", "edges", "dense", "semi"]
@@ -85,11 +92,13 @@ def assert_within_2x_reference_error(kernel, ref, z64, graph, dtype, *,
     assert kernel_bwd <= 2 * ref_bwd + 1e-6, (kernel_bwd, ref_bwd)
 
 
-def assert_gradcheck_every_kind(fn, z, graph_factory):
-    """torch.autograd.gradcheck of fn(z, g) for a graph of every kind over z's rows."""
+def assert_gradcheck_every_kind(fn, z, graph_factory, nondet_tol=0.0):
+    """torch.autograd.gradcheck of fn(z, g) for a graph of every kind over z's rows
+    (nondet_tol: how far two backward passes on the same input may differ, for
+    kernels that add with atomics)."""
     for kind in KINDS:
         g = graph_factory(kind, z.shape[0], seed=1).to(z.device)
-        assert torch.autograd.gradcheck(lambda x, g=g: fn(x, g), (z,))
+        assert torch.autograd.gradcheck(lambda x, g=g: fn(x, g), (z,), nondet_tol=nondet_tol)
 
 
 def assert_constant_with_zero_gradient(fn, z, graphs, value):
@@ -129,3 +138,16 @@ def assert_nan_propagates_unless_checked(fn, z, graph):
     assert torch.isnan(fn(z, graph))
     with pytest.raises(ValueError, match="z must be finite"):
         fn(z, graph, check_finite=True)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only: bool = False):
+    """torch.use_deterministic_algorithms(True, warn_only=warn_only) inside the block;
+    the previous mode is restored after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)

@@ -3,8 +3,9 @@
 //
 // palfast::info_nce on CUDA: flash-style tiles, never an N×N matrix. The forward
 // kernels (lse_kernel, sym_lse_kernel, lse_finish_kernel, loss_kernel) are in
-// info_nce_forward.cu, the backward's (grad_tile_kernel, sum_slices_kernel,
-// grad_rows_kernel) in info_nce_backward.cu; this file has what both use.
+// info_nce_forward.cu, the backward's (sym_grad_kernel, grad_tile_kernel,
+// sum_slices_kernel, grad_rows_kernel) in info_nce_backward.cu; this file has what
+// both use.
 //
 // Same semantics as csrc/cpu/info_nce.cpp (the model): u = z / max(‖z‖, kNormFloor)
 // (or u = z), s_ik = <u_i, u_k>/τ, lse_i = log Σ_{k≠i} exp(s_ik),
@@ -25,29 +26,36 @@
 // Both compute S = U_I U_Kᵀ over D in chunks of BK (partial tiles zero-padded in
 // shared memory) and store S in shared memory.
 //
-// Backward (grad_tile_kernel): one block owns BM rows and DV columns of
+// Backward, dneg = M u with
 //   dneg_I = Σ_K M_IK U_K,   M_ik = g_i exp(s_ik − lse_i) + g_k exp(s_ik − lse_k)
 // (= e_ik (a_i + a_k) on the fixed-shift path, one exp per entry),
 // with the diagonal and rows/columns ≥ N masked (their exp is never evaluated,
 // so lse = −inf for N = 1 gives no NaN). S is recomputed exactly as in the
-// forward (same code, same chunk order), so exp(s_ik − lse_i) ≤ 1. The block
-// writes its slice of dneg once: no atomics on the gradient. For D > DV the
-// grid has ceil(D/DV) column blocks, each recomputing S (cost × ceil(D/DV) on
-// the first GEMM; DV = 128 for the 16-bit path covers the common D ≤ 128).
-// At small N the key tiles are split over several blocks per output tile (grid
-// z), whose partial sums are then added in a fixed order (sum_slices_kernel).
+// forward (same code, same chunk order), so exp(s_ik − lse_i) ≤ 1. A block owns
+// DV = 128 gradient columns (registers), V staged DVS columns at a time, so D ≤ 128
+// computes S once per tile; for D > DV the grid has ceil(D/DV) column blocks,
+// each recomputing S. Two kernels (info_nce_backward.cu):
+//  * sym_grad_kernel, the fixed-shift path unless torch's deterministic mode is
+//    on: tile pairs I ≤ K only (M is symmetric), M_IK U_K to rows I and M_IKᵀ U_I
+//    to rows K, both by float atomicAdd (not bitwise reproducible);
+//  * grad_tile_kernel (the online path, and deterministic mode): one block owns
+//    BM rows and walks every key tile, writing its slice of dneg once. At small N
+//    the key tiles are split over several blocks per output tile (grid z), whose
+//    partial sums are then added in a fixed order (sum_slices_kernel).
 // Then, as on the CPU:
 //   dL/du = (1/τ) [dneg − c ∘ (G u) − Gᵀ(c ∘ u)],  c_i = g_i / W_i (0 if W_i = 0),
 // followed by the normalisation backward, fused in grad_rows_kernel.
 //
 // Tile GEMMs:
 //   float16/bfloat16: WMMA m16n16k16 tensor cores, fp32 accumulation; BM = BN = 64,
-//     BK = 32, DV = 128, 4 warps in 2×2 (32×32 of S, 32×64 of the gradient each).
+//     BK = 32, DV = DVS = 128, 4 warps in 2×2 (32×32 of S, 32×64 of the gradient each).
 //     M is rounded to the 16-bit type for the second GEMM, after scaling by a
 //     power of two 2^12/max|g| so that float16 does not flush small M to zero
 //     (g = 1/N for a mean reduction); the scale is undone in fp32.
-//   float32: SIMT fp32 (exact like the CPU, no TF32); BM = BN = 64, BK = 16, DV = 64.
-//   float64: SIMT fp64; BM = BN = 32, BK = 16, DV = 32 (fits 48 KiB of smem).
+//   float32: SIMT fp32 (exact like the CPU, no TF32); BM = BN = 64, BK = 16,
+//     DV = 128 staged in DVS = 64.
+//   float64: SIMT fp64; BM = BN = 32, BK = 16, DV = 128 staged in DVS = 32 (fits
+//     48 KiB of smem).
 // All blocks have 128 threads. Shared memory per block ≤ 45 KiB (static).
 //
 // Positive term (graph_spmm.cuh): out += G·(scale ∘ x) with one warp per CSR
@@ -73,6 +81,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "../info_nce.h"
 #include "graph_spmm.cuh"
@@ -220,29 +229,59 @@ __device__ __forceinline__ void load_tile(T* dst, const T* x, int64_t n, int64_t
 //       for the BM×BN tile; uses `stage`, all threads call it, it starts and
 //       ends with the staging buffer free (last action is a __syncthreads, then
 //       each thread stores its part of s without a barrier).
-//   load_v(stage, x, n, d, k0, j0): stage ← x[k0:k0+BN, j0:j0+DV].
+//   load_v(stage, x, n, d, k0, j0): stage ← x[k0:k0+BN, j0:j0+DVS], one chunk of
+//       the DV = kChunks·DVS gradient columns a block owns (the chunks share one
+//       staging buffer, so D ≤ DV needs no second pass over S).
 //   store_m(s, m, r, c, value): record M_rc for the second GEMM.
-//   Accum: the [BM, DV] gradient accumulator, add() does O += M V.
+//   Accum: the [BM, DV] gradient accumulator; add<c>() does O[:, chunk c] += M V,
+//       add_t<c>() O[:, chunk c] += Mᵀ V (square tiles: the symmetric backward's
+//       column side), store<kAtomic>() writes (or atomically adds) O·out_scale.
+//   add_atomic(...): out[i0:, j0:j0+DVS] += (M V)·out_scale by atomicAdd (the
+//       symmetric backward's row side), V being one chunk.
+
+// *p = v, or *p += v by a float atomicAdd.
+template <bool kAtomic, typename Acc>
+__device__ __forceinline__ void store_value(Acc* p, Acc v) {
+  if constexpr (kAtomic) {
+    atomicAdd(p, v);
+  } else {
+    *p = v;
+  }
+}
+
+// f(std::integral_constant<int, c>{}) for c = 0, 1, ..., N − 1: the chunk index is a
+// compile-time constant, so accumulator registers are indexed statically.
+template <int N, typename F>
+__device__ __forceinline__ void for_each_chunk(F&& f) {
+  [&]<int... C>(std::integer_sequence<int, C...>) {
+    (f(std::integral_constant<int, C>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
 
 // SIMT fp32/fp64. Thread t owns rows ty + 8·i and columns tx + 16·j of each
 // tile (tx = t % 16, ty = t / 16): shared-memory reads are broadcasts (rows)
 // or consecutive (columns), row strides are odd so column reads do not conflict.
-template <typename T, int BM_, int BN_, int BK_, int DV_>
+// DV = kChunks·DVS gradient columns per block: the accumulator holds all DV in
+// registers while V is staged DVS columns at a time, so the block computes S once
+// for all DV columns (fp32: DV = 128, the common D, in two chunks of 64).
+template <typename T, int BM_, int BN_, int BK_, int DV_, int DVS_>
 struct SimtTile {
   using In = T;
   using Acc = T;
-  static constexpr int BM = BM_, BN = BN_, BK = BK_, DV = DV_;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, DV = DV_, DVS = DVS_;
+  static constexpr int kChunks = DV / DVS;
   static constexpr int kLdStage = BK + 1;
   static constexpr int kLdS = BN + 1;
-  static constexpr int kLdV = DV + 1;
-  static constexpr int kRM = BM / 8, kRN = BN / 16, kRV = DV / 16;
+  static constexpr int kLdV = DVS + 1;
+  static constexpr int kRM = BM / 8, kRN = BN / 16, kRV = DV / 16, kRVS = DVS / 16;
   static constexpr size_t kStageBytes =
       std::max<size_t>((BM + BN) * kLdStage, BN * kLdV) * sizeof(T);
   static constexpr size_t kMBytes = 0;  // M overwrites S in place
   // g is scaled into [1, 2) (power of two, exact): fp32/fp64 M needs no headroom,
   // but the fixed shift's a_i = g_i/Σ_i must stay finite (use_fixed_shift).
   static constexpr int kMScaleLog2 = 0;
-  static_assert(kTileThreads == 128 && BM % 8 == 0 && BN % 32 == 0 && DV % 16 == 0);
+  static_assert(kTileThreads == 128 && BM % 8 == 0 && BN % 32 == 0 && DVS % 16 == 0 &&
+                DV % DVS == 0);
 
   static __device__ __forceinline__ void dots(const T* x, int64_t n, int64_t d, int64_t i0,
                                               int64_t k0, unsigned char* stage, Acc* s) {
@@ -280,15 +319,68 @@ struct SimtTile {
 
   static __device__ __forceinline__ void load_v(unsigned char* stage, const T* x, int64_t n,
                                                 int64_t d, int64_t k0, int64_t j0) {
-    load_tile<BN, DV, kLdV>(reinterpret_cast<T*>(stage), x, n, d, k0, j0);
+    load_tile<BN, DVS, kLdV>(reinterpret_cast<T*>(stage), x, n, d, k0, j0);
   }
 
   static __device__ __forceinline__ void store_m(Acc* s, unsigned char*, int r, int c, Acc v) {
     s[r * kLdS + c] = v;  // the same thread read s[r][c] just before
   }
 
+  // o[i][kFirst + j] += Σ_c M[ty + 8i][c] V[c][tx + 16j] for j < kRVS, with M in s
+  // [BM][kLdS] and V in stage [BN][kLdV]; kTrans: Mᵀ instead of M (square tiles).
+  template <bool kTrans, int kFirst, int kCols>
+  static __device__ __forceinline__ void mv(Acc (&o)[kRM][kCols], const Acc* s,
+                                            const unsigned char* stage) {
+    static_assert(!kTrans || BM == BN, "Mᵀ V needs square tiles");
+    static_assert(kFirst + kRVS <= kCols);
+    const T* v = reinterpret_cast<const T*>(stage);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 4
+    for (int c = 0; c < BN; ++c) {
+      Acc mv[kRM], vv[kRVS];
+#pragma unroll
+      for (int i = 0; i < kRM; ++i) mv[i] = kTrans ? s[c * kLdS + ty + 8 * i] : s[(ty + 8 * i) * kLdS + c];
+#pragma unroll
+      for (int j = 0; j < kRVS; ++j) vv[j] = v[c * kLdV + tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < kRM; ++i)
+#pragma unroll
+        for (int j = 0; j < kRVS; ++j) o[i][kFirst + j] = fma(mv[i], vv[j], o[i][kFirst + j]);
+    }
+  }
+
+  // out[i0 + r][j0 + c] += (M V)[r][c]·out_scale by atomicAdd, V one chunk in stage.
+  static __device__ __forceinline__ void add_atomic(const Acc* s, const unsigned char*,
+                                                    const unsigned char* stage, Acc* out,
+                                                    int64_t n, int64_t d, int64_t i0, int64_t j0,
+                                                    Acc out_scale, Acc*) {
+    Acc t[kRM][kRVS];
+#pragma unroll
+    for (int i = 0; i < kRM; ++i)
+#pragma unroll
+      for (int j = 0; j < kRVS; ++j) t[i][j] = Acc(0);
+    mv<false, 0>(t, s, stage);
+    write<true>(t, out, n, d, i0, j0, out_scale);
+  }
+
+  // out[i0 + ty + 8i][j0 + tx + 16j] (+)= o[i][j]·out_scale inside [n, d].
+  template <bool kAtomic, int kCols>
+  static __device__ __forceinline__ void write(const Acc (&o)[kRM][kCols], Acc* out, int64_t n,
+                                               int64_t d, int64_t i0, int64_t j0, Acc out_scale) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < kRM; ++i) {
+      const int64_t gi = i0 + ty + 8 * i;
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        const int64_t gj = j0 + tx + 16 * j;
+        if (gi < n && gj < d) store_value<kAtomic>(out + gi * d + gj, o[i][j] * out_scale);
+      }
+    }
+  }
+
   struct Accum {
-    Acc o[kRM][kRV];
+    Acc o[kRM][kRV];  // chunk c holds columns c·DVS + tx + 16·j, j < kRVS
 
     __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -297,37 +389,24 @@ struct SimtTile {
         for (int j = 0; j < kRV; ++j) o[i][j] = Acc(0);
     }
 
-    // O += M V with M in s [BM][kLdS] and V in stage [BN][kLdV].
+    // O[:, chunk kChunk] += M V with M in s [BM][kLdS] and V in stage [BN][kLdV].
+    template <int kChunk>
     __device__ __forceinline__ void add(const Acc* s, const unsigned char*,
                                         const unsigned char* stage) {
-      const T* v = reinterpret_cast<const T*>(stage);
-      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll 4
-      for (int c = 0; c < BN; ++c) {
-        Acc mv[kRM], vv[kRV];
-#pragma unroll
-        for (int i = 0; i < kRM; ++i) mv[i] = s[(ty + 8 * i) * kLdS + c];
-#pragma unroll
-        for (int j = 0; j < kRV; ++j) vv[j] = v[c * kLdV + tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < kRM; ++i)
-#pragma unroll
-          for (int j = 0; j < kRV; ++j) o[i][j] = fma(mv[i], vv[j], o[i][j]);
-      }
+      mv<false, kChunk * kRVS>(o, s, stage);
     }
 
+    // O[:, chunk kChunk] += Mᵀ V (rows of O are columns of M).
+    template <int kChunk>
+    __device__ __forceinline__ void add_t(const Acc* s, const unsigned char*,
+                                          const unsigned char* stage) {
+      mv<true, kChunk * kRVS>(o, s, stage);
+    }
+
+    template <bool kAtomic>
     __device__ __forceinline__ void store(Acc* out, int64_t n, int64_t d, int64_t i0, int64_t j0,
                                           Acc out_scale, Acc*) const {
-      const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-      for (int i = 0; i < kRM; ++i) {
-        const int64_t gi = i0 + ty + 8 * i;
-#pragma unroll
-        for (int j = 0; j < kRV; ++j) {
-          const int64_t gj = j0 + tx + 16 * j;
-          if (gi < n && gj < d) out[gi * d + gj] = o[i][j] * out_scale;
-        }
-      }
+      write<kAtomic>(o, out, n, d, i0, j0, out_scale);
     }
   };
 };
@@ -346,7 +425,8 @@ template <typename T>
 struct WmmaTile {
   using In = T;
   using Acc = float;
-  static constexpr int BM = 64, BN = 64, BK = 32, DV = 128;
+  static constexpr int BM = 64, BN = 64, BK = 32, DV = 128, DVS = DV;
+  static constexpr int kChunks = 1;
   static constexpr int kLdStage = BK + 8;
   static constexpr int kLdS = BN + 4;  // floats; store_matrix_sync needs a multiple of 4
   static constexpr int kLdM = BN + 8;
@@ -363,6 +443,7 @@ struct WmmaTile {
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;  // U_Kᵀ
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  using FragAt = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;  // Mᵀ
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
   static __device__ __forceinline__ void dots(const T* x, int64_t n, int64_t d, int64_t i0,
@@ -417,6 +498,61 @@ struct WmmaTile {
     reinterpret_cast<T*>(m)[r * kLdM + c] = narrow<T>(v);
   }
 
+  // out[gi0 + r][gj0 + c] (+)= f[r][c]·out_scale inside [n, d]. Fragments have no
+  // documented element layout, so f goes through the warp's 16×16 scratch w.
+  template <bool kAtomic>
+  static __device__ __forceinline__ void write_frag(const FragC& f, float* w, Acc* out, int64_t n,
+                                                    int64_t d, int64_t gi0, int64_t gj0,
+                                                    Acc out_scale) {
+#if PALFAST_WMMA_OK
+    const int lane = threadIdx.x % kWarpSize;
+    wmma::store_matrix_sync(w, f, 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += kWarpSize) {
+      const int64_t gi = gi0 + e / 16, gj = gj0 + e % 16;
+      if (gi < n && gj < d) store_value<kAtomic>(out + gi * d + gj, w[e] * out_scale);
+    }
+    __syncwarp();  // before the next fragment overwrites the scratch
+#endif
+  }
+
+  // out[i0 + r][j0 + c] += (M V)[r][c]·out_scale by atomicAdd, M in m [BM][kLdM],
+  // V in stage [BN][kLdV]; each warp adds its 32×64 part one 16-column slice at
+  // a time (16 more accumulator registers, not 64), through a per-warp 16×16
+  // scratch in `scratch` (the S buffer, free once M is in m).
+  static __device__ __forceinline__ void add_atomic(const Acc*, const unsigned char* m_raw,
+                                                    const unsigned char* stage, Acc* out,
+                                                    int64_t n, int64_t d, int64_t i0, int64_t j0,
+                                                    Acc out_scale, Acc* scratch) {
+#if PALFAST_WMMA_OK
+    const T* m = reinterpret_cast<const T*>(m_raw);
+    const T* v = reinterpret_cast<const T*>(stage);
+    const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
+    float* w = scratch + warp * 256;
+#pragma unroll 1
+    for (int j = 0; j < 4; ++j) {
+      FragC t[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::fill_fragment(t[i], 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < BN; kk += 16) {
+        FragA fa[2];
+        FragB fb;
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          wmma::load_matrix_sync(fa[i], m + (wm * 32 + 16 * i) * kLdM + kk, kLdM);
+        wmma::load_matrix_sync(fb, v + kk * kLdV + wn * 64 + 16 * j, kLdV);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::mma_sync(t[i], fa[i], fb, t[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        write_frag<true>(t[i], w, out, n, d, i0 + wm * 32 + 16 * i, j0 + wn * 64 + 16 * j,
+                         out_scale);
+    }
+#endif
+  }
+
   struct Accum {
     FragC o[2][4];  // warp (wm, wn) owns rows wm·32 + 16·i, columns wn·64 + 16·j
 
@@ -429,19 +565,22 @@ struct WmmaTile {
 #endif
     }
 
-    // O += M V with M in m [BM][kLdM] (T) and V in stage [BN][kLdV] (T).
-    __device__ __forceinline__ void add(const Acc*, const unsigned char* m_raw,
-                                        const unsigned char* stage) {
+    // O += M V (kTrans: Mᵀ V, rows of O being columns of M) with M in m [BM][kLdM]
+    // (T) and V in stage [BN][kLdV] (T). Mᵀ is M read column-major.
+    template <bool kTrans>
+    __device__ __forceinline__ void mv(const unsigned char* m_raw, const unsigned char* stage) {
 #if PALFAST_WMMA_OK
       const T* m = reinterpret_cast<const T*>(m_raw);
       const T* v = reinterpret_cast<const T*>(stage);
       const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
 #pragma unroll
       for (int kk = 0; kk < BN; kk += 16) {
-        FragA fa[2];
+        std::conditional_t<kTrans, FragAt, FragA> fa[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-          wmma::load_matrix_sync(fa[i], m + (wm * 32 + 16 * i) * kLdM + kk, kLdM);
+        for (int i = 0; i < 2; ++i) {
+          const int r = wm * 32 + 16 * i;
+          wmma::load_matrix_sync(fa[i], kTrans ? m + kk * kLdM + r : m + r * kLdM + kk, kLdM);
+        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           FragB fb;
@@ -453,29 +592,33 @@ struct WmmaTile {
 #endif
     }
 
-    // Fragments have no documented element layout, so each goes through a
-    // per-warp 16×16 scratch (in the then unused S buffer) for bounds checks.
+    template <int kChunk>
+    __device__ __forceinline__ void add(const Acc*, const unsigned char* m,
+                                        const unsigned char* stage) {
+      static_assert(kChunk == 0, "one chunk: DVS = DV");
+      mv<false>(m, stage);
+    }
+
+    template <int kChunk>
+    __device__ __forceinline__ void add_t(const Acc*, const unsigned char* m,
+                                          const unsigned char* stage) {
+      static_assert(kChunk == 0 && BM == BN, "one chunk, square tiles");
+      mv<true>(m, stage);
+    }
+
+    // Each fragment goes through a per-warp 16×16 scratch (in the then unused S
+    // buffer) for bounds checks.
+    template <bool kAtomic>
     __device__ __forceinline__ void store(Acc* out, int64_t n, int64_t d, int64_t i0, int64_t j0,
                                           Acc out_scale, Acc* scratch) const {
-#if PALFAST_WMMA_OK
-      const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-      const int wm = warp / 2, wn = warp % 2;
+      const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
       float* w = scratch + warp * 256;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          wmma::store_matrix_sync(w, o[i][j], 16, wmma::mem_row_major);
-          __syncwarp();
-          for (int e = lane; e < 256; e += kWarpSize) {
-            const int64_t gi = i0 + wm * 32 + 16 * i + e / 16;
-            const int64_t gj = j0 + wn * 64 + 16 * j + e % 16;
-            if (gi < n && gj < d) out[gi * d + gj] = w[e] * out_scale;
-          }
-          __syncwarp();  // before the next fragment overwrites the scratch
-        }
-      }
-#endif
+        for (int j = 0; j < 4; ++j)
+          write_frag<kAtomic>(o[i][j], w, out, n, d, i0 + wm * 32 + 16 * i, j0 + wn * 64 + 16 * j,
+                              out_scale);
     }
   };
 };
@@ -617,8 +760,10 @@ void check_tensor_cores(const at::Tensor& z) {
 // while another one waits on memory or at a barrier.
 constexpr int64_t kBlocksPerSm = 2;
 
-using DoubleTile = SimtTile<double, 32, 32, 16, 32>;  // square: the symmetric forward
-using FloatTile = SimtTile<float, 64, 64, 16, 64>;
+// Square tiles (the symmetric kernels); DV = 128 gradient columns per block (the
+// common D ≤ 128 computes S once), staged in chunks that fit 48 KiB of shared memory.
+using DoubleTile = SimtTile<double, 32, 32, 16, 128, 32>;
+using FloatTile = SimtTile<float, 64, 64, 16, 128, 64>;
 using HalfTile = WmmaTile<__half>;
 using BFloat16Tile = WmmaTile<__nv_bfloat16>;
 

@@ -20,93 +20,238 @@ __device__ __forceinline__ Acc row_factor(Acc g_scaled, Acc lse, Acc inv_tau) {
   return g_scaled;
 }
 
+// The power-of-two scale 2^m of g with |g|·2^m < 2^(Tile::kMScaleLog2 + 1), from
+// g_absmax = max|g| (a device scalar), and its inverse 2^−m that undoes it exactly
+// when the gradient is stored. g all 0, inf or NaN: no scale.
+template <typename Tile>
+__device__ __forceinline__ void g_scales(typename Tile::Acc g_absmax, typename Tile::Acc& m_scale,
+                                         typename Tile::Acc& out_scale) {
+  using Acc = typename Tile::Acc;
+  m_scale = Acc(1);
+  out_scale = Acc(1);
+  if (g_absmax > Acc(0) && g_absmax < std::numeric_limits<Acc>::infinity()) {
+    const int e = max(-kMaxScaleLog2,
+                      min(kMaxScaleLog2, Tile::kMScaleLog2 - static_cast<int>(ilogb(g_absmax))));
+    m_scale = static_cast<Acc>(ldexp(1.0, e));
+    out_scale = static_cast<Acc>(ldexp(1.0, -e));
+  }
+}
+
+// The backward tile kernels' shared memory (Smem's layout): S (M in place for the
+// SIMT tiles), M in the input type (WMMA tiles), and the row and column factors.
+template <typename Tile>
+struct GradSmem {
+  using Acc = typename Tile::Acc;
+  Acc* s;
+  unsigned char* mbuf;
+  Acc *row_g, *row_lse, *col_g, *col_lse;
+  __device__ __forceinline__ explicit GradSmem(unsigned char* smem)
+      : s(reinterpret_cast<Acc*>(smem + Smem<Tile>::kS)),
+        mbuf(smem + Smem<Tile>::kM),
+        row_g(reinterpret_cast<Acc*>(smem + Smem<Tile>::kStats)),
+        row_lse(row_g + Tile::BM),
+        col_g(row_lse + Tile::BM),
+        col_lse(col_g + Tile::BN) {}
+};
+
+// M_rc of the tile (rows i0 + r, columns k0 + c) from S in s, the row factors
+// row_g/row_lse and the column factors col_g/col_lse (see grad_tile_kernel),
+// stored by Tile::store_m; all threads, after a barrier that completes S and
+// the factors. Masked entries are 0 and never exp'd: with lse = −inf (N = 1)
+// exp(s − lse) would be inf and 0·inf = NaN.
+template <typename Tile, bool kFixed>
+__device__ __forceinline__ void tile_m(typename Tile::Acc* s, unsigned char* mbuf, int64_t n,
+                                       int64_t i0, int64_t k0, typename Tile::Acc inv_tau,
+                                       const typename Tile::Acc* row_g,
+                                       const typename Tile::Acc* row_lse,
+                                       const typename Tile::Acc* col_g,
+                                       const typename Tile::Acc* col_lse) {
+  using Acc = typename Tile::Acc;
+  constexpr int BM = Tile::BM, BN = Tile::BN;
+  const Acc shift_log2 = inv_tau * Acc(kLog2e);
+  for (int e = threadIdx.x; e < BM * BN; e += kTileThreads) {
+    const int r = e / BN, c = e % BN;
+    const int64_t i = i0 + r, k = k0 + c;
+    Acc mv = Acc(0);
+    if (i < n && k < n && k != i) {
+      const Acc c_ik = s[r * Tile::kLdS + c];
+      if constexpr (kFixed) {
+        mv = exp2_acc(fma(c_ik, shift_log2, -shift_log2)) * (row_g[r] + col_g[c]);
+      } else {
+        const Acc xv = c_ik * inv_tau;
+        mv = row_g[r] * exp_acc(xv - row_lse[r]) + col_g[c] * exp_acc(xv - col_lse[c]);
+      }
+    }
+    Tile::store_m(s, mbuf, r, c, mv);
+  }
+}
+
+// The inputs of the backward tile kernels: x = u [n, d], 1/τ, g (grad_rows, 0
+// outside the anchors [a0, a1)), lse, and max|g| (a device scalar).
+template <typename Tile>
+struct TileArgs {
+  const typename Tile::In* x;
+  int64_t n, d;
+  typename Tile::Acc inv_tau;
+  const typename Tile::Acc* g;
+  const typename Tile::Acc* lse;
+  const typename Tile::Acc* g_absmax;
+  int64_t a0, a1;
+};
+
+// factor[r] = row_factor of row i0 + r (0 for rows ≥ n) for r < R, with g scaled
+// by m_scale, and lse_out[r] = lse of that row unless lse_out is null; all threads.
+template <bool kFixed, int R, typename Tile>
+__device__ __forceinline__ void load_factors(const TileArgs<Tile>& p, typename Tile::Acc m_scale,
+                                             int64_t i0, typename Tile::Acc* factor,
+                                             typename Tile::Acc* lse_out) {
+  using Acc = typename Tile::Acc;
+  for (int r = threadIdx.x; r < R; r += kTileThreads) {
+    const int64_t i = i0 + r;
+    factor[r] = i < p.n ? row_factor<kFixed>(p.g[i] * m_scale, p.lse[i], p.inv_tau) : Acc(0);
+    if (lse_out != nullptr) lse_out[r] = i < p.n ? p.lse[i] : Acc(0);
+  }
+}
+
 // dneg[I, J] = Σ_K M_IK x[K, J] for this block's BM rows I and DV columns J,
 // M_ik = g_i exp(s_ik − lse_i) + g_k exp(s_ik − lse_k), s = x xᵀ · inv_tau
 // (kFixed: M_ik = e_ik (a_i + a_k), see use_fixed_shift). g_absmax (a device
 // scalar, max|g|) sets the power-of-two scale of M. With key splits (small N,
 // see backward_impl), block z of the grid's third dimension sums only the key
 // tiles [z·split_tiles, (z+1)·split_tiles) into the slice z of dneg [splits, N, D].
+// Every output element is written once, in a fixed order: deterministic.
 template <typename Tile, bool kFixed>
 __global__ void __launch_bounds__(kTileThreads)
-    grad_tile_kernel(const typename Tile::In* __restrict__ x, int64_t n, int64_t d,
-                     typename Tile::Acc inv_tau, const typename Tile::Acc* __restrict__ g,
-                     const typename Tile::Acc* __restrict__ lse,
-                     const typename Tile::Acc* __restrict__ g_absmax, int64_t a0, int64_t a1,
-                     int64_t split_tiles, typename Tile::Acc* __restrict__ dneg) {
+    grad_tile_kernel(const TileArgs<Tile> p, int64_t split_tiles,
+                     typename Tile::Acc* __restrict__ dneg) {
   using Acc = typename Tile::Acc;
-  using L = Smem<Tile>;
+  const int64_t n = p.n, d = p.d;
   constexpr int BM = Tile::BM, BN = Tile::BN;
-  __shared__ __align__(128) unsigned char smem[L::kBackward];
-  Acc* s = reinterpret_cast<Acc*>(smem + L::kS);
-  unsigned char* mbuf = smem + L::kM;
-  Acc* row_g = reinterpret_cast<Acc*>(smem + L::kStats);
-  Acc* row_lse = row_g + BM;
-  Acc* col_g = row_lse + BM;
-  Acc* col_lse = col_g + BN;
+  __shared__ __align__(128) unsigned char smem[Smem<Tile>::kBackward];
+  const GradSmem<Tile> sm(smem);
+  Acc *s = sm.s, *row_g = sm.row_g, *row_lse = sm.row_lse, *col_g = sm.col_g, *col_lse = sm.col_lse;
+  unsigned char* mbuf = sm.mbuf;
   const int64_t i0 = int64_t(blockIdx.x) * BM;
   const int64_t j0 = int64_t(blockIdx.y) * Tile::DV;
 
-  // Power-of-two scale |g|·2^m < 2^(kMScaleLog2 + 1): exact, and undone exactly
-  // when the result is stored.
-  Acc m_scale = Acc(1), out_scale = Acc(1);
-  {
-    const Acc gm = *g_absmax;
-    if (gm > Acc(0) && gm < std::numeric_limits<Acc>::infinity()) {  // else g is 0, inf or NaN
-      const int e = max(-kMaxScaleLog2,
-                        min(kMaxScaleLog2, Tile::kMScaleLog2 - static_cast<int>(ilogb(gm))));
-      m_scale = static_cast<Acc>(ldexp(1.0, e));
-      out_scale = static_cast<Acc>(ldexp(1.0, -e));
-    }
-  }
-  const Acc shift_log2 = inv_tau * Acc(kLog2e);
-  for (int r = threadIdx.x; r < BM; r += kTileThreads) {
-    const int64_t i = i0 + r;
-    row_g[r] = i < n ? row_factor<kFixed>(g[i] * m_scale, lse[i], inv_tau) : Acc(0);
-    row_lse[r] = i < n ? lse[i] : Acc(0);
-  }
+  Acc m_scale, out_scale;
+  g_scales<Tile>(*p.g_absmax, m_scale, out_scale);
+  load_factors<kFixed, BM>(p, m_scale, i0, row_g, row_lse);
   // (row stats are first read after the barriers inside dots below)
 
   // g is 0 outside the anchors [a0, a1), so a block without anchor rows only
   // needs the key tiles that hold anchors (M_ik = g_k exp(s_ik − lse_k) there).
-  const bool has_anchor_rows = i0 < a1 && i0 + BM > a0;
+  const bool has_anchor_rows = i0 < p.a1 && i0 + BM > p.a0;
   const int64_t split_begin = int64_t(blockIdx.z) * split_tiles * BN;
   const int64_t split_end = std::min(n, split_begin + split_tiles * BN);
   // Both bounds are multiples of BN or N: the key tiles are those of the unsplit grid.
-  const int64_t k_begin = std::max(split_begin, has_anchor_rows ? int64_t(0) : (a0 / BN) * BN);
-  const int64_t k_end = std::min(split_end, has_anchor_rows ? n : a1);
+  const int64_t k_begin = std::max(split_begin, has_anchor_rows ? int64_t(0) : (p.a0 / BN) * BN);
+  const int64_t k_end = std::min(split_end, has_anchor_rows ? n : p.a1);
   typename Tile::Accum acc;
   acc.zero();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BN) {
-    Tile::dots(x, n, d, i0, k0, smem, s);  // ends with the staging buffer free
-    Tile::load_v(smem, x, n, d, k0, j0);
-    for (int c = threadIdx.x; c < BN; c += kTileThreads) {
-      const int64_t k = k0 + c;
-      col_g[c] = k < n ? row_factor<kFixed>(g[k] * m_scale, lse[k], inv_tau) : Acc(0);
-      col_lse[c] = k < n ? lse[k] : Acc(0);
-    }
+    Tile::dots(p.x, n, d, i0, k0, smem, s);  // ends with the staging buffer free
+    Tile::load_v(smem, p.x, n, d, k0, j0);   // the first chunk of V
+    load_factors<kFixed, BN>(p, m_scale, k0, col_g, col_lse);
     __syncthreads();  // S, V and column stats complete
-    for (int e = threadIdx.x; e < BM * BN; e += kTileThreads) {
-      const int r = e / BN, c = e % BN;
-      const int64_t i = i0 + r, k = k0 + c;
-      Acc mv = Acc(0);
-      // Masked entries are never exp'd: with lse = −inf (N = 1) exp(s − lse)
-      // would be inf and 0·inf = NaN.
-      if (i < n && k < n && k != i) {
-        const Acc c_ik = s[r * Tile::kLdS + c];
-        if constexpr (kFixed) {
-          mv = exp2_acc(fma(c_ik, shift_log2, -shift_log2)) * (row_g[r] + col_g[c]);
-        } else {
-          const Acc xv = c_ik * inv_tau;
-          mv = row_g[r] * exp_acc(xv - row_lse[r]) + col_g[c] * exp_acc(xv - col_lse[c]);
-        }
-      }
-      Tile::store_m(s, mbuf, r, c, mv);
-    }
+    tile_m<Tile, kFixed>(s, mbuf, n, i0, k0, p.inv_tau, row_g, row_lse, col_g, col_lse);
     __syncthreads();  // M complete
-    acc.add(s, mbuf, smem);
+    for_each_chunk<Tile::kChunks>([&](auto chunk) {
+      constexpr int kC = decltype(chunk)::value;
+      if constexpr (kC > 0) {
+        if (j0 + kC * Tile::DVS >= d) return;  // the same in every thread
+        __syncthreads();  // the previous chunk of V is read
+        Tile::load_v(smem, p.x, n, d, k0, j0 + kC * Tile::DVS);
+        __syncthreads();
+      }
+      acc.template add<kC>(s, mbuf, smem);
+    });
     __syncthreads();  // M, V, S and column stats are read; the next tile may overwrite them
   }
-  acc.store(dneg + int64_t(blockIdx.z) * n * d, n, d, i0, j0, out_scale, s);
+  acc.template store<false>(dneg + int64_t(blockIdx.z) * n * d, n, d, i0, j0, out_scale, s);
+}
+
+// ------------------------------------------------ symmetric fixed-shift backward
+// M_ik = e_ik (a_i + a_k) is symmetric, so, as the symmetric forward, only tile
+// pairs (I, K) with I ≤ K are computed: M_IK U_K goes to rows I (the row side) and
+// M_IKᵀ U_I to rows K (the column side); a diagonal pair (I = K) gives its rows
+// M_KK U_K once, by the column side. Tensor FLOPs 3N²D instead of 4N²D, exps N²/2
+// instead of N².
+//
+// Work item b (grid x) is a key tile K, largest K first, and a run of at most
+// chunk_tiles row tiles I = i_hi, i_hi − 1, ..., i_lo ≤ K (FlashAttention-2's dK/dV
+// order): the column side of K is summed in registers over the run and added to
+// dneg once; the row side of each pair is added to dneg right away. Both by float
+// atomicAdd into a zeroed dneg: the order of the adds varies from run to run, so
+// this kernel runs only while torch's deterministic mode is off (backward_impl).
+// Walking I downwards from K, blocks that start together add to different rows
+// (block K to rows K − t at step t), which keeps atomics on one address rare.
+__device__ __forceinline__ void sym_work_item(int64_t b, int64_t tiles, int64_t chunk_tiles,
+                                              int64_t& tk, int64_t& i_hi, int64_t& i_lo) {
+  tk = tiles - 1;
+  for (;;) {
+    const int64_t runs = (tk + chunk_tiles) / chunk_tiles;  // ceil((tk + 1) / chunk_tiles)
+    if (b < runs) break;
+    b -= runs;
+    --tk;
+  }
+  i_hi = tk - b * chunk_tiles;
+  i_lo = std::max<int64_t>(0, i_hi - chunk_tiles + 1);
+}
+
+template <typename Tile>
+__global__ void __launch_bounds__(kTileThreads)
+    sym_grad_kernel(const TileArgs<Tile> p, int64_t chunk_tiles,
+                    typename Tile::Acc* __restrict__ dneg) {
+  using Acc = typename Tile::Acc;
+  const int64_t n = p.n, d = p.d;
+  static_assert(Tile::BM == Tile::BN, "symmetric tiles are square");
+  constexpr int B = Tile::BM;
+  __shared__ __align__(128) unsigned char smem[Smem<Tile>::kBackward];
+  const GradSmem<Tile> sm(smem);  // (row_lse and col_lse: unused on the fixed-shift path)
+  Acc *s = sm.s, *row_g = sm.row_g, *col_g = sm.col_g;
+  unsigned char* mbuf = sm.mbuf;
+  int64_t tk, i_hi, i_lo;
+  sym_work_item(blockIdx.x, (n + B - 1) / B, chunk_tiles, tk, i_hi, i_lo);
+  const int64_t k0 = tk * B;
+  const int64_t j0 = int64_t(blockIdx.y) * Tile::DV;
+
+  Acc m_scale, out_scale;
+  g_scales<Tile>(*p.g_absmax, m_scale, out_scale);
+  load_factors<true, B>(p, m_scale, k0, col_g, nullptr);
+  // A pair of two tiles without anchor rows has M = 0 (a_i = 0 outside [a0, a1)).
+  auto has_anchors = [&](int64_t t) { return t * B < p.a1 && (t + 1) * B > p.a0; };
+  typename Tile::Accum acc;
+  acc.zero();
+  for (int64_t ti = i_hi; ti >= i_lo; --ti) {
+    if (!has_anchors(ti) && !has_anchors(tk)) continue;  // the same for the whole block
+    const int64_t i0 = ti * B;
+    load_factors<true, B>(p, m_scale, i0, row_g, nullptr);
+    Tile::dots(p.x, n, d, i0, k0, smem, s);  // ends with the staging buffer free
+    Tile::load_v(smem, p.x, n, d, i0, j0);   // U_I, the first chunk
+    __syncthreads();  // S, U_I and the factors complete
+    tile_m<Tile, true>(s, mbuf, n, i0, k0, p.inv_tau, row_g, sm.row_lse, col_g, sm.col_lse);
+    __syncthreads();  // M complete
+    for_each_chunk<Tile::kChunks>([&](auto chunk) {
+      constexpr int kC = decltype(chunk)::value;
+      const int64_t jc = j0 + kC * Tile::DVS;
+      if constexpr (kC > 0) {
+        if (jc >= d) return;  // the same in every thread
+        __syncthreads();  // the previous chunk is read
+        Tile::load_v(smem, p.x, n, d, i0, jc);
+        __syncthreads();
+      }
+      acc.template add_t<kC>(s, mbuf, smem);  // column side: rows K += M_IKᵀ U_I
+      if (ti != tk) {                         // row side: rows I += M_IK U_K
+        __syncthreads();                      // U_I is read
+        Tile::load_v(smem, p.x, n, d, k0, jc);
+        __syncthreads();
+        Tile::add_atomic(s, mbuf, smem, dneg, n, d, i0, jc, out_scale, s);
+      }
+    });
+    __syncthreads();  // M, V and the row factors are read; the next pair may overwrite them
+  }
+  acc.template store<true>(dneg, n, d, k0, j0, out_scale, s);
 }
 
 // out[e] = Σ_s parts[s][e] for e < count, the slices added in order (deterministic).
@@ -166,6 +311,50 @@ __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __rest
 }
 
 // ------------------------------------------------------------------- host side
+// dneg (zeroed) += M u by the symmetric kernel, on the fixed-shift path.
+template <typename Tile>
+void symmetric_dneg(const TileArgs<Tile>& args, int64_t col_blocks, at::Tensor& dneg,
+                    cudaStream_t stream) {
+  using Acc = typename Tile::Acc;
+  const int64_t n = args.n;
+  const int64_t tiles = ceil_div(n, Tile::BM), pairs = tiles * (tiles + 1) / 2;
+  // Runs of at most chunk_tiles pairs, so that the grid has kBlocksPerSm blocks per
+  // SM when N allows it (N = 4096 in bf16: runs of 8, 288 blocks); large N gets one
+  // run per key tile (N = 65536: 1024 blocks of 1 to 1024 pairs, largest first).
+  const int64_t want = ceil_div(kBlocksPerSm * sm_count(), col_blocks);
+  const int64_t chunk_tiles = std::clamp<int64_t>(ceil_div(pairs, want), 1, tiles);
+  int64_t items = 0;  // Σ_K ceil((K + 1) / chunk_tiles), as sym_work_item counts them
+  for (int64_t tk = 0; tk < tiles; ++tk) items += ceil_div(tk + 1, chunk_tiles);
+  const dim3 grid(grid_exact(kBackwardOp, items), static_cast<unsigned int>(col_blocks));
+  launch(sym_grad_kernel<Tile>, grid, kTileThreads, stream, args, chunk_tiles, mut_ptr<Acc>(dneg));
+}
+
+// dneg = M u by grad_tile_kernel: every element written once, in a fixed order
+// (the deterministic kernel, and the one of the online path).
+template <typename Tile>
+void row_block_dneg(const TileArgs<Tile>& args, bool fixed_shift, int64_t col_blocks,
+                    at::Tensor& dneg, cudaStream_t stream) {
+  using Acc = typename Tile::Acc;
+  const int64_t n = args.n, d = args.d;
+  const int64_t row_blocks = ceil_div(n, Tile::BM), key_tiles = ceil_div(n, Tile::BN);
+  // Small N: split the key tiles over up to `splits` blocks per output tile, so
+  // that the grid has kBlocksPerSm blocks per SM; their partial sums go to slices
+  // [splits, N, D] (about kBlocksPerSm·SMs·BM·D floats in all, whatever N)
+  // added in a fixed order. Large N: one slice, written straight into dneg.
+  const int64_t want = ceil_div(kBlocksPerSm * sm_count(), row_blocks * col_blocks);
+  const int64_t split_tiles = ceil_div(key_tiles, std::clamp<int64_t>(want, 1, key_tiles));
+  const int64_t splits = ceil_div(key_tiles, split_tiles);  // ≤ kMaxGridY: want ≤ 2·SMs
+  at::Tensor parts = splits == 1 ? dneg : at::empty({splits, n, d}, dneg.options());
+  const dim3 grid(grid_exact(kBackwardOp, row_blocks), static_cast<unsigned int>(col_blocks),
+                  static_cast<unsigned int>(splits));
+  launch(fixed_shift ? grad_tile_kernel<Tile, true> : grad_tile_kernel<Tile, false>,
+         grid, kTileThreads, stream, args, split_tiles, mut_ptr<Acc>(parts));
+  if (splits > 1) {
+    launch(sum_slices_kernel<Acc>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
+           ptr<Acc>(parts), splits, n * d, mut_ptr<Acc>(dneg));
+  }
+}
+
 template <typename ZT, typename Tile>
 at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const GraphArgs& g,
                          const at::Tensor& lse_in, double temperature, bool normalize, int64_t a0,
@@ -194,29 +383,23 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   // max|g| on the device (no sync), for the power-of-two scale of g and M.
   const at::Tensor g_absmax = gr.abs().amax();
 
-  // dneg = Σ_K M_IK u_K: every element is written once by the tile kernel.
-  at::Tensor dneg = at::empty({n, d}, acc_opts);
   const int64_t col_blocks = ceil_div(d, Tile::DV);
   TORCH_CHECK(col_blocks <= kMaxGridY, kBackwardOp, ": z has too many columns (", d,
               ") for one CUDA grid");
-  const int64_t row_blocks = ceil_div(n, Tile::BM), key_tiles = ceil_div(n, Tile::BN);
-  // Small N: split the key tiles over up to `splits` blocks per output tile, so
-  // that the grid has kBlocksPerSm blocks per SM; their partial sums go to slices
-  // [splits, N, D] (about kBlocksPerSm·SMs·BM·D floats in all, whatever N)
-  // added in a fixed order. Large N: one slice, written straight into dneg.
-  const int64_t want = ceil_div(kBlocksPerSm * sm_count(), row_blocks * col_blocks);
-  const int64_t split_tiles = ceil_div(key_tiles, std::clamp<int64_t>(want, 1, key_tiles));
-  const int64_t splits = ceil_div(key_tiles, split_tiles);  // ≤ kMaxGridY: want ≤ 2·SMs
-  at::Tensor parts = splits == 1 ? dneg : at::empty({splits, n, d}, acc_opts);
-  const dim3 grid(grid_exact(kBackwardOp, row_blocks), static_cast<unsigned int>(col_blocks),
-                  static_cast<unsigned int>(splits));
-  launch(use_fixed_shift<Acc>(normalize, temperature) ? grad_tile_kernel<Tile, true>
-                                                     : grad_tile_kernel<Tile, false>,
-         grid, kTileThreads, stream, ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
-         ptr<Acc>(g_absmax), a0, a1, split_tiles, mut_ptr<Acc>(parts));
-  if (splits > 1) {
-    launch(sum_slices_kernel<Acc>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
-           ptr<Acc>(parts), splits, n * d, mut_ptr<Acc>(dneg));
+  const TileArgs<Tile> args{ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
+                            ptr<Acc>(g_absmax), a0, a1};
+  const bool fixed_shift = use_fixed_shift<Acc>(normalize, temperature);
+  // dneg = Σ_K M_IK u_K. The symmetric kernel's float atomics add in a varying
+  // order: under torch.use_deterministic_algorithms the row-block kernel runs
+  // instead (4/3 of the tensor FLOPs, 2× the exps), as PyTorch's own ops pick a
+  // deterministic kernel where they have one (docs/cuda.md, "Determinism").
+  at::Tensor dneg;
+  if (fixed_shift && !at::globalContext().deterministicAlgorithms()) {
+    dneg = at::zeros({n, d}, acc_opts);
+    symmetric_dneg<Tile>(args, col_blocks, dneg, stream);
+  } else {
+    dneg = at::empty({n, d}, acc_opts);
+    row_block_dneg<Tile>(args, fixed_shift, col_blocks, dneg, stream);
   }
 
   // Positive term: dneg −= Gᵀ(c ∘ u) here, − c ∘ (G u) in grad_rows_kernel.
