@@ -38,7 +38,10 @@ def test_cuda_plan_has_the_issue_sizes_and_baselines():
     assert cases[0].params["N"] == 65536
     for c in cases:
         assert c.baseline == "naive_eager"
-        assert set(c.compare_to) == {"torch_compile_naive", "inf_cl"} <= set(c.impls)
+        assert set(c.compare_to) == {"torch_compile_naive", "inf_cl", "palfast_deterministic"}
+        assert {"torch_compile_naive", "inf_cl"} <= set(c.impls)
+        # Both CUDA backward kernels are timed: deterministic mode takes the row-block one.
+        assert ("palfast_deterministic" in c.impls) == (c.params["step"] == "fwd+bwd")
         assert c.flops == bi.effective_flops(c.params["N"], bi.D, c.params["step"])
         assert c.name.endswith(c.params["step"]) and c.device == "cuda"
     cpu = bi.cases(quick=True, device="cpu")
@@ -226,3 +229,10 @@ def test_gpu_bench_table_prints_targets_and_heavy_kernels(tmp_path, capsys):
     assert ("heavy kernels of palfast, info_nce N=4096 fwd (132 SMs): tile 264 blocks 80%, "
             "reduce_kernel 1 blocks 15%") in out
     assert "small" not in out
+
+
+def test_deterministic_runs_under_the_flag_and_restores_the_callers():
+    run = bi._deterministic(torch.are_deterministic_algorithms_enabled)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert run() is True
+    assert not torch.are_deterministic_algorithms_enabled()

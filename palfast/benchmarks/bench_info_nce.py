@@ -16,6 +16,10 @@ forward + backward (``fwd+bwd``). Implementations:
   row's own pair (e^{1/τ}): not the same loss value as NT-Xent, the same N×N logits.
   It computes in float32 (TF32 dots) whatever the input dtype.
 * ``pml_SupConLoss``: pytorch-metric-learning's ``SupConLoss`` (N ≤ 8192, when installed).
+* ``palfast_deterministic`` (CUDA, forward + backward): palfast under
+  ``torch.use_deterministic_algorithms(True, warn_only=True)``, which takes the
+  row-block backward kernel instead of the symmetric one with atomics
+  (docs/cuda.md, "Determinism"); no GPU has timed the two yet, so both are timed.
 
 TFLOP/s are effective (see ``effective_flops``): 2·N²·D for the forward, 6·N²·D for
 forward + backward, as FlashAttention's benchmarks count attention, whatever the
@@ -127,6 +131,20 @@ def _step(loss_fn, z, step: str):
     return forward_backward
 
 
+def _deterministic(run):
+    """``run`` under torch.use_deterministic_algorithms(True, warn_only=True), the caller's
+    setting restored after each call (the other implementations run without it)."""
+    def deterministic_run():
+        before = torch.are_deterministic_algorithms_enabled()
+        before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return run()
+        finally:
+            torch.use_deterministic_algorithms(before, warn_only=before_warn)
+    return deterministic_run
+
+
 def _import_inf_cl():
     try:
         import inf_cl
@@ -195,6 +213,11 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             g = palfast.PairGraph.from_views(N // 2, 2, device=device)
             return _step(lambda x: palfast.info_nce(x, g, temperature=TAU), z, step)
 
+        def make_palfast_deterministic(N=N, dtype=dtype, step=step, grad=grad):
+            if not cuda or not grad:
+                raise Skip("deterministic mode changes only the CUDA backward kernel")
+            return _deterministic(make_palfast(N, dtype, step, grad))
+
         def make_naive(N=N, dtype=dtype, step=step, grad=grad):
             _dense_guard(N, device, dtype)
             return _step(_naive_nt_xent, _inputs(N, device, dtype, grad), step)
@@ -229,6 +252,8 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             return _step(lambda x: loss(x, labels), _inputs(N, device, dtype, grad), step)
 
         impls = {"palfast": make_palfast, "naive_eager": make_naive}
+        if cuda and grad:
+            impls["palfast_deterministic"] = make_palfast_deterministic
         if not quick:
             impls["torch_compile_naive"] = make_compiled
             impls["inf_cl"] = make_inf_cl
@@ -238,7 +263,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
                         {"N": N, "D": D, "dtype": name, "step": step,
                          "flop_count": FLOP_COUNT_TEXT[step]},
                         impls, "naive_eager", device,
-                        compare_to=("torch_compile_naive", "inf_cl"),
+                        compare_to=("torch_compile_naive", "inf_cl", "palfast_deterministic"),
                         flops=effective_flops(N, D, step)))
     return out
 
