@@ -87,6 +87,20 @@ __device__ __forceinline__ void region_pair(int64_t b, int64_t regions, int64_t&
   q = p + b;
 }
 
+// The tiles of this block's region pair (P, Q) among `tiles` tiles: row tiles
+// [P·per_region, i_end), key tiles from max(I, Q·per_region) to k_end.
+struct RegionTiles {
+  int64_t p, q, i_end, k_end;
+};
+__device__ __forceinline__ RegionTiles region_tiles(int64_t regions, int64_t per_region,
+                                                    int64_t tiles) {
+  RegionTiles r;
+  region_pair(blockIdx.x, regions, r.p, r.q);
+  r.i_end = std::min(tiles, (r.p + 1) * per_region);
+  r.k_end = std::min(tiles, (r.q + 1) * per_region);
+  return r;
+}
+
 template <typename Tile>
 __global__ void __launch_bounds__(kTileThreads)
     sym_lse_kernel(const typename Tile::In* __restrict__ x, int64_t n, int64_t d,
@@ -106,11 +120,7 @@ __global__ void __launch_bounds__(kTileThreads)
   Acc* s = reinterpret_cast<Acc*>(smem + L::kS);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const Acc shift_log2 = inv_tau * Acc(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
-  int64_t p, q;
-  region_pair(blockIdx.x, regions, p, q);
-  const int64_t tiles = (n + B - 1) / B;
-  const int64_t i_end = std::min(tiles, (p + 1) * per_region);
-  const int64_t k_end = std::min(tiles, (q + 1) * per_region);
+  const auto [p, q, i_end, k_end] = region_tiles(regions, per_region, (n + B - 1) / B);
   // A pair of two tiles without anchor rows adds nothing any anchor's lse needs.
   auto has_anchors = [&](int64_t t) { return t * B < a1 && (t + 1) * B > a0; };
 
@@ -243,11 +253,25 @@ __device__ __forceinline__ void reduce_scatter_rows(float (&v)[V]) {
     const bool upper = lane & off;
 #pragma unroll
     for (int i = 0; i < half; ++i) {
-      const float keep = upper ? v[half + i] : v[i];
-      const float send = upper ? v[i] : v[half + i];
+      // Select values, not elements: `upper ? v[a] : v[b]` put v in local memory.
+      const float lo = v[i], hi = v[half + i];
+      const float keep = upper ? hi : lo, send = upper ? lo : hi;
       v[i] = keep + __shfl_xor_sync(kFullWarp, send, off);
     }
   }
+}
+
+// 2^x for the fixed-shift terms, x ≥ −113 (use_fixed_shift): the hardware's
+// ex2.approx.ftz (MUFU.EX2, about 2 ulp like exp2f), without exp2f's scaling
+// for subnormal results, which these terms never are (3 instructions saved a term).
+__device__ __forceinline__ float exp2_normal(float x) {
+#if defined(__CUDA_ARCH__) && !defined(PALFAST_EMU)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
 }
 
 template <typename T>
@@ -264,11 +288,7 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
   const int ksteps = static_cast<int>((d + 15) / 16);
   const int cols = ksteps * 16;  // D zero-padded to mma's K
   const float shift_log2 = inv_tau * float(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
-  int64_t p, q;
-  region_pair(blockIdx.x, regions, p, q);
-  const int64_t tiles_n = (n + B - 1) / B;
-  const int64_t i_end = std::min(tiles_n, (p + 1) * per_region);
-  const int64_t k_end = std::min(tiles_n, (q + 1) * per_region);
+  const auto [p, q, i_end, k_end] = region_tiles(regions, per_region, (n + B - 1) / B);
   // Tiles with anchor rows: [anchor_lo, anchor_hi). A pair of two tiles without
   // any adds nothing an anchor's lse needs.
   const int64_t anchor_lo = a0 / B, anchor_hi = (a1 + B - 1) / B;
@@ -327,7 +347,7 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
           for (int e = 0; e < 4; ++e) {
             const int64_t i = i0 + 8 * (e >> 1), k = k0 + 8 * j + (e & 1);
             const bool keep = !masked || (i < n && k < n && i != k);
-            s[j][e] = keep ? exp2_acc(fmaf(s[j][e], shift_log2, -shift_log2)) : 0.0f;
+            s[j][e] = keep ? exp2_normal(fmaf(s[j][e], shift_log2, -shift_log2)) : 0.0f;
             row_sum[e >> 1] += s[j][e];
           }
         }
@@ -409,13 +429,24 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
 }
 
 // ------------------------------------------------------------------- host side
-// The FA2-style forward takes 16-bit z with D ≤ Fa2Forward::kMaxD (its Q
-// fragments live in registers); other D and fp32/fp64 take sym_lse_kernel.
+// Launches the FA2-style forward where it applies, 16-bit z with D ≤
+// Fa2Forward::kMaxD (its Q fragments live in registers), and says whether it did;
+// other D and fp32/fp64 take sym_lse_kernel.
 template <typename Tile>
-bool use_fa2_forward(int64_t d) {
+bool launch_fa2_forward(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc inv_tau,
+                        int64_t a0, int64_t a1, int64_t per_region, int64_t regions,
+                        unsigned int grid, at::Tensor& row_part, at::Tensor& col_part,
+                        cudaStream_t stream) {
   using In = typename Tile::In;
   if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
-    return d <= Fa2Forward<In>::kMaxD;
+    using F = Fa2Forward<In>;
+    if (d > F::kMaxD) return false;
+    // cp.async copies 16 bytes: rows padded with zeros to a multiple of kChunk elements.
+    const at::Tensor up = d % F::kChunk == 0 ? u : at::constant_pad_nd(u, {0, F::kChunk - d % F::kChunk});
+    launch(fa2_sym_lse_kernel<In>, grid, F::kThreads, stream, ptr<In>(up), n, d, up.size(1),
+           inv_tau, a0, a1, per_region, regions, mut_ptr<float>(row_part),
+           mut_ptr<float>(col_part));
+    return true;
   } else {
     return false;
   }
@@ -425,7 +456,6 @@ bool use_fa2_forward(int64_t d) {
 template <typename Tile>
 void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc inv_tau,
                    int64_t a0, int64_t a1, at::Tensor& lse, cudaStream_t stream) {
-  using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   const int64_t tiles = ceil_div(n, Tile::BM);
   int64_t min_regions = 1;  // the fewest regions whose pairs give every SM kBlocksPerSm blocks
@@ -435,19 +465,10 @@ void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc
   at::Tensor row_part = at::empty({regions, n}, lse.options());
   at::Tensor col_part = at::zeros({regions, n}, lse.options());
   const unsigned int grid = grid_exact(kForwardOp, regions * (regions + 1) / 2);
-  if constexpr (std::is_same_v<Acc, float> && !std::is_same_v<In, float>) {
-    if (use_fa2_forward<Tile>(d)) {
-      // cp.async copies 16 bytes: rows padded with zeros to a multiple of 8 elements.
-      constexpr int64_t kChunk = Fa2Forward<In>::kChunk;
-      const at::Tensor up = d % kChunk == 0 ? u : at::constant_pad_nd(u, {0, kChunk - d % kChunk});
-      launch(fa2_sym_lse_kernel<In>, grid, Fa2Forward<In>::kThreads, stream, ptr<In>(up), n, d,
-             up.size(1), inv_tau, a0, a1, per_region, regions, mut_ptr<Acc>(row_part),
-             mut_ptr<Acc>(col_part));
-    }
-  }
-  if (!use_fa2_forward<Tile>(d)) {
-    launch(sym_lse_kernel<Tile>, grid, kTileThreads, stream, ptr<In>(u), n, d, inv_tau, a0, a1,
-           per_region, regions, mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
+  if (!launch_fa2_forward<Tile>(u, n, d, inv_tau, a0, a1, per_region, regions, grid, row_part,
+                                col_part, stream)) {
+    launch(sym_lse_kernel<Tile>, grid, kTileThreads, stream, ptr<typename Tile::In>(u), n, d,
+           inv_tau, a0, a1, per_region, regions, mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
   }
   launch(lse_finish_kernel<Acc>, grid_stride(a1 - a0, kRowThreads), kRowThreads, stream,
          ptr<Acc>(row_part), ptr<Acc>(col_part), n, per_region * Tile::BM, regions, inv_tau, a0,
