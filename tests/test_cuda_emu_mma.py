@@ -139,7 +139,7 @@ def test_ldmatrix_mma_gemm(emu, dtype, b_kn, k, n):
 
 # ------------------------------------------------------------------ cp.async
 CP_THREADS = 64
-STALE = 0xAB  # what the test kernel writes into shared memory before the copies
+POISON = 0xFF  # a copy's destination from its start until its wait (tests/cuda_emu/cuda_emu.h)
 
 
 def _cp_async_case(seed: int):
@@ -158,13 +158,14 @@ def test_cp_async_lands_at_wait(emu, pending, seed):
     """Thread i copies chunk i (group 1), then chunk 64 + i (group 2), waits until
     `pending` groups remain and, after a barrier, reads its neighbour's chunks.
     Copied chunks hold the first src_bytes bytes of src, then zeros; a group not yet
-    waited for is not there (the old contents: a read before the wait is stale)."""
+    waited for is not there: neither the data nor the old contents (0xAB), but
+    poison, so a read before the wait goes wrong."""
     emu.emu_set_seed(seed)
     src, src_bytes, copied = _cp_async_case(seed)
     got = emu.emu_ptx_cp_async(src, src_bytes, pending, True).view(-1, 16)
-    stale = torch.full((CP_THREADS, 16), STALE, dtype=torch.uint8)
-    group1 = copied[:CP_THREADS] if pending < 2 else stale
-    group2 = copied[CP_THREADS:] if pending < 1 else stale
+    poison = torch.full((CP_THREADS, 16), POISON, dtype=torch.uint8)
+    group1 = copied[:CP_THREADS] if pending < 2 else poison
+    group2 = copied[CP_THREADS:] if pending < 1 else poison
     assert torch.equal(got, torch.cat([group1, group2]))
 
 

@@ -21,10 +21,11 @@
 //     mma.m16n8k16 layouts (two n8 halves), one lane's share per thread, and
 //     mma_sync multiplies with fp32 accumulation; fragment pointers must be
 //     32-byte aligned and ldm a multiple of 16 bytes, as on the GPU;
-//   * mma.sync m16n8k16 and ldmatrix .x4 (csrc/cuda/mma.cuh) likewise, and
-//     cp.async copies land only when cp_async_wait covers their group (a read
-//     before the wait sees the old contents); a thread that exits with copies
-//     never waited for is an error.
+//   * mma.sync m16n8k16 and ldmatrix .x4 (csrc/cuda/mma.cuh) likewise;
+//     a cp.async destination holds poison (0xFF bytes) from the copy's start and
+//     the data only once cp_async_wait covers its group, so reads before the
+//     wait, or of a buffer being refilled, go wrong; a thread that exits with
+//     copies never waited for is an error.
 // Not modelled: lanes of a warp in lock-step for ordinary loads and stores
 // (fibers never interleave inside a plain read-modify-write, so a non-atomic
 // `+=` from several threads is not caught), out-of-bounds accesses, and
@@ -529,15 +530,21 @@ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   for (int e = 0; e < 4; ++e) acc[e] = out[e];
 }
 
-// cp.async.cg.shared.global [dst], [src], 16, src_bytes: queued, and carried out
-// only when cp_async_wait covers its group, so a thread that reads dst before
-// waiting sees what was there before (stale data), as on the GPU.
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes. On the GPU dst is
+// undefined from the copy's start until its wait: here it holds kCpAsyncPoison
+// bytes (NaN as fp32, bf16 and fp16) from the call, and the data only once
+// cp_async_wait covers its group. So a read before the wait sees poison, not the
+// data, and so does a read of a buffer that another thread has already started
+// refilling (a missing barrier before a prefetch).
+constexpr unsigned char kCpAsyncPoison = 0xFF;
+
 inline void cp_async(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % kCpAsyncBytes != 0 ||
       reinterpret_cast<uintptr_t>(src) % kCpAsyncBytes != 0)
     fail("cp.async: 16-byte copies need 16-byte aligned addresses");
   if (src_bytes < 0 || src_bytes > kCpAsyncBytes)
     fail("cp.async: src_bytes " + std::to_string(src_bytes) + " is not in [0, 16]");
+  std::memset(dst, kCpAsyncPoison, kCpAsyncBytes);
   self().uncommitted.push_back({dst, src, src_bytes});
 }
 

@@ -138,10 +138,10 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool b_kn) {
 
 // ---- cp.async: thread i copies 16-byte chunk i (group 1), then chunk T + i
 // (group 2), each with its src_bytes[chunk], into shared memory prefilled with
-// kStale; waits until `pending` groups remain, meets the block at a barrier and
-// reads its neighbour's two chunks (thread (i + 1) % T) into out. Then, after a
-// second barrier, waits for the rest, unless final_wait is false (an error:
-// copies never waited for).
+// kStale (which no copy leaves behind); waits until `pending` groups remain,
+// meets the block at a barrier and reads its neighbour's two chunks (thread
+// (i + 1) % T) into out. Then, after a second barrier, waits for the rest,
+// unless final_wait is false (an error: copies never waited for).
 constexpr int kCpThreads = 64;
 constexpr uint8_t kStale = 0xAB;
 
