@@ -238,27 +238,32 @@ __device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, 
   return tile + (row0 + row_blk * 8 + lane % 8) * Fa2Forward<T>::kLd + col0 + col_blk * 8;
 }
 
+// One step of reduce_scatter_rows: lanes `off` apart each keep one half of
+// v[0 .. 2·half), the lower lane the low half, and add the partner's copy of it.
+template <int Off, int Half, int V>
+__device__ __forceinline__ void trade_halves(float (&v)[V], int lane) {
+  const bool upper = lane & Off;
+#pragma unroll
+  for (int i = 0; i < Half; ++i) {
+    // Select values, not elements: `upper ? v[a] : v[b]` put v in local memory.
+    const float lo = v[i], hi = v[Half + i];
+    const float keep = upper ? hi : lo, send = upper ? lo : hi;
+    v[i] = keep + __shfl_xor_sync(kFullWarp, send, Off);
+  }
+}
+
 // Sums v over the 8 lanes of equal lane % 4 (the rows g of an mma accumulator)
 // and leaves lane (g, t) with the totals of v[g·V/8 .. (g+1)·V/8) in v[0 .. V/8):
 // each step keeps half of the values and trades the other half with the partner
 // lane (7V/8 shuffles, where summing every value over the 8 lanes takes 3V).
+// The steps are written out so that every index is a compile-time constant.
 template <int V>
 __device__ __forceinline__ void reduce_scatter_rows(float (&v)[V]) {
   static_assert(V % 8 == 0);
   const int lane = threadIdx.x % kWarpSize;
-#pragma unroll
-  for (int step = 0; step < 3; ++step) {
-    const int off = 16 >> step;  // lane bits 4, 3, 2: g's bits 2, 1, 0
-    const int half = V >> (step + 1);
-    const bool upper = lane & off;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      // Select values, not elements: `upper ? v[a] : v[b]` put v in local memory.
-      const float lo = v[i], hi = v[half + i];
-      const float keep = upper ? hi : lo, send = upper ? lo : hi;
-      v[i] = keep + __shfl_xor_sync(kFullWarp, send, off);
-    }
-  }
+  trade_halves<16, V / 2>(v, lane);  // lane bits 4, 3, 2 are g's bits 2, 1, 0
+  trade_halves<8, V / 4>(v, lane);
+  trade_halves<4, V / 8>(v, lane);
 }
 
 // 2^x for the fixed-shift terms, x ≥ −113 (use_fixed_shift): the hardware's
