@@ -78,7 +78,8 @@ __global__ void __launch_bounds__(kTileThreads)
 // (zero-initialised, only this block adds to them). lse_finish_kernel then adds
 // each row's slots in a fixed order: the result does not depend on the schedule.
 // Partial memory: 2·regions·N sums, regions ≈ √(2·kBlocksPerSm·SMs) (about 24 on
-// an H200), so O(N) for a given GPU.
+// an H200; 47 for the FA2-style kernel below, kFa2BlocksPerSm), so O(N) for a
+// given GPU.
 
 // The region pair (p, q), p ≤ q, of block b: b = Σ_{p' < p} (regions − p') + (q − p).
 __device__ __forceinline__ void region_pair(int64_t b, int64_t regions, int64_t& p, int64_t& q) {
@@ -434,46 +435,53 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
 }
 
 // ------------------------------------------------------------------- host side
-// Launches the FA2-style forward where it applies, 16-bit z with D ≤
-// Fa2Forward::kMaxD (its Q fragments live in registers), and says whether it did;
-// other D and fp32/fp64 take sym_lse_kernel.
+// The FA2-style forward applies to 16-bit z with D ≤ Fa2Forward::kMaxD (its Q
+// fragments live in registers); other D and fp32/fp64 take sym_lse_kernel.
 template <typename Tile>
-bool launch_fa2_forward(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc inv_tau,
-                        int64_t a0, int64_t a1, int64_t per_region, int64_t regions,
-                        unsigned int grid, at::Tensor& row_part, at::Tensor& col_part,
-                        cudaStream_t stream) {
+bool use_fa2_forward(int64_t d) {
   using In = typename Tile::In;
   if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
-    using F = Fa2Forward<In>;
-    if (d > F::kMaxD) return false;
-    // cp.async copies 16 bytes: rows padded with zeros to a multiple of kChunk elements.
-    const at::Tensor up = d % F::kChunk == 0 ? u : at::constant_pad_nd(u, {0, F::kChunk - d % F::kChunk});
-    launch(fa2_sym_lse_kernel<In>, grid, F::kThreads, stream, ptr<In>(up), n, d, up.size(1),
-           inv_tau, a0, a1, per_region, regions, mut_ptr<float>(row_part),
-           mut_ptr<float>(col_part));
-    return true;
+    return d <= Fa2Forward<In>::kMaxD;
   } else {
     return false;
   }
 }
 
+// Region pairs per SM that the FA2-style forward aims for: four of its blocks fit
+// on an SM at once (111 registers a thread, csrc/cuda/info_nce.md), and with
+// about 8 per SM, handed out as blocks finish, the SMs that run one block more
+// than others wait about 1/8 of the time at the end, not 1/2 as with 2 per SM.
+constexpr int64_t kFa2BlocksPerSm = 8;
+
 // lse of the anchor rows [a0, a1) by the symmetric fixed-shift kernels.
 template <typename Tile>
 void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc inv_tau,
                    int64_t a0, int64_t a1, at::Tensor& lse, cudaStream_t stream) {
+  using In = typename Tile::In;
   using Acc = typename Tile::Acc;
+  const bool fa2 = use_fa2_forward<Tile>(d);
   const int64_t tiles = ceil_div(n, Tile::BM);
-  int64_t min_regions = 1;  // the fewest regions whose pairs give every SM kBlocksPerSm blocks
-  while (min_regions * (min_regions + 1) / 2 < kBlocksPerSm * sm_count()) ++min_regions;
+  const int64_t blocks_per_sm = fa2 ? kFa2BlocksPerSm : kBlocksPerSm;
+  int64_t min_regions = 1;  // the fewest regions whose pairs give every SM blocks_per_sm blocks
+  while (min_regions * (min_regions + 1) / 2 < blocks_per_sm * sm_count()) ++min_regions;
   const int64_t per_region = std::max<int64_t>(1, tiles / min_regions);
   const int64_t regions = ceil_div(tiles, per_region);
   at::Tensor row_part = at::empty({regions, n}, lse.options());
   at::Tensor col_part = at::zeros({regions, n}, lse.options());
   const unsigned int grid = grid_exact(kForwardOp, regions * (regions + 1) / 2);
-  if (!launch_fa2_forward<Tile>(u, n, d, inv_tau, a0, a1, per_region, regions, grid, row_part,
-                                col_part, stream)) {
-    launch(sym_lse_kernel<Tile>, grid, kTileThreads, stream, ptr<typename Tile::In>(u), n, d,
-           inv_tau, a0, a1, per_region, regions, mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    if (fa2) {
+      // cp.async copies 16 bytes: rows padded with zeros to a multiple of kChunk elements.
+      constexpr int64_t kChunk = Fa2Forward<In>::kChunk;
+      const at::Tensor up = d % kChunk == 0 ? u : at::constant_pad_nd(u, {0, kChunk - d % kChunk});
+      launch(fa2_sym_lse_kernel<In>, grid, Fa2Forward<In>::kThreads, stream, ptr<In>(up), n, d,
+             up.size(1), inv_tau, a0, a1, per_region, regions, mut_ptr<Acc>(row_part),
+             mut_ptr<Acc>(col_part));
+    }
+  }
+  if (!fa2) {
+    launch(sym_lse_kernel<Tile>, grid, kTileThreads, stream, ptr<In>(u), n, d, inv_tau, a0, a1,
+           per_region, regions, mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
   }
   launch(lse_finish_kernel<Acc>, grid_stride(a1 - a0, kRowThreads), kRowThreads, stream,
          ptr<Acc>(row_part), ptr<Acc>(col_part), n, per_region * Tile::BM, regions, inv_tau, a0,
