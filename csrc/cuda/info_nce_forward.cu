@@ -215,15 +215,26 @@ struct Fa2Forward {
 // Rows [r0, r0 + B) of x [n, ld] (ld a multiple of kChunk) into dst [B][kLd],
 // columns [0, cols) (cols a multiple of 16), by 16-byte cp.async copies; rows ≥ n
 // and columns ≥ ld are zero-filled without reading x. Not waited for here.
+// Thread t copies column chunk t % kChunksPerRow of every kRowStep-th row from
+// t / kChunksPerRow: a fixed column and pointer steps, no index division per copy.
 template <typename T>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x, int64_t n,
                                                 int64_t ld, int cols, int64_t r0) {
   using F = Fa2Forward<T>;
-  const int per_row = cols / F::kChunk;
-  for (int e = threadIdx.x; e < F::kB * per_row; e += F::kThreads) {
-    const int r = e / per_row, c = e % per_row * F::kChunk;
-    const bool inside = r0 + r < n && c < ld;
-    ptx::cp_async_16(dst + r * F::kLd + c, inside ? x + (r0 + r) * ld + c : x, inside ? 16 : 0);
+  constexpr int kChunksPerRow = F::kMaxD / F::kChunk;
+  constexpr int kRowStep = F::kThreads / kChunksPerRow;
+  static_assert(F::kThreads % kChunksPerRow == 0 && F::kB % kRowStep == 0);
+  const int c = threadIdx.x % kChunksPerRow * F::kChunk, r = threadIdx.x / kChunksPerRow;
+  if (c >= cols) return;  // past D rounded up to 16: never read by the mma
+  const bool col_inside = c < ld;
+  const int64_t rows_left = n - r0 - r;  // rows of x from this thread's first row on
+  const T* src = x + (r0 + r) * ld + c;
+  T* out = dst + r * F::kLd + c;
+#pragma unroll
+  for (int it = 0; it < F::kB / kRowStep; ++it) {
+    const bool inside = col_inside && it * kRowStep < rows_left;
+    ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src + it * kRowStep * ld : x,
+                     inside ? 16 : 0);
   }
 }
 
