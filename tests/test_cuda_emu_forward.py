@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import test_cuda_emu_ops as ops_tests
 import torch
 
 import palfast
-import test_cuda_emu_ops as ops_tests
 
 emu = ops_tests.emu  # the module-scoped fixture: the emulator library, built once
 

@@ -10,9 +10,8 @@ are those of tests/test_cuda_emu_ops.py (imported: one build for both files).
 from __future__ import annotations
 
 import pytest
-import torch
-
 import test_cuda_emu_ops as ops_tests
+import torch
 
 emu = ops_tests.emu  # the module-scoped fixture: the emulator library, built once
 

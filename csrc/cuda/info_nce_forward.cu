@@ -1,6 +1,8 @@
-// palfast::info_nce on CUDA, the forward: lse by the symmetric fixed-shift or the
-// online tile kernels, then the loss per row. The design, the tile policies and
-// the kernels shared with the backward are in csrc/cuda/info_nce.cuh.
+// palfast::info_nce on CUDA, the forward: lse by the symmetric fixed-shift kernels
+// (fa2_sym_lse_kernel for 16-bit z with D ≤ 128, sym_lse_kernel otherwise) or the
+// online tile kernel, then the loss per row. The design, the tile policies and
+// the kernels shared with the backward are in csrc/cuda/info_nce.cuh; the counts
+// and predicted times in csrc/cuda/info_nce.md.
 #include "info_nce.cuh"
 #include "mma.cuh"
 
@@ -250,8 +252,8 @@ __device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, 
   return tile + (row0 + row_blk * 8 + lane % 8) * Fa2Forward<T>::kLd + col0 + col_blk * 8;
 }
 
-// One step of reduce_scatter_rows: lanes `off` apart each keep one half of
-// v[0 .. 2·half), the lower lane the low half, and add the partner's copy of it.
+// One step of reduce_scatter_rows: lanes Off apart each keep one half of
+// v[0 .. 2·Half), the lower lane the low half, and add the partner's copy of it.
 template <int Off, int Half, int V>
 __device__ __forceinline__ void trade_halves(float (&v)[V], int lane) {
   const bool upper = lane & Off;
