@@ -228,15 +228,15 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x,
   static_assert(F::kThreads % kChunksPerRow == 0 && F::kB % kRowStep == 0);
   const int c = threadIdx.x % kChunksPerRow * F::kChunk, r = threadIdx.x / kChunksPerRow;
   if (c >= cols) return;  // past D rounded up to 16: never read by the mma
-  const bool col_inside = c < ld;
-  const int64_t rows_left = n - r0 - r;  // rows of x from this thread's first row on
+  // Rows of x from this thread's first row on (0 for a column past ld), at most B.
+  const int rows_left = c < ld ? static_cast<int>(std::clamp<int64_t>(n - r0 - r, 0, F::kB)) : 0;
   const T* src = x + (r0 + r) * ld + c;
+  const int64_t step = kRowStep * ld;
   T* out = dst + r * F::kLd + c;
 #pragma unroll
-  for (int it = 0; it < F::kB / kRowStep; ++it) {
-    const bool inside = col_inside && it * kRowStep < rows_left;
-    ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src + it * kRowStep * ld : x,
-                     inside ? 16 : 0);
+  for (int it = 0; it < F::kB / kRowStep; ++it, src += step) {
+    const bool inside = it * kRowStep < rows_left;
+    ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src : x, inside ? 16 : 0);
   }
 }
 
@@ -343,13 +343,14 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
         float s[F::kNTiles][4];
 #pragma unroll
         for (int j = 0; j < F::kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        const T* key_rows = frag_row(tiles[cur], 0, 0, true);  // constant offsets below
 #pragma unroll
         for (int ks = 0; ks < F::kKSteps; ++ks) {
           if (ks >= ksteps) continue;
 #pragma unroll
           for (int j = 0; j < F::kNTiles; j += 2) {
             uint32_t kf[4];  // B fragments of n8 tiles j and j + 1
-            ptx::ldmatrix_x4(kf, frag_row(tiles[cur], j * 8, ks * 16, true));
+            ptx::ldmatrix_x4(kf, key_rows + j * 8 * F::kLd + ks * 16);
             const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
             ptx::mma_m16n8k16<T>(s[j], qf[ks], b0);
             ptx::mma_m16n8k16<T>(s[j + 1], qf[ks], b1);
