@@ -461,10 +461,11 @@ bool use_fa2_forward(int64_t d) {
   }
 }
 
-// Region pairs per SM that the FA2-style forward aims for: four of its blocks fit
-// on an SM at once (111 registers a thread, csrc/cuda/info_nce.md), and with
-// about 8 per SM, handed out as blocks finish, the SMs that run one block more
-// than others wait about 1/8 of the time at the end, not 1/2 as with 2 per SM.
+// Region pairs per SM that the FA2-style forward aims for. Four of its blocks fit
+// on an SM at once (102 registers a thread on sm_90, csrc/cuda/info_nce.md): with
+// kBlocksPerSm's 2 (2.3 at N = 65536) all run at once, some SMs 3 blocks and
+// others 2, idle for a third of the run; with about 8, handed out as blocks
+// finish, SMs differ by about one block in 8.
 constexpr int64_t kFa2BlocksPerSm = 8;
 
 // lse of the anchor rows [a0, a1) by the symmetric fixed-shift kernels.
