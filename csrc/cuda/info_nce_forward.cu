@@ -329,7 +329,9 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
       uint32_t qf[F::kKSteps][4];
 #pragma unroll
       for (int ks = 0; ks < F::kKSteps; ++ks) {
-        if (ks < ksteps) ptx::ldmatrix_x4(qf[ks], frag_row(tiles[1], warp * 16, ks * 16, false));
+        if (ks < ksteps) {
+          ptx::ldmatrix_x4(qf[ks], ptx::smem_addr(frag_row(tiles[1], warp * 16, ks * 16, false)));
+        }
       }
       __syncthreads();  // every warp holds its Q: the second buffer may take key tiles
 
@@ -343,14 +345,15 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
         float s[F::kNTiles][4];
 #pragma unroll
         for (int j = 0; j < F::kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-        const T* key_rows = frag_row(tiles[cur], 0, 0, true);  // constant offsets below
+        // This lane's ldmatrix row in the key tile, offset by constants below.
+        const ptx::SmemAddr key_rows = ptx::smem_addr(frag_row(tiles[cur], 0, 0, true));
 #pragma unroll
         for (int ks = 0; ks < F::kKSteps; ++ks) {
           if (ks >= ksteps) continue;
 #pragma unroll
           for (int j = 0; j < F::kNTiles; j += 2) {
             uint32_t kf[4];  // B fragments of n8 tiles j and j + 1
-            ptx::ldmatrix_x4(kf, key_rows + j * 8 * F::kLd + ks * 16);
+            ptx::ldmatrix_x4(kf, key_rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
             const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
             ptx::mma_m16n8k16<T>(s[j], qf[ks], b0);
             ptx::mma_m16n8k16<T>(s[j + 1], qf[ks], b1);
@@ -462,7 +465,7 @@ bool use_fa2_forward(int64_t d) {
 }
 
 // Region pairs per SM that the FA2-style forward aims for. Four of its blocks fit
-// on an SM at once (102 registers a thread on sm_90, csrc/cuda/info_nce.md): with
+// on an SM at once (104 registers a thread on sm_90, csrc/cuda/info_nce.md): with
 // kBlocksPerSm's 2 (2.3 at N = 65536) all run at once, some SMs 3 blocks and
 // others 2, idle for a third of the run; with about 8, handed out as blocks
 // finish, SMs differ by about one block in 8.

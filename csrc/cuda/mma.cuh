@@ -38,10 +38,19 @@
 
 namespace palfast::cuda::ptx {
 
-// A generic pointer into shared memory as the 32-bit shared-window address the
-// PTX shared-memory instructions take.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-#if defined(__CUDA_ARCH__)
+// A shared-memory address as ldmatrix takes it: the 32-bit shared-window
+// address on the GPU (computed once, then offset in bytes, so a loop of loads
+// needs no address conversion each), the pointer's value in the emulator.
+#if defined(PALFAST_EMU)
+using SmemAddr = uintptr_t;
+#else
+using SmemAddr = uint32_t;
+#endif
+
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
+#if defined(PALFAST_EMU)
+  return reinterpret_cast<uintptr_t>(p);
+#elif defined(__CUDA_ARCH__)
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 #else
   (void)p;
@@ -50,27 +59,22 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // r[m] ← this lane's share of 8×8 matrix m; `row` is this lane's row address
-// (row l % 8 of matrix l / 8). Warp-collective: all 32 lanes must call it.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+// (row l % 8 of matrix l / 8); Trans: each matrix transposed (the B operand of a
+// row-major [k][n] tile). Warp-collective: all 32 lanes must call it.
+template <bool Trans = false>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], SmemAddr row) {
 #if defined(PALFAST_EMU)
-  palfast_emu::ldmatrix_x4(r, row, /*trans=*/false);
+  palfast_emu::ldmatrix_x4(r, reinterpret_cast<const void*>(row), Trans);
 #elif PALFAST_SM80_OK
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row)));
-#else
-  __trap();
-#endif
-}
-
-// As ldmatrix_x4, each matrix transposed: the B operand of a row-major [k][n] tile.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-#if defined(PALFAST_EMU)
-  palfast_emu::ldmatrix_x4(r, row, /*trans=*/true);
-#elif PALFAST_SM80_OK
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row)));
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(row));
+  }
 #else
   __trap();
 #endif

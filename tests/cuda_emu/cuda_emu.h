@@ -265,7 +265,8 @@ inline void fiber_entry() {
   w.exited |= 1u << f.lane;
   bool copies_pending = !f.uncommitted.empty();
   for (const auto& group : f.committed) copies_pending |= !group.empty();
-  if (copies_pending) fail("a thread exited with cp.async copies it never waited for (cp_async_wait)");
+  if (copies_pending)
+    fail("a thread exited with cp.async copies it never waited for (cp_async_wait)");
   if (w.arrived != 0) fail("a lane exited while others of its warp wait in a warp collective");
   release_block_barrier();
   yield();  // never resumed
@@ -513,7 +514,8 @@ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   Warp& w = cur().warps[f.warp];
   const int g = f.lane >> 2, t = f.lane & 3;
   for (int i = 0; i < 4; ++i)
-    for (int h = 0; h < 2; ++h) w.a[(g + 8 * (i & 1)) * kK + 2 * t + h + 8 * (i >> 1)] = unpack16<T>(a[i], h);
+    for (int h = 0; h < 2; ++h)
+      w.a[(g + 8 * (i & 1)) * kK + 2 * t + h + 8 * (i >> 1)] = unpack16<T>(a[i], h);
   for (int i = 0; i < 2; ++i)
     for (int h = 0; h < 2; ++h) w.b[(2 * t + h + 8 * i) * kN + g] = unpack16<T>(b[i], h);
   if (f.lane == 0) ++rt().ptx_mmas;

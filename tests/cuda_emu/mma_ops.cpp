@@ -30,8 +30,8 @@ __global__ void ldmatrix_kernel(const int16_t* x, int rows, int cols, const int6
   if (lane >= lanes) return;
   uint32_t r[4];
   const int16_t* row = smem + lane_rows[lane] * cols;
-  if (trans) ptx::ldmatrix_x4_trans(r, row);
-  else ptx::ldmatrix_x4(r, row);
+  if (trans) ptx::ldmatrix_x4<true>(r, ptx::smem_addr(row));
+  else ptx::ldmatrix_x4(r, ptx::smem_addr(row));
   for (int m = 0; m < 4; ++m) out[lane * 4 + m] = static_cast<int32_t>(r[m]);
 }
 
@@ -96,11 +96,13 @@ __global__ void gemm_kernel(const T* a, const T* b, int n, int k, bool b_kn, flo
     float acc[2][4] = {};
     for (int kk = 0; kk < k; kk += 16) {
       uint32_t fa[4], fb[4];
-      ptx::ldmatrix_x4(fa, sa + ((mat & 1) * 8 + r) * k + kk + (mat >> 1) * 8);
+      ptx::ldmatrix_x4(fa, ptx::smem_addr(sa + ((mat & 1) * 8 + r) * k + kk + (mat >> 1) * 8));
       if (b_kn) {  // matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
-        ptx::ldmatrix_x4_trans(fb, sb + (kk + (mat & 1) * 8 + r) * n + j + (mat >> 1) * 8);
+        const T* row = sb + (kk + (mat & 1) * 8 + r) * n + j + (mat >> 1) * 8;
+        ptx::ldmatrix_x4<true>(fb, ptx::smem_addr(row));
       } else {     // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-        ptx::ldmatrix_x4(fb, sb + (j + (mat >> 1) * 8 + r) * k + kk + (mat & 1) * 8);
+        const T* row = sb + (j + (mat >> 1) * 8 + r) * k + kk + (mat & 1) * 8;
+        ptx::ldmatrix_x4(fb, ptx::smem_addr(row));
       }
       const uint32_t b0[2] = {fb[0], fb[1]}, b1[2] = {fb[2], fb[3]};
       ptx::mma_m16n8k16<T>(acc[0], fa, b0);
