@@ -1,7 +1,10 @@
-// palfast::info_nce on CUDA, the forward: lse by the symmetric fixed-shift or the
-// online tile kernels, then the loss per row. The design, the tile policies and
-// the kernels shared with the backward are in csrc/cuda/info_nce.cuh.
+// palfast::info_nce on CUDA, the forward: lse by the symmetric fixed-shift kernels
+// (fa2_sym_lse_kernel for 16-bit z with D ≤ 128, sym_lse_kernel otherwise) or the
+// online tile kernel, then the loss per row. The design, the tile policies and
+// the kernels shared with the backward are in csrc/cuda/info_nce.cuh; the counts
+// and predicted times in csrc/cuda/info_nce.md.
 #include "info_nce.cuh"
+#include "mma.cuh"
 
 namespace palfast::cuda {
 namespace {
@@ -77,13 +80,28 @@ __global__ void __launch_bounds__(kTileThreads)
 // (zero-initialised, only this block adds to them). lse_finish_kernel then adds
 // each row's slots in a fixed order: the result does not depend on the schedule.
 // Partial memory: 2·regions·N sums, regions ≈ √(2·kBlocksPerSm·SMs) (about 24 on
-// an H200), so O(N) for a given GPU.
+// an H200; 47 for the FA2-style kernel below, kFa2BlocksPerSm), so O(N) for a
+// given GPU.
 
 // The region pair (p, q), p ≤ q, of block b: b = Σ_{p' < p} (regions − p') + (q − p).
 __device__ __forceinline__ void region_pair(int64_t b, int64_t regions, int64_t& p, int64_t& q) {
   p = 0;
   while (b >= regions - p) b -= regions - p++;
   q = p + b;
+}
+
+// The tiles of this block's region pair (P, Q) among `tiles` tiles: row tiles
+// [P·per_region, i_end), key tiles from max(I, Q·per_region) to k_end.
+struct RegionTiles {
+  int64_t p, q, i_end, k_end;
+};
+__device__ __forceinline__ RegionTiles region_tiles(int64_t regions, int64_t per_region,
+                                                    int64_t tiles) {
+  RegionTiles r;
+  region_pair(blockIdx.x, regions, r.p, r.q);
+  r.i_end = std::min(tiles, (r.p + 1) * per_region);
+  r.k_end = std::min(tiles, (r.q + 1) * per_region);
+  return r;
 }
 
 template <typename Tile>
@@ -105,11 +123,7 @@ __global__ void __launch_bounds__(kTileThreads)
   Acc* s = reinterpret_cast<Acc*>(smem + L::kS);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const Acc shift_log2 = inv_tau * Acc(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
-  int64_t p, q;
-  region_pair(blockIdx.x, regions, p, q);
-  const int64_t tiles = (n + B - 1) / B;
-  const int64_t i_end = std::min(tiles, (p + 1) * per_region);
-  const int64_t k_end = std::min(tiles, (q + 1) * per_region);
+  const auto [p, q, i_end, k_end] = region_tiles(regions, per_region, (n + B - 1) / B);
   // A pair of two tiles without anchor rows adds nothing any anchor's lse needs.
   auto has_anchors = [&](int64_t t) { return t * B < a1 && (t + 1) * B > a0; };
 
@@ -168,6 +182,236 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
+// ------------------------------- symmetric fixed-shift forward, FA2-style (16-bit)
+// The same partition as sym_lse_kernel (B×B tiles, region pairs, the same fixed
+// partial slots, so lse_finish_kernel and the result's independence of the
+// schedule are unchanged), with the tile GEMM kept in registers as in
+// FlashAttention-2: warp w owns rows 16w..16w+15 of query tile I, whose
+// mma.sync A fragments it loads once (ldmatrix) and keeps; key tiles K stream
+// through two shared-memory buffers by cp.async (tile K+1 is copied while K is
+// used); S = U_I U_Kᵀ stays in the mma accumulators, e = exp2(fma(c, k, −k)) in
+// registers; row sums stay in registers over all K (a quad shuffle at the end),
+// column sums are reduced over the warp's 16 rows by shuffles, over the warps
+// through a small shared buffer, and added to the block's own slots.
+// csrc/cuda/info_nce.md has the register/shared-memory budget and the counts.
+template <typename T>
+struct Fa2Forward {
+  // B = 64: WmmaTile's tile, so the region grid of symmetric_lse is shared. 64
+  // rows are 4 warps of 16 (one m16 tile each); the two 64-row key buffers at
+  // D ≤ 128 take 34 KiB, inside the 48 KiB of static shared memory (128-row
+  // buffers would take 68 KiB).
+  static constexpr int kB = 64;
+  static constexpr int kWarpRows = 16;  // the M of mma.m16n8k16
+  static constexpr int kThreads = kB / kWarpRows * kWarpSize;
+  static constexpr int kMaxD = 128;     // Q fragments: kMaxD/16 × 4 registers a thread
+  static constexpr int kKSteps = kMaxD / 16;  // the K of mma.m16n8k16 is 16
+  static constexpr int kNTiles = kB / 8;      // n8 tiles (mma's N) of a key tile
+  static constexpr int kChunk = 16 / sizeof(T);  // elements of one 16-byte cp.async
+  // Row stride of a shared tile: 272 bytes, 4 banks past a multiple of 128, so
+  // the 8 rows of an ldmatrix matrix hit 8 distinct 16-byte bank groups.
+  static constexpr int kLd = kMaxD + kChunk;
+  static_assert(kB == WmmaTile<T>::BM, "the region grid of symmetric_lse assumes WmmaTile's B");
+  static_assert(kThreads == kTileThreads);
+};
+
+// Rows [r0, r0 + B) of x [n, ld] (ld a multiple of kChunk) into dst [B][kLd],
+// columns [0, cols) (cols a multiple of 16), by 16-byte cp.async copies; rows ≥ n
+// and columns ≥ ld are zero-filled without reading x. Not waited for here.
+// Thread t copies column chunk t % kChunksPerRow of every kRowStep-th row from
+// t / kChunksPerRow: a fixed column and pointer steps, no index division per copy.
+template <typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x, int64_t n,
+                                                int64_t ld, int cols, int64_t r0) {
+  using F = Fa2Forward<T>;
+  constexpr int kChunksPerRow = F::kMaxD / F::kChunk;
+  constexpr int kRowStep = F::kThreads / kChunksPerRow;
+  static_assert(F::kThreads % kChunksPerRow == 0 && F::kB % kRowStep == 0);
+  const int c = threadIdx.x % kChunksPerRow * F::kChunk, r = threadIdx.x / kChunksPerRow;
+  if (c >= cols) return;  // past D rounded up to 16: never read by the mma
+  // Rows of x from this thread's first row on (0 for a column past ld), at most B.
+  const int rows_left = c < ld ? static_cast<int>(std::clamp<int64_t>(n - r0 - r, 0, F::kB)) : 0;
+  const T* src = x + (r0 + r) * ld + c;
+  const int64_t step = kRowStep * ld;
+  T* out = dst + r * F::kLd + c;
+#pragma unroll
+  for (int it = 0; it < F::kB / kRowStep; ++it, src += step) {
+    const bool inside = it * kRowStep < rows_left;
+    ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src : x, inside ? 16 : 0);
+  }
+}
+
+// The address this lane gives ldmatrix_x4 for the four 8×8 matrices at rows
+// row0.., columns col0.. of a shared tile: matrix m = lane / 8 is rows
+// row0 + (m & 1)·8.., columns col0 + (m >> 1)·8.. (the A fragment order, see
+// csrc/cuda/mma.cuh); `swap` exchanges the roles of the two bits (m's low bit
+// picks the column block: two n8 tiles of B from a [n][k] tile).
+template <typename T>
+__device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, bool swap) {
+  const int lane = threadIdx.x % kWarpSize, m = lane / 8;
+  const int row_blk = swap ? m >> 1 : m & 1, col_blk = swap ? m & 1 : m >> 1;
+  return tile + (row0 + row_blk * 8 + lane % 8) * Fa2Forward<T>::kLd + col0 + col_blk * 8;
+}
+
+// One step of reduce_scatter_rows: lanes Off apart each keep one half of
+// v[0 .. 2·Half), the lower lane the low half, and add the partner's copy of it.
+template <int Off, int Half, int V>
+__device__ __forceinline__ void trade_halves(float (&v)[V], int lane) {
+  const bool upper = lane & Off;
+#pragma unroll
+  for (int i = 0; i < Half; ++i) {
+    // Select values, not elements: `upper ? v[a] : v[b]` put v in local memory.
+    const float lo = v[i], hi = v[Half + i];
+    const float keep = upper ? hi : lo, send = upper ? lo : hi;
+    v[i] = keep + __shfl_xor_sync(kFullWarp, send, Off);
+  }
+}
+
+// Sums v over the 8 lanes of equal lane % 4 (the rows g of an mma accumulator)
+// and leaves lane (g, t) with the totals of v[g·V/8 .. (g+1)·V/8) in v[0 .. V/8):
+// each step keeps half of the values and trades the other half with the partner
+// lane (7V/8 shuffles, where summing every value over the 8 lanes takes 3V).
+// The steps are written out so that every index is a compile-time constant.
+template <int V>
+__device__ __forceinline__ void reduce_scatter_rows(float (&v)[V]) {
+  static_assert(V % 8 == 0);
+  const int lane = threadIdx.x % kWarpSize;
+  trade_halves<16, V / 2>(v, lane);  // lane bits 4, 3, 2 are g's bits 2, 1, 0
+  trade_halves<8, V / 4>(v, lane);
+  trade_halves<4, V / 8>(v, lane);
+}
+
+// 2^x for the fixed-shift terms, x ≥ −113 (use_fixed_shift): the hardware's
+// ex2.approx.ftz (MUFU.EX2, about 2 ulp like exp2f), without exp2f's scaling
+// for subnormal results, which these terms never are (3 instructions saved a term).
+__device__ __forceinline__ float exp2_normal(float x) {
+#if defined(__CUDA_ARCH__) && !defined(PALFAST_EMU)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
+    fa2_sym_lse_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld, float inv_tau,
+                       int64_t a0, int64_t a1, int64_t per_region, int64_t regions,
+                       float* __restrict__ row_part, float* __restrict__ col_part) {
+  using F = Fa2Forward<T>;
+  constexpr int B = F::kB, kWarps = F::kThreads / kWarpSize;
+  __shared__ __align__(128) T tiles[2][B * F::kLd];
+  __shared__ float col_buf[kWarps][B];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;  // this lane's rows g, g + 8 and columns 2t, 2t + 1
+  const int ksteps = static_cast<int>((d + 15) / 16);
+  const int cols = ksteps * 16;  // D zero-padded to mma's K
+  const float shift_log2 = inv_tau * float(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
+  const auto [p, q, i_end, k_end] = region_tiles(regions, per_region, (n + B - 1) / B);
+  // Tiles with anchor rows: [anchor_lo, anchor_hi). A pair of two tiles without
+  // any adds nothing an anchor's lse needs.
+  const int64_t anchor_lo = a0 / B, anchor_hi = (a1 + B - 1) / B;
+
+  for (int64_t ti = p * per_region; ti < i_end; ++ti) {
+    int64_t k_lo = std::max(ti, q * per_region), k_hi = k_end;
+    if (ti < anchor_lo || ti >= anchor_hi) {
+      k_lo = std::max(k_lo, anchor_lo);
+      k_hi = std::min(k_hi, anchor_hi);
+    }
+    float row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8 of this warp, columns of this lane
+    if (k_lo < k_hi) {
+      // Prologue: Q into the second buffer, the first key tile into the first.
+      load_tile_async(tiles[1], x, n, ld, cols, ti * B);
+      load_tile_async(tiles[0], x, n, ld, cols, k_lo * B);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // every thread's copies have landed
+      uint32_t qf[F::kKSteps][4];
+#pragma unroll
+      for (int ks = 0; ks < F::kKSteps; ++ks) {
+        if (ks < ksteps) {
+          ptx::ldmatrix_x4(qf[ks], ptx::smem_addr(frag_row(tiles[1], warp * 16, ks * 16, false)));
+        }
+      }
+      __syncthreads();  // every warp holds its Q: the second buffer may take key tiles
+
+      for (int64_t tk = k_lo; tk < k_hi; ++tk) {
+        const int cur = static_cast<int>((tk - k_lo) & 1);
+        if (tk + 1 < k_hi) load_tile_async(tiles[cur ^ 1], x, n, ld, cols, (tk + 1) * B);
+        ptx::cp_async_commit();  // empty after the last tile: the wait below stays the same
+        ptx::cp_async_wait<1>();  // this thread's copies of tile tk have landed
+        __syncthreads();          // and everyone's
+
+        float s[F::kNTiles][4];
+#pragma unroll
+        for (int j = 0; j < F::kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        // This lane's ldmatrix row in the key tile, offset by constants below.
+        const ptx::SmemAddr key_rows = ptx::smem_addr(frag_row(tiles[cur], 0, 0, true));
+#pragma unroll
+        for (int ks = 0; ks < F::kKSteps; ++ks) {
+          if (ks >= ksteps) continue;
+#pragma unroll
+          for (int j = 0; j < F::kNTiles; j += 2) {
+            uint32_t kf[4];  // B fragments of n8 tiles j and j + 1
+            ptx::ldmatrix_x4(kf, key_rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
+            const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+            ptx::mma_m16n8k16<T>(s[j], qf[ks], b0);
+            ptx::mma_m16n8k16<T>(s[j + 1], qf[ks], b1);
+          }
+        }
+
+        // e_ik in place of c_ik, into the row sums. Masked entries (k ≥ n, i ≥ n,
+        // the diagonal) are 0, never exp'd; only diagonal and last tiles have any.
+        const bool masked = ti == tk || (tk + 1) * B > n;
+        const int64_t i0 = ti * B + warp * 16 + g, k0 = tk * B + 2 * t;
+#pragma unroll
+        for (int j = 0; j < F::kNTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t i = i0 + 8 * (e >> 1), k = k0 + 8 * j + (e & 1);
+            const bool keep = !masked || (i < n && k < n && i != k);
+            s[j][e] = keep ? exp2_normal(fmaf(s[j][e], shift_log2, -shift_log2)) : 0.0f;
+            row_sum[e >> 1] += s[j][e];
+          }
+        }
+
+        if (ti != tk) {  // a diagonal tile's columns are its rows, summed already
+          // Column 8j + 2t + h of this warp's 16 rows is v[2j + h] summed over g;
+          // after the reduce-scatter lane (g, t) holds columns 8g + 2t + {0, 1}.
+          float v[2 * F::kNTiles];
+#pragma unroll
+          for (int j = 0; j < F::kNTiles; ++j) {
+            v[2 * j] = s[j][0] + s[j][2];
+            v[2 * j + 1] = s[j][1] + s[j][3];
+          }
+          reduce_scatter_rows(v);
+          col_buf[warp][8 * g + 2 * t] = v[0];
+          col_buf[warp][8 * g + 2 * t + 1] = v[1];
+          __syncthreads();  // every warp's column sums are in col_buf
+          const int64_t k = tk * B + threadIdx.x;
+          if (threadIdx.x < B && k < n) {
+            float total = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) total += col_buf[w][threadIdx.x];
+            col_part[p * n + k] += total;
+          }
+        }
+        __syncthreads();  // tiles[cur] and col_buf are read: the next tile may overwrite them
+      }
+    }
+    // The quad of lanes sharing rows g, g + 8 adds its columns; every row of region
+    // P gets its slot written (0 without tiles), as lse_finish_kernel reads them all.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[h];
+      sum += __shfl_xor_sync(kFullWarp, sum, 1);
+      sum += __shfl_xor_sync(kFullWarp, sum, 2);
+      const int64_t i = ti * B + warp * 16 + g + 8 * h;
+      if (t == 0 && i < n) row_part[q * n + i] = sum;
+    }
+  }
+}
+
 // lse_i = 1/τ + ln(Σ_{q ≥ P(i)} row_part[q][i] + Σ_{p ≤ P(i)} col_part[p][i]) for the
 // anchor rows i in [a0, a1), P(i) = i / rows_per_region, summed in that order. A
 // row without other rows (N = 1) has the sum 0 and lse −inf, as on the CPU.
@@ -208,21 +452,55 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
 }
 
 // ------------------------------------------------------------------- host side
+// The FA2-style forward applies to 16-bit z with D ≤ Fa2Forward::kMaxD (its Q
+// fragments live in registers); other D and fp32/fp64 take sym_lse_kernel.
+template <typename Tile>
+bool use_fa2_forward(int64_t d) {
+  using In = typename Tile::In;
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    return d <= Fa2Forward<In>::kMaxD;
+  } else {
+    return false;
+  }
+}
+
+// Region pairs per SM that the FA2-style forward aims for. Four of its blocks fit
+// on an SM at once (104 registers a thread on sm_90, csrc/cuda/info_nce.md): with
+// kBlocksPerSm's 2 (2.3 at N = 65536) all run at once, some SMs 3 blocks and
+// others 2, idle for a third of the run; with about 8, handed out as blocks
+// finish, SMs differ by about one block in 8.
+constexpr int64_t kFa2BlocksPerSm = 8;
+
 // lse of the anchor rows [a0, a1) by the symmetric fixed-shift kernels.
 template <typename Tile>
 void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc inv_tau,
                    int64_t a0, int64_t a1, at::Tensor& lse, cudaStream_t stream) {
+  using In = typename Tile::In;
   using Acc = typename Tile::Acc;
+  const bool fa2 = use_fa2_forward<Tile>(d);
   const int64_t tiles = ceil_div(n, Tile::BM);
-  int64_t min_regions = 1;  // the fewest regions whose pairs give every SM kBlocksPerSm blocks
-  while (min_regions * (min_regions + 1) / 2 < kBlocksPerSm * sm_count()) ++min_regions;
+  const int64_t blocks_per_sm = fa2 ? kFa2BlocksPerSm : kBlocksPerSm;
+  int64_t min_regions = 1;  // the fewest regions whose pairs give every SM blocks_per_sm blocks
+  while (min_regions * (min_regions + 1) / 2 < blocks_per_sm * sm_count()) ++min_regions;
   const int64_t per_region = std::max<int64_t>(1, tiles / min_regions);
   const int64_t regions = ceil_div(tiles, per_region);
   at::Tensor row_part = at::empty({regions, n}, lse.options());
   at::Tensor col_part = at::zeros({regions, n}, lse.options());
-  launch(sym_lse_kernel<Tile>, grid_exact(kForwardOp, regions * (regions + 1) / 2), kTileThreads,
-         stream, ptr<typename Tile::In>(u), n, d, inv_tau, a0, a1, per_region, regions,
-         mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
+  const unsigned int grid = grid_exact(kForwardOp, regions * (regions + 1) / 2);
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    if (fa2) {
+      // cp.async copies 16 bytes: rows padded with zeros to a multiple of kChunk elements.
+      constexpr int64_t kChunk = Fa2Forward<In>::kChunk;
+      const at::Tensor up = d % kChunk == 0 ? u : at::constant_pad_nd(u, {0, kChunk - d % kChunk});
+      launch(fa2_sym_lse_kernel<In>, grid, Fa2Forward<In>::kThreads, stream, ptr<In>(up), n, d,
+             up.size(1), inv_tau, a0, a1, per_region, regions, mut_ptr<Acc>(row_part),
+             mut_ptr<Acc>(col_part));
+    }
+  }
+  if (!fa2) {
+    launch(sym_lse_kernel<Tile>, grid, kTileThreads, stream, ptr<In>(u), n, d, inv_tau, a0, a1,
+           per_region, regions, mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
+  }
   launch(lse_finish_kernel<Acc>, grid_stride(a1 - a0, kRowThreads), kRowThreads, stream,
          ptr<Acc>(row_part), ptr<Acc>(col_part), n, per_region * Tile::BM, regions, inv_tau, a0,
          a1, mut_ptr<Acc>(lse));

@@ -44,7 +44,7 @@ def compiler() -> str | None:
 
 
 def sources() -> list[Path]:
-    return [CSRC / "palfast.cpp", *sorted((CSRC / "cuda").glob("*.cu")), HERE / "runtime.cpp"]
+    return [CSRC / "palfast.cpp", *sorted((CSRC / "cuda").glob("*.cu")), *sorted(HERE.glob("*.cpp"))]
 
 
 def _rel(p: Path) -> str:

@@ -9,7 +9,8 @@
 //     threads of a block are fibers on one OS thread, so __shared__
 //     (a function-local static here) is shared by the block's threads;
 //   * the scheduler switches fibers only where threads wait for each other
-//     (__syncthreads, __syncwarp, shuffles, wmma::mma_sync) and picks the
+//     (__syncthreads, __syncwarp, shuffles, wmma::mma_sync, ldmatrix and
+//     mma.sync of csrc/cuda/mma.cuh) and picks the
 //     next fiber at random (seeded): code that reads shared memory written by
 //     another thread without a barrier in between sees stale data;
 //   * __syncthreads is a real barrier (exited threads no longer count, as on
@@ -19,7 +20,12 @@
 //   * WMMA m16n16k16 fragments hold the elements of the PTX ISA's
 //     mma.m16n8k16 layouts (two n8 halves), one lane's share per thread, and
 //     mma_sync multiplies with fp32 accumulation; fragment pointers must be
-//     32-byte aligned and ldm a multiple of 16 bytes, as on the GPU.
+//     32-byte aligned and ldm a multiple of 16 bytes, as on the GPU;
+//   * mma.sync m16n8k16 and ldmatrix .x4 (csrc/cuda/mma.cuh) likewise;
+//     a cp.async destination holds poison (0xFF bytes) from the copy's start and
+//     the data only once cp_async_wait covers its group, so reads before the
+//     wait, or of a buffer being refilled, go wrong; a thread that exits with
+//     copies never waited for is an error.
 // Not modelled: lanes of a warp in lock-step for ordinary loads and stores
 // (fibers never interleave inside a plain read-modify-write, so a non-atomic
 // `+=` from several threads is not caught), out-of-bounds accesses, and
@@ -33,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <random>
 #include <stdexcept>
@@ -126,12 +133,21 @@ inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()
 }
 #endif
 
+// A cp.async copy in flight: 16 bytes to dst, the first src_bytes of them from src.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
+
 struct Fiber {
   Context ctx;
   char* stack = nullptr;
   uint3 tid;
   int lane = 0, warp = 0;
   State state = State::kDone;
+  std::vector<AsyncCopy> uncommitted;             // cp.async since the last commit
+  std::deque<std::vector<AsyncCopy>> committed;  // groups in flight, oldest first
 };
 
 // Scratch for warp collectives: shuffle slots and the three 16×16 operands of mma_sync.
@@ -159,6 +175,7 @@ struct Runtime {
   std::mt19937_64 rng{0};
   std::vector<char*> stacks;
   long long switches = 0;
+  long long ptx_mmas = 0;  // warp-level mma.sync m16n8k16 so far (tests check which path ran)
 };
 
 inline Runtime& rt() {
@@ -246,6 +263,10 @@ inline void fiber_entry() {
   --l.live;
   Warp& w = l.warps[f.warp];
   w.exited |= 1u << f.lane;
+  bool copies_pending = !f.uncommitted.empty();
+  for (const auto& group : f.committed) copies_pending |= !group.empty();
+  if (copies_pending)
+    fail("a thread exited with cp.async copies it never waited for (cp_async_wait)");
   if (w.arrived != 0) fail("a lane exited while others of its warp wait in a warp collective");
   release_block_barrier();
   yield();  // never resumed
@@ -276,6 +297,8 @@ inline std::string run_block(Launch& l) {
     f.lane = t % kWarpSize;
     f.warp = t / kWarpSize;
     f.stack = stack_for(t);
+    f.uncommitted.clear();
+    f.committed.clear();
     start_context(f.ctx, f.stack, kStackBytes, fiber_entry);
     f.state = State::kReady;
     l.ready.push_back(t);
@@ -442,6 +465,111 @@ inline __half __float2half_rn(float x) { return __half(x); }
 inline float __half2float(__half x) { return float(x); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
 inline float __bfloat162float(__nv_bfloat16 x) { return float(x); }
+
+// ------------------------------------------------------------ mma.sync, ldmatrix, cp.async
+// The emulated side of csrc/cuda/mma.cuh, with the PTX ISA's per-lane layouts
+// (written out there); g = lane / 4, t = lane % 4.
+namespace palfast_emu {
+
+constexpr uintptr_t kLdmatrixRowAlign = 16;  // an 8-element row of 16-bit values
+constexpr int kCpAsyncBytes = 16;
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: every lane publishes its row
+// address, then reads its elements of the four 8×8 matrices from the rows of
+// the lanes that gave them (lane 8m + r gives row r of matrix m).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  Fiber& f = self();
+  Warp& w = cur().warps[f.warp];
+  if (reinterpret_cast<uintptr_t>(row) % kLdmatrixRowAlign != 0)
+    fail("ldmatrix: row address not 16-byte aligned (lane " + std::to_string(f.lane) + ")");
+  w.slot[f.lane] = reinterpret_cast<uintptr_t>(row);
+  warp_barrier(kFullMask);  // every lane has published its row
+  const int g = f.lane >> 2, t = f.lane & 3;
+  auto at = [&](int lane, int col) {
+    return reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(w.slot[lane]))[col];
+  };
+  for (int m = 0; m < 4; ++m) {
+    // Not transposed: elements (g, 2t), (g, 2t+1); transposed: (2t, g), (2t+1, g).
+    const uint16_t lo = trans ? at(8 * m + 2 * t, g) : at(8 * m + g, 2 * t);
+    const uint16_t hi = trans ? at(8 * m + 2 * t + 1, g) : at(8 * m + g, 2 * t + 1);
+    r[m] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+  }
+  warp_barrier(kFullMask);  // every lane has read before a slot is reused
+}
+
+// The element in the low (hi = 0) or high half of a register of 16-bit T values.
+template <typename T>
+float unpack16(uint32_t reg, int hi) {
+  const auto bits = static_cast<uint16_t>(reg >> (16 * hi));
+  return std::is_same_v<T, __half> ? half_to_float(bits) : bf16_to_float(bits);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32, D = C = acc: the lanes
+// publish A (16×16) and B (16×8) in the warp's scratch, then each computes its
+// own four elements of D in fp32 (16-bit products are exact in fp32).
+template <typename T>
+void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  constexpr int kM = 16, kN = 8, kK = 16;
+  Fiber& f = self();
+  Warp& w = cur().warps[f.warp];
+  const int g = f.lane >> 2, t = f.lane & 3;
+  for (int i = 0; i < 4; ++i)
+    for (int h = 0; h < 2; ++h)
+      w.a[(g + 8 * (i & 1)) * kK + 2 * t + h + 8 * (i >> 1)] = unpack16<T>(a[i], h);
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) w.b[(2 * t + h + 8 * i) * kN + g] = unpack16<T>(b[i], h);
+  if (f.lane == 0) ++rt().ptx_mmas;
+  warp_barrier(kFullMask);  // A and B complete
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = acc[e];
+    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
+    out[e] = sum;
+  }
+  static_assert(kM * kK <= kTileElems && kK * kN <= kTileElems, "the warp's scratch holds A and B");
+  warp_barrier(kFullMask);  // all have read before the scratch is reused
+  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes. On the GPU dst is
+// undefined from the copy's start until its wait: here it holds kCpAsyncPoison
+// bytes (NaN as fp32, bf16 and fp16) from the call, and the data only once
+// cp_async_wait covers its group. So a read before the wait sees poison, not the
+// data, and so does a read of a buffer that another thread has already started
+// refilling (a missing barrier before a prefetch).
+constexpr unsigned char kCpAsyncPoison = 0xFF;
+
+inline void cp_async(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % kCpAsyncBytes != 0 ||
+      reinterpret_cast<uintptr_t>(src) % kCpAsyncBytes != 0)
+    fail("cp.async: 16-byte copies need 16-byte aligned addresses");
+  if (src_bytes < 0 || src_bytes > kCpAsyncBytes)
+    fail("cp.async: src_bytes " + std::to_string(src_bytes) + " is not in [0, 16]");
+  std::memset(dst, kCpAsyncPoison, kCpAsyncBytes);
+  self().uncommitted.push_back({dst, src, src_bytes});
+}
+
+inline void cp_async_commit() {
+  Fiber& f = self();
+  f.committed.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+// cp.async.wait_group pending: completes this thread's oldest groups until at
+// most `pending` remain (copies not yet committed are not waited for).
+inline void cp_async_wait(int pending) {
+  Fiber& f = self();
+  while (static_cast<int>(f.committed.size()) > pending) {
+    for (const AsyncCopy& c : f.committed.front()) {
+      std::memcpy(c.dst, c.src, c.src_bytes);  // src_bytes = 0: src is not read
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, kCpAsyncBytes - c.src_bytes);
+    }
+    f.committed.pop_front();
+  }
+}
+
+}  // namespace palfast_emu
 
 // ------------------------------------------------------------ WMMA
 namespace nvcuda::wmma {

@@ -1,0 +1,140 @@
+"""The FA2-style forward of CUDA info_nce (fa2_sym_lse_kernel in
+csrc/cuda/info_nce_forward.cu: 16-bit z, normalize=True, τ on the fixed-shift
+path, D ≤ 128) under the CPU emulator, against palfast.reference in float64 by
+the 16-bit rule of tests/test_cuda_emu_ops.py (whose emulator, fixtures and
+helpers this file imports).
+
+The emulator counts warp-level mma.sync calls (csrc/cuda/mma.cuh), so each test
+also checks that the FA2 kernel ran exactly on the tile pairs it should (and not
+at all for D > 128, where sym_lse_kernel takes over).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import test_cuda_emu_ops as ops_tests
+import torch
+
+import palfast
+
+emu = ops_tests.emu  # the module-scoped fixture: the emulator library, built once
+
+DTYPES16 = [torch.bfloat16, torch.float16]
+NS = [1, 2, 3, 41, 127, 257]
+DS = [1, 3, 16, 100, 128, 130]
+SIZES = [(n, d) for n in NS for d in DS]
+# Fa2Forward in csrc/cuda/info_nce_forward.cu: 64-row tiles of 4 warps of 16 rows,
+# 8 n8 tiles per key tile, D in steps of 16 (mma.m16n8k16), up to 128.
+TILE, WARPS, N8_TILES, K_STEP, MAX_D = 64, 4, 8, 16, 128
+
+
+def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
+    """Warp-level mmas of one FA2 forward: every tile pair I ≤ K with an anchor row in
+    I or K, 4 warps × ceil(D/16) k-steps × 8 n8 tiles each; none when D > 128."""
+    if d > MAX_D:
+        return 0
+    tiles = math.ceil(n / TILE)
+
+    def anchors(t):
+        return t * TILE < a1 and (t + 1) * TILE > a0
+
+    pairs = sum(anchors(i) or anchors(k) for i in range(tiles) for k in range(i, tiles))
+    return pairs * WARPS * math.ceil(d / K_STEP) * N8_TILES
+
+
+def _ring(n: int) -> palfast.PairGraph:
+    """Row i's one positive is row i + 1 (mod n): every anchor's lse enters its loss row."""
+    src = torch.arange(n)
+    return palfast.PairGraph.from_edges(src, (src + 1) % n, torch.ones(n), num_nodes=n,
+                                        symmetric=False)
+
+
+def _check_forward(emu, dtype, n, d, a0, a1, seed):
+    """Runs the emulated forward; checks the mma count, the rows outside the anchors,
+    and the anchors' rows by the 16-bit rule. Returns (rows, lse)."""
+    torch.manual_seed(seed)
+    emu.emu_set_seed(seed)
+    z64 = torch.randn(n, d, dtype=torch.float64)
+    g = _ring(n)
+    before = emu.emu_ptx_mma_count()
+    rows, lse = emu.info_nce(z64.to(dtype), *g.kernel_args(), ops_tests.TEMPERATURE, True, a0, a1)
+    assert emu.emu_ptx_mma_count() - before == _expected_mmas(n, d, a0, a1)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[a0:a1] = False
+    assert (rows[outside] == 0).all() and torch.isinf(lse[outside]).all()
+    assert torch.isfinite(lse[~outside]).all() if n > 1 else lse[0] == float("-inf")
+    no_grad = torch.zeros(n, dtype=torch.float64)
+    want, _ = ops_tests._info_nce_ref(z64, g, True, a0, a1, no_grad)
+    low, _ = ops_tests._info_nce_ref(z64.to(dtype), g, True, a0, a1, no_grad)
+    ops_tests._low_precision_ok(rows, want, low)
+    return rows, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("n,d", SIZES, ids=[f"n{n}-d{d}" for n, d in SIZES])
+def test_fa2_forward_matches_reference(emu, dtype, n, d):
+    _check_forward(emu, dtype, n, d, 0, n, seed=n * 1000 + d)
+
+
+# The grid of symmetric_lse is sized for the SMs (8 region pairs per SM for the
+# FA2 kernel): at the default 132 every region is one tile at these N, so a block
+# sees one key tile. With 1 SM, 1400 rows (22 tiles, the last of 56 rows) form 5
+# regions of 5, 5, 5, 5 and 2 tiles: blocks stream up to 5 key tiles through the
+# double buffer, for up to 5 query tiles; with 2 SMs, 8 regions of 3 tiles and
+# one of 1.
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("sms", [1, 2])
+@pytest.mark.parametrize("d", [16, 128])
+def test_fa2_forward_streams_key_tiles_on_few_sms(emu, dtype, sms, d):
+    emu.emu_set_sm_count(sms)
+    try:
+        _check_forward(emu, dtype, 1400, d, 0, 1400, seed=sms * 10 + d)
+    finally:
+        emu.emu_set_sm_count(0)
+
+
+# Anchor ranges inside one tile, across tile borders, covering whole tiles: tile
+# pairs without anchor rows on either side are skipped (the mma count checks it).
+ANCHORS = [(1, 700), (65, 66), (70, 200), (128, 192), (0, 64), (650, 700)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("a0,a1", ANCHORS)
+@pytest.mark.parametrize("sms", [1, 0])
+def test_fa2_forward_anchor_range(emu, dtype, a0, a1, sms):
+    emu.emu_set_sm_count(sms)
+    try:
+        _check_forward(emu, dtype, 700, 40, a0, a1, seed=a0 + a1)
+    finally:
+        emu.emu_set_sm_count(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("sms", [1, 0])
+def test_fa2_forward_same_bits_for_every_schedule(emu, dtype, sms):
+    """Fixed partial slots and fixed reduction orders: any block or thread order
+    gives the same bits."""
+    emu.emu_set_sm_count(sms)
+    try:
+        results = [_check_forward(emu, dtype, 700, 100, 3, 700, seed=1)]
+        torch.manual_seed(1)
+        z = torch.randn(700, 100, dtype=torch.float64).to(dtype)
+        for seed in (2, 3):
+            emu.emu_set_seed(seed)
+            results.append(emu.info_nce(z, *_ring(700).kernel_args(), ops_tests.TEMPERATURE, True,
+                                        3, 700))
+    finally:
+        emu.emu_set_sm_count(0)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("n,d", [(127, 128), (257, 100)])
+def test_fa2_forward_lse_serves_the_backward(emu, dtype, n, d):
+    """The backward (fixed shift) recomputes e_ik with its own GEMM and divides by the
+    forward's row sums, exp(lse): the gradient checks that lse against it."""
+    ops_tests._check_info_nce(emu, dtype, n, d, "semi", True, 0, n, seed=n + d)
