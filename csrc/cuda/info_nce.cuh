@@ -2,10 +2,10 @@
 // included by them only (its definitions are file-local: an anonymous namespace).
 //
 // palfast::info_nce on CUDA: flash-style tiles, never an N×N matrix. The forward
-// kernels (lse_kernel, sym_lse_kernel, lse_finish_kernel, loss_kernel) are in
-// info_nce_forward.cu, the backward's (sym_grad_kernel, grad_tile_kernel,
-// sum_slices_kernel, grad_rows_kernel) in info_nce_backward.cu; this file has what
-// both use.
+// kernels (lse_kernel, sym_lse_kernel, fa2_sym_lse_kernel, lse_finish_kernel,
+// loss_kernel) are in info_nce_forward.cu, the backward's (sym_grad_kernel,
+// grad_tile_kernel, sum_slices_kernel, grad_rows_kernel) in info_nce_backward.cu;
+// this file has what both use.
 //
 // Same semantics as csrc/cpu/info_nce.cpp (the model): u = z / max(‖z‖, kNormFloor)
 // (or u = z), s_ik = <u_i, u_k>/τ, lse_i = log Σ_{k≠i} exp(s_ik),
@@ -17,14 +17,16 @@
 // Forward, two paths (use_fixed_shift):
 //  * normalize=True and τ ≥ about 0.026 (the usual case): the fixed-shift
 //    softmax e_ik = exp(s_ik − 1/τ) over the tile pairs I ≤ K only, each e_ik
-//    added to row i and to row k (sym_lse_kernel, then lse_finish_kernel; see
-//    "symmetric fixed-shift forward" below);
+//    added to row i and to row k, then lse_finish_kernel (see "symmetric
+//    fixed-shift forward" in info_nce_forward.cu): fa2_sym_lse_kernel for 16-bit
+//    z with D ≤ 128 (S in registers, mma.sync fed by ldmatrix, key tiles streamed
+//    by cp.async; csrc/cuda/mma.cuh), sym_lse_kernel for the other cases;
 //  * otherwise (lse_kernel): one block owns BM query rows and walks over all key
 //    tiles of BN rows, folding each into a running (max, sum) per row. Each lane
 //    keeps its own running pair per row (no shuffles per tile); lanes are merged
 //    once at the end.
-// Both compute S = U_I U_Kᵀ over D in chunks of BK (partial tiles zero-padded in
-// shared memory) and store S in shared memory.
+// lse_kernel and sym_lse_kernel compute S = U_I U_Kᵀ over D in chunks of BK
+// (partial tiles zero-padded in shared memory) and store S in shared memory.
 //
 // Backward, dneg = M u with
 //   dneg_I = Σ_K M_IK U_K,   M_ik = g_i exp(s_ik − lse_i) + g_k exp(s_ik − lse_k)
