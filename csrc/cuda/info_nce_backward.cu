@@ -2,6 +2,7 @@
 // term and the normalisation backward. The design, the tile policies and the
 // kernels shared with the forward are in csrc/cuda/info_nce.cuh.
 #include "info_nce.cuh"
+#include "info_nce_fa2.cuh"
 
 namespace palfast::cuda {
 namespace {
@@ -254,6 +255,250 @@ __global__ void __launch_bounds__(kTileThreads)
   acc.template store<true>(dneg, n, d, k0, j0, out_scale, s);
 }
 
+// ------------------------- symmetric fixed-shift backward, FA2-style (16-bit)
+// The work items, walk order and atomics of sym_grad_kernel, with the tile
+// products in registers as in FlashAttention-2's backward (its dK/dV loop): the
+// block's key tile U_K (64 rows) is copied once into shared memory and each warp
+// keeps the ldmatrix A fragments of its 16 key rows; row tiles U_I of 32 rows
+// (half a key tile) stream through two shared buffers by cp.async, I from the
+// top of the run down, the next one copied while the current one is used. Per
+// pair, warp w computes its 16 rows of Sᵀ = U_K U_Iᵀ (16 × 32) by mma.sync, turns
+// it into M_KI = e (a_k + a_i) (scaled by 2^m, as WmmaTile's M) in place, and
+//  * the column side, rows K += M_KI U_I, by mma.sync with the accumulators
+//    rounded to 16 bits as the A operand (no shared memory) and U_I as B
+//    (ldmatrix .trans of the row-major tile); summed in registers over the walk
+//    (16 × 128 fp32 a warp) and added to dneg once;
+//  * the row side, rows I += M_IK U_K, needs M transposed across the warps: each
+//    warp stores its 16-bit M_KI rows into a shared [64][32] buffer, and after a
+//    barrier warp w multiplies I rows 16(w % 2).. by D columns 64(w / 2).. with
+//    A = M_IK by ldmatrix .trans of that buffer and B = U_K by ldmatrix .trans
+//    of the key tile; added to dneg right away, two columns a request
+//    (red_add_v2) where D is even.
+// 32-row I tiles keep the three tiles (17 + 2·8.5 KiB at D ≤ 128) and the M buffer
+// (5 KiB) inside the 48 KiB of static shared memory. The row side adds one
+// value per I row, D column and key tile, N²D/(2·64) in all whatever the I
+// tile's height: as many as sym_grad_kernel's, in half the requests where D is
+// even. Counts and predicted times: csrc/cuda/info_nce.md.
+template <typename T>
+struct Fa2Backward {
+  using F = Fa2Forward<T>;
+  static constexpr int kK = WmmaTile<T>::BM;  // key tile: sym_work_item's tiles, 4 warps × 16 rows
+  static constexpr int kI = kK / 2;           // streamed row tile (half a key tile)
+  static constexpr int kHalves = kK / kI;
+  static constexpr int kThreads = F::kThreads;
+  static constexpr int kINTiles = kI / 8;              // n8 tiles of a warp's Sᵀ
+  static constexpr int kDNTiles = F::kMaxD / 8;        // n8 tiles of the column side's D
+  static constexpr int kRowWarpRows = 16;              // row side: I rows a warp
+  static constexpr int kRowWarpCols = F::kMaxD / 2;    // row side: D columns a warp
+  // M staging stride: 80 bytes, 5 × 16, so the 8 rows of an ldmatrix hit 8
+  // distinct 16-byte bank groups (5r mod 8 is a permutation).
+  static constexpr int kLdM = kI + 8;
+  static_assert(kThreads == kTileThreads && kI % 16 == 0);
+  static_assert((kI / kRowWarpRows) * (F::kMaxD / kRowWarpCols) == kThreads / kWarpSize,
+                "the row side's warps tile I × D");
+};
+
+// The fixed-shift factors a_i·2^m (row_factor, g scaled as g_scales sets it) of
+// rows [0, len), 0 for rows ≥ n: fa2_sym_grad_kernel copies them by cp.async
+// with the row tiles, len a multiple of the key tile so every copy stays inside.
+template <typename Tile>
+__global__ void fa2_factors_kernel(const TileArgs<Tile> p, int64_t len,
+                                   typename Tile::Acc* __restrict__ a) {
+  using Acc = typename Tile::Acc;
+  Acc m_scale, out_scale;
+  g_scales<Tile>(*p.g_absmax, m_scale, out_scale);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < len; i += stride)
+    a[i] = i < p.n ? row_factor<true>(p.g[i] * m_scale, p.lse[i], p.inv_tau) : Acc(0);
+}
+
+// out[0] += v0, out[1] += v1 for column c of a row of d columns (c even): one
+// vector red where both columns exist and d is even (8-byte aligned pairs),
+// scalar atomics for the last column of an odd d.
+__device__ __forceinline__ void add_pair(float* out, int64_t c, int64_t d, float v0, float v1) {
+  if (c + 1 < d && d % 2 == 0) {
+    ptx::red_add_v2(out, v0, v1);
+  } else {
+    if (c < d) atomicAdd(out, v0);
+    if (c + 1 < d) atomicAdd(out + 1, v1);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
+    fa2_sym_grad_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld, float inv_tau,
+                        const float* __restrict__ a, const float* __restrict__ g_absmax,
+                        int64_t a0, int64_t a1, int64_t chunk_tiles, float* __restrict__ dneg) {
+  using F = Fa2Forward<T>;
+  using W = Fa2Backward<T>;
+  constexpr int KB = W::kK, IB = W::kI;
+  __shared__ __align__(128) T key[KB * F::kLd];
+  __shared__ __align__(128) T rows[2][IB * F::kLd];
+  __shared__ __align__(128) T mbuf[KB * W::kLdM];
+  __shared__ __align__(16) float a_rows[2][IB];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;  // this lane's rows g, g + 8 and columns 2t, 2t + 1
+  const int ksteps = static_cast<int>((d + 15) / 16);
+  const int cols = ksteps * 16;  // D zero-padded to mma's K
+  const float shift_log2 = inv_tau * float(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
+  float m_scale, out_scale;  // (m_scale is in a already)
+  g_scales<WmmaTile<T>>(*g_absmax, m_scale, out_scale);
+  int64_t tk, i_hi, i_lo;
+  sym_work_item(blockIdx.x, (n + KB - 1) / KB, chunk_tiles, tk, i_hi, i_lo);
+  const int64_t k0 = tk * KB;
+  // The run's row tiles as half tiles h (rows h·IB..), from the top down, without
+  // those past n and, when K has no anchor rows, those without any (M = 0 there).
+  int64_t h_hi = std::min((i_hi + 1) * W::kHalves - 1, (n - 1) / IB);
+  int64_t h_lo = i_lo * W::kHalves;
+  if (!(k0 < a1 && k0 + KB > a0)) {
+    h_hi = a1 > a0 ? std::min(h_hi, (a1 - 1) / IB) : -1;
+    h_lo = std::max(h_lo, a0 / IB);
+  }
+  if (h_lo > h_hi) return;  // the same for the whole block
+
+  // Copies of row tile h and its factors into buffer b; committed by the caller.
+  auto load_rows = [&](int b, int64_t h) {
+    load_tile_async<T, IB>(rows[b], x, n, ld, cols, h * IB);
+    constexpr int kFactorChunks = IB * sizeof(float) / 16;
+    if (threadIdx.x < kFactorChunks)
+      ptx::cp_async_16(a_rows[b] + 4 * threadIdx.x, a + h * IB + 4 * threadIdx.x, 16);
+  };
+  load_tile_async<T, KB>(key, x, n, ld, cols, k0);
+  load_rows(0, h_hi);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // the key tile and the first row tile have landed
+  uint32_t kf[F::kKSteps][4];  // A fragments of this warp's 16 key rows
+#pragma unroll
+  for (int ks = 0; ks < F::kKSteps; ++ks) {
+    if (ks < ksteps) ptx::ldmatrix_x4(kf[ks], ptx::smem_addr(frag_row(key, warp * 16, ks * 16, false)));
+  }
+  const int64_t krow = k0 + warp * 16 + g;
+  const float ak[2] = {a[krow], a[krow + 8]};  // a is padded to whole key tiles
+  float acc[W::kDNTiles][4];  // column side: rows krow, krow + 8; columns 8j + 2t, + 1
+#pragma unroll
+  for (int j = 0; j < W::kDNTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  for (int64_t h = h_hi; h >= h_lo; --h) {
+    const int cur = static_cast<int>((h_hi - h) & 1);
+    if (h > h_lo) load_rows(cur ^ 1, h - 1);
+    ptx::cp_async_commit();   // empty after the last tile: the wait below stays the same
+    ptx::cp_async_wait<1>();  // this thread's copies of tile h have landed
+    __syncthreads();          // and everyone's
+    const int64_t i0 = h * IB;
+    const bool diagonal = i0 / KB == tk;  // I inside K: the column side gives M_KK U_K
+
+    // Sᵀ = U_K U_Iᵀ: this warp's 16 key rows × the 32 rows of I.
+    float s[W::kINTiles][4];
+#pragma unroll
+    for (int j = 0; j < W::kINTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    const ptx::SmemAddr i_rows = ptx::smem_addr(frag_row(rows[cur], 0, 0, true));
+#pragma unroll
+    for (int ks = 0; ks < F::kKSteps; ++ks) {
+      if (ks >= ksteps) continue;
+#pragma unroll
+      for (int j = 0; j < W::kINTiles; j += 2) {
+        uint32_t bf[4];  // B fragments of n8 tiles j and j + 1
+        ptx::ldmatrix_x4(bf, i_rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        ptx::mma_m16n8k16<T>(s[j], kf[ks], b0);
+        ptx::mma_m16n8k16<T>(s[j + 1], kf[ks], b1);
+      }
+    }
+
+    // M_ki = e_ki (a_k + a_i) in place, rounded to T as the A fragments of the
+    // column side (n8 tiles 2kk, 2kk + 1 of Sᵀ are k-step kk over I). Masked
+    // entries (k ≥ n, i ≥ n, the diagonal) are 0, never exp'd.
+    const bool masked = diagonal || i0 + IB > n || k0 + KB > n;
+    uint32_t mf[W::kINTiles / 2][4];
+#pragma unroll
+    for (int j = 0; j < W::kINTiles; ++j) {
+      float m[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 8 * j + 2 * t + (e & 1);
+        const int64_t k = krow + 8 * (e >> 1), i = i0 + c;
+        const bool keep = !masked || (i < n && k < n && i != k);
+        m[e] = keep ? exp2_normal(fmaf(s[j][e], shift_log2, -shift_log2)) * (ak[e >> 1] + a_rows[cur][c])
+                    : 0.0f;
+      }
+      mf[j / 2][2 * (j & 1)] = ptx::pack16x2<T>(m[0], m[1]);      // row g
+      mf[j / 2][2 * (j & 1) + 1] = ptx::pack16x2<T>(m[2], m[3]);  // row g + 8
+    }
+
+    // Column side: rows K += M_KI U_I, U_I as B by ldmatrix .trans ([k = I][n = D]).
+#pragma unroll
+    for (int kk = 0; kk < W::kINTiles / 2; ++kk) {
+#pragma unroll
+      for (int nb = 0; nb < F::kKSteps; ++nb) {
+        if (nb >= ksteps) continue;
+        uint32_t bf[4];
+        ptx::ldmatrix_x4<true>(bf, ptx::smem_addr(frag_row(rows[cur], kk * 16, nb * 16, false)));
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        ptx::mma_m16n8k16<T>(acc[2 * nb], mf[kk], b0);
+        ptx::mma_m16n8k16<T>(acc[2 * nb + 1], mf[kk], b1);
+      }
+    }
+
+    if (!diagonal) {  // the same for the whole block
+      // Row side: M_KI into the shared [K][I] buffer, then rows I += M_IK U_K.
+      const int r = warp * 16 + g;
+#pragma unroll
+      for (int kk = 0; kk < W::kINTiles / 2; ++kk) {
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int c = 16 * kk + 8 * jj + 2 * t;
+          *reinterpret_cast<uint32_t*>(mbuf + r * W::kLdM + c) = mf[kk][2 * jj];
+          *reinterpret_cast<uint32_t*>(mbuf + (r + 8) * W::kLdM + c) = mf[kk][2 * jj + 1];
+        }
+      }
+      __syncthreads();  // M complete
+      const int ri = (warp % 2) * W::kRowWarpRows, cb = (warp / 2) * W::kRowWarpCols;
+      uint32_t af[KB / 16][4];  // A = M_IK (rows ri.., k-steps over K): .trans of [K][I]
+#pragma unroll
+      for (int ks = 0; ks < KB / 16; ++ks)
+        ptx::ldmatrix_x4<true>(af[ks], ptx::smem_addr(frag_row<T, W::kLdM>(mbuf, ks * 16, ri, true)));
+#pragma unroll
+      for (int nb = 0; nb < W::kRowWarpCols / 16; ++nb) {
+        const int col = cb + nb * 16;
+        if (col >= cols) break;  // the same for the whole warp
+        float o[2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < KB / 16; ++ks) {
+          uint32_t bf[4];  // B = U_K [k = K][n = D] by .trans
+          ptx::ldmatrix_x4<true>(bf, ptx::smem_addr(frag_row(key, ks * 16, col, false)));
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          ptx::mma_m16n8k16<T>(o[0], af[ks], b0);
+          ptx::mma_m16n8k16<T>(o[1], af[ks], b1);
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int64_t i = i0 + ri + g + 8 * half, c = col + 8 * hh + 2 * t;
+            if (i < n) {
+              add_pair(dneg + i * d + c, c, d, o[hh][2 * half] * out_scale,
+                       o[hh][2 * half + 1] * out_scale);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // rows[cur], a_rows[cur] and mbuf are read: the next tile may overwrite them
+  }
+  // The column side of K, once.
+#pragma unroll
+  for (int j = 0; j < W::kDNTiles; ++j) {
+    const int64_t c = 8 * j + 2 * t;
+    if (c >= cols) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t k = krow + 8 * half;
+      if (k < n) add_pair(dneg + k * d + c, c, d, acc[j][2 * half] * out_scale, acc[j][2 * half + 1] * out_scale);
+    }
+  }
+}
+
 // out[e] = Σ_s parts[s][e] for e < count, the slices added in order (deterministic).
 template <typename Acc>
 __global__ void sum_slices_kernel(const Acc* __restrict__ parts, int64_t slices, int64_t count,
@@ -312,9 +557,22 @@ __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __rest
 
 // ------------------------------------------------------------------- host side
 // dneg (zeroed) += M u by the symmetric kernel, on the fixed-shift path.
+// The FA2-style kernel takes 16-bit z with D ≤ Fa2Forward::kMaxD (the column
+// side's accumulators and the key fragments live in registers).
 template <typename Tile>
-void symmetric_dneg(const TileArgs<Tile>& args, int64_t col_blocks, at::Tensor& dneg,
-                    cudaStream_t stream) {
+bool use_fa2_backward(int64_t d) {
+  using In = typename Tile::In;
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    return d <= Fa2Forward<In>::kMaxD;
+  } else {
+    return false;
+  }
+}
+
+template <typename Tile>
+void symmetric_dneg(const TileArgs<Tile>& args, const at::Tensor& u, int64_t col_blocks,
+                    at::Tensor& dneg, cudaStream_t stream) {
+  using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   const int64_t n = args.n;
   const int64_t tiles = ceil_div(n, Tile::BM), pairs = tiles * (tiles + 1) / 2;
@@ -326,6 +584,18 @@ void symmetric_dneg(const TileArgs<Tile>& args, int64_t col_blocks, at::Tensor& 
   int64_t items = 0;  // Σ_K ceil((K + 1) / chunk_tiles), as sym_work_item counts them
   for (int64_t tk = 0; tk < tiles; ++tk) items += ceil_div(tk + 1, chunk_tiles);
   const dim3 grid(grid_exact(kBackwardOp, items), static_cast<unsigned int>(col_blocks));
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    if (use_fa2_backward<Tile>(args.d)) {
+      const at::Tensor up = pad_to_chunk<In>(u);
+      at::Tensor a = at::empty({tiles * Tile::BM}, dneg.options());
+      launch(fa2_factors_kernel<Tile>, grid_stride(a.numel(), kRowThreads), kRowThreads, stream,
+             args, a.numel(), mut_ptr<Acc>(a));
+      launch(fa2_sym_grad_kernel<In>, grid, Fa2Backward<In>::kThreads, stream, ptr<In>(up), n,
+             args.d, up.size(1), args.inv_tau, ptr<Acc>(a), args.g_absmax, args.a0, args.a1,
+             chunk_tiles, mut_ptr<Acc>(dneg));
+      return;
+    }
+  }
   launch(sym_grad_kernel<Tile>, grid, kTileThreads, stream, args, chunk_tiles, mut_ptr<Acc>(dneg));
 }
 
@@ -396,7 +666,7 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   at::Tensor dneg;
   if (fixed_shift && !at::globalContext().deterministicAlgorithms()) {
     dneg = at::zeros({n, d}, acc_opts);
-    symmetric_dneg<Tile>(args, col_blocks, dneg, stream);
+    symmetric_dneg<Tile>(args, u, col_blocks, dneg, stream);
   } else {
     dneg = at::empty({n, d}, acc_opts);
     row_block_dneg<Tile>(args, fixed_shift, col_blocks, dneg, stream);

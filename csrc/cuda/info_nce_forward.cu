@@ -4,7 +4,7 @@
 // the kernels shared with the backward are in csrc/cuda/info_nce.cuh; the counts
 // and predicted times in csrc/cuda/info_nce.md.
 #include "info_nce.cuh"
-#include "mma.cuh"
+#include "info_nce_fa2.cuh"
 
 namespace palfast::cuda {
 namespace {
@@ -194,63 +194,6 @@ __global__ void __launch_bounds__(kTileThreads)
 // column sums are reduced over the warp's 16 rows by shuffles, over the warps
 // through a small shared buffer, and added to the block's own slots.
 // csrc/cuda/info_nce.md has the register/shared-memory budget and the counts.
-template <typename T>
-struct Fa2Forward {
-  // B = 64: WmmaTile's tile, so the region grid of symmetric_lse is shared. 64
-  // rows are 4 warps of 16 (one m16 tile each); the two 64-row key buffers at
-  // D ≤ 128 take 34 KiB, inside the 48 KiB of static shared memory (128-row
-  // buffers would take 68 KiB).
-  static constexpr int kB = 64;
-  static constexpr int kWarpRows = 16;  // the M of mma.m16n8k16
-  static constexpr int kThreads = kB / kWarpRows * kWarpSize;
-  static constexpr int kMaxD = 128;     // Q fragments: kMaxD/16 × 4 registers a thread
-  static constexpr int kKSteps = kMaxD / 16;  // the K of mma.m16n8k16 is 16
-  static constexpr int kNTiles = kB / 8;      // n8 tiles (mma's N) of a key tile
-  static constexpr int kChunk = 16 / sizeof(T);  // elements of one 16-byte cp.async
-  // Row stride of a shared tile: 272 bytes, 4 banks past a multiple of 128, so
-  // the 8 rows of an ldmatrix matrix hit 8 distinct 16-byte bank groups.
-  static constexpr int kLd = kMaxD + kChunk;
-  static_assert(kB == WmmaTile<T>::BM, "the region grid of symmetric_lse assumes WmmaTile's B");
-  static_assert(kThreads == kTileThreads);
-};
-
-// Rows [r0, r0 + B) of x [n, ld] (ld a multiple of kChunk) into dst [B][kLd],
-// columns [0, cols) (cols a multiple of 16), by 16-byte cp.async copies; rows ≥ n
-// and columns ≥ ld are zero-filled without reading x. Not waited for here.
-// Thread t copies column chunk t % kChunksPerRow of every kRowStep-th row from
-// t / kChunksPerRow: a fixed column and pointer steps, no index division per copy.
-template <typename T>
-__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x, int64_t n,
-                                                int64_t ld, int cols, int64_t r0) {
-  using F = Fa2Forward<T>;
-  constexpr int kChunksPerRow = F::kMaxD / F::kChunk;
-  constexpr int kRowStep = F::kThreads / kChunksPerRow;
-  static_assert(F::kThreads % kChunksPerRow == 0 && F::kB % kRowStep == 0);
-  const int c = threadIdx.x % kChunksPerRow * F::kChunk, r = threadIdx.x / kChunksPerRow;
-  if (c >= cols) return;  // past D rounded up to 16: never read by the mma
-  // Rows of x from this thread's first row on (0 for a column past ld), at most B.
-  const int rows_left = c < ld ? static_cast<int>(std::clamp<int64_t>(n - r0 - r, 0, F::kB)) : 0;
-  const T* src = x + (r0 + r) * ld + c;
-  const int64_t step = kRowStep * ld;
-  T* out = dst + r * F::kLd + c;
-#pragma unroll
-  for (int it = 0; it < F::kB / kRowStep; ++it, src += step) {
-    const bool inside = it * kRowStep < rows_left;
-    ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src : x, inside ? 16 : 0);
-  }
-}
-
-// The address this lane gives ldmatrix_x4 for the four 8×8 matrices at rows
-// row0.., columns col0.. of a shared tile: matrix m = lane / 8 is rows
-// row0 + (m & 1)·8.., columns col0 + (m >> 1)·8.. (the A fragment order, see
-// csrc/cuda/mma.cuh); `swap` exchanges the roles of the two bits (m's low bit
-// picks the column block: two n8 tiles of B from a [n][k] tile).
-template <typename T>
-__device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, bool swap) {
-  const int lane = threadIdx.x % kWarpSize, m = lane / 8;
-  const int row_blk = swap ? m >> 1 : m & 1, col_blk = swap ? m & 1 : m >> 1;
-  return tile + (row0 + row_blk * 8 + lane % 8) * Fa2Forward<T>::kLd + col0 + col_blk * 8;
-}
 
 // One step of reduce_scatter_rows: lanes Off apart each keep one half of
 // v[0 .. 2·Half), the lower lane the low half, and add the partner's copy of it.
@@ -280,18 +223,6 @@ __device__ __forceinline__ void reduce_scatter_rows(float (&v)[V]) {
   trade_halves<4, V / 8>(v, lane);
 }
 
-// 2^x for the fixed-shift terms, x ≥ −113 (use_fixed_shift): the hardware's
-// ex2.approx.ftz (MUFU.EX2, about 2 ulp like exp2f), without exp2f's scaling
-// for subnormal results, which these terms never are (3 instructions saved a term).
-__device__ __forceinline__ float exp2_normal(float x) {
-#if defined(__CUDA_ARCH__) && !defined(PALFAST_EMU)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return exp2f(x);
-#endif
-}
 
 template <typename T>
 __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
@@ -489,9 +420,7 @@ void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc
   const unsigned int grid = grid_exact(kForwardOp, regions * (regions + 1) / 2);
   if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
     if (fa2) {
-      // cp.async copies 16 bytes: rows padded with zeros to a multiple of kChunk elements.
-      constexpr int64_t kChunk = Fa2Forward<In>::kChunk;
-      const at::Tensor up = d % kChunk == 0 ? u : at::constant_pad_nd(u, {0, kChunk - d % kChunk});
+      const at::Tensor up = pad_to_chunk<In>(u);
       launch(fa2_sym_lse_kernel<In>, grid, Fa2Forward<In>::kThreads, stream, ptr<In>(up), n, d,
              up.size(1), inv_tau, a0, a1, per_region, regions, mut_ptr<Acc>(row_part),
              mut_ptr<Acc>(col_part));

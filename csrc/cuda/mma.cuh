@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 // These instructions need sm_80 (cp.async, bf16 mma); the host refuses older
@@ -144,6 +145,43 @@ __device__ __forceinline__ void cp_async_wait() {
 #elif PALFAST_SM80_OK
   // "memory": loads of the landed data must not move above the wait.
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+
+// Two fp32 values rounded to T (RNE) in one register, lo in the low half: the
+// register layout of mma operands, e.g. an fp32 accumulator pair reused as A
+// (FlashAttention-2 keeps P in registers this way).
+template <typename T>
+__device__ __forceinline__ uint32_t pack16x2(float lo, float hi) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
+                "pack16x2: 16-bit operands only");
+  T l, h;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    l = __float2bfloat16_rn(lo);
+    h = __float2bfloat16_rn(hi);
+  } else {
+    l = __float2half_rn(lo);
+    h = __float2half_rn(hi);
+  }
+  uint16_t lb, hb;
+  static_assert(sizeof(T) == sizeof(uint16_t));
+  memcpy(&lb, &l, sizeof lb);
+  memcpy(&hb, &h, sizeof hb);
+  return static_cast<uint32_t>(lb) | static_cast<uint32_t>(hb) << 16;
+}
+
+// dst[0] += v0 and dst[1] += v1 in global memory, unordered like atomicAdd and
+// returning nothing. dst must be 8-byte aligned. sm_90 has a vector form,
+// red.global.v2.f32.add (PTX ISA: vector red of .f32 needs sm_90): one request
+// for both; older GPUs (sm_80) take two scalar atomic adds.
+__device__ __forceinline__ void red_add_v2(float* dst, float v0, float v1) {
+#if defined(PALFAST_EMU)
+  palfast_emu::red_add_v2(dst, v0, v1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.v2.f32.add [%0], {%1, %2};\n" ::"l"(dst), "f"(v0), "f"(v1) : "memory");
+#else
+  atomicAdd(dst, v0);
+  atomicAdd(dst + 1, v1);
 #endif
 }
 

@@ -176,6 +176,7 @@ struct Runtime {
   std::vector<char*> stacks;
   long long switches = 0;
   long long ptx_mmas = 0;  // warp-level mma.sync m16n8k16 so far (tests check which path ran)
+  long long red_v2s = 0;   // red_add_v2 calls (per thread) so far
 };
 
 inline Runtime& rt() {
@@ -567,6 +568,19 @@ inline void cp_async_wait(int pending) {
     }
     f.committed.pop_front();
   }
+}
+
+// red.global.v2.f32.add (csrc/cuda/mma.cuh, red_add_v2): two adds, one request;
+// its address must be 8-byte aligned, as on the GPU (a misaligned vector red
+// faults there). Counted, so that tests see which path ran.
+constexpr uintptr_t kRedV2Align = 2 * sizeof(float);
+
+inline void red_add_v2(float* dst, float v0, float v1) {
+  if (reinterpret_cast<uintptr_t>(dst) % kRedV2Align != 0)
+    fail("red.global.v2.f32: address not 8-byte aligned");
+  dst[0] += v0;  // fibers never interleave inside a call: atomic here
+  dst[1] += v1;
+  ++rt().red_v2s;
 }
 
 }  // namespace palfast_emu

@@ -189,6 +189,27 @@ at::Tensor cp_async(const at::Tensor& src, const at::Tensor& src_bytes, int64_t 
 // Warp-level mma.sync m16n8k16 run so far (the emulated kernels' included).
 int64_t mma_count() { return palfast_emu::rt().ptx_mmas; }
 
+// Thread-level red_add_v2 calls so far (the emulated kernels' included).
+int64_t red_v2_count() { return palfast_emu::rt().red_v2s; }
+
+// ---- red_add_v2: each of `threads` threads adds (v[2i], v[2i + 1]) to
+// out[offset + 2·(i % slots) ..], so `threads / slots` threads meet on each pair.
+__global__ void red_v2_kernel(const float* v, int slots, int64_t offset, float* out) {
+  const int i = threadIdx.x;
+  ptx::red_add_v2(out + offset + 2 * (i % slots), v[2 * i], v[2 * i + 1]);
+}
+
+at::Tensor red_v2(const at::Tensor& v, int64_t slots, int64_t offset) {
+  check(v.scalar_type() == at::kFloat && v.dim() == 2 && v.size(1) == 2 && v.size(0) <= 1024,
+        "v: float32 [threads <= 1024, 2]");
+  check(slots >= 1 && offset >= 0, "slots >= 1, offset >= 0");
+  const at::Tensor vc = v.contiguous();
+  at::Tensor out = at::zeros({offset + 2 * slots}, v.options());
+  palfast_emu::launch(red_v2_kernel, dim3(1), dim3(static_cast<unsigned>(v.size(0))), 0,
+                      vc.data_ptr<float>(), int(slots), offset, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(palfast_emu, m) {
@@ -198,4 +219,6 @@ TORCH_LIBRARY_FRAGMENT(palfast_emu, m) {
   m.def("emu_ptx_cp_async(Tensor src, Tensor src_bytes, int pending, bool final_wait) -> Tensor",
         &cp_async);
   m.def("emu_ptx_mma_count() -> int", &mma_count);
+  m.def("emu_ptx_red_v2_count() -> int", &red_v2_count);
+  m.def("emu_ptx_red_v2(Tensor v, int slots, int offset) -> Tensor", &red_v2);
 }

@@ -1,0 +1,98 @@
+// The FA2-style tile layout and helpers shared by fa2_sym_lse_kernel
+// (csrc/cuda/info_nce_forward.cu) and fa2_sym_grad_kernel
+// (csrc/cuda/info_nce_backward.cu): 16-bit tiles of up to kMaxD columns in
+// shared memory, filled by cp.async and read by ldmatrix (csrc/cuda/mma.cuh).
+// Included after info_nce.cuh, inside no namespace of its own.
+#pragma once
+
+#include "info_nce.cuh"
+#include "mma.cuh"
+
+namespace palfast::cuda {
+namespace {
+
+template <typename T>
+struct Fa2Forward {
+  // B = 64: WmmaTile's tile, so the region grid of symmetric_lse is shared. 64
+  // rows are 4 warps of 16 (one m16 tile each); the two 64-row key buffers at
+  // D ≤ 128 take 34 KiB, inside the 48 KiB of static shared memory (128-row
+  // buffers would take 68 KiB).
+  static constexpr int kB = 64;
+  static constexpr int kWarpRows = 16;  // the M of mma.m16n8k16
+  static constexpr int kThreads = kB / kWarpRows * kWarpSize;
+  static constexpr int kMaxD = 128;     // Q fragments: kMaxD/16 × 4 registers a thread
+  static constexpr int kKSteps = kMaxD / 16;  // the K of mma.m16n8k16 is 16
+  static constexpr int kNTiles = kB / 8;      // n8 tiles (mma's N) of a key tile
+  static constexpr int kChunk = 16 / sizeof(T);  // elements of one 16-byte cp.async
+  // Row stride of a shared tile: 272 bytes, 4 banks past a multiple of 128, so
+  // the 8 rows of an ldmatrix matrix hit 8 distinct 16-byte bank groups.
+  static constexpr int kLd = kMaxD + kChunk;
+  static_assert(kB == WmmaTile<T>::BM, "the region grid of symmetric_lse assumes WmmaTile's B");
+  static_assert(kThreads == kTileThreads);
+};
+
+// Rows [r0, r0 + Rows) of x [n, ld] (ld a multiple of kChunk) into dst [Rows][kLd],
+// columns [0, cols) (cols a multiple of 16), by 16-byte cp.async copies; rows ≥ n
+// and columns ≥ ld are zero-filled without reading x. Not waited for here.
+// Thread t copies column chunk t % kChunksPerRow of every kRowStep-th row from
+// t / kChunksPerRow: a fixed column and pointer steps, no index division per copy.
+template <typename T, int Rows = Fa2Forward<T>::kB>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x, int64_t n,
+                                                int64_t ld, int cols, int64_t r0) {
+  using F = Fa2Forward<T>;
+  constexpr int kChunksPerRow = F::kMaxD / F::kChunk;
+  constexpr int kRowStep = F::kThreads / kChunksPerRow;
+  static_assert(F::kThreads % kChunksPerRow == 0 && Rows % kRowStep == 0);
+  const int c = threadIdx.x % kChunksPerRow * F::kChunk, r = threadIdx.x / kChunksPerRow;
+  if (c >= cols) return;  // past D rounded up to 16: never read by the mma
+  // Rows of x from this thread's first row on (0 for a column past ld), at most Rows.
+  const int rows_left = c < ld ? static_cast<int>(std::clamp<int64_t>(n - r0 - r, 0, Rows)) : 0;
+  const T* src = x + (r0 + r) * ld + c;
+  const int64_t step = kRowStep * ld;
+  T* out = dst + r * F::kLd + c;
+#pragma unroll
+  for (int it = 0; it < Rows / kRowStep; ++it, src += step) {
+    const bool inside = it * kRowStep < rows_left;
+    ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src : x, inside ? 16 : 0);
+  }
+}
+
+// The address this lane gives ldmatrix_x4 for the four 8×8 matrices at rows
+// row0.., columns col0.. of a shared tile: matrix m = lane / 8 is rows
+// row0 + (m & 1)·8.., columns col0 + (m >> 1)·8.. (the A fragment order, see
+// csrc/cuda/mma.cuh); `swap` exchanges the roles of the two bits (m's low bit
+// picks the column block: two n8 tiles of B from a [n][k] tile). Ld: the
+// tile's row stride in elements. With ldmatrix's .trans the same addresses give
+// the B fragments of two n8 tiles from a [k][n] tile (swap = false), and the A
+// fragment of a matrix stored transposed, [k][m] (swap = true).
+template <typename T, int Ld = Fa2Forward<T>::kLd>
+__device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, bool swap) {
+  const int lane = threadIdx.x % kWarpSize, m = lane / 8;
+  const int row_blk = swap ? m >> 1 : m & 1, col_blk = swap ? m & 1 : m >> 1;
+  return tile + (row0 + row_blk * 8 + lane % 8) * Ld + col0 + col_blk * 8;
+}
+
+// u with its rows padded by zero columns to a multiple of kChunk elements, as
+// load_tile_async's 16-byte copies need (u itself when D is a multiple already).
+template <typename T>
+at::Tensor pad_to_chunk(const at::Tensor& u) {
+  constexpr int64_t kChunk = Fa2Forward<T>::kChunk;
+  const int64_t d = u.size(1);
+  return d % kChunk == 0 ? u : at::constant_pad_nd(u, {0, kChunk - d % kChunk});
+}
+
+// 2^x for the fixed-shift terms, x ≥ −113 (use_fixed_shift): the hardware's
+// ex2.approx.ftz (MUFU.EX2, about 2 ulp like exp2f), without exp2f's scaling
+// for subnormal results, which these terms never are (3 instructions saved a term).
+__device__ __forceinline__ float exp2_normal(float x) {
+#if defined(__CUDA_ARCH__) && !defined(PALFAST_EMU)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+}  // namespace
+}  // namespace palfast::cuda
