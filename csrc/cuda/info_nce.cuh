@@ -3,8 +3,9 @@
 //
 // palfast::info_nce on CUDA: flash-style tiles, never an N×N matrix. The forward
 // kernels (lse_kernel, sym_lse_kernel, fa2_sym_lse_kernel, lse_finish_kernel,
-// loss_kernel) are in info_nce_forward.cu, the backward's (sym_grad_kernel,
-// grad_tile_kernel, sum_slices_kernel, grad_rows_kernel) in info_nce_backward.cu;
+// loss_kernel) are in info_nce_forward.cu, the backward's (fa2_sym_grad_kernel,
+// sym_grad_kernel, grad_tile_kernel, sum_slices_kernel, grad_rows_kernel) in
+// info_nce_backward.cu; the FA2-style kernels' tile helpers in info_nce_fa2.cuh;
 // this file has what both use.
 //
 // Same semantics as csrc/cpu/info_nce.cpp (the model): u = z / max(‖z‖, kNormFloor)
@@ -40,6 +41,9 @@
 //  * sym_grad_kernel, the fixed-shift path unless torch's deterministic mode is
 //    on: tile pairs I ≤ K only (M is symmetric), M_IK U_K to rows I and M_IKᵀ U_I
 //    to rows K, both by float atomicAdd (not bitwise reproducible);
+//    For 16-bit z with D ≤ 128, fa2_sym_grad_kernel does the same work with
+//    the tile products in registers (mma.sync, ldmatrix, cp.async; shared
+//    helpers in info_nce_fa2.cuh) and red.global.v2.f32 adds on sm_90;
 //  * grad_tile_kernel (the online path, and deterministic mode): one block owns
 //    BM rows and walks every key tile, writing its slice of dneg once. At small N
 //    the key tiles are split over several blocks per output tile (grid z), whose
