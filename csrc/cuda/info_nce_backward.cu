@@ -390,21 +390,7 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
 
     // Sᵀ = U_K U_Iᵀ: this warp's 16 key rows × the 32 rows of I.
     float s[W::kINTiles][4];
-#pragma unroll
-    for (int j = 0; j < W::kINTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    const ptx::SmemAddr i_rows = ptx::smem_addr(frag_row(rows[cur], 0, 0, true));
-#pragma unroll
-    for (int ks = 0; ks < F::kKSteps; ++ks) {
-      if (ks >= ksteps) continue;
-#pragma unroll
-      for (int j = 0; j < W::kINTiles; j += 2) {
-        uint32_t bf[4];  // B fragments of n8 tiles j and j + 1
-        ptx::ldmatrix_x4(bf, i_rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
-        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-        ptx::mma_m16n8k16<T>(s[j], kf[ks], b0);
-        ptx::mma_m16n8k16<T>(s[j + 1], kf[ks], b1);
-      }
-    }
+    tile_dots(s, kf, rows[cur], ksteps);
 
     // M_ki = e_ki (a_k + a_i) in place, rounded to T as the A fragments of the
     // column side (n8 tiles 2kk, 2kk + 1 of Sᵀ are k-step kk over I). Masked
@@ -556,19 +542,8 @@ __global__ void grad_rows_kernel(const Acc* __restrict__ dneg, const Acc* __rest
 }
 
 // ------------------------------------------------------------------- host side
-// dneg (zeroed) += M u by the symmetric kernel, on the fixed-shift path.
-// The FA2-style kernel takes 16-bit z with D ≤ Fa2Forward::kMaxD (the column
-// side's accumulators and the key fragments live in registers).
-template <typename Tile>
-bool use_fa2_backward(int64_t d) {
-  using In = typename Tile::In;
-  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
-    return d <= Fa2Forward<In>::kMaxD;
-  } else {
-    return false;
-  }
-}
-
+// dneg (zeroed) += M u by the symmetric kernels, on the fixed-shift path:
+// fa2_sym_grad_kernel where use_fa2_tiles allows it, sym_grad_kernel otherwise.
 template <typename Tile>
 void symmetric_dneg(const TileArgs<Tile>& args, const at::Tensor& u, int64_t col_blocks,
                     at::Tensor& dneg, cudaStream_t stream) {
@@ -585,7 +560,7 @@ void symmetric_dneg(const TileArgs<Tile>& args, const at::Tensor& u, int64_t col
   for (int64_t tk = 0; tk < tiles; ++tk) items += ceil_div(tk + 1, chunk_tiles);
   const dim3 grid(grid_exact(kBackwardOp, items), static_cast<unsigned int>(col_blocks));
   if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
-    if (use_fa2_backward<Tile>(args.d)) {
+    if (use_fa2_tiles<Tile>(args.d)) {
       const at::Tensor up = pad_to_chunk<In>(u);
       at::Tensor a = at::empty({tiles * Tile::BM}, dneg.options());
       launch(fa2_factors_kernel<Tile>, grid_stride(a.numel(), kRowThreads), kRowThreads, stream,

@@ -72,6 +72,48 @@ __device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, 
   return tile + (row0 + row_blk * 8 + lane % 8) * Ld + col0 + col_blk * 8;
 }
 
+// s[j] = A · (rows 8j..8j+7 of tile)ᵀ for the n8 tiles j < NTiles: a warp's 16
+// rows (A, the ldmatrix fragments of its k-steps, kept in registers) times a
+// [rows][kLd] shared tile, over the first ksteps k-steps of 16 columns, by
+// mma.sync with B fragments of two n8 tiles per ldmatrix. Warp-collective.
+template <typename T, int NTiles>
+__device__ __forceinline__ void tile_dots(float (&s)[NTiles][4],
+                                          const uint32_t (&a)[Fa2Forward<T>::kKSteps][4],
+                                          const T* tile, int ksteps) {
+  using F = Fa2Forward<T>;
+  static_assert(NTiles % 2 == 0, "one ldmatrix gives two n8 tiles");
+#pragma unroll
+  for (int j = 0; j < NTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+  // This lane's ldmatrix row in the tile, offset by constants below.
+  const ptx::SmemAddr rows = ptx::smem_addr(frag_row(tile, 0, 0, true));
+#pragma unroll
+  for (int ks = 0; ks < F::kKSteps; ++ks) {
+    if (ks >= ksteps) continue;
+#pragma unroll
+    for (int j = 0; j < NTiles; j += 2) {
+      uint32_t bf[4];  // B fragments of n8 tiles j and j + 1
+      ptx::ldmatrix_x4(bf, rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      ptx::mma_m16n8k16<T>(s[j], a[ks], b0);
+      ptx::mma_m16n8k16<T>(s[j + 1], a[ks], b1);
+    }
+  }
+}
+
+// The FA2-style kernels (fa2_sym_lse_kernel, fa2_sym_grad_kernel) take 16-bit z
+// with D ≤ Fa2Forward::kMaxD: their fragments of the block's own tile (and the
+// backward's column-side accumulators) live in registers. Other D, fp32 and fp64
+// take the shared-memory tile kernels.
+template <typename Tile>
+bool use_fa2_tiles(int64_t d) {
+  using In = typename Tile::In;
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    return d <= Fa2Forward<In>::kMaxD;
+  } else {
+    return false;
+  }
+}
+
 // u with its rows padded by zero columns to a multiple of kChunk elements, as
 // load_tile_async's 16-byte copies need (u itself when D is a multiple already).
 template <typename T>

@@ -274,22 +274,7 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
         __syncthreads();          // and everyone's
 
         float s[F::kNTiles][4];
-#pragma unroll
-        for (int j = 0; j < F::kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-        // This lane's ldmatrix row in the key tile, offset by constants below.
-        const ptx::SmemAddr key_rows = ptx::smem_addr(frag_row(tiles[cur], 0, 0, true));
-#pragma unroll
-        for (int ks = 0; ks < F::kKSteps; ++ks) {
-          if (ks >= ksteps) continue;
-#pragma unroll
-          for (int j = 0; j < F::kNTiles; j += 2) {
-            uint32_t kf[4];  // B fragments of n8 tiles j and j + 1
-            ptx::ldmatrix_x4(kf, key_rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
-            const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-            ptx::mma_m16n8k16<T>(s[j], qf[ks], b0);
-            ptx::mma_m16n8k16<T>(s[j + 1], qf[ks], b1);
-          }
-        }
+        tile_dots(s, qf, tiles[cur], ksteps);
 
         // e_ik in place of c_ik, into the row sums. Masked entries (k ≥ n, i ≥ n,
         // the diagonal) are 0, never exp'd; only diagonal and last tiles have any.
@@ -383,18 +368,6 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
 }
 
 // ------------------------------------------------------------------- host side
-// The FA2-style forward applies to 16-bit z with D ≤ Fa2Forward::kMaxD (its Q
-// fragments live in registers); other D and fp32/fp64 take sym_lse_kernel.
-template <typename Tile>
-bool use_fa2_forward(int64_t d) {
-  using In = typename Tile::In;
-  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
-    return d <= Fa2Forward<In>::kMaxD;
-  } else {
-    return false;
-  }
-}
-
 // Region pairs per SM that the FA2-style forward aims for. Four of its blocks fit
 // on an SM at once (104 registers a thread on sm_90, csrc/cuda/info_nce.md): with
 // kBlocksPerSm's 2 (2.3 at N = 65536) all run at once, some SMs 3 blocks and
@@ -408,7 +381,7 @@ void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc
                    int64_t a0, int64_t a1, at::Tensor& lse, cudaStream_t stream) {
   using In = typename Tile::In;
   using Acc = typename Tile::Acc;
-  const bool fa2 = use_fa2_forward<Tile>(d);
+  const bool fa2 = use_fa2_tiles<Tile>(d);  // else sym_lse_kernel
   const int64_t tiles = ceil_div(n, Tile::BM);
   const int64_t blocks_per_sm = fa2 ? kFa2BlocksPerSm : kBlocksPerSm;
   int64_t min_regions = 1;  // the fewest regions whose pairs give every SM blocks_per_sm blocks
