@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   const int ksteps = static_cast<int>((d + 15) / 16);
   const int cols = ksteps * 16;  // D zero-padded to mma's K
   const float shift_log2 = inv_tau * float(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
-  float m_scale, out_scale;  // (m_scale is in a already)
+  float m_scale, out_scale;  // a holds the scaled factors; out_scale undoes the scale
   g_scales<WmmaTile<T>>(*g_absmax, m_scale, out_scale);
   int64_t tk, i_hi, i_lo;
   sym_work_item(blockIdx.x, (n + KB - 1) / KB, chunk_tiles, tk, i_hi, i_lo);
@@ -359,9 +359,11 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   // Copies of row tile h and its factors into buffer b; committed by the caller.
   auto load_rows = [&](int b, int64_t h) {
     load_tile_async<T, IB>(rows[b], x, n, ld, cols, h * IB);
-    constexpr int kFactorChunks = IB * sizeof(float) / 16;
-    if (threadIdx.x < kFactorChunks)
-      ptx::cp_async_16(a_rows[b] + 4 * threadIdx.x, a + h * IB + 4 * threadIdx.x, 16);
+    constexpr int kCopyBytes = 16, kFloatsPerCopy = kCopyBytes / sizeof(float);
+    if (threadIdx.x < IB / kFloatsPerCopy) {
+      const int f = kFloatsPerCopy * threadIdx.x;
+      ptx::cp_async_16(a_rows[b] + f, a + h * IB + f, kCopyBytes);
+    }
   };
   load_tile_async<T, KB>(key, x, n, ld, cols, k0);
   load_rows(0, h_hi);
