@@ -11,6 +11,8 @@ import contextlib
 import pytest
 import torch
 
+import palfast
+
 # gradcheck's nondet_tol for ops whose CUDA backward adds with float atomics in a
 # varying order (docs/cuda.md, "Determinism"): two float64 passes on the same input
 # then differ by rounding, orders of magnitude below gradcheck's own tolerances.
@@ -18,6 +20,14 @@ ATOMIC_NONDET_TOL = 1e-12
 
 # Every graph kind tests/conftest.py's graph_factory builds.
 KINDS = ["views", "labels", "edges", "dense", "semi"]
+
+
+def views_graph(n: int):
+    """n rows as n/v samples of v views, v the smallest factor ≥ 2 of n (2 for even n,
+    3 for 63, n for a prime): every row has positives whenever n ≥ 2. (One view per
+    sample gives none, hence a zero loss and gradient that no kernel bug could change.)"""
+    views = next((v for v in range(2, n + 1) if n % v == 0), 1)
+    return palfast.PairGraph.from_views(n // views, views)
 
 
 def values_and_grads(fn_a, fn_b, z, *args, **kw):

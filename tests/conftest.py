@@ -17,6 +17,8 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+from _helpers import views_graph  # noqa: E402 (needs the sys.path entry above)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -29,9 +31,7 @@ def make_graph(kind: str, n: int, *, seed: int = 0) -> palfast.PairGraph:
     """A graph over n rows of the given kind, with fresh random structure."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "views":
-        if n % 2:
-            return palfast.PairGraph.from_views(n, 1)  # one view: no positives
-        return palfast.PairGraph.from_views(n // 2, 2)
+        return views_graph(n)
     if kind == "labels":  # with unknowns (-1)
         return palfast.PairGraph.from_labels(torch.randint(-1, max(2, n // 5), (n,), generator=gen))
     if kind == "edges":  # weighted, sparse, not symmetric, with duplicates and self-loops

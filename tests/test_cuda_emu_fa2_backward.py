@@ -35,9 +35,8 @@ KEY_TILE, ROW_TILE, K_STEP, MAX_D = 64, 32, 16, 128
 # 4 n8 tiles), the column side (4 warps × 2 k-steps × 2 n8 tiles) and, off the
 # diagonal, the row side (4 warps × 4 k-steps × 2 n8 tiles over half of D each).
 MMAS_DIAGONAL, MMAS_OFF_DIAGONAL = 32, 48
-# Graph kinds cycled over SIZES: "views" at odd N is one view per sample (no
-# positives, a zero gradient), so it is tested at N = 700 below instead.
-SIZE_KINDS = ["edges", "labels", "semi"]
+# Graph kinds cycled over SIZES (each gives every row positives, tests/_helpers.py).
+SIZE_KINDS = ["edges", "labels", "semi", "views"]
 
 
 def _expected_backward_mmas(n: int, d: int, a0: int, a1: int) -> int:

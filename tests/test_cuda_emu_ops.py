@@ -23,6 +23,8 @@ import torch
 import palfast
 from palfast import reference
 
+from _helpers import views_graph
+
 _spec = importlib.util.spec_from_file_location(
     "palfast_cuda_emu_build", Path(__file__).parent / "cuda_emu" / "build.py")
 emu_build = importlib.util.module_from_spec(_spec)
@@ -61,11 +63,7 @@ def _graph(kind: str, n: int, seed: int) -> palfast.PairGraph:
     if kind == "labels":
         return palfast.PairGraph.from_labels(torch.randint(-1, max(2, n // 5), (n,), generator=gen))
     if kind == "views":
-        # As many views as n's smallest factor ≥ 2 (2 for even n, 3 for 63, 5 for 65),
-        # so that every row has positives whenever n ≥ 2 (one view gives none, and then a
-        # zero loss and gradient that no kernel bug could change).
-        views = next((v for v in range(2, n + 1) if n % v == 0), 1)
-        return palfast.PairGraph.from_views(n // views, views)
+        return views_graph(n)
     # semi: weighted edges plus a label set
     edges = _graph("edges", n, seed)
     y = torch.randint(-1, 3, (n,), generator=gen)

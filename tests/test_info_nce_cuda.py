@@ -10,6 +10,8 @@ Skipped without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ import palfast
 from palfast import reference
 from palfast._ops import ops
 
-from _helpers import ATOMIC_NONDET_TOL
+from _helpers import ATOMIC_NONDET_TOL, deterministic_algorithms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -91,15 +93,16 @@ def test_float32_matches_cpu_kernel_and_reference(graph_factory, n, d):
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-5)
 
 
-def _low_precision_errors(z64, g, dtype, temperature, reduction):
+def _low_precision_errors(z64, g, dtype, temperature, reduction, normalize=True):
     """Max |error| vs float64 of the loss and the gradient, for the op and the reference."""
+    kw = dict(temperature=temperature, reduction=reduction, normalize=normalize)
     exact_z = z64.detach().clone().requires_grad_()
-    exact = reference.info_nce(exact_z, g, temperature=temperature, reduction=reduction)
+    exact = reference.info_nce(exact_z, g, **kw)
     exact.sum().backward()
 
     def errors(fn):
         z = z64.detach().to(dtype).requires_grad_()
-        out = fn(z, g, temperature=temperature, reduction=reduction)
+        out = fn(z, g, **kw)
         out.float().sum().backward()
         return ((out.double() - exact.detach()).abs().max().item(),
                 (z.grad.double() - exact_z.grad).abs().max().item())
@@ -122,6 +125,57 @@ def test_low_precision_within_2x_reference_error(graph_factory, dtype, n, d):
     # rounded u for both terms too, so it is 0 up to fp32 rounding.
     assert kernel_fwd <= 2 * ref_fwd + 1e-5, (kernel_fwd, ref_fwd)
     assert kernel_bwd <= 2 * ref_bwd + 1e-5, (kernel_bwd, ref_bwd)
+
+
+# Every kernel path on the GPU, as tests/test_cuda_emu_*.py run them on the CPU
+# (csrc/cuda/info_nce.cuh; name: (normalize, τ, deterministic mode)):
+#   symmetric: the fixed-shift forward and symmetric backward (fa2_sym_* for 16-bit
+#     z with D ≤ 128, sym_* otherwise);
+#   deterministic: the same forward, the row-block backward (grad_tile_kernel);
+#   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
+#     lse_kernel and the row-block backward;
+#   unnormalized: normalize=False, the online path too.
+KERNEL_PATHS = {"symmetric": (True, 0.1, False), "deterministic": (True, 0.1, True),
+                "small-tau": (True, 0.02, False), "unnormalized": (False, 0.1, False)}
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have a deterministic implementation")
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [257, 4097])
+@pytest.mark.parametrize("d", [64, 128, 200])
+def test_every_kernel_path_within_2x_reference_error(graph_factory, path, dtype, n, d):
+    normalize, temperature, deterministic = KERNEL_PATHS[path]
+    torch.manual_seed(5 * n + d)
+    z64 = torch.randn(n, d, dtype=torch.float64, device=CUDA)
+    if not normalize:
+        z64 = z64 / d**0.5  # logits of a few units, as normalised rows give
+    g = graph_factory("semi", n, seed=d).to(CUDA)
+    # warn_only: the label part of "semi" sums classes with atomics (docs/cuda.md).
+    mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
+    with mode:
+        (kernel_fwd, kernel_bwd), (ref_fwd, ref_bwd), _ = _low_precision_errors(
+            z64, g, dtype, temperature, "none", normalize)
+    # 1e-5: the fp32 accumulation floor, as in the test above.
+    assert kernel_fwd <= 2 * ref_fwd + 1e-5, (kernel_fwd, ref_fwd)
+    assert kernel_bwd <= 2 * ref_bwd + 1e-5, (kernel_bwd, ref_bwd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_deterministic_mode_repeats_bit_for_bit(graph_factory, dtype):
+    """Under torch's deterministic mode the backward is the row-block kernel, whose
+    gradient is the same bits run after run (docs/cuda.md, "Determinism"). An edge
+    graph, as label sets add class sums with atomics."""
+    torch.manual_seed(11)
+    n = 4097
+    z = torch.randn(n, 128, device=CUDA).to(dtype)
+    g = graph_factory("edges", n, seed=11).to(CUDA)
+    w = torch.randn(n, device=CUDA)
+    with deterministic_algorithms():
+        first, first_grad = _rows_and_grad(z, g, w, temperature=0.1)
+        for _ in range(2):
+            rows, grad = _rows_and_grad(z, g, w, temperature=0.1)
+            assert torch.equal(rows, first) and torch.equal(grad, first_grad)
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
