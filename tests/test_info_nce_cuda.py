@@ -3,7 +3,9 @@
 tests/test_info_nce.py already runs every device-parametrised test on CUDA; this
 file adds what only matters there: tile boundaries of the CUDA tiles (64 rows,
 D chunks of 16/32 and gradient column blocks of 32/64/128), the tensor-core
-float16/bfloat16 path, the scaling that keeps float16 gradients of a mean
+float16/bfloat16 path, every kernel path (the symmetric fixed-shift kernels, the
+row-block backward of deterministic mode and the online path), the same bits
+under deterministic mode, the scaling that keeps float16 gradients of a mean
 reduction from flushing to zero, streams, devices, and O(N·D) memory at N = 65536.
 Skipped without a GPU.
 """
