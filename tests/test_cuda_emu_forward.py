@@ -25,14 +25,16 @@ DTYPES16 = [torch.bfloat16, torch.float16]
 NS = [1, 2, 3, 41, 127, 257]
 DS = [1, 3, 16, 100, 128, 130]
 SIZES = [(n, d) for n in NS for d in DS]
-# Fa2Forward in csrc/cuda/info_nce_forward.cu: 64-row tiles of 4 warps of 16 rows,
-# 8 n8 tiles per key tile, D in steps of 16 (mma.m16n8k16), up to 128.
-TILE, WARPS, N8_TILES, K_STEP, MAX_D = 64, 4, 8, 16, 128
+# Fa2Forward in csrc/cuda/info_nce_fa2.cuh: 128-row tiles of 4 warps of 32 rows
+# (2 m16 tiles each), key tiles streamed in halves of 64 rows (8 n8 tiles each),
+# D in steps of 16 (mma.m16n8k16), up to 128.
+TILE, KEY_ROWS, WARPS, M_TILES, N8_TILES, K_STEP, MAX_D = 128, 64, 4, 2, 8, 16, 128
 
 
 def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
     """Warp-level mmas of one FA2 forward: every tile pair I ≤ K with an anchor row in
-    I or K, 4 warps × ceil(D/16) k-steps × 8 n8 tiles each; none when D > 128."""
+    I or K, for each key half of K with a row < n, 4 warps × 2 m16 tiles ×
+    ceil(D/16) k-steps × 8 n8 tiles; none when D > 128."""
     if d > MAX_D:
         return 0
     tiles = math.ceil(n / TILE)
@@ -40,8 +42,12 @@ def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
     def anchors(t):
         return t * TILE < a1 and (t + 1) * TILE > a0
 
-    pairs = sum(anchors(i) or anchors(k) for i in range(tiles) for k in range(i, tiles))
-    return pairs * WARPS * math.ceil(d / K_STEP) * N8_TILES
+    def halves_in_n(k):
+        return sum(h * KEY_ROWS < n for h in range(k * TILE // KEY_ROWS, (k + 1) * TILE // KEY_ROWS))
+
+    halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles)
+                 if anchors(i) or anchors(k))
+    return halves * WARPS * M_TILES * math.ceil(d / K_STEP) * N8_TILES
 
 
 def _ring(n: int) -> palfast.PairGraph:
