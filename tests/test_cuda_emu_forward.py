@@ -5,8 +5,8 @@ the 16-bit rule of tests/test_cuda_emu_ops.py (whose emulator, fixtures and
 helpers this file imports).
 
 The emulator counts warp-level mma.sync calls (csrc/cuda/mma.cuh), so each test
-also checks that the FA2 kernel ran exactly on the tile pairs it should (and not
-at all for D > 128, where sym_lse_kernel takes over).
+also checks that the FA2 kernel ran exactly on the 128-row tile pairs and 64-row
+key halves it should (and not at all for D > 128, where sym_lse_kernel takes over).
 """
 
 from __future__ import annotations

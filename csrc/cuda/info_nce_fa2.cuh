@@ -11,6 +11,9 @@
 namespace palfast::cuda {
 namespace {
 
+// fa2_sym_lse_kernel's tiles; fa2_sym_grad_kernel (Fa2Backward) shares the
+// block size, D limit and shared-tile layout (kThreads, kMaxD, kKSteps, kChunk,
+// kLd), not the row counts.
 template <typename T>
 struct Fa2Forward {
   // Query tiles of 128 rows, 4 warps × 32 rows: two m16 tiles a warp (the M of
