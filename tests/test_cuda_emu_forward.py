@@ -43,7 +43,8 @@ def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
         return t * TILE < a1 and (t + 1) * TILE > a0
 
     def halves_in_n(k):
-        return sum(h * KEY_ROWS < n for h in range(k * TILE // KEY_ROWS, (k + 1) * TILE // KEY_ROWS))
+        halves = range(k * TILE // KEY_ROWS, (k + 1) * TILE // KEY_ROWS)
+        return sum(h * KEY_ROWS < n for h in halves)
 
     halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles)
                  if anchors(i) or anchors(k))

@@ -373,7 +373,9 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   uint32_t kf[1][F::kKSteps][4];  // A fragments of this warp's 16 key rows (one m16 tile)
 #pragma unroll
   for (int ks = 0; ks < F::kKSteps; ++ks) {
-    if (ks < ksteps) ptx::ldmatrix_x4(kf[0][ks], ptx::smem_addr(frag_row(key, warp * 16, ks * 16, false)));
+    if (ks < ksteps) {
+      ptx::ldmatrix_x4(kf[0][ks], ptx::smem_addr(frag_row(key, warp * 16, ks * 16, false)));
+    }
   }
   const int64_t krow = k0 + warp * 16 + g;
   const float ak[2] = {a[krow], a[krow + 8]};  // a is padded to whole key tiles
