@@ -5,8 +5,8 @@ the 16-bit rule of tests/test_cuda_emu_ops.py (whose emulator, fixtures and
 helpers this file imports).
 
 The emulator counts warp-level mma.sync calls (csrc/cuda/mma.cuh), so each test
-also checks that the FA2 kernel ran exactly on the tile pairs it should (and not
-at all for D > 128, where sym_lse_kernel takes over).
+also checks that the FA2 kernel ran exactly on the 128-row tile pairs and 64-row
+key halves it should (and not at all for D > 128, where sym_lse_kernel takes over).
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ DTYPES16 = [torch.bfloat16, torch.float16]
 NS = [1, 2, 3, 41, 127, 257]
 DS = [1, 3, 16, 100, 128, 130]
 SIZES = [(n, d) for n in NS for d in DS]
-# Fa2Forward in csrc/cuda/info_nce_forward.cu: 64-row tiles of 4 warps of 16 rows,
-# 8 n8 tiles per key tile, D in steps of 16 (mma.m16n8k16), up to 128.
-TILE, WARPS, N8_TILES, K_STEP, MAX_D = 64, 4, 8, 16, 128
+# Fa2Forward in csrc/cuda/info_nce_fa2.cuh: 128-row tiles of 4 warps of 32 rows
+# (2 m16 tiles each), key tiles streamed in halves of 64 rows (8 n8 tiles each),
+# D in steps of 16 (mma.m16n8k16), up to 128.
+TILE, KEY_ROWS, WARPS, M_TILES, N8_TILES, K_STEP, MAX_D = 128, 64, 4, 2, 8, 16, 128
 
 
 def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
     """Warp-level mmas of one FA2 forward: every tile pair I ≤ K with an anchor row in
-    I or K, 4 warps × ceil(D/16) k-steps × 8 n8 tiles each; none when D > 128."""
+    I or K, for each key half of K with a row < n, 4 warps × 2 m16 tiles ×
+    ceil(D/16) k-steps × 8 n8 tiles; none when D > 128."""
     if d > MAX_D:
         return 0
     tiles = math.ceil(n / TILE)
@@ -40,8 +42,13 @@ def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
     def anchors(t):
         return t * TILE < a1 and (t + 1) * TILE > a0
 
-    pairs = sum(anchors(i) or anchors(k) for i in range(tiles) for k in range(i, tiles))
-    return pairs * WARPS * math.ceil(d / K_STEP) * N8_TILES
+    def halves_in_n(k):
+        halves = range(k * TILE // KEY_ROWS, (k + 1) * TILE // KEY_ROWS)
+        return sum(h * KEY_ROWS < n for h in halves)
+
+    halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles)
+                 if anchors(i) or anchors(k))
+    return halves * WARPS * M_TILES * math.ceil(d / K_STEP) * N8_TILES
 
 
 def _ring(n: int) -> palfast.PairGraph:
@@ -78,26 +85,42 @@ def test_fa2_forward_matches_reference(emu, dtype, n, d):
     _check_forward(emu, dtype, n, d, 0, n, seed=n * 1000 + d)
 
 
+# Last tiles that the 128-row tiles can get wrong: N = 100, the second key half
+# 36 rows and warp 3's second m16 tile past N; 129, a last tile of one row
+# (the first m16 tile of warp 0 only) and its second key half skipped; 145,
+# warp 0's second m16 tile with one row; 191, a second key half of 63 rows in
+# the first tile and none in the last; 193, a last key half of one row.
+EDGE_SIZES = [(n, d) for n in (100, 129, 145, 191, 193) for d in (16, 100, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES16, ids=str)
+@pytest.mark.parametrize("n,d", EDGE_SIZES, ids=[f"n{n}-d{d}" for n, d in EDGE_SIZES])
+def test_fa2_forward_partial_last_tile(emu, dtype, n, d):
+    _check_forward(emu, dtype, n, d, 0, n, seed=n * 1000 + d)
+
+
 # The grid of symmetric_lse is sized for the SMs (8 region pairs per SM for the
 # FA2 kernel): at the default 132 every region is one tile at these N, so a block
-# sees one key tile. With 1 SM, 1400 rows (22 tiles, the last of 56 rows) form 5
-# regions of 5, 5, 5, 5 and 2 tiles: blocks stream up to 5 key tiles through the
-# double buffer, for up to 5 query tiles; with 2 SMs, 8 regions of 3 tiles and
-# one of 1.
+# sees one key tile (two halves). With 1 SM, 2800 rows (22 tiles of 128, the
+# last of 112 rows: a second key half of 48) form 5 regions of 5, 5, 5, 5 and 2
+# tiles: blocks stream up to 10 key halves through the double buffer, for up to
+# 5 query tiles; with 2 SMs, 7 regions of 3 tiles and one of 1.
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
 @pytest.mark.parametrize("sms", [1, 2])
 @pytest.mark.parametrize("d", [16, 128])
 def test_fa2_forward_streams_key_tiles_on_few_sms(emu, dtype, sms, d):
     emu.emu_set_sm_count(sms)
     try:
-        _check_forward(emu, dtype, 1400, d, 0, 1400, seed=sms * 10 + d)
+        _check_forward(emu, dtype, 2800, d, 0, 2800, seed=sms * 10 + d)
     finally:
         emu.emu_set_sm_count(0)
 
 
-# Anchor ranges inside one tile, across tile borders, covering whole tiles: tile
-# pairs without anchor rows on either side are skipped (the mma count checks it).
-ANCHORS = [(1, 700), (65, 66), (70, 200), (128, 192), (0, 64), (650, 700)]
+# Anchor ranges (N = 700: 6 tiles of 128, the last of 60 rows) inside one tile,
+# inside one key half, across tile borders, covering a whole tile, in the last
+# tile: tile pairs without anchor rows on either side are skipped (the mma count
+# checks it).
+ANCHORS = [(1, 700), (129, 130), (0, 64), (100, 300), (256, 384), (650, 700)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)

@@ -20,8 +20,10 @@
 //    softmax e_ik = exp(s_ik − 1/τ) over the tile pairs I ≤ K only, each e_ik
 //    added to row i and to row k, then lse_finish_kernel (see "symmetric
 //    fixed-shift forward" in info_nce_forward.cu): fa2_sym_lse_kernel for 16-bit
-//    z with D ≤ 128 (S in registers, mma.sync fed by ldmatrix, key tiles streamed
-//    by cp.async; csrc/cuda/mma.cuh), sym_lse_kernel for the other cases;
+//    z with D ≤ 128 (its own 128-row tiles, 4 warps × 32 query rows, S in
+//    registers, mma.sync fed by ldmatrix, key tiles streamed in 64-row halves by
+//    cp.async; csrc/cuda/mma.cuh), sym_lse_kernel (64-row tiles) for the other
+//    cases;
 //  * otherwise (lse_kernel): one block owns BM query rows and walks over all key
 //    tiles of BN rows, folding each into a running (max, sum) per row. Each lane
 //    keeps its own running pair per row (no shuffles per tile); lanes are merged

@@ -370,10 +370,12 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();  // the key tile and the first row tile have landed
-  uint32_t kf[F::kKSteps][4];  // A fragments of this warp's 16 key rows
+  uint32_t kf[1][F::kKSteps][4];  // A fragments of this warp's 16 key rows (one m16 tile)
 #pragma unroll
   for (int ks = 0; ks < F::kKSteps; ++ks) {
-    if (ks < ksteps) ptx::ldmatrix_x4(kf[ks], ptx::smem_addr(frag_row(key, warp * 16, ks * 16, false)));
+    if (ks < ksteps) {
+      ptx::ldmatrix_x4(kf[0][ks], ptx::smem_addr(frag_row(key, warp * 16, ks * 16, false)));
+    }
   }
   const int64_t krow = k0 + warp * 16 + g;
   const float ak[2] = {a[krow], a[krow + 8]};  // a is padded to whole key tiles
@@ -391,7 +393,7 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
     const bool diagonal = i0 / KB == tk;  // I inside K: the column side gives M_KK U_K
 
     // Sᵀ = U_K U_Iᵀ: this warp's 16 key rows × the 32 rows of I.
-    float s[W::kINTiles][4];
+    float s[1][W::kINTiles][4];
     tile_dots(s, kf, rows[cur], ksteps);
 
     // M_ki = e_ki (a_k + a_i) in place, rounded to T as the A fragments of the
@@ -407,7 +409,7 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
         const int c = 8 * j + 2 * t + (e & 1);
         const int64_t k = krow + 8 * (e >> 1), i = i0 + c;
         const bool keep = !masked || (i < n && k < n && i != k);
-        m[e] = keep ? exp2_normal(fmaf(s[j][e], shift_log2, -shift_log2)) * (ak[e >> 1] + a_rows[cur][c])
+        m[e] = keep ? exp2_normal(fmaf(s[0][j][e], shift_log2, -shift_log2)) * (ak[e >> 1] + a_rows[cur][c])
                     : 0.0f;
       }
       mf[j / 2][2 * (j & 1)] = ptx::pack16x2<T>(m[0], m[1]);      // row g

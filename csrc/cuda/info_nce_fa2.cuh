@@ -11,24 +11,32 @@
 namespace palfast::cuda {
 namespace {
 
+// fa2_sym_lse_kernel's tiles; fa2_sym_grad_kernel (Fa2Backward) shares the
+// block size, D limit and shared-tile layout (kThreads, kMaxD, kKSteps, kChunk,
+// kLd), not the row counts.
 template <typename T>
 struct Fa2Forward {
-  // B = 64: WmmaTile's tile, so the region grid of symmetric_lse is shared. 64
-  // rows are 4 warps of 16 (one m16 tile each); the two 64-row key buffers at
-  // D ≤ 128 take 34 KiB, inside the 48 KiB of static shared memory (128-row
-  // buffers would take 68 KiB).
-  static constexpr int kB = 64;
-  static constexpr int kWarpRows = 16;  // the M of mma.m16n8k16
-  static constexpr int kThreads = kB / kWarpRows * kWarpSize;
-  static constexpr int kMaxD = 128;     // Q fragments: kMaxD/16 × 4 registers a thread
+  // Query tiles of 128 rows, 4 warps × 32 rows: two m16 tiles a warp (the M of
+  // mma.m16n8k16 is 16), so each ldmatrix'd key B fragment feeds two mma.sync
+  // (FlashAttention-2's layout; 16 rows a warp read the key tile twice as often
+  // per FLOP). kB is also the forward's symmetric tile: symmetric_lse's region grid.
+  static constexpr int kMTiles = 2;
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kThreads = kTileThreads;  // 4 warps, as in every info_nce tile kernel
+  static constexpr int kB = kThreads / kWarpSize * kWarpRows;
+  // Key tiles stream 64 rows at a time: two 64-row buffers at D ≤ 128 take 34 KiB,
+  // inside the 48 KiB of static shared memory (two 128-row ones would take 68 KiB).
+  // Together they hold a query tile while its fragments are loaded.
+  static constexpr int kKeyRows = 64;
+  static constexpr int kHalves = kB / kKeyRows;  // key halves of a tile
+  static constexpr int kMaxD = 128;     // Q fragments: kMTiles × kMaxD/16 × 4 registers a thread
   static constexpr int kKSteps = kMaxD / 16;  // the K of mma.m16n8k16 is 16
-  static constexpr int kNTiles = kB / 8;      // n8 tiles (mma's N) of a key tile
+  static constexpr int kNTiles = kKeyRows / 8;  // n8 tiles (mma's N) of a key half
   static constexpr int kChunk = 16 / sizeof(T);  // elements of one 16-byte cp.async
   // Row stride of a shared tile: 272 bytes, 4 banks past a multiple of 128, so
   // the 8 rows of an ldmatrix matrix hit 8 distinct 16-byte bank groups.
   static constexpr int kLd = kMaxD + kChunk;
-  static_assert(kB == WmmaTile<T>::BM, "the region grid of symmetric_lse assumes WmmaTile's B");
-  static_assert(kThreads == kTileThreads);
+  static_assert(kB % kKeyRows == 0);
 };
 
 // Rows [r0, r0 + Rows) of x [n, ld] (ld a multiple of kChunk) into dst [Rows][kLd],
@@ -36,7 +44,7 @@ struct Fa2Forward {
 // and columns ≥ ld are zero-filled without reading x. Not waited for here.
 // Thread t copies column chunk t % kChunksPerRow of every kRowStep-th row from
 // t / kChunksPerRow: a fixed column and pointer steps, no index division per copy.
-template <typename T, int Rows = Fa2Forward<T>::kB>
+template <typename T, int Rows>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x, int64_t n,
                                                 int64_t ld, int cols, int64_t r0) {
   using F = Fa2Forward<T>;
@@ -72,18 +80,22 @@ __device__ __forceinline__ const T* frag_row(const T* tile, int row0, int col0, 
   return tile + (row0 + row_blk * 8 + lane % 8) * Ld + col0 + col_blk * 8;
 }
 
-// s[j] = A · (rows 8j..8j+7 of tile)ᵀ for the n8 tiles j < NTiles: a warp's 16
-// rows (A, the ldmatrix fragments of its k-steps, kept in registers) times a
-// [rows][kLd] shared tile, over the first ksteps k-steps of 16 columns, by
-// mma.sync with B fragments of two n8 tiles per ldmatrix. Warp-collective.
-template <typename T, int NTiles>
-__device__ __forceinline__ void tile_dots(float (&s)[NTiles][4],
-                                          const uint32_t (&a)[Fa2Forward<T>::kKSteps][4],
+// s[m][j] = A_m · (rows 8j..8j+7 of tile)ᵀ for the n8 tiles j < NTiles: a warp's
+// MTiles m16 tiles of 16 rows (A_m, the ldmatrix fragments of its k-steps, kept
+// in registers) times a [rows][kLd] shared tile, over the first ksteps k-steps
+// of 16 columns, by mma.sync with B fragments of two n8 tiles per ldmatrix, each
+// fed to all MTiles m16 tiles. Warp-collective.
+template <typename T, int MTiles, int NTiles>
+__device__ __forceinline__ void tile_dots(float (&s)[MTiles][NTiles][4],
+                                          const uint32_t (&a)[MTiles][Fa2Forward<T>::kKSteps][4],
                                           const T* tile, int ksteps) {
   using F = Fa2Forward<T>;
   static_assert(NTiles % 2 == 0, "one ldmatrix gives two n8 tiles");
 #pragma unroll
-  for (int j = 0; j < NTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+  for (int m = 0; m < MTiles; ++m) {
+#pragma unroll
+    for (int j = 0; j < NTiles; ++j) s[m][j][0] = s[m][j][1] = s[m][j][2] = s[m][j][3] = 0.0f;
+  }
   // This lane's ldmatrix row in the tile, offset by constants below.
   const ptx::SmemAddr rows = ptx::smem_addr(frag_row(tile, 0, 0, true));
 #pragma unroll
@@ -94,8 +106,11 @@ __device__ __forceinline__ void tile_dots(float (&s)[NTiles][4],
       uint32_t bf[4];  // B fragments of n8 tiles j and j + 1
       ptx::ldmatrix_x4(bf, rows + (j * 8 * F::kLd + ks * 16) * sizeof(T));
       const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      ptx::mma_m16n8k16<T>(s[j], a[ks], b0);
-      ptx::mma_m16n8k16<T>(s[j + 1], a[ks], b1);
+#pragma unroll
+      for (int m = 0; m < MTiles; ++m) {
+        ptx::mma_m16n8k16<T>(s[m][j], a[m][ks], b0);
+        ptx::mma_m16n8k16<T>(s[m][j + 1], a[m][ks], b1);
+      }
     }
   }
 }

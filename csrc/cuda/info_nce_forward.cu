@@ -72,16 +72,17 @@ __global__ void __launch_bounds__(kTileThreads)
 // ------------------------------------------- symmetric fixed-shift forward
 // s_ik = s_ki, so, as csrc/cpu/info_nce.cpp does, only tile pairs (I, K) with
 // I ≤ K are computed, and each e_ik is added to the sum of row i and of row k.
-// The B×B tiles (B = BM = BN) are grouped into `regions` runs of `per_region`
-// consecutive tiles; block b takes the region pair (P, Q), P ≤ Q (the b-th in
-// row-major order of the upper triangle), and every tile pair (I, K), I ≤ K, of
-// it. Sums go to fixed slots, no atomics: the block's row sums of tile I over its
-// K to row_part[Q][rows of I], its column sums to col_part[P][rows of K]
-// (zero-initialised, only this block adds to them). lse_finish_kernel then adds
-// each row's slots in a fixed order: the result does not depend on the schedule.
+// The B×B tiles (B = BM = BN; 128 rows for the FA2-style kernel below) are
+// grouped into `regions` runs of `per_region` consecutive tiles; block b takes
+// the region pair (P, Q), P ≤ Q (the b-th in row-major order of the upper
+// triangle), and every tile pair (I, K), I ≤ K, of it. Sums go to fixed slots,
+// no atomics: the block's row sums of tile I over its K to row_part[Q][rows of
+// I], its column sums to col_part[P][rows of K] (zero-initialised, only this
+// block adds to them). lse_finish_kernel then adds each row's slots in a fixed
+// order: the result does not depend on the schedule.
 // Partial memory: 2·regions·N sums, regions ≈ √(2·kBlocksPerSm·SMs) (about 24 on
-// an H200; 47 for the FA2-style kernel below, kFa2BlocksPerSm), so O(N) for a
-// given GPU.
+// an H200; 47 for the FA2-style kernel below, kFa2BlocksPerSm, whose tiles are
+// 128 rows), so O(N) for a given GPU.
 
 // The region pair (p, q), p ≤ q, of block b: b = Σ_{p' < p} (regions − p') + (q − p).
 __device__ __forceinline__ void region_pair(int64_t b, int64_t regions, int64_t& p, int64_t& q) {
@@ -183,16 +184,19 @@ __global__ void __launch_bounds__(kTileThreads)
 }
 
 // ------------------------------- symmetric fixed-shift forward, FA2-style (16-bit)
-// The same partition as sym_lse_kernel (B×B tiles, region pairs, the same fixed
+// The same scheme as sym_lse_kernel (region pairs of tiles I ≤ K, the same fixed
 // partial slots, so lse_finish_kernel and the result's independence of the
-// schedule are unchanged), with the tile GEMM kept in registers as in
-// FlashAttention-2: warp w owns rows 16w..16w+15 of query tile I, whose
-// mma.sync A fragments it loads once (ldmatrix) and keeps; key tiles K stream
-// through two shared-memory buffers by cp.async (tile K+1 is copied while K is
-// used); S = U_I U_Kᵀ stays in the mma accumulators, e = exp2(fma(c, k, −k)) in
-// registers; row sums stay in registers over all K (a quad shuffle at the end),
-// column sums are reduced over the warp's 16 rows by shuffles, over the warps
-// through a small shared buffer, and added to the block's own slots.
+// schedule are unchanged) on tiles of its own B = Fa2Forward::kB = 128 rows, with
+// the tile GEMM kept in registers as in FlashAttention-2: warp w owns rows
+// 32w..32w+31 of query tile I, two m16 tiles whose mma.sync A fragments it loads
+// once (ldmatrix) and keeps; key tile K streams as two 64-row halves through two
+// shared-memory buffers by cp.async (the next half is copied while one is used),
+// each ldmatrix'd B fragment feeding both m16 tiles; S = U_I U_Kᵀ stays in the
+// mma accumulators, e = exp2(fma(c, k, −k)) in registers; row sums stay in
+// registers over all K (a quad shuffle at the end), column sums are reduced over
+// the warp's 32 rows by adds and shuffles, over the warps through a small shared
+// buffer, and added to the block's own slots. A diagonal pair (I = K) computes
+// both halves in full, only i = k masked, and takes only the row sums.
 // csrc/cuda/info_nce.md has the register/shared-memory budget and the counts.
 
 // One step of reduce_scatter_rows: lanes Off apart each keep one half of
@@ -224,17 +228,24 @@ __device__ __forceinline__ void reduce_scatter_rows(float (&v)[V]) {
 }
 
 
+// Blocks of fa2_sym_lse_kernel that an SM must hold at once: 3 caps it at 168
+// registers a thread (65 536 / (3 × 128) = 170, allocated in steps of 8); its 64
+// Q-fragment and 64 accumulator registers fit in them without spills (ptxas -v,
+// csrc/cuda/info_nce.md), where left free it takes 175-177 and only 2 fit.
+constexpr int kFa2ResidentBlocks = 3;
+
 template <typename T>
-__global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
+__global__ void __launch_bounds__(Fa2Forward<T>::kThreads, kFa2ResidentBlocks)
     fa2_sym_lse_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld, float inv_tau,
                        int64_t a0, int64_t a1, int64_t per_region, int64_t regions,
                        float* __restrict__ row_part, float* __restrict__ col_part) {
   using F = Fa2Forward<T>;
-  constexpr int B = F::kB, kWarps = F::kThreads / kWarpSize;
-  __shared__ __align__(128) T tiles[2][B * F::kLd];
-  __shared__ float col_buf[kWarps][B];
+  constexpr int B = F::kB, KR = F::kKeyRows, kWarps = F::kThreads / kWarpSize;
+  // The two key buffers, one after the other, so that together they take a query tile.
+  __shared__ __align__(128) T tiles[F::kHalves * KR * F::kLd];
+  __shared__ float col_buf[kWarps][KR];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int g = lane / 4, t = lane % 4;  // this lane's rows g, g + 8 and columns 2t, 2t + 1
+  const int g = lane / 4, t = lane % 4;  // rows g, g + 8 of each m16 tile, columns 2t, 2t + 1
   const int ksteps = static_cast<int>((d + 15) / 16);
   const int cols = ksteps * 16;  // D zero-padded to mma's K
   const float shift_log2 = inv_tau * float(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
@@ -242,6 +253,7 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
   // Tiles with anchor rows: [anchor_lo, anchor_hi). A pair of two tiles without
   // any adds nothing an anchor's lse needs.
   const int64_t anchor_lo = a0 / B, anchor_hi = (a1 + B - 1) / B;
+  const int64_t halves_in_n = (n + KR - 1) / KR;  // key halves with a row < n
 
   for (int64_t ti = p * per_region; ti < i_end; ++ti) {
     int64_t k_lo = std::max(ti, q * per_region), k_hi = k_end;
@@ -249,81 +261,103 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
       k_lo = std::max(k_lo, anchor_lo);
       k_hi = std::min(k_hi, anchor_hi);
     }
-    float row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8 of this warp, columns of this lane
-    if (k_lo < k_hi) {
-      // Prologue: Q into the second buffer, the first key tile into the first.
-      load_tile_async(tiles[1], x, n, ld, cols, ti * B);
-      load_tile_async(tiles[0], x, n, ld, cols, k_lo * B);
+    // The key halves h (rows h·KR..) of tiles [k_lo, k_hi), without those past n.
+    const int64_t h_lo = k_lo * F::kHalves, h_hi = std::min(k_hi * F::kHalves, halves_in_n);
+    // Rows 16m + g + 8r of this warp, columns of this lane.
+    float row_sum[F::kMTiles][2] = {};
+    if (h_lo < h_hi) {
+      // Q through both key buffers, its fragments into registers, then the key halves.
+      load_tile_async<T, B>(tiles, x, n, ld, cols, ti * B);
       ptx::cp_async_commit();
       ptx::cp_async_wait<0>();
       __syncthreads();  // every thread's copies have landed
-      uint32_t qf[F::kKSteps][4];
+      uint32_t qf[F::kMTiles][F::kKSteps][4];
 #pragma unroll
-      for (int ks = 0; ks < F::kKSteps; ++ks) {
-        if (ks < ksteps) {
-          ptx::ldmatrix_x4(qf[ks], ptx::smem_addr(frag_row(tiles[1], warp * 16, ks * 16, false)));
+      for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+        for (int ks = 0; ks < F::kKSteps; ++ks) {
+          if (ks < ksteps) {
+            const T* row = frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false);
+            ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(row));
+          }
         }
       }
-      __syncthreads();  // every warp holds its Q: the second buffer may take key tiles
+      __syncthreads();  // every warp holds its Q: the buffers may take key halves
+      load_tile_async<T, KR>(tiles, x, n, ld, cols, h_lo * KR);
+      ptx::cp_async_commit();
 
-      for (int64_t tk = k_lo; tk < k_hi; ++tk) {
-        const int cur = static_cast<int>((tk - k_lo) & 1);
-        if (tk + 1 < k_hi) load_tile_async(tiles[cur ^ 1], x, n, ld, cols, (tk + 1) * B);
-        ptx::cp_async_commit();  // empty after the last tile: the wait below stays the same
-        ptx::cp_async_wait<1>();  // this thread's copies of tile tk have landed
+      for (int64_t h = h_lo; h < h_hi; ++h) {
+        const int cur = static_cast<int>((h - h_lo) & 1);
+        const T* key = tiles + cur * KR * F::kLd;
+        if (h + 1 < h_hi) {
+          load_tile_async<T, KR>(tiles + (cur ^ 1) * KR * F::kLd, x, n, ld, cols, (h + 1) * KR);
+        }
+        ptx::cp_async_commit();  // empty after the last half: the wait below stays the same
+        ptx::cp_async_wait<1>();  // this thread's copies of half h have landed
         __syncthreads();          // and everyone's
 
-        float s[F::kNTiles][4];
-        tile_dots(s, qf, tiles[cur], ksteps);
+        float s[F::kMTiles][F::kNTiles][4];
+        tile_dots(s, qf, key, ksteps);
 
         // e_ik in place of c_ik, into the row sums. Masked entries (k ≥ n, i ≥ n,
         // the diagonal) are 0, never exp'd; only diagonal and last tiles have any.
-        const bool masked = ti == tk || (tk + 1) * B > n;
-        const int64_t i0 = ti * B + warp * 16 + g, k0 = tk * B + 2 * t;
+        const int64_t tk = h / F::kHalves;
+        const bool masked = ti == tk || (h + 1) * KR > n;
+        const int64_t i0 = ti * B + warp * F::kWarpRows + g, k0 = h * KR + 2 * t;
 #pragma unroll
-        for (int j = 0; j < F::kNTiles; ++j) {
+        for (int m = 0; m < F::kMTiles; ++m) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t i = i0 + 8 * (e >> 1), k = k0 + 8 * j + (e & 1);
-            const bool keep = !masked || (i < n && k < n && i != k);
-            s[j][e] = keep ? exp2_normal(fmaf(s[j][e], shift_log2, -shift_log2)) : 0.0f;
-            row_sum[e >> 1] += s[j][e];
+          for (int j = 0; j < F::kNTiles; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int64_t i = i0 + 16 * m + 8 * (e >> 1), k = k0 + 8 * j + (e & 1);
+              const bool keep = !masked || (i < n && k < n && i != k);
+              s[m][j][e] = keep ? exp2_normal(fmaf(s[m][j][e], shift_log2, -shift_log2)) : 0.0f;
+              row_sum[m][e >> 1] += s[m][j][e];
+            }
           }
         }
 
         if (ti != tk) {  // a diagonal tile's columns are its rows, summed already
-          // Column 8j + 2t + h of this warp's 16 rows is v[2j + h] summed over g;
+          // Column 8j + 2t + c of this warp's 32 rows is v[2j + c] summed over g;
           // after the reduce-scatter lane (g, t) holds columns 8g + 2t + {0, 1}.
           float v[2 * F::kNTiles];
 #pragma unroll
           for (int j = 0; j < F::kNTiles; ++j) {
-            v[2 * j] = s[j][0] + s[j][2];
-            v[2 * j + 1] = s[j][1] + s[j][3];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              v[2 * j + c] = s[0][j][c] + s[0][j][c + 2];
+#pragma unroll
+              for (int m = 1; m < F::kMTiles; ++m) v[2 * j + c] += s[m][j][c] + s[m][j][c + 2];
+            }
           }
           reduce_scatter_rows(v);
           col_buf[warp][8 * g + 2 * t] = v[0];
           col_buf[warp][8 * g + 2 * t + 1] = v[1];
           __syncthreads();  // every warp's column sums are in col_buf
-          const int64_t k = tk * B + threadIdx.x;
-          if (threadIdx.x < B && k < n) {
+          const int64_t k = h * KR + threadIdx.x;
+          if (threadIdx.x < KR && k < n) {
             float total = 0.0f;
 #pragma unroll
             for (int w = 0; w < kWarps; ++w) total += col_buf[w][threadIdx.x];
             col_part[p * n + k] += total;
           }
         }
-        __syncthreads();  // tiles[cur] and col_buf are read: the next tile may overwrite them
+        __syncthreads();  // the key buffer and col_buf are read: the next half may overwrite them
       }
     }
-    // The quad of lanes sharing rows g, g + 8 adds its columns; every row of region
-    // P gets its slot written (0 without tiles), as lse_finish_kernel reads them all.
+    // The quad of lanes sharing a row adds its columns; every row of region P gets
+    // its slot written (0 without tiles), as lse_finish_kernel reads them all.
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float sum = row_sum[h];
-      sum += __shfl_xor_sync(kFullWarp, sum, 1);
-      sum += __shfl_xor_sync(kFullWarp, sum, 2);
-      const int64_t i = ti * B + warp * 16 + g + 8 * h;
-      if (t == 0 && i < n) row_part[q * n + i] = sum;
+    for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[m][r];
+        sum += __shfl_xor_sync(kFullWarp, sum, 1);
+        sum += __shfl_xor_sync(kFullWarp, sum, 2);
+        const int64_t i = ti * B + warp * F::kWarpRows + 16 * m + g + 8 * r;
+        if (t == 0 && i < n) row_part[q * n + i] = sum;
+      }
     }
   }
 }
@@ -368,11 +402,11 @@ __global__ void loss_kernel(const X* __restrict__ u, const Acc* __restrict__ q,
 }
 
 // ------------------------------------------------------------------- host side
-// Region pairs per SM that the FA2-style forward aims for. Four of its blocks fit
-// on an SM at once (104 registers a thread on sm_90, csrc/cuda/info_nce.md): with
-// kBlocksPerSm's 2 (2.3 at N = 65536) all run at once, some SMs 3 blocks and
-// others 2, idle for a third of the run; with about 8, handed out as blocks
-// finish, SMs differ by about one block in 8.
+// Region pairs per SM that the FA2-style forward aims for. kFa2ResidentBlocks = 3
+// of its blocks fit on an SM at once: with kBlocksPerSm's 2 all would run at once,
+// leaving a third of every SM's block slots empty; with about 8, handed out as
+// blocks finish, the slots stay full until the tail and SMs differ by about one
+// block in 8.
 constexpr int64_t kFa2BlocksPerSm = 8;
 
 // lse of the anchor rows [a0, a1) by the symmetric fixed-shift kernels.
@@ -382,7 +416,8 @@ void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc
   using In = typename Tile::In;
   using Acc = typename Tile::Acc;
   const bool fa2 = use_fa2_tiles<Tile>(d);  // else sym_lse_kernel
-  const int64_t tiles = ceil_div(n, Tile::BM);
+  const int64_t tile_rows = fa2 ? Fa2Forward<In>::kB : Tile::BM;  // each kernel's B
+  const int64_t tiles = ceil_div(n, tile_rows);
   const int64_t blocks_per_sm = fa2 ? kFa2BlocksPerSm : kBlocksPerSm;
   int64_t min_regions = 1;  // the fewest regions whose pairs give every SM blocks_per_sm blocks
   while (min_regions * (min_regions + 1) / 2 < blocks_per_sm * sm_count()) ++min_regions;
@@ -404,7 +439,7 @@ void symmetric_lse(const at::Tensor& u, int64_t n, int64_t d, typename Tile::Acc
            per_region, regions, mut_ptr<Acc>(row_part), mut_ptr<Acc>(col_part));
   }
   launch(lse_finish_kernel<Acc>, grid_stride(a1 - a0, kRowThreads), kRowThreads, stream,
-         ptr<Acc>(row_part), ptr<Acc>(col_part), n, per_region * Tile::BM, regions, inv_tau, a0,
+         ptr<Acc>(row_part), ptr<Acc>(col_part), n, per_region * tile_rows, regions, inv_tau, a0,
          a1, mut_ptr<Acc>(lse));
 }
 
