@@ -29,11 +29,19 @@ def _graph_args(g):
     return g.kernel_args()
 
 
+# Rows of the workload: more than two of fa2_sym_lse_kernel's 128-row tiles and four
+# of the backward's 64-row key tiles, the last ones partial, so that off-diagonal tile
+# pairs (column sums, the row side's shared M buffer) run under the sanitizers too.
+WORKLOAD_ROWS = 300
+WORKLOAD_DIM = 40  # not a multiple of 16: the FA2 kernels' zero-padded last k-step
+
+
 def workload(device: torch.device) -> None:
     """Forward and backward of every op that has a CUDA kernel, on a small graph
-    with CSR edges and labels, in every dtype, anchors not aligned to tiles."""
+    with CSR edges and labels, in every dtype, anchors not aligned to tiles; the
+    info_nce backward also in torch's deterministic mode (the row-block kernel)."""
     ops = torch.ops.palfast
-    n, d = 70, 40
+    n, d = WORKLOAD_ROWS, WORKLOAD_DIM
     gen = torch.Generator().manual_seed(0)
     src, dst = torch.randint(0, n, (3 * n,), generator=gen), torch.randint(0, n, (3 * n,), generator=gen)
     edges = palfast.PairGraph.from_edges(src, dst, torch.rand(3 * n, generator=gen), num_nodes=n,
@@ -46,6 +54,13 @@ def workload(device: torch.device) -> None:
         for normalize, tau in ((True, TEMPERATURE), (True, SMALL_TEMPERATURE), (False, TEMPERATURE)):
             rows, lse = ops.info_nce(z, *_graph_args(g), tau, normalize, 3, n)
             ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, tau, normalize, 3, n)
+        # warn_only: the label part's class sums use atomics and would raise.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            rows, lse = ops.info_nce(z, *_graph_args(g), TEMPERATURE, True, 3, n)
+            ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, TEMPERATURE, True, 3, n)
+        finally:
+            torch.use_deterministic_algorithms(False)
         for transpose in (False, True):
             ops.graph_spmm(z, *_graph_args(g), transpose)
         e = ops.graph_dirichlet(z, *_graph_args(g))
