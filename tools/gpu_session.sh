@@ -3,8 +3,8 @@
 #   1. environment (GPU, driver, torch, nvcc);      4. `palfast bench --only info_nce`:
 #      wheels carried in .whl/ installed               effective TFLOP/s, forward and
 #   2. build palfast in place for the local GPU        forward+backward, vs eager PyTorch,
-#   3. the CUDA tests                                  torch.compile and Inf-CL, kernel
-#                                                      grids, issue 11's targets (JSON in $OUT)
+#      (ptxas registers and spills per kernel)         torch.compile and Inf-CL, kernel
+#   3. the CUDA tests                                  grids, issue 11's targets (JSON in $OUT)
 #                                                   5. compute-sanitizer memcheck, racecheck,
 #                                                      synccheck over every CUDA op
 # Every step has a time cap and the whole run ends within 9 minutes; a failing
@@ -112,10 +112,13 @@ build() {
   local nvcc; nvcc=$(find_nvcc)
   [ -n "$nvcc" ] || { echo "no nvcc found" >&2; return 1; }
   local cc; cc=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  # -Xptxas=-v: this GPU's compiler's registers, shared memory and spills per kernel,
+  # tabled by tools/ptxas_report.py after the build (as CI's job 2 does for nvcc 13.0).
   TORCH_CUDA_ARCH_LIST="$cc" CUDACXX="$nvcc" cmake "${args[@]}" -DPALFAST_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER="$nvcc" &&
-    cmake --build build/gpu-session -j "$JOBS" &&
-    PYTHONPATH=. "$PY" -c "import palfast, palfast._C as c; print('built', c.cuda_archs, 'with_cuda', c.with_cuda)"
+    -DCMAKE_CUDA_COMPILER="$nvcc" -DCMAKE_CUDA_FLAGS=-Xptxas=-v &&
+    cmake --build build/gpu-session -j "$JOBS" 2>&1 | tee build/gpu-session/compile.log &&
+    PYTHONPATH=. "$PY" -c "import palfast, palfast._C as c; print('built', c.cuda_archs, 'with_cuda', c.with_cuda)" &&
+    { "$PY" tools/ptxas_report.py build/gpu-session/compile.log || true; }
 }
 
 # On the GPU this checkout (built in place) comes first; the carried wheels follow.
