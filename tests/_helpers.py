@@ -6,12 +6,11 @@ tests/conftest.py puts this folder on sys.path so they can ``from _helpers impor
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import palfast
+from palfast.benchmarks.harness import deterministic_algorithms  # noqa: F401 (for the tests)
 
 # gradcheck's nondet_tol for ops whose CUDA backward adds with float atomics in a
 # varying order (docs/cuda.md, "Determinism"): two float64 passes on the same input
@@ -150,14 +149,3 @@ def assert_nan_propagates_unless_checked(fn, z, graph):
         fn(z, graph, check_finite=True)
 
 
-@contextlib.contextmanager
-def deterministic_algorithms(warn_only: bool = False):
-    """torch.use_deterministic_algorithms(True, warn_only=warn_only) inside the block;
-    the previous mode is restored after it."""
-    before = torch.are_deterministic_algorithms_enabled()
-    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=warn_only)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=before_warn)

@@ -19,7 +19,7 @@ import torch
 
 import palfast
 from palfast.benchmarks.bench_info_nce import HEAVY_KERNEL_SHARE
-from palfast.benchmarks.harness import format_table
+from palfast.benchmarks.harness import deterministic_algorithms, format_table
 
 TEMPERATURE = 0.2
 SMALL_TEMPERATURE = 0.01  # below the CUDA fixed-shift bound (about 0.026)
@@ -55,12 +55,9 @@ def workload(device: torch.device) -> None:
             rows, lse = ops.info_nce(z, *_graph_args(g), tau, normalize, 3, n)
             ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, tau, normalize, 3, n)
         # warn_only: the label part's class sums use atomics and would raise.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
+        with deterministic_algorithms(warn_only=True):
             rows, lse = ops.info_nce(z, *_graph_args(g), TEMPERATURE, True, 3, n)
             ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, TEMPERATURE, True, 3, n)
-        finally:
-            torch.use_deterministic_algorithms(False)
         for transpose in (False, True):
             ops.graph_spmm(z, *_graph_args(g), transpose)
         e = ops.graph_dirichlet(z, *_graph_args(g))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import palfast
 
-from .harness import Case, Skip
+from .harness import Case, Skip, deterministic_algorithms
 
 D = 128
 TAU = 0.1
@@ -135,13 +135,8 @@ def _deterministic(run):
     """``run`` under torch.use_deterministic_algorithms(True, warn_only=True), the caller's
     setting restored after each call (the other implementations run without it)."""
     def deterministic_run():
-        before = torch.are_deterministic_algorithms_enabled()
-        before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
+        with deterministic_algorithms(warn_only=True):
             return run()
-        finally:
-            torch.use_deterministic_algorithms(before, warn_only=before_warn)
     return deterministic_run
 
 

@@ -62,6 +62,20 @@ class Skip(Exception):
     """Raised by a factory when an implementation cannot run this case (e.g. no memory)."""
 
 
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only: bool = False):
+    """torch.use_deterministic_algorithms(True, warn_only=warn_only) inside the block;
+    the previous mode is restored after it. (The benchmarks time palfast's deterministic
+    CUDA backward with it; tools/gpu_bench.py and the tests use it too.)"""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
 @dataclasses.dataclass
 class Case:
     """One workload. ``impls`` maps a label to a factory; calling the factory builds
