@@ -62,7 +62,6 @@ class Skip(Exception):
     """Raised by a factory when an implementation cannot run this case (e.g. no memory)."""
 
 
-
 @contextlib.contextmanager
 def deterministic_algorithms(warn_only: bool = False):
     """torch.use_deterministic_algorithms(True, warn_only=warn_only) inside the block;
@@ -75,6 +74,7 @@ def deterministic_algorithms(warn_only: bool = False):
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
 
 @dataclasses.dataclass
 class Case:
