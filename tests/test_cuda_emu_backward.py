@@ -29,6 +29,9 @@ from palfast import reference
 
 from _helpers import deterministic_algorithms
 
+# float tolerances: CI runs these again under a second CPU capability (.ci/run)
+pytestmark = pytest.mark.numeric
+
 
 @pytest.fixture(scope="module")
 def emu():

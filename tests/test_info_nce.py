@@ -20,8 +20,13 @@ from _helpers import (
     assert_constant_with_zero_gradient,
     assert_gradcheck_every_kind,
     assert_rows_match_float64,
-    assert_within_2x_reference_error,
+    assert_rounding_close,
+    assert_within_rounding_error,
+    info_nce_cond,
 )
+
+# float tolerances: CI runs these again under a second CPU capability (.ci/run)
+pytestmark = pytest.mark.numeric
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -249,14 +254,13 @@ def test_unnormalised_logits_within_the_bound_match_float64():
     z = torch.randn(1, 33, dtype=torch.float64) + 1e-3 * torch.randn(130, 33, dtype=torch.float64)
     z = z / z.norm(dim=1).max() * 1e6**0.5  # nearly tied logits up to 1e6
     z32 = z.float().requires_grad_()
-    z64 = z.clone().requires_grad_()
-    ref32 = z.float().requires_grad_()
+    exact = z.float().double().requires_grad_()  # float64 on the same rounded inputs
     palfast.info_nce(z32, g, normalize=False, temperature=1.0).backward()
-    palfast.info_nce(z64, g, normalize=False, temperature=1.0).backward()
-    reference.info_nce(ref32, g, normalize=False, temperature=1.0).backward()
-    err = (z32.grad.double() - z64.grad).abs().max()
-    ref_err = (ref32.grad.double() - z64.grad).abs().max()
-    assert err <= 2 * ref_err + 1e-6 * z64.grad.abs().max()
+    reference.info_nce(exact, g, normalize=False, temperature=1.0).backward()
+    # cond = 1 + max|s| ≈ 1e6: an fp32 logit of 1e6 carries an error of about 0.06,
+    # which every fp32 computation of these probabilities inherits.
+    assert_rounding_close(z32.grad, exact.grad, torch.float32, what="gradient",
+                          cond=info_nce_cond(z, 1.0, normalize=False))
 
 
 # csrc/cpu/info_nce.cpp uses one exponential per element (a fixed shift b = max ‖u‖² / τ)
@@ -274,8 +278,8 @@ def test_both_tile_paths_match_float64(device, graph_factory, temperature, dtype
     if dtype == torch.float64:
         assert_rows_match_float64(palfast.info_nce, reference.info_nce, z64, g, **kw)
     else:
-        assert_within_2x_reference_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
-                                         **kw)
+        assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
+                                     cond=info_nce_cond(z64, temperature), **kw)
 
 
 # ----------------------------------------------------- CPU scheduling and memory

@@ -21,7 +21,14 @@ import palfast
 from palfast import reference
 from palfast._ops import ops
 
-from _helpers import ATOMIC_NONDET_TOL, deterministic_algorithms
+from _helpers import (
+    ATOMIC_NONDET_TOL,
+    INFO_NCE_ROWS_FLOOR,
+    assert_within_rounding_error,
+    deterministic_algorithms,
+    info_nce_cond,
+    info_nce_grad_floor,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -95,38 +102,19 @@ def test_float32_matches_cpu_kernel_and_reference(graph_factory, n, d):
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-5)
 
 
-def _low_precision_errors(z64, g, dtype, temperature, reduction, normalize=True):
-    """Max |error| vs float64 of the loss and the gradient, for the op and the reference."""
-    kw = dict(temperature=temperature, reduction=reduction, normalize=normalize)
-    exact_z = z64.detach().clone().requires_grad_()
-    exact = reference.info_nce(exact_z, g, **kw)
-    exact.sum().backward()
-
-    def errors(fn):
-        z = z64.detach().to(dtype).requires_grad_()
-        out = fn(z, g, **kw)
-        out.float().sum().backward()
-        return ((out.double() - exact.detach()).abs().max().item(),
-                (z.grad.double() - exact_z.grad).abs().max().item())
-
-    return errors(palfast.info_nce), errors(reference.info_nce), exact_z.grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [2, 41, 257, 1000, 4097])
 @pytest.mark.parametrize("d", [3, 64, 127, 128, 256])
-def test_low_precision_within_2x_reference_error(graph_factory, dtype, n, d):
+def test_low_precision_within_rounding_error(graph_factory, dtype, n, d):
     torch.manual_seed(3 * n + d)
     z64 = torch.randn(n, d, dtype=torch.float64, device=CUDA)
     g = graph_factory("semi", n, seed=n).to(CUDA)
-    (kernel_fwd, kernel_bwd), (ref_fwd, ref_bwd), _ = _low_precision_errors(
-        z64, g, dtype, 0.2, "none")
-    # 1e-5: the fp32 accumulation floor. It matters at N = 2, where every row's
-    # only key is its positive, the exact loss is 0 and the 16-bit reference
-    # gets exactly 0 (lse − s with the same rounded s); the kernel uses one
-    # rounded u for both terms too, so it is 0 up to fp32 rounding.
-    assert kernel_fwd <= 2 * ref_fwd + 1e-5, (kernel_fwd, ref_fwd)
-    assert kernel_bwd <= 2 * ref_bwd + 1e-5, (kernel_bwd, ref_bwd)
+    # The floors matter at N = 2, where every row's only key is its positive and the
+    # exact loss and gradient are 0; the kernel's are 0 up to the rounding of terms.
+    assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
+                                 cond=info_nce_cond(z64, 0.2), floor=INFO_NCE_ROWS_FLOOR,
+                                 grad_floor=info_nce_grad_floor(z64, 1.0), temperature=0.2,
+                                 reduction="none")
 
 
 # Every kernel path on the GPU, as tests/test_cuda_emu_*.py run them on the CPU
@@ -146,7 +134,7 @@ KERNEL_PATHS = {"symmetric": (True, 0.1, False), "deterministic": (True, 0.1, Tr
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("n", [257, 4097])
 @pytest.mark.parametrize("d", [64, 128, 200])
-def test_every_kernel_path_within_2x_reference_error(graph_factory, path, dtype, n, d):
+def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, d):
     normalize, temperature, deterministic = KERNEL_PATHS[path]
     torch.manual_seed(5 * n + d)
     z64 = torch.randn(n, d, dtype=torch.float64, device=CUDA)
@@ -156,11 +144,12 @@ def test_every_kernel_path_within_2x_reference_error(graph_factory, path, dtype,
     # warn_only: the label part of "semi" sums classes with atomics (docs/cuda.md).
     mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
     with mode:
-        (kernel_fwd, kernel_bwd), (ref_fwd, ref_bwd), _ = _low_precision_errors(
-            z64, g, dtype, temperature, "none", normalize)
-    # 1e-5: the fp32 accumulation floor, as in the test above.
-    assert kernel_fwd <= 2 * ref_fwd + 1e-5, (kernel_fwd, ref_fwd)
-    assert kernel_bwd <= 2 * ref_bwd + 1e-5, (kernel_bwd, ref_bwd)
+        assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
+                                     cond=info_nce_cond(z64, temperature, normalize),
+                                     floor=INFO_NCE_ROWS_FLOOR,
+                                     grad_floor=info_nce_grad_floor(z64, 1.0, normalize),
+                                     temperature=temperature, reduction="none",
+                                     normalize=normalize)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

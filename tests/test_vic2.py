@@ -16,8 +16,11 @@ from _helpers import (
     assert_compile_matches_eager,
     assert_gradcheck_every_kind,
     assert_matches_float64,
-    assert_within_2x_reference_error,
+    assert_within_rounding_error,
 )
+
+# float tolerances: CI runs these again under a second CPU capability (.ci/run)
+pytestmark = pytest.mark.numeric
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -84,12 +87,12 @@ def test_two_view_module(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_2x_reference_error(device, graph_factory, dtype):
+def test_low_precision_within_rounding_error(device, graph_factory, dtype):
     torch.manual_seed(3)
     n, d = 96, 32
     z64 = torch.randn(n, d, dtype=torch.float64, device=device) * 0.3
     g = graph_factory("semi", n, seed=4).to(device)
-    assert_within_2x_reference_error(palfast.vic2, reference.vic2, z64, g, dtype, n_views=2)
+    assert_within_rounding_error(palfast.vic2, reference.vic2, z64, g, dtype, n_views=2)
 
 
 def test_empty_graph_has_no_invariance_term(device):

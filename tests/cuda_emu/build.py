@@ -62,6 +62,9 @@ def _flags() -> list[str]:
         "-std=c++20", OPT, "-fPIC", "-g0", "-w",
         # CUDA code type-puns freely (uint4 loads of 16-bit rows): no strict aliasing.
         "-fno-strict-aliasing",
+        # The same rounding on every x86-64: no fused multiply-adds that the compiler
+        # chose, and no -march (baseline SSE2 code, whatever the build machine's CPU).
+        "-ffp-contract=off",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         f'-DPALFAST_TORCH_VERSION="{torch.__version__}"',
         '-DPALFAST_CUDA_ARCHS="emulated"',
