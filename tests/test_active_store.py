@@ -755,3 +755,28 @@ def test_readonly_path_with_uri_characters(tmp_path):
     with RelationStore(path, readonly=True) as s:
         assert s.same(0, 1) is True
     assert sorted(os.listdir(folder))[0] == "s%3f.sqlite"
+
+
+# -------------------------------------------------- meta.schema_version damaged
+@pytest.mark.parametrize("bit", [0, 1])  # '3' (0x33) becomes '2' or '1'
+def test_flipped_schema_version_is_refused_not_trusted(tmp_path, bit):
+    """meta.schema_version has no checksum: one flipped bit made a read-only open take
+    the schema-2 path and drop the retractions silently. It is cross-checked against the
+    tables the file has."""
+    path = tmp_path / "s.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, True])
+        s.retract([2])
+    assert not os.path.exists(f"{path}-wal")  # the close checkpointed: one file to flip
+    data = bytearray(path.read_bytes())
+    at = data.find(b"schema_version" + str(SCHEMA_VERSION).encode())
+    assert at > 0 and data.find(b"schema_version" + str(SCHEMA_VERSION).encode(), at + 1) < 0
+    data[at + len(b"schema_version")] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    for readonly in (True, False):
+        with pytest.raises(StoreCorruptError, match="schema_version is '[12]' but the file's tables are those of schema 3.*salvage"):
+            RelationStore(path, readonly=readonly)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")  # trusts the tables
+    assert report == (2, [], [], 1, [])
+    with RelationStore(tmp_path / "saved.sqlite") as s:
+        assert s.n_queries == 1 and s.same(1, 2) is None

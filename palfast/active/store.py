@@ -44,7 +44,11 @@ Guarantees (file-backed store)
   (``PRAGMA application_id`` and the ``meta`` table are checked), or one written
   by a newer schema version raises ``ValueError`` naming the path, never
   silently mixes data. Stores of schema version 1 (no checksums) or 2 (no
-  retractions) are migrated in one transaction when opened for writing.
+  retractions) are migrated in one transaction when opened for writing. The
+  ``meta.schema_version`` record has no checksum, so it must agree with the tables the
+  file has (the crc column from 2 on, the retractions table from 3 on); a mismatch
+  raises :class:`StoreCorruptError` rather than reading the file as another version
+  (which would ignore its retractions).
 
 Contradictions (a noisy oracle saying i~j after i≁j was implied, or the reverse)
 are logged like any answer but do not change the relation: the first answer
@@ -139,6 +143,24 @@ _SCHEMA = (
 )
 #: The integer columns of each log table, between ``id`` and ``time, source, crc``.
 _COLUMNS = {"answers": ("i", "j", "answer"), "retractions": ("answer_id",)}
+
+
+#: What each schema version added to the file, ``(version, what)``: the layout a file
+#: has is checked against its ``meta.schema_version`` (:func:`_layout_version`).
+_LAYOUT = ((2, "crc column of answers"), (3, "retractions table"))
+
+
+def _layout_version(db: sqlite3.Connection) -> int:
+    """The schema version the tables of ``db`` have (1, 2 or 3), read from the layout
+    itself rather than from the unchecksummed ``meta.schema_version``."""
+    version = 1
+    for since, table in ((2, "answers"), (3, "retractions")):
+        try:
+            db.execute(_select(table, since) + " LIMIT 0")
+        except sqlite3.OperationalError:  # no such table / column
+            break
+        version = since
+    return version
 
 
 def _select(table: str, version: int) -> str:
@@ -548,14 +570,18 @@ class RelationStore:
         if version < 1:
             raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema "
                                     f"version {raw!r}")
-        for since, table, what in ((2, "answers", "crc column"),
-                                   (3, "retractions", "retractions table")):
-            if version >= since:
-                try:
-                    self._db.execute(_select(table, version) + " LIMIT 0")
-                except sqlite3.DatabaseError as e:
-                    raise StoreCorruptError(f"RelationStore: {self.path!r} has schema version "
-                                            f"{version} but no {what} ({e})") from e
+        # meta.schema_version has no checksum: a flipped bit must not pick the code path
+        # of another schema (an older one ignores the retractions), so the tables the
+        # file has must be those of the version it names, no fewer and no more.
+        found = _layout_version(self._db)
+        if found != version:
+            what = next(w for since, w in _LAYOUT if (version >= since) != (found >= since))
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r}: meta.schema_version is {raw!r} but the "
+                f"file's tables are those of schema {found} (it "
+                f"{'lacks' if version > found else 'has'} the {what}): the version record "
+                f"or the tables are damaged. RelationStore.salvage(path, new_path) copies "
+                f"the rows that verify (it reads the tables the file has)")
         self._version = version
 
     def _migrate(self) -> None:
@@ -1195,10 +1221,11 @@ class RelationStore:
         except sqlite3.Error as e:
             raise _sqlite_error(where, src, e, readonly=True, opening=True) from e
         try:
+            # The tables say which version the rows have (meta.schema_version has no
+            # checksum); a damaged schema falls back to the current layout.
             try:
-                raw = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                version = int(raw[0])
-            except (sqlite3.Error, TypeError, ValueError):
+                version = _layout_version(db)
+            except sqlite3.Error:
                 version = SCHEMA_VERSION
             answers, dropped, unverified = _salvage_table(db, where, src, "answers", version)
             retractions, r_dropped = [], []
