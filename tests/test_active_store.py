@@ -27,6 +27,8 @@ from palfast.active.store import (
     ContradictionWarning,
     StoreCorruptError,
     StoreError,
+    _read_acked,
+    _write_acked,
     row_crc,
 )
 
@@ -912,3 +914,76 @@ def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, 
             s.record([[1000, 1001]], [True])
         with RelationStore(path) as s:                     # the loss was accepted once
             assert s.n_queries == left + 1
+
+
+def test_acked_record_damage_and_torn_writes(tmp_path):
+    path = tmp_path / "s.sqlite"
+    side = f"{path}{ACKED_SUFFIX}"
+    with RelationStore(path) as s:
+        for t in range(4):
+            s.record([[t, t + 1]], [True])
+    good = open(side, "rb").read()
+    newest = _read_acked(side)
+    assert newest.tops[0][0] == 4 and newest.tops[1] == (0, 0)
+    # A write cut short damages the newest slot only: the older record is used.
+    torn = bytearray(good)
+    torn[(newest.seq % 2) * 4096 + 20] ^= 0x10
+    open(side, "wb").write(bytes(torn))
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == 4
+    # Both slots damaged: no record to check against; refused, not ignored.
+    open(side, "wb").write(b"\xff" * len(good))
+    for readonly in (True, False):
+        with pytest.raises(StoreCorruptError, match="-acked.*is damaged.*accept_loss=True"):
+            RelationStore(path, readonly=readonly)
+    with RelationStore(path, accept_loss=True) as s:   # rewrites the record
+        assert s.n_queries == 4
+    assert _read_acked(side).tops[0][0] == 4
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == 4
+
+
+def test_deleting_a_store_starts_a_new_one(tmp_path):
+    """Deleting the main file (as palfast demo does to start over) is a fresh start:
+    the -acked record of the old store is replaced, not held against the new one."""
+    path = tmp_path / "s.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, True])
+    os.remove(path)
+    with RelationStore(path) as s:
+        assert s.n_queries == 0
+        s.record([[5, 6]], [False])
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == 1
+    # backup() into a path whose store was deleted: the copy verifies.
+    with RelationStore(tmp_path / "b.sqlite") as b:
+        b.record([[0, 1], [1, 2], [2, 3]], [True] * 3)
+    os.remove(tmp_path / "b.sqlite")
+    with RelationStore(path) as s:
+        s.backup(tmp_path / "b.sqlite")
+    with RelationStore(tmp_path / "b.sqlite") as b:
+        assert b.n_queries == 1
+
+
+def test_replaced_store_and_loss_seen_by_refresh(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, True])
+    other = tmp_path / "other.sqlite"
+    with RelationStore(other) as o:
+        o.record([[7, 8], [8, 9], [9, 10]], [False] * 3)
+    os.replace(other, path)  # another store with more rows, under the old record
+    with pytest.raises(StoreCorruptError, match="answers row id=2 is not the row .* records"):
+        RelationStore(path)
+    with RelationStore(path, accept_loss=True) as s:
+        assert s.n_queries == 3
+    # A loss while processes have the store open: refresh() and record() see it.
+    r, w = RelationStore(path, readonly=True), RelationStore(path)
+    side = f"{path}{ACKED_SUFFIX}"
+    _write_acked(side, ((9, 0), (0, 0)), _read_acked(side))  # as if rows 4..9 were lost
+    with pytest.raises(StoreCorruptError, match="acknowledged answers were lost"):
+        r.refresh()
+    with pytest.raises(StoreCorruptError, match="acknowledged answers were lost"):
+        w.record([[0, 1]], [True])
+    r.close()
+    w.close()

@@ -23,9 +23,23 @@ Guarantees (file-backed store)
 ------------------------------
 * Durability: the database runs in WAL mode with ``synchronous=FULL`` and each
   :meth:`RelationStore.record` call is one transaction, so once ``record`` returns,
-  the answers survive the process being killed (SIGKILL) or the machine losing power.
-  Until a checkpoint the newest answers live in ``<path>-wal``: copy a store with
+  the answers are flushed to ``<path>-wal`` (fsync) and survive the process being
+  killed (SIGKILL) or the machine losing power, as long as that file is intact. Until
+  a checkpoint the newest answers live only in ``<path>-wal``: copy a store with
   :meth:`RelationStore.backup`, never by copying the main file alone.
+* Lost acknowledged answers are detected, not recovered: SQLite replays a ``-wal``
+  only up to the first frame whose checksum fails and silently drops every committed
+  transaction after it (all of them if the ``-wal`` is truncated or deleted). So after
+  each write transaction, before ``record``/``retract`` returns, the store records the
+  last row id and CRC-32 of each log table in ``<path>-acked`` (outside SQLite; two
+  checksummed slots overwritten in turn and flushed, under SQLite's write lock). Every
+  open and :meth:`RelationStore.refresh` reads it first and raises
+  :class:`StoreCorruptError` when an acknowledged row is missing or differs; restore a
+  backup, or pass ``accept_loss=True`` to continue with what is left. Not detected:
+  ``<path>-acked`` lost together with the ``-wal`` (a deleted main file starts a new
+  store and replaces it); a loss before the first writable open by a palfast that
+  keeps the record; a loss of only the last transaction when the newest slot of
+  ``<path>-acked`` is damaged too (the older slot is then used).
 * Resume: opening an existing file replays the log in id order, leaving out the
   retracted answers, and rebuilds the union-find and the cannot-links exactly.
 * Integrity: opening runs ``PRAGMA quick_check``, checks every row's values and
@@ -38,8 +52,9 @@ Guarantees (file-backed store)
   Each ``record`` or ``retract`` first replays the rows other processes appended, so every
   process applies the log in the same order; :meth:`RelationStore.refresh` does
   it on demand for a reader.
-* ``readonly=True`` opens with SQLite's ``mode=ro``: the database file is never
-  written (SQLite may create the ``-wal``/``-shm`` side files to read beside writers).
+* ``readonly=True`` opens with SQLite's ``mode=ro``: the database file and
+  ``<path>-acked`` are never written (SQLite may create the ``-wal``/``-shm`` side
+  files to read beside writers).
 * A file that is not SQLite, or an SQLite database that is not a RelationStore
   (``PRAGMA application_id`` and the ``meta`` table are checked), or one written
   by a newer schema version raises ``ValueError`` naming the path, never
@@ -1000,7 +1015,8 @@ class RelationStore:
             source: free text stored with each answer (e.g. ``"oracle"``, ``"prior"``).
 
         Returns the log ids of the new rows, in order (what :meth:`retract` takes).
-        When this returns the answers are durable (file-backed store). Answers that
+        When this returns the answers are durable (file-backed store) and recorded
+        as acknowledged in ``<path>-acked`` (see the module docstring). Answers that
         contradict the known relation are kept and warned about
         (:class:`ContradictionWarning`). On any error nothing of this call is recorded.
         """
@@ -1457,6 +1473,9 @@ class RelationStore:
         folder = os.path.dirname(os.path.abspath(dst))
         if not os.path.isdir(folder):
             raise StoreError(f"{where}: the directory {folder!r} does not exist; create it first")
+        # An -acked record beside a path with no database belongs to a deleted store.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dst + ACKED_SUFFIX)
         try:
             out = sqlite3.connect(dst)
             try:
