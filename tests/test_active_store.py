@@ -777,7 +777,8 @@ def test_flipped_schema_version_is_refused_not_trusted(tmp_path, bit):
     data[at + len(b"schema_version")] ^= 1 << bit
     path.write_bytes(bytes(data))
     for readonly in (True, False):
-        with pytest.raises(StoreCorruptError, match="schema_version is '[12]' but the file's tables are those of schema 3.*salvage"):
+        with pytest.raises(StoreCorruptError, match="schema_version is '[12]' but the file's "
+                                                    "tables are those of schema 3.*salvage"):
             RelationStore(path, readonly=readonly)
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")  # trusts the tables
     assert report == (2, [], [], 1, [])

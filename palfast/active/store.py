@@ -398,11 +398,11 @@ def _connect_ro(path: str, timeout: float) -> sqlite3.Connection:
 
 # ------------------------------------------------- the acknowledged-rows side file
 # ``<path>-acked`` holds two slots of _ACKED_SLOT bytes, each an (all-zero when unused)
-# one-line record (:func:`_acked_slot`) with its own CRC-32. A write overwrites the slot of the older record in place and fdatasyncs it
-# (one flush, the file's size and metadata unchanged); reading takes the valid record of
-# the higher ``seq``. A crash in the middle of a write leaves that slot failing its check
-# and the other, older one intact: the record falls back to fewer rows, never claims
-# rows that were not committed.
+# one-line record (:func:`_acked_slot`) with its own CRC-32. A write overwrites the slot
+# of the older record in place and fdatasyncs it (one flush, the file's size and
+# metadata unchanged); reading takes the valid record of the higher ``seq``. A crash in
+# the middle of a write leaves that slot failing its check and the other, older one
+# intact: the record falls back to fewer rows, never claims rows that were not committed.
 
 class _Acked(NamedTuple):
     """One record of the ``-acked`` file: ``tops`` is ``((last answers id, its crc),
