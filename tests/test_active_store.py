@@ -20,12 +20,15 @@ import torch
 import palfast
 from palfast.active import RelationStore
 from palfast.active.store import (
+    ACKED_SUFFIX,
     APPLICATION_ID,
     MAX_IMPLICIT_IDS,
     SCHEMA_VERSION,
     ContradictionWarning,
     StoreCorruptError,
     StoreError,
+    _read_acked,
+    _write_acked,
     row_crc,
 )
 
@@ -632,7 +635,7 @@ def test_bit_flips_never_change_the_log_silently(tmp_path):
         bit = rng.randrange(len(data) * 8)
         flipped = bytearray(data)
         flipped[bit >> 3] ^= 1 << (bit & 7)
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ACKED_SUFFIX):  # the main file's checks alone
             if os.path.exists(f"{trial_path}{suffix}"):
                 os.remove(f"{trial_path}{suffix}")
         trial_path.write_bytes(flipped)
@@ -755,3 +758,233 @@ def test_readonly_path_with_uri_characters(tmp_path):
     with RelationStore(path, readonly=True) as s:
         assert s.same(0, 1) is True
     assert sorted(os.listdir(folder))[0] == "s%3f.sqlite"
+
+
+# -------------------------------------------------- meta.schema_version damaged
+@pytest.mark.parametrize("bit", [0, 1])  # '3' (0x33) becomes '2' or '1'
+def test_flipped_schema_version_is_refused_not_trusted(tmp_path, bit):
+    """meta.schema_version has no checksum: one flipped bit made a read-only open take
+    the schema-2 path and drop the retractions silently. It is cross-checked against the
+    tables the file has."""
+    path = tmp_path / "s.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, True])
+        s.retract([2])
+    assert not os.path.exists(f"{path}-wal")  # the close checkpointed: one file to flip
+    data = bytearray(path.read_bytes())
+    at = data.find(b"schema_version" + str(SCHEMA_VERSION).encode())
+    assert at > 0 and data.find(b"schema_version" + str(SCHEMA_VERSION).encode(), at + 1) < 0
+    data[at + len(b"schema_version")] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    for readonly in (True, False):
+        with pytest.raises(StoreCorruptError, match="schema_version is '[12]' but the file's "
+                                                    "tables are those of schema 3.*salvage"):
+            RelationStore(path, readonly=readonly)
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")  # trusts the tables
+    assert report == (2, [], [], 1, [])
+    with RelationStore(tmp_path / "saved.sqlite") as s:
+        assert s.n_queries == 1 and s.same(1, 2) is None
+
+
+# ------------------------------------------ acknowledged answers and a damaged -wal
+IDLE_WRITER = textwrap.dedent("""
+    import sys, time
+    from palfast.active import RelationStore
+    path, count = sys.argv[1], int(sys.argv[2])
+    store = RelationStore(path)
+    for t in range(count):
+        store.record([[2 * t, 2 * t + 1]], [t % 3 != 0])
+        if t % 5 == 4:
+            store.retract([t])
+    print("acknowledged", flush=True)  # every record() and retract() above returned
+    time.sleep(600)                    # killed here: no close, no checkpoint
+""")
+#: Answers the killed writer records (one transaction each), few enough that SQLite's
+#: automatic checkpoint (at 1000 WAL pages) never runs: they all live in the -wal.
+KILLED_ANSWERS = 30
+
+
+@pytest.fixture(scope="module")
+def killed_store(tmp_path_factory):
+    """The files a writer leaves when SIGKILLed after KILLED_ANSWERS acknowledged
+    answers (and one retraction per 5 answers), none of them checkpointed."""
+    folder = tmp_path_factory.mktemp("killed")
+    path = str(folder / "s.sqlite")
+    child = subprocess.Popen([sys.executable, "-c", IDLE_WRITER, path, str(KILLED_ANSWERS)],
+                             stdout=subprocess.PIPE, text=True, env=_child_env(), cwd=folder)
+    try:
+        assert child.stdout.readline().strip() == "acknowledged"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    # Every answer is still in the -wal: the main file alone has none of them.
+    assert os.path.getsize(path + "-wal") > 32
+    files = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    return files
+
+
+def _place(files, folder, damage=None):
+    """Write the killed store's files into ``folder``; ``damage(name, bytes)`` may edit
+    (return bytes) or delete (return None) each one. Returns the store's path."""
+    folder.mkdir()
+    for name, data in files.items():
+        data = damage(name, data) if damage else data
+        if data is not None:
+            (folder / name).write_bytes(data)
+    return folder / "s.sqlite"
+
+
+def _expected_after_kill():
+    retracted = {t + 1 for t in range(KILLED_ANSWERS) if t % 5 == 4}
+    return KILLED_ANSWERS - len(retracted)
+
+
+def _rows(store):
+    """(answers, retractions) in the store's log, retracted answers included."""
+    log = store.log()
+    return len(log), sum(row[6] is not None for row in log)
+
+
+def test_reopen_after_kill_has_no_false_alarm(tmp_path, killed_store):
+    path = _place(killed_store, tmp_path / "a")
+    n = _expected_after_kill()
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == n and r.same(0, 1) is False and r.same(2, 3) is True
+        r.backup(tmp_path / "copy.sqlite")
+    with RelationStore(tmp_path / "copy.sqlite", readonly=True) as c:
+        assert c.n_queries == n
+    with RelationStore(path) as s:
+        assert s.n_queries == n and len(s.log()) == KILLED_ANSWERS
+        s.record([[100, 101]], [True])
+        s.backup(tmp_path / "copy2.sqlite")
+    assert not os.path.exists(f"{path}-wal")  # the clean close checkpointed
+    for readonly in (True, False):
+        with RelationStore(path, readonly=readonly) as s:
+            assert s.n_queries == n + 1 and s.refresh() == 0
+    for copy in ("copy.sqlite", "copy2.sqlite"):
+        with RelationStore(tmp_path / copy) as c:
+            assert c.n_queries >= n
+
+
+def _flip(bit):
+    def damage(name, data):
+        if not name.endswith("-wal"):
+            return data
+        data = bytearray(data)
+        data[bit >> 3] ^= 1 << (bit & 7)
+        return bytes(data)
+    return damage
+
+
+@pytest.mark.parametrize("how", ["flip", "delete", "truncate", "truncate-to-frame"])
+def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, how):
+    """SQLite stops replaying a -wal at the first frame whose checksum fails and drops
+    the transactions from there on; a deleted or truncated -wal loses them too. The
+    answers were acknowledged (record() had returned), so the open must refuse."""
+    wal = next(d for name, d in killed_store.items() if name.endswith("-wal"))
+    page = int.from_bytes(wal[8:12], "big")          # WAL header: page size
+    frame = 24 + page                                # frame header + one page
+    if how == "flip":
+        rng = random.Random(1)
+        trials = [_flip(rng.randrange(len(wal) * 8)) for _ in range(12)]
+        trials.append(_flip((32 + (len(wal) - 32) // frame // 2 * frame + 24 + 100) * 8))
+    elif how == "delete":
+        trials = [lambda name, data: None if name.endswith("-wal") else data]
+    elif how == "truncate":
+        trials = [lambda name, data: data[:len(data) // 2] if name.endswith("-wal") else data]
+    else:  # whole frames cut off the end: the last transactions vanish cleanly
+        trials = [lambda name, data: data[:len(data) - 3 * frame] if name.endswith("-wal")
+                  else data]
+    n_retractions = KILLED_ANSWERS - _expected_after_kill()
+    for k, damage in enumerate(trials):
+        path = _place(killed_store, tmp_path / str(k), damage)
+        for readonly in (True, False):
+            with pytest.raises(StoreCorruptError,
+                               match=r"acknowledged .* lost.*-wal.*backup.*accept_loss=True"):
+                RelationStore(path, readonly=readonly)
+        if how == "delete":  # the schema itself was in the -wal: no store is left
+            with pytest.raises(ValueError, match="not a palfast RelationStore"):
+                RelationStore(path, accept_loss=True, readonly=True)
+        else:
+            with RelationStore(path, accept_loss=True, readonly=True) as r:
+                assert _rows(r) < (KILLED_ANSWERS, n_retractions)
+        with RelationStore(path, accept_loss=True) as s:  # continues with what is left
+            assert _rows(s) < (KILLED_ANSWERS, n_retractions)
+            left = s.n_queries
+            s.record([[1000, 1001]], [True])
+        with RelationStore(path) as s:                     # the loss was accepted once
+            assert s.n_queries == left + 1
+
+
+def test_acked_record_damage_and_torn_writes(tmp_path):
+    path = tmp_path / "s.sqlite"
+    side = f"{path}{ACKED_SUFFIX}"
+    with RelationStore(path) as s:
+        for t in range(4):
+            s.record([[t, t + 1]], [True])
+    good = open(side, "rb").read()
+    newest = _read_acked(side)
+    assert newest.tops[0][0] == 4 and newest.tops[1] == (0, 0)
+    # A write cut short damages the newest slot only: the older record is used.
+    torn = bytearray(good)
+    torn[(newest.seq % 2) * 4096 + 20] ^= 0x10
+    open(side, "wb").write(bytes(torn))
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == 4
+    # Both slots damaged: no record to check against; refused, not ignored.
+    open(side, "wb").write(b"\xff" * len(good))
+    for readonly in (True, False):
+        with pytest.raises(StoreCorruptError, match="-acked.*is damaged.*accept_loss=True"):
+            RelationStore(path, readonly=readonly)
+    with RelationStore(path, accept_loss=True) as s:   # rewrites the record
+        assert s.n_queries == 4
+    assert _read_acked(side).tops[0][0] == 4
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == 4
+
+
+def test_deleting_a_store_starts_a_new_one(tmp_path):
+    """Deleting the main file (as palfast demo does to start over) is a fresh start:
+    the -acked record of the old store is replaced, not held against the new one."""
+    path = tmp_path / "s.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, True])
+    os.remove(path)
+    with RelationStore(path) as s:
+        assert s.n_queries == 0
+        s.record([[5, 6]], [False])
+    with RelationStore(path, readonly=True) as r:
+        assert r.n_queries == 1
+    # backup() into a path whose store was deleted: the copy verifies.
+    with RelationStore(tmp_path / "b.sqlite") as b:
+        b.record([[0, 1], [1, 2], [2, 3]], [True] * 3)
+    os.remove(tmp_path / "b.sqlite")
+    with RelationStore(path) as s:
+        s.backup(tmp_path / "b.sqlite")
+    with RelationStore(tmp_path / "b.sqlite") as b:
+        assert b.n_queries == 1
+
+
+def test_replaced_store_and_loss_seen_by_refresh(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1], [1, 2]], [True, True])
+    other = tmp_path / "other.sqlite"
+    with RelationStore(other) as o:
+        o.record([[7, 8], [8, 9], [9, 10]], [False] * 3)
+    os.replace(other, path)  # another store with more rows, under the old record
+    with pytest.raises(StoreCorruptError, match="answers row id=2 is not the row .* records"):
+        RelationStore(path)
+    with RelationStore(path, accept_loss=True) as s:
+        assert s.n_queries == 3
+    # A loss while processes have the store open: refresh() and record() see it.
+    r, w = RelationStore(path, readonly=True), RelationStore(path)
+    side = f"{path}{ACKED_SUFFIX}"
+    _write_acked(side, ((9, 0), (0, 0)), _read_acked(side))  # as if rows 4..9 were lost
+    with pytest.raises(StoreCorruptError, match="acknowledged answers were lost"):
+        r.refresh()
+    with pytest.raises(StoreCorruptError, match="acknowledged answers were lost"):
+        w.record([[0, 1]], [True])
+    r.close()
+    w.close()

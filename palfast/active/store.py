@@ -23,9 +23,23 @@ Guarantees (file-backed store)
 ------------------------------
 * Durability: the database runs in WAL mode with ``synchronous=FULL`` and each
   :meth:`RelationStore.record` call is one transaction, so once ``record`` returns,
-  the answers survive the process being killed (SIGKILL) or the machine losing power.
-  Until a checkpoint the newest answers live in ``<path>-wal``: copy a store with
+  the answers are flushed to ``<path>-wal`` (fsync) and survive the process being
+  killed (SIGKILL) or the machine losing power, as long as that file is intact. Until
+  a checkpoint the newest answers live only in ``<path>-wal``: copy a store with
   :meth:`RelationStore.backup`, never by copying the main file alone.
+* Lost acknowledged answers are detected, not recovered: SQLite replays a ``-wal``
+  only up to the first frame whose checksum fails and silently drops every committed
+  transaction after it (all of them if the ``-wal`` is truncated or deleted). So after
+  each write transaction, before ``record``/``retract`` returns, the store records the
+  last row id and CRC-32 of each log table in ``<path>-acked`` (outside SQLite; two
+  checksummed slots overwritten in turn and flushed, under SQLite's write lock). Every
+  open and :meth:`RelationStore.refresh` reads it first and raises
+  :class:`StoreCorruptError` when an acknowledged row is missing or differs; restore a
+  backup, or pass ``accept_loss=True`` to continue with what is left. Not detected:
+  ``<path>-acked`` lost together with the ``-wal`` (a deleted main file starts a new
+  store and replaces it); a loss before the first writable open by a palfast that
+  keeps the record; a loss of only the last transaction when the newest slot of
+  ``<path>-acked`` is damaged too (the older slot is then used).
 * Resume: opening an existing file replays the log in id order, leaving out the
   retracted answers, and rebuilds the union-find and the cannot-links exactly.
 * Integrity: opening runs ``PRAGMA quick_check``, checks every row's values and
@@ -38,13 +52,18 @@ Guarantees (file-backed store)
   Each ``record`` or ``retract`` first replays the rows other processes appended, so every
   process applies the log in the same order; :meth:`RelationStore.refresh` does
   it on demand for a reader.
-* ``readonly=True`` opens with SQLite's ``mode=ro``: the database file is never
-  written (SQLite may create the ``-wal``/``-shm`` side files to read beside writers).
+* ``readonly=True`` opens with SQLite's ``mode=ro``: the database file and
+  ``<path>-acked`` are never written (SQLite may create the ``-wal``/``-shm`` side
+  files to read beside writers).
 * A file that is not SQLite, or an SQLite database that is not a RelationStore
   (``PRAGMA application_id`` and the ``meta`` table are checked), or one written
   by a newer schema version raises ``ValueError`` naming the path, never
   silently mixes data. Stores of schema version 1 (no checksums) or 2 (no
-  retractions) are migrated in one transaction when opened for writing.
+  retractions) are migrated in one transaction when opened for writing. The
+  ``meta.schema_version`` record has no checksum, so it must agree with the tables the
+  file has (the crc column from 2 on, the retractions table from 3 on); a mismatch
+  raises :class:`StoreCorruptError` rather than reading the file as another version
+  (which would ignore its retractions).
 
 Contradictions (a noisy oracle saying i~j after i≁j was implied, or the reverse)
 are logged like any answer but do not change the relation: the first answer
@@ -75,6 +94,7 @@ import contextlib
 import os
 import sqlite3
 import struct
+import threading
 import time
 import warnings
 import zlib
@@ -102,6 +122,18 @@ MAX_IMPLICIT_IDS = 1 << 24
 _MAX_TIMEOUT = 2_000_000.0
 #: :meth:`RelationStore.salvage` reads a store whose scan fails row by row, up to this id.
 _SALVAGE_PROBES = 10_000_000
+#: Suffix of the side file ``<path>-acked`` recording how far each log table had been
+#: acknowledged (``record``/``retract`` returned): the last row id and its CRC-32. It is
+#: outside SQLite, so a damaged, truncated or deleted ``-wal`` cannot take it along.
+ACKED_SUFFIX = "-acked"
+#: The ``format`` field of the ``-acked`` file's records (bump if their content changes).
+_ACKED_FORMAT = "palfast.RelationStore.acked/1"
+#: Bytes of each of the ``-acked`` file's two slots: a filesystem block and memory page,
+#: so rewriting one slot never rewrites (and a torn write never damages) the other.
+_ACKED_SLOT = 4096
+_LOG_TABLES = ("answers", "retractions")
+#: The tops (see :class:`_Acked`) of a store without rows.
+_NO_ROWS = ((0, 0), (0, 0))
 
 
 def _append_only(table: str) -> tuple[str, str]:
@@ -139,6 +171,24 @@ _SCHEMA = (
 )
 #: The integer columns of each log table, between ``id`` and ``time, source, crc``.
 _COLUMNS = {"answers": ("i", "j", "answer"), "retractions": ("answer_id",)}
+
+
+#: What each schema version added to the file, ``(version, what)``: the layout a file
+#: has is checked against its ``meta.schema_version`` (:func:`_layout_version`).
+_LAYOUT = ((2, "crc column of answers"), (3, "retractions table"))
+
+
+def _layout_version(db: sqlite3.Connection) -> int:
+    """The schema version the tables of ``db`` have (1, 2 or 3), read from the layout
+    itself rather than from the unchecksummed ``meta.schema_version``."""
+    version = 1
+    for since, table in ((2, "answers"), (3, "retractions")):
+        try:
+            db.execute(_select(table, since) + " LIMIT 0")
+        except sqlite3.OperationalError:  # no such table / column
+            break
+        version = since
+    return version
 
 
 def _select(table: str, version: int) -> str:
@@ -346,6 +396,122 @@ def _connect_ro(path: str, timeout: float) -> sqlite3.Connection:
         return sqlite3.connect(_uri(path) + "?mode=ro&immutable=1", **kw)
 
 
+# ------------------------------------------------- the acknowledged-rows side file
+# ``<path>-acked`` holds two slots of _ACKED_SLOT bytes, each an (all-zero when unused)
+# one-line record (:func:`_acked_slot`) with its own CRC-32. A write overwrites the slot
+# of the older record in place and fdatasyncs it (one flush, the file's size and
+# metadata unchanged); reading takes the valid record of the higher ``seq``. A crash in
+# the middle of a write leaves that slot failing its check and the other, older one
+# intact: the record falls back to fewer rows, never claims rows that were not committed.
+
+class _Acked(NamedTuple):
+    """One record of the ``-acked`` file: ``tops`` is ``((last answers id, its crc),
+    (last retractions id, its crc))``, (0, 0) for an empty table; ``seq`` counts writes."""
+    seq: int
+    tops: tuple
+
+
+def _acked_slot(seq: int, tops) -> bytes:
+    """One slot: the line ``<format> <seq> <answers id> <crc> <retractions id> <crc>
+    <CRC-32 of what precedes it>``, then zero bytes."""
+    (a, a_crc), (r, r_crc) = tops
+    line = b"%s %d %d %d %d %d" % (_ACKED_FORMAT.encode(), seq, a, a_crc, r, r_crc)
+    return (line + b" %d\n" % zlib.crc32(line)).ljust(_ACKED_SLOT, b"\0")
+
+
+def _parse_acked_slot(raw: bytes) -> _Acked:
+    """One slot's record; ``ValueError`` saying why it does not verify."""
+    line, newline, _ = raw.partition(b"\n")
+    body, _, check = line.rpartition(b" ")
+    fields = body.split(b" ")
+    if not newline or len(fields) != 6 or fields[0] != _ACKED_FORMAT.encode() or not all(
+            f.isdigit() for f in (*fields[1:], check)):
+        raise ValueError(f"not a {_ACKED_FORMAT} record")
+    if int(check) != zlib.crc32(body):
+        raise ValueError("its checksum does not match its content")
+    seq, a, a_crc, r, r_crc = map(int, fields[1:])
+    return _Acked(seq, ((a, a_crc), (r, r_crc)))
+
+
+def _read_acked(side: str) -> _Acked | None:
+    """The newest valid record of the ``-acked`` file ``side``, None when there is no
+    file. ``ValueError`` saying what is wrong when no slot verifies (or the file has
+    the wrong size), ``OSError`` when it cannot be read."""
+    try:
+        with open(side, "rb") as f:
+            raw = f.read(2 * _ACKED_SLOT + 1)
+    except FileNotFoundError:
+        return None
+    if len(raw) != 2 * _ACKED_SLOT:
+        raise ValueError(f"it has {len(raw)} bytes, not {2 * _ACKED_SLOT}")
+    records, problems = [], []
+    for k in range(2):
+        slot = raw[k * _ACKED_SLOT:(k + 1) * _ACKED_SLOT]
+        if slot.count(0) == _ACKED_SLOT:
+            continue  # never written
+        try:
+            records.append(_parse_acked_slot(slot))
+        except ValueError as e:
+            problems.append(f"slot {k}: {e}")  # a write cut short, if the other verifies
+    if not records:
+        raise ValueError("; ".join(problems) or "both slots are empty")
+    return max(records)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX: fsync the directory). Windows cannot
+    open a directory; its rename (MoveFileEx) is flushed with the file."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.write`` may write less than asked)."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_acked(side: str, tops, previous: _Acked | None) -> None:
+    """Record ``tops`` durably in the ``-acked`` file ``side``, whose newest record is
+    ``previous`` (None: no file, or one to replace whole). In place: overwrite the
+    other slot than ``previous``'s and flush it (fdatasync). A new file is written
+    beside, fsynced, renamed over ``side`` and the directory fsynced: a crash leaves
+    the old file or the new one, never a part."""
+    if previous is not None:
+        seq = previous.seq + 1
+        fd = os.open(side, os.O_RDWR)
+        try:
+            _write_all(fd, _acked_slot(seq, tops), (seq % 2) * _ACKED_SLOT)
+            getattr(os, "fdatasync", os.fsync)(fd)  # no fdatasync on macOS/Windows
+        finally:
+            os.close(fd)
+        return
+    data = bytearray(2 * _ACKED_SLOT)
+    data[_ACKED_SLOT:] = _acked_slot(1, tops)  # seq 1 lives in slot 1
+    # One name per process and thread: two writers never share a temporary file.
+    tmp = f"{side}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, bytes(data), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, side)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(side)))
+
+
 class RelationStore:
     """Answers of an oracle about pairs of samples, with transitive closure.
 
@@ -356,10 +522,17 @@ class RelationStore:
         readonly: open an existing file with SQLite's ``mode=ro``: the file is never
             written, :meth:`record` and :meth:`retract` raise :class:`StoreError`,
             :meth:`refresh` still sees what other processes append.
+        accept_loss: open a store although rows that ``<path>-acked`` records as
+            acknowledged are missing (a damaged, truncated or deleted ``-wal``), or
+            although ``<path>-acked`` itself is damaged, and continue with the rows
+            that are left; a writable open then rewrites ``<path>-acked`` to match them,
+            so later opens need no flag. Without it such a store raises
+            :class:`StoreCorruptError`. Prefer restoring a backup that has the rows.
 
     Raises:
         StoreError: missing or unreadable/unwritable directory, lock held too long.
-        StoreCorruptError: the file fails its integrity checks (see :meth:`salvage`).
+        StoreCorruptError: the file fails its integrity checks (see :meth:`salvage`),
+            or acknowledged rows are missing (see ``accept_loss``).
         ValueError: the file is not a RelationStore, or a newer schema version.
 
     See the module docstring for the guarantees. Use as a context manager or call
@@ -367,11 +540,15 @@ class RelationStore:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0,
-                 readonly: bool = False):
+                 readonly: bool = False, accept_loss: bool = False):
         self._timeout = check_number("RelationStore", "timeout", timeout, 0.0,
                                      maximum=_MAX_TIMEOUT)
         self.readonly = check_bool("RelationStore", "readonly", readonly)
+        self._accept_loss = check_bool("RelationStore", "accept_loss", accept_loss)
         self.path = None if path is None else os.fspath(path)
+        # Whether the main file was there before this open: if not, an -acked file
+        # beside it belongs to a deleted store (see _initialise).
+        self._existed = self.path is not None and os.path.exists(self.path)
         self._db: sqlite3.Connection | None = None
         self._version = SCHEMA_VERSION
         self._retracted: set[int] = set()    # answer ids named by a retraction
@@ -453,6 +630,10 @@ class RelationStore:
     def _open(self) -> None:
         db = self._db
         app_id = db.execute("PRAGMA application_id").fetchone()[0]  # reads the header
+        if app_id == 0 and self._existed:
+            # An existing file without the marker: a new empty file, or a store whose
+            # first transactions (the schema itself) were in a -wal that is gone.
+            self._check_acked(db, self._acked(), _NO_ROWS)
         if self.readonly:
             if app_id != APPLICATION_ID:
                 raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
@@ -511,6 +692,12 @@ class RelationStore:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app_id == 0:
                 self._refuse_foreign(tables)
+                if self.path is not None and not self._existed:
+                    # The main file was deleted (a fresh start): the -acked record of
+                    # the old store says nothing about this one. Under the write lock,
+                    # before any row of the new store is acknowledged.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path + ACKED_SUFFIX)
                 for statement in _SCHEMA:
                     db.execute(statement)
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -548,14 +735,18 @@ class RelationStore:
         if version < 1:
             raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema "
                                     f"version {raw!r}")
-        for since, table, what in ((2, "answers", "crc column"),
-                                   (3, "retractions", "retractions table")):
-            if version >= since:
-                try:
-                    self._db.execute(_select(table, version) + " LIMIT 0")
-                except sqlite3.DatabaseError as e:
-                    raise StoreCorruptError(f"RelationStore: {self.path!r} has schema version "
-                                            f"{version} but no {what} ({e})") from e
+        # meta.schema_version has no checksum: a flipped bit must not pick the code path
+        # of another schema (an older one ignores the retractions), so the tables the
+        # file has must be those of the version it names, no fewer and no more.
+        found = _layout_version(self._db)
+        if found != version:
+            what = next(w for since, w in _LAYOUT if (version >= since) != (found >= since))
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r}: meta.schema_version is {raw!r} but the "
+                f"file's tables are those of schema {found} (it "
+                f"{'lacks' if version > found else 'has'} the {what}): the version record "
+                f"or the tables are damaged. RelationStore.salvage(path, new_path) copies "
+                f"the rows that verify (it reads the tables the file has)")
         self._version = version
 
     def _migrate(self) -> None:
@@ -617,6 +808,9 @@ class RelationStore:
         """First read: every row (its check names it), the structure, nothing missing at
         the end of either table."""
         db = self._db
+        # Read before the snapshot: every row it records was committed before it was
+        # written, so the snapshot holds it unless the row was lost.
+        acked = self._acked()
         # One snapshot: a row another process appends meanwhile must not look missing.
         db.execute("BEGIN")
         try:
@@ -635,9 +829,132 @@ class RelationStore:
                 if seq != last:
                     raise self._corrupt(f"the {table} log ends at row id={last} but SQLite "
                                         f"handed out ids up to {seq!r}: rows are missing")
+            tops = self._tops(db)
+            self._check_acked(db, acked, tops)
         finally:
             if db.in_transaction:
                 db.execute("ROLLBACK")  # it only read
+        if self.path is not None and not self.readonly:
+            # Bring the record up to the file: an older store without one, rows whose
+            # writer was killed before acknowledging them, an accepted loss.
+            if self._accept_loss or (acked.tops if acked else _NO_ROWS) != tops:
+                self._acknowledge("RelationStore")
+            self._accept_loss = False  # accepted once: the record now matches the file
+
+    # ------------------------------------------------ acknowledged rows (-acked file)
+    def _acked(self) -> _Acked | None:
+        """The newest record of ``<path>-acked``, None if there is none (or an in-memory
+        store, or ``accept_loss`` and it is unreadable). Read it *before* taking the
+        snapshot it is compared with."""
+        if self.path is None:
+            return None
+        side = self.path + ACKED_SUFFIX
+        try:
+            return _read_acked(side)
+        except (ValueError, OSError) as e:
+            if self._accept_loss:
+                return None
+            if isinstance(e, OSError):
+                raise StoreError(f"RelationStore: cannot read {side!r}, the record of the "
+                                 f"answers acknowledged in {self.path!r} ({e}); make it "
+                                 f"readable") from e
+            raise StoreCorruptError(
+                f"RelationStore: {side!r}, the record of the answers acknowledged in "
+                f"{self.path!r}, is damaged: {e}. The store itself may be intact; open it "
+                f"with RelationStore(path, accept_loss=True) to rewrite the record from "
+                f"the rows the store holds (rows lost from its '-wal' would then go "
+                f"unnoticed)") from None
+
+    def _tops(self, db: sqlite3.Connection) -> tuple:
+        """``((last answers id, its crc), (last retractions id, its crc))`` in ``db``'s
+        snapshot; (0, 0) for an empty or absent table, crc 0 without a crc column."""
+        tops = []
+        for table in _LOG_TABLES:
+            row = None
+            if table in self._tables():
+                crc = "coalesce(crc, 0)" if self._version >= 2 else "0"
+                row = db.execute(f"SELECT id, {crc} FROM {table} ORDER BY id DESC "
+                                 f"LIMIT 1").fetchone()
+            tops.append(tuple(row) if row else (0, 0))
+        return tuple(tops)
+
+    def _check_acked(self, db: sqlite3.Connection, acked: _Acked | None, tops) -> None:
+        """Raise :class:`StoreCorruptError` when a row ``acked`` (read before ``db``'s
+        snapshot) records as acknowledged is missing from the snapshot (whose last rows
+        are ``tops``), or differs from the acknowledged one (another CRC-32)."""
+        if acked is None or self._accept_loss:
+            return
+        for table, (n, crc), (have, have_crc) in zip(_LOG_TABLES, acked.tops, tops):
+            if n == 0:
+                continue
+            if n < have:
+                row = db.execute(f"SELECT coalesce(crc, 0) FROM {table} WHERE id = ?",
+                                 (n,)).fetchone()
+                have_crc = None if row is None else row[0]
+            if n > have or have_crc is None:
+                raise self._lost(acked.tops, tops)
+            if have_crc != crc:
+                raise StoreCorruptError(
+                    f"RelationStore: {self.path!r}: {table} row id={n} is not the row "
+                    f"{self.path + ACKED_SUFFIX!r} records as acknowledged (CRC-32 "
+                    f"{have_crc:#010x}, recorded {crc:#010x}): the file was replaced by "
+                    f"another store or a copy that diverged. Restore the store the record "
+                    f"belongs to, or open with RelationStore(path, accept_loss=True) to "
+                    f"continue with this one")
+
+    def _lost(self, acked, tops) -> StoreCorruptError:
+        (a, _), (r, _) = acked
+        (have_a, _), (have_r, _) = tops
+        return StoreCorruptError(
+            f"RelationStore: {self.path!r} holds answers up to id={have_a} and retractions "
+            f"up to id={have_r}, but {self.path + ACKED_SUFFIX!r} records that answers up "
+            f"to id={a} and retractions up to id={r} were acknowledged (record() or "
+            f"retract() had returned): acknowledged answers were lost. The usual cause is "
+            f"a damaged, truncated or deleted {self.path + '-wal'!r}: SQLite stops "
+            f"replaying it at the first frame whose checksum fails and drops every later "
+            f"transaction without an error; or the database file was replaced by an older "
+            f"copy. Restore a backup that holds them (made with RelationStore.backup, or "
+            f"the main file, '-wal' and '-shm' copied together), or open with "
+            f"RelationStore(path, accept_loss=True) to continue with the answers that are "
+            f"left (ask the lost ones again; RelationStore.salvage copies what is left too)")
+
+    def _acknowledge(self, where: str) -> None:
+        """Bring ``<path>-acked`` up to the rows committed now, durably (see
+        :func:`_write_acked`): after every write transaction, before ``record`` or
+        ``retract`` returns, and after a writable open. Raises instead of lowering it
+        when rows it records are gone (unless ``accept_loss`` at open)."""
+        db = self._db
+        try:
+            # The write lock orders the writers of the record: each writes the rows
+            # committed when it holds the lock, so the record never goes back.
+            db.execute("BEGIN IMMEDIATE")
+            acked = self._acked()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e).lower() and "busy" not in str(e).lower():
+                raise
+            # Another writer held the lock past the timeout. Our rows are committed:
+            # record them without the lock, reading the record before the snapshot. A
+            # concurrent writer's newer record may be overwritten by ours, which only
+            # narrows what a later open can detect, never raises a false alarm.
+            acked = self._acked()
+            db.execute("BEGIN")
+        try:
+            tops = self._tops(db)
+            self._check_acked(db, acked, tops)
+            if acked is None or acked.tops != tops or self._accept_loss:
+                side = self.path + ACKED_SUFFIX
+                try:
+                    # Accepting a loss (or a damaged record): a new file, so that no
+                    # slot keeps the rows that were lost.
+                    _write_acked(side, tops, None if self._accept_loss else acked)
+                except OSError as e:
+                    raise StoreError(
+                        f"{where}: the rows of this call are committed to {self.path!r}, "
+                        f"but {side!r}, the record of acknowledged answers, could not be "
+                        f"written ({e}); do not record them again. Free space or fix the "
+                        f"permissions of the directory") from e
+        finally:
+            db.execute("ROLLBACK")  # it only read
 
     def close(self) -> None:
         """Close the database (idempotent). Everything recorded is already on disk;
@@ -669,6 +986,8 @@ class RelationStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            if write and self.path is not None:
+                self._acknowledge(where)  # before record/retract returns
         except sqlite3.Error as e:
             raise _sqlite_error(where, self.path, e, readonly=self.readonly) from e
 
@@ -696,7 +1015,8 @@ class RelationStore:
             source: free text stored with each answer (e.g. ``"oracle"``, ``"prior"``).
 
         Returns the log ids of the new rows, in order (what :meth:`retract` takes).
-        When this returns the answers are durable (file-backed store). Answers that
+        When this returns the answers are durable (file-backed store) and recorded
+        as acknowledged in ``<path>-acked`` (see the module docstring). Answers that
         contradict the known relation are kept and warned about
         (:class:`ContradictionWarning`). On any error nothing of this call is recorded.
         """
@@ -785,8 +1105,10 @@ class RelationStore:
         """Apply the answers and retractions other processes appended since we last
         looked; returns how many rows (of both tables) were new."""
         before = self._last_id
+        acked = self._acked()  # before the snapshot (see _load)
         with self._transaction("RelationStore.refresh") as db:
             new = self._read_new(db)
+            self._check_acked(db, acked, self._tops(db))
         self._apply_new(*new)
         return self._last_id - before + len(new[1])
 
@@ -1151,6 +1473,9 @@ class RelationStore:
         folder = os.path.dirname(os.path.abspath(dst))
         if not os.path.isdir(folder):
             raise StoreError(f"{where}: the directory {folder!r} does not exist; create it first")
+        # An -acked record beside a path with no database belongs to a deleted store.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(dst + ACKED_SUFFIX)
         try:
             out = sqlite3.connect(dst)
             try:
@@ -1195,10 +1520,11 @@ class RelationStore:
         except sqlite3.Error as e:
             raise _sqlite_error(where, src, e, readonly=True, opening=True) from e
         try:
+            # The tables say which version the rows have (meta.schema_version has no
+            # checksum); a damaged schema falls back to the current layout.
             try:
-                raw = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                version = int(raw[0])
-            except (sqlite3.Error, TypeError, ValueError):
+                version = _layout_version(db)
+            except sqlite3.Error:
                 version = SCHEMA_VERSION
             answers, dropped, unverified = _salvage_table(db, where, src, "answers", version)
             retractions, r_dropped = [], []
