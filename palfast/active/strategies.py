@@ -199,6 +199,11 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     k = min(k, n - 1)
+    # Index arguments checked now, whatever the strategy, before any work (FAISS
+    # asserts abort the process); the graph itself is searched only when a step needs it.
+    index = resolve_index(_OP, index, backend, n)
+    graph = _Graph(x, backend, index, _check_index_params(_OP, index, n, x.shape[1], k, nlist,
+                                                         nprobe, ef_search, None)[:3])
     sel = _Selection(store, row_ids)
     if budget == 0:
         return sel.result()
@@ -207,10 +212,6 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
         return sel.result()
     if strategy == "passive":
         return _passive(store, row_ids, budget, generator)
-    # Index arguments checked now, before any work (FAISS asserts abort the process).
-    index = resolve_index(_OP, index, backend, n)
-    graph = _Graph(x, backend, index, _check_index_params(_OP, index, n, x.shape[1], k, nlist,
-                                                         nprobe, ef_search, None)[:3])
     x = x.detach().float().cpu()
     if strategy == "nearest":
         _nearest(sel, graph, budget, k)
