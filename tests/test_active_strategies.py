@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from palfast.active import STRATEGIES, LabelOracle, RelationStore, select_queries
+from palfast.active import strategies as strategies_mod
 from palfast.active.strategies import STABLE_SEEDS
 
 #: The strategies bound by the shared rules (never a known or implied pair, ...):
@@ -34,6 +35,15 @@ def check_selection(q, store, budget, n=None, ids=None):
         assert int(q.max()) < n
 
 
+@pytest.fixture(params=["exact", "graph"])
+def pal_links(request, monkeypatch):
+    """Run a test with "pal"'s exact similarities and again with its k-NN-graph ones
+    (what pools above PAL_EXACT_WORK get), by moving the switch."""
+    if request.param == "graph":
+        monkeypatch.setattr(strategies_mod, "PAL_EXACT_WORK", 0)
+    return request.param
+
+
 def n_unknown_component_pairs(store, ids):
     """Brute force: how many pairs of components among ``ids`` are still unknown."""
     roots = store.roots(ids)
@@ -48,7 +58,7 @@ def n_unknown_component_pairs(store, ids):
 
 @pytest.mark.parametrize("strategy", INFORMED)
 @pytest.mark.parametrize("noise", [0.0, 0.1])
-def test_rounds_never_reask(strategy, noise):
+def test_rounds_never_reask(strategy, noise, pal_links):
     x, y = clustered(90, 5)
     store, oracle = RelationStore(), LabelOracle(y, noise=noise, seed=1)
     for r in range(6):
@@ -128,7 +138,7 @@ def test_uncertain_targets_the_threshold_region():
     assert float(sim(unc).mean()) < float(sim(near).mean())
 
 
-def test_pal_finds_more_positives_than_random():
+def test_pal_finds_more_positives_than_random(pal_links):
     x, y = clustered(200, 8, spread=0.3, seed=6)
     rates = {}
     for strategy in ("pal", "random"):
@@ -252,3 +262,18 @@ def test_pal_gain_order_asks_the_merge_first_and_likely_rows_next():
             pairs = s.answers()[0][start:]
             sims[order] += float((xn[pairs[:, 0]] * xn[pairs[:, 1]]).sum(1).mean()) / 3
     assert sims["gain"] > sims["random"] + 0.02
+
+
+@pytest.mark.parametrize("strategy", INFORMED)
+def test_index_arguments_reach_the_search(strategy):
+    pytest.importorskip("faiss")
+    x, _ = clustered(600, 12)
+    store = RelationStore()
+    q = select_queries(x, store, 20, strategy, k=5, index="ivf", nlist=8, nprobe=8)
+    check_selection(q, store, 20, n=600)
+    # nprobe = nlist scans every list: the IVF search is exact, so are the queries
+    assert torch.equal(q, select_queries(x, store, 20, strategy, k=5, index="exact"))
+    with pytest.raises(ValueError, match="nprobe must be <= nlist = 8"):
+        select_queries(x, store, 20, strategy, index="ivf", nlist=8, nprobe=9)
+    with pytest.raises(ValueError, match="index must be one of"):
+        select_queries(x, store, 20, strategy, index="flat")

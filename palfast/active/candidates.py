@@ -23,11 +23,12 @@ import torch
 from .._checks import check_id_vector, check_tensor
 from ..knn import knn
 
-__all__ = ["candidate_pairs", "check_ids"]
+__all__ = ["candidate_pairs", "check_ids", "pairs_from_knn"]
 
 
 def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backend: str = "auto",
-                    ids=None):
+                    ids=None, index: str = "auto", nlist: int | None = None,
+                    nprobe: int | None = None, ef_search: int | None = None):
     """Unordered k-NN pairs by cosine similarity, unknown to ``store``, most similar first.
 
     Args:
@@ -37,6 +38,11 @@ def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backen
             transitivity / cannot-link) are dropped.
         backend: ``"auto"`` | ``"faiss"`` | ``"torch"`` (see :mod:`palfast.knn`).
         ids: optional ``[N]`` distinct sample ids of the rows (default ``arange(N)``).
+        index / nlist / nprobe / ef_search: the k-NN index (:func:`palfast.knn.knn`):
+            ``"auto"`` (default) is exact up to :data:`palfast.knn.AUTO_EXACT_MAX_ROWS`
+            rows and FAISS IVF above (exact whatever N without faiss); ``"exact"``,
+            ``"ivf"``, ``"ivfpq"``, ``"hnsw"``. With an approximate index the pairs are
+            those of the approximate k-NN graph.
 
     Returns:
         ``pairs`` LongTensor ``[P, 2]`` of sample ids with ``pairs[:, 0] < pairs[:, 1]``,
@@ -47,11 +53,21 @@ def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backen
     # ids before the search, so a bad ids argument costs no search.
     n = check_tensor(op, "embeddings", embeddings, min_rows=1).shape[0]
     row_ids = check_ids(op, ids, n)
-    sims, nbrs = knn(embeddings, k, backend=backend, op=op)
+    sims, nbrs = knn(embeddings, k, backend=backend, op=op, index=index, nlist=nlist,
+                     nprobe=nprobe, ef_search=ef_search)
+    return pairs_from_knn(sims, nbrs, row_ids, store)
+
+
+def pairs_from_knn(sims: torch.Tensor, nbrs: torch.Tensor, row_ids: torch.Tensor, store=None):
+    """:func:`candidate_pairs` from a k-NN graph already searched (``sims``, ``nbrs``
+    ``[N, k]`` of :func:`palfast.knn.knn`, ``-1`` = no neighbour): O(N·k log(N·k))."""
+    n, k = nbrs.shape
     sims, nbrs = sims.cpu(), nbrs.cpu()
     a = torch.arange(n).repeat_interleave(k)
     b = nbrs.reshape(-1)
     s = sims.reshape(-1)
+    found = b >= 0  # an approximate index may find fewer than k rows
+    a, b, s = a[found], b[found], s[found]
     # i→j and j→i give the same unordered pair; keep it once (with the larger similarity,
     # the two only differ by float rounding).
     key = torch.minimum(a, b) * n + torch.maximum(a, b)

@@ -90,8 +90,8 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_int, check_number, check_tensor
-from ..knn import resolve_backend
-from .candidates import candidate_pairs, check_ids
+from ..knn import _check_index_params, knn, resolve_backend, resolve_index
+from .candidates import check_ids, pairs_from_knn
 from .store import RelationStore
 
 __all__ = ["ORDERS", "STABLE_SEEDS", "STRATEGIES", "select_queries"]
@@ -147,7 +147,8 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
                    strategy: str = "pal", *, k: int = 10, generator: torch.Generator | None = None,
                    seed: int | None = None, ids=None, backend: str = "auto",
                    explore: float = 0.1, order: str = "gain",
-                   state: dict | None = None) -> torch.Tensor:
+                   state: dict | None = None, index: str = "auto", nlist: int | None = None,
+                   nprobe: int | None = None, ef_search: int | None = None) -> torch.Tensor:
     """Choose up to ``budget`` unknown pairs to ask the oracle.
 
     Args:
@@ -161,6 +162,9 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
             default ``seed=0`` (reproducible).
         ids: ``[N]`` distinct sample ids of the rows (default ``arange(N)``).
         backend: k-NN backend of :func:`candidate_pairs`.
+        index / nlist / nprobe / ef_search: its k-NN index (:func:`candidate_pairs`;
+            default ``"auto"``: exact up to :data:`palfast.knn.AUTO_EXACT_MAX_ROWS` rows).
+            One k-NN graph is searched per call and shared by every step.
         explore: ``"pal"`` only, share of the budget spent seeding new classes (a
             fraction carried from call to call through ``state``).
         order: ``"pal"`` only, how a class's candidates are ranked: ``"gain"`` (expected
@@ -195,23 +199,74 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     k = min(k, n - 1)
+    # Index arguments checked now, whatever the strategy, before any work (FAISS
+    # asserts abort the process); the graph itself is searched only when a step needs it.
+    index = resolve_index(_OP, index, backend, n)
+    graph = _Graph(x, backend, index, _check_index_params(_OP, index, n, x.shape[1], k, nlist,
+                                                         nprobe, ef_search, None)[:3])
     sel = _Selection(store, row_ids)
     if budget == 0:
         return sel.result()
-    x = x.detach().float().cpu()
     if strategy == "random":
         _random(sel, n, budget, generator)
-    elif strategy == "passive":
+        return sel.result()
+    if strategy == "passive":
         return _passive(store, row_ids, budget, generator)
-    elif strategy == "nearest":
-        _nearest(sel, x, budget, k, backend)
+    x = x.detach().float().cpu()
+    if strategy == "nearest":
+        _nearest(sel, graph, budget, k)
     elif strategy == "uncertain":
-        _uncertain(sel, x, budget, k, backend)
+        _uncertain(sel, x, graph, budget, k)
     else:
-        _pal(sel, x, budget, k, explore, generator, order, {} if state is None else state)
+        _pal(sel, x, graph, budget, k, explore, generator, order, {} if state is None else state)
         if len(sel.pairs) < budget:  # every row already used once: most similar pairs left
-            _nearest(sel, x, budget, k, backend)
+            _nearest(sel, graph, budget, k)
     return sel.result()
+
+
+class _Graph:
+    """The k-NN graph of one call, searched once for the largest k asked so far and
+    shared by every step (a smaller k is a prefix of its rows)."""
+
+    def __init__(self, x: torch.Tensor, backend: str, index: str, params):
+        self.x, self.backend, self.index = x, backend, index
+        self.nlist, self.nprobe, self.ef_search = params
+        self.sims = self.nbrs = None
+        self._sym = None
+
+    def knn(self, k: int):
+        if self.nbrs is None or self.nbrs.shape[1] < k:
+            sims, nbrs = knn(self.x, k, backend=self.backend, index=self.index, nlist=self.nlist,
+                             nprobe=self.nprobe, ef_search=None if self.index != "hnsw"
+                             else max(k, self.ef_search), op=_OP, finite=False)
+            self.sims, self.nbrs, self._sym = sims.cpu(), nbrs.cpu(), None
+        return self.sims[:, :k], self.nbrs[:, :k]
+
+    def pairs(self, k: int, sel: "_Selection"):
+        """candidate_pairs(x, k, store, ids) from this graph."""
+        return pairs_from_knn(*self.knn(k), sel.ids, sel.store)
+
+    def symmetric(self, k: int):
+        """Edges of the k-NN graph in both directions, grouped by source row (CSR):
+        ``(ptr [N+1], dst [E], sim [E])``, each row's edges most similar first, E ≤ 2·N·k."""
+        if self._sym is None or self._sym[0] != k:
+            sims, nbrs = self.knn(k)
+            n = nbrs.shape[0]
+            src = torch.arange(n).repeat_interleave(nbrs.shape[1])
+            dst, sim = nbrs.reshape(-1), sims.reshape(-1)
+            ok = dst >= 0
+            src, dst, sim = torch.cat([src[ok], dst[ok]]), torch.cat([dst[ok], src[ok]]), \
+                torch.cat([sim[ok], sim[ok]])
+            key = src * n + dst  # one edge per (src, dst), the larger similarity
+            key, inv = torch.unique(key, return_inverse=True)
+            sim = torch.full((key.numel(),), float("-inf")).scatter_reduce(0, inv, sim, "amax")
+            src, dst = key // n, key % n
+            order = torch.sort(src * 4 - sim.double(), stable=True).indices  # by src, then sim desc
+            src, dst, sim = src[order], dst[order], sim[order]
+            ptr = torch.zeros(n + 1, dtype=torch.long)
+            ptr[1:] = torch.cumsum(torch.bincount(src, minlength=n), 0)
+            self._sym = (k, ptr, dst, sim)
+        return self._sym[1:]
 
 
 # ---------------------------------------------------------------- strategies
@@ -271,11 +326,11 @@ def _rows_of(sel: _Selection, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.
     return order[pos_a], order[pos_b]
 
 
-def _nearest(sel: _Selection, x: torch.Tensor, budget: int, k: int, backend: str) -> None:
+def _nearest(sel: _Selection, graph: _Graph, budget: int, k: int) -> None:
     """Add the most similar unknown pairs (k doubled until the budget is met)."""
-    n = x.shape[0]
+    n = sel.ids.numel()
     while True:
-        pairs, _ = candidate_pairs(x, k, store=sel.store, backend=backend, ids=sel.ids)
+        pairs, _ = graph.pairs(k, sel)
         sel.add_ranked(*_rows_of(sel, pairs), budget)  # repeats of earlier picks are skipped
         if len(sel.pairs) >= budget or k >= n - 1:
             return
@@ -313,12 +368,12 @@ def _threshold(sel: _Selection, xn: torch.Tensor, fallback: torch.Tensor) -> flo
     return float(fallback.median()) if fallback.numel() else 0.0
 
 
-def _uncertain(sel: _Selection, x: torch.Tensor, budget: int, k: int, backend: str) -> None:
+def _uncertain(sel: _Selection, x: torch.Tensor, graph: _Graph, budget: int, k: int) -> None:
     n = x.shape[0]
     xn = F.normalize(x, dim=1)
     k = min(3 * k, n - 1)
     while True:
-        pairs, sims = candidate_pairs(x, k, store=sel.store, backend=backend, ids=sel.ids)
+        pairs, sims = graph.pairs(k, sel)
         t = _threshold(sel, xn, sims)
         order = torch.sort((sims - t).abs(), stable=True).indices
         sel.pairs.clear()
@@ -369,7 +424,177 @@ def _isotonic(s: torch.Tensor, y: torch.Tensor):
     return predict
 
 
-def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
+#: ``"pal"`` computes its similarities exactly (every row against every known member,
+#: every seed against every row) while N · max(members, budget) stays below this (about
+#: 0.1 s of one core; the demo and the tests of small pools); above it, only along the
+#: edges of the call's k-NN graph (:class:`_GraphLinks`), O(N·k) whatever the store holds.
+PAL_EXACT_WORK = 1 << 23
+#: Seed partners checked against the store per call of known_mask.
+_SEED_CHUNK = 64
+
+
+class _DenseLinks:
+    """Similarities of rows to the known classes, exact: ``link [n_cls, N]``."""
+
+    def __init__(self, xn, member_rows, member_cls, n_cls, members, free):
+        self.xn, self.members, self.free = xn, members, free
+        self.link = _class_links(xn, member_rows, member_cls, n_cls)
+        n = xn.shape[0]
+        self.predicted = self.link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
+        # vote_share[o, c]: share of the members of class o whose most linked other class is c.
+        self.vote_share = torch.zeros(n_cls, n_cls)
+        if n_cls > 1:
+            other = self.link[:, member_rows]
+            other[member_cls, torch.arange(member_rows.numel())] = float("-inf")
+            self.vote_share.index_put_((member_cls, other.argmax(0)),
+                                       torch.ones(member_rows.numel()), accumulate=True)
+            self.vote_share /= torch.tensor([m.numel() for m in members], dtype=torch.float)[:, None]
+        self.maxsim = self.link.max(0).values if n_cls else torch.full((n,), -2.0)
+
+    def class_sims(self, c, rows):
+        return self.link[c, rows]
+
+    def rest(self, c):
+        rest = (self.free & (self.predicted != c)).nonzero().flatten()
+        return rest[torch.sort(-self.link[c, rest], stable=True).indices]
+
+    def merges(self, c):
+        others = (self.vote_share[:, c] >= 0.5).nonzero().flatten()
+        others = others[others != c]
+        return others, self.vote_share[others, c]
+
+    def closest(self, c, o):
+        return self.link[c, self.members[o]].max()
+
+    def merge_pair(self, c, o):
+        return _closest_pair(self.xn, self.members[c], self.members[o])
+
+    def partners(self, row, used):
+        """Chunks of the rows not used, most similar to ``row`` first."""
+        sims = self.xn @ self.xn[row]
+        sims[used] = float("-inf")
+        ranked = torch.sort(-sims, stable=True).indices[: used.numel() - int(used.sum())]
+        yield from ranked.split(_SEED_CHUNK)
+
+    def reach(self, row):
+        self.maxsim = torch.maximum(self.maxsim, self.xn @ self.xn[row])
+
+    def seed_score(self):
+        return self.maxsim
+
+
+class _GraphLinks(_DenseLinks):
+    """The same similarities, only along the edges of the k-NN graph (both directions):
+    a row is linked to class c through its edges to members of c; a row with no edge
+    to a member is predicted in no class. O(N·k) time and memory."""
+
+    def __init__(self, xn, class_of, n_cls, members, free, graph: _Graph, k: int):
+        self.xn, self.members, self.free, self.class_of = xn, members, free, class_of
+        n = xn.shape[0]
+        ptr, dst, sim = graph.symmetric(k)
+        self.ptr, self.dst, self.sim = ptr, dst, sim
+        src = torch.arange(n).repeat_interleave(ptr.diff())
+        # Entries (class c, row i, similarity, member m): the best edge from c to i.
+        on = class_of[src] >= 0
+        c, i, s, m = class_of[src[on]], dst[on], sim[on], src[on]
+        c, i, s, m = _first_per_key(c * n + i, s, c, i, s, m)
+        self.ec, self.ei, self.es, self.em = c, i, s, m
+        self.cptr = torch.zeros(n_cls + 1, dtype=torch.long)
+        self.cptr[1:] = torch.cumsum(torch.bincount(c, minlength=n_cls), 0)
+        # predicted[i]: the class of i's most similar linked member (−1: no edge to one).
+        pc, pi, ps = _first_per_key(i, s, c, i, s)
+        self.predicted = torch.full((n,), -1, dtype=torch.long)
+        self.predicted[pi] = pc
+        self.maxsim = torch.full((n,), float("-inf"))
+        self.maxsim[pi] = ps
+        # A row none of whose edges reaches a known member or seed is farther from all
+        # of them than from its k-th neighbour: seeded first, the most isolated first.
+        self.reached = self.maxsim > float("-inf")
+        kth = graph.knn(k)[0][:, -1]
+        self.unreached_score = torch.where(torch.isfinite(kth), kth, torch.tensor(-1.0)) - 3.0
+        # Votes: each member's most linked other class.
+        mem = class_of[i] >= 0
+        mem &= class_of[i] != c
+        vc, vi, _ = _first_per_key(i[mem], s[mem], c[mem], i[mem], s[mem])
+        vo = class_of[vi]
+        key, counts = torch.unique(vc * max(n_cls, 1) + vo, return_counts=True)
+        vc, vo = key // max(n_cls, 1), key % max(n_cls, 1)
+        sizes = torch.tensor([mm.numel() for mm in members], dtype=torch.float)
+        share = counts.float() / sizes[vo] if n_cls else counts.float()
+        keep = share >= 0.5
+        self.vc, self.vo, self.vshare = vc[keep], vo[keep], share[keep]  # sorted by (c, o)
+
+    def _slice(self, c):
+        lo, hi = int(self.cptr[c]), int(self.cptr[c + 1])
+        return self.ei[lo:hi], self.es[lo:hi], self.em[lo:hi]
+
+    def class_sims(self, c, rows):
+        ii, ss, _ = self._slice(c)
+        if ii.numel() == 0:
+            return torch.full((rows.numel(),), float("-inf"))
+        pos = torch.searchsorted(ii, rows).clamp_max(ii.numel() - 1)
+        return torch.where(ii[pos] == rows, ss[pos], torch.tensor(float("-inf")))
+
+    def rest(self, c):
+        ii, ss, _ = self._slice(c)
+        keep = self.free[ii] & (self.predicted[ii] != c)
+        return ii[keep][torch.sort(-ss[keep], stable=True).indices]
+
+    def merges(self, c):
+        on = self.vc == c
+        return self.vo[on], self.vshare[on]
+
+    def _edge_to(self, c, o):
+        ii, ss, mm = self._slice(c)
+        on = self.class_of[ii] == o
+        best = int(torch.argmax(ss[on]))
+        return ss[on][best], int(mm[on][best]), int(ii[on][best])
+
+    def closest(self, c, o):
+        return self._edge_to(c, o)[0]
+
+    def merge_pair(self, c, o):
+        _, a, b = self._edge_to(c, o)
+        return a, b
+
+    def partners(self, row, used):
+        """The row's graph neighbours not used, most similar first, then (rarely reached:
+        all of them used or known) every other row as the exact search orders them."""
+        near = self.dst[int(self.ptr[row]):int(self.ptr[row + 1])]
+        yield near[~used[near]]
+        yield from _DenseLinks.partners(self, row, used)
+
+    def reach(self, row):
+        lo, hi = int(self.ptr[row]), int(self.ptr[row + 1])
+        near, s = self.dst[lo:hi], self.sim[lo:hi]
+        self.maxsim[near] = torch.maximum(self.maxsim[near], s)
+        self.maxsim[row] = 1.0
+        self.reached[near] = True
+        self.reached[row] = True
+
+    def seed_score(self):
+        return torch.where(self.reached, self.maxsim, self.unreached_score)
+
+
+def _first_per_key(key, score, *cols):
+    """For each distinct key, the columns at its highest score (ties: the first), in
+    key order."""
+    o = torch.sort(-score, stable=True).indices
+    o = o[torch.sort(key[o], stable=True).indices]
+    key = key[o]
+    first = torch.ones(key.numel(), dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    return tuple(col[o][first] for col in cols)
+
+
+def _closest_pair(xn, rows_a, rows_b):
+    """The most similar (a, b), a in rows_a, b in rows_b (the easiest question)."""
+    s = xn[rows_a] @ xn[rows_b].T
+    best = int(torch.argmax(s))
+    return int(rows_a[best // rows_b.numel()]), int(rows_b[best % rows_b.numel()])
+
+
+def _pal(sel: _Selection, x: torch.Tensor, graph: _Graph, budget: int, k: int, explore: float,
          gen: torch.Generator, order: str, state: dict) -> None:
     n = x.shape[0]
     xn = F.normalize(x, dim=1)
@@ -389,9 +614,11 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     asked = torch.zeros(n_cls, dtype=torch.long)
     if log_pairs.shape[0] and n_cls:
         class_root = sel.roots[torch.stack([m[0] for m in members])]
-        lr = sel.store.roots(log_pairs.reshape(-1)).reshape(-1, 2)
-        asked += (lr[:, 0, None] == class_root).sum(0)
-        asked += ((lr[:, 1, None] == class_root) & (lr[:, :1] != lr[:, 1:])).sum(0)
+        lr = sel.store.roots(log_pairs.reshape(-1))
+        # answers touching each class: each answer's two roots, once when they are equal
+        hits = torch.cat([lr[0::2], lr[1::2][lr[0::2] != lr[1::2]]])
+        pos = torch.searchsorted(class_root, hits).clamp_max(n_cls - 1)
+        asked += torch.bincount(pos[class_root[pos] == hits], minlength=n_cls)
     ra, rb, y = _answered_rows(sel, log_pairs, log_answers)
     p_alike = _isotonic((xn[ra] * xn[rb]).sum(1), y)
 
@@ -403,19 +630,13 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     n_grow = budget - n_seed
     heap = [(int(asked[c]), members[c].numel(), c) for c in range(n_cls)]
     heapq.heapify(heap)
-    # link[c, i]: best similarity of row i to a member of class c; the predicted class
-    # of a row is its most linked class (1-NN over the known members).
-    link = _class_links(xn, member_rows, member_cls, n_cls)
-    predicted = link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
     free = ~in_class
-    # vote_share[o, c]: share of the members of class o whose most linked other class is c.
-    vote_share = torch.zeros(n_cls, n_cls)
-    if n_cls > 1:
-        other = link[:, member_rows]
-        other[member_cls, torch.arange(member_rows.numel())] = float("-inf")
-        vote_share.index_put_((member_cls, other.argmax(0)),
-                              torch.ones(member_rows.numel()), accumulate=True)
-        vote_share /= torch.tensor([m.numel() for m in members], dtype=torch.float)[:, None]
+    # Similarities of rows to classes; the predicted class of a row is its most linked
+    # class (1-NN over the known members).
+    if n * max(member_rows.numel(), budget) <= PAL_EXACT_WORK:
+        links = _DenseLinks(xn, member_rows, member_cls, n_cls, members, free)
+    else:
+        links = _GraphLinks(xn, class_of, n_cls, members, free, graph, k)
     ranks: list = [None] * n_cls
     row_cur = [0] * n_cls
     cls_cur = [0] * n_cls
@@ -425,27 +646,25 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
             # Rows predicted to be in c (order "gain": likeliest "alike" first, ties in
             # random order; order "random": all in random order, diverse samples of the
             # class), then the other free rows, most linked first.
-            mine = (free & (predicted == c)).nonzero().flatten()
+            mine = (free & (links.predicted == c)).nonzero().flatten()
             mine = mine[torch.randperm(mine.numel(), generator=gen)]
             if order == "gain":  # most likely "alike" first; ties (a flat step of P) random
-                mine = mine[torch.sort(-p_alike(link[c, mine]), stable=True).indices]
-            rest = (free & (predicted != c)).nonzero().flatten()
-            rest = rest[torch.sort(-link[c, rest], stable=True).indices]
-            rows = torch.cat([mine, rest])
+                mine = mine[torch.sort(-p_alike(links.class_sims(c, mine)), stable=True).indices]
+            rows = torch.cat([mine, links.rest(c)])
             # Another class o is a merge candidate when the majority of its members are
             # predicted to be in c (1-NN over the classes other than o); the vote share
             # estimates P(o and c are one class).
-            others = (vote_share[:, c] >= 0.5).nonzero().flatten()
-            others = others[others != c]
+            others, share = links.merges(c)
             sizes = torch.tensor([members[o].numel() for o in others], dtype=torch.float)
             if order == "gain":  # P(alike) of the pair asked (the closest members) · |o|
-                closest = torch.stack([link[c, members[o]].max() for o in others]) \
+                closest = torch.stack([links.closest(c, int(o)) for o in others]) \
                     if others.numel() else torch.zeros(0)
-                merge_gain = torch.minimum(p_alike(closest), vote_share[others, c]) * sizes
+                merge_gain = torch.minimum(p_alike(closest), share) * sizes
             else:
-                merge_gain = vote_share[others, c] * sizes
+                merge_gain = share * sizes
             by_gain = torch.sort(-merge_gain, stable=True).indices
-            ranks[c] = (rows, p_alike(link[c, rows]), others[by_gain], merge_gain[by_gain])
+            ranks[c] = (rows, p_alike(links.class_sims(c, rows)), others[by_gain],
+                        merge_gain[by_gain])
         rows, row_gain, others, cls_gain = ranks[c]
         asked_one = False
         while not asked_one:
@@ -455,16 +674,13 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
             if not (has_row or has_cls):
                 break
             merge = has_cls and (not has_row or cls_gain[cls_cur[c]] >= row_gain[row_cur[c]])
+            # Ask with the closest members of the two sides (the easiest question).
             if merge:
-                b_rows = members[int(others[cls_cur[c]])]
+                a, b = links.merge_pair(c, int(others[cls_cur[c]]))
                 cls_cur[c] += 1
             else:
-                b_rows = rows[row_cur[c]: row_cur[c] + 1]
+                a, b = _closest_pair(xn, members[c], rows[row_cur[c]: row_cur[c] + 1])
                 row_cur[c] += 1
-            # Ask with the closest members of the two sides (the easiest question).
-            s = xn[members[c]] @ xn[b_rows].T
-            best = int(torch.argmax(s))
-            a, b = int(members[c][best // b_rows.numel()]), int(b_rows[best % b_rows.numel()])
             if bool(sel.store.known_mask(sel.ids[[a, b]][None])[0]) or not sel.try_add(a, b):
                 continue
             if not merge:
@@ -476,7 +692,6 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
     # ---- seed new classes far from everything known (and fill what growth could not):
     # the row least similar to every class member and seed so far, with its nearest
     # neighbour (most likely alike).
-    maxsim = link.max(0).values if n_cls else torch.full((n,), -2.0)
     first = True
     while len(sel.pairs) < budget:
         eligible = ~(in_class | used)
@@ -487,22 +702,18 @@ def _pal(sel: _Selection, x: torch.Tensor, budget: int, k: int, explore: float,
             cand = eligible.nonzero().flatten()
             x_row = int(cand[torch.randint(0, cand.numel(), (1,), generator=gen)])
         else:
-            score = torch.where(eligible, maxsim, torch.tensor(float("inf")))
+            score = torch.where(eligible, links.seed_score(), torch.tensor(float("inf")))
             x_row = int(torch.argmin(score))
         first = False
         used[x_row] = True
-        sims = xn @ xn[x_row]
-        maxsim = torch.maximum(maxsim, sims)
-        sims[used] = float("-inf")
-        nearest_rows = torch.sort(-sims, stable=True).indices[: n - int(used.sum())]
-        for start in range(0, nearest_rows.numel(), 64):
-            chunk = nearest_rows[start:start + 64]
+        links.reach(x_row)
+        for chunk in links.partners(x_row, used):
             anchor = torch.full_like(chunk, x_row)
             unknown = ~sel.store.known_mask(torch.stack([sel.ids[anchor], sel.ids[chunk]], 1))
             hit = next((b for b in chunk[unknown].tolist() if sel.try_add(x_row, b)), None)
             if hit is not None:
                 used[hit] = True
-                maxsim = torch.maximum(maxsim, xn @ xn[hit])
+                links.reach(hit)
                 state["n_seeds"] = state.get("n_seeds", 0) + 1
                 state.setdefault("pending", []).append(
                     (int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit])))

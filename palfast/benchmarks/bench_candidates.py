@@ -35,7 +35,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             except ImportError as e:
                 raise Skip("faiss is not installed") from e
             x = _inputs(N, device)
-            return lambda: candidate_pairs(x, K, backend="faiss")
+            return lambda: candidate_pairs(x, K, backend="faiss", index="exact")
 
         def make_torch(N=N):
             x = _inputs(N, device)
