@@ -6,6 +6,7 @@ never a crash, never a lost answer. Data loaders and the embeddings reload are h
 import io
 import os
 import re
+import sqlite3
 import time
 
 import numpy as np
@@ -23,6 +24,9 @@ from palfast.annotate.questions import Questions  # noqa: E402
 from palfast.cli import main  # noqa: E402
 
 N, CLASSES = 40, 4
+#: The served store's busy timeout: a test holding the write lock from another connection
+#: gets its 503 after this long instead of the default 30 s.
+STORE_TIMEOUT_S = 0.2
 
 
 def images(n=N, seed=0):
@@ -39,7 +43,7 @@ def images(n=N, seed=0):
 def served(tmp_path):
     """(client factory, Questions, store) over a small in-memory data set, refills inline."""
     data = ImageData("test", array=images()[..., None])
-    store = RelationStore(tmp_path / "answers.sqlite")
+    store = RelationStore(tmp_path / "answers.sqlite", timeout=STORE_TIMEOUT_S)
     q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=30,
                   captcha_k=4, background=False)
     app = create_app(data, q, default_name="tester")
@@ -174,19 +178,34 @@ def test_undo_supersedes_and_asks_again(served):
     assert c.post("/undo", data={"csrf": csrf, "screen": "nope"}).status_code == 400
 
 
-def test_store_failure_is_503_and_the_answer_can_be_resent(served, monkeypatch):
+def test_store_failure_is_503_and_the_answer_can_be_resent(served, tmp_path):
+    """A real store failure: another SQLite connection holds the write lock on the store
+    file past the store's busy timeout, so RelationStore.record / retract raise StoreError."""
     client, q, store = served
     c = client("ann")
     _, csrf, qid = screen(c)
-
-    def locked(*a, **k):
-        raise TimeoutError("stayed locked")
-
-    monkeypatch.setattr(store, "record", locked)
-    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 503
-    monkeypatch.undo()
+    blocker = sqlite3.connect(tmp_path / "answers.sqlite", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, for too long
+        r = c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"})
+        assert r.status_code == 503, r.get_data(as_text=True)
+        page = r.get_data(as_text=True)
+        assert "nothing was saved" in page and "locked" in page
+        assert c.get("/pair").status_code == 200  # reads go on beside the writer (WAL)
+    finally:
+        blocker.execute("ROLLBACK")
     assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
     assert store.n_queries == 1
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        r = c.post("/undo", data={"csrf": csrf, "screen": "pair"})
+        assert r.status_code == 503 and "nothing was undone" in r.get_data(as_text=True)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.n_queries == 1
+    assert c.post("/undo", data={"csrf": csrf, "screen": "pair"}).status_code == 303
+    assert store.n_queries == 0
 
 
 def test_an_unexpected_error_is_a_500_page_not_a_dead_server(served, monkeypatch):

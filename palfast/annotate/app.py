@@ -22,6 +22,7 @@ import unicodedata
 from flask import Flask, abort, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
 
+from ..active.store import StoreCorruptError, StoreError
 from .data import ImageData
 from .questions import KINDS, NotIssued, Questions
 
@@ -107,6 +108,15 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         return render_template("error.html", title=title, code=e.code, name=e.name,
                                message=e.description), e.code
 
+    def store_unavailable(e: StoreError, what: str):
+        # StoreError is what RelationStore raises when it cannot do a write or read now:
+        # the file stays locked by another writer past the busy timeout, the disk is full,
+        # the file or its folder is read-only (palfast/active/store.py, _sqlite_error).
+        # A damaged store (StoreCorruptError) is not "try again later": the 500 page.
+        log.warning("palfast annotate: the answer store failed: %s", e)
+        abort(503, f"the answer store is locked, full or unwritable right now ({e}); "
+                   f"{what}")
+
     @app.errorhandler(Exception)
     def _error(e: Exception):  # a bug must not take the server down or hide the cause
         log.exception("palfast annotate: unexpected error")
@@ -185,9 +195,10 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
             ids = questions.answer(qid, me, name, answers)
         except NotIssued as e:  # answered meanwhile (a double submit from another tab)
             abort(409, str(e))
-        except (TimeoutError, OSError) as e:  # the question stays open: the person can retry
-            abort(503, f"the answer store is busy or unwritable ({e}); nothing was saved, "
-                       "submit again")
+        except StoreCorruptError:
+            raise
+        except StoreError as e:  # the question stays open: the person can send it again
+            store_unavailable(e, "nothing was saved, submit again")
         if ids:
             n_yes = sum(answers)
             session["message"] = (f"Saved {len(ids)} answer{'s' * (len(ids) > 1)} "
@@ -206,8 +217,10 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
             abort(400, f"screen must be one of {', '.join(KINDS)}")
         try:
             last = questions.undo(me, name)
-        except (TimeoutError, OSError) as e:
-            abort(503, f"the answer store is busy or unwritable ({e}); nothing was undone, try again")
+        except StoreCorruptError:
+            raise
+        except StoreError as e:
+            store_unavailable(e, "nothing was undone, try again")
         if last is None:
             session["message"] = "Nothing to undo"
         else:
