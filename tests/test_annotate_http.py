@@ -3,11 +3,18 @@ bad request the issue lists — forged or replayed answers, foreign sessions, CS
 and malformed bodies, image ids out of range or path-like, a foreign Host — each a 4xx,
 never a crash, never a lost answer. Data loaders and the embeddings reload are here too."""
 
+import contextlib
 import io
 import os
 import re
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -337,8 +344,92 @@ def test_cli_help_and_argument_errors(tmp_path, capsys):
     with RelationStore(tmp_path / "big.sqlite") as s:
         s.record([[0, 5000]], [True])
     np.save(tmp_path / "x.npy", images())
-    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite")]) == 2
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite"),
+                 "--port", "0"]) == 2
     assert "sample id 5000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["-1", "99999", "65536", "eighty"])
+def test_cli_port_must_be_a_tcp_port(port, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["annotate", "--demo", "--port", port])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --port" in err and "0..65535" in err and port in err
+
+
+def test_cli_store_in_a_missing_directory_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", images())
+    missing = tmp_path / "missing_dir"
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"),
+                 "--store", str(missing / "x.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--store" in err and "does not exist" in err and f"mkdir -p {missing}" in err
+    assert not missing.exists()
+
+
+#: How long a test waits for `palfast annotate` to print its address (imports torch and Flask).
+SERVER_START_S = 60.0
+
+
+def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
+    """A separate process: Werkzeug's own bind printed two lines and called sys.exit(1)
+    after the data and the store were loaded (with --demo the refill thread, still inside
+    torch at exit, then aborted the interpreter)."""
+    np.save(tmp_path / "x.npy", images())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "palfast.cli", "annotate", "--data",
+                            str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"),
+                            "--port", str(port)], capture_output=True, text=True,
+                           timeout=SERVER_START_S)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "pick another --port" in r.stderr and not (tmp_path / "s.sqlite").exists()
+
+
+@contextlib.contextmanager
+def serve(tmp_path, *args, env=None):
+    """A real `palfast annotate` process on --port 0 over a small .npy data set; yields
+    (URL it printed, its start-up output). Stopped with Ctrl-C (SIGINT), killed if stuck."""
+    np.save(tmp_path / "serve.npy", images())
+    cmd = [sys.executable, "-m", "palfast.cli", "annotate", "--data", str(tmp_path / "serve.npy"),
+           "--store", str(tmp_path / "serve.sqlite"), "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    lines, deadline = [], time.monotonic() + SERVER_START_S
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("palfast annotate: serving on http://"):
+                yield line.split()[4], "".join(lines)
+                return
+        raise AssertionError(f"palfast annotate did not start: {''.join(lines)}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_served_on_another_loopback_address_accepts_its_own_url(tmp_path):
+    with serve(tmp_path, "--host", "127.0.0.2") as (url, _):
+        assert url.startswith("http://127.0.0.2:")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and "palfast annotate" in r.read().decode()
+        req = urllib.request.Request(url, headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400  # still no DNS rebinding
 
 
 def test_max_issued_bounds_memory(served, monkeypatch):

@@ -25,6 +25,8 @@ import argparse
 import getpass
 import ipaddress
 import os
+import shlex
+import socket
 import sys
 
 #: Default budget: the progress bar's end and where the app stops asking. PAL's digits demo
@@ -35,6 +37,8 @@ DEFAULT_CAPTCHA_K = 6
 #: More candidates than fit a screen make the "click all alike" task error-prone.
 MAX_CAPTCHA_K = 12
 DEFAULT_PORT = 8000
+#: TCP ports are 16-bit; 0 asks the system for a free one (printed at start).
+MAX_PORT = 65535
 
 
 DESCRIPTION = """\
@@ -77,9 +81,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
                         "serves your network, without any login: only on a network you trust)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"port (default {DEFAULT_PORT}; 0 picks a free one, printed at start)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, "
+                        "printed at start)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query selection (default 0)")
+
+
+def port_number(text: str) -> int:
+    """argparse type of ``--port``: an integer 0..MAX_PORT (argparse names the option)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer 0..{MAX_PORT}, got {text!r}") from None
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_PORT} (0 picks a free port), "
+                                         f"got {port}")
+    return port
 
 
 def _fail(msg: str) -> int:
@@ -87,37 +104,59 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _allowed_hosts(host: str):
-    """Host names the Host header may carry: loopback names for a loopback bind (DNS
-    rebinding defence); anything when serving a network on purpose."""
+def _is_loopback(host: str) -> bool:
     from .app import LOOPBACK_NAMES
 
     try:
-        ip = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return None if host not in LOOPBACK_NAMES else LOOPBACK_NAMES
-    return LOOPBACK_NAMES if ip.is_loopback else None
+        return host in LOOPBACK_NAMES
 
 
-def build(args):
-    """(app, questions, store) from parsed arguments; raises ValueError / ImportError with a fix."""
-    from ..active import RelationStore
-    from .app import create_app
-    from .data import Embeddings, demo_data, load_data
-    from .questions import Questions
+def _allowed_hosts(host: str):
+    """Host names the Host header may carry: for a loopback bind the loopback names and the
+    address served on (``--host 127.0.0.2`` must accept its own printed URL), a DNS
+    rebinding defence; None (anything) when serving a network on purpose."""
+    from .app import LOOPBACK_NAMES
 
+    if not _is_loopback(host):
+        return None
+    return LOOPBACK_NAMES + ((host,) if host not in LOOPBACK_NAMES else ())
+
+
+def check_args(args) -> None:
+    """The checks that need no data, no store and no port: raises ValueError with a fix."""
     if bool(args.demo) == bool(args.data):
         raise ValueError("give exactly one of --demo (scikit-learn's digits) or --data PATH")
     if args.budget < 1:
         raise ValueError(f"--budget must be >= 1, got {args.budget}")
     if not 2 <= args.captcha_k <= MAX_CAPTCHA_K:
         raise ValueError(f"--captcha-k must be in 2..{MAX_CAPTCHA_K}, got {args.captcha_k}")
+    folder = os.path.dirname(os.path.abspath(args.store))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--store {args.store!r}: the directory {folder!r} does not exist; "
+                         f"create it first (mkdir -p {shlex.quote(folder)}) or give a --store "
+                         f"path in an existing directory")
+
+
+def build(args):
+    """(app, questions, store) from parsed arguments; raises ValueError / ImportError with a fix."""
+    from ..active import RelationStore
+    from ..active.store import StoreError
+    from .app import create_app
+    from .data import Embeddings, demo_data, load_data
+    from .questions import Questions
+
+    check_args(args)
     data = demo_data() if args.demo else load_data(args.data)
     fallback = None
     if args.strategy != "random" and (args.embeddings is None or not os.path.exists(args.embeddings)):
         fallback = data.simple_embeddings()
     embeddings = Embeddings(data.n, args.embeddings, fallback=fallback)
-    store = RelationStore(args.store)
+    try:
+        store = RelationStore(args.store)
+    except StoreError as e:  # locked, read-only, unreadable: the store's message says why
+        raise ValueError(f"--store: {str(e).removeprefix('RelationStore: ')}") from None
     if store.num_ids > data.n:
         store.close()
         raise ValueError(f"the store {args.store!r} has answers about sample id {store.num_ids - 1}, "
@@ -136,6 +175,13 @@ def _user_name() -> str:
         return ""
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, taken before the data is loaded so that a busy
+    port fails at once (Werkzeug's own bind would print and ``sys.exit`` instead)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as Werkzeug chooses
+    return socket.create_server((host, port), family=family)
+
+
 def run(args) -> int:
     try:
         import flask  # noqa: F401
@@ -143,16 +189,32 @@ def run(args) -> int:
     except ImportError:
         return _fail("needs Flask: pip install 'palfast[annotate]'")
     try:
-        app, questions, store = build(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        return _fail(str(e).removeprefix("palfast annotate: "))
+        check_args(args)
+    except ValueError as e:
+        return _fail(str(e))
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        sock = _listen(args.host, args.port)
     except OSError as e:
-        store.close()
-        return _fail(f"cannot listen on {args.host}:{args.port} ({e}); pick another --port")
+        # create_server re-raises with the address appended: keep the system's reason only
+        # (a negative errno is getaddrinfo's: the host name does not resolve).
+        reason = (str(e) if not e.errno else os.strerror(e.errno) if e.errno > 0
+                  else "not an address or host name of this machine")
+        return _fail(f"cannot listen on {args.host}:{args.port} ({reason}); pick "
+                     f"another --port (0 picks a free one) or another --host")
+    with sock:
+        try:
+            app, questions, store = build(args)
+        except (ValueError, ImportError, FileNotFoundError) as e:
+            return _fail(str(e).removeprefix("palfast annotate: "))
+        try:
+            # Werkzeug serves a duplicate of the socket's descriptor; ours closes here.
+            server = make_server(args.host, args.port, app, threaded=True, fd=sock.fileno())
+        except BaseException:
+            questions.close()
+            store.close()
+            raise
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"palfast annotate: serving on http://{host}:{server.server_port}/  "
+    print(f"palfast annotate: serving on http://{host}:{server.port}/  "
           f"(store {os.path.abspath(args.store)}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

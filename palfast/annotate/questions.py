@@ -40,6 +40,9 @@ WAIT_S = 20.0
 #: Questions outstanding at once (every session holds at most one per screen); past it the
 #: oldest are forgotten, so a flood of new sessions cannot grow memory without bound.
 MAX_ISSUED = 2000
+#: close() waits this long for the refill thread to end (a refill in progress finishes
+#: first: it holds the lock close() takes), so that no thread is inside torch at exit.
+CLOSE_WAIT_S = 5.0
 #: Interactions a session can undo, newest first.
 UNDO_DEPTH = 50
 
@@ -99,8 +102,11 @@ class Questions:
         self.refill_error: str | None = None
         self._rng = np.random.default_rng(seed)
         self._background = background
+        self._thread: threading.Thread | None = None
         if background:
-            threading.Thread(target=self._refill_loop, name="palfast-annotate-refill", daemon=True).start()
+            self._thread = threading.Thread(target=self._refill_loop, name="palfast-annotate-refill",
+                                            daemon=True)
+            self._thread.start()
 
     # ---------------------------------------------------------------- refill
     def _embeddings_tensor(self) -> torch.Tensor:
@@ -159,9 +165,12 @@ class Questions:
             self.refill()
 
     def close(self) -> None:
+        """Stop the refill thread and wait for it (idempotent)."""
         with self._lock:
             self._closed = True
             self._changed.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(CLOSE_WAIT_S)
 
     # ----------------------------------------------------------------- issue
     def _busy_pairs(self) -> set[tuple[int, int]]:
