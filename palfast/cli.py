@@ -63,7 +63,6 @@ def int_at_least(minimum: int):
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
         return value
-    parse.__name__ = f"integer >= {minimum}"  # argparse shows it for a failing type
     return parse
 
 

@@ -24,6 +24,7 @@ pytest.importorskip("flask", reason="palfast annotate needs Flask: pip install '
 pytest.importorskip("PIL", reason="palfast annotate needs Pillow: pip install 'palfast[annotate]'")
 
 from palfast.active import RelationStore  # noqa: E402
+from palfast.annotate import _warn_network  # noqa: E402
 from palfast.annotate import questions as questions_mod  # noqa: E402
 from palfast.annotate.app import MAX_REQUEST_BYTES, create_app  # noqa: E402
 from palfast.annotate.data import Embeddings, ImageData, load_data  # noqa: E402
@@ -46,20 +47,28 @@ def images(n=N, seed=0):
     return x
 
 
+#: The shared secret of the app under test when a test asks for one.
+TOKEN = "team-secret-0123456789"
+
+
 @pytest.fixture
-def served(tmp_path):
-    """(client factory, Questions, store) over a small in-memory data set, refills inline."""
+def served(tmp_path, request):
+    """(client factory, Questions, store) over a small in-memory data set, refills inline.
+    Marked ``@pytest.mark.parametrize("served", [TOKEN], indirect=True)``: the app wants that
+    token (the factory's clients open ``/?token=`` first)."""
+    secret = getattr(request, "param", None)
     data = ImageData("test", array=images()[..., None])
     store = RelationStore(tmp_path / "answers.sqlite", timeout=STORE_TIMEOUT_S)
     q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=30,
                   captcha_k=4, background=False)
-    app = create_app(data, q, default_name="tester")
+    app = create_app(data, q, default_name="tester", token=secret)
     app.config["TESTING"] = False  # exercise the real error handlers
 
-    def client(name="ann", screen="pair"):
+    def client(name="ann", screen="pair", address="127.0.0.1"):
         c = app.test_client()
+        c.environ_base["REMOTE_ADDR"] = address  # only ever a WSGI value: nothing is sent
         if name is not None:
-            page = c.get("/").get_data(as_text=True)
+            page = c.get("/" if secret is None else f"/?token={secret}").get_data(as_text=True)
             r = c.post("/start", data={"csrf": token(page), "name": name, "screen": screen})
             assert r.status_code == 303
         return c
@@ -223,6 +232,71 @@ def test_an_unexpected_error_is_a_500_page_not_a_dead_server(served, monkeypatch
     assert r.status_code == 500 and "ZeroDivisionError" in r.get_data(as_text=True)
     monkeypatch.undo()
     assert c.get("/pair").status_code == 200
+
+
+@pytest.mark.parametrize("served", [TOKEN], indirect=True)
+def test_token_lets_a_browser_in_once_and_keeps_others_out(served):
+    client, _, store = served
+    stranger = client(name=None)
+    for path in ("/", "/pair", "/image/0.png", f"/?token={TOKEN}x", "/?token=", "/?tok=" + TOKEN):
+        r = stranger.get(path)
+        assert r.status_code == 403, path
+        assert "?token=" in r.get_data(as_text=True)
+    assert stranger.post("/start", data={"name": "x"}).status_code == 403
+    assert stranger.get("/static/annotate.css").status_code == 200  # the 403 page's style
+    c = client(name=None)
+    r = c.get(f"/?token={TOKEN}")
+    assert r.status_code == 200 and "palfast_annotate=" in r.headers["Set-Cookie"]
+    page = r.get_data(as_text=True)
+    # Let in: no token needed any more; CSRF still applies to every POST.
+    assert c.get("/image/0.png").status_code == 200
+    assert c.post("/start", data={"name": "ann"}).status_code == 403
+    assert c.post("/start", data={"csrf": token(page), "name": "ann"}).status_code == 303
+    _, csrf, qid = screen(c)
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+    assert store.n_queries == 1
+    assert stranger.get("/pair").status_code == 403  # still out
+
+
+def test_a_flood_of_sessions_from_one_client_keeps_anothers_question(served, monkeypatch):
+    """One address opening sessions without end (a script) forgets its own oldest questions,
+    never the open question of a person at another address."""
+    client, q, store = served
+    monkeypatch.setattr(questions_mod, "MAX_ISSUED", 8)
+    monkeypatch.setattr(questions_mod, "MAX_ISSUED_PER_CLIENT", 3)
+    ann = client("ann", address="192.0.2.10")
+    _, csrf, qid = screen(ann)
+    flood = [client(f"bot{k}", address="192.0.2.66") for k in range(12)]
+    flood_qids = [screen(b)[2] for b in flood]
+    assert ann.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+    assert [r[5] for r in store.log()] == ["ann"]
+    assert all(flood_qids) and len(q._issued) == 3  # the flood holds MAX_ISSUED_PER_CLIENT
+    first = flood[0]
+    assert first.post("/answer", data={"csrf": token(first.get("/pair").get_data(as_text=True)),
+                                       "qid": flood_qids[0], "answer": "no"}).status_code == 409
+    # Many clients at once: past MAX_ISSUED, the client holding the most gives one up.
+    others = [client(f"p{k}", address=f"192.0.2.{k + 100}") for k in range(4)]
+    for c in others:
+        screen(c)
+    _, csrf, qid = screen(ann)
+    assert len(q._issued) == 8
+    assert ann.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "no"}).status_code == 303
+
+
+def test_cli_token_checks(capsys, monkeypatch):
+    monkeypatch.delenv("PALFAST_ANNOTATE_TOKEN", raising=False)
+    assert main(["annotate", "--demo", "--token", "short"]) == 2
+    assert "--token must be at least 12" in capsys.readouterr().err
+    assert main(["annotate", "--demo", "--token", "two words here"]) == 2
+    assert "without spaces" in capsys.readouterr().err
+    assert main(["annotate", "--demo", "--token", TOKEN, "--no-token"]) == 2
+    assert "not both" in capsys.readouterr().err
+    monkeypatch.setenv("PALFAST_ANNOTATE_TOKEN", "tiny")
+    assert main(["annotate", "--demo"]) == 2
+    assert "$PALFAST_ANNOTATE_TOKEN must be at least 12" in capsys.readouterr().err
+    _warn_network("0.0.0.0", 8000, "", has_token=False)  # what --no-token prints
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "NO LOGIN" in err and ":8000/ " in err
 
 
 def test_images_by_index_only(served):
@@ -430,6 +504,31 @@ def test_served_on_another_loopback_address_accepts_its_own_url(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 400  # still no DNS rebinding
+
+
+def test_served_with_a_token_from_the_environment(tmp_path):
+    with serve(tmp_path, "--host", "127.0.0.2", env={"PALFAST_ANNOTATE_TOKEN": TOKEN}) as (url, out):
+        assert url.endswith(f"/?token={TOKEN}") and "WARNING" not in out  # loopback: no warning
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url.split("?")[0], timeout=10)
+        assert e.value.code == 403
+
+
+def test_served_on_every_address_warns_and_makes_a_token(tmp_path):
+    """--host 0.0.0.0 (listening on every interface for a few seconds; the requests go to
+    127.0.0.1 only) without a token: a random one is made, and a loud warning printed."""
+    with serve(tmp_path, "--host", "0.0.0.0", env={"PALFAST_ANNOTATE_TOKEN": ""}) as (url, out):
+        made = re.search(r"\?token=([\w-]+)", url).group(1)
+        assert len(made) >= 32 and "WARNING" in out and "plain HTTP" in out
+        local = url.replace("0.0.0.0", "127.0.0.1")
+        with urllib.request.urlopen(local, timeout=10) as r:
+            assert r.status == 200
+        for bad in (local.split("?")[0], local[:-1]):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(bad, timeout=10)
+            assert e.value.code == 403
 
 
 def test_max_issued_bounds_memory(served, monkeypatch):

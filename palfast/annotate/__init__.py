@@ -17,6 +17,10 @@ Example (a shell)::
     pip install 'palfast[annotate]'
     palfast annotate --demo                 # scikit-learn's digits, http://127.0.0.1:8000/
     palfast annotate --data photos/ --embeddings emb.npy --store answers.sqlite
+    PALFAST_ANNOTATE_TOKEN=... palfast annotate --demo --host 0.0.0.0   # a team on a network
+
+On a network every browser must show a shared token once (``?token=`` in the printed URL);
+see docs/annotate.md, "A team on a network: the token".
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import argparse
 import getpass
 import ipaddress
 import os
+import secrets
 import shlex
 import socket
 import sys
+import urllib.parse
 
 #: Default budget: the progress bar's end and where the app stops asking. PAL's digits demo
 #: learns most of the classes within a few hundred answers.
@@ -39,6 +45,12 @@ MAX_CAPTCHA_K = 12
 DEFAULT_PORT = 8000
 #: TCP ports are 16-bit; 0 asks the system for a free one (printed at start).
 MAX_PORT = 65535
+#: Where ``--token`` is read from when not given (keeps it out of the process list).
+TOKEN_ENV = "PALFAST_ANNOTATE_TOKEN"
+#: Shortest token accepted: a guessable word would let anyone on the network in.
+MIN_TOKEN_CHARS = 12
+#: Random bytes of a generated token (32 URL-safe characters), as Jupyter generates its own.
+TOKEN_BYTES = 24
 
 
 DESCRIPTION = """\
@@ -47,7 +59,10 @@ straight into a palfast answer store (RelationStore, SQLite). Two screens: pair 
 keys y / n / s) and captcha (one image and K candidates: click the alike ones). Questions
 come from palfast.active.select_queries over the current embeddings and the answers so far;
 a trainer in another process may rewrite the --embeddings file and the page follows. Every
-answer is on disk before the page says "saved". Try: palfast annotate --demo"""
+answer is on disk before the page says "saved". Try: palfast annotate --demo
+
+On a network (--host 0.0.0.0) people open the printed URL with its ?token=...: the token is
+$PALFAST_ANNOTATE_TOKEN or --token, else a random one; traffic is plain HTTP (docs/annotate.md)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,8 +94,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="name proposed on the start page (default: your user name); each person "
                         "types their own, saved with every answer as the store record's source")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
-                        "serves your network, without any login: only on a network you trust)")
+                   help="address to listen on (default 127.0.0.1: this machine only). 0.0.0.0 "
+                        "(or this machine's address) serves your network over plain HTTP: a "
+                        "token is then required (generated unless --token or "
+                        f"${TOKEN_ENV} gives one) and a warning is printed")
+    p.add_argument("--token", default=None, metavar="SECRET",
+                   help=f"shared secret every browser must show once: people open the printed "
+                        f"URL ending in ?token=SECRET, the page then remembers them (a session "
+                        f"cookie); any other request gets 403. Default: ${TOKEN_ENV} if set; "
+                        f"else none on 127.0.0.1 and a random one on a network. At least "
+                        f"{MIN_TOKEN_CHARS} characters; prefer the variable (a --token value "
+                        f"is visible to other users in the process list)")
+    p.add_argument("--no-token", action="store_true",
+                   help="serve a network without any login (anyone who can reach the port "
+                        "sees the images and writes answers); only on a network you trust")
     p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                    help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, "
                         "printed at start)")
@@ -124,6 +151,25 @@ def _allowed_hosts(host: str):
     return LOOPBACK_NAMES + ((host,) if host not in LOOPBACK_NAMES else ())
 
 
+def login_token(args) -> str | None:
+    """The token every browser must present (None: no login): ``--token``, else
+    ``$PALFAST_ANNOTATE_TOKEN``, else a random one when serving a network (not with
+    ``--no-token``). Raises ValueError for a token that is too short or not one word."""
+    given = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    where = "--token" if args.token is not None else f"${TOKEN_ENV}"
+    if args.no_token:
+        if args.token is not None:
+            raise ValueError("give --token or --no-token, not both")
+        return None
+    if given is None:
+        return None if _is_loopback(args.host) else secrets.token_urlsafe(TOKEN_BYTES)
+    if len(given) < MIN_TOKEN_CHARS or not given.isprintable() or any(c.isspace() for c in given):
+        raise ValueError(f"{where} must be at least {MIN_TOKEN_CHARS} printable characters "
+                         f"without spaces (got {len(given)}); generate one with: python -c "
+                         f"'import secrets; print(secrets.token_urlsafe())'")
+    return given
+
+
 def check_args(args) -> None:
     """The checks that need no data, no store and no port: raises ValueError with a fix."""
     if bool(args.demo) == bool(args.data):
@@ -139,8 +185,9 @@ def check_args(args) -> None:
                          f"path in an existing directory")
 
 
-def build(args):
-    """(app, questions, store) from parsed arguments; raises ValueError / ImportError with a fix."""
+def build(args, token: str | None = None):
+    """(app, questions, store) from parsed arguments and the :func:`login_token`; raises
+    ValueError / ImportError with a fix."""
     from ..active import RelationStore
     from ..active.store import StoreError
     from .app import create_app
@@ -164,7 +211,8 @@ def build(args):
     questions = Questions(store, embeddings, data.n, strategy=args.strategy, budget=args.budget,
                           captcha_k=args.captcha_k, seed=args.seed)
     default_name = args.name if args.name is not None else _user_name()
-    app = create_app(data, questions, default_name=default_name, allowed_hosts=_allowed_hosts(args.host))
+    app = create_app(data, questions, default_name=default_name,
+                     allowed_hosts=_allowed_hosts(args.host), token=token)
     return app, questions, store
 
 
@@ -182,6 +230,36 @@ def _listen(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
+def _url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def _warn_network(host: str, port: int, query: str, has_token: bool) -> None:
+    """Say loudly, on stderr, that the page is open to the network and what protects it."""
+    lines = [f"WARNING: listening on {host}:{port} serves every machine that can reach this "
+             f"one, over plain HTTP (nothing is encrypted: anyone on the network path can read "
+             f"the pages, the images, the token and the answers)."]
+    if _is_ip(host) and ipaddress.ip_address(host).is_unspecified:  # 0.0.0.0, ::
+        lines.append(f"From other machines open {_url(socket.gethostname(), port)}{query} (or "
+                     f"this machine's address instead of its name).")
+    if has_token:
+        lines.append("Anyone with the token can read the images and write answers: share the "
+                     "URL only with your team, and only on a network you trust.")
+    else:
+        lines.append("--no-token: there is NO LOGIN. Anyone who can reach this port can read "
+                     "the images and write answers. Use it only on a network you trust.")
+    for line in lines:
+        print(f"palfast annotate: {line}", file=sys.stderr, flush=True)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def run(args) -> int:
     try:
         import flask  # noqa: F401
@@ -190,6 +268,7 @@ def run(args) -> int:
         return _fail("needs Flask: pip install 'palfast[annotate]'")
     try:
         check_args(args)
+        token = login_token(args)
     except ValueError as e:
         return _fail(str(e))
     try:
@@ -203,7 +282,7 @@ def run(args) -> int:
                      f"another --port (0 picks a free one) or another --host")
     with sock:
         try:
-            app, questions, store = build(args)
+            app, questions, store = build(args, token)
         except (ValueError, ImportError, FileNotFoundError) as e:
             return _fail(str(e).removeprefix("palfast annotate: "))
         try:
@@ -213,8 +292,10 @@ def run(args) -> int:
             questions.close()
             store.close()
             raise
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"palfast annotate: serving on http://{host}:{server.port}/  "
+    query = "" if token is None else "?" + urllib.parse.urlencode({"token": token})
+    if not _is_loopback(args.host):
+        _warn_network(args.host, server.port, query, token is not None)
+    print(f"palfast annotate: serving on {_url(args.host, server.port)}{query}  "
           f"(store {os.path.abspath(args.store)}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -6,6 +6,10 @@ Safety (the app is meant for 127.0.0.1, but a browser visiting other sites can r
   is ``SameSite=Strict``;
 * the ``Host`` header must name this machine when bound to a loopback address, so a web page
   cannot reach the app through DNS rebinding;
+* with a ``token`` (always when serving a network: palfast/annotate/__init__.py), every
+  request needs it: the printed URL carries ``?token=...``, a request with the right one
+  marks the browser's session cookie as let in, and any other request gets 403 (the
+  shipped static files excepted, so the 403 page has its style);
 * an answer is accepted only for a question the app issued to this session, once
   (:class:`~palfast.annotate.questions.Questions`); images are served by index only;
 * requests are small (``MAX_REQUEST_BYTES``); anything malformed gets a 4xx page; the reply
@@ -60,9 +64,12 @@ def _hostname(host: str) -> str:
 
 
 def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, title: str = "") -> Flask:
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, title: str = "",
+               token: str | None = None) -> Flask:
     """The app over ``data`` and ``questions``. ``allowed_hosts``: host names the ``Host``
-    header may carry (None: any, for a server exposed on a network on purpose)."""
+    header may carry (None: any, for a server exposed on a network on purpose).
+    ``token``: the shared secret every browser must present once as ``?token=`` (None:
+    no login)."""
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=secrets.token_bytes(32),  # sessions end with the server: nothing to leak
@@ -86,6 +93,14 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         if allowed_hosts is not None and _hostname(request.host) not in allowed_hosts:
             abort(400, f"Host {request.host!r} is not this machine; open the address that "
                        "palfast annotate printed (or start it with --host to serve others)")
+        if token is not None and request.endpoint != "static":
+            sent = request.args.get("token")
+            if sent is not None and hmac.compare_digest(sent.encode(), token.encode()):
+                session["let_in"] = True  # signed with this server's key: cannot be forged
+            elif not session.get("let_in"):
+                abort(403, "this page needs its token: open the address with ?token=... "
+                           "that palfast annotate printed when it started (ask whoever "
+                           "started it)")
         if request.method == "POST":
             sent, expected = request.form.get("csrf", ""), session.get("csrf")
             if not expected:
@@ -129,7 +144,7 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         name = session.get("name")
         if not name:
             return redirect(url_for("start"))
-        q = questions.next(kind, me)
+        q = questions.next(kind, me, client=request.remote_addr or "")
         return render_template(f"{kind}.html", title=title, kind=kind, q=q, name=name,
                                csrf=session["csrf"], stats=questions.stats(me),
                                message=session.pop("message", None),
