@@ -9,7 +9,8 @@ for concurrent threads: every use holds ``self._lock``). It keeps
 * ``issued``: the questions on someone's screen, by an unguessable id. An answer is taken
   only for an issued id, from the session it was issued to, once; the id is dropped only
   after the store committed the answers, so a failed write can be retried and never loses
-  an answer;
+  an answer. They are bounded per client address (``MAX_ISSUED_PER_CLIENT``) and overall
+  (``MAX_ISSUED``), so one client's flood of sessions only forgets its own questions;
 * per session, a stack of the interactions it saved (for undo: the store retracts them,
   and the same question is asked again).
 """
