@@ -12,7 +12,8 @@ import numbers
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_bool", "check_callable", "check_choice", "check_id_vector",
+__all__ = ["FLOAT_DTYPES", "check_bool", "check_callable", "check_choice", "check_device",
+           "check_id_vector",
            "check_instance", "check_int", "check_number", "check_tensor"]
 
 #: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
@@ -55,6 +56,20 @@ def check_number(op: str, name: str, value, minimum: float | None = None, *,
             bound += f"{' and' if minimum is not None else ''} <= {maximum:g}"
         raise ValueError(f"{op}: {name} must be {bound}, got {value}")
     return value
+
+
+def check_device(op: str, name: str, value) -> torch.device:
+    """``value`` (a ``torch.device``, a string such as ``"cuda:0"`` or a device index) as
+    a ``torch.device``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a torch.device or a device string such as 'cpu' "
+                        f"or 'cuda:0', got {value!r}")
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise (ValueError if isinstance(value, str) else TypeError)(
+            f"{op}: {name} must be a torch.device or a device string such as 'cpu' or "
+            f"'cuda:0', got {value!r}") from e
 
 
 def check_choice(op: str, name: str, value, choices: tuple):

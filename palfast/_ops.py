@@ -102,6 +102,36 @@ def _no_double_backward(op: str, *tensors) -> None:
             "(docs/api.md, 'Gradients')")
 
 
+# ------------------------------------------------------------ graph integrity
+@torch.library.custom_op("palfast::graph_unchanged", mutates_args=())
+def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], names: str,
+                    op: str) -> torch.Tensor:
+    """Raise ``ValueError`` unless each of ``tensors`` equals its copy (shape, dtype,
+    device, values); else return a float32 0-dim zero on the first tensor's device.
+    ``names``: the tensors' names, separated by spaces (a schema has no list of strings).
+
+    ``PairGraph.check_unchanged`` calls it with a graph's tensors and the copies taken
+    when the graph was built. It is an op, not Python around the ops, so that
+    ``torch.compile`` keeps it in the compiled graph and runs it on every call (the
+    losses add its zero to their result, so it is never dropped as unused)."""
+    changed = [name for t, c, name in zip(tensors, copies, names.split())
+               if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device
+               or not torch.equal(t, c)]
+    if changed:
+        graph = changed[0].rsplit(".", 1)[0]  # "graph", or "graph.negatives"
+        raise ValueError(
+            f"{op}: {graph} must not be changed after it is built, got changes to "
+            f"{', '.join(changed)}; build a new PairGraph (a PairGraph is immutable: its "
+            "derived fields, such as degrees and totals, would no longer match; docs/api.md, "
+            "'What is checked')")
+    return torch.zeros((), device=tensors[0].device)
+
+
+@graph_unchanged.register_fake
+def _graph_unchanged_fake(tensors, copies, names, op):
+    return torch.zeros((), device=tensors[0].device)
+
+
 def _acc_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
