@@ -7,8 +7,8 @@ never trusted: ``normalize='no'`` is an error, not ``True``.
 
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 
 import torch
 
@@ -40,6 +40,17 @@ def check_int(op: str, name: str, value, minimum: int | None = None,
     return value
 
 
+#: The largest finite float64: x is finite exactly when -_FLOAT_MAX <= x <= _FLOAT_MAX.
+_FLOAT_MAX = sys.float_info.max
+
+
+def _is_finite(value) -> bool:
+    """``math.isfinite`` also for ``torch.SymFloat``: under ``torch.compile(dynamic=True)``
+    numbers are traced as symbols, which ``math.isfinite`` cannot take (a comparison
+    becomes a guard instead). NaN fails both comparisons."""
+    return -_FLOAT_MAX <= value <= _FLOAT_MAX
+
+
 def check_number(op: str, name: str, value, minimum: float | None = None, *,
                  strict: bool = False, maximum: float | None = None) -> float:
     """A finite real number ≥ minimum (> minimum when ``strict``) and ≤ maximum."""
@@ -48,7 +59,7 @@ def check_number(op: str, name: str, value, minimum: float | None = None, *,
     value = float(value)
     low = minimum is not None and (value <= minimum if strict else value < minimum)
     high = maximum is not None and value > maximum
-    if not math.isfinite(value) or low or high:
+    if not _is_finite(value) or low or high:
         bound = "a finite number"
         if minimum is not None:
             bound += f" {'>' if strict else '>='} {minimum:g}"

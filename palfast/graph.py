@@ -243,7 +243,7 @@ class PairGraph:
         tensors, others = self._snapshot
         for f, before in zip(_OTHER_FIELDS, others):
             now = getattr(self, f)
-            if now is not before and now != before:
+            if (now is not before) if f == "negatives" else (now != before):
                 raise ValueError(f"{op}: {name} must not be changed after it is built, got "
                                  f"changes to {name}.{f} ({before!r} -> {now!r}); build a new "
                                  "PairGraph")
