@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from ._checks import check_bool, check_device, check_int, check_number
+from ._checks import as_long_vector, check_bool, check_device, check_int, check_number
 
 __all__ = ["PairGraph", "MAX_NODES", "MIN_WEIGHT", "MAX_WEIGHT"]
 
@@ -64,26 +64,8 @@ MAX_NODES = 2**31 - 1
 MIN_WEIGHT = 1e-30
 MAX_WEIGHT = 1e30
 
-_INT64_MAX = 2**63 - 1
-
-
 def _as_long_vector(x, name: str, op: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray) and x.dtype.kind == "u" and x.size and int(x.max()) > _INT64_MAX:
-        raise ValueError(f"{op}: {name} must fit in int64, got {int(x.max())}")
-    try:
-        t = torch.as_tensor(x)
-    except (OverflowError, RuntimeError, TypeError, ValueError) as e:
-        if "verflow" in str(e):
-            raise ValueError(f"{op}: {name} must fit in int64, got {x!r:.80}") from e
-        raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} "
-                        f"({e})") from e
-    if t.dim() != 1:
-        raise ValueError(f"{op}: {name} must be a 1-D tensor, got shape {tuple(t.shape)}")
-    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
-    if t.dtype == torch.uint64 and t.numel() and bool((t.view(torch.int64) < 0).any()):
-        raise ValueError(f"{op}: {name} must fit in int64, got a value >= 2**63")
-    return t.to(torch.long)
+    return as_long_vector(op, name, x)
 
 
 def _real_weights(w, name: str, op: str) -> torch.Tensor:

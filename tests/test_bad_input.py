@@ -286,3 +286,64 @@ def test_huge_graphs_are_refused_before_allocating():
         PairGraph.from_views(2**30, 2)
     with pytest.raises(ValueError, match="num_nodes must satisfy 1 <= num_nodes <= 2147483647"):
         PairGraph.from_edges([0], [1], num_nodes=2**40)
+
+
+# ------------------------------------------- arguments that were taken unchecked or raw
+@pytest.mark.parametrize("flag", [np.bool_(True), np.bool_(False)])
+def test_numpy_booleans_are_booleans(flag):
+    z, g = torch.randn(8, 4), PairGraph.from_views(4, 2)
+    palfast.info_nce(z, g, normalize=flag)
+    PairGraph.from_edges([0], [1], num_nodes=2, symmetric=flag)
+    from palfast._checks import check_bool
+    assert check_bool("op", "flag", flag) is bool(flag)
+
+
+def test_seed_must_be_an_int():
+    from palfast.active import RelationStore, select_queries
+    x = torch.randn(20, 4)
+    for seed, exc, match in (("5", TypeError, "seed must be an int, got '5'"),
+                             (2.0, TypeError, "seed must be an int"),
+                             (-1, ValueError, r"seed must satisfy 0 <= seed <= 18446744073709551615"),
+                             (2**64, ValueError, "seed must satisfy")):
+        with pytest.raises(exc, match=rf"palfast.active.select_queries: {match}"):
+            select_queries(x, RelationStore(), 3, "random", seed=seed)
+    assert select_queries(x, RelationStore(), 3, "random", seed=np.int64(5)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("weight", [-2, float("nan"), "1"])
+def test_negative_weight_is_checked_in_both_module_forms(weight):
+    loss = palfast.nn.SpectralContrastiveLoss(negative_weight=weight)
+    z_a, z_b = torch.randn(4, 3), torch.randn(4, 3)
+    for args in ((z_a, z_b), (torch.cat([z_a, z_b]), PairGraph.from_views(4, 2))):
+        with pytest.raises((TypeError, ValueError), match="negative_weight must be a"):
+            loss(*args)
+
+
+@pytest.mark.parametrize("ids", [[0, 2**63], [2**64 - 1, 0], np.array([0, 2**63], dtype=np.uint64),
+                                 torch.tensor([0, 2**63], dtype=torch.uint64)])
+def test_ids_beyond_int64_are_a_clear_error(ids):
+    from palfast.active import candidate_pairs
+    with pytest.raises(ValueError, match=r"palfast.active.candidate_pairs: ids must fit in int64"):
+        candidate_pairs(torch.randn(2, 3), 1, ids=ids)
+    with pytest.raises(ValueError, match=r"palfast.metrics.knn_accuracy: train_y must fit in int64"):
+        palfast.metrics.knn_accuracy(torch.randn(2, 3), ids, torch.randn(2, 3), [0, 1], k=1)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda z: z.to_sparse(), r"z must be a dense \(strided\) tensor, got torch.sparse_coo"),
+    (lambda z: z.to_sparse_csr(), r"z must be a dense \(strided\) tensor, got torch.sparse_csr"),
+    (lambda z: torch.nested.nested_tensor([z, z]), "z must be a regular tensor, got a nested"),
+])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sparse_and_nested_z_are_a_clear_error(make, match, loss):
+    with pytest.raises(TypeError, match=rf"palfast.{loss}: {match}"):
+        LOSSES[loss](make(torch.randn(8, 4)), PairGraph.from_views(4, 2))
+
+
+@pytest.mark.parametrize("device,exc", [("bogus", ValueError), (3.5, TypeError), (True, TypeError)])
+def test_bad_device_is_a_clear_error(device, exc):
+    match = "device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got"
+    with pytest.raises(exc, match=f"PairGraph.from_views: {match}"):
+        PairGraph.from_views(4, 2, device=device)
+    with pytest.raises(exc, match=f"PairGraph.to: {match}"):
+        PairGraph.from_views(4, 2).to(device)
