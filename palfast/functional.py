@@ -202,7 +202,7 @@ def _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize, be
     anchor = w > 0
     anchor[:begin] = False
     anchor[end:] = False
-    pos = (u * _ops.ops.graph_spmm(u, *graph.kernel_args(), False)).sum(1) / (
+    pos = (u * _ops.graph_spmm(u, *graph.kernel_args(), False)).sum(1) / (
         temperature * torch.where(anchor, w, torch.ones_like(w)))
     recon = rows + pos
     lse = lse.detach() + (recon - recon.detach())
@@ -290,12 +290,17 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         _check_logit_range(op, z, temperature)
     keys, begin, end = (_dist.all_gather_rows(z, graph.num_nodes) if gather
                         else (z, 0, z.shape[0]))
-    rows, lse = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
+    rows, lse = _ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
     if unknown_weight < 1:
         if torch.compiler.is_compiling():
             raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.compile (its "
                              "known-pair list has a data-dependent size); call info_nce outside "
                              "the compiled region, or use unknown_weight=1.0")
+        if _ops._transform_depth():
+            raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.func transforms "
+                             "(grad, vjp, vmap): its backward builds sparse CSR tensors, which "
+                             "torch.func cannot wrap; use torch.autograd.grad, or "
+                             "unknown_weight=1.0")
         rows = rows + _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize,
                                                 begin, end, unknown_weight)
     if reduction == "none":
@@ -380,7 +385,7 @@ def _dirichlet_mean(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """Σ_ij w_ij ‖x_i − x_j‖² / |G|, or 0 (with zero gradient) for an empty graph."""
     if graph.total_weight <= 0:
         return x.new_zeros(())
-    return _ops.ops.graph_dirichlet(x, *graph.kernel_args()) / graph.total_weight
+    return _ops.graph_dirichlet(x, *graph.kernel_args()) / graph.total_weight
 
 
 def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
@@ -544,7 +549,7 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
     total = sum(abs(a) * g.total_weight for a, g in signed)
     for a, g in signed:
         if g.total_weight > 0:
-            gx = _ops.ops.graph_spmm(x, *g.kernel_args(), False)
+            gx = _ops.graph_spmm(x, *g.kernel_args(), False)
             loss = loss - 2.0 * a / total * (x * gx).sum()
     if n > 1:
         loss = loss + _ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))

@@ -57,3 +57,47 @@ def test_compile_with_dynamic_shapes_still_checks_numbers(bad):
         "palfast.info_nce: temperature must be a finite number > 0"
     with pytest.raises(Exception, match=match):
         step(z, g, bad)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_func_grad_matches_the_float64_reference(loss):
+    fn, ref, kw = LOSSES[loss]
+    torch.manual_seed(0)
+    g = _graph(10).with_negatives(PairGraph.from_edges([1], [2], num_nodes=10))
+    z = torch.randn(10, 6, dtype=torch.float64)
+    grad, value = torch.func.grad_and_value(lambda x: fn(x, g, **kw))(z)
+    x = z.clone().requires_grad_()
+    want = ref(x, g, **kw)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+    # vjp, the other reverse-mode transform, gives the same
+    _, vjp = torch.func.vjp(lambda x: fn(x, g, **kw), z)
+    torch.testing.assert_close(vjp(torch.ones((), dtype=torch.float64))[0], grad)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_nested_func_grad_is_refused_not_wrong(loss):
+    """A gradient of a gradient would drop the backward ops' own derivative."""
+    fn, _, kw = LOSSES[loss]
+    g = _graph(10).with_negatives(PairGraph.from_edges([1], [2], num_nodes=10))
+    z = torch.randn(10, 6, dtype=torch.float64)
+    inner = torch.func.grad(lambda x: fn(x, g, **kw))
+    with pytest.raises(RuntimeError, match=r"does not support double backward"):
+        torch.func.grad(lambda x: inner(x).square().sum())(z)
+    # an input that also requires grad outside the transform: its gradient could be
+    # differentiated again by plain autograd
+    with pytest.raises(RuntimeError, match=r"does not support double backward"):
+        inner(z.clone().requires_grad_())
+
+
+def test_info_nce_with_unknown_weight_refuses_torch_func_clearly():
+    g = _graph(10).with_negatives(PairGraph.from_edges([1], [2], num_nodes=10))
+    z = torch.randn(10, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"palfast.info_nce: unknown_weight < 1 cannot run under "
+                                         r"torch.func transforms"):
+        torch.func.grad(lambda x: palfast.info_nce(x, g, unknown_weight=0.3))(z)
+    # the same loss and its gradient through torch.autograd
+    x = z.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(palfast.info_nce(x, g, unknown_weight=0.3), x)
+    assert torch.isfinite(grad).all()
