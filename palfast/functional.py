@@ -71,6 +71,35 @@ def _with_check(out: torch.Tensor, unchanged: torch.Tensor, dtype: torch.dtype) 
     return (out + unchanged.to(out.dtype)).to(dtype)
 
 
+def _no_overflow_nan(op: str, z: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, or ``ValueError`` naming z when it is NaN although z is finite.
+
+    The covariance losses sum squares and fourth powers of z's entries in float32
+    (float64 for float64 z); in float32 squared inner products overflow from
+    |z| ≈ 1e9 (spectral_contrastive, vic2), squares from ≈ 1e19, and inf − inf gives
+    NaN where the exact loss is merely large (docs/api.md, "Numerics"). A loss
+    that legitimately overflows to ±inf is returned as such. One host sync (one
+    scalar); skipped under torch.compile, where such a loss stays NaN."""
+    if torch.compiler.is_compiling() or not bool(torch.isnan(loss)):
+        return loss
+    x = z.detach()
+    if not bool(torch.isfinite(x).all()):
+        return loss  # NaN/Inf in z: NaN loss, like PyTorch's losses (check_finite)
+    peak = float(torch.maximum(x.amax(), -x.amin()))
+    acc = str(_ops._acc_dtype(z)).removeprefix("torch.")
+    raise ValueError(f"{op}: z is too large for {acc} accumulation (largest |z| = "
+                     f"{peak:g}): its sums of squares overflow and the loss would be NaN; scale z "
+                     "down (normalise it), or pass z.double()")
+
+
+def _variance_overflows(x: torch.Tensor) -> torch.Tensor:
+    """Whether a column's sum of squares may overflow x's dtype: N · max|x|² > its
+    largest float (a device bool; no host sync)."""
+    d = x.detach()
+    peak = torch.maximum(d.amax(), -d.amin())
+    return peak.square() * x.shape[0] > torch.finfo(x.dtype).max
+
+
 def _check_finite(op: str, name: str, z: torch.Tensor, check_finite: bool) -> None:
     if check_finite and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{op}: {name} must be finite (check_finite=True), got NaN or Inf "
@@ -442,7 +471,8 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
     x = _acc(z)
     inv = _dirichlet_mean(x, graph) / z.shape[1]
     var, cov = _variance_covariance(x, eps)
-    return _with_check(sim_coeff * inv + std_coeff * var + cov_coeff * cov, unchanged, z.dtype)
+    loss = _with_check(sim_coeff * inv + std_coeff * var + cov_coeff * cov, unchanged, z.dtype)
+    return _no_overflow_nan(op, z, loss)
 
 
 def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5,
@@ -496,7 +526,10 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
     if graph.total_weight <= 0:
         return _with_check(zhat.sum() * 0 + z.shape[1], unchanged, z.dtype)
     loss, _ = _ops.barlow_twins_xcorr(zhat, graph.kernel_args(), lambd, 1.0 / graph.total_weight)
-    return _with_check(loss, unchanged, z.dtype)
+    # An overflowing column variance standardises the column to 0: a plausible, wrong
+    # finite loss. NaN instead, which _no_overflow_nan turns into a ValueError.
+    loss = torch.where(_variance_overflows(_acc(z)), torch.full_like(loss, float("nan")), loss)
+    return _no_overflow_nan(op, z, _with_check(loss, unchanged, z.dtype))
 
 
 def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: float = 1.0,
@@ -553,7 +586,7 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
             loss = loss - 2.0 * a / total * (x * gx).sum()
     if n > 1:
         loss = loss + _ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))
-    return _with_check(loss, unchanged, z.dtype)
+    return _no_overflow_nan(op, z, _with_check(loss, unchanged, z.dtype))
 
 
 def _orthogonality_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -662,7 +695,8 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     else:
         ortho = _orthogonality_halves(blocks[:, : n // 2].reshape(-1, d),
                                       blocks[:, n // 2:].reshape(-1, d))
-    return _with_check(beta * _dirichlet_mean(x, graph) + ortho, unchanged, z.dtype)
+    return _no_overflow_nan(op, z, _with_check(beta * _dirichlet_mean(x, graph) + ortho,
+                                               unchanged, z.dtype))
 
 
 def _orthogonality_pool(blocks: torch.Tensor, pool: int) -> torch.Tensor:

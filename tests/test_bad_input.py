@@ -8,13 +8,14 @@ right value. Per-op numerics live in the per-op test files.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import palfast
-from palfast import PairGraph
+from palfast import PairGraph, reference
 from palfast._ops import ops
 
 LOSSES = {
@@ -347,3 +348,38 @@ def test_bad_device_is_a_clear_error(device, exc):
         PairGraph.from_views(4, 2, device=device)
     with pytest.raises(exc, match=f"PairGraph.to: {match}"):
         PairGraph.from_views(4, 2).to(device)
+
+
+# ------------------------------------------------------------------- float32 overflow
+COVARIANCE_LOSSES = ["vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
+
+
+@pytest.mark.parametrize("loss", COVARIANCE_LOSSES)
+@pytest.mark.parametrize("scale", [1e10, 1e15, 1e17, 3e18, 1e19, 1e20, 1e30])
+def test_huge_z_never_gives_a_wrong_finite_loss_or_nan(loss, scale):
+    """float32 sums of squares overflow for |z| ≳ 1e19: the result is the float64
+    value rounded to float32 (inf where that overflows) or a ValueError naming z."""
+    torch.manual_seed(0)
+    g = PairGraph.from_views(4, 2)
+    y = torch.randn(8, 5)
+    want = getattr(reference, loss)(y.double() * scale, g)
+    try:
+        got = LOSSES[loss](y * scale, g)
+    except ValueError as e:
+        assert re.search(rf"palfast.{loss}: z is too large for float32 accumulation", str(e))
+        return
+    assert not torch.isnan(got)
+    if abs(want) > torch.finfo(torch.float32).max:
+        assert got == torch.sign(want) * float("inf")
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_huge_z_error_names_z_and_overflow():
+    g = PairGraph.from_views(4, 2)
+    with pytest.raises(ValueError, match=r"palfast.barlow_twins: z is too large for float32 "
+                                         r"accumulation \(largest \|z\| = .*\): .* overflow"):
+        palfast.barlow_twins(torch.randn(8, 5) * 1e19, g)
+    # float64 z has the range for it
+    torch.testing.assert_close(palfast.barlow_twins(torch.randn(8, 5, dtype=torch.float64) * 1e19,
+                                                    g).isfinite(), torch.tensor(True))
