@@ -132,9 +132,12 @@ def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], nam
     when the graph was built. It is an op, not Python around the ops, so that
     ``torch.compile`` keeps it in the compiled graph and runs it on every call (the
     losses add its zero to their result, so it is never dropped as unused)."""
-    changed = [name for t, c, name in zip(tensors, copies, names.split())
-               if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device
-               or not torch.equal(t, c)]
+    names = names.split()
+    changed = [name for t, c, name in zip(tensors, copies, names)
+               if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device]
+    if not changed:  # the values, compared on the device: one host sync for all tensors
+        equal = torch.stack([(t == c).all() for t, c in zip(tensors, copies)]).tolist()
+        changed = [name for name, same in zip(names, equal) if not same]
     if changed:
         graph = changed[0].rsplit(".", 1)[0]  # "graph", or "graph.negatives"
         raise ValueError(

@@ -210,7 +210,7 @@ class PairGraph:
         tensors requires grad. Every loss calls it before its kernels run, also under
         ``torch.compile`` (the comparison is the custom op ``palfast::graph_unchanged``,
         which a compiled graph keeps). Costs one comparison of each tensor with its copy,
-        O(E + N·L), and on a GPU one host sync per tensor.
+        O(E + N·L), and on a GPU one host sync.
 
         Returns a 0-dim zero that the losses add to their result, so that no compiler
         can drop the check as unused."""
