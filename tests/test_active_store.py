@@ -353,6 +353,20 @@ def test_record_bad_input(pairs, answers, exc, match):
     assert s.n_queries == 0
 
 
+@pytest.mark.parametrize("kw,error,message", [
+    ({"label_weight": "1"}, TypeError, "RelationStore.graph: label_weight must be a number"),
+    ({"view_weight": "0.5", "n_views": 2}, TypeError,
+     "RelationStore.graph: view_weight must be a number"),
+    ({"label_weight": -1.0}, ValueError, "RelationStore.graph: label_weight must be a finite"),
+    ({"device": "bogus"}, ValueError, "RelationStore.graph: device must be a torch.device"),
+])
+def test_graph_arguments_are_checked(kw, error, message):
+    s = RelationStore()
+    s.record([[0, 1]], [True])
+    with pytest.raises(error, match=message):
+        s.graph(torch.tensor([0, 1]), **kw)
+
+
 def test_other_bad_input(tmp_path):
     s = RelationStore()
     with pytest.raises(ValueError, match="i must be a sample id"):

@@ -103,7 +103,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .._checks import check_bool, check_number
+from .._checks import check_bool, check_device, check_number
 from ..graph import PairGraph
 
 __all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorruptError",
@@ -1417,11 +1417,15 @@ class RelationStore:
             raise ValueError("RelationStore.graph: indices must hold at least one sample id")
         if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1:
             raise ValueError(f"RelationStore.graph: n_views must be an int >= 1, got {n_views!r}")
-        negatives = check_bool("RelationStore.graph", "negatives", negatives)
+        op = "RelationStore.graph"
+        negatives = check_bool(op, "negatives", negatives)
+        label_weight = check_number(op, "label_weight", label_weight, 0.0)
+        view_weight = check_number(op, "view_weight", view_weight, 0.0)
+        device = None if device is None else check_device(op, "device", device)
         comp = self.components(idx).to(device)
-        g = PairGraph.from_labels(comp.repeat(n_views), weight=float(label_weight))
+        g = PairGraph.from_labels(comp.repeat(n_views), weight=label_weight)
         if n_views > 1:
-            g = float(view_weight) * PairGraph.from_views(idx.numel(), n_views, device=device) + g
+            g = view_weight * PairGraph.from_views(idx.numel(), n_views, device=device) + g
         if negatives:
             g = g.with_negatives(self._negative_graph(idx, n_views, device))
         return g
