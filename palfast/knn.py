@@ -204,8 +204,11 @@ def as_rows(op: str, name: str, x, *, min_rows: int = 0, finite: bool = False) -
             import numpy as np
         except ImportError:  # no NumPy: nothing but a tensor can be given
             np = None
-        if np is not None and isinstance(x, np.ndarray):
-            x = _from_numpy(op, name, x, "memory map" if isinstance(x, np.memmap) else "array")
+        if np is None or not isinstance(x, np.ndarray):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or a NumPy array (for a file "
+                            "larger than RAM: np.load(path, mmap_mode='r')), got "
+                            f"{type(x).__name__}")
+        x = _from_numpy(op, name, x, "memory map" if isinstance(x, np.memmap) else "array")
     x = check_tensor(op, name, x, min_rows=min_rows)
     if finite:
         bad = sum(int((~torch.isfinite(x[a:b])).any(1).sum()) for a, b in row_spans(x))

@@ -112,6 +112,10 @@ def test_bad_memory_maps_name_the_argument(tmp_path):
         candidate_pairs(mm[::-1], k=2)
     with pytest.raises(ValueError, match="keys must have the queries' width D = 3"):
         knn(torch.zeros(2, 3), 1, keys=mm)
+    with pytest.raises(TypeError, match=r"embeddings must be a torch.Tensor or a NumPy array "
+                                        r"\(for a file larger than RAM: np.load\(path, "
+                                        r"mmap_mode='r'\)\), got list"):
+        candidate_pairs(x.tolist(), k=2)
     bad = x.copy()
     bad[7, 1] = np.nan
     with pytest.raises(ValueError, match="embeddings must be finite, got 1 rows with NaN"):
