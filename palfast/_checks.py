@@ -7,12 +7,14 @@ never trusted: ``normalize='no'`` is an error, not ``True``.
 
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 
+import numpy as np
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_bool", "check_callable", "check_choice", "check_id_vector",
+__all__ = ["FLOAT_DTYPES", "as_long_vector", "check_bool", "check_callable", "check_choice",
+           "check_device", "check_id_vector",
            "check_instance", "check_int", "check_number", "check_tensor"]
 
 #: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
@@ -21,7 +23,7 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def check_bool(op: str, name: str, value) -> bool:
     """``value`` as a bool; only ``True``/``False`` (Python or NumPy) are accepted."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool | np.bool_):  # np.bool_: numpy.bool_ (NumPy 1), numpy.bool (2)
         return bool(value)
     raise TypeError(f"{op}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
@@ -39,6 +41,17 @@ def check_int(op: str, name: str, value, minimum: int | None = None,
     return value
 
 
+#: The largest finite float64: x is finite exactly when -_FLOAT_MAX <= x <= _FLOAT_MAX.
+_FLOAT_MAX = sys.float_info.max
+
+
+def _is_finite(value) -> bool:
+    """``math.isfinite`` also for ``torch.SymFloat``: under ``torch.compile(dynamic=True)``
+    numbers are traced as symbols, which ``math.isfinite`` cannot take (a comparison
+    becomes a guard instead). NaN fails both comparisons."""
+    return -_FLOAT_MAX <= value <= _FLOAT_MAX
+
+
 def check_number(op: str, name: str, value, minimum: float | None = None, *,
                  strict: bool = False, maximum: float | None = None) -> float:
     """A finite real number ≥ minimum (> minimum when ``strict``) and ≤ maximum."""
@@ -47,7 +60,7 @@ def check_number(op: str, name: str, value, minimum: float | None = None, *,
     value = float(value)
     low = minimum is not None and (value <= minimum if strict else value < minimum)
     high = maximum is not None and value > maximum
-    if not math.isfinite(value) or low or high:
+    if not _is_finite(value) or low or high:
         bound = "a finite number"
         if minimum is not None:
             bound += f" {'>' if strict else '>='} {minimum:g}"
@@ -57,6 +70,20 @@ def check_number(op: str, name: str, value, minimum: float | None = None, *,
     return value
 
 
+def check_device(op: str, name: str, value) -> torch.device:
+    """``value`` (a ``torch.device``, a string such as ``"cuda:0"`` or a device index) as
+    a ``torch.device``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a torch.device or a device string such as 'cpu' "
+                        f"or 'cuda:0', got {value!r}")
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise (ValueError if isinstance(value, str) else TypeError)(
+            f"{op}: {name} must be a torch.device or a device string such as 'cpu' or "
+            f"'cuda:0', got {value!r}") from e
+
+
 def check_choice(op: str, name: str, value, choices: tuple):
     """One of ``choices`` (compared with ==, so strings only match strings)."""
     if not isinstance(value, str | int) or isinstance(value, bool) or value not in choices:
@@ -64,17 +91,44 @@ def check_choice(op: str, name: str, value, choices: tuple):
     return value
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def as_long_vector(op: str, name: str, x) -> torch.Tensor:
+    """``x`` (a tensor, NumPy array or sequence of integers) as a 1-D int64 tensor,
+    refusing values beyond int64 (numpy uint64, Python ints ≥ 2**63) with a message
+    instead of wrapping them or failing inside torch."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "u" and x.size and int(x.max()) > _INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {int(x.max())}")
+    try:
+        t = torch.as_tensor(x)
+    except (OverflowError, RuntimeError, TypeError, ValueError) as e:
+        if "verflow" in str(e):
+            raise ValueError(f"{op}: {name} must fit in int64, got {x!r:.80}") from e
+        raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} "
+                        f"({e})") from e
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
+    if t.dtype == torch.uint64 and t.numel() and bool((t.view(torch.int64) < 0).any()):
+        raise ValueError(f"{op}: {name} must fit in int64, got a value >= 2**63")
+    return t.to(torch.long)
+
+
 def check_id_vector(op: str, name: str, values, n: int, what: str) -> torch.Tensor:
     """``values`` as an int64 CPU vector of n integer ids >= 0, one per row
     (``what`` names them in errors: "sample id", "class id")."""
-    t = torch.as_tensor(values)
+    if isinstance(values, torch.Tensor) and values.dim() != 1 or (
+            isinstance(values, np.ndarray) and values.ndim != 1):
+        raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), "
+                         f"got shape {tuple(values.shape)}")
+    t = as_long_vector(op, name, values)
     if t.shape != (n,):
         raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), "
                          f"got shape {tuple(t.shape)}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{op}: {name} must hold integer {what}s, got {t.dtype}")
-    t = t.detach().to(device="cpu", dtype=torch.long)
-    if int(t.min()) < 0:
+    t = t.detach().to(device="cpu")
+    if t.numel() and int(t.min()) < 0:
         raise ValueError(f"{op}: {name} must be >= 0, got {int(t.min())}")
     return t
 
@@ -85,6 +139,12 @@ def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = T
     one of ``dtypes`` when given, e.g. :data:`FLOAT_DTYPES`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{op}: {name} must be a regular tensor, got a nested tensor; pass "
+                        f"{name}.to_padded_tensor(0.0) or torch.cat of its components")
+    if x.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {x.layout}; pass "
+                        f"{name}.to_dense()")
     if x.dim() != 2:
         raise ValueError(f"{op}: {name} must be a 2-D tensor [N, D], got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:

@@ -91,19 +91,94 @@ def _no_double_backward(op: str, *tensors) -> None:
     """First derivatives only. The backward ops have no derivative of their own, so a
     second one (``create_graph=True``: Hessian-vector products, gradient penalties)
     would silently drop their part: refuse it. Autograd runs a backward with grad
-    mode on exactly when ``create_graph=True``."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
-            t is not None and t.requires_grad for t in tensors):
+    mode on exactly when ``create_graph=True``. ``torch.func.grad`` and ``vjp`` always
+    run it so (to allow nested transforms); under one such transform nothing
+    differentiates it again, so it is refused only under several, or when the plain
+    tensors beneath the transform's wrappers also require grad."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    # torch.func's wrappers require grad for their own level: look beneath them.
+    if _transform_depth() > 1 or any(_unwrapped(t).requires_grad for t in tensors
+                                     if t is not None):
         raise RuntimeError(
             f"palfast.{op} does not support double backward (create_graph=True, "
-            "torch.autograd.grad of a gradient, Hessian-vector products): its backward is a "
-            "custom op without a derivative, so the result would be wrong. Use "
-            "palfast.reference (pure PyTorch, small N) for higher derivatives "
-            "(docs/api.md, 'Gradients')")
+            "torch.autograd.grad of a gradient, Hessian-vector products, nested torch.func "
+            "transforms): its backward is a custom op without a derivative, so the result "
+            "would be wrong. Use palfast.reference (pure PyTorch, small N) for higher "
+            "derivatives (docs/api.md, 'Gradients')")
+
+
+def _transform_depth() -> int:
+    """How many torch.func transforms (grad, vjp, vmap, jvp) enclose this call."""
+    return len(torch._C._functorch.get_interpreter_stack() or ())
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor beneath torch.func's wrappers of ``t``."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+# ------------------------------------------------------------ graph integrity
+@torch.library.custom_op("palfast::graph_unchanged", mutates_args=())
+def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], names: str,
+                    op: str) -> torch.Tensor:
+    """Raise ``ValueError`` unless each of ``tensors`` equals its copy (shape, dtype,
+    device, values); else return a float32 0-dim zero on the first tensor's device.
+    ``names``: the tensors' names, separated by spaces (a schema has no list of strings).
+
+    ``PairGraph.check_unchanged`` calls it with a graph's tensors and the copies taken
+    when the graph was built. It is an op, not Python around the ops, so that
+    ``torch.compile`` keeps it in the compiled graph and runs it on every call (the
+    losses add its zero to their result, so it is never dropped as unused)."""
+    changed = [name for t, c, name in zip(tensors, copies, names.split())
+               if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device
+               or not torch.equal(t, c)]
+    if changed:
+        graph = changed[0].rsplit(".", 1)[0]  # "graph", or "graph.negatives"
+        raise ValueError(
+            f"{op}: {graph} must not be changed after it is built, got changes to "
+            f"{', '.join(changed)}; build a new PairGraph (a PairGraph is immutable: its "
+            "derived fields, such as degrees and totals, would no longer match; docs/api.md, "
+            "'What is checked')")
+    return torch.zeros((), device=tensors[0].device)
+
+
+@graph_unchanged.register_fake
+def _graph_unchanged_fake(tensors, copies, names, op):
+    return torch.zeros((), device=tensors[0].device)
 
 
 def _acc_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _differentiable(name: str, op, setup_context, backward):
+    """``op``, differentiable also under ``torch.func.grad`` and ``vjp``.
+
+    ``register_autograd`` (above each op) generates an ``autograd.Function`` whose
+    ``forward`` takes ``ctx``, which torch.func refuses. Under a torch.func transform
+    the call goes instead through an ``autograd.Function`` with the same formula and
+    a separate ``setup_context``, the form torch.func accepts. Everywhere else (eager,
+    ``torch.compile``, whose dynamo cannot trace that Function when a symmetric graph
+    passes one tensor as both CSR sides) it calls ``op`` directly."""
+
+    def forward(*args):
+        return op(*args)
+
+    fn = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+
+    def call(*args):
+        if not torch.compiler.is_compiling() and _transform_depth():
+            return fn.apply(*args)
+        return op(*args)
+
+    return call
 
 
 # --------------------------------------------------------------------- info_nce
@@ -137,6 +212,7 @@ def _info_nce_backward(ctx, grad_rows, grad_lse):
 
 torch.library.register_autograd("palfast::info_nce", _info_nce_backward,
                                 setup_context=_info_nce_setup)
+info_nce = _differentiable("InfoNCE", ops.info_nce, _info_nce_setup, _info_nce_backward)
 
 
 # ------------------------------------------------------------ covariance losses
@@ -155,13 +231,16 @@ def _graph_spmm_setup(ctx, inputs, output):
 
 
 def _graph_spmm_backward(ctx, grad):
-    # (G x)' = Gᵀ: the same op with the other side of the graph.
-    grad_x = ops.graph_spmm(grad.contiguous(), *ctx.graph, not ctx.transpose)
+    # (G x)' = Gᵀ: the same op with the other side of the graph (through graph_spmm
+    # below, so that torch.func.grad, which records this backward, can take it).
+    grad_x = graph_spmm(grad.contiguous(), *ctx.graph, not ctx.transpose)
     return (grad_x,) + (None,) * (len(ctx.graph) + 1)
 
 
 torch.library.register_autograd("palfast::graph_spmm", _graph_spmm_backward,
                                 setup_context=_graph_spmm_setup)
+graph_spmm = _differentiable("GraphSpMM", ops.graph_spmm, _graph_spmm_setup,
+                             _graph_spmm_backward)
 
 
 @torch.library.register_fake("palfast::graph_dirichlet")
@@ -189,6 +268,8 @@ def _graph_dirichlet_backward(ctx, grad):
 
 torch.library.register_autograd("palfast::graph_dirichlet", _graph_dirichlet_backward,
                                 setup_context=_graph_dirichlet_setup)
+graph_dirichlet = _differentiable("GraphDirichlet", ops.graph_dirichlet,
+                                  _graph_dirichlet_setup, _graph_dirichlet_backward)
 
 
 # The Gram-side rules: the only copies. The ops take the side as an argument
@@ -211,14 +292,14 @@ def sq_xcorr(p: torch.Tensor, q: torch.Tensor | None, offdiag: bool):
     """``palfast::sq_xcorr`` on the cheaper side: (value, aux)."""
     m, a = p.shape
     b = a if q is None else q.shape[1]
-    return ops.sq_xcorr(p, q, offdiag, sq_xcorr_uses_gram(m, a, b, q is None))
+    return _sq_xcorr(p, q, offdiag, sq_xcorr_uses_gram(m, a, b, q is None))
 
 
 def barlow_twins_xcorr(zhat: torch.Tensor, graph_args, lambd: float, scale: float):
     """``palfast::barlow_twins_xcorr`` on the cheaper side: (loss, aux)."""
     n, d = zhat.shape
-    return ops.barlow_twins_xcorr(zhat, *graph_args, lambd, scale,
-                                  barlow_twins_xcorr_uses_gram(n, d))
+    return _barlow_twins_xcorr(zhat, *graph_args, lambd, scale,
+                               barlow_twins_xcorr_uses_gram(n, d))
 
 
 def _pair_acc(p, q):
@@ -262,6 +343,7 @@ def _sq_xcorr_backward(ctx, grad, grad_aux):
 
 torch.library.register_autograd("palfast::sq_xcorr", _sq_xcorr_backward,
                                 setup_context=_sq_xcorr_setup)
+_sq_xcorr = _differentiable("SqXcorr", ops.sq_xcorr, _sq_xcorr_setup, _sq_xcorr_backward)
 
 
 @torch.library.register_fake("palfast::barlow_twins_xcorr")
@@ -293,3 +375,5 @@ def _barlow_twins_xcorr_backward(ctx, grad, grad_aux):
 
 torch.library.register_autograd("palfast::barlow_twins_xcorr", _barlow_twins_xcorr_backward,
                                 setup_context=_barlow_twins_xcorr_setup)
+_barlow_twins_xcorr = _differentiable("BarlowTwinsXcorr", ops.barlow_twins_xcorr,
+                                      _barlow_twins_xcorr_setup, _barlow_twins_xcorr_backward)

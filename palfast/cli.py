@@ -1,4 +1,4 @@
-"""The ``palfast`` command: ``palfast demo | bench | info`` (README.md)."""
+"""The ``palfast`` command: ``palfast demo | bench | info | annotate`` (README.md)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,32 @@ def _faiss_status() -> str:
     return f"{faiss.__version__} ({'GPU, ' + str(gpus) + ' device(s)' if gpus else 'CPU'})"
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse names the option in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+#: What ``palfast bench --device`` takes; "auto" is cuda when a GPU is visible, else cpu.
+BENCH_DEVICES = "cpu, cuda, cuda:N or auto"
+
+
+def bench_device(text: str) -> str:
+    """argparse type of ``bench --device``: cpu, cuda, cuda:N (N >= 0) or auto."""
+    kind, _, index = text.partition(":")
+    if (text in ("cpu", "cuda", "auto")
+            or (kind == "cuda" and index.isascii() and index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"must be {BENCH_DEVICES}, got {text!r}")
+
+
 def _bench(args) -> int:
     import torch
 
@@ -63,6 +89,11 @@ def _bench(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("palfast bench: --device cuda needs a visible GPU and a CUDA build of torch",
               file=sys.stderr)
+        return 2
+    index = int(device.partition(":")[2] or 0)
+    if device.startswith("cuda") and index >= torch.cuda.device_count():
+        print(f"palfast bench: --device {device}: only {torch.cuda.device_count()} GPU(s) are "
+              f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})", file=sys.stderr)
         return 2
     if args.min_time < 0:
         print(f"palfast bench: --min-time must be >= 0 seconds, got {args.min_time}", file=sys.stderr)
@@ -121,16 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "per run on the CPU, max_memory_allocated on CUDA) and, on CUDA, the kernels "
                     "a run launches. Writes JSON and CSV with device, versions, git SHA and the "
                     "targets the results meet (bench/README.md).")
-    bench.add_argument("--only", nargs="+", metavar="OP",
-                       help="benchmarks to run: info_nce, covariance, candidates (default: all)")
+    from palfast.benchmarks.harness import BENCH_MODULES
+    ops = [m.removeprefix("bench_") for m in BENCH_MODULES]
+    bench.add_argument("--only", nargs="+", metavar="OP", choices=ops,
+                       help=f"benchmarks to run: {', '.join(ops)} (default: all)")
     bench.add_argument("--filter", metavar="TEXT",
                        help="only the cases whose name contains TEXT (e.g. vicreg, N=8192)")
     bench.add_argument("--impls", nargs="+", metavar="IMPL",
                        help="only these implementations (e.g. palfast); the baseline always runs")
-    bench.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    bench.add_argument("--device", default="auto", type=bench_device,
+                       help=f"{BENCH_DEVICES} (default: auto: cuda when a GPU is visible)")
     bench.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bench.add_argument("--repeats", type=int_at_least(1), default=5,
+                       help="timed rounds per case, >= 1 (default 5)")
+    bench.add_argument("--warmup", type=int_at_least(0), default=1,
+                       help="untimed runs first, >= 0 (default 1)")
     bench.add_argument("--min-time", type=float, default=0.0, metavar="SECONDS",
                        help="keep alternating rounds past --repeats until a case has run this "
                             "long, up to a round limit (for millisecond GPU steps; default 0)")

@@ -42,8 +42,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 INFO_NCE_MAX_LOGIT = {torch.float32: float(2**24), torch.float64: float(2**53)}
 
 
-def _check_z(op: str, z, graph, check_finite, n_global: bool = False) -> None:
+def _check_z(op: str, z, graph, check_finite, n_global: bool = False) -> torch.Tensor:
     """z: a float [N >= 1, D >= 1] tensor; graph: an unchanged PairGraph over its rows.
+    Returns the 0-dim zero of ``graph.check_unchanged``, which the loss adds to its
+    result (:func:`_with_check`).
 
     An empty batch (N = 0) is refused rather than given a loss of 0: an empty
     batch is almost always a data-loading bug (docs/api.md, "Edge cases")."""
@@ -58,9 +60,44 @@ def _check_z(op: str, z, graph, check_finite, n_global: bool = False) -> None:
     if graph.device != z.device:
         raise ValueError(f"{op}: graph must be on z's device ({z.device}), got {graph.device}; "
                          "use graph.to(z.device)")
-    if not torch.compiler.is_compiling():
-        graph.check_unchanged(op)
+    unchanged = graph.check_unchanged(op)
     _check_finite(op, "z", z, check_finite)
+    return unchanged
+
+
+def _with_check(out: torch.Tensor, unchanged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` in ``dtype``, plus the zero of the graph check: the result depends on the
+    check, so a compiled graph cannot drop it (PairGraph.check_unchanged)."""
+    return (out + unchanged.to(out.dtype)).to(dtype)
+
+
+def _no_overflow_nan(op: str, z: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, or ``ValueError`` naming z when it is NaN although z is finite.
+
+    The covariance losses sum squares and fourth powers of z's entries in float32
+    (float64 for float64 z); in float32 squared inner products overflow from
+    |z| ≈ 1e9 (spectral_contrastive, vic2), squares from ≈ 1e19, and inf − inf gives
+    NaN where the exact loss is merely large (docs/api.md, "Numerics"). A loss
+    that legitimately overflows to ±inf is returned as such. One host sync (one
+    scalar); skipped under torch.compile, where such a loss stays NaN."""
+    if torch.compiler.is_compiling() or not bool(torch.isnan(loss)):
+        return loss
+    x = z.detach()
+    if not bool(torch.isfinite(x).all()):
+        return loss  # NaN/Inf in z: NaN loss, like PyTorch's losses (check_finite)
+    peak = float(torch.maximum(x.amax(), -x.amin()))
+    acc = str(_ops._acc_dtype(z)).removeprefix("torch.")
+    raise ValueError(f"{op}: z is too large for {acc} accumulation (largest |z| = "
+                     f"{peak:g}): its sums of squares overflow and the loss would be NaN; scale z "
+                     "down (normalise it), or pass z.double()")
+
+
+def _variance_overflows(x: torch.Tensor) -> torch.Tensor:
+    """Whether a column's sum of squares may overflow x's dtype: N · max|x|² > its
+    largest float (a device bool; no host sync)."""
+    d = x.detach()
+    peak = torch.maximum(d.amax(), -d.amin())
+    return peak.square() * x.shape[0] > torch.finfo(x.dtype).max
 
 
 def _check_finite(op: str, name: str, z: torch.Tensor, check_finite: bool) -> None:
@@ -194,7 +231,7 @@ def _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize, be
     anchor = w > 0
     anchor[:begin] = False
     anchor[end:] = False
-    pos = (u * _ops.ops.graph_spmm(u, *graph.kernel_args(), False)).sum(1) / (
+    pos = (u * _ops.graph_spmm(u, *graph.kernel_args(), False)).sum(1) / (
         temperature * torch.where(anchor, w, torch.ones_like(w)))
     recon = rows + pos
     lse = lse.detach() + (recon - recon.detach())
@@ -273,7 +310,7 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     """
     op = "palfast.info_nce"
     gather = _check_gather(op, gather)
-    _check_z(op, z, graph, check_finite, n_global=gather)
+    unchanged = _check_z(op, z, graph, check_finite, n_global=gather)
     temperature = check_number(op, "temperature", temperature, 0.0, strict=True)
     normalize = check_bool(op, "normalize", normalize)
     check_choice(op, "reduction", reduction, _REDUCTIONS)
@@ -282,22 +319,27 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
         _check_logit_range(op, z, temperature)
     keys, begin, end = (_dist.all_gather_rows(z, graph.num_nodes) if gather
                         else (z, 0, z.shape[0]))
-    rows, lse = _ops.ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
+    rows, lse = _ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
     if unknown_weight < 1:
         if torch.compiler.is_compiling():
             raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.compile (its "
                              "known-pair list has a data-dependent size); call info_nce outside "
                              "the compiled region, or use unknown_weight=1.0")
+        if _ops._transform_depth():
+            raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.func transforms "
+                             "(grad, vjp, vmap): its backward builds sparse CSR tensors, which "
+                             "torch.func cannot wrap; use torch.autograd.grad, or "
+                             "unknown_weight=1.0")
         rows = rows + _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize,
                                                 begin, end, unknown_weight)
     if reduction == "none":
-        return rows[begin:end].to(z.dtype)
+        return _with_check(rows[begin:end], unchanged, z.dtype)
     out = rows.sum()
     if reduction == "mean":
         out = out / max(graph.num_anchors, 1)
     if gather:
         out = _dist.global_value(out)
-    return out.to(z.dtype)
+    return _with_check(out, unchanged, z.dtype)
 
 
 # ------------------------------------------------------------ covariance losses
@@ -308,8 +350,10 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
 # matrices when N < D). The O(N·D) rest (centring, standardising, the variance
 # hinge, diagonals) is plain PyTorch in float32 (float64 for float64 z).
 
-def _global_rows(op: str, z, graph, check_finite: bool, gather) -> torch.Tensor:
-    """Check z and, under torch.distributed (``gather``), return all ranks' rows.
+def _global_rows(op: str, z, graph, check_finite: bool,
+                 gather) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check z and, under torch.distributed (``gather``), return all ranks' rows (and
+    the zero of the graph check, for :func:`_with_check`).
 
     The covariance losses then compute the global loss on the gathered rows on
     every rank: the gather's backward sums each rank's gradient into the owner,
@@ -317,10 +361,10 @@ def _global_rows(op: str, z, graph, check_finite: bool, gather) -> torch.Tensor:
     into the exact single-process gradient. Statistics are O(D²) (or the Gram
     side O(N²) when N < D), never more than the single-process loss uses."""
     gather = _check_gather(op, gather)
-    _check_z(op, z, graph, check_finite, n_global=gather)
+    unchanged = _check_z(op, z, graph, check_finite, n_global=gather)
     if gather:
         z, _, _ = _dist.all_gather_rows(z, graph.num_nodes)
-    return z
+    return z, unchanged
 
 
 def _vicreg_coeffs(op: str, sim_coeff, std_coeff, cov_coeff, eps) -> tuple[float, ...]:
@@ -370,7 +414,7 @@ def _dirichlet_mean(x: torch.Tensor, graph: PairGraph) -> torch.Tensor:
     """Σ_ij w_ij ‖x_i − x_j‖² / |G|, or 0 (with zero gradient) for an empty graph."""
     if graph.total_weight <= 0:
         return x.new_zeros(())
-    return _ops.ops.graph_dirichlet(x, *graph.kernel_args()) / graph.total_weight
+    return _ops.graph_dirichlet(x, *graph.kernel_args()) / graph.total_weight
 
 
 def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
@@ -421,13 +465,14 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
         >>> loss.backward()
     """
     op = "palfast.vicreg"
-    z = _global_rows(op, z, graph, check_finite, gather)
+    z, unchanged = _global_rows(op, z, graph, check_finite, gather)
     sim_coeff, std_coeff, cov_coeff, eps = _vicreg_coeffs(op, sim_coeff, std_coeff, cov_coeff, eps)
     _check_rows(op, "z", z, 2, "the unbiased variance over N − 1 needs two")
     x = _acc(z)
     inv = _dirichlet_mean(x, graph) / z.shape[1]
     var, cov = _variance_covariance(x, eps)
-    return (sim_coeff * inv + std_coeff * var + cov_coeff * cov).to(z.dtype)
+    loss = _with_check(sim_coeff * inv + std_coeff * var + cov_coeff * cov, unchanged, z.dtype)
+    return _no_overflow_nan(op, z, loss)
 
 
 def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5,
@@ -475,13 +520,16 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
         >>> palfast.barlow_twins(z, palfast.PairGraph.from_labels(labels)).backward()
     """
     op = "palfast.barlow_twins"
-    z = _global_rows(op, z, graph, check_finite, gather)
+    z, unchanged = _global_rows(op, z, graph, check_finite, gather)
     lambd, eps = _barlow_twins_coeffs(op, lambd, eps)
     zhat = _standardize(_acc(z), eps)
     if graph.total_weight <= 0:
-        return (zhat.sum() * 0 + z.shape[1]).to(z.dtype)
+        return _with_check(zhat.sum() * 0 + z.shape[1], unchanged, z.dtype)
     loss, _ = _ops.barlow_twins_xcorr(zhat, graph.kernel_args(), lambd, 1.0 / graph.total_weight)
-    return loss.to(z.dtype)
+    # An overflowing column variance standardises the column to 0: a plausible, wrong
+    # finite loss. NaN instead, which _no_overflow_nan turns into a ValueError.
+    loss = torch.where(_variance_overflows(_acc(z)), torch.full_like(loss, float("nan")), loss)
+    return _no_overflow_nan(op, z, _with_check(loss, unchanged, z.dtype))
 
 
 def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: float = 1.0,
@@ -523,7 +571,7 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
         >>> loss.backward()
     """
     op = "palfast.spectral_contrastive"
-    z = _global_rows(op, z, graph, check_finite, gather)
+    z, unchanged = _global_rows(op, z, graph, check_finite, gather)
     negative_weight = check_number(op, "negative_weight", negative_weight, 0.0)
     x = _acc(z)
     n = x.shape[0]
@@ -534,11 +582,11 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
     total = sum(abs(a) * g.total_weight for a, g in signed)
     for a, g in signed:
         if g.total_weight > 0:
-            gx = _ops.ops.graph_spmm(x, *g.kernel_args(), False)
+            gx = _ops.graph_spmm(x, *g.kernel_args(), False)
             loss = loss - 2.0 * a / total * (x * gx).sum()
     if n > 1:
         loss = loss + _ops.sq_xcorr(x.T, None, True)[0] / (n * (n - 1))
-    return loss.to(z.dtype)
+    return _no_overflow_nan(op, z, _with_check(loss, unchanged, z.dtype))
 
 
 def _orthogonality_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -629,7 +677,7 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
         >>> loss.backward()
     """
     op = "palfast.vic2"
-    z = _global_rows(op, z, graph, check_finite, gather)
+    z, unchanged = _global_rows(op, z, graph, check_finite, gather)
     beta = check_number(op, "beta", beta, 0.0)
     n_views = check_int(op, "n_views", n_views, 1)
     if z.shape[0] % n_views:
@@ -647,7 +695,8 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     else:
         ortho = _orthogonality_halves(blocks[:, : n // 2].reshape(-1, d),
                                       blocks[:, n // 2:].reshape(-1, d))
-    return (beta * _dirichlet_mean(x, graph) + ortho).to(z.dtype)
+    return _no_overflow_nan(op, z, _with_check(beta * _dirichlet_mean(x, graph) + ortho,
+                                               unchanged, z.dtype))
 
 
 def _orthogonality_pool(blocks: torch.Tensor, pool: int) -> torch.Tensor:

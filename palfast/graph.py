@@ -21,10 +21,13 @@ it uses the negatives (docs/api.md, "Known negatives").
 
 All data-dependent validation (index ranges, weights 0 or in
 [MIN_WEIGHT, MAX_WEIGHT], sizes up to MAX_NODES) happens here, with messages
-naming the argument. The ops re-check the index ranges in C++ (csrc/graph.h,
-``check_graph_values``) because a PairGraph's tensors can still be changed in
-place; the losses refuse such a graph earlier with a clearer message, from the
-tensors' version counters recorded here.
+naming the argument, and the derived fields (the transpose, degrees, totals) are
+computed here from the defining ones, in ``PairGraph.__post_init__``, so neither a
+constructor nor ``dataclasses.replace`` can produce them out of step. A graph keeps
+a copy of its tensors; every loss compares them (``PairGraph.check_unchanged``) and
+refuses a graph changed since, however it was changed (in place, ``.data``, a NumPy
+view, ``object.__setattr__``). The ops re-check the index ranges in C++
+(csrc/graph.h, ``check_graph_values``) because they can be called directly.
 Weights that require grad are refused: the losses do not differentiate with
 respect to the graph (docs/api.md, "Gradients").
 Duplicate edges are summed (like ``torch.sparse`` coalescing); self-loops are
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from ._checks import check_bool, check_int, check_number
+from ._checks import as_long_vector, check_bool, check_device, check_int, check_number
 
 __all__ = ["PairGraph", "MAX_NODES", "MIN_WEIGHT", "MAX_WEIGHT"]
 
@@ -61,26 +64,8 @@ MAX_NODES = 2**31 - 1
 MIN_WEIGHT = 1e-30
 MAX_WEIGHT = 1e30
 
-_INT64_MAX = 2**63 - 1
-
-
 def _as_long_vector(x, name: str, op: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray) and x.dtype.kind == "u" and x.size and int(x.max()) > _INT64_MAX:
-        raise ValueError(f"{op}: {name} must fit in int64, got {int(x.max())}")
-    try:
-        t = torch.as_tensor(x)
-    except (OverflowError, RuntimeError, TypeError, ValueError) as e:
-        if "verflow" in str(e):
-            raise ValueError(f"{op}: {name} must fit in int64, got {x!r:.80}") from e
-        raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} "
-                        f"({e})") from e
-    if t.dim() != 1:
-        raise ValueError(f"{op}: {name} must be a 1-D tensor, got shape {tuple(t.shape)}")
-    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
-    if t.dtype == torch.uint64 and t.numel() and bool((t.view(torch.int64) < 0).any()):
-        raise ValueError(f"{op}: {name} must fit in int64, got a value >= 2**63")
-    return t.to(torch.long)
+    return as_long_vector(op, name, x)
 
 
 def _real_weights(w, name: str, op: str) -> torch.Tensor:
@@ -147,89 +132,127 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, n: int):
 class PairGraph:
     """Immutable graph of positive pairs over ``num_nodes`` rows. Build it with a
     ``from_*`` constructor; combine with ``g1 + g2`` (union, weights summed) and
-    ``a * g`` (scaling). See the module docstring for the storage layout."""
+    ``a * g`` (scaling). See the module docstring for the storage layout.
+
+    The fields before ``negatives`` define the graph; everything after it is derived
+    from them in ``__post_init__``, so ``PairGraph(...)`` and ``dataclasses.replace(g,
+    weights=...)`` validate their input and recompute the transpose, the degrees and
+    the totals (``replace`` refuses the derived fields themselves). Each loss compares
+    the tensors with the copy taken here and refuses a graph changed since
+    (:meth:`check_unchanged`; docs/api.md, "What is checked")."""
 
     num_nodes: int
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    weights: torch.Tensor
-    t_indptr: torch.Tensor
-    t_indices: torch.Tensor
-    t_weights: torch.Tensor
+    indptr: torch.Tensor  # [N + 1] int64, row i's edges are indptr[i]:indptr[i + 1]
+    indices: torch.Tensor  # [E] int64 columns, increasing within a row, no self-loops
+    weights: torch.Tensor  # [E] float32, 0 or in [MIN_WEIGHT, MAX_WEIGHT]
     labels: torch.Tensor  # [L, N] int64 compact class ids, −1 unknown
     label_weights: tuple[float, ...]
     label_classes: tuple[int, ...]
-    pos_weight: torch.Tensor  # [N] float64, W_i = Σ_{j≠i} w_ij
-    num_anchors: int  # rows with W_i > 0
-    total_weight: float  # |G| = Σ_ij w_ij
-    symmetric: bool
     # Known negatives over the same rows (None: none known); see with_negatives.
     negatives: PairGraph | None = None
-    # The tensors' version counters at construction: an in-place change after it
-    # is refused by the losses (check_unchanged) before any kernel runs.
-    _versions: tuple = field(init=False, repr=False, compare=False)
+    # Derived (init=False): the CSR of Gᵀ (the same tensors when G is symmetric), ...
+    t_indptr: torch.Tensor = field(init=False)
+    t_indices: torch.Tensor = field(init=False)
+    t_weights: torch.Tensor = field(init=False)
+    pos_weight: torch.Tensor = field(init=False)  # [N] float64, W_i = Σ_{j≠i} w_ij
+    num_anchors: int = field(init=False)  # rows with W_i > 0
+    total_weight: float = field(init=False)  # |G| = Σ_ij w_ij
+    symmetric: bool = field(init=False)  # G == Gᵀ (explicit edges; label sets always are)
+    # What check_unchanged compares with: a copy of every tensor and the other fields.
+    _snapshot: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        _check_negatives(self)
-        object.__setattr__(self, "_versions", self._current_versions())
-
-    def __setstate__(self, state):  # pickle, deepcopy: fresh tensors, fresh counters
-        self.__dict__.update(state)
-        object.__setattr__(self, "_versions", self._current_versions())
-
-    def _current_versions(self) -> tuple:
-        return tuple(getattr(self, f)._version for f in _TENSOR_FIELDS)
-
-    def check_unchanged(self, op: str, name: str = "graph") -> None:
-        """Raise ``ValueError`` if a tensor of this graph (or of its negatives) was changed
-        in place after it was built (the kernels would trust stale degrees and totals)."""
-        if self._current_versions() != self._versions:
-            changed = [f for f, a, b in zip(_TENSOR_FIELDS, self._versions,
-                                            self._current_versions()) if a != b]
-            raise ValueError(f"{op}: {name} must not be changed after it is built, got in-place "
-                             f"changes to {name}.{f', {name}.'.join(changed)}; build a new "
-                             "PairGraph")
-        for f in _TENSOR_FIELDS:
-            if getattr(self, f).requires_grad:
-                raise ValueError(f"{op}: {name}.{f} must not require grad: palfast's losses do "
-                                 "not differentiate with respect to the graph (docs/api.md, "
-                                 "'Gradients')")
-        if self.negatives is not None:
-            self.negatives.check_unchanged(op, f"{name}.negatives")
-
-    # ------------------------------------------------------------------ build
-    @classmethod
-    def _build(cls, n, rows, cols, w, labels, label_weights, label_classes, symmetric):
-        device = rows.device
-        off = rows != cols  # w_ii is ignored
-        rows, cols, w = rows[off], cols[off], w[off]
-        indptr, indices, weights = _csr(rows, cols, w, n)
-        _check_weights(weights, "edge weights", "PairGraph")
-        weights = weights.to(torch.float32)
-        if symmetric:
-            t_indptr, t_indices, t_weights = indptr, indices, weights
-        else:
-            src = torch.repeat_interleave(torch.arange(n, device=device), indptr.diff())
-            t_indptr, t_indices, t_weights = _csr(indices, src, weights, n)
-            t_weights = t_weights.to(torch.float32)
-        labels = labels.to(device=device, dtype=torch.long).reshape(-1, n)
-        pos = torch.zeros(n, dtype=torch.float64, device=device)
-        pos.index_add_(0, torch.repeat_interleave(torch.arange(n, device=device), indptr.diff()),
-                       weights.double())
-        total = float(weights.double().sum())
-        for y, a, c in zip(labels, label_weights, label_classes):
+        n, lw, lc = _check_fields(self)
+        for name, value in (("num_nodes", n), ("label_weights", lw), ("label_classes", lc)):
+            object.__setattr__(self, name, value)
+        rows = _csr_rows(self.indptr, n)
+        t_indptr, t_indices, t_weights = _transpose(rows, self.indices, self.weights, n)
+        symmetric = (torch.equal(t_indptr, self.indptr) and torch.equal(t_indices, self.indices)
+                     and torch.equal(t_weights, self.weights))
+        if symmetric:  # one set of tensors for both sides
+            t_indptr, t_indices, t_weights = self.indptr, self.indices, self.weights
+        pos = torch.zeros(n, dtype=torch.float64, device=self.device)
+        pos.index_add_(0, rows, self.weights.double())
+        total = float(self.weights.double().sum())
+        for y, a, c in zip(self.labels, lw, lc):
             known = y >= 0
             counts = torch.bincount(y[known], minlength=c).double()
-            sizes = torch.zeros(n, dtype=torch.float64, device=device)
+            sizes = torch.zeros(n, dtype=torch.float64, device=self.device)
             sizes[known] = counts[y[known]]
             pos += a * (sizes - 1).clamp_min(0) * known
             total += a * float((counts * (counts - 1)).sum())
         if total > MAX_WEIGHT:
             raise ValueError(f"PairGraph: the total weight |G| must be <= MAX_WEIGHT = "
                              f"{MAX_WEIGHT:g}, got {total:g}")
-        return cls(n, indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                   tuple(float(a) for a in label_weights), tuple(int(c) for c in label_classes),
-                   pos, int((pos > 0).sum()), total, bool(symmetric))
+        for name, value in (("t_indptr", t_indptr), ("t_indices", t_indices),
+                            ("t_weights", t_weights), ("pos_weight", pos),
+                            ("num_anchors", int((pos > 0).sum())), ("total_weight", total),
+                            ("symmetric", bool(symmetric))):
+            object.__setattr__(self, name, value)
+        _check_negatives(self)
+        self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        copies = {}  # a tensor shared by two fields (a symmetric graph's sides) is copied once
+        tensors = tuple(copies.setdefault(id(getattr(self, f)), getattr(self, f).clone())
+                        for f in _TENSOR_FIELDS)
+        object.__setattr__(self, "_snapshot",
+                           (tensors, tuple(getattr(self, f) for f in _OTHER_FIELDS)))
+
+    def __reduce__(self):  # pickle, copy, deepcopy: rebuilt (and re-validated) from its definition
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init))
+
+    def check_unchanged(self, op: str = "PairGraph.check_unchanged",
+                        name: str = "graph") -> torch.Tensor:
+        """Raise ``ValueError`` if this graph (or its negatives) was changed after it was
+        built: any tensor's values, shape, dtype or device (in place, through ``.data``,
+        a NumPy view, or ``object.__setattr__``) or any other field; and if one of its
+        tensors requires grad. Every loss calls it before its kernels run, also under
+        ``torch.compile`` (the comparison is the custom op ``palfast::graph_unchanged``,
+        which a compiled graph keeps). Costs one comparison of each tensor with its copy,
+        O(E + N·L), and on a GPU one host sync per tensor.
+
+        Returns a 0-dim zero that the losses add to their result, so that no compiler
+        can drop the check as unused."""
+        from . import _ops  # the op lives with the others; _ops does not import this module
+
+        current, snapshot, names = self._check_fields_unchanged(op, name)
+        return _ops.graph_unchanged(current, snapshot, " ".join(names), op)
+
+    def _check_fields_unchanged(self, op: str, name: str) -> tuple[list, list, list]:
+        """The non-tensor checks of check_unchanged; returns the tensors to compare
+        (this graph's and its negatives'), their copies and their names."""
+        tensors, others = self._snapshot
+        for f, before in zip(_OTHER_FIELDS, others):
+            now = getattr(self, f)
+            if (now is not before) if f == "negatives" else (now != before):
+                raise ValueError(f"{op}: {name} must not be changed after it is built, got "
+                                 f"changes to {name}.{f} ({before!r} -> {now!r}); build a new "
+                                 "PairGraph")
+        for f in _TENSOR_FIELDS:
+            if getattr(self, f).requires_grad:
+                raise ValueError(f"{op}: {name}.{f} must not require grad: palfast's losses do "
+                                 "not differentiate with respect to the graph (docs/api.md, "
+                                 "'Gradients')")
+        current = [getattr(self, f) for f in _TENSOR_FIELDS]
+        snapshot = list(tensors)
+        names = [f"{name}.{f}" for f in _TENSOR_FIELDS]
+        if self.negatives is not None:
+            c, s, n = self.negatives._check_fields_unchanged(op, f"{name}.negatives")
+            current, snapshot, names = current + c, snapshot + s, names + n
+        return current, snapshot, names
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def _build(cls, n, rows, cols, w, labels, label_weights, label_classes):
+        device = rows.device
+        off = rows != cols  # w_ii is ignored
+        rows, cols, w = rows[off], cols[off], w[off]
+        indptr, indices, weights = _csr(rows, cols, w, n)
+        _check_weights(weights, "edge weights", "PairGraph")
+        labels = labels.to(device=device, dtype=torch.long).reshape(-1, n)
+        return cls(n, indptr, indices, weights.to(torch.float32), labels,
+                   tuple(float(a) for a in label_weights), tuple(int(c) for c in label_classes))
 
     @staticmethod
     def _empty_edges(device=None):
@@ -256,7 +279,7 @@ class PairGraph:
             compact[known] = inv
             classes = uniq.numel()
         r, c, w = cls._empty_edges(y.device)
-        return cls._build(y.numel(), r, c, w, compact[None], (float(weight),), (classes,), True)
+        return cls._build(y.numel(), r, c, w, compact[None], (float(weight),), (classes,))
 
     @classmethod
     def from_views(cls, n: int, n_views: int = 2, *, device=None) -> PairGraph:
@@ -264,13 +287,14 @@ class PairGraph:
         with ``z = torch.cat([view_0, ..., view_{V-1}])``."""
         op = "PairGraph.from_views"
         n = _check_nodes(op, "n", n)
+        device = None if device is None else check_device(op, "device", device)
         n_views = check_int(op, "n_views", n_views, 1)
         if n * n_views > MAX_NODES:
             raise ValueError(f"{op}: n * n_views must be <= MAX_NODES = {MAX_NODES}, got "
                              f"{n} * {n_views} = {n * n_views}")
         y = torch.arange(n, device=device).repeat(n_views)
         r, c, w = cls._empty_edges(device)
-        return cls._build(n * n_views, r, c, w, y[None], (1.0,), (n,), True)
+        return cls._build(n * n_views, r, c, w, y[None], (1.0,), (n,))
 
     @classmethod
     def from_edges(cls, src, dst, weights=None, *, num_nodes: int, symmetric: bool = True):
@@ -301,7 +325,7 @@ class PairGraph:
         if symmetric:
             s, d, w = torch.cat([s, d]), torch.cat([d, s]), torch.cat([w, w])
         y = torch.zeros(0, num_nodes, dtype=torch.long, device=s.device)
-        return cls._build(num_nodes, s, d, w, y, (), (), symmetric)
+        return cls._build(num_nodes, s, d, w, y, (), ())
 
     @classmethod
     def from_dense(cls, W) -> PairGraph:
@@ -312,10 +336,9 @@ class PairGraph:
             raise ValueError(f"{op}: W must be a square [N, N] matrix, got shape {tuple(W.shape)}")
         _check_nodes(op, "N", W.shape[0])
         _check_weights(W, "W", op)
-        symmetric = bool(torch.equal(W, W.T))
         r, c = W.nonzero(as_tuple=True)
         y = torch.zeros(0, W.shape[0], dtype=torch.long, device=W.device)
-        return cls._build(W.shape[0], r, c, W[r, c], y, (), (), symmetric)
+        return cls._build(W.shape[0], r, c, W[r, c], y, (), ())
 
     # ------------------------------------------------------------- algebra
     def __add__(self, other: PairGraph) -> PairGraph:
@@ -330,8 +353,8 @@ class PairGraph:
             self.num_nodes, torch.cat([r1, r2.to(r1.device)]), torch.cat([c1, c2.to(r1.device)]),
             torch.cat([w1, w2.to(r1.device)]),
             torch.cat([self.labels, other.labels.to(self.labels.device)]),
-            self.label_weights + other.label_weights, self.label_classes + other.label_classes,
-            self.symmetric and other.symmetric).with_negatives(
+            self.label_weights + other.label_weights,
+            self.label_classes + other.label_classes).with_negatives(
                 _sum_negatives(self.negatives, other.negatives, self.device))
 
     def __mul__(self, a) -> PairGraph:
@@ -352,8 +375,8 @@ class PairGraph:
         return PairGraph._build(self.num_nodes, r, c, w.double() * a, self.labels,
                                 tuple(_check_label_weight(a * x, "scale * label weight",
                                                           "PairGraph.__mul__")
-                                      for x in self.label_weights), self.label_classes,
-                                self.symmetric).with_negatives(
+                                      for x in self.label_weights),
+                                self.label_classes).with_negatives(
                                     None if self.negatives is None else a * self.negatives)
 
     __rmul__ = __mul__
@@ -376,7 +399,16 @@ class PairGraph:
             >>> g.negatives.to_dense().tolist()
             [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
         """
-        return replace(self, negatives=negatives)
+        # The positives are unchanged: share their tensors, derived fields and copies
+        # instead of re-validating them (replace would), and check the negatives only.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        object.__setattr__(new, "negatives", negatives)
+        _check_negatives(new)
+        tensors, others = self._snapshot
+        object.__setattr__(new, "_snapshot", (tensors, tuple(
+            negatives if f == "negatives" else v for f, v in zip(_OTHER_FIELDS, others))))
+        return new
 
     # ------------------------------------------------------------ queries
     @property
@@ -397,11 +429,10 @@ class PairGraph:
         return self.pos_weight
 
     def to(self, device) -> PairGraph:
-        device = torch.device(device)
-        kept = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}
+        device = check_device("PairGraph.to", "device", device)
+        moved = {f: getattr(self, f).to(device) for f in ("indptr", "indices", "weights", "labels")}
         negatives = None if self.negatives is None else self.negatives.to(device)
-        return PairGraph(**{**kept, **moved, "negatives": negatives})
+        return replace(self, **moved, negatives=negatives)
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full [N, N] positive weight matrix with a zero diagonal (small N only);
@@ -424,9 +455,7 @@ class PairGraph:
                 list(self.label_classes), self.pos_weight)
 
     def _edge_list(self):
-        rows = torch.repeat_interleave(torch.arange(self.num_nodes, device=self.device),
-                                       self.indptr.diff())
-        return rows, self.indices, self.weights
+        return _csr_rows(self.indptr, self.num_nodes), self.indices, self.weights
 
     def __repr__(self) -> str:
         return (f"PairGraph(num_nodes={self.num_nodes}, csr_edges={self.indices.numel()}, "
@@ -436,8 +465,91 @@ class PairGraph:
                 f"device={self.device})")
 
 
+# What check_unchanged compares: every tensor (the kernels read them all) and every
+# other field (negatives by identity: its own tensors are compared as its own graph).
 _TENSOR_FIELDS = ("indptr", "indices", "weights", "t_indptr", "t_indices", "t_weights", "labels",
                   "pos_weight")
+_OTHER_FIELDS = ("num_nodes", "label_weights", "label_classes", "negatives", "num_anchors",
+                 "total_weight", "symmetric")
+
+
+def _csr_rows(indptr: torch.Tensor, n: int) -> torch.Tensor:
+    """The row of each edge of a CSR with a valid (non-decreasing) ``indptr``."""
+    return torch.repeat_interleave(torch.arange(n, device=indptr.device), indptr.diff())
+
+
+def _transpose(rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, n: int):
+    """CSR (indptr, indices, weights) of Gᵀ from G's unique edges (rows, cols, w)."""
+    order = torch.argsort(cols * n + rows)
+    indptr = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    indptr[1:] = torch.cumsum(torch.bincount(cols, minlength=n), 0)
+    return indptr, rows[order], w[order]
+
+
+def _check_fields(g: PairGraph) -> tuple[int, tuple[float, ...], tuple[int, ...]]:
+    """Validate the defining fields of a PairGraph (all of csrc/graph.h's checks and
+    the CSR's canonical form, so the derived fields can be computed from them);
+    returns num_nodes, label_weights and label_classes normalised."""
+    op = "PairGraph"
+    n = _check_nodes(op, "num_nodes", g.num_nodes)
+    spec = {"indptr": torch.long, "indices": torch.long, "weights": torch.float32,
+            "labels": torch.long}
+    for name, dtype in spec.items():
+        t = getattr(g, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be {str(dtype).removeprefix('torch.')}, got "
+                            f"{t.dtype}")
+        if t.requires_grad:
+            raise ValueError(f"{op}: {name} must not require grad: palfast's losses do not "
+                             "differentiate with respect to the graph (docs/api.md, 'Gradients')")
+        if t.device != g.indptr.device:
+            raise ValueError(f"{op}: {name} must be on indptr's device ({g.indptr.device}), got "
+                             f"{t.device}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
+    indptr, indices, weights, labels = g.indptr, g.indices, g.weights, g.labels
+    if indptr.shape != (n + 1,):
+        raise ValueError(f"{op}: indptr must have shape [num_nodes + 1] = [{n + 1}], got "
+                         f"{list(indptr.shape)}")
+    if indices.dim() != 1:
+        raise ValueError(f"{op}: indices must be 1-D [E], got shape {tuple(indices.shape)}")
+    e = indices.numel()
+    if weights.shape != (e,):
+        raise ValueError(f"{op}: weights must have shape ({e},) like indices, got "
+                         f"{tuple(weights.shape)}")
+    if labels.dim() != 2 or labels.shape[1] != n:
+        raise ValueError(f"{op}: labels must have shape [L, {n}] (one row of class ids per label "
+                         f"set), got {list(labels.shape)}")
+    lw, lc = g.label_weights, g.label_classes
+    for name, value in (("label_weights", lw), ("label_classes", lc)):
+        if not isinstance(value, tuple | list) or len(value) != labels.shape[0]:
+            what = "weight" if name == "label_weights" else "class count"
+            raise ValueError(f"{op}: {name} must have one {what} per label set (L = "
+                             f"{labels.shape[0]}), got {value!r}")
+    lw = tuple(_check_label_weight(a, f"label_weights[{k}]", op) for k, a in enumerate(lw))
+    lc = tuple(check_int(op, f"label_classes[{k}]", c, 0, n) for k, c in enumerate(lc))
+    steps = indptr.diff()
+    if int(indptr[0]) != 0 or int(indptr[-1]) != e or (n and bool((steps < 0).any())):
+        raise ValueError(f"{op}: indptr must start at 0, end at E = {e} and never decrease, got "
+                         f"first {int(indptr[0])}, last {int(indptr[-1])}")
+    if e:
+        if int(indices.min()) < 0 or int(indices.max()) >= n:
+            raise ValueError(f"{op}: indices must be in [0, num_nodes = {n}), got values in "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        rows = _csr_rows(indptr, n)
+        key = rows * n + indices
+        if bool((key.diff() <= 0).any()) or bool((rows == indices).any()):
+            raise ValueError(f"{op}: indices must be increasing within each row and hold no "
+                             "self-loop (column i in row i); build graphs with "
+                             "PairGraph.from_edges, which sorts and sums duplicates")
+    _check_weights(weights, "weights", op)
+    for k, (y, c) in enumerate(zip(labels, lc)):
+        if y.numel() and (int(y.min()) < -1 or int(y.max()) >= c):
+            raise ValueError(f"{op}: labels[{k}] must hold class ids in [-1, label_classes[{k}] "
+                             f"= {c}), got values in [{int(y.min())}, {int(y.max())}]")
+    return n, lw, lc
 
 
 

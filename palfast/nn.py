@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._checks import FLOAT_DTYPES, check_bool, check_tensor
+from ._checks import FLOAT_DTYPES, check_bool, check_number, check_tensor
 from .graph import PairGraph
 
 __all__ = [
@@ -180,8 +180,10 @@ class SpectralContrastiveLoss(nn.Module):
         if isinstance(graph_or_z_b, PairGraph):
             return F.spectral_contrastive(z, graph_or_z_b, negative_weight=self.negative_weight,
                                           check_finite=self.check_finite)
-        _check_two_views("palfast.nn.SpectralContrastiveLoss", z, graph_or_z_b, 1,
-                         self.check_finite)
+        op = "palfast.nn.SpectralContrastiveLoss"
+        _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
+        # unused by the two-view form, but a bad value is a bug either way
+        check_number(op, "negative_weight", self.negative_weight, 0.0)
         return F._spectral_contrastive_two_view(z, graph_or_z_b)
 
     def extra_repr(self) -> str:

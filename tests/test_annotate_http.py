@@ -3,10 +3,18 @@ bad request the issue lists — forged or replayed answers, foreign sessions, CS
 and malformed bodies, image ids out of range or path-like, a foreign Host — each a 4xx,
 never a crash, never a lost answer. Data loaders and the embeddings reload are here too."""
 
+import contextlib
 import io
 import os
 import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -16,6 +24,7 @@ pytest.importorskip("flask", reason="palfast annotate needs Flask: pip install '
 pytest.importorskip("PIL", reason="palfast annotate needs Pillow: pip install 'palfast[annotate]'")
 
 from palfast.active import RelationStore  # noqa: E402
+from palfast.annotate import _warn_network  # noqa: E402
 from palfast.annotate import questions as questions_mod  # noqa: E402
 from palfast.annotate.app import MAX_REQUEST_BYTES, create_app  # noqa: E402
 from palfast.annotate.data import Embeddings, ImageData, load_data  # noqa: E402
@@ -23,6 +32,9 @@ from palfast.annotate.questions import Questions  # noqa: E402
 from palfast.cli import main  # noqa: E402
 
 N, CLASSES = 40, 4
+#: The served store's busy timeout: a test holding the write lock from another connection
+#: gets its 503 after this long instead of the default 30 s.
+STORE_TIMEOUT_S = 0.2
 
 
 def images(n=N, seed=0):
@@ -35,20 +47,28 @@ def images(n=N, seed=0):
     return x
 
 
+#: The shared secret of the app under test when a test asks for one.
+TOKEN = "team-secret-0123456789"
+
+
 @pytest.fixture
-def served(tmp_path):
-    """(client factory, Questions, store) over a small in-memory data set, refills inline."""
+def served(tmp_path, request):
+    """(client factory, Questions, store) over a small in-memory data set, refills inline.
+    Marked ``@pytest.mark.parametrize("served", [TOKEN], indirect=True)``: the app wants that
+    token (the factory's clients open ``/?token=`` first)."""
+    secret = getattr(request, "param", None)
     data = ImageData("test", array=images()[..., None])
-    store = RelationStore(tmp_path / "answers.sqlite")
+    store = RelationStore(tmp_path / "answers.sqlite", timeout=STORE_TIMEOUT_S)
     q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=30,
                   captcha_k=4, background=False)
-    app = create_app(data, q, default_name="tester")
+    app = create_app(data, q, default_name="tester", token=secret)
     app.config["TESTING"] = False  # exercise the real error handlers
 
-    def client(name="ann", screen="pair"):
+    def client(name="ann", screen="pair", address="127.0.0.1"):
         c = app.test_client()
+        c.environ_base["REMOTE_ADDR"] = address  # only ever a WSGI value: nothing is sent
         if name is not None:
-            page = c.get("/").get_data(as_text=True)
+            page = c.get("/" if secret is None else f"/?token={secret}").get_data(as_text=True)
             r = c.post("/start", data={"csrf": token(page), "name": name, "screen": screen})
             assert r.status_code == 303
         return c
@@ -174,19 +194,34 @@ def test_undo_supersedes_and_asks_again(served):
     assert c.post("/undo", data={"csrf": csrf, "screen": "nope"}).status_code == 400
 
 
-def test_store_failure_is_503_and_the_answer_can_be_resent(served, monkeypatch):
+def test_store_failure_is_503_and_the_answer_can_be_resent(served, tmp_path):
+    """A real store failure: another SQLite connection holds the write lock on the store
+    file past the store's busy timeout, so RelationStore.record / retract raise StoreError."""
     client, q, store = served
     c = client("ann")
     _, csrf, qid = screen(c)
-
-    def locked(*a, **k):
-        raise TimeoutError("stayed locked")
-
-    monkeypatch.setattr(store, "record", locked)
-    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 503
-    monkeypatch.undo()
+    blocker = sqlite3.connect(tmp_path / "answers.sqlite", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process writing, for too long
+        r = c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"})
+        assert r.status_code == 503, r.get_data(as_text=True)
+        page = r.get_data(as_text=True)
+        assert "nothing was saved" in page and "locked" in page
+        assert c.get("/pair").status_code == 200  # reads go on beside the writer (WAL)
+    finally:
+        blocker.execute("ROLLBACK")
     assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
     assert store.n_queries == 1
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        r = c.post("/undo", data={"csrf": csrf, "screen": "pair"})
+        assert r.status_code == 503 and "nothing was undone" in r.get_data(as_text=True)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.n_queries == 1
+    assert c.post("/undo", data={"csrf": csrf, "screen": "pair"}).status_code == 303
+    assert store.n_queries == 0
 
 
 def test_an_unexpected_error_is_a_500_page_not_a_dead_server(served, monkeypatch):
@@ -197,6 +232,71 @@ def test_an_unexpected_error_is_a_500_page_not_a_dead_server(served, monkeypatch
     assert r.status_code == 500 and "ZeroDivisionError" in r.get_data(as_text=True)
     monkeypatch.undo()
     assert c.get("/pair").status_code == 200
+
+
+@pytest.mark.parametrize("served", [TOKEN], indirect=True)
+def test_token_lets_a_browser_in_once_and_keeps_others_out(served):
+    client, _, store = served
+    stranger = client(name=None)
+    for path in ("/", "/pair", "/image/0.png", f"/?token={TOKEN}x", "/?token=", "/?tok=" + TOKEN):
+        r = stranger.get(path)
+        assert r.status_code == 403, path
+        assert "?token=" in r.get_data(as_text=True)
+    assert stranger.post("/start", data={"name": "x"}).status_code == 403
+    assert stranger.get("/static/annotate.css").status_code == 200  # the 403 page's style
+    c = client(name=None)
+    r = c.get(f"/?token={TOKEN}")
+    assert r.status_code == 200 and "palfast_annotate=" in r.headers["Set-Cookie"]
+    page = r.get_data(as_text=True)
+    # Let in: no token needed any more; CSRF still applies to every POST.
+    assert c.get("/image/0.png").status_code == 200
+    assert c.post("/start", data={"name": "ann"}).status_code == 403
+    assert c.post("/start", data={"csrf": token(page), "name": "ann"}).status_code == 303
+    _, csrf, qid = screen(c)
+    assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+    assert store.n_queries == 1
+    assert stranger.get("/pair").status_code == 403  # still out
+
+
+def test_a_flood_of_sessions_from_one_client_keeps_anothers_question(served, monkeypatch):
+    """One address opening sessions without end (a script) forgets its own oldest questions,
+    never the open question of a person at another address."""
+    client, q, store = served
+    monkeypatch.setattr(questions_mod, "MAX_ISSUED", 8)
+    monkeypatch.setattr(questions_mod, "MAX_ISSUED_PER_CLIENT", 3)
+    ann = client("ann", address="192.0.2.10")
+    _, csrf, qid = screen(ann)
+    flood = [client(f"bot{k}", address="192.0.2.66") for k in range(12)]
+    flood_qids = [screen(b)[2] for b in flood]
+    assert ann.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+    assert [r[5] for r in store.log()] == ["ann"]
+    assert all(flood_qids) and len(q._issued) == 3  # the flood holds MAX_ISSUED_PER_CLIENT
+    first = flood[0]
+    assert first.post("/answer", data={"csrf": token(first.get("/pair").get_data(as_text=True)),
+                                       "qid": flood_qids[0], "answer": "no"}).status_code == 409
+    # Many clients at once: past MAX_ISSUED, the client holding the most gives one up.
+    others = [client(f"p{k}", address=f"192.0.2.{k + 100}") for k in range(4)]
+    for c in others:
+        screen(c)
+    _, csrf, qid = screen(ann)
+    assert len(q._issued) == 8
+    assert ann.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "no"}).status_code == 303
+
+
+def test_cli_token_checks(capsys, monkeypatch):
+    monkeypatch.delenv("PALFAST_ANNOTATE_TOKEN", raising=False)
+    assert main(["annotate", "--demo", "--token", "short"]) == 2
+    assert "--token must be at least 12" in capsys.readouterr().err
+    assert main(["annotate", "--demo", "--token", "two words here"]) == 2
+    assert "without spaces" in capsys.readouterr().err
+    assert main(["annotate", "--demo", "--token", TOKEN, "--no-token"]) == 2
+    assert "not both" in capsys.readouterr().err
+    monkeypatch.setenv("PALFAST_ANNOTATE_TOKEN", "tiny")
+    assert main(["annotate", "--demo"]) == 2
+    assert "$PALFAST_ANNOTATE_TOKEN must be at least 12" in capsys.readouterr().err
+    _warn_network("0.0.0.0", 8000, "", has_token=False)  # what --no-token prints
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "NO LOGIN" in err and ":8000/ " in err
 
 
 def test_images_by_index_only(served):
@@ -318,8 +418,117 @@ def test_cli_help_and_argument_errors(tmp_path, capsys):
     with RelationStore(tmp_path / "big.sqlite") as s:
         s.record([[0, 5000]], [True])
     np.save(tmp_path / "x.npy", images())
-    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite")]) == 2
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite"),
+                 "--port", "0"]) == 2
     assert "sample id 5000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["-1", "99999", "65536", "eighty"])
+def test_cli_port_must_be_a_tcp_port(port, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["annotate", "--demo", "--port", port])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --port" in err and "0..65535" in err and port in err
+
+
+def test_cli_store_in_a_missing_directory_is_one_line(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", images())
+    missing = tmp_path / "missing_dir"
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"),
+                 "--store", str(missing / "x.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--store" in err and "does not exist" in err and f"mkdir -p {missing}" in err
+    assert not missing.exists()
+
+
+#: How long a test waits for `palfast annotate` to print its address (imports torch and Flask).
+SERVER_START_S = 60.0
+
+
+def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
+    """A separate process: Werkzeug's own bind printed two lines and called sys.exit(1)
+    after the data and the store were loaded (with --demo the refill thread, still inside
+    torch at exit, then aborted the interpreter)."""
+    np.save(tmp_path / "x.npy", images())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "palfast.cli", "annotate", "--data",
+                            str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"),
+                            "--port", str(port)], capture_output=True, text=True,
+                           timeout=SERVER_START_S)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "pick another --port" in r.stderr and not (tmp_path / "s.sqlite").exists()
+
+
+@contextlib.contextmanager
+def serve(tmp_path, *args, env=None):
+    """A real `palfast annotate` process on --port 0 over a small .npy data set; yields
+    (URL it printed, its start-up output). Stopped with Ctrl-C (SIGINT), killed if stuck."""
+    np.save(tmp_path / "serve.npy", images())
+    cmd = [sys.executable, "-m", "palfast.cli", "annotate", "--data", str(tmp_path / "serve.npy"),
+           "--store", str(tmp_path / "serve.sqlite"), "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    lines, deadline = [], time.monotonic() + SERVER_START_S
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("palfast annotate: serving on http://"):
+                yield line.split()[4], "".join(lines)
+                return
+        raise AssertionError(f"palfast annotate did not start: {''.join(lines)}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_served_on_another_loopback_address_accepts_its_own_url(tmp_path):
+    with serve(tmp_path, "--host", "127.0.0.2") as (url, _):
+        assert url.startswith("http://127.0.0.2:")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and "palfast annotate" in r.read().decode()
+        req = urllib.request.Request(url, headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400  # still no DNS rebinding
+
+
+def test_served_with_a_token_from_the_environment(tmp_path):
+    with serve(tmp_path, "--host", "127.0.0.2", env={"PALFAST_ANNOTATE_TOKEN": TOKEN}) as (url, out):
+        assert url.endswith(f"/?token={TOKEN}") and "WARNING" not in out  # loopback: no warning
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url.split("?")[0], timeout=10)
+        assert e.value.code == 403
+
+
+def test_served_on_every_address_warns_and_makes_a_token(tmp_path):
+    """--host 0.0.0.0 (listening on every interface for a few seconds; the requests go to
+    127.0.0.1 only) without a token: a random one is made, and a loud warning printed."""
+    with serve(tmp_path, "--host", "0.0.0.0", env={"PALFAST_ANNOTATE_TOKEN": ""}) as (url, out):
+        made = re.search(r"\?token=([\w-]+)", url).group(1)
+        assert len(made) >= 32 and "WARNING" in out and "plain HTTP" in out
+        local = url.replace("0.0.0.0", "127.0.0.1")
+        with urllib.request.urlopen(local, timeout=10) as r:
+            assert r.status == 200
+        for bad in (local.split("?")[0], local[:-1]):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(bad, timeout=10)
+            assert e.value.code == 403
 
 
 def test_max_issued_bounds_memory(served, monkeypatch):

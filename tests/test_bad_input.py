@@ -8,13 +8,14 @@ right value. Per-op numerics live in the per-op test files.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import palfast
-from palfast import PairGraph
+from palfast import PairGraph, reference
 from palfast._ops import ops
 
 LOSSES = {
@@ -34,12 +35,13 @@ def _graph(device="cpu", n=8):
 
 
 # ------------------------------------------------ graphs changed after they were built
+# (more in tests/test_graph_integrity.py)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_graph_changed_in_place_is_refused_by_the_losses(device, loss):
     g = _graph(device)
     g.indices[0] = 10**9
     with pytest.raises(ValueError, match=rf"palfast.{loss}: graph must not be changed after it "
-                                         r"is built, got in-place changes to graph.indices"):
+                                         r"is built, got changes to graph.indices"):
         LOSSES[loss](torch.randn(8, 4, device=device), g)
 
 
@@ -48,20 +50,20 @@ def test_copied_and_pickled_graphs_are_not_taken_for_changed_ones():
     import pickle
 
     g = _graph()
-    g.indices.add_(0)  # an in-place op that changes nothing still bumps the version
-    for h in (copy.deepcopy(_graph()), pickle.loads(pickle.dumps(_graph())), _graph().to("cpu")):
+    g.indices.add_(0)  # an in-place op that changes no value is no change
+    for h in (g, copy.deepcopy(_graph()), pickle.loads(pickle.dumps(_graph())), _graph().to("cpu")):
         palfast.info_nce(torch.randn(8, 4), h)
+    g.indices.add_(1)
     with pytest.raises(ValueError, match="graph must not be changed"):
         palfast.info_nce(torch.randn(8, 4), g)
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_graph_replaced_with_bad_class_ids_is_refused_by_the_ops(device, loss):
-    """dataclasses.replace builds a new graph (new version counters): the C++ check catches it."""
-    g = dataclasses.replace(_graph(device), label_classes=(2,))
-    with pytest.raises(ValueError, match=r"graph.labels\[0\] must hold class ids in \[-1, "
-                                         r"label_classes = 2\), got values in \[0, 2\]"):
-        LOSSES[loss](torch.randn(8, 4, device=device), g)
+def test_graph_replaced_with_bad_class_ids_is_refused_at_once(device):
+    """dataclasses.replace runs PairGraph's validation (the ops' C++ check stays, for
+    direct op calls: test_every_graph_op_rejects_corrupt_graph_tensors)."""
+    with pytest.raises(ValueError, match=r"PairGraph: labels\[0\] must hold class ids in \[-1, "
+                                         r"label_classes\[0\] = 2\), got values in \[0, 2\]"):
+        dataclasses.replace(_graph(device), label_classes=(2,))
 
 
 def _corrupt(g, what):
@@ -239,7 +241,7 @@ def test_weights_that_require_grad_are_refused():
         torch.tensor(0.5, requires_grad=True) * PairGraph.from_views(2, 2)
     g = PairGraph.from_views(2, 2)
     assert (np.float32(0.5) * g).label_weights == (0.5,)
-    g = dataclasses.replace(g, pos_weight=g.pos_weight.clone().requires_grad_())
+    g.pos_weight.requires_grad_()
     with pytest.raises(ValueError, match="palfast.vicreg: graph.pos_weight must not require grad"):
         palfast.vicreg(torch.randn(4, 3), g)
 
@@ -285,3 +287,99 @@ def test_huge_graphs_are_refused_before_allocating():
         PairGraph.from_views(2**30, 2)
     with pytest.raises(ValueError, match="num_nodes must satisfy 1 <= num_nodes <= 2147483647"):
         PairGraph.from_edges([0], [1], num_nodes=2**40)
+
+
+# ------------------------------------------- arguments that were taken unchecked or raw
+@pytest.mark.parametrize("flag", [np.bool_(True), np.bool_(False)])
+def test_numpy_booleans_are_booleans(flag):
+    z, g = torch.randn(8, 4), PairGraph.from_views(4, 2)
+    palfast.info_nce(z, g, normalize=flag)
+    PairGraph.from_edges([0], [1], num_nodes=2, symmetric=flag)
+    from palfast._checks import check_bool
+    assert check_bool("op", "flag", flag) is bool(flag)
+
+
+def test_seed_must_be_an_int():
+    from palfast.active import RelationStore, select_queries
+    x = torch.randn(20, 4)
+    for seed, exc, match in (("5", TypeError, "seed must be an int, got '5'"),
+                             (2.0, TypeError, "seed must be an int"),
+                             (-1, ValueError, r"seed must satisfy 0 <= seed <= 18446744073709551615"),
+                             (2**64, ValueError, "seed must satisfy")):
+        with pytest.raises(exc, match=rf"palfast.active.select_queries: {match}"):
+            select_queries(x, RelationStore(), 3, "random", seed=seed)
+    assert select_queries(x, RelationStore(), 3, "random", seed=np.int64(5)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("weight", [-2, float("nan"), "1"])
+def test_negative_weight_is_checked_in_both_module_forms(weight):
+    loss = palfast.nn.SpectralContrastiveLoss(negative_weight=weight)
+    z_a, z_b = torch.randn(4, 3), torch.randn(4, 3)
+    for args in ((z_a, z_b), (torch.cat([z_a, z_b]), PairGraph.from_views(4, 2))):
+        with pytest.raises((TypeError, ValueError), match="negative_weight must be a"):
+            loss(*args)
+
+
+@pytest.mark.parametrize("ids", [[0, 2**63], [2**64 - 1, 0], np.array([0, 2**63], dtype=np.uint64),
+                                 torch.tensor([0, 2**63], dtype=torch.uint64)])
+def test_ids_beyond_int64_are_a_clear_error(ids):
+    from palfast.active import candidate_pairs
+    with pytest.raises(ValueError, match=r"palfast.active.candidate_pairs: ids must fit in int64"):
+        candidate_pairs(torch.randn(2, 3), 1, ids=ids)
+    with pytest.raises(ValueError, match=r"palfast.metrics.knn_accuracy: train_y must fit in int64"):
+        palfast.metrics.knn_accuracy(torch.randn(2, 3), ids, torch.randn(2, 3), [0, 1], k=1)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda z: z.to_sparse(), r"z must be a dense \(strided\) tensor, got torch.sparse_coo"),
+    (lambda z: z.to_sparse_csr(), r"z must be a dense \(strided\) tensor, got torch.sparse_csr"),
+    (lambda z: torch.nested.nested_tensor([z, z]), "z must be a regular tensor, got a nested"),
+])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sparse_and_nested_z_are_a_clear_error(make, match, loss):
+    with pytest.raises(TypeError, match=rf"palfast.{loss}: {match}"):
+        LOSSES[loss](make(torch.randn(8, 4)), PairGraph.from_views(4, 2))
+
+
+@pytest.mark.parametrize("device,exc", [("bogus", ValueError), (3.5, TypeError), (True, TypeError)])
+def test_bad_device_is_a_clear_error(device, exc):
+    match = "device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got"
+    with pytest.raises(exc, match=f"PairGraph.from_views: {match}"):
+        PairGraph.from_views(4, 2, device=device)
+    with pytest.raises(exc, match=f"PairGraph.to: {match}"):
+        PairGraph.from_views(4, 2).to(device)
+
+
+# ------------------------------------------------------------------- float32 overflow
+COVARIANCE_LOSSES = ["vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
+
+
+@pytest.mark.parametrize("loss", COVARIANCE_LOSSES)
+@pytest.mark.parametrize("scale", [1e10, 1e15, 1e17, 3e18, 1e19, 1e20, 1e30])
+def test_huge_z_never_gives_a_wrong_finite_loss_or_nan(loss, scale):
+    """float32 sums of squares overflow for |z| ≳ 1e19: the result is the float64
+    value rounded to float32 (inf where that overflows) or a ValueError naming z."""
+    torch.manual_seed(0)
+    g = PairGraph.from_views(4, 2)
+    y = torch.randn(8, 5)
+    want = getattr(reference, loss)(y.double() * scale, g)
+    try:
+        got = LOSSES[loss](y * scale, g)
+    except ValueError as e:
+        assert re.search(rf"palfast.{loss}: z is too large for float32 accumulation", str(e))
+        return
+    assert not torch.isnan(got)
+    if abs(want) > torch.finfo(torch.float32).max:
+        assert got == torch.sign(want) * float("inf")
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_huge_z_error_names_z_and_overflow():
+    g = PairGraph.from_views(4, 2)
+    with pytest.raises(ValueError, match=r"palfast.barlow_twins: z is too large for float32 "
+                                         r"accumulation \(largest \|z\| = .*\): .* overflow"):
+        palfast.barlow_twins(torch.randn(8, 5) * 1e19, g)
+    # float64 z has the range for it
+    torch.testing.assert_close(palfast.barlow_twins(torch.randn(8, 5, dtype=torch.float64) * 1e19,
+                                                    g).isfinite(), torch.tensor(True))

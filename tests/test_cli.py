@@ -89,3 +89,40 @@ def test_bench_cpu_skips_inf_cl_with_its_reason(tmp_path, capsys):
     status = {r["impl"]: r["status"] for r in json.loads(jpath.read_text())["results"]}
     assert status == {"palfast": "ok", "naive_eager": "ok",
                       "inf_cl": "skipped: Inf-CL's kernels are written in Triton for CUDA GPUs"}
+
+
+# A bench run that stays short if an argument check is missing (one case, one impl, no
+# subprocess): the test then fails on the exit status, not on time.
+SMALL_BENCH = ["--quick", "--filter", "N=1024 D=128 float32 fwd+bwd", "--impls", "palfast",
+               "--no-memory", "--no-kernels"]
+
+
+@pytest.mark.parametrize("args, named, allowed", [
+    (["--device", "bogus"], "argument --device", "cpu, cuda, cuda:N or auto"),
+    (["--device", "cuda:x"], "argument --device", "cpu, cuda, cuda:N or auto"),
+    (["--repeats", "-1"], "argument --repeats", "an integer >= 1"),
+    (["--repeats", "0"], "argument --repeats", "an integer >= 1"),
+    (["--warmup", "-1"], "argument --warmup", "an integer >= 0"),
+    (["--only", "bogus"], "argument --only", "'info_nce', 'covariance', 'candidates'"),
+    (["--only", "info_nce", "bogus"], "argument --only", "'info_nce', 'covariance', 'candidates'"),
+])
+def test_bench_bad_arguments_are_usage_errors_and_write_nothing(tmp_path, capsys, args, named, allowed):
+    out = tmp_path / "results"
+    argv = ["bench", "--repeats", "1", *SMALL_BENCH, "--out", str(out), *args]
+    if "--only" not in args:
+        argv += ["--only", "info_nce"]
+    if "--device" not in args:
+        argv += ["--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and allowed in err and args[-1] in err
+    assert not out.exists()
+
+
+def test_bench_device_cuda_needs_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid here")
+    assert cli.main(["bench", "--device", "cuda:0", "--out", str(tmp_path / "r")]) == 2
+    assert "needs a visible GPU" in capsys.readouterr().err and not (tmp_path / "r").exists()

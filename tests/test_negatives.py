@@ -104,8 +104,8 @@ def test_adding_graphs_that_contradict_is_refused():
     (lambda g: g.with_negatives(PairGraph.from_edges([0], [1], num_nodes=4).with_negatives(
         PairGraph.from_edges([0], [2], num_nodes=4))), ValueError,
      "negatives must not carry negatives of its own"),
-    (lambda g: dataclasses.replace(g.with_negatives(PairGraph.from_edges([0], [1], num_nodes=4)),
-                                   num_nodes=5), ValueError, "negatives must be over the graph's 5"),
+    (lambda g: dataclasses.replace(g, negatives=PairGraph.from_views(3, 2)), ValueError,
+     "negatives must be over the graph's 4 rows, got a graph over 6"),
     (lambda g: dataclasses.replace(g, negatives="x"), TypeError, "negatives must be a PairGraph"),
 ])
 def test_bad_negatives(make, exc, match):

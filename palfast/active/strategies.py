@@ -100,6 +100,8 @@ STRATEGIES = ("pal", "nearest", "uncertain", "random", "passive")
 #: ``"pal"``'s order of the candidates inside a class (module docstring).
 ORDERS = ("gain", "random")
 _OP = "palfast.active.select_queries"
+#: torch.Generator.manual_seed takes an unsigned 64-bit seed.
+_MAX_SEED = 2**64 - 1
 #: ``"pal"`` stops exploring after this many seeds in a row found no new class: three
 #: misses in a row, not one, because a single seed can land in a known class by chance
 #: while others are still undiscovered.
@@ -202,7 +204,8 @@ def select_queries(embeddings, store: RelationStore, budget: int,
     backend = resolve_backend(_OP, backend)
     row_ids = check_ids(_OP, ids, n)
     if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        seed = 0 if seed is None else check_int(_OP, "seed", seed, 0, _MAX_SEED)
+        generator = torch.Generator().manual_seed(seed)
     k = min(k, n - 1)
     # Index arguments checked now, whatever the strategy, before any work (FAISS
     # asserts abort the process); the graph itself is searched only when a step needs it.

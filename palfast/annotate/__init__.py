@@ -17,6 +17,10 @@ Example (a shell)::
     pip install 'palfast[annotate]'
     palfast annotate --demo                 # scikit-learn's digits, http://127.0.0.1:8000/
     palfast annotate --data photos/ --embeddings emb.npy --store answers.sqlite
+    PALFAST_ANNOTATE_TOKEN=... palfast annotate --demo --host 0.0.0.0   # a team on a network
+
+On a network every browser must show a shared token once (``?token=`` in the printed URL);
+see docs/annotate.md, "A team on a network: the token".
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ import argparse
 import getpass
 import ipaddress
 import os
+import secrets
+import shlex
+import socket
 import sys
+import urllib.parse
 
 #: Default budget: the progress bar's end and where the app stops asking. PAL's digits demo
 #: learns most of the classes within a few hundred answers.
@@ -35,6 +43,14 @@ DEFAULT_CAPTCHA_K = 6
 #: More candidates than fit a screen make the "click all alike" task error-prone.
 MAX_CAPTCHA_K = 12
 DEFAULT_PORT = 8000
+#: TCP ports are 16-bit; 0 asks the system for a free one (printed at start).
+MAX_PORT = 65535
+#: Where ``--token`` is read from when not given (keeps it out of the process list).
+TOKEN_ENV = "PALFAST_ANNOTATE_TOKEN"
+#: Shortest token accepted: a guessable word would let anyone on the network in.
+MIN_TOKEN_CHARS = 12
+#: Random bytes of a generated token (32 URL-safe characters), as Jupyter generates its own.
+TOKEN_BYTES = 24
 
 
 DESCRIPTION = """\
@@ -43,7 +59,10 @@ straight into a palfast answer store (RelationStore, SQLite). Two screens: pair 
 keys y / n / s) and captcha (one image and K candidates: click the alike ones). Questions
 come from palfast.active.select_queries over the current embeddings and the answers so far;
 a trainer in another process may rewrite the --embeddings file and the page follows. Every
-answer is on disk before the page says "saved". Try: palfast annotate --demo"""
+answer is on disk before the page says "saved". Try: palfast annotate --demo
+
+On a network (--host 0.0.0.0) people open the printed URL with its ?token=...: the token is
+$PALFAST_ANNOTATE_TOKEN or --token, else a random one; traffic is plain HTTP (docs/annotate.md)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,11 +94,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="name proposed on the start page (default: your user name); each person "
                         "types their own, saved with every answer as the store record's source")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
-                        "serves your network, without any login: only on a network you trust)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"port (default {DEFAULT_PORT}; 0 picks a free one, printed at start)")
+                   help="address to listen on (default 127.0.0.1: this machine only). 0.0.0.0 "
+                        "(or this machine's address) serves your network over plain HTTP: a "
+                        "token is then required (generated unless --token or "
+                        f"${TOKEN_ENV} gives one) and a warning is printed")
+    p.add_argument("--token", default=None, metavar="SECRET",
+                   help=f"shared secret every browser must show once: people open the printed "
+                        f"URL ending in ?token=SECRET, the page then remembers them (a session "
+                        f"cookie); any other request gets 403. Default: ${TOKEN_ENV} if set; "
+                        f"else none on 127.0.0.1 and a random one on a network. At least "
+                        f"{MIN_TOKEN_CHARS} characters; prefer the variable (a --token value "
+                        f"is visible to other users in the process list)")
+    p.add_argument("--no-token", action="store_true",
+                   help="serve a network without any login (anyone who can reach the port "
+                        "sees the images and writes answers); only on a network you trust")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, "
+                        "printed at start)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query selection (default 0)")
+
+
+def port_number(text: str) -> int:
+    """argparse type of ``--port``: an integer 0..MAX_PORT (argparse names the option)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer 0..{MAX_PORT}, got {text!r}") from None
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_PORT} (0 picks a free port), "
+                                         f"got {port}")
+    return port
 
 
 def _fail(msg: str) -> int:
@@ -87,37 +131,79 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _allowed_hosts(host: str):
-    """Host names the Host header may carry: loopback names for a loopback bind (DNS
-    rebinding defence); anything when serving a network on purpose."""
+def _is_loopback(host: str) -> bool:
     from .app import LOOPBACK_NAMES
 
     try:
-        ip = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return None if host not in LOOPBACK_NAMES else LOOPBACK_NAMES
-    return LOOPBACK_NAMES if ip.is_loopback else None
+        return host in LOOPBACK_NAMES
 
 
-def build(args):
-    """(app, questions, store) from parsed arguments; raises ValueError / ImportError with a fix."""
-    from ..active import RelationStore
-    from .app import create_app
-    from .data import Embeddings, demo_data, load_data
-    from .questions import Questions
+def _allowed_hosts(host: str):
+    """Host names the Host header may carry: for a loopback bind the loopback names and the
+    address served on (``--host 127.0.0.2`` must accept its own printed URL), a DNS
+    rebinding defence; None (anything) when serving a network on purpose."""
+    from .app import LOOPBACK_NAMES
 
+    if not _is_loopback(host):
+        return None
+    return LOOPBACK_NAMES + ((host,) if host not in LOOPBACK_NAMES else ())
+
+
+def login_token(args) -> str | None:
+    """The token every browser must present (None: no login): ``--token``, else
+    ``$PALFAST_ANNOTATE_TOKEN``, else a random one when serving a network (not with
+    ``--no-token``). Raises ValueError for a token that is too short or not one word."""
+    given = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    where = "--token" if args.token is not None else f"${TOKEN_ENV}"
+    if args.no_token:
+        if args.token is not None:
+            raise ValueError("give --token or --no-token, not both")
+        return None
+    if given is None:
+        return None if _is_loopback(args.host) else secrets.token_urlsafe(TOKEN_BYTES)
+    if len(given) < MIN_TOKEN_CHARS or not given.isprintable() or any(c.isspace() for c in given):
+        raise ValueError(f"{where} must be at least {MIN_TOKEN_CHARS} printable characters "
+                         f"without spaces (got {len(given)}); generate one with: python -c "
+                         f"'import secrets; print(secrets.token_urlsafe())'")
+    return given
+
+
+def check_args(args) -> None:
+    """The checks that need no data, no store and no port: raises ValueError with a fix."""
     if bool(args.demo) == bool(args.data):
         raise ValueError("give exactly one of --demo (scikit-learn's digits) or --data PATH")
     if args.budget < 1:
         raise ValueError(f"--budget must be >= 1, got {args.budget}")
     if not 2 <= args.captcha_k <= MAX_CAPTCHA_K:
         raise ValueError(f"--captcha-k must be in 2..{MAX_CAPTCHA_K}, got {args.captcha_k}")
+    folder = os.path.dirname(os.path.abspath(args.store))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--store {args.store!r}: the directory {folder!r} does not exist; "
+                         f"create it first (mkdir -p {shlex.quote(folder)}) or give a --store "
+                         f"path in an existing directory")
+
+
+def build(args, token: str | None = None):
+    """(app, questions, store) from parsed arguments and the :func:`login_token`; raises
+    ValueError / ImportError with a fix."""
+    from ..active import RelationStore
+    from ..active.store import StoreError
+    from .app import create_app
+    from .data import Embeddings, demo_data, load_data
+    from .questions import Questions
+
+    check_args(args)
     data = demo_data() if args.demo else load_data(args.data)
     fallback = None
     if args.strategy != "random" and (args.embeddings is None or not os.path.exists(args.embeddings)):
         fallback = data.simple_embeddings()
     embeddings = Embeddings(data.n, args.embeddings, fallback=fallback)
-    store = RelationStore(args.store)
+    try:
+        store = RelationStore(args.store)
+    except StoreError as e:  # locked, read-only, unreadable: the store's message says why
+        raise ValueError(f"--store: {str(e).removeprefix('RelationStore: ')}") from None
     if store.num_ids > data.n:
         store.close()
         raise ValueError(f"the store {args.store!r} has answers about sample id {store.num_ids - 1}, "
@@ -125,7 +211,8 @@ def build(args):
     questions = Questions(store, embeddings, data.n, strategy=args.strategy, budget=args.budget,
                           captcha_k=args.captcha_k, seed=args.seed)
     default_name = args.name if args.name is not None else _user_name()
-    app = create_app(data, questions, default_name=default_name, allowed_hosts=_allowed_hosts(args.host))
+    app = create_app(data, questions, default_name=default_name,
+                     allowed_hosts=_allowed_hosts(args.host), token=token)
     return app, questions, store
 
 
@@ -136,6 +223,43 @@ def _user_name() -> str:
         return ""
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, taken before the data is loaded so that a busy
+    port fails at once (Werkzeug's own bind would print and ``sys.exit`` instead)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as Werkzeug chooses
+    return socket.create_server((host, port), family=family)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def _warn_network(host: str, port: int, query: str, has_token: bool) -> None:
+    """Say loudly, on stderr, that the page is open to the network and what protects it."""
+    lines = [f"WARNING: listening on {host}:{port} serves every machine that can reach this "
+             f"one, over plain HTTP (nothing is encrypted: anyone on the network path can read "
+             f"the pages, the images, the token and the answers)."]
+    if _is_ip(host) and ipaddress.ip_address(host).is_unspecified:  # 0.0.0.0, ::
+        lines.append(f"From other machines open {_url(socket.gethostname(), port)}{query} (or "
+                     f"this machine's address instead of its name).")
+    if has_token:
+        lines.append("Anyone with the token can read the images and write answers: share the "
+                     "URL only with your team, and only on a network you trust.")
+    else:
+        lines.append("--no-token: there is NO LOGIN. Anyone who can reach this port can read "
+                     "the images and write answers. Use it only on a network you trust.")
+    for line in lines:
+        print(f"palfast annotate: {line}", file=sys.stderr, flush=True)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def run(args) -> int:
     try:
         import flask  # noqa: F401
@@ -143,16 +267,35 @@ def run(args) -> int:
     except ImportError:
         return _fail("needs Flask: pip install 'palfast[annotate]'")
     try:
-        app, questions, store = build(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        return _fail(str(e).removeprefix("palfast annotate: "))
+        check_args(args)
+        token = login_token(args)
+    except ValueError as e:
+        return _fail(str(e))
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        sock = _listen(args.host, args.port)
     except OSError as e:
-        store.close()
-        return _fail(f"cannot listen on {args.host}:{args.port} ({e}); pick another --port")
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"palfast annotate: serving on http://{host}:{server.server_port}/  "
+        # create_server re-raises with the address appended: keep the system's reason only
+        # (a negative errno is getaddrinfo's: the host name does not resolve).
+        reason = (str(e) if not e.errno else os.strerror(e.errno) if e.errno > 0
+                  else "not an address or host name of this machine")
+        return _fail(f"cannot listen on {args.host}:{args.port} ({reason}); pick "
+                     f"another --port (0 picks a free one) or another --host")
+    with sock:
+        try:
+            app, questions, store = build(args, token)
+        except (ValueError, ImportError, FileNotFoundError) as e:
+            return _fail(str(e).removeprefix("palfast annotate: "))
+        try:
+            # Werkzeug serves a duplicate of the socket's descriptor; ours closes here.
+            server = make_server(args.host, args.port, app, threaded=True, fd=sock.fileno())
+        except BaseException:
+            questions.close()
+            store.close()
+            raise
+    query = "" if token is None else "?" + urllib.parse.urlencode({"token": token})
+    if not _is_loopback(args.host):
+        _warn_network(args.host, server.port, query, token is not None)
+    print(f"palfast annotate: serving on {_url(args.host, server.port)}{query}  "
           f"(store {os.path.abspath(args.store)}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -6,6 +6,10 @@ Safety (the app is meant for 127.0.0.1, but a browser visiting other sites can r
   is ``SameSite=Strict``;
 * the ``Host`` header must name this machine when bound to a loopback address, so a web page
   cannot reach the app through DNS rebinding;
+* with a ``token`` (always when serving a network: palfast/annotate/__init__.py), every
+  request needs it: the printed URL carries ``?token=...``, a request with the right one
+  marks the browser's session cookie as let in, and any other request gets 403 (the
+  shipped static files excepted, so the 403 page has its style);
 * an answer is accepted only for a question the app issued to this session, once
   (:class:`~palfast.annotate.questions.Questions`); images are served by index only;
 * requests are small (``MAX_REQUEST_BYTES``); anything malformed gets a 4xx page; the reply
@@ -22,6 +26,7 @@ import unicodedata
 from flask import Flask, abort, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
 
+from ..active.store import StoreCorruptError, StoreError
 from .data import ImageData
 from .questions import KINDS, NotIssued, Questions
 
@@ -59,9 +64,12 @@ def _hostname(host: str) -> str:
 
 
 def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, title: str = "") -> Flask:
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, title: str = "",
+               token: str | None = None) -> Flask:
     """The app over ``data`` and ``questions``. ``allowed_hosts``: host names the ``Host``
-    header may carry (None: any, for a server exposed on a network on purpose)."""
+    header may carry (None: any, for a server exposed on a network on purpose).
+    ``token``: the shared secret every browser must present once as ``?token=`` (None:
+    no login)."""
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=secrets.token_bytes(32),  # sessions end with the server: nothing to leak
@@ -85,6 +93,14 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         if allowed_hosts is not None and _hostname(request.host) not in allowed_hosts:
             abort(400, f"Host {request.host!r} is not this machine; open the address that "
                        "palfast annotate printed (or start it with --host to serve others)")
+        if token is not None and request.endpoint != "static":
+            sent = request.args.get("token")
+            if sent is not None and hmac.compare_digest(sent.encode(), token.encode()):
+                session["let_in"] = True  # signed with this server's key: cannot be forged
+            elif not session.get("let_in"):
+                abort(403, "this page needs its token: open the address with ?token=... "
+                           "that palfast annotate printed when it started (ask whoever "
+                           "started it)")
         if request.method == "POST":
             sent, expected = request.form.get("csrf", ""), session.get("csrf")
             if not expected:
@@ -107,6 +123,15 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         return render_template("error.html", title=title, code=e.code, name=e.name,
                                message=e.description), e.code
 
+    def store_unavailable(e: StoreError, what: str):
+        # StoreError is what RelationStore raises when it cannot do a write or read now:
+        # the file stays locked by another writer past the busy timeout, the disk is full,
+        # the file or its folder is read-only (palfast/active/store.py, _sqlite_error).
+        # A damaged store (StoreCorruptError) is not "try again later": the 500 page.
+        log.warning("palfast annotate: the answer store failed: %s", e)
+        abort(503, f"the answer store is locked, full or unwritable right now ({e}); "
+                   f"{what}")
+
     @app.errorhandler(Exception)
     def _error(e: Exception):  # a bug must not take the server down or hide the cause
         log.exception("palfast annotate: unexpected error")
@@ -119,7 +144,7 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         name = session.get("name")
         if not name:
             return redirect(url_for("start"))
-        q = questions.next(kind, me)
+        q = questions.next(kind, me, client=request.remote_addr or "")
         return render_template(f"{kind}.html", title=title, kind=kind, q=q, name=name,
                                csrf=session["csrf"], stats=questions.stats(me),
                                message=session.pop("message", None),
@@ -185,9 +210,10 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
             ids = questions.answer(qid, me, name, answers)
         except NotIssued as e:  # answered meanwhile (a double submit from another tab)
             abort(409, str(e))
-        except (TimeoutError, OSError) as e:  # the question stays open: the person can retry
-            abort(503, f"the answer store is busy or unwritable ({e}); nothing was saved, "
-                       "submit again")
+        except StoreCorruptError:
+            raise
+        except StoreError as e:  # the question stays open: the person can send it again
+            store_unavailable(e, "nothing was saved, submit again")
         if ids:
             n_yes = sum(answers)
             session["message"] = (f"Saved {len(ids)} answer{'s' * (len(ids) > 1)} "
@@ -206,8 +232,10 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
             abort(400, f"screen must be one of {', '.join(KINDS)}")
         try:
             last = questions.undo(me, name)
-        except (TimeoutError, OSError) as e:
-            abort(503, f"the answer store is busy or unwritable ({e}); nothing was undone, try again")
+        except StoreCorruptError:
+            raise
+        except StoreError as e:
+            store_unavailable(e, "nothing was undone, try again")
         if last is None:
             session["message"] = "Nothing to undo"
         else:

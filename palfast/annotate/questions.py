@@ -9,7 +9,8 @@ for concurrent threads: every use holds ``self._lock``). It keeps
 * ``issued``: the questions on someone's screen, by an unguessable id. An answer is taken
   only for an issued id, from the session it was issued to, once; the id is dropped only
   after the store committed the answers, so a failed write can be retried and never loses
-  an answer;
+  an answer. They are bounded per client address (``MAX_ISSUED_PER_CLIENT``) and overall
+  (``MAX_ISSUED``), so one client's flood of sessions only forgets its own questions;
 * per session, a stack of the interactions it saved (for undo: the store retracts them,
   and the same question is asked again).
 """
@@ -38,8 +39,17 @@ REFILL = 48
 #: A page waits at most this long for a refill before saying "no question right now".
 WAIT_S = 20.0
 #: Questions outstanding at once (every session holds at most one per screen); past it the
-#: oldest are forgotten, so a flood of new sessions cannot grow memory without bound.
+#: oldest question of the client holding the most is forgotten, so a flood of new sessions
+#: cannot grow memory without bound, nor take a question off another person's screen.
 MAX_ISSUED = 2000
+#: Questions one client (one network address: every person on the server's own machine is
+#: 127.0.0.1) holds at once; past it that client's oldest is forgotten. Two screens per
+#: session: room for 100 people behind one address (a NAT, a shared machine), and a flood
+#: from one address holds at most a tenth of MAX_ISSUED.
+MAX_ISSUED_PER_CLIENT = 200
+#: close() waits this long for the refill thread to end (a refill in progress finishes
+#: first: it holds the lock close() takes), so that no thread is inside torch at exit.
+CLOSE_WAIT_S = 5.0
 #: Interactions a session can undo, newest first.
 UNDO_DEPTH = 50
 
@@ -57,6 +67,7 @@ class Question:
     anchor: int
     others: list[int]      # pair: [j]; captcha: the K candidates, in screen order
     owner: str             # session id it was issued to
+    client: str = ""       # the network address it was issued to (see MAX_ISSUED_PER_CLIENT)
     issued_at: float = field(default_factory=time.time)
 
 
@@ -88,6 +99,7 @@ class Questions:
         self._version = None          # embeddings version the pending pairs were chosen on
         self._normed: np.ndarray | None = None
         self._issued: dict[str, Question] = {}
+        self._by_client: dict[str, dict[str, None]] = {}  # client -> its qids, oldest first
         self._by_owner: dict[tuple[str, str], str] = {}   # (owner, kind) -> qid on its screen
         self._undo: dict[str, deque[_Saved]] = {}
         self._again: dict[tuple[str, str], _Saved] = {}   # (owner, kind) -> undone, ask again
@@ -99,8 +111,11 @@ class Questions:
         self.refill_error: str | None = None
         self._rng = np.random.default_rng(seed)
         self._background = background
+        self._thread: threading.Thread | None = None
         if background:
-            threading.Thread(target=self._refill_loop, name="palfast-annotate-refill", daemon=True).start()
+            self._thread = threading.Thread(target=self._refill_loop, name="palfast-annotate-refill",
+                                            daemon=True)
+            self._thread.start()
 
     # ---------------------------------------------------------------- refill
     def _embeddings_tensor(self) -> torch.Tensor:
@@ -159,9 +174,12 @@ class Questions:
             self.refill()
 
     def close(self) -> None:
+        """Stop the refill thread and wait for it (idempotent)."""
         with self._lock:
             self._closed = True
             self._changed.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(CLOSE_WAIT_S)
 
     # ----------------------------------------------------------------- issue
     def _busy_pairs(self) -> set[tuple[int, int]]:
@@ -171,9 +189,12 @@ class Questions:
     def _usable(self, i: int, j: int, busy) -> bool:
         return (min(i, j), max(i, j)) not in busy and not self.store.is_known(i, j)
 
-    def next(self, kind: str, owner: str) -> Question | None:
+    def next(self, kind: str, owner: str, client: str = "") -> Question | None:
         """The question for ``owner``'s ``kind`` screen: the one already on it, the one it
-        undid, or a new one. None when the budget is spent or nothing is left to ask."""
+        undid, or a new one. None when the budget is spent or nothing is left to ask.
+        ``client``: where the request came from (its network address); the questions
+        outstanding are bounded per client (MAX_ISSUED_PER_CLIENT), then overall
+        (MAX_ISSUED, taken from the client holding the most)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         with self._lock:
@@ -188,7 +209,7 @@ class Questions:
             if again is not None:
                 others = [o for o in again.others if self._usable(again.anchor, o, busy)]
                 if others:
-                    return self._issue(kind, owner, again.anchor, others)
+                    return self._issue(kind, owner, client, again.anchor, others)
             deadline = time.monotonic() + WAIT_S
             while True:
                 while self._pending:
@@ -198,8 +219,8 @@ class Questions:
                             self._want_refill = True
                             self._changed.notify_all()
                         if kind == "pair":
-                            return self._issue(kind, owner, i, [j])
-                        return self._issue(kind, owner, i, self._candidates(i, j, busy))
+                            return self._issue(kind, owner, client, i, [j])
+                        return self._issue(kind, owner, client, i, self._candidates(i, j, busy))
                 if self.exhausted and not self._want_refill:
                     return None
                 self._want_refill = True
@@ -240,13 +261,28 @@ class Questions:
         self._rng.shuffle(chosen)
         return chosen
 
-    def _issue(self, kind: str, owner: str, anchor: int, others: list[int]) -> Question:
-        while len(self._issued) >= MAX_ISSUED:  # dicts keep insertion order: oldest first
-            old = self._issued.pop(next(iter(self._issued)))
-            self._by_owner.pop((old.owner, old.kind), None)
-        q = Question(secrets.token_urlsafe(16), kind, anchor, list(others), owner)
+    def _forget(self, qid: str) -> Question:
+        """Drop the issued question ``qid`` from every index."""
+        q = self._issued.pop(qid)
+        if self._by_owner.get((q.owner, q.kind)) == qid:
+            del self._by_owner[(q.owner, q.kind)]
+        mine = self._by_client[q.client]
+        del mine[qid]
+        if not mine:
+            del self._by_client[q.client]
+        return q
+
+    def _issue(self, kind: str, owner: str, client: str, anchor: int, others: list[int]) -> Question:
+        # Dicts keep insertion order: a client's first qid is its oldest question.
+        while len(self._by_client.get(client, ())) >= MAX_ISSUED_PER_CLIENT:
+            self._forget(next(iter(self._by_client[client])))
+        while len(self._issued) >= MAX_ISSUED:
+            most = max(self._by_client.values(), key=len)
+            self._forget(next(iter(most)))
+        q = Question(secrets.token_urlsafe(16), kind, anchor, list(others), owner, client)
         self._issued[q.qid] = q
         self._by_owner[(owner, kind)] = q.qid
+        self._by_client.setdefault(client, {})[q.qid] = None
         return q
 
     def get(self, qid: str, owner: str) -> Question:
@@ -271,8 +307,7 @@ class Questions:
             if answers is not None:
                 ids = self.store.record([[q.anchor, o] for o in q.others], answers, source=name)
             # Only now, after the commit: a failed write leaves the question answerable.
-            del self._issued[qid]
-            self._by_owner.pop((owner, q.kind), None)
+            self._forget(qid)
             if ids:
                 stack = self._undo.setdefault(owner, deque(maxlen=UNDO_DEPTH))
                 stack.append(_Saved(q.kind, q.anchor, q.others, ids))
@@ -291,9 +326,9 @@ class Questions:
             stack.pop()
             self._saved_count[owner] -= len(last.ids)
             # The question on that screen now is put back in the queue; the undone one is next.
-            qid = self._by_owner.pop((owner, last.kind), None)
+            qid = self._by_owner.get((owner, last.kind))
             if qid in self._issued:
-                q = self._issued.pop(qid)
+                q = self._forget(qid)
                 self._pending.extendleft((min(q.anchor, o), max(q.anchor, o)) for o in q.others[:1])
             self._again[(owner, last.kind)] = last
             return last
