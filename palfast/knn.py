@@ -26,8 +26,12 @@ Indexes (``index=``; the torch backend is exact only):
 * ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_ROWS` indexed rows, IVF above (exact
   too when faiss is missing and ``backend="auto"``).
 
-Rows are added to the approximate indexes :data:`ADD_CHUNK_ROWS` at a time, so the
-index is the only full copy of the normalised rows beyond one chunk.
+Embeddings larger than RAM: ``x`` and ``keys`` may be a memory-mapped NumPy array
+(``np.load(path, mmap_mode="r")``, ``np.memmap``) or a tensor over a file
+(``torch.from_file``). Every pass over the rows (the NaN/Inf scan, normalising them
+into the index, normalising the queries) reads :data:`CHUNK_BYTES` of rows at a time
+(:func:`row_spans`), so the index (the normalised float32 rows of the exact search,
+or the FAISS index) is the only full copy beyond one chunk.
 
 Inputs are validated before FAISS sees them (FAISS asserts would abort the
 process). Rows are scaled by their largest entry before normalising, so rows of
@@ -49,13 +53,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import check_choice, check_int, check_tensor
 
-__all__ = ["ADD_CHUNK_ROWS", "AUTO_EXACT_MAX_ROWS", "BACKENDS", "DEFAULT_NPROBE",
+__all__ = ["AUTO_EXACT_MAX_ROWS", "BACKENDS", "CHUNK_BYTES", "DEFAULT_NPROBE",
            "DEFAULT_EF_SEARCH", "HNSW_M", "INDEXES", "MAX_BLOCK", "TRAIN_ROWS_PER_LIST",
-           "default_nlist", "knn", "resolve_backend", "resolve_index", "unit_rows"]
+           "as_rows", "build_index", "chunk_rows", "default_nlist", "drop_self", "knn", "resolve_backend", "resolve_index",
+           "row_spans", "unit_rows"]
 
 BACKENDS = ("auto", "faiss", "torch")
 INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw")
@@ -73,8 +77,11 @@ TRAIN_ITERATIONS = 10
 #: FAISS's own lower bound of training rows per centroid: ``nlist`` may not exceed
 #: N / 39, so every list is trained on enough rows.
 MIN_TRAIN_ROWS_PER_LIST = 39
-#: Rows normalised and added to an approximate index at a time (32 MiB at D = 128).
-ADD_CHUNK_ROWS = 1 << 16
+#: Bytes of float32 rows read, normalised and added (or searched) at a time: the one
+#: transient copy of the embeddings when they are memory-mapped. 32 MiB (65 536 rows at
+#: D = 128) keeps it small beside any index worth building, while each chunk is still
+#: one large BLAS / FAISS call (per-chunk overhead well under 1 %).
+CHUNK_BYTES = 1 << 25
 #: Lists scanned per query: on 20 000 rows of 1000 classes (D = 128, noise as large as
 #: the spread of the class centres, so the classes overlap) 16 of the default 566 lists
 #: gave recall@10 = 0.97 against exact search, 8 gave 0.965 (docs/active.md, "Large
@@ -179,6 +186,175 @@ def _default_pq_m(d: int) -> int:
     return next(m for m in range(max(1, d // 4), 0, -1) if d % m == 0)
 
 
+#: The smallest norm divided by (F.normalize's default eps): an all-zero row stays zero.
+NORM_EPS = 1e-12
+#: NumPy dtypes taken as embeddings (NumPy has no bfloat16).
+_NUMPY_FLOATS = ("float16", "float32", "float64")
+
+
+def as_rows(op: str, name: str, x, *, min_rows: int = 0, finite: bool = False) -> torch.Tensor:
+    """``x`` as a 2-D floating point tensor ``[N, D]``, sharing its memory (no copy).
+
+    Takes a torch.Tensor (a ``torch.from_file`` tensor too, once viewed as ``[N, D]``),
+    or a NumPy array: in RAM, ``np.memmap`` or ``np.load(path, mmap_mode="r")``, of
+    float16, float32 or float64. ``finite`` scans for NaN/Inf :data:`CHUNK_BYTES` of
+    rows at a time, so a memory-mapped file is never copied whole."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            import numpy as np
+        except ImportError:  # no NumPy: nothing but a tensor can be given
+            np = None
+        if np is None or not isinstance(x, np.ndarray):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or a NumPy array (for a file "
+                            "larger than RAM: np.load(path, mmap_mode='r')), got "
+                            f"{type(x).__name__}")
+        x = _from_numpy(op, name, x, "memory map" if isinstance(x, np.memmap) else "array")
+    x = check_tensor(op, name, x, min_rows=min_rows)
+    if finite:
+        bad = sum(int((~torch.isfinite(x[a:b])).any(1).sum()) for a, b in row_spans(x))
+        if bad:
+            raise ValueError(f"{op}: {name} must be finite, got {bad} rows with NaN or Inf")
+    return x
+
+
+def _from_numpy(op: str, name: str, a, kind: str) -> torch.Tensor:
+    """A tensor view of NumPy array ``a`` (read-only maps stay read-only: palfast never
+    writes to its inputs); ``kind`` names it in errors."""
+    import warnings
+
+    if a.ndim != 2:
+        hint = (" (np.memmap reads a flat file as 1-D: pass shape=(N, D), or save it with "
+                "np.save and open it with np.load(path, mmap_mode='r'))") if a.ndim == 1 else ""
+        raise ValueError(f"{op}: {name} must be a 2-D {kind} [N, D], got shape {a.shape}{hint}")
+    if a.dtype.name not in _NUMPY_FLOATS or not a.dtype.isnative:
+        raise TypeError(f"{op}: {name} must be a {kind} of native-endian "
+                        f"{', '.join(_NUMPY_FLOATS)}, got dtype {a.dtype.str!r} ({a.dtype.name}); "
+                        "open a raw file with the dtype it was written with, or convert it")
+    if any(st < 0 for st in a.strides):
+        raise ValueError(f"{op}: {name} must have non-negative strides (no reversed view), got "
+                         f"strides {a.strides}; pass a forward view or a copy")
+    with warnings.catch_warnings():
+        # torch warns that a read-only array gives a tensor one may not write to;
+        # nothing here writes to it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def chunk_rows(d: int) -> int:
+    """Rows of width ``d`` in :data:`CHUNK_BYTES` of float32 (at least 1)."""
+    return max(1, CHUNK_BYTES // (4 * d))
+
+
+def row_spans(x: torch.Tensor, rows: int | None = None):
+    """``(start, stop)`` of consecutive row chunks of ``x``, :func:`chunk_rows` rows each
+    unless ``rows`` is given."""
+    step = chunk_rows(x.shape[1]) if rows is None else rows
+    return [(a, min(a + step, x.shape[0])) for a in range(0, x.shape[0], step)]
+
+
+def unit_rows(x: torch.Tensor, device=None) -> torch.Tensor:
+    """Rows of x scaled to unit L2 norm in float32, contiguous (zero rows stay zero), on
+    ``device`` (default x's).
+
+    Each row is first divided by its largest absolute entry, so squaring cannot
+    overflow however large the row is. Rows are copied into the result
+    :data:`CHUNK_BYTES` at a time and normalised there in place, so nothing but the
+    result (and, across devices, one chunk) is allocated, whatever x's size."""
+    x = x.detach()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device if device is None else device)
+    for a, b in row_spans(x):
+        _unit_into(out[a:b], x[a:b])
+    return out
+
+
+def _unit_into(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Write the unit rows of x into ``out`` (float32, contiguous) and return it; the
+    same arithmetic as ``F.normalize(x / peak)``, without its temporaries."""
+    out.copy_(x)
+    peak = torch.linalg.vector_norm(out, float("inf"), dim=1, keepdim=True)
+    out.div_(peak.clamp_min_(torch.finfo(torch.float32).tiny))
+    return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min_(NORM_EPS))
+
+
+def _unit_chunk(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows of one chunk, in a new float32 tensor on x's device."""
+    return _unit_into(torch.empty(x.shape, dtype=torch.float32, device=x.device), x)
+
+
+class _Index:
+    """Normalised rows of ``keys`` in a searchable index (:func:`build_index`)."""
+
+    def __init__(self, kind: str, built, d: int, n: int):
+        self.kind, self.built, self.d, self.n = kind, built, d, n
+
+    def search(self, queries: torch.Tensor, k: int, *, normalized: bool = False):
+        """Top-k ``(sims [M, k], nbrs [M, k])`` of ``queries`` ``[M, D]`` (raw rows,
+        normalised here a chunk at a time; or unit float32 rows when ``normalized``), on
+        the index's device for the torch index, else on the CPU; −inf / −1 where an
+        approximate index found fewer than k rows. 1 <= k <= N."""
+        if self.kind == "torch":
+            return _torch_search(queries, self.built, k, None, normalized)
+        import numpy as np
+
+        if self.kind == "faiss-gpu":
+            import faiss.contrib.torch_utils  # noqa: F401  (faiss takes torch tensors, no copy)
+            q = queries if normalized else unit_rows(queries, self.built_device)
+            sims, nbrs = self.built.search(q.to(self.built_device), k)
+            return sims, nbrs.to(torch.long)
+        sims, nbrs = [], []
+        for a, b in row_spans(queries):
+            q = queries[a:b].cpu() if normalized else _unit_chunk(queries[a:b].cpu())
+            s, i = self.built.search(np.ascontiguousarray(q.numpy()), k)
+            sims.append(torch.from_numpy(s))
+            nbrs.append(torch.from_numpy(i).to(torch.long))
+        sims, nbrs = torch.cat(sims), torch.cat(nbrs)
+        return sims.masked_fill(nbrs < 0, float("-inf")), nbrs
+
+    def search_self(self, k: int):
+        """Every indexed row's top-k among the others (1 <= k < N), on the index's device."""
+        if self.kind == "torch":
+            return _torch_search(self.built, self.built, k, 0, True)
+        raise NotImplementedError  # FAISS indexes: search(keys, k + 1) then drop_self
+
+
+def build_index(keys: torch.Tensor, backend: str, index: str, params=(None, None, None, None),
+                seed: int = 0, device=None) -> _Index:
+    """The k-NN index of :func:`knn` over ``keys`` ``[N, D]`` (validated by the caller:
+    :func:`as_rows`, :func:`resolve_backend`, :func:`resolve_index`, and ``params`` =
+    ``(nlist, nprobe, ef_search, pq_m)`` from ``_check_index_params``). Rows are
+    normalised into it :data:`CHUNK_BYTES` at a time; the exact torch index is held
+    on ``device`` (default keys' device)."""
+    n, d = keys.shape
+    if index != "exact":
+        return _Index("faiss", _approx_index(keys, index, *params, gen_seed=seed), d, n)
+    if backend == "torch":
+        return _Index("torch", unit_rows(keys, device), d, n)
+    import faiss
+
+    if keys.is_cuda and hasattr(faiss, "StandardGpuResources"):
+        import faiss.contrib.torch_utils  # noqa: F401
+
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = keys.device.index if keys.device.index is not None else torch.cuda.current_device()
+        built = faiss.GpuIndexFlatIP(res, d, cfg)
+        built.add(unit_rows(keys))
+        out = _Index("faiss-gpu", built, d, n)
+        out.built_device, out.res = keys.device, res  # the resources must outlive the index
+        return out
+    built = faiss.IndexFlatIP(d)
+    _add_chunks(built, keys)
+    return _Index("faiss", built, d, n)
+
+
+def _add_chunks(built, keys: torch.Tensor) -> None:
+    """Normalise ``keys`` into the FAISS index ``built`` through one reused chunk buffer."""
+    spans = row_spans(keys)
+    buf = torch.empty(spans[0][1] - spans[0][0], keys.shape[1], dtype=torch.float32)
+    for a, b in spans:
+        built.add(_unit_into(buf[: b - a], keys[a:b]).numpy())
+
+
 def _approx_index(keys: torch.Tensor, index: str, nlist, nprobe, ef_search, pq_m, gen_seed: int):
     """A FAISS inner-product index of kind ``index`` over ``keys`` ([N, D], any float
     dtype, not yet normalised): trained on a sample, filled in chunks."""
@@ -203,79 +379,42 @@ def _approx_index(keys: torch.Tensor, index: str, nlist, nprobe, ef_search, pq_m
         built.cp.niter = TRAIN_ITERATIONS
         built.train(np.ascontiguousarray(unit_rows(keys[sample].cpu()).numpy()))
         built.nprobe = nprobe
-    for start in range(0, n, ADD_CHUNK_ROWS):
-        built.add(np.ascontiguousarray(unit_rows(keys[start:start + ADD_CHUNK_ROWS].cpu()).numpy()))
+    _add_chunks(built, keys)
     return built
 
 
-def _approx_search(built, queries: torch.Tensor, k: int):
-    """Search ``queries`` (normalised chunk by chunk) in a built index: (sims, nbrs) with
-    −inf / −1 where the index found fewer than k rows."""
-    import numpy as np
-
-    sims, nbrs = [], []
-    for start in range(0, queries.shape[0], ADD_CHUNK_ROWS):
-        q = np.ascontiguousarray(unit_rows(queries[start:start + ADD_CHUNK_ROWS].cpu()).numpy())
-        s, i = built.search(q, k)
-        sims.append(torch.from_numpy(s))
-        nbrs.append(torch.from_numpy(i).to(torch.long))
-    sims, nbrs = torch.cat(sims), torch.cat(nbrs)
-    return sims.masked_fill(nbrs < 0, float("-inf")), nbrs
-
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x scaled to unit L2 norm in float32, contiguous (zero rows stay zero).
-
-    Each row is first divided by its largest absolute entry, so squaring cannot
-    overflow however large the row is."""
-    x = x.detach().float()
-    peak = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return F.normalize(x / peak, dim=1).contiguous()
-
-
-def _faiss_search(queries: torch.Tensor, keys: torch.Tensor, k: int):
-    import faiss
-    import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch tensors, no copy)
-
-    d = keys.shape[1]
-    if keys.is_cuda and hasattr(faiss, "StandardGpuResources"):
-        res = faiss.StandardGpuResources()
-        cfg = faiss.GpuIndexFlatConfig()
-        cfg.device = keys.device.index if keys.device.index is not None else torch.cuda.current_device()
-        index = faiss.GpuIndexFlatIP(res, d, cfg)
-    else:
-        keys, queries = keys.cpu(), queries.cpu()
-        index = faiss.IndexFlatIP(d)
-    index.add(keys)
-    sims, nbrs = index.search(queries, k)
-    return sims, nbrs.to(torch.long)
-
-
-def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool):
+def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, self_offset: int | None,
+                  normalized: bool):
+    """Exact top-k of ``queries`` among the unit rows ``keys``, a block of queries at a
+    time (normalised per block unless ``normalized``); ``self_offset``: query row r is
+    key row r + self_offset, never its own neighbour."""
     block = max(1, min(MAX_BLOCK_ROWS, MAX_BLOCK // keys.shape[0]))
     sims, nbrs = [], []
     for start in range(0, queries.shape[0], block):
-        s = queries[start:start + block] @ keys.T
-        if exclude_self:  # never one's own neighbour
+        q = queries[start:start + block]
+        q = q.to(keys.device) if normalized else _unit_chunk(q.to(keys.device))
+        s = q @ keys.T
+        if self_offset is not None:  # never one's own neighbour
             rows = torch.arange(s.shape[0], device=s.device)
-            s[rows, rows + start] = float("-inf")
+            s[rows, rows + start + self_offset] = float("-inf")
         v, i = s.topk(k, dim=1)
         sims.append(v)
         nbrs.append(i)
     return torch.cat(sims), torch.cat(nbrs)
 
 
-def knn(x: torch.Tensor, k: int, *, keys: torch.Tensor | None = None, backend: str = "auto",
+def knn(x, k: int, *, keys=None, backend: str = "auto",
         index: str = "exact", nlist: int | None = None, nprobe: int | None = None,
         ef_search: int | None = None, pq_m: int | None = None, seed: int = 0,
         op: str = "palfast.knn.knn", finite: bool = True):
     """The k most cosine-similar rows of ``keys`` for each row of ``x``.
 
     Args:
-        x: ``[M, D]`` floating point queries, finite.
+        x: ``[M, D]`` floating point queries, finite: a tensor, or a NumPy array,
+            memory-mapped or not (:func:`as_rows`; read in chunks, never copied whole).
         k: neighbours per query; ``1 <= k < M`` when ``keys`` is None (the rows of x
             are searched, each row excluding itself), else ``1 <= k <= len(keys)``.
-        keys: optional ``[N, D]`` rows to search among.
+        keys: optional ``[N, D]`` rows to search among (same kinds as ``x``).
         backend: ``"auto"`` | ``"faiss"`` | ``"torch"``.
         index: ``"exact"`` (default) | ``"auto"`` | ``"ivf"`` | ``"ivfpq"`` | ``"hnsw"``
             (module docstring); all but ``"exact"`` need faiss.
@@ -291,19 +430,20 @@ def knn(x: torch.Tensor, k: int, *, keys: torch.Tensor | None = None, backend: s
 
     Returns:
         ``(sims FloatTensor [M, k], nbrs LongTensor [M, k])``, each row sorted by
-        similarity, highest first, on x's device. An approximate index may find fewer
-        than k rows for a query (IVF: the scanned lists hold too few): the missing
-        places are ``nbrs = -1``, ``sims = -inf``, at the end of the row.
+        similarity, highest first, on x's device (CPU for a NumPy array). An
+        approximate index may find fewer than k rows for a query (IVF: the scanned
+        lists hold too few): the missing places are ``nbrs = -1``, ``sims = -inf``,
+        at the end of the row.
     """
     self_search = keys is None
-    x = check_tensor(op, "embeddings" if self_search else "queries", x, min_rows=1, finite=finite)
+    x = as_rows(op, "embeddings" if self_search else "queries", x, min_rows=1, finite=finite)
     if self_search:
         k = check_int(op, "k", k)
         if not 1 <= k < x.shape[0]:
             raise ValueError(f"{op}: k must satisfy 1 <= k < N = {x.shape[0]} (number of rows), "
                              f"got k={k}")
     else:
-        keys = check_tensor(op, "keys", keys, min_rows=1, finite=finite)
+        keys = as_rows(op, "keys", keys, min_rows=1, finite=finite)
         if keys.shape[1] != x.shape[1]:
             raise ValueError(f"{op}: keys must have the queries' width D = {x.shape[1]}, "
                              f"got shape {tuple(keys.shape)}")
@@ -313,30 +453,27 @@ def knn(x: torch.Tensor, k: int, *, keys: torch.Tensor | None = None, backend: s
     index = resolve_index(op, index, backend, n_keys)
     params = _check_index_params(op, index, n_keys, x.shape[1], k, nlist, nprobe, ef_search, pq_m)
     seed = check_int(op, "seed", seed, 0)
-    if index != "exact":
-        built = _approx_index(x if self_search else keys, index, *params, gen_seed=seed)
-        if not self_search:
-            sims, nbrs = _approx_search(built, x, k)
-            return sims.to(x.device), nbrs.to(x.device)
-        sims, nbrs = _approx_search(built, x, k + 1)
-        return _drop_self(sims, nbrs, k, x.device)
-    queries = unit_rows(x)
-    keys = queries if self_search else unit_rows(keys).to(queries.device)
-    if backend == "torch":
-        return _torch_search(queries, keys, k, self_search)
-    if not self_search:
-        sims, nbrs = _faiss_search(queries, keys, k)
-        return sims.to(x.device), nbrs.to(x.device)
-    sims, nbrs = _faiss_search(queries, keys, k + 1)
-    return _drop_self(sims, nbrs, k, x.device)
+    if self_search:
+        built = build_index(x, backend, index, params, seed)
+        if built.kind == "torch":
+            return built.search_self(k)
+        sims, nbrs = built.search(x, k + 1)
+        return drop_self(sims, nbrs, k, x.device)
+    # The exact torch search runs on the queries' device.
+    sims, nbrs = build_index(keys, backend, index, params, seed, x.device).search(x, k)
+    return sims.to(x.device), nbrs.to(x.device)
 
 
-def _drop_self(sims: torch.Tensor, nbrs: torch.Tensor, k: int, device):
-    """FAISS returns self among the k+1 hits (or not, with duplicate rows; an approximate
+def drop_self(sims: torch.Tensor, nbrs: torch.Tensor, k: int, device, rows=None):
+    """The top-k of a ``k + 1`` search of the indexed rows themselves, without self.
+
+    FAISS returns self among the k+1 hits (or not, with duplicate rows; an approximate
     index may also miss it): drop it, then keep the first k of the others, missing
-    places (−1) last."""
-    rows = torch.arange(nbrs.shape[0], device=nbrs.device)[:, None]
-    keep = (nbrs != rows) & (nbrs >= 0)
+    places (−1) last. ``rows`` ``[M]``: the index row of each query (default
+    ``arange(M)``)."""
+    if rows is None:
+        rows = torch.arange(nbrs.shape[0], device=nbrs.device)
+    keep = (nbrs != rows.to(nbrs.device)[:, None]) & (nbrs >= 0)
     keep &= keep.cumsum(1) <= k
     order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
     found = keep.gather(1, order)

@@ -68,3 +68,64 @@ def _worker(rank, world, counts, out_dir):
     # a gloo process (see palfast.distributed.exit_process). An exception above
     # propagates normally, so a failing rank still reports its traceback.
     palfast.distributed.exit_process(0)
+
+
+# ------------------------------------------------ sharded candidate search
+#: Bytes per chunk in the candidate workers: 1 KiB is 8 rows of D = 32, so the queries
+#: reach the shards in many all-gather rounds, the last one partial.
+CANDIDATE_CHUNK_BYTES = 1 << 10
+CANDIDATE_D = 32
+
+
+def candidate_cases(have_faiss: bool) -> dict:
+    """The searches the sharded candidate test runs: name -> keyword arguments."""
+    cases = {"exact_torch": dict(k=10, backend="torch", index="exact")}
+    if have_faiss:
+        cases.update(exact_faiss=dict(k=10, backend="faiss", index="exact"),
+                     # every list scanned: an exhaustive search through the IVF code
+                     ivf_all_lists=dict(k=10, index="ivf", nlist=2, nprobe=2),
+                     ivf=dict(k=10, index="ivf"))
+    return cases
+
+
+def candidate_pool(n: int) -> torch.Tensor:
+    """Overlapping classes (like tests/test_knn.py's clustered): an approximate index
+    has real work to do."""
+    g = torch.Generator().manual_seed(2)
+    y = torch.randint(0, max(2, n // 50), (n,), generator=g)
+    return torch.randn(max(2, n // 50), CANDIDATE_D, generator=g)[y] \
+        + 0.6 * torch.randn(n, CANDIDATE_D, generator=g)
+
+
+def candidate_store():
+    """A few answers, so the store filtering (on the source rank only) is exercised."""
+    store = palfast.active.RelationStore()
+    store.record(torch.tensor([[0, 1], [2, 3], [1, 3]]), torch.tensor([True, True, False]))
+    return store
+
+
+def _candidates_worker(rank, world, counts, out_dir, have_faiss):
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+                            rank=rank, world_size=world)
+    palfast.knn.CHUNK_BYTES = CANDIDATE_CHUNK_BYTES
+    x = candidate_pool(sum(counts))
+    begin = sum(counts[:rank])
+    mine = x[begin: begin + counts[rank]]
+    store = candidate_store() if rank == 0 else None
+    search = palfast.active.distributed.candidate_pairs
+    out = {name: search(mine, store=store, **kw) for name, kw in candidate_cases(have_faiss).items()}
+    # Bad input on one rank (or for one shard) must raise on every rank, not hang the others.
+    bad = {"nan_on_rank_1": lambda: search(mine * float("nan") if rank == 1 else mine, k=10,
+                                           backend="torch")}
+    if have_faiss:
+        bad["nlist_over_rank_0_rows"] = lambda: search(mine, k=10, index="ivf",
+                                                       nlist=counts[0] + 1)
+    out["errors"] = {}
+    for name, call in bad.items():
+        try:
+            call()
+            out["errors"][name] = None
+        except ValueError as e:
+            out["errors"][name] = str(e)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    palfast.distributed.exit_process(0)

@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_id_vector, check_tensor
-from ..knn import knn
+from .._checks import check_id_vector
+from ..knn import as_rows, knn
 
 __all__ = ["candidate_pairs", "check_ids", "pairs_from_knn"]
 
 
-def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backend: str = "auto",
+def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto",
                     ids=None, index: str = "auto", nlist: int | None = None,
                     nprobe: int | None = None, ef_search: int | None = None):
     """Unordered k-NN pairs by cosine similarity, unknown to ``store``, most similar first.
 
     Args:
-        embeddings: ``[N, D]`` floating point; row r is sample ``ids[r]``.
+        embeddings: ``[N, D]`` floating point; row r is sample ``ids[r]``. A tensor, or a
+            NumPy array, memory-mapped or not (``np.load(path, mmap_mode="r")``,
+            ``np.memmap``; a ``torch.from_file`` tensor too): read
+            :data:`palfast.knn.CHUNK_BYTES` at a time, never copied whole.
         k: neighbours per row, ``1 <= k < N``.
         store: optional :class:`RelationStore`; pairs it knows (answered, or implied by
             transitivity / cannot-link) are dropped.
@@ -51,8 +54,8 @@ def candidate_pairs(embeddings: torch.Tensor, k: int = 10, *, store=None, backen
     """
     op = "palfast.active.candidate_pairs"
     # ids before the search, so a bad ids argument costs no search.
-    n = check_tensor(op, "embeddings", embeddings, min_rows=1).shape[0]
-    row_ids = check_ids(op, ids, n)
+    embeddings = as_rows(op, "embeddings", embeddings, min_rows=1)
+    row_ids = check_ids(op, ids, embeddings.shape[0])
     sims, nbrs = knn(embeddings, k, backend=backend, op=op, index=index, nlist=nlist,
                      nprobe=nprobe, ef_search=ef_search)
     return pairs_from_knn(sims, nbrs, row_ids, store)

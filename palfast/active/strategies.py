@@ -89,8 +89,8 @@ import heapq
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_int, check_number, check_tensor
-from ..knn import _check_index_params, knn, resolve_backend, resolve_index
+from .._checks import check_choice, check_int, check_number
+from ..knn import _check_index_params, as_rows, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
 from .store import RelationStore
 
@@ -145,7 +145,7 @@ class _Selection:
         return torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
 
 
-def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
+def select_queries(embeddings, store: RelationStore, budget: int,
                    strategy: str = "pal", *, k: int = 10, generator: torch.Generator | None = None,
                    seed: int | None = None, ids=None, backend: str = "auto",
                    explore: float = 0.1, order: str = "gain",
@@ -154,7 +154,12 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     """Choose up to ``budget`` unknown pairs to ask the oracle.
 
     Args:
-        embeddings: ``[N, D]`` floating point, row r = sample ``ids[r]``, N ≥ 2.
+        embeddings: ``[N, D]`` floating point, row r = sample ``ids[r]``, N ≥ 2: a
+            tensor, or a NumPy array, memory-mapped or not (``np.load(path,
+            mmap_mode="r")``, ``np.memmap``; a ``torch.from_file`` tensor too). Read in
+            chunks (:func:`palfast.knn.as_rows`): the search holds its index, the
+            strategies read the rows they need, never a copy of the whole array (but
+            ``"pal"`` on a small pool, below :data:`PAL_EXACT_WORK`).
         store: the :class:`RelationStore` of answers so far.
         budget: number of pairs wanted (int ≥ 0).
         strategy: ``"pal"`` | ``"nearest"`` | ``"uncertain"`` | ``"random"`` | ``"passive"``
@@ -181,7 +186,7 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
     Returns:
         LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
     """
-    x = check_tensor(_OP, "embeddings", embeddings, min_rows=2, finite=True)
+    x = as_rows(_OP, "embeddings", embeddings, min_rows=2, finite=True)
     n = x.shape[0]
     if not isinstance(store, RelationStore):
         raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, "
@@ -215,7 +220,7 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
         return sel.result()
     if strategy == "passive":
         return _passive(store, row_ids, budget, generator)
-    x = x.detach().float().cpu()
+    x = _UnitRows(x)
     if strategy == "nearest":
         _nearest(sel, graph, budget, k)
     elif strategy == "uncertain":
@@ -225,6 +230,37 @@ def select_queries(embeddings: torch.Tensor, store: RelationStore, budget: int,
         if len(sel.pairs) < budget:  # every row already used once: most similar pairs left
             _nearest(sel, graph, budget, k)
     return sel.result()
+
+
+class _UnitRows:
+    """The rows of the embeddings at unit norm (float32, CPU), normalised as they are
+    read: a memory-mapped pool is never copied whole. ``xn[rows]`` for a LongTensor or
+    an int, :meth:`sims_to` for one row against all, :meth:`dense` for all of them."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.detach() if x.device.type == "cpu" else x.detach().cpu()
+        self.shape = x.shape
+        self._dense = None
+
+    def __getitem__(self, rows):
+        if isinstance(rows, int):
+            return self[rows:rows + 1][0]
+        if self._dense is not None:
+            return self._dense[rows]
+        return F.normalize(self.x[rows].float(), dim=1)
+
+    def sims_to(self, row: int) -> torch.Tensor:
+        """``[N]`` cosine similarities of every row to row ``row``."""
+        v = self[row]
+        if self._dense is not None:
+            return self._dense @ v
+        return torch.cat([self[a:b] @ v for a, b in row_spans(self.x)])
+
+    def dense(self) -> torch.Tensor:
+        """All rows, normalised once and kept (small pools only: :class:`_DenseLinks`)."""
+        if self._dense is None:
+            self._dense = self[:]
+        return self._dense
 
 
 class _Graph:
@@ -353,7 +389,7 @@ def _answered_rows(sel: _Selection, pairs: torch.Tensor, answers: torch.Tensor):
     return ra[ok], rb[ok], answers[ok]
 
 
-def _threshold(sel: _Selection, xn: torch.Tensor, fallback: torch.Tensor) -> float:
+def _threshold(sel: _Selection, xn: _UnitRows, fallback: torch.Tensor) -> float:
     """Similarity threshold that best separates the answered pairs among the rows."""
     ra, rb, y = _answered_rows(sel, *sel.store.answers())
     if bool(y.any()) and bool((~y).any()):
@@ -371,9 +407,8 @@ def _threshold(sel: _Selection, xn: torch.Tensor, fallback: torch.Tensor) -> flo
     return float(fallback.median()) if fallback.numel() else 0.0
 
 
-def _uncertain(sel: _Selection, x: torch.Tensor, graph: _Graph, budget: int, k: int) -> None:
-    n = x.shape[0]
-    xn = F.normalize(x, dim=1)
+def _uncertain(sel: _Selection, xn: _UnitRows, graph: _Graph, budget: int, k: int) -> None:
+    n = xn.shape[0]
     k = min(3 * k, n - 1)
     while True:
         pairs, sims = graph.pairs(k, sel)
@@ -441,7 +476,7 @@ class _DenseLinks:
 
     def __init__(self, xn, member_rows, member_cls, n_cls, members, free):
         self.xn, self.members, self.free = xn, members, free
-        self.link = _class_links(xn, member_rows, member_cls, n_cls)
+        self.link = _class_links(xn.dense(), member_rows, member_cls, n_cls)
         n = xn.shape[0]
         self.predicted = self.link.argmax(0) if n_cls else torch.zeros(n, dtype=torch.long)
         # vote_share[o, c]: share of the members of class o whose most linked other class is c.
@@ -474,13 +509,13 @@ class _DenseLinks:
 
     def partners(self, row, used):
         """Chunks of the rows not used, most similar to ``row`` first."""
-        sims = self.xn @ self.xn[row]
+        sims = self.xn.sims_to(row)
         sims[used] = float("-inf")
         ranked = torch.sort(-sims, stable=True).indices[: used.numel() - int(used.sum())]
         yield from ranked.split(_SEED_CHUNK)
 
     def reach(self, row):
-        self.maxsim = torch.maximum(self.maxsim, self.xn @ self.xn[row])
+        self.maxsim = torch.maximum(self.maxsim, self.xn.sims_to(row))
 
     def seed_score(self):
         return self.maxsim
@@ -597,10 +632,9 @@ def _closest_pair(xn, rows_a, rows_b):
     return int(rows_a[best // rows_b.numel()]), int(rows_b[best % rows_b.numel()])
 
 
-def _pal(sel: _Selection, x: torch.Tensor, graph: _Graph, budget: int, k: int, explore: float,
+def _pal(sel: _Selection, xn: _UnitRows, graph: _Graph, budget: int, k: int, explore: float,
          gen: torch.Generator, order: str, state: dict) -> None:
-    n = x.shape[0]
-    xn = F.normalize(x, dim=1)
+    n = xn.shape[0]
     _, inv, counts = torch.unique(sel.roots, return_inverse=True, return_counts=True)
     class_of = torch.where(counts[inv] >= 2, inv, -1)  # [N] class index or −1
     cls = torch.unique(class_of[class_of >= 0])
