@@ -1,6 +1,6 @@
 """The CUDA info_nce backward's two dneg kernels, run by the CPU emulator (tests/cuda_emu).
 
-csrc/cuda/info_nce_backward.cu computes dneg = M u on the fixed-shift path
+csrc/cuda/info_nce/info_nce_backward.cu computes dneg = M u on the fixed-shift path
 (normalize=True, τ above the bound of use_fixed_shift) by the symmetric kernel
 (tile pairs I ≤ K, float atomicAdd), unless torch's deterministic mode is on;
 then, and on the online path, by the row-block kernel (every element written
@@ -131,8 +131,8 @@ def test_symmetric_path_is_taken_by_default(emu):
 
 # ------------------------------------------------------- extreme but valid input
 # As tests/test_info_nce.py checks on the CPU (docs/api.md, "Numerics"): row_norm in
-# csrc/cuda/info_nce.cuh scales each row by a power of two before squaring, and
-# narrow_grad in csrc/cuda/info_nce_backward.cu saturates float16 gradients.
+# csrc/cuda/info_nce/info_nce.cuh scales each row by a power of two before squaring, and
+# narrow_grad in csrc/cuda/info_nce/info_nce_backward.cu saturates float16 gradients.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("scale", [1e20, 1e30])
 def test_rows_of_extreme_norm(emu, path, dtype, scale):

@@ -1,5 +1,5 @@
 """The FA2-style backward of CUDA info_nce (fa2_sym_grad_kernel in
-csrc/cuda/info_nce_backward.cu: 16-bit z, normalize=True, τ on the fixed-shift
+csrc/cuda/info_nce/info_nce_backward.cu: 16-bit z, normalize=True, τ on the fixed-shift
 path, D ≤ 128, torch's deterministic mode off) under the CPU emulator, against
 palfast.reference in float64 by the rounding rule of tests/_helpers.py
 (whose emulator, fixtures and checks this file imports).
@@ -31,7 +31,7 @@ DTYPES16 = [torch.bfloat16, torch.float16]
 NS = [1, 2, 3, 41, 127, 257]
 DS = [1, 3, 16, 100, 128, 130]
 SIZES = [(n, d) for n in NS for d in DS]
-# Fa2Backward in csrc/cuda/info_nce_backward.cu: 64-row key tiles (4 warps of 16
+# Fa2Backward in csrc/cuda/info_nce/info_nce_backward.cu: 64-row key tiles (4 warps of 16
 # rows), 32-row row tiles, D in steps of 16 (mma.m16n8k16), up to 128.
 KEY_TILE, ROW_TILE, K_STEP, MAX_D = 64, 32, 16, 128
 # Warp-level mmas of one (key tile, row tile) pair per 16 columns of D: Sᵀ (4 warps ×

@@ -1,5 +1,5 @@
 """The FA2-style forward of CUDA info_nce (fa2_sym_lse_kernel in
-csrc/cuda/info_nce_forward.cu: 16-bit z, normalize=True, τ on the fixed-shift
+csrc/cuda/info_nce/info_nce_forward.cu: 16-bit z, normalize=True, τ on the fixed-shift
 path, D ≤ 128) under the CPU emulator, against palfast.reference in float64 by
 the rounding rule of tests/_helpers.py (whose emulator, fixtures and
 helpers this file imports).
@@ -30,7 +30,7 @@ DTYPES16 = [torch.bfloat16, torch.float16]
 NS = [1, 2, 3, 41, 127, 257]
 DS = [1, 3, 16, 100, 128, 130]
 SIZES = [(n, d) for n in NS for d in DS]
-# Fa2Forward in csrc/cuda/info_nce_fa2.cuh: 128-row tiles of 4 warps of 32 rows
+# Fa2Forward in csrc/cuda/info_nce/info_nce_fa2.cuh: 128-row tiles of 4 warps of 32 rows
 # (2 m16 tiles each), key tiles streamed in halves of 64 rows (8 n8 tiles each),
 # D in steps of 16 (mma.m16n8k16), up to 128.
 TILE, KEY_ROWS, WARPS, M_TILES, N8_TILES, K_STEP, MAX_D = 128, 64, 4, 2, 8, 16, 128

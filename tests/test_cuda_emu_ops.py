@@ -1,6 +1,6 @@
 """palfast's CUDA kernels, executed on the CPU by the emulator in tests/cuda_emu.
 
-The real csrc/cuda/*.cu files are compiled with the host compiler against a
+The real csrc/cuda/**/*.cu files are compiled with the host compiler against a
 shim of the CUDA built-ins (threads of a block as fibers with a seeded random
 scheduler, real barriers, warp shuffles in step, RNE 16-bit types, WMMA with
 the PTX fragment layouts) and registered as torch.ops.palfast_emu.* for CPU
@@ -183,7 +183,7 @@ def test_info_nce_several_schedules(emu, seed):
     _check_info_nce(emu, torch.float32, 130, 136, "labels", True, 3, 130, seed=seed)
 
 
-# The fixed-shift softmax (csrc/cuda/info_nce.cuh, use_fixed_shift) runs for
+# The fixed-shift softmax (csrc/cuda/info_nce/info_nce.cuh, use_fixed_shift) runs for
 # normalize=True while 2·log2(e)/τ ≤ 112 (fp32 accumulation) or 1000 (fp64); the
 # online (max, sum) path runs below that τ.
 FIXED_SHIFT_MIN_TAU = {torch.float32: 2 * math.log2(math.e) / 112,

@@ -209,7 +209,7 @@ def test_anchor_range_matches_full_rows(device, begin, end):
 
 # ------------------------------------------------------- extreme but valid input
 # (docs/api.md, "Numerics"). On the CPU; the CUDA kernels do the same (row_norm in
-# csrc/cuda/info_nce.cuh, narrow_grad in csrc/cuda/info_nce_backward.cu).
+# csrc/cuda/info_nce/info_nce.cuh, narrow_grad in csrc/cuda/info_nce/info_nce_backward.cu).
 def test_float16_zero_row_gives_a_finite_gradient():
     torch.manual_seed(3)
     z = torch.randn(8, 16).half()

@@ -118,7 +118,7 @@ def test_low_precision_within_rounding_error(graph_factory, dtype, n, d):
 
 
 # Every kernel path on the GPU, as tests/test_cuda_emu_*.py run them on the CPU
-# (csrc/cuda/info_nce.cuh; name: (normalize, τ, deterministic mode)):
+# (csrc/cuda/info_nce/info_nce.cuh; name: (normalize, τ, deterministic mode)):
 #   symmetric: the fixed-shift forward and symmetric backward (fa2_sym_* for 16-bit
 #     z with D ≤ 128, sym_* otherwise);
 #   deterministic: the same forward, the row-block backward (grad_tile_kernel);

@@ -50,7 +50,7 @@ def workload(device: torch.device) -> None:
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
         # The fixed-shift softmax (normalize=True, τ above its bound), and the online
-        # path (τ below the bound, normalize=False): csrc/cuda/info_nce.cuh, use_fixed_shift.
+        # path (τ below the bound, normalize=False): csrc/cuda/info_nce/info_nce.cuh, use_fixed_shift.
         for normalize, tau in ((True, TEMPERATURE), (True, SMALL_TEMPERATURE), (False, TEMPERATURE)):
             rows, lse = ops.info_nce(z, *_graph_args(g), tau, normalize, 3, n)
             ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, tau, normalize, 3, n)

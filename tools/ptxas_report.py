@@ -6,7 +6,7 @@ passes to nvcc) logs, per kernel and architecture, what ptxas allocated. This
 prints that as a table, kernels by name (demangled with c++filt when it is on
 PATH), and exits 1 if a kernel compiled for one of the --no-spills architectures
 spills registers to local memory: the tile kernels of csrc/cuda/ are sized to
-hold their accumulators in registers (csrc/cuda/info_nce.md, "Registers and
+hold their accumulators in registers (csrc/cuda/info_nce/info_nce.md, "Registers and
 shared memory"), and a spill there is a slowdown no CPU test can see.
 
     python tools/ptxas_report.py build/cuda-build.log --no-spills sm_90
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spills: {line}", file=sys.stderr)
     if bad:
         print("Registers spill to local memory in the kernels above: shrink their per-thread "
-              "state or their __launch_bounds__ (csrc/cuda/info_nce.md has the budgets).",
+              "state or their __launch_bounds__ (csrc/cuda/info_nce/info_nce.md has the budgets).",
               file=sys.stderr)
     return 1 if bad else 0
 

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "../graph_dirichlet.h"
-#include "graph_spmm.h"
+#include "graph_spmm_cpu.h"
 #include "schedule.h"
 
 namespace palfast::cpu {

@@ -1,9 +1,9 @@
-// palfast::graph_spmm on the CPU: the op around graph_spmm.h (out = G·x or Gᵀ·x).
+// palfast::graph_spmm on the CPU: the op around graph_spmm_cpu.h (out = G·x or Gᵀ·x).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "../graph_spmm.h"
-#include "graph_spmm.h"
+#include "graph_spmm_cpu.h"
 
 namespace palfast::cpu {
 namespace {

@@ -42,7 +42,7 @@
 #include <vector>
 
 #include "../info_nce.h"
-#include "graph_spmm.h"
+#include "graph_spmm_cpu.h"
 #include "schedule.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

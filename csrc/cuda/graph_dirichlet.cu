@@ -3,7 +3,7 @@
 // within-class scatter 2 a n_c Σ_{i∈c} ‖z_i − μ_c‖² for label sets).
 // Forward: one warp per row writes its term to rows[i]; the sum is at::sum.
 // Backward: one warp per row, lanes over columns, for the rows of G and of Gᵀ;
-// the label part is elementwise against class sums (graph_spmm.cuh's class_sums).
+// the label part is elementwise against class sums (graph_spmm_cuda.cuh's class_sums).
 // The incoming gradient is multiplied on the device: no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -13,7 +13,7 @@
 #include <utility>
 
 #include "../graph_dirichlet.h"
-#include "graph_spmm.cuh"
+#include "graph_spmm_cuda.cuh"
 
 namespace palfast::cuda {
 namespace {

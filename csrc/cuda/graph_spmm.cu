@@ -1,11 +1,11 @@
-// palfast::graph_spmm on CUDA: the op around graph_spmm.cuh (out = G·x or Gᵀ·x).
+// palfast::graph_spmm on CUDA: the op around graph_spmm_cuda.cuh (out = G·x or Gᵀ·x).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../graph_spmm.h"
-#include "graph_spmm.cuh"
+#include "graph_spmm_cuda.cuh"
 
 namespace palfast::cuda {
 namespace {

@@ -1,6 +1,6 @@
 """Builds and loads the CPU emulation of palfast's CUDA ops (test-only).
 
-The real csrc/cuda/*.cu files (and csrc/palfast.cpp, for the op schemas) are
+The real csrc/cuda/**/*.cu files (and csrc/palfast.cpp, for the op schemas) are
 compiled by the host C++ compiler with tests/cuda_emu/prelude.h force-included
 and tests/cuda_emu/include ahead of torch's headers, so the CUDA headers they
 include resolve to the emulator (cuda_emu.h). The ops register under
@@ -44,7 +44,7 @@ def compiler() -> str | None:
 
 
 def sources() -> list[Path]:
-    return [CSRC / "palfast.cpp", *sorted((CSRC / "cuda").glob("*.cu")), *sorted(HERE.glob("*.cpp"))]
+    return [CSRC / "palfast.cpp", *sorted((CSRC / "cuda").rglob("*.cu")), *sorted(HERE.glob("*.cpp"))]
 
 
 def _rel(p: Path) -> str:

@@ -1,6 +1,6 @@
 // A CPU emulator for the subset of CUDA that palfast's kernels use, so the real
-// csrc/cuda/*.cu sources run in the test suite on machines without a GPU.
-// Test-only: tests/cuda_emu/build.py compiles csrc/cuda/*.cu with g++ against
+// csrc/cuda/**/*.cu sources run in the test suite on machines without a GPU.
+// Test-only: tests/cuda_emu/build.py compiles csrc/cuda/**/*.cu with g++ against
 // this header (through the stand-in CUDA headers in include/); nothing here is
 // part of the palfast package.
 //
