@@ -127,6 +127,7 @@ def test_zero_rows_are_allowed():
     ({"ids": torch.arange(9)}, ValueError, "ids must be a \\[N\\]"),
     ({"ids": torch.zeros(10, dtype=torch.long)}, ValueError, "ids must be distinct"),
     ({"ids": -torch.arange(1, 11)}, ValueError, "ids must be >= 0"),
+    ({"store": "x"}, TypeError, "store must be a palfast.active.RelationStore or None, got str"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(kwargs, exc, match, backend):

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_id_vector
+from .._checks import check_id_vector, check_instance
 from ..knn import as_rows, knn
+from .store import RelationStore
 
 __all__ = ["candidate_pairs", "check_ids", "pairs_from_knn"]
 
@@ -53,7 +54,9 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
         descending; both on CPU. P ≤ N·k.
     """
     op = "palfast.active.candidate_pairs"
-    # ids before the search, so a bad ids argument costs no search.
+    # ids and store before the search, so a bad argument costs no search.
+    if store is not None:
+        check_instance(op, "store", store, RelationStore, "a palfast.active.RelationStore or None")
     embeddings = as_rows(op, "embeddings", embeddings, min_rows=1)
     row_ids = check_ids(op, ids, embeddings.shape[0])
     sims, nbrs = knn(embeddings, k, backend=backend, op=op, index=index, nlist=nlist,
