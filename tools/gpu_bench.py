@@ -1,7 +1,7 @@
 """The Python parts of tools/gpu_session.sh: a small run of every CUDA op (for
 compute-sanitizer), and the summary of the benchmark that the session runs with
 `palfast bench --only info_nce` (palfast/benchmarks/: effective TFLOP/s, ratios,
-kernel grids and issue 11's targets).
+kernel grids and the CUDA speed targets).
 
   python tools/gpu_bench.py workload [--device cpu]
   python tools/gpu_bench.py table --out DIR    # the newest bench_*.json in DIR

@@ -23,7 +23,7 @@ forward + backward (``fwd+bwd``). Implementations:
 
 TFLOP/s are effective (see ``effective_flops``): 2·N²·D for the forward, 6·N²·D for
 forward + backward, as FlashAttention's benchmarks count attention, whatever the
-kernel really computes. ``targets`` states issue 11's targets for an H200 against
+kernel really computes. ``targets`` states the CUDA speed targets (docs/cuda.md, "What the benchmark reports") for an H200 against
 the results.
 """
 
@@ -183,7 +183,7 @@ def _plan(quick: bool, device: str) -> list[tuple[int, torch.dtype, str]]:
     if device.startswith("cuda"):
         if quick:
             return [(4096, torch.bfloat16, FWD_BWD), (4096, torch.bfloat16, FWD)]
-        # Issue 11's targets first (N = 65536: bf16 forward, forward + backward, and fp32
+        # The CUDA speed targets first (N = 65536: bf16 forward, forward + backward, and fp32
         # forward + backward against the bf16 time), so that a session stopped by its time
         # limit has them; then the sizes whose grids must fill the GPU.
         return [(65536, torch.bfloat16, FWD_BWD), (65536, torch.bfloat16, FWD),
@@ -263,7 +263,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     return out
 
 
-# Issue 11's targets, for one H200 at D = 128, normalize=True, the views graph.
+# The CUDA speed targets (docs/cuda.md, "What the benchmark reports"), for one H200 at D = 128, normalize=True, the views graph.
 TARGET_N = 65536
 FORWARD_MS = 2.0                # bf16 forward
 STEP_MS = 6.0                   # bf16 forward + backward (about 550 effective TFLOP/s)
@@ -281,7 +281,7 @@ MEMORY_GROWTH_4X_ROWS = 8.0
 
 
 def targets(rows: list[dict], env: dict) -> list[dict]:
-    """Issue 11's targets judged on palfast's rows: each a dict with ``target`` (text),
+    """The CUDA speed targets judged on palfast's rows: each a dict with ``target`` (text),
     ``value``, ``unit``, ``limit`` and ``status``: "met", "missed" or "unmeasured (why)"."""
     on_gpu = env.get("device", "cpu").startswith("cuda")
 
