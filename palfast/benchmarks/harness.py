@@ -516,7 +516,7 @@ def _add_memory_ratios(rows: list[dict], case: Case) -> None:
 
 #: Row fields printed after the ratios when a row has them: (key, label, format).
 SHOWN_FIELDS = (("peak_rss_mib", "peak RSS MiB", ".0f"), ("recall_at_10", "recall@10", ".4f"),
-                ("answers_per_s", "answers/s", ".0f"), ("extras_status", "extras", ""))
+                ("extras_status", "extras", ""))
 
 
 def format_table(report: dict) -> str:
