@@ -236,3 +236,116 @@ def test_deterministic_runs_under_the_flag_and_restores_the_callers():
     assert not torch.are_deterministic_algorithms_enabled()
     assert run() is True
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+# ---- bench_active and bench_store (docs/active.md, "Large pools"): the quick form, shrunk
+# further so that it runs in seconds; the 10^6 runs are benchmarks, not tests.
+
+def _small_active(monkeypatch):
+    from palfast.benchmarks import bench_active as ba
+
+    monkeypatch.setattr(ba, "QUICK_SIZES", (2000,))
+    monkeypatch.setattr(ba, "N_CLASSES", 50)  # 150 known rows, the rest free
+    monkeypatch.setattr(ba, "RECALL_QUERIES", 300)
+    monkeypatch.setattr(ba, "QUICK_EXACT_MAX_N", 2000)
+    ba._exact_neighbours.cache_clear()
+    return ba
+
+
+def test_active_bench_quick_runs_every_index_with_recall(monkeypatch, tmp_path):
+    pytest.importorskip("faiss")
+    ba = _small_active(monkeypatch)
+    report = harness.run_cases(["bench_active"], quick=True, repeats=1, warmup=0, memory=False,
+                               out_dir=str(tmp_path), progress=lambda msg: None)
+    rows = {r["index"]: r for r in report["results"]}
+    assert set(rows) == {"exact", "ivf", "hnsw"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["N"] == 2000 and r["budget"] == ba.BUDGET
+        assert r["recall_queries"] == 300 and r["build_s"] > 0 and "extras_status" not in r
+        assert 0.0 <= r["recall_at_10"] <= 1.0
+    assert rows["exact"]["recall_at_10"] == 1.0  # the exact round against itself
+    assert rows["hnsw"]["recall_at_10"] > 0.9
+    assert all(t["status"] == "unmeasured (not run)" for t in report["targets"])
+    [path] = tmp_path.glob("bench_cpu_*.json")
+    assert json.loads(path.read_text())["results"][0]["recall_at_10"] == 1.0
+    ba._exact_neighbours.cache_clear()
+
+
+def test_active_recall_counts_the_exact_neighbours_found():
+    from palfast.benchmarks import bench_active as ba
+
+    exact = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4]])
+    found = torch.tensor([[4, 3, 9, -1], [0, 2, 3, 4]])
+    assert ba.recall_at_k(found, exact) == pytest.approx((2 / 4 + 1) / 2)
+    # self dropped from a k + 1 search, order kept; fewer found: -1 at the end
+    nbrs = torch.tensor([[5, 0, 7], [1, 2, -1]])
+    assert ba._without_self(nbrs, torch.tensor([5, 2]), 2).tolist() == [[0, 7], [1, -1]]
+
+
+def test_active_targets_are_judged_at_a_million_rows():
+    from palfast.benchmarks import bench_active as ba
+
+    rows = [{"N": ba.TARGET_N, "index": "ivf", "status": "ok", "median_s": 50.0,
+             "peak_rss_mib": 3000.0, "recall_at_10": 0.97},
+            {"N": ba.TARGET_N, "index": "hnsw", "status": "ok", "median_s": 70.0,
+             "peak_rss_mib": 5000.0, "recall_at_10": 0.9},
+            {"N": 10_000, "index": "ivf", "status": "ok", "median_s": 1.0}]
+    got = {t["target"]: t["status"] for t in ba.targets(rows, {})}
+    assert [s for t, s in got.items() if "(ivf)" in t] == ["met"] * 3
+    assert [s for t, s in got.items() if "(hnsw)" in t] == ["missed"] * 3
+    rows[0].pop("peak_rss_mib")
+    rows[1]["status"] = "skipped: faiss is not installed"
+    got = [t["status"] for t in ba.targets(rows, {})]
+    assert got[1] == "unmeasured (peak_rss_mib not measured)"
+    assert got[3:] == ["unmeasured (skipped: faiss is not installed)"] * 3
+
+
+def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
+    from palfast.benchmarks import bench_store as bs
+
+    monkeypatch.setattr(bs, "QUICK_ANSWERS", 3000)
+    monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
+    pairs, ans = bs.answers(3000)
+    assert 0.3 < float(ans.float().mean()) < 0.7 and bool((pairs[:, 0] != pairs[:, 1]).all())
+    report = harness.run_cases(["bench_store"], quick=True, repeats=1, warmup=0, memory=False,
+                               out_dir=str(tmp_path), progress=lambda msg: None)
+    assert [r["status"] for r in report["results"]] == ["ok"] * 3
+    assert all(t["status"].startswith("unmeasured") for t in report["targets"])
+    n = bs.ANSWERS
+    rows = [{"case": f"record answers={n} batch=1000", "sample_ids": n, "answers": n - 10,
+             "status": "ok", "median_s": 40.0},
+            {"case": f"reopen answers={n}", "sample_ids": n, "answers": n - 10, "status": "ok",
+             "median_s": 12.0}]
+    record, reopen = bs.targets(rows, {})
+    assert record["status"] == "met" and record["value"] == pytest.approx((n - 10) / 40.0)
+    assert reopen["status"] == "missed" and reopen["value"] == 12.0
+
+
+def test_harness_extras_join_the_row_and_their_failure_is_recorded(monkeypatch):
+    mod = types.ModuleType("palfast.benchmarks.bench_extras")
+
+    def broken():
+        raise ValueError("no index")
+
+    mod.cases = lambda quick=False, device="cpu": [Case(
+        "bench_extras", "extras", {}, {"a": _sleeper(0.0), "b": _sleeper(0.0)}, "a",
+        extras={"a": lambda: {"recall_at_10": 0.5}, "b": broken})]
+    monkeypatch.setitem(sys.modules, "palfast.benchmarks.bench_extras", mod)
+    report = harness.run_cases(["bench_extras"], repeats=1, memory=False,
+                               progress=lambda msg: None)
+    a, b = report["results"]
+    assert a["recall_at_10"] == 0.5 and b["status"] == "ok"
+    assert b["extras_status"] == "failed: ValueError: no index"
+    assert "recall@10 0.5000" in harness.format_table(report)
+
+
+def test_peak_memory_reports_the_whole_process(monkeypatch):
+    from palfast.benchmarks import bench_store as bs
+
+    monkeypatch.setattr(bs, "QUICK_ANSWERS", 2000)
+    monkeypatch.setattr(bs, "MASK_PAIRS", 200_000)
+    got = harness.measure_peak_here("bench_store", "known_mask pairs=200000 answers=2000",
+                                    "palfast", quick=True)
+    assert got["status"] == "ok"
+    # the whole process (interpreter, torch) is far above what one call adds
+    assert got["peak_rss_bytes"] > got["peak_bytes"] + (50 << 20)

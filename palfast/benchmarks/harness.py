@@ -55,7 +55,8 @@ import torch
 
 __all__ = ["Case", "Skip", "run_cases", "environment"]
 
-BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates"]
+BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates", "bench_active",
+                 "bench_store"]
 
 
 class Skip(Exception):
@@ -92,6 +93,15 @@ class Case:
     device: str = "cpu"
     compare_to: tuple[str, ...] = ()
     flops: float | None = None
+    #: Measurements beside the time, per implementation label: a zero-argument callable
+    #: run once in the main process after the timing, returning fields for the row
+    #: (e.g. ``{"recall_at_10": 0.97}``). A Skip or error there is recorded in the row's
+    #: ``extras_status`` and the timing stands.
+    extras: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
+    #: Whether the peak-memory subprocess runs one untimed step before the measured one.
+    #: False for steps that take minutes and whose one-time allocations (imports, thread
+    #: pools) are small beside them.
+    peak_warmup: bool = True
 
 
 def environment() -> dict:
@@ -242,6 +252,17 @@ def _time_impls(case: Case, repeats: int, warmup: int, min_time: float) -> dict[
     for label, ts in times.items():
         result[label] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts),
                          "runs": len(ts)}
+    runs.clear()  # the timed implementations' inputs are freed before the extras run
+    gc.collect()
+    for label, extra in case.extras.items():
+        if result.get(label, {}).get("status") != "ok":
+            continue
+        try:
+            result[label].update(extra())
+        except Skip as e:
+            result[label]["extras_status"] = f"skipped: {e}"
+        except Exception as e:  # as above: a measurement beside the time must not stop the rest
+            result[label]["extras_status"] = _failed(e)["status"]
     return result
 
 
@@ -265,14 +286,18 @@ def measure_peak_here(module: str, case_name: str, label: str, quick: bool) -> d
         run = case.impls[label]()
     except Skip as e:
         return {"status": f"skipped: {e}"}
-    run()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the op's
+    if case.peak_warmup:
+        run()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the op's
     gc.collect()
     # Writing 5 to clear_refs resets the kernel's peak-RSS mark (VmHWM) to the current RSS.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss_bytes()
     run()
-    return {"status": "ok", "peak_bytes": max(0, _vm_hwm_bytes() - before)}
+    peak = _vm_hwm_bytes()
+    # peak_rss_bytes: the whole process at its peak (interpreter, imports and inputs
+    # included), what a memory limit on the process sees.
+    return {"status": "ok", "peak_bytes": max(0, peak - before), "peak_rss_bytes": peak}
 
 
 def _peak_cpu_subprocess(case: Case, label: str, quick: bool, timeout: float) -> dict:
@@ -445,6 +470,8 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
                                 else _peak_cpu_subprocess(case, label, quick, peak_timeout))
                         row["peak_mib"] = (peak["peak_bytes"] / 2**20 if peak["status"] == "ok"
                                            else None)
+                        if peak.get("peak_rss_bytes") is not None:
+                            row["peak_rss_mib"] = peak["peak_rss_bytes"] / 2**20
                         if peak["status"] != "ok":
                             row["memory_status"] = peak["status"]
                     if kernels and device.startswith("cuda") and busy == 0 and row["status"] == "ok":
@@ -487,6 +514,11 @@ def _add_memory_ratios(rows: list[dict], case: Case) -> None:
             r["memory_ratio_vs_" + case.baseline] = base / r["peak_mib"]
 
 
+#: Row fields printed after the ratios when a row has them: (key, label, format).
+SHOWN_FIELDS = (("peak_rss_mib", "peak RSS MiB", ".0f"), ("recall_at_10", "recall@10", ".4f"),
+                ("extras_status", "extras", ""))
+
+
 def format_table(report: dict) -> str:
     env = report["environment"]
     lines = [f"palfast {env['palfast']} | torch {env['torch']} | device {env['device']} "
@@ -503,7 +535,9 @@ def format_table(report: dict) -> str:
             continue
         speedups = {k[len("speedup_vs_"):]: v for k, v in r.items() if k.startswith("speedup_vs_")}
         speed = speedups.pop(r.get("baseline"), None)
-        others = ", ".join(f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"])
+        others = ", ".join([f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"]]
+                           + [f"{label} {r[key]:{fmt}}" for key, label, fmt in SHOWN_FIELDS
+                              if r.get(key) is not None])
         mem = next((v for k, v in r.items() if k.startswith("memory_ratio_vs_")), None)
         peak, tflops = r.get("peak_mib"), r.get("tflops")
         lines.append(f"{where} {1e3 * r['median_s']:>10.2f} "
