@@ -376,6 +376,9 @@ class SupConLoss(nn.Module):
                                  f"pair of the batch, by labels), got {type(value).__name__}; "
                                  "call it as loss(embeddings, labels)")
         check_tensor(op, "embeddings", embeddings, min_rows=1, dtypes=FLOAT_DTYPES)
+        F._check_finite(op, "embeddings", embeddings, check_bool(op, "check_finite",
+                                                                 self.check_finite))
+        temperature = check_number(op, "temperature", self.temperature, 0.0, strict=True)
         if labels is None:
             raise TypeError(f"{op}: labels must be an [N] = [{embeddings.shape[0]}] integer "
                             "tensor of class labels, got None")
@@ -387,8 +390,7 @@ class SupConLoss(nn.Module):
         classes = torch.unique(_dist.gather_rows_no_grad(y) if gather else y,
                                return_inverse=True)[1]
         rows = F.info_nce(embeddings, PairGraph.from_labels(classes),
-                          temperature=self.temperature, reduction="none",
-                          check_finite=self.check_finite, gather=gather)
+                          temperature=temperature, reduction="none", gather=gather)
         rows = rows.double() if rows.dtype == torch.float64 else rows.float()
         kept = rows > 0  # pytorch-metric-learning's AvgNonZeroReducer
         total, count = torch.where(kept, rows, torch.zeros_like(rows)).sum(), kept.sum()
