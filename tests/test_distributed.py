@@ -18,8 +18,7 @@ def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
     # palfast/ has no compiled _C) off both, and import the worker from tests/.
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    from _dist_worker import (
-        N_IN, D, _graphs, _labels, _losses, _run, _run_two_views, _two_view_losses, _worker)
+    from _dist_worker import N_IN, D, _graphs, _labels, _losses, _run, _run_two_views, _two_view_losses, _worker
 
     mp.spawn(_worker, args=(2, counts, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import palfast
+
 from _helpers import INFO_NCE_ROWS_FLOOR, assert_rounding_close, info_nce_cond, info_nce_grad_floor
 
 D = 16
