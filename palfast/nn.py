@@ -280,11 +280,11 @@ class VIC2Loss(nn.Module):
 # kernel (docs/api.md, "Drop-in modules"; tests/test_nn_dropin.py compares them).
 
 class NTXentLoss(nn.Module):
-    """lightly's ``NTXentLoss`` (SimCLR's NT-Xent): ``NTXentLoss(temperature)(out0, out1)``.
+    r"""lightly's ``NTXentLoss`` (SimCLR's NT-Xent): ``NTXentLoss(temperature)(out0, out1)``.
 
     .. math::
-        \\ell = \\frac{1}{2n}\\sum_{i=1}^{2n} -\\log\\frac{e^{s_{i,p(i)}}}{\\sum_{k\\ne i} e^{s_{ik}}},
-        \\qquad s_{ik} = \\cos(z_i, z_k)/\\tau
+        \ell = \frac{1}{2n}\sum_{i=1}^{2n} -\log\frac{e^{s_{i,p(i)}}}{\sum_{k\ne i} e^{s_{ik}}},
+        \qquad s_{ik} = \cos(z_i, z_k)/\tau
 
     over the 2n rows ``z = cat(out0, out1)``, p(i) the other view of row i's image:
     lightly's value (its default τ is 0.5), = ``InfoNCELoss(temperature)(out0, out1)``.
@@ -335,11 +335,11 @@ class NTXentLoss(nn.Module):
 
 
 class SupConLoss(nn.Module):
-    """pytorch-metric-learning's ``SupConLoss``: ``SupConLoss(temperature)(embeddings, labels)``.
+    r"""pytorch-metric-learning's ``SupConLoss``: ``SupConLoss(temperature)(embeddings, labels)``.
 
     .. math::
-        \\ell_i = -\\frac{1}{|P_i|}\\sum_{j\\in P_i}\\Big[s_{ij}
-                  - \\log\\sum_{k\\ne i} e^{s_{ik}}\\Big],\\qquad s_{ik} = \\cos(z_i, z_k)/\\tau
+        \ell_i = -\frac{1}{|P_i|}\sum_{j\in P_i}\Big[s_{ij}
+                  - \log\sum_{k\ne i} e^{s_{ik}}\Big],\qquad s_{ik} = \cos(z_i, z_k)/\tau
 
     P_i the other rows of row i's label (any integer is a class, −1 included). As
     pytorch-metric-learning: the loss is the mean of the ℓ_i > 0 (rows without
