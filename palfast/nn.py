@@ -310,7 +310,7 @@ class NTXentLoss(nn.Module):
                  gather_distributed: bool = False):
         super().__init__()
         op = "palfast.nn.NTXentLoss"
-        # checked here, as lightly does, and again at each call (the attributes can change)
+        # checked here, as lightly does (temperature again by info_nce at each call)
         self.temperature = check_number(op, "temperature", temperature, 0.0, strict=True)
         if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int) \
                 or memory_bank_size != 0:
