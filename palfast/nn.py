@@ -5,7 +5,13 @@ with a :class:`~palfast.PairGraph`, or as a two-view drop-in, ``loss(z_a, z_b)``
 with two ``[n, D]`` tensors, which reproduces the usual library loss exactly
 (docs/api.md, "Modules"). Hyper-parameters are checked when the loss is called,
 with the same messages as :mod:`palfast.functional`; ``check_finite=True`` is
-honoured in both forms.
+honoured in both forms. ``gather`` means what it means for the functional losses
+in both forms (docs/distributed.md); in the two-view form each rank passes its own
+``z_a, z_b`` and, gathered, the loss is the two-view loss of the global batch.
+
+:class:`NTXentLoss` and :class:`SupConLoss` take the arguments and return the
+values of lightly's and pytorch-metric-learning's losses of those names
+(docs/api.md, "Drop-in modules").
 """
 
 from __future__ import annotations
@@ -13,36 +19,62 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from . import functional as F
-from ._checks import FLOAT_DTYPES, check_bool, check_number, check_tensor
+from ._checks import FLOAT_DTYPES, as_long_vector, check_bool, check_number, check_tensor
 from .graph import PairGraph
 
 __all__ = [
     "InfoNCELoss", "VICRegLoss", "BarlowTwinsLoss", "SpectralContrastiveLoss", "VIC2Loss",
+    "NTXentLoss", "SupConLoss",
 ]
 
 
-def _two_views(z_a, z_b) -> tuple[torch.Tensor, PairGraph]:
-    """cat(z_a, z_b) and the views graph that pairs row i with row i + n (checked views)."""
-    return torch.cat([z_a, z_b]), PairGraph.from_views(z_a.shape[0], 2, device=z_a.device)
+def _two_views(z_a, z_b, gather: bool) -> tuple[torch.Tensor, PairGraph]:
+    """cat(z_a, z_b) and the graph that pairs each image's two views: row i with row
+    i + n. Gathered (``gather``), this rank's rows are one block of the global batch,
+    whose rank blocks are cat(z_a, z_b) each, so the graph pairs i with i + n_r inside
+    every rank's block (n_r that rank's images)."""
+    z = torch.cat([z_a, z_b])
+    if not gather:
+        return z, PairGraph.from_views(z_a.shape[0], 2, device=z_a.device)
+    counts = _dist._row_counts(z_a.shape[0], z_a.device)
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    image = torch.cat([torch.arange(s, s + c, device=z.device).repeat(2)
+                       for s, c in zip(starts, counts)])
+    return z, PairGraph.from_labels(image)
 
 
-def _check_two_views(op: str, z_a, z_b, min_rows: int, check_finite) -> None:
+def _gathered_views(z_a, z_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's z_a and z_b (with gradient), each concatenated in rank order: the
+    global two-view batch, on every rank. As for the covariance losses' gather, the
+    loss of it is the global value on every rank; the gather's backward sums every
+    rank's gradient into the owner (world × the single-process gradient), which DDP's
+    averaging turns back into the single-process gradient."""
+    counts = _dist._row_counts(z_a.shape[0], z_a.device)
+    rows, _, _ = _dist.all_gather_rows(torch.cat([z_a, z_b]), 2 * sum(counts))
+    blocks = rows.split([c for c in counts for _ in range(2)])  # a_0, b_0, a_1, b_1, ...
+    return torch.cat(blocks[0::2]), torch.cat(blocks[1::2])
+
+
+def _check_two_views(op: str, z_a, z_b, min_rows: int, check_finite,
+                     names: tuple[str, str] = ("z_a", "z_b")) -> None:
     """z_a, z_b: two float [n >= min_rows, D] tensors of one shape, dtype and device
-    (finite when ``check_finite``)."""
+    (finite when ``check_finite``), called ``names`` in errors."""
     check_finite = check_bool(op, "check_finite", check_finite)
+    a, b = names
     if not isinstance(z_b, torch.Tensor):
-        raise TypeError(f"{op}: z_b must be a torch.Tensor (or pass a PairGraph), "
+        raise TypeError(f"{op}: {b} must be a torch.Tensor (or pass a PairGraph), "
                         f"got {type(z_b).__name__}")
-    for name, t in (("z_a", z_a), ("z_b", z_b)):
+    for name, t in zip(names, (z_a, z_b)):
         check_tensor(op, name, t, min_rows=min_rows, dtypes=FLOAT_DTYPES)
     if z_a.shape != z_b.shape:
-        raise ValueError(f"{op}: z_a and z_b must both be [n, D] with the same shape, got "
+        raise ValueError(f"{op}: {a} and {b} must both be [n, D] with the same shape, got "
                          f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
     if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
-        raise ValueError(f"{op}: z_b must have z_a's dtype and device ({z_a.dtype}, "
+        raise ValueError(f"{op}: {b} must have {a}'s dtype and device ({z_a.dtype}, "
                          f"{z_a.device}), got {z_b.dtype}, {z_b.device}")
-    for name, t in (("z_a", z_a), ("z_b", z_b)):
+    for name, t in zip(names, (z_a, z_b)):
         F._check_finite(op, name, t, check_finite)
 
 
@@ -62,21 +94,26 @@ class InfoNCELoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True,
                  reduction: str = "mean", check_finite: bool = False,
-                 unknown_weight: float = 1.0):
+                 unknown_weight: float = 1.0, gather: bool | None = None):
         super().__init__()
         self.temperature = temperature
         self.normalize = normalize
         self.reduction = reduction
         self.unknown_weight = unknown_weight
         self.check_finite = check_finite
+        self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
+        gather = self.gather
         if not isinstance(graph_or_z_b, PairGraph):
-            _check_two_views("palfast.nn.InfoNCELoss", z, graph_or_z_b, 1, self.check_finite)
-            z, graph_or_z_b = _two_views(z, graph_or_z_b)
+            op = "palfast.nn.InfoNCELoss"
+            _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
+            gather = F._check_gather(op, gather)
+            z, graph_or_z_b = _two_views(z, graph_or_z_b, gather)
         return F.info_nce(z, graph_or_z_b, temperature=self.temperature,
                           normalize=self.normalize, reduction=self.reduction,
-                          unknown_weight=self.unknown_weight, check_finite=self.check_finite)
+                          unknown_weight=self.unknown_weight, check_finite=self.check_finite,
+                          gather=gather)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, normalize={self.normalize}, "
@@ -102,20 +139,24 @@ class VICRegLoss(nn.Module):
     """
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 eps: float = 1e-4, check_finite: bool = False):
+                 eps: float = 1e-4, check_finite: bool = False, gather: bool | None = None):
         super().__init__()
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
         self.eps = eps
         self.check_finite = check_finite
+        self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         kw = dict(sim_coeff=self.sim_coeff, std_coeff=self.std_coeff, cov_coeff=self.cov_coeff,
                   eps=self.eps)
         if isinstance(graph_or_z_b, PairGraph):
-            return F.vicreg(z, graph_or_z_b, check_finite=self.check_finite, **kw)
+            return F.vicreg(z, graph_or_z_b, check_finite=self.check_finite, gather=self.gather,
+                            **kw)
         op = "palfast.nn.VICRegLoss"
         _check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
         sim, std, cov, eps = F._vicreg_coeffs(op, **kw)
+        if F._check_gather(op, self.gather):
+            z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
         return F._vicreg_two_view(z, graph_or_z_b, sim_coeff=sim, std_coeff=std, cov_coeff=cov,
                                   eps=eps)
 
@@ -139,17 +180,21 @@ class BarlowTwinsLoss(nn.Module):
         >>> loss = palfast.nn.BarlowTwinsLoss(lambd=0.0051)(z_a, z_b)
     """
 
-    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, check_finite: bool = False):
+    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, check_finite: bool = False,
+                 gather: bool | None = None):
         super().__init__()
         self.lambd, self.eps, self.check_finite = lambd, eps, check_finite
+        self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if isinstance(graph_or_z_b, PairGraph):
             return F.barlow_twins(z, graph_or_z_b, lambd=self.lambd, eps=self.eps,
-                                  check_finite=self.check_finite)
+                                  check_finite=self.check_finite, gather=self.gather)
         op = "palfast.nn.BarlowTwinsLoss"
         _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
         lambd, eps = F._barlow_twins_coeffs(op, self.lambd, self.eps)
+        if F._check_gather(op, self.gather):
+            z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
         return F._barlow_twins_two_view(z, graph_or_z_b, lambd=lambd, eps=eps)
 
     def extra_repr(self) -> str:
@@ -171,19 +216,23 @@ class SpectralContrastiveLoss(nn.Module):
         >>> loss = palfast.nn.SpectralContrastiveLoss()(z_a, z_b)
     """
 
-    def __init__(self, check_finite: bool = False, negative_weight: float = 1.0):
+    def __init__(self, check_finite: bool = False, negative_weight: float = 1.0,
+                 gather: bool | None = None):
         super().__init__()
         self.negative_weight = negative_weight
         self.check_finite = check_finite
+        self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if isinstance(graph_or_z_b, PairGraph):
             return F.spectral_contrastive(z, graph_or_z_b, negative_weight=self.negative_weight,
-                                          check_finite=self.check_finite)
+                                          check_finite=self.check_finite, gather=self.gather)
         op = "palfast.nn.SpectralContrastiveLoss"
         _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
         # unused by the two-view form, but a bad value is a bug either way
         check_number(op, "negative_weight", self.negative_weight, 0.0)
+        if F._check_gather(op, self.gather):
+            z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
         return F._spectral_contrastive_two_view(z, graph_or_z_b)
 
     def extra_repr(self) -> str:
@@ -203,18 +252,153 @@ class VIC2Loss(nn.Module):
         >>> loss = palfast.nn.VIC2Loss(beta=1.0)(z_a, z_b)
     """
 
-    def __init__(self, beta: float = 1.0, n_views: int = 1, check_finite: bool = False):
+    def __init__(self, beta: float = 1.0, n_views: int = 1, check_finite: bool = False,
+                 gather: bool | None = None):
         super().__init__()
         self.beta, self.n_views, self.check_finite = beta, n_views, check_finite
+        self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
-        n_views = self.n_views
+        n_views, gather = self.n_views, self.gather
         if not isinstance(graph_or_z_b, PairGraph):
-            _check_two_views("palfast.nn.VIC2Loss", z, graph_or_z_b, 2, self.check_finite)
-            z, graph_or_z_b = _two_views(z, graph_or_z_b)
-            n_views = 2
+            op = "palfast.nn.VIC2Loss"
+            _check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
+            # vic2 reads z as stacked view blocks: gather each view, then stack them
+            if F._check_gather(op, gather):
+                z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
+            z, graph_or_z_b = _two_views(z, graph_or_z_b, gather=False)
+            n_views, gather = 2, False
         return F.vic2(z, graph_or_z_b, beta=self.beta, n_views=n_views,
-                      check_finite=self.check_finite)
+                      check_finite=self.check_finite, gather=gather)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, n_views={self.n_views}"
+
+
+# ------------------------------------------------------------ drop-in modules
+# The arguments and values of two libraries' losses of the same name, on info_nce's
+# kernel (docs/api.md, "Drop-in modules"; tests/test_nn_dropin.py compares them).
+
+class NTXentLoss(nn.Module):
+    r"""lightly's ``NTXentLoss`` (SimCLR's NT-Xent): ``NTXentLoss(temperature)(out0, out1)``.
+
+    .. math::
+        \ell = \frac{1}{2n}\sum_{i=1}^{2n} -\log\frac{e^{s_{i,p(i)}}}{\sum_{k\ne i} e^{s_{ik}}},
+        \qquad s_{ik} = \cos(z_i, z_k)/\tau
+
+    over the 2n rows ``z = cat(out0, out1)``, p(i) the other view of row i's image:
+    lightly's value (its default τ is 0.5), = ``InfoNCELoss(temperature)(out0, out1)``.
+
+    Args:
+        temperature: τ > 0 (lightly also takes τ ≤ −1e-8; palfast does not).
+        memory_bank_size: 0 only (lightly's default: the negatives are the batch's other
+            rows). lightly's memory bank of past ``out1`` rows (MoCo) is not in palfast;
+            any other value is a ``ValueError``.
+        gather_distributed: as lightly's, gather every rank's rows as negatives when a
+            process group of more than one rank is initialised. Each rank then returns
+            the loss of the global batch (lightly: of its own rows, which average to
+            it for equal batches); after DDP's averaging the gradients are the same.
+
+    Example::
+
+        >>> import torch, palfast
+        >>> out0, out1 = torch.randn(4, 8), torch.randn(4, 8)
+        >>> loss = palfast.nn.NTXentLoss(temperature=0.5)(out0, out1)
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0,
+                 gather_distributed: bool = False):
+        super().__init__()
+        op = "palfast.nn.NTXentLoss"
+        # checked here, as lightly does (temperature again by info_nce at each call)
+        self.temperature = check_number(op, "temperature", temperature, 0.0, strict=True)
+        if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int) \
+                or memory_bank_size != 0:
+            raise ValueError(f"{op}: memory_bank_size must be 0 (the batch's other rows are "
+                             f"the negatives, as SimCLR), got {memory_bank_size!r}; palfast has "
+                             "no memory bank of past embeddings: use lightly's NTXentLoss for "
+                             "MoCo-style negatives")
+        self.memory_bank_size = 0
+        self.gather_distributed = check_bool(op, "gather_distributed", gather_distributed)
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        op = "palfast.nn.NTXentLoss"
+        _check_two_views(op, out0, out1, 1, False, names=("out0", "out1"))
+        # lightly gathers only when there are ranks to gather from: gather=None does that
+        gather = check_bool(op, "gather_distributed", self.gather_distributed)
+        gather = F._check_gather(op, None if gather else False)
+        z, graph = _two_views(out0, out1, gather)
+        return F.info_nce(z, graph, temperature=self.temperature, gather=gather)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+
+
+class SupConLoss(nn.Module):
+    r"""pytorch-metric-learning's ``SupConLoss``: ``SupConLoss(temperature)(embeddings, labels)``.
+
+    .. math::
+        \ell_i = -\frac{1}{|P_i|}\sum_{j\in P_i}\Big[s_{ij}
+                  - \log\sum_{k\ne i} e^{s_{ik}}\Big],\qquad s_{ik} = \cos(z_i, z_k)/\tau
+
+    P_i the other rows of row i's label (any integer is a class, −1 included). As
+    pytorch-metric-learning: the loss is the mean of the ℓ_i > 0 (rows without
+    positives have ℓ_i = 0 and are left out), and 0 with zero gradient when no row
+    is > 0 or the batch has no pair of different labels.
+
+    Args:
+        temperature: τ > 0.
+        gather: False (default) = this rank's batch, as pytorch-metric-learning. True,
+            or None (on when a process group of more than one rank is initialised):
+            every rank's embeddings and labels form the batch, and every rank returns
+            its loss (docs/distributed.md).
+        check_finite: raise ``ValueError`` on NaN/Inf in the embeddings.
+
+    Example::
+
+        >>> import torch, palfast
+        >>> z, y = torch.randn(8, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 5])
+        >>> loss = palfast.nn.SupConLoss(temperature=0.1)(z, y)
+    """
+
+    def __init__(self, temperature: float = 0.1, *, gather: bool | None = False,
+                 check_finite: bool = False):
+        super().__init__()
+        self.temperature, self.gather, self.check_finite = temperature, gather, check_finite
+
+    def forward(self, embeddings: torch.Tensor, labels=None, indices_tuple=None, ref_emb=None,
+                ref_labels=None) -> torch.Tensor:
+        op = "palfast.nn.SupConLoss"
+        for name, value in (("indices_tuple", indices_tuple), ("ref_emb", ref_emb),
+                            ("ref_labels", ref_labels)):
+            if value is not None:
+                raise ValueError(f"{op}: {name} must be None (palfast's SupConLoss uses every "
+                                 f"pair of the batch, by labels), got {type(value).__name__}; "
+                                 "call it as loss(embeddings, labels)")
+        check_tensor(op, "embeddings", embeddings, min_rows=1, dtypes=FLOAT_DTYPES)
+        F._check_finite(op, "embeddings", embeddings, check_bool(op, "check_finite",
+                                                                 self.check_finite))
+        temperature = check_number(op, "temperature", self.temperature, 0.0, strict=True)
+        if labels is None:
+            raise TypeError(f"{op}: labels must be an [N] = [{embeddings.shape[0]}] integer "
+                            "tensor of class labels, got None")
+        y = as_long_vector(op, "labels", labels).to(embeddings.device)
+        if y.shape != embeddings.shape[:1]:
+            raise ValueError(f"{op}: labels must be an [N] = [{embeddings.shape[0]}] vector, one "
+                             f"per row of embeddings, got shape {tuple(y.shape)}")
+        gather = F._check_gather(op, self.gather)
+        classes = torch.unique(_dist.gather_rows_no_grad(y) if gather else y,
+                               return_inverse=True)[1]
+        rows = F.info_nce(embeddings, PairGraph.from_labels(classes),
+                          temperature=temperature, reduction="none", gather=gather)
+        rows = rows.double() if rows.dtype == torch.float64 else rows.float()
+        kept = rows > 0  # pytorch-metric-learning's AvgNonZeroReducer
+        total, count = torch.where(kept, rows, torch.zeros_like(rows)).sum(), kept.sum()
+        if gather:
+            total, count = _dist.global_value(total), _dist.all_reduce_sum(count)
+        some = (count > 0) & (classes != classes[0]).any()  # a positive and a negative pair
+        loss = torch.where(some, total / count.clamp_min(1), torch.zeros_like(total))
+        return loss.to(embeddings.dtype)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather={self.gather}"

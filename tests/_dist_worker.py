@@ -40,9 +40,35 @@ def _losses():
     }
 
 
+def _two_view_losses():
+    """Modules called as loss(z_a, z_b), gathering by default (gather=None: on under a
+    process group of more than one rank), and the drop-ins, gathering when asked."""
+    nn = palfast.nn
+    return {
+        "InfoNCELoss": nn.InfoNCELoss(temperature=0.3),
+        "VICRegLoss": nn.VICRegLoss(),
+        "BarlowTwinsLoss": nn.BarlowTwinsLoss(),
+        "SpectralContrastiveLoss": nn.SpectralContrastiveLoss(),
+        "VIC2Loss": nn.VIC2Loss(),
+        "NTXentLoss": nn.NTXentLoss(gather_distributed=True),
+    }
+
+
+def _labels(n):
+    """Class labels for SupConLoss: some classes span both ranks, and -3 is a class."""
+    return torch.randint(-3, 3, (n,), generator=torch.Generator().manual_seed(3))
+
+
 def _run(model, x, graph, loss_fn):
     model.zero_grad()
     loss = loss_fn(model(x), graph)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _run_two_views(model, x_a, x_b, loss_fn):
+    model.zero_grad()
+    loss = loss_fn(model(x_a), model(x_b))
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -59,6 +85,12 @@ def _worker(rank, world, counts, out_dir):
     begin = sum(counts[:rank])
     mine = x[begin: begin + counts[rank]]
     out = {}
+    x_b = torch.randn(n, N_IN, dtype=torch.float64)  # the second view of the n images
+    for lname, fn in _two_view_losses().items():
+        out[("two_views", lname)] = _run_two_views(ddp, mine, x_b[begin: begin + counts[rank]],
+                                                   fn)
+    out["SupConLoss"] = _run(ddp, mine, _labels(n)[begin: begin + counts[rank]],
+                             palfast.nn.SupConLoss(temperature=0.3, gather=True))
     for gname, g in _graphs(n).items():
         for lname, fn in _losses().items():
             out[(gname, lname)] = _run(ddp, mine, g, fn)

@@ -18,7 +18,7 @@ def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
     # palfast/ has no compiled _C) off both, and import the worker from tests/.
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    from _dist_worker import N_IN, D, _graphs, _losses, _run, _worker
+    from _dist_worker import N_IN, D, _graphs, _labels, _losses, _run, _run_two_views, _two_view_losses, _worker
 
     mp.spawn(_worker, args=(2, counts, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -26,16 +26,22 @@ def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
     n = sum(counts)
     x = torch.randn(n, N_IN, dtype=torch.float64)
     model = torch.nn.Linear(N_IN, D).double()
-    for gname, g in _graphs(n).items():
-        for lname, fn in _losses().items():
-            want_loss, want_grads = _run(model, x, g, fn)
-            for rank in range(2):
-                loss, grads = results[rank][(gname, lname)]
-                torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-9,
-                                           msg=f"{lname}/{gname} loss on rank {rank}")
-                for got, want in zip(grads, want_grads):
-                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9,
-                                               msg=f"{lname}/{gname} grad on rank {rank}")
+    x_b = torch.randn(n, N_IN, dtype=torch.float64)
+    wants = {(gname, lname): _run(model, x, g, fn)
+             for gname, g in _graphs(n).items() for lname, fn in _losses().items()}
+    # The modules' two-view form (each rank passes its own z_a, z_b) and the drop-ins:
+    # the single-process loss of the global batch too.
+    wants.update({("two_views", lname): _run_two_views(model, x, x_b, fn)
+                  for lname, fn in _two_view_losses().items()})
+    wants["SupConLoss"] = _run(model, x, _labels(n), palfast.nn.SupConLoss(temperature=0.3))
+    for key, (want_loss, want_grads) in wants.items():
+        for rank in range(2):
+            loss, grads = results[rank][key]
+            torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-9,
+                                       msg=f"{key} loss on rank {rank}")
+            for got, want in zip(grads, want_grads):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9,
+                                           msg=f"{key} grad on rank {rank}")
     want_pairs, want_sims = palfast.active.candidate_pairs(x * 3.0, k=4, backend="torch")
     for rank in range(2):
         pairs, sims = results[rank]["candidates"]
