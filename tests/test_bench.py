@@ -1,6 +1,6 @@
 """The benchmark harness and the info_nce cases (palfast/benchmarks/, bench/README.md):
 effective FLOPs and TFLOP/s, ratios, the Inf-CL baseline's skip and glue, kernel
-records, issue 11's targets, and tools/gpu_bench.py's summary. No GPU needed: the
+records, the CUDA speed targets (docs/cuda.md), and tools/gpu_bench.py's summary. No GPU needed: the
 CUDA plan is built, not run, and GPU results are written by hand."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_effective_flops_count_the_dense_algorithm():
     assert bi.effective_flops(4096, 128, "fwd") == 2 * 4096**2 * 128
     assert bi.effective_flops(65536, 128, "fwd+bwd") == 6 * 65536**2 * 128
-    # Issue 11: 6 ms for forward + backward at N = 65536, D = 128 is about 550 TFLOP/s.
+    # The step target: 6 ms for forward + backward at N = 65536, D = 128 is about 550 TFLOP/s.
     assert bi.effective_flops(65536, 128, "fwd+bwd") / 6e-3 / 1e12 == pytest.approx(550, rel=0.01)
 
 
