@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ..active.oracle import check_noise
-from .strategy_report import BASELINE, IDEAL, format_summary, plot_grid, summarize
+from .strategy_report import IDEAL, format_summary, plot_grid, summarize
 from .strategy_tasks import TASKS, Task, resolve_tasks
 
 __all__ = ["FULL", "QUICK", "Settings", "cases", "main", "run_suite"]
@@ -272,7 +272,7 @@ def run_suite(quick: bool = False, out_dir: str | None = "bench_results",
     paths = {}
     if out_dir is not None:
         paths = write_outputs(rows, s, out_dir, env, seconds)
-        for kind, path in paths.items():
+        for path in paths.values():
             progress(f"wrote {path}")
     return {"rows": rows, "summary": summary, "paths": paths, "seconds": seconds}
 

@@ -126,7 +126,8 @@ def format_summary(summary: list[dict], checkpoints: list[int]) -> str:
         head += " | reaches random's final at (per seed)"
         lines += [head, "-" * len(head)]
         for r in group:
-            line = f"{r['strategy']:>10} | {_pct(r['auc']):>5} {_pct(r['vs_random_auc'], r['vs_random_auc_sd'], True):>10}"
+            auc_delta = _pct(r["vs_random_auc"], r["vs_random_auc_sd"], True)
+            line = f"{r['strategy']:>10} | {_pct(r['auc']):>5} {auc_delta:>10}"
             for q in checkpoints:
                 line += (f" | {_pct(r[f'acc@{q}']):>5} "
                          f"{_pct(r[f'vs_random@{q}'], r[f'vs_random@{q}_sd'], True):>10}")
