@@ -95,7 +95,7 @@ def test_oracles_count_pairs_and_interactions():
         CallbackOracle(lambda p: [True]).ask(torch.tensor([[0, 1], [1, 2]]))
     with pytest.raises(ValueError, match="noise must be a probability"):
         LabelOracle(y, noise=1.0)
-    with pytest.raises(ValueError, match="LabelOracle: noise must be a finite number >= 0 and <= 1"):
+    with pytest.raises(ValueError, match=r"LabelOracle: noise must be a probability in \[0, 0.5\]"):
         LabelOracle(y, noise=1.5)
     with pytest.raises(TypeError, match="LabelOracle: seed must be an int"):
         LabelOracle(y, seed="0")

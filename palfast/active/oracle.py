@@ -23,14 +23,32 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
 
-from .._checks import check_callable, check_int, check_number
+from .._checks import check_callable, check_int
 from .store import _as_pairs
 
-__all__ = ["CallbackOracle", "LabelOracle", "Oracle"]
+__all__ = ["MAX_NOISE", "CallbackOracle", "LabelOracle", "Oracle", "check_noise"]
+
+#: The largest flip probability of :class:`LabelOracle`. At 0.5 every answer is a coin
+#: toss; above it the annotator is wrong more often than right, which is not noise but
+#: an oracle answering the opposite question (flip its answers instead).
+MAX_NOISE = 0.5
+
+
+def check_noise(op: str, name: str, value) -> float:
+    """``value`` as a flip probability in [0, :data:`MAX_NOISE`], or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not 0.0 <= value <= MAX_NOISE:  # also refuses nan
+        raise ValueError(f"{op}: {name} must be a probability in [0, {MAX_NOISE:g}] (the chance "
+                         f"that an answer is flipped; above {MAX_NOISE:g} the annotator is wrong "
+                         f"more often than right), got {value}")
+    return value
 
 
 class Oracle:
@@ -101,7 +119,8 @@ class LabelOracle(Oracle):
 
     Args:
         labels: ``[N]`` integer class of each sample id.
-        noise: probability in [0, 1) that an answer is flipped (a careless annotator).
+        noise: probability in [0, :data:`MAX_NOISE`] that an answer is flipped (a
+            careless annotator).
         seed: seeds the flips (reproducible noise).
     """
 
@@ -113,9 +132,7 @@ class LabelOracle(Oracle):
                              f"got shape {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype.is_complex:
             raise TypeError(f"LabelOracle: labels must be integers, got {y.dtype}")
-        self.noise = check_number("LabelOracle", "noise", noise, 0.0, maximum=1.0)
-        if self.noise == 1.0:  # every answer flipped is a perfect oracle saying the opposite
-            raise ValueError("LabelOracle: noise must be a probability in [0, 1), got 1.0")
+        self.noise = check_noise("LabelOracle", "noise", noise)
         self.labels = y.to(device="cpu", dtype=torch.long)
         seed = 0 if seed is None else check_int("LabelOracle", "seed", seed)
         self._gen = torch.Generator().manual_seed(seed)

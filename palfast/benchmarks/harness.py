@@ -29,6 +29,10 @@ list[Case]``. A :class:`Case` names a set of implementations of one workload
 
 Timed tests are not benchmarks: nothing here asserts a speed.
 
+A module with ``run_suite(quick, out_dir, task_filter, progress)`` is an evaluation, not a
+timing (``bench_strategies.py``): the harness calls it, with ``--filter`` as its task
+filter, and times nothing of it.
+
 Run it with ``palfast bench`` (see ``palfast bench --help``).
 """
 
@@ -432,6 +436,13 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
     ``contention`` > 0, every case is timed quiet and then beside that many busy-loop
     processes (peak memory and kernels are measured in the quiet pass only). With
     ``kernels`` on CUDA, each row carries the kernels one run launches."""
+    suites = [m for m in modules if hasattr(_import_module(m), "run_suite")]
+    for module in suites:  # evaluations with their own report, not timed (bench_strategies.py)
+        _import_module(module).run_suite(quick=quick, out_dir=out_dir, task_filter=case_filter,
+                                         progress=progress)
+    modules = [m for m in modules if m not in suites]
+    if suites and not modules:
+        return {"suites": suites}
     env = environment()
     env["device"] = device
     env["load_average_start"] = load_average()
