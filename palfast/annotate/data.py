@@ -169,6 +169,10 @@ def load_data(path: str | os.PathLike) -> ImageData:
     raise ValueError(f"palfast annotate: --data {str(p)!r} is neither a folder, an .npy nor an .npz")
 
 
+#: Said after a reload's error while older embeddings are still in use.
+_KEPT = " (the previous embeddings stay in use until the file is fixed)"
+
+
 class Embeddings:
     """The embeddings queries are chosen on, re-read from ``path`` when its mtime changes.
 
@@ -194,7 +198,7 @@ class Embeddings:
         if self.path is not None and self.path.exists():
             # A file given at start must be right: better to say so now than serve odd pairs.
             if not self.poll():
-                raise ValueError(self.error)
+                raise ValueError(self.error.removesuffix(_KEPT))
         # A file that does not exist yet (the trainer has not written it): the fallback
         # until it appears.
 
@@ -237,7 +241,7 @@ class Embeddings:
             self.error = (str(e) if str(e).startswith("palfast") else
                           f"palfast annotate: cannot read --embeddings {str(self.path)!r}: {e}")
             if self._array is not None:
-                self.error += " (the previous embeddings stay in use until the file is fixed)"
+                self.error += _KEPT
             return False
         self._mtime, self._array, self.error, self._failed = mtime, x, None, None
         self.version += 1
