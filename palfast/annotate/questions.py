@@ -367,10 +367,17 @@ class Questions:
                     "embeddings_error": self.embeddings.error, "refill_error": self.refill_error}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` in float32 scaled to unit L2 norm (zero rows stay zero)."""
+def _norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms of the rows of ``x`` (float32), at least NORM_EPS."""
+    return np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), NORM_EPS)
+
+
+def cosine_to(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Cosine similarities of the rows of ``x`` to the unit vector ``v``, in float32:
+    ``(x v) / |x|`` (zero rows: 0), so the rows are read once and never copied
+    normalised (float16 / float64 rows are converted to float32 first)."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), NORM_EPS)
+    return (x @ v) / _norms(x)
 
 
 def _top(x: np.ndarray, v: np.ndarray, m: int) -> np.ndarray:
@@ -380,7 +387,7 @@ def _top(x: np.ndarray, v: np.ndarray, m: int) -> np.ndarray:
     step = chunk_rows(x.shape[1])
     sims, rows = [], []
     for a in range(0, x.shape[0], step):
-        s = _unit(x[a:a + step]) @ v
+        s = cosine_to(x[a:a + step], v)
         if s.shape[0] > m:
             # The chunk's first m in stable order: all above the m-th largest value, then
             # the lowest rows equal to it (np.nonzero lists them in row order).
@@ -400,7 +407,8 @@ def _most_similar(x: np.ndarray, anchor: int):
     first, ties by row, lazily: the first CANDIDATE_POOL by one pass over the rows, then
     CANDIDATE_GROWTH times as many per further pass, never a sort of all N rows unless
     that many are asked for."""
-    v = _unit(x[anchor:anchor + 1])[0]
+    v = np.asarray(x[anchor], dtype=np.float32)
+    v = v / _norms(v[None])[0]
     done, m = 0, CANDIDATE_POOL
     while done < x.shape[0]:
         m = min(m, x.shape[0])
