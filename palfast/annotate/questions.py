@@ -108,8 +108,10 @@ class Questions:
         self.n = n
         self.strategy = strategy
         self.index_args = {"index": index, "nlist": nlist, "nprobe": nprobe, "ef_search": ef_search}
-        # budget 0: every argument is checked, nothing is searched.
-        select_queries(self._embeddings_tensor(), store, 0, strategy, k=SELECT_K, **self.index_args)
+        # budget 0: every argument is checked, nothing is searched; on a stand-in of the
+        # pool's N rows and one column (the checks need N, not the rows; the embeddings
+        # were checked for NaN/Inf when read).
+        select_queries(torch.zeros(n, 1), store, 0, strategy, k=SELECT_K, **self.index_args)
         self.budget = budget
         self.captcha_k = captcha_k
         self._seed = seed
