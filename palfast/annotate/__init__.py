@@ -82,9 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "= position in sorted relative-path order), or an .npy / .npz "
                           "(key 'images') array [N, H, W(, C)]")
     p.add_argument("--embeddings", metavar="FILE.npy",
-                   help="[N, D] float embeddings the questions are chosen on; re-read whenever the "
-                        "file changes (a trainer rewrites it: write a temporary file, then "
-                        "os.replace). Default: 16x16 grey thumbnails of the images")
+                   help="[N, D] float16/32/64 embeddings the questions are chosen on, "
+                        "memory-mapped (never read whole); re-read whenever the file changes. "
+                        "A trainer must replace it atomically: write a temporary file, then "
+                        "os.replace (rewriting it in place under the live map is unsafe). "
+                        "Default: 16x16 grey thumbnails of the images")
     p.add_argument("--store", metavar="FILE.sqlite", default="answers.sqlite",
                    help="the RelationStore to write (created or resumed; default ./answers.sqlite)")
     p.add_argument("--strategy", choices=STRATEGIES, default="pal",
