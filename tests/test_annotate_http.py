@@ -599,3 +599,187 @@ def test_background_refill_serves_and_reports_a_failing_strategy(tmp_path, monke
             assert "faiss exploded" in q.stats("other")["refill_error"]
         finally:
             q.close()
+
+
+# ------------------------------------------------------------ large pools
+def answer_screens(app, rounds=6):
+    """(screen, anchor, others) of ``rounds`` pair and captcha screens answered in turn
+    through the app (answers alternate so classes form)."""
+    c = app.test_client()
+    page = c.get("/").get_data(as_text=True)
+    assert c.post("/start", data={"csrf": token(page), "name": "ann"}).status_code == 303
+    seen = []
+    for r in range(rounds):
+        kind = "captcha" if r % 2 else "pair"
+        page, csrf, qid = screen(c, kind)
+        if kind == "pair":
+            a, b = map(int, re.search(r'data-pair="(\d+),(\d+)"', page).groups())
+            seen.append((kind, a, [b]))
+            form = {"answer": "yes" if r % 4 == 0 else "no"}
+        else:
+            a = int(re.search(r'data-anchor="(\d+)"', page).group(1))
+            cands = [int(v) for v in re.search(r'data-candidates="([\d,]+)"', page).group(1).split(",")]
+            seen.append((kind, a, cands))
+            form = {"alike": ["0"]}
+        assert c.post("/answer", data={"csrf": csrf, "qid": qid, **form}).status_code == 303
+    return seen
+
+
+def test_memory_mapped_embeddings_serve_the_same_questions_as_in_ram(tmp_path):
+    x = np.random.default_rng(3).standard_normal((N, 6)).astype(np.float32)
+    x[N // 2:] += 4 * np.eye(6, dtype=np.float32)[np.arange(N - N // 2) % 6]
+    np.save(tmp_path / "emb.npy", x)
+    mapped = Embeddings(N, tmp_path / "emb.npy")
+    assert isinstance(mapped.get()[0], np.memmap)  # not read into memory
+    data = ImageData("test", array=images())
+    got = []
+    for name, emb in (("ram", Embeddings(N, fallback=x)), ("map", mapped)):
+        with RelationStore(tmp_path / f"{name}.sqlite") as store:
+            q = Questions(store, emb, N, budget=40, captcha_k=4, background=False)
+            got.append(answer_screens(create_app(data, q)))
+            q.close()
+    assert got[0] == got[1] and len(got[0]) == 6
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.arange(N * 3).reshape(N, 3), r"float16, float32, float64, got dtype '<i8'"),
+    (np.zeros(N, np.float32), r"must be \[N, D\] with N = 40 \(one row per image\), got shape \(40,\)"),
+    (np.zeros((N, 3), np.float32), r"must be finite, got 1 rows with NaN or Inf"),
+    (np.zeros((N, 3), np.float16), r"must be finite, got 2 rows with NaN or Inf"),
+])
+def test_a_bad_embeddings_file_is_one_start_up_error_naming_the_option(tmp_path, capsys, bad, match):
+    if bad.ndim == 2 and bad.dtype.kind == "f":  # a NaN row (float32), two Inf rows (float16)
+        bad[7, 1] = np.nan if bad.dtype == np.float32 else np.inf
+        bad[9, 0] = -np.inf if bad.dtype == np.float16 else 0
+    np.save(tmp_path / "x.npy", images())
+    np.save(tmp_path / "e.npy", bad)
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--embeddings", str(tmp_path / "e.npy"),
+                 "--store", str(tmp_path / "s.sqlite"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--embeddings {str(tmp_path / 'e.npy')!r}" in err and re.search(match, err), err
+    assert "previous embeddings" not in err  # there are none at start
+
+
+def test_a_bad_embeddings_file_is_not_scanned_for_every_question(tmp_path, monkeypatch):
+    path = tmp_path / "e.npy"
+    x = np.zeros((N, 3), np.float32)
+    x[5, 0] = np.nan
+    emb = Embeddings(N, path, fallback=np.ones((N, 3), np.float32))
+    np.save(path, x)  # written by a trainer after the start
+    assert not emb.poll() and "1 rows with NaN" in emb.error and "previous embeddings stay in use" in emb.error
+    reads = []
+    real = Embeddings._read
+    monkeypatch.setattr(Embeddings, "_read", lambda self: reads.append(1) or real(self))
+    assert not any(emb.poll() for _ in range(5)) and reads == []  # same file: not read again
+    x[5, 0] = 1
+    np.save(path, x)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert emb.poll() and reads == [1] and emb.error is None
+
+
+def reference_order(x, anchor):
+    """The captcha's candidate order as a stable sort of every similarity at once."""
+    u = x[anchor].astype(np.float32)
+    v = u / questions_mod._norms(u[None])[0]  # the anchor normalised as the app does
+    return np.argsort(-questions_mod.cosine_to(x, v), kind="stable").tolist()
+
+
+def test_captcha_candidates_in_chunks_are_the_full_sort(monkeypatch):
+    """Chunks of 7 rows, a first pool of 3 widened 8-fold: every row in the order of a
+    stable sort of all similarities, ties (duplicate and all-zero rows) by row."""
+    g = np.random.default_rng(0)
+    x = g.integers(-2, 3, size=(103, 4)).astype(np.float64)
+    x[10:20] = x[3]  # ties
+    x[50:55] = 0  # similarity 0 to everything
+    monkeypatch.setattr(questions_mod, "chunk_rows", lambda d: 7)
+    monkeypatch.setattr(questions_mod, "CANDIDATE_POOL", 3)
+    for anchor in (0, 3, 12, 51, 102):
+        assert list(questions_mod._most_similar(x, anchor)) == reference_order(x, anchor)
+
+
+def test_captcha_questions_do_not_copy_a_memory_mapped_pool(tmp_path, monkeypatch):
+    """Captcha screens over a memory-mapped pool allocate a few chunks, not a normalised
+    copy of the pool, nor a sort of all its similarities (tracemalloc sees NumPy's and
+    Python's allocations; the refill, torch's, is done before it starts)."""
+    import tracemalloc
+
+    n, d = 100_000, 16
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
+    monkeypatch.setattr(questions_mod, "chunk_rows", lambda d: 2048, raising=False)
+    with RelationStore() as store:
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, strategy="random",
+                      captcha_k=6, background=False)
+        q.refill()
+        tracemalloc.start()
+        try:
+            for _ in range(3):
+                got = q.next("captcha", "me")
+                assert len(got.others) == 6
+                q.answer(got.qid, "me", "ann", [False] * 6)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        q.close()
+    assert peak < n * d * 4 / 4, f"{peak / 2**20:.1f} MiB for a {n * d * 4 / 2**20:.1f} MiB pool"
+
+
+@pytest.mark.parametrize("args,err", [
+    (["--index", "flat"], "argument --index: invalid choice: 'flat'"),
+    (["--index", "ivf", "--nlist", "0"], "argument --nlist: must be an integer >= 1, got '0'"),
+    (["--index", "ivf", "--nprobe", "two"], "argument --nprobe: must be an integer >= 1, got 'two'"),
+    (["--index", "hnsw", "--ef-search", "9"], "argument --ef-search: must be an integer >= 10, got '9'"),
+])
+def test_cli_index_options_reject_bad_values(capsys, args, err):
+    with pytest.raises(SystemExit) as e:
+        main(["annotate", "--demo", *args])
+    assert e.value.code == 2 and err in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,err", [
+    (["--nlist", "4"], "--nlist applies to --index ivf only, got --index auto"),
+    (["--index", "exact", "--nprobe", "4"], "--nprobe applies to --index ivf only, got --index exact"),
+    (["--index", "ivf", "--ef-search", "32"], "--ef-search applies to --index hnsw only, got --index ivf"),
+    (["--index", "ivf", "--nlist", "4", "--nprobe", "5"], "--nprobe must be at most the 4 lists, got 5"),
+    (["--index", "ivf", "--nlist", "41"], "--nlist must be at most the 40 samples"),
+    (["--index", "ivf", "--nprobe", "2"], "--nprobe must be at most the 1 lists (the default --nlist), got 2"),
+])
+def test_cli_index_options_that_do_not_fit_are_one_line(tmp_path, capsys, args, err):
+    np.save(tmp_path / "x.npy", images())
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"),
+                 "--port", "0", *args]) == 2
+    out = capsys.readouterr().err
+    assert out.count("\n") == 1 and err in out, out
+
+
+def test_cli_index_options_reach_select_queries(tmp_path, capsys, monkeypatch):
+    from palfast import annotate
+    from palfast.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["annotate", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--index {auto,exact,ivf,hnsw}", "auto (default): exact up to 20,000", "--nlist",
+                 "4*sqrt(N)", "--nprobe", "(default 16", "--ef-search", "(default 64)"):
+        assert text in out
+    pytest.importorskip("faiss")
+    calls = []
+    real = questions_mod.select_queries
+    monkeypatch.setattr(questions_mod, "select_queries",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    np.save(tmp_path / "x.npy", images())
+    for opts, want in ((["--index", "ivf", "--nlist", "2", "--nprobe", "2"],
+                        {"index": "ivf", "nlist": 2, "nprobe": 2, "ef_search": None}),
+                       (["--index", "hnsw", "--ef-search", "12"],
+                        {"index": "hnsw", "nlist": None, "nprobe": None, "ef_search": 12})):
+        args = build_parser().parse_args(["annotate", "--data", str(tmp_path / "x.npy"), "--store",
+                                          str(tmp_path / f"{opts[1]}.sqlite"), *opts])
+        app, q, store = annotate.build(args)
+        try:
+            got = q.next("pair", "me")
+            assert got is not None and not store.is_known(got.anchor, got.others[0])
+        finally:
+            q.close()
+            store.close()
+        assert calls and all({key: k[key] for key in want} == want for k in calls)
+        calls.clear()

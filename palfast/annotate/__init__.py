@@ -51,6 +51,9 @@ TOKEN_ENV = "PALFAST_ANNOTATE_TOKEN"
 MIN_TOKEN_CHARS = 12
 #: Random bytes of a generated token (32 URL-safe characters), as Jupyter generates its own.
 TOKEN_BYTES = 24
+#: ``--index`` choices: palfast.knn's indexes but IVF-PQ (a compressed index trades recall
+#: for memory; the rows' float32 copy of IVF fits wherever the embeddings file does).
+INDEXES = ("auto", "exact", "ivf", "hnsw")
 
 
 DESCRIPTION = """\
@@ -79,9 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "= position in sorted relative-path order), or an .npy / .npz "
                           "(key 'images') array [N, H, W(, C)]")
     p.add_argument("--embeddings", metavar="FILE.npy",
-                   help="[N, D] float embeddings the questions are chosen on; re-read whenever the "
-                        "file changes (a trainer rewrites it: write a temporary file, then "
-                        "os.replace). Default: 16x16 grey thumbnails of the images")
+                   help="[N, D] float16/32/64 embeddings the questions are chosen on, "
+                        "memory-mapped (never read whole); re-read whenever the file changes. "
+                        "A trainer must replace it atomically: write a temporary file, then "
+                        "os.replace (rewriting it in place under the live map is unsafe). "
+                        "Default: 16x16 grey thumbnails of the images")
     p.add_argument("--store", metavar="FILE.sqlite", default="answers.sqlite",
                    help="the RelationStore to write (created or resumed; default ./answers.sqlite)")
     p.add_argument("--strategy", choices=STRATEGIES, default="pal",
@@ -112,6 +117,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, "
                         "printed at start)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query selection (default 0)")
+    add_index_arguments(p)
+
+
+def add_index_arguments(p: argparse.ArgumentParser) -> None:
+    """``--index``, ``--nlist``, ``--nprobe``, ``--ef-search``: the k-NN index of
+    select_queries' candidate graph (palfast.knn; docs/annotate.md, "Large pools")."""
+    from ..cli import int_at_least
+    from ..knn import AUTO_EXACT_MAX_ROWS, DEFAULT_EF_SEARCH, DEFAULT_NPROBE
+    from .questions import SELECT_K
+
+    g = p.add_argument_group(
+        "k-NN index (large pools)",
+        "Every refill searches each sample's nearest neighbours (palfast.knn); on a large\n"
+        "pool an approximate FAISS index makes that affordable (pip install faiss-cpu).")
+    g.add_argument("--index", choices=INDEXES, default="auto",
+                   help=f"auto (default): exact up to {AUTO_EXACT_MAX_ROWS:,} samples, ivf above "
+                        "when faiss is installed; exact: every similarity (N^2 D work per "
+                        "refill); ivf: FAISS inverted lists, approximate; hnsw: FAISS graph "
+                        "index, approximate, no training")
+    g.add_argument("--nlist", type=int_at_least(1), default=None, metavar="LISTS",
+                   help="--index ivf: lists the samples are clustered into, 1..N (default: about "
+                        "4*sqrt(N), at most N/39)")
+    g.add_argument("--nprobe", type=int_at_least(1), default=None, metavar="LISTS",
+                   help=f"--index ivf: lists scanned per sample, 1..nlist; more is slower and "
+                        f"finds more true neighbours (default {DEFAULT_NPROBE}, at most nlist)")
+    g.add_argument("--ef-search", type=int_at_least(SELECT_K), default=None, metavar="NODES",
+                   help=f"--index hnsw: nodes explored per sample, >= {SELECT_K} (the neighbours "
+                        f"searched); more is slower and finds more true neighbours "
+                        f"(default {DEFAULT_EF_SEARCH})")
+
+
+def check_index_args(args, n: int | None = None) -> None:
+    """The k-NN index options: each applies to its index only; with the pool size ``n``,
+    ``--nlist`` at most n and ``--nprobe`` at most the lists. Raises ValueError naming them."""
+    from ..knn import default_nlist
+
+    for opt, value, index in (("--nlist", args.nlist, "ivf"), ("--nprobe", args.nprobe, "ivf"),
+                              ("--ef-search", args.ef_search, "hnsw")):
+        if value is not None and args.index != index:
+            raise ValueError(f"{opt} applies to --index {index} only, got --index {args.index}; "
+                             f"add --index {index} or drop {opt}")
+    if n is not None and args.nlist is not None and args.nlist > n:
+        raise ValueError(f"--nlist must be at most the {n} samples (each list is trained on "
+                         f"samples), got {args.nlist}")
+    lists = args.nlist if args.nlist is not None else None if n is None else default_nlist(n)
+    if lists is not None and args.nprobe is not None and args.nprobe > lists:
+        raise ValueError(f"--nprobe must be at most the {lists} lists"
+                         f"{'' if args.nlist is not None else ' (the default --nlist)'}, "
+                         f"got {args.nprobe}")
 
 
 def port_number(text: str) -> int:
@@ -178,6 +232,7 @@ def check_args(args) -> None:
         raise ValueError(f"--budget must be >= 1, got {args.budget}")
     if not 2 <= args.captcha_k <= MAX_CAPTCHA_K:
         raise ValueError(f"--captcha-k must be in 2..{MAX_CAPTCHA_K}, got {args.captcha_k}")
+    check_index_args(args)
     folder = os.path.dirname(os.path.abspath(args.store))
     if not os.path.isdir(folder):
         raise ValueError(f"--store {args.store!r}: the directory {folder!r} does not exist; "
@@ -199,6 +254,7 @@ def build(args, token: str | None = None):
     fallback = None
     if args.strategy != "random" and (args.embeddings is None or not os.path.exists(args.embeddings)):
         fallback = data.simple_embeddings()
+    check_index_args(args, data.n)
     embeddings = Embeddings(data.n, args.embeddings, fallback=fallback)
     try:
         store = RelationStore(args.store)
@@ -208,8 +264,14 @@ def build(args, token: str | None = None):
         store.close()
         raise ValueError(f"the store {args.store!r} has answers about sample id {store.num_ids - 1}, "
                          f"but the data set has {data.n} images: wrong --store or --data?")
-    questions = Questions(store, embeddings, data.n, strategy=args.strategy, budget=args.budget,
-                          captcha_k=args.captcha_k, seed=args.seed)
+    try:
+        questions = Questions(store, embeddings, data.n, strategy=args.strategy,
+                              budget=args.budget, captcha_k=args.captcha_k, seed=args.seed,
+                              index=args.index, nlist=args.nlist, nprobe=args.nprobe,
+                              ef_search=args.ef_search)
+    except BaseException:
+        store.close()
+        raise
     default_name = args.name if args.name is not None else _user_name()
     app = create_app(data, questions, default_name=default_name,
                      allowed_hosts=_allowed_hosts(args.host), token=token)

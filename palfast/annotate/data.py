@@ -11,16 +11,22 @@ A data set is one of
 Sample ids are positions, so the answer store and a trainer agree on them as long as they
 enumerate the data set the same way (:func:`load_data` is the enumeration to use).
 
-Embeddings: a ``[N, D]`` ``.npy`` file, re-read whenever its modification time changes (a
-trainer refreshes it; write it to a temporary name and ``os.replace`` it, so a half-written
-file is never read). Without a file: the images downscaled to ``SIMPLE_SIDE`` pixels a side,
-grey, flattened, a crude but useful similarity for digits and the like.
+Embeddings: a ``[N, D]`` ``.npy`` file of float16, float32 or float64, opened memory-mapped
+(``np.load(path, mmap_mode="r")``: a pool of a million rows is read from the page cache, never
+copied whole) and re-read whenever its modification time changes. A trainer refreshes it by
+writing a temporary file and ``os.replace``-ing it over the old one: the map already open
+keeps the old file's contents until the next read, and a half-written file is never read.
+Rewriting the file in place (``np.save`` on the same path) truncates the file under the live
+map: a read of the truncated pages kills the server (SIGBUS) or shows half-written rows.
+Without a file: the images downscaled to ``SIMPLE_SIDE`` pixels a side, grey, flattened, a
+crude but useful similarity for digits and the like.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,6 +45,11 @@ MIN_DISPLAY_SIDE = 128
 MAX_DISPLAY_SIDE = 512
 #: Rendered PNGs kept in memory (a captcha screen shows up to ~10, many people share them).
 PNG_CACHE = 4096
+#: An embeddings file that failed its checks is read again when its modification time or
+#: size changes, or after this many seconds: checking a million rows for NaN takes a
+#: fraction of a second, too much for every question, while a file system's clock tick
+#: may hide a last write within the same tick.
+BAD_FILE_RETRY_S = 5.0
 
 
 def _need_pillow():
@@ -158,14 +169,20 @@ def load_data(path: str | os.PathLike) -> ImageData:
     raise ValueError(f"palfast annotate: --data {str(p)!r} is neither a folder, an .npy nor an .npz")
 
 
+#: Said after a reload's error while older embeddings are still in use.
+_KEPT = " (the previous embeddings stay in use until the file is fixed)"
+
+
 class Embeddings:
     """The embeddings queries are chosen on, re-read from ``path`` when its mtime changes.
 
-    ``get()`` returns ``(array [n, D] float32, version)``; until ``path`` exists (a trainer
-    that has not written it yet) the ``fallback`` embeddings. The version changes with every
+    ``get()`` returns ``(array [n, D], version)``: the file memory-mapped read-only (float16,
+    float32 or float64 as written), or until ``path`` exists (a trainer that has not written
+    it yet) the ``fallback`` embeddings as float32. The version changes with every
     successful reload, so the question queue knows to rebuild itself. A file that cannot be
-    read (half written, wrong shape) keeps the previous embeddings and is retried later;
-    ``error`` says why, for the page to show.
+    read (half written, wrong shape, dtype or a NaN) keeps the previous embeddings and is
+    retried later; ``error`` says why, for the page to show. A file given at start must be
+    right: the constructor raises ValueError naming ``--embeddings``.
     """
 
     def __init__(self, n: int, path: str | os.PathLike | None = None, fallback=None):
@@ -174,32 +191,36 @@ class Embeddings:
         self.version = 0
         self.error: str | None = None
         self._mtime: int | None = None
+        self._failed: tuple[int, int, float] | None = None  # (mtime, size, when) of a bad file
         self._array: np.ndarray | None = None
         if fallback is not None:
             self._array = np.asarray(fallback, dtype=np.float32)
         if self.path is not None and self.path.exists():
             # A file given at start must be right: better to say so now than serve odd pairs.
             if not self.poll():
-                raise ValueError(self.error)
+                raise ValueError(self.error.removesuffix(_KEPT))
         # A file that does not exist yet (the trainer has not written it): the fallback
         # until it appears.
 
     def _read(self) -> np.ndarray:
-        x = np.load(self.path, allow_pickle=False)
+        """The file, memory-mapped and checked (shape, float dtype, no NaN/Inf) a chunk at a
+        time (:func:`palfast.knn.as_rows`): nothing of its size is allocated."""
+        from ..knn import as_rows
+
+        name = f"--embeddings {str(self.path)!r}"
+        x = np.load(self.path, mmap_mode="r", allow_pickle=False)
         if x.ndim != 2 or x.shape[0] != self.n:
-            raise ValueError(f"palfast annotate: embeddings {str(self.path)!r} must be [N, D] with "
-                             f"N = {self.n} (one row per image), got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-            raise ValueError(f"palfast annotate: embeddings {str(self.path)!r} must be finite "
-                             f"floats, got dtype {x.dtype}")
-        return x.astype(np.float32, copy=False)
+            raise ValueError(f"palfast annotate: {name} must be [N, D] with N = {self.n} "
+                             f"(one row per image), got shape {x.shape}")
+        as_rows("palfast annotate", name, x, min_rows=1, finite=True)
+        return x
 
     def poll(self) -> bool:
         """Reload if the file changed; True when new embeddings were loaded."""
         if self.path is None:
             return False
         try:
-            mtime = self.path.stat().st_mtime_ns
+            st = self.path.stat()
         except FileNotFoundError:
             self.error = (f"palfast annotate: waiting for the embeddings file {str(self.path)!r} "
                           "(a trainer writes it); questions use the previous embeddings meanwhile")
@@ -207,16 +228,22 @@ class Embeddings:
         except OSError as e:
             self.error = f"palfast annotate: cannot read embeddings {str(self.path)!r}: {e}"
             return False
+        mtime = st.st_mtime_ns
         if mtime == self._mtime:
             return False
+        if (self._failed is not None and self._failed[:2] == (mtime, st.st_size)
+                and time.monotonic() - self._failed[2] < BAD_FILE_RETRY_S):
+            return False  # the same bad file: self.error still says why
         try:
             x = self._read()
         except Exception as e:  # a trainer mid-write, or a wrong file: keep what we have
+            self._failed = (mtime, st.st_size, time.monotonic())
             self.error = (str(e) if str(e).startswith("palfast") else
-                          f"palfast annotate: cannot read embeddings {str(self.path)!r}: {e}"
-                          ) + " (the previous embeddings stay in use until the file is fixed)"
+                          f"palfast annotate: cannot read --embeddings {str(self.path)!r}: {e}")
+            if self._array is not None:
+                self.error += _KEPT
             return False
-        self._mtime, self._array, self.error = mtime, x, None
+        self._mtime, self._array, self.error, self._failed = mtime, x, None, None
         self.version += 1
         return True
 

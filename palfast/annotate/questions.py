@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..active import RelationStore, select_queries
+from ..knn import chunk_rows
 from .data import Embeddings
 
 #: Refill the queue when fewer pairs than this are waiting: a person answers a pair in
@@ -52,6 +53,18 @@ MAX_ISSUED_PER_CLIENT = 200
 CLOSE_WAIT_S = 5.0
 #: Interactions a session can undo, newest first.
 UNDO_DEPTH = 50
+#: Nearest neighbours per sample in select_queries' candidate graph (its own default,
+#: passed explicitly because ``--ef-search`` must be at least this).
+SELECT_K = 10
+#: Rows a captcha screen's candidates are first looked for among, most similar to the
+#: anchor first: a screen needs at most MAX_CAPTCHA_K (palfast/annotate/__init__.py) rows
+#: of distinct unknown components, and rows already known, on a screen or in a component
+#: already shown are skipped; when these run out the search is repeated for
+#: CANDIDATE_GROWTH times as many (each pass reads every row once).
+CANDIDATE_POOL = 256
+CANDIDATE_GROWTH = 8
+#: Smallest norm a row is divided by when normalised (an all-zero row stays zero).
+NORM_EPS = 1e-12
 
 KINDS = ("pair", "captcha")
 
@@ -83,12 +96,22 @@ class Questions:
     """Hands out pair and captcha questions and records their answers (module docstring)."""
 
     def __init__(self, store: RelationStore, embeddings: Embeddings, n: int, *, strategy: str = "pal",
-                 budget: int = 500, captcha_k: int = 6, seed: int = 0, background: bool = True):
-        """``background=False``: no refill thread, :meth:`next` refills in the caller's thread."""
+                 budget: int = 500, captcha_k: int = 6, seed: int = 0, background: bool = True,
+                 index: str = "auto", nlist: int | None = None, nprobe: int | None = None,
+                 ef_search: int | None = None):
+        """``background=False``: no refill thread, :meth:`next` refills in the caller's thread.
+        ``index``, ``nlist``, ``nprobe``, ``ef_search``: select_queries' k-NN index
+        (docs/annotate.md, "Large pools"); checked here, before any question, by a
+        selection of no pairs (ValueError / ImportError naming the argument)."""
         self.store = store
         self.embeddings = embeddings
         self.n = n
         self.strategy = strategy
+        self.index_args = {"index": index, "nlist": nlist, "nprobe": nprobe, "ef_search": ef_search}
+        # budget 0: every argument is checked, nothing is searched; on a stand-in of the
+        # pool's N rows and one column (the checks need N, not the rows; the embeddings
+        # were checked for NaN/Inf when read).
+        select_queries(torch.zeros(n, 1), store, 0, strategy, k=SELECT_K, **self.index_args)
         self.budget = budget
         self.captcha_k = captcha_k
         self._seed = seed
@@ -97,7 +120,6 @@ class Questions:
         self._changed = threading.Condition(self._lock)  # refill done / refill wanted
         self._pending: deque[tuple[int, int]] = deque()
         self._version = None          # embeddings version the pending pairs were chosen on
-        self._normed: np.ndarray | None = None
         self._issued: dict[str, Question] = {}
         self._by_client: dict[str, dict[str, None]] = {}  # client -> its qids, oldest first
         self._by_owner: dict[tuple[str, str], str] = {}   # (owner, kind) -> qid on its screen
@@ -118,23 +140,23 @@ class Questions:
             self._thread.start()
 
     # ---------------------------------------------------------------- refill
-    def _embeddings_tensor(self) -> torch.Tensor:
+    def _embeddings_tensor(self):
+        """What select_queries chooses on: the embeddings array as it is (a memory-mapped
+        file is read in chunks there, never copied whole)."""
         x, _ = self.embeddings.get()
         if x is None:  # strategy "random" without embeddings: select_queries ignores the values
             return torch.zeros(self.n, 1)
-        return torch.from_numpy(x)
+        return x
 
     def _sync(self) -> None:
         """Pick up other processes' answers and a refreshed embeddings file (holds the lock)."""
         self.store.refresh()
         self.embeddings.poll()
-        x, version = self.embeddings.get()
+        version = self.embeddings.get()[1]
         if version != self._version:
             self._version = version
             self._pending.clear()  # chosen on the old embeddings: choose again
             self.exhausted = False
-            self._normed = None if x is None else x / np.maximum(
-                np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
             self._want_refill = True
             self._changed.notify_all()
 
@@ -148,7 +170,8 @@ class Questions:
                 have = set(self._pending) | busy
                 self._rounds += 1
                 got = select_queries(self._embeddings_tensor(), self.store, REFILL, self.strategy,
-                                     seed=self._seed * 1_000_003 + self._rounds)
+                                     k=SELECT_K, seed=self._seed * 1_000_003 + self._rounds,
+                                     **self.index_args)
                 for i, j in got.tolist():
                     if (i, j) not in have:
                         self._pending.append((i, j))
@@ -244,11 +267,9 @@ class Questions:
         in random screen order."""
         chosen = [first]
         comps = {int(self.store.roots([first])[0]), int(self.store.roots([anchor])[0])}
-        if self._normed is not None:
-            order = np.argsort(-(self._normed @ self._normed[anchor]), kind="stable")
-        else:
-            order = self._rng.permutation(self.n)
-        for j in order.tolist():
+        x = self.embeddings.get()[0]
+        order = self._rng.permutation(self.n).tolist() if x is None else _most_similar(x, anchor)
+        for j in order:
             if len(chosen) >= self.captcha_k:
                 break
             if j == anchor or j == first or not self._usable(anchor, j, busy):
@@ -338,11 +359,63 @@ class Questions:
         with self._lock:
             self.store.refresh()
             roots = self.store.roots(torch.arange(self.n)).numpy()
-            _, sizes = np.unique(roots, return_counts=True)
+            # A root is a member of its component (a sample id < n): a count per id, O(N),
+            # where np.unique would sort every sample on each page view.
+            sizes = np.bincount(roots, minlength=self.n)
             stack = self._undo.get(owner) or ()
             return {"answered": self.store.n_queries, "budget": self.budget,
-                    "classes": int((sizes > 1).sum()), "components": int(sizes.shape[0]),
+                    "classes": int((sizes > 1).sum()), "components": int((sizes > 0).sum()),
                     "n": self.n, "mine": self._saved_count.get(owner, 0),
                     "can_undo": bool(stack),
                     "last_ids": list(stack[-1].ids) if stack else [],
                     "embeddings_error": self.embeddings.error, "refill_error": self.refill_error}
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms of the rows of ``x`` (float32), at least NORM_EPS."""
+    return np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), NORM_EPS)
+
+
+def cosine_to(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Cosine similarities of the rows of ``x`` to the unit vector ``v``, in float32:
+    ``(x v) / |x|`` (zero rows: 0), so the rows are read once and never copied
+    normalised (float16 / float64 rows are converted to float32 first)."""
+    x = np.asarray(x, dtype=np.float32)
+    return (x @ v) / _norms(x)
+
+
+def _top(x: np.ndarray, v: np.ndarray, m: int) -> np.ndarray:
+    """The m rows of ``x`` with the largest cosine similarity to the unit vector ``v``,
+    most similar first, ties by row: the first m of a stable sort of all N, computed
+    :func:`palfast.knn.chunk_rows` rows at a time (O(N·D) time, one chunk of memory)."""
+    step = chunk_rows(x.shape[1])
+    sims, rows = [], []
+    for a in range(0, x.shape[0], step):
+        s = cosine_to(x[a:a + step], v)
+        if s.shape[0] > m:
+            # The chunk's first m in stable order: all above the m-th largest value, then
+            # the lowest rows equal to it (np.nonzero lists them in row order).
+            t = np.partition(s, s.shape[0] - m)[s.shape[0] - m]
+            above = np.nonzero(s > t)[0]
+            keep = np.concatenate([above, np.nonzero(s == t)[0][:m - above.shape[0]]])
+        else:
+            keep = np.arange(s.shape[0])
+        sims.append(s[keep])
+        rows.append(keep + a)
+    sims, rows = np.concatenate(sims), np.concatenate(rows)
+    return rows[np.lexsort((rows, -sims))[:m]]
+
+
+def _most_similar(x: np.ndarray, anchor: int):
+    """Every row of ``x`` (the anchor included), most cosine-similar to row ``anchor``
+    first, ties by row, lazily: the first CANDIDATE_POOL by one pass over the rows, then
+    CANDIDATE_GROWTH times as many per further pass, never a sort of all N rows unless
+    that many are asked for."""
+    v = np.asarray(x[anchor], dtype=np.float32)
+    v = v / _norms(v[None])[0]
+    done, m = 0, CANDIDATE_POOL
+    while done < x.shape[0]:
+        m = min(m, x.shape[0])
+        ranked = _top(x, v, m)
+        yield from ranked[done:].tolist()
+        done, m = m, m * CANDIDATE_GROWTH
