@@ -459,7 +459,7 @@ def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
         r = subprocess.run([sys.executable, "-m", "palfast.cli", "annotate", "--data",
                             str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"),
                             "--port", str(port)], capture_output=True, text=True,
-                           timeout=SERVER_START_S)
+                           timeout=SERVER_START_S, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "pick another --port" in r.stderr and not (tmp_path / "s.sqlite").exists()
@@ -472,8 +472,10 @@ def serve(tmp_path, *args, env=None):
     np.save(tmp_path / "serve.npy", images())
     cmd = [sys.executable, "-m", "palfast.cli", "annotate", "--data", str(tmp_path / "serve.npy"),
            "--store", str(tmp_path / "serve.sqlite"), "--port", "0", *args]
+    # cwd: `python -m` puts the cwd first on sys.path, and a checkout's palfast/ (no
+    # compiled _C) would shadow the installed package.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, cwd=tmp_path)
     lines, deadline = [], time.monotonic() + SERVER_START_S
     try:
         while time.monotonic() < deadline:

@@ -170,8 +170,10 @@ def test_peak_memory_is_the_file_and_the_index(tmp_path, kind, backend):
     del x
     root = str(Path(palfast.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # cwd: `python -c` puts the cwd first on sys.path, where a checkout's palfast/ (no
+    # compiled _C) would shadow the one these tests import.
     run = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(path), kind, backend], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     extra = int(run.stdout.split()[-1])
     file_bytes, index_bytes = MEM_ROWS * MEM_DIM * 8, MEM_ROWS * MEM_DIM * 4
