@@ -23,8 +23,23 @@ Indexes (``index=``; the torch backend is exact only):
   Similarities are then approximate too, and recall lower than ``"ivf"``'s.
 * ``"hnsw"``: FAISS ``IndexHNSWFlat`` (:data:`HNSW_M` links per node), a query explores
   ``ef_search`` nodes. No training; slower to build than IVF.
-* ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_ROWS` indexed rows, IVF above (exact
-  too when faiss is missing and ``backend="auto"``).
+* ``"ivf-join"`` (self search only, ``keys=None``; torch only, no faiss needed, any
+  backend): the IVF search of every row among the others, regrouped by list. Centroids
+  by spherical k-means on a sample (:data:`JOIN_TRAIN_ITERATIONS` iterations,
+  :data:`JOIN_TRAIN_ROWS_PER_LIST` rows per list, at most :data:`JOIN_MAX_TRAIN_ROWS`);
+  every row's ``nprobe`` nearest lists by one GEMM with the centroids; the unit rows
+  sorted by list; then for each list one GEMM of the rows that probe it against its
+  members, a top-k per (row, list), and a final top-k of each row's ``nprobe · k``.
+  Candidates and recall are those of ``"ivf"`` with the same lists and ``nprobe`` (a
+  row probes its own nearest lists, not its list's), but the work is BLAS GEMMs, not
+  FAISS's per-query scans, run as whole tasks on torch's intra-op thread count of
+  threads (:func:`_parallel`). Defaults: ``nlist`` as IVF (4·√N),
+  ``nprobe`` = :data:`DEFAULT_JOIN_NPROBE`. Memory beyond ``"ivf"``'s: ``[N, nprobe, k]``
+  partial results (8·nprobe·k bytes per row). Identical to the exact search (up to
+  float32 rounding) when ``nprobe = nlist``.
+* ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_ROWS` indexed rows; above, ``"ivf-join"``
+  for a self search (any backend), ``"ivf"`` for a search of ``keys`` (exact when faiss
+  is missing and ``backend="auto"``).
 
 Embeddings larger than RAM: ``x`` and ``keys`` may be a memory-mapped NumPy array
 (``np.load(path, mmap_mode="r")``, ``np.memmap``) or a tensor over a file
@@ -57,7 +72,7 @@ import torch
 from ._checks import check_choice, check_int, check_tensor
 
 __all__ = ["AUTO_EXACT_MAX_ROWS", "BACKENDS", "CHUNK_BYTES", "DEFAULT_NPROBE",
-           "DEFAULT_EF_SEARCH", "HNSW_M", "INDEXES", "MAX_BLOCK", "TRAIN_ROWS_PER_LIST",
+           "DEFAULT_EF_SEARCH", "DEFAULT_JOIN_NPROBE", "HNSW_M", "INDEXES", "MAX_BLOCK", "TRAIN_ROWS_PER_LIST",
            "as_rows", "build_index", "chunk_rows", "default_nlist", "drop_self", "knn", "resolve_backend", "resolve_index",
            "row_spans", "unit_rows"]
 
@@ -87,15 +102,21 @@ CHUNK_BYTES = 1 << 25
 #: gave recall@10 = 0.97 against exact search, 8 gave 0.965 (docs/active.md, "Large
 #: pools"); 16 leaves a margin for harder sets at under 3 % of the lists.
 DEFAULT_NPROBE = 16
-#: ``"ivf-join"``: k-means iterations and sampled rows per list of its training (the
-#: centroids only partition the rows; recall is set by nprobe).
+#: ``"ivf-join"``: k-means iterations of its training, and sampled rows per list (the
+#: FAISS IVF's numbers): on 10⁵ rows of 1000 overlapping classes (bench_active's set with
+#: noise 1.0) 5 iterations on 16 rows per list lowered recall@10 from 0.99 to 0.93.
 JOIN_TRAIN_ITERATIONS = 10
 JOIN_TRAIN_ROWS_PER_LIST = 39
-#: ``"ivf-join"``: lists probed per row (placeholder, set from measurements).
-DEFAULT_JOIN_NPROBE = 4
-#: ``"ivf-join"``: cost of one similarity of the join over one of the assignment
-#: (placeholder, set from measurements).
-JOIN_COST_RATIO = 1.0
+#: ... but at most this many training rows: training costs iterations · rows · nlist
+#: similarities, which would grow as nlist² (20 CPU-s of a 10⁶-row search with 2000
+#: lists at 39 rows per list); 2¹⁶ rows keep it to a few seconds at 10⁶ rows.
+JOIN_MAX_TRAIN_ROWS = 1 << 16
+#: ``"ivf-join"``: lists probed per row (its nlist default is IVF's, 4·√N). On the
+#: overlapping 20 000-row set of tests/test_knn.py (1000 classes of 20 rows, D = 128,
+#: noise 1.0) 8 of the 566 lists gave recall@10 = 0.973 (16: 0.98; FAISS IVF with the
+#: same lists 0.975 and 0.981); coarser lists did worse at the same nprobe (400 lists:
+#: 0.934). The join's cost is N · nprobe · N / nlist similarities, half that of 16.
+DEFAULT_JOIN_NPROBE = 8
 #: HNSW nodes explored per query (raised to k when smaller): recall@10 ≥ 0.95 on the same
 #: sets; FAISS's default of 16 is tuned for k = 1.
 DEFAULT_EF_SEARCH = 64
@@ -158,23 +179,12 @@ def default_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // MIN_TRAIN_ROWS_PER_LIST))
 
 
-def default_join_nlist(n: int, nprobe: int) -> int:
-    """``"ivf-join"`` lists for n rows probed ``nprobe`` at a time: about
-    √(:data:`JOIN_COST_RATIO` · nprobe · n), where the assignment (n · nlist similarities)
-    and the join (n · nprobe · n / nlist) cost the same; at most
-    n / :data:`MIN_TRAIN_ROWS_PER_LIST`, at least 1."""
-    return max(1, min(round(math.sqrt(JOIN_COST_RATIO * nprobe * n)), n // MIN_TRAIN_ROWS_PER_LIST))
-
-
 def _check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprobe,
                         ef_search, pq_m):
     """Validated (nlist, nprobe, ef_search, pq_m) for ``index`` over n rows of width d;
     FAISS would abort the process on most of these, so nothing reaches it unchecked."""
     if index in ("ivf", "ivfpq", "ivf-join"):
-        if nlist is None and index == "ivf-join":
-            nprobe_ = DEFAULT_JOIN_NPROBE if nprobe is None else check_int(op, "nprobe", nprobe, 1)
-            nlist = default_join_nlist(n, nprobe_)
-        elif nlist is None:
+        if nlist is None:
             nlist = default_nlist(n)
         else:
             nlist = check_int(op, "nlist", nlist, 1)
@@ -445,13 +455,6 @@ def _block_rows(cols: int) -> int:
     return max(1, min(MAX_BLOCK_ROWS, MAX_BLOCK // max(1, cols)))
 
 
-import time as _t
-_T = [None]
-def _trace(what):
-    if _T[0] is not None:
-        now = _t.process_time(); print(f"  {what}: {now - _T[0]:.2f} cpu-s", flush=True); _T[0] = now
-
-
 def _parallel(fn, items) -> None:
     """``fn(item)`` for every item, on torch's intra-op thread count of Python threads,
     each running torch single-threaded (torch ops release the GIL): the many small GEMMs
@@ -487,10 +490,9 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
     dev = x.device
     gen = torch.Generator().manual_seed(seed)
     # 1. Centroids: spherical k-means on a sample (sorted: a memory map is read forwards).
-    n_train = min(n, nlist * JOIN_TRAIN_ROWS_PER_LIST)
+    n_train = min(n, max(nlist, min(nlist * JOIN_TRAIN_ROWS_PER_LIST, JOIN_MAX_TRAIN_ROWS)))
     sample = torch.randperm(n, generator=gen)[:n_train].sort().values
     cent = _spherical_kmeans(unit_rows(x[sample], dev), nlist, JOIN_TRAIN_ITERATIONS, gen)
-    _trace("train")
     # 2. Every row's nprobe nearest lists, a chunk of rows at a time; the first is its list.
     probes = torch.empty(n, nprobe, dtype=torch.long, device=dev)
 
@@ -499,7 +501,6 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
         probes[a:b] = (_unit_chunk(x[a:b].to(dev)) @ cent.T).topk(nprobe, dim=1).indices
 
     _parallel(assign, row_spans(x, _block_rows(nlist)))
-    _trace("assign")
     # 3. The unit rows sorted by list, members of list L at xs[ptr[L]:ptr[L + 1]].
     perm = torch.sort(probes[:, 0], stable=True).indices  # xs row p is x row perm[p]
     pos = torch.empty_like(perm)
@@ -515,7 +516,6 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
     qptr = torch.zeros(nlist + 1, dtype=torch.long, device=dev)
     qptr[1:] = torch.bincount(flat, minlength=nlist).cumsum(0)
     del probes, flat
-    _trace("sort")
     # Each slot's top-k within its list (positions in xs), written by exactly one task:
     # the tasks share no output, so they run on parallel threads.
     buf_s = torch.full((n * nprobe, k), float("-inf"), device=dev)
@@ -538,7 +538,6 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
             buf_i[sl, :v.shape[1]] = (i + a).to(buf_i.dtype)
 
     _parallel(scan, [lst for lst in range(nlist) if ptr_l[lst] < ptr_l[lst + 1]])
-    _trace("join")
     # 5. Each row's best k of its nprobe lists, in x's row order; −inf places (fewer
     # than k rows probed) are −1.
     buf_s, buf_i = buf_s.view(n, nprobe * k), buf_i.view(n, nprobe * k)
@@ -554,7 +553,6 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
                                 perm[buf_i[rows].gather(1, j).long()])
 
     _parallel(merge, row_spans(x, MAX_BLOCK_ROWS * 16))
-    _trace("merge")
     return sims, nbrs
 
 
@@ -591,11 +589,13 @@ def knn(x, k: int, *, keys=None, backend: str = "auto",
             are searched, each row excluding itself), else ``1 <= k <= len(keys)``.
         keys: optional ``[N, D]`` rows to search among (same kinds as ``x``).
         backend: ``"auto"`` | ``"faiss"`` | ``"torch"``.
-        index: ``"exact"`` (default) | ``"auto"`` | ``"ivf"`` | ``"ivfpq"`` | ``"hnsw"``
-            (module docstring); all but ``"exact"`` need faiss.
+        index: ``"exact"`` (default) | ``"auto"`` | ``"ivf"`` | ``"ivfpq"`` | ``"hnsw"`` |
+            ``"ivf-join"`` (module docstring); ``"ivf"``, ``"ivfpq"`` and ``"hnsw"`` need
+            faiss; ``"ivf-join"`` is for ``keys=None`` only.
         nlist: IVF lists, ``1 <= nlist <= N`` (default :func:`default_nlist`).
         nprobe: IVF lists scanned per query, ``1 <= nprobe <= nlist`` (default
-            min(:data:`DEFAULT_NPROBE`, nlist)).
+            min(:data:`DEFAULT_NPROBE`, nlist); ``"ivf-join"``:
+            min(:data:`DEFAULT_JOIN_NPROBE`, nlist)).
         ef_search: HNSW nodes explored per query, ``>= k`` (default
             max(k, :data:`DEFAULT_EF_SEARCH`)).
         pq_m: IVF-PQ bytes per row, dividing D (default about D / 4).

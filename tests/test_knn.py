@@ -129,10 +129,11 @@ def test_approximate_index_without_faiss_says_how_to_install(monkeypatch):
 
 # --- "ivf-join": the IVF self search as GEMMs (torch only) ---------------------------
 
-def overlapping(n=3000):
+def overlapping(n=20_000):
     """A harder set than :func:`clustered`: noise as large as the spread of the class
-    centres (classes overlap), many classes of few rows."""
-    return clustered(n=n, classes=100, d=32, noise=1.0, seed=1)
+    centres (classes overlap), 1000 classes of about 20 rows, D = 128 (the set that
+    palfast.knn.DEFAULT_JOIN_NPROBE was chosen on)."""
+    return clustered(n=n, classes=1000, d=128, noise=1.0, seed=2)
 
 
 @pytest.mark.parametrize("make", [clustered, overlapping], ids=["clustered", "overlapping"])
@@ -208,12 +209,6 @@ def test_auto_is_ivf_join_for_a_self_search_above_the_threshold():
     for backend in ("faiss", "torch"):
         assert knn_mod.resolve_index("op", "auto", backend, big, self_search=True) == "ivf-join"
         assert knn_mod.resolve_index("op", "auto", backend, big - 1, self_search=True) == "exact"
-
-
-def test_default_join_nlist():
-    assert knn_mod.default_join_nlist(10 ** 6, knn_mod.DEFAULT_JOIN_NPROBE) <= 10 ** 6 // 39
-    assert knn_mod.default_join_nlist(100, 4) == 2  # at least 39 training rows per list
-    assert knn_mod.default_join_nlist(5, 4) == 1
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
