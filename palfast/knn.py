@@ -23,8 +23,23 @@ Indexes (``index=``; the torch backend is exact only):
   Similarities are then approximate too, and recall lower than ``"ivf"``'s.
 * ``"hnsw"``: FAISS ``IndexHNSWFlat`` (:data:`HNSW_M` links per node), a query explores
   ``ef_search`` nodes. No training; slower to build than IVF.
-* ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_ROWS` indexed rows, IVF above (exact
-  too when faiss is missing and ``backend="auto"``).
+* ``"ivf-join"`` (self search only, ``keys=None``; torch only, no faiss needed, any
+  backend): the IVF search of every row among the others, regrouped by list. Centroids
+  by spherical k-means on a sample (:data:`JOIN_TRAIN_ITERATIONS` iterations,
+  :data:`JOIN_TRAIN_ROWS_PER_LIST` rows per list, at most :data:`JOIN_MAX_TRAIN_ROWS`);
+  every row's ``nprobe`` nearest lists by one GEMM with the centroids; the unit rows
+  sorted by list; then for each list one GEMM of the rows that probe it against its
+  members, a top-k per (row, list), and a final top-k of each row's ``nprobe · k``.
+  Candidates and recall are those of ``"ivf"`` with the same lists and ``nprobe`` (a
+  row probes its own nearest lists, not its list's), but the work is BLAS GEMMs, not
+  FAISS's per-query scans, run as whole tasks on torch's intra-op thread count of
+  threads (:func:`_parallel`). Defaults: ``nlist`` as IVF (4·√N),
+  ``nprobe`` = :data:`DEFAULT_JOIN_NPROBE`. Memory beyond ``"ivf"``'s: ``[N, nprobe, k]``
+  partial results (8·nprobe·k bytes per row). Identical to the exact search (up to
+  float32 rounding) when ``nprobe = nlist``.
+* ``"auto"``: exact up to :data:`AUTO_EXACT_MAX_ROWS` indexed rows; above, ``"ivf-join"``
+  for a self search (any backend), ``"ivf"`` for a search of ``keys`` (exact when faiss
+  is missing and ``backend="auto"``).
 
 Embeddings larger than RAM: ``x`` and ``keys`` may be a memory-mapped NumPy array
 (``np.load(path, mmap_mode="r")``, ``np.memmap``) or a tensor over a file
@@ -57,12 +72,12 @@ import torch
 from ._checks import check_choice, check_int, check_tensor
 
 __all__ = ["AUTO_EXACT_MAX_ROWS", "BACKENDS", "CHUNK_BYTES", "DEFAULT_NPROBE",
-           "DEFAULT_EF_SEARCH", "HNSW_M", "INDEXES", "MAX_BLOCK", "TRAIN_ROWS_PER_LIST",
+           "DEFAULT_EF_SEARCH", "DEFAULT_JOIN_NPROBE", "HNSW_M", "INDEXES", "MAX_BLOCK", "TRAIN_ROWS_PER_LIST",
            "as_rows", "build_index", "chunk_rows", "default_nlist", "drop_self", "knn", "resolve_backend", "resolve_index",
            "row_spans", "unit_rows"]
 
 BACKENDS = ("auto", "faiss", "torch")
-INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw")
+INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw", "ivf-join")
 #: ``index="auto"`` stays exact up to this many indexed rows: an exact self search is
 #: N²·D multiply-adds, about 3 s for N = 20 000, D = 128 on one core (docs/active.md,
 #: "Large pools"); above it IVF's training and coarse search pay for themselves.
@@ -87,6 +102,21 @@ CHUNK_BYTES = 1 << 25
 #: gave recall@10 = 0.97 against exact search, 8 gave 0.965 (docs/active.md, "Large
 #: pools"); 16 leaves a margin for harder sets at under 3 % of the lists.
 DEFAULT_NPROBE = 16
+#: ``"ivf-join"``: k-means iterations of its training, and sampled rows per list (the
+#: FAISS IVF's numbers): on 10⁵ rows of 1000 overlapping classes (bench_active's set with
+#: noise 1.0) 5 iterations on 16 rows per list lowered recall@10 from 0.99 to 0.93.
+JOIN_TRAIN_ITERATIONS = 10
+JOIN_TRAIN_ROWS_PER_LIST = 39
+#: ... but at most this many training rows: training costs iterations · rows · nlist
+#: similarities, which would grow as nlist² (20 CPU-s of a 10⁶-row search with 2000
+#: lists at 39 rows per list); 2¹⁶ rows keep it to a few seconds at 10⁶ rows.
+JOIN_MAX_TRAIN_ROWS = 1 << 16
+#: ``"ivf-join"``: lists probed per row (its nlist default is IVF's, 4·√N). On the
+#: overlapping 20 000-row set of tests/test_knn.py (1000 classes of 20 rows, D = 128,
+#: noise 1.0) 8 of the 566 lists gave recall@10 = 0.973 (16: 0.98; FAISS IVF with the
+#: same lists 0.975 and 0.981); coarser lists did worse at the same nprobe (400 lists:
+#: 0.934). The join's cost is N · nprobe · N / nlist similarities, half that of 16.
+DEFAULT_JOIN_NPROBE = 8
 #: HNSW nodes explored per query (raised to k when smaller): recall@10 ≥ 0.95 on the same
 #: sets; FAISS's default of 16 is tuned for k = 1.
 DEFAULT_EF_SEARCH = 64
@@ -115,12 +145,22 @@ def resolve_backend(op: str, backend) -> str:
     return "faiss"
 
 
-def resolve_index(op: str, index, backend: str, n: int) -> str:
-    """``"exact"``, ``"ivf"``, ``"ivfpq"`` or ``"hnsw"``: what ``index`` means for ``n``
-    indexed rows and the resolved ``backend`` (``"faiss"`` or ``"torch"``)."""
+def resolve_index(op: str, index, backend: str, n: int, self_search: bool = False) -> str:
+    """``"exact"``, ``"ivf"``, ``"ivfpq"``, ``"hnsw"`` or ``"ivf-join"``: what ``index``
+    means for ``n`` indexed rows, the resolved ``backend`` (``"faiss"`` or ``"torch"``)
+    and whether the indexed rows are the queries (``self_search``: ``keys=None``)."""
     check_choice(op, "index", index, INDEXES)
+    if index == "ivf-join":  # torch only: any backend
+        if not self_search:
+            raise ValueError(f"{op}: index='ivf-join' searches the rows among themselves "
+                             "(keys=None) only; to search other keys use index='ivf'")
+        return index
     if index == "auto":
-        return "ivf" if backend == "faiss" and n > AUTO_EXACT_MAX_ROWS else "exact"
+        if n <= AUTO_EXACT_MAX_ROWS:
+            return "exact"
+        if self_search:
+            return "ivf-join"
+        return "ivf" if backend == "faiss" else "exact"
     if index != "exact" and backend == "torch":
         try:
             import faiss  # noqa: F401
@@ -143,7 +183,7 @@ def _check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, npro
                         ef_search, pq_m):
     """Validated (nlist, nprobe, ef_search, pq_m) for ``index`` over n rows of width d;
     FAISS would abort the process on most of these, so nothing reaches it unchecked."""
-    if index in ("ivf", "ivfpq"):
+    if index in ("ivf", "ivfpq", "ivf-join"):
         if nlist is None:
             nlist = default_nlist(n)
         else:
@@ -153,14 +193,14 @@ def _check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, npro
                                  f"needs rows to train its centroid), got nlist={nlist}; "
                                  "lower nlist or leave it None for the default")
         if nprobe is None:
-            nprobe = min(DEFAULT_NPROBE, nlist)
+            nprobe = min(DEFAULT_JOIN_NPROBE if index == "ivf-join" else DEFAULT_NPROBE, nlist)
         else:
             nprobe = check_int(op, "nprobe", nprobe, 1)
             if nprobe > nlist:
                 raise ValueError(f"{op}: nprobe must be <= nlist = {nlist} (lists scanned per "
                                  f"query), got nprobe={nprobe}")
     elif nlist is not None or nprobe is not None:
-        raise ValueError(f"{op}: nlist and nprobe apply to index='ivf' or 'ivfpq' only, "
+        raise ValueError(f"{op}: nlist and nprobe apply to index='ivf', 'ivfpq' or 'ivf-join' only, "
                          f"got index={index!r}")
     if index == "hnsw":
         ef_search = max(k, DEFAULT_EF_SEARCH) if ef_search is None else \
@@ -325,6 +365,9 @@ def build_index(keys: torch.Tensor, backend: str, index: str, params=(None, None
     normalised into it :data:`CHUNK_BYTES` at a time; the exact torch index is held
     on ``device`` (default keys' device)."""
     n, d = keys.shape
+    if index == "ivf-join":
+        raise ValueError("build_index: index='ivf-join' builds no index; knn(x, k, "
+                         "index='ivf-join') runs it")
     if index != "exact":
         return _Index("faiss", _approx_index(keys, index, *params, gen_seed=seed), d, n)
     if backend == "torch":
@@ -383,6 +426,136 @@ def _approx_index(keys: torch.Tensor, index: str, nlist, nprobe, ef_search, pq_m
     return built
 
 
+# ---------------------------------------------------------------------------------------
+# "ivf-join": the IVF self search as one GEMM per list (module docstring).
+
+def _spherical_kmeans(rows: torch.Tensor, nlist: int, iterations: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """``[nlist, D]`` unit centroids of the unit ``rows`` (``[S, D]``, S >= nlist):
+    started at ``nlist`` distinct rows drawn with ``gen``; each iteration assigns every
+    row to its most similar centroid and moves each centroid to its rows' normalised
+    mean (a centroid with no rows stays where it was)."""
+    cent = rows[torch.randperm(rows.shape[0], generator=gen)[:nlist].to(rows.device)].clone()
+    owner = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+
+    def assign(span):
+        owner[span[0]:span[1]] = (rows[span[0]:span[1]] @ cent.T).argmax(1)
+
+    for _ in range(iterations):
+        _parallel(assign, row_spans(rows, _block_rows(nlist)))
+        sums = torch.zeros_like(cent).index_add_(0, owner, rows)
+        filled = torch.bincount(owner, minlength=nlist)[:, None] > 0
+        cent = torch.where(filled, _unit_into(sums, sums), cent)
+    return cent
+
+
+def _block_rows(cols: int) -> int:
+    """Rows per block of a ``[rows, cols]`` similarity matrix: at most :data:`MAX_BLOCK`
+    entries, at most :data:`MAX_BLOCK_ROWS` rows, at least one."""
+    return max(1, min(MAX_BLOCK_ROWS, MAX_BLOCK // max(1, cols)))
+
+
+def _parallel(fn, items) -> None:
+    """``fn(item)`` for every item, on torch's intra-op thread count of Python threads,
+    each running torch single-threaded (torch ops release the GIL): the many small GEMMs
+    and top-k of the join gain more from whole tasks per core than from splitting each
+    op, whose per-op thread hand-offs dominate when the cores are shared."""
+    workers = torch.get_num_threads()
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(fn, items):
+                pass
+    finally:
+        torch.set_num_threads(workers)
+
+
+def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
+    """The ``"ivf-join"`` self search of the rows of ``x`` (module docstring): each row's
+    top-k among the rows of its ``nprobe`` nearest lists, itself excluded.
+
+    Every row is a query and a database row, so the per-query list scans of an IVF index
+    are regrouped by list: list L's members (contiguous after sorting the unit rows by
+    list) are compared in one GEMM with every row that probes L, and each row's running
+    top-k is merged with that block's. The similarities, candidates and results are
+    those of an IVF search with the same centroids and ``nprobe`` (up to float32
+    rounding); the work is BLAS GEMMs instead of scans."""
+    n, d = x.shape
+    dev = x.device
+    gen = torch.Generator().manual_seed(seed)
+    # 1. Centroids: spherical k-means on a sample (sorted: a memory map is read forwards).
+    n_train = min(n, max(nlist, min(nlist * JOIN_TRAIN_ROWS_PER_LIST, JOIN_MAX_TRAIN_ROWS)))
+    sample = torch.randperm(n, generator=gen)[:n_train].sort().values
+    cent = _spherical_kmeans(unit_rows(x[sample], dev), nlist, JOIN_TRAIN_ITERATIONS, gen)
+    # 2. Every row's nprobe nearest lists, a chunk of rows at a time; the first is its list.
+    probes = torch.empty(n, nprobe, dtype=torch.long, device=dev)
+
+    def assign(span):
+        a, b = span
+        probes[a:b] = (_unit_chunk(x[a:b].to(dev)) @ cent.T).topk(nprobe, dim=1).indices
+
+    _parallel(assign, row_spans(x, _block_rows(nlist)))
+    # 3. The unit rows sorted by list, members of list L at xs[ptr[L]:ptr[L + 1]].
+    perm = torch.sort(probes[:, 0], stable=True).indices  # xs row p is x row perm[p]
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(n, device=dev)
+    ptr = torch.zeros(nlist + 1, dtype=torch.long, device=dev)
+    ptr[1:] = torch.bincount(probes[:, 0], minlength=nlist).cumsum(0)
+    xs = torch.empty(n, d, dtype=torch.float32, device=dev)
+    for a, b in row_spans(x):
+        xs[pos[a:b]] = _unit_chunk(x[a:b].to(dev))
+    # 4. The rows probing each list: (row, probe) slots sorted by the list they probe.
+    flat = probes[perm].reshape(-1)  # slot r * nprobe + j: xs row r's j-th list
+    slots = torch.sort(flat, stable=True).indices
+    qptr = torch.zeros(nlist + 1, dtype=torch.long, device=dev)
+    qptr[1:] = torch.bincount(flat, minlength=nlist).cumsum(0)
+    del probes, flat
+    # Each slot's top-k within its list (positions in xs), written by exactly one task:
+    # the tasks share no output, so they run on parallel threads.
+    buf_s = torch.full((n * nprobe, k), float("-inf"), device=dev)
+    buf_i = torch.zeros(n * nprobe, k, dtype=torch.int32 if n < 2 ** 31 else torch.long,
+                        device=dev)
+    ptr_l, qptr_l = ptr.tolist(), qptr.tolist()
+
+    def scan(lst: int):
+        a, b = ptr_l[lst], ptr_l[lst + 1]
+        members = xs[a:b]
+        block = _block_rows(b - a)
+        for s in range(qptr_l[lst], qptr_l[lst + 1], block):
+            sl = slots[s:min(s + block, qptr_l[lst + 1])]
+            rows = sl // nprobe
+            sims = xs[rows] @ members.T
+            own = ((rows >= a) & (rows < b)).nonzero().squeeze(1)  # never one's own neighbour
+            sims[own, rows[own] - a] = float("-inf")
+            v, i = sims.topk(min(k, b - a), dim=1)
+            buf_s[sl, :v.shape[1]] = v
+            buf_i[sl, :v.shape[1]] = (i + a).to(buf_i.dtype)
+
+    _parallel(scan, [lst for lst in range(nlist) if ptr_l[lst] < ptr_l[lst + 1]])
+    # 5. Each row's best k of its nprobe lists, in x's row order; −inf places (fewer
+    # than k rows probed) are −1.
+    buf_s, buf_i = buf_s.view(n, nprobe * k), buf_i.view(n, nprobe * k)
+    sims = torch.empty(n, k, device=dev)
+    nbrs = torch.empty(n, k, dtype=torch.long, device=dev)
+
+    def merge(span):
+        a, b = span
+        rows = pos[a:b]
+        v, j = buf_s[rows].topk(k, dim=1)
+        sims[a:b] = v
+        nbrs[a:b] = torch.where(torch.isneginf(v), -1,
+                                perm[buf_i[rows].gather(1, j).long()])
+
+    _parallel(merge, row_spans(x, MAX_BLOCK_ROWS * 16))
+    return sims, nbrs
+
+
 def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, self_offset: int | None,
                   normalized: bool):
     """Exact top-k of ``queries`` among the unit rows ``keys``, a block of queries at a
@@ -416,11 +589,13 @@ def knn(x, k: int, *, keys=None, backend: str = "auto",
             are searched, each row excluding itself), else ``1 <= k <= len(keys)``.
         keys: optional ``[N, D]`` rows to search among (same kinds as ``x``).
         backend: ``"auto"`` | ``"faiss"`` | ``"torch"``.
-        index: ``"exact"`` (default) | ``"auto"`` | ``"ivf"`` | ``"ivfpq"`` | ``"hnsw"``
-            (module docstring); all but ``"exact"`` need faiss.
+        index: ``"exact"`` (default) | ``"auto"`` | ``"ivf"`` | ``"ivfpq"`` | ``"hnsw"`` |
+            ``"ivf-join"`` (module docstring); ``"ivf"``, ``"ivfpq"`` and ``"hnsw"`` need
+            faiss; ``"ivf-join"`` is for ``keys=None`` only.
         nlist: IVF lists, ``1 <= nlist <= N`` (default :func:`default_nlist`).
         nprobe: IVF lists scanned per query, ``1 <= nprobe <= nlist`` (default
-            min(:data:`DEFAULT_NPROBE`, nlist)).
+            min(:data:`DEFAULT_NPROBE`, nlist); ``"ivf-join"``:
+            min(:data:`DEFAULT_JOIN_NPROBE`, nlist)).
         ef_search: HNSW nodes explored per query, ``>= k`` (default
             max(k, :data:`DEFAULT_EF_SEARCH`)).
         pq_m: IVF-PQ bytes per row, dividing D (default about D / 4).
@@ -450,9 +625,11 @@ def knn(x, k: int, *, keys=None, backend: str = "auto",
         k = check_int(op, "k", k, 1, keys.shape[0])
     backend = resolve_backend(op, backend)
     n_keys = x.shape[0] if self_search else keys.shape[0]
-    index = resolve_index(op, index, backend, n_keys)
+    index = resolve_index(op, index, backend, n_keys, self_search)
     params = _check_index_params(op, index, n_keys, x.shape[1], k, nlist, nprobe, ef_search, pq_m)
     seed = check_int(op, "seed", seed, 0)
+    if index == "ivf-join":
+        return _ivf_join(x, k, *params[:2], seed)
     if self_search:
         built = build_index(x, backend, index, params, seed)
         if built.kind == "torch":

@@ -209,7 +209,7 @@ def select_queries(embeddings, store: RelationStore, budget: int,
     k = min(k, n - 1)
     # Index arguments checked now, whatever the strategy, before any work (FAISS
     # asserts abort the process); the graph itself is searched only when a step needs it.
-    index = resolve_index(_OP, index, backend, n)
+    index = resolve_index(_OP, index, backend, n, self_search=True)
     graph = _Graph(x, backend, index, _check_index_params(_OP, index, n, x.shape[1], k, nlist,
                                                          nprobe, ef_search, None)[:3])
     sel = _Selection(store, row_ids)
