@@ -44,8 +44,9 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
         ids: optional ``[N]`` distinct sample ids of the rows (default ``arange(N)``).
         index / nlist / nprobe / ef_search: the k-NN index (:func:`palfast.knn.knn`):
             ``"auto"`` (default) is exact up to :data:`palfast.knn.AUTO_EXACT_MAX_ROWS`
-            rows and FAISS IVF above (exact whatever N without faiss); ``"exact"``,
-            ``"ivf"``, ``"ivfpq"``, ``"hnsw"``. With an approximate index the pairs are
+            rows and ``"ivf-join"`` above (the IVF self search by GEMMs, torch only);
+            ``"exact"``, ``"ivf-join"``, or the FAISS indexes ``"ivf"``, ``"ivfpq"``,
+            ``"hnsw"``. With an approximate index the pairs are
             those of the approximate k-NN graph.
 
     Returns:
