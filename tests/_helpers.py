@@ -20,6 +20,15 @@ ATOMIC_NONDET_TOL = 1e-12
 # Every graph kind tests/conftest.py's graph_factory builds.
 KINDS = ["views", "labels", "edges", "dense", "semi"]
 
+# Every graph loss of palfast.functional, by name.
+LOSSES = {
+    "info_nce": palfast.info_nce,
+    "vicreg": palfast.vicreg,
+    "barlow_twins": palfast.barlow_twins,
+    "spectral_contrastive": palfast.spectral_contrastive,
+    "vic2": palfast.vic2,
+}
+
 
 def views_graph(n: int):
     """n rows as n/v samples of v views, v the smallest factor ≥ 2 of n (2 for even n,

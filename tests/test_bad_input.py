@@ -18,13 +18,7 @@ import palfast
 from palfast import PairGraph, reference
 from palfast._ops import ops
 
-LOSSES = {
-    "info_nce": palfast.info_nce,
-    "vicreg": palfast.vicreg,
-    "barlow_twins": palfast.barlow_twins,
-    "spectral_contrastive": palfast.spectral_contrastive,
-    "vic2": palfast.vic2,
-}
+from _helpers import LOSSES
 
 
 def _graph(device="cpu", n=8):

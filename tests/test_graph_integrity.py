@@ -16,13 +16,8 @@ import palfast
 from palfast import PairGraph, reference
 from palfast.active import RelationStore
 
-LOSSES = {
-    "info_nce": palfast.info_nce,
-    "vicreg": palfast.vicreg,
-    "barlow_twins": palfast.barlow_twins,
-    "spectral_contrastive": palfast.spectral_contrastive,
-    "vic2": palfast.vic2,
-}
+from _helpers import LOSSES
+
 CHANGED = r"graph must not be changed after it is built, got changes to graph\."
 
 

@@ -69,16 +69,16 @@ def test_auto_is_exact_below_the_threshold_and_ivf_above(monkeypatch):
     assert knn_mod.resolve_index("op", "auto", "torch", 10 ** 9) == "exact"
 
 
-@needs_faiss
-def test_missing_neighbours_are_marked():
+@pytest.mark.parametrize("index", [pytest.param("ivf", marks=needs_faiss), "ivf-join"])
+def test_missing_neighbours_are_marked(index):
     # nprobe = 1 of 40 lists: a list holds about 2000 / 40 = 50 rows, fewer than k = 60.
     x = clustered(n=2000, classes=400, d=8, noise=0.05)
-    sims, nbrs = knn(x, 60, index="ivf", nlist=40, nprobe=1)
+    sims, nbrs = knn(x, 60, index=index, nlist=40, nprobe=1)
     missing = nbrs < 0
     assert bool(missing.any())
     assert bool(torch.isneginf(sims[missing]).all())
-    # missing places are last in their row
-    assert bool((missing[:, :-1] <= missing[:, 1:]).all())
+    assert not bool(torch.isneginf(sims[~missing]).any())
+    assert bool((missing[:, :-1] <= missing[:, 1:]).all())  # missing places last
 
 
 @needs_faiss
@@ -178,17 +178,6 @@ def test_ivf_join_same_on_one_thread_and_on_several():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[1], several[1])
-
-
-def test_ivf_join_missing_neighbours_are_marked():
-    # nprobe = 1 of 40 lists: a list holds about 2000 / 40 = 50 rows, fewer than k = 60.
-    x = clustered(n=2000, classes=400, d=8, noise=0.05)
-    sims, nbrs = knn(x, 60, index="ivf-join", nlist=40, nprobe=1)
-    missing = nbrs < 0
-    assert bool(missing.any())
-    assert bool(torch.isneginf(sims[missing]).all())
-    assert not bool(torch.isneginf(sims[~missing]).any())
-    assert bool((missing[:, :-1] <= missing[:, 1:]).all())  # missing places last
 
 
 def test_ivf_join_reads_a_memory_map(tmp_path):
