@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -211,6 +212,10 @@ def test_compiled_losses_refuse_a_changed_graph(change):
         f(z, g)
 
 
+# Inductor compiles the graph it generates with the host C++ compiler; CI's wheel job
+# runs the tests where no compiler exists (.ci/run, job 3).
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile's inductor backend needs a C++ compiler")
 def test_compiled_losses_refuse_a_changed_graph_with_inductor():
     torch._dynamo.reset()
     g = _graph()
