@@ -25,8 +25,8 @@ Indexes (``index=``; the torch backend is exact only):
   ``ef_search`` nodes. No training; slower to build than IVF.
 * ``"ivf-join"`` (self search only, ``keys=None``; torch only, no faiss needed, any
   backend): the IVF search of every row among the others, regrouped by list. Centroids
-  by spherical k-means on a sample (:data:`JOIN_TRAIN_ITERATIONS` iterations,
-  :data:`JOIN_TRAIN_ROWS_PER_LIST` rows per list, at most :data:`JOIN_MAX_TRAIN_ROWS`);
+  by spherical k-means on a sample (:data:`TRAIN_ITERATIONS` iterations,
+  :data:`TRAIN_ROWS_PER_LIST` rows per list, at most :data:`JOIN_MAX_TRAIN_ROWS`);
   every row's ``nprobe`` nearest lists by one GEMM with the centroids; the unit rows
   sorted by list; then for each list one GEMM of the rows that probe it against its
   members, a top-k per (row, list), and a final top-k of each row's ``nprobe · k``.
@@ -82,16 +82,17 @@ INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw", "ivf-join")
 #: N²·D multiply-adds, about 3 s for N = 20 000, D = 128 on one core (docs/active.md,
 #: "Large pools"); above it IVF's training and coarse search pay for themselves.
 AUTO_EXACT_MAX_ROWS = 20_000
-#: Rows sampled per IVF list to train the k-means: FAISS warns below 39 per centroid
-#: and samples at most 256 per centroid itself. Training costs nlist·rows·D per
-#: iteration, so it grows as nlist²: the minimum keeps it below the search time.
+#: Rows sampled per IVF list to train the k-means (FAISS IVF and ``"ivf-join"``), and the
+#: fewest rows per list ``nlist`` may ask for (``nlist <= N / 39``): FAISS warns below 39
+#: per centroid and samples at most 256 per centroid itself. Training costs nlist·rows·D
+#: per iteration, so it grows as nlist²: the minimum keeps it below the search time.
 TRAIN_ROWS_PER_LIST = 39
-#: k-means iterations of the IVF training (FAISS's default is 25): the centroids only
-#: partition the rows, recall is set by nprobe, and training time is linear in this.
+#: k-means iterations of the IVF training, FAISS IVF's and ``"ivf-join"``'s (FAISS's
+#: default is 25): the centroids only partition the rows, recall is set by nprobe, and
+#: training time is linear in this. For ``"ivf-join"`` on 10⁵ rows of 1000 overlapping
+#: classes (bench_active's set with noise 1.0), 5 iterations on 16 rows per list lowered
+#: recall@10 from 0.99 to 0.93.
 TRAIN_ITERATIONS = 10
-#: FAISS's own lower bound of training rows per centroid: ``nlist`` may not exceed
-#: N / 39, so every list is trained on enough rows.
-MIN_TRAIN_ROWS_PER_LIST = 39
 #: Bytes of float32 rows read, normalised and added (or searched) at a time: the one
 #: transient copy of the embeddings when they are memory-mapped. 32 MiB (65 536 rows at
 #: D = 128) keeps it small beside any index worth building, while each chunk is still
@@ -102,14 +103,10 @@ CHUNK_BYTES = 1 << 25
 #: gave recall@10 = 0.97 against exact search, 8 gave 0.965 (docs/active.md, "Large
 #: pools"); 16 leaves a margin for harder sets at under 3 % of the lists.
 DEFAULT_NPROBE = 16
-#: ``"ivf-join"``: k-means iterations of its training, and sampled rows per list (the
-#: FAISS IVF's numbers): on 10⁵ rows of 1000 overlapping classes (bench_active's set with
-#: noise 1.0) 5 iterations on 16 rows per list lowered recall@10 from 0.99 to 0.93.
-JOIN_TRAIN_ITERATIONS = 10
-JOIN_TRAIN_ROWS_PER_LIST = 39
-#: ... but at most this many training rows: training costs iterations · rows · nlist
-#: similarities, which would grow as nlist² (20 CPU-s of a 10⁶-row search with 2000
-#: lists at 39 rows per list); 2¹⁶ rows keep it to a few seconds at 10⁶ rows.
+#: ``"ivf-join"`` trains on TRAIN_ROWS_PER_LIST rows per list, but at most this many:
+#: training costs iterations · rows · nlist similarities, which would grow as nlist²
+#: (20 CPU-s of a 10⁶-row search with 2000 lists at 39 rows per list); 2¹⁶ rows keep it
+#: to a few seconds at 10⁶ rows.
 JOIN_MAX_TRAIN_ROWS = 1 << 16
 #: ``"ivf-join"``: lists probed per row (its nlist default is IVF's, 4·√N). On the
 #: overlapping 20 000-row set of tests/test_knn.py (1000 classes of 20 rows, D = 128,
@@ -175,8 +172,8 @@ def resolve_index(op: str, index, backend: str, n: int, self_search: bool = Fals
 
 def default_nlist(n: int) -> int:
     """IVF lists for n rows: about 4·√n (FAISS's guideline is 4–16·√n; the low end
-    keeps training short), at most n / :data:`MIN_TRAIN_ROWS_PER_LIST`, at least 1."""
-    return max(1, min(round(4 * math.sqrt(n)), n // MIN_TRAIN_ROWS_PER_LIST))
+    keeps training short), at most n / :data:`TRAIN_ROWS_PER_LIST`, at least 1."""
+    return max(1, min(round(4 * math.sqrt(n)), n // TRAIN_ROWS_PER_LIST))
 
 
 def _check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprobe,
@@ -490,9 +487,9 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
     dev = x.device
     gen = torch.Generator().manual_seed(seed)
     # 1. Centroids: spherical k-means on a sample (sorted: a memory map is read forwards).
-    n_train = min(n, max(nlist, min(nlist * JOIN_TRAIN_ROWS_PER_LIST, JOIN_MAX_TRAIN_ROWS)))
+    n_train = min(n, max(nlist, min(nlist * TRAIN_ROWS_PER_LIST, JOIN_MAX_TRAIN_ROWS)))
     sample = torch.randperm(n, generator=gen)[:n_train].sort().values
-    cent = _spherical_kmeans(unit_rows(x[sample], dev), nlist, JOIN_TRAIN_ITERATIONS, gen)
+    cent = _spherical_kmeans(unit_rows(x[sample], dev), nlist, TRAIN_ITERATIONS, gen)
     # 2. Every row's nprobe nearest lists, a chunk of rows at a time; the first is its list.
     probes = torch.empty(n, nprobe, dtype=torch.long, device=dev)
 
