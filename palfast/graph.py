@@ -64,9 +64,6 @@ MAX_NODES = 2**31 - 1
 MIN_WEIGHT = 1e-30
 MAX_WEIGHT = 1e30
 
-def _as_long_vector(x, name: str, op: str) -> torch.Tensor:
-    return as_long_vector(op, name, x)
-
 
 def _real_weights(w, name: str, op: str) -> torch.Tensor:
     """``w`` as a float64 tensor, refusing complex values and tensors that require grad."""
@@ -266,7 +263,7 @@ class PairGraph:
         ``labels`` is an int tensor [N]. Labels are kept as class ids, never expanded
         into Σ n_c² edges."""
         op = "PairGraph.from_labels"
-        y = _as_long_vector(labels, "labels", op)
+        y = as_long_vector(op, "labels", labels)
         if y.numel() and int(y.min()) < -1:
             raise ValueError(f"{op}: labels must be >= -1 (-1 = unknown), got {int(y.min())}")
         check_int(op, "len(labels)", y.numel(), 1, MAX_NODES)
@@ -305,8 +302,8 @@ class PairGraph:
         op = "PairGraph.from_edges"
         num_nodes = _check_nodes(op, "num_nodes", num_nodes)
         symmetric = check_bool(op, "symmetric", symmetric)
-        s = _as_long_vector(src, "src", op)
-        d = _as_long_vector(dst, "dst", op).to(s.device)
+        s = as_long_vector(op, "src", src)
+        d = as_long_vector(op, "dst", dst).to(s.device)
         if s.numel() != d.numel():
             raise ValueError(f"{op}: src and dst must have the same length, got {s.numel()} "
                              f"and {d.numel()}")
