@@ -7,6 +7,7 @@ never trusted: ``normalize='no'`` is an error, not ``True``.
 
 from __future__ import annotations
 
+import argparse
 import numbers
 import sys
 
@@ -15,7 +16,7 @@ import torch
 
 __all__ = ["FLOAT_DTYPES", "as_long_vector", "check_bool", "check_callable", "check_choice",
            "check_device", "check_id_vector",
-           "check_instance", "check_int", "check_number", "check_tensor"]
+           "check_instance", "check_int", "check_number", "check_tensor", "int_at_least"]
 
 #: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -175,3 +176,16 @@ def check_callable(op: str, name: str, value, signature: str):
     if callable(value):
         return value
     raise TypeError(f"{op}: {name} must be a callable {signature}, got {type(value).__name__}")
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse names the option in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    return parse

@@ -8,6 +8,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from ._checks import int_at_least
+
 
 def _info(args) -> int:
     import platform
@@ -51,19 +53,6 @@ def _faiss_status() -> str:
         return f"installed but fails to import: {e}"
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return f"{faiss.__version__} ({'GPU, ' + str(gpus) + ' device(s)' if gpus else 'CPU'})"
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (argparse names the option in the error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
-    return parse
 
 
 #: What ``palfast bench --device`` takes; "auto" is cuda when a GPU is visible, else cpu.

@@ -40,6 +40,9 @@ import time
 import torch
 from torch import nn
 
+from .datasets import augment, augment_noise, load_digits_split
+from .metrics import area_under_curve, queries_to_reach
+
 __all__ = ["add_demo_arguments", "run_demo"]
 
 # Rounds of 50 / 25 queries put a checkpoint at 100, 200 and 300 queries, where
@@ -101,39 +104,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="continue the SQLite stores found in --out instead of starting over")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
-
-
-# ------------------------------------------------------------------------ data
-def load_digits_split(seed: int = 0):
-    """Digits as float32 [N, 64] in [0, 1], split 2/3 pool, 1/3 test (stratified,
-    fixed ``seed``): (x_pool, y_pool, x_test, y_test)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_pool, x_test, y_pool, y_test = train_test_split(x, y, test_size=1 / 3, stratify=y,
-                                                      random_state=seed)
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16.0
-    return as_x(x_pool), torch.tensor(y_pool), as_x(x_test), torch.tensor(y_test)
-
-
-def augment_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A weak view of digits ``[B, 64]``: N(0, 0.1²) noise added, no shift."""
-    return x + 0.1 * torch.randn(x.shape, generator=gen)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One random view of 8×8 digits ``[B, 64]``: shift by −1..1 pixel in each direction
-    (zero fill) and add N(0, 0.1²) noise."""
-    b = x.shape[0]
-    img = nn.functional.pad(x.reshape(b, 1, 8, 8), (1, 1, 1, 1))
-    dy = torch.randint(0, 3, (b,), generator=gen)
-    dx = torch.randint(0, 3, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(8))[:, :, None]          # [B, 8, 1]
-    cols = (dx[:, None] + torch.arange(8))[:, None, :]          # [B, 1, 8]
-    out = img[torch.arange(b)[:, None, None], 0, rows, cols]    # [B, 8, 8]
-    out = out.reshape(b, 64) + 0.1 * torch.randn(b, 64, generator=gen)
-    return out
 
 
 class Encoder(nn.Module):
@@ -251,21 +221,6 @@ def _curves(rows: list[dict], strategy: str, metric: str) -> dict:
         q.append(r["n_queries"])
         acc.append(r[metric])
     return out
-
-
-def area_under_curve(queries: list[int], acc: list[float]) -> float:
-    """Mean accuracy over the query range (trapezoids, divided by the range): 1.0 means
-    perfect from the first query on; a single point is its own value."""
-    if len(queries) < 2 or queries[-1] == queries[0]:
-        return acc[-1]
-    area = sum((q1 - q0) * (a0 + a1) / 2
-               for q0, q1, a0, a1 in zip(queries, queries[1:], acc, acc[1:]))
-    return area / (queries[-1] - queries[0])
-
-
-def queries_to_reach(queries: list[int], acc: list[float], target: float) -> int | None:
-    """The first checkpoint (queries) whose accuracy is ≥ target; None if never."""
-    return next((q for q, a in zip(queries, acc) if a >= target), None)
 
 
 def _at(queries: list[int], acc: list[float], q: int) -> float:

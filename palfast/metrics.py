@@ -1,6 +1,8 @@
-"""Evaluation of representations (README.md): RankMe, k-NN accuracy, linear probe.
+"""Evaluation of representations (README.md): RankMe, k-NN accuracy, linear probe;
+and the summaries of a learning curve (accuracy against queries) that ``palfast demo``
+and ``palfast bench --only strategies`` print.
 
-All three take embeddings as tensors (any float dtype, any device; they are
+The three evaluations take embeddings as tensors (any float dtype, any device; they are
 evaluated in float64/float32 on the CPU, outside autograd) and return Python floats.
 
 Example::
@@ -22,7 +24,8 @@ import torch
 from ._checks import check_id_vector, check_int, check_number, check_tensor
 from .knn import knn
 
-__all__ = ["knn_accuracy", "linear_probe_accuracy", "rankme"]
+__all__ = ["area_under_curve", "knn_accuracy", "linear_probe_accuracy", "queries_to_reach",
+           "rankme"]
 
 
 def _check_z(op: str, name: str, z) -> torch.Tensor:
@@ -119,3 +122,19 @@ def linear_probe_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, 
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(a, train_y.numpy())
     return float((torch.from_numpy(clf.predict(b)) == test_y).float().mean())
+
+
+# --------------------------------------------------- learning curves (accuracy vs queries)
+def area_under_curve(queries: list[int], acc: list[float]) -> float:
+    """Mean accuracy over the query range (trapezoids, divided by the range): 1.0 means
+    perfect from the first query on; a single point is its own value."""
+    if len(queries) < 2 or queries[-1] == queries[0]:
+        return acc[-1]
+    area = sum((q1 - q0) * (a0 + a1) / 2
+               for q0, q1, a0, a1 in zip(queries, queries[1:], acc, acc[1:]))
+    return area / (queries[-1] - queries[0])
+
+
+def queries_to_reach(queries: list[int], acc: list[float], target: float) -> int | None:
+    """The first checkpoint (queries) whose accuracy is ≥ target; None if never."""
+    return next((q for q, a in zip(queries, acc) if a >= target), None)

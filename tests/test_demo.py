@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from palfast.active import ActiveLearner, CallbackOracle, LabelOracle, RelationStore
-from palfast.demo import (
-    add_demo_arguments,
-    area_under_curve,
-    augment,
-    evaluate_strategies,
-    format_evaluation,
-    queries_to_reach,
-    run_demo,
-)
+from palfast.datasets import augment
+from palfast.demo import add_demo_arguments, evaluate_strategies, format_evaluation, run_demo
+from palfast.metrics import area_under_curve, queries_to_reach
 
 
 def toy(n=40, seed=0):

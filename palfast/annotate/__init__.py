@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
     """``--index``, ``--nlist``, ``--nprobe``, ``--ef-search``: the k-NN index of
     select_queries' candidate graph (palfast.knn; docs/annotate.md, "Large pools")."""
-    from ..cli import int_at_least
+    from .._checks import int_at_least
     from ..knn import AUTO_EXACT_MAX_ROWS, DEFAULT_EF_SEARCH, DEFAULT_NPROBE
     from .questions import SELECT_K
 

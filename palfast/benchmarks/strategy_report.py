@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..demo import area_under_curve, queries_to_reach
+from ..metrics import area_under_curve, queries_to_reach
 
 __all__ = ["BASELINE", "IDEAL", "format_summary", "plot_grid", "summarize"]
 

@@ -142,7 +142,7 @@ def blobs(n: int = SYNTH_SAMPLES, seed: int = DATA_SEED):
 
 
 def _digits():
-    from ..demo import load_digits_split
+    from ..datasets import load_digits_split
 
     return load_digits_split(DATA_SEED)
 
@@ -163,8 +163,8 @@ def _synthetic(make):
 
 
 def digits_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The demo's view of digits (``palfast.demo.augment``: ±1 pixel shift + noise)."""
-    from ..demo import augment
+    """The demo's view of digits (``palfast.datasets.augment``: ±1 pixel shift + noise)."""
+    from ..datasets import augment
 
     return augment(x, gen)
 
