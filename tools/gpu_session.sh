@@ -19,7 +19,7 @@
 #                                   # is configured only, CUDA parts say "skipped: no GPU"
 #   tools/gpu_session.sh --total-s 300  # a shorter (or longer) time limit for the whole run
 # OUT=dir sets where logs and the benchmark's JSON go (default build/gpu_session);
-# they are 8 files, as many as the device tool brings back.
+# they are 8 files, few enough to copy back from a remote machine in one go.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
