@@ -19,8 +19,8 @@ from _helpers import (
     assert_compile_matches_eager,
     assert_constant_with_zero_gradient,
     assert_gradcheck_every_kind,
-    assert_rows_match_float64,
     assert_rounding_close,
+    assert_rows_match_float64,
     assert_within_rounding_error,
     info_nce_cond,
 )

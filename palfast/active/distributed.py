@@ -15,8 +15,16 @@ import torch.distributed as dist
 
 from .._checks import check_int
 from ..distributed import is_distributed
-from ..knn import (_check_index_params, as_rows, build_index, chunk_rows, drop_self,
-                   resolve_backend, resolve_index, unit_rows)
+from ..knn import (
+    _check_index_params,
+    as_rows,
+    build_index,
+    chunk_rows,
+    drop_self,
+    resolve_backend,
+    resolve_index,
+    unit_rows,
+)
 from .candidates import candidate_pairs as local_candidate_pairs
 from .candidates import pairs_from_knn
 

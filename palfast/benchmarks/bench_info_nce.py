@@ -23,8 +23,8 @@ forward + backward (``fwd+bwd``). Implementations:
 
 TFLOP/s are effective (see ``effective_flops``): 2·N²·D for the forward, 6·N²·D for
 forward + backward, as FlashAttention's benchmarks count attention, whatever the
-kernel really computes. ``targets`` states the CUDA speed targets (docs/cuda.md, "What the benchmark reports") for an H200 against
-the results.
+kernel really computes. ``targets`` states the CUDA speed targets (docs/cuda.md, "What
+the benchmark reports") for an H200 against the results.
 """
 
 from __future__ import annotations
@@ -263,7 +263,8 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     return out
 
 
-# The CUDA speed targets (docs/cuda.md, "What the benchmark reports"), for one H200 at D = 128, normalize=True, the views graph.
+# The CUDA speed targets (docs/cuda.md, "What the benchmark reports"), for one H200 at
+# D = 128, normalize=True, the views graph.
 TARGET_N = 65536
 FORWARD_MS = 2.0                # bf16 forward
 STEP_MS = 6.0                   # bf16 forward + backward (about 550 effective TFLOP/s)
