@@ -72,9 +72,9 @@ import torch
 from ._checks import check_choice, check_int, check_tensor
 
 __all__ = ["AUTO_EXACT_MAX_ROWS", "BACKENDS", "CHUNK_BYTES", "DEFAULT_NPROBE",
-           "DEFAULT_EF_SEARCH", "DEFAULT_JOIN_NPROBE", "HNSW_M", "INDEXES", "MAX_BLOCK", "TRAIN_ROWS_PER_LIST",
-           "as_rows", "build_index", "chunk_rows", "default_nlist", "drop_self", "knn", "resolve_backend", "resolve_index",
-           "row_spans", "unit_rows"]
+           "DEFAULT_EF_SEARCH", "DEFAULT_JOIN_NPROBE", "HNSW_M", "INDEXES", "MAX_BLOCK",
+           "TRAIN_ROWS_PER_LIST", "as_rows", "build_index", "chunk_rows", "default_nlist",
+           "drop_self", "knn", "resolve_backend", "resolve_index", "row_spans", "unit_rows"]
 
 BACKENDS = ("auto", "faiss", "torch")
 INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw", "ivf-join")
@@ -512,7 +512,7 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
     slots = torch.sort(flat, stable=True).indices
     qptr = torch.zeros(nlist + 1, dtype=torch.long, device=dev)
     qptr[1:] = torch.bincount(flat, minlength=nlist).cumsum(0)
-    del probes, flat
+    probes = flat = None  # freed here (a `del` would hide them from the closure above)
     # Each slot's top-k within its list (positions in xs), written by exactly one task:
     # the tasks share no output, so they run on parallel threads.
     buf_s = torch.full((n * nprobe, k), float("-inf"), device=dev)

@@ -281,7 +281,7 @@ class _Graph:
             self.sims, self.nbrs, self._sym = sims.cpu(), nbrs.cpu(), None
         return self.sims[:, :k], self.nbrs[:, :k]
 
-    def pairs(self, k: int, sel: "_Selection"):
+    def pairs(self, k: int, sel: _Selection):
         """candidate_pairs(x, k, store, ids) from this graph."""
         return pairs_from_knn(*self.knn(k), sel.ids, sel.store)
 
