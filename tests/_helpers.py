@@ -1,10 +1,14 @@
-"""Helpers shared by the loss tests (tests/test_<op>.py).
+"""Helpers shared by the tests (the loss tests tests/test_<op>.py, the store tests
+tests/test_active_*.py).
 
 Test modules cannot import each other under ``--import-mode=importlib``;
 tests/conftest.py puts this folder on sys.path so they can ``from _helpers import ...``.
 """
 
 from __future__ import annotations
+
+import os
+import sqlite3
 
 import pytest
 import torch
@@ -205,3 +209,40 @@ def assert_nan_propagates_unless_checked(fn, z, graph):
         fn(z, graph, check_finite=True)
 
 
+# ------------------------------------------------ RelationStore and its parts
+def execute_sql(path, *statements: str) -> None:
+    """Run SQL on a store file behind RelationStore's back (to damage or age it)."""
+    db = sqlite3.connect(path)
+    for sql in statements:
+        db.execute(sql)
+    db.commit()
+    db.close()
+
+
+def relation_of(store, n):
+    """The relation over samples 0..n-1 as ``[n, n]``: 1 alike, 0 different, -1 unknown."""
+    code = {True: 1, False: 0, None: -1}
+    return torch.tensor([[code[store.same(i, j)] for j in range(n)] for i in range(n)])
+
+
+def random_answers(n, q, n_classes, seed, noise=0.0):
+    """``q`` answers about ``n`` samples of ``n_classes`` hidden classes, a fraction
+    ``noise`` of them flipped: ``(pairs [q, 2], answers [q])``."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    a = torch.randint(0, n, (q,), generator=g)
+    b = (a + torch.randint(1, n, (q,), generator=g)) % n
+    pairs = torch.stack([a, b], 1)
+    ans = y[a] == y[b]
+    if noise:
+        ans ^= torch.rand(q, generator=g) < noise
+    return pairs, ans
+
+
+def child_env():
+    """The environment of a child Python process that writes a store."""
+    # The children import the palfast these tests import. They also run in a
+    # temporary cwd: `python -c` puts the cwd first on sys.path, and a checkout's
+    # palfast/ (no compiled _C) would shadow the installed package.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(palfast.__file__)))
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -76,7 +76,7 @@ def test_other_process_sees_retraction_after_refresh(tmp_path):
 
 def test_version_2_store_is_migrated(tmp_path):
     """A schema-2 store (checksums, no retractions table) gets the table on a writable
-    open; a read-only open reads it as it is. (Version 1 → 3: test_active_store.py.)"""
+    open; a read-only open reads it as it is. (Version 1 → 3: test_active_answer_log.py.)"""
     path = tmp_path / "v2.sqlite"
     with RelationStore(path) as s:
         s.record([[0, 1]], [True])

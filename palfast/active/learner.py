@@ -46,7 +46,8 @@ from .._checks import check_bool, check_callable, check_choice, check_instance, 
 from ..functional import info_nce
 from ..graph import PairGraph
 from .oracle import Oracle
-from .store import ContradictionWarning, RelationStore, _as_pairs
+from .relation import as_pairs
+from .store import ContradictionWarning, RelationStore
 from .strategies import ORDERS, STRATEGIES, select_queries
 
 __all__ = ["ActiveLearner"]
@@ -282,7 +283,7 @@ class ActiveLearner:
             return select_queries(emb, self.store, budget, self.strategy, k=self.k,
                                   generator=gen, explore=self.explore, order=self.order,
                                   state=self.strategy_state)
-        pairs = _as_pairs(self.strategy(emb, self.store, budget, k=self.k, generator=gen),
+        pairs = as_pairs(self.strategy(emb, self.store, budget, k=self.k, generator=gen),
                           f"{_OP}: the pairs that strategy {self.strategy_name!r} returned")
         if pairs.shape[0] > budget:
             raise ValueError(f"{_OP}: strategy {self.strategy_name!r} returned {pairs.shape[0]} "

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from .._checks import check_callable, check_int
-from .store import _as_pairs
+from .relation import as_pairs
 
 __all__ = ["MAX_NOISE", "CallbackOracle", "LabelOracle", "Oracle", "check_noise"]
 
@@ -67,7 +67,7 @@ class Oracle:
     def ask(self, pairs) -> torch.Tensor:
         """Answer ``pairs [Q, 2]`` (sample ids): BoolTensor ``[Q]``, True = alike.
         Counts Q pairs and Q interactions."""
-        p = _as_pairs(pairs)
+        p = as_pairs(pairs)
         out = self._checked(p)
         self.n_pairs += p.shape[0]
         self.n_interactions += p.shape[0]
@@ -84,7 +84,7 @@ class Oracle:
         if a.numel() != 1:
             raise ValueError(f"Oracle.ask_batch: anchor must be one sample id, got shape "
                              f"{tuple(a.shape)}")
-        p = _as_pairs(torch.stack([a.reshape(()).expand(c.shape[0]), c.to(a.device)], 1)
+        p = as_pairs(torch.stack([a.reshape(()).expand(c.shape[0]), c.to(a.device)], 1)
                       if c.numel() else torch.zeros(0, 2, dtype=torch.long), "anchor/candidates")
         out = self._checked(p, batch=True)
         self.n_pairs += p.shape[0]

@@ -126,7 +126,7 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
     def store_unavailable(e: StoreError, what: str):
         # StoreError is what RelationStore raises when it cannot do a write or read now:
         # the file stays locked by another writer past the busy timeout, the disk is full,
-        # the file or its folder is read-only (palfast/active/store.py, _sqlite_error).
+        # the file or its folder is read-only (palfast/active/answer_log.py, _sqlite_error).
         # A damaged store (StoreCorruptError) is not "try again later": the 500 page.
         log.warning("palfast annotate: the answer store failed: %s", e)
         abort(503, f"the answer store is locked, full or unwritable right now ({e}); "
