@@ -328,22 +328,6 @@ def test_readonly_mode_never_writes_and_sees_writers(tmp_path):
         RelationStore(path, readonly="yes")
 
 
-_SCHEMA_V1 = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE answers (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        i INTEGER NOT NULL CHECK (i >= 0),
-        j INTEGER NOT NULL CHECK (j >= 0 AND j != i),
-        answer INTEGER NOT NULL CHECK (answer IN (0, 1)),
-        time REAL NOT NULL,
-        source TEXT NOT NULL)""",
-    """CREATE TRIGGER answers_no_update BEFORE UPDATE ON answers
-        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
-    """CREATE TRIGGER answers_no_delete BEFORE DELETE ON answers
-        BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the answers log is append-only'); END""",
-)
-
-
 def test_backup_copies_the_wal_content(tmp_path):
     path = tmp_path / "live.sqlite"
     s = RelationStore(path)

@@ -5,13 +5,10 @@ about global sample ids i ≠ j (any int64 ≥ 0; nothing is sized by the larges
 The store keeps (the log in :mod:`palfast.active.answer_log`, the relation in
 :mod:`palfast.active.relation`; this module joins them)
 
-* an **append-only log** (SQLite table ``answers``: id, i, j, answer, time, source,
-  crc); UPDATE and DELETE on it are refused by triggers, and every row carries a
-  CRC-32 of its content, verified whenever the row is read;
-* **retractions** (SQLite table ``retractions``: id, answer_id, time, source, crc;
-  append-only and checksummed the same way): :meth:`RelationStore.retract` supersedes
-  earlier answers (an "undo", used by ``palfast annotate``) by appending a record,
-  never by editing the log. The relation, :meth:`RelationStore.answers` and
+* an **append-only log** of answers and of **retractions** (:meth:`RelationStore.retract`
+  supersedes earlier answers, an "undo" used by ``palfast annotate``, by appending a
+  record, never by editing the log), every row checksummed (see
+  :mod:`palfast.active.answer_log`). The relation, :meth:`RelationStore.answers` and
   :attr:`RelationStore.n_queries` are those of the log without the retracted answers;
   :meth:`RelationStore.log` lists every row with who retracted it;
 * a **union-find** over positive answers (transitivity: i~j, j~k ⇒ i~k), over dense
