@@ -78,7 +78,7 @@ import time
 import zlib
 from typing import NamedTuple
 
-__all__ = ["ACKED_SUFFIX", "APPLICATION_ID", "SCHEMA_VERSION", "NewRows",
+__all__ = ["ACKED_SUFFIX", "APPLICATION_ID", "SCHEMA_VERSION", "AnswerLog", "NewRows",
            "SQLiteAnswerLog", "SalvageReport", "StoreCorruptError", "StoreError", "row_crc",
            "salvage", "source_bytes"]
 
@@ -475,7 +475,159 @@ class NewRows(NamedTuple):
     rebuild: bool
 
 
-class SQLiteAnswerLog:
+class AnswerLog:
+    """What :class:`palfast.active.RelationStore` needs of a log, whatever holds it
+    (:class:`SQLiteAnswerLog` here, :class:`palfast.active.postgres_log.PostgresAnswerLog`):
+
+    * ``load()`` once after opening, then ``read_new(where)``, ``append(where, pairs,
+      answers, source)`` and ``retract(where, ids, source)`` return :class:`NewRows`:
+      what was appended since the previous call, in log order, every row verified;
+    * ``rows(where)``, ``backup(where, dst)``, ``check_writable(where)``, ``close()``;
+    * ``path`` (how messages name the store), ``readonly``, and the cursor
+      ``last_answer``, ``last_retraction``, ``retracted`` (answer ids retracted).
+
+    Rows are ``(id, *integer columns, time, source bytes, crc)`` as a backend's
+    ``_fetch`` reads them; this class checks them (:func:`_check_row`) and that ids run
+    1, 2, 3, … without a gap, and keeps the cursor.
+    """
+
+    path: str | None
+    readonly: bool
+    _version = SCHEMA_VERSION
+
+    def _init_cursor(self) -> None:
+        self.retracted: set[int] = set()     # answer ids named by a retraction
+        self.last_answer = 0                 # id of the last answers row read
+        self.last_retraction = 0             # id of the last retraction read
+
+    def _fetch(self, db, table: str, after: int) -> list:
+        """The raw rows of ``table`` with id > ``after``, in id order (see the class)."""
+        raise NotImplementedError
+
+    def _tables(self) -> tuple[str, ...]:
+        return _LOG_TABLES
+
+    def _corrupt(self, what: str) -> StoreCorruptError:
+        raise NotImplementedError
+
+    def _verified(self, table: str, row, version: int | None = None):
+        try:
+            return _check_row(table, row, self._version if version is None else version)
+        except ValueError as e:
+            raise self._corrupt(f"{table} row id={row[0]} fails its check: {e}") from None
+
+    def _read(self, db, table: str, after: int) -> list:
+        """The verified rows of ``table`` with id > ``after``, in id order."""
+        rows = self._fetch(db, table, after)
+        out = []
+        for row in rows:
+            out.append(self._verified(table, row))
+            if out[-1][0] != after + len(out):  # ids are 1, 2, 3, ... (no delete)
+                raise self._corrupt(f"{table} row id={after + len(out)} is missing (the next "
+                                    f"row has id={out[-1][0]})")
+        return out
+
+    def _read_new(self, db) -> NewRows:
+        """What was appended since our last look, read in the caller's transaction (one
+        snapshot, so every retraction names an answer read here or before):
+        ``(answers rows, retractions, rebuild)``. ``rebuild``: a retraction names an
+        answer already applied; union-find cannot remove an edge, so the rows are then
+        the whole log, to replay from scratch (rare: a person pressing undo)."""
+        retractions = self._read(db, "retractions", self.last_retraction) \
+            if "retractions" in self._tables() else []
+        rebuild = any(r[1] <= self.last_answer for r in retractions)
+        rows = self._read(db, "answers", 0 if rebuild else self.last_answer)
+        last = rows[-1][0] if rows else self.last_answer
+        seen = set()
+        for seq, answer_id, _, _ in retractions:
+            if answer_id > last or answer_id in self.retracted or answer_id in seen:
+                raise self._corrupt(f"retractions row id={seq} names answer id={answer_id}, "
+                                    f"which is not in the log or already retracted")
+            seen.add(answer_id)
+        return NewRows(rows, retractions, rebuild)
+
+    def _advance(self, new: NewRows) -> None:
+        """Move past ``new`` (once its transaction is over: a failed call reads it again)."""
+        self.retracted.update(r[1] for r in new.retractions)
+        if new.retractions:
+            self.last_retraction = new.retractions[-1][0]
+        if new.answers:
+            self.last_answer = new.answers[-1][0]
+
+    # The backend's part: ``_transaction(where, write=False)`` (a context manager giving
+    # the connection: a write takes the log's write lock, a read is one snapshot),
+    # ``_next_id(db, table)`` (under the write lock), ``_insert(db, table, rows)`` and,
+    # around a read, ``_before_snapshot()`` / ``_check_snapshot(db, before)``.
+
+    def append(self, where: str, pairs: list, answers: list, source: str
+               ) -> tuple[NewRows, list[int]]:
+        """Append one answers row per ``(i, j)`` of ``pairs`` and ``alike`` of ``answers``
+        (checked by the caller), in one transaction, durable on return.
+        Returns what is new since the last read, the rows of this call last, and their
+        ids. On any error nothing of this call is written."""
+        src = source.encode("utf-8")
+        now = time.time()
+        with self._transaction(where, write=True) as db:
+            # Rows other processes appended since our last look come first (smaller ids),
+            # so every process replays the same log in the same order. They are read
+            # before our INSERT, under the write lock (nothing else is appended until
+            # COMMIT), so our rows follow them and are applied from what we wrote rather
+            # than read back and verified again (that was a third of record's time).
+            others, retractions, rebuild = self._read_new(db)
+            first = self._next_id(db, "answers")
+            rows = [(first + k, i, j, int(x), now, source,
+                     row_crc(first + k, i, j, int(x), now, src))
+                    for k, ((i, j), x) in enumerate(zip(pairs, answers))]
+            self._insert(db, "answers", rows)
+        ours = [(seq, i, j, bool(x), t, source) for seq, i, j, x, t, _, _ in rows]
+        new = NewRows(others + ours, retractions, rebuild)
+        self._advance(new)
+        return new, [r[0] for r in rows]
+
+    def retract(self, where: str, ids: list, source: str) -> NewRows:
+        """Append one retraction per answer id of ``ids`` (distinct, checked by the
+        caller) in one transaction; ``ValueError`` when an id is not in the log or
+        already retracted (nothing is written then). Returns what is new since the last
+        read, this call's retractions included."""
+        src = source.encode("utf-8")
+        now = time.time()
+        with self._transaction(where, write=True) as db:
+            new = self._read_new(db)  # what other processes appended counts too
+            last = new.answers[-1][0] if new.answers else self.last_answer
+            if missing := [a for a in ids if not 1 <= a <= last]:  # log ids are 1..last
+                raise ValueError(f"{where}: no answer with id {missing} in the log "
+                                 f"(ids are what record() returned)")
+            done = self.retracted.union(r[1] for r in new.retractions).intersection(ids)
+            if done:
+                raise ValueError(f"{where}: answers {sorted(done)} are already retracted")
+            first = self._next_id(db, "retractions")
+            self._insert(db, "retractions",
+                         [(first + k, a, now, source, row_crc(first + k, a, now, src))
+                          for k, a in enumerate(ids)])
+            new = self._read_new(db)
+        self._advance(new)
+        return new
+
+    def read_new(self, where: str) -> NewRows:
+        """What other processes appended since the last read (one snapshot)."""
+        before = self._before_snapshot()
+        with self._transaction(where) as db:
+            new = self._read_new(db)
+            self._check_snapshot(db, before)
+        self._advance(new)
+        return new
+
+    def rows(self, where: str) -> list[tuple]:
+        """Every answer, retracted ones included, read and verified, in id order:
+        ``(id, i, j, answer: bool, time, source, retracted_by)``."""
+        with self._transaction(where) as db:
+            rows = self._read(db, "answers", 0)
+            by = {} if "retractions" not in self._tables() else {
+                r[1]: r[3] for r in self._read(db, "retractions", 0)}
+        return [(*row, by.get(row[0])) for row in rows]
+
+
+class SQLiteAnswerLog(AnswerLog):
     """The answers and retractions of one store in an SQLite file (or in memory), with
     the guarantees of the module docstring. It reads and appends rows and remembers how
     far it has read (:attr:`last_answer`, :attr:`last_retraction`, :attr:`retracted`);
@@ -497,9 +649,7 @@ class SQLiteAnswerLog:
         self._existed = self.path is not None and os.path.exists(self.path)
         self._db: sqlite3.Connection | None = None
         self._version = SCHEMA_VERSION
-        self.retracted: set[int] = set()     # answer ids named by a retraction
-        self.last_answer = 0                 # id of the last answers row read
-        self.last_retraction = 0             # id of the last retraction read
+        self._init_cursor()
         self._check_path()
         with self._opening():
             self._db = self._connect()
@@ -725,18 +875,16 @@ class SQLiteAnswerLog:
             raise
         self._version = SCHEMA_VERSION
 
-    def _verified(self, table: str, row, version: int | None = None):
-        try:
-            return _check_row(table, row, self._version if version is None else version)
-        except ValueError as e:
-            raise self._corrupt(f"{table} row id={row[0]} fails its check: {e}") from None
-
     def _corrupt(self, what: str) -> StoreCorruptError:
         return StoreCorruptError(
             f"RelationStore: {self.path!r}: {what}. The file was damaged or edited outside "
             f"palfast; the store refuses to open rather than drop or change answers. "
             f"RelationStore.salvage(path, new_path) copies the rows that verify into a new "
             f"store")
+
+    def _fetch(self, db: sqlite3.Connection, table: str, after: int) -> list:
+        return db.execute(_select(table, self._version) + " WHERE id > ? ORDER BY id",
+                          (after,)).fetchall()
 
     def _tables(self) -> tuple[str, ...]:
         """The log tables this file has (a read-only version 1 or 2 file: no retractions)."""
@@ -940,115 +1088,16 @@ class SQLiteAnswerLog:
             f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0),"
             f" coalesce((SELECT max(id) FROM {table}), 0)) + 1").fetchone()[0]
 
-    def append(self, where: str, pairs: list, answers: list, source: str
-               ) -> tuple[NewRows, list[int]]:
-        """Append one answers row per ``(i, j)`` of ``pairs`` and ``alike`` of ``answers``
-        (checked by the caller), in one transaction, durable and acknowledged on return.
-        Returns what is new since the last read, the rows of this call last, and their
-        ids. On any error nothing of this call is written."""
-        src = source.encode("utf-8")
-        now = time.time()
-        with self._transaction(where, write=True) as db:
-            # Rows other processes appended since our last look come first (smaller ids),
-            # so every process replays the same log in the same order. They are read
-            # before our INSERT, under the write lock (nothing else is appended until
-            # COMMIT), so our rows follow them and are applied from what we wrote rather
-            # than read back and verified again (that was a third of record's time).
-            others, retractions, rebuild = self._read_new(db)
-            first = self._next_id(db, "answers")
-            rows = [(first + k, i, j, int(x), now, source,
-                     row_crc(first + k, i, j, int(x), now, src))
-                    for k, ((i, j), x) in enumerate(zip(pairs, answers))]
-            db.executemany("INSERT INTO answers (id, i, j, answer, time, source, crc) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        ours = [(seq, i, j, bool(x), t, source) for seq, i, j, x, t, _, _ in rows]
-        new = NewRows(others + ours, retractions, rebuild)
-        self._advance(new)
-        return new, [r[0] for r in rows]
+    def _insert(self, db: sqlite3.Connection, table: str, rows: list) -> None:
+        cols = ("id", *_COLUMNS[table], "time", "source", "crc")
+        db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) "
+                       f"VALUES ({', '.join('?' * len(cols))})", rows)
 
-    def retract(self, where: str, ids: list, source: str) -> NewRows:
-        """Append one retraction per answer id of ``ids`` (distinct, checked by the
-        caller) in one transaction; ``ValueError`` when an id is not in the log or
-        already retracted (nothing is written then). Returns what is new since the last
-        read, this call's retractions included."""
-        src = source.encode("utf-8")
-        now = time.time()
-        with self._transaction(where, write=True) as db:
-            new = self._read_new(db)  # what other processes appended counts too
-            last = new.answers[-1][0] if new.answers else self.last_answer
-            if missing := [a for a in ids if not 1 <= a <= last]:  # log ids are 1..last
-                raise ValueError(f"{where}: no answer with id {missing} in the log "
-                                 f"(ids are what record() returned)")
-            done = self.retracted.union(r[1] for r in new.retractions).intersection(ids)
-            if done:
-                raise ValueError(f"{where}: answers {sorted(done)} are already retracted")
-            first = self._next_id(db, "retractions")
-            db.executemany(
-                "INSERT INTO retractions (id, answer_id, time, source, crc) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(first + k, a, now, source, row_crc(first + k, a, now, src))
-                 for k, a in enumerate(ids)])
-            new = self._read_new(db)
-        self._advance(new)
-        return new
+    def _before_snapshot(self):
+        return self._acked()  # read before the snapshot it is compared with (see _load)
 
-    def read_new(self, where: str) -> NewRows:
-        """What other processes appended since the last read (one snapshot); checks
-        ``<path>-acked`` first."""
-        acked = self._acked()  # before the snapshot (see _load)
-        with self._transaction(where) as db:
-            new = self._read_new(db)
-            self._check_acked(db, acked, self._tops(db))
-        self._advance(new)
-        return new
-
-    def _advance(self, new: NewRows) -> None:
-        """Move past ``new`` (once its transaction is over: a failed call reads it again)."""
-        self.retracted.update(r[1] for r in new.retractions)
-        if new.retractions:
-            self.last_retraction = new.retractions[-1][0]
-        if new.answers:
-            self.last_answer = new.answers[-1][0]
-
-    def rows(self, where: str) -> list[tuple]:
-        """Every answer, retracted ones included, read and verified, in id order:
-        ``(id, i, j, answer: bool, time, source, retracted_by)``."""
-        with self._transaction(where) as db:
-            rows = self._read(db, "answers", 0)
-            by = {} if self._version < 3 else {
-                r[1]: r[3] for r in self._read(db, "retractions", 0)}
-        return [(*row, by.get(row[0])) for row in rows]
-
-    def _read(self, db: sqlite3.Connection, table: str, after: int) -> list:
-        """The verified rows of ``table`` with id > ``after``, in id order."""
-        rows = db.execute(_select(table, self._version) + " WHERE id > ? ORDER BY id",
-                          (after,)).fetchall()
-        out = []
-        for row in rows:
-            out.append(self._verified(table, row))
-            if out[-1][0] != after + len(out):  # ids are 1, 2, 3, ... (AUTOINCREMENT, no delete)
-                raise self._corrupt(f"{table} row id={after + len(out)} is missing (the next "
-                                    f"row has id={out[-1][0]})")
-        return out
-
-    def _read_new(self, db: sqlite3.Connection) -> NewRows:
-        """What was appended since our last look, read in the caller's transaction (one
-        snapshot, so every retraction names an answer read here or before):
-        ``(answers rows, retractions, rebuild)``. ``rebuild``: a retraction names an
-        answer already applied; union-find cannot remove an edge, so the rows are then
-        the whole log, to replay from scratch (rare: a person pressing undo)."""
-        retractions = self._read(db, "retractions", self.last_retraction) \
-            if self._version >= 3 else []
-        rebuild = any(r[1] <= self.last_answer for r in retractions)
-        rows = self._read(db, "answers", 0 if rebuild else self.last_answer)
-        last = rows[-1][0] if rows else self.last_answer
-        seen = set()
-        for seq, answer_id, _, _ in retractions:
-            if answer_id > last or answer_id in self.retracted or answer_id in seen:
-                raise self._corrupt(f"retractions row id={seq} names answer id={answer_id}, "
-                                    f"which is not in the log or already retracted")
-            seen.add(answer_id)
-        return NewRows(rows, retractions, rebuild)
+    def _check_snapshot(self, db: sqlite3.Connection, acked) -> None:
+        self._check_acked(db, acked, self._tops(db))
 
     # ------------------------------------------------------------------ copies
     def backup(self, where: str, dst: str) -> None:
@@ -1143,16 +1192,12 @@ def salvage(src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
     try:
         out.load()
         with out._transaction(where, write=True) as db:
-            db.executemany(
-                "INSERT INTO answers (id, i, j, answer, time, source, crc) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
-                 for k, (_, i, j, a, t, s) in enumerate(answers)])
-            db.executemany(
-                "INSERT INTO retractions (id, answer_id, time, source, crc) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(k + 1, a, t, s, row_crc(k + 1, a, t, s.encode()))
-                 for k, (a, (t, s)) in enumerate(kept_retractions.items())])
+            out._insert(db, "answers", [
+                (k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
+                for k, (_, i, j, a, t, s) in enumerate(answers)])
+            out._insert(db, "retractions", [
+                (k + 1, a, t, s, row_crc(k + 1, a, t, s.encode()))
+                for k, (a, (t, s)) in enumerate(kept_retractions.items())])
     finally:
         out.close()
     return SalvageReport(len(answers), dropped, unverified, len(kept_retractions),
