@@ -557,7 +557,7 @@ class AnswerLog:
     # The backend's part: ``_transaction(where, write=False)`` (a context manager giving
     # the connection: a write takes the log's write lock, a read is one snapshot),
     # ``_next_id(db, table)`` (under the write lock), ``_insert(db, table, rows)`` and,
-    # around a read, ``_before_snapshot()`` / ``_check_snapshot(db, before)``.
+    # around a read, ``_before_snapshot()`` / ``_check_snapshot(db, before, new)``.
 
     def append(self, where: str, pairs: list, answers: list, source: str
                ) -> tuple[NewRows, list[int]]:
@@ -613,7 +613,7 @@ class AnswerLog:
         before = self._before_snapshot()
         with self._transaction(where) as db:
             new = self._read_new(db)
-            self._check_snapshot(db, before)
+            self._check_snapshot(db, before, new)
         self._advance(new)
         return new
 
@@ -1096,7 +1096,7 @@ class SQLiteAnswerLog(AnswerLog):
     def _before_snapshot(self):
         return self._acked()  # read before the snapshot it is compared with (see _load)
 
-    def _check_snapshot(self, db: sqlite3.Connection, acked) -> None:
+    def _check_snapshot(self, db: sqlite3.Connection, acked, new: NewRows) -> None:
         self._check_acked(db, acked, self._tops(db))
 
     # ------------------------------------------------------------------ copies

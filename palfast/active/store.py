@@ -60,6 +60,7 @@ from .answer_log import (  # noqa: F401
     ACKED_SUFFIX,
     APPLICATION_ID,
     SCHEMA_VERSION,
+    AnswerLog,
     NewRows,
     SalvageReport,
     SQLiteAnswerLog,
@@ -69,6 +70,7 @@ from .answer_log import (  # noqa: F401
     source_bytes,
 )
 from .answer_log import salvage as _salvage
+from .postgres_log import PostgresAnswerLog, is_postgres_url, shown
 from .relation import MAX_IMPLICIT_IDS, Relation, as_pairs  # noqa: F401
 
 __all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorruptError",
@@ -129,8 +131,15 @@ class RelationStore:
         self._relation = Relation("RelationStore")
         if self.readonly and self.path is None:
             raise ValueError("RelationStore: readonly=True needs the path of an existing store")
-        self._log = SQLiteAnswerLog(self.path, timeout=timeout, readonly=self.readonly,
-                                    accept_loss=accept_loss)
+        self._log: AnswerLog
+        if is_postgres_url(self.path):
+            if accept_loss:
+                raise ValueError("RelationStore: accept_loss applies to SQLite stores (their "
+                                 "'-acked' record); a PostgreSQL store has none")
+            self._log = PostgresAnswerLog(self.path, timeout=timeout, readonly=self.readonly)
+        else:
+            self._log = SQLiteAnswerLog(self.path, timeout=timeout, readonly=self.readonly,
+                                        accept_loss=accept_loss)
         self._apply_new(self._log.load())
 
     def _apply_new(self, new: NewRows) -> list[int]:
@@ -263,6 +272,7 @@ class RelationStore:
     salvage = staticmethod(_salvage)
 
     def __repr__(self) -> str:
-        return (f"RelationStore(path={self.path!r}, n_queries={self.n_queries}, "
+        path = shown(self.path) if is_postgres_url(self.path) else self.path
+        return (f"RelationStore(path={path!r}, n_queries={self.n_queries}, "
                 f"components={self._relation.n_components()}, conflicts={self.n_conflicts}"
                 f"{', readonly' if self.readonly else ''})")
