@@ -210,13 +210,29 @@ def assert_nan_propagates_unless_checked(fn, z, graph):
 
 
 # ------------------------------------------------ RelationStore and its parts
-def execute_sql(path, *statements: str) -> None:
-    """Run SQL on a store file behind RelationStore's back (to damage or age it)."""
+def is_url(path) -> bool:
+    """Whether a store ``path`` is a PostgreSQL URL (else an SQLite file)."""
+    return str(path).startswith(("postgresql://", "postgres://"))
+
+
+def execute_sql(path, *statements: str) -> list:
+    """Run SQL on a store behind RelationStore's back (to damage, age or inspect it), an
+    SQLite file or a PostgreSQL URL; returns the rows of the last statement."""
+    if is_url(path):
+        import psycopg
+
+        with psycopg.connect(path, autocommit=True) as db:
+            for sql in statements:
+                cur = db.execute(sql)
+            return cur.fetchall() if cur.description else []
     db = sqlite3.connect(path)
-    for sql in statements:
-        db.execute(sql)
-    db.commit()
-    db.close()
+    try:
+        for sql in statements:
+            rows = db.execute(sql).fetchall()
+        db.commit()
+    finally:
+        db.close()
+    return rows
 
 
 def relation_of(store, n):

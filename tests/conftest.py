@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,3 +57,39 @@ def make_graph(kind: str, n: int, *, seed: int = 0) -> palfast.PairGraph:
 def graph_factory():
     """``graph_factory(kind, n, seed=0)`` -> PairGraph (test modules cannot import conftest)."""
     return make_graph
+
+
+# ------------------------------------------------ RelationStore backends (tests/_postgres.py)
+@pytest.fixture(scope="session")
+def postgres_admin():
+    """URL of a PostgreSQL server the tests may create databases on: PALFAST_TEST_POSTGRES,
+    or a throwaway server started here; the tests that need it skip when neither can be."""
+    import _postgres
+
+    why = _postgres.missing()
+    if why:
+        pytest.skip(f"no PostgreSQL for the RelationStore tests: {why}")
+    server = None if os.environ.get(_postgres.ENV) else _postgres.Server()
+    try:
+        yield _postgres.admin_url(server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_admin):
+    """A new empty database for one test (dropped after it)."""
+    import _postgres
+
+    url, drop = _postgres.new_database(postgres_admin)
+    yield url
+    drop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_path(request, tmp_path):
+    """Where a RelationStore lives, once per backend: an SQLite file, a PostgreSQL URL."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
+    return str(tmp_path / "store.sqlite")

@@ -5,6 +5,7 @@ tests/test_active_answer_log.py."""
 
 import math
 import os
+import pathlib
 import shutil
 import signal
 import sqlite3
@@ -27,11 +28,11 @@ from palfast.active.store import (
     StoreError,
 )
 
-from _helpers import child_env, random_answers, relation_of
+from _helpers import child_env, execute_sql, is_url, random_answers, relation_of
 
 
-def test_contradictions_are_logged_not_applied():
-    s = RelationStore()
+def test_contradictions_are_logged_not_applied(store_path):
+    s = RelationStore(store_path)
     with pytest.warns(ContradictionWarning, match="2 of 5 answers contradict"):
         s.record(torch.tensor([[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]),
                  torch.tensor([True, True, False, False, True]))
@@ -49,8 +50,8 @@ def test_contradictions_are_logged_not_applied():
     assert s.n_conflicts == 2 and s.n_queries == 8  # repeats and new facts: no warning
 
 
-def test_reopen_resumes_and_log_is_append_only(tmp_path):
-    path = tmp_path / "answers.sqlite"
+def test_reopen_resumes_and_log_is_append_only(store_path):
+    path = store_path
     pairs, ans = random_answers(20, 30, 3, seed=3)
     with RelationStore(path) as s:
         s.record(pairs[:10], ans[:10])
@@ -61,15 +62,14 @@ def test_reopen_resumes_and_log_is_append_only(tmp_path):
         assert torch.equal(relation_of(s, 20), before)
         p, a = s.answers()
         assert torch.equal(p, pairs) and torch.equal(a, ans)
-    db = sqlite3.connect(path)
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
-    assert db.execute("SELECT count(*) FROM answers WHERE source = 'prior'").fetchone()[0] == 20
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("UPDATE answers SET answer = 1 - answer")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        db.execute("DELETE FROM answers")
-    db.close()
+    if not is_url(path):
+        assert execute_sql(path, "PRAGMA journal_mode") == [("wal",)]
+        assert execute_sql(path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+    prior = "source = 'prior'" if not is_url(path) else "source = 'prior'::bytea"
+    assert execute_sql(path, f"SELECT count(*) FROM answers WHERE {prior}") == [(20,)]
+    for edit in ("UPDATE answers SET answer = 1 - answer", "DELETE FROM answers"):
+        with pytest.raises(Exception, match="append-only"):  # sqlite3's or psycopg's error
+            execute_sql(path, edit)
 
 
 WRITER = textwrap.dedent("""
@@ -86,8 +86,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_loses_nothing_recorded(tmp_path):
-    path = str(tmp_path / "killed.sqlite")
+def test_sigkill_loses_nothing_recorded(tmp_path, store_path):
+    path = store_path
     child = subprocess.Popen([sys.executable, "-c", WRITER, path, "1", "1000000"],
                              stdout=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
     reported = []
@@ -111,11 +111,12 @@ def test_sigkill_loses_nothing_recorded(tmp_path):
         for t, ans in reported:
             assert (100000 + 2 * t, ans) in logged
             assert s.same(100000 + 2 * t, 100000 + 2 * t + 1) is ans
-        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if not is_url(path):
+        assert execute_sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
-def test_two_processes_write_one_file(tmp_path):
-    path = str(tmp_path / "shared.sqlite")  # does not exist yet: both create it
+def test_two_processes_write_one_file(tmp_path, store_path):
+    path = store_path  # has no store yet: both create it
     count = 60
     children = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(tag), str(count)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -130,13 +131,13 @@ def test_two_processes_write_one_file(tmp_path):
         for tag in (1, 2):
             firsts = {int(p) for p in pairs[:, 0]}
             assert all(tag * 100000 + 2 * t in firsts for t in range(count))
-    db = sqlite3.connect(path)
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT count(DISTINCT source) FROM answers").fetchone()[0] == 2
+    if not is_url(path):
+        assert execute_sql(path, "PRAGMA integrity_check") == [("ok",)]
+    assert execute_sql(path, "SELECT count(DISTINCT source) FROM answers") == [(2,)]
 
 
-def test_refresh_sees_other_writers(tmp_path):
-    path = tmp_path / "two.sqlite"
+def test_refresh_sees_other_writers(store_path):
+    path = store_path
     a, b = RelationStore(path), RelationStore(path)
     a.record(torch.tensor([[0, 1]]), torch.tensor([True]))
     assert b.same(0, 1) is None
@@ -190,10 +191,10 @@ def test_bad_timeout_is_refused(timeout, exc):
         RelationStore(timeout=timeout)
 
 
-def test_huge_sample_ids_are_mapped_to_dense_indices(tmp_path):
+def test_huge_sample_ids_are_mapped_to_dense_indices(store_path):
     """Nothing is sized by the largest id: 10**10 used to raise MemoryError in record()
     and on every later open."""
-    path = tmp_path / "huge.sqlite"
+    path = store_path
     big = [10**10, 2**62, 2**63 - 1, 7]
     with RelationStore(path) as s:
         s.record([[big[0], big[1]], [big[1], big[3]], [big[2], big[0]]], [True, True, False])
@@ -274,8 +275,8 @@ def test_disk_full_is_a_clear_error_and_records_nothing(tmp_path):
         assert s.answers()[0].tolist() == [[0, 1], [5, 6]]
 
 
-def test_closed_store_is_a_clear_error(tmp_path):
-    s = RelationStore(tmp_path / "c.sqlite")
+def test_closed_store_is_a_clear_error(tmp_path, store_path):
+    s = RelationStore(store_path)
     s.record([[0, 1]], [True])
     s.close()
     s.close()  # idempotent
@@ -287,11 +288,18 @@ def test_closed_store_is_a_clear_error(tmp_path):
     assert palfast.active.StoreError is StoreError and issubclass(StoreCorruptError, ValueError)
 
 
-def test_lock_held_too_long_is_a_clear_error(tmp_path):
-    path = tmp_path / "locked.sqlite"
+def test_lock_held_too_long_is_a_clear_error(store_path):
+    path = store_path
     RelationStore(path).close()
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
+    if is_url(path):
+        import psycopg
+
+        holder = psycopg.connect(path, autocommit=True)
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE answers IN EXCLUSIVE MODE")
+    else:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
     try:
         s = RelationStore(path, timeout=0.05)
         with pytest.raises(StoreError, match="locked by another process.*timeout="):
@@ -302,8 +310,8 @@ def test_lock_held_too_long_is_a_clear_error(tmp_path):
         holder.close()
 
 
-def test_readonly_mode_never_writes_and_sees_writers(tmp_path):
-    path = tmp_path / "store.sqlite"
+def test_readonly_mode_never_writes_and_sees_writers(tmp_path, store_path):
+    path = store_path
     with RelationStore(path) as s:
         s.record([[0, 1], [1, 2]], [True, False])
     with RelationStore(path, readonly=True) as r:
@@ -317,11 +325,16 @@ def test_readonly_mode_never_writes_and_sees_writers(tmp_path):
         r.backup(backup)
     with RelationStore(backup, readonly=True) as c:
         assert c.n_queries == 3
-    after = path.read_bytes(), os.stat(path).st_mtime_ns
+    def state():  # the file, or the log tables and their last ids
+        if is_url(path):
+            return execute_sql(path, "SELECT key, value FROM meta ORDER BY key")
+        return path.read_bytes(), os.stat(path).st_mtime_ns
+    path = path if is_url(path) else pathlib.Path(path)
+    after = state()
     for _ in range(2):
         with RelationStore(path, readonly=True) as r:
             assert r.n_queries == 3
-    assert (path.read_bytes(), os.stat(path).st_mtime_ns) == after
+    assert state() == after
     with pytest.raises(ValueError, match="readonly=True needs the path"):
         RelationStore(readonly=True)
     with pytest.raises(TypeError, match="readonly must be True or False"):

@@ -181,7 +181,7 @@ class PostgresAnswerLog(AnswerLog):
         errors = self._psycopg.errors
         msg = str(e).strip()
         if isinstance(e, errors.LockNotAvailable):
-            return StoreError(f"{where}: {self._shown!r} stayed locked by another writer longer "
+            return StoreError(f"{where}: {self._shown!r} stayed locked by another process longer "
                               f"than the timeout; retry, or open it with a larger timeout= "
                               f"(PostgreSQL says: {msg})")
         if isinstance(e, errors.ReadOnlySqlTransaction):
