@@ -3,6 +3,8 @@ concurrent writers, read-only mode, backups, errors of I/O, bad input. The relat
 itself: tests/test_active_relation.py; the log's file format and checks:
 tests/test_active_answer_log.py."""
 
+import collections
+import json
 import math
 import os
 import pathlib
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 import warnings
 
 import pytest
@@ -373,3 +376,119 @@ def test_readonly_path_with_uri_characters(tmp_path):
     with RelationStore(path, readonly=True) as s:
         assert s.same(0, 1) is True
     assert sorted(os.listdir(folder))[0] == "s%3f.sqlite"
+
+
+# ------------------------------------------------ several writers, one log order
+N_WRITERS, N_EACH, N_SAMPLES = 4, 500, 300
+#: Seconds the four writers may take (each answer is one durable commit).
+WRITERS_DEADLINE = 600
+MANY_WRITER = textwrap.dedent("""
+    import json, os, sys, time, torch
+    from palfast.active import RelationStore
+    path, tag, count, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    store = RelationStore(path, timeout=120)
+    g = torch.Generator().manual_seed(tag)
+    for _ in range(count):  # noisy answers about shared samples: the order matters
+        a, b = (int(x) for x in torch.randperm(%(n)d, generator=g)[:2])
+        noise = bool(torch.rand(1, generator=g) < 0.2)
+        store.record([[a, b]], [(a %% 7 == b %% 7) != noise], source=f"writer{tag}")
+    open(os.path.join(folder, f"done{tag}"), "w").close()
+    while not os.path.exists(os.path.join(folder, "go")):
+        time.sleep(0.05)
+    store.refresh()
+    pairs, answers = store.answers()
+    print(json.dumps([pairs.tolist(), answers.tolist(),
+                      store.components(torch.arange(%(n)d)).tolist(),
+                      store.contradictions()[0].tolist()]), flush=True)
+""") % {"n": N_SAMPLES}
+
+
+def _view(store):
+    """Everything a process knows: the log's answers in order, components, conflicts."""
+    pairs, answers = store.answers()
+    return [pairs.tolist(), answers.tolist(), store.components(torch.arange(N_SAMPLES)).tolist(),
+            store.contradictions()[0].tolist()]
+
+
+@pytest.mark.filterwarnings("ignore::palfast.active.store.ContradictionWarning")
+def test_writers_in_four_processes_keep_one_log_order(tmp_path, store_path):
+    """4 processes record 500 answers each at once, one transaction per answer, while
+    a reader refreshes: nothing is lost, every process (and a fresh open) ends with the
+    same log in the same order and the same relation, and the reader, which refreshed
+    during the writes, skipped no row that committed late."""
+    RelationStore(store_path).close()  # one creates the store; the race is the appends
+    children = [subprocess.Popen([sys.executable, "-c", MANY_WRITER, store_path, str(tag),
+                                  str(N_EACH), str(tmp_path)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=child_env(),
+                                 cwd=tmp_path) for tag in range(1, N_WRITERS + 1)]
+    reader = RelationStore(store_path, readonly=True)
+    try:
+        deadline, seen, refreshes = time.monotonic() + WRITERS_DEADLINE, 0, 0
+        while not all((tmp_path / f"done{t}").exists() for t in range(1, N_WRITERS + 1)):
+            assert time.monotonic() < deadline and all(c.poll() is None for c in children), \
+                [c.stderr.read() for c in children if c.poll() is not None]
+            reader.refresh()
+            assert reader.n_queries >= seen  # the log only grows
+            seen, refreshes = reader.n_queries, refreshes + 1
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        views = []
+        for c in children:
+            out, err = c.communicate(timeout=60)
+            assert c.returncode == 0, err
+            views.append(json.loads(out.splitlines()[-1]))
+        reader.refresh()
+        views.append(_view(reader))
+    finally:
+        reader.close()
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+    with RelationStore(store_path) as fresh:
+        expected, log = _view(fresh), fresh.log()
+    assert refreshes > 1  # the reader did read while the writers wrote
+    assert [r[0] for r in log] == list(range(1, N_WRITERS * N_EACH + 1))
+    assert collections.Counter(r[5] for r in log) == {f"writer{t}": N_EACH
+                                                       for t in range(1, N_WRITERS + 1)}
+    assert expected[3], "the noise gave no contradiction: the order would not matter"
+    for view in views:
+        assert view == expected
+
+
+# ------------------------------------------------------------ PostgreSQL only
+def test_lost_connection_is_a_store_error_naming_the_store(postgres_url, postgres_admin):
+    """A session the server ends and a stopped server raise StoreError naming the store
+    (its URL, never its password); the next call connects again."""
+    import _postgres
+
+    s = RelationStore(postgres_url)
+    s.record([[0, 1]], [True])
+    db_name = urllib.parse.urlsplit(postgres_url).path.lstrip("/")
+    # The second argument: wait (ms) until the session has ended (PostgreSQL 14 and later).
+    execute_sql(postgres_admin, "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                                f"WHERE datname = '{db_name}'")
+    with pytest.raises(StoreError, match="cannot reach the PostgreSQL store") as e:
+        s.record([[1, 2]], [True])
+    assert postgres_url in str(e.value) and not isinstance(e.value, sqlite3.Error)
+    s.record([[1, 2]], [True])  # connects again
+    assert s.same(0, 2) is True and s.n_queries == 2
+    s.close()
+    with pytest.raises(StoreError, match="cannot reach.*'postgresql://palfast:\\*\\*\\*@/x") as e:
+        RelationStore("postgresql://palfast:secret@/x?host=/nonexistent-socket-folder")
+    assert "secret" not in str(e.value)
+    if os.environ.get(_postgres.ENV):
+        return  # a server of someone else's: not ours to stop
+    server = _postgres.Server()
+    try:
+        url = server.url()
+        s = RelationStore(url)
+        s.record([[0, 1]], [True])
+        server.stop()
+        for call in (lambda: s.record([[1, 2]], [True]), s.refresh, s.log):
+            with pytest.raises(StoreError, match="cannot reach the PostgreSQL store") as e:
+                call()
+            assert url in str(e.value)
+        assert s.same(0, 1) is True and s.n_queries == 1  # what was loaded still answers
+        s.close()
+    finally:
+        server.close()
