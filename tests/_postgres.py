@@ -20,6 +20,9 @@ import tempfile
 import urllib.parse
 
 ENV = "PALFAST_TEST_POSTGRES"
+#: Set (to anything but "" or "0") where a missing server must fail the tests instead of
+#: skipping them: .ci/run sets it, so CI never passes without having run them.
+REQUIRED_ENV = "PALFAST_REQUIRE_POSTGRES"
 #: Seconds pg_ctl waits for the server to start or stop.
 _PG_CTL_WAIT = 60
 _names = itertools.count()
@@ -39,6 +42,11 @@ def missing() -> str | None:
     if os.geteuid() == 0 and _user() is None:
         return "running as root, and no 'postgres' or 'nobody' user to run the server as"
     return None
+
+
+def required() -> bool:
+    """Whether a missing server fails the tests (REQUIRED_ENV) rather than skips them."""
+    return os.environ.get(REQUIRED_ENV, "") not in ("", "0")
 
 
 def _bin(name: str) -> str | None:
