@@ -120,10 +120,9 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
         C = \frac{\hat z^\top G \hat z}{|G|},\qquad
         \mathcal L = \sum_k (1 - C_{kk})^2 + \lambda \sum_{k\ne l} C_{kl}^2
 
-    where ẑ standardises each column of z over the N rows (mean 0, biased variance
-    1, ``eps`` added to the variance: ``BatchNorm1d(affine=False)``). G enters
-    through sparse products only; when N < D the off-diagonal sum goes through the
-    N×N Gram matrix. An empty graph gives D with zero gradient; N = 1 is allowed.
+    where ẑ standardises each column of z over the N rows (``BatchNorm1d(affine=False)``:
+    mean 0, biased variance 1, ``eps`` added). G enters through sparse products only,
+    the off-diagonal sum through the N×N Gram matrix when N < D. |G| = 0 gives D.
     Known negatives are ignored; :func:`barlow_twins_two_view` is the official
     two-view loss (both: docs/api.md#covariance-losses-in-detail).
 
@@ -200,7 +199,8 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
 
 # ------------------------------------------------------------ two-view forms
 # The official losses of two views z_a, z_b (per-view statistics), on the same ops;
-# the modules of palfast.nn called as loss(z_a, z_b) are these.
+# palfast.nn's VICRegLoss, BarlowTwinsLoss and SpectralContrastiveLoss called as
+# loss(z_a, z_b) are these.
 
 def vicreg_two_view(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0,
                     std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,

@@ -140,10 +140,9 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
                  - \log\sum_{k\ne i} \omega_{ik} e^{s_{ik}}\Big],\qquad
         s_{ij} = \langle \hat z_i, \hat z_j\rangle / \tau
 
-    for rows with W_i = Σ_j w_ij > 0. ω_ik = 1, except λ = ``unknown_weight`` for pairs
-    neither positive nor known negative (docs/api.md#info_nce-unknown-pairs); λ = 1 is
-    SimCLR's NT-Xent with ``from_views(n, 2)`` and SupCon with ``from_labels``, bit for
-    bit. The kernel never builds the N×N matrix: memory O(N·D + E).
+    for rows with W_i = Σ_j w_ij > 0; ω_ik = λ = ``unknown_weight`` for pairs neither
+    positive nor known negative, else 1 (docs/api.md#info_nce-unknown-pairs). λ = 1 is
+    NT-Xent with ``from_views(n, 2)``, SupCon with ``from_labels``; memory O(N·D + E).
 
     Args: ``z [N, D]`` float embeddings and ``graph``, a :class:`PairGraph` over its rows
     on its device; ``temperature`` τ > 0; ``normalize``: cosine (True) or raw dot products

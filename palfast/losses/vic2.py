@@ -54,17 +54,16 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     Args:
         z, graph: ``[N, D]`` float embeddings; a :class:`PairGraph` over its rows.
         beta: weight >= 0 of the invariance term.
-        n_views: z is ``n_views`` stacked view blocks of n = N / n_views images (row
-            ``i + v·n`` is view v of image i; each block >= 2 images): the halves
-            never split an image's views. Pass 2 for ``z = cat(z_a, z_b)``.
-        pool_size: None = samples from an infinite population (halves); P = the
-            batch's images are drawn from a fixed pool of P >= n (n global if gathered).
+        n_views: z is ``n_views`` stacked blocks of n >= 2 images (row ``i + v·n`` is
+            view v of image i; the halves never split an image's views).
+        pool_size: None = an infinite population (halves); P = the images come from
+            a fixed pool of P >= n (n global if gathered).
         check_finite, gather: as for every loss (:mod:`palfast.functional`).
 
     Example::
 
         >>> import torch, palfast
-        >>> z = torch.randn(8, 16, requires_grad=True)
+        >>> z = torch.randn(8, 16, requires_grad=True)   # cat(z_a, z_b): n_views=2
         >>> palfast.vic2(z, palfast.PairGraph.from_views(4, 2), n_views=2).backward()
     """
     op = "palfast.vic2"
