@@ -2,18 +2,25 @@
 
 Each rank passes its local rows ``z [n_r, D]`` and a graph over the **global**
 batch: rank r's rows are global rows ``offset_r .. offset_r + n_r`` with
-``offset_r = Σ_{q<r} n_q`` (ranks in order). The loss then
+``offset_r = Σ_{q<r} n_q`` (ranks in order). A loss called with ``gather`` then
 
 * gathers every rank's rows **with gradient** (:func:`all_gather_rows`; its
   backward sums each slice's gradient over ranks and hands it to the owner);
-* uses the local rows as anchors and all rows as keys (the kernel skips pairs of
-  two non-anchor rows, so a rank does ~1/world of the work and nobody holds an
-  N×N matrix);
+* ``info_nce``: uses the local rows as anchors and all rows as keys (the kernel
+  skips pairs of two non-anchor rows, so a rank does ~1/world of the work and
+  nobody holds an N×N matrix); the covariance losses compute their statistics
+  over the gathered rows, on every rank;
 * returns the single-process value of the global batch on every rank, with a
-  gradient scaled by the world size, so that after DDP averages gradients over
-  ranks the parameters get exactly the single-process gradient.
+  gradient scaled by the world size (``info_nce`` through :func:`global_value`, the
+  covariance losses through the gather's backward), so that after DDP averages
+  gradients over ranks the parameters get exactly the single-process gradient.
 
-Works with gloo (CPU) and NCCL alike: only ``all_gather`` and ``all_reduce``.
+Collectives used here: ``all_gather`` (:func:`row_counts`, :func:`all_gather_rows`,
+:func:`gather_rows_no_grad`), ``all_reduce`` (the gather's backward,
+:func:`all_reduce_sum`, :func:`global_value`) and ``barrier``
+(:func:`exit_process`); all work with gloo (CPU) and NCCL alike. The sharded
+candidate search (:mod:`palfast.active.distributed`) adds ``gather`` and
+``broadcast``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["all_gather_rows", "all_reduce_sum", "exit_process", "gather_rows_no_grad", "global_value",
-           "is_distributed"]
+           "is_distributed", "resolve_gather", "row_counts"]
 
 
 def is_distributed() -> bool:
@@ -40,7 +47,9 @@ def resolve_gather(gather) -> bool:
     return bool(gather)
 
 
-def _row_counts(n_local: int, device) -> list[int]:
+def row_counts(n_local: int, device) -> list[int]:
+    """Every rank's number of rows, in rank order (one ``all_gather`` of one int64
+    on ``device``; every rank must call it)."""
     # Always exchanged (one tiny collective): guessing an equal split from local
     # sizes could make ranks disagree on whether to communicate, and hang.
     world = dist.get_world_size()
@@ -71,7 +80,7 @@ class _AllGatherRows(torch.autograd.Function):
 def all_gather_rows(z: torch.Tensor, n_global: int) -> tuple[torch.Tensor, int, int]:
     """Concatenate every rank's rows (with gradient). Returns ``(z_all, begin, end)``,
     the rows ``[begin, end)`` of ``z_all`` being this rank's ``z``."""
-    counts = _row_counts(z.shape[0], z.device)
+    counts = row_counts(z.shape[0], z.device)
     if sum(counts) != n_global:
         raise ValueError(f"graph must be over the global batch: the ranks hold {sum(counts)} rows "
                          f"({counts}) but the graph has {n_global} nodes")
@@ -82,7 +91,7 @@ def all_gather_rows(z: torch.Tensor, n_global: int) -> tuple[torch.Tensor, int, 
 def gather_rows_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of ``x``, concatenated in rank order, without gradient."""
     with torch.no_grad():
-        return _AllGatherRows.apply(x.detach(), _row_counts(x.shape[0], x.device))
+        return _AllGatherRows.apply(x.detach(), row_counts(x.shape[0], x.device))
 
 
 class _AllReduceSum(torch.autograd.Function):

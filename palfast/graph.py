@@ -451,6 +451,43 @@ class PairGraph:
                 self.t_weights, self.labels, list(self.label_weights),
                 list(self.label_classes), self.pos_weight)
 
+    def known_pairs(self, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ordered pairs (i, k), i ≠ k, that this graph knows something about: a
+        positive (a stored edge, or a shared class of a label set of weight > 0) or a
+        known negative (the same in ``self.negatives``). Returns ``(rows, cols)``, int64
+        on the graph's device, each pair once, sorted by (i, k); ``anchor`` (a bool
+        ``[N]`` mask, default every row) keeps the pairs whose i is an anchor.
+
+        Label sets are expanded: a class of m rows gives m·(m − 1) pairs, so this costs
+        O(E + Σ m²) memory (``info_nce`` with ``unknown_weight < 1`` uses it).
+
+        Example::
+
+            >>> import torch, palfast
+            >>> g = palfast.PairGraph.from_labels(torch.tensor([0, 1, 0, -1]))
+            >>> [t.tolist() for t in g.known_pairs()]
+            [[0, 2], [2, 0]]
+        """
+        n = self.num_nodes
+        if anchor is None:
+            anchor = torch.ones(n, dtype=torch.bool, device=self.device)
+        elif (not isinstance(anchor, torch.Tensor) or anchor.dtype != torch.bool
+              or anchor.shape != (n,) or anchor.device != self.device):
+            what = (f"{anchor.dtype} of shape {tuple(anchor.shape)} on {anchor.device}"
+                    if isinstance(anchor, torch.Tensor) else type(anchor).__name__)
+            raise TypeError(f"PairGraph.known_pairs: anchor must be a bool tensor of shape "
+                            f"[{n}] on {self.device} (one flag per row), got {what}")
+        parts = []
+        for g in (self, self.negatives):
+            if g is None:
+                continue
+            r, c, _ = g._edge_list()
+            parts.append((r[anchor[r]], c[anchor[r]]))
+            parts += [_label_set_pairs(y, anchor) for y, a in zip(g.labels, g.label_weights)
+                      if a > 0]
+        keys = torch.unique(torch.cat([r * n + c for r, c in parts]))
+        return keys // n, keys % n
+
     def _edge_list(self):
         return _csr_rows(self.indptr, self.num_nodes), self.indices, self.weights
 
@@ -560,6 +597,23 @@ def _sum_negatives(a: PairGraph | None, b: PairGraph | None, device) -> PairGrap
 def _label_pair_rows(y: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Which of the ordered pairs (r[e], c[e]) share a known class of label set y."""
     return (y[r] == y[c]) & (y[r] >= 0)
+
+
+def _label_set_pairs(y: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordered pairs (i, k), i ≠ k, of rows sharing a known class of label set y,
+    for the rows i where ``anchor`` holds: Σ_c (anchors in c)·n_c pairs."""
+    known = (y >= 0).nonzero().squeeze(1)
+    order = known[torch.argsort(y[known], stable=True)]  # rows grouped by class
+    counts = torch.bincount(y[order])
+    starts = torch.cumsum(counts, 0) - counts
+    rows = order[anchor[order]]
+    size = counts[y[rows]]
+    r = torch.repeat_interleave(rows, size)
+    local = torch.arange(r.numel(), device=y.device) - torch.repeat_interleave(
+        torch.cumsum(size, 0) - size, size)
+    c = order[starts[y[r]] + local]
+    off = r != c
+    return r[off], c[off]
 
 
 def _shared_pair(a: PairGraph, b: PairGraph) -> tuple[int, int] | None:

@@ -3,7 +3,8 @@
 A module holds hyper-parameters only. Call it the PAL way, ``loss(z, graph)``
 with a :class:`~palfast.PairGraph`, or as a two-view drop-in, ``loss(z_a, z_b)``
 with two ``[n, D]`` tensors, which reproduces the usual library loss exactly
-(docs/api.md, "Modules"). Hyper-parameters are checked when the loss is called,
+(docs/api.md, "Modules"; for VICReg, Barlow Twins and the spectral loss this is
+``palfast.functional.<loss>_two_view``). Hyper-parameters are checked when the loss is called,
 with the same messages as :mod:`palfast.functional`; ``check_finite=True`` is
 honoured in both forms. ``gather`` means what it means for the functional losses
 in both forms (docs/distributed.md); in the two-view form each rank passes its own
@@ -23,59 +24,18 @@ from . import distributed as _dist
 from . import functional as F
 from ._checks import FLOAT_DTYPES, as_long_vector, check_bool, check_number, check_tensor
 from .graph import PairGraph
+from .losses._common import (
+    check_finite_values,
+    check_gather,
+    check_two_views,
+    gathered_views,
+    stacked_views,
+)
 
 __all__ = [
     "InfoNCELoss", "VICRegLoss", "BarlowTwinsLoss", "SpectralContrastiveLoss", "VIC2Loss",
     "NTXentLoss", "SupConLoss",
 ]
-
-
-def _two_views(z_a, z_b, gather: bool) -> tuple[torch.Tensor, PairGraph]:
-    """cat(z_a, z_b) and the graph that pairs each image's two views: row i with row
-    i + n. Gathered (``gather``), this rank's rows are one block of the global batch,
-    whose rank blocks are cat(z_a, z_b) each, so the graph pairs i with i + n_r inside
-    every rank's block (n_r that rank's images)."""
-    z = torch.cat([z_a, z_b])
-    if not gather:
-        return z, PairGraph.from_views(z_a.shape[0], 2, device=z_a.device)
-    counts = _dist._row_counts(z_a.shape[0], z_a.device)
-    starts = [sum(counts[:r]) for r in range(len(counts))]
-    image = torch.cat([torch.arange(s, s + c, device=z.device).repeat(2)
-                       for s, c in zip(starts, counts)])
-    return z, PairGraph.from_labels(image)
-
-
-def _gathered_views(z_a, z_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's z_a and z_b (with gradient), each concatenated in rank order: the
-    global two-view batch, on every rank. As for the covariance losses' gather, the
-    loss of it is the global value on every rank; the gather's backward sums every
-    rank's gradient into the owner (world × the single-process gradient), which DDP's
-    averaging turns back into the single-process gradient."""
-    counts = _dist._row_counts(z_a.shape[0], z_a.device)
-    rows, _, _ = _dist.all_gather_rows(torch.cat([z_a, z_b]), 2 * sum(counts))
-    blocks = rows.split([c for c in counts for _ in range(2)])  # a_0, b_0, a_1, b_1, ...
-    return torch.cat(blocks[0::2]), torch.cat(blocks[1::2])
-
-
-def _check_two_views(op: str, z_a, z_b, min_rows: int, check_finite,
-                     names: tuple[str, str] = ("z_a", "z_b")) -> None:
-    """z_a, z_b: two float [n >= min_rows, D] tensors of one shape, dtype and device
-    (finite when ``check_finite``), called ``names`` in errors."""
-    check_finite = check_bool(op, "check_finite", check_finite)
-    a, b = names
-    if not isinstance(z_b, torch.Tensor):
-        raise TypeError(f"{op}: {b} must be a torch.Tensor (or pass a PairGraph), "
-                        f"got {type(z_b).__name__}")
-    for name, t in zip(names, (z_a, z_b)):
-        check_tensor(op, name, t, min_rows=min_rows, dtypes=FLOAT_DTYPES)
-    if z_a.shape != z_b.shape:
-        raise ValueError(f"{op}: {a} and {b} must both be [n, D] with the same shape, got "
-                         f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
-        raise ValueError(f"{op}: {b} must have {a}'s dtype and device ({z_a.dtype}, "
-                         f"{z_a.device}), got {z_b.dtype}, {z_b.device}")
-    for name, t in zip(names, (z_a, z_b)):
-        F._check_finite(op, name, t, check_finite)
 
 
 class InfoNCELoss(nn.Module):
@@ -107,9 +67,9 @@ class InfoNCELoss(nn.Module):
         gather = self.gather
         if not isinstance(graph_or_z_b, PairGraph):
             op = "palfast.nn.InfoNCELoss"
-            _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
-            gather = F._check_gather(op, gather)
-            z, graph_or_z_b = _two_views(z, graph_or_z_b, gather)
+            check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
+            gather = check_gather(op, gather)
+            z, graph_or_z_b = stacked_views(z, graph_or_z_b, gather)
         return F.info_nce(z, graph_or_z_b, temperature=self.temperature,
                           normalize=self.normalize, reduction=self.reduction,
                           unknown_weight=self.unknown_weight, check_finite=self.check_finite,
@@ -152,13 +112,8 @@ class VICRegLoss(nn.Module):
         if isinstance(graph_or_z_b, PairGraph):
             return F.vicreg(z, graph_or_z_b, check_finite=self.check_finite, gather=self.gather,
                             **kw)
-        op = "palfast.nn.VICRegLoss"
-        _check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
-        sim, std, cov, eps = F._vicreg_coeffs(op, **kw)
-        if F._check_gather(op, self.gather):
-            z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
-        return F._vicreg_two_view(z, graph_or_z_b, sim_coeff=sim, std_coeff=std, cov_coeff=cov,
-                                  eps=eps)
+        return F.vicreg_two_view(z, graph_or_z_b, check_finite=self.check_finite,
+                                 gather=self.gather, **kw)
 
     def extra_repr(self) -> str:
         return (f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, "
@@ -190,12 +145,8 @@ class BarlowTwinsLoss(nn.Module):
         if isinstance(graph_or_z_b, PairGraph):
             return F.barlow_twins(z, graph_or_z_b, lambd=self.lambd, eps=self.eps,
                                   check_finite=self.check_finite, gather=self.gather)
-        op = "palfast.nn.BarlowTwinsLoss"
-        _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
-        lambd, eps = F._barlow_twins_coeffs(op, self.lambd, self.eps)
-        if F._check_gather(op, self.gather):
-            z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
-        return F._barlow_twins_two_view(z, graph_or_z_b, lambd=lambd, eps=eps)
+        return F.barlow_twins_two_view(z, graph_or_z_b, lambd=self.lambd, eps=self.eps,
+                                       check_finite=self.check_finite, gather=self.gather)
 
     def extra_repr(self) -> str:
         return f"lambd={self.lambd}, eps={self.eps}"
@@ -227,13 +178,11 @@ class SpectralContrastiveLoss(nn.Module):
         if isinstance(graph_or_z_b, PairGraph):
             return F.spectral_contrastive(z, graph_or_z_b, negative_weight=self.negative_weight,
                                           check_finite=self.check_finite, gather=self.gather)
-        op = "palfast.nn.SpectralContrastiveLoss"
-        _check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
         # unused by the two-view form, but a bad value is a bug either way
-        check_number(op, "negative_weight", self.negative_weight, 0.0)
-        if F._check_gather(op, self.gather):
-            z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
-        return F._spectral_contrastive_two_view(z, graph_or_z_b)
+        check_number("palfast.nn.SpectralContrastiveLoss", "negative_weight",
+                     self.negative_weight, 0.0)
+        return F.spectral_contrastive_two_view(z, graph_or_z_b, check_finite=self.check_finite,
+                                               gather=self.gather)
 
     def extra_repr(self) -> str:
         return f"negative_weight={self.negative_weight}"
@@ -262,11 +211,11 @@ class VIC2Loss(nn.Module):
         n_views, gather = self.n_views, self.gather
         if not isinstance(graph_or_z_b, PairGraph):
             op = "palfast.nn.VIC2Loss"
-            _check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
+            check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
             # vic2 reads z as stacked view blocks: gather each view, then stack them
-            if F._check_gather(op, gather):
-                z, graph_or_z_b = _gathered_views(z, graph_or_z_b)
-            z, graph_or_z_b = _two_views(z, graph_or_z_b, gather=False)
+            if check_gather(op, gather):
+                z, graph_or_z_b = gathered_views(z, graph_or_z_b)
+            z, graph_or_z_b = stacked_views(z, graph_or_z_b, gather=False)
             n_views, gather = 2, False
         return F.vic2(z, graph_or_z_b, beta=self.beta, n_views=n_views,
                       check_finite=self.check_finite, gather=gather)
@@ -323,11 +272,11 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         op = "palfast.nn.NTXentLoss"
-        _check_two_views(op, out0, out1, 1, False, names=("out0", "out1"))
+        check_two_views(op, out0, out1, 1, False, names=("out0", "out1"))
         # lightly gathers only when there are ranks to gather from: gather=None does that
         gather = check_bool(op, "gather_distributed", self.gather_distributed)
-        gather = F._check_gather(op, None if gather else False)
-        z, graph = _two_views(out0, out1, gather)
+        gather = check_gather(op, None if gather else False)
+        z, graph = stacked_views(out0, out1, gather)
         return F.info_nce(z, graph, temperature=self.temperature, gather=gather)
 
     def extra_repr(self) -> str:
@@ -376,7 +325,7 @@ class SupConLoss(nn.Module):
                                  f"pair of the batch, by labels), got {type(value).__name__}; "
                                  "call it as loss(embeddings, labels)")
         check_tensor(op, "embeddings", embeddings, min_rows=1, dtypes=FLOAT_DTYPES)
-        F._check_finite(op, "embeddings", embeddings, check_bool(op, "check_finite",
+        check_finite_values(op, "embeddings", embeddings, check_bool(op, "check_finite",
                                                                  self.check_finite))
         temperature = check_number(op, "temperature", self.temperature, 0.0, strict=True)
         if labels is None:
@@ -386,7 +335,7 @@ class SupConLoss(nn.Module):
         if y.shape != embeddings.shape[:1]:
             raise ValueError(f"{op}: labels must be an [N] = [{embeddings.shape[0]}] vector, one "
                              f"per row of embeddings, got shape {tuple(y.shape)}")
-        gather = F._check_gather(op, self.gather)
+        gather = check_gather(op, self.gather)
         classes = torch.unique(_dist.gather_rows_no_grad(y) if gather else y,
                                return_inverse=True)[1]
         rows = F.info_nce(embeddings, PairGraph.from_labels(classes),

@@ -96,3 +96,65 @@ def test_to_device_keeps_everything():
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ------------------------------------------------------------------ known pairs
+def _known_pairs_brute_force(g: PairGraph, anchor: torch.Tensor) -> list[tuple[int, int]]:
+    """Every ordered pair (i, k), i ≠ k, i an anchor, with a positive or a negative
+    weight, read off the dense matrices one pair at a time."""
+    known = g.to_dense(torch.float64) > 0
+    if g.negatives is not None:
+        known |= g.negatives.to_dense(torch.float64) > 0
+    n = g.num_nodes
+    return [(i, k) for i in range(n) for k in range(n)
+            if i != k and bool(anchor[i]) and bool(known[i, k])]
+
+
+def _with_negative_edges(g: PairGraph, seed: int) -> PairGraph:
+    """g with random known negatives on pairs that are not positives of g."""
+    gen = torch.Generator().manual_seed(seed)
+    w = g.to_dense()
+    pick = (torch.rand(g.num_nodes, g.num_nodes, generator=gen) < 0.2) & (w == 0) & (w.T == 0)
+    pick.fill_diagonal_(False)
+    src, dst = pick.nonzero(as_tuple=True)
+    return g.with_negatives(PairGraph.from_edges(src, dst, num_nodes=g.num_nodes,
+                                                 symmetric=bool(seed % 2)))
+
+
+@pytest.mark.parametrize("kind", ["views", "labels", "edges", "dense", "semi"])
+@pytest.mark.parametrize("n", [1, 2, 9, 30])
+@pytest.mark.parametrize("negatives", [False, True])
+def test_known_pairs_match_brute_force(graph_factory, kind, n, negatives):
+    g = graph_factory(kind, n, seed=n)
+    if negatives:
+        g = _with_negative_edges(g, seed=n)
+    gen = torch.Generator().manual_seed(n + 1)
+    for anchor in (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool),
+                   torch.rand(n, generator=gen) < 0.5):
+        rows, cols = g.known_pairs(anchor)
+        assert rows.dtype == cols.dtype == torch.long
+        assert list(zip(rows.tolist(), cols.tolist())) == _known_pairs_brute_force(g, anchor)
+    rows, cols = g.known_pairs()  # default: every row is an anchor
+    assert list(zip(rows.tolist(), cols.tolist())) == _known_pairs_brute_force(
+        g, torch.ones(n, dtype=torch.bool))
+
+
+def test_known_pairs_of_label_sets_and_label_negatives():
+    """A label set of weight 0 knows no pair; negatives given as a label set count."""
+    y = torch.tensor([0, 1, 0, 1, 2, -1, 2, 0])
+    g = PairGraph.from_views(4, 2) + PairGraph.from_labels(y, weight=0.0)
+    g = g.with_negatives(PairGraph.from_labels(torch.tensor([0, 1, 1, -1, -1, 0, -1, -1])))
+    anchor = torch.tensor([True, True, False, True, True, True, False, True])
+    rows, cols = g.known_pairs(anchor)
+    assert list(zip(rows.tolist(), cols.tolist())) == _known_pairs_brute_force(g, anchor)
+    assert (0, 2) not in zip(rows.tolist(), cols.tolist())  # shared class, but weight 0
+
+
+@pytest.mark.parametrize("anchor,match", [
+    (torch.ones(3, dtype=torch.bool), r"anchor must be a bool tensor of shape \[4\]"),
+    (torch.ones(4), "anchor must be a bool tensor of shape .* got torch.float32"),
+    ([True] * 4, "anchor must be a bool tensor .* got list"),
+])
+def test_known_pairs_refuses_a_bad_anchor(anchor, match):
+    with pytest.raises(TypeError, match=f"PairGraph.known_pairs: {match}"):
+        PairGraph.from_views(2, 2).known_pairs(anchor)

@@ -96,3 +96,42 @@ def test_non_finite_input_gives_nan_unless_checked(device, name, bad):
     z[2, 1] = bad
     g = palfast.PairGraph.from_views(4, 2).to(device)
     assert_nan_propagates_unless_checked(LOSSES[name].fn, z, g)
+
+
+# ------------------------------------------------------------ the functional front
+TWO_VIEW = {"vicreg_two_view": palfast.nn.VICRegLoss,
+            "barlow_twins_two_view": palfast.nn.BarlowTwinsLoss,
+            "spectral_contrastive_two_view": palfast.nn.SpectralContrastiveLoss}
+
+
+def test_functional_front_exports_every_loss_of_palfast_losses():
+    import palfast.functional as F
+    import palfast.losses
+
+    assert set(F.__all__) == set(palfast.losses.__all__)
+    for name in F.__all__:
+        assert getattr(F, name) is getattr(palfast.losses, name)
+    assert F.INFO_NCE_MAX_LOGIT[torch.float32] == 2**24  # docs/api.md, "Numerics"
+
+
+@pytest.mark.parametrize("name", TWO_VIEW)
+def test_two_view_function_is_the_modules_two_view_form(name):
+    fn = getattr(palfast.functional, name)
+    z_a, z_b = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    assert torch.equal(fn(z_a, z_b), TWO_VIEW[name]()(z_a, z_b))
+    assert fn(z_a.float(), z_b.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", TWO_VIEW)
+def test_two_view_function_checks_its_views(name):
+    fn = getattr(palfast.functional, name)
+    with pytest.raises(ValueError, match=rf"palfast.{name}: z_a and z_b must both be \[n, D\]"):
+        fn(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(TypeError, match=rf"palfast.{name}: z_b must be a torch.Tensor"):
+        fn(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2))
+    bad = torch.randn(4, 3)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=rf"palfast.{name}: z_b must be finite"):
+        fn(torch.randn(4, 3), bad, check_finite=True)
+    with pytest.raises(ValueError, match="gather=True needs an initialised torch.distributed"):
+        fn(torch.randn(4, 3), torch.randn(4, 3), gather=True)
