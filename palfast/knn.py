@@ -69,12 +69,13 @@ import math
 
 import torch
 
-from ._checks import check_choice, check_int, check_tensor
+from ._checks import check_choice, check_int, check_tensor, count_nonfinite_rows
 
 __all__ = ["AUTO_EXACT_MAX_ROWS", "BACKENDS", "CHUNK_BYTES", "DEFAULT_NPROBE",
            "DEFAULT_EF_SEARCH", "DEFAULT_JOIN_NPROBE", "HNSW_M", "INDEXES", "MAX_BLOCK",
-           "TRAIN_ROWS_PER_LIST", "as_rows", "build_index", "chunk_rows", "default_nlist",
-           "drop_self", "knn", "resolve_backend", "resolve_index", "row_spans", "unit_rows"]
+           "TRAIN_ROWS_PER_LIST", "as_rows", "build_index", "check_index_params", "chunk_rows",
+           "default_nlist", "drop_self", "knn", "resolve_backend", "resolve_index", "row_spans",
+           "unit_rows"]
 
 BACKENDS = ("auto", "faiss", "torch")
 INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw", "ivf-join")
@@ -176,10 +177,24 @@ def default_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // TRAIN_ROWS_PER_LIST))
 
 
-def _check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprobe,
+def check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprobe,
                         ef_search, pq_m):
-    """Validated (nlist, nprobe, ef_search, pq_m) for ``index`` over n rows of width d;
-    FAISS would abort the process on most of these, so nothing reaches it unchecked."""
+    """The index parameters of :func:`knn`, checked and with their defaults filled in:
+    ``(nlist, nprobe, ef_search, pq_m)`` for ``index`` (resolved by :func:`resolve_index`:
+    not ``"auto"``) over ``n`` indexed rows of width ``d``, searched for ``k`` neighbours.
+
+    A parameter of another index (``nlist`` with ``"hnsw"``), ``nlist > n``,
+    ``nprobe > nlist``, ``ef_search < k``, ``pq_m`` not dividing ``d`` and IVF-PQ on
+    fewer than 256 rows raise ValueError naming ``op`` and the argument; FAISS would abort
+    the process on most of these, so nothing reaches it unchecked. For callers that build
+    on :func:`build_index` (``params=``) or search later, as :func:`knn` does.
+
+    Example::
+
+        >>> from palfast.knn import check_index_params
+        >>> check_index_params("my_op", "ivf", 10_000, 128, 10, None, None, None, None)
+        (256, 16, None, None)
+    """
     if index in ("ivf", "ivfpq", "ivf-join"):
         if nlist is None:
             nlist = default_nlist(n)
@@ -248,7 +263,7 @@ def as_rows(op: str, name: str, x, *, min_rows: int = 0, finite: bool = False) -
         x = _from_numpy(op, name, x, "memory map" if isinstance(x, np.memmap) else "array")
     x = check_tensor(op, name, x, min_rows=min_rows)
     if finite:
-        bad = sum(int((~torch.isfinite(x[a:b])).any(1).sum()) for a, b in row_spans(x))
+        bad = count_nonfinite_rows(x, chunk_rows(x.shape[1]))
         if bad:
             raise ValueError(f"{op}: {name} must be finite, got {bad} rows with NaN or Inf")
     return x
@@ -358,7 +373,7 @@ def build_index(keys: torch.Tensor, backend: str, index: str, params=(None, None
                 seed: int = 0, device=None) -> _Index:
     """The k-NN index of :func:`knn` over ``keys`` ``[N, D]`` (validated by the caller:
     :func:`as_rows`, :func:`resolve_backend`, :func:`resolve_index`, and ``params`` =
-    ``(nlist, nprobe, ef_search, pq_m)`` from ``_check_index_params``). Rows are
+    ``(nlist, nprobe, ef_search, pq_m)`` from ``check_index_params``). Rows are
     normalised into it :data:`CHUNK_BYTES` at a time; the exact torch index is held
     on ``device`` (default keys' device)."""
     n, d = keys.shape
@@ -623,7 +638,7 @@ def knn(x, k: int, *, keys=None, backend: str = "auto",
     backend = resolve_backend(op, backend)
     n_keys = x.shape[0] if self_search else keys.shape[0]
     index = resolve_index(op, index, backend, n_keys, self_search)
-    params = _check_index_params(op, index, n_keys, x.shape[1], k, nlist, nprobe, ef_search, pq_m)
+    params = check_index_params(op, index, n_keys, x.shape[1], k, nlist, nprobe, ef_search, pq_m)
     seed = check_int(op, "seed", seed, 0)
     if index == "ivf-join":
         return _ivf_join(x, k, *params[:2], seed)

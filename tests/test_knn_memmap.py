@@ -181,3 +181,57 @@ def test_peak_memory_is_the_file_and_the_index(tmp_path, kind, backend):
     file_bytes, index_bytes = MEM_ROWS * MEM_DIM * 8, MEM_ROWS * MEM_DIM * 4
     assert extra <= file_bytes + index_bytes + MEM_SLACK, \
         f"{extra / 2**20:.0f} MiB over {(file_bytes + index_bytes) / 2**20:.0f} MiB (file + index)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_rows_are_counted_across_chunks(dtype):
+    from palfast._checks import count_nonfinite_rows
+
+    x = torch.randn(50, 6).to(dtype)
+    x[0, 5], x[17, 1], x[17, 2], x[49, 0] = float("nan"), float("inf"), float("-inf"), float("nan")
+    for view in (x, x[:, ::2], x.T.contiguous().T):  # strided views too
+        want = int((~torch.isfinite(view)).any(1).sum())
+        for rows in (None, 1, 7, 50):  # chunk edges inside the bad rows' neighbourhood
+            assert count_nonfinite_rows(view, rows) == want
+    assert count_nonfinite_rows(x[1:17]) == 0 and count_nonfinite_rows(x[:0]) == 0
+    with pytest.raises(ValueError, match=r"op: x must be finite, got 3 rows with NaN or Inf"):
+        knn_mod.as_rows("op", "x", x, finite=True)
+
+
+#: The NaN/Inf scan's memory check: a 256 MiB float32 tensor, whose whole bool mask
+#: (what torch.isfinite(x) made) is 64 MiB; scanned a chunk at a time (32 MiB of rows,
+#: an 8 MiB mask, two while a bad chunk's rows are counted) the peak stays far below.
+SCAN_ROWS, SCAN_DIM = 1 << 14, 1 << 12
+SCAN_SLACK = 32 << 20
+
+_SCAN_CHILD = textwrap.dedent("""
+    import sys, torch
+    from palfast._checks import check_tensor
+    from palfast.knn import as_rows
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    x = torch.ones({n}, {d})
+    x[-1, -1] = float("nan")
+    check = check_tensor if sys.argv[1] == "check_tensor" else as_rows
+    open("/proc/self/clear_refs", "w").write("5")   # peak RSS := current RSS
+    before = status("VmRSS")
+    try:
+        check("op", "x", x, finite=True)
+    except ValueError as e:
+        assert "got 1 rows with NaN or Inf" in str(e), e
+    print(status("VmHWM") - before)
+""").format(n=SCAN_ROWS, d=SCAN_DIM)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("check", ["check_tensor", "as_rows"])
+def test_the_nonfinite_scan_holds_one_chunk_not_a_mask_of_the_whole(tmp_path, check):
+    root = str(Path(palfast.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _SCAN_CHILD, check], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    extra = int(run.stdout.split()[-1])
+    assert extra <= SCAN_SLACK, f"{extra / 2**20:.0f} MiB to scan a {SCAN_ROWS * SCAN_DIM * 4 >> 20} MiB tensor"

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from .._checks import check_int
 from ..distributed import is_distributed
 from ..knn import (
-    _check_index_params,
     as_rows,
     build_index,
+    check_index_params,
     chunk_rows,
     drop_self,
     resolve_backend,
@@ -95,7 +95,7 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
     for r, n_r in enumerate(counts):
         if n_r:
             try:
-                params[r] = _check_index_params(_OP, index, n_r, d, k, nlist, nprobe, ef_search,
+                params[r] = check_index_params(_OP, index, n_r, d, k, nlist, nprobe, ef_search,
                                                 None)
             except ValueError as e:
                 raise ValueError(f"{e} (here N is the {n_r} rows of rank {r}'s shard)") from None

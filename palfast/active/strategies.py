@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_int, check_number
-from ..knn import _check_index_params, as_rows, knn, resolve_backend, resolve_index, row_spans
+from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
 from .store import RelationStore
 
@@ -210,7 +210,7 @@ def select_queries(embeddings, store: RelationStore, budget: int,
     # Index arguments checked now, whatever the strategy, before any work (FAISS
     # asserts abort the process); the graph itself is searched only when a step needs it.
     index = resolve_index(_OP, index, backend, n, self_search=True)
-    graph = _Graph(x, backend, index, _check_index_params(_OP, index, n, x.shape[1], k, nlist,
+    graph = _Graph(x, backend, index, check_index_params(_OP, index, n, x.shape[1], k, nlist,
                                                          nprobe, ef_search, None)[:3])
     sel = _Selection(store, row_ids)
     if budget == 0:
