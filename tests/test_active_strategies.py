@@ -4,7 +4,7 @@ deterministic, and each strategy does what its name says."""
 import pytest
 import torch
 
-from palfast.active import STRATEGIES, LabelOracle, RelationStore, select_queries
+from palfast.active import STRATEGIES, CandidateGraph, LabelOracle, RelationStore, select_queries
 from palfast.active import strategies as strategies_mod
 from palfast.active.strategies import STABLE_SEEDS
 
@@ -277,3 +277,79 @@ def test_index_arguments_reach_the_search(strategy):
         select_queries(x, store, 20, strategy, index="ivf", nlist=8, nprobe=9)
     with pytest.raises(ValueError, match="index must be one of"):
         select_queries(x, store, 20, strategy, index="flat")
+
+
+# ---- a CandidateGraph reused across calls (docs/active.md, "Query strategies")
+
+@pytest.fixture
+def knn_calls(monkeypatch):
+    """The searches select_queries runs: the real palfast.knn.knn, counted."""
+    calls = []
+    real = strategies_mod.knn
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies_mod, "knn", counted)
+    return calls
+
+
+@pytest.mark.parametrize("strategy", INFORMED)
+def test_a_graph_passed_to_every_round_is_searched_once_and_changes_nothing(strategy, knn_calls,
+                                                                           pal_links):
+    x, y = clustered(120, 6)
+    oracle = LabelOracle(y, noise=0.1, seed=1)
+    stores = {"per call": RelationStore(), "reused": RelationStore()}
+    graph = CandidateGraph(x, k=5)
+    for r in range(5):
+        per_call = select_queries(x, stores["per call"], 20, strategy, k=5, seed=r)
+        searches = len(knn_calls)
+        reused = select_queries(x, stores["reused"], 20, strategy, k=5, seed=r, graph=graph)
+        assert torch.equal(reused, per_call)  # the same graph: the same questions
+        check_selection(reused, stores["reused"], 20, n=120)
+        answers = oracle.ask(reused)
+        for store in stores.values():
+            store.record(reused, answers)
+        reused_searches = knn_calls[searches:]
+        del knn_calls[searches:]
+        if r:
+            assert reused_searches == []  # never searched again once searched
+    graph_k = 0 if graph.nbrs is None else graph.nbrs.shape[1]
+    assert (graph_k == 0) == (strategy == "random" or strategy == "pal" and pal_links == "exact")
+
+
+def test_candidate_graph_prepare_searches_what_the_first_call_needs(knn_calls):
+    x, _ = clustered(60, 3)
+    for strategy, k in (("nearest", 5), ("uncertain", 3 * 5), ("pal", 5)):
+        graph = CandidateGraph(x, k=5).prepare(strategy)
+        assert knn_calls == [k]
+        select_queries(x, RelationStore(), 10, strategy, k=5, graph=graph)
+        assert knn_calls == [k]  # nothing more searched
+        knn_calls.clear()
+    CandidateGraph(x).prepare("random")
+    assert knn_calls == []
+
+
+def test_candidate_graph_refuses_other_embeddings_and_index_arguments():
+    x, _ = clustered(30, 3)
+    graph = CandidateGraph(x, k=4)
+    store = RelationStore()
+    for other in (x.clone(), x[:20], x.double()):  # equal values are not enough: same array
+        with pytest.raises(ValueError, match=r"select_queries: graph must be built on these "
+                                             r"embeddings .* build CandidateGraph\(embeddings\)"):
+            select_queries(other, store, 3, "nearest", graph=graph)
+    with pytest.raises(ValueError, match="select_queries: index, nprobe must be left at the "
+                                         "default when graph is given"):
+        select_queries(x, store, 3, "nearest", graph=graph, index="exact", nprobe=2)
+    with pytest.raises(TypeError, match="graph must be a palfast.active.CandidateGraph or None"):
+        select_queries(x, store, 3, "nearest", graph=x)
+    with pytest.raises(ValueError, match="palfast.active.CandidateGraph: embeddings must be finite"):
+        CandidateGraph(torch.full((5, 3), float("nan")))
+    with pytest.raises(ValueError, match="palfast.active.CandidateGraph: nlist and nprobe apply"):
+        CandidateGraph(x, index="exact", nlist=3)
+    with pytest.raises(ValueError, match="CandidateGraph.prepare: strategy must be one of"):
+        graph.prepare("greedy")
+    # a NumPy array (a memory map the same way) is one array across calls: accepted
+    a = x.numpy()
+    assert select_queries(a, store, 3, "nearest", graph=CandidateGraph(a, k=4)).shape == (3, 2)

@@ -89,14 +89,21 @@ import heapq
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_choice, check_instance, check_int, check_number
 from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
 from .store import RelationStore
 
-__all__ = ["ORDERS", "STABLE_SEEDS", "STRATEGIES", "select_queries"]
+__all__ = ["GRAPH_STRATEGIES", "ORDERS", "STABLE_SEEDS", "STRATEGIES", "UNCERTAIN_K_FACTOR",
+           "CandidateGraph", "select_queries"]
 
 STRATEGIES = ("pal", "nearest", "uncertain", "random", "passive")
+#: The strategies that search the k-NN graph (:class:`CandidateGraph`); ``"random"`` and
+#: ``"passive"`` never read the embeddings' values.
+GRAPH_STRATEGIES = ("pal", "nearest", "uncertain")
+#: ``"uncertain"`` takes its candidates from the k-NN graph with this many times k
+#: neighbours: the pairs near the threshold are rarer than the most similar ones.
+UNCERTAIN_K_FACTOR = 3
 #: ``"pal"``'s order of the candidates inside a class (module docstring).
 ORDERS = ("gain", "random")
 _OP = "palfast.active.select_queries"
@@ -150,7 +157,8 @@ def select_queries(embeddings, store: RelationStore, budget: int,
                    seed: int | None = None, ids=None, backend: str = "auto",
                    explore: float = 0.1, order: str = "gain",
                    state: dict | None = None, index: str = "auto", nlist: int | None = None,
-                   nprobe: int | None = None, ef_search: int | None = None) -> torch.Tensor:
+                   nprobe: int | None = None, ef_search: int | None = None,
+                   graph: CandidateGraph | None = None) -> torch.Tensor:
     """Choose up to ``budget`` unknown pairs to ask the oracle.
 
     Args:
@@ -172,6 +180,12 @@ def select_queries(embeddings, store: RelationStore, budget: int,
         index / nlist / nprobe / ef_search: its k-NN index (:func:`candidate_pairs`;
             default ``"auto"``: exact up to :data:`palfast.knn.AUTO_EXACT_MAX_ROWS` rows).
             One k-NN graph is searched per call and shared by every step.
+        graph: a :class:`CandidateGraph` built on these same embeddings (the same array,
+            not a copy), to reuse its k-NN graph instead of searching one in this call;
+            ``backend``, ``index``, ``nlist``, ``nprobe`` and ``ef_search`` are then the
+            graph's and must be left at their defaults here. The embeddings were checked
+            for NaN/Inf when the graph was built and are not scanned again. Default None:
+            a graph of this call only.
         explore: ``"pal"`` only, share of the budget spent seeding new classes (a
             fraction carried from call to call through ``state``).
         order: ``"pal"`` only, how a class's candidates are ranked: ``"gain"`` (expected
@@ -186,7 +200,22 @@ def select_queries(embeddings, store: RelationStore, budget: int,
     Returns:
         LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
     """
-    x = as_rows(_OP, "embeddings", embeddings, min_rows=2, finite=True)
+    if graph is not None:
+        check_instance(_OP, "graph", graph, CandidateGraph, "a palfast.active.CandidateGraph or None")
+        given = [name for name, value, default in (
+            ("backend", backend, "auto"), ("index", index, "auto"), ("nlist", nlist, None),
+            ("nprobe", nprobe, None), ("ef_search", ef_search, None)) if value != default]
+        if given:
+            raise ValueError(f"{_OP}: {', '.join(given)} must be left at the default when graph is "
+                             f"given (the graph's were fixed when it was built); pass them to "
+                             f"CandidateGraph instead")
+    # With a graph the embeddings were scanned for NaN/Inf when it was built.
+    x = as_rows(_OP, "embeddings", embeddings, min_rows=2, finite=graph is None)
+    if graph is not None and not graph.built_on(x):
+        raise ValueError(f"{_OP}: graph must be built on these embeddings (the same array: "
+                         f"shape, dtype and memory), got a graph of shape {tuple(graph.x.shape)} "
+                         f"for embeddings of shape {tuple(x.shape)}; build CandidateGraph(embeddings) "
+                         f"again whenever the embeddings change")
     n = x.shape[0]
     if not isinstance(store, RelationStore):
         raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, "
@@ -207,11 +236,8 @@ def select_queries(embeddings, store: RelationStore, budget: int,
         seed = 0 if seed is None else check_int(_OP, "seed", seed, 0, _MAX_SEED)
         generator = torch.Generator().manual_seed(seed)
     k = min(k, n - 1)
-    # Index arguments checked now, whatever the strategy, before any work (FAISS
-    # asserts abort the process); the graph itself is searched only when a step needs it.
-    index = resolve_index(_OP, index, backend, n, self_search=True)
-    graph = _Graph(x, backend, index, check_index_params(_OP, index, n, x.shape[1], k, nlist,
-                                                         nprobe, ef_search, None)[:3])
+    if graph is None:  # one of this call only: its arguments are checked now, before any work
+        graph = CandidateGraph._of_call(x, k, backend, index, nlist, nprobe, ef_search)
     sel = _Selection(store, row_ids)
     if budget == 0:
         return sel.result()
@@ -263,23 +289,106 @@ class _UnitRows:
         return self._dense
 
 
-class _Graph:
-    """The k-NN graph of one call, searched once for the largest k asked so far and
-    shared by every step (a smaller k is a prefix of its rows)."""
+class CandidateGraph:
+    """The k-NN graph :func:`select_queries` draws its candidate pairs from, over fixed
+    embeddings: build it once and pass it to every call (``graph=``) while the embeddings
+    do not change, so the search runs once instead of once per call.
 
-    def __init__(self, x: torch.Tensor, backend: str, index: str, params):
-        self.x, self.backend, self.index = x, backend, index
-        self.nlist, self.nprobe, self.ef_search = params
+    ``CandidateGraph(embeddings, k=10, backend="auto", index="auto", nlist=None,
+    nprobe=None, ef_search=None)`` checks the embeddings (finite, ``[N, D]``, N ≥ 2; the
+    kinds :func:`select_queries` takes, a memory map too, which is not copied) and the
+    index arguments (:func:`palfast.knn.check_index_params`) at once. The search runs
+    the first time a strategy needs it (or :meth:`prepare`, :meth:`knn`), for the
+    largest k asked so far (a smaller k is a prefix of its rows; a larger one searches
+    again), and the graph is kept with the both-direction edge lists ``"pal"`` walks.
+    What depends on the answers (the store) is never kept: every call recomputes it.
+
+    Without ``graph=``, select_queries builds one per call (what :class:`ActiveLearner`
+    needs: its embeddings change every round). ``palfast annotate`` builds one per
+    embeddings file (docs/annotate.md, "Large pools").
+
+    The graph holds the embeddings it was built on (a view, no copy) and the search
+    result, ``[N, k]`` similarities and neighbours plus, once ``"pal"`` walks them, both
+    directions of its edges: about 36·N·k bytes. Changing the embeddings in place after
+    the search is not noticed: build a new graph.
+
+    Args:
+        embeddings: ``[N, D]`` floating point, as :func:`select_queries` takes them.
+        k: neighbours per row the strategies ask for (select_queries' ``k``; ``"uncertain"``
+            asks for 3k); an ``ef_search`` below it is refused.
+        backend, index, nlist, nprobe, ef_search: the k-NN search (:func:`palfast.knn.knn`).
+
+    Example::
+
+        >>> import torch
+        >>> from palfast.active import CandidateGraph, RelationStore, select_queries
+        >>> x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+        >>> graph = CandidateGraph(x)
+        >>> store = RelationStore()
+        >>> first = select_queries(x, store, 5, "nearest", graph=graph)
+        >>> _ = store.record(first, torch.ones(5, dtype=torch.bool))
+        >>> select_queries(x, store, 5, "nearest", graph=graph).shape  # no second search
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, embeddings, *, k: int = 10, backend: str = "auto", index: str = "auto",
+                 nlist: int | None = None, nprobe: int | None = None, ef_search: int | None = None):
+        op = "palfast.active.CandidateGraph"
+        x = as_rows(op, "embeddings", embeddings, min_rows=2, finite=True)
+        self._setup(op, x, check_int(op, "k", k, 1), backend, index, nlist, nprobe, ef_search)
+
+    @classmethod
+    def _of_call(cls, x: torch.Tensor, *args) -> CandidateGraph:
+        """The graph of one select_queries call, on its checked rows ``x``; errors name
+        select_queries."""
+        graph = cls.__new__(cls)
+        graph._setup(_OP, x, *args)
+        return graph
+
+    def _setup(self, op: str, x: torch.Tensor, k: int, backend, index, nlist, nprobe, ef_search):
+        self.x = x
+        n = x.shape[0]
+        self.k = min(k, n - 1)
+        self.backend = resolve_backend(op, backend)
+        # Checked now, before any search (FAISS asserts abort the process).
+        self.index = resolve_index(op, index, self.backend, n, self_search=True)
+        self.nlist, self.nprobe, self.ef_search, _ = check_index_params(
+            op, self.index, n, x.shape[1], self.k, nlist, nprobe, ef_search, None)
         self.sims = self.nbrs = None
         self._sym = None
 
+    @property
+    def n(self) -> int:
+        """Rows of the embeddings."""
+        return self.x.shape[0]
+
+    def built_on(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` (a tensor from :func:`palfast.knn.as_rows`) is the array the graph
+        was built on: the same memory, shape, strides, dtype and device."""
+        return (x.shape == self.x.shape and x.dtype == self.x.dtype and x.device == self.x.device
+                and x.stride() == self.x.stride() and x.data_ptr() == self.x.data_ptr())
+
     def knn(self, k: int):
+        """``(sims [N, k], nbrs [N, k])`` on the CPU: each row's k most similar other rows
+        (:func:`palfast.knn.knn`; −inf / −1 where an approximate index found fewer),
+        searched only when no search for k or more was done before."""
+        k = min(k, self.n - 1)
         if self.nbrs is None or self.nbrs.shape[1] < k:
             sims, nbrs = knn(self.x, k, backend=self.backend, index=self.index, nlist=self.nlist,
                              nprobe=self.nprobe, ef_search=None if self.index != "hnsw"
                              else max(k, self.ef_search), op=_OP, finite=False)
             self.sims, self.nbrs, self._sym = sims.cpu(), nbrs.cpu(), None
         return self.sims[:, :k], self.nbrs[:, :k]
+
+    def prepare(self, strategy: str) -> CandidateGraph:
+        """Search now what ``strategy``'s first call needs (``"nearest"``, ``"pal"``: k
+        neighbours; ``"uncertain"``: :data:`UNCERTAIN_K_FACTOR` · k; ``"random"``,
+        ``"passive"``: nothing), e.g. in a background thread before the first question.
+        Returns the graph."""
+        check_choice("palfast.active.CandidateGraph.prepare", "strategy", strategy, STRATEGIES)
+        if strategy in GRAPH_STRATEGIES:
+            self.knn(UNCERTAIN_K_FACTOR * self.k if strategy == "uncertain" else self.k)
+        return self
 
     def pairs(self, k: int, sel: _Selection):
         """candidate_pairs(x, k, store, ids) from this graph."""
@@ -365,7 +474,7 @@ def _rows_of(sel: _Selection, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.
     return order[pos_a], order[pos_b]
 
 
-def _nearest(sel: _Selection, graph: _Graph, budget: int, k: int) -> None:
+def _nearest(sel: _Selection, graph: CandidateGraph, budget: int, k: int) -> None:
     """Add the most similar unknown pairs (k doubled until the budget is met)."""
     n = sel.ids.numel()
     while True:
@@ -407,9 +516,9 @@ def _threshold(sel: _Selection, xn: _UnitRows, fallback: torch.Tensor) -> float:
     return float(fallback.median()) if fallback.numel() else 0.0
 
 
-def _uncertain(sel: _Selection, xn: _UnitRows, graph: _Graph, budget: int, k: int) -> None:
+def _uncertain(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: int, k: int) -> None:
     n = xn.shape[0]
-    k = min(3 * k, n - 1)
+    k = min(UNCERTAIN_K_FACTOR * k, n - 1)
     while True:
         pairs, sims = graph.pairs(k, sel)
         t = _threshold(sel, xn, sims)
@@ -526,7 +635,7 @@ class _GraphLinks(_DenseLinks):
     a row is linked to class c through its edges to members of c; a row with no edge
     to a member is predicted in no class. O(N·k) time and memory."""
 
-    def __init__(self, xn, class_of, n_cls, members, free, graph: _Graph, k: int):
+    def __init__(self, xn, class_of, n_cls, members, free, graph: CandidateGraph, k: int):
         self.xn, self.members, self.free, self.class_of = xn, members, free, class_of
         n = xn.shape[0]
         ptr, dst, sim = graph.symmetric(k)
@@ -632,7 +741,7 @@ def _closest_pair(xn, rows_a, rows_b):
     return int(rows_a[best // rows_b.numel()]), int(rows_b[best % rows_b.numel()])
 
 
-def _pal(sel: _Selection, xn: _UnitRows, graph: _Graph, budget: int, k: int, explore: float,
+def _pal(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: int, k: int, explore: float,
          gen: torch.Generator, order: str, state: dict) -> None:
     n = xn.shape[0]
     _, inv, counts = torch.unique(sel.roots, return_inverse=True, return_counts=True)
