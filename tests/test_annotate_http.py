@@ -30,6 +30,7 @@ from palfast.annotate.app import MAX_REQUEST_BYTES, create_app  # noqa: E402
 from palfast.annotate.data import Embeddings, ImageData, load_data  # noqa: E402
 from palfast.annotate.questions import Questions  # noqa: E402
 from palfast.cli import main  # noqa: E402
+from palfast.knn import as_rows  # noqa: E402
 
 N, CLASSES = 40, 4
 #: The served store's busy timeout: a test holding the write lock from another connection
@@ -726,6 +727,79 @@ def test_captcha_questions_do_not_copy_a_memory_mapped_pool(tmp_path, monkeypatc
     assert peak < n * d * 4 / 4, f"{peak / 2**20:.1f} MiB for a {n * d * 4 / 2**20:.1f} MiB pool"
 
 
+def clustered_file(path, n, classes=10, d=8, seed=0):
+    """``n`` rows of ``classes`` Gaussian classes (row r in class r % classes) saved to the
+    ``.npy`` file ``path``; returns the labels."""
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = g.standard_normal((classes, d))[y] + 0.3 * g.standard_normal((n, d))
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, x.astype(np.float32))
+    os.replace(tmp, path)  # as a trainer refreshes it
+    return y
+
+
+@pytest.fixture
+def knn_searches(monkeypatch):
+    """The k of every k-NN graph search select_queries runs (the real search, counted);
+    "pal" on its graph path, what pools above PAL_EXACT_WORK take."""
+    from palfast.active import strategies
+
+    searches = []
+    real = strategies.knn
+
+    def counted(*args, **kwargs):
+        searches.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "knn", counted)
+    monkeypatch.setattr(strategies, "PAL_EXACT_WORK", 0)
+    return searches
+
+
+@pytest.mark.parametrize("strategy", ["pal", "nearest", "uncertain"])
+def test_refills_search_the_knn_graph_once_and_never_reask(tmp_path, knn_searches, strategy):
+    """The embeddings do not change while the app runs: their k-NN graph is searched once,
+    not once per refill (at 10^6 samples a refill took 12 minutes when it was), and the
+    refills after new answers still ask only pairs the store does not know."""
+    n = 600
+    y = clustered_file(tmp_path / "e.npy", n)
+    with RelationStore() as store:
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, strategy=strategy,
+                      background=False)
+        asked = set()
+        for _ in range(4):
+            assert q.refill() > 0
+            pairs = list(q._pending)
+            q._pending.clear()
+            assert not any(store.is_known(i, j) for i, j in pairs) and not asked & set(pairs)
+            asked |= set(pairs)
+            store.record(pairs, [bool(y[i] == y[j]) for i, j in pairs])
+        assert len(knn_searches) == 1
+        q.close()
+
+
+def test_a_new_embeddings_file_gets_a_new_graph_searched_with_progress(tmp_path, knn_searches):
+    n = 300
+    clustered_file(tmp_path / "e.npy", n)
+    said = []
+    with RelationStore() as store:
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, background=False,
+                      progress=said.append)
+        q.refill()
+        q.refill()
+        assert len(knn_searches) == 1 and len(said) == 2
+        assert said[0].startswith("searching the k-NN graph of 300 samples (--index auto)")
+        assert re.fullmatch(r"k-NN graph searched in \d+\.\d s", said[1])
+        clustered_file(tmp_path / "e.npy", n, seed=1)
+        os.utime(tmp_path / "e.npy", ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert q.refill() > 0  # on the new file, its graph searched first
+        assert len(knn_searches) == 2 and len(said) == 4
+        assert q._graph[1].built_on(as_rows("test", "x", q.embeddings.get()[0]))
+        assert q.stats("me")["preparing"] is None
+        q.close()
+
+
 @pytest.mark.parametrize("args,err", [
     (["--index", "flat"], "argument --index: invalid choice: 'flat'"),
     (["--index", "ivf", "--nlist", "0"], "argument --nlist: must be an integer >= 1, got '0'"),
@@ -783,5 +857,9 @@ def test_cli_index_options_reach_select_queries(tmp_path, capsys, monkeypatch):
         finally:
             q.close()
             store.close()
-        assert calls and all({key: k[key] for key in want} == want for k in calls)
+        # the start-up check gets the options; every refill the graph built with them
+        assert calls and {key: calls[0][key] for key in want} == want
+        graphs = [k["graph"] for k in calls[1:]]
+        assert graphs and all(g is q._graph[1] for g in graphs)
+        assert {key: getattr(q._graph[1], key) for key in want} == want
         calls.clear()

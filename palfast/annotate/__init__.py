@@ -129,13 +129,15 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group(
         "k-NN index (large pools)",
-        "Every refill searches each sample's nearest neighbours (palfast.knn); on a large\n"
-        "pool an approximate FAISS index makes that affordable (pip install faiss-cpu).")
+        "Each sample's nearest neighbours (palfast.knn) are searched once per embeddings\n"
+        "file, in the background, and every refill reuses them; on a large pool an\n"
+        "approximate index makes that search affordable.")
     g.add_argument("--index", choices=INDEXES, default="auto",
-                   help=f"auto (default): exact up to {AUTO_EXACT_MAX_ROWS:,} samples, ivf above "
-                        "when faiss is installed; exact: every similarity (N^2 D work per "
-                        "refill); ivf: FAISS inverted lists, approximate; hnsw: FAISS graph "
-                        "index, approximate, no training")
+                   help=f"auto (default): exact up to {AUTO_EXACT_MAX_ROWS:,} samples, above "
+                        "palfast's IVF self search (ivf-join: torch only, no faiss needed); "
+                        "exact: every similarity (N^2 D work per search); ivf: FAISS inverted "
+                        "lists, approximate; hnsw: FAISS graph index, approximate, no training "
+                        "(pip install faiss-cpu for these two)")
     g.add_argument("--nlist", type=int_at_least(1), default=None, metavar="LISTS",
                    help="--index ivf: lists the samples are clustered into, 1..N (default: about "
                         "4*sqrt(N), at most N/39)")
@@ -183,6 +185,11 @@ def port_number(text: str) -> int:
 def _fail(msg: str) -> int:
     print(f"palfast annotate: {msg}", file=sys.stderr)
     return 2
+
+
+def _say(msg: str) -> None:
+    """A progress line on stderr (the k-NN graph search of the refill thread)."""
+    print(f"palfast annotate: {msg}", file=sys.stderr, flush=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -268,7 +275,7 @@ def build(args, token: str | None = None):
         questions = Questions(store, embeddings, data.n, strategy=args.strategy,
                               budget=args.budget, captcha_k=args.captcha_k, seed=args.seed,
                               index=args.index, nlist=args.nlist, nprobe=args.nprobe,
-                              ef_search=args.ef_search)
+                              ef_search=args.ef_search, progress=_say)
     except BaseException:
         store.close()
         raise

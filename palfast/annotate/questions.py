@@ -6,6 +6,11 @@ for concurrent threads: every use holds ``self._lock``). It keeps
 * ``pending``: pairs from :func:`palfast.active.select_queries` not yet shown, refilled by a
   background thread when fewer than ``LOW_WATER`` are left, and rebuilt when the trainer
   refreshes the embeddings file;
+* the :class:`palfast.active.CandidateGraph` of the current embeddings (strategies
+  ``pal``, ``nearest``, ``uncertain``): its k-NN search runs once per embeddings file, in
+  the refill thread and outside the lock (minutes on a pool of a million samples, while
+  pages and answers are served), and every refill reuses it; only what depends on the
+  answers is computed again per refill;
 * ``issued``: the questions on someone's screen, by an unguessable id. An answer is taken
   only for an issued id, from the session it was issued to, once; the id is dropped only
   after the store committed the answers, so a failed write can be retried and never loses
@@ -26,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..active import RelationStore, select_queries
+from ..active import CandidateGraph, RelationStore, select_queries
+from ..active.strategies import GRAPH_STRATEGIES
 from ..knn import chunk_rows
 from .data import Embeddings
 
@@ -98,11 +104,13 @@ class Questions:
     def __init__(self, store: RelationStore, embeddings: Embeddings, n: int, *, strategy: str = "pal",
                  budget: int = 500, captcha_k: int = 6, seed: int = 0, background: bool = True,
                  index: str = "auto", nlist: int | None = None, nprobe: int | None = None,
-                 ef_search: int | None = None):
+                 ef_search: int | None = None, progress=None):
         """``background=False``: no refill thread, :meth:`next` refills in the caller's thread.
         ``index``, ``nlist``, ``nprobe``, ``ef_search``: select_queries' k-NN index
         (docs/annotate.md, "Large pools"); checked here, before any question, by a
-        selection of no pairs (ValueError / ImportError naming the argument)."""
+        selection of no pairs (ValueError / ImportError naming the argument).
+        ``progress``: called with a line of text when the k-NN graph search starts and
+        ends (the CLI prints it), or None."""
         self.store = store
         self.embeddings = embeddings
         self.n = n
@@ -132,6 +140,9 @@ class Questions:
         self._last_added: int | None = None  # pairs the last refill added
         self.refill_error: str | None = None
         self._rng = np.random.default_rng(seed)
+        self._progress = progress
+        self._graph: tuple[int, CandidateGraph] | None = None  # (embeddings version, graph)
+        self.preparing: str | None = None  # what the graph search is doing, for the page
         self._background = background
         self._thread: threading.Thread | None = None
         if background:
@@ -160,18 +171,66 @@ class Questions:
             self._want_refill = True
             self._changed.notify_all()
 
-    def refill(self) -> int:
-        """One refill, in the caller's thread; returns the number of pairs added."""
+    def _say(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress(text)
+
+    def _candidate_graph(self):
+        """``(version, graph)``: the candidate graph of the current embeddings and their
+        version (graph None for the strategies without one). Searched here, outside the
+        lock, only when the embeddings changed since the last search."""
         with self._lock:
             self._sync()
+            x, version = self.embeddings.get()
+            if self.strategy not in GRAPH_STRATEGIES or x is None:
+                return version, None
+            if self._graph is not None and self._graph[0] == version:
+                return self._graph
+            self._graph = None  # the old one is of other embeddings: let it go first
+            self.preparing = (f"Preparing the questions: searching the nearest neighbours of "
+                              f"{self.n:,} samples (started {time.strftime('%H:%M:%S')}).")
+        self._say(f"searching the k-NN graph of {self.n:,} samples (--index {self.index_args['index']}); "
+                  f"questions are served once it is done")
+        start = time.monotonic()
+        try:
+            graph = CandidateGraph(x, k=SELECT_K, **self.index_args).prepare(self.strategy)
+        finally:
+            with self._lock:
+                self.preparing = None
+        self._say(f"k-NN graph searched in {time.monotonic() - start:.1f} s")
+        with self._lock:
+            self._graph = (version, graph)
+        return version, graph
+
+    def refill(self) -> int:
+        """One refill, in the caller's thread; returns the number of pairs added."""
+        while True:
+            try:
+                version, graph = self._candidate_graph()
+            except Exception as e:  # as a failed selection: the page shows the reason
+                with self._lock:
+                    self.refill_error = f"{type(e).__name__}: {e}"
+                    self._last_added = 0
+                    self._want_refill = False
+                    self._changed.notify_all()
+                return 0
+            with self._lock:
+                self._sync()
+                if self.embeddings.get()[1] == version:  # else new embeddings came meanwhile
+                    return self._select(graph)
+
+    def _select(self, graph: CandidateGraph | None) -> int:
+        """The refill proper, holding the lock: ask select_queries for REFILL more pairs."""
+        with self._lock:
             added = 0
             try:
                 busy = self._busy_pairs()
                 have = set(self._pending) | busy
                 self._rounds += 1
+                # The graph carries the index arguments (checked when it was built).
+                how = {"graph": graph} if graph is not None else self.index_args
                 got = select_queries(self._embeddings_tensor(), self.store, REFILL, self.strategy,
-                                     k=SELECT_K, seed=self._seed * 1_000_003 + self._rounds,
-                                     **self.index_args)
+                                     k=SELECT_K, seed=self._seed * 1_000_003 + self._rounds, **how)
                 for i, j in got.tolist():
                     if (i, j) not in have:
                         self._pending.append((i, j))
@@ -368,7 +427,8 @@ class Questions:
                     "n": self.n, "mine": self._saved_count.get(owner, 0),
                     "can_undo": bool(stack),
                     "last_ids": list(stack[-1].ids) if stack else [],
-                    "embeddings_error": self.embeddings.error, "refill_error": self.refill_error}
+                    "embeddings_error": self.embeddings.error, "refill_error": self.refill_error,
+                    "preparing": self.preparing}
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
