@@ -258,16 +258,33 @@ def test_active_bench_quick_runs_every_index_with_recall(monkeypatch, tmp_path):
     report = harness.run_cases(["bench_active"], quick=True, repeats=1, warmup=0, memory=False,
                                out_dir=str(tmp_path), progress=lambda msg: None)
     rows = {r["index"]: r for r in report["results"]}
-    assert set(rows) == {"exact", "ivf", "hnsw"}
+    assert set(rows) == {"exact", "ivf", "hnsw", "ivf-join"}
     for r in rows.values():
         assert r["status"] == "ok" and r["N"] == 2000 and r["budget"] == ba.BUDGET
         assert r["recall_queries"] == 300 and r["build_s"] > 0 and "extras_status" not in r
         assert 0.0 <= r["recall_at_10"] <= 1.0
     assert rows["exact"]["recall_at_10"] == 1.0  # the exact round against itself
     assert rows["hnsw"]["recall_at_10"] > 0.9
+    assert rows["ivf-join"]["recall_at_10"] > 0.9
     assert all(t["status"] == "unmeasured (not run)" for t in report["targets"])
     [path] = tmp_path.glob("bench_cpu_*.json")
     assert json.loads(path.read_text())["results"][0]["recall_at_10"] == 1.0
+    ba._exact_neighbours.cache_clear()
+
+
+def test_active_bench_runs_ivf_join_without_faiss(monkeypatch, tmp_path):
+    """ivf-join, what index="auto" picks for a round on a large pool, is torch only: it runs
+    (with its recall) where faiss is missing, and only the FAISS indexes are skipped."""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    ba = _small_active(monkeypatch)
+    report = harness.run_cases(["bench_active"], quick=True, repeats=1, warmup=0, memory=False,
+                               out_dir=str(tmp_path), progress=lambda msg: None)
+    status = {r["index"]: r["status"] for r in report["results"]}
+    assert status == {"exact": "ok", "ivf-join": "ok",
+                      "ivf": "skipped: faiss is not installed (pip install faiss-cpu)",
+                      "hnsw": "skipped: faiss is not installed (pip install faiss-cpu)"}
+    join = next(r for r in report["results"] if r["index"] == "ivf-join")
+    assert join["recall_at_10"] > 0.9 and join["recall_queries"] == 300
     ba._exact_neighbours.cache_clear()
 
 
@@ -289,15 +306,19 @@ def test_active_targets_are_judged_at_a_million_rows():
              "peak_rss_mib": 3000.0, "recall_at_10": 0.97},
             {"N": ba.TARGET_N, "index": "hnsw", "status": "ok", "median_s": 70.0,
              "peak_rss_mib": 5000.0, "recall_at_10": 0.9},
+            {"N": ba.TARGET_N, "index": "ivf-join", "status": "ok", "median_s": 275.0,
+             "peak_rss_mib": 2400.0, "recall_at_10": 1.0},
             {"N": 10_000, "index": "ivf", "status": "ok", "median_s": 1.0}]
     got = {t["target"]: t["status"] for t in ba.targets(rows, {})}
     assert [s for t, s in got.items() if "(ivf)" in t] == ["met"] * 3
     assert [s for t, s in got.items() if "(hnsw)" in t] == ["missed"] * 3
+    assert [s for t, s in got.items() if "(ivf-join)" in t] == ["missed", "met", "met"]
     rows[0].pop("peak_rss_mib")
     rows[1]["status"] = "skipped: faiss is not installed"
     got = [t["status"] for t in ba.targets(rows, {})]
     assert got[1] == "unmeasured (peak_rss_mib not measured)"
-    assert got[3:] == ["unmeasured (skipped: faiss is not installed)"] * 3
+    assert got[3:6] == ["unmeasured (skipped: faiss is not installed)"] * 3
+    assert len(got) == 9
 
 
 def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """One active-PAL selection round on a large pool, per k-NN index (docs/active.md, "Large pools").
 
 A case is one pool size N and one index of :func:`palfast.knn.knn` (``exact``, ``ivf``,
-``hnsw``); one run is a whole selection round as a user calls it:
+``hnsw``, ``ivf-join``: what ``index="auto"`` picks above
+:data:`palfast.knn.AUTO_EXACT_MAX_ROWS`); one run is a whole selection round as a user calls it:
 ``select_queries(x, store, budget=500, strategy="pal", index=...)``, the k-NN search
 (index training, adding the rows, searching every row) included. Time is seconds per
 round; peak memory comes from the harness's subprocess per implementation, which here
@@ -17,9 +18,11 @@ classes as well as seeding new ones.
 Recall (``recall_at_10``, an extra of each row): the index is built on all N rows as the
 round builds it (same seed and parameters), searched for :data:`RECALL_QUERIES` sampled
 rows, and their 10 nearest other rows are compared with an exact search of the same
-rows (torch mm + topk over all N; the exact result is computed once per N). The row also
-carries ``build_s``: the seconds of building the index and searching those rows (for
-``exact``: the exact search of the sampled rows).
+rows (torch mm + topk over all N; the exact result is computed once per N). ``ivf-join``
+has no index to query: its whole self search runs, as in the round, and the sampled rows'
+neighbours are taken from it. The row also carries ``build_s``: the seconds of building
+the index and searching those rows (for ``exact``: the exact search of the sampled rows;
+for ``ivf-join``: the whole search).
 
 Each case has one implementation, so there are no ratios; the table compares rows.
 Rounds at N = 10⁶ take minutes: run them with ``--repeats 1 --warmup 0``.
@@ -53,7 +56,10 @@ QUICK_SIZES = SIZES[:2]
 EXACT_MAX_N = 100_000
 #: ... and up to this N in a --quick run, where 10⁵ would take most of its time.
 QUICK_EXACT_MAX_N = 10_000
-INDEXES = ("exact", "ivf", "hnsw")
+INDEXES = ("exact", "ivf", "hnsw", "ivf-join")
+#: The indexes that need faiss (skipped without it); ``exact`` runs on the torch backend and
+#: ``ivf-join`` is torch only.
+FAISS_INDEXES = ("ivf", "hnsw")
 #: The targets (docs/active.md, "Large pools"): a round at N = 10⁶ within this many
 #: seconds and this peak RSS, and this recall@10 against the exact search.
 TARGET_N = 1_000_000
@@ -105,7 +111,10 @@ def _without_self(nbrs: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tenso
 
 def neighbours(x: torch.Tensor, rows: torch.Tensor, index: str) -> torch.Tensor:
     """The K nearest other rows of x for each of ``rows``, with the index a round builds
-    (the exact one by torch mm + topk): ``[len(rows), K]``."""
+    (the exact one by torch mm + topk; ``ivf-join``: the self search of all rows, which
+    has no index to query): ``[len(rows), K]``."""
+    if index == "ivf-join":
+        return knn(x, K, index="ivf-join", seed=0)[1][rows]
     if index == "exact":
         _, nbrs = knn(x[rows], K + 1, keys=x, backend="torch")
     else:
@@ -134,7 +143,7 @@ def _need_faiss():
 
 def _round(n: int, index: str):
     def make():
-        if index != "exact":
+        if index in FAISS_INDEXES:
             _need_faiss()
         x = pool(n)
         store = known_store(n)
@@ -151,7 +160,7 @@ def _round(n: int, index: str):
 
 def _recall(n: int, index: str):
     def extra():
-        if index != "exact":
+        if index in FAISS_INDEXES:
             _need_faiss()
         exact = _exact_neighbours(n)
         x = pool(n)
@@ -180,7 +189,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
 def targets(rows: list[dict], env: dict) -> list[dict]:
     """The round at N = 10⁶ (time, peak RSS) and recall@10, per approximate index."""
     out = []
-    for index in ("ivf", "hnsw"):
+    for index in (i for i in INDEXES if i != "exact"):
         row = next((r for r in rows if r.get("N") == TARGET_N and r.get("index") == index), None)
         checks = (("median_s", f"pal round <= {TARGET_SECONDS:.0f} s at N=1e6 ({index})", "s",
                    TARGET_SECONDS, "le"),
