@@ -262,3 +262,19 @@ def child_env():
     # palfast/ (no compiled _C) would shadow the installed package.
     root = os.path.dirname(os.path.dirname(os.path.abspath(palfast.__file__)))
     return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def count_knn_searches(monkeypatch) -> list[int]:
+    """The k of every k-NN graph search select_queries runs from now on: the real
+    ``palfast.knn.knn``, each call's k recorded in the returned list."""
+    from palfast.active import strategies
+
+    searches = []
+    real = strategies.knn
+
+    def counted(*args, **kwargs):
+        searches.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "knn", counted)
+    return searches

@@ -8,6 +8,8 @@ from palfast.active import STRATEGIES, CandidateGraph, LabelOracle, RelationStor
 from palfast.active import strategies as strategies_mod
 from palfast.active.strategies import STABLE_SEEDS
 
+from _helpers import count_knn_searches
+
 #: The strategies bound by the shared rules (never a known or implied pair, ...):
 #: all but "passive", which asks implied pairs on purpose (the paper's baseline).
 INFORMED = tuple(s for s in STRATEGIES if s != "passive")
@@ -283,16 +285,8 @@ def test_index_arguments_reach_the_search(strategy):
 
 @pytest.fixture
 def knn_calls(monkeypatch):
-    """The searches select_queries runs: the real palfast.knn.knn, counted."""
-    calls = []
-    real = strategies_mod.knn
-
-    def counted(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(strategies_mod, "knn", counted)
-    return calls
+    """The k of each search select_queries runs (the real palfast.knn.knn, counted)."""
+    return count_knn_searches(monkeypatch)
 
 
 @pytest.mark.parametrize("strategy", INFORMED)

@@ -32,6 +32,8 @@ from palfast.annotate.questions import Questions  # noqa: E402
 from palfast.cli import main  # noqa: E402
 from palfast.knn import as_rows  # noqa: E402
 
+from _helpers import count_knn_searches  # noqa: E402
+
 N, CLASSES = 40, 4
 #: The served store's busy timeout: a test holding the write lock from another connection
 #: gets its 503 after this long instead of the default 30 s.
@@ -745,16 +747,8 @@ def knn_searches(monkeypatch):
     "pal" on its graph path, what pools above PAL_EXACT_WORK take."""
     from palfast.active import strategies
 
-    searches = []
-    real = strategies.knn
-
-    def counted(*args, **kwargs):
-        searches.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(strategies, "knn", counted)
     monkeypatch.setattr(strategies, "PAL_EXACT_WORK", 0)
-    return searches
+    return count_knn_searches(monkeypatch)
 
 
 @pytest.mark.parametrize("strategy", ["pal", "nearest", "uncertain"])

@@ -309,8 +309,9 @@ class CandidateGraph:
 
     The graph holds the embeddings it was built on (a view, no copy) and the search
     result, ``[N, k]`` similarities and neighbours plus, once ``"pal"`` walks them, both
-    directions of its edges: about 36·N·k bytes. Changing the embeddings in place after
-    the search is not noticed: build a new graph.
+    directions of its edges: at most 36·N·k + 8·N bytes (12 per searched neighbour, 12 per
+    edge, up to 2·N·k edges). Changing the embeddings in place after the search is not
+    noticed: build a new graph.
 
     Args:
         embeddings: ``[N, D]`` floating point, as :func:`select_queries` takes them.
