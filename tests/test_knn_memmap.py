@@ -17,6 +17,8 @@ from palfast import knn as knn_mod
 from palfast.active import RelationStore, candidate_pairs, select_queries
 from palfast.knn import knn
 
+from _helpers import child_env
+
 try:
     import faiss  # noqa: F401
     HAVE_FAISS = True
@@ -228,9 +230,7 @@ _SCAN_CHILD = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("check", ["check_tensor", "as_rows"])
 def test_the_nonfinite_scan_holds_one_chunk_not_a_mask_of_the_whole(tmp_path, check):
-    root = str(Path(palfast.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", _SCAN_CHILD, check], env=env,
+    run = subprocess.run([sys.executable, "-c", _SCAN_CHILD, check], env=child_env(),
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     extra = int(run.stdout.split()[-1])
