@@ -226,7 +226,7 @@ class VIC2Loss(nn.Module):
 
 # ------------------------------------------------------------ drop-in modules
 # The arguments and values of two libraries' losses of the same name, on info_nce's
-# kernel (docs/api.md, "Drop-in modules"; tests/test_nn_dropin.py compares them).
+# kernel (docs/api.md, "Drop-in modules"; tests/losses/test_nn_dropin.py compares them).
 
 class NTXentLoss(nn.Module):
     r"""lightly's ``NTXentLoss`` (SimCLR's NT-Xent): ``NTXentLoss(temperature)(out0, out1)``.

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import palfast
-
-# Test modules load with --import-mode=importlib and cannot import each other; this
-# folder (never the checkout root, whose palfast/ lacks the extension) on sys.path
-# lets them share tests/_helpers.py.
-_TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from _helpers import views_graph  # noqa: E402 (needs the sys.path entry above)
+from palfast.testing import views_graph
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

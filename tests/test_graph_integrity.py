@@ -16,8 +16,7 @@ import torch
 import palfast
 from palfast import PairGraph, reference
 from palfast.active import RelationStore
-
-from _helpers import LOSSES
+from palfast.testing import LOSSES
 
 CHANGED = r"graph must not be changed after it is built, got changes to graph\."
 

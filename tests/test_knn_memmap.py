@@ -17,7 +17,7 @@ from palfast import knn as knn_mod
 from palfast.active import RelationStore, candidate_pairs, select_queries
 from palfast.knn import knn
 
-from _helpers import child_env
+from _store_helpers import child_env
 
 try:
     import faiss  # noqa: F401

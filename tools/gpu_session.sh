@@ -138,9 +138,9 @@ pyenv() {
 
 tests() {
   if (( HAVE_GPU )); then
-    pyenv "$PY" -P -m pytest -x -q tests/test_info_nce_cuda.py tests/test_info_nce.py tests/test_graph.py -k "cuda or CUDA"
+    pyenv "$PY" -P -m pytest -x -q tests/losses/test_info_nce_cuda.py tests/losses/test_info_nce.py tests/test_graph.py -k "cuda or CUDA"
   else
-    no_gpu "CUDA tests"; pyenv "$PY" -P -m pytest -q tests/test_info_nce_cuda.py
+    no_gpu "CUDA tests"; pyenv "$PY" -P -m pytest -q tests/losses/test_info_nce_cuda.py
   fi
 }
 

@@ -4,7 +4,7 @@ The baseline is what a user writes without FAISS, and palfast's own fallback
 (``palfast.knn.knn(backend="torch")``): normalise, then for blocks of query rows
 take ``x_block @ x.T`` and ``topk(k)``, self excluded (a full N×N matrix at
 N = 65536 would be 16 GiB). Both are exact (recall is checked
-in tests/test_active_candidates.py, not here). palfast's time includes making the
+in tests/active/test_candidates.py, not here). palfast's time includes making the
 unordered unique pairs, sorted by similarity.
 """
 

@@ -1,6 +1,6 @@
 // Test ops for the warp-level primitives of csrc/cuda/mma.cuh under the emulator:
 // small kernels that run one primitive each, registered in palfast_emu for
-// tests/test_cuda_emu_mma.py, which checks them against the PTX ISA's layouts
+// tests/cuda_emu/test_mma.py, which checks them against the PTX ISA's layouts
 // and plain matmuls/copies computed in Python.
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -1,6 +1,6 @@
 """palfast.info_nce's CUDA kernels: against the float64 reference and the CPU kernel.
 
-tests/test_info_nce.py already runs every device-parametrised test on CUDA; this
+tests/losses/test_info_nce.py already runs every device-parametrised test on CUDA; this
 file adds what only matters there: tile boundaries of the CUDA tiles (64 rows,
 D chunks of 16/32 and gradient column blocks of 32/64/128), the tensor-core
 float16/bfloat16 path, every kernel path (the symmetric fixed-shift kernels, the
@@ -20,8 +20,7 @@ import torch
 import palfast
 from palfast import reference
 from palfast._ops import ops
-
-from _helpers import (
+from palfast.testing import (
     ATOMIC_NONDET_TOL,
     INFO_NCE_ROWS_FLOOR,
     assert_within_rounding_error,

@@ -19,7 +19,7 @@ from palfast.benchmarks import bench_info_nce as bi
 from palfast.benchmarks import harness
 from palfast.benchmarks.harness import Case, Skip
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_effective_flops_count_the_dense_algorithm():

@@ -8,7 +8,7 @@ from palfast.active import STRATEGIES, CandidateGraph, LabelOracle, RelationStor
 from palfast.active import strategies as strategies_mod
 from palfast.active.strategies import STABLE_SEEDS
 
-from _helpers import count_knn_searches
+from _store_helpers import count_knn_searches
 
 #: The strategies bound by the shared rules (never a known or implied pair, ...):
 #: all but "passive", which asks implied pairs on purpose (the paper's baseline).

@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "tools" / "ptxas_report.py")
 ptxas_report = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = ptxas_report  # dataclasses look their module up there

@@ -4,16 +4,16 @@ out here from the ISA's figures ("Matrix Fragments for mma.m16n8k16", ldmatrix),
 against plain matmuls in float64 and plain copies.
 
 The test kernels are in tests/cuda_emu/mma_ops.cpp; the emulator and its build
-are those of tests/test_cuda_emu_ops.py (imported: one build for both files).
+are those of tests/cuda_emu/conftest.py (one build for every emulator test).
 """
 
 from __future__ import annotations
 
 import pytest
-import test_cuda_emu_ops as ops_tests
 import torch
 
-emu = ops_tests.emu  # the module-scoped fixture: the emulator library, built once
+# the emulator tests are the suite's slowest (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 WARP = 32
 LANES = torch.arange(WARP)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import palfast
 from palfast import reference
-
-from _helpers import (
+from palfast.testing import (
     KINDS,
     assert_compile_matches_eager,
     assert_gradcheck_every_kind,

@@ -1,20 +1,38 @@
-"""Helpers shared by the tests (the loss tests tests/test_<op>.py, the store tests
-tests/test_active_*.py).
+"""Checks of a loss against its float64 reference, as palfast's own tests use them.
 
-Test modules cannot import each other under ``--import-mode=importlib``;
-tests/conftest.py puts this folder on sys.path so they can ``from _helpers import ...``.
+The rule every float result is held to (docs/api.md, "Numerics"): a result computed
+from inputs rounded to ``dtype`` is within ``ROUNDING_MULTIPLE · eps(dtype) · cond`` of
+the float64 result on the same rounded inputs, relative to the larger of that
+result's size and a ``floor`` where it cancels (:func:`assert_rounding_close`,
+:func:`assert_within_rounding_error`). Also: gradchecks over every graph kind,
+``torch.compile`` against eager, NaN propagation. A loss of your own written on
+:class:`palfast.PairGraph` can be checked with the same functions.
+
+Example::
+
+    >>> import torch, palfast
+    >>> from palfast import reference
+    >>> from palfast.testing import assert_within_rounding_error, info_nce_cond
+    >>> z = torch.randn(12, 8, dtype=torch.float64)
+    >>> g = palfast.PairGraph.from_views(6, 2)
+    >>> assert_within_rounding_error(palfast.info_nce, reference.info_nce, z, g, torch.float32,
+    ...                              cond=info_nce_cond(z, 0.5), temperature=0.5)
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
-
-import pytest
 import torch
 
 import palfast
-from palfast.benchmarks.harness import deterministic_algorithms  # noqa: F401 (for the tests)
+from palfast.benchmarks.harness import deterministic_algorithms
+
+__all__ = ["ATOMIC_NONDET_TOL", "INFO_NCE_ROWS_FLOOR", "KINDS", "LOSSES", "ROUNDING_MULTIPLE",
+           "assert_compile_matches_eager", "assert_constant_with_zero_gradient",
+           "assert_float32_close_to_float64", "assert_gradcheck_every_kind",
+           "assert_matches_float64", "assert_nan_propagates_unless_checked",
+           "assert_rounding_close", "assert_rows_match_float64", "assert_two_views_match",
+           "assert_within_rounding_error", "deterministic_algorithms", "info_nce_cond",
+           "info_nce_grad_floor", "values_and_grads", "views_graph"]
 
 # gradcheck's nondet_tol for ops whose CUDA backward adds with float atomics in a
 # varying order (docs/cuda.md, "Determinism"): two float64 passes on the same input
@@ -86,7 +104,7 @@ def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-13)
 
 
-# The rounding rule every low-precision check uses (tests/test_loss_contract.py, the
+# The rounding rule every low-precision check uses (tests/losses/test_loss_contract.py, the
 # emulated CUDA ops, the CUDA tests): the yardstick is the float64 reference on the
 # inputs rounded to the tested dtype, which only float64 arithmetic touches, so it is
 # the same on every CPU (a float32/16 reference run is not: its BLAS and vector paths
@@ -103,7 +121,7 @@ def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
 # the normalisation's backward, the output's own rounding, each at most eps/2 times
 # the condition) and float32's D-long dot products. The largest error seen is
 # 1.03 · eps · cond · scale (the float32 gradient of test_info_nce_fixed_shift_bound
-# in tests/test_cuda_emu_ops.py at τ = half the fixed-shift bound); the others stay
+# in tests/cuda_emu/test_ops.py at τ = half the fixed-shift bound); the others stay
 # below 0.6.
 ROUNDING_MULTIPLE = 8.0
 
@@ -123,7 +141,7 @@ def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="resul
 
 def assert_within_rounding_error(kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0,
                                  grad_floor=0.0, **kw):
-    """The low-precision rule every loss is held to (tests/test_loss_contract.py): the
+    """The low-precision rule every loss is held to (tests/losses/test_loss_contract.py): the
     kernel runs on z64 rounded to `dtype`; its forward and gradient (outputs may be
     scalars or per-row, summed for backward) are judged by assert_rounding_close
     against ref in float64 on the same rounded z (floors: the forward's, the gradient's)."""
@@ -205,76 +223,7 @@ def assert_float32_close_to_float64(kernel, ref, z, graph):
 def assert_nan_propagates_unless_checked(fn, z, graph):
     """A non-finite z gives a NaN loss, or ValueError with check_finite=True."""
     assert torch.isnan(fn(z, graph))
+    import pytest
+
     with pytest.raises(ValueError, match="z must be finite"):
         fn(z, graph, check_finite=True)
-
-
-# ------------------------------------------------ RelationStore and its parts
-def is_url(path) -> bool:
-    """Whether a store ``path`` is a PostgreSQL URL (else an SQLite file)."""
-    return str(path).startswith(("postgresql://", "postgres://"))
-
-
-def execute_sql(path, *statements: str) -> list:
-    """Run SQL on a store behind RelationStore's back (to damage, age or inspect it), an
-    SQLite file or a PostgreSQL URL; returns the rows of the last statement."""
-    if is_url(path):
-        import psycopg
-
-        with psycopg.connect(path, autocommit=True) as db:
-            for sql in statements:
-                cur = db.execute(sql)
-            return cur.fetchall() if cur.description else []
-    db = sqlite3.connect(path)
-    try:
-        for sql in statements:
-            rows = db.execute(sql).fetchall()
-        db.commit()
-    finally:
-        db.close()
-    return rows
-
-
-def relation_of(store, n):
-    """The relation over samples 0..n-1 as ``[n, n]``: 1 alike, 0 different, -1 unknown."""
-    code = {True: 1, False: 0, None: -1}
-    return torch.tensor([[code[store.same(i, j)] for j in range(n)] for i in range(n)])
-
-
-def random_answers(n, q, n_classes, seed, noise=0.0):
-    """``q`` answers about ``n`` samples of ``n_classes`` hidden classes, a fraction
-    ``noise`` of them flipped: ``(pairs [q, 2], answers [q])``."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, n_classes, (n,), generator=g)
-    a = torch.randint(0, n, (q,), generator=g)
-    b = (a + torch.randint(1, n, (q,), generator=g)) % n
-    pairs = torch.stack([a, b], 1)
-    ans = y[a] == y[b]
-    if noise:
-        ans ^= torch.rand(q, generator=g) < noise
-    return pairs, ans
-
-
-def child_env():
-    """The environment of a child Python process that writes a store."""
-    # The children import the palfast these tests import. They also run in a
-    # temporary cwd: `python -c` puts the cwd first on sys.path, and a checkout's
-    # palfast/ (no compiled _C) would shadow the installed package.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(palfast.__file__)))
-    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def count_knn_searches(monkeypatch) -> list[int]:
-    """The k of every k-NN graph search select_queries runs from now on: the real
-    ``palfast.knn.knn``, each call's k recorded in the returned list."""
-    from palfast.active import strategies
-
-    searches = []
-    real = strategies.knn
-
-    def counted(*args, **kwargs):
-        searches.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(strategies, "knn", counted)
-    return searches

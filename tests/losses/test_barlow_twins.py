@@ -10,8 +10,7 @@ import torch
 
 import palfast
 from palfast import reference
-
-from _helpers import (
+from palfast.testing import (
     KINDS,
     assert_compile_matches_eager,
     assert_constant_with_zero_gradient,
@@ -57,7 +56,7 @@ def test_gradcheck(device, graph_factory, n, d):
 
 def test_gram_blocks_beyond_one_tile(device, graph_factory):
     """N > 512: the Gram matrices are built from upper block rows and mirrored
-    (sq_xcorr's side: tests/test_sq_xcorr.py)."""
+    (sq_xcorr's side: tests/ops/test_sq_xcorr.py)."""
     torch.manual_seed(14)
     n, d = 530, 600
     z = torch.randn(n, d, dtype=torch.float64, device=device)

@@ -7,35 +7,29 @@ then, and on the online path, by the row-block kernel (every element written
 once, in a fixed order). Both are checked here against the float64 reference at
 awkward sizes, anchor ranges and grids sized for few SMs, on extreme but valid
 input, and for the same bits across schedules where the path is deterministic.
-The fixtures and checks are those of tests/test_cuda_emu_ops.py.
+The fixtures and checks are those of tests/cuda_emu/test_ops.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_cuda_emu_ops import (
-    DTYPES,
-    KINDS,
-    TEMPERATURE,
-    _check_info_nce,
-    _graph,
-    _info_nce_emu,
-    emu_build,
-)
 
 import palfast
 from palfast import reference
+from palfast.testing import deterministic_algorithms
 
-from _helpers import deterministic_algorithms
+from cuda_emu.common import (
+    DTYPES,
+    KINDS,
+    TEMPERATURE,
+    check_info_nce,
+    info_nce_emu,
+    random_graph,
+)
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
-pytestmark = pytest.mark.numeric
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return emu_build.load()
+pytestmark = [pytest.mark.numeric, pytest.mark.slow]
 
 
 # "symmetric": the default mode; "deterministic": torch.use_deterministic_algorithms
@@ -64,7 +58,7 @@ SIZES = [(1, 3), (2, 1), (3, 65), (41, 130), (127, 64), (257, 128), (65, 33), (1
 @pytest.mark.parametrize("i", range(len(SIZES)), ids=[f"n{n}-d{d}" for n, d in SIZES])
 def test_backward_matches_reference(emu, path, dtype, i):
     n, d = SIZES[i]
-    _check_info_nce(emu, dtype, n, d, KINDS[i % len(KINDS)], True, 0, n, seed=300 + i)
+    check_info_nce(emu, dtype, n, d, KINDS[i % len(KINDS)], True, 0, n, seed=300 + i)
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have a deterministic implementation")
@@ -73,7 +67,7 @@ def test_backward_matches_reference(emu, path, dtype, i):
 def test_backward_anchor_range(emu, path, dtype, a0, a1):
     """Tile pairs with no anchor on either side are skipped (M = 0 there); those
     with anchors on one side only still give both sides their gradient."""
-    _check_info_nce(emu, dtype, 257, 40, "semi", True, a0, a1, seed=a0 + 3 * a1)
+    check_info_nce(emu, dtype, 257, 40, "semi", True, a0, a1, seed=a0 + 3 * a1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -85,8 +79,8 @@ def test_backward_grids_sized_for_few_sms(emu, path, dtype, sms):
     the row-block kernel runs unsplit at one SM and splits its key tiles beyond."""
     emu.emu_set_sm_count(sms)
     try:
-        _check_info_nce(emu, dtype, 257, 40, "views", True, 0, 257, seed=sms)
-        _check_info_nce(emu, dtype, 257, 40, "edges", True, 70, 200, seed=sms + 1)
+        check_info_nce(emu, dtype, 257, 40, "views", True, 0, 257, seed=sms)
+        check_info_nce(emu, dtype, 257, 40, "edges", True, 70, 200, seed=sms + 1)
     finally:
         emu.emu_set_sm_count(0)
 
@@ -95,11 +89,11 @@ def _run(emu, dtype, n, d, seed, sms=0):
     """Forward and backward on a CSR graph (no atomics in the positive term)."""
     torch.manual_seed(0)
     z = torch.randn(n, d).to(dtype)
-    g = _graph("edges", n, seed=1)
+    g = random_graph("edges", n, seed=1)
     emu.emu_set_sm_count(sms)
     emu.emu_set_seed(seed)
     try:
-        return _info_nce_emu(emu, z, g, True, 3, n, torch.randn(n))
+        return info_nce_emu(emu, z, g, True, 3, n, torch.randn(n))
     finally:
         emu.emu_set_sm_count(0)
 
@@ -130,7 +124,7 @@ def test_symmetric_path_is_taken_by_default(emu):
 
 
 # ------------------------------------------------------- extreme but valid input
-# As tests/test_info_nce.py checks on the CPU (docs/api.md, "Numerics"): row_norm in
+# As tests/losses/test_info_nce.py checks on the CPU (docs/api.md, "Numerics"): row_norm in
 # csrc/cuda/info_nce/info_nce.cuh scales each row by a power of two before squaring, and
 # narrow_grad in csrc/cuda/info_nce/info_nce_backward.cu saturates float16 gradients.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -144,10 +138,10 @@ def test_rows_of_extreme_norm(emu, path, dtype, scale):
     z = torch.randn(n, d, dtype=torch.float64)
     row_scale = torch.ones(n, 1, dtype=torch.float64)
     row_scale[::3] = scale
-    g = _graph("views", n, seed=0)
+    g = random_graph("views", n, seed=0)
     grad_rows = torch.randn(n, dtype=torch.float64)
-    rows_big, _, grad_big = _info_nce_emu(emu, (z * row_scale).to(dtype), g, True, 0, n, grad_rows)
-    rows, _, grad = _info_nce_emu(emu, z.to(dtype), g, True, 0, n, grad_rows)
+    rows_big, _, grad_big = info_nce_emu(emu, (z * row_scale).to(dtype), g, True, 0, n, grad_rows)
+    rows, _, grad = info_nce_emu(emu, z.to(dtype), g, True, 0, n, grad_rows)
     assert torch.isfinite(rows_big).all() and torch.isfinite(grad_big.double()).all()
     # z·scale rounds differently from z in dtype: the same loss up to that rounding.
     eps = torch.finfo(dtype).eps
@@ -168,10 +162,10 @@ def test_float16_zero_row(emu, path):
     z[0] = 0
     g = palfast.PairGraph.from_views(n // 2, 2)
     grad_rows = torch.full((n,), 1.0 / n)
-    rows, lse, grad = _info_nce_emu(emu, z, g, True, 0, n, grad_rows)
+    rows, lse, grad = info_nce_emu(emu, z, g, True, 0, n, grad_rows)
     assert torch.isfinite(rows).all() and torch.isfinite(lse).all()
     assert torch.isfinite(grad.float()).all()
-    rows32, _, grad32 = _info_nce_emu(emu, z.float(), g, True, 0, n, grad_rows)
+    rows32, _, grad32 = info_nce_emu(emu, z.float(), g, True, 0, n, grad_rows)
     torch.testing.assert_close(rows, rows32, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(grad[1:].float(), grad32[1:], rtol=1e-2, atol=1e-3)
     # And the float64 reference, to float16 precision (the reference itself has no

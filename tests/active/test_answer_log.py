@@ -27,7 +27,7 @@ from palfast.active.answer_log import (
     row_crc,
 )
 
-from _helpers import child_env, execute_sql, random_answers
+from _store_helpers import child_env, execute_sql, random_answers
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):

@@ -1,7 +1,7 @@
 """RelationStore: record, retract, refresh, reopen, durability (a real SIGKILL),
 concurrent writers, read-only mode, backups, errors of I/O, bad input. The relation
-itself: tests/test_active_relation.py; the log's file format and checks:
-tests/test_active_answer_log.py."""
+itself: tests/active/test_relation.py; the log's file format and checks:
+tests/active/test_answer_log.py."""
 
 import collections
 import json
@@ -31,7 +31,7 @@ from palfast.active.store import (
     StoreError,
 )
 
-from _helpers import child_env, execute_sql, is_url, random_answers, relation_of
+from _store_helpers import child_env, execute_sql, is_url, random_answers, relation_of
 
 
 def test_contradictions_are_logged_not_applied(store_path):

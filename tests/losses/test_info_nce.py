@@ -12,8 +12,7 @@ import torch
 import palfast
 from palfast import reference
 from palfast._ops import ops
-
-from _helpers import (
+from palfast.testing import (
     ATOMIC_NONDET_TOL,
     KINDS,
     assert_compile_matches_eager,

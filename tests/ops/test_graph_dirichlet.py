@@ -8,8 +8,7 @@ import torch
 
 import palfast
 from palfast._ops import ops
-
-from _helpers import KINDS
+from palfast.testing import KINDS
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
 pytestmark = pytest.mark.numeric

@@ -4,7 +4,7 @@ Each loss's own file (tests/test_<loss>.py) checks what is particular to it: the
 float64 reference over sizes and graph kinds, gradcheck, its two-view form, its
 edge cases and its error messages. Here the same checks run over every loss in
 LOSSES: float32 close to float64, float16/bfloat16 within the rounding rule of
-tests/_helpers.py (assert_rounding_close), non-contiguous input, and non-finite input.
+palfast/testing.py (assert_rounding_close), non-contiguous input, and non-finite input.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 
 import palfast
 from palfast import reference
-
-from _helpers import (
+from palfast.testing import (
     assert_float32_close_to_float64,
     assert_nan_propagates_unless_checked,
     assert_within_rounding_error,
@@ -38,7 +37,7 @@ class Loss:
     low_precision_shapes: tuple = ((64, 96), (200, 24))
     low_precision_scale: float = 1.0
     low_precision_kw: dict = field(default_factory=dict)
-    # The loss's condition (tests/_helpers.py, ROUNDING_MULTIPLE): 1 for the
+    # The loss's condition (palfast/testing.py, ROUNDING_MULTIPLE): 1 for the
     # covariance losses, 1 + 1/τ for info_nce.
     cond: float = 1.0
 

@@ -17,8 +17,7 @@ import torch
 import palfast
 from palfast import PairGraph, reference
 from palfast._ops import ops
-
-from _helpers import LOSSES
+from palfast.testing import LOSSES
 
 
 def _graph(device="cpu", n=8):

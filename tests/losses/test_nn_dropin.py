@@ -1,7 +1,7 @@
 """palfast.nn's drop-in modules against the libraries they replace, on the same inputs:
 NTXentLoss against lightly's NTXentLoss, SupConLoss against pytorch-metric-learning's
 SupConLoss, in float64 (to rounding) and float32 (within the rounding bound of
-tests/_helpers.py, judged against the library in float64 on the same rounded inputs);
+palfast/testing.py, judged against the library in float64 on the same rounded inputs);
 and every module's ``gather=`` argument (the 2-rank case is tests/test_distributed.py)."""
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import palfast
-
-from _helpers import INFO_NCE_ROWS_FLOOR, assert_rounding_close, info_nce_cond, info_nce_grad_floor
+from palfast.testing import INFO_NCE_ROWS_FLOOR, assert_rounding_close, info_nce_cond, info_nce_grad_floor
 
 D = 16
 
@@ -39,7 +38,7 @@ def _assert_float64_match(ours, theirs, *inputs):
 
 def _assert_float32_match(ours, theirs, inputs64, temperature, grad_rows):
     """ours in float32 against theirs in float64 on the same float32-rounded inputs, within
-    tests/_helpers.py's rounding bound; and against theirs in float32 within twice that
+    palfast/testing.py's rounding bound; and against theirs in float32 within twice that
     bound (both are roundings of the float64 value)."""
     rounded = [t.float() for t in inputs64]
     got, g_got = _values_and_grads(ours, *rounded)

@@ -8,8 +8,7 @@ import torch
 
 import palfast
 from palfast import reference
-
-from _helpers import (
+from palfast.testing import (
     KINDS,
     assert_compile_matches_eager,
     assert_gradcheck_every_kind,

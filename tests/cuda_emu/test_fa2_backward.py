@@ -1,7 +1,7 @@
 """The FA2-style backward of CUDA info_nce (fa2_sym_grad_kernel in
 csrc/cuda/info_nce/info_nce_backward.cu: 16-bit z, normalize=True, τ on the fixed-shift
 path, D ≤ 128, torch's deterministic mode off) under the CPU emulator, against
-palfast.reference in float64 by the rounding rule of tests/_helpers.py
+palfast.reference in float64 by the rounding rule of palfast/testing.py
 (whose emulator, fixtures and checks this file imports).
 
 The emulator counts warp-level mma.sync calls and red_add_v2 calls
@@ -16,16 +16,14 @@ import contextlib
 import math
 
 import pytest
-import test_cuda_emu_ops as ops_tests
 import torch
-from test_cuda_emu_forward import _expected_mmas as _expected_forward_mmas
 
-from _helpers import deterministic_algorithms
+from palfast.testing import deterministic_algorithms
+
+from cuda_emu.common import check_info_nce, expected_forward_mmas
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
-pytestmark = pytest.mark.numeric
-
-emu = ops_tests.emu  # the module-scoped fixture: the emulator library, built once
+pytestmark = [pytest.mark.numeric, pytest.mark.slow]
 
 DTYPES16 = [torch.bfloat16, torch.float16]
 NS = [1, 2, 3, 41, 127, 257]
@@ -38,7 +36,7 @@ KEY_TILE, ROW_TILE, K_STEP, MAX_D = 64, 32, 16, 128
 # 4 n8 tiles), the column side (4 warps × 2 k-steps × 2 n8 tiles) and, off the
 # diagonal, the row side (4 warps × 4 k-steps × 2 n8 tiles over half of D each).
 MMAS_DIAGONAL, MMAS_OFF_DIAGONAL = 32, 48
-# Graph kinds cycled over SIZES (each gives every row positives, tests/_helpers.py).
+# Graph kinds cycled over SIZES (each gives every row positives).
 SIZE_KINDS = ["edges", "labels", "semi", "views"]
 
 
@@ -72,12 +70,12 @@ def _emulated_sms(emu, sms: int):
 
 
 def _check(emu, dtype, n, d, kind, a0, a1, seed, fa2=True):
-    """Forward and backward against the reference (tests/test_cuda_emu_ops.py), and
+    """Forward and backward against the reference (tests/cuda_emu/test_ops.py), and
     the mma count of the FA2 forward plus, when fa2, the FA2 backward. Returns the
     number of red_add_v2 calls."""
     mmas, reds = emu.emu_ptx_mma_count(), emu.emu_ptx_red_v2_count()
-    ops_tests._check_info_nce(emu, dtype, n, d, kind, True, a0, a1, seed)
-    want = _expected_forward_mmas(n, d, a0, a1) + (_expected_backward_mmas(n, d, a0, a1) if fa2 else 0)
+    check_info_nce(emu, dtype, n, d, kind, True, a0, a1, seed)
+    want = expected_forward_mmas(n, d, a0, a1) + (_expected_backward_mmas(n, d, a0, a1) if fa2 else 0)
     assert emu.emu_ptx_mma_count() - mmas == want
     return emu.emu_ptx_red_v2_count() - reds
 

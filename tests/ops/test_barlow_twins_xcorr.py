@@ -1,6 +1,6 @@
 """palfast::barlow_twins_xcorr (csrc/barlow_twins_xcorr.h), the op under
 palfast.barlow_twins: both sides agree, the side rule's one home (palfast/_ops.py),
-opcheck, argument checks. The loss itself is tested in tests/test_barlow_twins.py."""
+opcheck, argument checks. The loss itself is tested in tests/losses/test_barlow_twins.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 import palfast
 from palfast import _ops
 from palfast._ops import ops
-
-from _helpers import KINDS
+from palfast.testing import KINDS
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
 pytestmark = pytest.mark.numeric

@@ -1,7 +1,7 @@
 """The FA2-style forward of CUDA info_nce (fa2_sym_lse_kernel in
 csrc/cuda/info_nce/info_nce_forward.cu: 16-bit z, normalize=True, τ on the fixed-shift
 path, D ≤ 128) under the CPU emulator, against palfast.reference in float64 by
-the rounding rule of tests/_helpers.py (whose emulator, fixtures and
+the rounding rule of palfast/testing.py (whose emulator, fixtures and
 helpers this file imports).
 
 The emulator counts warp-level mma.sync calls (csrc/cuda/mma.cuh), so each test
@@ -11,49 +11,27 @@ key halves it should (and not at all for D > 128, where sym_lse_kernel takes ove
 
 from __future__ import annotations
 
-import math
-
 import pytest
-import test_cuda_emu_ops as ops_tests
 import torch
 
 import palfast
+from palfast.testing import INFO_NCE_ROWS_FLOOR, assert_rounding_close, info_nce_cond
 
-from _helpers import INFO_NCE_ROWS_FLOOR, assert_rounding_close, info_nce_cond
+from cuda_emu.common import (
+    TEMPERATURE,
+    check_info_nce,
+    expected_forward_mmas,
+    info_nce_ref,
+    rounded,
+)
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
-pytestmark = pytest.mark.numeric
-
-emu = ops_tests.emu  # the module-scoped fixture: the emulator library, built once
+pytestmark = [pytest.mark.numeric, pytest.mark.slow]
 
 DTYPES16 = [torch.bfloat16, torch.float16]
 NS = [1, 2, 3, 41, 127, 257]
 DS = [1, 3, 16, 100, 128, 130]
 SIZES = [(n, d) for n in NS for d in DS]
-# Fa2Forward in csrc/cuda/info_nce/info_nce_fa2.cuh: 128-row tiles of 4 warps of 32 rows
-# (2 m16 tiles each), key tiles streamed in halves of 64 rows (8 n8 tiles each),
-# D in steps of 16 (mma.m16n8k16), up to 128.
-TILE, KEY_ROWS, WARPS, M_TILES, N8_TILES, K_STEP, MAX_D = 128, 64, 4, 2, 8, 16, 128
-
-
-def _expected_mmas(n: int, d: int, a0: int, a1: int) -> int:
-    """Warp-level mmas of one FA2 forward: every tile pair I ≤ K with an anchor row in
-    I or K, for each key half of K with a row < n, 4 warps × 2 m16 tiles ×
-    ceil(D/16) k-steps × 8 n8 tiles; none when D > 128."""
-    if d > MAX_D:
-        return 0
-    tiles = math.ceil(n / TILE)
-
-    def anchors(t):
-        return t * TILE < a1 and (t + 1) * TILE > a0
-
-    def halves_in_n(k):
-        halves = range(k * TILE // KEY_ROWS, (k + 1) * TILE // KEY_ROWS)
-        return sum(h * KEY_ROWS < n for h in halves)
-
-    halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles)
-                 if anchors(i) or anchors(k))
-    return halves * WARPS * M_TILES * math.ceil(d / K_STEP) * N8_TILES
 
 
 def _ring(n: int) -> palfast.PairGraph:
@@ -71,15 +49,15 @@ def _check_forward(emu, dtype, n, d, a0, a1, seed):
     z64 = torch.randn(n, d, dtype=torch.float64)
     g = _ring(n)
     before = emu.emu_ptx_mma_count()
-    rows, lse = emu.info_nce(z64.to(dtype), *g.kernel_args(), ops_tests.TEMPERATURE, True, a0, a1)
-    assert emu.emu_ptx_mma_count() - before == _expected_mmas(n, d, a0, a1)
+    rows, lse = emu.info_nce(z64.to(dtype), *g.kernel_args(), TEMPERATURE, True, a0, a1)
+    assert emu.emu_ptx_mma_count() - before == expected_forward_mmas(n, d, a0, a1)
     outside = torch.ones(n, dtype=torch.bool)
     outside[a0:a1] = False
     assert (rows[outside] == 0).all() and torch.isinf(lse[outside]).all()
     assert torch.isfinite(lse[~outside]).all() if n > 1 else lse[0] == float("-inf")
     no_grad = torch.zeros(n, dtype=torch.float64)
-    exact, _ = ops_tests._info_nce_ref(ops_tests.rounded(z64, dtype), g, True, a0, a1, no_grad)
-    assert_rounding_close(rows, exact, dtype, cond=info_nce_cond(z64, ops_tests.TEMPERATURE),
+    exact, _ = info_nce_ref(rounded(z64, dtype), g, True, a0, a1, no_grad)
+    assert_rounding_close(rows, exact, dtype, cond=info_nce_cond(z64, TEMPERATURE),
                           floor=INFO_NCE_ROWS_FLOOR, what="rows")
     return rows, lse
 
@@ -151,7 +129,7 @@ def test_fa2_forward_same_bits_for_every_schedule(emu, dtype, sms):
         z = torch.randn(700, 100, dtype=torch.float64).to(dtype)
         for seed in (2, 3):
             emu.emu_set_seed(seed)
-            results.append(emu.info_nce(z, *_ring(700).kernel_args(), ops_tests.TEMPERATURE, True,
+            results.append(emu.info_nce(z, *_ring(700).kernel_args(), TEMPERATURE, True,
                                         3, 700))
     finally:
         emu.emu_set_sm_count(0)
@@ -165,4 +143,4 @@ def test_fa2_forward_same_bits_for_every_schedule(emu, dtype, sms):
 def test_fa2_forward_lse_serves_the_backward(emu, dtype, n, d):
     """The backward (fixed shift) recomputes e_ik with its own GEMM and divides by the
     forward's row sums, exp(lse): the gradient checks that lse against it."""
-    ops_tests._check_info_nce(emu, dtype, n, d, "semi", True, 0, n, seed=n + d)
+    check_info_nce(emu, dtype, n, d, "semi", True, 0, n, seed=n + d)

@@ -32,7 +32,7 @@ from palfast.annotate.questions import Questions  # noqa: E402
 from palfast.cli import main  # noqa: E402
 from palfast.knn import as_rows  # noqa: E402
 
-from _helpers import count_knn_searches  # noqa: E402
+from _store_helpers import count_knn_searches  # noqa: E402
 
 N, CLASSES = 40, 4
 #: The served store's busy timeout: a test holding the write lock from another connection

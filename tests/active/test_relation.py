@@ -8,7 +8,7 @@ import torch
 import palfast
 from palfast.active.relation import Relation, as_pairs
 
-from _helpers import random_answers, relation_of
+from _store_helpers import random_answers, relation_of
 
 
 def add(rel, pairs, answers):

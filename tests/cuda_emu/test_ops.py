@@ -5,7 +5,7 @@ shim of the CUDA built-ins (threads of a block as fibers with a seeded random
 scheduler, real barriers, warp shuffles in step, RNE 16-bit types, WMMA with
 the PTX fragment layouts) and registered as torch.ops.palfast_emu.* for CPU
 tensors. Every CUDA op is checked here against palfast.reference in float64,
-float32, bfloat16 and float16 (16-bit: the rounding rule of tests/_helpers.py,
+float32, bfloat16 and float16 (16-bit: the rounding rule of palfast/testing.py,
 assert_rounding_close, against float64 on the same rounded inputs).
 The first run compiles the emulator (cached under build/cuda_emu by content
 hash); skipped only when there is no C++ compiler.
@@ -13,70 +13,36 @@ hash); skipped only when there is no C++ compiler.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import palfast
 from palfast import reference
-
-from _helpers import (
+from palfast.testing import (
     INFO_NCE_ROWS_FLOOR,
     assert_rounding_close,
     info_nce_cond,
     info_nce_grad_floor,
-    views_graph,
+)
+
+from cuda_emu.common import (
+    DTYPES,
+    KINDS,
+    TEMPERATURE,
+    TOL64,
+    check_info_nce,
+    info_nce_emu,
+    random_graph,
+    rounded,
 )
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
-pytestmark = pytest.mark.numeric
+pytestmark = [pytest.mark.numeric, pytest.mark.slow]
 
-_spec = importlib.util.spec_from_file_location(
-    "palfast_cuda_emu_build", Path(__file__).parent / "cuda_emu" / "build.py")
-emu_build = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emu_build)
-
-if emu_build.compiler() is None:
-    pytest.skip("no C++ compiler to build the CUDA emulator (set CXX or install g++)",
-                allow_module_level=True)
-
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 NS = [1, 2, 63, 65, 130]
 DS = [3, 64, 136]
-KINDS = ["edges", "labels", "semi", "views"]
-TEMPERATURE = 0.3
-TOL64 = {"rtol": 1e-10, "atol": 1e-10}
-TOL32 = {"rtol": 2e-5, "atol": 2e-5}
-TOL32_GRAD = {"rtol": 1e-4, "atol": 1e-5}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    return emu_build.load()
-
-
-def _graph(kind: str, n: int, seed: int) -> palfast.PairGraph:
-    """Weighted asymmetric edges with duplicates and self-loops, labels with -1, or a mix."""
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "edges":
-        e = 3 * n
-        src = torch.randint(0, n, (e,), generator=gen)
-        dst = torch.randint(0, n, (e,), generator=gen)
-        src = torch.cat([src, src[: n // 2]])  # duplicates
-        dst = torch.cat([dst, dst[: n // 2]])
-        w = torch.rand(src.numel(), generator=gen) * 2
-        return palfast.PairGraph.from_edges(src, dst, w, num_nodes=n, symmetric=False)
-    if kind == "labels":
-        return palfast.PairGraph.from_labels(torch.randint(-1, max(2, n // 5), (n,), generator=gen))
-    if kind == "views":
-        return views_graph(n)
-    # semi: weighted edges plus a label set
-    edges = _graph("edges", n, seed)
-    y = torch.randint(-1, 3, (n,), generator=gen)
-    return 0.7 * edges + 0.3 * palfast.PairGraph.from_labels(y)
 
 
 def _case(i: int):
@@ -87,66 +53,12 @@ def _case(i: int):
 SIZES = [(n, d) for n in NS for d in DS]
 
 
-# ------------------------------------------------------------------ info_nce
-def _info_nce_emu(emu, z, g, normalize, a0, a1, grad_rows):
-    rows, lse = emu.info_nce(z, *g.kernel_args(), TEMPERATURE, normalize, a0, a1)
-    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, TEMPERATURE,
-                                 normalize, a0, a1)
-    return rows, lse, grad
-
-
-def _info_nce_ref(z, g, normalize, a0, a1, grad_rows):
-    """Rows of the anchors [a0, a1) (0 elsewhere) and d(Σ grad_rows·rows)/dz, in z's dtype."""
-    z = z.detach().clone().requires_grad_(True)
-    rows = reference.info_nce(z, g, temperature=TEMPERATURE, normalize=normalize, reduction="none")
-    anchor = torch.zeros(z.shape[0], dtype=torch.bool)
-    anchor[a0:a1] = True
-    rows = torch.where(anchor, rows, torch.zeros_like(rows))
-    (rows * grad_rows.to(rows.dtype)).sum().backward()
-    return rows.detach(), z.grad
-
-
-def rounded(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """z rounded to dtype, back in float64: the inputs of the rounding rule's yardstick."""
-    return z.to(dtype).double()
-
-
-def _check_info_nce(emu, dtype, n, d, kind, normalize, a0, a1, seed):
-    torch.manual_seed(seed)
-    emu.emu_set_seed(seed)
-    z64 = torch.randn(n, d, dtype=torch.float64)
-    if not normalize:
-        z64 = z64 / d**0.5
-    g = _graph(kind, n, seed)
-    grad_rows = torch.randn(n, dtype=torch.float64)
-    rows, lse, grad = _info_nce_emu(emu, z64.to(dtype), g, normalize, a0, a1, grad_rows)
-    assert grad.dtype == dtype and grad.shape == (n, d)
-    outside = torch.ones(n, dtype=torch.bool)
-    outside[a0:a1] = False
-    assert (rows[outside] == 0).all() and torch.isinf(lse[outside]).all()
-    want_rows, want_grad = _info_nce_ref(z64, g, normalize, a0, a1, grad_rows)
-    if dtype == torch.float64:
-        torch.testing.assert_close(rows, want_rows, **TOL64)
-        torch.testing.assert_close(grad, want_grad, **TOL64)
-    elif dtype == torch.float32:
-        torch.testing.assert_close(rows.double(), want_rows, **TOL32)
-        torch.testing.assert_close(grad.double(), want_grad, **TOL32_GRAD)
-    else:
-        exact_rows, exact_grad = _info_nce_ref(rounded(z64, dtype), g, normalize, a0, a1,
-                                               grad_rows)
-        cond = info_nce_cond(z64, TEMPERATURE, normalize)
-        assert_rounding_close(rows, exact_rows, dtype, cond=cond, floor=INFO_NCE_ROWS_FLOOR,
-                              what="rows")
-        assert_rounding_close(grad, exact_grad, dtype, cond=cond, what="gradient",
-                              floor=info_nce_grad_floor(z64, grad_rows, normalize))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("i", range(len(SIZES)), ids=[f"n{n}-d{d}" for n, d in SIZES])
 def test_info_nce_matches_reference(emu, dtype, i):
     n, d = SIZES[i]
     kind, normalize = _case(i)
-    _check_info_nce(emu, dtype, n, d, kind, normalize, 0, n, seed=100 + i)
+    check_info_nce(emu, dtype, n, d, kind, normalize, 0, n, seed=100 + i)
 
 
 # Anchor ranges whose start is not a multiple of the 64-row tiles, in every
@@ -158,7 +70,7 @@ ANCHORS = [(1, 130), (5, 70), (65, 66), (70, 129)]
 @pytest.mark.parametrize("a0,a1", ANCHORS)
 @pytest.mark.parametrize("kind", ["semi", "labels"])
 def test_info_nce_anchor_range(emu, dtype, a0, a1, kind):
-    _check_info_nce(emu, dtype, 130, 64, kind, kind == "semi", a0, a1, seed=a0 * 7 + a1)
+    check_info_nce(emu, dtype, 130, 64, kind, kind == "semi", a0, a1, seed=a0 * 7 + a1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -169,18 +81,18 @@ def test_info_nce_grids_sized_for_few_sms(emu, dtype, a0, a1, sms):
     132 gives one tile per region and per key split at these N). With one emulated
     SM, 257 rows give the symmetric forward 3 regions of 2 tiles of 64 rows (4 of
     32 in fp64): region pairs of several tile pairs, some diagonal, the last region
-    cut short. The backward's grids at few SMs: tests/test_cuda_emu_backward.py."""
+    cut short. The backward's grids at few SMs: tests/cuda_emu/test_backward.py."""
     emu.emu_set_sm_count(sms)
     try:
-        _check_info_nce(emu, dtype, 257, 24, "semi", True, a0, a1, seed=a0 + a1)
+        check_info_nce(emu, dtype, 257, 24, "semi", True, a0, a1, seed=a0 + a1)
     finally:
         emu.emu_set_sm_count(0)
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_info_nce_several_schedules(emu, seed):
-    _check_info_nce(emu, torch.bfloat16, 130, 136, "semi", True, 3, 130, seed=seed)
-    _check_info_nce(emu, torch.float32, 130, 136, "labels", True, 3, 130, seed=seed)
+    check_info_nce(emu, torch.bfloat16, 130, 136, "semi", True, 3, 130, seed=seed)
+    check_info_nce(emu, torch.float32, 130, 136, "labels", True, 3, 130, seed=seed)
 
 
 # The fixed-shift softmax (csrc/cuda/info_nce/info_nce.cuh, use_fixed_shift) runs for
@@ -213,7 +125,7 @@ def test_info_nce_fixed_shift_bound(emu, dtype, side):
     emu.emu_set_seed(int(side * 100))
     n, d = 6, 20
     z64 = _near_antipodal(n, d, torch.float64)
-    g = _graph("edges", n, seed=3)
+    g = random_graph("edges", n, seed=3)
     # A loss-scaled gradient (2^20, as from a GradScaler) for fp32/fp64: a_i = g_i/Σ_i
     # must not overflow; 16-bit gradients of that size would overflow the dtype itself.
     scale = 1.0 if dtype in (torch.float16, torch.bfloat16) else 2.0**20
@@ -249,7 +161,7 @@ def test_info_nce_single_row_lse_is_minus_inf(emu):
     for dtype in DTYPES:
         z = torch.randn(1, 8).to(dtype)
         g = palfast.PairGraph.from_views(1, 1)
-        rows, lse, grad = _info_nce_emu(emu, z, g, True, 0, 1, torch.ones(1))
+        rows, lse, grad = info_nce_emu(emu, z, g, True, 0, 1, torch.ones(1))
         assert lse.item() == float("-inf") and rows.item() == 0
         assert torch.isfinite(grad.double()).all()
 
@@ -269,7 +181,7 @@ def test_info_nce_rejects_class_ids_out_of_range(emu):
 
 
 def test_edge_indices_out_of_range(emu):
-    g = _graph("edges", 6, seed=0)
+    g = random_graph("edges", 6, seed=0)
     args = list(g.kernel_args())
     args[1] = args[1].clone()
     args[1][0] = 6
@@ -279,8 +191,8 @@ def test_edge_indices_out_of_range(emu):
 
 def test_float_atomics_alert_in_deterministic_mode(emu):
     z = torch.randn(20, 8)
-    labels = _graph("labels", 20, seed=0)
-    edges = _graph("edges", 20, seed=0)
+    labels = random_graph("labels", 20, seed=0)
+    edges = random_graph("edges", 20, seed=0)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -319,7 +231,7 @@ def test_graph_spmm_matches_reference(emu, dtype, i):
     emu.emu_set_seed(i)
     torch.manual_seed(i)
     x64 = torch.randn(n, d, dtype=torch.float64)
-    g = _graph(kind, n, seed=i)
+    g = random_graph(kind, n, seed=i)
     W = g.to_dense(torch.float64)
     for transpose in (False, True):
         got = emu.graph_spmm(x64.to(dtype), *g.kernel_args(), transpose)
@@ -343,7 +255,7 @@ def test_graph_dirichlet_matches_reference(emu, dtype, i):
     emu.emu_set_seed(i)
     torch.manual_seed(i)
     z64 = torch.randn(n, d, dtype=torch.float64)
-    g = _graph(kind, n, seed=i)
+    g = random_graph(kind, n, seed=i)
     grad = torch.tensor(0.7, dtype=torch.float64)
     got = emu.graph_dirichlet(z64.to(dtype), *g.kernel_args())
     got_grad = emu.graph_dirichlet_backward(grad.to(got.dtype), z64.to(dtype), *g.kernel_args())
@@ -373,7 +285,7 @@ def test_graph_dirichlet_matches_reference(emu, dtype, i):
 
 def test_emulator_ran_threads(emu):
     before = emu.emu_switches()
-    emu.info_nce(torch.randn(70, 20), *_graph("semi", 70, 0).kernel_args(), TEMPERATURE, True, 0, 70)
+    emu.info_nce(torch.randn(70, 20), *random_graph("semi", 70, 0).kernel_args(), TEMPERATURE, True, 0, 70)
     assert emu.emu_switches() > before  # fibers met at barriers: not a serial loop
 
 

@@ -16,8 +16,7 @@ import palfast
 from palfast import PairGraph, reference
 from palfast.active import RelationStore
 from palfast.active.store import ContradictionWarning
-
-from _helpers import (
+from palfast.testing import (
     KINDS,
     assert_matches_float64,
     assert_rows_match_float64,
@@ -256,7 +255,7 @@ def test_info_nce_module_passes_unknown_weight():
 
 # ------------------------------------------------------------ spectral_contrastive
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,d", [(2, 3), (41, 17), (257, 5)])  # N = 1: tests/test_spectral_contrastive.py
+@pytest.mark.parametrize("n,d", [(2, 3), (41, 17), (257, 5)])  # N = 1: tests/losses/test_spectral_contrastive.py
 @pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
 def test_spectral_signed_graph_matches_reference_float64(device, graph_factory, kind, n, d, beta):
     torch.manual_seed(n + d)
