@@ -13,6 +13,7 @@ import palfast
 
 
 @pytest.mark.parametrize("counts", [(12, 12), (9, 15)])
+@pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
     # Spawned workers get our sys.path and cwd: keep the checkout's root (whose
     # palfast/ has no compiled _C) off both, and import the worker from tests/.
@@ -61,6 +62,7 @@ MIN_RECALL = 0.95
 @pytest.mark.parametrize("counts", [
     (4, 296),  # rank 0 holds fewer rows than k + 1
     pytest.param((1100, 1900), marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_sharded_candidate_pairs_match_single_process(counts, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))

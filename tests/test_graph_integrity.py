@@ -41,6 +41,7 @@ def _every_kind_of_graph():
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.slow
 def test_graphs_build_and_losses_run_under_inference_mode(loss):
     z = torch.randn(8, 5, dtype=torch.float64)
     want = [LOSSES[loss](z, g) for g in _every_kind_of_graph()]
@@ -200,6 +201,7 @@ def test_copies_and_pickles_are_not_taken_for_changed_graphs():
 # ------------------------------------------------------------------------ torch.compile
 @pytest.mark.parametrize("change", [lambda g: g.pos_weight.mul_(2), _through_data, _through_numpy,
                                     lambda g: g.labels.fill_(0)])
+@pytest.mark.slow
 def test_compiled_losses_refuse_a_changed_graph(change):
     torch._dynamo.reset()
     g = _graph()
@@ -215,6 +217,7 @@ def test_compiled_losses_refuse_a_changed_graph(change):
 # runs the tests where no compiler exists (.ci/run, job 3).
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                     reason="torch.compile's inductor backend needs a C++ compiler")
+@pytest.mark.slow
 def test_compiled_losses_refuse_a_changed_graph_with_inductor():
     torch._dynamo.reset()
     g = _graph()

@@ -32,6 +32,7 @@ def recall(approx, exact):
 
 @needs_faiss
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
+@pytest.mark.slow
 def test_recall_at_10_against_exact(index):
     x = clustered()
     _, exact = knn(x, 10, index="exact")
@@ -42,6 +43,7 @@ def test_recall_at_10_against_exact(index):
 
 
 @needs_faiss
+@pytest.mark.slow
 def test_ivf_with_keys_and_ivfpq_run():
     x = clustered()
     queries = x[:100] + 0.01
@@ -54,6 +56,7 @@ def test_ivf_with_keys_and_ivfpq_run():
 
 
 @needs_faiss
+@pytest.mark.slow
 def test_ivf_is_reproducible():
     x = clustered(n=2000)
     assert torch.equal(knn(x, 5, index="ivf", seed=3)[1], knn(x, 5, index="ivf", seed=3)[1])
@@ -70,6 +73,7 @@ def test_auto_is_exact_below_the_threshold_and_ivf_above(monkeypatch):
 
 
 @pytest.mark.parametrize("index", [pytest.param("ivf", marks=needs_faiss), "ivf-join"])
+@pytest.mark.slow
 def test_missing_neighbours_are_marked(index):
     # nprobe = 1 of 40 lists: a list holds about 2000 / 40 = 50 rows, fewer than k = 60.
     x = clustered(n=2000, classes=400, d=8, noise=0.05)
@@ -137,6 +141,7 @@ def overlapping(n=20_000):
 
 
 @pytest.mark.parametrize("make", [clustered, overlapping], ids=["clustered", "overlapping"])
+@pytest.mark.slow
 def test_ivf_join_recall_at_10_against_exact(make):
     x = make()
     _, exact = knn(x, 10, backend="torch")
@@ -149,6 +154,7 @@ def test_ivf_join_recall_at_10_against_exact(make):
     torch.testing.assert_close(sims, (xn[:, None, :] * xn[nbrs]).sum(-1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ivf_join_probing_every_list_is_exact():
     x = clustered(n=1500)
     exact = knn(x, 10, backend="torch")
@@ -157,6 +163,7 @@ def test_ivf_join_probing_every_list_is_exact():
     torch.testing.assert_close(sims, exact[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ivf_join_is_reproducible_and_follows_the_seed():
     x = overlapping(n=2000)
     a = knn(x, 5, index="ivf-join", nlist=20, nprobe=2, seed=3)
@@ -166,6 +173,7 @@ def test_ivf_join_is_reproducible_and_follows_the_seed():
     assert not torch.equal(a[1], c[1])  # another sample and start of the k-means
 
 
+@pytest.mark.slow
 def test_ivf_join_same_on_one_thread_and_on_several():
     x = clustered(n=2000)
     threads = torch.get_num_threads()
@@ -180,6 +188,7 @@ def test_ivf_join_same_on_one_thread_and_on_several():
     assert torch.equal(one[1], several[1])
 
 
+@pytest.mark.slow
 def test_ivf_join_reads_a_memory_map(tmp_path):
     x = clustered(n=1200).double()
     path = tmp_path / "x.npy"

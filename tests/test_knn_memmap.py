@@ -76,6 +76,7 @@ def test_chunked_exact_search_equals_one_chunk(tmp_path, monkeypatch):
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
+@pytest.mark.slow
 def test_candidate_pairs_and_select_queries_on_memory_maps(tmp_path, small_chunks, monkeypatch):
     x = clustered()
     t = torch.from_numpy(x)
@@ -167,6 +168,7 @@ _MEM_CHILD = textwrap.dedent("""
     ("from_file", "torch"),  # the fast loop runs one: a child process, a 122 MiB file
     pytest.param("npy", "torch", marks=pytest.mark.slow),
     *([pytest.param("npy", "faiss", marks=pytest.mark.slow)] if HAVE_FAISS else [])])
+@pytest.mark.slow
 def test_peak_memory_is_the_file_and_the_index(tmp_path, kind, backend):
     x = np.random.default_rng(0).standard_normal((MEM_ROWS, MEM_DIM))
     path = tmp_path / ("x.npy" if kind == "npy" else "x.bin")
@@ -229,6 +231,7 @@ _SCAN_CHILD = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("check", ["check_tensor", "as_rows"])
+@pytest.mark.slow
 def test_the_nonfinite_scan_holds_one_chunk_not_a_mask_of_the_whole(tmp_path, check):
     run = subprocess.run([sys.executable, "-c", _SCAN_CHILD, check], env=child_env(),
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)

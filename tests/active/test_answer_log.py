@@ -164,6 +164,7 @@ def test_deleted_rows_are_detected(tmp_path, row, match):
     assert report.kept == 4 and (row == 5 or report.dropped[0][0] == row)
 
 
+@pytest.mark.slow
 def test_bit_flips_never_change_the_log_silently(tmp_path):
     """Single bit flips anywhere in a closed store (seeded, N trials): each leaves the log
     identical or makes the open raise. Before the checksums: 15 of 300 changed it silently."""
@@ -356,6 +357,7 @@ def _rows(store):
     return len(log), sum(row[6] is not None for row in log)
 
 
+@pytest.mark.slow
 def test_reopen_after_kill_has_no_false_alarm(tmp_path, killed_store):
     path = _place(killed_store, tmp_path / "a")
     n = _expected_after_kill()
@@ -388,6 +390,7 @@ def _flip(bit):
 
 
 @pytest.mark.parametrize("how", ["flip", "delete", "truncate", "truncate-to-frame"])
+@pytest.mark.slow
 def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, how):
     """SQLite stops replaying a -wal at the first frame whose checksum fails and drops
     the transactions from there on; a deleted or truncated -wal loses them too. The

@@ -35,6 +35,7 @@ def brute_force_pairs(x, k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n, d, k", [(2, 3, 1), (41, 3, 4), (257, 127, 10), (57, 5, 56)])
+@pytest.mark.slow
 def test_equals_brute_force(backend, device, n, d, k):
     x = torch.randn(n, d, device=device)
     pairs, sims = candidate_pairs(x, k, backend=backend)

@@ -25,6 +25,7 @@ def learner(data, y, store=None, **kw):
     return ActiveLearner(enc, data, LabelOracle(y), store, **kw)
 
 
+@pytest.mark.slow
 def test_any_loss_callable_is_trained():
     data, y = toy()
     seen = []
@@ -39,6 +40,7 @@ def test_any_loss_callable_is_trained():
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
 
+@pytest.mark.slow
 def test_strategy_callable_matches_the_named_strategy():
     data, y = toy()
     answers = {}
@@ -50,6 +52,7 @@ def test_strategy_callable_matches_the_named_strategy():
     assert answers["named"].shape == (12, 2) and torch.equal(answers["named"], answers["callable"])
 
 
+@pytest.mark.slow
 def test_strategy_callable_must_respect_the_budget():
     data, y = toy()
     too_many = lambda emb, store, budget, **kw: torch.tensor([[0, 1], [0, 2], [0, 3]])
@@ -61,6 +64,7 @@ def test_strategy_callable_must_respect_the_budget():
 
 
 @pytest.mark.parametrize("strategy", ["pal", "random", "passive"])
+@pytest.mark.slow
 def test_stopping_rule_is_visible(strategy):
     data, y = toy(6, 2)
     history = learner(data, y, strategy=strategy).run(budget=100, queries_per_round=4)
@@ -71,6 +75,7 @@ def test_stopping_rule_is_visible(strategy):
     assert history[-1]["stop"] == "budget" and history[-1]["n_queries"] == 4
 
 
+@pytest.mark.slow
 def test_on_round_hook_sees_each_round_and_adds_entries():
     data, y = toy()
     calls = []
@@ -87,6 +92,7 @@ def test_on_round_hook_sees_each_round_and_adds_entries():
             "stop"} <= set(history[0])
 
 
+@pytest.mark.slow
 def test_noisy_oracle_warns_once_per_run_and_counts_in_the_log():
     data, y = toy()
     lrn = learner(data, y, strategy="random")
@@ -113,6 +119,7 @@ def test_graph_is_built_in_one_place_with_the_learner_options(monkeypatch):
                                 "negatives": False, "device": lrn.device} for kw in calls)
 
 
+@pytest.mark.slow
 def test_unknown_weight_trains_on_the_known_negatives():
     """unknown_weight < 1 turns on negatives=True, and the batches' graphs carry the
     "different" answers to palfast.info_nce."""

@@ -34,6 +34,7 @@ from palfast.active.store import (
 from _store_helpers import child_env, execute_sql, is_url, random_answers, relation_of
 
 
+@pytest.mark.slow
 def test_contradictions_are_logged_not_applied(store_path):
     s = RelationStore(store_path)
     with pytest.warns(ContradictionWarning, match="2 of 5 answers contradict"):
@@ -53,6 +54,7 @@ def test_contradictions_are_logged_not_applied(store_path):
     assert s.n_conflicts == 2 and s.n_queries == 8  # repeats and new facts: no warning
 
 
+@pytest.mark.slow
 def test_reopen_resumes_and_log_is_append_only(store_path):
     path = store_path
     pairs, ans = random_answers(20, 30, 3, seed=3)
@@ -89,6 +91,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_loses_nothing_recorded(tmp_path, store_path):
     path = store_path
     child = subprocess.Popen([sys.executable, "-c", WRITER, path, "1", "1000000"],
@@ -118,6 +121,7 @@ def test_sigkill_loses_nothing_recorded(tmp_path, store_path):
         assert execute_sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_file(tmp_path, store_path):
     path = store_path  # has no store yet: both create it
     count = 60
@@ -411,6 +415,7 @@ def _view(store):
 
 
 @pytest.mark.filterwarnings("ignore::palfast.active.store.ContradictionWarning")
+@pytest.mark.slow
 def test_writers_in_four_processes_keep_one_log_order(tmp_path, store_path):
     """4 processes record 500 answers each at once, one transaction per answer, while
     a reader refreshes: nothing is lost, every process (and a fresh open) ends with the
@@ -456,6 +461,7 @@ def test_writers_in_four_processes_keep_one_log_order(tmp_path, store_path):
 
 
 # ------------------------------------------------------------ PostgreSQL only
+@pytest.mark.slow
 def test_lost_connection_is_a_store_error_naming_the_store(postgres_url, postgres_admin):
     """A session the server ends and a stopped server raise StoreError naming the store
     (its URL, never its password); the next call connects again."""

@@ -60,6 +60,7 @@ def n_unknown_component_pairs(store, ids):
 
 @pytest.mark.parametrize("strategy", INFORMED)
 @pytest.mark.parametrize("noise", [0.0, 0.1])
+@pytest.mark.slow
 def test_rounds_never_reask(strategy, noise, pal_links):
     x, y = clustered(90, 5)
     store, oracle = RelationStore(), LabelOracle(y, noise=noise, seed=1)
@@ -140,6 +141,7 @@ def test_uncertain_targets_the_threshold_region():
     assert float(sim(unc).mean()) < float(sim(near).mean())
 
 
+@pytest.mark.slow
 def test_pal_finds_more_positives_than_random(pal_links):
     x, y = clustered(200, 8, spread=0.3, seed=6)
     rates = {}
@@ -207,6 +209,7 @@ def known_classes_with_free_rows(n_classes=4, per_class=10, known=8, seed=8):
     return x, y, store
 
 
+@pytest.mark.slow
 def test_pal_exploration_credit_adds_up_across_calls():
     """explore = 0.1 with one question per call: one seed every ten calls (rounding up
     per call would make every question a seed)."""
@@ -232,6 +235,7 @@ def test_pal_stops_exploring_once_the_classes_are_stable():
     assert state["n_seeds"] == STABLE_SEEDS  # no new seed once stable
 
 
+@pytest.mark.slow
 def test_pal_gain_order_asks_the_merge_first_and_likely_rows_next():
     x, y = clustered(80, 4, spread=0.4, seed=9)
     store, oracle = RelationStore(), LabelOracle(y)
@@ -290,6 +294,7 @@ def knn_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("strategy", INFORMED)
+@pytest.mark.slow
 def test_a_graph_passed_to_every_round_is_searched_once_and_changes_nothing(strategy, knn_calls,
                                                                            pal_links):
     x, y = clustered(120, 6)

@@ -105,6 +105,7 @@ def wait_saved(driver, before: int, n_new: int):
     return stats(driver)[1]
 
 
+@pytest.mark.slow
 def test_browser_pairs_captchas_undo_then_sigkill(server, browser, tmp_path):
     from sklearn.datasets import load_digits
 

@@ -152,6 +152,7 @@ def test_malformed_answers_are_4xx_and_the_question_stays_open(served):
     assert store.n_queries == 1
 
 
+@pytest.mark.slow
 def test_answers_only_for_questions_issued_to_this_session(served):
     client, _, store = served
     ann, bob = client("ann"), client("bob")
@@ -197,6 +198,7 @@ def test_undo_supersedes_and_asks_again(served):
     assert c.post("/undo", data={"csrf": csrf, "screen": "nope"}).status_code == 400
 
 
+@pytest.mark.slow
 def test_store_failure_is_503_and_the_answer_can_be_resent(served, tmp_path):
     """A real store failure: another SQLite connection holds the write lock on the store
     file past the store's busy timeout, so RelationStore.record / retract raise StoreError."""
@@ -450,6 +452,7 @@ def test_cli_store_in_a_missing_directory_is_one_line(tmp_path, capsys):
 SERVER_START_S = 60.0
 
 
+@pytest.mark.slow
 def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
     """A separate process: Werkzeug's own bind printed two lines and called sys.exit(1)
     after the data and the store were loaded (with --demo the refill thread, still inside
@@ -500,6 +503,7 @@ def serve(tmp_path, *args, env=None):
         proc.stdout.close()
 
 
+@pytest.mark.slow
 def test_served_on_another_loopback_address_accepts_its_own_url(tmp_path):
     with serve(tmp_path, "--host", "127.0.0.2") as (url, _):
         assert url.startswith("http://127.0.0.2:")
@@ -511,6 +515,7 @@ def test_served_on_another_loopback_address_accepts_its_own_url(tmp_path):
         assert e.value.code == 400  # still no DNS rebinding
 
 
+@pytest.mark.slow
 def test_served_with_a_token_from_the_environment(tmp_path):
     with serve(tmp_path, "--host", "127.0.0.2", env={"PALFAST_ANNOTATE_TOKEN": TOKEN}) as (url, out):
         assert url.endswith(f"/?token={TOKEN}") and "WARNING" not in out  # loopback: no warning
@@ -521,6 +526,7 @@ def test_served_with_a_token_from_the_environment(tmp_path):
         assert e.value.code == 403
 
 
+@pytest.mark.slow
 def test_served_on_every_address_warns_and_makes_a_token(tmp_path):
     """--host 0.0.0.0 (listening on every interface for a few seconds; the requests go to
     127.0.0.1 only) without a token: a random one is made, and a loud warning printed."""

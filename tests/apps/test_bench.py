@@ -114,6 +114,7 @@ def _fake_module(monkeypatch, judged):
     monkeypatch.setitem(sys.modules, "palfast.benchmarks.bench_fake", mod)
 
 
+@pytest.mark.slow
 def test_harness_reports_tflops_ratios_targets_and_writes_after_each_case(monkeypatch, tmp_path, capsys):
     judged, seen = [], []
 
@@ -252,6 +253,7 @@ def _small_active(monkeypatch):
     return ba
 
 
+@pytest.mark.slow
 def test_active_bench_quick_runs_every_index_with_recall(monkeypatch, tmp_path):
     pytest.importorskip("faiss")
     ba = _small_active(monkeypatch)
@@ -272,6 +274,7 @@ def test_active_bench_quick_runs_every_index_with_recall(monkeypatch, tmp_path):
     ba._exact_neighbours.cache_clear()
 
 
+@pytest.mark.slow
 def test_active_bench_runs_ivf_join_without_faiss(monkeypatch, tmp_path):
     """ivf-join, what index="auto" picks for a round on a large pool, is torch only: it runs
     (with its recall) where faiss is missing, and only the FAISS indexes are skipped."""
@@ -321,6 +324,7 @@ def test_active_targets_are_judged_at_a_million_rows():
     assert len(got) == 9
 
 
+@pytest.mark.slow
 def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
     from palfast.benchmarks import bench_store as bs
 
@@ -342,6 +346,7 @@ def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
     assert reopen["status"] == "missed" and reopen["value"] == 12.0
 
 
+@pytest.mark.slow
 def test_harness_extras_join_the_row_and_their_failure_is_recorded(monkeypatch):
     mod = types.ModuleType("palfast.benchmarks.bench_extras")
 

@@ -25,6 +25,7 @@ def quick_run(tmp_path_factory):
     return out, lines, result
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_csv_and_grid_with_every_strategy(quick_run):
     out, lines, result = quick_run
     assert result == {"suites": ["bench_strategies"]}
@@ -47,6 +48,7 @@ def test_quick_suite_writes_csv_and_grid_with_every_strategy(quick_run):
             assert float(r["vs_random_auc"]) == 0.0 and int(r["n_reached"]) == q.seeds
 
 
+@pytest.mark.slow
 def test_noisy_oracle_makes_contradictions_in_the_suite(quick_run):
     out, *_ = quick_run
     (curves,) = out.glob("strategies_cpu_*_curves.csv")

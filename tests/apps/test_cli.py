@@ -21,6 +21,7 @@ def test_info_tells_what_was_compiled(capsys):
     assert "info_nce" in out and "FAISS" in out
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json_csv_and_table(tmp_path, capsys):
     # N=1024 has both steps (fwd, fwd+bwd); each row's peak memory costs a subprocess.
     assert cli.main(["bench", "--only", "info_nce", "--quick", "--repeats", "1", "--device", "cpu",
@@ -56,6 +57,7 @@ def test_help_explains_every_command(capsys):
         assert cmd in out
 
 
+@pytest.mark.slow
 def test_bench_contention_times_quiet_and_busy(tmp_path, capsys):
     assert cli.main(["bench", "--only", "info_nce", "--quick", "--repeats", "1", "--device", "cpu",
                      "--filter", "N=1024", "--no-memory", "--contention",
@@ -81,6 +83,7 @@ def test_bench_min_time_must_not_be_negative(capsys):
     assert "--min-time must be >= 0 seconds, got -1.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_cpu_skips_inf_cl_with_its_reason(tmp_path, capsys):
     assert cli.main(["bench", "--only", "info_nce", "--filter", "N=1024 D=128 float32 fwd+bwd",
                      "--impls", "palfast", "inf_cl", "--repeats", "1", "--device", "cpu",

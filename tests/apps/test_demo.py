@@ -27,6 +27,7 @@ def make_learner(data, oracle, store, strategy="pal"):
 
 
 @pytest.mark.parametrize("strategy", ["pal", "random"])
+@pytest.mark.slow
 def test_learner_runs_rounds_and_resumes_from_the_store(tmp_path, strategy):
     data, y = toy()
     path = tmp_path / "store.sqlite"
@@ -106,6 +107,7 @@ def test_augment_keeps_shape_and_varies():
     assert a.shape == x.shape and not torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     parser = add_demo_arguments(argparse.ArgumentParser())
     out = tmp_path / "demo"
@@ -142,6 +144,7 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
         assert message in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_main_dispatches_demo(tmp_path):
     from palfast.cli import main
 

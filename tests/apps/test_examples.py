@@ -12,6 +12,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
+@pytest.mark.slow
 def test_ddp_train_with_torchrun_two_processes(tmp_path):
     pytest.importorskip("sklearn")
     out = subprocess.run(

@@ -48,6 +48,7 @@ def test_asymmetric_weighted_edges(device, n, d):
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
+@pytest.mark.slow
 def test_gradcheck(device, graph_factory, n, d):
     torch.manual_seed(5)
     z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
@@ -109,6 +110,7 @@ def test_single_row(device):
 
 
 @pytest.mark.parametrize("n,d", [(32, 48), (32, 8)])
+@pytest.mark.slow
 def test_compile_fullgraph(device, n, d):
     torch.manual_seed(13)
     g = palfast.PairGraph.from_views(n // 2, 2).to(device)

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.numeric
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 127), (257, 3), (1000, 127)])
+@pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 127), (257, 3),
+                                 pytest.param(1000, 127, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matches_reference_float64(device, graph_factory, kind, n, d, normalize):
     torch.manual_seed(n * 1000 + d)
@@ -66,6 +67,7 @@ def test_gradcheck(device, graph_factory):
         nondet_tol=ATOMIC_NONDET_TOL)
 
 
+@pytest.mark.slow
 def test_opcheck(device, graph_factory):
     torch.manual_seed(4)
     z = torch.randn(37, 9, device=device, requires_grad=True)
@@ -120,6 +122,7 @@ def test_duplicate_edges_sum_their_weights(device):
                                palfast.info_nce(z, once.to(device), reduction="none"))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph(device):
     torch.manual_seed(10)
     g = palfast.PairGraph.from_views(16, 2).to(device)
@@ -363,6 +366,7 @@ print(hwm - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.slow
 def test_cpu_backward_memory_does_not_grow_with_threads_times_n_d(tmp_path):
     """Backward memory is O(N·D + threads·tile·D): 4 threads may add a few tiles'
     worth over 1 thread, never another [N, D] buffer per thread."""

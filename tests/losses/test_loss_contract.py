@@ -60,6 +60,7 @@ def _low_precision_cases():
 
 
 @pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.slow
 def test_float32_close_to_float64(device, graph_factory, name):
     torch.manual_seed(2)
     z = torch.randn(300, 200, device=device)

@@ -145,6 +145,7 @@ def test_info_nce_unknown_weight_matches_reference_float64(device, graph_factory
 
 
 @pytest.mark.parametrize("lam,normalize", [(0.0, True), (0.6, False)])
+@pytest.mark.slow
 def test_info_nce_unknown_weight_gradcheck(device, graph_factory, lam, normalize):
     torch.manual_seed(5)
     z = torch.randn(9, 3, dtype=torch.float64, device=device, requires_grad=True)
@@ -265,6 +266,7 @@ def test_spectral_signed_graph_matches_reference_float64(device, graph_factory, 
                            negative_weight=beta)
 
 
+@pytest.mark.slow
 def test_spectral_signed_graph_gradcheck(device, graph_factory):
     torch.manual_seed(3)
     z = torch.randn(11, 4, dtype=torch.float64, device=device, requires_grad=True)
@@ -381,6 +383,7 @@ def test_store_graph_trains_info_nce_and_spectral_with_negatives():
                                reference.info_nce(z, g, unknown_weight=0.2))
 
 
+@pytest.mark.slow
 def test_info_nce_unknown_weight_under_compile():
     """fullgraph=True names the limit; without it the call runs eagerly and matches."""
     torch.manual_seed(3)

@@ -41,6 +41,7 @@ def test_asymmetric_weighted_edges(device):
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
+@pytest.mark.slow
 def test_gradcheck(device, graph_factory, n, d):
     torch.manual_seed(5)
     z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
@@ -92,6 +93,7 @@ def test_empty_graph_and_single_row(device):
     assert loss.item() == 0.0 and torch.count_nonzero(one.grad) == 0
 
 
+@pytest.mark.slow
 def test_compile_fullgraph(device):
     torch.manual_seed(13)
     g = palfast.PairGraph.from_labels(torch.randint(-1, 4, (32,))).to(device)

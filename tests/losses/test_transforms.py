@@ -25,6 +25,7 @@ def _graph(n):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.slow
 def test_compile_with_dynamic_shapes_matches_eager(loss):
     fn, _, kw = LOSSES[loss]
     torch._dynamo.reset()
@@ -43,6 +44,7 @@ def test_compile_with_dynamic_shapes_matches_eager(loss):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), -0.5, float("nan")])
+@pytest.mark.slow
 def test_compile_with_dynamic_shapes_still_checks_numbers(bad):
     """Under dynamic=True numbers are traced as symbols; the range check becomes a guard,
     so a bad value is traced afresh and raises (dynamo wraps the ValueError of a

@@ -41,6 +41,7 @@ def test_odd_and_multi_view_splits(device, n_rows, n_views):
     assert_matches_float64(palfast.vic2, reference.vic2, z, g, n_views=n_views)
 
 
+@pytest.mark.slow
 def test_unbiased_orthogonality_estimate():
     """Mean over many batches of the estimate ≈ ‖E[zzᵀ] − I‖²; the plug-in ‖zᵀz/N − I‖²
     and a split that separates the views of an image are both detectably biased."""
@@ -101,6 +102,7 @@ def test_empty_graph_has_no_invariance_term(device):
     torch.testing.assert_close(palfast.vic2(z, g), reference.vic2(z, g))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph(device):
     torch.manual_seed(13)
     g = palfast.PairGraph.from_views(16, 2).to(device)
@@ -169,6 +171,7 @@ def test_fixed_pool_old_estimator_is_unbounded_below_pool_estimator_is_not():
                                    pool_objective(exploding_pool(t), 2))
 
 
+@pytest.mark.slow
 def test_training_on_a_fixed_pool_runs_away_without_pool_size():
     """Adam on the pool's embeddings, batch = whole pool: the halves estimator is driven
     far below 0 (the failure), the pool estimator stays ≥ 0 and reaches ≈ 0."""

@@ -46,6 +46,7 @@ def test_asymmetric_edges_with_duplicates(device):
 
 
 @pytest.mark.parametrize("n,d", [(9, 5), (5, 9)])
+@pytest.mark.slow
 def test_gradcheck(device, graph_factory, n, d):
     torch.manual_seed(5)
     z = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
@@ -106,6 +107,7 @@ def test_one_row_is_an_error(device):
         palfast.nn.VICRegLoss()(torch.randn(1, 5), torch.randn(1, 5))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph(device):
     torch.manual_seed(13)
     g = palfast.PairGraph.from_views(16, 2).to(device)

@@ -41,6 +41,7 @@ def test_wrapper_takes_the_side_of_the_rule(graph_factory):
         assert aux.shape == ((2, n, n) if gram else (1, d, d))
 
 
+@pytest.mark.slow
 def test_opcheck(device, graph_factory):
     torch.manual_seed(6)
     for n, d in [(15, 20), (20, 15)]:

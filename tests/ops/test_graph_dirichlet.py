@@ -19,6 +19,7 @@ def _dense(z, w):
 
 
 @pytest.mark.parametrize("n", [1, 2, 41, 257])
+@pytest.mark.slow
 def test_matches_dense_float64(device, graph_factory, n):
     torch.manual_seed(n)
     for kind in KINDS:
@@ -48,6 +49,7 @@ def test_same_bits_run_to_run(graph_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_opcheck(device, graph_factory):
     torch.manual_seed(6)
     g = graph_factory("semi", 23).to(device)

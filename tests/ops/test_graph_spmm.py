@@ -57,6 +57,7 @@ def test_same_bits_for_any_thread_count(graph_factory):
         assert torch.equal(out, outs[0])
 
 
+@pytest.mark.slow
 def test_opcheck(device, graph_factory):
     torch.manual_seed(6)
     for n, d in [(15, 20), (20, 15)]:

@@ -57,6 +57,7 @@ def test_gram_blocks_beyond_one_tile(device):
         torch.testing.assert_close(value, _dense(p, second, True))
 
 
+@pytest.mark.slow
 def test_opcheck(device):
     torch.manual_seed(6)
     for n, d in [(7, 20), (20, 7)]:
@@ -71,6 +72,7 @@ def test_opcheck(device):
                                        None if second is None else q.detach(), aux, True, gram))
 
 
+@pytest.mark.slow
 def test_opcheck_on_transposed_input(device):
     """The losses pass zᵀ (a non-contiguous view) to sq_xcorr."""
     torch.manual_seed(6)

@@ -53,6 +53,7 @@ def test_unknown_build_flavour_checks_the_minor_only():
     assert "flavour unknown" in msg and "pip install torch==2.13.0\n" in msg
 
 
+@pytest.mark.slow
 def test_import_of_a_mismatched_build_fails_with_the_fix(tmp_path):
     """The real import path: palfast with a recorded build torch of another minor."""
     fake = "9.99.0+cu990" if torch.version.cuda is None else "9.99.0+cpu"
