@@ -25,7 +25,9 @@ shift) is another view family (measured: not harder on digits, docs/active.md).
 
 Outputs in ``--out``: ``results.csv`` / ``results.json`` (one row per round;
 the JSON also holds the evaluation), ``accuracy_vs_queries.png``, and one SQLite store
-per run (``store_<strategy>_seed<s>.sqlite``; ``--resume`` continues them).
+per run (``store_<strategy>_seed<s>.sqlite``; ``--resume`` continues them). The stores
+are SQLite only: a run starts over by deleting its file, which a PostgreSQL store refuses
+(docs/active.md, "The demo").
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "noise = Gaussian noise only, no shift (not harder on digits: docs/active.md); "
                              "none = no views, the loss sees only the answers (hardest)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the SQLite stores found in --out instead of starting over")
+                        help="continue the SQLite stores found in --out instead of starting over "
+                             "(the demo's stores are SQLite files, one per strategy and seed; "
+                             "palfast annotate --store takes a PostgreSQL URL)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 

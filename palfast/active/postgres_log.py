@@ -179,7 +179,9 @@ class PostgresAnswerLog(AnswerLog):
     def _error(self, where: str, e: Exception) -> StoreError:
         """A psycopg exception as a palfast one that names the store and says what to do."""
         errors = self._psycopg.errors
-        msg = str(e).strip()
+        # libpq's messages span lines ("...failed: ...\n\tIs the server running...?"):
+        # one line, so that a command-line tool can print the error as one line.
+        msg = " ".join(str(e).split())
         if isinstance(e, errors.LockNotAvailable):
             return StoreError(f"{where}: {self._shown!r} stayed locked by another process longer "
                               f"than the timeout; retry, or open it with a larger timeout= "

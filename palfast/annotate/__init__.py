@@ -47,6 +47,11 @@ DEFAULT_PORT = 8000
 MAX_PORT = 65535
 #: Where ``--token`` is read from when not given (keeps it out of the process list).
 TOKEN_ENV = "PALFAST_ANNOTATE_TOKEN"
+#: Where ``--store`` is read from when not given (a PostgreSQL URL with a password stays
+#: out of the process list).
+STORE_ENV = "PALFAST_STORE"
+#: The store written when neither ``--store`` nor ``$PALFAST_STORE`` names one.
+DEFAULT_STORE = "answers.sqlite"
 #: Shortest token accepted: a guessable word would let anyone on the network in.
 MIN_TOKEN_CHARS = 12
 #: Random bytes of a generated token (32 URL-safe characters), as Jupyter generates its own.
@@ -58,7 +63,8 @@ INDEXES = ("auto", "exact", "ivf", "hnsw")
 
 DESCRIPTION = """\
 Serve a local web page where people answer "are these two images alike?" for a data set,
-straight into a palfast answer store (RelationStore, SQLite). Two screens: pair (two images,
+straight into a palfast answer store (RelationStore: an SQLite file, or a PostgreSQL
+database given as a postgresql:// URL). Two screens: pair (two images,
 keys y / n / s) and captcha (one image and K candidates: click the alike ones). Questions
 come from palfast.active.select_queries over the current embeddings and the answers so far;
 a trainer in another process may rewrite the --embeddings file and the page follows. Every
@@ -87,8 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "A trainer must replace it atomically: write a temporary file, then "
                         "os.replace (rewriting it in place under the live map is unsafe). "
                         "Default: 16x16 grey thumbnails of the images")
-    p.add_argument("--store", metavar="FILE.sqlite", default="answers.sqlite",
-                   help="the RelationStore to write (created or resumed; default ./answers.sqlite)")
+    p.add_argument("--store", metavar="FILE.sqlite|URL", default=None,
+                   help="the RelationStore to write, created or resumed: an SQLite file, or a "
+                        "PostgreSQL database as postgresql://user@host/db (needs psycopg: "
+                        f"pip install 'palfast[postgres]'). Default: ${STORE_ENV} if set, else "
+                        f"./{DEFAULT_STORE}. Prefer the variable for a URL with a password (a "
+                        "--store value is visible to other users in the process list)")
     p.add_argument("--strategy", choices=STRATEGIES, default="pal",
                    help="palfast.active.select_queries strategy (default pal; random needs no embeddings)")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
@@ -231,8 +241,40 @@ def login_token(args) -> str | None:
     return given
 
 
+def store_location(args) -> str:
+    """Where the store is: ``--store``, else ``$PALFAST_STORE``, else DEFAULT_STORE."""
+    return args.store or os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def shown_store(store: str) -> str:
+    """The store as messages show it: a URL without its password, a file as an absolute path."""
+    from ..active.postgres_log import is_postgres_url, shown
+
+    return shown(store) if is_postgres_url(store) else os.path.abspath(store)
+
+
+def check_store(store: str) -> None:
+    """``--store`` names an SQLite file in an existing directory or a postgresql:// URL
+    (whether the server answers is found when the store opens); raises ValueError."""
+    from ..active.postgres_log import URL_SCHEMES, is_postgres_url
+
+    if is_postgres_url(store):
+        return
+    scheme = urllib.parse.urlsplit(store).scheme
+    if "://" in store and len(scheme) > 1:  # "C://..." is a Windows drive, not a scheme
+        raise ValueError(f"--store {store.split('://')[0]}://...: a store URL must start with "
+                         f"{' or '.join(URL_SCHEMES)} (PostgreSQL); give a PostgreSQL URL or "
+                         f"the path of an SQLite file")
+    folder = os.path.dirname(os.path.abspath(store))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--store {store!r}: the directory {folder!r} does not exist; "
+                         f"create it first (mkdir -p {shlex.quote(folder)}) or give a --store "
+                         f"path in an existing directory")
+
+
 def check_args(args) -> None:
-    """The checks that need no data, no store and no port: raises ValueError with a fix."""
+    """The checks that need no data, no store and no port: raises ValueError with a fix.
+    Sets ``args.store`` to :func:`store_location`."""
     if bool(args.demo) == bool(args.data):
         raise ValueError("give exactly one of --demo (scikit-learn's digits) or --data PATH")
     if args.budget < 1:
@@ -240,11 +282,8 @@ def check_args(args) -> None:
     if not 2 <= args.captcha_k <= MAX_CAPTCHA_K:
         raise ValueError(f"--captcha-k must be in 2..{MAX_CAPTCHA_K}, got {args.captcha_k}")
     check_index_args(args)
-    folder = os.path.dirname(os.path.abspath(args.store))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--store {args.store!r}: the directory {folder!r} does not exist; "
-                         f"create it first (mkdir -p {shlex.quote(folder)}) or give a --store "
-                         f"path in an existing directory")
+    args.store = store_location(args)
+    check_store(args.store)
 
 
 def build(args, token: str | None = None):
@@ -265,11 +304,14 @@ def build(args, token: str | None = None):
     embeddings = Embeddings(data.n, args.embeddings, fallback=fallback)
     try:
         store = RelationStore(args.store)
-    except StoreError as e:  # locked, read-only, unreadable: the store's message says why
+    except (StoreError, ValueError) as e:
+        # locked, read-only, unreadable, unreachable server, not a store: the store's
+        # message says why (and names a URL without its password).
         raise ValueError(f"--store: {str(e).removeprefix('RelationStore: ')}") from None
     if store.num_ids > data.n:
         store.close()
-        raise ValueError(f"the store {args.store!r} has answers about sample id {store.num_ids - 1}, "
+        raise ValueError(f"the store {shown_store(args.store)!r} has answers about sample id "
+                         f"{store.num_ids - 1}, "
                          f"but the data set has {data.n} images: wrong --store or --data?")
     try:
         questions = Questions(store, embeddings, data.n, strategy=args.strategy,
@@ -365,7 +407,7 @@ def run(args) -> int:
     if not _is_loopback(args.host):
         _warn_network(args.host, server.port, query, token is not None)
     print(f"palfast annotate: serving on {_url(args.host, server.port)}{query}  "
-          f"(store {os.path.abspath(args.store)}; Ctrl-C stops)", flush=True)
+          f"(store {shown_store(args.store)}; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

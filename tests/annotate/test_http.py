@@ -448,6 +448,64 @@ def test_cli_store_in_a_missing_directory_is_one_line(tmp_path, capsys):
     assert not missing.exists()
 
 
+def test_cli_store_url_and_the_environment_reach_the_store(tmp_path, postgres_url, monkeypatch,
+                                                          capsys):
+    """--store postgresql://... opens that database; without --store, $PALFAST_STORE names
+    the store (a URL or a file); --store wins over it."""
+    from palfast import annotate
+    from palfast.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["annotate", "--help"])
+    assert "postgresql://user@host/db" in capsys.readouterr().out
+    np.save(tmp_path / "x.npy", images())
+    data = ["annotate", "--data", str(tmp_path / "x.npy")]
+
+    def answer_one(args):
+        app, q, store = annotate.build(args)
+        try:
+            got = q.next("pair", "me")
+            q.answer(got.qid, "me", "ann", [True])
+            return store.path, store.n_queries
+        finally:
+            q.close()
+            store.close()
+
+    monkeypatch.delenv(annotate.STORE_ENV, raising=False)
+    assert answer_one(build_parser().parse_args([*data, "--store", postgres_url])) == (postgres_url, 1)
+    monkeypatch.setenv(annotate.STORE_ENV, postgres_url)
+    assert answer_one(build_parser().parse_args(data)) == (postgres_url, 2)
+    with RelationStore(postgres_url) as s:
+        assert [r[5] for r in s.log()] == ["ann", "ann"]
+    file = str(tmp_path / "flag.sqlite")
+    assert answer_one(build_parser().parse_args([*data, "--store", file])) == (file, 1)
+    monkeypatch.setenv(annotate.STORE_ENV, file)
+    assert answer_one(build_parser().parse_args(data)) == (file, 2)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql://palfast:hunter2@/nodb?host=/nonexistent-socket-folder",
+     "--store: cannot reach the PostgreSQL store 'postgresql://palfast:***@/nodb"),
+    ("mysql://palfast:hunter2@db/answers", "--store mysql://...: a store URL must start with "
+                                           "postgresql:// or postgres://"),
+])
+def test_cli_bad_store_url_is_one_line_naming_the_option(tmp_path, capsys, monkeypatch, url,
+                                                         message):
+    pytest.importorskip("psycopg")
+    from palfast import annotate
+
+    np.save(tmp_path / "x.npy", images())
+    for argv, env in ((["--store", url], None), ([], url)):
+        if env is None:
+            monkeypatch.delenv(annotate.STORE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(annotate.STORE_ENV, env)
+        assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--port", "0", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert message in err and "hunter2" not in err
+
+
 #: How long a test waits for `palfast annotate` to print its address (imports torch and Flask).
 SERVER_START_S = 60.0
 
