@@ -82,9 +82,11 @@ class Server:
         self._run(_bin("initdb"), "-D", data, "-U", "palfast", "--auth=trust", "-E", "UTF8",
                   "--no-sync")
         self._ctl = [_bin("pg_ctl"), "-D", data, "-t", str(_PG_CTL_WAIT)]
-        self._run(*self._ctl, "-w", "-l", os.path.join(self.folder, "log"), "-o",
-                  f"-c listen_addresses='' -c unix_socket_directories='{self.folder}'",
-                  "start")
+        # The server's output goes to the log file: were it left on pg_ctl's stdout (our
+        # pipe), _run would wait for the server to exit.
+        self._options = ["-l", os.path.join(self.folder, "log"), "-o",
+                         f"-c listen_addresses='' -c unix_socket_directories='{self.folder}'"]
+        self._run(*self._ctl, "-w", *self._options, "start")
         self.running = True
 
     def _run(self, *cmd: str) -> None:
@@ -100,6 +102,12 @@ class Server:
         if self.running:
             self._run(*self._ctl, "-w", "-m", "fast", "stop")
             self.running = False
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every session is ended (its transaction rolled back),
+        the server stops and starts again; returns once it accepts connections."""
+        self._run(*self._ctl, "-w", "-m", "fast", *self._options, "restart")
+        self.running = True
 
     def close(self) -> None:
         self.stop()

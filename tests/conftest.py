@@ -51,9 +51,10 @@ def graph_factory():
 
 # ------------------------------------------------ RelationStore backends (tests/_postgres.py)
 @pytest.fixture(scope="session")
-def postgres_admin():
-    """URL of a PostgreSQL server the tests may create databases on: PALFAST_TEST_POSTGRES,
-    or a throwaway server started here; the tests that need it skip when neither can be."""
+def postgres_server():
+    """The throwaway PostgreSQL server of this session (tests/_postgres.py's Server), or
+    None when PALFAST_TEST_POSTGRES names a server (someone else's: never restarted or
+    stopped); the tests that need one skip when neither can be."""
     import _postgres
 
     why = _postgres.missing()
@@ -64,10 +65,19 @@ def postgres_admin():
         pytest.skip(f"no PostgreSQL for the RelationStore tests: {why}")
     server = None if os.environ.get(_postgres.ENV) else _postgres.Server()
     try:
-        yield _postgres.admin_url(server)
+        yield server
     finally:
         if server is not None:
             server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin(postgres_server):
+    """URL of a PostgreSQL server the tests may create databases on: PALFAST_TEST_POSTGRES,
+    or the session's throwaway server."""
+    import _postgres
+
+    return _postgres.admin_url(postgres_server)
 
 
 @pytest.fixture

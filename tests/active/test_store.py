@@ -121,6 +121,110 @@ def test_sigkill_loses_nothing_recorded(tmp_path, store_path):
         assert execute_sql(path, "PRAGMA integrity_check") == [("ok",)]
 
 
+#: Answers per record() call of the batch writers: a batch is one transaction, so a kill
+#: or a restart must leave all of it or none.
+BATCH = 25
+#: The batch writer: batch t of writer ``tag`` holds the pairs (first(t) + 2k, first(t) +
+#: 2k + 1), k < BATCH, and the source "w<tag>b<t>", so each row says which batch it is of.
+#: It prints "t errors" once record() returned (acknowledged). With "retry" it survives
+#: StoreError the way docs/active.md says (refresh, then record again only if the batch
+#: is not in the log: a connection lost during COMMIT may have committed it).
+BATCH_WRITER = textwrap.dedent("""
+    import sys, time
+    from palfast.active import RelationStore
+    from palfast.active.store import StoreError
+    path, tag, count, retry = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "retry"
+    store = RelationStore(path)
+    errors = 0
+    for t in range(count):
+        first = tag * 10_000_000 + 2 * %(batch)d * t
+        pairs = [[first + 2 * k, first + 2 * k + 1] for k in range(%(batch)d)]
+        answers = [(t + k) %% 3 == 0 for k in range(%(batch)d)]
+        while True:
+            try:
+                store.record(pairs, answers, source=f"w{tag}b{t}")
+                break
+            except StoreError:
+                if not retry:
+                    raise
+                errors += 1
+                while True:
+                    try:
+                        store.refresh()
+                        break
+                    except StoreError:
+                        time.sleep(0.05)
+                if store.is_known(*pairs[0]):  # committed before the connection broke
+                    break
+        print(t, errors, flush=True)
+""") % {"batch": BATCH}
+
+
+def _batch_writer(path, tag, count, folder, retry=False):
+    return subprocess.Popen([sys.executable, "-c", BATCH_WRITER, path, str(tag), str(count),
+                             "retry" if retry else "once"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=folder)
+
+
+def _batches(path, tag):
+    """The batches of writer ``tag`` in the store: {t: its rows (i, j, answer)}, each row
+    checked to be the one that batch wrote."""
+    found = collections.defaultdict(list)
+    with RelationStore(path) as s:
+        for _, i, j, answer, _, source, _ in s.log():
+            if source.startswith(f"w{tag}b"):
+                found[int(source[len(f"w{tag}b"):])].append((i, j, answer))
+    for t, rows in found.items():
+        first = tag * 10_000_000 + 2 * BATCH * t
+        assert rows == [(first + 2 * k, first + 2 * k + 1, (t + k) % 3 == 0)
+                        for k in range(len(rows))], t
+    return found
+
+
+#: Kills of a batch writer per backend, each at a random moment of its run.
+KILLS = 3
+#: Longest wait after a writer's first acknowledged batch before it is killed (seconds).
+KILL_WITHIN_S = 1.5
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_keeps_every_acknowledged_batch_whole(tmp_path, store_path):
+    """A writer recording batches of BATCH answers is SIGKILLed at a random moment, KILLS
+    times: after reopening, every batch whose record() returned is there, and every batch
+    is wholly there or wholly absent (at most one unacknowledged batch, the one in flight,
+    may be there: it committed before the kill)."""
+    import random
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    for tag in range(1, KILLS + 1):
+        child = _batch_writer(store_path, tag, 10**6, tmp_path)
+        try:
+            first = child.stdout.readline()  # the store is open and writing
+            assert first, child.stderr.read()
+            time.sleep(rng.uniform(0, KILL_WITHIN_S))
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+            acked = [first, *child.stdout.read().splitlines()]
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+            child.stderr.close()
+        assert child.returncode == -signal.SIGKILL
+        acked = [int(line.split()[0]) for line in acked]
+        assert acked == list(range(len(acked)))
+        found = _batches(store_path, tag)
+        assert all(len(rows) == BATCH for rows in found.values()), (seed, tag)
+        assert sorted(found) == list(range(len(found))), (seed, tag)  # in order, no hole
+        assert len(acked) <= len(found) <= len(acked) + 1, (seed, tag)
+    with RelationStore(store_path) as s:
+        assert [r[0] for r in s.log()] == list(range(1, s.n_queries + 1))
+    if not is_url(store_path):
+        assert execute_sql(store_path, "PRAGMA integrity_check") == [("ok",)]
+
+
 @pytest.mark.slow
 def test_two_processes_write_one_file(tmp_path, store_path):
     path = store_path  # has no store yet: both create it
@@ -498,3 +602,45 @@ def test_lost_connection_is_a_store_error_naming_the_store(postgres_url, postgre
         s.close()
     finally:
         server.close()
+
+
+#: PostgreSQL restarts while the retrying writer runs, and its batches.
+RESTARTS, RESTART_BATCHES = 2, 400
+
+
+@pytest.mark.slow
+def test_server_restart_mid_stream_loses_and_repeats_no_answer(tmp_path, postgres_server,
+                                                               postgres_url):
+    """The server is restarted (pg_ctl restart -m fast) RESTARTS times while a writer
+    records batches: the writer gets StoreError for the calls that fail, refreshes and
+    retries as docs/active.md says, and in the end every batch it acknowledged is in the
+    log exactly once, whole."""
+    if postgres_server is None:
+        pytest.skip("PALFAST_TEST_POSTGRES names someone else's server: not ours to restart")
+    RelationStore(postgres_url).close()
+    child = _batch_writer(postgres_url, 1, RESTART_BATCHES, tmp_path, retry=True)
+    try:
+        for k in range(RESTARTS):
+            # A restart once the writer is well into its run, then again later.
+            target = (k + 1) * RESTART_BATCHES // (RESTARTS + 2)
+            while True:
+                line = child.stdout.readline()
+                assert line, child.stderr.read()
+                if int(line.split()[0]) >= target:
+                    break
+            postgres_server.restart()
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    last_t, errors = map(int, out.splitlines()[-1].split())
+    assert last_t == RESTART_BATCHES - 1
+    assert errors >= RESTARTS  # each restart broke the writer's connection: a StoreError
+    found = _batches(postgres_url, 1)
+    assert sorted(found) == list(range(RESTART_BATCHES))
+    assert all(len(rows) == BATCH for rows in found.values())  # once each, whole
+    with RelationStore(postgres_url) as s:
+        assert s.n_queries == RESTART_BATCHES * BATCH
+        assert [r[0] for r in s.log()] == list(range(1, s.n_queries + 1))
