@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -639,6 +640,81 @@ def test_two_servers_share_one_store(tmp_path):
         assert qb.stats("b")["answered"] == 11
         qa.undo("a", "ann")
         assert qb.stats("b")["answered"] == 10 and sb.log()[ids[0] - 1][6] == "ann"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kw):  # a 303 comes back as an HTTPError
+        return None
+
+
+class _Browser:
+    """One person's browser against a real server: a cookie jar, forms posted by hand,
+    redirects not followed (so answering leaves no next question on the screen)."""
+
+    def __init__(self, url: str, name: str):
+        import http.cookiejar
+
+        self.base = url.split("?")[0].rstrip("/")
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect)
+        self.csrf = token(self.get("/"))
+        assert self.post("/start", name=name, screen="pair") == 303
+
+    def get(self, path: str) -> str:
+        with self.opener.open(self.base + path, timeout=60) as r:
+            return r.read().decode()
+
+    def post(self, path: str, **form) -> int:
+        body = urllib.parse.urlencode({"csrf": self.csrf, **form}).encode()
+        try:
+            with self.opener.open(self.base + path, data=body, timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def question(self) -> tuple[str, tuple[int, int]]:
+        page = self.get("/pair")
+        pair = tuple(map(int, re.search(r'data-pair="(\d+),(\d+)"', page).groups()))
+        return question(page), pair
+
+    def answered(self) -> int:
+        return int(re.search(r'data-answered="(\d+)"', self.get("/pair")).group(1))
+
+
+#: Questions each person answers in the two-server test.
+TWO_SERVER_ROUNDS = 4
+
+
+@pytest.mark.slow
+def test_two_servers_on_one_postgres_database(tmp_path, postgres_url):
+    """Two `palfast annotate` processes, same data and seed, one PostgreSQL --store; a person
+    on each answers in turn over real HTTP: every answer lands once, neither server asks a
+    pair the other's person answered (their queues are alike: each refreshes first), each
+    sees the other's answers, and an undo on B of an answer given on B retracts it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with serve(tmp_path / "a", "--store", postgres_url) as (url_a, out_a), \
+            serve(tmp_path / "b", "--store", postgres_url) as (url_b, _):
+        assert postgres_url in out_a  # the start-up line names the store (no password here)
+        ann, bob = _Browser(url_a, "ann"), _Browser(url_b, "bob")
+        asked, given = set(), []
+        for _ in range(TWO_SERVER_ROUNDS):
+            for who, name in ((ann, "ann"), (bob, "bob")):
+                qid, pair = who.question()
+                assert pair not in asked, (name, pair, asked)  # answered on either server
+                asked.add(pair)
+                yes = len(given) % 2 == 0
+                assert who.post("/answer", qid=qid, answer="yes" if yes else "no") == 303
+                given.append((*pair, yes, name))
+        n = 2 * TWO_SERVER_ROUNDS
+        assert ann.answered() == bob.answered() == n
+        assert bob.post("/undo", screen="pair") == 303  # bob's last answer, given on B
+        assert "Undone: #%d" % n in bob.get("/pair")
+        assert ann.answered() == bob.answered() == n - 1
+    with RelationStore(postgres_url) as s:
+        log = s.log()
+    assert [(r[1], r[2], r[3], r[5]) for r in log] == given  # each once, in order
+    assert [r[6] for r in log] == [None] * (n - 1) + ["bob"]
 
 
 def test_embeddings_file_written_later_is_picked_up(tmp_path):
