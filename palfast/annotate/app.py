@@ -126,11 +126,23 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
     def store_unavailable(e: StoreError, what: str):
         # StoreError is what RelationStore raises when it cannot do a write or read now:
         # the file stays locked by another writer past the busy timeout, the disk is full,
-        # the file or its folder is read-only (palfast/active/answer_log.py, _sqlite_error).
+        # the file or its folder is read-only (palfast/active/answer_log.py, _sqlite_error),
+        # a PostgreSQL server cannot be reached or ended the session (the store connects
+        # again on its next call: palfast/active/postgres_log.py).
         # A damaged store (StoreCorruptError) is not "try again later": the 500 page.
         log.warning("palfast annotate: the answer store failed: %s", e)
-        abort(503, f"the answer store is locked, full or unwritable right now ({e}); "
-                   f"{what}")
+        abort(503, f"the answer store is locked, full, unwritable or unreachable right now "
+                   f"({e}); {what}")
+
+    @app.errorhandler(StoreError)
+    def _store_error(e: StoreError):
+        # A page that only reads the store (refresh before a question or the counts).
+        if isinstance(e, StoreCorruptError):
+            return _error(e)
+        try:
+            store_unavailable(e, "nothing is lost: reload the page")
+        except HTTPException as http:
+            return _http_error(http)
 
     @app.errorhandler(Exception)
     def _error(e: Exception):  # a bug must not take the server down or hide the cause

@@ -207,6 +207,13 @@ class Questions:
         while True:
             try:
                 version, graph = self._candidate_graph()
+                with self._lock:
+                    # In the try too: a store that cannot be read now (a lost PostgreSQL
+                    # connection) is reported like any failed refill, and the background
+                    # thread lives on to refill once the store answers again.
+                    self._sync()
+                    if self.embeddings.get()[1] == version:  # else new embeddings came meanwhile
+                        return self._select(graph)
             except Exception as e:  # as a failed selection: the page shows the reason
                 with self._lock:
                     self.refill_error = f"{type(e).__name__}: {e}"
@@ -214,10 +221,6 @@ class Questions:
                     self._want_refill = False
                     self._changed.notify_all()
                 return 0
-            with self._lock:
-                self._sync()
-                if self.embeddings.get()[1] == version:  # else new embeddings came meanwhile
-                    return self._select(graph)
 
     def _select(self, graph: CandidateGraph | None) -> int:
         """The refill proper, holding the lock: ask select_queries for REFILL more pairs."""

@@ -709,12 +709,77 @@ def test_two_servers_on_one_postgres_database(tmp_path, postgres_url):
         n = 2 * TWO_SERVER_ROUNDS
         assert ann.answered() == bob.answered() == n
         assert bob.post("/undo", screen="pair") == 303  # bob's last answer, given on B
-        assert "Undone: #%d" % n in bob.get("/pair")
+        assert f"Undone: #{n}" in bob.get("/pair")
         assert ann.answered() == bob.answered() == n - 1
     with RelationStore(postgres_url) as s:
         log = s.log()
     assert [(r[1], r[2], r[3], r[5]) for r in log] == given  # each once, in order
     assert [r[6] for r in log] == [None] * (n - 1) + ["bob"]
+
+
+def _end_store_sessions(admin: str, url: str) -> None:
+    """End every session on the database of ``url`` (as a PostgreSQL restart or a network
+    failure would): the store's next call raises StoreError, the one after connects again."""
+    from _helpers import execute_sql
+
+    name = urllib.parse.urlsplit(url).path.lstrip("/")
+    # The second argument: wait (ms) until the session has ended (PostgreSQL 14 and later).
+    execute_sql(admin, "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                       f"WHERE datname = '{name}'")
+
+
+#: Seconds a test waits for the background refill thread to finish a refill.
+REFILL_WAIT_S = 30.0
+
+
+def test_a_lost_store_connection_is_503_then_the_page_works_again(postgres_admin, postgres_url):
+    """The store's connection is lost (the server ended the session): the page that reads
+    the store answers 503 with the store's reason, not 500, and the next one works."""
+    data = ImageData("test", array=images()[..., None])
+    with RelationStore(postgres_url) as store:
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N,
+                      background=False)
+        app = create_app(data, q, default_name="tester")
+        c = app.test_client()
+        page = c.get("/").get_data(as_text=True)
+        assert c.post("/start", data={"csrf": token(page), "name": "ann"}).status_code == 303
+        assert c.get("/pair").status_code == 200
+        _end_store_sessions(postgres_admin, postgres_url)
+        r = c.get("/pair")
+        assert r.status_code == 503, r.get_data(as_text=True)
+        assert "cannot reach the PostgreSQL store" in r.get_data(as_text=True)
+        page, csrf, qid = screen(c)  # connects again
+        assert c.post("/answer", data={"csrf": csrf, "qid": qid, "answer": "yes"}).status_code == 303
+        assert store.n_queries == 1
+        q.close()
+
+
+def test_the_refill_thread_survives_a_lost_store_connection(postgres_admin, postgres_url):
+    """A refill whose store read fails (the connection was lost) reports the error and
+    the background thread keeps refilling afterwards: it used to die, and the page then
+    ran out of questions for good."""
+    data = ImageData("test", array=images()[..., None])
+    with RelationStore(postgres_url) as store:
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N)
+        try:
+            assert q.next("pair", "me") is not None  # the first refill is done
+
+            def refill_and_wait():
+                with q._lock:
+                    q._last_added = None
+                    q._want_refill = True
+                    q._changed.notify_all()
+                    assert q._changed.wait_for(lambda: q._last_added is not None,
+                                               timeout=REFILL_WAIT_S)
+
+            _end_store_sessions(postgres_admin, postgres_url)
+            refill_and_wait()
+            assert "cannot reach the PostgreSQL store" in q.refill_error
+            assert q._thread.is_alive()
+            refill_and_wait()  # connects again
+            assert q.refill_error is None and q._last_added > 0
+        finally:
+            q.close()
 
 
 def test_embeddings_file_written_later_is_picked_up(tmp_path):
