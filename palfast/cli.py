@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def _bench(args) -> int:
         print(f"palfast bench: --busy must be >= 1 with --contention, got {args.busy}",
               file=sys.stderr)
         return 2
+    if args.store_url is not None:
+        from palfast.active.postgres_log import URL_SCHEMES, is_postgres_url
+        from palfast.benchmarks.bench_store import STORE_URL_ENV
+
+        if not is_postgres_url(args.store_url):
+            print(f"palfast bench: --store-url must start with {' or '.join(URL_SCHEMES)}, "
+                  f"got {args.store_url.split('://')[0]!r}...", file=sys.stderr)
+            return 2
+        # The environment carries it into the harness's peak-memory subprocesses too.
+        os.environ[STORE_URL_ENV] = args.store_url
     modules = [f"bench_{name}" for name in args.only] if args.only else harness.BENCH_MODULES
     available = [m for m in modules
                  if importlib.util.find_spec(f"{harness.__package__}.{m}") is not None]
@@ -169,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-kernels", action="store_true",
                        help="skip the torch.profiler run that records the kernels (grid sizes) "
                             "of each implementation on CUDA")
+    bench.add_argument("--store-url", metavar="URL", default=None,
+                       help="--only store: also time the PostgreSQL store in this database "
+                            "(postgresql://user@host/db; a schema per store, dropped after; "
+                            "needs psycopg). Default: $PALFAST_BENCH_STORE_URL if set, else "
+                            "SQLite only")
     bench.add_argument("--out", default="bench_results",
                        help="folder for the JSON and CSV files (default: ./bench_results)")
 

@@ -720,7 +720,7 @@ def test_two_servers_on_one_postgres_database(tmp_path, postgres_url):
 def _end_store_sessions(admin: str, url: str) -> None:
     """End every session on the database of ``url`` (as a PostgreSQL restart or a network
     failure would): the store's next call raises StoreError, the one after connects again."""
-    from _helpers import execute_sql
+    from _store_helpers import execute_sql
 
     name = urllib.parse.urlsplit(url).path.lstrip("/")
     # The second argument: wait (ms) until the session has ended (PostgreSQL 14 and later).

@@ -330,11 +330,12 @@ def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bs, "QUICK_ANSWERS", 3000)
     monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
+    monkeypatch.delenv(bs.STORE_URL_ENV, raising=False)  # SQLite only
     pairs, ans = bs.answers(3000)
     assert 0.3 < float(ans.float().mean()) < 0.7 and bool((pairs[:, 0] != pairs[:, 1]).all())
     report = harness.run_cases(["bench_store"], quick=True, repeats=1, warmup=0, memory=False,
                                out_dir=str(tmp_path), progress=lambda msg: None)
-    assert [r["status"] for r in report["results"]] == ["ok"] * 3
+    assert [r["status"] for r in report["results"]] == ["ok"] * 4
     assert all(t["status"].startswith("unmeasured") for t in report["targets"])
     n = bs.ANSWERS
     rows = [{"case": f"record answers={n} batch=1000", "sample_ids": n, "answers": n - 10,
@@ -344,6 +345,34 @@ def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
     record, reopen = bs.targets(rows, {})
     assert record["status"] == "met" and record["value"] == pytest.approx((n - 10) / 40.0)
     assert reopen["status"] == "missed" and reopen["value"] == 12.0
+
+
+@pytest.mark.slow
+def test_store_bench_times_postgres_beside_sqlite(monkeypatch, tmp_path, postgres_url, capsys):
+    """With a PostgreSQL URL the store cases also run as ``postgres``, each store in a
+    schema of its own that is dropped after; the targets stay SQLite's."""
+    import gc
+
+    from palfast.benchmarks import bench_store as bs
+    from palfast.cli import main
+
+    from _store_helpers import execute_sql
+
+    assert main(["bench", "--only", "store", "--store-url", "mysql://u:pw@h/db"]) == 2
+    assert "--store-url must start with postgresql://" in capsys.readouterr().err
+    monkeypatch.setattr(bs, "QUICK_ANSWERS", 2000)
+    monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
+    monkeypatch.setenv(bs.STORE_URL_ENV, postgres_url)
+    report = harness.run_cases(["bench_store"], quick=True, repeats=1, warmup=0, memory=False,
+                               out_dir=str(tmp_path), progress=lambda msg: None)
+    got = [(r["case"].split()[0], r["impl"], r["status"]) for r in report["results"]]
+    assert got == [("record", "palfast", "ok"), ("record", "postgres", "ok"),
+                   ("reopen", "palfast", "ok"), ("reopen", "postgres", "ok"),
+                   ("refresh", "palfast", "ok"), ("refresh", "postgres", "ok"),
+                   ("known_mask", "palfast", "ok")]
+    gc.collect()
+    assert execute_sql(postgres_url, "SELECT count(*) FROM pg_namespace "
+                                     "WHERE nspname LIKE 'palfast_bench_%'") == [(0,)]
 
 
 @pytest.mark.slow
