@@ -6,12 +6,14 @@ never a crash, never a lost answer. Data loaders and the embeddings reload are h
 import contextlib
 import io
 import os
+import queue
 import re
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -541,17 +543,32 @@ def serve(tmp_path, *args, env=None):
     # compiled _C) would shadow the installed package.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, cwd=tmp_path)
+    # A thread reads the output, so a server that prints nothing cannot block the test
+    # past SERVER_START_S (a plain readline would wait for ever).
+    out: queue.Queue = queue.Queue()
+
+    def read():
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed under us at the end
+            for line in proc.stdout:
+                out.put(line)
+        out.put("")
+
+    threading.Thread(target=read, daemon=True).start()
     lines, deadline = [], time.monotonic() + SERVER_START_S
     try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = out.get(timeout=left)
+            except queue.Empty:
+                break
             if not line:
                 break
             lines.append(line)
             if line.startswith("palfast annotate: serving on http://"):
                 yield line.split()[4], "".join(lines)
                 return
-        raise AssertionError(f"palfast annotate did not start: {''.join(lines)}")
+        raise AssertionError(f"palfast annotate did not start within {SERVER_START_S} s: "
+                             f"{''.join(lines)}")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
