@@ -2,7 +2,7 @@
 # the venv the README's commands create (.venv, palfast installed in it); `lint` makes
 # its own small venv and needs no build.
 #
-#   make lint          ruff check and the import layers (.importlinter)
+#   make lint          ruff check, ruff format --check, the import layers (.importlinter)
 #   make test-fast     the tests not marked slow (the edit-test loop)
 #   make test          every test (the README's test command, without the install)
 #   make test-numeric  the numeric tests again under a second CPU capability (.ci/run, job 1a)
@@ -11,7 +11,7 @@
 
 VENV ?= .venv
 LINT_VENV := build/lint-venv
-# Pinned: a newer ruff may add rules and fail a commit that passed.
+# Pinned: another ruff version formats differently and would fail `format --check`.
 RUFF_VERSION := 0.17.6
 IMPORT_LINTER_VERSION := 2.17
 
@@ -23,6 +23,7 @@ $(LINT_VENV)/bin/ruff:
 
 lint: $(LINT_VENV)/bin/ruff
 	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
 	# import-linter reads the sources statically: palfast/ must only be findable.
 	PYTHONPATH=$(CURDIR) $(LINT_VENV)/bin/lint-imports
 

@@ -62,8 +62,9 @@ def main() -> None:
         shards = idx.view(world, shard)
         image_ids = torch.cat([torch.cat([s, s]) for s in shards])
         labels = torch.where(known[image_ids], y_all[image_ids], torch.tensor(-1))
-        graph = (palfast.PairGraph.from_labels(image_ids)
-                 + args.label_weight * palfast.PairGraph.from_labels(labels)).to(device)
+        graph = (
+            palfast.PairGraph.from_labels(image_ids) + args.label_weight * palfast.PairGraph.from_labels(labels)
+        ).to(device)
 
         mine = x_all[shards[rank]]
         views = torch.cat([mine + 0.1 * torch.randn_like(mine), mine + 0.1 * torch.randn_like(mine)])

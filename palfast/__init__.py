@@ -15,8 +15,20 @@ from .graph import PairGraph
 
 __version__ = "0.2.0"
 
-__all__ = ["PairGraph", "active", "distributed", "functional", "info_nce", "metrics", "nn", "__version__",
-           "vicreg", "barlow_twins", "spectral_contrastive", "vic2"]
+__all__ = [
+    "PairGraph",
+    "active",
+    "distributed",
+    "functional",
+    "info_nce",
+    "metrics",
+    "nn",
+    "__version__",
+    "vicreg",
+    "barlow_twins",
+    "spectral_contrastive",
+    "vic2",
+]
 
 # Active PAL and evaluation (faiss, scikit-learn and matplotlib are imported lazily).
 from . import active, distributed, metrics  # noqa: E402

@@ -14,10 +14,21 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["FLOAT_DTYPES", "as_long_vector", "check_bool", "check_callable", "check_choice",
-           "check_device", "check_id_vector",
-           "check_instance", "check_int", "check_number", "check_tensor", "count_nonfinite_rows",
-           "int_at_least"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "as_long_vector",
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_device",
+    "check_id_vector",
+    "check_instance",
+    "check_int",
+    "check_number",
+    "check_tensor",
+    "count_nonfinite_rows",
+    "int_at_least",
+]
 
 #: The embedding dtypes every kernel takes (accumulating 16-bit ones in float32).
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -30,8 +41,7 @@ def check_bool(op: str, name: str, value) -> bool:
     raise TypeError(f"{op}: {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
-def check_int(op: str, name: str, value, minimum: int | None = None,
-              maximum: int | None = None) -> int:
+def check_int(op: str, name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer (Python or NumPy, never a bool or a float) in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
@@ -54,8 +64,9 @@ def _is_finite(value) -> bool:
     return -_FLOAT_MAX <= value <= _FLOAT_MAX
 
 
-def check_number(op: str, name: str, value, minimum: float | None = None, *,
-                 strict: bool = False, maximum: float | None = None) -> float:
+def check_number(
+    op: str, name: str, value, minimum: float | None = None, *, strict: bool = False, maximum: float | None = None
+) -> float:
     """A finite real number ≥ minimum (> minimum when ``strict``) and ≤ maximum."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} ({value!r})")
@@ -76,14 +87,15 @@ def check_device(op: str, name: str, value) -> torch.device:
     """``value`` (a ``torch.device``, a string such as ``"cuda:0"`` or a device index) as
     a ``torch.device``."""
     if isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a torch.device or a device string such as 'cpu' "
-                        f"or 'cuda:0', got {value!r}")
+        raise TypeError(
+            f"{op}: {name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {value!r}"
+        )
     try:
         return torch.device(value)
     except (RuntimeError, TypeError, ValueError) as e:
         raise (ValueError if isinstance(value, str) else TypeError)(
-            f"{op}: {name} must be a torch.device or a device string such as 'cpu' or "
-            f"'cuda:0', got {value!r}") from e
+            f"{op}: {name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {value!r}"
+        ) from e
 
 
 def check_choice(op: str, name: str, value, choices: tuple):
@@ -107,8 +119,7 @@ def as_long_vector(op: str, name: str, x) -> torch.Tensor:
     except (OverflowError, RuntimeError, TypeError, ValueError) as e:
         if "verflow" in str(e):
             raise ValueError(f"{op}: {name} must fit in int64, got {x!r:.80}") from e
-        raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} "
-                        f"({e})") from e
+        raise TypeError(f"{op}: {name} must be a 1-D tensor of int64 values, got {x!r:.80} ({e})") from e
     if t.dim() != 1:
         raise ValueError(f"{op}: {name} must be a 1-D tensor, got shape {tuple(t.shape)}")
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
@@ -121,32 +132,42 @@ def as_long_vector(op: str, name: str, x) -> torch.Tensor:
 def check_id_vector(op: str, name: str, values, n: int, what: str) -> torch.Tensor:
     """``values`` as an int64 CPU vector of n integer ids >= 0, one per row
     (``what`` names them in errors: "sample id", "class id")."""
-    if isinstance(values, torch.Tensor) and values.dim() != 1 or (
-            isinstance(values, np.ndarray) and values.ndim != 1):
-        raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), "
-                         f"got shape {tuple(values.shape)}")
+    if isinstance(values, torch.Tensor) and values.dim() != 1 or (isinstance(values, np.ndarray) and values.ndim != 1):
+        raise ValueError(
+            f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), got shape {tuple(values.shape)}"
+        )
     t = as_long_vector(op, name, values)
     if t.shape != (n,):
-        raise ValueError(f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be a [N] = [{n}] vector of {what}s (one per row), got shape {tuple(t.shape)}"
+        )
     t = t.detach().to(device="cpu")
     if t.numel() and int(t.min()) < 0:
         raise ValueError(f"{op}: {name} must be >= 0, got {int(t.min())}")
     return t
 
 
-def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = True,
-                 finite: bool = False, dtypes: tuple | None = None) -> torch.Tensor:
+def check_tensor(
+    op: str,
+    name: str,
+    x,
+    *,
+    min_rows: int = 0,
+    floating: bool = True,
+    finite: bool = False,
+    dtypes: tuple | None = None,
+) -> torch.Tensor:
     """A 2-D tensor ``[N, D]`` with N ≥ min_rows and D ≥ 1 (floating point unless told;
     one of ``dtypes`` when given, e.g. :data:`FLOAT_DTYPES`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_nested:
-        raise TypeError(f"{op}: {name} must be a regular tensor, got a nested tensor; pass "
-                        f"{name}.to_padded_tensor(0.0) or torch.cat of its components")
+        raise TypeError(
+            f"{op}: {name} must be a regular tensor, got a nested tensor; pass "
+            f"{name}.to_padded_tensor(0.0) or torch.cat of its components"
+        )
     if x.layout != torch.strided:
-        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {x.layout}; pass "
-                        f"{name}.to_dense()")
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {x.layout}; pass {name}.to_dense()")
     if x.dim() != 2:
         raise ValueError(f"{op}: {name} must be a 2-D tensor [N, D], got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -156,8 +177,9 @@ def check_tensor(op: str, name: str, x, *, min_rows: int = 0, floating: bool = T
     if floating and not x.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
     if x.shape[0] < min_rows or x.shape[1] < 1:
-        raise ValueError(f"{op}: {name} must have at least {min_rows} rows and D >= 1 columns, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have at least {min_rows} rows and D >= 1 columns, got shape {tuple(x.shape)}"
+        )
     if finite:
         bad = count_nonfinite_rows(x)
         if bad:
@@ -188,12 +210,11 @@ def count_nonfinite_rows(x: torch.Tensor, rows: int | None = None) -> int:
     if x.device.type == "cpu" and x.dtype in _NUMPY_SCANNED:
         bad = 0
         for a in range(0, x.shape[0], step):
-            chunk = x[a:a + step].numpy()
+            chunk = x[a : a + step].numpy()
             if not np.isfinite(chunk).all():
                 bad += int((~np.isfinite(chunk)).any(1).sum())
         return bad
-    return int(sum((~torch.isfinite(x[a:a + step])).any(1).sum()
-                   for a in range(0, x.shape[0], step)))
+    return int(sum((~torch.isfinite(x[a : a + step])).any(1).sum() for a in range(0, x.shape[0], step)))
 
 
 def check_instance(op: str, name: str, value, cls: type | tuple, what: str):
@@ -213,6 +234,7 @@ def check_callable(op: str, name: str, value, signature: str):
 
 def int_at_least(minimum: int):
     """An argparse type: an integer >= ``minimum`` (argparse names the option in the error)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -221,4 +243,5 @@ def int_at_least(minimum: int):
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
         return value
+
     return parse

@@ -28,8 +28,9 @@ def _torch_flavour(cuda: str | None, hip: str | None = None) -> str:
     return "cpu"
 
 
-def _check_torch(built_version: str, built_cuda: str | None, torch_version: str,
-                 torch_cuda: str | None, torch_hip: str | None = None) -> None:
+def _check_torch(
+    built_version: str, built_cuda: str | None, torch_version: str, torch_cuda: str | None, torch_hip: str | None = None
+) -> None:
     """Raise ImportError unless the installed torch has the minor version and flavour palfast was built for.
 
     The C++ ABI of libtorch changes between minor versions, a CUDA build links
@@ -51,7 +52,8 @@ def _check_torch(built_version: str, built_cuda: str | None, torch_version: str,
         "and between CPU and CUDA builds. Install the torch palfast was built for:\n"
         f"{fix}\n"
         "or the palfast wheel built for your torch (docs/install.md), or rebuild palfast against "
-        "the installed torch from a palfast checkout:\n" + _REBUILD)
+        "the installed torch from a palfast checkout:\n" + _REBUILD
+    )
 
 
 try:
@@ -59,16 +61,22 @@ try:
 except ImportError:  # a checkout without an in-place build: _C below reports it
     _build_info = None
 if _build_info is not None:  # before loading _C, whose loader errors would hide the cause
-    _check_torch(_build_info.torch_version, _build_info.torch_cuda, torch.__version__,
-                 torch.version.cuda, getattr(torch.version, "hip", None))
+    _check_torch(
+        _build_info.torch_version,
+        _build_info.torch_cuda,
+        torch.__version__,
+        torch.version.cuda,
+        getattr(torch.version, "hip", None),
+    )
 
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "palfast's compiled extension (palfast._C) could not be loaded: "
-        f"{e}. Rebuild it against the installed torch with\n" + _REBUILD +
-        "from a palfast checkout (see README.md, 'Build'). If palfast is installed and you are "
+        f"{e}. Rebuild it against the installed torch with\n"
+        + _REBUILD
+        + "from a palfast checkout (see README.md, 'Build'). If palfast is installed and you are "
         "running Python from inside a checkout, its palfast/ folder (which has no compiled "
         "_C) shadows the installed package: run from another directory, or build in place."
     ) from e
@@ -98,14 +106,14 @@ def _no_double_backward(op: str, *tensors) -> None:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
     # torch.func's wrappers require grad for their own level: look beneath them.
-    if _transform_depth() > 1 or any(_unwrapped(t).requires_grad for t in tensors
-                                     if t is not None):
+    if _transform_depth() > 1 or any(_unwrapped(t).requires_grad for t in tensors if t is not None):
         raise RuntimeError(
             f"palfast.{op} does not support double backward (create_graph=True, "
             "torch.autograd.grad of a gradient, Hessian-vector products, nested torch.func "
             "transforms): its backward is a custom op without a derivative, so the result "
             "would be wrong. Use palfast.reference (pure PyTorch, small N) for higher "
-            "derivatives (docs/api.md, 'Gradients')")
+            "derivatives (docs/api.md, 'Gradients')"
+        )
 
 
 def _transform_depth() -> int:
@@ -122,8 +130,7 @@ def _unwrapped(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------ graph integrity
 @torch.library.custom_op("palfast::graph_unchanged", mutates_args=())
-def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], names: str,
-                    op: str) -> torch.Tensor:
+def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], names: str, op: str) -> torch.Tensor:
     """Raise ``ValueError`` unless each of ``tensors`` equals its copy (shape, dtype,
     device, values); else return a float32 0-dim zero on the first tensor's device.
     ``names``: the tensors' names, separated by spaces (a schema has no list of strings).
@@ -133,8 +140,11 @@ def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], nam
     ``torch.compile`` keeps it in the compiled graph and runs it on every call (the
     losses add its zero to their result, so it is never dropped as unused)."""
     names = names.split()
-    changed = [name for t, c, name in zip(tensors, copies, names)
-               if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device]
+    changed = [
+        name
+        for t, c, name in zip(tensors, copies, names)
+        if t.shape != c.shape or t.dtype != c.dtype or t.device != c.device
+    ]
     if not changed:  # the values, compared on the device: one host sync for all tensors
         equal = torch.stack([(t == c).all() for t, c in zip(tensors, copies)]).tolist()
         changed = [name for name, same in zip(names, equal) if not same]
@@ -144,7 +154,8 @@ def graph_unchanged(tensors: list[torch.Tensor], copies: list[torch.Tensor], nam
             f"{op}: {graph} must not be changed after it is built, got changes to "
             f"{', '.join(changed)}; build a new PairGraph (a PairGraph is immutable: its "
             "derived fields, such as degrees and totals, would no longer match; docs/api.md, "
-            "'What is checked')")
+            "'What is checked')"
+        )
     return torch.zeros((), device=tensors[0].device)
 
 
@@ -170,11 +181,15 @@ def _differentiable(name: str, op, setup_context, backward):
     def forward(*args):
         return op(*args)
 
-    fn = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-    })
+    fn = type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
 
     def call(*args):
         if not torch.compiler.is_compiling() and _transform_depth():
@@ -186,9 +201,23 @@ def _differentiable(name: str, op, setup_context, backward):
 
 # --------------------------------------------------------------------- info_nce
 @torch.library.register_fake("palfast::info_nce")
-def _info_nce_fake(z, indptr, indices, weights, t_indptr, t_indices, t_weights, labels,
-                   label_weights, label_classes, pos_weight, temperature, normalize,
-                   anchor_begin, anchor_end):
+def _info_nce_fake(
+    z,
+    indptr,
+    indices,
+    weights,
+    t_indptr,
+    t_indices,
+    t_weights,
+    labels,
+    label_weights,
+    label_classes,
+    pos_weight,
+    temperature,
+    normalize,
+    anchor_begin,
+    anchor_end,
+):
     n = z.shape[0]
     return z.new_empty(n, dtype=_acc_dtype(z)), z.new_empty(n, dtype=_acc_dtype(z))
 
@@ -213,8 +242,7 @@ def _info_nce_backward(ctx, grad_rows, grad_lse):
     return (grad_z,) + (None,) * (len(ctx.graph) + len(ctx.scalars))
 
 
-torch.library.register_autograd("palfast::info_nce", _info_nce_backward,
-                                setup_context=_info_nce_setup)
+torch.library.register_autograd("palfast::info_nce", _info_nce_backward, setup_context=_info_nce_setup)
 info_nce = _differentiable("InfoNCE", ops.info_nce, _info_nce_setup, _info_nce_backward)
 
 
@@ -240,10 +268,8 @@ def _graph_spmm_backward(ctx, grad):
     return (grad_x,) + (None,) * (len(ctx.graph) + 1)
 
 
-torch.library.register_autograd("palfast::graph_spmm", _graph_spmm_backward,
-                                setup_context=_graph_spmm_setup)
-graph_spmm = _differentiable("GraphSpMM", ops.graph_spmm, _graph_spmm_setup,
-                             _graph_spmm_backward)
+torch.library.register_autograd("palfast::graph_spmm", _graph_spmm_backward, setup_context=_graph_spmm_setup)
+graph_spmm = _differentiable("GraphSpMM", ops.graph_spmm, _graph_spmm_setup, _graph_spmm_backward)
 
 
 @torch.library.register_fake("palfast::graph_dirichlet")
@@ -269,10 +295,12 @@ def _graph_dirichlet_backward(ctx, grad):
     return (grad_z,) + (None,) * len(ctx.graph)
 
 
-torch.library.register_autograd("palfast::graph_dirichlet", _graph_dirichlet_backward,
-                                setup_context=_graph_dirichlet_setup)
-graph_dirichlet = _differentiable("GraphDirichlet", ops.graph_dirichlet,
-                                  _graph_dirichlet_setup, _graph_dirichlet_backward)
+torch.library.register_autograd(
+    "palfast::graph_dirichlet", _graph_dirichlet_backward, setup_context=_graph_dirichlet_setup
+)
+graph_dirichlet = _differentiable(
+    "GraphDirichlet", ops.graph_dirichlet, _graph_dirichlet_setup, _graph_dirichlet_backward
+)
 
 
 # The Gram-side rules: the only copies. The ops take the side as an argument
@@ -301,13 +329,11 @@ def sq_xcorr(p: torch.Tensor, q: torch.Tensor | None, offdiag: bool):
 def barlow_twins_xcorr(zhat: torch.Tensor, graph_args, lambd: float, scale: float):
     """``palfast::barlow_twins_xcorr`` on the cheaper side: (loss, aux)."""
     n, d = zhat.shape
-    return _barlow_twins_xcorr(zhat, *graph_args, lambd, scale,
-                               barlow_twins_xcorr_uses_gram(n, d))
+    return _barlow_twins_xcorr(zhat, *graph_args, lambd, scale, barlow_twins_xcorr_uses_gram(n, d))
 
 
 def _pair_acc(p, q):
-    return torch.float64 if torch.float64 in (p.dtype, None if q is None else q.dtype) \
-        else torch.float32
+    return torch.float64 if torch.float64 in (p.dtype, None if q is None else q.dtype) else torch.float32
 
 
 @torch.library.register_fake("palfast::sq_xcorr")
@@ -337,15 +363,12 @@ def _sq_xcorr_setup(ctx, inputs, output):
 def _sq_xcorr_backward(ctx, grad, grad_aux):
     # aux is saved for backward only; its gradient is not supported.
     p, q, aux = ctx.saved_tensors
-    _no_double_backward("sq_xcorr (in vicreg, barlow_twins, spectral_contrastive and vic2)",
-                        p, q, grad)
-    grad_p, grad_q = ops.sq_xcorr_backward(grad, p, q if ctx.has_q else None, aux, ctx.offdiag,
-                                           ctx.gram)
+    _no_double_backward("sq_xcorr (in vicreg, barlow_twins, spectral_contrastive and vic2)", p, q, grad)
+    grad_p, grad_q = ops.sq_xcorr_backward(grad, p, q if ctx.has_q else None, aux, ctx.offdiag, ctx.gram)
     return grad_p, (grad_q if ctx.has_q else None), None, None
 
 
-torch.library.register_autograd("palfast::sq_xcorr", _sq_xcorr_backward,
-                                setup_context=_sq_xcorr_setup)
+torch.library.register_autograd("palfast::sq_xcorr", _sq_xcorr_backward, setup_context=_sq_xcorr_setup)
 _sq_xcorr = _differentiable("SqXcorr", ops.sq_xcorr, _sq_xcorr_setup, _sq_xcorr_backward)
 
 
@@ -376,7 +399,9 @@ def _barlow_twins_xcorr_backward(ctx, grad, grad_aux):
     return (grad_z,) + (None,) * (len(ctx.graph) + len(ctx.scalars))
 
 
-torch.library.register_autograd("palfast::barlow_twins_xcorr", _barlow_twins_xcorr_backward,
-                                setup_context=_barlow_twins_xcorr_setup)
-_barlow_twins_xcorr = _differentiable("BarlowTwinsXcorr", ops.barlow_twins_xcorr,
-                                      _barlow_twins_xcorr_setup, _barlow_twins_xcorr_backward)
+torch.library.register_autograd(
+    "palfast::barlow_twins_xcorr", _barlow_twins_xcorr_backward, setup_context=_barlow_twins_xcorr_setup
+)
+_barlow_twins_xcorr = _differentiable(
+    "BarlowTwinsXcorr", ops.barlow_twins_xcorr, _barlow_twins_xcorr_setup, _barlow_twins_xcorr_backward
+)

@@ -19,8 +19,7 @@ def load_digits_split(seed: int = 0):
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
-    x_pool, x_test, y_pool, y_test = train_test_split(x, y, test_size=1 / 3, stratify=y,
-                                                      random_state=seed)
+    x_pool, x_test, y_pool, y_test = train_test_split(x, y, test_size=1 / 3, stratify=y, random_state=seed)
     as_x = lambda a: torch.tensor(a, dtype=torch.float32) / 16.0
     return as_x(x_pool), torch.tensor(y_pool), as_x(x_test), torch.tensor(y_test)
 
@@ -37,8 +36,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     img = nn.functional.pad(x.reshape(b, 1, 8, 8), (1, 1, 1, 1))
     dy = torch.randint(0, 3, (b,), generator=gen)
     dx = torch.randint(0, 3, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(8))[:, :, None]          # [B, 8, 1]
-    cols = (dx[:, None] + torch.arange(8))[:, None, :]          # [B, 1, 8]
-    out = img[torch.arange(b)[:, None, None], 0, rows, cols]    # [B, 8, 8]
+    rows = (dy[:, None] + torch.arange(8))[:, :, None]  # [B, 8, 1]
+    cols = (dx[:, None] + torch.arange(8))[:, None, :]  # [B, 1, 8]
+    out = img[torch.arange(b)[:, None, None], 0, rows, cols]  # [B, 8, 8]
     out = out.reshape(b, 64) + 0.1 * torch.randn(b, 64, generator=gen)
     return out

@@ -49,10 +49,14 @@ __all__ = ["add_demo_arguments", "run_demo"]
 
 # Rounds of 50 / 25 queries put a checkpoint at 100, 200 and 300 queries, where
 # docs/active.md compares the strategies.
-QUICK = {"budget": 300, "queries_per_round": 50, "seeds": 2, "epochs": 25,
-         "strategies": "pal,random"}
-FULL = {"budget": 300, "queries_per_round": 25, "seeds": 5, "epochs": 15,
-        "strategies": "pal,nearest,uncertain,random,passive"}
+QUICK = {"budget": 300, "queries_per_round": 50, "seeds": 2, "epochs": 25, "strategies": "pal,random"}
+FULL = {
+    "budget": 300,
+    "queries_per_round": 25,
+    "seeds": 5,
+    "epochs": 15,
+    "strategies": "pal,nearest,uncertain,random,passive",
+}
 #: --views: what one augmented view of a digit is ("none": no views, one row per image,
 #: the graph holds only the oracle's answers).
 VIEWS = ("shift", "noise", "none")
@@ -70,42 +74,65 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Add the demo's options to ``parser`` (used by ``palfast demo``)."""
     from .active import STRATEGIES
 
-    parser.add_argument("--out", default="palfast_demo_out",
-                        help="output directory (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small run, under 2 minutes on 2 CPU cores ({QUICK})")
-    parser.add_argument("--budget", type=int, default=None,
-                        help=f"oracle queries per run (default {FULL['budget']}, "
-                             f"quick {QUICK['budget']})")
-    parser.add_argument("--queries-per-round", type=int, default=None,
-                        help=f"queries per round (default {FULL['queries_per_round']})")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"number of seeds 0..S-1 (default {FULL['seeds']})")
-    parser.add_argument("--strategies", default=None,
-                        help=f"comma-separated, from {','.join(STRATEGIES)} "
-                             f"(default {FULL['strategies']})")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"training epochs per round (default {FULL['epochs']})")
-    parser.add_argument("--noise", type=float, default=0.0,
-                        help="probability that the simulated oracle answers wrong")
-    parser.add_argument("--threads", type=int, default=DEMO_THREADS,
-                        help=f"torch threads (default {DEMO_THREADS}: the demo's small "
-                             "model gains nothing from more, and loses much when other "
-                             "processes compete for the cores)")
-    parser.add_argument("--unknown-weight", type=float, default=1.0, metavar="LAMBDA",
-                        help="InfoNCE's weight in [0, 1] on pairs not known to be alike or "
-                             "different (1: plain InfoNCE; below 1 the loss also gets the "
-                             "known 'different' answers, docs/api.md 'Known negatives')")
-    parser.add_argument("--order", default="gain", choices=("gain", "random"),
-                        help="pal's order inside a class (docs/active.md; default %(default)s)")
-    parser.add_argument("--views", default="shift", choices=VIEWS,
-                        help="views per image: shift = ±1 pixel shift + noise (default); "
-                             "noise = Gaussian noise only, no shift (not harder on digits: docs/active.md); "
-                             "none = no views, the loss sees only the answers (hardest)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the SQLite stores found in --out instead of starting over "
-                             "(the demo's stores are SQLite files, one per strategy and seed; "
-                             "palfast annotate --store takes a PostgreSQL URL)")
+    parser.add_argument("--out", default="palfast_demo_out", help="output directory (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help=f"small run, under 2 minutes on 2 CPU cores ({QUICK})")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help=f"oracle queries per run (default {FULL['budget']}, quick {QUICK['budget']})",
+    )
+    parser.add_argument(
+        "--queries-per-round", type=int, default=None, help=f"queries per round (default {FULL['queries_per_round']})"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help=f"number of seeds 0..S-1 (default {FULL['seeds']})")
+    parser.add_argument(
+        "--strategies",
+        default=None,
+        help=f"comma-separated, from {','.join(STRATEGIES)} (default {FULL['strategies']})",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"training epochs per round (default {FULL['epochs']})"
+    )
+    parser.add_argument("--noise", type=float, default=0.0, help="probability that the simulated oracle answers wrong")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEMO_THREADS,
+        help=f"torch threads (default {DEMO_THREADS}: the demo's small "
+        "model gains nothing from more, and loses much when other "
+        "processes compete for the cores)",
+    )
+    parser.add_argument(
+        "--unknown-weight",
+        type=float,
+        default=1.0,
+        metavar="LAMBDA",
+        help="InfoNCE's weight in [0, 1] on pairs not known to be alike or "
+        "different (1: plain InfoNCE; below 1 the loss also gets the "
+        "known 'different' answers, docs/api.md 'Known negatives')",
+    )
+    parser.add_argument(
+        "--order",
+        default="gain",
+        choices=("gain", "random"),
+        help="pal's order inside a class (docs/active.md; default %(default)s)",
+    )
+    parser.add_argument(
+        "--views",
+        default="shift",
+        choices=VIEWS,
+        help="views per image: shift = ±1 pixel shift + noise (default); "
+        "noise = Gaussian noise only, no shift (not harder on digits: docs/active.md); "
+        "none = no views, the loss sees only the answers (hardest)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the SQLite stores found in --out instead of starting over "
+        "(the demo's stores are SQLite files, one per strategy and seed; "
+        "palfast annotate --store takes a PostgreSQL URL)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -121,8 +148,9 @@ class Encoder(nn.Module):
 
     def __init__(self, dim: int = 32, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                 nn.ReLU(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -131,20 +159,22 @@ class Encoder(nn.Module):
 # ------------------------------------------------------------------------- run
 def _settings(args) -> dict:
     base = QUICK if args.quick else FULL
-    s = {key: getattr(args, key) if getattr(args, key, None) is not None else base[key]
-         for key in ("budget", "queries_per_round", "seeds", "epochs", "strategies")}
+    s = {
+        key: getattr(args, key) if getattr(args, key, None) is not None else base[key]
+        for key in ("budget", "queries_per_round", "seeds", "epochs", "strategies")
+    }
     from .active import STRATEGIES
 
     strategies = [t.strip() for t in str(s["strategies"]).split(",") if t.strip()]
     bad = [t for t in strategies if t not in STRATEGIES]
     if bad or not strategies:
-        raise ValueError(f"palfast demo: --strategies must name some of {STRATEGIES}, "
-                         f"got {s['strategies']!r}")
+        raise ValueError(f"palfast demo: --strategies must name some of {STRATEGIES}, got {s['strategies']!r}")
     s["strategies"] = strategies
     for key in ("budget", "queries_per_round", "seeds"):
         if s[key] < (0 if key == "budget" else 1):
-            raise ValueError(f"palfast demo: --{key.replace('_', '-')} must be >= "
-                             f"{0 if key == 'budget' else 1}, got {s[key]}")
+            raise ValueError(
+                f"palfast demo: --{key.replace('_', '-')} must be >= {0 if key == 'budget' else 1}, got {s[key]}"
+            )
     if s["epochs"] < 1:
         raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
     if not 0 <= args.noise < 1:
@@ -154,8 +184,7 @@ def _settings(args) -> dict:
         raise ValueError(f"palfast demo: --threads must be >= 1, got {s['threads']}")
     s["unknown_weight"] = getattr(args, "unknown_weight", 1.0)
     if not 0 <= s["unknown_weight"] <= 1:
-        raise ValueError(f"palfast demo: --unknown-weight must be in [0, 1], got "
-                         f"{s['unknown_weight']}")
+        raise ValueError(f"palfast demo: --unknown-weight must be in [0, 1], got {s['unknown_weight']}")
     s["order"] = getattr(args, "order", "gain")
     s["views"] = getattr(args, "views", "shift")
     if s["views"] not in VIEWS:
@@ -163,8 +192,17 @@ def _settings(args) -> dict:
     return s
 
 
-def run_one(strategy: str, seed: int, settings: dict, data, store_path, *, noise: float = 0.0,
-            progress: bool = True, resume: bool = False) -> list[dict]:
+def run_one(
+    strategy: str,
+    seed: int,
+    settings: dict,
+    data,
+    store_path,
+    *,
+    noise: float = 0.0,
+    progress: bool = True,
+    resume: bool = False,
+) -> list[dict]:
     """One active run; returns the per-round history with test accuracies."""
     from .active import ActiveLearner, LabelOracle, RelationStore
     from .metrics import knn_accuracy, linear_probe_accuracy
@@ -179,20 +217,32 @@ def run_one(strategy: str, seed: int, settings: dict, data, store_path, *, noise
 
     def evaluate(learner, record):
         f_pool, f_test = learner.embed(x_pool), learner.embed(x_test)
-        return {"knn": knn_accuracy(f_pool, y_pool, f_test, y_test, k=20),
-                "linear": linear_probe_accuracy(f_pool, y_pool, f_test, y_test)}
+        return {
+            "knn": knn_accuracy(f_pool, y_pool, f_test, y_test, k=20),
+            "linear": linear_probe_accuracy(f_pool, y_pool, f_test, y_test),
+        }
 
     views = settings.get("views", "shift")
     view_fn = {"shift": augment, "noise": augment_noise, "none": None}[views]
     with RelationStore(store_path) as store:
-        learner = ActiveLearner(encoder, x_pool, LabelOracle(y_pool, noise=noise, seed=seed),
-                                store, strategy=strategy, augment=view_fn, n_views=2,
-                                epochs_per_round=settings["epochs"], batch_size=256, lr=1e-3,
-                                temperature=0.2, seed=seed, progress=progress,
-                                order=settings.get("order", "gain"),
-                                unknown_weight=settings.get("unknown_weight", 1.0))
-        history = learner.run(settings["budget"], settings["queries_per_round"],
-                              on_round=evaluate)
+        learner = ActiveLearner(
+            encoder,
+            x_pool,
+            LabelOracle(y_pool, noise=noise, seed=seed),
+            store,
+            strategy=strategy,
+            augment=view_fn,
+            n_views=2,
+            epochs_per_round=settings["epochs"],
+            batch_size=256,
+            lr=1e-3,
+            temperature=0.2,
+            seed=seed,
+            progress=progress,
+            order=settings.get("order", "gain"),
+            unknown_weight=settings.get("unknown_weight", 1.0),
+        )
+        history = learner.run(settings["budget"], settings["queries_per_round"], on_round=evaluate)
     for h in history:
         h.update(strategy=strategy, seed=seed)
     return history
@@ -212,8 +262,10 @@ def summarize(rows: list[dict], strategies: list[str]) -> dict:
         for r in rows:
             if r["strategy"] == s:
                 runs.setdefault(r["round"], []).append(r)
-        out[s] = {m: [(max(x["n_queries"] for x in rs), *_mean_std([x[m] for x in rs]))
-                      for _, rs in sorted(runs.items())] for m in ("linear", "knn")}
+        out[s] = {
+            m: [(max(x["n_queries"] for x in rs), *_mean_std([x[m] for x in rs])) for _, rs in sorted(runs.items())]
+            for m in ("linear", "knn")
+        }
     return out
 
 
@@ -232,8 +284,7 @@ def _at(queries: list[int], acc: list[float], q: int) -> float:
     return [a for n, a in zip(queries, acc) if n <= q][-1]
 
 
-def evaluate_strategies(rows: list[dict], strategies: list[str], budget: int,
-                        metric: str = "linear") -> dict:
+def evaluate_strategies(rows: list[dict], strategies: list[str], budget: int, metric: str = "linear") -> dict:
     """Paired-by-seed comparison (every run of one seed starts from the same weights and
     oracle seed). Per strategy: area under the accuracy-vs-queries curve (mean accuracy
     over [0, budget]) and, when :data:`BASELINE` ran, its paired difference to it;
@@ -246,16 +297,17 @@ def evaluate_strategies(rows: list[dict], strategies: list[str], budget: int,
     for s in strategies:
         seeds = sorted(curves[s])
         auc = [area_under_curve(*curves[s][k]) for k in seeds]
-        entry = {"seeds": seeds, "auc": _mean_std(auc),
-                 "at": {q: _mean_std([_at(*curves[s][k], q) for k in seeds])
-                        for q in checkpoints}}
+        entry = {
+            "seeds": seeds,
+            "auc": _mean_std(auc),
+            "at": {q: _mean_std([_at(*curves[s][k], q) for k in seeds]) for q in checkpoints},
+        }
         if base is not None and all(k in base for k in seeds):
-            entry["auc_vs_baseline"] = _mean_std(
-                [a - area_under_curve(*base[k]) for a, k in zip(auc, seeds)])
-            entry["at_vs_baseline"] = {q: _mean_std([_at(*curves[s][k], q) - _at(*base[k], q)
-                                                     for k in seeds]) for q in checkpoints}
-            entry["reach_baseline_final"] = [queries_to_reach(*curves[s][k], base[k][1][-1])
-                                             for k in seeds]
+            entry["auc_vs_baseline"] = _mean_std([a - area_under_curve(*base[k]) for a, k in zip(auc, seeds)])
+            entry["at_vs_baseline"] = {
+                q: _mean_std([_at(*curves[s][k], q) - _at(*base[k], q) for k in seeds]) for q in checkpoints
+            }
+            entry["reach_baseline_final"] = [queries_to_reach(*curves[s][k], base[k][1][-1]) for k in seeds]
         out[s] = entry
     return out
 
@@ -271,10 +323,14 @@ def format_evaluation(ev: dict, metric_name: str) -> str:
         head += f" | {'@' + str(q):>8}" + (f" {'Δ':>13}" if paired else "")
     if paired:
         head += f" | queries to reach {BASELINE}'s final (per seed)"
-    lines = [f"{metric_name} test accuracy (%), mean ± std over {len(first['seeds'])} seed(s), "
-             f"Δ = paired difference to {BASELINE} (same seed)" if paired else
-             f"{metric_name} test accuracy (%), mean ± std over {len(first['seeds'])} seed(s)",
-             head, "-" * len(head)]
+    lines = [
+        f"{metric_name} test accuracy (%), mean ± std over {len(first['seeds'])} seed(s), "
+        f"Δ = paired difference to {BASELINE} (same seed)"
+        if paired
+        else f"{metric_name} test accuracy (%), mean ± std over {len(first['seeds'])} seed(s)",
+        head,
+        "-" * len(head),
+    ]
     pct = lambda ms: f"{100 * ms[0]:6.2f} ± {100 * ms[1]:4.2f}"
     for s, e in ev.items():
         line = f"{s:>10} | {pct(e['auc']):>15}"
@@ -283,8 +339,7 @@ def format_evaluation(ev: dict, metric_name: str) -> str:
             line += f" | {100 * e['at'][q][0]:8.2f}"
             line += f" {pct(e['at_vs_baseline'][q]):>13}" if paired else ""
         if paired:
-            line += " | " + ", ".join("—" if r is None else str(r)
-                                      for r in e["reach_baseline_final"])
+            line += " | " + ", ".join("—" if r is None else str(r) for r in e["reach_baseline_final"])
         lines.append(line)
     return "\n".join(lines)
 
@@ -324,8 +379,7 @@ def plot(summary: dict, path: str) -> None:
             m = [100 * c[1] for c in curves[metric]]
             sd = [100 * c[2] for c in curves[metric]]
             ax.plot(q, m, marker="o", ms=3, label=s)
-            ax.fill_between(q, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                            alpha=0.2)
+            ax.fill_between(q, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
         ax.set_xlabel("oracle queries (pairs)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"digits, {title}")
@@ -354,34 +408,56 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     data = load_digits_split()
-    print(f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "
-          f"views {settings['views']}, unknown weight {settings['unknown_weight']:g}, "
-          f"budget {settings['budget']} queries in rounds of {settings['queries_per_round']}, "
-          f"{settings['seeds']} seed(s), strategies {', '.join(settings['strategies'])}")
+    print(
+        f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "
+        f"views {settings['views']}, unknown weight {settings['unknown_weight']:g}, "
+        f"budget {settings['budget']} queries in rounds of {settings['queries_per_round']}, "
+        f"{settings['seeds']} seed(s), strategies {', '.join(settings['strategies'])}"
+    )
     rows: list[dict] = []
     progress = not args.no_progress
     for seed in range(settings["seeds"]):
         for strategy in settings["strategies"]:
             path = os.path.join(args.out, f"store_{strategy}_seed{seed}.sqlite")
-            history = run_one(strategy, seed, settings, data, path, noise=args.noise,
-                              progress=progress, resume=args.resume)
+            history = run_one(
+                strategy, seed, settings, data, path, noise=args.noise, progress=progress, resume=args.resume
+            )
             last = history[-1]
-            print(f"  seed {seed} {strategy:>9}: {last['n_queries']} queries "
-                  f"({last['n_positive']} alike) -> linear {100 * last['linear']:.2f}%  "
-                  f"k-NN {100 * last['knn']:.2f}%")
+            print(
+                f"  seed {seed} {strategy:>9}: {last['n_queries']} queries "
+                f"({last['n_positive']} alike) -> linear {100 * last['linear']:.2f}%  "
+                f"k-NN {100 * last['knn']:.2f}%"
+            )
             rows.extend(history)
     summary = summarize(rows, settings["strategies"])
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["strategy", "seed", "round", "n_queries", "n_positive",
-                                          "n_conflicts", "n_seeds", "stop", "loss", "linear",
-                                          "knn"])
+        w = csv.DictWriter(
+            f,
+            fieldnames=[
+                "strategy",
+                "seed",
+                "round",
+                "n_queries",
+                "n_positive",
+                "n_conflicts",
+                "n_seeds",
+                "stop",
+                "loss",
+                "linear",
+                "knn",
+            ],
+        )
         w.writeheader()
         w.writerows(rows)
-    evaluation = {m: evaluate_strategies(rows, settings["strategies"], settings["budget"], m)
-                  for m in ("linear", "knn")}
+    evaluation = {
+        m: evaluate_strategies(rows, settings["strategies"], settings["budget"], m) for m in ("linear", "knn")
+    }
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": {**settings, "noise": args.noise}, "rows": rows,
-                   "summary": summary, "evaluation": evaluation}, f, indent=1)
+        json.dump(
+            {"settings": {**settings, "noise": args.noise}, "rows": rows, "summary": summary, "evaluation": evaluation},
+            f,
+            indent=1,
+        )
     plot(summary, os.path.join(args.out, "accuracy_vs_queries.png"))
     print("\nlinear probe test accuracy (%), mean ± std over seeds, vs oracle queries")
     print(format_table(summary, "linear"))
@@ -390,7 +466,9 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
     for metric, name in (("linear", "linear probe"), ("knn", "k-NN (k=20)")):
         print()
         print(format_evaluation(evaluation[metric], name))
-    print(f"\nwrote {args.out}/results.csv, results.json, accuracy_vs_queries.png and "
-          f"{len(settings['strategies']) * settings['seeds']} SQLite stores "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"\nwrote {args.out}/results.csv, results.json, accuracy_vs_queries.png and "
+        f"{len(settings['strategies']) * settings['seeds']} SQLite stores "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return 0

@@ -28,8 +28,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_rows", "all_reduce_sum", "exit_process", "gather_rows_no_grad", "global_value",
-           "is_distributed", "resolve_gather", "row_counts"]
+__all__ = [
+    "all_gather_rows",
+    "all_reduce_sum",
+    "exit_process",
+    "gather_rows_no_grad",
+    "global_value",
+    "is_distributed",
+    "resolve_gather",
+    "row_counts",
+]
 
 
 def is_distributed() -> bool:
@@ -42,8 +50,10 @@ def resolve_gather(gather) -> bool:
     if gather is None:
         return is_distributed()
     if gather and not is_distributed():
-        raise ValueError("gather=True needs an initialised torch.distributed process group with "
-                         "world size > 1 (call torch.distributed.init_process_group first)")
+        raise ValueError(
+            "gather=True needs an initialised torch.distributed process group with "
+            "world size > 1 (call torch.distributed.init_process_group first)"
+        )
     return bool(gather)
 
 
@@ -74,7 +84,7 @@ class _AllGatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's loss touches every slice: sum them
         begin = sum(ctx.counts[: ctx.rank])
-        return grad[begin: begin + ctx.counts[ctx.rank]], None
+        return grad[begin : begin + ctx.counts[ctx.rank]], None
 
 
 def all_gather_rows(z: torch.Tensor, n_global: int) -> tuple[torch.Tensor, int, int]:
@@ -82,8 +92,10 @@ def all_gather_rows(z: torch.Tensor, n_global: int) -> tuple[torch.Tensor, int, 
     the rows ``[begin, end)`` of ``z_all`` being this rank's ``z``."""
     counts = row_counts(z.shape[0], z.device)
     if sum(counts) != n_global:
-        raise ValueError(f"graph must be over the global batch: the ranks hold {sum(counts)} rows "
-                         f"({counts}) but the graph has {n_global} nodes")
+        raise ValueError(
+            f"graph must be over the global batch: the ranks hold {sum(counts)} rows "
+            f"({counts}) but the graph has {n_global} nodes"
+        )
     begin = sum(counts[: dist.get_rank()])
     return _AllGatherRows.apply(z, counts), begin, begin + z.shape[0]
 

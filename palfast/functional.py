@@ -38,6 +38,14 @@ from .losses import (
     vicreg_two_view,
 )
 
-__all__ = ["info_nce", "vicreg", "barlow_twins", "spectral_contrastive", "vic2",
-           "vicreg_two_view", "barlow_twins_two_view", "spectral_contrastive_two_view",
-           "INFO_NCE_MAX_LOGIT"]
+__all__ = [
+    "info_nce",
+    "vicreg",
+    "barlow_twins",
+    "spectral_contrastive",
+    "vic2",
+    "vicreg_two_view",
+    "barlow_twins_two_view",
+    "spectral_contrastive_two_view",
+    "INFO_NCE_MAX_LOGIT",
+]

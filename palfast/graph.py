@@ -68,9 +68,11 @@ MAX_WEIGHT = 1e30
 def _real_weights(w, name: str, op: str) -> torch.Tensor:
     """``w`` as a float64 tensor, refusing complex values and tensors that require grad."""
     if isinstance(w, torch.Tensor) and w.requires_grad:
-        raise ValueError(f"{op}: {name} must not require grad: palfast's losses do not "
-                         "differentiate with respect to the graph (docs/api.md, 'Gradients'); "
-                         "pass weights.detach()")
+        raise ValueError(
+            f"{op}: {name} must not require grad: palfast's losses do not "
+            "differentiate with respect to the graph (docs/api.md, 'Gradients'); "
+            "pass weights.detach()"
+        )
     try:
         w = w if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
     except (RuntimeError, TypeError, ValueError) as e:
@@ -85,23 +87,25 @@ def _check_weights(w: torch.Tensor, name: str, op: str) -> None:
     if w.numel() == 0:
         return
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{op}: {name} must be finite, got {int((~torch.isfinite(w)).sum())} "
-                         "non-finite")
+        raise ValueError(f"{op}: {name} must be finite, got {int((~torch.isfinite(w)).sum())} non-finite")
     if bool((w < 0).any()):
         raise ValueError(f"{op}: {name} must be >= 0, got minimum {float(w.min())}")
     nz = w[w != 0]
     if nz.numel() and (float(nz.min()) < MIN_WEIGHT or float(nz.max()) > MAX_WEIGHT):
-        raise ValueError(f"{op}: {name} must be 0 or in [MIN_WEIGHT, MAX_WEIGHT] = "
-                         f"[{MIN_WEIGHT:g}, {MAX_WEIGHT:g}] (duplicate edges summed, scale "
-                         f"applied), got non-zero values in [{float(nz.min()):g}, "
-                         f"{float(nz.max()):g}]")
+        raise ValueError(
+            f"{op}: {name} must be 0 or in [MIN_WEIGHT, MAX_WEIGHT] = "
+            f"[{MIN_WEIGHT:g}, {MAX_WEIGHT:g}] (duplicate edges summed, scale "
+            f"applied), got non-zero values in [{float(nz.min()):g}, "
+            f"{float(nz.max()):g}]"
+        )
 
 
 def _check_label_weight(a: float, name: str, op: str) -> float:
     a = check_number(op, name, a, 0.0)
     if a != 0 and not MIN_WEIGHT <= a <= MAX_WEIGHT:
-        raise ValueError(f"{op}: {name} must be 0 or in [MIN_WEIGHT, MAX_WEIGHT] = "
-                         f"[{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {a:g}")
+        raise ValueError(
+            f"{op}: {name} must be 0 or in [MIN_WEIGHT, MAX_WEIGHT] = [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}], got {a:g}"
+        )
     return a
 
 
@@ -164,8 +168,11 @@ class PairGraph:
             object.__setattr__(self, name, value)
         rows = _csr_rows(self.indptr, n)
         t_indptr, t_indices, t_weights = _transpose(rows, self.indices, self.weights, n)
-        symmetric = (torch.equal(t_indptr, self.indptr) and torch.equal(t_indices, self.indices)
-                     and torch.equal(t_weights, self.weights))
+        symmetric = (
+            torch.equal(t_indptr, self.indptr)
+            and torch.equal(t_indices, self.indices)
+            and torch.equal(t_weights, self.weights)
+        )
         if symmetric:  # one set of tensors for both sides
             t_indptr, t_indices, t_weights = self.indptr, self.indices, self.weights
         pos = torch.zeros(n, dtype=torch.float64, device=self.device)
@@ -179,28 +186,29 @@ class PairGraph:
             pos += a * (sizes - 1).clamp_min(0) * known
             total += a * float((counts * (counts - 1)).sum())
         if total > MAX_WEIGHT:
-            raise ValueError(f"PairGraph: the total weight |G| must be <= MAX_WEIGHT = "
-                             f"{MAX_WEIGHT:g}, got {total:g}")
-        for name, value in (("t_indptr", t_indptr), ("t_indices", t_indices),
-                            ("t_weights", t_weights), ("pos_weight", pos),
-                            ("num_anchors", int((pos > 0).sum())), ("total_weight", total),
-                            ("symmetric", bool(symmetric))):
+            raise ValueError(f"PairGraph: the total weight |G| must be <= MAX_WEIGHT = {MAX_WEIGHT:g}, got {total:g}")
+        for name, value in (
+            ("t_indptr", t_indptr),
+            ("t_indices", t_indices),
+            ("t_weights", t_weights),
+            ("pos_weight", pos),
+            ("num_anchors", int((pos > 0).sum())),
+            ("total_weight", total),
+            ("symmetric", bool(symmetric)),
+        ):
             object.__setattr__(self, name, value)
         _check_negatives(self)
         self._take_snapshot()
 
     def _take_snapshot(self) -> None:
         copies = {}  # a tensor shared by two fields (a symmetric graph's sides) is copied once
-        tensors = tuple(copies.setdefault(id(getattr(self, f)), getattr(self, f).clone())
-                        for f in _TENSOR_FIELDS)
-        object.__setattr__(self, "_snapshot",
-                           (tensors, tuple(getattr(self, f) for f in _OTHER_FIELDS)))
+        tensors = tuple(copies.setdefault(id(getattr(self, f)), getattr(self, f).clone()) for f in _TENSOR_FIELDS)
+        object.__setattr__(self, "_snapshot", (tensors, tuple(getattr(self, f) for f in _OTHER_FIELDS)))
 
     def __reduce__(self):  # pickle, copy, deepcopy: rebuilt (and re-validated) from its definition
         return (type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init))
 
-    def check_unchanged(self, op: str = "PairGraph.check_unchanged",
-                        name: str = "graph") -> torch.Tensor:
+    def check_unchanged(self, op: str = "PairGraph.check_unchanged", name: str = "graph") -> torch.Tensor:
         """Raise ``ValueError`` if this graph (or its negatives) was changed after it was
         built: any tensor's values, shape, dtype or device (in place, through ``.data``,
         a NumPy view, or ``object.__setattr__``) or any other field; and if one of its
@@ -223,14 +231,18 @@ class PairGraph:
         for f, before in zip(_OTHER_FIELDS, others):
             now = getattr(self, f)
             if (now is not before) if f == "negatives" else (now != before):
-                raise ValueError(f"{op}: {name} must not be changed after it is built, got "
-                                 f"changes to {name}.{f} ({before!r} -> {now!r}); build a new "
-                                 "PairGraph")
+                raise ValueError(
+                    f"{op}: {name} must not be changed after it is built, got "
+                    f"changes to {name}.{f} ({before!r} -> {now!r}); build a new "
+                    "PairGraph"
+                )
         for f in _TENSOR_FIELDS:
             if getattr(self, f).requires_grad:
-                raise ValueError(f"{op}: {name}.{f} must not require grad: palfast's losses do "
-                                 "not differentiate with respect to the graph (docs/api.md, "
-                                 "'Gradients')")
+                raise ValueError(
+                    f"{op}: {name}.{f} must not require grad: palfast's losses do "
+                    "not differentiate with respect to the graph (docs/api.md, "
+                    "'Gradients')"
+                )
         current = [getattr(self, f) for f in _TENSOR_FIELDS]
         snapshot = list(tensors)
         names = [f"{name}.{f}" for f in _TENSOR_FIELDS]
@@ -248,8 +260,15 @@ class PairGraph:
         indptr, indices, weights = _csr(rows, cols, w, n)
         _check_weights(weights, "edge weights", "PairGraph")
         labels = labels.to(device=device, dtype=torch.long).reshape(-1, n)
-        return cls(n, indptr, indices, weights.to(torch.float32), labels,
-                   tuple(float(a) for a in label_weights), tuple(int(c) for c in label_classes))
+        return cls(
+            n,
+            indptr,
+            indices,
+            weights.to(torch.float32),
+            labels,
+            tuple(float(a) for a in label_weights),
+            tuple(int(c) for c in label_classes),
+        )
 
     @staticmethod
     def _empty_edges(device=None):
@@ -287,8 +306,9 @@ class PairGraph:
         device = None if device is None else check_device(op, "device", device)
         n_views = check_int(op, "n_views", n_views, 1)
         if n * n_views > MAX_NODES:
-            raise ValueError(f"{op}: n * n_views must be <= MAX_NODES = {MAX_NODES}, got "
-                             f"{n} * {n_views} = {n * n_views}")
+            raise ValueError(
+                f"{op}: n * n_views must be <= MAX_NODES = {MAX_NODES}, got {n} * {n_views} = {n * n_views}"
+            )
         y = torch.arange(n, device=device).repeat(n_views)
         r, c, w = cls._empty_edges(device)
         return cls._build(n * n_views, r, c, w, y[None], (1.0,), (n,))
@@ -305,19 +325,19 @@ class PairGraph:
         s = as_long_vector(op, "src", src)
         d = as_long_vector(op, "dst", dst).to(s.device)
         if s.numel() != d.numel():
-            raise ValueError(f"{op}: src and dst must have the same length, got {s.numel()} "
-                             f"and {d.numel()}")
+            raise ValueError(f"{op}: src and dst must have the same length, got {s.numel()} and {d.numel()}")
         for t, name in ((s, "src"), (d, "dst")):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_nodes):
-                raise ValueError(f"{op}: {name} must be in [0, num_nodes={num_nodes}), got values "
-                                 f"in [{int(t.min())}, {int(t.max())}]")
+                raise ValueError(
+                    f"{op}: {name} must be in [0, num_nodes={num_nodes}), got values "
+                    f"in [{int(t.min())}, {int(t.max())}]"
+                )
         if weights is None:
             w = torch.ones(s.numel(), dtype=torch.float64, device=s.device)
         else:
             w = _real_weights(weights, "weights", op).to(s.device)
             if w.shape != s.shape:
-                raise ValueError(f"{op}: weights must have shape {tuple(s.shape)} like src, "
-                                 f"got {tuple(w.shape)}")
+                raise ValueError(f"{op}: weights must have shape {tuple(s.shape)} like src, got {tuple(w.shape)}")
             _check_weights(w, "weights", op)
         if symmetric:
             s, d, w = torch.cat([s, d]), torch.cat([d, s]), torch.cat([w, w])
@@ -342,39 +362,44 @@ class PairGraph:
         if not isinstance(other, PairGraph):
             return NotImplemented
         if other.num_nodes != self.num_nodes:
-            raise ValueError(f"PairGraph.__add__: cannot add graphs over {self.num_nodes} and "
-                             f"{other.num_nodes} nodes")
+            raise ValueError(f"PairGraph.__add__: cannot add graphs over {self.num_nodes} and {other.num_nodes} nodes")
         r1, c1, w1 = self._edge_list()
         r2, c2, w2 = other._edge_list()
         return PairGraph._build(
-            self.num_nodes, torch.cat([r1, r2.to(r1.device)]), torch.cat([c1, c2.to(r1.device)]),
+            self.num_nodes,
+            torch.cat([r1, r2.to(r1.device)]),
+            torch.cat([c1, c2.to(r1.device)]),
             torch.cat([w1, w2.to(r1.device)]),
             torch.cat([self.labels, other.labels.to(self.labels.device)]),
             self.label_weights + other.label_weights,
-            self.label_classes + other.label_classes).with_negatives(
-                _sum_negatives(self.negatives, other.negatives, self.device))
+            self.label_classes + other.label_classes,
+        ).with_negatives(_sum_negatives(self.negatives, other.negatives, self.device))
 
     def __mul__(self, a) -> PairGraph:
         op = "PairGraph.__mul__"
         if isinstance(a, torch.Tensor):
             if a.requires_grad:
-                raise ValueError(f"{op}: scale must not require grad: palfast's losses do not "
-                                 "differentiate with respect to the graph (docs/api.md, "
-                                 "'Gradients')")
+                raise ValueError(
+                    f"{op}: scale must not require grad: palfast's losses do not "
+                    "differentiate with respect to the graph (docs/api.md, "
+                    "'Gradients')"
+                )
             if a.numel() != 1:
-                raise ValueError(f"{op}: scale must be a number, got a tensor of shape "
-                                 f"{tuple(a.shape)}")
+                raise ValueError(f"{op}: scale must be a number, got a tensor of shape {tuple(a.shape)}")
             a = a.item()
         if not isinstance(a, numbers.Real):
             return NotImplemented
         a = check_number(op, "scale", a, 0.0)
         r, c, w = self._edge_list()
-        return PairGraph._build(self.num_nodes, r, c, w.double() * a, self.labels,
-                                tuple(_check_label_weight(a * x, "scale * label weight",
-                                                          "PairGraph.__mul__")
-                                      for x in self.label_weights),
-                                self.label_classes).with_negatives(
-                                    None if self.negatives is None else a * self.negatives)
+        return PairGraph._build(
+            self.num_nodes,
+            r,
+            c,
+            w.double() * a,
+            self.labels,
+            tuple(_check_label_weight(a * x, "scale * label weight", "PairGraph.__mul__") for x in self.label_weights),
+            self.label_classes,
+        ).with_negatives(None if self.negatives is None else a * self.negatives)
 
     __rmul__ = __mul__
 
@@ -403,8 +428,11 @@ class PairGraph:
         object.__setattr__(new, "negatives", negatives)
         _check_negatives(new)
         tensors, others = self._snapshot
-        object.__setattr__(new, "_snapshot", (tensors, tuple(
-            negatives if f == "negatives" else v for f, v in zip(_OTHER_FIELDS, others))))
+        object.__setattr__(
+            new,
+            "_snapshot",
+            (tensors, tuple(negatives if f == "negatives" else v for f, v in zip(_OTHER_FIELDS, others))),
+        )
         return new
 
     # ------------------------------------------------------------ queries
@@ -447,9 +475,18 @@ class PairGraph:
     def kernel_args(self) -> tuple:
         """The positive graph as the custom ops take it (see csrc/graph.h); the
         negatives are passed as their own graph (``graph.negatives.kernel_args()``)."""
-        return (self.indptr, self.indices, self.weights, self.t_indptr, self.t_indices,
-                self.t_weights, self.labels, list(self.label_weights),
-                list(self.label_classes), self.pos_weight)
+        return (
+            self.indptr,
+            self.indices,
+            self.weights,
+            self.t_indptr,
+            self.t_indices,
+            self.t_weights,
+            self.labels,
+            list(self.label_weights),
+            list(self.label_classes),
+            self.pos_weight,
+        )
 
     def known_pairs(self, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ordered pairs (i, k), i ≠ k, that this graph knows something about: a
@@ -471,20 +508,28 @@ class PairGraph:
         n = self.num_nodes
         if anchor is None:
             anchor = torch.ones(n, dtype=torch.bool, device=self.device)
-        elif (not isinstance(anchor, torch.Tensor) or anchor.dtype != torch.bool
-              or anchor.shape != (n,) or anchor.device != self.device):
-            what = (f"{anchor.dtype} of shape {tuple(anchor.shape)} on {anchor.device}"
-                    if isinstance(anchor, torch.Tensor) else type(anchor).__name__)
-            raise TypeError(f"PairGraph.known_pairs: anchor must be a bool tensor of shape "
-                            f"[{n}] on {self.device} (one flag per row), got {what}")
+        elif (
+            not isinstance(anchor, torch.Tensor)
+            or anchor.dtype != torch.bool
+            or anchor.shape != (n,)
+            or anchor.device != self.device
+        ):
+            what = (
+                f"{anchor.dtype} of shape {tuple(anchor.shape)} on {anchor.device}"
+                if isinstance(anchor, torch.Tensor)
+                else type(anchor).__name__
+            )
+            raise TypeError(
+                f"PairGraph.known_pairs: anchor must be a bool tensor of shape "
+                f"[{n}] on {self.device} (one flag per row), got {what}"
+            )
         parts = []
         for g in (self, self.negatives):
             if g is None:
                 continue
             r, c, _ = g._edge_list()
             parts.append((r[anchor[r]], c[anchor[r]]))
-            parts += [_label_set_pairs(y, anchor) for y, a in zip(g.labels, g.label_weights)
-                      if a > 0]
+            parts += [_label_set_pairs(y, anchor) for y, a in zip(g.labels, g.label_weights) if a > 0]
         keys = torch.unique(torch.cat([r * n + c for r, c in parts]))
         return keys // n, keys % n
 
@@ -492,19 +537,19 @@ class PairGraph:
         return _csr_rows(self.indptr, self.num_nodes), self.indices, self.weights
 
     def __repr__(self) -> str:
-        return (f"PairGraph(num_nodes={self.num_nodes}, csr_edges={self.indices.numel()}, "
-                f"label_sets={len(self.label_weights)}, anchors={self.num_anchors}, "
-                f"total_weight={self.total_weight:g}, "
-                f"negative_edges={None if self.negatives is None else self.negatives.num_edges}, "
-                f"device={self.device})")
+        return (
+            f"PairGraph(num_nodes={self.num_nodes}, csr_edges={self.indices.numel()}, "
+            f"label_sets={len(self.label_weights)}, anchors={self.num_anchors}, "
+            f"total_weight={self.total_weight:g}, "
+            f"negative_edges={None if self.negatives is None else self.negatives.num_edges}, "
+            f"device={self.device})"
+        )
 
 
 # What check_unchanged compares: every tensor (the kernels read them all) and every
 # other field (negatives by identity: its own tensors are compared as its own graph).
-_TENSOR_FIELDS = ("indptr", "indices", "weights", "t_indptr", "t_indices", "t_weights", "labels",
-                  "pos_weight")
-_OTHER_FIELDS = ("num_nodes", "label_weights", "label_classes", "negatives", "num_anchors",
-                 "total_weight", "symmetric")
+_TENSOR_FIELDS = ("indptr", "indices", "weights", "t_indptr", "t_indices", "t_weights", "labels", "pos_weight")
+_OTHER_FIELDS = ("num_nodes", "label_weights", "label_classes", "negatives", "num_anchors", "total_weight", "symmetric")
 
 
 def _csr_rows(indptr: torch.Tensor, n: int) -> torch.Tensor:
@@ -526,65 +571,69 @@ def _check_fields(g: PairGraph) -> tuple[int, tuple[float, ...], tuple[int, ...]
     returns num_nodes, label_weights and label_classes normalised."""
     op = "PairGraph"
     n = _check_nodes(op, "num_nodes", g.num_nodes)
-    spec = {"indptr": torch.long, "indices": torch.long, "weights": torch.float32,
-            "labels": torch.long}
+    spec = {"indptr": torch.long, "indices": torch.long, "weights": torch.float32, "labels": torch.long}
     for name, dtype in spec.items():
         t = getattr(g, name)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != dtype:
-            raise TypeError(f"{op}: {name} must be {str(dtype).removeprefix('torch.')}, got "
-                            f"{t.dtype}")
+            raise TypeError(f"{op}: {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
         if t.requires_grad:
-            raise ValueError(f"{op}: {name} must not require grad: palfast's losses do not "
-                             "differentiate with respect to the graph (docs/api.md, 'Gradients')")
+            raise ValueError(
+                f"{op}: {name} must not require grad: palfast's losses do not "
+                "differentiate with respect to the graph (docs/api.md, 'Gradients')"
+            )
         if t.device != g.indptr.device:
-            raise ValueError(f"{op}: {name} must be on indptr's device ({g.indptr.device}), got "
-                             f"{t.device}")
+            raise ValueError(f"{op}: {name} must be on indptr's device ({g.indptr.device}), got {t.device}")
         if t.layout != torch.strided:
             raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
     indptr, indices, weights, labels = g.indptr, g.indices, g.weights, g.labels
     if indptr.shape != (n + 1,):
-        raise ValueError(f"{op}: indptr must have shape [num_nodes + 1] = [{n + 1}], got "
-                         f"{list(indptr.shape)}")
+        raise ValueError(f"{op}: indptr must have shape [num_nodes + 1] = [{n + 1}], got {list(indptr.shape)}")
     if indices.dim() != 1:
         raise ValueError(f"{op}: indices must be 1-D [E], got shape {tuple(indices.shape)}")
     e = indices.numel()
     if weights.shape != (e,):
-        raise ValueError(f"{op}: weights must have shape ({e},) like indices, got "
-                         f"{tuple(weights.shape)}")
+        raise ValueError(f"{op}: weights must have shape ({e},) like indices, got {tuple(weights.shape)}")
     if labels.dim() != 2 or labels.shape[1] != n:
-        raise ValueError(f"{op}: labels must have shape [L, {n}] (one row of class ids per label "
-                         f"set), got {list(labels.shape)}")
+        raise ValueError(
+            f"{op}: labels must have shape [L, {n}] (one row of class ids per label set), got {list(labels.shape)}"
+        )
     lw, lc = g.label_weights, g.label_classes
     for name, value in (("label_weights", lw), ("label_classes", lc)):
         if not isinstance(value, tuple | list) or len(value) != labels.shape[0]:
             what = "weight" if name == "label_weights" else "class count"
-            raise ValueError(f"{op}: {name} must have one {what} per label set (L = "
-                             f"{labels.shape[0]}), got {value!r}")
+            raise ValueError(f"{op}: {name} must have one {what} per label set (L = {labels.shape[0]}), got {value!r}")
     lw = tuple(_check_label_weight(a, f"label_weights[{k}]", op) for k, a in enumerate(lw))
     lc = tuple(check_int(op, f"label_classes[{k}]", c, 0, n) for k, c in enumerate(lc))
     steps = indptr.diff()
     if int(indptr[0]) != 0 or int(indptr[-1]) != e or (n and bool((steps < 0).any())):
-        raise ValueError(f"{op}: indptr must start at 0, end at E = {e} and never decrease, got "
-                         f"first {int(indptr[0])}, last {int(indptr[-1])}")
+        raise ValueError(
+            f"{op}: indptr must start at 0, end at E = {e} and never decrease, got "
+            f"first {int(indptr[0])}, last {int(indptr[-1])}"
+        )
     if e:
         if int(indices.min()) < 0 or int(indices.max()) >= n:
-            raise ValueError(f"{op}: indices must be in [0, num_nodes = {n}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+            raise ValueError(
+                f"{op}: indices must be in [0, num_nodes = {n}), got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
         rows = _csr_rows(indptr, n)
         key = rows * n + indices
         if bool((key.diff() <= 0).any()) or bool((rows == indices).any()):
-            raise ValueError(f"{op}: indices must be increasing within each row and hold no "
-                             "self-loop (column i in row i); build graphs with "
-                             "PairGraph.from_edges, which sorts and sums duplicates")
+            raise ValueError(
+                f"{op}: indices must be increasing within each row and hold no "
+                "self-loop (column i in row i); build graphs with "
+                "PairGraph.from_edges, which sorts and sums duplicates"
+            )
     _check_weights(weights, "weights", op)
     for k, (y, c) in enumerate(zip(labels, lc)):
         if y.numel() and (int(y.min()) < -1 or int(y.max()) >= c):
-            raise ValueError(f"{op}: labels[{k}] must hold class ids in [-1, label_classes[{k}] "
-                             f"= {c}), got values in [{int(y.min())}, {int(y.max())}]")
+            raise ValueError(
+                f"{op}: labels[{k}] must hold class ids in [-1, label_classes[{k}] "
+                f"= {c}), got values in [{int(y.min())}, {int(y.max())}]"
+            )
     return n, lw, lc
-
 
 
 def _sum_negatives(a: PairGraph | None, b: PairGraph | None, device) -> PairGraph | None:
@@ -609,8 +658,7 @@ def _label_set_pairs(y: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tenso
     rows = order[anchor[order]]
     size = counts[y[rows]]
     r = torch.repeat_interleave(rows, size)
-    local = torch.arange(r.numel(), device=y.device) - torch.repeat_interleave(
-        torch.cumsum(size, 0) - size, size)
+    local = torch.arange(r.numel(), device=y.device) - torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
     c = order[starts[y[r]] + local]
     off = r != c
     return r[off], c[off]
@@ -655,21 +703,30 @@ def _check_negatives(g: PairGraph) -> None:
     if neg is None:
         return
     if not isinstance(neg, PairGraph):
-        raise TypeError(f"{op}: negatives must be a PairGraph or None, got "
-                        f"{type(neg).__name__}; build one with PairGraph.from_edges(src, dst, "
-                        "num_nodes=N)")
+        raise TypeError(
+            f"{op}: negatives must be a PairGraph or None, got "
+            f"{type(neg).__name__}; build one with PairGraph.from_edges(src, dst, "
+            "num_nodes=N)"
+        )
     if neg.negatives is not None:
-        raise ValueError(f"{op}: negatives must not carry negatives of its own (a pair is "
-                         "alike, different or unknown); pass negatives.with_negatives(None)")
+        raise ValueError(
+            f"{op}: negatives must not carry negatives of its own (a pair is "
+            "alike, different or unknown); pass negatives.with_negatives(None)"
+        )
     if neg.num_nodes != g.num_nodes:
-        raise ValueError(f"{op}: negatives must be over the graph's {g.num_nodes} rows, got a "
-                         f"graph over {neg.num_nodes} nodes")
+        raise ValueError(
+            f"{op}: negatives must be over the graph's {g.num_nodes} rows, got a graph over {neg.num_nodes} nodes"
+        )
     if neg.device != g.device:
-        raise ValueError(f"{op}: negatives must be on the graph's device ({g.device}), got "
-                         f"{neg.device}; use negatives.to({str(g.device)!r})")
+        raise ValueError(
+            f"{op}: negatives must be on the graph's device ({g.device}), got "
+            f"{neg.device}; use negatives.to({str(g.device)!r})"
+        )
     shared = _shared_pair(g, neg)
     if shared is not None:
-        raise ValueError(f"{op}: negatives must not contain a positive pair, got rows {shared} "
-                         "both alike and different; resolve the contradiction first "
-                         "(RelationStore keeps the first answer and warns with "
-                         "ContradictionWarning)")
+        raise ValueError(
+            f"{op}: negatives must not contain a positive pair, got rows {shared} "
+            "both alike and different; resolve the contradiction first "
+            "(RelationStore keeps the first answer and warns with "
+            "ContradictionWarning)"
+        )

@@ -71,11 +71,29 @@ import torch
 
 from ._checks import check_choice, check_int, check_tensor, count_nonfinite_rows
 
-__all__ = ["AUTO_EXACT_MAX_ROWS", "BACKENDS", "CHUNK_BYTES", "DEFAULT_NPROBE",
-           "DEFAULT_EF_SEARCH", "DEFAULT_JOIN_NPROBE", "HNSW_M", "INDEXES", "MAX_BLOCK",
-           "TRAIN_ROWS_PER_LIST", "as_rows", "build_index", "check_index_params", "chunk_rows",
-           "default_nlist", "drop_self", "knn", "resolve_backend", "resolve_index", "row_spans",
-           "unit_rows"]
+__all__ = [
+    "AUTO_EXACT_MAX_ROWS",
+    "BACKENDS",
+    "CHUNK_BYTES",
+    "DEFAULT_NPROBE",
+    "DEFAULT_EF_SEARCH",
+    "DEFAULT_JOIN_NPROBE",
+    "HNSW_M",
+    "INDEXES",
+    "MAX_BLOCK",
+    "TRAIN_ROWS_PER_LIST",
+    "as_rows",
+    "build_index",
+    "check_index_params",
+    "chunk_rows",
+    "default_nlist",
+    "drop_self",
+    "knn",
+    "resolve_backend",
+    "resolve_index",
+    "row_spans",
+    "unit_rows",
+]
 
 BACKENDS = ("auto", "faiss", "torch")
 INDEXES = ("auto", "exact", "ivf", "ivfpq", "hnsw", "ivf-join")
@@ -137,8 +155,9 @@ def resolve_backend(op: str, backend) -> str:
         import faiss  # noqa: F401
     except ImportError as e:
         if backend == "faiss":
-            raise ImportError(f"{op}: backend='faiss' needs the faiss package "
-                              "(pip install faiss-cpu, or faiss-gpu)") from e
+            raise ImportError(
+                f"{op}: backend='faiss' needs the faiss package (pip install faiss-cpu, or faiss-gpu)"
+            ) from e
         return "torch"
     return "faiss"
 
@@ -150,8 +169,10 @@ def resolve_index(op: str, index, backend: str, n: int, self_search: bool = Fals
     check_choice(op, "index", index, INDEXES)
     if index == "ivf-join":  # torch only: any backend
         if not self_search:
-            raise ValueError(f"{op}: index='ivf-join' searches the rows among themselves "
-                             "(keys=None) only; to search other keys use index='ivf'")
+            raise ValueError(
+                f"{op}: index='ivf-join' searches the rows among themselves "
+                "(keys=None) only; to search other keys use index='ivf'"
+            )
         return index
     if index == "auto":
         if n <= AUTO_EXACT_MAX_ROWS:
@@ -163,11 +184,15 @@ def resolve_index(op: str, index, backend: str, n: int, self_search: bool = Fals
         try:
             import faiss  # noqa: F401
         except ImportError as e:
-            raise ImportError(f"{op}: index={index!r} needs the faiss package (pip install "
-                              "faiss-cpu); the torch backend is exact only "
-                              "(index='exact' or 'auto')") from e
-        raise ValueError(f"{op}: index={index!r} needs backend='faiss' or 'auto'; the torch "
-                         "backend is exact only, got backend='torch'")
+            raise ImportError(
+                f"{op}: index={index!r} needs the faiss package (pip install "
+                "faiss-cpu); the torch backend is exact only "
+                "(index='exact' or 'auto')"
+            ) from e
+        raise ValueError(
+            f"{op}: index={index!r} needs backend='faiss' or 'auto'; the torch "
+            "backend is exact only, got backend='torch'"
+        )
     return index
 
 
@@ -177,8 +202,7 @@ def default_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // TRAIN_ROWS_PER_LIST))
 
 
-def check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprobe,
-                        ef_search, pq_m):
+def check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprobe, ef_search, pq_m):
     """The index parameters of :func:`knn`, checked and with their defaults filled in:
     ``(nlist, nprobe, ef_search, pq_m)`` for ``index`` (resolved by :func:`resolve_index`:
     not ``"auto"``) over ``n`` indexed rows of width ``d``, searched for ``k`` neighbours.
@@ -201,32 +225,38 @@ def check_index_params(op: str, index: str, n: int, d: int, k: int, nlist, nprob
         else:
             nlist = check_int(op, "nlist", nlist, 1)
             if nlist > n:
-                raise ValueError(f"{op}: nlist must be <= N = {n} (rows indexed; each list "
-                                 f"needs rows to train its centroid), got nlist={nlist}; "
-                                 "lower nlist or leave it None for the default")
+                raise ValueError(
+                    f"{op}: nlist must be <= N = {n} (rows indexed; each list "
+                    f"needs rows to train its centroid), got nlist={nlist}; "
+                    "lower nlist or leave it None for the default"
+                )
         if nprobe is None:
             nprobe = min(DEFAULT_JOIN_NPROBE if index == "ivf-join" else DEFAULT_NPROBE, nlist)
         else:
             nprobe = check_int(op, "nprobe", nprobe, 1)
             if nprobe > nlist:
-                raise ValueError(f"{op}: nprobe must be <= nlist = {nlist} (lists scanned per "
-                                 f"query), got nprobe={nprobe}")
+                raise ValueError(
+                    f"{op}: nprobe must be <= nlist = {nlist} (lists scanned per query), got nprobe={nprobe}"
+                )
     elif nlist is not None or nprobe is not None:
-        raise ValueError(f"{op}: nlist and nprobe apply to index='ivf', 'ivfpq' or 'ivf-join' only, "
-                         f"got index={index!r}")
+        raise ValueError(
+            f"{op}: nlist and nprobe apply to index='ivf', 'ivfpq' or 'ivf-join' only, got index={index!r}"
+        )
     if index == "hnsw":
-        ef_search = max(k, DEFAULT_EF_SEARCH) if ef_search is None else \
-            check_int(op, "ef_search", ef_search, k)
+        ef_search = max(k, DEFAULT_EF_SEARCH) if ef_search is None else check_int(op, "ef_search", ef_search, k)
     elif ef_search is not None:
         raise ValueError(f"{op}: ef_search applies to index='hnsw' only, got index={index!r}")
     if index == "ivfpq":
         pq_m = _default_pq_m(d) if pq_m is None else check_int(op, "pq_m", pq_m, 1, d)
         if d % pq_m:
-            raise ValueError(f"{op}: pq_m must divide the width D = {d} (one sub-quantizer "
-                             f"per D / pq_m columns), got pq_m={pq_m}")
+            raise ValueError(
+                f"{op}: pq_m must divide the width D = {d} (one sub-quantizer per D / pq_m columns), got pq_m={pq_m}"
+            )
         if n < (1 << PQ_BITS):
-            raise ValueError(f"{op}: index='ivfpq' needs at least {1 << PQ_BITS} rows to train "
-                             f"its {PQ_BITS}-bit codes, got N = {n}; use index='ivf'")
+            raise ValueError(
+                f"{op}: index='ivfpq' needs at least {1 << PQ_BITS} rows to train "
+                f"its {PQ_BITS}-bit codes, got N = {n}; use index='ivf'"
+            )
     elif pq_m is not None:
         raise ValueError(f"{op}: pq_m applies to index='ivfpq' only, got index={index!r}")
     return nlist, nprobe, ef_search, pq_m
@@ -257,9 +287,11 @@ def as_rows(op: str, name: str, x, *, min_rows: int = 0, finite: bool = False) -
         except ImportError:  # no NumPy: nothing but a tensor can be given
             np = None
         if np is None or not isinstance(x, np.ndarray):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor or a NumPy array (for a file "
-                            "larger than RAM: np.load(path, mmap_mode='r')), got "
-                            f"{type(x).__name__}")
+            raise TypeError(
+                f"{op}: {name} must be a torch.Tensor or a NumPy array (for a file "
+                "larger than RAM: np.load(path, mmap_mode='r')), got "
+                f"{type(x).__name__}"
+            )
         x = _from_numpy(op, name, x, "memory map" if isinstance(x, np.memmap) else "array")
     x = check_tensor(op, name, x, min_rows=min_rows)
     if finite:
@@ -275,16 +307,26 @@ def _from_numpy(op: str, name: str, a, kind: str) -> torch.Tensor:
     import warnings
 
     if a.ndim != 2:
-        hint = (" (np.memmap reads a flat file as 1-D: pass shape=(N, D), or save it with "
-                "np.save and open it with np.load(path, mmap_mode='r'))") if a.ndim == 1 else ""
+        hint = (
+            (
+                " (np.memmap reads a flat file as 1-D: pass shape=(N, D), or save it with "
+                "np.save and open it with np.load(path, mmap_mode='r'))"
+            )
+            if a.ndim == 1
+            else ""
+        )
         raise ValueError(f"{op}: {name} must be a 2-D {kind} [N, D], got shape {a.shape}{hint}")
     if a.dtype.name not in _NUMPY_FLOATS or not a.dtype.isnative:
-        raise TypeError(f"{op}: {name} must be a {kind} of native-endian "
-                        f"{', '.join(_NUMPY_FLOATS)}, got dtype {a.dtype.str!r} ({a.dtype.name}); "
-                        "open a raw file with the dtype it was written with, or convert it")
+        raise TypeError(
+            f"{op}: {name} must be a {kind} of native-endian "
+            f"{', '.join(_NUMPY_FLOATS)}, got dtype {a.dtype.str!r} ({a.dtype.name}); "
+            "open a raw file with the dtype it was written with, or convert it"
+        )
     if any(st < 0 for st in a.strides):
-        raise ValueError(f"{op}: {name} must have non-negative strides (no reversed view), got "
-                         f"strides {a.strides}; pass a forward view or a copy")
+        raise ValueError(
+            f"{op}: {name} must have non-negative strides (no reversed view), got "
+            f"strides {a.strides}; pass a forward view or a copy"
+        )
     with warnings.catch_warnings():
         # torch warns that a read-only array gives a tensor one may not write to;
         # nothing here writes to it.
@@ -350,6 +392,7 @@ class _Index:
 
         if self.kind == "faiss-gpu":
             import faiss.contrib.torch_utils  # noqa: F401  (faiss takes torch tensors, no copy)
+
             q = queries if normalized else unit_rows(queries, self.built_device)
             sims, nbrs = self.built.search(q.to(self.built_device), k)
             return sims, nbrs.to(torch.long)
@@ -369,8 +412,9 @@ class _Index:
         raise NotImplementedError  # FAISS indexes: search(keys, k + 1) then drop_self
 
 
-def build_index(keys: torch.Tensor, backend: str, index: str, params=(None, None, None, None),
-                seed: int = 0, device=None) -> _Index:
+def build_index(
+    keys: torch.Tensor, backend: str, index: str, params=(None, None, None, None), seed: int = 0, device=None
+) -> _Index:
     """The k-NN index of :func:`knn` over ``keys`` ``[N, D]`` (validated by the caller:
     :func:`as_rows`, :func:`resolve_backend`, :func:`resolve_index`, and ``params`` =
     ``(nlist, nprobe, ef_search, pq_m)`` from ``check_index_params``). Rows are
@@ -378,8 +422,7 @@ def build_index(keys: torch.Tensor, backend: str, index: str, params=(None, None
     on ``device`` (default keys' device)."""
     n, d = keys.shape
     if index == "ivf-join":
-        raise ValueError("build_index: index='ivf-join' builds no index; knn(x, k, "
-                         "index='ivf-join') runs it")
+        raise ValueError("build_index: index='ivf-join' builds no index; knn(x, k, index='ivf-join') runs it")
     if index != "exact":
         return _Index("faiss", _approx_index(keys, index, *params, gen_seed=seed), d, n)
     if backend == "torch":
@@ -425,8 +468,7 @@ def _approx_index(keys: torch.Tensor, index: str, nlist, nprobe, ef_search, pq_m
         if index == "ivf":
             built = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         else:
-            built = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, PQ_BITS,
-                                     faiss.METRIC_INNER_PRODUCT)
+            built = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
         n_train = min(n, max(nlist, 1 << PQ_BITS if index == "ivfpq" else 1) * TRAIN_ROWS_PER_LIST)
         gen = torch.Generator().manual_seed(gen_seed)
         sample = torch.randperm(n, generator=gen)[:n_train].sort().values
@@ -441,8 +483,8 @@ def _approx_index(keys: torch.Tensor, index: str, nlist, nprobe, ef_search, pq_m
 # ---------------------------------------------------------------------------------------
 # "ivf-join": the IVF self search as one GEMM per list (module docstring).
 
-def _spherical_kmeans(rows: torch.Tensor, nlist: int, iterations: int,
-                      gen: torch.Generator) -> torch.Tensor:
+
+def _spherical_kmeans(rows: torch.Tensor, nlist: int, iterations: int, gen: torch.Generator) -> torch.Tensor:
     """``[nlist, D]`` unit centroids of the unit ``rows`` (``[S, D]``, S >= nlist):
     started at ``nlist`` distinct rows drawn with ``gen``; each iteration assigns every
     row to its most similar centroid and moves each centroid to its rows' normalised
@@ -451,7 +493,7 @@ def _spherical_kmeans(rows: torch.Tensor, nlist: int, iterations: int,
     owner = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
 
     def assign(span):
-        owner[span[0]:span[1]] = (rows[span[0]:span[1]] @ cent.T).argmax(1)
+        owner[span[0] : span[1]] = (rows[span[0] : span[1]] @ cent.T).argmax(1)
 
     for _ in range(iterations):
         _parallel(assign, row_spans(rows, _block_rows(nlist)))
@@ -531,8 +573,7 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
     # Each slot's top-k within its list (positions in xs), written by exactly one task:
     # the tasks share no output, so they run on parallel threads.
     buf_s = torch.full((n * nprobe, k), float("-inf"), device=dev)
-    buf_i = torch.zeros(n * nprobe, k, dtype=torch.int32 if n < 2 ** 31 else torch.long,
-                        device=dev)
+    buf_i = torch.zeros(n * nprobe, k, dtype=torch.int32 if n < 2**31 else torch.long, device=dev)
     ptr_l, qptr_l = ptr.tolist(), qptr.tolist()
 
     def scan(lst: int):
@@ -540,14 +581,14 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
         members = xs[a:b]
         block = _block_rows(b - a)
         for s in range(qptr_l[lst], qptr_l[lst + 1], block):
-            sl = slots[s:min(s + block, qptr_l[lst + 1])]
+            sl = slots[s : min(s + block, qptr_l[lst + 1])]
             rows = sl // nprobe
             sims = xs[rows] @ members.T
             own = ((rows >= a) & (rows < b)).nonzero().squeeze(1)  # never one's own neighbour
             sims[own, rows[own] - a] = float("-inf")
             v, i = sims.topk(min(k, b - a), dim=1)
-            buf_s[sl, :v.shape[1]] = v
-            buf_i[sl, :v.shape[1]] = (i + a).to(buf_i.dtype)
+            buf_s[sl, : v.shape[1]] = v
+            buf_i[sl, : v.shape[1]] = (i + a).to(buf_i.dtype)
 
     _parallel(scan, [lst for lst in range(nlist) if ptr_l[lst] < ptr_l[lst + 1]])
     # 5. Each row's best k of its nprobe lists, in x's row order; −inf places (fewer
@@ -561,22 +602,20 @@ def _ivf_join(x: torch.Tensor, k: int, nlist: int, nprobe: int, seed: int):
         rows = pos[a:b]
         v, j = buf_s[rows].topk(k, dim=1)
         sims[a:b] = v
-        nbrs[a:b] = torch.where(torch.isneginf(v), -1,
-                                perm[buf_i[rows].gather(1, j).long()])
+        nbrs[a:b] = torch.where(torch.isneginf(v), -1, perm[buf_i[rows].gather(1, j).long()])
 
     _parallel(merge, row_spans(x, MAX_BLOCK_ROWS * 16))
     return sims, nbrs
 
 
-def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, self_offset: int | None,
-                  normalized: bool):
+def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, self_offset: int | None, normalized: bool):
     """Exact top-k of ``queries`` among the unit rows ``keys``, a block of queries at a
     time (normalised per block unless ``normalized``); ``self_offset``: query row r is
     key row r + self_offset, never its own neighbour."""
     block = max(1, min(MAX_BLOCK_ROWS, MAX_BLOCK // keys.shape[0]))
     sims, nbrs = [], []
     for start in range(0, queries.shape[0], block):
-        q = queries[start:start + block]
+        q = queries[start : start + block]
         q = q.to(keys.device) if normalized else _unit_chunk(q.to(keys.device))
         s = q @ keys.T
         if self_offset is not None:  # never one's own neighbour
@@ -588,10 +627,21 @@ def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, self_offset
     return torch.cat(sims), torch.cat(nbrs)
 
 
-def knn(x, k: int, *, keys=None, backend: str = "auto",
-        index: str = "exact", nlist: int | None = None, nprobe: int | None = None,
-        ef_search: int | None = None, pq_m: int | None = None, seed: int = 0,
-        op: str = "palfast.knn.knn", finite: bool = True):
+def knn(
+    x,
+    k: int,
+    *,
+    keys=None,
+    backend: str = "auto",
+    index: str = "exact",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    pq_m: int | None = None,
+    seed: int = 0,
+    op: str = "palfast.knn.knn",
+    finite: bool = True,
+):
     """The k most cosine-similar rows of ``keys`` for each row of ``x``.
 
     Args:
@@ -627,13 +677,11 @@ def knn(x, k: int, *, keys=None, backend: str = "auto",
     if self_search:
         k = check_int(op, "k", k)
         if not 1 <= k < x.shape[0]:
-            raise ValueError(f"{op}: k must satisfy 1 <= k < N = {x.shape[0]} (number of rows), "
-                             f"got k={k}")
+            raise ValueError(f"{op}: k must satisfy 1 <= k < N = {x.shape[0]} (number of rows), got k={k}")
     else:
         keys = as_rows(op, "keys", keys, min_rows=1, finite=finite)
         if keys.shape[1] != x.shape[1]:
-            raise ValueError(f"{op}: keys must have the queries' width D = {x.shape[1]}, "
-                             f"got shape {tuple(keys.shape)}")
+            raise ValueError(f"{op}: keys must have the queries' width D = {x.shape[1]}, got shape {tuple(keys.shape)}")
         k = check_int(op, "k", k, 1, keys.shape[0])
     backend = resolve_backend(op, backend)
     n_keys = x.shape[0] if self_search else keys.shape[0]

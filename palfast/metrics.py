@@ -24,8 +24,7 @@ import torch
 from ._checks import check_id_vector, check_int, check_number, check_tensor
 from .knn import knn
 
-__all__ = ["area_under_curve", "knn_accuracy", "linear_probe_accuracy", "queries_to_reach",
-           "rankme"]
+__all__ = ["area_under_curve", "knn_accuracy", "linear_probe_accuracy", "queries_to_reach", "rankme"]
 
 
 def _check_z(op: str, name: str, z) -> torch.Tensor:
@@ -40,10 +39,15 @@ def _check_pair(op, train_z, train_y, test_z, test_y):
     train_z = _check_z(op, "train_z", train_z)
     test_z = _check_z(op, "test_z", test_z)
     if train_z.shape[1] != test_z.shape[1]:
-        raise ValueError(f"{op}: train_z and test_z must have the same width D, got "
-                         f"{train_z.shape[1]} and {test_z.shape[1]}")
-    return (train_z, _check_y(op, "train_y", train_y, train_z.shape[0]), test_z,
-            _check_y(op, "test_y", test_y, test_z.shape[0]))
+        raise ValueError(
+            f"{op}: train_z and test_z must have the same width D, got {train_z.shape[1]} and {test_z.shape[1]}"
+        )
+    return (
+        train_z,
+        _check_y(op, "train_y", train_y, train_z.shape[0]),
+        test_z,
+        _check_y(op, "test_y", test_y, test_z.shape[0]),
+    )
 
 
 def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
@@ -66,8 +70,9 @@ def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
-def knn_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, k: int = 20, *,
-                 backend: str = "auto") -> float:
+def knn_accuracy(
+    train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, k: int = 20, *, backend: str = "auto"
+) -> float:
     """Accuracy of a k-nearest-neighbour classifier by cosine similarity.
 
     Each test row takes the majority class among its k most similar training rows
@@ -93,8 +98,9 @@ def knn_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, k
     return float((pred == test_y).float().mean())
 
 
-def linear_probe_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, *,
-                          c: float = 1.0, max_iter: int = 1000) -> float:
+def linear_probe_accuracy(
+    train_z: torch.Tensor, train_y, test_z: torch.Tensor, test_y, *, c: float = 1.0, max_iter: int = 1000
+) -> float:
     """Test accuracy of a linear classifier trained on frozen features.
 
     Features are standardised with the training mean and standard deviation, then a
@@ -106,8 +112,7 @@ def linear_probe_accuracy(train_z: torch.Tensor, train_y, test_z: torch.Tensor, 
     c = check_number(op, "c", c, 0.0, strict=True)
     max_iter = check_int(op, "max_iter", max_iter, 1)
     if torch.unique(train_y).numel() < 2:
-        raise ValueError(f"{op}: train_y must contain at least 2 classes, got "
-                         f"{torch.unique(train_y).tolist()}")
+        raise ValueError(f"{op}: train_y must contain at least 2 classes, got {torch.unique(train_y).tolist()}")
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -130,8 +135,7 @@ def area_under_curve(queries: list[int], acc: list[float]) -> float:
     perfect from the first query on; a single point is its own value."""
     if len(queries) < 2 or queries[-1] == queries[0]:
         return acc[-1]
-    area = sum((q1 - q0) * (a0 + a1) / 2
-               for q0, q1, a0, a1 in zip(queries, queries[1:], acc, acc[1:]))
+    area = sum((q1 - q0) * (a0 + a1) / 2 for q0, q1, a0, a1 in zip(queries, queries[1:], acc, acc[1:]))
     return area / (queries[-1] - queries[0])
 
 

@@ -33,8 +33,13 @@ from .losses._common import (
 )
 
 __all__ = [
-    "InfoNCELoss", "VICRegLoss", "BarlowTwinsLoss", "SpectralContrastiveLoss", "VIC2Loss",
-    "NTXentLoss", "SupConLoss",
+    "InfoNCELoss",
+    "VICRegLoss",
+    "BarlowTwinsLoss",
+    "SpectralContrastiveLoss",
+    "VIC2Loss",
+    "NTXentLoss",
+    "SupConLoss",
 ]
 
 
@@ -52,9 +57,15 @@ class InfoNCELoss(nn.Module):
         >>> loss = loss_fn(z_a, z_b)
     """
 
-    def __init__(self, temperature: float = 0.1, normalize: bool = True,
-                 reduction: str = "mean", check_finite: bool = False,
-                 unknown_weight: float = 1.0, gather: bool | None = None):
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        normalize: bool = True,
+        reduction: str = "mean",
+        check_finite: bool = False,
+        unknown_weight: float = 1.0,
+        gather: bool | None = None,
+    ):
         super().__init__()
         self.temperature = temperature
         self.normalize = normalize
@@ -70,14 +81,19 @@ class InfoNCELoss(nn.Module):
             check_two_views(op, z, graph_or_z_b, 1, self.check_finite)
             gather = check_gather(op, gather)
             z, graph_or_z_b = stacked_views(z, graph_or_z_b, gather)
-        return F.info_nce(z, graph_or_z_b, temperature=self.temperature,
-                          normalize=self.normalize, reduction=self.reduction,
-                          unknown_weight=self.unknown_weight, check_finite=self.check_finite,
-                          gather=gather)
+        return F.info_nce(
+            z,
+            graph_or_z_b,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            reduction=self.reduction,
+            unknown_weight=self.unknown_weight,
+            check_finite=self.check_finite,
+            gather=gather,
+        )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, normalize={self.normalize}, "
-                f"unknown_weight={self.unknown_weight}")
+        return f"temperature={self.temperature}, normalize={self.normalize}, unknown_weight={self.unknown_weight}"
 
 
 # ------------------------------------------------------------ covariance losses
@@ -98,8 +114,15 @@ class VICRegLoss(nn.Module):
         >>> loss = palfast.nn.VICRegLoss()(z_a, z_b)
     """
 
-    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 eps: float = 1e-4, check_finite: bool = False, gather: bool | None = None):
+    def __init__(
+        self,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        eps: float = 1e-4,
+        check_finite: bool = False,
+        gather: bool | None = None,
+    ):
         super().__init__()
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
         self.eps = eps
@@ -107,17 +130,13 @@ class VICRegLoss(nn.Module):
         self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
-        kw = dict(sim_coeff=self.sim_coeff, std_coeff=self.std_coeff, cov_coeff=self.cov_coeff,
-                  eps=self.eps)
+        kw = dict(sim_coeff=self.sim_coeff, std_coeff=self.std_coeff, cov_coeff=self.cov_coeff, eps=self.eps)
         if isinstance(graph_or_z_b, PairGraph):
-            return F.vicreg(z, graph_or_z_b, check_finite=self.check_finite, gather=self.gather,
-                            **kw)
-        return F.vicreg_two_view(z, graph_or_z_b, check_finite=self.check_finite,
-                                 gather=self.gather, **kw)
+            return F.vicreg(z, graph_or_z_b, check_finite=self.check_finite, gather=self.gather, **kw)
+        return F.vicreg_two_view(z, graph_or_z_b, check_finite=self.check_finite, gather=self.gather, **kw)
 
     def extra_repr(self) -> str:
-        return (f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, "
-                f"cov_coeff={self.cov_coeff}, eps={self.eps}")
+        return f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, cov_coeff={self.cov_coeff}, eps={self.eps}"
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -135,18 +154,19 @@ class BarlowTwinsLoss(nn.Module):
         >>> loss = palfast.nn.BarlowTwinsLoss(lambd=0.0051)(z_a, z_b)
     """
 
-    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, check_finite: bool = False,
-                 gather: bool | None = None):
+    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, check_finite: bool = False, gather: bool | None = None):
         super().__init__()
         self.lambd, self.eps, self.check_finite = lambd, eps, check_finite
         self.gather = gather
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if isinstance(graph_or_z_b, PairGraph):
-            return F.barlow_twins(z, graph_or_z_b, lambd=self.lambd, eps=self.eps,
-                                  check_finite=self.check_finite, gather=self.gather)
-        return F.barlow_twins_two_view(z, graph_or_z_b, lambd=self.lambd, eps=self.eps,
-                                       check_finite=self.check_finite, gather=self.gather)
+            return F.barlow_twins(
+                z, graph_or_z_b, lambd=self.lambd, eps=self.eps, check_finite=self.check_finite, gather=self.gather
+            )
+        return F.barlow_twins_two_view(
+            z, graph_or_z_b, lambd=self.lambd, eps=self.eps, check_finite=self.check_finite, gather=self.gather
+        )
 
     def extra_repr(self) -> str:
         return f"lambd={self.lambd}, eps={self.eps}"
@@ -167,8 +187,7 @@ class SpectralContrastiveLoss(nn.Module):
         >>> loss = palfast.nn.SpectralContrastiveLoss()(z_a, z_b)
     """
 
-    def __init__(self, check_finite: bool = False, negative_weight: float = 1.0,
-                 gather: bool | None = None):
+    def __init__(self, check_finite: bool = False, negative_weight: float = 1.0, gather: bool | None = None):
         super().__init__()
         self.negative_weight = negative_weight
         self.check_finite = check_finite
@@ -176,13 +195,16 @@ class SpectralContrastiveLoss(nn.Module):
 
     def forward(self, z: torch.Tensor, graph_or_z_b) -> torch.Tensor:
         if isinstance(graph_or_z_b, PairGraph):
-            return F.spectral_contrastive(z, graph_or_z_b, negative_weight=self.negative_weight,
-                                          check_finite=self.check_finite, gather=self.gather)
+            return F.spectral_contrastive(
+                z,
+                graph_or_z_b,
+                negative_weight=self.negative_weight,
+                check_finite=self.check_finite,
+                gather=self.gather,
+            )
         # unused by the two-view form, but a bad value is a bug either way
-        check_number("palfast.nn.SpectralContrastiveLoss", "negative_weight",
-                     self.negative_weight, 0.0)
-        return F.spectral_contrastive_two_view(z, graph_or_z_b, check_finite=self.check_finite,
-                                               gather=self.gather)
+        check_number("palfast.nn.SpectralContrastiveLoss", "negative_weight", self.negative_weight, 0.0)
+        return F.spectral_contrastive_two_view(z, graph_or_z_b, check_finite=self.check_finite, gather=self.gather)
 
     def extra_repr(self) -> str:
         return f"negative_weight={self.negative_weight}"
@@ -201,8 +223,7 @@ class VIC2Loss(nn.Module):
         >>> loss = palfast.nn.VIC2Loss(beta=1.0)(z_a, z_b)
     """
 
-    def __init__(self, beta: float = 1.0, n_views: int = 1, check_finite: bool = False,
-                 gather: bool | None = None):
+    def __init__(self, beta: float = 1.0, n_views: int = 1, check_finite: bool = False, gather: bool | None = None):
         super().__init__()
         self.beta, self.n_views, self.check_finite = beta, n_views, check_finite
         self.gather = gather
@@ -217,8 +238,7 @@ class VIC2Loss(nn.Module):
                 z, graph_or_z_b = gathered_views(z, graph_or_z_b)
             z, graph_or_z_b = stacked_views(z, graph_or_z_b, gather=False)
             n_views, gather = 2, False
-        return F.vic2(z, graph_or_z_b, beta=self.beta, n_views=n_views,
-                      check_finite=self.check_finite, gather=gather)
+        return F.vic2(z, graph_or_z_b, beta=self.beta, n_views=n_views, check_finite=self.check_finite, gather=gather)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, n_views={self.n_views}"
@@ -227,6 +247,7 @@ class VIC2Loss(nn.Module):
 # ------------------------------------------------------------ drop-in modules
 # The arguments and values of two libraries' losses of the same name, on info_nce's
 # kernel (docs/api.md, "Drop-in modules"; tests/losses/test_nn_dropin.py compares them).
+
 
 class NTXentLoss(nn.Module):
     r"""lightly's ``NTXentLoss`` (SimCLR's NT-Xent): ``NTXentLoss(temperature)(out0, out1)``.
@@ -255,18 +276,18 @@ class NTXentLoss(nn.Module):
         >>> loss = palfast.nn.NTXentLoss(temperature=0.5)(out0, out1)
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0,
-                 gather_distributed: bool = False):
+    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False):
         super().__init__()
         op = "palfast.nn.NTXentLoss"
         # checked here, as lightly does (temperature again by info_nce at each call)
         self.temperature = check_number(op, "temperature", temperature, 0.0, strict=True)
-        if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int) \
-                or memory_bank_size != 0:
-            raise ValueError(f"{op}: memory_bank_size must be 0 (the batch's other rows are "
-                             f"the negatives, as SimCLR), got {memory_bank_size!r}; palfast has "
-                             "no memory bank of past embeddings: use lightly's NTXentLoss for "
-                             "MoCo-style negatives")
+        if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, int) or memory_bank_size != 0:
+            raise ValueError(
+                f"{op}: memory_bank_size must be 0 (the batch's other rows are "
+                f"the negatives, as SimCLR), got {memory_bank_size!r}; palfast has "
+                "no memory bank of past embeddings: use lightly's NTXentLoss for "
+                "MoCo-style negatives"
+            )
         self.memory_bank_size = 0
         self.gather_distributed = check_bool(op, "gather_distributed", gather_distributed)
 
@@ -310,36 +331,39 @@ class SupConLoss(nn.Module):
         >>> loss = palfast.nn.SupConLoss(temperature=0.1)(z, y)
     """
 
-    def __init__(self, temperature: float = 0.1, *, gather: bool | None = False,
-                 check_finite: bool = False):
+    def __init__(self, temperature: float = 0.1, *, gather: bool | None = False, check_finite: bool = False):
         super().__init__()
         self.temperature, self.gather, self.check_finite = temperature, gather, check_finite
 
-    def forward(self, embeddings: torch.Tensor, labels=None, indices_tuple=None, ref_emb=None,
-                ref_labels=None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None
+    ) -> torch.Tensor:
         op = "palfast.nn.SupConLoss"
-        for name, value in (("indices_tuple", indices_tuple), ("ref_emb", ref_emb),
-                            ("ref_labels", ref_labels)):
+        for name, value in (("indices_tuple", indices_tuple), ("ref_emb", ref_emb), ("ref_labels", ref_labels)):
             if value is not None:
-                raise ValueError(f"{op}: {name} must be None (palfast's SupConLoss uses every "
-                                 f"pair of the batch, by labels), got {type(value).__name__}; "
-                                 "call it as loss(embeddings, labels)")
+                raise ValueError(
+                    f"{op}: {name} must be None (palfast's SupConLoss uses every "
+                    f"pair of the batch, by labels), got {type(value).__name__}; "
+                    "call it as loss(embeddings, labels)"
+                )
         check_tensor(op, "embeddings", embeddings, min_rows=1, dtypes=FLOAT_DTYPES)
-        check_finite_values(op, "embeddings", embeddings, check_bool(op, "check_finite",
-                                                                 self.check_finite))
+        check_finite_values(op, "embeddings", embeddings, check_bool(op, "check_finite", self.check_finite))
         temperature = check_number(op, "temperature", self.temperature, 0.0, strict=True)
         if labels is None:
-            raise TypeError(f"{op}: labels must be an [N] = [{embeddings.shape[0]}] integer "
-                            "tensor of class labels, got None")
+            raise TypeError(
+                f"{op}: labels must be an [N] = [{embeddings.shape[0]}] integer tensor of class labels, got None"
+            )
         y = as_long_vector(op, "labels", labels).to(embeddings.device)
         if y.shape != embeddings.shape[:1]:
-            raise ValueError(f"{op}: labels must be an [N] = [{embeddings.shape[0]}] vector, one "
-                             f"per row of embeddings, got shape {tuple(y.shape)}")
+            raise ValueError(
+                f"{op}: labels must be an [N] = [{embeddings.shape[0]}] vector, one "
+                f"per row of embeddings, got shape {tuple(y.shape)}"
+            )
         gather = check_gather(op, self.gather)
-        classes = torch.unique(_dist.gather_rows_no_grad(y) if gather else y,
-                               return_inverse=True)[1]
-        rows = F.info_nce(embeddings, PairGraph.from_labels(classes),
-                          temperature=temperature, reduction="none", gather=gather)
+        classes = torch.unique(_dist.gather_rows_no_grad(y) if gather else y, return_inverse=True)[1]
+        rows = F.info_nce(
+            embeddings, PairGraph.from_labels(classes), temperature=temperature, reduction="none", gather=gather
+        )
         rows = rows.double() if rows.dtype == torch.float64 else rows.float()
         kept = rows > 0  # pytorch-metric-learning's AvgNonZeroReducer
         total, count = torch.where(kept, rows, torch.zeros_like(rows)).sum(), kept.sum()

@@ -14,8 +14,16 @@ import torch.nn.functional as F
 
 from .graph import PairGraph
 
-__all__ = ["info_nce", "reduce_rows", "vicreg", "barlow_twins", "spectral_contrastive", "vic2",
-           "vicreg_two_view_official", "barlow_twins_two_view_official"]
+__all__ = [
+    "info_nce",
+    "reduce_rows",
+    "vicreg",
+    "barlow_twins",
+    "spectral_contrastive",
+    "vic2",
+    "vicreg_two_view_official",
+    "barlow_twins_two_view_official",
+]
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -34,9 +42,15 @@ def _dense_negatives(graph: PairGraph, like: torch.Tensor) -> torch.Tensor:
     return graph.negatives.to_dense(torch.float64).to(device=like.device, dtype=like.dtype)
 
 
-def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
-             normalize: bool = True, reduction: str = "mean",
-             unknown_weight: float = 1.0) -> torch.Tensor:
+def info_nce(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    reduction: str = "mean",
+    unknown_weight: float = 1.0,
+) -> torch.Tensor:
     """docs/api.md:  ℓ_i = −(1/W_i) Σ_{j≠i} w_ij [s_ij − log Σ_{k≠i} ω_ik exp(s_ik)]  for W_i > 0,
     ω_ik = 1 when k is a positive or a known negative of i (w_ik > 0 or w⁻_ik > 0), else
     λ = ``unknown_weight``."""
@@ -67,8 +81,15 @@ def _pairwise_sq_dist(z: torch.Tensor) -> torch.Tensor:
     return (z[:, None, :] - z[None, :, :]).square().sum(-1)
 
 
-def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
-           std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+def vicreg(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
     """docs/api.md: sim·Σ w‖z_i − z_j‖²/(D|G|) + std·(1/D)Σ relu(1 − sqrt(Var_k + eps))
     + cov·(1/D)Σ_{k≠l} C_kl², C = (z − z̄)ᵀ(z − z̄)/(N − 1); inv = 0 when |G| = 0."""
     n, d = z.shape
@@ -82,8 +103,7 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
     return sim_coeff * inv + std_coeff * var + cov_coeff * cov
 
 
-def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3,
-                 eps: float = 1e-5) -> torch.Tensor:
+def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5) -> torch.Tensor:
     """docs/api.md: ẑ = (z − mean)/sqrt(biased var + eps), C = ẑᵀGẑ/|G| (0 when |G| = 0),
     Σ_k (1 − C_kk)² + λ Σ_{k≠l} C_kl²."""
     zhat = (z - z.mean(0)) / torch.sqrt(z.var(0, correction=0) + eps)
@@ -95,8 +115,7 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3,
     return on + lambd * off
 
 
-def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *,
-                         negative_weight: float = 1.0) -> torch.Tensor:
+def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: float = 1.0) -> torch.Tensor:
     """docs/api.md: −(2/|G|) Σ w_ij⟨z_i, z_j⟩ + (1/(N(N−1))) Σ_{i≠j}⟨z_i, z_j⟩²
     (each term 0 when |G| = 0, resp. N = 1), with the signed w = w⁺ − β w⁻ and
     |G| = Σ|w| = |G⁺| + β|G⁻| when the graph has known negatives (β = negative_weight)."""
@@ -135,8 +154,9 @@ def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
     return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
 
 
-def vicreg_two_view_official(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0,
-                             std_coeff: float = 25.0, cov_coeff: float = 1.0) -> torch.Tensor:
+def vicreg_two_view_official(
+    z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0
+) -> torch.Tensor:
     """VICReg on two views as in Bardes et al. (2022), Algorithm 1, and
     facebookresearch/vicreg (main_vicreg.py, ``VICReg.forward``): per-view variance
     (eps 1e-4) and covariance, mse invariance."""
@@ -153,8 +173,7 @@ def vicreg_two_view_official(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff:
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
 
 
-def barlow_twins_two_view_official(z_a: torch.Tensor, z_b: torch.Tensor, *,
-                                   lambd: float = 5e-3) -> torch.Tensor:
+def barlow_twins_two_view_official(z_a: torch.Tensor, z_b: torch.Tensor, *, lambd: float = 5e-3) -> torch.Tensor:
     """Barlow Twins on two views as in Zbontar et al. (2021), Algorithm 1, and
     facebookresearch/barlowtwins (main.py, ``BarlowTwins.forward``): each view through
     BatchNorm1d(affine=False), C = bn(z_a)ᵀ bn(z_b)/N, Σ (C_kk − 1)² + λ Σ_{k≠l} C_kl²."""

@@ -26,13 +26,28 @@ import torch
 import palfast
 from palfast.benchmarks.harness import deterministic_algorithms
 
-__all__ = ["ATOMIC_NONDET_TOL", "INFO_NCE_ROWS_FLOOR", "KINDS", "LOSSES", "ROUNDING_MULTIPLE",
-           "assert_compile_matches_eager", "assert_constant_with_zero_gradient",
-           "assert_float32_close_to_float64", "assert_gradcheck_every_kind",
-           "assert_matches_float64", "assert_nan_propagates_unless_checked",
-           "assert_rounding_close", "assert_rows_match_float64", "assert_two_views_match",
-           "assert_within_rounding_error", "deterministic_algorithms", "info_nce_cond",
-           "info_nce_grad_floor", "values_and_grads", "views_graph"]
+__all__ = [
+    "ATOMIC_NONDET_TOL",
+    "INFO_NCE_ROWS_FLOOR",
+    "KINDS",
+    "LOSSES",
+    "ROUNDING_MULTIPLE",
+    "assert_compile_matches_eager",
+    "assert_constant_with_zero_gradient",
+    "assert_float32_close_to_float64",
+    "assert_gradcheck_every_kind",
+    "assert_matches_float64",
+    "assert_nan_propagates_unless_checked",
+    "assert_rounding_close",
+    "assert_rows_match_float64",
+    "assert_two_views_match",
+    "assert_within_rounding_error",
+    "deterministic_algorithms",
+    "info_nce_cond",
+    "info_nce_grad_floor",
+    "values_and_grads",
+    "views_graph",
+]
 
 # gradcheck's nondet_tol for ops whose CUDA backward adds with float atomics in a
 # varying order (docs/cuda.md, "Determinism"): two float64 passes on the same input
@@ -135,12 +150,13 @@ def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="resul
     err = (got.detach().double() - exact).abs().max().item() if exact.numel() else 0.0
     scale = max(exact.abs().max().item() if exact.numel() else 0.0, floor)
     bound = ROUNDING_MULTIPLE * torch.finfo(dtype).eps * cond * scale
-    assert err <= bound, (f"{what}: error {err:.3g} > bound {bound:.3g} = {ROUNDING_MULTIPLE:g} * "
-                          f"eps({dtype}) * cond {cond:.3g} * scale {scale:.3g}")
+    assert err <= bound, (
+        f"{what}: error {err:.3g} > bound {bound:.3g} = {ROUNDING_MULTIPLE:g} * "
+        f"eps({dtype}) * cond {cond:.3g} * scale {scale:.3g}"
+    )
 
 
-def assert_within_rounding_error(kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0,
-                                 grad_floor=0.0, **kw):
+def assert_within_rounding_error(kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0, grad_floor=0.0, **kw):
     """The low-precision rule every loss is held to (tests/losses/test_loss_contract.py): the
     kernel runs on z64 rounded to `dtype`; its forward and gradient (outputs may be
     scalars or per-row, summed for backward) are judged by assert_rounding_close

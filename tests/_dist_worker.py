@@ -19,20 +19,18 @@ def _graphs(n):
     return {
         "views": palfast.PairGraph.from_views(n // 2, 2),
         "labels": palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen)),
-        "edges": palfast.PairGraph.from_edges(src, dst, torch.rand(2 * n, generator=gen),
-                                              num_nodes=n, symmetric=False),
+        "edges": palfast.PairGraph.from_edges(src, dst, torch.rand(2 * n, generator=gen), num_nodes=n, symmetric=False),
         # known negatives between neighbouring rows (never two views of one image)
         "signed": palfast.PairGraph.from_views(n // 2, 2).with_negatives(
-            palfast.PairGraph.from_edges(torch.arange(n), (torch.arange(n) + 1) % n,
-                                         num_nodes=n)),
+            palfast.PairGraph.from_edges(torch.arange(n), (torch.arange(n) + 1) % n, num_nodes=n)
+        ),
     }
 
 
 def _losses():
     return {
         "info_nce": lambda z, g: palfast.info_nce(z, g, temperature=0.3),
-        "info_nce_unknown": lambda z, g: palfast.info_nce(z, g, temperature=0.3,
-                                                          unknown_weight=0.3),
+        "info_nce_unknown": lambda z, g: palfast.info_nce(z, g, temperature=0.3, unknown_weight=0.3),
         "vicreg": lambda z, g: palfast.vicreg(z, g),
         "barlow_twins": lambda z, g: palfast.barlow_twins(z, g),
         "spectral_contrastive": lambda z, g: palfast.spectral_contrastive(z, g),
@@ -75,22 +73,23 @@ def _run_two_views(model, x_a, x_b, loss_fn):
 
 def _worker(rank, world, counts, out_dir):
     # File rendezvous: no free-port probing, which can race with other sockets.
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world
+    )
     torch.manual_seed(0)
     n = sum(counts)
     x = torch.randn(n, N_IN, dtype=torch.float64)
     model = torch.nn.Linear(N_IN, D).double()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     begin = sum(counts[:rank])
-    mine = x[begin: begin + counts[rank]]
+    mine = x[begin : begin + counts[rank]]
     out = {}
     x_b = torch.randn(n, N_IN, dtype=torch.float64)  # the second view of the n images
     for lname, fn in _two_view_losses().items():
-        out[("two_views", lname)] = _run_two_views(ddp, mine, x_b[begin: begin + counts[rank]],
-                                                   fn)
-    out["SupConLoss"] = _run(ddp, mine, _labels(n)[begin: begin + counts[rank]],
-                             palfast.nn.SupConLoss(temperature=0.3, gather=True))
+        out[("two_views", lname)] = _run_two_views(ddp, mine, x_b[begin : begin + counts[rank]], fn)
+    out["SupConLoss"] = _run(
+        ddp, mine, _labels(n)[begin : begin + counts[rank]], palfast.nn.SupConLoss(temperature=0.3, gather=True)
+    )
     for gname, g in _graphs(n).items():
         for lname, fn in _losses().items():
             out[(gname, lname)] = _run(ddp, mine, g, fn)
@@ -113,10 +112,12 @@ def candidate_cases(have_faiss: bool) -> dict:
     """The searches the sharded candidate test runs: name -> keyword arguments."""
     cases = {"exact_torch": dict(k=10, backend="torch", index="exact")}
     if have_faiss:
-        cases.update(exact_faiss=dict(k=10, backend="faiss", index="exact"),
-                     # every list scanned: an exhaustive search through the IVF code
-                     ivf_all_lists=dict(k=10, index="ivf", nlist=2, nprobe=2),
-                     ivf=dict(k=10, index="ivf"))
+        cases.update(
+            exact_faiss=dict(k=10, backend="faiss", index="exact"),
+            # every list scanned: an exhaustive search through the IVF code
+            ivf_all_lists=dict(k=10, index="ivf", nlist=2, nprobe=2),
+            ivf=dict(k=10, index="ivf"),
+        )
     return cases
 
 
@@ -125,8 +126,7 @@ def candidate_pool(n: int) -> torch.Tensor:
     has real work to do."""
     g = torch.Generator().manual_seed(2)
     y = torch.randint(0, max(2, n // 50), (n,), generator=g)
-    return torch.randn(max(2, n // 50), CANDIDATE_D, generator=g)[y] \
-        + 0.6 * torch.randn(n, CANDIDATE_D, generator=g)
+    return torch.randn(max(2, n // 50), CANDIDATE_D, generator=g)[y] + 0.6 * torch.randn(n, CANDIDATE_D, generator=g)
 
 
 def candidate_store():
@@ -137,21 +137,20 @@ def candidate_store():
 
 
 def _candidates_worker(rank, world, counts, out_dir, have_faiss):
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world
+    )
     palfast.knn.CHUNK_BYTES = CANDIDATE_CHUNK_BYTES
     x = candidate_pool(sum(counts))
     begin = sum(counts[:rank])
-    mine = x[begin: begin + counts[rank]]
+    mine = x[begin : begin + counts[rank]]
     store = candidate_store() if rank == 0 else None
     search = palfast.active.distributed.candidate_pairs
     out = {name: search(mine, store=store, **kw) for name, kw in candidate_cases(have_faiss).items()}
     # Bad input on one rank (or for one shard) must raise on every rank, not hang the others.
-    bad = {"nan_on_rank_1": lambda: search(mine * float("nan") if rank == 1 else mine, k=10,
-                                           backend="torch")}
+    bad = {"nan_on_rank_1": lambda: search(mine * float("nan") if rank == 1 else mine, k=10, backend="torch")}
     if have_faiss:
-        bad["nlist_over_rank_0_rows"] = lambda: search(mine, k=10, index="ivf",
-                                                       nlist=counts[0] + 1)
+        bad["nlist_over_rank_0_rows"] = lambda: search(mine, k=10, index="ivf", nlist=counts[0] + 1)
     out["errors"] = {}
     for name, call in bad.items():
         try:

@@ -37,8 +37,7 @@ def missing() -> str | None:
     if os.environ.get(ENV):
         return None
     if _bin("initdb") is None or _bin("pg_ctl") is None:
-        return (f"PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql), "
-                f"and {ENV} names no server")
+        return f"PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql), and {ENV} names no server"
     if os.geteuid() == 0 and _user() is None:
         return "running as root, and no 'postgres' or 'nobody' user to run the server as"
     return None
@@ -79,19 +78,23 @@ class Server:
             os.chown(self.folder, user.pw_uid, user.pw_gid)
             self._as = {"user": user.pw_uid, "group": user.pw_gid}
         data = os.path.join(self.folder, "data")
-        self._run(_bin("initdb"), "-D", data, "-U", "palfast", "--auth=trust", "-E", "UTF8",
-                  "--no-sync")
+        self._run(_bin("initdb"), "-D", data, "-U", "palfast", "--auth=trust", "-E", "UTF8", "--no-sync")
         self._ctl = [_bin("pg_ctl"), "-D", data, "-t", str(_PG_CTL_WAIT)]
         # The server's output goes to the log file: were it left on pg_ctl's stdout (our
         # pipe), _run would wait for the server to exit.
-        self._options = ["-l", os.path.join(self.folder, "log"), "-o",
-                         f"-c listen_addresses='' -c unix_socket_directories='{self.folder}'"]
+        self._options = [
+            "-l",
+            os.path.join(self.folder, "log"),
+            "-o",
+            f"-c listen_addresses='' -c unix_socket_directories='{self.folder}'",
+        ]
         self._run(*self._ctl, "-w", *self._options, "start")
         self.running = True
 
     def _run(self, *cmd: str) -> None:
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=self.folder,
-                              timeout=_PG_CTL_WAIT + 30, **self._as)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=self.folder, timeout=_PG_CTL_WAIT + 30, **self._as
+        )
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
 
@@ -132,4 +135,5 @@ def new_database(admin: str) -> tuple[str, callable]:
     def drop() -> None:
         with psycopg.connect(admin, autocommit=True) as db:
             db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
     return url, drop

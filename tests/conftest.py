@@ -59,8 +59,7 @@ def postgres_server():
 
     why = _postgres.missing()
     if why and _postgres.required():
-        pytest.fail(f"{_postgres.REQUIRED_ENV} is set and there is no PostgreSQL for the "
-                    f"RelationStore tests: {why}")
+        pytest.fail(f"{_postgres.REQUIRED_ENV} is set and there is no PostgreSQL for the RelationStore tests: {why}")
     if why:
         pytest.skip(f"no PostgreSQL for the RelationStore tests: {why}")
     server = None if os.environ.get(_postgres.ENV) else _postgres.Server()

@@ -28,21 +28,19 @@ def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
     x = torch.randn(n, N_IN, dtype=torch.float64)
     model = torch.nn.Linear(N_IN, D).double()
     x_b = torch.randn(n, N_IN, dtype=torch.float64)
-    wants = {(gname, lname): _run(model, x, g, fn)
-             for gname, g in _graphs(n).items() for lname, fn in _losses().items()}
+    wants = {
+        (gname, lname): _run(model, x, g, fn) for gname, g in _graphs(n).items() for lname, fn in _losses().items()
+    }
     # The modules' two-view form (each rank passes its own z_a, z_b) and the drop-ins:
     # the single-process loss of the global batch too.
-    wants.update({("two_views", lname): _run_two_views(model, x, x_b, fn)
-                  for lname, fn in _two_view_losses().items()})
+    wants.update({("two_views", lname): _run_two_views(model, x, x_b, fn) for lname, fn in _two_view_losses().items()})
     wants["SupConLoss"] = _run(model, x, _labels(n), palfast.nn.SupConLoss(temperature=0.3))
     for key, (want_loss, want_grads) in wants.items():
         for rank in range(2):
             loss, grads = results[rank][key]
-            torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-9,
-                                       msg=f"{key} loss on rank {rank}")
+            torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-9, msg=f"{key} loss on rank {rank}")
             for got, want in zip(grads, want_grads):
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9,
-                                           msg=f"{key} grad on rank {rank}")
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=f"{key} grad on rank {rank}")
     want_pairs, want_sims = palfast.active.candidate_pairs(x * 3.0, k=4, backend="torch")
     for rank in range(2):
         pairs, sims = results[rank]["candidates"]
@@ -52,6 +50,7 @@ def test_two_gloo_ranks_match_single_process(counts, tmp_path, monkeypatch):
 
 try:
     import faiss  # noqa: F401
+
     HAVE_FAISS = True
 except ImportError:
     HAVE_FAISS = False
@@ -59,9 +58,13 @@ except ImportError:
 MIN_RECALL = 0.95
 
 
-@pytest.mark.parametrize("counts", [
-    (4, 296),  # rank 0 holds fewer rows than k + 1
-    pytest.param((1100, 1900), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        (4, 296),  # rank 0 holds fewer rows than k + 1
+        pytest.param((1100, 1900), marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.slow
 def test_sharded_candidate_pairs_match_single_process(counts, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

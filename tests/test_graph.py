@@ -76,23 +76,26 @@ def test_to_device_keeps_everything():
     assert h.label_weights == (2.0,) and torch.equal(h.to_dense(), g.to_dense())
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: PairGraph.from_views(0, 2), "n must satisfy 1 <= n"),
-    (lambda: PairGraph.from_views(3, 0), "n_views must satisfy 1 <= n_views"),
-    (lambda: PairGraph.from_labels(torch.tensor([0, -2])), "labels must be >= -1"),
-    (lambda: PairGraph.from_labels(torch.zeros(2, 2, dtype=torch.long)), "labels must be a 1-D"),
-    (lambda: PairGraph.from_labels(torch.rand(3)), "labels must hold integers"),
-    (lambda: PairGraph.from_edges([0], [4], num_nodes=4), r"dst must be in \[0, num_nodes=4\)"),
-    (lambda: PairGraph.from_edges([-1], [0], num_nodes=4), "src must be in"),
-    (lambda: PairGraph.from_edges([0, 1], [1], num_nodes=4), "same length"),
-    (lambda: PairGraph.from_edges([0], [1], [-1.0], num_nodes=4), "weights must be >= 0"),
-    (lambda: PairGraph.from_edges([0], [1], [float("inf")], num_nodes=4), "weights must be finite"),
-    (lambda: PairGraph.from_edges([0], [1], [1.0, 2.0], num_nodes=4), "weights must have shape"),
-    (lambda: PairGraph.from_dense(torch.ones(2, 3)), "W must be a square"),
-    (lambda: PairGraph.from_dense(torch.tensor([[0, float("nan")], [0, 0]])), "W must be finite"),
-    (lambda: -1 * PairGraph.from_views(2, 2), "scale must be a finite number >= 0"),
-    (lambda: PairGraph.from_views(2, 2) + PairGraph.from_views(3, 2), "cannot add graphs"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: PairGraph.from_views(0, 2), "n must satisfy 1 <= n"),
+        (lambda: PairGraph.from_views(3, 0), "n_views must satisfy 1 <= n_views"),
+        (lambda: PairGraph.from_labels(torch.tensor([0, -2])), "labels must be >= -1"),
+        (lambda: PairGraph.from_labels(torch.zeros(2, 2, dtype=torch.long)), "labels must be a 1-D"),
+        (lambda: PairGraph.from_labels(torch.rand(3)), "labels must hold integers"),
+        (lambda: PairGraph.from_edges([0], [4], num_nodes=4), r"dst must be in \[0, num_nodes=4\)"),
+        (lambda: PairGraph.from_edges([-1], [0], num_nodes=4), "src must be in"),
+        (lambda: PairGraph.from_edges([0, 1], [1], num_nodes=4), "same length"),
+        (lambda: PairGraph.from_edges([0], [1], [-1.0], num_nodes=4), "weights must be >= 0"),
+        (lambda: PairGraph.from_edges([0], [1], [float("inf")], num_nodes=4), "weights must be finite"),
+        (lambda: PairGraph.from_edges([0], [1], [1.0, 2.0], num_nodes=4), "weights must have shape"),
+        (lambda: PairGraph.from_dense(torch.ones(2, 3)), "W must be a square"),
+        (lambda: PairGraph.from_dense(torch.tensor([[0, float("nan")], [0, 0]])), "W must be finite"),
+        (lambda: -1 * PairGraph.from_views(2, 2), "scale must be a finite number >= 0"),
+        (lambda: PairGraph.from_views(2, 2) + PairGraph.from_views(3, 2), "cannot add graphs"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -106,8 +109,7 @@ def _known_pairs_brute_force(g: PairGraph, anchor: torch.Tensor) -> list[tuple[i
     if g.negatives is not None:
         known |= g.negatives.to_dense(torch.float64) > 0
     n = g.num_nodes
-    return [(i, k) for i in range(n) for k in range(n)
-            if i != k and bool(anchor[i]) and bool(known[i, k])]
+    return [(i, k) for i in range(n) for k in range(n) if i != k and bool(anchor[i]) and bool(known[i, k])]
 
 
 def _with_negative_edges(g: PairGraph, seed: int) -> PairGraph:
@@ -117,8 +119,7 @@ def _with_negative_edges(g: PairGraph, seed: int) -> PairGraph:
     pick = (torch.rand(g.num_nodes, g.num_nodes, generator=gen) < 0.2) & (w == 0) & (w.T == 0)
     pick.fill_diagonal_(False)
     src, dst = pick.nonzero(as_tuple=True)
-    return g.with_negatives(PairGraph.from_edges(src, dst, num_nodes=g.num_nodes,
-                                                 symmetric=bool(seed % 2)))
+    return g.with_negatives(PairGraph.from_edges(src, dst, num_nodes=g.num_nodes, symmetric=bool(seed % 2)))
 
 
 @pytest.mark.parametrize("kind", ["views", "labels", "edges", "dense", "semi"])
@@ -129,14 +130,16 @@ def test_known_pairs_match_brute_force(graph_factory, kind, n, negatives):
     if negatives:
         g = _with_negative_edges(g, seed=n)
     gen = torch.Generator().manual_seed(n + 1)
-    for anchor in (torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool),
-                   torch.rand(n, generator=gen) < 0.5):
+    for anchor in (
+        torch.ones(n, dtype=torch.bool),
+        torch.zeros(n, dtype=torch.bool),
+        torch.rand(n, generator=gen) < 0.5,
+    ):
         rows, cols = g.known_pairs(anchor)
         assert rows.dtype == cols.dtype == torch.long
         assert list(zip(rows.tolist(), cols.tolist())) == _known_pairs_brute_force(g, anchor)
     rows, cols = g.known_pairs()  # default: every row is an anchor
-    assert list(zip(rows.tolist(), cols.tolist())) == _known_pairs_brute_force(
-        g, torch.ones(n, dtype=torch.bool))
+    assert list(zip(rows.tolist(), cols.tolist())) == _known_pairs_brute_force(g, torch.ones(n, dtype=torch.bool))
 
 
 def test_known_pairs_of_label_sets_and_label_negatives():
@@ -150,11 +153,14 @@ def test_known_pairs_of_label_sets_and_label_negatives():
     assert (0, 2) not in zip(rows.tolist(), cols.tolist())  # shared class, but weight 0
 
 
-@pytest.mark.parametrize("anchor,match", [
-    (torch.ones(3, dtype=torch.bool), r"anchor must be a bool tensor of shape \[4\]"),
-    (torch.ones(4), "anchor must be a bool tensor of shape .* got torch.float32"),
-    ([True] * 4, "anchor must be a bool tensor .* got list"),
-])
+@pytest.mark.parametrize(
+    "anchor,match",
+    [
+        (torch.ones(3, dtype=torch.bool), r"anchor must be a bool tensor of shape \[4\]"),
+        (torch.ones(4), "anchor must be a bool tensor of shape .* got torch.float32"),
+        ([True] * 4, "anchor must be a bool tensor .* got list"),
+    ],
+)
 def test_known_pairs_refuses_a_bad_anchor(anchor, match):
     with pytest.raises(TypeError, match=f"PairGraph.known_pairs: {match}"):
         PairGraph.from_views(2, 2).known_pairs(anchor)

@@ -23,21 +23,26 @@ CHANGED = r"graph must not be changed after it is built, got changes to graph\."
 
 def _graph():
     """Directed edges (two CSR sides) plus a label set, over 8 rows."""
-    e = PairGraph.from_edges([0, 1, 2, 5], [1, 2, 0, 6], [1.0, 2.0, 0.5, 1.0], num_nodes=8,
-                             symmetric=False)
+    e = PairGraph.from_edges([0, 1, 2, 5], [1, 2, 0, 6], [1.0, 2.0, 0.5, 1.0], num_nodes=8, symmetric=False)
     return e + PairGraph.from_labels(torch.arange(8) % 3)
 
 
 def _neg_graph():
-    return PairGraph.from_views(4, 2).with_negatives(
-        PairGraph.from_edges([0, 1], [2, 3], num_nodes=8))
+    return PairGraph.from_views(4, 2).with_negatives(PairGraph.from_edges([0, 1], [2, 3], num_nodes=8))
 
 
 # ---------------------------------------------------------------------- inference mode
 def _every_kind_of_graph():
     g = _graph()
-    return [PairGraph.from_views(4, 2), PairGraph.from_labels(torch.tensor([0, 0, 1, -1] * 2)),
-            g, 0.5 * g, g.to("cpu"), _neg_graph(), PairGraph.from_dense(g.to_dense())]
+    return [
+        PairGraph.from_views(4, 2),
+        PairGraph.from_labels(torch.tensor([0, 0, 1, -1] * 2)),
+        g,
+        0.5 * g,
+        g.to("cpu"),
+        _neg_graph(),
+        PairGraph.from_dense(g.to_dense()),
+    ]
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -104,25 +109,31 @@ def test_replaced_directed_graph_gets_its_transpose():
     torch.testing.assert_close(palfast.info_nce(z, h), want)
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda g: dict(indices=g.indices + 100), r"PairGraph: indices must be in \[0, num_nodes = 8\)"),
-    (lambda g: dict(indices=g.indices.flip(0)),
-     "PairGraph: indices must be increasing within each row"),
-    (lambda g: dict(weights=-g.weights), "PairGraph: weights must be >= 0"),
-    (lambda g: dict(weights=g.weights.double()), "PairGraph: weights must be float32"),
-    (lambda g: dict(weights=g.weights[:2]), r"PairGraph: weights must have shape \(4,\)"),
-    (lambda g: dict(indptr=g.indptr.flip(0)), "PairGraph: indptr must start at 0"),
-    (lambda g: dict(label_classes=(2,)), r"PairGraph: labels\[0\] must hold class ids in "
-                                         r"\[-1, label_classes\[0\] = 2\)"),
-    (lambda g: dict(label_weights=(1.0, 2.0)), "PairGraph: label_weights must have one weight"),
-    (lambda g: dict(label_weights=(-1.0,)), r"PairGraph: label_weights\[0\] must be a finite"),
-    (lambda g: dict(labels=g.labels[:, :4]), r"PairGraph: labels must have shape \[L, 8\]"),
-    (lambda g: dict(num_nodes=7), r"PairGraph: indptr must have shape \[num_nodes \+ 1\]"),
-    (lambda g: dict(weights=g.weights.clone().requires_grad_()),
-     "PairGraph: weights must not require grad"),
-    (lambda g: dict(negatives=PairGraph.from_edges([0], [3], num_nodes=8)),
-     "negatives must not contain a positive pair"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda g: dict(indices=g.indices + 100), r"PairGraph: indices must be in \[0, num_nodes = 8\)"),
+        (lambda g: dict(indices=g.indices.flip(0)), "PairGraph: indices must be increasing within each row"),
+        (lambda g: dict(weights=-g.weights), "PairGraph: weights must be >= 0"),
+        (lambda g: dict(weights=g.weights.double()), "PairGraph: weights must be float32"),
+        (lambda g: dict(weights=g.weights[:2]), r"PairGraph: weights must have shape \(4,\)"),
+        (lambda g: dict(indptr=g.indptr.flip(0)), "PairGraph: indptr must start at 0"),
+        (
+            lambda g: dict(label_classes=(2,)),
+            r"PairGraph: labels\[0\] must hold class ids in "
+            r"\[-1, label_classes\[0\] = 2\)",
+        ),
+        (lambda g: dict(label_weights=(1.0, 2.0)), "PairGraph: label_weights must have one weight"),
+        (lambda g: dict(label_weights=(-1.0,)), r"PairGraph: label_weights\[0\] must be a finite"),
+        (lambda g: dict(labels=g.labels[:, :4]), r"PairGraph: labels must have shape \[L, 8\]"),
+        (lambda g: dict(num_nodes=7), r"PairGraph: indptr must have shape \[num_nodes \+ 1\]"),
+        (lambda g: dict(weights=g.weights.clone().requires_grad_()), "PairGraph: weights must not require grad"),
+        (
+            lambda g: dict(negatives=PairGraph.from_edges([0], [3], num_nodes=8)),
+            "negatives must not contain a positive pair",
+        ),
+    ],
+)
 def test_replace_with_bad_fields_is_refused_at_once(change, match):
     g = _graph()
     with pytest.raises((ValueError, TypeError), match=match):
@@ -145,12 +156,17 @@ def _setattr_pos_weight(g):
     object.__setattr__(g, "pos_weight", 2 * g.pos_weight)
 
 
-@pytest.mark.parametrize("change,field", [
-    (_through_data, "weights"), (_through_numpy, "weights"), (_setattr_tensor, "weights"),
-    (_setattr_pos_weight, "pos_weight"),
-    (lambda g: g.t_indices.data.fill_(0), "t_indices"),
-    (lambda g: g.labels.numpy().__setitem__((0, 0), 1), "labels"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (_through_data, "weights"),
+        (_through_numpy, "weights"),
+        (_setattr_tensor, "weights"),
+        (_setattr_pos_weight, "pos_weight"),
+        (lambda g: g.t_indices.data.fill_(0), "t_indices"),
+        (lambda g: g.labels.numpy().__setitem__((0, 0), 1), "labels"),
+    ],
+)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_changes_that_bypass_version_counters_are_refused(change, field, loss):
     g = _graph()
@@ -159,9 +175,10 @@ def test_changes_that_bypass_version_counters_are_refused(change, field, loss):
         LOSSES[loss](torch.randn(8, 4), g)
 
 
-@pytest.mark.parametrize("name,value", [("num_anchors", 0), ("total_weight", 1.0),
-                                        ("label_weights", (3.0,)), ("symmetric", True),
-                                        ("num_nodes", 8)])
+@pytest.mark.parametrize(
+    "name,value",
+    [("num_anchors", 0), ("total_weight", 1.0), ("label_weights", (3.0,)), ("symmetric", True), ("num_nodes", 8)],
+)
 def test_scalar_fields_set_behind_the_graphs_back_are_refused(name, value):
     g = _graph()
     object.__setattr__(g, name, value if name != "num_nodes" else g.num_nodes)
@@ -169,17 +186,23 @@ def test_scalar_fields_set_behind_the_graphs_back_are_refused(name, value):
     if name == "num_nodes":  # unchanged value: still the graph it was built as
         palfast.info_nce(z, g)
         return
-    with pytest.raises(ValueError, match=rf"palfast.info_nce: graph must not be changed after "
-                                         rf"it is built, got changes to graph.{name}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"palfast.info_nce: graph must not be changed after "
+        rf"it is built, got changes to graph.{name}",
+    ):
         palfast.info_nce(z, g)
 
 
 def test_negatives_changed_behind_the_graphs_back_are_refused():
     g = _neg_graph()
     g.negatives.indices.data[0] = 2**40
-    with pytest.raises(ValueError, match=r"palfast.info_nce: graph.negatives must not be changed "
-                                         r"after it is built, got changes to "
-                                         r"graph.negatives.indices"):
+    with pytest.raises(
+        ValueError,
+        match=r"palfast.info_nce: graph.negatives must not be changed "
+        r"after it is built, got changes to "
+        r"graph.negatives.indices",
+    ):
         palfast.info_nce(torch.randn(8, 4), g, unknown_weight=0.5)
     g = _neg_graph()
     object.__setattr__(g, "negatives", PairGraph.from_edges([0], [4], num_nodes=8))
@@ -192,15 +215,21 @@ def test_copies_and_pickles_are_not_taken_for_changed_graphs():
     g.indices.add_(0)  # an in-place op that changes nothing
     z = torch.randn(8, 4)
     want = palfast.info_nce(z, g)
-    for h in (copy.deepcopy(g), copy.copy(g), pickle.loads(pickle.dumps(g)), g.to("cpu"),
-              pickle.loads(pickle.dumps(_neg_graph()))):
+    for h in (
+        copy.deepcopy(g),
+        copy.copy(g),
+        pickle.loads(pickle.dumps(g)),
+        g.to("cpu"),
+        pickle.loads(pickle.dumps(_neg_graph())),
+    ):
         palfast.info_nce(z, h)
     torch.testing.assert_close(palfast.info_nce(z, pickle.loads(pickle.dumps(g))), want)
 
 
 # ------------------------------------------------------------------------ torch.compile
-@pytest.mark.parametrize("change", [lambda g: g.pos_weight.mul_(2), _through_data, _through_numpy,
-                                    lambda g: g.labels.fill_(0)])
+@pytest.mark.parametrize(
+    "change", [lambda g: g.pos_weight.mul_(2), _through_data, _through_numpy, lambda g: g.labels.fill_(0)]
+)
 @pytest.mark.slow
 def test_compiled_losses_refuse_a_changed_graph(change):
     torch._dynamo.reset()
@@ -215,8 +244,10 @@ def test_compiled_losses_refuse_a_changed_graph(change):
 
 # Inductor compiles the graph it generates with the host C++ compiler; CI's wheel job
 # runs the tests where no compiler exists (.ci/run, job 3).
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile's inductor backend needs a C++ compiler")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile's inductor backend needs a C++ compiler",
+)
 @pytest.mark.slow
 def test_compiled_losses_refuse_a_changed_graph_with_inductor():
     torch._dynamo.reset()

@@ -11,8 +11,7 @@ import torch
 from palfast import knn as knn_mod
 from palfast.knn import knn
 
-needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
-                                 reason="faiss is not installed")
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is not installed")
 
 #: Recall@10 that an approximate index must reach against exact search.
 MIN_RECALL = 0.95
@@ -69,7 +68,7 @@ def test_auto_is_exact_below_the_threshold_and_ivf_above(monkeypatch):
     assert torch.equal(knn(x, 10, index="auto")[1], exact[1])
     assert knn_mod.resolve_index("op", "auto", "faiss", knn_mod.AUTO_EXACT_MAX_ROWS) == "exact"
     assert knn_mod.resolve_index("op", "auto", "faiss", knn_mod.AUTO_EXACT_MAX_ROWS + 1) == "ivf"
-    assert knn_mod.resolve_index("op", "auto", "torch", 10 ** 9) == "exact"
+    assert knn_mod.resolve_index("op", "auto", "torch", 10**9) == "exact"
 
 
 @pytest.mark.parametrize("index", [pytest.param("ivf", marks=needs_faiss), "ivf-join"])
@@ -87,26 +86,29 @@ def test_missing_neighbours_are_marked(index):
 
 @needs_faiss
 def test_default_nlist():
-    assert knn_mod.default_nlist(10 ** 6) == 4000
+    assert knn_mod.default_nlist(10**6) == 4000
     assert knn_mod.default_nlist(100) == 2  # at least 39 training rows per list
     assert knn_mod.default_nlist(5) == 1
 
 
 @needs_faiss
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"index": "ivf", "nlist": 10, "nprobe": 11}, ValueError, "nprobe must be <= nlist = 10"),
-    ({"index": "ivf", "nlist": 501}, ValueError, "nlist must be <= N = 500"),
-    ({"index": "ivf", "nlist": 0}, ValueError, "nlist must satisfy 1 <= nlist"),
-    ({"index": "ivf", "nprobe": 1.5}, TypeError, "nprobe must be an int"),
-    ({"index": "annoy"}, ValueError, "index must be one of"),
-    ({"index": "hnsw", "ef_search": 3}, ValueError, "ef_search must satisfy 5 <= ef_search"),
-    ({"index": "exact", "nprobe": 4}, ValueError, "nlist and nprobe apply to index='ivf'"),
-    ({"index": "ivf", "ef_search": 4}, ValueError, "ef_search applies to index='hnsw' only"),
-    ({"index": "ivfpq", "pq_m": 5}, ValueError, "pq_m must divide the width D = 32"),
-    ({"index": "ivf", "pq_m": 4}, ValueError, "pq_m applies to index='ivfpq' only"),
-    ({"index": "ivfpq", "x": 200}, ValueError, "index='ivfpq' needs at least 256 rows"),
-    ({"index": "ivf", "backend": "torch"}, ValueError, "needs backend='faiss' or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"index": "ivf", "nlist": 10, "nprobe": 11}, ValueError, "nprobe must be <= nlist = 10"),
+        ({"index": "ivf", "nlist": 501}, ValueError, "nlist must be <= N = 500"),
+        ({"index": "ivf", "nlist": 0}, ValueError, "nlist must satisfy 1 <= nlist"),
+        ({"index": "ivf", "nprobe": 1.5}, TypeError, "nprobe must be an int"),
+        ({"index": "annoy"}, ValueError, "index must be one of"),
+        ({"index": "hnsw", "ef_search": 3}, ValueError, "ef_search must satisfy 5 <= ef_search"),
+        ({"index": "exact", "nprobe": 4}, ValueError, "nlist and nprobe apply to index='ivf'"),
+        ({"index": "ivf", "ef_search": 4}, ValueError, "ef_search applies to index='hnsw' only"),
+        ({"index": "ivfpq", "pq_m": 5}, ValueError, "pq_m must divide the width D = 32"),
+        ({"index": "ivf", "pq_m": 4}, ValueError, "pq_m applies to index='ivfpq' only"),
+        ({"index": "ivfpq", "x": 200}, ValueError, "index='ivfpq' needs at least 256 rows"),
+        ({"index": "ivf", "backend": "torch"}, ValueError, "needs backend='faiss' or 'auto'"),
+    ],
+)
 def test_bad_index_parameters(kwargs, exc, match):
     kwargs = dict(kwargs)
     x = clustered(n=kwargs.pop("x", 500))
@@ -117,12 +119,14 @@ def test_bad_index_parameters(kwargs, exc, match):
 @needs_faiss
 def test_approximate_index_without_faiss_says_how_to_install(monkeypatch):
     import builtins
+
     real_import = builtins.__import__
 
     def no_faiss(name, *args, **kwargs):
         if name == "faiss" or name.startswith("faiss."):
             raise ImportError("No module named 'faiss'")
         return real_import(name, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     x = clustered(n=100)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
@@ -132,6 +136,7 @@ def test_approximate_index_without_faiss_says_how_to_install(monkeypatch):
 
 
 # --- "ivf-join": the IVF self search as GEMMs (torch only) ---------------------------
+
 
 def overlapping(n=20_000):
     """A harder set than :func:`clustered`: noise as large as the spread of the class
@@ -209,15 +214,18 @@ def test_auto_is_ivf_join_for_a_self_search_above_the_threshold():
         assert knn_mod.resolve_index("op", "auto", backend, big - 1, self_search=True) == "exact"
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"nlist": 10, "nprobe": 11}, ValueError, "nprobe must be <= nlist = 10"),
-    ({"nlist": 501}, ValueError, "nlist must be <= N = 500"),
-    ({"nlist": 0}, ValueError, "nlist must satisfy 1 <= nlist"),
-    ({"nprobe": 0}, ValueError, "nprobe must satisfy 1 <= nprobe"),
-    ({"nprobe": 2.0}, TypeError, "nprobe must be an int"),
-    ({"ef_search": 8}, ValueError, "ef_search applies to index='hnsw' only"),
-    ({"keys": "x"}, ValueError, "index='ivf-join' searches the rows among themselves"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"nlist": 10, "nprobe": 11}, ValueError, "nprobe must be <= nlist = 10"),
+        ({"nlist": 501}, ValueError, "nlist must be <= N = 500"),
+        ({"nlist": 0}, ValueError, "nlist must satisfy 1 <= nlist"),
+        ({"nprobe": 0}, ValueError, "nprobe must satisfy 1 <= nprobe"),
+        ({"nprobe": 2.0}, TypeError, "nprobe must be an int"),
+        ({"ef_search": 8}, ValueError, "ef_search applies to index='hnsw' only"),
+        ({"keys": "x"}, ValueError, "index='ivf-join' searches the rows among themselves"),
+    ],
+)
 def test_ivf_join_bad_parameters(kwargs, exc, match):
     x = clustered(n=500)
     if kwargs.get("keys") == "x":

@@ -21,6 +21,7 @@ from _store_helpers import child_env
 
 try:
     import faiss  # noqa: F401
+
     HAVE_FAISS = True
 except ImportError:
     HAVE_FAISS = False
@@ -33,8 +34,7 @@ SEARCHES = [("torch", "exact")] + ([("faiss", "exact"), ("faiss", "ivf")] if HAV
 
 def clustered(n=300, d=12, classes=10, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((classes, d))[rng.integers(0, classes, n)] \
-        + 0.5 * rng.standard_normal((n, d))
+    return rng.standard_normal((classes, d))[rng.integers(0, classes, n)] + 0.5 * rng.standard_normal((n, d))
 
 
 def maps(tmp_path: Path, x: np.ndarray) -> dict:
@@ -45,8 +45,7 @@ def maps(tmp_path: Path, x: np.ndarray) -> dict:
     return {
         "npy": np.load(tmp_path / "x.npy", mmap_mode="r"),
         "memmap": np.memmap(tmp_path / "x.bin", dtype=x.dtype, mode="r", shape=(n, d)),
-        "from_file": torch.from_file(str(tmp_path / "x.bin"), shared=False, size=n * d,
-                                     dtype=torch.float64).view(n, d),
+        "from_file": torch.from_file(str(tmp_path / "x.bin"), shared=False, size=n * d, dtype=torch.float64).view(n, d),
     }
 
 
@@ -59,8 +58,7 @@ def small_chunks(monkeypatch):
 def test_knn_on_memory_maps_equals_in_ram(tmp_path, small_chunks, backend, index):
     x = clustered()
     want = knn(torch.from_numpy(x), 5, backend=backend, index=index)
-    want_keys = knn(torch.from_numpy(x[:40]), 7, keys=torch.from_numpy(x), backend=backend,
-                    index=index)
+    want_keys = knn(torch.from_numpy(x[:40]), 7, keys=torch.from_numpy(x), backend=backend, index=index)
     for kind, m in maps(tmp_path, x).items():
         got = knn(m, 5, backend=backend, index=index)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), kind
@@ -85,39 +83,49 @@ def test_candidate_pairs_and_select_queries_on_memory_maps(tmp_path, small_chunk
     want = candidate_pairs(t, k=4, store=store, backend="torch")
     # "pal" on the k-NN graph (the path of large pools) reads rows a few at a time.
     monkeypatch.setattr(palfast.active.strategies, "PAL_EXACT_WORK", 1)
-    want_q = {s: select_queries(t, store, 20, s, backend="torch") for s in
-              ("pal", "nearest", "uncertain")}
+    want_q = {s: select_queries(t, store, 20, s, backend="torch") for s in ("pal", "nearest", "uncertain")}
     for kind, m in maps(tmp_path, x).items():
         got = candidate_pairs(m, k=4, store=store, backend="torch")
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), kind
         for strategy, q in want_q.items():
-            assert torch.equal(select_queries(m, store, 20, strategy, backend="torch"), q), \
-                (kind, strategy)
+            assert torch.equal(select_queries(m, store, 20, strategy, backend="torch"), q), (kind, strategy)
 
 
 def test_bad_memory_maps_name_the_argument(tmp_path):
     x = clustered(n=20, d=4)
     x.tofile(tmp_path / "x.bin")
     flat = np.memmap(tmp_path / "x.bin", dtype=np.float64, mode="r")  # shape forgotten
-    with pytest.raises(ValueError, match=r"palfast.active.candidate_pairs: embeddings must be a "
-                                         r"2-D memory map \[N, D\], got shape \(80,\).*shape="):
+    with pytest.raises(
+        ValueError,
+        match=r"palfast.active.candidate_pairs: embeddings must be a "
+        r"2-D memory map \[N, D\], got shape \(80,\).*shape=",
+    ):
         candidate_pairs(flat, k=2)
     ints = np.memmap(tmp_path / "x.bin", dtype=np.int64, mode="r", shape=(20, 4))
-    with pytest.raises(TypeError, match=r"palfast.knn.knn: keys must be a memory map of "
-                                        r"native-endian float16, float32, float64, got dtype"):
+    with pytest.raises(
+        TypeError,
+        match=r"palfast.knn.knn: keys must be a memory map of "
+        r"native-endian float16, float32, float64, got dtype",
+    ):
         knn(torch.zeros(2, 4), 1, keys=ints)
     swapped = np.memmap(tmp_path / "x.bin", dtype=">f8", mode="r", shape=(20, 4))
-    with pytest.raises(TypeError, match=r"select_queries: embeddings must be a memory map of "
-                                        r"native-endian.*'>f8'"):
+    with pytest.raises(
+        TypeError,
+        match=r"select_queries: embeddings must be a memory map of "
+        r"native-endian.*'>f8'",
+    ):
         select_queries(swapped, RelationStore(), 2)
     mm = np.load(_saved(tmp_path, x), mmap_mode="r")
     with pytest.raises(ValueError, match="embeddings must have non-negative strides"):
         candidate_pairs(mm[::-1], k=2)
     with pytest.raises(ValueError, match="keys must have the queries' width D = 3"):
         knn(torch.zeros(2, 3), 1, keys=mm)
-    with pytest.raises(TypeError, match=r"embeddings must be a torch.Tensor or a NumPy array "
-                                        r"\(for a file larger than RAM: np.load\(path, "
-                                        r"mmap_mode='r'\)\), got list"):
+    with pytest.raises(
+        TypeError,
+        match=r"embeddings must be a torch.Tensor or a NumPy array "
+        r"\(for a file larger than RAM: np.load\(path, "
+        r"mmap_mode='r'\)\), got list",
+    ):
         candidate_pairs(x.tolist(), k=2)
     bad = x.copy()
     bad[7, 1] = np.nan
@@ -164,10 +172,14 @@ _MEM_CHILD = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-@pytest.mark.parametrize("kind,backend", [
-    ("from_file", "torch"),  # the fast loop runs one: a child process, a 122 MiB file
-    pytest.param("npy", "torch", marks=pytest.mark.slow),
-    *([pytest.param("npy", "faiss", marks=pytest.mark.slow)] if HAVE_FAISS else [])])
+@pytest.mark.parametrize(
+    "kind,backend",
+    [
+        ("from_file", "torch"),  # the fast loop runs one: a child process, a 122 MiB file
+        pytest.param("npy", "torch", marks=pytest.mark.slow),
+        *([pytest.param("npy", "faiss", marks=pytest.mark.slow)] if HAVE_FAISS else []),
+    ],
+)
 @pytest.mark.slow
 def test_peak_memory_is_the_file_and_the_index(tmp_path, kind, backend):
     x = np.random.default_rng(0).standard_normal((MEM_ROWS, MEM_DIM))
@@ -178,13 +190,20 @@ def test_peak_memory_is_the_file_and_the_index(tmp_path, kind, backend):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     # cwd: `python -c` puts the cwd first on sys.path, where a checkout's palfast/ (no
     # compiled _C) would shadow the one these tests import.
-    run = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(path), kind, backend], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", _MEM_CHILD, str(path), kind, backend],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     extra = int(run.stdout.split()[-1])
     file_bytes, index_bytes = MEM_ROWS * MEM_DIM * 8, MEM_ROWS * MEM_DIM * 4
-    assert extra <= file_bytes + index_bytes + MEM_SLACK, \
+    assert extra <= file_bytes + index_bytes + MEM_SLACK, (
         f"{extra / 2**20:.0f} MiB over {(file_bytes + index_bytes) / 2**20:.0f} MiB (file + index)"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -233,8 +252,14 @@ _SCAN_CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("check", ["check_tensor", "as_rows"])
 @pytest.mark.slow
 def test_the_nonfinite_scan_holds_one_chunk_not_a_mask_of_the_whole(tmp_path, check):
-    run = subprocess.run([sys.executable, "-c", _SCAN_CHILD, check], env=child_env(),
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", _SCAN_CHILD, check],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     extra = int(run.stdout.split()[-1])
     assert extra <= SCAN_SLACK, f"{extra / 2**20:.0f} MiB to scan a {SCAN_ROWS * SCAN_DIM * 4 >> 20} MiB tensor"

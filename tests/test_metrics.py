@@ -23,8 +23,7 @@ def rankme_formula(sigma, eps=1e-7):
     return math.exp(-sum(q * math.log(q) for q in p))
 
 
-@pytest.mark.parametrize("sigma", [[3.0, 2.0, 1.0, 0.5], [1.0], [5.0, 1e-3, 1e-3],
-                                   [float(k) for k in range(1, 20)]])
+@pytest.mark.parametrize("sigma", [[3.0, 2.0, 1.0, 0.5], [1.0], [5.0, 1e-3, 1e-3], [float(k) for k in range(1, 20)]])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rankme_matches_formula(sigma, dtype):
     z = with_spectrum(sigma, 41, 23).to(dtype)
@@ -71,8 +70,7 @@ def test_knn_matches_brute_force_vote(k, backend):
     train_y = torch.randint(0, 4, (120,), generator=g)
     test_y = torch.randint(0, 4, (57,), generator=g)
     expected = float((knn_reference(train_z, train_y, test_z, k) == test_y).float().mean())
-    assert knn_accuracy(train_z, train_y, test_z, test_y, k=k, backend=backend) == \
-        pytest.approx(expected)
+    assert knn_accuracy(train_z, train_y, test_z, test_y, k=k, backend=backend) == pytest.approx(expected)
 
 
 def separable(n, d=5, seed=0):

@@ -44,8 +44,7 @@ def workload(device: torch.device) -> None:
     n, d = WORKLOAD_ROWS, WORKLOAD_DIM
     gen = torch.Generator().manual_seed(0)
     src, dst = torch.randint(0, n, (3 * n,), generator=gen), torch.randint(0, n, (3 * n,), generator=gen)
-    edges = palfast.PairGraph.from_edges(src, dst, torch.rand(3 * n, generator=gen), num_nodes=n,
-                                         symmetric=False)
+    edges = palfast.PairGraph.from_edges(src, dst, torch.rand(3 * n, generator=gen), num_nodes=n, symmetric=False)
     g = (0.5 * edges + palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen))).to(device)
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
@@ -88,9 +87,11 @@ def table(folder: Path) -> int:
     sms = report["environment"].get("sm_count")
     for r in report["results"]:
         if r["impl"] == "palfast" and r.get("kernels"):
-            kernels = ", ".join(f"{_short_name(k['name'])} {k['min_blocks']} blocks "
-                                f"{100 * k['share']:.0f}%" for k in r["kernels"]
-                                if (k["share"] or 0) >= HEAVY_KERNEL_SHARE)
+            kernels = ", ".join(
+                f"{_short_name(k['name'])} {k['min_blocks']} blocks {100 * k['share']:.0f}%"
+                for k in r["kernels"]
+                if (k["share"] or 0) >= HEAVY_KERNEL_SHARE
+            )
             print(f"  heavy kernels of palfast, {r['case']} ({sms} SMs): {kernels}")
     return 0
 
@@ -99,8 +100,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["workload", "table"])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", type=Path, default=Path("build/gpu_session"),
-                   help="table: the folder holding the benchmark's bench_*.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("build/gpu_session"),
+        help="table: the folder holding the benchmark's bench_*.json",
+    )
     a = p.parse_args(argv)
     if a.what == "workload":
         workload(torch.device(a.device))

@@ -56,8 +56,9 @@ def parse(text: str) -> list[Kernel]:
 def demangle(names: list[str]) -> list[str]:
     """Readable names: c++filt's, less the shared prefixes and the parameter list."""
     if shutil.which("c++filt") and names:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                             check=True).stdout.splitlines()
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         names = out if len(out) == len(names) else names
     short = []
     for name in names:
@@ -70,8 +71,13 @@ def demangle(names: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("log", help="a build log with ptxas -v output")
-    parser.add_argument("--no-spills", nargs="*", default=[], metavar="ARCH",
-                        help="architectures (e.g. sm_90) on which a spill fails the check")
+    parser.add_argument(
+        "--no-spills",
+        nargs="*",
+        default=[],
+        metavar="ARCH",
+        help="architectures (e.g. sm_90) on which a spill fails the check",
+    )
     args = parser.parse_args(argv)
     with open(args.log, errors="replace") as f:
         kernels = parse(f.read())
@@ -80,24 +86,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     names = demangle([k.name for k in kernels])
     # A kernel used by several .cu files is compiled in each: one row per distinct result.
-    rows = sorted({(name, k.arch, k.registers, k.smem, k.stack, k.spill_stores, k.spill_loads): k
-                   for k, name in zip(kernels, names)}.items())
+    rows = sorted(
+        {
+            (name, k.arch, k.registers, k.smem, k.stack, k.spill_stores, k.spill_loads): k
+            for k, name in zip(kernels, names)
+        }.items()
+    )
     width = max(map(len, names))
     print(f"{'kernel':<{width}}  arch    regs   smem B  stack B  spill st/ld B")
     bad = []
     for (name, *_), k in rows:
-        print(f"{name:<{width}}  {k.arch:<6} {k.registers:5d} {k.smem:8d} {k.stack:8d}"
-              f"  {k.spill_stores}/{k.spill_loads}")
+        print(
+            f"{name:<{width}}  {k.arch:<6} {k.registers:5d} {k.smem:8d} {k.stack:8d}  {k.spill_stores}/{k.spill_loads}"
+        )
         if k.arch in args.no_spills and (k.spill_stores or k.spill_loads):
-            bad.append(f"{name} ({k.arch}): {k.spill_stores} bytes spill stores, "
-                       f"{k.spill_loads} bytes spill loads")
+            bad.append(f"{name} ({k.arch}): {k.spill_stores} bytes spill stores, {k.spill_loads} bytes spill loads")
     print(f"{len(rows)} kernels × architectures ({len(kernels)} compilations)")
     for line in bad:
         print(f"spills: {line}", file=sys.stderr)
     if bad:
-        print("Registers spill to local memory in the kernels above: shrink their per-thread "
-              "state or their __launch_bounds__ (csrc/cuda/info_nce/info_nce.md has the budgets).",
-              file=sys.stderr)
+        print(
+            "Registers spill to local memory in the kernels above: shrink their per-thread "
+            "state or their __launch_bounds__ (csrc/cuda/info_nce/info_nce.md has the budgets).",
+            file=sys.stderr,
+        )
     return 1 if bad else 0
 
 

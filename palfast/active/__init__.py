@@ -10,6 +10,18 @@ from .oracle import CallbackOracle, LabelOracle, Oracle
 from .store import ContradictionWarning, RelationStore, StoreCorruptError, StoreError
 from .strategies import ORDERS, STRATEGIES, CandidateGraph, select_queries
 
-__all__ = ["ORDERS", "STRATEGIES", "ActiveLearner", "CallbackOracle", "CandidateGraph", "LabelOracle", "Oracle",
-           "RelationStore", "candidate_pairs", "distributed", "knn", "select_queries"]
+__all__ = [
+    "ORDERS",
+    "STRATEGIES",
+    "ActiveLearner",
+    "CallbackOracle",
+    "CandidateGraph",
+    "LabelOracle",
+    "Oracle",
+    "RelationStore",
+    "candidate_pairs",
+    "distributed",
+    "knn",
+    "select_queries",
+]
 __all__ += ["ContradictionWarning", "StoreCorruptError", "StoreError"]  # the store's errors

@@ -78,9 +78,20 @@ import time
 import zlib
 from typing import NamedTuple
 
-__all__ = ["ACKED_SUFFIX", "APPLICATION_ID", "SCHEMA_VERSION", "AnswerLog", "NewRows",
-           "SQLiteAnswerLog", "SalvageReport", "StoreCorruptError", "StoreError", "row_crc",
-           "salvage", "source_bytes"]
+__all__ = [
+    "ACKED_SUFFIX",
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "AnswerLog",
+    "NewRows",
+    "SQLiteAnswerLog",
+    "SalvageReport",
+    "StoreCorruptError",
+    "StoreError",
+    "row_crc",
+    "salvage",
+    "source_bytes",
+]
 
 #: ``PRAGMA application_id`` of a RelationStore file: b"PALF" as a big-endian int32.
 APPLICATION_ID = 0x50414C46
@@ -110,9 +121,11 @@ _NO_ROWS = ((0, 0), (0, 0))
 def _append_only(table: str) -> tuple[str, str]:
     """Triggers refusing UPDATE and DELETE on ``table``: the logs are append-only at the
     database level, not just in this class."""
-    return tuple(f"""CREATE TRIGGER {table}_no_{op} BEFORE {op.upper()} ON {table}
+    return tuple(
+        f"""CREATE TRIGGER {table}_no_{op} BEFORE {op.upper()} ON {table}
         BEGIN SELECT RAISE(ABORT, 'palfast RelationStore: the {table} log is append-only'); END"""
-                 for op in ("update", "delete"))
+        for op in ("update", "delete")
+    )
 
 
 # Schema 3: an answer is retracted at most once (UNIQUE) and only if it is in the log
@@ -165,8 +178,10 @@ def _layout_version(db: sqlite3.Connection) -> int:
 def _select(table: str, version: int) -> str:
     """SELECT of a log table's rows as ``(id, *integer columns, time, source bytes, crc)``;
     crc is NULL before schema 2 (reading a version-1 file read-only)."""
-    return (f"SELECT id, {', '.join(_COLUMNS[table])}, time, CAST(source AS BLOB), "
-            f"{'crc' if version >= 2 else 'NULL'} FROM {table}")
+    return (
+        f"SELECT id, {', '.join(_COLUMNS[table])}, time, CAST(source AS BLOB), "
+        f"{'crc' if version >= 2 else 'NULL'} FROM {table}"
+    )
 
 
 # ----------------------------------------------------------------- errors
@@ -189,6 +204,7 @@ class SalvageReport(NamedTuple):
     schema-1 palfast after the store was migrated); ``retractions_kept`` and
     ``retractions_dropped`` the same for the retractions table (a dropped retraction
     brings its answer back into the relation: check them)."""
+
     kept: int
     dropped: list
     unverified: list
@@ -231,8 +247,9 @@ def _check_row(table: str, row, version: int) -> tuple:
     if type(src) is not bytes:
         raise ValueError(f"source is {src!r}, not text")
     if version >= 2 and (type(crc) is not int or crc != row_crc(seq, *ints, t, src)):
-        raise ValueError("its checksum does not match its content" if type(crc) is int
-                         else f"checksum is {crc!r}, not an integer")
+        raise ValueError(
+            "its checksum does not match its content" if type(crc) is int else f"checksum is {crc!r}, not an integer"
+        )
     try:
         text = src.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -250,45 +267,55 @@ def source_bytes(where: str, source) -> bytes:
         raise ValueError(f"{where}: source must be valid text ({e})") from None
 
 
-def _sqlite_error(where: str, path: str | None, e: sqlite3.Error, *, readonly: bool = False,
-                  opening: bool = False) -> Exception:
+def _sqlite_error(
+    where: str, path: str | None, e: sqlite3.Error, *, readonly: bool = False, opening: bool = False
+) -> Exception:
     """Translate an sqlite3 exception into a palfast one that says what to do."""
     msg = str(e)
     low = msg.lower()
     name = getattr(e, "sqlite_errorname", "")
     shown = repr(path) if path is not None else "the in-memory store"
     if "locked" in low or "busy" in low:
-        return StoreError(f"{where}: {shown} stayed locked by another process longer than the "
-                          f"busy timeout; retry, or open it with a larger timeout= "
-                          f"(SQLite says: {msg})")
+        return StoreError(
+            f"{where}: {shown} stayed locked by another process longer than the "
+            f"busy timeout; retry, or open it with a larger timeout= "
+            f"(SQLite says: {msg})"
+        )
     if name == "SQLITE_FULL" or "disk is full" in low:
-        return StoreError(f"{where}: the disk holding {shown} is full; nothing of this call was "
-                          f"written (the transaction was rolled back). Free space and call it "
-                          f"again (SQLite says: {msg})")
+        return StoreError(
+            f"{where}: the disk holding {shown} is full; nothing of this call was "
+            f"written (the transaction was rolled back). Free space and call it "
+            f"again (SQLite says: {msg})"
+        )
     if "readonly" in low or "read-only" in low or name.startswith("SQLITE_READONLY"):
         if readonly:
-            return StoreError(f"{where}: {shown} was opened with readonly=True; open it without "
-                              f"readonly to record answers")
-        return StoreError(f"{where}: cannot write {shown}: the file or its directory is "
-                          f"read-only (SQLite writes the file and creates '-wal' and '-shm' "
-                          f"files beside it). Make both writable, or pass readonly=True to "
-                          f"read it (SQLite says: {msg})")
+            return StoreError(
+                f"{where}: {shown} was opened with readonly=True; open it without readonly to record answers"
+            )
+        return StoreError(
+            f"{where}: cannot write {shown}: the file or its directory is "
+            f"read-only (SQLite writes the file and creates '-wal' and '-shm' "
+            f"files beside it). Make both writable, or pass readonly=True to "
+            f"read it (SQLite says: {msg})"
+        )
     if "unable to open" in low or name == "SQLITE_CANTOPEN" or name.startswith("SQLITE_IOERR"):
-        return StoreError(f"{where}: cannot {'open' if opening else 'access'} {shown}: check "
-                          f"that its directory exists and that the file and the directory can "
-                          f"be {'read' if readonly else 'read and written'} "
-                          f"(SQLite says: {msg})")
-    if opening or (isinstance(e, sqlite3.DatabaseError)
-                   and not isinstance(e, sqlite3.OperationalError)):
-        what = ("is not a palfast RelationStore, or is damaged" if opening else "is damaged")
-        return StoreCorruptError(f"{where}: {shown} {what} (SQLite says: {msg}). If it is a "
-                                 f"store, RelationStore.salvage(path, new_path) copies the rows "
-                                 f"that still verify")
+        return StoreError(
+            f"{where}: cannot {'open' if opening else 'access'} {shown}: check "
+            f"that its directory exists and that the file and the directory can "
+            f"be {'read' if readonly else 'read and written'} "
+            f"(SQLite says: {msg})"
+        )
+    if opening or (isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)):
+        what = "is not a palfast RelationStore, or is damaged" if opening else "is damaged"
+        return StoreCorruptError(
+            f"{where}: {shown} {what} (SQLite says: {msg}). If it is a "
+            f"store, RelationStore.salvage(path, new_path) copies the rows "
+            f"that still verify"
+        )
     return StoreError(f"{where}: SQLite failed on {shown}: {msg}")
 
 
-def _salvage_table(db: sqlite3.Connection, where: str, path: str, table: str,
-                   version: int) -> tuple[list, list, list]:
+def _salvage_table(db: sqlite3.Connection, where: str, path: str, table: str, version: int) -> tuple[list, list, list]:
     """For :meth:`RelationStore.salvage`: the rows of ``table`` that verify (as
     :func:`_check_row` returns them), ``(id, reason)`` for each that does not, and the
     ids of answers kept without a checksum (valid rows a schema-1 palfast appended after
@@ -328,8 +355,7 @@ def _salvage_table(db: sqlite3.Connection, where: str, path: str, table: str,
 
 
 def _uri(path: str) -> str:
-    return "file:" + "".join({"%": "%25", "?": "%3f", "#": "%23"}.get(c, c)
-                             for c in os.path.abspath(path))
+    return "file:" + "".join({"%": "%25", "?": "%3f", "#": "%23"}.get(c, c) for c in os.path.abspath(path))
 
 
 def _connect_ro(path: str, timeout: float) -> sqlite3.Connection:
@@ -356,9 +382,11 @@ def _connect_ro(path: str, timeout: float) -> sqlite3.Connection:
 # the middle of a write leaves that slot failing its check and the other, older one
 # intact: the record falls back to fewer rows, never claims rows that were not committed.
 
+
 class _Acked(NamedTuple):
     """One record of the ``-acked`` file: ``tops`` is ``((last answers id, its crc),
     (last retractions id, its crc))``, (0, 0) for an empty table; ``seq`` counts writes."""
+
     seq: int
     tops: tuple
 
@@ -376,8 +404,12 @@ def _parse_acked_slot(raw: bytes) -> _Acked:
     line, newline, _ = raw.partition(b"\n")
     body, _, check = line.rpartition(b" ")
     fields = body.split(b" ")
-    if not newline or len(fields) != 6 or fields[0] != _ACKED_FORMAT.encode() or not all(
-            f.isdigit() for f in (*fields[1:], check)):
+    if (
+        not newline
+        or len(fields) != 6
+        or fields[0] != _ACKED_FORMAT.encode()
+        or not all(f.isdigit() for f in (*fields[1:], check))
+    ):
         raise ValueError(f"not a {_ACKED_FORMAT} record")
     if int(check) != zlib.crc32(body):
         raise ValueError("its checksum does not match its content")
@@ -398,7 +430,7 @@ def _read_acked(side: str) -> _Acked | None:
         raise ValueError(f"it has {len(raw)} bytes, not {2 * _ACKED_SLOT}")
     records, problems = [], []
     for k in range(2):
-        slot = raw[k * _ACKED_SLOT:(k + 1) * _ACKED_SLOT]
+        slot = raw[k * _ACKED_SLOT : (k + 1) * _ACKED_SLOT]
         if slot.count(0) == _ACKED_SLOT:
             continue  # never written
         try:
@@ -427,7 +459,7 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     os.lseek(fd, offset, os.SEEK_SET)
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _write_acked(side: str, tops, previous: _Acked | None) -> None:
@@ -470,6 +502,7 @@ class NewRows(NamedTuple):
     source)``, in id order. ``rebuild``: a retraction names an answer read before, so
     ``answers`` is the whole log, to replay from scratch (a union-find cannot remove
     an edge; rare: a person pressing undo)."""
+
     answers: list
     retractions: list
     rebuild: bool
@@ -496,9 +529,9 @@ class AnswerLog:
     _version = SCHEMA_VERSION
 
     def _init_cursor(self) -> None:
-        self.retracted: set[int] = set()     # answer ids named by a retraction
-        self.last_answer = 0                 # id of the last answers row read
-        self.last_retraction = 0             # id of the last retraction read
+        self.retracted: set[int] = set()  # answer ids named by a retraction
+        self.last_answer = 0  # id of the last answers row read
+        self.last_retraction = 0  # id of the last retraction read
 
     def _fetch(self, db, table: str, after: int) -> list:
         """The raw rows of ``table`` with id > ``after``, in id order (see the class)."""
@@ -523,8 +556,7 @@ class AnswerLog:
         for row in rows:
             out.append(self._verified(table, row))
             if out[-1][0] != after + len(out):  # ids are 1, 2, 3, ... (no delete)
-                raise self._corrupt(f"{table} row id={after + len(out)} is missing (the next "
-                                    f"row has id={out[-1][0]})")
+                raise self._corrupt(f"{table} row id={after + len(out)} is missing (the next row has id={out[-1][0]})")
         return out
 
     def _read_new(self, db) -> NewRows:
@@ -533,16 +565,17 @@ class AnswerLog:
         ``(answers rows, retractions, rebuild)``. ``rebuild``: a retraction names an
         answer already applied; union-find cannot remove an edge, so the rows are then
         the whole log, to replay from scratch (rare: a person pressing undo)."""
-        retractions = self._read(db, "retractions", self.last_retraction) \
-            if "retractions" in self._tables() else []
+        retractions = self._read(db, "retractions", self.last_retraction) if "retractions" in self._tables() else []
         rebuild = any(r[1] <= self.last_answer for r in retractions)
         rows = self._read(db, "answers", 0 if rebuild else self.last_answer)
         last = rows[-1][0] if rows else self.last_answer
         seen = set()
         for seq, answer_id, _, _ in retractions:
             if answer_id > last or answer_id in self.retracted or answer_id in seen:
-                raise self._corrupt(f"retractions row id={seq} names answer id={answer_id}, "
-                                    f"which is not in the log or already retracted")
+                raise self._corrupt(
+                    f"retractions row id={seq} names answer id={answer_id}, "
+                    f"which is not in the log or already retracted"
+                )
             seen.add(answer_id)
         return NewRows(rows, retractions, rebuild)
 
@@ -559,8 +592,7 @@ class AnswerLog:
     # ``_next_id(db, table)`` (under the write lock), ``_insert(db, table, rows)`` and,
     # around a read, ``_before_snapshot()`` / ``_check_snapshot(db, before, new)``.
 
-    def append(self, where: str, pairs: list, answers: list, source: str
-               ) -> tuple[NewRows, list[int]]:
+    def append(self, where: str, pairs: list, answers: list, source: str) -> tuple[NewRows, list[int]]:
         """Append one answers row per ``(i, j)`` of ``pairs`` and ``alike`` of ``answers``
         (checked by the caller), in one transaction, durable on return.
         Returns what is new since the last read, the rows of this call last, and their
@@ -575,9 +607,10 @@ class AnswerLog:
             # than read back and verified again (that was a third of record's time).
             others, retractions, rebuild = self._read_new(db)
             first = self._next_id(db, "answers")
-            rows = [(first + k, i, j, int(x), now, source,
-                     row_crc(first + k, i, j, int(x), now, src))
-                    for k, ((i, j), x) in enumerate(zip(pairs, answers))]
+            rows = [
+                (first + k, i, j, int(x), now, source, row_crc(first + k, i, j, int(x), now, src))
+                for k, ((i, j), x) in enumerate(zip(pairs, answers))
+            ]
             self._insert(db, "answers", rows)
         ours = [(seq, i, j, bool(x), t, source) for seq, i, j, x, t, _, _ in rows]
         new = NewRows(others + ours, retractions, rebuild)
@@ -595,15 +628,16 @@ class AnswerLog:
             new = self._read_new(db)  # what other processes appended counts too
             last = new.answers[-1][0] if new.answers else self.last_answer
             if missing := [a for a in ids if not 1 <= a <= last]:  # log ids are 1..last
-                raise ValueError(f"{where}: no answer with id {missing} in the log "
-                                 f"(ids are what record() returned)")
+                raise ValueError(f"{where}: no answer with id {missing} in the log (ids are what record() returned)")
             done = self.retracted.union(r[1] for r in new.retractions).intersection(ids)
             if done:
                 raise ValueError(f"{where}: answers {sorted(done)} are already retracted")
             first = self._next_id(db, "retractions")
-            self._insert(db, "retractions",
-                         [(first + k, a, now, source, row_crc(first + k, a, now, src))
-                          for k, a in enumerate(ids)])
+            self._insert(
+                db,
+                "retractions",
+                [(first + k, a, now, source, row_crc(first + k, a, now, src)) for k, a in enumerate(ids)],
+            )
             new = self._read_new(db)
         self._advance(new)
         return new
@@ -622,8 +656,7 @@ class AnswerLog:
         ``(id, i, j, answer: bool, time, source, retracted_by)``."""
         with self._transaction(where) as db:
             rows = self._read(db, "answers", 0)
-            by = {} if "retractions" not in self._tables() else {
-                r[1]: r[3] for r in self._read(db, "retractions", 0)}
+            by = {} if "retractions" not in self._tables() else {r[1]: r[3] for r in self._read(db, "retractions", 0)}
         return [(*row, by.get(row[0])) for row in rows]
 
 
@@ -638,8 +671,9 @@ class SQLiteAnswerLog(AnswerLog):
         timeout, readonly, accept_loss: as :class:`palfast.active.RelationStore`'s.
     """
 
-    def __init__(self, path: str | None = None, *, timeout: float = 30.0,
-                 readonly: bool = False, accept_loss: bool = False):
+    def __init__(
+        self, path: str | None = None, *, timeout: float = 30.0, readonly: bool = False, accept_loss: bool = False
+    ):
         self.path = path
         self.readonly = readonly
         self._timeout = timeout
@@ -666,14 +700,14 @@ class SQLiteAnswerLog(AnswerLog):
                 self._db.close()
                 self._db = None
             if isinstance(e, sqlite3.Error):
-                raise _sqlite_error("RelationStore", self.path, e, readonly=self.readonly,
-                                    opening=True) from e
+                raise _sqlite_error("RelationStore", self.path, e, readonly=self.readonly, opening=True) from e
             if isinstance(e, UnicodeDecodeError):  # SQLite's message quotes damaged bytes
                 raise StoreCorruptError(
                     f"RelationStore: {self.path!r} is not a palfast RelationStore, or is "
                     f"damaged (SQLite's error message is not valid text: {e}). If it is a "
                     f"store, RelationStore.salvage(path, new_path) copies the rows that "
-                    f"still verify") from e
+                    f"still verify"
+                ) from e
             raise
 
     def load(self) -> NewRows:
@@ -689,30 +723,34 @@ class SQLiteAnswerLog(AnswerLog):
             raise ValueError(f"RelationStore: path must be a file, got the directory {self.path!r}")
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
-            raise StoreError(f"RelationStore: the directory {folder!r} of {self.path!r} does not "
-                             f"exist; create it first")
+            raise StoreError(
+                f"RelationStore: the directory {folder!r} of {self.path!r} does not exist; create it first"
+            )
         if self.readonly:
             if not os.path.exists(self.path):
-                raise StoreError(f"RelationStore: {self.path!r} does not exist (readonly=True "
-                                 f"opens an existing store and never creates one)")
-        elif not os.access(folder, os.W_OK) or (os.path.exists(self.path)
-                                               and not os.access(self.path, os.W_OK)):
-            raise StoreError(f"RelationStore: cannot write {self.path!r}: the file or its "
-                             f"directory is read-only (SQLite writes the file and creates '-wal' "
-                             f"and '-shm' files beside it). Make both writable, or pass "
-                             f"readonly=True to read it")
+                raise StoreError(
+                    f"RelationStore: {self.path!r} does not exist (readonly=True "
+                    f"opens an existing store and never creates one)"
+                )
+        elif not os.access(folder, os.W_OK) or (os.path.exists(self.path) and not os.access(self.path, os.W_OK)):
+            raise StoreError(
+                f"RelationStore: cannot write {self.path!r}: the file or its "
+                f"directory is read-only (SQLite writes the file and creates '-wal' "
+                f"and '-shm' files beside it). Make both writable, or pass "
+                f"readonly=True to read it"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per record).
         if self.readonly:
             return _connect_ro(self.path, self._timeout)
-        return sqlite3.connect(self.path or ":memory:", timeout=self._timeout,
-                               isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(
+            self.path or ":memory:", timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
 
     def _conn(self, where: str) -> sqlite3.Connection:
         if self._db is None:
-            raise StoreError(f"{where}: the store {self.path!r} is closed; open it again with "
-                             f"RelationStore(path)")
+            raise StoreError(f"{where}: the store {self.path!r} is closed; open it again with RelationStore(path)")
         return self._db
 
     def _open(self) -> None:
@@ -724,8 +762,10 @@ class SQLiteAnswerLog(AnswerLog):
             self._check_acked(db, self._acked(), _NO_ROWS)
         if self.readonly:
             if app_id != APPLICATION_ID:
-                raise ValueError(f"RelationStore: {self.path!r} is not a palfast RelationStore "
-                                 f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})")
+                raise ValueError(
+                    f"RelationStore: {self.path!r} is not a palfast RelationStore "
+                    f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})"
+                )
             self._check_meta()
             return
         db.execute("PRAGMA foreign_keys = ON")
@@ -733,15 +773,19 @@ class SQLiteAnswerLog(AnswerLog):
             self._set_wal()
         db.execute("PRAGMA synchronous = FULL")
         if app_id not in (0, APPLICATION_ID) and bin(app_id ^ APPLICATION_ID).count("1") == 1:
-            raise StoreCorruptError(f"RelationStore: {self.path!r} has application_id "
-                                    f"{app_id:#x}, one bit away from palfast's "
-                                    f"{APPLICATION_ID:#x}: a damaged store? "
-                                    f"RelationStore.salvage(path, new_path) copies the rows "
-                                    f"that still verify")
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r} has application_id "
+                f"{app_id:#x}, one bit away from palfast's "
+                f"{APPLICATION_ID:#x}: a damaged store? "
+                f"RelationStore.salvage(path, new_path) copies the rows "
+                f"that still verify"
+            )
         if app_id not in (0, APPLICATION_ID):
-            raise ValueError(f"RelationStore: {self.path!r} is an SQLite database of another "
-                             f"application (application_id {app_id:#x}, expected "
-                             f"{APPLICATION_ID:#x}); refusing to write into it")
+            raise ValueError(
+                f"RelationStore: {self.path!r} is an SQLite database of another "
+                f"application (application_id {app_id:#x}, expected "
+                f"{APPLICATION_ID:#x}); refusing to write into it"
+            )
         if app_id == 0:
             self._initialise()
         self._check_meta()
@@ -772,8 +816,9 @@ class SQLiteAnswerLog(AnswerLog):
             # WAL must be set outside a transaction; it is persistent in the file.
             mode = self._set_wal()
             if mode.lower() != "wal":
-                raise ValueError(f"RelationStore: could not switch {self.path!r} to WAL mode "
-                                 f"(got journal_mode={mode!r})")
+                raise ValueError(
+                    f"RelationStore: could not switch {self.path!r} to WAL mode (got journal_mode={mode!r})"
+                )
         db.execute("BEGIN IMMEDIATE")
         try:
             app_id = db.execute("PRAGMA application_id").fetchone()[0]
@@ -788,10 +833,14 @@ class SQLiteAnswerLog(AnswerLog):
                         os.remove(self.path + ACKED_SUFFIX)
                 for statement in _SCHEMA:
                     db.execute(statement)
-                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                               [("application", "palfast.RelationStore"),
-                                ("schema_version", str(SCHEMA_VERSION)),
-                                ("created", repr(time.time()))])
+                db.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("application", "palfast.RelationStore"),
+                        ("schema_version", str(SCHEMA_VERSION)),
+                        ("created", repr(time.time())),
+                    ],
+                )
                 db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
@@ -801,28 +850,33 @@ class SQLiteAnswerLog(AnswerLog):
 
     def _refuse_foreign(self, n_objects: int) -> None:
         if n_objects:
-            raise ValueError(f"RelationStore: {self.path!r} is an SQLite database with "
-                             f"{n_objects} objects but no palfast marker; refusing to write "
-                             "into a foreign database")
+            raise ValueError(
+                f"RelationStore: {self.path!r} is an SQLite database with "
+                f"{n_objects} objects but no palfast marker; refusing to write "
+                "into a foreign database"
+            )
 
     def _check_meta(self) -> None:
         try:
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
             self._db.execute("SELECT id, i, j, answer, time, source FROM answers LIMIT 0")
         except sqlite3.DatabaseError as e:
-            raise StoreCorruptError(f"RelationStore: {self.path!r} carries the palfast marker "
-                                    f"but its tables are missing or damaged ({e})") from e
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r} carries the palfast marker but its tables are missing or damaged ({e})"
+            ) from e
         if meta.get("application") != "palfast.RelationStore":
-            raise StoreCorruptError(f"RelationStore: {self.path!r} has no palfast meta record "
-                                    f"(got application={meta.get('application')!r})")
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r} has no palfast meta record (got application={meta.get('application')!r})"
+            )
         raw = meta.get("schema_version")
         version = int(raw) if isinstance(raw, str) and raw.isdigit() else -1
         if version > SCHEMA_VERSION:
-            raise ValueError(f"RelationStore: {self.path!r} has schema version {version}, newer "
-                             f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast")
+            raise ValueError(
+                f"RelationStore: {self.path!r} has schema version {version}, newer "
+                f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast"
+            )
         if version < 1:
-            raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema "
-                                    f"version {raw!r}")
+            raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema version {raw!r}")
         # meta.schema_version has no checksum: a flipped bit must not pick the code path
         # of another schema (an older one ignores the retractions), so the tables the
         # file has must be those of the version it names, no fewer and no more.
@@ -834,7 +888,8 @@ class SQLiteAnswerLog(AnswerLog):
                 f"file's tables are those of schema {found} (it "
                 f"{'lacks' if version > found else 'has'} the {what}): the version record "
                 f"or the tables are damaged. RelationStore.salvage(path, new_path) copies "
-                f"the rows that verify (it reads the tables the file has)")
+                f"the rows that verify (it reads the tables the file has)"
+            )
         self._version = version
 
     def _migrate(self) -> None:
@@ -850,24 +905,21 @@ class SQLiteAnswerLog(AnswerLog):
         db.execute("BEGIN IMMEDIATE")
         try:
             # Re-read under the lock: another process may have migrated it meanwhile.
-            version = int(db.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
             if version < 2:
                 crcs = []
                 for row in db.execute(_select("answers", 1) + " ORDER BY id").fetchall():
                     seq, i, j, a, t, _ = self._verified("answers", row, version=1)
                     crcs.append((row_crc(seq, i, j, int(a), t, row[5]), seq))
                 db.execute("DROP TRIGGER answers_no_update")  # the UPDATE that fills crc
-                db.execute("ALTER TABLE answers ADD COLUMN crc INTEGER "
-                           "CHECK (crc BETWEEN 0 AND 4294967295)")
+                db.execute("ALTER TABLE answers ADD COLUMN crc INTEGER CHECK (crc BETWEEN 0 AND 4294967295)")
                 db.executemany("UPDATE answers SET crc = ? WHERE id = ?", crcs)
                 db.execute(_append_only("answers")[0])
             if version < 3:
                 for statement in _RETRACTIONS:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                           (str(SCHEMA_VERSION),))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -880,11 +932,11 @@ class SQLiteAnswerLog(AnswerLog):
             f"RelationStore: {self.path!r}: {what}. The file was damaged or edited outside "
             f"palfast; the store refuses to open rather than drop or change answers. "
             f"RelationStore.salvage(path, new_path) copies the rows that verify into a new "
-            f"store")
+            f"store"
+        )
 
     def _fetch(self, db: sqlite3.Connection, table: str, after: int) -> list:
-        return db.execute(_select(table, self._version) + " WHERE id > ? ORDER BY id",
-                          (after,)).fetchall()
+        return db.execute(_select(table, self._version) + " WHERE id > ? ORDER BY id", (after,)).fetchall()
 
     def _tables(self) -> tuple[str, ...]:
         """The log tables this file has (a read-only version 1 or 2 file: no retractions)."""
@@ -908,14 +960,16 @@ class SQLiteAnswerLog(AnswerLog):
                     raise StoreCorruptError(
                         f"RelationStore: {self.path!r} is damaged (SQLite quick_check: "
                         f"{'; '.join(map(str, problems))}). RelationStore.salvage(path, "
-                        f"new_path) copies the rows that still verify into a new store")
+                        f"new_path) copies the rows that still verify into a new store"
+                    )
             for table, last in zip(self._tables(), (self.last_answer, self.last_retraction)):
-                seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?",
-                                 (table,)).fetchone()
+                seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
                 seq = 0 if seq is None else seq[0]
                 if seq != last:
-                    raise self._corrupt(f"the {table} log ends at row id={last} but SQLite "
-                                        f"handed out ids up to {seq!r}: rows are missing")
+                    raise self._corrupt(
+                        f"the {table} log ends at row id={last} but SQLite "
+                        f"handed out ids up to {seq!r}: rows are missing"
+                    )
             tops = self._tops(db)
             self._check_acked(db, acked, tops)
         finally:
@@ -943,15 +997,18 @@ class SQLiteAnswerLog(AnswerLog):
             if self._accept_loss:
                 return None
             if isinstance(e, OSError):
-                raise StoreError(f"RelationStore: cannot read {side!r}, the record of the "
-                                 f"answers acknowledged in {self.path!r} ({e}); make it "
-                                 f"readable") from e
+                raise StoreError(
+                    f"RelationStore: cannot read {side!r}, the record of the "
+                    f"answers acknowledged in {self.path!r} ({e}); make it "
+                    f"readable"
+                ) from e
             raise StoreCorruptError(
                 f"RelationStore: {side!r}, the record of the answers acknowledged in "
                 f"{self.path!r}, is damaged: {e}. The store itself may be intact; open it "
                 f"with RelationStore(path, accept_loss=True) to rewrite the record from "
                 f"the rows the store holds (rows lost from its '-wal' would then go "
-                f"unnoticed)") from None
+                f"unnoticed)"
+            ) from None
 
     def _tops(self, db: sqlite3.Connection) -> tuple:
         """``((last answers id, its crc), (last retractions id, its crc))`` in ``db``'s
@@ -961,8 +1018,7 @@ class SQLiteAnswerLog(AnswerLog):
             row = None
             if table in self._tables():
                 crc = "coalesce(crc, 0)" if self._version >= 2 else "0"
-                row = db.execute(f"SELECT id, {crc} FROM {table} ORDER BY id DESC "
-                                 f"LIMIT 1").fetchone()
+                row = db.execute(f"SELECT id, {crc} FROM {table} ORDER BY id DESC LIMIT 1").fetchone()
             tops.append(tuple(row) if row else (0, 0))
         return tuple(tops)
 
@@ -976,8 +1032,7 @@ class SQLiteAnswerLog(AnswerLog):
             if n == 0:
                 continue
             if n < have:
-                row = db.execute(f"SELECT coalesce(crc, 0) FROM {table} WHERE id = ?",
-                                 (n,)).fetchone()
+                row = db.execute(f"SELECT coalesce(crc, 0) FROM {table} WHERE id = ?", (n,)).fetchone()
                 have_crc = None if row is None else row[0]
             if n > have or have_crc is None:
                 raise self._lost(acked.tops, tops)
@@ -988,7 +1043,8 @@ class SQLiteAnswerLog(AnswerLog):
                     f"{have_crc:#010x}, recorded {crc:#010x}): the file was replaced by "
                     f"another store or a copy that diverged. Restore the store the record "
                     f"belongs to, or open with RelationStore(path, accept_loss=True) to "
-                    f"continue with this one")
+                    f"continue with this one"
+                )
 
     def _lost(self, acked, tops) -> StoreCorruptError:
         (a, _), (r, _) = acked
@@ -1004,7 +1060,8 @@ class SQLiteAnswerLog(AnswerLog):
             f"copy. Restore a backup that holds them (made with RelationStore.backup, or "
             f"the main file, '-wal' and '-shm' copied together), or open with "
             f"RelationStore(path, accept_loss=True) to continue with the answers that are "
-            f"left (ask the lost ones again; RelationStore.salvage copies what is left too)")
+            f"left (ask the lost ones again; RelationStore.salvage copies what is left too)"
+        )
 
     def _acknowledge(self, where: str) -> None:
         """Bring ``<path>-acked`` up to the rows committed now, durably (see
@@ -1040,7 +1097,8 @@ class SQLiteAnswerLog(AnswerLog):
                         f"{where}: the rows of this call are committed to {self.path!r}, "
                         f"but {side!r}, the record of acknowledged answers, could not be "
                         f"written ({e}); do not record them again. Free space or fix the "
-                        f"permissions of the directory") from e
+                        f"permissions of the directory"
+                    ) from e
         finally:
             db.execute("ROLLBACK")  # it only read
 
@@ -1076,8 +1134,9 @@ class SQLiteAnswerLog(AnswerLog):
         read-only."""
         db = self._conn(where)
         if self.readonly:
-            raise StoreError(f"{where}: {self.path!r} was opened with readonly=True; open it "
-                             f"without readonly to change the log")
+            raise StoreError(
+                f"{where}: {self.path!r} was opened with readonly=True; open it without readonly to change the log"
+            )
         return db
 
     @staticmethod
@@ -1086,12 +1145,12 @@ class SQLiteAnswerLog(AnswerLog):
         assigned by us so that the checksum can cover it."""
         return db.execute(
             f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0),"
-            f" coalesce((SELECT max(id) FROM {table}), 0)) + 1").fetchone()[0]
+            f" coalesce((SELECT max(id) FROM {table}), 0)) + 1"
+        ).fetchone()[0]
 
     def _insert(self, db: sqlite3.Connection, table: str, rows: list) -> None:
         cols = ("id", *_COLUMNS[table], "time", "source", "crc")
-        db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) "
-                       f"VALUES ({', '.join('?' * len(cols))})", rows)
+        db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
 
     def _before_snapshot(self):
         return self._acked()  # read before the snapshot it is compared with (see _load)
@@ -1111,8 +1170,7 @@ class SQLiteAnswerLog(AnswerLog):
         store open and after one closed it cleanly."""
         db = self._conn(where)
         if os.path.exists(dst):
-            raise ValueError(f"{where}: {dst!r} already exists; choose a new path (a backup "
-                             f"never overwrites a file)")
+            raise ValueError(f"{where}: {dst!r} already exists; choose a new path (a backup never overwrites a file)")
         folder = os.path.dirname(os.path.abspath(dst))
         if not os.path.isdir(folder):
             raise StoreError(f"{where}: the directory {folder!r} does not exist; create it first")
@@ -1136,9 +1194,11 @@ class SQLiteAnswerLog(AnswerLog):
             copy.close()
         got = (copy.last_answer, copy.last_retraction)
         if got[0] < self.last_answer or got[1] < self.last_retraction:
-            raise StoreError(f"{where}: the copy {dst!r} holds {got[0]} answers and "
-                             f"{got[1]} retractions, fewer than this store's "
-                             f"{self.last_answer} and {self.last_retraction}")
+            raise StoreError(
+                f"{where}: the copy {dst!r} holds {got[0]} answers and "
+                f"{got[1]} retractions, fewer than this store's "
+                f"{self.last_answer} and {self.last_retraction}"
+            )
         # The read-only check may leave an empty -wal and its -shm: the copy is one file.
         if os.path.exists(dst + "-wal") and os.path.getsize(dst + "-wal") == 0:
             for side in (dst + "-wal", dst + "-shm"):
@@ -1176,29 +1236,38 @@ def salvage(src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
         answers, dropped, unverified = _salvage_table(db, where, src, "answers", version)
         retractions, r_dropped = [], []
         if version >= 3:
-            retractions, r_dropped, _ = _salvage_table(db, where, src, "retractions",
-                                                       version)
+            retractions, r_dropped, _ = _salvage_table(db, where, src, "retractions", version)
     finally:
         db.close()
     new_id = {row[0]: k + 1 for k, row in enumerate(answers)}
     kept_retractions = {}  # new answer id -> (time, source); UNIQUE in the new store
     for seq, answer_id, t, s in retractions:
         if answer_id not in new_id or new_id[answer_id] in kept_retractions:
-            r_dropped.append((seq, f"names answer id={answer_id}, which is not in the "
-                                   f"salvaged log or already retracted"))
+            r_dropped.append(
+                (seq, f"names answer id={answer_id}, which is not in the salvaged log or already retracted")
+            )
         else:
             kept_retractions[new_id[answer_id]] = (t, s)
     out = SQLiteAnswerLog(dst)
     try:
         out.load()
         with out._transaction(where, write=True) as db:
-            out._insert(db, "answers", [
-                (k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
-                for k, (_, i, j, a, t, s) in enumerate(answers)])
-            out._insert(db, "retractions", [
-                (k + 1, a, t, s, row_crc(k + 1, a, t, s.encode()))
-                for k, (a, (t, s)) in enumerate(kept_retractions.items())])
+            out._insert(
+                db,
+                "answers",
+                [
+                    (k + 1, i, j, int(a), t, s, row_crc(k + 1, i, j, int(a), t, s.encode()))
+                    for k, (_, i, j, a, t, s) in enumerate(answers)
+                ],
+            )
+            out._insert(
+                db,
+                "retractions",
+                [
+                    (k + 1, a, t, s, row_crc(k + 1, a, t, s.encode()))
+                    for k, (a, (t, s)) in enumerate(kept_retractions.items())
+                ],
+            )
     finally:
         out.close()
-    return SalvageReport(len(answers), dropped, unverified, len(kept_retractions),
-                         sorted(r_dropped))
+    return SalvageReport(len(answers), dropped, unverified, len(kept_retractions), sorted(r_dropped))

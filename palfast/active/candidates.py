@@ -27,9 +27,18 @@ from .store import RelationStore
 __all__ = ["candidate_pairs", "check_ids", "pairs_from_knn"]
 
 
-def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto",
-                    ids=None, index: str = "auto", nlist: int | None = None,
-                    nprobe: int | None = None, ef_search: int | None = None):
+def candidate_pairs(
+    embeddings,
+    k: int = 10,
+    *,
+    store=None,
+    backend: str = "auto",
+    ids=None,
+    index: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+):
     """Unordered k-NN pairs by cosine similarity, unknown to ``store``, most similar first.
 
     Args:
@@ -60,8 +69,9 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
         check_instance(op, "store", store, RelationStore, "a palfast.active.RelationStore or None")
     embeddings = as_rows(op, "embeddings", embeddings, min_rows=1)
     row_ids = check_ids(op, ids, embeddings.shape[0])
-    sims, nbrs = knn(embeddings, k, backend=backend, op=op, index=index, nlist=nlist,
-                     nprobe=nprobe, ef_search=ef_search)
+    sims, nbrs = knn(
+        embeddings, k, backend=backend, op=op, index=index, nlist=nlist, nprobe=nprobe, ef_search=ef_search
+    )
     return pairs_from_knn(sims, nbrs, row_ids, store)
 
 

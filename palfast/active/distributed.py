@@ -33,10 +33,19 @@ __all__ = ["candidate_pairs"]
 _OP = "palfast.active.distributed.candidate_pairs"
 
 
-def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto", src: int = 0,
-                    index: str = "auto", nlist: int | None = None, nprobe: int | None = None,
-                    ef_search: int | None = None,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_pairs(
+    embeddings,
+    k: int = 10,
+    *,
+    store=None,
+    backend: str = "auto",
+    src: int = 0,
+    index: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`palfast.active.candidate_pairs` over all ranks' rows, the search sharded.
 
     Every rank passes its local embeddings ``[n_r, D]`` (``n_r`` may be 0; a tensor or
@@ -78,8 +87,9 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
             model(x_local).detach(), k=10, store=store if rank == 0 else None)
     """
     if not is_distributed():
-        return local_candidate_pairs(embeddings, k, store=store, backend=backend, index=index,
-                                     nlist=nlist, nprobe=nprobe, ef_search=ef_search)
+        return local_candidate_pairs(
+            embeddings, k, store=store, backend=backend, index=index, nlist=nlist, nprobe=nprobe, ef_search=ef_search
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     src = check_int(_OP, "src", src, 0, world - 1)
     x, counts, d = _agree_on_rows(embeddings)
@@ -95,8 +105,7 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
     for r, n_r in enumerate(counts):
         if n_r:
             try:
-                params[r] = check_index_params(_OP, index, n_r, d, k, nlist, nprobe, ef_search,
-                                                None)
+                params[r] = check_index_params(_OP, index, n_r, d, k, nlist, nprobe, ef_search, None)
             except ValueError as e:
                 raise ValueError(f"{e} (here N is the {n_r} rows of rank {r}'s shard)") from None
     comm = _comm_device(x)
@@ -111,7 +120,7 @@ def candidate_pairs(embeddings, k: int = 10, *, store=None, backend: str = "auto
         takes = [max(0, min(per_round, c - start)) for c in counts]
         mine = torch.zeros(per_round, d, dtype=torch.float32, device=comm)
         if takes[rank]:
-            mine[:takes[rank]] = unit_rows(x[start:start + takes[rank]], comm)
+            mine[: takes[rank]] = unit_rows(x[start : start + takes[rank]], comm)
         parts = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine)
         queries = torch.cat([p[:t] for p, t in zip(parts, takes)])
@@ -155,11 +164,16 @@ def _agree_on_rows(embeddings):
         x, err = as_rows(_OP, "embeddings", embeddings, finite=True), None
     except (TypeError, ValueError) as e:
         x, err = None, e
-    device = _comm_device(x) if x is not None else (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-        else torch.device("cpu"))
-    mine = torch.tensor([err is None, 0 if x is None else x.shape[0],
-                         0 if x is None else x.shape[1]], dtype=torch.long, device=device)
+    device = (
+        _comm_device(x)
+        if x is not None
+        else (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
+    )
+    mine = torch.tensor(
+        [err is None, 0 if x is None else x.shape[0], 0 if x is None else x.shape[1]], dtype=torch.long, device=device
+    )
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     ok, counts, widths = (list(v) for v in zip(*(e.cpu().tolist() for e in every)))
@@ -167,12 +181,12 @@ def _agree_on_rows(embeddings):
         raise err
     if not all(ok):
         bad = [r for r, good in enumerate(ok) if not good]
-        raise ValueError(f"{_OP}: embeddings of rank(s) {bad} are invalid (their own error says "
-                         "why); no rank searched")
+        raise ValueError(f"{_OP}: embeddings of rank(s) {bad} are invalid (their own error says why); no rank searched")
     used = {w for w, c in zip(widths, counts) if c}
     if len(used) > 1:
-        raise ValueError(f"{_OP}: embeddings must have the same width D on every rank, got "
-                         f"widths {widths} (rows per rank {counts})")
+        raise ValueError(
+            f"{_OP}: embeddings must have the same width D on every rank, got widths {widths} (rows per rank {counts})"
+        )
     if not sum(counts):
         raise ValueError(f"{_OP}: embeddings must hold at least 2 rows over all ranks, got 0")
     return x, counts, used.pop()

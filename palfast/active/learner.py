@@ -102,57 +102,92 @@ class ActiveLearner:
             (see :meth:`_epoch_order`); False = uniform shuffling.
     """
 
-    def __init__(self, encoder: torch.nn.Module, data: torch.Tensor, oracle: Oracle,
-                 store: RelationStore | None = None, *, strategy: str | Callable = "pal",
-                 loss: Callable | None = None, augment: Callable | None = None,
-                 n_views: int = 2, epochs_per_round: int = 10, batch_size: int = 256,
-                 lr: float = 1e-3, weight_decay: float = 0.0, temperature: float = 0.1,
-                 label_weight: float = 1.0, view_weight: float = 1.0, k: int = 10,
-                 explore: float = 0.1, order: str = "gain", transitive: bool | None = None,
-                 negatives: bool | None = None, unknown_weight: float = 1.0,
-                 embed_fn: Callable | None = None, seed: int = 0, device=None,
-                 progress: bool = True, source: str = "oracle", group_components: bool = True):
-        self.encoder = check_instance(_OP, "encoder", encoder, torch.nn.Module,
-                                      "a torch.nn.Module")
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        data: torch.Tensor,
+        oracle: Oracle,
+        store: RelationStore | None = None,
+        *,
+        strategy: str | Callable = "pal",
+        loss: Callable | None = None,
+        augment: Callable | None = None,
+        n_views: int = 2,
+        epochs_per_round: int = 10,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        temperature: float = 0.1,
+        label_weight: float = 1.0,
+        view_weight: float = 1.0,
+        k: int = 10,
+        explore: float = 0.1,
+        order: str = "gain",
+        transitive: bool | None = None,
+        negatives: bool | None = None,
+        unknown_weight: float = 1.0,
+        embed_fn: Callable | None = None,
+        seed: int = 0,
+        device=None,
+        progress: bool = True,
+        source: str = "oracle",
+        group_components: bool = True,
+    ):
+        self.encoder = check_instance(_OP, "encoder", encoder, torch.nn.Module, "a torch.nn.Module")
         check_instance(_OP, "data", data, torch.Tensor, "a torch.Tensor [N, ...]")
         if data.dim() < 1 or data.shape[0] < 2:
-            raise ValueError(f"{_OP}: data must be a tensor [N, ...] with N >= 2 samples, got "
-                             f"shape {tuple(data.shape)}")
+            raise ValueError(
+                f"{_OP}: data must be a tensor [N, ...] with N >= 2 samples, got shape {tuple(data.shape)}"
+            )
         self.data = data
         self.oracle = check_instance(_OP, "oracle", oracle, Oracle, "a palfast.active.Oracle")
-        self.store = RelationStore() if store is None else check_instance(
-            _OP, "store", store, RelationStore, "a palfast.active.RelationStore")
+        self.store = (
+            RelationStore()
+            if store is None
+            else check_instance(_OP, "store", store, RelationStore, "a palfast.active.RelationStore")
+        )
         if callable(strategy):
             self.strategy = strategy
         else:
             self.strategy = check_choice(_OP, "strategy", strategy, STRATEGIES)
         unknown_weight = check_number(_OP, "unknown_weight", unknown_weight, 0.0, maximum=1.0)
         if loss is not None and unknown_weight != 1.0:
-            raise ValueError(f"{_OP}: unknown_weight sets the default loss (palfast.info_nce); "
-                             f"with loss= given, pass it to your loss instead, got "
-                             f"unknown_weight={unknown_weight}")
-        self.loss = (functools.partial(info_nce, temperature=check_number(
-            _OP, "temperature", temperature, 0.0, strict=True), unknown_weight=unknown_weight)
-            if loss is None else check_callable(_OP, "loss", loss, "loss(z, graph) -> scalar"))
-        self.augment = (None if augment is None else
-                        check_callable(_OP, "augment", augment, "augment(x, generator) -> x"))
+            raise ValueError(
+                f"{_OP}: unknown_weight sets the default loss (palfast.info_nce); "
+                f"with loss= given, pass it to your loss instead, got "
+                f"unknown_weight={unknown_weight}"
+            )
+        self.loss = (
+            functools.partial(
+                info_nce,
+                temperature=check_number(_OP, "temperature", temperature, 0.0, strict=True),
+                unknown_weight=unknown_weight,
+            )
+            if loss is None
+            else check_callable(_OP, "loss", loss, "loss(z, graph) -> scalar")
+        )
+        self.augment = (
+            None if augment is None else check_callable(_OP, "augment", augment, "augment(x, generator) -> x")
+        )
         n_views = check_int(_OP, "n_views", n_views, 1)
         #: RelationStore.graph's keywords, in this one place (see batch_graph).
         self.graph_options = {
             "n_views": n_views if augment is not None else 1,
             "label_weight": check_number(_OP, "label_weight", label_weight, 0.0),
             "view_weight": check_number(_OP, "view_weight", view_weight, 0.0),
-            "negatives": (unknown_weight < 1 if negatives is None
-                          else check_bool(_OP, "negatives", negatives))}
-        self.transitive = (self.strategy != "passive" if transitive is None
-                           else check_bool(_OP, "transitive", transitive))
+            "negatives": (unknown_weight < 1 if negatives is None else check_bool(_OP, "negatives", negatives)),
+        }
+        self.transitive = (
+            self.strategy != "passive" if transitive is None else check_bool(_OP, "transitive", transitive)
+        )
         self.epochs_per_round = check_int(_OP, "epochs_per_round", epochs_per_round, 0)
         self.batch_size = check_int(_OP, "batch_size", batch_size, 1)
         self.k = check_int(_OP, "k", k, 1)
         self.explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
         self.order = check_choice(_OP, "order", order, ORDERS)
-        self.embed_fn = (None if embed_fn is None else check_callable(
-            _OP, "embed_fn", embed_fn, "embed_fn(encoder, x) -> [B, D]"))
+        self.embed_fn = (
+            None if embed_fn is None else check_callable(_OP, "embed_fn", embed_fn, "embed_fn(encoder, x) -> [B, D]")
+        )
         self.seed = check_int(_OP, "seed", seed)
         self.progress = check_bool(_OP, "progress", progress)
         self.source = check_instance(_OP, "source", source, str, "a str")
@@ -160,12 +195,15 @@ class ActiveLearner:
         #: What "pal" carries from one selection to the next (exploration credit, seeds).
         self.strategy_state: dict = {}
         params = list(encoder.parameters())
-        self.device = torch.device(device) if device is not None else (
-            params[0].device if params else torch.device("cpu"))
+        self.device = (
+            torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+        )
         self.encoder.to(self.device)
         self.optimizer = torch.optim.Adam(
-            params, lr=check_number(_OP, "lr", lr, 0.0, strict=True),
-            weight_decay=check_number(_OP, "weight_decay", weight_decay, 0.0))
+            params,
+            lr=check_number(_OP, "lr", lr, 0.0, strict=True),
+            weight_decay=check_number(_OP, "weight_decay", weight_decay, 0.0),
+        )
         self._gen = torch.Generator().manual_seed(self.seed)
         self._positives = torch.zeros(0, 2, dtype=torch.long)
 
@@ -198,8 +236,7 @@ class ActiveLearner:
                 if idx.numel() < 2:
                     continue
                 x = self.data[idx.to(self.data.device)].to(self.device)
-                views = [self.augment(x, self._gen) if self.augment else x
-                         for _ in range(self.n_views)]
+                views = [self.augment(x, self._gen) if self.augment else x for _ in range(self.n_views)]
                 graph = self.batch_graph(idx)
                 if graph.num_anchors == 0:
                     continue  # no positive anywhere in this batch: nothing to learn from
@@ -251,8 +288,7 @@ class ActiveLearner:
         comp = self.store.roots(perm)
         order = torch.sort(comp, stable=True).indices  # group members, shuffled inside
         perm, comp = perm[order], comp[order]
-        _, group, counts = torch.unique_consecutive(comp, return_inverse=True,
-                                                    return_counts=True)
+        _, group, counts = torch.unique_consecutive(comp, return_inverse=True, return_counts=True)
         start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         chunk = (torch.arange(n) - start) // max(2, self.batch_size // 4)
         _, unit = torch.unique(group * n + chunk, return_inverse=True)
@@ -266,7 +302,7 @@ class ActiveLearner:
         self.encoder.eval()
         out = []
         for start in range(0, data.shape[0], 4096):
-            x = data[start:start + 4096].to(self.device)
+            x = data[start : start + 4096].to(self.device)
             z = self.embed_fn(self.encoder, x) if self.embed_fn else self.encoder(x)
             out.append(z.float().cpu())
         self.encoder.train()
@@ -280,14 +316,26 @@ class ActiveLearner:
         else:
             emb = self.embed()
         if isinstance(self.strategy, str):
-            return select_queries(emb, self.store, budget, self.strategy, k=self.k,
-                                  generator=gen, explore=self.explore, order=self.order,
-                                  state=self.strategy_state)
-        pairs = as_pairs(self.strategy(emb, self.store, budget, k=self.k, generator=gen),
-                          f"{_OP}: the pairs that strategy {self.strategy_name!r} returned")
+            return select_queries(
+                emb,
+                self.store,
+                budget,
+                self.strategy,
+                k=self.k,
+                generator=gen,
+                explore=self.explore,
+                order=self.order,
+                state=self.strategy_state,
+            )
+        pairs = as_pairs(
+            self.strategy(emb, self.store, budget, k=self.k, generator=gen),
+            f"{_OP}: the pairs that strategy {self.strategy_name!r} returned",
+        )
         if pairs.shape[0] > budget:
-            raise ValueError(f"{_OP}: strategy {self.strategy_name!r} returned {pairs.shape[0]} "
-                             f"pairs for a budget of {budget}; it must return at most budget")
+            raise ValueError(
+                f"{_OP}: strategy {self.strategy_name!r} returned {pairs.shape[0]} "
+                f"pairs for a budget of {budget}; it must return at most budget"
+            )
         return pairs
 
     def ask_and_record(self, pairs: torch.Tensor) -> torch.Tensor:
@@ -301,8 +349,7 @@ class ActiveLearner:
         return answers
 
     # -------------------------------------------------------------------- loop
-    def run(self, budget: int, queries_per_round: int = 50,
-            on_round: Callable | None = None) -> list[dict]:
+    def run(self, budget: int, queries_per_round: int = 50, on_round: Callable | None = None) -> list[dict]:
         """Rounds until ``store.n_queries >= budget``: train, then ``on_round``, then
         select/ask/record. The last round trains on every answer, so the last entry
         describes the final encoder.
@@ -337,10 +384,15 @@ class ActiveLearner:
             while True:
                 loss = self.train()
                 _, answers = self.store.answers()
-                info = {"round": len(history), "n_queries": self.store.n_queries,
-                        "n_positive": int(answers.sum()), "n_conflicts": self.store.n_conflicts,
-                        "loss": loss, "n_seeds": self.strategy_state.get("n_seeds", 0),
-                        "stop": None}
+                info = {
+                    "round": len(history),
+                    "n_queries": self.store.n_queries,
+                    "n_positive": int(answers.sum()),
+                    "n_conflicts": self.store.n_conflicts,
+                    "loss": loss,
+                    "n_seeds": self.strategy_state.get("n_seeds", 0),
+                    "stop": None,
+                }
                 if on_round is not None:
                     info.update(on_round(self, dict(info)) or {})
                 history.append(info)
@@ -361,9 +413,13 @@ class ActiveLearner:
                 bar.close()
         added = self.store.n_conflicts - conflicts_before
         if added:
-            warnings.warn(f"{op}: {added} of this run's answers contradict earlier answers (a "
-                          f"noisy oracle?); the first answer wins, store.contradictions() lists "
-                          f"them", ContradictionWarning, stacklevel=2)
+            warnings.warn(
+                f"{op}: {added} of this run's answers contradict earlier answers (a "
+                f"noisy oracle?); the first answer wins, store.contradictions() lists "
+                f"them",
+                ContradictionWarning,
+                stacklevel=2,
+            )
         return history
 
 

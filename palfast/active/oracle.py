@@ -45,9 +45,11 @@ def check_noise(op: str, name: str, value) -> float:
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} ({value!r})")
     value = float(value)
     if not 0.0 <= value <= MAX_NOISE:  # also refuses nan
-        raise ValueError(f"{op}: {name} must be a probability in [0, {MAX_NOISE:g}] (the chance "
-                         f"that an answer is flipped; above {MAX_NOISE:g} the annotator is wrong "
-                         f"more often than right), got {value}")
+        raise ValueError(
+            f"{op}: {name} must be a probability in [0, {MAX_NOISE:g}] (the chance "
+            f"that an answer is flipped; above {MAX_NOISE:g} the annotator is wrong "
+            f"more often than right), got {value}"
+        )
     return value
 
 
@@ -78,14 +80,18 @@ class Oracle:
         Counts K pairs and one interaction."""
         c = torch.as_tensor(candidates)
         if c.dim() != 1:
-            raise ValueError(f"Oracle.ask_batch: candidates must be a 1-D tensor of sample ids, "
-                             f"got shape {tuple(c.shape)}")
+            raise ValueError(
+                f"Oracle.ask_batch: candidates must be a 1-D tensor of sample ids, got shape {tuple(c.shape)}"
+            )
         a = torch.as_tensor(anchor)
         if a.numel() != 1:
-            raise ValueError(f"Oracle.ask_batch: anchor must be one sample id, got shape "
-                             f"{tuple(a.shape)}")
-        p = as_pairs(torch.stack([a.reshape(()).expand(c.shape[0]), c.to(a.device)], 1)
-                      if c.numel() else torch.zeros(0, 2, dtype=torch.long), "anchor/candidates")
+            raise ValueError(f"Oracle.ask_batch: anchor must be one sample id, got shape {tuple(a.shape)}")
+        p = as_pairs(
+            torch.stack([a.reshape(()).expand(c.shape[0]), c.to(a.device)], 1)
+            if c.numel()
+            else torch.zeros(0, 2, dtype=torch.long),
+            "anchor/candidates",
+        )
         out = self._checked(p, batch=True)
         self.n_pairs += p.shape[0]
         self.n_interactions += 1
@@ -97,12 +103,13 @@ class Oracle:
         out = self._answer_batch(p) if batch else self._answer(p)
         out = torch.as_tensor(out)
         if out.shape != (p.shape[0],):
-            raise ValueError(f"{type(self).__name__}: the oracle must return one answer per pair "
-                             f"([{p.shape[0]}]), got shape {tuple(out.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: the oracle must return one answer per pair "
+                f"([{p.shape[0]}]), got shape {tuple(out.shape)}"
+            )
         if out.dtype != torch.bool:
             if out.dtype.is_floating_point or not bool(((out == 0) | (out == 1)).all()):
-                raise TypeError(f"{type(self).__name__}: the oracle must return bools, "
-                                f"got {out.dtype}")
+                raise TypeError(f"{type(self).__name__}: the oracle must return bools, got {out.dtype}")
             out = out.bool()
         return out.cpu()
 
@@ -128,8 +135,7 @@ class LabelOracle(Oracle):
         super().__init__()
         y = torch.as_tensor(labels)
         if y.dim() != 1 or y.numel() == 0:
-            raise ValueError(f"LabelOracle: labels must be a non-empty 1-D tensor, "
-                             f"got shape {tuple(y.shape)}")
+            raise ValueError(f"LabelOracle: labels must be a non-empty 1-D tensor, got shape {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype.is_complex:
             raise TypeError(f"LabelOracle: labels must be integers, got {y.dtype}")
         self.noise = check_noise("LabelOracle", "noise", noise)
@@ -140,8 +146,7 @@ class LabelOracle(Oracle):
     def _answer(self, pairs: torch.Tensor) -> torch.Tensor:
         n = self.labels.numel()
         if int(pairs.max()) >= n:
-            raise ValueError(f"LabelOracle: sample ids must be < {n} (number of labels), "
-                             f"got {int(pairs.max())}")
+            raise ValueError(f"LabelOracle: sample ids must be < {n} (number of labels), got {int(pairs.max())}")
         out = self.labels[pairs[:, 0]] == self.labels[pairs[:, 1]]
         if self.noise > 0:
             out ^= torch.rand(out.shape[0], generator=self._gen) < self.noise
@@ -161,8 +166,11 @@ class CallbackOracle(Oracle):
     def __init__(self, fn: Callable, batch_fn: Callable | None = None):
         super().__init__()
         self.fn = check_callable("CallbackOracle", "fn", fn, "fn(pairs [Q, 2]) -> [Q] bools")
-        self.batch_fn = None if batch_fn is None else check_callable(
-            "CallbackOracle", "batch_fn", batch_fn, "batch_fn(anchor, candidates [K]) -> [K] bools")
+        self.batch_fn = (
+            None
+            if batch_fn is None
+            else check_callable("CallbackOracle", "batch_fn", batch_fn, "batch_fn(anchor, candidates [K]) -> [K] bools")
+        )
 
     def _answer(self, pairs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.fn(pairs.clone()))

@@ -90,10 +90,16 @@ _SCHEMA = (
         source BYTEA NOT NULL,
         crc BIGINT NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
     _APPEND_ONLY,
-    *(f"""CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t}
-          FOR EACH ROW EXECUTE FUNCTION palfast_append_only()""" for t in _COLUMNS),
-    *(f"""CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
-          FOR EACH STATEMENT EXECUTE FUNCTION palfast_append_only()""" for t in _COLUMNS),
+    *(
+        f"""CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t}
+          FOR EACH ROW EXECUTE FUNCTION palfast_append_only()"""
+        for t in _COLUMNS
+    ),
+    *(
+        f"""CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {t}
+          FOR EACH STATEMENT EXECUTE FUNCTION palfast_append_only()"""
+        for t in _COLUMNS
+    ),
 )
 #: The ``meta`` keys holding the last id of each log table (updated with the rows).
 _TOP = {t: f"{t}_top" for t in _COLUMNS}
@@ -114,8 +120,9 @@ def _psycopg():
     try:
         import psycopg
     except ImportError as e:
-        raise StoreError("RelationStore: a postgresql:// store needs psycopg 3; install it "
-                         "with pip install 'palfast[postgres]'") from e
+        raise StoreError(
+            "RelationStore: a postgresql:// store needs psycopg 3; install it with pip install 'palfast[postgres]'"
+        ) from e
     return psycopg
 
 
@@ -162,8 +169,7 @@ class PostgresAnswerLog(AnswerLog):
 
     def _conn(self, where: str):
         if self._closed:
-            raise StoreError(f"{where}: the store {self._shown!r} is closed; open it again "
-                             f"with RelationStore(url)")
+            raise StoreError(f"{where}: the store {self._shown!r} is closed; open it again with RelationStore(url)")
         if self._db is None or self._db.closed or self._db.broken:
             self._db = None
             self._db = self._connect(where)  # after a lost connection: connect again
@@ -183,24 +189,32 @@ class PostgresAnswerLog(AnswerLog):
         # one line, so that a command-line tool can print the error as one line.
         msg = " ".join(str(e).split())
         if isinstance(e, errors.LockNotAvailable):
-            return StoreError(f"{where}: {self._shown!r} stayed locked by another process longer "
-                              f"than the timeout; retry, or open it with a larger timeout= "
-                              f"(PostgreSQL says: {msg})")
+            return StoreError(
+                f"{where}: {self._shown!r} stayed locked by another process longer "
+                f"than the timeout; retry, or open it with a larger timeout= "
+                f"(PostgreSQL says: {msg})"
+            )
         if isinstance(e, errors.ReadOnlySqlTransaction):
-            return StoreError(f"{where}: {self._shown!r} is read-only here (opened with "
-                              f"readonly=True, or a read-only server or user); open it "
-                              f"without readonly on a writable server to record answers")
+            return StoreError(
+                f"{where}: {self._shown!r} is read-only here (opened with "
+                f"readonly=True, or a read-only server or user); open it "
+                f"without readonly on a writable server to record answers"
+            )
         if isinstance(e, errors.DiskFull):
-            return StoreError(f"{where}: the disk of the server of {self._shown!r} is full; "
-                              f"nothing of this call was written. Free space and call it "
-                              f"again (PostgreSQL says: {msg})")
+            return StoreError(
+                f"{where}: the disk of the server of {self._shown!r} is full; "
+                f"nothing of this call was written. Free space and call it "
+                f"again (PostgreSQL says: {msg})"
+            )
         if isinstance(e, self._psycopg.OperationalError):
-            return StoreError(f"{where}: cannot reach the PostgreSQL store {self._shown!r}: "
-                              f"check that the server runs and that the URL, user and "
-                              f"network are right; the next call connects again. If this "
-                              f"was record() or retract(), its rows may have been committed "
-                              f"just before the connection broke: refresh() shows them "
-                              f"(PostgreSQL says: {msg})")
+            return StoreError(
+                f"{where}: cannot reach the PostgreSQL store {self._shown!r}: "
+                f"check that the server runs and that the URL, user and "
+                f"network are right; the next call connects again. If this "
+                f"was record() or retract(), its rows may have been committed "
+                f"just before the connection broke: refresh() shows them "
+                f"(PostgreSQL says: {msg})"
+            )
         return StoreError(f"{where}: PostgreSQL failed on {self._shown!r}: {msg}")
 
     # ------------------------------------------------------------------ tables
@@ -214,35 +228,46 @@ class PostgresAnswerLog(AnswerLog):
                         raise ValueError(
                             f"RelationStore: {self._shown!r} has an answers or retractions "
                             f"table but no palfast meta table: refusing to write into a "
-                            f"foreign database (use another database or search_path)")
+                            f"foreign database (use another database or search_path)"
+                        )
                     for statement in _SCHEMA:
                         db.execute(statement)
                     db.cursor().executemany(
                         "INSERT INTO meta (key, value) VALUES (%s, %s)",
-                        [("application", "palfast.RelationStore"),
-                         ("schema_version", str(SCHEMA_VERSION)),
-                         ("created", repr(time.time())), *((k, "0") for k in _TOP.values())])
+                        [
+                            ("application", "palfast.RelationStore"),
+                            ("schema_version", str(SCHEMA_VERSION)),
+                            ("created", repr(time.time())),
+                            *((k, "0") for k in _TOP.values()),
+                        ],
+                    )
         if not self._has("meta"):
-            raise ValueError(f"RelationStore: {self._shown!r} holds no palfast RelationStore "
-                             f"(no meta table; readonly=True never creates one)")
+            raise ValueError(
+                f"RelationStore: {self._shown!r} holds no palfast RelationStore "
+                f"(no meta table; readonly=True never creates one)"
+            )
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("application") != "palfast.RelationStore":
-            raise ValueError(f"RelationStore: {self._shown!r} has a meta table that is not "
-                             f"palfast's (application={meta.get('application')!r})")
+            raise ValueError(
+                f"RelationStore: {self._shown!r} has a meta table that is not "
+                f"palfast's (application={meta.get('application')!r})"
+            )
         if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise ValueError(f"RelationStore: {self._shown!r} has schema version "
-                             f"{meta.get('schema_version')!r}; this palfast reads "
-                             f"{SCHEMA_VERSION} (upgrade palfast if it is newer)")
+            raise ValueError(
+                f"RelationStore: {self._shown!r} has schema version "
+                f"{meta.get('schema_version')!r}; this palfast reads "
+                f"{SCHEMA_VERSION} (upgrade palfast if it is newer)"
+            )
 
     def _has(self, table: str) -> bool:
-        return self._db.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                (table,)).fetchone()[0]
+        return self._db.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
 
     def _corrupt(self, what: str) -> StoreCorruptError:
         return StoreCorruptError(
             f"RelationStore: {self._shown!r}: {what}. The database was edited outside "
             f"palfast (or damaged); the store refuses to use it rather than drop or change "
-            f"answers. Restore it from a backup")
+            f"answers. Restore it from a backup"
+        )
 
     def load(self) -> NewRows:
         """The first read: every row, verified, and the last ids ``meta`` records."""
@@ -251,14 +276,17 @@ class PostgresAnswerLog(AnswerLog):
     def _check_snapshot(self, db, before, new: NewRows) -> None:
         """The last ids ``meta`` records (written with the rows) are those read: no row
         is missing at the end of either table."""
-        tops = dict(db.execute("SELECT key, value FROM meta WHERE key = ANY(%s)",
-                               (list(_TOP.values()),)).fetchall())
-        for table, rows, last in (("answers", new.answers, self.last_answer),
-                                  ("retractions", new.retractions, self.last_retraction)):
+        tops = dict(db.execute("SELECT key, value FROM meta WHERE key = ANY(%s)", (list(_TOP.values()),)).fetchall())
+        for table, rows, last in (
+            ("answers", new.answers, self.last_answer),
+            ("retractions", new.retractions, self.last_retraction),
+        ):
             have = rows[-1][0] if rows else last
             if tops.get(_TOP[table]) != str(have):
-                raise self._corrupt(f"the {table} log ends at row id={have} but meta "
-                                    f"records {tops.get(_TOP[table])!r}: rows are missing")
+                raise self._corrupt(
+                    f"the {table} log ends at row id={have} but meta "
+                    f"records {tops.get(_TOP[table])!r}: rows are missing"
+                )
 
     def _before_snapshot(self):
         return None
@@ -286,8 +314,9 @@ class PostgresAnswerLog(AnswerLog):
     def check_writable(self, where: str):
         db = self._conn(where)
         if self.readonly:
-            raise StoreError(f"{where}: {self._shown!r} was opened with readonly=True; open it "
-                             f"without readonly to change the log")
+            raise StoreError(
+                f"{where}: {self._shown!r} was opened with readonly=True; open it without readonly to change the log"
+            )
         return db
 
     def _next_id(self, db, table: str) -> int:
@@ -302,13 +331,15 @@ class PostgresAnswerLog(AnswerLog):
         src = cols.index("source")
         db.cursor().executemany(
             f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})",
-            [(*r[:src], r[src].encode("utf-8"), *r[src + 1:]) for r in rows])
+            [(*r[:src], r[src].encode("utf-8"), *r[src + 1 :]) for r in rows],
+        )
         db.execute("UPDATE meta SET value = %s WHERE key = %s", (str(rows[-1][0]), _TOP[table]))
 
     def _fetch(self, db, table: str, after: int) -> list:
         cols = ", ".join(_COLUMNS[table])
-        rows = db.execute(f"SELECT id, {cols}, time, source, crc FROM {table} WHERE id > %s "
-                          f"ORDER BY id", (after,)).fetchall()
+        rows = db.execute(
+            f"SELECT id, {cols}, time, source, crc FROM {table} WHERE id > %s ORDER BY id", (after,)
+        ).fetchall()
         return [(*r[:-2], bytes(r[-2]), r[-1]) for r in rows]
 
     # ------------------------------------------------------------------ copies
@@ -318,15 +349,13 @@ class PostgresAnswerLog(AnswerLog):
         with self._transaction(where) as db:
             rows = {t: self._fetch(db, t, 0) for t in _COLUMNS}
         if os.path.exists(dst):
-            raise ValueError(f"{where}: {dst!r} already exists; choose a new path (a backup "
-                             f"never overwrites a file)")
+            raise ValueError(f"{where}: {dst!r} already exists; choose a new path (a backup never overwrites a file)")
         out = SQLiteAnswerLog(dst)
         try:
             out.load()
             with out._transaction(where, write=True) as sq:
                 for table, found in rows.items():
-                    out._insert(sq, table, [(*r[:-2], r[-2].decode("utf-8"), r[-1])
-                                            for r in found])
+                    out._insert(sq, table, [(*r[:-2], r[-2].decode("utf-8"), r[-1]) for r in found])
         except sqlite3.Error as e:
             raise StoreError(f"{where}: could not write the copy {dst!r}: {e}") from e
         finally:
@@ -336,7 +365,5 @@ class PostgresAnswerLog(AnswerLog):
             copy.load()
         finally:
             copy.close()
-        if (copy.last_answer, copy.last_retraction) != (len(rows["answers"]),
-                                                        len(rows["retractions"])):
-            raise StoreError(f"{where}: the copy {dst!r} does not hold the rows read from "
-                             f"{self._shown!r}")
+        if (copy.last_answer, copy.last_retraction) != (len(rows["answers"]), len(rows["retractions"])):
+            raise StoreError(f"{where}: the copy {dst!r} does not hold the rows read from {self._shown!r}")

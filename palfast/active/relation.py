@@ -69,17 +69,17 @@ class Relation:
         """Forget every answer (a store replays its log after a retraction)."""
         # Sample ids are mapped to dense indices (order of first appearance): ids are
         # arbitrary int64, so nothing may be sized by the largest one.
-        self._dense: dict[int, int] = {}     # sample id -> dense index
-        self._ids: list[int] = []            # dense index -> sample id
-        self._parent: list[int] = []         # union-find forest over dense indices
+        self._dense: dict[int, int] = {}  # sample id -> dense index
+        self._ids: list[int] = []  # dense index -> sample id
+        self._parent: list[int] = []  # union-find forest over dense indices
         self._size: list[int] = []
         self._cannot: dict[int, set[int]] = {}  # dense root -> dense roots it cannot join
         self._max_id = -1
-        self._log_i: list[int] = []          # the answers applied, in order
+        self._log_i: list[int] = []  # the answers applied, in order
         self._log_j: list[int] = []
         self._log_a: list[bool] = []
-        self._conflicts: list[int] = []      # positions (in _log_*) of contradicting answers
-        self._cache: dict | None = None      # vectorised lookups, rebuilt after changes
+        self._conflicts: list[int] = []  # positions (in _log_*) of contradicting answers
+        self._cache: dict | None = None  # vectorised lookups, rebuilt after changes
 
     def extend(self, answers) -> list[int]:
         """Apply ``answers``, an iterable of ``(i, j, alike)`` (sample ids as ints, ``i !=
@@ -163,11 +163,16 @@ class Relation:
                     break
                 r = nxt
             n = max(len(self._ids), 1)
-            keys = np.fromiter((x * n + y for x, s in self._cannot.items() for y in s),
-                               dtype=np.int64)
-            self._cache = {"ids": ids, "sorted": ids[order], "order": order, "root": r,
-                           "size": np.asarray(self._size, dtype=np.int64),
-                           "n": n, "keys": np.sort(keys)}
+            keys = np.fromiter((x * n + y for x, s in self._cannot.items() for y in s), dtype=np.int64)
+            self._cache = {
+                "ids": ids,
+                "sorted": ids[order],
+                "order": order,
+                "root": r,
+                "size": np.asarray(self._size, dtype=np.int64),
+                "n": n,
+                "keys": np.sort(keys),
+            }
         return self._cache
 
     def _dense_roots(self, ids: np.ndarray) -> np.ndarray:
@@ -184,8 +189,7 @@ class Relation:
         """Root sample id of each id (ids never seen are their own root), vectorised."""
         ids = np.asarray(ids, dtype=np.int64)
         d = self._dense_roots(ids)
-        return np.where(d >= 0, self._lookup()["ids"][d.clip(min=0)] if len(self._ids) else 0,
-                        ids)
+        return np.where(d >= 0, self._lookup()["ids"][d.clip(min=0)] if len(self._ids) else 0, ids)
 
     # --------------------------------------------------------------- queries
     @property
@@ -214,10 +218,10 @@ class Relation:
         ``positions`` index :meth:`answers`. They are in the log but not in the relation
         (the first answer wins)."""
         pos = torch.tensor(self._conflicts, dtype=torch.long)
-        pairs = torch.tensor([[self._log_i[c], self._log_j[c]] for c in self._conflicts],
-                             dtype=torch.long).reshape(-1, 2)
-        return pos, pairs, torch.tensor([self._log_a[c] for c in self._conflicts],
-                                        dtype=torch.bool)
+        pairs = torch.tensor([[self._log_i[c], self._log_j[c]] for c in self._conflicts], dtype=torch.long).reshape(
+            -1, 2
+        )
+        return pos, pairs, torch.tensor([self._log_a[c] for c in self._conflicts], dtype=torch.bool)
 
     def _check_id(self, v, name: str) -> int:
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
@@ -286,24 +290,32 @@ class Relation:
     def _indices(self, indices) -> torch.Tensor:
         if indices is None:
             if self.num_ids > MAX_IMPLICIT_IDS:
-                raise ValueError(f"{self._name}: indices=None means every id 0..num_ids-1, "
-                                 f"and num_ids = {self.num_ids} > {MAX_IMPLICIT_IDS}; pass the "
-                                 f"sample ids explicitly (store.ids() lists those in the log)")
+                raise ValueError(
+                    f"{self._name}: indices=None means every id 0..num_ids-1, "
+                    f"and num_ids = {self.num_ids} > {MAX_IMPLICIT_IDS}; pass the "
+                    f"sample ids explicitly (store.ids() lists those in the log)"
+                )
             return torch.arange(self.num_ids)
         idx = torch.as_tensor(indices)
         if idx.dim() != 1:
-            raise ValueError(f"{self._name}: indices must be a 1-D tensor of sample ids, "
-                             f"got shape {tuple(idx.shape)}")
-        if idx.numel() and (idx.dtype.is_floating_point or idx.dtype.is_complex
-                            or idx.dtype == torch.bool):
+            raise ValueError(f"{self._name}: indices must be a 1-D tensor of sample ids, got shape {tuple(idx.shape)}")
+        if idx.numel() and (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool):
             raise TypeError(f"{self._name}: indices must hold integer sample ids, got {idx.dtype}")
         idx = idx.to(device="cpu", dtype=torch.long)
         if idx.numel() and int(idx.min()) < 0:
             raise ValueError(f"{self._name}: indices must be >= 0, got {int(idx.min())}")
         return idx
 
-    def graph(self, indices=None, *, n_views: int = 1, label_weight: float = 1.0,
-              view_weight: float = 1.0, negatives: bool = False, device=None) -> PairGraph:
+    def graph(
+        self,
+        indices=None,
+        *,
+        n_views: int = 1,
+        label_weight: float = 1.0,
+        view_weight: float = 1.0,
+        negatives: bool = False,
+        device=None,
+    ) -> PairGraph:
         """PairGraph of the known positives (and, with ``negatives=True``, the known
         negatives) over a mini-batch.
 
@@ -385,5 +397,4 @@ class Relation:
         local = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         src = rows[order[start[a][pair] + local // count[b][pair]]]
         dst = rows[order[start[b][pair] + local % count[b][pair]]]
-        return PairGraph.from_edges(torch.from_numpy(src), torch.from_numpy(dst),
-                                    num_nodes=n_rows).to(device or "cpu")
+        return PairGraph.from_edges(torch.from_numpy(src), torch.from_numpy(dst), num_nodes=n_rows).to(device or "cpu")

@@ -73,8 +73,7 @@ from .answer_log import salvage as _salvage
 from .postgres_log import PostgresAnswerLog, is_postgres_url, shown
 from .relation import MAX_IMPLICIT_IDS, Relation, as_pairs  # noqa: F401
 
-__all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorruptError",
-           "StoreError"]
+__all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorruptError", "StoreError"]
 
 
 class ContradictionWarning(UserWarning):
@@ -92,6 +91,7 @@ def _query(name: str):
     @functools.wraps(method)
     def ask(self, *args, **kw):
         return method(self._relation, *args, **kw)
+
     return ask
 
 
@@ -122,8 +122,14 @@ class RelationStore:
     guarantees. Use as a context manager or call :meth:`close` to release the file.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 30.0,
-                 readonly: bool = False, accept_loss: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        timeout: float = 30.0,
+        readonly: bool = False,
+        accept_loss: bool = False,
+    ):
         timeout = check_number("RelationStore", "timeout", timeout, 0.0, maximum=_MAX_TIMEOUT)
         self.readonly = check_bool("RelationStore", "readonly", readonly)
         accept_loss = check_bool("RelationStore", "accept_loss", accept_loss)
@@ -134,12 +140,13 @@ class RelationStore:
         self._log: AnswerLog
         if is_postgres_url(self.path):
             if accept_loss:
-                raise ValueError("RelationStore: accept_loss applies to SQLite stores (their "
-                                 "'-acked' record); a PostgreSQL store has none")
+                raise ValueError(
+                    "RelationStore: accept_loss applies to SQLite stores (their "
+                    "'-acked' record); a PostgreSQL store has none"
+                )
             self._log = PostgresAnswerLog(self.path, timeout=timeout, readonly=self.readonly)
         else:
-            self._log = SQLiteAnswerLog(self.path, timeout=timeout, readonly=self.readonly,
-                                        accept_loss=accept_loss)
+            self._log = SQLiteAnswerLog(self.path, timeout=timeout, readonly=self.readonly, accept_loss=accept_loss)
         self._apply_new(self._log.load())
 
     def _apply_new(self, new: NewRows) -> list[int]:
@@ -148,8 +155,7 @@ class RelationStore:
         if new.rebuild:
             self._relation.clear()
         retracted = self._log.retracted
-        return self._relation.extend((i, j, a) for seq, i, j, a, _, _ in new.answers
-                                     if seq not in retracted)
+        return self._relation.extend((i, j, a) for seq, i, j, a, _, _ in new.answers if seq not in retracted)
 
     def close(self) -> None:
         """Close the database (idempotent). Everything recorded is already on disk;
@@ -182,17 +188,22 @@ class RelationStore:
         p = as_pairs(pairs)
         a = torch.as_tensor(answers)
         if a.dim() != 1 or a.shape[0] != p.shape[0]:
-            raise ValueError(f"{where}: answers must be a [Q] vector with Q = "
-                             f"{p.shape[0]} (one per pair), got shape {tuple(a.shape)}")
-        if a.numel() and a.dtype != torch.bool and (
-                a.dtype.is_floating_point or a.dtype.is_complex
-                or not bool(((a == 0) | (a == 1)).all())):
+            raise ValueError(
+                f"{where}: answers must be a [Q] vector with Q = "
+                f"{p.shape[0]} (one per pair), got shape {tuple(a.shape)}"
+            )
+        if (
+            a.numel()
+            and a.dtype != torch.bool
+            and (a.dtype.is_floating_point or a.dtype.is_complex or not bool(((a == 0) | (a == 1)).all()))
+        ):
             raise TypeError(f"{where}: answers must be bool (or 0/1 integers), got {a.dtype}")
         source_bytes(where, source)
         if p.numel() and bool((p[:, 0] == p[:, 1]).any()):
             q = int((p[:, 0] == p[:, 1]).nonzero()[0, 0])
-            raise ValueError(f"{where}: pairs must join two different samples, "
-                             f"got pair {q} = ({int(p[q, 0])}, {int(p[q, 1])})")
+            raise ValueError(
+                f"{where}: pairs must join two different samples, got pair {q} = ({int(p[q, 0])}, {int(p[q, 1])})"
+            )
         if p.numel() == 0:
             self._log.check_writable(where)
             return []
@@ -208,7 +219,9 @@ class RelationStore:
                 f"already knew (first: ({i}, {j}) answered {'alike' if ans else 'different'}, "
                 f"known {'different' if ans else 'alike'}). They are kept in the log and do "
                 f"not change the relation; see RelationStore.contradictions()",
-                ContradictionWarning, stacklevel=2)
+                ContradictionWarning,
+                stacklevel=2,
+            )
         return ids
 
     def retract(self, answer_ids, source: str = "oracle") -> None:
@@ -273,6 +286,8 @@ class RelationStore:
 
     def __repr__(self) -> str:
         path = shown(self.path) if is_postgres_url(self.path) else self.path
-        return (f"RelationStore(path={path!r}, n_queries={self.n_queries}, "
-                f"components={self._relation.n_components()}, conflicts={self.n_conflicts}"
-                f"{', readonly' if self.readonly else ''})")
+        return (
+            f"RelationStore(path={path!r}, n_queries={self.n_queries}, "
+            f"components={self._relation.n_components()}, conflicts={self.n_conflicts}"
+            f"{', readonly' if self.readonly else ''})"
+        )

@@ -94,8 +94,15 @@ from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_ind
 from .candidates import check_ids, pairs_from_knn
 from .store import RelationStore
 
-__all__ = ["GRAPH_STRATEGIES", "ORDERS", "STABLE_SEEDS", "STRATEGIES", "UNCERTAIN_K_FACTOR",
-           "CandidateGraph", "select_queries"]
+__all__ = [
+    "GRAPH_STRATEGIES",
+    "ORDERS",
+    "STABLE_SEEDS",
+    "STRATEGIES",
+    "UNCERTAIN_K_FACTOR",
+    "CandidateGraph",
+    "select_queries",
+]
 
 STRATEGIES = ("pal", "nearest", "uncertain", "random", "passive")
 #: The strategies that search the k-NN graph (:class:`CandidateGraph`); ``"random"`` and
@@ -152,13 +159,26 @@ class _Selection:
         return torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
 
 
-def select_queries(embeddings, store: RelationStore, budget: int,
-                   strategy: str = "pal", *, k: int = 10, generator: torch.Generator | None = None,
-                   seed: int | None = None, ids=None, backend: str = "auto",
-                   explore: float = 0.1, order: str = "gain",
-                   state: dict | None = None, index: str = "auto", nlist: int | None = None,
-                   nprobe: int | None = None, ef_search: int | None = None,
-                   graph: CandidateGraph | None = None) -> torch.Tensor:
+def select_queries(
+    embeddings,
+    store: RelationStore,
+    budget: int,
+    strategy: str = "pal",
+    *,
+    k: int = 10,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    ids=None,
+    backend: str = "auto",
+    explore: float = 0.1,
+    order: str = "gain",
+    state: dict | None = None,
+    index: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    graph: CandidateGraph | None = None,
+) -> torch.Tensor:
     """Choose up to ``budget`` unknown pairs to ask the oracle.
 
     Args:
@@ -202,32 +222,44 @@ def select_queries(embeddings, store: RelationStore, budget: int,
     """
     if graph is not None:
         check_instance(_OP, "graph", graph, CandidateGraph, "a palfast.active.CandidateGraph or None")
-        given = [name for name, value, default in (
-            ("backend", backend, "auto"), ("index", index, "auto"), ("nlist", nlist, None),
-            ("nprobe", nprobe, None), ("ef_search", ef_search, None)) if value != default]
+        given = [
+            name
+            for name, value, default in (
+                ("backend", backend, "auto"),
+                ("index", index, "auto"),
+                ("nlist", nlist, None),
+                ("nprobe", nprobe, None),
+                ("ef_search", ef_search, None),
+            )
+            if value != default
+        ]
         if given:
-            raise ValueError(f"{_OP}: {', '.join(given)} must be left at the default when graph is "
-                             f"given (the graph's were fixed when it was built); pass them to "
-                             f"CandidateGraph instead")
+            raise ValueError(
+                f"{_OP}: {', '.join(given)} must be left at the default when graph is "
+                f"given (the graph's were fixed when it was built); pass them to "
+                f"CandidateGraph instead"
+            )
     # With a graph the embeddings were scanned for NaN/Inf when it was built.
     x = as_rows(_OP, "embeddings", embeddings, min_rows=2, finite=graph is None)
     if graph is not None and not graph.built_on(x):
-        raise ValueError(f"{_OP}: graph must be built on these embeddings (the same array: "
-                         f"shape, dtype and memory), got a graph of shape {tuple(graph.x.shape)} "
-                         f"for embeddings of shape {tuple(x.shape)}; build CandidateGraph(embeddings) "
-                         f"again whenever the embeddings change")
+        raise ValueError(
+            f"{_OP}: graph must be built on these embeddings (the same array: "
+            f"shape, dtype and memory), got a graph of shape {tuple(graph.x.shape)} "
+            f"for embeddings of shape {tuple(x.shape)}; build CandidateGraph(embeddings) "
+            f"again whenever the embeddings change"
+        )
     n = x.shape[0]
     if not isinstance(store, RelationStore):
-        raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, "
-                        f"got {type(store).__name__}")
+        raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, got {type(store).__name__}")
     budget = check_int(_OP, "budget", budget, 0)
     check_choice(_OP, "strategy", strategy, STRATEGIES)
     k = check_int(_OP, "k", k, 1)
     explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
     order = check_choice(_OP, "order", order, ORDERS)
     if state is not None and not isinstance(state, dict):
-        raise TypeError(f"{_OP}: state must be a dict (pass the same one to every call) or None, "
-                        f"got {type(state).__name__}")
+        raise TypeError(
+            f"{_OP}: state must be a dict (pass the same one to every call) or None, got {type(state).__name__}"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{_OP}: generator must be a torch.Generator, got {type(generator).__name__}")
     backend = resolve_backend(_OP, backend)
@@ -270,7 +302,7 @@ class _UnitRows:
 
     def __getitem__(self, rows):
         if isinstance(rows, int):
-            return self[rows:rows + 1][0]
+            return self[rows : rows + 1][0]
         if self._dense is not None:
             return self._dense[rows]
         return F.normalize(self.x[rows].float(), dim=1)
@@ -332,8 +364,17 @@ class CandidateGraph:
         torch.Size([5, 2])
     """
 
-    def __init__(self, embeddings, *, k: int = 10, backend: str = "auto", index: str = "auto",
-                 nlist: int | None = None, nprobe: int | None = None, ef_search: int | None = None):
+    def __init__(
+        self,
+        embeddings,
+        *,
+        k: int = 10,
+        backend: str = "auto",
+        index: str = "auto",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ):
         op = "palfast.active.CandidateGraph"
         x = as_rows(op, "embeddings", embeddings, min_rows=2, finite=True)
         self._setup(op, x, check_int(op, "k", k, 1), backend, index, nlist, nprobe, ef_search)
@@ -354,7 +395,8 @@ class CandidateGraph:
         # Checked now, before any search (FAISS asserts abort the process).
         self.index = resolve_index(op, index, self.backend, n, self_search=True)
         self.nlist, self.nprobe, self.ef_search, _ = check_index_params(
-            op, self.index, n, x.shape[1], self.k, nlist, nprobe, ef_search, None)
+            op, self.index, n, x.shape[1], self.k, nlist, nprobe, ef_search, None
+        )
         self.sims = self.nbrs = None
         self._sym = None
 
@@ -366,8 +408,13 @@ class CandidateGraph:
     def built_on(self, x: torch.Tensor) -> bool:
         """Whether ``x`` (a tensor from :func:`palfast.knn.as_rows`) is the array the graph
         was built on: the same memory, shape, strides, dtype and device."""
-        return (x.shape == self.x.shape and x.dtype == self.x.dtype and x.device == self.x.device
-                and x.stride() == self.x.stride() and x.data_ptr() == self.x.data_ptr())
+        return (
+            x.shape == self.x.shape
+            and x.dtype == self.x.dtype
+            and x.device == self.x.device
+            and x.stride() == self.x.stride()
+            and x.data_ptr() == self.x.data_ptr()
+        )
 
     def knn(self, k: int):
         """``(sims [N, k], nbrs [N, k])`` on the CPU: each row's k most similar other rows
@@ -375,9 +422,17 @@ class CandidateGraph:
         searched only when no search for k or more was done before."""
         k = min(k, self.n - 1)
         if self.nbrs is None or self.nbrs.shape[1] < k:
-            sims, nbrs = knn(self.x, k, backend=self.backend, index=self.index, nlist=self.nlist,
-                             nprobe=self.nprobe, ef_search=None if self.index != "hnsw"
-                             else max(k, self.ef_search), op=_OP, finite=False)
+            sims, nbrs = knn(
+                self.x,
+                k,
+                backend=self.backend,
+                index=self.index,
+                nlist=self.nlist,
+                nprobe=self.nprobe,
+                ef_search=None if self.index != "hnsw" else max(k, self.ef_search),
+                op=_OP,
+                finite=False,
+            )
             self.sims, self.nbrs, self._sym = sims.cpu(), nbrs.cpu(), None
         return self.sims[:, :k], self.nbrs[:, :k]
 
@@ -404,8 +459,7 @@ class CandidateGraph:
             src = torch.arange(n).repeat_interleave(nbrs.shape[1])
             dst, sim = nbrs.reshape(-1), sims.reshape(-1)
             ok = dst >= 0
-            src, dst, sim = torch.cat([src[ok], dst[ok]]), torch.cat([dst[ok], src[ok]]), \
-                torch.cat([sim[ok], sim[ok]])
+            src, dst, sim = torch.cat([src[ok], dst[ok]]), torch.cat([dst[ok], src[ok]]), torch.cat([sim[ok], sim[ok]])
             key = src * n + dst  # one edge per (src, dst), the larger similarity
             key, inv = torch.unique(key, return_inverse=True)
             sim = torch.full((key.numel(),), float("-inf")).scatter_reduce(0, inv, sim, "amax")
@@ -449,8 +503,7 @@ def _random(sel: _Selection, n: int, budget: int, gen: torch.Generator) -> None:
         sel.add_ranked(a[unknown], b[unknown], budget)
 
 
-def _passive(store: RelationStore, ids: torch.Tensor, budget: int,
-             gen: torch.Generator) -> torch.Tensor:
+def _passive(store: RelationStore, ids: torch.Tensor, budget: int, gen: torch.Generator) -> torch.Tensor:
     """The paper's passive baseline: uniform random pairs of distinct rows, only the
     pairs already asked (or drawn twice) rejected; implied pairs are asked."""
     asked_pairs, _ = store.answers()
@@ -465,6 +518,7 @@ def _passive(store: RelationStore, ids: torch.Tensor, budget: int,
                 seen.update(((i, j), (j, i)))
                 out.append((min(i, j), max(i, j)))
     return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
+
 
 def _rows_of(sel: _Selection, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample-id pairs from candidate_pairs back to row indices."""
@@ -536,16 +590,15 @@ def _uncertain(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: in
 _SIM_BLOCK = 1 << 22
 
 
-def _class_links(xn: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor,
-                 n_cls: int) -> torch.Tensor:
+def _class_links(xn: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, n_cls: int) -> torch.Tensor:
     """``link [n_cls, N]``: link[c, i] = max over the member rows r of class c
     (``cls[k]`` is the class of ``rows[k]``) of <xn[r], xn[i]>; one matrix product and
     one segmented max per block of members, whatever the number of classes."""
     link = torch.full((n_cls, xn.shape[0]), float("-inf"))
     block = max(1, _SIM_BLOCK // xn.shape[0])
     for start in range(0, rows.numel(), block):
-        sims = xn[rows[start:start + block]] @ xn.T
-        link.scatter_reduce_(0, cls[start:start + block, None].expand_as(sims), sims, "amax")
+        sims = xn[rows[start : start + block]] @ xn.T
+        link.scatter_reduce_(0, cls[start : start + block, None].expand_as(sims), sims, "amax")
     return link
 
 
@@ -569,6 +622,7 @@ def _isotonic(s: torch.Tensor, y: torch.Tensor):
 
     def predict(q: torch.Tensor) -> torch.Tensor:
         return means[torch.searchsorted(edges, q.contiguous()).clamp_max(len(blocks) - 1)]
+
     return predict
 
 
@@ -594,8 +648,7 @@ class _DenseLinks:
         if n_cls > 1:
             other = self.link[:, member_rows]
             other[member_cls, torch.arange(member_rows.numel())] = float("-inf")
-            self.vote_share.index_put_((member_cls, other.argmax(0)),
-                                       torch.ones(member_rows.numel()), accumulate=True)
+            self.vote_share.index_put_((member_cls, other.argmax(0)), torch.ones(member_rows.numel()), accumulate=True)
             self.vote_share /= torch.tensor([m.numel() for m in members], dtype=torch.float)[:, None]
         self.maxsim = self.link.max(0).values if n_cls else torch.full((n,), -2.0)
 
@@ -708,7 +761,7 @@ class _GraphLinks(_DenseLinks):
     def partners(self, row, used):
         """The row's graph neighbours not used, most similar first, then (rarely reached:
         all of them used or known) every other row as the exact search orders them."""
-        near = self.dst[int(self.ptr[row]):int(self.ptr[row + 1])]
+        near = self.dst[int(self.ptr[row]) : int(self.ptr[row + 1])]
         yield near[~used[near]]
         yield from _DenseLinks.partners(self, row, used)
 
@@ -742,15 +795,24 @@ def _closest_pair(xn, rows_a, rows_b):
     return int(rows_a[best // rows_b.numel()]), int(rows_b[best % rows_b.numel()])
 
 
-def _pal(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: int, k: int, explore: float,
-         gen: torch.Generator, order: str, state: dict) -> None:
+def _pal(
+    sel: _Selection,
+    xn: _UnitRows,
+    graph: CandidateGraph,
+    budget: int,
+    k: int,
+    explore: float,
+    gen: torch.Generator,
+    order: str,
+    state: dict,
+) -> None:
     n = xn.shape[0]
     _, inv, counts = torch.unique(sel.roots, return_inverse=True, return_counts=True)
     class_of = torch.where(counts[inv] >= 2, inv, -1)  # [N] class index or −1
     cls = torch.unique(class_of[class_of >= 0])
     class_of = torch.searchsorted(cls, class_of.clamp_min(0)).where(class_of >= 0, -1)
     n_cls = cls.numel()
-    member_rows = torch.sort(class_of, stable=True).indices[int((class_of < 0).sum()):]
+    member_rows = torch.sort(class_of, stable=True).indices[int((class_of < 0).sum()) :]
     member_cls = class_of[member_rows]  # the rows of the classes, grouped by class
     members = list(member_rows.split(torch.bincount(member_cls, minlength=n_cls).tolist()))
     in_class = class_of >= 0
@@ -804,14 +866,12 @@ def _pal(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: int, k: 
             others, share = links.merges(c)
             sizes = torch.tensor([members[o].numel() for o in others], dtype=torch.float)
             if order == "gain":  # P(alike) of the pair asked (the closest members) · |o|
-                closest = torch.stack([links.closest(c, int(o)) for o in others]) \
-                    if others.numel() else torch.zeros(0)
+                closest = torch.stack([links.closest(c, int(o)) for o in others]) if others.numel() else torch.zeros(0)
                 merge_gain = torch.minimum(p_alike(closest), share) * sizes
             else:
                 merge_gain = share * sizes
             by_gain = torch.sort(-merge_gain, stable=True).indices
-            ranks[c] = (rows, p_alike(links.class_sims(c, rows)), others[by_gain],
-                        merge_gain[by_gain])
+            ranks[c] = (rows, p_alike(links.class_sims(c, rows)), others[by_gain], merge_gain[by_gain])
         rows, row_gain, others, cls_gain = ranks[c]
         asked_one = False
         while not asked_one:
@@ -826,7 +886,7 @@ def _pal(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: int, k: 
                 a, b = links.merge_pair(c, int(others[cls_cur[c]]))
                 cls_cur[c] += 1
             else:
-                a, b = _closest_pair(xn, members[c], rows[row_cur[c]: row_cur[c] + 1])
+                a, b = _closest_pair(xn, members[c], rows[row_cur[c] : row_cur[c] + 1])
                 row_cur[c] += 1
             if bool(sel.store.known_mask(sel.ids[[a, b]][None])[0]) or not sel.try_add(a, b):
                 continue
@@ -863,12 +923,12 @@ def _pal(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: int, k: 
                 links.reach(hit)
                 state["n_seeds"] = state.get("n_seeds", 0) + 1
                 state.setdefault("pending", []).append(
-                    (int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit])))
+                    (int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit]))
+                )
                 break
 
 
-def _exploration(store: RelationStore, state: dict, n_cls: int, budget: int,
-                 explore: float) -> int:
+def _exploration(store: RelationStore, state: dict, n_cls: int, budget: int, explore: float) -> int:
     """How many of this call's ``budget`` questions seed new classes (module docstring).
 
     First the seeds of earlier calls are judged: a seed *found a class* when it was

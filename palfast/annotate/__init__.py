@@ -81,51 +81,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
     src = p.add_argument_group("data (one of)")
-    src.add_argument("--demo", action="store_true",
-                     help="scikit-learn's digits (1,797 8x8 images), nothing else needed")
-    src.add_argument("--data", metavar="PATH",
-                     help="a folder of images (ImageFolder-style class folders or flat; sample id "
-                          "= position in sorted relative-path order), or an .npy / .npz "
-                          "(key 'images') array [N, H, W(, C)]")
-    p.add_argument("--embeddings", metavar="FILE.npy",
-                   help="[N, D] float16/32/64 embeddings the questions are chosen on, "
-                        "memory-mapped (never read whole); re-read whenever the file changes. "
-                        "A trainer must replace it atomically: write a temporary file, then "
-                        "os.replace (rewriting it in place under the live map is unsafe). "
-                        "Default: 16x16 grey thumbnails of the images")
-    p.add_argument("--store", metavar="FILE.sqlite|URL", default=None,
-                   help="the RelationStore to write, created or resumed: an SQLite file, or a "
-                        "PostgreSQL database as postgresql://user@host/db (needs psycopg: "
-                        f"pip install 'palfast[postgres]'). Default: ${STORE_ENV} if set, else "
-                        f"./{DEFAULT_STORE}. Prefer the variable for a URL with a password (a "
-                        "--store value is visible to other users in the process list)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="pal",
-                   help="palfast.active.select_queries strategy (default pal; random needs no embeddings)")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                   help=f"answers wanted in the store; the app stops asking there (default {DEFAULT_BUDGET})")
-    p.add_argument("--captcha-k", type=int, default=DEFAULT_CAPTCHA_K,
-                   help=f"candidates per captcha screen, 2..{MAX_CAPTCHA_K} (default {DEFAULT_CAPTCHA_K})")
-    p.add_argument("--name", default=None,
-                   help="name proposed on the start page (default: your user name); each person "
-                        "types their own, saved with every answer as the store record's source")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only). 0.0.0.0 "
-                        "(or this machine's address) serves your network over plain HTTP: a "
-                        "token is then required (generated unless --token or "
-                        f"${TOKEN_ENV} gives one) and a warning is printed")
-    p.add_argument("--token", default=None, metavar="SECRET",
-                   help=f"shared secret every browser must show once: people open the printed "
-                        f"URL ending in ?token=SECRET, the page then remembers them (a session "
-                        f"cookie); any other request gets 403. Default: ${TOKEN_ENV} if set; "
-                        f"else none on 127.0.0.1 and a random one on a network. At least "
-                        f"{MIN_TOKEN_CHARS} characters; prefer the variable (a --token value "
-                        f"is visible to other users in the process list)")
-    p.add_argument("--no-token", action="store_true",
-                   help="serve a network without any login (anyone who can reach the port "
-                        "sees the images and writes answers); only on a network you trust")
-    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
-                   help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, "
-                        "printed at start)")
+    src.add_argument(
+        "--demo", action="store_true", help="scikit-learn's digits (1,797 8x8 images), nothing else needed"
+    )
+    src.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a folder of images (ImageFolder-style class folders or flat; sample id "
+        "= position in sorted relative-path order), or an .npy / .npz "
+        "(key 'images') array [N, H, W(, C)]",
+    )
+    p.add_argument(
+        "--embeddings",
+        metavar="FILE.npy",
+        help="[N, D] float16/32/64 embeddings the questions are chosen on, "
+        "memory-mapped (never read whole); re-read whenever the file changes. "
+        "A trainer must replace it atomically: write a temporary file, then "
+        "os.replace (rewriting it in place under the live map is unsafe). "
+        "Default: 16x16 grey thumbnails of the images",
+    )
+    p.add_argument(
+        "--store",
+        metavar="FILE.sqlite|URL",
+        default=None,
+        help="the RelationStore to write, created or resumed: an SQLite file, or a "
+        "PostgreSQL database as postgresql://user@host/db (needs psycopg: "
+        f"pip install 'palfast[postgres]'). Default: ${STORE_ENV} if set, else "
+        f"./{DEFAULT_STORE}. Prefer the variable for a URL with a password (a "
+        "--store value is visible to other users in the process list)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="pal",
+        help="palfast.active.select_queries strategy (default pal; random needs no embeddings)",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=DEFAULT_BUDGET,
+        help=f"answers wanted in the store; the app stops asking there (default {DEFAULT_BUDGET})",
+    )
+    p.add_argument(
+        "--captcha-k",
+        type=int,
+        default=DEFAULT_CAPTCHA_K,
+        help=f"candidates per captcha screen, 2..{MAX_CAPTCHA_K} (default {DEFAULT_CAPTCHA_K})",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="name proposed on the start page (default: your user name); each person "
+        "types their own, saved with every answer as the store record's source",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only). 0.0.0.0 "
+        "(or this machine's address) serves your network over plain HTTP: a "
+        "token is then required (generated unless --token or "
+        f"${TOKEN_ENV} gives one) and a warning is printed",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        metavar="SECRET",
+        help=f"shared secret every browser must show once: people open the printed "
+        f"URL ending in ?token=SECRET, the page then remembers them (a session "
+        f"cookie); any other request gets 403. Default: ${TOKEN_ENV} if set; "
+        f"else none on 127.0.0.1 and a random one on a network. At least "
+        f"{MIN_TOKEN_CHARS} characters; prefer the variable (a --token value "
+        f"is visible to other users in the process list)",
+    )
+    p.add_argument(
+        "--no-token",
+        action="store_true",
+        help="serve a network without any login (anyone who can reach the port "
+        "sees the images and writes answers); only on a network you trust",
+    )
+    p.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, printed at start)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the query selection (default 0)")
     add_index_arguments(p)
 
@@ -141,23 +180,42 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
         "k-NN index (large pools)",
         "Each sample's nearest neighbours (palfast.knn) are searched once per embeddings\n"
         "file, in the background, and every refill reuses them; on a large pool an\n"
-        "approximate index makes that search affordable.")
-    g.add_argument("--index", choices=INDEXES, default="auto",
-                   help=f"auto (default): exact up to {AUTO_EXACT_MAX_ROWS:,} samples, above "
-                        "palfast's IVF self search (ivf-join: torch only, no faiss needed); "
-                        "exact: every similarity (N^2 D work per search); ivf: FAISS inverted "
-                        "lists, approximate; hnsw: FAISS graph index, approximate, no training "
-                        "(pip install faiss-cpu for these two)")
-    g.add_argument("--nlist", type=int_at_least(1), default=None, metavar="LISTS",
-                   help="--index ivf: lists the samples are clustered into, 1..N (default: about "
-                        "4*sqrt(N), at most N/39)")
-    g.add_argument("--nprobe", type=int_at_least(1), default=None, metavar="LISTS",
-                   help=f"--index ivf: lists scanned per sample, 1..nlist; more is slower and "
-                        f"finds more true neighbours (default {DEFAULT_NPROBE}, at most nlist)")
-    g.add_argument("--ef-search", type=int_at_least(SELECT_K), default=None, metavar="NODES",
-                   help=f"--index hnsw: nodes explored per sample, >= {SELECT_K} (the neighbours "
-                        f"searched); more is slower and finds more true neighbours "
-                        f"(default {DEFAULT_EF_SEARCH})")
+        "approximate index makes that search affordable.",
+    )
+    g.add_argument(
+        "--index",
+        choices=INDEXES,
+        default="auto",
+        help=f"auto (default): exact up to {AUTO_EXACT_MAX_ROWS:,} samples, above "
+        "palfast's IVF self search (ivf-join: torch only, no faiss needed); "
+        "exact: every similarity (N^2 D work per search); ivf: FAISS inverted "
+        "lists, approximate; hnsw: FAISS graph index, approximate, no training "
+        "(pip install faiss-cpu for these two)",
+    )
+    g.add_argument(
+        "--nlist",
+        type=int_at_least(1),
+        default=None,
+        metavar="LISTS",
+        help="--index ivf: lists the samples are clustered into, 1..N (default: about 4*sqrt(N), at most N/39)",
+    )
+    g.add_argument(
+        "--nprobe",
+        type=int_at_least(1),
+        default=None,
+        metavar="LISTS",
+        help=f"--index ivf: lists scanned per sample, 1..nlist; more is slower and "
+        f"finds more true neighbours (default {DEFAULT_NPROBE}, at most nlist)",
+    )
+    g.add_argument(
+        "--ef-search",
+        type=int_at_least(SELECT_K),
+        default=None,
+        metavar="NODES",
+        help=f"--index hnsw: nodes explored per sample, >= {SELECT_K} (the neighbours "
+        f"searched); more is slower and finds more true neighbours "
+        f"(default {DEFAULT_EF_SEARCH})",
+    )
 
 
 def check_index_args(args, n: int | None = None) -> None:
@@ -165,19 +223,24 @@ def check_index_args(args, n: int | None = None) -> None:
     ``--nlist`` at most n and ``--nprobe`` at most the lists. Raises ValueError naming them."""
     from ..knn import default_nlist
 
-    for opt, value, index in (("--nlist", args.nlist, "ivf"), ("--nprobe", args.nprobe, "ivf"),
-                              ("--ef-search", args.ef_search, "hnsw")):
+    for opt, value, index in (
+        ("--nlist", args.nlist, "ivf"),
+        ("--nprobe", args.nprobe, "ivf"),
+        ("--ef-search", args.ef_search, "hnsw"),
+    ):
         if value is not None and args.index != index:
-            raise ValueError(f"{opt} applies to --index {index} only, got --index {args.index}; "
-                             f"add --index {index} or drop {opt}")
+            raise ValueError(
+                f"{opt} applies to --index {index} only, got --index {args.index}; add --index {index} or drop {opt}"
+            )
     if n is not None and args.nlist is not None and args.nlist > n:
-        raise ValueError(f"--nlist must be at most the {n} samples (each list is trained on "
-                         f"samples), got {args.nlist}")
+        raise ValueError(f"--nlist must be at most the {n} samples (each list is trained on samples), got {args.nlist}")
     lists = args.nlist if args.nlist is not None else None if n is None else default_nlist(n)
     if lists is not None and args.nprobe is not None and args.nprobe > lists:
-        raise ValueError(f"--nprobe must be at most the {lists} lists"
-                         f"{'' if args.nlist is not None else ' (the default --nlist)'}, "
-                         f"got {args.nprobe}")
+        raise ValueError(
+            f"--nprobe must be at most the {lists} lists"
+            f"{'' if args.nlist is not None else ' (the default --nlist)'}, "
+            f"got {args.nprobe}"
+        )
 
 
 def port_number(text: str) -> int:
@@ -187,8 +250,7 @@ def port_number(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer 0..{MAX_PORT}, got {text!r}") from None
     if not 0 <= port <= MAX_PORT:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_PORT} (0 picks a free port), "
-                                         f"got {port}")
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_PORT} (0 picks a free port), got {port}")
     return port
 
 
@@ -235,9 +297,11 @@ def login_token(args) -> str | None:
     if given is None:
         return None if _is_loopback(args.host) else secrets.token_urlsafe(TOKEN_BYTES)
     if len(given) < MIN_TOKEN_CHARS or not given.isprintable() or any(c.isspace() for c in given):
-        raise ValueError(f"{where} must be at least {MIN_TOKEN_CHARS} printable characters "
-                         f"without spaces (got {len(given)}); generate one with: python -c "
-                         f"'import secrets; print(secrets.token_urlsafe())'")
+        raise ValueError(
+            f"{where} must be at least {MIN_TOKEN_CHARS} printable characters "
+            f"without spaces (got {len(given)}); generate one with: python -c "
+            f"'import secrets; print(secrets.token_urlsafe())'"
+        )
     return given
 
 
@@ -262,14 +326,18 @@ def check_store(store: str) -> None:
         return
     scheme = urllib.parse.urlsplit(store).scheme
     if "://" in store and len(scheme) > 1:  # "C://..." is a Windows drive, not a scheme
-        raise ValueError(f"--store {store.split('://')[0]}://...: a store URL must start with "
-                         f"{' or '.join(URL_SCHEMES)} (PostgreSQL); give a PostgreSQL URL or "
-                         f"the path of an SQLite file")
+        raise ValueError(
+            f"--store {store.split('://')[0]}://...: a store URL must start with "
+            f"{' or '.join(URL_SCHEMES)} (PostgreSQL); give a PostgreSQL URL or "
+            f"the path of an SQLite file"
+        )
     folder = os.path.dirname(os.path.abspath(store))
     if not os.path.isdir(folder):
-        raise ValueError(f"--store {store!r}: the directory {folder!r} does not exist; "
-                         f"create it first (mkdir -p {shlex.quote(folder)}) or give a --store "
-                         f"path in an existing directory")
+        raise ValueError(
+            f"--store {store!r}: the directory {folder!r} does not exist; "
+            f"create it first (mkdir -p {shlex.quote(folder)}) or give a --store "
+            f"path in an existing directory"
+        )
 
 
 def check_args(args) -> None:
@@ -310,20 +378,31 @@ def build(args, token: str | None = None):
         raise ValueError(f"--store: {str(e).removeprefix('RelationStore: ')}") from None
     if store.num_ids > data.n:
         store.close()
-        raise ValueError(f"the store {shown_store(args.store)!r} has answers about sample id "
-                         f"{store.num_ids - 1}, "
-                         f"but the data set has {data.n} images: wrong --store or --data?")
+        raise ValueError(
+            f"the store {shown_store(args.store)!r} has answers about sample id "
+            f"{store.num_ids - 1}, "
+            f"but the data set has {data.n} images: wrong --store or --data?"
+        )
     try:
-        questions = Questions(store, embeddings, data.n, strategy=args.strategy,
-                              budget=args.budget, captcha_k=args.captcha_k, seed=args.seed,
-                              index=args.index, nlist=args.nlist, nprobe=args.nprobe,
-                              ef_search=args.ef_search, progress=_say)
+        questions = Questions(
+            store,
+            embeddings,
+            data.n,
+            strategy=args.strategy,
+            budget=args.budget,
+            captcha_k=args.captcha_k,
+            seed=args.seed,
+            index=args.index,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+            progress=_say,
+        )
     except BaseException:
         store.close()
         raise
     default_name = args.name if args.name is not None else _user_name()
-    app = create_app(data, questions, default_name=default_name,
-                     allowed_hosts=_allowed_hosts(args.host), token=token)
+    app = create_app(data, questions, default_name=default_name, allowed_hosts=_allowed_hosts(args.host), token=token)
     return app, questions, store
 
 
@@ -347,18 +426,26 @@ def _url(host: str, port: int) -> str:
 
 def _warn_network(host: str, port: int, query: str, has_token: bool) -> None:
     """Say loudly, on stderr, that the page is open to the network and what protects it."""
-    lines = [f"WARNING: listening on {host}:{port} serves every machine that can reach this "
-             f"one, over plain HTTP (nothing is encrypted: anyone on the network path can read "
-             f"the pages, the images, the token and the answers)."]
+    lines = [
+        f"WARNING: listening on {host}:{port} serves every machine that can reach this "
+        f"one, over plain HTTP (nothing is encrypted: anyone on the network path can read "
+        f"the pages, the images, the token and the answers)."
+    ]
     if _is_ip(host) and ipaddress.ip_address(host).is_unspecified:  # 0.0.0.0, ::
-        lines.append(f"From other machines open {_url(socket.gethostname(), port)}{query} (or "
-                     f"this machine's address instead of its name).")
+        lines.append(
+            f"From other machines open {_url(socket.gethostname(), port)}{query} (or "
+            f"this machine's address instead of its name)."
+        )
     if has_token:
-        lines.append("Anyone with the token can read the images and write answers: share the "
-                     "URL only with your team, and only on a network you trust.")
+        lines.append(
+            "Anyone with the token can read the images and write answers: share the "
+            "URL only with your team, and only on a network you trust."
+        )
     else:
-        lines.append("--no-token: there is NO LOGIN. Anyone who can reach this port can read "
-                     "the images and write answers. Use it only on a network you trust.")
+        lines.append(
+            "--no-token: there is NO LOGIN. Anyone who can reach this port can read "
+            "the images and write answers. Use it only on a network you trust."
+        )
     for line in lines:
         print(f"palfast annotate: {line}", file=sys.stderr, flush=True)
 
@@ -387,10 +474,17 @@ def run(args) -> int:
     except OSError as e:
         # create_server re-raises with the address appended: keep the system's reason only
         # (a negative errno is getaddrinfo's: the host name does not resolve).
-        reason = (str(e) if not e.errno else os.strerror(e.errno) if e.errno > 0
-                  else "not an address or host name of this machine")
-        return _fail(f"cannot listen on {args.host}:{args.port} ({reason}); pick "
-                     f"another --port (0 picks a free one) or another --host")
+        reason = (
+            str(e)
+            if not e.errno
+            else os.strerror(e.errno)
+            if e.errno > 0
+            else "not an address or host name of this machine"
+        )
+        return _fail(
+            f"cannot listen on {args.host}:{args.port} ({reason}); pick "
+            f"another --port (0 picks a free one) or another --host"
+        )
     with sock:
         try:
             app, questions, store = build(args, token)
@@ -406,8 +500,11 @@ def run(args) -> int:
     query = "" if token is None else "?" + urllib.parse.urlencode({"token": token})
     if not _is_loopback(args.host):
         _warn_network(args.host, server.port, query, token is not None)
-    print(f"palfast annotate: serving on {_url(args.host, server.port)}{query}  "
-          f"(store {shown_store(args.store)}; Ctrl-C stops)", flush=True)
+    print(
+        f"palfast annotate: serving on {_url(args.host, server.port)}{query}  "
+        f"(store {shown_store(args.store)}; Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

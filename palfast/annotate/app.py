@@ -63,9 +63,15 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, title: str = "",
-               token: str | None = None) -> Flask:
+def create_app(
+    data: ImageData,
+    questions: Questions,
+    *,
+    default_name: str = "",
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES,
+    title: str = "",
+    token: str | None = None,
+) -> Flask:
     """The app over ``data`` and ``questions``. ``allowed_hosts``: host names the ``Host``
     header may carry (None: any, for a server exposed on a network on purpose).
     ``token``: the shared secret every browser must present once as ``?token=`` (None:
@@ -91,16 +97,22 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
     @app.before_request
     def _guard():
         if allowed_hosts is not None and _hostname(request.host) not in allowed_hosts:
-            abort(400, f"Host {request.host!r} is not this machine; open the address that "
-                       "palfast annotate printed (or start it with --host to serve others)")
+            abort(
+                400,
+                f"Host {request.host!r} is not this machine; open the address that "
+                "palfast annotate printed (or start it with --host to serve others)",
+            )
         if token is not None and request.endpoint != "static":
             sent = request.args.get("token")
             if sent is not None and hmac.compare_digest(sent.encode(), token.encode()):
                 session["let_in"] = True  # signed with this server's key: cannot be forged
             elif not session.get("let_in"):
-                abort(403, "this page needs its token: open the address with ?token=... "
-                           "that palfast annotate printed when it started (ask whoever "
-                           "started it)")
+                abort(
+                    403,
+                    "this page needs its token: open the address with ?token=... "
+                    "that palfast annotate printed when it started (ask whoever "
+                    "started it)",
+                )
         if request.method == "POST":
             sent, expected = request.form.get("csrf", ""), session.get("csrf")
             if not expected:
@@ -113,15 +125,15 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         # Everything comes from this server; no inline scripts; never inside a frame.
         resp.headers["Content-Security-Policy"] = (
             "default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; "
-            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+        )
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Referrer-Policy"] = "no-referrer"
         return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        return render_template("error.html", title=title, code=e.code, name=e.name,
-                               message=e.description), e.code
+        return render_template("error.html", title=title, code=e.code, name=e.name, message=e.description), e.code
 
     def store_unavailable(e: StoreError, what: str):
         # StoreError is what RelationStore raises when it cannot do a write or read now:
@@ -131,8 +143,7 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         # again on its next call: palfast/active/postgres_log.py).
         # A damaged store (StoreCorruptError) is not "try again later": the 500 page.
         log.warning("palfast annotate: the answer store failed: %s", e)
-        abort(503, f"the answer store is locked, full, unwritable or unreachable right now "
-                   f"({e}); {what}")
+        abort(503, f"the answer store is locked, full, unwritable or unreachable right now ({e}); {what}")
 
     @app.errorhandler(StoreError)
     def _store_error(e: StoreError):
@@ -147,9 +158,13 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
     @app.errorhandler(Exception)
     def _error(e: Exception):  # a bug must not take the server down or hide the cause
         log.exception("palfast annotate: unexpected error")
-        return render_template("error.html", title=title, code=500, name="Internal error",
-                               message=f"{type(e).__name__}: {e}. Answers saved before this "
-                                       "are safe; reload the page."), 500
+        return render_template(
+            "error.html",
+            title=title,
+            code=500,
+            name="Internal error",
+            message=f"{type(e).__name__}: {e}. Answers saved before this are safe; reload the page.",
+        ), 500
 
     def render_screen(kind: str):
         me = owner()
@@ -157,27 +172,38 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
         if not name:
             return redirect(url_for("start"))
         q = questions.next(kind, me, client=request.remote_addr or "")
-        return render_template(f"{kind}.html", title=title, kind=kind, q=q, name=name,
-                               csrf=session["csrf"], stats=questions.stats(me),
-                               message=session.pop("message", None),
-                               exhausted=questions.exhausted)
+        return render_template(
+            f"{kind}.html",
+            title=title,
+            kind=kind,
+            q=q,
+            name=name,
+            csrf=session["csrf"],
+            stats=questions.stats(me),
+            message=session.pop("message", None),
+            exhausted=questions.exhausted,
+        )
 
     @app.get("/")
     def start():
         owner()
         if session.get("name") and "change" not in request.args:
             return redirect(url_for(session.get("screen", "pair")))
-        return render_template("start.html", title=title, csrf=session["csrf"],
-                               name=session.get("name") or default_name, data=data,
-                               stats=questions.stats(session["sid"]))
+        return render_template(
+            "start.html",
+            title=title,
+            csrf=session["csrf"],
+            name=session.get("name") or default_name,
+            data=data,
+            stats=questions.stats(session["sid"]),
+        )
 
     @app.post("/start")
     def begin():
         owner()
         name = clean_name(request.form.get("name"))
         if name is None:
-            abort(400, f"give a name of 1 to {MAX_NAME} printable characters: it is saved "
-                       "with each of your answers")
+            abort(400, f"give a name of 1 to {MAX_NAME} printable characters: it is saved with each of your answers")
         screen = request.form.get("screen", "pair")
         if screen not in KINDS:
             abort(400, f"screen must be one of {', '.join(KINDS)}")
@@ -228,8 +254,9 @@ def create_app(data: ImageData, questions: Questions, *, default_name: str = "",
             store_unavailable(e, "nothing was saved, submit again")
         if ids:
             n_yes = sum(answers)
-            session["message"] = (f"Saved {len(ids)} answer{'s' * (len(ids) > 1)} "
-                                  f"({n_yes} alike) as #{ids[0]}" + (f"–#{ids[-1]}" if len(ids) > 1 else ""))
+            session["message"] = f"Saved {len(ids)} answer{'s' * (len(ids) > 1)} ({n_yes} alike) as #{ids[0]}" + (
+                f"–#{ids[-1]}" if len(ids) > 1 else ""
+            )
         else:
             session["message"] = "Skipped (nothing saved)"
         return redirect(url_for(q.kind), 303)

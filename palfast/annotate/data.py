@@ -56,8 +56,9 @@ def _need_pillow():
     try:
         from PIL import Image
     except ImportError as e:
-        raise ImportError("palfast annotate needs Pillow to read and render images: "
-                          "pip install 'palfast[annotate]'") from e
+        raise ImportError(
+            "palfast annotate needs Pillow to read and render images: pip install 'palfast[annotate]'"
+        ) from e
     return Image
 
 
@@ -67,8 +68,10 @@ def _to_uint8(images: np.ndarray, name: str) -> np.ndarray:
     elif images.ndim == 3:
         images = images[..., None]
     else:
-        raise ValueError(f"palfast annotate: {name} must hold images [N, H, W] or [N, H, W, C] "
-                         f"with C in 1, 3, 4, got shape {images.shape}")
+        raise ValueError(
+            f"palfast annotate: {name} must hold images [N, H, W] or [N, H, W, C] "
+            f"with C in 1, 3, 4, got shape {images.shape}"
+        )
     if images.shape[0] < 2:
         raise ValueError(f"palfast annotate: {name} must hold at least 2 images, got {images.shape[0]}")
     if images.dtype == np.uint8:
@@ -134,8 +137,9 @@ def demo_data() -> ImageData:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ImportError("palfast annotate --demo needs scikit-learn for its digits: "
-                          "pip install 'palfast[annotate]'") from e
+        raise ImportError(
+            "palfast annotate --demo needs scikit-learn for its digits: pip install 'palfast[annotate]'"
+        ) from e
     x = load_digits().images  # [1797, 8, 8], 0..16, 16 = ink
     return ImageData("digits (scikit-learn)", array=np.rint(255 - x * (255 / 16)).astype(np.uint8))
 
@@ -144,15 +148,20 @@ def load_data(path: str | os.PathLike) -> ImageData:
     """A folder of images, an ``.npy`` array or an ``.npz`` (module docstring)."""
     p = Path(path)
     if p.is_dir():
-        files = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
-                       key=lambda f: f.relative_to(p).as_posix())
+        files = sorted(
+            (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+            key=lambda f: f.relative_to(p).as_posix(),
+        )
         if len(files) < 2:
-            raise ValueError(f"palfast annotate: {str(p)!r} holds {len(files)} image files "
-                             f"({', '.join(IMAGE_SUFFIXES)}); at least 2 are needed")
+            raise ValueError(
+                f"palfast annotate: {str(p)!r} holds {len(files)} image files "
+                f"({', '.join(IMAGE_SUFFIXES)}); at least 2 are needed"
+            )
         return ImageData(p.name, files=files)
     if not p.exists():
-        raise FileNotFoundError(f"palfast annotate: --data {str(p)!r} does not exist "
-                                "(give a folder of images, an .npy or an .npz file)")
+        raise FileNotFoundError(
+            f"palfast annotate: --data {str(p)!r} does not exist (give a folder of images, an .npy or an .npz file)"
+        )
     if p.suffix == ".npy":
         return ImageData(p.name, array=_to_uint8(np.load(p, allow_pickle=False), str(p)))
     if p.suffix == ".npz":
@@ -163,8 +172,10 @@ def load_data(path: str | os.PathLike) -> ImageData:
             elif len(keys) == 1:
                 key = keys[0]
             else:
-                raise ValueError(f"palfast annotate: {str(p)!r} holds arrays {keys}; name the "
-                                 "images 'images' (np.savez(path, images=...))")
+                raise ValueError(
+                    f"palfast annotate: {str(p)!r} holds arrays {keys}; name the "
+                    "images 'images' (np.savez(path, images=...))"
+                )
             return ImageData(p.name, array=_to_uint8(z[key], f"{p}[{key!r}]"))
     raise ValueError(f"palfast annotate: --data {str(p)!r} is neither a folder, an .npy nor an .npz")
 
@@ -210,8 +221,9 @@ class Embeddings:
         name = f"--embeddings {str(self.path)!r}"
         x = np.load(self.path, mmap_mode="r", allow_pickle=False)
         if x.ndim != 2 or x.shape[0] != self.n:
-            raise ValueError(f"palfast annotate: {name} must be [N, D] with N = {self.n} "
-                             f"(one row per image), got shape {x.shape}")
+            raise ValueError(
+                f"palfast annotate: {name} must be [N, D] with N = {self.n} (one row per image), got shape {x.shape}"
+            )
         as_rows("palfast annotate", name, x, min_rows=1, finite=True)
         return x
 
@@ -222,8 +234,10 @@ class Embeddings:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self.error = (f"palfast annotate: waiting for the embeddings file {str(self.path)!r} "
-                          "(a trainer writes it); questions use the previous embeddings meanwhile")
+            self.error = (
+                f"palfast annotate: waiting for the embeddings file {str(self.path)!r} "
+                "(a trainer writes it); questions use the previous embeddings meanwhile"
+            )
             return False
         except OSError as e:
             self.error = f"palfast annotate: cannot read embeddings {str(self.path)!r}: {e}"
@@ -231,15 +245,21 @@ class Embeddings:
         mtime = st.st_mtime_ns
         if mtime == self._mtime:
             return False
-        if (self._failed is not None and self._failed[:2] == (mtime, st.st_size)
-                and time.monotonic() - self._failed[2] < BAD_FILE_RETRY_S):
+        if (
+            self._failed is not None
+            and self._failed[:2] == (mtime, st.st_size)
+            and time.monotonic() - self._failed[2] < BAD_FILE_RETRY_S
+        ):
             return False  # the same bad file: self.error still says why
         try:
             x = self._read()
         except Exception as e:  # a trainer mid-write, or a wrong file: keep what we have
             self._failed = (mtime, st.st_size, time.monotonic())
-            self.error = (str(e) if str(e).startswith("palfast") else
-                          f"palfast annotate: cannot read --embeddings {str(self.path)!r}: {e}")
+            self.error = (
+                str(e)
+                if str(e).startswith("palfast")
+                else f"palfast annotate: cannot read --embeddings {str(self.path)!r}: {e}"
+            )
             if self._array is not None:
                 self.error += _KEPT
             return False

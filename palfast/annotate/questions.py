@@ -82,11 +82,11 @@ class NotIssued(LookupError):
 @dataclass
 class Question:
     qid: str
-    kind: str              # "pair" or "captcha"
+    kind: str  # "pair" or "captcha"
     anchor: int
-    others: list[int]      # pair: [j]; captcha: the K candidates, in screen order
-    owner: str             # session id it was issued to
-    client: str = ""       # the network address it was issued to (see MAX_ISSUED_PER_CLIENT)
+    others: list[int]  # pair: [j]; captcha: the K candidates, in screen order
+    owner: str  # session id it was issued to
+    client: str = ""  # the network address it was issued to (see MAX_ISSUED_PER_CLIENT)
     issued_at: float = field(default_factory=time.time)
 
 
@@ -95,16 +95,29 @@ class _Saved:
     kind: str
     anchor: int
     others: list[int]
-    ids: list[int]         # store log ids, what retract() takes
+    ids: list[int]  # store log ids, what retract() takes
 
 
 class Questions:
     """Hands out pair and captcha questions and records their answers (module docstring)."""
 
-    def __init__(self, store: RelationStore, embeddings: Embeddings, n: int, *, strategy: str = "pal",
-                 budget: int = 500, captcha_k: int = 6, seed: int = 0, background: bool = True,
-                 index: str = "auto", nlist: int | None = None, nprobe: int | None = None,
-                 ef_search: int | None = None, progress=None):
+    def __init__(
+        self,
+        store: RelationStore,
+        embeddings: Embeddings,
+        n: int,
+        *,
+        strategy: str = "pal",
+        budget: int = 500,
+        captcha_k: int = 6,
+        seed: int = 0,
+        background: bool = True,
+        index: str = "auto",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        progress=None,
+    ):
         """``background=False``: no refill thread, :meth:`next` refills in the caller's thread.
         ``index``, ``nlist``, ``nprobe``, ``ef_search``: select_queries' k-NN index
         (docs/annotate.md, "Large pools"); checked here, before any question, by a
@@ -127,16 +140,16 @@ class Questions:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # refill done / refill wanted
         self._pending: deque[tuple[int, int]] = deque()
-        self._version = None          # embeddings version the pending pairs were chosen on
+        self._version = None  # embeddings version the pending pairs were chosen on
         self._issued: dict[str, Question] = {}
         self._by_client: dict[str, dict[str, None]] = {}  # client -> its qids, oldest first
-        self._by_owner: dict[tuple[str, str], str] = {}   # (owner, kind) -> qid on its screen
+        self._by_owner: dict[tuple[str, str], str] = {}  # (owner, kind) -> qid on its screen
         self._undo: dict[str, deque[_Saved]] = {}
-        self._again: dict[tuple[str, str], _Saved] = {}   # (owner, kind) -> undone, ask again
+        self._again: dict[tuple[str, str], _Saved] = {}  # (owner, kind) -> undone, ask again
         self._saved_count: dict[str, int] = {}
         self._want_refill = True
         self._closed = False
-        self.exhausted = False        # select_queries found no unknown pair left
+        self.exhausted = False  # select_queries found no unknown pair left
         self._last_added: int | None = None  # pairs the last refill added
         self.refill_error: str | None = None
         self._rng = np.random.default_rng(seed)
@@ -146,8 +159,7 @@ class Questions:
         self._background = background
         self._thread: threading.Thread | None = None
         if background:
-            self._thread = threading.Thread(target=self._refill_loop, name="palfast-annotate-refill",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._refill_loop, name="palfast-annotate-refill", daemon=True)
             self._thread.start()
 
     # ---------------------------------------------------------------- refill
@@ -187,10 +199,14 @@ class Questions:
             if self._graph is not None and self._graph[0] == version:
                 return self._graph
             self._graph = None  # the old one is of other embeddings: let it go first
-            self.preparing = (f"Preparing the questions: searching the nearest neighbours of "
-                              f"{self.n:,} samples (started {time.strftime('%H:%M:%S')}).")
-        self._say(f"searching the k-NN graph of {self.n:,} samples (--index {self.index_args['index']}); "
-                  f"questions are served once it is done")
+            self.preparing = (
+                f"Preparing the questions: searching the nearest neighbours of "
+                f"{self.n:,} samples (started {time.strftime('%H:%M:%S')})."
+            )
+        self._say(
+            f"searching the k-NN graph of {self.n:,} samples (--index {self.index_args['index']}); "
+            f"questions are served once it is done"
+        )
         start = time.monotonic()
         try:
             graph = CandidateGraph(x, k=SELECT_K, **self.index_args).prepare(self.strategy)
@@ -232,8 +248,15 @@ class Questions:
                 self._rounds += 1
                 # The graph carries the index arguments (checked when it was built).
                 how = {"graph": graph} if graph is not None else self.index_args
-                got = select_queries(self._embeddings_tensor(), self.store, REFILL, self.strategy,
-                                     k=SELECT_K, seed=self._seed * 1_000_003 + self._rounds, **how)
+                got = select_queries(
+                    self._embeddings_tensor(),
+                    self.store,
+                    REFILL,
+                    self.strategy,
+                    k=SELECT_K,
+                    seed=self._seed * 1_000_003 + self._rounds,
+                    **how,
+                )
                 for i, j in got.tolist():
                     if (i, j) not in have:
                         self._pending.append((i, j))
@@ -373,8 +396,10 @@ class Questions:
         with self._lock:
             q = self._issued.get(qid)
             if q is None or not secrets.compare_digest(q.owner, owner):
-                raise NotIssued("this question was not issued to this session, or it was already "
-                                "answered: reload the page for the next one")
+                raise NotIssued(
+                    "this question was not issued to this session, or it was already "
+                    "answered: reload the page for the next one"
+                )
             return q
 
     # ---------------------------------------------------------------- answer
@@ -425,13 +450,19 @@ class Questions:
             # where np.unique would sort every sample on each page view.
             sizes = np.bincount(roots, minlength=self.n)
             stack = self._undo.get(owner) or ()
-            return {"answered": self.store.n_queries, "budget": self.budget,
-                    "classes": int((sizes > 1).sum()), "components": int((sizes > 0).sum()),
-                    "n": self.n, "mine": self._saved_count.get(owner, 0),
-                    "can_undo": bool(stack),
-                    "last_ids": list(stack[-1].ids) if stack else [],
-                    "embeddings_error": self.embeddings.error, "refill_error": self.refill_error,
-                    "preparing": self.preparing}
+            return {
+                "answered": self.store.n_queries,
+                "budget": self.budget,
+                "classes": int((sizes > 1).sum()),
+                "components": int((sizes > 0).sum()),
+                "n": self.n,
+                "mine": self._saved_count.get(owner, 0),
+                "can_undo": bool(stack),
+                "last_ids": list(stack[-1].ids) if stack else [],
+                "embeddings_error": self.embeddings.error,
+                "refill_error": self.refill_error,
+                "preparing": self.preparing,
+            }
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
@@ -454,13 +485,13 @@ def _top(x: np.ndarray, v: np.ndarray, m: int) -> np.ndarray:
     step = chunk_rows(x.shape[1])
     sims, rows = [], []
     for a in range(0, x.shape[0], step):
-        s = cosine_to(x[a:a + step], v)
+        s = cosine_to(x[a : a + step], v)
         if s.shape[0] > m:
             # The chunk's first m in stable order: all above the m-th largest value, then
             # the lowest rows equal to it (np.nonzero lists them in row order).
             t = np.partition(s, s.shape[0] - m)[s.shape[0] - m]
             above = np.nonzero(s > t)[0]
-            keep = np.concatenate([above, np.nonzero(s == t)[0][:m - above.shape[0]]])
+            keep = np.concatenate([above, np.nonzero(s == t)[0][: m - above.shape[0]]])
         else:
             keep = np.arange(s.shape[0])
         sims.append(s[keep])

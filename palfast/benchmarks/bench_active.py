@@ -84,8 +84,7 @@ def known_store(n: int) -> RelationStore:
     """An in-memory store where samples c, c + C, c + 2C are known alike (class c)."""
     store = RelationStore()
     first = torch.arange(min(N_CLASSES, n))
-    chain = [torch.stack([first + m * N_CLASSES, first + (m + 1) * N_CLASSES], 1)
-             for m in range(KNOWN_PER_CLASS - 1)]
+    chain = [torch.stack([first + m * N_CLASSES, first + (m + 1) * N_CLASSES], 1) for m in range(KNOWN_PER_CLASS - 1)]
     chain = torch.cat(chain)
     chain = chain[chain.max(1).values < n]
     store.record(chain, torch.ones(chain.shape[0], dtype=torch.bool))
@@ -149,12 +148,15 @@ def _round(n: int, index: str):
         store = known_store(n)
 
         def run():
-            q = select_queries(x, store, BUDGET, "pal", k=K, index=index, seed=0,
-                               backend="torch" if index == "exact" else "auto")
+            q = select_queries(
+                x, store, BUDGET, "pal", k=K, index=index, seed=0, backend="torch" if index == "exact" else "auto"
+            )
             if q.shape[0] != BUDGET:  # a round that asks less is not the workload
                 raise RuntimeError(f"select_queries returned {q.shape[0]} pairs, not {BUDGET}")
             return q
+
         return run
+
     return make
 
 
@@ -166,8 +168,12 @@ def _recall(n: int, index: str):
         x = pool(n)
         t0 = time.perf_counter()
         found = neighbours(x, recall_rows(n), index)
-        return {"recall_at_10": recall_at_k(found, exact), "recall_queries": exact.shape[0],
-                "build_s": time.perf_counter() - t0}
+        return {
+            "recall_at_10": recall_at_k(found, exact),
+            "recall_queries": exact.shape[0],
+            "build_s": time.perf_counter() - t0,
+        }
+
     return extra
 
 
@@ -178,11 +184,26 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
         for index in INDEXES:
             if index == "exact" and n > (QUICK_EXACT_MAX_N if quick else EXACT_MAX_N):
                 continue
-            out.append(Case("bench_active", f"pal round N={n} index={index}",
-                            {"N": n, "D": D, "classes": N_CLASSES, "budget": BUDGET, "k": K,
-                             "index": index, "known_per_class": KNOWN_PER_CLASS},
-                            {index: _round(n, index)}, index, "cpu",
-                            extras={index: _recall(n, index)}, peak_warmup=False))
+            out.append(
+                Case(
+                    "bench_active",
+                    f"pal round N={n} index={index}",
+                    {
+                        "N": n,
+                        "D": D,
+                        "classes": N_CLASSES,
+                        "budget": BUDGET,
+                        "k": K,
+                        "index": index,
+                        "known_per_class": KNOWN_PER_CLASS,
+                    },
+                    {index: _round(n, index)},
+                    index,
+                    "cpu",
+                    extras={index: _recall(n, index)},
+                    peak_warmup=False,
+                )
+            )
     return out
 
 
@@ -191,21 +212,22 @@ def targets(rows: list[dict], env: dict) -> list[dict]:
     out = []
     for index in (i for i in INDEXES if i != "exact"):
         row = next((r for r in rows if r.get("N") == TARGET_N and r.get("index") == index), None)
-        checks = (("median_s", f"pal round <= {TARGET_SECONDS:.0f} s at N=1e6 ({index})", "s",
-                   TARGET_SECONDS, "le"),
-                  ("peak_rss_mib", f"pal round peak RSS <= 4 GiB at N=1e6 ({index})", "MiB",
-                   TARGET_RSS_MIB, "le"),
-                  ("recall_at_10", f"recall@10 >= {TARGET_RECALL} at N=1e6 ({index})", "",
-                   TARGET_RECALL, "ge"))
+        checks = (
+            ("median_s", f"pal round <= {TARGET_SECONDS:.0f} s at N=1e6 ({index})", "s", TARGET_SECONDS, "le"),
+            ("peak_rss_mib", f"pal round peak RSS <= 4 GiB at N=1e6 ({index})", "MiB", TARGET_RSS_MIB, "le"),
+            ("recall_at_10", f"recall@10 >= {TARGET_RECALL} at N=1e6 ({index})", "", TARGET_RECALL, "ge"),
+        )
         for key, name, unit, limit, way in checks:
             value = None if row is None or row.get("status") != "ok" else row.get(key)
             if value is None:
-                why = "not run" if row is None else (row["status"] if row.get("status") != "ok"
-                                                     else f"{key} not measured")
+                why = (
+                    "not run"
+                    if row is None
+                    else (row["status"] if row.get("status") != "ok" else f"{key} not measured")
+                )
                 status = f"unmeasured ({why})"
             else:
                 met = value <= limit if way == "le" else value >= limit
                 status = "met" if met else "missed"
-            out.append({"target": name, "value": value, "unit": unit, "limit": limit,
-                        "status": status})
+            out.append({"target": name, "value": value, "unit": unit, "limit": limit, "status": status})
     return out

@@ -29,6 +29,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     sizes = [4096] if quick else [8192, 65536]
     out = []
     for N in sizes:
+
         def make_palfast(N=N):
             try:
                 import faiss  # noqa: F401
@@ -41,8 +42,14 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             x = _inputs(N, device)
             return lambda: knn(x, K, backend="torch")
 
-        out.append(Case("bench_candidates", f"candidate_pairs N={N} D={D} k={K}",
-                        {"N": N, "D": D, "k": K}, {"palfast_faiss": make_palfast,
-                                                   "torch_mm_topk": make_torch},
-                        "torch_mm_topk", device))
+        out.append(
+            Case(
+                "bench_candidates",
+                f"candidate_pairs N={N} D={D} k={K}",
+                {"N": N, "D": D, "k": K},
+                {"palfast_faiss": make_palfast, "torch_mm_topk": make_torch},
+                "torch_mm_topk",
+                device,
+            )
+        )
     return out

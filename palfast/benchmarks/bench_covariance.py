@@ -45,12 +45,14 @@ def _step(loss_fn, *leaves):
         for t in leaves:
             t.grad = None
         loss_fn(*leaves).backward()
+
     return run
 
 
 def _impls(loss: str, n: int, d: int, device: str) -> dict:
-    official = {"vicreg": reference.vicreg_two_view_official,
-                "barlow_twins": reference.barlow_twins_two_view_official}[loss]
+    official = {"vicreg": reference.vicreg_two_view_official, "barlow_twins": reference.barlow_twins_two_view_official}[
+        loss
+    ]
     module = {"vicreg": palfast.nn.VICRegLoss, "barlow_twins": palfast.nn.BarlowTwinsLoss}[loss]
     graph_fn = {"vicreg": palfast.vicreg, "barlow_twins": palfast.barlow_twins}[loss]
 
@@ -68,8 +70,7 @@ def _impls(loss: str, n: int, d: int, device: str) -> dict:
         g = palfast.PairGraph.from_views(n, 2, device=device)
         return _step(lambda x: graph_fn(x, g), z)
 
-    return {"official_eager": make_official, "palfast_two_view": make_two_view,
-            "palfast_graph": make_graph}
+    return {"official_eager": make_official, "palfast_two_view": make_two_view, "palfast_graph": make_graph}
 
 
 def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
@@ -78,8 +79,14 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     for loss in ("vicreg", "barlow_twins"):
         for d in dims:
             for n in batches:
-                out.append(Case("bench_covariance", f"{loss} n={n} D={d} float32",
-                                {"loss": loss, "N": n, "D": d, "dtype": "float32"},
-                                _impls(loss, n, d, device), "official_eager", device))
+                out.append(
+                    Case(
+                        "bench_covariance",
+                        f"{loss} n={n} D={d} float32",
+                        {"loss": loss, "N": n, "D": d, "dtype": "float32"},
+                        _impls(loss, n, d, device),
+                        "official_eager",
+                        device,
+                    )
+                )
     return out
-

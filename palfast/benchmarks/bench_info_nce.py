@@ -108,8 +108,9 @@ def _free_bytes(device: str) -> int:
 def _dense_guard(N: int, device: str, dtype: torch.dtype, copies: int = DENSE_COPIES) -> None:
     need = copies * N * N * dtype.itemsize
     if need > DENSE_MEMORY_SHARE * _free_bytes(device):
-        raise Skip(f"its N×N matrices need ~{need / 2**30:.0f} GiB, more than "
-                   f"{DENSE_MEMORY_SHARE:.0%} of the free memory")
+        raise Skip(
+            f"its N×N matrices need ~{need / 2**30:.0f} GiB, more than {DENSE_MEMORY_SHARE:.0%} of the free memory"
+        )
 
 
 def _inputs(N: int, device: str, dtype: torch.dtype, grad: bool):
@@ -120,23 +121,28 @@ def _inputs(N: int, device: str, dtype: torch.dtype, grad: bool):
 def _step(loss_fn, z, step: str):
     """One run of ``step``: the loss under no_grad (fwd), or the loss and its backward."""
     if step == FWD:
+
         def forward():
             with torch.no_grad():
                 return loss_fn(z)
+
         return forward
 
     def forward_backward():
         z.grad = None
         loss_fn(z).backward()
+
     return forward_backward
 
 
 def _deterministic(run):
     """``run`` under torch.use_deterministic_algorithms(True, warn_only=True), the caller's
     setting restored after each call (the other implementations run without it)."""
+
     def deterministic_run():
         with deterministic_algorithms(warn_only=True):
             return run()
+
     return deterministic_run
 
 
@@ -144,8 +150,10 @@ def _import_inf_cl():
     try:
         import inf_cl
     except ImportError as e:  # also when its Triton is missing
-        raise Skip(f"inf_cl cannot be imported ({e}); pip install inf-cl, or carry its wheel "
-                   "to the GPU machine (docs/cuda.md, 'On a GPU')") from e
+        raise Skip(
+            f"inf_cl cannot be imported ({e}); pip install inf-cl, or carry its wheel "
+            "to the GPU machine (docs/cuda.md, 'On a GPU')"
+        ) from e
     return inf_cl
 
 
@@ -155,8 +163,8 @@ def _inf_cl_loss(inf_cl, device: str):
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         u = F.normalize(x, dim=1)
-        return inf_cl.cal_inf_loss(u, u, labels=_other_view(x.shape[0], x.device), scale=scale,
-                                   head_dim=x.shape[1])
+        return inf_cl.cal_inf_loss(u, u, labels=_other_view(x.shape[0], x.device), scale=scale, head_dim=x.shape[1])
+
     return loss
 
 
@@ -173,8 +181,10 @@ def _inf_cl_mismatch(device: str) -> str | None:
     s = u @ u.T / TAU
     want = float((torch.logsumexp(s, 1) - s.gather(1, _other_view(len(z), device)[:, None])[:, 0]).mean())
     if abs(got - want) > INF_CL_CHECK_ATOL:
-        return (f"inf_cl.cal_inf_loss gave {got:.5f} where the dense formula with the self pair "
-                f"gives {want:.5f} at N={INF_CL_CHECK_N}: its API may have changed; not timed")
+        return (
+            f"inf_cl.cal_inf_loss gave {got:.5f} where the dense formula with the self pair "
+            f"gives {want:.5f} at N={INF_CL_CHECK_N}: its API may have changed; not timed"
+        )
     return None
 
 
@@ -186,15 +196,18 @@ def _plan(quick: bool, device: str) -> list[tuple[int, torch.dtype, str]]:
         # The CUDA speed targets first (N = 65536: bf16 forward, forward + backward, and fp32
         # forward + backward against the bf16 time), so that a session stopped by its time
         # limit has them; then the sizes whose grids must fill the GPU.
-        return [(65536, torch.bfloat16, FWD_BWD), (65536, torch.bfloat16, FWD),
-                (65536, torch.float32, FWD_BWD),
-                (16384, torch.bfloat16, FWD_BWD), (16384, torch.bfloat16, FWD),
-                (4096, torch.bfloat16, FWD_BWD), (4096, torch.bfloat16, FWD)]
+        return [
+            (65536, torch.bfloat16, FWD_BWD),
+            (65536, torch.bfloat16, FWD),
+            (65536, torch.float32, FWD_BWD),
+            (16384, torch.bfloat16, FWD_BWD),
+            (16384, torch.bfloat16, FWD),
+            (4096, torch.bfloat16, FWD_BWD),
+            (4096, torch.bfloat16, FWD),
+        ]
     if quick:
-        return [(1024, torch.float32, FWD), (1024, torch.float32, FWD_BWD),
-                (4096, torch.float32, FWD_BWD)]
-    return [(N, torch.float32, step) for N in (1024, 4096, 8192, 16384, 65536)
-            for step in (FWD_BWD, FWD)]
+        return [(1024, torch.float32, FWD), (1024, torch.float32, FWD_BWD), (4096, torch.float32, FWD_BWD)]
+    return [(N, torch.float32, step) for N in (1024, 4096, 8192, 16384, 65536) for step in (FWD_BWD, FWD)]
 
 
 def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
@@ -220,8 +233,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
         def make_compiled(N=N, dtype=dtype, step=step, grad=grad):
             _dense_guard(N, device, dtype)
             if not cuda and N > CPU_BASELINE_MAX_N:
-                raise Skip(f"skipped above N={CPU_BASELINE_MAX_N} on the CPU to keep the "
-                           "benchmark short")
+                raise Skip(f"skipped above N={CPU_BASELINE_MAX_N} on the CPU to keep the benchmark short")
             return _step(_compiled_nt_xent(), _inputs(N, device, dtype, grad), step)
 
         def make_inf_cl(N=N, dtype=dtype, step=step, grad=grad):
@@ -236,8 +248,9 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
         def make_pml(N=N, dtype=dtype, step=step, grad=grad):
             _dense_guard(N, device, dtype, copies=PML_DENSE_COPIES)
             if N > CPU_BASELINE_MAX_N:
-                raise Skip(f"skipped above N={CPU_BASELINE_MAX_N} to keep the benchmark short "
-                           "(~20 s a step on the CPU)")
+                raise Skip(
+                    f"skipped above N={CPU_BASELINE_MAX_N} to keep the benchmark short (~20 s a step on the CPU)"
+                )
             try:
                 from pytorch_metric_learning.losses import SupConLoss
             except ImportError as e:
@@ -254,24 +267,30 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             impls["inf_cl"] = make_inf_cl
             impls["pml_SupConLoss"] = make_pml
         name = str(dtype).removeprefix("torch.")
-        out.append(Case("bench_info_nce", f"info_nce N={N} D={D} {name} {step}",
-                        {"N": N, "D": D, "dtype": name, "step": step,
-                         "flop_count": FLOP_COUNT_TEXT[step]},
-                        impls, "naive_eager", device,
-                        compare_to=("torch_compile_naive", "inf_cl", "palfast_deterministic"),
-                        flops=effective_flops(N, D, step)))
+        out.append(
+            Case(
+                "bench_info_nce",
+                f"info_nce N={N} D={D} {name} {step}",
+                {"N": N, "D": D, "dtype": name, "step": step, "flop_count": FLOP_COUNT_TEXT[step]},
+                impls,
+                "naive_eager",
+                device,
+                compare_to=("torch_compile_naive", "inf_cl", "palfast_deterministic"),
+                flops=effective_flops(N, D, step),
+            )
+        )
     return out
 
 
 # The CUDA speed targets (docs/cuda.md, "What the benchmark reports"), for one H200 at
 # D = 128, normalize=True, the views graph.
 TARGET_N = 65536
-FORWARD_MS = 2.0                # bf16 forward
-STEP_MS = 6.0                   # bf16 forward + backward (about 550 effective TFLOP/s)
-FP32_OVER_BF16 = 4.0            # fp32 forward + backward against the bf16 one
-GRID_NS = (4096, 16384)         # sizes at which every heavy palfast kernel must fill the GPU:
-BLOCKS_PER_SM = 2               # at least this many blocks per SM
-HEAVY_KERNEL_SHARE = 0.1        # "heavy": at least this share of the step's kernel time
+FORWARD_MS = 2.0  # bf16 forward
+STEP_MS = 6.0  # bf16 forward + backward (about 550 effective TFLOP/s)
+FP32_OVER_BF16 = 4.0  # fp32 forward + backward against the bf16 one
+GRID_NS = (4096, 16384)  # sizes at which every heavy palfast kernel must fill the GPU:
+BLOCKS_PER_SM = 2  # at least this many blocks per SM
+HEAVY_KERNEL_SHARE = 0.1  # "heavy": at least this share of the step's kernel time
 # palfast's kernels, by the namespace in their names (csrc/cuda/); torch's own launches in
 # the step (a loss mean, a fill) are not the grids the target is about.
 OWN_KERNEL_NAME = "palfast::"
@@ -287,9 +306,19 @@ def targets(rows: list[dict], env: dict) -> list[dict]:
     on_gpu = env.get("device", "cpu").startswith("cuda")
 
     def row(N, dtype, step):  # the targets are a GPU's: CPU rows answer none of them
-        return next((r for r in rows if on_gpu and r["impl"] == "palfast" and r["N"] == N
-                     and r["dtype"] == dtype and r["step"] == step
-                     and r.get("busy_processes", 0) == 0), None)
+        return next(
+            (
+                r
+                for r in rows
+                if on_gpu
+                and r["impl"] == "palfast"
+                and r["N"] == N
+                and r["dtype"] == dtype
+                and r["step"] == step
+                and r.get("busy_processes", 0) == 0
+            ),
+            None,
+        )
 
     def judge(text, unit, limit, value, why_not, at_most=True):
         if value is None:
@@ -304,43 +333,72 @@ def targets(rows: list[dict], env: dict) -> list[dict]:
     def why(*needed):
         if not on_gpu:
             return "no GPU"
-        missing = [f"N={N} {dtype} {step}" for N, dtype, step in needed
-                   if not (row(N, dtype, step) or {}).get("status") == "ok"]
+        missing = [
+            f"N={N} {dtype} {step}"
+            for N, dtype, step in needed
+            if not (row(N, dtype, step) or {}).get("status") == "ok"
+        ]
         return "palfast not timed at " + ", ".join(missing)
 
     bf16_fwd, bf16_step = (TARGET_N, "bfloat16", FWD), (TARGET_N, "bfloat16", FWD_BWD)
     fp32_step = (TARGET_N, "float32", FWD_BWD)
     out = [
-        judge(f"forward <= {FORWARD_MS:g} ms at N={TARGET_N} bf16", "ms", FORWARD_MS,
-              ms(row(*bf16_fwd)), why(bf16_fwd)),
-        judge(f"forward+backward <= {STEP_MS:g} ms at N={TARGET_N} bf16", "ms", STEP_MS,
-              ms(row(*bf16_step)), why(bf16_step)),
+        judge(
+            f"forward <= {FORWARD_MS:g} ms at N={TARGET_N} bf16", "ms", FORWARD_MS, ms(row(*bf16_fwd)), why(bf16_fwd)
+        ),
+        judge(
+            f"forward+backward <= {STEP_MS:g} ms at N={TARGET_N} bf16",
+            "ms",
+            STEP_MS,
+            ms(row(*bf16_step)),
+            why(bf16_step),
+        ),
     ]
     fp32, bf16 = ms(row(*fp32_step)), ms(row(*bf16_step))
-    out.append(judge(f"fp32 forward+backward <= {FP32_OVER_BF16:g}x bf16 at N={TARGET_N}", "x",
-                     FP32_OVER_BF16, fp32 / bf16 if fp32 and bf16 else None,
-                     why(fp32_step, bf16_step)))
+    out.append(
+        judge(
+            f"fp32 forward+backward <= {FP32_OVER_BF16:g}x bf16 at N={TARGET_N}",
+            "x",
+            FP32_OVER_BF16,
+            fp32 / bf16 if fp32 and bf16 else None,
+            why(fp32_step, bf16_step),
+        )
+    )
     sm_count = env.get("sm_count")
     for N in GRID_NS:
         for step in (FWD, FWD_BWD):
             r = row(N, "bfloat16", step)
-            heavy = [k for k in (r or {}).get("kernels") or [] if OWN_KERNEL_NAME in k["name"]
-                     and (k.get("share") or 0) >= HEAVY_KERNEL_SHARE and k.get("min_blocks")]
+            heavy = [
+                k
+                for k in (r or {}).get("kernels") or []
+                if OWN_KERNEL_NAME in k["name"] and (k.get("share") or 0) >= HEAVY_KERNEL_SHARE and k.get("min_blocks")
+            ]
             reason = why((N, "bfloat16", step))
             if r and r.get("status") == "ok" and not heavy:
                 reason = r.get("kernels_status", "no palfast kernel in the records")
-            out.append(judge(f"{step} heavy kernels >= {BLOCKS_PER_SM} x SMs blocks at N={N} bf16",
-                             "blocks", BLOCKS_PER_SM * sm_count if sm_count else None,
-                             min(k["min_blocks"] for k in heavy) if heavy and sm_count else None,
-                             reason, at_most=False))
-            out[-1]["kernels"] = [{key: k[key] for key in ("name", "min_blocks", "share")}
-                                  for k in heavy]
+            out.append(
+                judge(
+                    f"{step} heavy kernels >= {BLOCKS_PER_SM} x SMs blocks at N={N} bf16",
+                    "blocks",
+                    BLOCKS_PER_SM * sm_count if sm_count else None,
+                    min(k["min_blocks"] for k in heavy) if heavy and sm_count else None,
+                    reason,
+                    at_most=False,
+                )
+            )
+            out[-1]["kernels"] = [{key: k[key] for key in ("name", "min_blocks", "share")} for k in heavy]
     mem_rows = [row(N, "bfloat16", FWD_BWD) for N in MEMORY_NS]
     peaks = [(r or {}).get("peak_mib") for r in mem_rows]
     reason = why(*((N, "bfloat16", FWD_BWD) for N in MEMORY_NS))
     if all(r and r.get("status") == "ok" for r in mem_rows):
         reason = "peak memory not measured"
-    out.append(judge(f"peak memory at N={MEMORY_NS[1]} <= {MEMORY_GROWTH_4X_ROWS:g}x N={MEMORY_NS[0]}"
-                     " (bf16 fwd+bwd; O(N·D))", "x", MEMORY_GROWTH_4X_ROWS,
-                     peaks[1] / peaks[0] if all(peaks) else None, reason))
+    out.append(
+        judge(
+            f"peak memory at N={MEMORY_NS[1]} <= {MEMORY_GROWTH_4X_ROWS:g}x N={MEMORY_NS[0]} (bf16 fwd+bwd; O(N·D))",
+            "x",
+            MEMORY_GROWTH_4X_ROWS,
+            peaks[1] / peaks[0] if all(peaks) else None,
+            reason,
+        )
+    )
     return out

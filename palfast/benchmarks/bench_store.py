@@ -73,7 +73,7 @@ def answers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _record_all(store: RelationStore, pairs, ans, batch: int) -> None:
     for start in range(0, pairs.shape[0], batch):
-        store.record(pairs[start:start + batch], ans[start:start + batch])
+        store.record(pairs[start : start + batch], ans[start : start + batch])
 
 
 class _Schema:
@@ -133,7 +133,9 @@ def _record(n: int, url: str | None = None):
             with RelationStore(path) as store:
                 _record_all(store, pairs, ans, BATCH)
             del keeper  # the file or schema goes now, not at the end of the case
+
         return run
+
     return make
 
 
@@ -155,7 +157,9 @@ def _reopen(n: int, url: str | None = None):
             with RelationStore(path) as store:
                 if store.n_queries != recorded:
                     raise RuntimeError(f"reopened {store.n_queries} answers, wrote {recorded}")
+
         return run
+
     return make
 
 
@@ -168,7 +172,9 @@ def _refresh(n: int, url: str | None = None):
             _ = keeper
             if reader.refresh() != 0 or reader.n_queries != recorded:
                 raise RuntimeError("the reader's store changed during the benchmark")
+
         return run
+
     return make
 
 
@@ -181,6 +187,7 @@ def _known_mask(n: int):
         queries = torch.randint(0, n, (MASK_PAIRS, 2), generator=gen)
         store.known_mask(queries[:1])  # its lookup arrays are built once per change
         return lambda: store.known_mask(queries)
+
     return make
 
 
@@ -193,33 +200,58 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     def backends(factory):
         """The SQLite store (``palfast``, the baseline) and, with a URL, ``postgres``."""
         return {"palfast": factory(n), **({"postgres": factory(n, url)} if url else {})}
-    return [Case("bench_store", f"record answers={n} batch={BATCH}", params,
-                 backends(_record), "palfast", "cpu", peak_warmup=False),
-            Case("bench_store", f"reopen answers={n}", params, backends(_reopen),
-                 "palfast", "cpu"),
-            Case("bench_store", f"refresh (nothing new) answers={n}", params,
-                 backends(_refresh), "palfast", "cpu"),
-            Case("bench_store", f"known_mask pairs={MASK_PAIRS} answers={n}",
-                 {**params, "pairs": MASK_PAIRS}, {"palfast": _known_mask(n)}, "palfast", "cpu")]
+
+    return [
+        Case(
+            "bench_store",
+            f"record answers={n} batch={BATCH}",
+            params,
+            backends(_record),
+            "palfast",
+            "cpu",
+            peak_warmup=False,
+        ),
+        Case("bench_store", f"reopen answers={n}", params, backends(_reopen), "palfast", "cpu"),
+        Case("bench_store", f"refresh (nothing new) answers={n}", params, backends(_refresh), "palfast", "cpu"),
+        Case(
+            "bench_store",
+            f"known_mask pairs={MASK_PAIRS} answers={n}",
+            {**params, "pairs": MASK_PAIRS},
+            {"palfast": _known_mask(n)},
+            "palfast",
+            "cpu",
+        ),
+    ]
 
 
 def targets(rows: list[dict], env: dict) -> list[dict]:
     """Record throughput and reopen time at :data:`ANSWERS` answers (the SQLite store)."""
     out = []
     for prefix, name, unit, limit, way in (
-            ("record", f"record >= {TARGET_ANSWERS_PER_S} answers/s in calls of {BATCH}",
-             "answers/s", TARGET_ANSWERS_PER_S, "ge"),
-            ("reopen", f"reopen <= {TARGET_REOPEN_S:.0f} s", "s", TARGET_REOPEN_S, "le")):
-        row = next((r for r in rows if r["case"].startswith(prefix)
-                    and r.get("impl", "palfast") == "palfast"
-                    and r.get("sample_ids") == ANSWERS), None)
+        (
+            "record",
+            f"record >= {TARGET_ANSWERS_PER_S} answers/s in calls of {BATCH}",
+            "answers/s",
+            TARGET_ANSWERS_PER_S,
+            "ge",
+        ),
+        ("reopen", f"reopen <= {TARGET_REOPEN_S:.0f} s", "s", TARGET_REOPEN_S, "le"),
+    ):
+        row = next(
+            (
+                r
+                for r in rows
+                if r["case"].startswith(prefix)
+                and r.get("impl", "palfast") == "palfast"
+                and r.get("sample_ids") == ANSWERS
+            ),
+            None,
+        )
         if row is None or row.get("status") != "ok":
             why = "not run at 10^6 answers" if row is None else row["status"]
-            out.append({"target": name, "value": None, "unit": unit, "limit": limit,
-                        "status": f"unmeasured ({why})"})
+            out.append({"target": name, "value": None, "unit": unit, "limit": limit, "status": f"unmeasured ({why})"})
             continue
         value = row["median_s"] if way == "le" else row["answers"] / row["median_s"]
         met = value <= limit if way == "le" else value >= limit
-        out.append({"target": name, "value": value, "unit": unit, "limit": limit,
-                    "status": "met" if met else "missed"})
+        out.append({"target": name, "value": value, "unit": unit, "limit": limit, "status": "met" if met else "missed"})
     return out

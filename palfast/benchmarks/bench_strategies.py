@@ -84,14 +84,28 @@ def _all_strategies() -> tuple[str, ...]:
 
 #: The full suite: every task, without noise and with 5 % and 10 % of answers flipped,
 #: 3 seeds, 300 queries in rounds of 50 (an evaluation at 0, 50, …, 300 queries).
-FULL = Settings(tasks=tuple(TASKS), noise=(0.0, 0.05, 0.1), seeds=3,
-                strategies=_all_strategies(), budget=300, checkpoints=(50, 100, 200, 300),
-                queries_per_round=50, steps_per_round=20)
+FULL = Settings(
+    tasks=tuple(TASKS),
+    noise=(0.0, 0.05, 0.1),
+    seeds=3,
+    strategies=_all_strategies(),
+    budget=300,
+    checkpoints=(50, 100, 200, 300),
+    queries_per_round=50,
+    steps_per_round=20,
+)
 #: Small enough for CI (about 40 s of one core): the two smallest pools (iris, wine), without
 #: noise and with 10 %, 2 seeds, 100 queries.
-QUICK = Settings(tasks=("iris", "wine"), noise=(0.0, 0.1), seeds=2,
-                 strategies=_all_strategies(), budget=100, checkpoints=(50, 100),
-                 queries_per_round=50, steps_per_round=8)
+QUICK = Settings(
+    tasks=("iris", "wine"),
+    noise=(0.0, 0.1),
+    seeds=2,
+    strategies=_all_strategies(),
+    budget=100,
+    checkpoints=(50, 100),
+    queries_per_round=50,
+    steps_per_round=8,
+)
 
 
 def check_settings(s: Settings) -> Settings:
@@ -100,8 +114,10 @@ def check_settings(s: Settings) -> Settings:
     known = _all_strategies()
     bad = [t for t in s.strategies if t not in known]
     if bad or not s.strategies:
-        raise ValueError(f"{_OP}: strategies must name some of {', '.join(known)}; unknown: "
-                         f"{', '.join(map(repr, bad)) or '(none given)'}")
+        raise ValueError(
+            f"{_OP}: strategies must name some of {', '.join(known)}; unknown: "
+            f"{', '.join(map(repr, bad)) or '(none given)'}"
+        )
     for level in s.noise:
         check_noise(_OP, "noise", level)
     if not s.noise:
@@ -111,9 +127,11 @@ def check_settings(s: Settings) -> Settings:
             raise ValueError(f"{_OP}: {name} must be an int >= 1, got {getattr(s, name)!r}")
     bad_q = [q for q in s.checkpoints if q % s.queries_per_round or not 0 < q <= s.budget]
     if bad_q or not s.checkpoints:
-        raise ValueError(f"{_OP}: checkpoints must be multiples of queries_per_round "
-                         f"({s.queries_per_round}) in (0, budget={s.budget}], got "
-                         f"{list(s.checkpoints)}")
+        raise ValueError(
+            f"{_OP}: checkpoints must be multiples of queries_per_round "
+            f"({s.queries_per_round}) in (0, budget={s.budget}], got "
+            f"{list(s.checkpoints)}"
+        )
     return s
 
 
@@ -155,21 +173,42 @@ def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Setting
     epochs = max(1, round(s.steps_per_round / batches))
 
     def evaluate(learner, record):
-        return {"accuracy": linear_probe_accuracy(learner.embed(x_pool), y_pool,
-                                                  learner.embed(x_test), y_test)}
+        return {"accuracy": linear_probe_accuracy(learner.embed(x_pool), y_pool, learner.embed(x_test), y_test)}
 
     chooser = LabelDirectly(y_pool, seed) if strategy == IDEAL else strategy
-    learner = ActiveLearner(encoder, x_pool, LabelOracle(y_pool, noise=noise, seed=seed),
-                            RelationStore(), strategy=chooser, augment=task.views, n_views=2,
-                            epochs_per_round=epochs, batch_size=s.batch_size, lr=s.lr,
-                            temperature=s.temperature, seed=seed, progress=False)
+    learner = ActiveLearner(
+        encoder,
+        x_pool,
+        LabelOracle(y_pool, noise=noise, seed=seed),
+        RelationStore(),
+        strategy=chooser,
+        augment=task.views,
+        n_views=2,
+        epochs_per_round=epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        temperature=s.temperature,
+        seed=seed,
+        progress=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ContradictionWarning)  # counted in n_conflicts
         history = learner.run(s.budget, s.queries_per_round, on_round=evaluate)
-    return [{"task": task.name, "noise": noise, "strategy": strategy, "seed": seed,
-             "round": h["round"], "n_queries": h["n_queries"], "n_positive": h["n_positive"],
-             "n_conflicts": h["n_conflicts"], "accuracy": h["accuracy"], "stop": h["stop"]}
-            for h in history]
+    return [
+        {
+            "task": task.name,
+            "noise": noise,
+            "strategy": strategy,
+            "seed": seed,
+            "round": h["round"],
+            "n_queries": h["n_queries"],
+            "n_positive": h["n_positive"],
+            "n_conflicts": h["n_conflicts"],
+            "accuracy": h["accuracy"],
+            "stop": h["stop"],
+        }
+        for h in history
+    ]
 
 
 @contextlib.contextmanager
@@ -202,9 +241,11 @@ def run_settings(s: Settings, progress=print) -> list[dict]:
                 for seed in range(s.seeds):
                     for strategy in names:
                         rows += run_one(task, data, strategy, seed, noise, s)
-                progress(f"[bench_strategies] {task.name}, noise {100 * noise:g} %: "
-                         f"{len(names)} runs × {s.seeds} seed(s) in "
-                         f"{time.perf_counter() - start:.0f} s")
+                progress(
+                    f"[bench_strategies] {task.name}, noise {100 * noise:g} %: "
+                    f"{len(names)} runs × {s.seeds} seed(s) in "
+                    f"{time.perf_counter() - start:.0f} s"
+                )
     return rows
 
 
@@ -215,34 +256,53 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (";".join("" if v is None else str(v) for v in r[k])
-                            if isinstance(r.get(k), list) else r.get(k)) for k in keys})
+            w.writerow(
+                {
+                    k: (";".join("" if v is None else str(v) for v in r[k]) if isinstance(r.get(k), list) else r.get(k))
+                    for k in keys
+                }
+            )
 
 
-def write_outputs(rows: list[dict], s: Settings, out_dir: str, env: dict, seconds: float,
-                  stem: str | None = None) -> dict[str, Path]:
+def write_outputs(
+    rows: list[dict], s: Settings, out_dir: str, env: dict, seconds: float, stem: str | None = None
+) -> dict[str, Path]:
     """Write the summary CSV, the per-round CSV, the PNG grid and the JSON into
     ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or f"strategies_{env.get('device', 'cpu')}_{time.strftime('%Y%m%d_%H%M%S')}"
     summary = summarize(rows, list(s.checkpoints), s.budget)
-    paths = {"csv": out / f"{stem}.csv", "curves": out / f"{stem}_curves.csv",
-             "png": out / f"{stem}_grid.png", "json": out / f"{stem}.json"}
+    paths = {
+        "csv": out / f"{stem}.csv",
+        "curves": out / f"{stem}_curves.csv",
+        "png": out / f"{stem}_grid.png",
+        "json": out / f"{stem}.json",
+    }
     _write_csv(paths["csv"], summary)
     _write_csv(paths["curves"], rows)
-    note = (f"{s.seeds} seed(s), linear probe; {env.get('cpu', '')}, {seconds / 60:.1f} min, "
-            f"load average {env.get('load_average_start')} → {env.get('load_average_end')}")
+    note = (
+        f"{s.seeds} seed(s), linear probe; {env.get('cpu', '')}, {seconds / 60:.1f} min, "
+        f"load average {env.get('load_average_start')} → {env.get('load_average_end')}"
+    )
     plot_grid(rows, s.budget, str(paths["png"]), note=note)
-    paths["json"].write_text(json.dumps({
-        "settings": dataclasses.asdict(s), "environment": env, "seconds": seconds,
-        "summary": summary}, indent=2, default=str))
+    paths["json"].write_text(
+        json.dumps(
+            {"settings": dataclasses.asdict(s), "environment": env, "seconds": seconds, "summary": summary},
+            indent=2,
+            default=str,
+        )
+    )
     return paths
 
 
-def run_suite(quick: bool = False, out_dir: str | None = "bench_results",
-              task_filter: str | None = None, progress=print,
-              settings: Settings | None = None) -> dict:
+def run_suite(
+    quick: bool = False,
+    out_dir: str | None = "bench_results",
+    task_filter: str | None = None,
+    progress=print,
+    settings: Settings | None = None,
+) -> dict:
     """Run the suite (``QUICK`` or ``FULL``, or ``settings``), print the table, write the
     outputs into ``out_dir`` (none when None) and print their paths. ``task_filter``
     keeps the tasks whose name contains it; a filter that matches none is a ValueError
@@ -254,8 +314,7 @@ def run_suite(quick: bool = False, out_dir: str | None = "bench_results",
         pool = tuple(TASKS) if settings is None else s.tasks
         keep = tuple(t for t in pool if task_filter in t)
         if not keep:
-            raise ValueError(f"{_OP}: no task name contains {task_filter!r}; the tasks are "
-                             f"{', '.join(TASKS)}")
+            raise ValueError(f"{_OP}: no task name contains {task_filter!r}; the tasks are {', '.join(TASKS)}")
         s = dataclasses.replace(s, tasks=keep)
     check_settings(s)
     env = environment()
@@ -266,9 +325,11 @@ def run_suite(quick: bool = False, out_dir: str | None = "bench_results",
     env["load_average_end"] = load_average()
     summary = summarize(rows, list(s.checkpoints), s.budget)
     progress(format_summary(summary, list(s.checkpoints)))
-    progress(f"[bench_strategies] {len(rows)} evaluations in {seconds:.0f} s "
-             f"({os.cpu_count()} CPU cores, load average {env['load_average_start']} → "
-             f"{env['load_average_end']})")
+    progress(
+        f"[bench_strategies] {len(rows)} evaluations in {seconds:.0f} s "
+        f"({os.cpu_count()} CPU cores, load average {env['load_average_start']} → "
+        f"{env['load_average_end']})"
+    )
     paths = {}
     if out_dir is not None:
         paths = write_outputs(rows, s, out_dir, env, seconds)
@@ -305,17 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m palfast.benchmarks.bench_strategies",
         description="Every query strategy, paired by seed, over the suite's tasks "
-                    "(docs/active.md, 'Choosing a strategy'). Defaults: the full suite; "
-                    "--quick: the CI form.")
+        "(docs/active.md, 'Choosing a strategy'). Defaults: the full suite; "
+        "--quick: the CI form.",
+    )
     p.add_argument("--quick", action="store_true", help=f"the small CI form ({QUICK})")
     p.add_argument("--tasks", type=_names, help=f"comma-separated, from {', '.join(TASKS)}")
-    p.add_argument("--noise", type=_floats,
-                   help="comma-separated oracle noise levels in [0, 0.5] (default 0,0.05,0.1)")
+    p.add_argument("--noise", type=_floats, help="comma-separated oracle noise levels in [0, 0.5] (default 0,0.05,0.1)")
     p.add_argument("--seeds", type=int, help="seeds 0..S-1 (default 3, quick 2)")
     p.add_argument("--strategies", type=_names, help="comma-separated (default: all)")
     p.add_argument("--budget", type=int, help="queries per run (default 300, quick 100)")
-    p.add_argument("--checkpoints", type=_ints,
-                   help="queries at which the table reports accuracy (default 50,100,200,300)")
+    p.add_argument(
+        "--checkpoints", type=_ints, help="queries at which the table reports accuracy (default 50,100,200,300)"
+    )
     p.add_argument("--queries-per-round", type=int, help="default 50")
     p.add_argument("--steps-per-round", type=int, help="optimiser steps per round (default 20)")
     p.add_argument("--out", default="bench_results", help="output folder (default %(default)s)")
@@ -325,12 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     s = QUICK if args.quick else FULL
-    changes = {k: getattr(args, k) for k in ("tasks", "noise", "seeds", "strategies", "budget",
-                                              "checkpoints", "queries_per_round",
-                                              "steps_per_round") if getattr(args, k) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in (
+            "tasks",
+            "noise",
+            "seeds",
+            "strategies",
+            "budget",
+            "checkpoints",
+            "queries_per_round",
+            "steps_per_round",
+        )
+        if getattr(args, k) is not None
+    }
     if "budget" in changes and "checkpoints" not in changes:
-        changes["checkpoints"] = tuple(q for q in s.checkpoints if q < changes["budget"]) \
-            + (changes["budget"],)
+        changes["checkpoints"] = tuple(q for q in s.checkpoints if q < changes["budget"]) + (changes["budget"],)
     s = dataclasses.replace(s, **changes)
     try:
         check_settings(s)

@@ -59,8 +59,7 @@ import torch
 
 __all__ = ["Case", "Skip", "run_cases", "environment"]
 
-BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates", "bench_active",
-                 "bench_store"]
+BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates", "bench_active", "bench_store"]
 
 
 class Skip(Exception):
@@ -114,22 +113,36 @@ def environment() -> dict:
 
     sha = "unknown"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or sha
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or sha
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     env = {
-        "palfast": palfast.__version__, "torch": torch.__version__,
-        "python": platform.python_version(), "git_sha": sha,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "palfast": palfast.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_sha": sha,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "baseline_packages": _package_versions(BASELINE_PACKAGES),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env.update(cuda=torch.version.cuda, sm_count=props.multi_processor_count,
-                   compute_capability=f"{props.major}.{props.minor}")
+        env.update(
+            cuda=torch.version.cuda,
+            sm_count=props.multi_processor_count,
+            compute_capability=f"{props.major}.{props.minor}",
+        )
     return env
 
 
@@ -162,8 +175,7 @@ def busy_processes(count: int):
 
     Forked (the child runs no torch code, so the parent's thread pools do not
     matter), started before the timed runs and killed after them."""
-    procs = [multiprocessing.get_context("fork").Process(target=_busy_loop, daemon=True)
-             for _ in range(count)]
+    procs = [multiprocessing.get_context("fork").Process(target=_busy_loop, daemon=True) for _ in range(count)]
     for p in procs:
         p.start()
     try:
@@ -248,14 +260,12 @@ def _time_impls(case: Case, repeats: int, warmup: int, min_time: float) -> dict[
     times = {label: [] for label in runs}
     start = time.perf_counter()
     rounds = 0
-    while runs and (rounds < repeats or (time.perf_counter() - start < min_time
-                                         and rounds < MAX_ROUNDS)):
+    while runs and (rounds < repeats or (time.perf_counter() - start < min_time and rounds < MAX_ROUNDS)):
         for label, run in runs.items():  # alternate implementations every round
             times[label].append(_time_one(run, case.device))
         rounds += 1
     for label, ts in times.items():
-        result[label] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts),
-                         "runs": len(ts)}
+        result[label] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "runs": len(ts)}
     runs.clear()  # the timed implementations' inputs are freed before the extras run
     gc.collect()
     for label, extra in case.extras.items():
@@ -305,16 +315,16 @@ def measure_peak_here(module: str, case_name: str, label: str, quick: bool) -> d
 
 
 def _peak_cpu_subprocess(case: Case, label: str, quick: bool, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", f"{__package__}.harness", "--peak", case.module, case.name,
-           label] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", f"{__package__}.harness", "--peak", case.module, case.name, label] + (
+        ["--quick"] if quick else []
+    )
     # A fixed mmap threshold makes glibc return every large block to the OS when
     # it is freed, so the warm-up run's memory does not hide the measured run's.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     # From a checkout, `-m` would import the source tree's palfast (no compiled _C)
     # ahead of the installed one: run the subprocess from a neutral cwd.
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                             cwd=tempfile.gettempdir())
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return {"status": "skipped: peak-memory run timed out"}
     if out.returncode != 0:
@@ -373,9 +383,17 @@ def summarize_kernels(trace: dict) -> list[dict]:
             continue
         args = e.get("args", {})
         blocks, threads = _dims(args.get("grid")), _dims(args.get("block"))
-        k = kernels.setdefault(e["name"], {
-            "name": e["name"][:KERNEL_NAME_CHARS], "launches": 0, "min_blocks": blocks,
-            "max_blocks": blocks, "threads_per_block": threads, "gpu_us": 0.0})
+        k = kernels.setdefault(
+            e["name"],
+            {
+                "name": e["name"][:KERNEL_NAME_CHARS],
+                "launches": 0,
+                "min_blocks": blocks,
+                "max_blocks": blocks,
+                "threads_per_block": threads,
+                "gpu_us": 0.0,
+            },
+        )
         k["launches"] += 1
         k["gpu_us"] += float(e.get("dur", 0.0))
         if blocks is not None:
@@ -425,11 +443,23 @@ def _find_case(module: str, name: str, quick: bool, device: str) -> Case:
     raise KeyError(f"no case {name!r} in {module}")
 
 
-def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, repeats: int = 5,
-              warmup: int = 1, min_time: float = 0.0, memory: bool = True, out_dir: str | None = None,
-              peak_timeout: float = 600.0, progress: Callable[[str], None] = print,
-              case_filter: str | None = None, contention: int = 0,
-              impls: list[str] | None = None, kernels: bool = True) -> dict:
+def run_cases(
+    modules: list[str],
+    *,
+    device: str = "cpu",
+    quick: bool = False,
+    repeats: int = 5,
+    warmup: int = 1,
+    min_time: float = 0.0,
+    memory: bool = True,
+    out_dir: str | None = None,
+    peak_timeout: float = 600.0,
+    progress: Callable[[str], None] = print,
+    case_filter: str | None = None,
+    contention: int = 0,
+    impls: list[str] | None = None,
+    kernels: bool = True,
+) -> dict:
     """Run every case of ``modules`` (those whose name contains ``case_filter``, when
     given; only the implementations in ``impls`` and the baseline, when given), print a
     table, write JSON + CSV into ``out_dir`` (rewritten after every case). With
@@ -438,8 +468,7 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
     ``kernels`` on CUDA, each row carries the kernels one run launches."""
     suites = [m for m in modules if hasattr(_import_module(m), "run_suite")]
     for module in suites:  # evaluations with their own report, not timed (bench_strategies.py)
-        _import_module(module).run_suite(quick=quick, out_dir=out_dir, task_filter=case_filter,
-                                         progress=progress)
+        _import_module(module).run_suite(quick=quick, out_dir=out_dir, task_filter=case_filter, progress=progress)
     modules = [m for m in modules if m not in suites]
     if suites and not modules:
         return {"suites": suites}
@@ -456,8 +485,9 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
             if case_filter and case_filter not in case.name:
                 continue
             if impls:  # the baseline stays: the ratios are taken against it
-                case = dataclasses.replace(case, impls={
-                    k: v for k, v in case.impls.items() if k in impls or k == case.baseline})
+                case = dataclasses.replace(
+                    case, impls={k: v for k, v in case.impls.items() if k in impls or k == case.baseline}
+                )
             for busy in loads:
                 progress(f"[{module}] {case.name} ({_load_label(busy)}) ...")
                 with busy_processes(busy):
@@ -465,10 +495,17 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
                     timing = _time_impls(case, repeats, warmup, min_time)
                     load_after = load_average()
                 for label in case.impls:
-                    row = {"module": module, "case": case.name, "impl": label, **case.params,
-                           "baseline": case.baseline, "load": _load_label(busy), "busy_processes": busy,
-                           "load_average": [load_before, load_after],
-                           **{k: v for k, v in timing[label].items()}}
+                    row = {
+                        "module": module,
+                        "case": case.name,
+                        "impl": label,
+                        **case.params,
+                        "baseline": case.baseline,
+                        "load": _load_label(busy),
+                        "busy_processes": busy,
+                        "load_average": [load_before, load_after],
+                        **{k: v for k, v in timing[label].items()},
+                    }
                     if row.get("median_s"):
                         if case.flops:
                             row["flops"] = case.flops
@@ -477,10 +514,12 @@ def run_cases(modules: list[str], *, device: str = "cpu", quick: bool = False, r
                             if timing.get(other, {}).get("median_s"):
                                 row["speedup_vs_" + other] = timing[other]["median_s"] / row["median_s"]
                     if memory and busy == 0 and row["status"] == "ok":
-                        peak = (_peak_cuda(case, label) if device.startswith("cuda")
-                                else _peak_cpu_subprocess(case, label, quick, peak_timeout))
-                        row["peak_mib"] = (peak["peak_bytes"] / 2**20 if peak["status"] == "ok"
-                                           else None)
+                        peak = (
+                            _peak_cuda(case, label)
+                            if device.startswith("cuda")
+                            else _peak_cpu_subprocess(case, label, quick, peak_timeout)
+                        )
+                        row["peak_mib"] = peak["peak_bytes"] / 2**20 if peak["status"] == "ok" else None
                         if peak.get("peak_rss_bytes") is not None:
                             row["peak_rss_mib"] = peak["peak_rss_bytes"] / 2**20
                         if peak["status"] != "ok":
@@ -517,8 +556,9 @@ def _targets(modules: list[str], rows: list[dict], env: dict) -> list[dict]:
 
 
 def _add_memory_ratios(rows: list[dict], case: Case) -> None:
-    mine = [r for r in rows if r["case"] == case.name and r["module"] == case.module
-            and r.get("busy_processes", 0) == 0]
+    mine = [
+        r for r in rows if r["case"] == case.name and r["module"] == case.module and r.get("busy_processes", 0) == 0
+    ]
     base = next((r.get("peak_mib") for r in mine if r["impl"] == case.baseline), None)
     for r in mine:
         if base and r.get("peak_mib"):
@@ -526,36 +566,46 @@ def _add_memory_ratios(rows: list[dict], case: Case) -> None:
 
 
 #: Row fields printed after the ratios when a row has them: (key, label, format).
-SHOWN_FIELDS = (("peak_rss_mib", "peak RSS MiB", ".0f"), ("recall_at_10", "recall@10", ".4f"),
-                ("extras_status", "extras", ""))
+SHOWN_FIELDS = (
+    ("peak_rss_mib", "peak RSS MiB", ".0f"),
+    ("recall_at_10", "recall@10", ".4f"),
+    ("extras_status", "extras", ""),
+)
 
 
 def format_table(report: dict) -> str:
     env = report["environment"]
-    lines = [f"palfast {env['palfast']} | torch {env['torch']} | device {env['device']} "
-             f"({env['cuda_device'] or env['cpu']}, {env['threads']} threads) | git {env['git_sha']}"]
+    lines = [
+        f"palfast {env['palfast']} | torch {env['torch']} | device {env['device']} "
+        f"({env['cuda_device'] or env['cpu']}, {env['threads']} threads) | git {env['git_sha']}"
+    ]
     load = f" | load average {env['load_average_start']}" if env.get("load_average_start") else ""
     lines[0] += load
-    header = (f"{'case':<44} {'impl':<22} {'load':<16} {'median ms':>10} {'TFLOP/s':>8} "
-              f"{'speedup':>8} {'peak MiB':>9} {'mem x':>6}  other ratios")
+    header = (
+        f"{'case':<44} {'impl':<22} {'load':<16} {'median ms':>10} {'TFLOP/s':>8} "
+        f"{'speedup':>8} {'peak MiB':>9} {'mem x':>6}  other ratios"
+    )
     lines += [header, "-" * len(header)]
     for r in report["results"]:
         where = f"{r['case']:<44} {r['impl']:<22} {r.get('load', 'quiet'):<16}"
         if r["status"] != "ok":
             lines.append(f"{where} {r['status']}")
             continue
-        speedups = {k[len("speedup_vs_"):]: v for k, v in r.items() if k.startswith("speedup_vs_")}
+        speedups = {k[len("speedup_vs_") :]: v for k, v in r.items() if k.startswith("speedup_vs_")}
         speed = speedups.pop(r.get("baseline"), None)
-        others = ", ".join([f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"]]
-                           + [f"{label} {r[key]:{fmt}}" for key, label, fmt in SHOWN_FIELDS
-                              if r.get(key) is not None])
+        others = ", ".join(
+            [f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"]]
+            + [f"{label} {r[key]:{fmt}}" for key, label, fmt in SHOWN_FIELDS if r.get(key) is not None]
+        )
         mem = next((v for k, v in r.items() if k.startswith("memory_ratio_vs_")), None)
         peak, tflops = r.get("peak_mib"), r.get("tflops")
-        lines.append(f"{where} {1e3 * r['median_s']:>10.2f} "
-                     f"{(f'{tflops:.3g}' if tflops is not None else '-'):>8} "
-                     f"{(f'{speed:.2f}x' if speed else '-'):>8} "
-                     f"{(f'{peak:.1f}' if peak is not None else '-'):>9} "
-                     f"{(f'{mem:.1f}x' if mem else '-'):>6}  {others}".rstrip())
+        lines.append(
+            f"{where} {1e3 * r['median_s']:>10.2f} "
+            f"{(f'{tflops:.3g}' if tflops is not None else '-'):>8} "
+            f"{(f'{speed:.2f}x' if speed else '-'):>8} "
+            f"{(f'{peak:.1f}' if peak is not None else '-'):>9} "
+            f"{(f'{mem:.1f}x' if mem else '-'):>6}  {others}".rstrip()
+        )
     notes = sorted({r["flop_count"] for r in report["results"] if r.get("flop_count")})
     if notes:
         lines.append("TFLOP/s: effective, " + "; ".join(notes))
@@ -571,8 +621,7 @@ def _report_stem(device: str) -> str:
     return f"bench_{device.split(':')[0]}_{time.strftime('%Y%m%d_%H%M%S')}"
 
 
-def write_report(report: dict, out_dir: str, stem: str | None = None,
-                 quiet: bool = False) -> tuple[Path, Path]:
+def write_report(report: dict, out_dir: str, stem: str | None = None, quiet: bool = False) -> tuple[Path, Path]:
     """Write ``report`` as STEM.json and STEM.csv into ``out_dir`` (STEM: bench_DEVICE_TIME
     unless given), replacing earlier versions of the same files."""
     out = Path(out_dir)
@@ -584,8 +633,10 @@ def write_report(report: dict, out_dir: str, stem: str | None = None,
     tmp.write_text(json.dumps(report, indent=2, default=str))
     tmp.replace(jpath)
     # The kernel lists stay in the JSON: a CSV cell cannot hold them readably.
-    keys = sorted({k for r in report["results"] for k in r if k != "kernels"},
-                  key=lambda k: (k not in ("module", "case", "impl"), k))
+    keys = sorted(
+        {k for r in report["results"] for k in r if k != "kernels"},
+        key=lambda k: (k not in ("module", "case", "impl"), k),
+    )
     with cpath.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

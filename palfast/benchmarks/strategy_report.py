@@ -67,20 +67,20 @@ def summarize(rows: list[dict], checkpoints: list[int], budget: int) -> list[dic
     out = []
     for (task, noise, strategy), by_seed in runs.items():
         curves = {s: curve(rs, budget) for s, rs in sorted(by_seed.items())}
-        base = {s: curve(rs, budget) for s, rs in
-                sorted(runs.get((task, noise, BASELINE), {}).items())}
-        ideal = {s: curve(rs, budget) for s, rs in
-                 sorted(runs.get((task, 0.0, IDEAL), {}).items())}
+        base = {s: curve(rs, budget) for s, rs in sorted(runs.get((task, noise, BASELINE), {}).items())}
+        ideal = {s: curve(rs, budget) for s, rs in sorted(runs.get((task, 0.0, IDEAL), {}).items())}
         paired = [s for s in curves if s in base]
         row = {"task": task, "noise": noise, "strategy": strategy, "seeds": len(curves)}
         for q in checkpoints:
             row[f"acc@{q}"], row[f"acc@{q}_sd"] = mean_sd([at(*c, q) for c in curves.values()])
             row[f"vs_random@{q}"], row[f"vs_random@{q}_sd"] = mean_sd(
-                [at(*curves[s], q) - at(*base[s], q) for s in paired])
+                [at(*curves[s], q) - at(*base[s], q) for s in paired]
+            )
             row[f"ideal@{q}"] = mean_sd([at(*c, q) for c in ideal.values()])[0]
         row["auc"], row["auc_sd"] = mean_sd([area_under_curve(*c) for c in curves.values()])
         row["vs_random_auc"], row["vs_random_auc_sd"] = mean_sd(
-            [area_under_curve(*curves[s]) - area_under_curve(*base[s]) for s in paired])
+            [area_under_curve(*curves[s]) - area_under_curve(*base[s]) for s in paired]
+        )
         reach = [queries_to_reach(*curves[s], at(*base[s], budget)) for s in paired]
         row["reach_random_final"] = reach
         row["n_reached"] = sum(r is not None for r in reach)
@@ -118,8 +118,10 @@ def format_summary(summary: list[dict], checkpoints: list[int]) -> str:
         groups.setdefault((r["task"], r["noise"]), []).append(r)
     for (task, noise), group in groups.items():
         seeds = max(r["seeds"] for r in group)
-        lines.append(f"\n{task}, oracle noise {100 * noise:g} %, {seeds} seed(s): test accuracy (%) "
-                     f"mean, Δ = paired difference to {BASELINE} (mean±sd over seeds)")
+        lines.append(
+            f"\n{task}, oracle noise {100 * noise:g} %, {seeds} seed(s): test accuracy (%) "
+            f"mean, Δ = paired difference to {BASELINE} (mean±sd over seeds)"
+        )
         head = f"{'strategy':>10} | {'AUC':>5} {'Δ':>10}"
         for q in checkpoints:
             head += f" | {'@' + str(q):>5} {'Δ':>10}"
@@ -129,21 +131,21 @@ def format_summary(summary: list[dict], checkpoints: list[int]) -> str:
             auc_delta = _pct(r["vs_random_auc"], r["vs_random_auc_sd"], True)
             line = f"{r['strategy']:>10} | {_pct(r['auc']):>5} {auc_delta:>10}"
             for q in checkpoints:
-                line += (f" | {_pct(r[f'acc@{q}']):>5} "
-                         f"{_pct(r[f'vs_random@{q}'], r[f'vs_random@{q}_sd'], True):>10}")
+                line += f" | {_pct(r[f'acc@{q}']):>5} {_pct(r[f'vs_random@{q}'], r[f'vs_random@{q}_sd'], True):>10}"
             line += " | " + ", ".join("—" if v is None else str(v) for v in r["reach_random_final"])
             lines.append(line)
         ideal = group[0]
         if not math.isnan(ideal[f"ideal@{checkpoints[-1]}"]):
-            lines.append(f"{'ideal ref':>10} | " + ", ".join(
-                f"@{q} {_pct(ideal[f'ideal@{q}'])}" for q in checkpoints)
-                + " (the same number of samples labelled directly, no noise)")
+            lines.append(
+                f"{'ideal ref':>10} | "
+                + ", ".join(f"@{q} {_pct(ideal[f'ideal@{q}'])}" for q in checkpoints)
+                + " (the same number of samples labelled directly, no noise)"
+            )
     return "\n".join(lines)
 
 
 #: Colours per strategy, the same in every panel (matplotlib's default cycle order).
-COLORS = {"pal": "C0", "uncertain": "C1", "nearest": "C2", "random": "C3", "passive": "C4",
-          IDEAL: "black"}
+COLORS = {"pal": "C0", "uncertain": "C1", "nearest": "C2", "random": "C3", "passive": "C4", IDEAL: "black"}
 
 
 def plot_grid(rows: list[dict], budget: int, path: str, note: str = "") -> None:
@@ -158,9 +160,14 @@ def plot_grid(rows: list[dict], budget: int, path: str, note: str = "") -> None:
     runs = _runs(rows)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     noises = sorted({r["noise"] for r in rows})
-    fig, axes = plt.subplots(len(tasks), len(noises), squeeze=False, sharex=True,
-                             figsize=(3.6 * len(noises) + 0.6, 2.5 * len(tasks) + 0.8),
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(noises),
+        squeeze=False,
+        sharex=True,
+        figsize=(3.6 * len(noises) + 0.6, 2.5 * len(tasks) + 0.8),
+        constrained_layout=True,
+    )
     for i, task in enumerate(tasks):
         for j, noise in enumerate(noises):
             ax = axes[i][j]
@@ -173,12 +180,15 @@ def plot_grid(rows: list[dict], budget: int, path: str, note: str = "") -> None:
                 m = [100 * s[0] for s in stats]
                 sd = [100 * s[1] for s in stats]
                 style = "--" if strategy == IDEAL else "-"
-                ax.plot(qs, m, style, marker="o", ms=2.5, lw=1.2, label=strategy,
-                        color=COLORS.get(strategy))
+                ax.plot(qs, m, style, marker="o", ms=2.5, lw=1.2, label=strategy, color=COLORS.get(strategy))
                 if strategy != IDEAL:
-                    ax.fill_between(qs, [a - b for a, b in zip(m, sd)],
-                                    [a + b for a, b in zip(m, sd)], alpha=0.12,
-                                    color=COLORS.get(strategy))
+                    ax.fill_between(
+                        qs,
+                        [a - b for a, b in zip(m, sd)],
+                        [a + b for a, b in zip(m, sd)],
+                        alpha=0.12,
+                        color=COLORS.get(strategy),
+                    )
             ax.set_title(f"{task}, noise {100 * noise:g} %", fontsize=9)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)

@@ -76,9 +76,13 @@ class Task:
 
     def encoder(self, in_features: int) -> nn.Module:
         """A fresh MLP encoder (the caller seeds torch first)."""
-        return nn.Sequential(nn.Linear(in_features, self.hidden), nn.ReLU(),
-                             nn.Linear(self.hidden, self.hidden), nn.ReLU(),
-                             nn.Linear(self.hidden, self.dim))
+        return nn.Sequential(
+            nn.Linear(in_features, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.dim),
+        )
 
 
 # ------------------------------------------------------------------------- data
@@ -86,8 +90,7 @@ def _split(x, y):
     """Stratified pool/test split (fixed DATA_SEED) as float32/int64 tensors."""
     from sklearn.model_selection import train_test_split
 
-    xp, xt, yp, yt = train_test_split(x, y, test_size=TEST_SHARE, stratify=y,
-                                      random_state=DATA_SEED)
+    xp, xt, yp, yt = train_test_split(x, y, test_size=TEST_SHARE, stratify=y, random_state=DATA_SEED)
     as_x = lambda a: torch.as_tensor(a, dtype=torch.float32)
     as_y = lambda a: torch.as_tensor(a, dtype=torch.long)
     return as_x(xp), as_y(yp), as_x(xt), as_y(yt)
@@ -153,12 +156,14 @@ def _sklearn(name: str):
 
         x, y = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
         return _standardised(x, y)
+
     return load
 
 
 def _synthetic(make):
     def load():
         return _split(*make())
+
     return load
 
 
@@ -169,19 +174,27 @@ def digits_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return augment(x, gen)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("digits-views", _digits, digits_view, "digits, ±1 px shift + noise views (views teach)",
-         views_teach=True, hidden=128, dim=32),
-    Task("digits-noviews", _digits, None, "digits, no views (only the answers)",
-         hidden=128, dim=32),
-    Task("rings", _synthetic(rings), noise_view, "3 concentric rings + 4 nuisance dims"),
-    Task("spirals", _synthetic(spirals), noise_view, "3 spiral arms + 4 nuisance dims"),
-    Task("blobs", _synthetic(blobs), noise_view, "4 overlapping blobs + 4 nuisance dims"),
-    Task("iris", _sklearn("iris"), noise_view, "iris (150 samples, 3 classes)"),
-    Task("wine", _sklearn("wine"), noise_view, "wine (178 samples, 3 classes)"),
-    Task("breast-cancer", _sklearn("breast_cancer"), noise_view,
-         "breast cancer (569 samples, 2 classes)"),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(
+            "digits-views",
+            _digits,
+            digits_view,
+            "digits, ±1 px shift + noise views (views teach)",
+            views_teach=True,
+            hidden=128,
+            dim=32,
+        ),
+        Task("digits-noviews", _digits, None, "digits, no views (only the answers)", hidden=128, dim=32),
+        Task("rings", _synthetic(rings), noise_view, "3 concentric rings + 4 nuisance dims"),
+        Task("spirals", _synthetic(spirals), noise_view, "3 spiral arms + 4 nuisance dims"),
+        Task("blobs", _synthetic(blobs), noise_view, "4 overlapping blobs + 4 nuisance dims"),
+        Task("iris", _sklearn("iris"), noise_view, "iris (150 samples, 3 classes)"),
+        Task("wine", _sklearn("wine"), noise_view, "wine (178 samples, 3 classes)"),
+        Task("breast-cancer", _sklearn("breast_cancer"), noise_view, "breast cancer (569 samples, 2 classes)"),
+    ]
+}
 
 
 def load_task(task: Task):
@@ -197,6 +210,7 @@ def resolve_tasks(names, op: str) -> list[Task]:
     names = list(names)
     bad = [n for n in names if n not in TASKS]
     if bad or not names:
-        raise ValueError(f"{op}: tasks must name some of {', '.join(TASKS)}; unknown: "
-                         f"{', '.join(map(repr, bad)) or '(none given)'}")
+        raise ValueError(
+            f"{op}: tasks must name some of {', '.join(TASKS)}; unknown: {', '.join(map(repr, bad)) or '(none given)'}"
+        )
     return [TASKS[n] for n in names]

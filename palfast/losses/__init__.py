@@ -22,5 +22,14 @@ from .covariance import (
 from .info_nce import INFO_NCE_MAX_LOGIT, info_nce
 from .vic2 import vic2
 
-__all__ = ["INFO_NCE_MAX_LOGIT", "info_nce", "vicreg", "barlow_twins", "spectral_contrastive",
-           "vic2", "vicreg_two_view", "barlow_twins_two_view", "spectral_contrastive_two_view"]
+__all__ = [
+    "INFO_NCE_MAX_LOGIT",
+    "info_nce",
+    "vicreg",
+    "barlow_twins",
+    "spectral_contrastive",
+    "vic2",
+    "vicreg_two_view",
+    "barlow_twins_two_view",
+    "spectral_contrastive_two_view",
+]

@@ -24,8 +24,7 @@ def acc(z: torch.Tensor) -> torch.Tensor:
 def check_finite_values(op: str, name: str, z: torch.Tensor, check_finite: bool) -> None:
     """``ValueError`` naming ``name`` when ``check_finite`` and z holds NaN or Inf."""
     if check_finite and not bool(torch.isfinite(z).all()):
-        raise ValueError(f"{op}: {name} must be finite (check_finite=True), got NaN or Inf "
-                         "entries")
+        raise ValueError(f"{op}: {name} must be finite (check_finite=True), got NaN or Inf entries")
 
 
 def check_gather(op: str, gather) -> bool:
@@ -44,14 +43,16 @@ def check_z(op: str, z, graph, check_finite, n_global: bool = False) -> torch.Te
     check_finite = check_bool(op, "check_finite", check_finite)
     check_tensor(op, "z", z, min_rows=1, dtypes=FLOAT_DTYPES)
     if not isinstance(graph, PairGraph):
-        raise TypeError(f"{op}: graph must be a palfast.PairGraph, got {type(graph).__name__}. "
-                        "Build one with PairGraph.from_views / from_labels / from_edges")
+        raise TypeError(
+            f"{op}: graph must be a palfast.PairGraph, got {type(graph).__name__}. "
+            "Build one with PairGraph.from_views / from_labels / from_edges"
+        )
     if not n_global and graph.num_nodes != z.shape[0]:
-        raise ValueError(f"{op}: graph must have one node per row of z ({z.shape[0]}), "
-                         f"got a graph over {graph.num_nodes} nodes")
+        raise ValueError(
+            f"{op}: graph must have one node per row of z ({z.shape[0]}), got a graph over {graph.num_nodes} nodes"
+        )
     if graph.device != z.device:
-        raise ValueError(f"{op}: graph must be on z's device ({z.device}), got {graph.device}; "
-                         "use graph.to(z.device)")
+        raise ValueError(f"{op}: graph must be on z's device ({z.device}), got {graph.device}; use graph.to(z.device)")
     unchanged = graph.check_unchanged(op)
     check_finite_values(op, "z", z, check_finite)
     return unchanged
@@ -66,12 +67,10 @@ def with_check(out: torch.Tensor, unchanged: torch.Tensor, dtype: torch.dtype) -
 def check_rows(op: str, name: str, z: torch.Tensor, minimum: int, why: str) -> None:
     """``ValueError`` when z has fewer than ``minimum`` rows (``why`` says why)."""
     if z.shape[0] < minimum:
-        raise ValueError(f"{op}: {name} must have at least {minimum} rows ({why}), "
-                         f"got shape {tuple(z.shape)}")
+        raise ValueError(f"{op}: {name} must have at least {minimum} rows ({why}), got shape {tuple(z.shape)}")
 
 
-def global_rows(op: str, z, graph, check_finite: bool,
-                gather) -> tuple[torch.Tensor, torch.Tensor]:
+def global_rows(op: str, z, graph, check_finite: bool, gather) -> tuple[torch.Tensor, torch.Tensor]:
     """Check z and, under torch.distributed (``gather``), return all ranks' rows (and
     the zero of the graph check, for :func:`with_check`).
 
@@ -110,29 +109,31 @@ def no_overflow_nan(op: str, z: torch.Tensor, loss: torch.Tensor) -> torch.Tenso
         return loss  # NaN/Inf in z: NaN loss, like PyTorch's losses (check_finite)
     peak = float(torch.maximum(x.amax(), -x.amin()))
     acc_dtype = str(_ops._acc_dtype(z)).removeprefix("torch.")
-    raise ValueError(f"{op}: z is too large for {acc_dtype} accumulation (largest |z| = "
-                     f"{peak:g}): its sums of squares overflow and the loss would be NaN; scale z "
-                     "down (normalise it), or pass z.double()")
+    raise ValueError(
+        f"{op}: z is too large for {acc_dtype} accumulation (largest |z| = "
+        f"{peak:g}): its sums of squares overflow and the loss would be NaN; scale z "
+        "down (normalise it), or pass z.double()"
+    )
 
 
 # ------------------------------------------------------------ two-view forms
-def check_two_views(op: str, z_a, z_b, min_rows: int, check_finite,
-                    names: tuple[str, str] = ("z_a", "z_b")) -> None:
+def check_two_views(op: str, z_a, z_b, min_rows: int, check_finite, names: tuple[str, str] = ("z_a", "z_b")) -> None:
     """z_a, z_b: two float [n >= min_rows, D] tensors of one shape, dtype and device
     (finite when ``check_finite``), called ``names`` in errors."""
     check_finite = check_bool(op, "check_finite", check_finite)
     a, b = names
     if not isinstance(z_b, torch.Tensor):
-        raise TypeError(f"{op}: {b} must be a torch.Tensor (or pass a PairGraph), "
-                        f"got {type(z_b).__name__}")
+        raise TypeError(f"{op}: {b} must be a torch.Tensor (or pass a PairGraph), got {type(z_b).__name__}")
     for name, t in zip(names, (z_a, z_b)):
         check_tensor(op, name, t, min_rows=min_rows, dtypes=FLOAT_DTYPES)
     if z_a.shape != z_b.shape:
-        raise ValueError(f"{op}: {a} and {b} must both be [n, D] with the same shape, got "
-                         f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
+        raise ValueError(
+            f"{op}: {a} and {b} must both be [n, D] with the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
     if z_a.dtype != z_b.dtype or z_a.device != z_b.device:
-        raise ValueError(f"{op}: {b} must have {a}'s dtype and device ({z_a.dtype}, "
-                         f"{z_a.device}), got {z_b.dtype}, {z_b.device}")
+        raise ValueError(
+            f"{op}: {b} must have {a}'s dtype and device ({z_a.dtype}, {z_a.device}), got {z_b.dtype}, {z_b.device}"
+        )
     for name, t in zip(names, (z_a, z_b)):
         check_finite_values(op, name, t, check_finite)
 
@@ -147,8 +148,7 @@ def stacked_views(z_a, z_b, gather: bool) -> tuple[torch.Tensor, PairGraph]:
         return z, PairGraph.from_views(z_a.shape[0], 2, device=z_a.device)
     counts = _dist.row_counts(z_a.shape[0], z_a.device)
     starts = [sum(counts[:r]) for r in range(len(counts))]
-    image = torch.cat([torch.arange(s, s + c, device=z.device).repeat(2)
-                       for s, c in zip(starts, counts)])
+    image = torch.cat([torch.arange(s, s + c, device=z.device).repeat(2) for s, c in zip(starts, counts)])
     return z, PairGraph.from_labels(image)
 
 

@@ -29,16 +29,24 @@ from ._common import (
     with_check,
 )
 
-__all__ = ["vicreg", "barlow_twins", "spectral_contrastive", "vicreg_two_view",
-           "barlow_twins_two_view", "spectral_contrastive_two_view"]
+__all__ = [
+    "vicreg",
+    "barlow_twins",
+    "spectral_contrastive",
+    "vicreg_two_view",
+    "barlow_twins_two_view",
+    "spectral_contrastive_two_view",
+]
 
 
 def _vicreg_coeffs(op: str, sim_coeff, std_coeff, cov_coeff, eps) -> tuple[float, ...]:
     """VICReg's three weights (finite, >= 0) and eps (finite, > 0)."""
-    return (check_number(op, "sim_coeff", sim_coeff, 0.0),
-            check_number(op, "std_coeff", std_coeff, 0.0),
-            check_number(op, "cov_coeff", cov_coeff, 0.0),
-            check_number(op, "eps", eps, 0.0, strict=True))
+    return (
+        check_number(op, "sim_coeff", sim_coeff, 0.0),
+        check_number(op, "std_coeff", std_coeff, 0.0),
+        check_number(op, "cov_coeff", cov_coeff, 0.0),
+        check_number(op, "eps", eps, 0.0, strict=True),
+    )
 
 
 def _barlow_twins_coeffs(op: str, lambd, eps) -> tuple[float, float]:
@@ -73,9 +81,17 @@ def _variance_overflows(x: torch.Tensor) -> torch.Tensor:
     return peak.square() * x.shape[0] > torch.finfo(x.dtype).max
 
 
-def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
-           std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
-           check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
+def vicreg(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     r"""Graph-weighted VICReg (Bardes et al. 2022 in PAL's graph form), docs/api.md.
 
     .. math::
@@ -112,8 +128,15 @@ def vicreg(z: torch.Tensor, graph: PairGraph, *, sim_coeff: float = 25.0,
     return no_overflow_nan(op, z, loss)
 
 
-def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps: float = 1e-5,
-                 check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
+def barlow_twins(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    lambd: float = 5e-3,
+    eps: float = 1e-5,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     r"""Graph-weighted Barlow Twins (Zbontar et al. 2021 in PAL's graph form), docs/api.md.
 
     .. math::
@@ -152,8 +175,14 @@ def barlow_twins(z: torch.Tensor, graph: PairGraph, *, lambd: float = 5e-3, eps:
     return no_overflow_nan(op, z, with_check(loss, unchanged, z.dtype))
 
 
-def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: float = 1.0,
-                         check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
+def spectral_contrastive(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    negative_weight: float = 1.0,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     r"""Graph-weighted spectral contrastive loss (HaoChen et al. 2021), docs/api.md.
 
     .. math::
@@ -202,9 +231,18 @@ def spectral_contrastive(z: torch.Tensor, graph: PairGraph, *, negative_weight: 
 # palfast.nn's VICRegLoss, BarlowTwinsLoss and SpectralContrastiveLoss called as
 # loss(z_a, z_b) are these.
 
-def vicreg_two_view(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0,
-                    std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
-                    check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
+
+def vicreg_two_view(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    *,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     """Official VICReg (facebookresearch/vicreg) of two views ``z_a, z_b [n >= 2, D]``:
     ``sim·mse(z_a, z_b) + std·(v(z_a) + v(z_b))/2 + cov·(c(z_a) + c(z_b))``, ``v`` and
     ``c`` :func:`vicreg`'s variance and covariance terms of one view. Arguments as for
@@ -224,14 +262,21 @@ def vicreg_two_view(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 
     xa, xb = acc(z_a), acc(z_b)
     var_a, cov_a = _variance_covariance(xa, eps)
     var_b, cov_b = _variance_covariance(xb, eps)
-    loss = (sim_coeff * torch.nn.functional.mse_loss(xa, xb)
-            + std_coeff * (var_a + var_b) / 2 + cov_coeff * (cov_a + cov_b))
+    loss = (
+        sim_coeff * torch.nn.functional.mse_loss(xa, xb) + std_coeff * (var_a + var_b) / 2 + cov_coeff * (cov_a + cov_b)
+    )
     return loss.to(z_a.dtype)
 
 
-def barlow_twins_two_view(z_a: torch.Tensor, z_b: torch.Tensor, *, lambd: float = 5e-3,
-                          eps: float = 1e-5, check_finite: bool = False,
-                          gather: bool | None = None) -> torch.Tensor:
+def barlow_twins_two_view(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    *,
+    lambd: float = 5e-3,
+    eps: float = 1e-5,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     """Official Barlow Twins of two views ``z_a, z_b [n, D]``: ``c = bn(z_a)ᵀ bn(z_b)/n``
     with ``BatchNorm1d(affine=False)`` per view, ``Σ (1 − c_kk)² + λ Σ_{k≠l} c_kl²`` (the
     official default λ is 0.0051). Arguments as for :func:`barlow_twins`; gathered, it is
@@ -255,9 +300,9 @@ def barlow_twins_two_view(z_a: torch.Tensor, z_b: torch.Tensor, *, lambd: float 
     return (on + lambd * off).to(z_a.dtype)
 
 
-def spectral_contrastive_two_view(z_a: torch.Tensor, z_b: torch.Tensor, *,
-                                  check_finite: bool = False,
-                                  gather: bool | None = None) -> torch.Tensor:
+def spectral_contrastive_two_view(
+    z_a: torch.Tensor, z_b: torch.Tensor, *, check_finite: bool = False, gather: bool | None = None
+) -> torch.Tensor:
     """HaoChen et al.'s spectral contrastive loss of two views ``z_a, z_b [n, D]``:
     ``−2 E_i⟨a_i, b_i⟩ + E_{i≠j}⟨a_i, b_j⟩²`` (negatives are the other images' other
     view). ``check_finite`` and ``gather`` as for :func:`spectral_contrastive`;

@@ -38,10 +38,12 @@ def _check_logit_range(op: str, z: torch.Tensor, temperature: float) -> None:
     if not bound <= limit:  # NaN z is left to check_finite
         if math.isnan(bound):
             return
-        raise ValueError(f"{op}: with normalize=False, max_i ‖z_i‖² / temperature must be <= "
-                         f"INFO_NCE_MAX_LOGIT = {limit:g} for {_ops._acc_dtype(z)} accumulation "
-                         f"(larger logits lose their precision), got {bound:g}; scale z down, "
-                         "raise the temperature, or use normalize=True")
+        raise ValueError(
+            f"{op}: with normalize=False, max_i ‖z_i‖² / temperature must be <= "
+            f"INFO_NCE_MAX_LOGIT = {limit:g} for {_ops._acc_dtype(z)} accumulation "
+            f"(larger logits lose their precision), got {bound:g}; scale z down, "
+            "raise the temperature, or use normalize=True"
+        )
 
 
 #: Rows of norm below this are divided by it instead of normalised: the kernels'
@@ -58,8 +60,7 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / norm.clamp_min(_NORM_FLOOR)
 
 
-def _sparse_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                n: int) -> torch.Tensor:
+def _sparse_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     """[n, n] CSR matrix with ``values`` at (rows, cols); rows sorted ascending."""
     crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
@@ -80,8 +81,7 @@ class _KnownPairsLogSumExp(torch.autograd.Function):
         pattern = _sparse_csr(rows, cols, u.new_zeros(rows.numel()), n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            s = torch.sparse.sampled_addmm(pattern, u, u.T, beta=0.0,
-                                           alpha=1.0 / temperature).values()
+            s = torch.sparse.sampled_addmm(pattern, u, u.T, beta=0.0, alpha=1.0 / temperature).values()
         # each row's sum is shifted by its largest logit, so exp cannot overflow
         peak = u.new_full((n,), float("-inf")).scatter_reduce_(0, rows, s, "amax")
         total = u.new_zeros(n).index_add_(0, rows, torch.exp(s - peak[rows]))
@@ -104,8 +104,7 @@ class _KnownPairsLogSumExp(torch.autograd.Function):
         return grad_u, None, None, None
 
 
-def _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize, begin, end,
-                              unknown_weight):
+def _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize, begin, end, unknown_weight):
     """lse'_i − lse_i for the anchors of rows [begin, end) (0 elsewhere), where
     lse'_i = log(λ e^{lse_i} + (1 − λ) Σ_{k∈K_i} e^{s_ik}) (info_nce, "Unknown pairs").
 
@@ -119,20 +118,31 @@ def _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize, be
     anchor[:begin] = False
     anchor[end:] = False
     pos = (u * _ops.graph_spmm(u, *graph.kernel_args(), False)).sum(1) / (
-        temperature * torch.where(anchor, w, torch.ones_like(w)))
+        temperature * torch.where(anchor, w, torch.ones_like(w))
+    )
     recon = rows + pos
     lse = lse.detach() + (recon - recon.detach())
     pr, pc = graph.known_pairs(anchor)
     t = _KnownPairsLogSumExp.apply(u, pr, pc, temperature)
     t = torch.where(anchor, t, torch.zeros_like(t))  # finite where unused: no NaN gradients
-    mixed = torch.logaddexp(lse + math.log(unknown_weight) if unknown_weight > 0 else
-                            torch.full_like(lse, float("-inf")), t + math.log1p(-unknown_weight))
+    mixed = torch.logaddexp(
+        lse + math.log(unknown_weight) if unknown_weight > 0 else torch.full_like(lse, float("-inf")),
+        t + math.log1p(-unknown_weight),
+    )
     return torch.where(anchor, mixed - lse, torch.zeros_like(lse))
 
 
-def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
-             normalize: bool = True, reduction: str = "mean", unknown_weight: float = 1.0,
-             check_finite: bool = False, gather: bool | None = None) -> torch.Tensor:
+def info_nce(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    reduction: str = "mean",
+    unknown_weight: float = 1.0,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     r"""Graph-weighted InfoNCE (SupCon's L_out with weights), docs/api.md, "Losses".
 
     .. math::
@@ -167,21 +177,25 @@ def info_nce(z: torch.Tensor, graph: PairGraph, *, temperature: float = 0.1,
     unknown_weight = check_number(op, "unknown_weight", unknown_weight, 0.0, maximum=1.0)
     if not normalize:
         _check_logit_range(op, z, temperature)
-    keys, begin, end = (_dist.all_gather_rows(z, graph.num_nodes) if gather
-                        else (z, 0, z.shape[0]))
+    keys, begin, end = _dist.all_gather_rows(z, graph.num_nodes) if gather else (z, 0, z.shape[0])
     rows, lse = _ops.info_nce(keys, *graph.kernel_args(), temperature, normalize, begin, end)
     if unknown_weight < 1:
         if torch.compiler.is_compiling():
-            raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.compile (its "
-                             "known-pair list has a data-dependent size); call info_nce outside "
-                             "the compiled region, or use unknown_weight=1.0")
+            raise ValueError(
+                f"{op}: unknown_weight < 1 cannot run under torch.compile (its "
+                "known-pair list has a data-dependent size); call info_nce outside "
+                "the compiled region, or use unknown_weight=1.0"
+            )
         if _ops._transform_depth():
-            raise ValueError(f"{op}: unknown_weight < 1 cannot run under torch.func transforms "
-                             "(grad, vjp, vmap): its backward builds sparse CSR tensors, which "
-                             "torch.func cannot wrap; use torch.autograd.grad, or "
-                             "unknown_weight=1.0")
-        rows = rows + _unknown_pairs_correction(keys, graph, rows, lse, temperature, normalize,
-                                                begin, end, unknown_weight)
+            raise ValueError(
+                f"{op}: unknown_weight < 1 cannot run under torch.func transforms "
+                "(grad, vjp, vmap): its backward builds sparse CSR tensors, which "
+                "torch.func cannot wrap; use torch.autograd.grad, or "
+                "unknown_weight=1.0"
+            )
+        rows = rows + _unknown_pairs_correction(
+            keys, graph, rows, lse, temperature, normalize, begin, end, unknown_weight
+        )
     if reduction == "none":
         return with_check(rows[begin:end], unchanged, z.dtype)
     out = rows.sum()

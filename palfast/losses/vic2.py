@@ -28,17 +28,23 @@ def _orthogonality_pool(blocks: torch.Tensor, pool: int) -> torch.Tensor:
     size P ≥ n."""
     v, n, d = blocks.shape
     x = blocks.reshape(-1, d)
-    s_sq = _ops.sq_xcorr(x, None, False)[0] / v**2                   # ‖S‖², S = ZᵀZ / V
-    grams = torch.einsum("vnd,wnd->nvw", blocks, blocks)             # z_ivᵀ z_iw
-    own_sq = grams.square().sum() / v**2                              # Σ_i ‖X_i‖²
-    trace = x.square().sum() / v                                      # tr S
-    return ((pool - 1) / (pool * n * (n - 1)) * (s_sq - own_sq) + own_sq / (pool * n)
-            - 2 * trace / n + d)
+    s_sq = _ops.sq_xcorr(x, None, False)[0] / v**2  # ‖S‖², S = ZᵀZ / V
+    grams = torch.einsum("vnd,wnd->nvw", blocks, blocks)  # z_ivᵀ z_iw
+    own_sq = grams.square().sum() / v**2  # Σ_i ‖X_i‖²
+    trace = x.square().sum() / v  # tr S
+    return (pool - 1) / (pool * n * (n - 1)) * (s_sq - own_sq) + own_sq / (pool * n) - 2 * trace / n + d
 
 
-def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int = 1,
-         pool_size: int | None = None, check_finite: bool = False,
-         gather: bool | None = None) -> torch.Tensor:
+def vic2(
+    z: torch.Tensor,
+    graph: PairGraph,
+    *,
+    beta: float = 1.0,
+    n_views: int = 1,
+    pool_size: int | None = None,
+    check_finite: bool = False,
+    gather: bool | None = None,
+) -> torch.Tensor:
     r"""PAL's VIC² loss (Cabannes et al. 2023) with an unbiased orthogonality term.
 
     .. math::
@@ -71,19 +77,21 @@ def vic2(z: torch.Tensor, graph: PairGraph, *, beta: float = 1.0, n_views: int =
     beta = check_number(op, "beta", beta, 0.0)
     n_views = check_int(op, "n_views", n_views, 1)
     if z.shape[0] % n_views:
-        raise ValueError(f"{op}: z must have a multiple of n_views = {n_views} rows "
-                         f"(stacked view blocks), got shape {tuple(z.shape)}")
+        raise ValueError(
+            f"{op}: z must have a multiple of n_views = {n_views} rows "
+            f"(stacked view blocks), got shape {tuple(z.shape)}"
+        )
     x = acc(z)
     n, d = x.shape[0] // n_views, x.shape[1]
     if n < 2:
-        raise ValueError(f"{op}: z must hold at least 2 images per view block (two independent "
-                         f"halves), got shape {tuple(z.shape)} with n_views={n_views}")
+        raise ValueError(
+            f"{op}: z must hold at least 2 images per view block (two independent "
+            f"halves), got shape {tuple(z.shape)} with n_views={n_views}"
+        )
     blocks = x.reshape(n_views, n, d)
     if pool_size is not None:
         pool_size = check_int(op, "pool_size", pool_size, n)
         ortho = _orthogonality_pool(blocks, pool_size)
     else:
-        ortho = _orthogonality_halves(blocks[:, : n // 2].reshape(-1, d),
-                                      blocks[:, n // 2:].reshape(-1, d))
-    return no_overflow_nan(op, z, with_check(beta * dirichlet_mean(x, graph) + ortho,
-                                             unchanged, z.dtype))
+        ortho = _orthogonality_halves(blocks[:, : n // 2].reshape(-1, d), blocks[:, n // 2 :].reshape(-1, d))
+    return no_overflow_nan(op, z, with_check(beta * dirichlet_mean(x, graph) + ortho, unchanged, z.dtype))

@@ -99,22 +99,26 @@ def _tamper(path, *statements, params=()):
 
 def _store_with_rows(path, n=5):
     with RelationStore(path) as s:
-        s.record(torch.stack([torch.arange(n), torch.arange(1, n + 1)], 1),
-                 torch.ones(n, dtype=torch.bool))
+        s.record(torch.stack([torch.arange(n), torch.arange(1, n + 1)], 1), torch.ones(n, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("i, j, answer, match", [
-    (0, 1, 7, "answer is 7, not 0 or 1"),
-    (4, 4, 1, "pair \\(4, 4\\) is not two different"),
-    (-3, 1, 0, "pair \\(-3, 1\\) is not two different"),
-])
+@pytest.mark.parametrize(
+    "i, j, answer, match",
+    [
+        (0, 1, 7, "answer is 7, not 0 or 1"),
+        (4, 4, 1, "pair \\(4, 4\\) is not two different"),
+        (-3, 1, 0, "pair \\(-3, 1\\) is not two different"),
+    ],
+)
 def test_rows_inserted_by_another_tool_are_refused(tmp_path, i, j, answer, match):
     path = tmp_path / "tampered.sqlite"
     _store_with_rows(path)
     t = time.time()
-    _tamper(path, "INSERT INTO answers (id, i, j, answer, time, source, crc) "
-                  "VALUES (6, ?, ?, ?, ?, 'tool', ?)",
-            params=(i, j, answer, t, row_crc(6, i, j, answer, t, b"tool")))
+    _tamper(
+        path,
+        "INSERT INTO answers (id, i, j, answer, time, source, crc) VALUES (6, ?, ?, ?, ?, 'tool', ?)",
+        params=(i, j, answer, t, row_crc(6, i, j, answer, t, b"tool")),
+    )
     with pytest.raises(StoreCorruptError, match=f"row id=6 fails its check: {match}.*salvage"):
         RelationStore(path)
     with pytest.raises(StoreCorruptError, match="row id=6"):
@@ -140,7 +144,7 @@ def test_salvage_keeps_valid_rows_without_checksum(tmp_path):
     the store refuses to open, salvage keeps them and says they were unverified."""
     path = tmp_path / "migrated.sqlite"
     _v1_store(path, [(0, 1, 1, 1.5, "oracle")])
-    RelationStore(path).close()                                        # migrated to schema 2
+    RelationStore(path).close()  # migrated to schema 2
     _tamper(path, "INSERT INTO answers (i, j, answer, time, source) VALUES (1, 2, 1, 2.0, 'v1')")
     with pytest.raises(StoreCorruptError, match="row id=2 fails its check: checksum is None"):
         RelationStore(path)
@@ -152,8 +156,9 @@ def test_salvage_keeps_valid_rows_without_checksum(tmp_path):
         RelationStore.salvage(path, tmp_path / "saved.sqlite")
 
 
-@pytest.mark.parametrize("row, match", [(5, "ends at row id=4 but SQLite handed out ids up to 5"),
-                                        (2, "row id=2 is missing")])
+@pytest.mark.parametrize(
+    "row, match", [(5, "ends at row id=4 but SQLite handed out ids up to 5"), (2, "row id=2 is missing")]
+)
 def test_deleted_rows_are_detected(tmp_path, row, match):
     path = tmp_path / "deleted.sqlite"
     _store_with_rows(path)
@@ -226,13 +231,13 @@ def _v1_store(path, rows):
     db.execute("PRAGMA journal_mode = WAL")
     for st in _SCHEMA_V1:
         db.execute(st)
-    db.executemany("INSERT INTO meta VALUES (?, ?)", [("application", "palfast.RelationStore"),
-                                                      ("schema_version", "1"),
-                                                      ("created", "0.0")])
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("application", "palfast.RelationStore"), ("schema_version", "1"), ("created", "0.0")],
+    )
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     db.execute("PRAGMA user_version = 1")
-    db.executemany("INSERT INTO answers (i, j, answer, time, source) VALUES (?, ?, ?, ?, ?)",
-                   rows)
+    db.executemany("INSERT INTO answers (i, j, answer, time, source) VALUES (?, ?, ?, ?, ?)", rows)
     db.close()
 
 
@@ -241,15 +246,14 @@ def test_version_1_store_is_migrated_in_place(tmp_path):
     rows = [(0, 1, 1, 1.5, "oracle"), (1, 2, 0, 2.5, "prior"), (3, 4, 1, 3.5, "oracle")]
     _v1_store(path, rows)
     before = path.read_bytes()
-    with RelationStore(path, readonly=True) as s:   # reads a v1 store, migrates nothing
+    with RelationStore(path, readonly=True) as s:  # reads a v1 store, migrates nothing
         assert s.n_queries == 3 and s.same(0, 2) is False
     assert path.read_bytes() == before
     with RelationStore(path) as s:
         assert s.answers()[0].tolist() == [[0, 1], [1, 2], [3, 4]]
         s.record([[4, 5]], [True])
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
-        SCHEMA_VERSION)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     got = db.execute("SELECT id, i, j, answer, time, source, crc FROM answers").fetchall()
     assert [r[1:6] for r in got[:3]] == rows
     assert all(r[6] == row_crc(r[0], r[1], r[2], r[3], r[4], r[5].encode()) for r in got)
@@ -289,8 +293,9 @@ def test_flipped_schema_version_is_refused_not_trusted(tmp_path, bit):
     data[at + len(b"schema_version")] ^= 1 << bit
     path.write_bytes(bytes(data))
     for readonly in (True, False):
-        with pytest.raises(StoreCorruptError, match="schema_version is '[12]' but the file's "
-                                                    "tables are those of schema 3.*salvage"):
+        with pytest.raises(
+            StoreCorruptError, match="schema_version is '[12]' but the file's tables are those of schema 3.*salvage"
+        ):
             RelationStore(path, readonly=readonly)
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")  # trusts the tables
     assert report == (2, [], [], 1, [])
@@ -321,8 +326,13 @@ def killed_store(tmp_path_factory):
     answers (and one retraction per 5 answers), none of them checkpointed."""
     folder = tmp_path_factory.mktemp("killed")
     path = str(folder / "s.sqlite")
-    child = subprocess.Popen([sys.executable, "-c", IDLE_WRITER, path, str(KILLED_ANSWERS)],
-                             stdout=subprocess.PIPE, text=True, env=child_env(), cwd=folder)
+    child = subprocess.Popen(
+        [sys.executable, "-c", IDLE_WRITER, path, str(KILLED_ANSWERS)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=folder,
+    )
     try:
         assert child.stdout.readline().strip() == "acknowledged"
         os.kill(child.pid, signal.SIGKILL)
@@ -386,6 +396,7 @@ def _flip(bit):
         data = bytearray(data)
         data[bit >> 3] ^= 1 << (bit & 7)
         return bytes(data)
+
     return damage
 
 
@@ -396,8 +407,8 @@ def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, 
     the transactions from there on; a deleted or truncated -wal loses them too. The
     answers were acknowledged (record() had returned), so the open must refuse."""
     wal = next(d for name, d in killed_store.items() if name.endswith("-wal"))
-    page = int.from_bytes(wal[8:12], "big")          # WAL header: page size
-    frame = 24 + page                                # frame header + one page
+    page = int.from_bytes(wal[8:12], "big")  # WAL header: page size
+    frame = 24 + page  # frame header + one page
     if how == "flip":
         rng = random.Random(1)
         trials = [_flip(rng.randrange(len(wal) * 8)) for _ in range(12)]
@@ -405,16 +416,14 @@ def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, 
     elif how == "delete":
         trials = [lambda name, data: None if name.endswith("-wal") else data]
     elif how == "truncate":
-        trials = [lambda name, data: data[:len(data) // 2] if name.endswith("-wal") else data]
+        trials = [lambda name, data: data[: len(data) // 2] if name.endswith("-wal") else data]
     else:  # whole frames cut off the end: the last transactions vanish cleanly
-        trials = [lambda name, data: data[:len(data) - 3 * frame] if name.endswith("-wal")
-                  else data]
+        trials = [lambda name, data: data[: len(data) - 3 * frame] if name.endswith("-wal") else data]
     n_retractions = KILLED_ANSWERS - _expected_after_kill()
     for k, damage in enumerate(trials):
         path = _place(killed_store, tmp_path / str(k), damage)
         for readonly in (True, False):
-            with pytest.raises(StoreCorruptError,
-                               match=r"acknowledged .* lost.*-wal.*backup.*accept_loss=True"):
+            with pytest.raises(StoreCorruptError, match=r"acknowledged .* lost.*-wal.*backup.*accept_loss=True"):
                 RelationStore(path, readonly=readonly)
         if how == "delete":  # the schema itself was in the -wal: no store is left
             with pytest.raises(ValueError, match="not a palfast RelationStore"):
@@ -426,7 +435,7 @@ def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, 
             assert _rows(s) < (KILLED_ANSWERS, n_retractions)
             left = s.n_queries
             s.record([[1000, 1001]], [True])
-        with RelationStore(path) as s:                     # the loss was accepted once
+        with RelationStore(path) as s:  # the loss was accepted once
             assert s.n_queries == left + 1
 
 
@@ -450,7 +459,7 @@ def test_acked_record_damage_and_torn_writes(tmp_path):
     for readonly in (True, False):
         with pytest.raises(StoreCorruptError, match="-acked.*is damaged.*accept_loss=True"):
             RelationStore(path, readonly=readonly)
-    with RelationStore(path, accept_loss=True) as s:   # rewrites the record
+    with RelationStore(path, accept_loss=True) as s:  # rewrites the record
         assert s.n_queries == 4
     assert _read_acked(side).tops[0][0] == 4
     with RelationStore(path, readonly=True) as r:

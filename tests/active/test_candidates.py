@@ -9,6 +9,7 @@ from palfast.active import RelationStore, candidate_pairs, knn
 
 try:
     import faiss  # noqa: F401
+
     BACKENDS = ["torch", "faiss"]
 except ImportError:  # pragma: no cover
     BACKENDS = ["torch"]
@@ -89,8 +90,7 @@ def test_store_filters_known_and_implied_pairs(backend):
     pairs, _ = candidate_pairs(x, 5, store=store, backend=backend)
     assert not bool(store.known_mask(pairs).any())
     kept = {tuple(p) for p in pairs.tolist()}
-    expected = {tuple(p) for p, known in zip(all_pairs.tolist(), store.known_mask(all_pairs))
-                if not known}
+    expected = {tuple(p) for p, known in zip(all_pairs.tolist(), store.known_mask(all_pairs)) if not known}
     assert kept == expected and len(kept) < all_pairs.shape[0] - 5  # implied ones dropped too
 
 
@@ -111,25 +111,34 @@ def test_zero_rows_are_allowed():
     assert torch.isfinite(sims).all()
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"embeddings": [[1.0, 2.0]]}, TypeError, "embeddings must be a torch.Tensor"),
-    ({"embeddings": torch.randn(10)}, ValueError, "embeddings must be a 2-D"),
-    ({"embeddings": torch.randint(0, 3, (10, 2))}, TypeError, "embeddings must be floating"),
-    ({"embeddings": torch.randn(10, 0)}, ValueError, "D >= 1"),
-    ({"embeddings": torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 1.0]])}, ValueError,
-     "embeddings must be finite"),
-    ({"embeddings": torch.tensor([[1.0, float("inf")], [0.0, 1.0], [1.0, 1.0]])}, ValueError,
-     "embeddings must be finite"),
-    ({"k": 0}, ValueError, "k must satisfy 1 <= k < N = 10"),
-    ({"k": 10}, ValueError, "k must satisfy 1 <= k < N = 10"),
-    ({"k": 2.0}, TypeError, "k must be an int"),
-    ({"k": True}, TypeError, "k must be an int"),
-    ({"backend": "annoy"}, ValueError, "backend must be one of"),
-    ({"ids": torch.arange(9)}, ValueError, "ids must be a \\[N\\]"),
-    ({"ids": torch.zeros(10, dtype=torch.long)}, ValueError, "ids must be distinct"),
-    ({"ids": -torch.arange(1, 11)}, ValueError, "ids must be >= 0"),
-    ({"store": "x"}, TypeError, "store must be a palfast.active.RelationStore or None, got str"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"embeddings": [[1.0, 2.0]]}, TypeError, "embeddings must be a torch.Tensor"),
+        ({"embeddings": torch.randn(10)}, ValueError, "embeddings must be a 2-D"),
+        ({"embeddings": torch.randint(0, 3, (10, 2))}, TypeError, "embeddings must be floating"),
+        ({"embeddings": torch.randn(10, 0)}, ValueError, "D >= 1"),
+        (
+            {"embeddings": torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 1.0]])},
+            ValueError,
+            "embeddings must be finite",
+        ),
+        (
+            {"embeddings": torch.tensor([[1.0, float("inf")], [0.0, 1.0], [1.0, 1.0]])},
+            ValueError,
+            "embeddings must be finite",
+        ),
+        ({"k": 0}, ValueError, "k must satisfy 1 <= k < N = 10"),
+        ({"k": 10}, ValueError, "k must satisfy 1 <= k < N = 10"),
+        ({"k": 2.0}, TypeError, "k must be an int"),
+        ({"k": True}, TypeError, "k must be an int"),
+        ({"backend": "annoy"}, ValueError, "backend must be one of"),
+        ({"ids": torch.arange(9)}, ValueError, "ids must be a \\[N\\]"),
+        ({"ids": torch.zeros(10, dtype=torch.long)}, ValueError, "ids must be distinct"),
+        ({"ids": -torch.arange(1, 11)}, ValueError, "ids must be >= 0"),
+        ({"store": "x"}, TypeError, "store must be a palfast.active.RelationStore or None, got str"),
+    ],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(kwargs, exc, match, backend):
     args = {"embeddings": torch.randn(10, 3), "k": 3, "backend": backend, **kwargs}

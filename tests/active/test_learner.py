@@ -20,8 +20,13 @@ def toy(n=40, n_classes=4, seed=0):
 def learner(data, y, store=None, **kw):
     torch.manual_seed(0)
     enc = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    kw = {"epochs_per_round": 1, "batch_size": 16, "progress": False,
-          "augment": lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g), **kw}
+    kw = {
+        "epochs_per_round": 1,
+        "batch_size": 16,
+        "progress": False,
+        "augment": lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g),
+        **kw,
+    }
     return ActiveLearner(enc, data, LabelOracle(y), store, **kw)
 
 
@@ -44,8 +49,7 @@ def test_any_loss_callable_is_trained():
 def test_strategy_callable_matches_the_named_strategy():
     data, y = toy()
     answers = {}
-    for name, strategy in (("named", "nearest"),
-                           ("callable", functools.partial(select_queries, strategy="nearest"))):
+    for name, strategy in (("named", "nearest"), ("callable", functools.partial(select_queries, strategy="nearest"))):
         store = RelationStore()
         learner(data, y, store, strategy=strategy).run(budget=12, queries_per_round=6)
         answers[name] = store.answers()[0]
@@ -88,8 +92,7 @@ def test_on_round_hook_sees_each_round_and_adds_entries():
     history = lrn.run(budget=10, queries_per_round=5, on_round=hook)
     assert [c[1]["n_queries"] for c in calls] == [0, 5, 10] and all(c[0] is lrn for c in calls)
     assert [h["custom"] for h in history] == [0, 10, 20]
-    assert {"round", "n_queries", "n_positive", "n_conflicts", "loss", "n_seeds",
-            "stop"} <= set(history[0])
+    assert {"round", "n_queries", "n_positive", "n_conflicts", "loss", "n_seeds", "stop"} <= set(history[0])
 
 
 @pytest.mark.slow
@@ -115,8 +118,10 @@ def test_graph_is_built_in_one_place_with_the_learner_options(monkeypatch):
     monkeypatch.setattr(store, "graph", lambda idx, **kw: calls.append(kw) or real(idx, **kw))
     lrn.graph_options["label_weight"] = 0.25
     lrn.train(1)
-    assert calls and all(kw == {"n_views": 2, "label_weight": 0.25, "view_weight": 2.0,
-                                "negatives": False, "device": lrn.device} for kw in calls)
+    assert calls and all(
+        kw == {"n_views": 2, "label_weight": 0.25, "view_weight": 2.0, "negatives": False, "device": lrn.device}
+        for kw in calls
+    )
 
 
 @pytest.mark.slow
@@ -138,8 +143,7 @@ def test_unknown_weight_trains_on_the_known_negatives():
                 assert neg[a + 4 * v, b + 4 * w] > 0
     assert neg[0, 2] == 0 and neg[:, 3].sum() == 0
     z = torch.randn(8, 8, dtype=torch.float64)
-    torch.testing.assert_close(lrn.loss(z, g), palfast.info_nce(z, g, temperature=0.1,
-                                                                unknown_weight=0.5))
+    torch.testing.assert_close(lrn.loss(z, g), palfast.info_nce(z, g, temperature=0.1, unknown_weight=0.5))
     lrn.train(1)
 
 
@@ -161,24 +165,26 @@ def test_transitive_false_trains_on_the_answered_pairs_only():
     assert direct[3, 7] == 1 and direct[3, :3].sum() == 0  # row 3 (sample 1): its view only
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"encoder": "mlp"}, TypeError, "encoder must be a torch.nn.Module, got str"),
-    ({"data": torch.zeros(1, 8)}, ValueError, "data must be a tensor \\[N, ...\\] with N >= 2"),
-    ({"oracle": lambda p: p}, TypeError, "oracle must be a palfast.active.Oracle"),
-    ({"store": "answers.sqlite"}, TypeError, "store must be a palfast.active.RelationStore"),
-    ({"strategy": "greedy"}, ValueError, "strategy must be one of"),
-    ({"loss": 3}, TypeError, "loss must be a callable loss\\(z, graph\\) -> scalar, got int"),
-    ({"n_views": 0}, ValueError, "n_views must satisfy 1 <= n_views, got 0"),
-    ({"batch_size": 2.0}, TypeError, "batch_size must be an int"),
-    ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
-    ({"order": "nearest"}, ValueError, "order must be one of"),
-    ({"transitive": "no"}, TypeError, "transitive must be True or False"),
-    ({"negatives": "yes"}, TypeError, "negatives must be True or False"),
-    ({"unknown_weight": 1.5}, ValueError, "unknown_weight must be a finite number >= 0"),
-    ({"unknown_weight": 0.5, "loss": palfast.info_nce}, ValueError,
-     "unknown_weight sets the default loss"),
-    ({"progress": 1}, TypeError, "progress must be True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"encoder": "mlp"}, TypeError, "encoder must be a torch.nn.Module, got str"),
+        ({"data": torch.zeros(1, 8)}, ValueError, "data must be a tensor \\[N, ...\\] with N >= 2"),
+        ({"oracle": lambda p: p}, TypeError, "oracle must be a palfast.active.Oracle"),
+        ({"store": "answers.sqlite"}, TypeError, "store must be a palfast.active.RelationStore"),
+        ({"strategy": "greedy"}, ValueError, "strategy must be one of"),
+        ({"loss": 3}, TypeError, "loss must be a callable loss\\(z, graph\\) -> scalar, got int"),
+        ({"n_views": 0}, ValueError, "n_views must satisfy 1 <= n_views, got 0"),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be an int"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"order": "nearest"}, ValueError, "order must be one of"),
+        ({"transitive": "no"}, TypeError, "transitive must be True or False"),
+        ({"negatives": "yes"}, TypeError, "negatives must be True or False"),
+        ({"unknown_weight": 1.5}, ValueError, "unknown_weight must be a finite number >= 0"),
+        ({"unknown_weight": 0.5, "loss": palfast.info_nce}, ValueError, "unknown_weight sets the default loss"),
+        ({"progress": 1}, TypeError, "progress must be True or False"),
+    ],
+)
 def test_bad_arguments_name_the_learner_and_the_argument(kwargs, exc, match):
     data, y = toy()
     args = {"encoder": torch.nn.Linear(8, 4), "data": data, "oracle": LabelOracle(y), **kwargs}

@@ -33,8 +33,7 @@ def closure_reference(n, pairs, answers):
         if a:
             if ci != cj and (min(ci, cj), max(ci, cj)) not in negatives:
                 relabel(cj, ci)
-                negatives = {tuple(sorted((ci if x == cj else x, ci if y == cj else y)))
-                             for x, y in negatives}
+                negatives = {tuple(sorted((ci if x == cj else x, ci if y == cj else y))) for x, y in negatives}
         elif ci != cj:
             negatives.add((min(ci, cj), max(ci, cj)))
     out = torch.full((n, n), -1)
@@ -63,10 +62,10 @@ def test_transitivity():
 def test_cannot_link_propagates_through_components_and_merges():
     s = Relation()
     add(s, torch.tensor([[0, 1], [1, 2]]), torch.tensor([True, False]))  # A~B, B≁C
-    assert s.same(0, 2) is False                                           # ⇒ A≁C
-    add(s, torch.tensor([[2, 3]]), torch.tensor([True]))                 # C~D
+    assert s.same(0, 2) is False  # ⇒ A≁C
+    add(s, torch.tensor([[2, 3]]), torch.tensor([True]))  # C~D
     assert s.same(0, 3) is False and s.same(1, 3) is False
-    add(s, torch.tensor([[4, 0], [5, 3]]), torch.tensor([True, True]))   # grow both sides
+    add(s, torch.tensor([[4, 0], [5, 3]]), torch.tensor([True, True]))  # grow both sides
     assert s.same(4, 5) is False
     assert s.known_mask(torch.tensor([[4, 5], [4, 1], [4, 6]])).tolist() == [True, True, False]
 
@@ -78,7 +77,7 @@ def test_relation_matches_brute_force_closure(seed, noise):
     pairs, ans = random_answers(n, 40, 4, seed, noise)
     s = Relation()
     for chunk in range(0, 40, 7):  # several transactions
-        add(s, pairs[chunk:chunk + 7], ans[chunk:chunk + 7])
+        add(s, pairs[chunk : chunk + 7], ans[chunk : chunk + 7])
     expected = closure_reference(n, pairs.tolist(), ans.tolist())
     assert torch.equal(relation_of(s, n), expected)
     all_pairs = torch.cartesian_prod(torch.arange(n), torch.arange(n))
@@ -123,13 +122,15 @@ def test_graph_trains_info_nce():
     assert torch.isfinite(z.grad).all()
 
 
-@pytest.mark.parametrize("kw,error,message", [
-    ({"label_weight": "1"}, TypeError, "Relation.graph: label_weight must be a number"),
-    ({"view_weight": "0.5", "n_views": 2}, TypeError,
-     "Relation.graph: view_weight must be a number"),
-    ({"label_weight": -1.0}, ValueError, "Relation.graph: label_weight must be a finite"),
-    ({"device": "bogus"}, ValueError, "Relation.graph: device must be a torch.device"),
-])
+@pytest.mark.parametrize(
+    "kw,error,message",
+    [
+        ({"label_weight": "1"}, TypeError, "Relation.graph: label_weight must be a number"),
+        ({"view_weight": "0.5", "n_views": 2}, TypeError, "Relation.graph: view_weight must be a number"),
+        ({"label_weight": -1.0}, ValueError, "Relation.graph: label_weight must be a finite"),
+        ({"device": "bogus"}, ValueError, "Relation.graph: device must be a torch.device"),
+    ],
+)
 def test_graph_arguments_are_checked(kw, error, message):
     s = Relation()
     add(s, [[0, 1]], [True])

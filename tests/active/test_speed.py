@@ -24,8 +24,9 @@ def test_strategy_call_under_a_second_at_10k_samples_1k_classes(strategy):
     x = torch.randn(N_CLASSES, D, generator=g)[y] + 0.3 * torch.randn(N, D, generator=g)
     store = RelationStore()
     first = torch.arange(N_CLASSES)  # samples c, c + 1000, c + 2000 are class c
-    chain = torch.cat([torch.stack([first + k * N_CLASSES, first + (k + 1) * N_CLASSES], 1)
-                       for k in range(KNOWN_PER_CLASS - 1)])
+    chain = torch.cat(
+        [torch.stack([first + k * N_CLASSES, first + (k + 1) * N_CLASSES], 1) for k in range(KNOWN_PER_CLASS - 1)]
+    )
     store.record(chain, torch.ones(chain.shape[0], dtype=torch.bool))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU time of one thread: a bound for 2 cores, whatever the load
@@ -48,8 +49,9 @@ def test_strategy_call_under_a_second_at_10k_samples_1k_classes(strategy):
 MAX_BYTES_PER_ROW_AND_NEIGHBOUR = 64
 
 
-@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.slow) if s == "pal" else s
-                                      for s in STRATEGIES])  # pal: ~10 s under the profiler
+@pytest.mark.parametrize(
+    "strategy", [pytest.param(s, marks=pytest.mark.slow) if s == "pal" else s for s in STRATEGIES]
+)  # pal: ~10 s under the profiler
 def test_no_allocation_grows_as_n_squared_or_n_times_classes(strategy):
     """The largest tensor a call allocates is O(N·k), whatever the store holds (the
     FAISS search itself is outside torch's allocator: the index is not counted)."""
@@ -63,12 +65,12 @@ def test_no_allocation_grows_as_n_squared_or_n_times_classes(strategy):
     # 3 known members per class: N · 3000 members is above PAL_EXACT_WORK
     store = RelationStore()
     first = torch.arange(n_classes)
-    chain = torch.cat([torch.stack([first, first + n_classes], 1),
-                       torch.stack([first + n_classes, first + 2 * n_classes], 1)])
+    chain = torch.cat(
+        [torch.stack([first, first + n_classes], 1), torch.stack([first + n_classes, first + 2 * n_classes], 1)]
+    )
     store.record(chain, torch.ones(chain.shape[0], dtype=torch.bool))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         q = select_queries(x, store, 10, strategy, k=k, seed=0, backend="faiss")
     assert q.shape == (10, 2)
     biggest = max(e.cpu_memory_usage for e in prof.events())
-    assert biggest <= MAX_BYTES_PER_ROW_AND_NEIGHBOUR * n * k, \
-        f"{strategy}: one allocation of {biggest / 1e6:.1f} MB"
+    assert biggest <= MAX_BYTES_PER_ROW_AND_NEIGHBOUR * n * k, f"{strategy}: one allocation of {biggest / 1e6:.1f} MB"

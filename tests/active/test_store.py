@@ -38,8 +38,7 @@ from _store_helpers import child_env, execute_sql, is_url, random_answers, relat
 def test_contradictions_are_logged_not_applied(store_path):
     s = RelationStore(store_path)
     with pytest.warns(ContradictionWarning, match="2 of 5 answers contradict"):
-        s.record(torch.tensor([[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]),
-                 torch.tensor([True, True, False, False, True]))
+        s.record(torch.tensor([[0, 1], [1, 2], [0, 2], [0, 3], [3, 0]]), torch.tensor([True, True, False, False, True]))
     assert s.n_queries == 5 and s.n_conflicts == 2
     pos, cpairs, canswers = s.contradictions()
     assert pos.tolist() == [2, 4] and cpairs.tolist() == [[0, 2], [3, 0]]
@@ -94,8 +93,13 @@ WRITER = textwrap.dedent("""
 @pytest.mark.slow
 def test_sigkill_loses_nothing_recorded(tmp_path, store_path):
     path = store_path
-    child = subprocess.Popen([sys.executable, "-c", WRITER, path, "1", "1000000"],
-                             stdout=subprocess.PIPE, text=True, env=child_env(), cwd=tmp_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, path, "1", "1000000"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=tmp_path,
+    )
     reported = []
     try:
         deadline = time.monotonic() + 60
@@ -161,9 +165,14 @@ BATCH_WRITER = textwrap.dedent("""
 
 
 def _batch_writer(path, tag, count, folder, retry=False):
-    return subprocess.Popen([sys.executable, "-c", BATCH_WRITER, path, str(tag), str(count),
-                             "retry" if retry else "once"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=folder)
+    return subprocess.Popen(
+        [sys.executable, "-c", BATCH_WRITER, path, str(tag), str(count), "retry" if retry else "once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=folder,
+    )
 
 
 def _batches(path, tag):
@@ -173,11 +182,10 @@ def _batches(path, tag):
     with RelationStore(path) as s:
         for _, i, j, answer, _, source, _ in s.log():
             if source.startswith(f"w{tag}b"):
-                found[int(source[len(f"w{tag}b"):])].append((i, j, answer))
+                found[int(source[len(f"w{tag}b") :])].append((i, j, answer))
     for t, rows in found.items():
         first = tag * 10_000_000 + 2 * BATCH * t
-        assert rows == [(first + 2 * k, first + 2 * k + 1, (t + k) % 3 == 0)
-                        for k in range(len(rows))], t
+        assert rows == [(first + 2 * k, first + 2 * k + 1, (t + k) % 3 == 0) for k in range(len(rows))], t
     return found
 
 
@@ -229,9 +237,17 @@ def test_sigkill_at_a_random_moment_keeps_every_acknowledged_batch_whole(tmp_pat
 def test_two_processes_write_one_file(tmp_path, store_path):
     path = store_path  # has no store yet: both create it
     count = 60
-    children = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(tag), str(count)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=child_env(), cwd=tmp_path) for tag in (1, 2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, path, str(tag), str(count)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            cwd=tmp_path,
+        )
+        for tag in (1, 2)
+    ]
     for c in children:
         out, err = c.communicate(timeout=120)
         assert c.returncode == 0, err
@@ -260,15 +276,18 @@ def test_refresh_sees_other_writers(store_path):
     b.close()
 
 
-@pytest.mark.parametrize("pairs, answers, exc, match", [
-    (torch.tensor([0, 1]), [True], ValueError, "pairs must be a \\[Q, 2\\]"),
-    (torch.tensor([[0.0, 1.0]]), [True], TypeError, "pairs must hold integer"),
-    (torch.tensor([[0, -1]]), [True], ValueError, "pairs must hold sample ids >= 0"),
-    (torch.tensor([[3, 3]]), [True], ValueError, "pairs must join two different"),
-    (torch.tensor([[0, 1]]), [True, False], ValueError, "answers must be a \\[Q\\]"),
-    (torch.tensor([[0, 1]]), torch.tensor([0.5]), TypeError, "answers must be bool"),
-    (torch.tensor([[0, 1]]), torch.tensor([2]), TypeError, "answers must be bool"),
-])
+@pytest.mark.parametrize(
+    "pairs, answers, exc, match",
+    [
+        (torch.tensor([0, 1]), [True], ValueError, "pairs must be a \\[Q, 2\\]"),
+        (torch.tensor([[0.0, 1.0]]), [True], TypeError, "pairs must hold integer"),
+        (torch.tensor([[0, -1]]), [True], ValueError, "pairs must hold sample ids >= 0"),
+        (torch.tensor([[3, 3]]), [True], ValueError, "pairs must join two different"),
+        (torch.tensor([[0, 1]]), [True, False], ValueError, "answers must be a \\[Q\\]"),
+        (torch.tensor([[0, 1]]), torch.tensor([0.5]), TypeError, "answers must be bool"),
+        (torch.tensor([[0, 1]]), torch.tensor([2]), TypeError, "answers must be bool"),
+    ],
+)
 def test_record_bad_input(pairs, answers, exc, match):
     s = RelationStore()
     with pytest.raises(exc, match=match):
@@ -294,9 +313,17 @@ def test_other_bad_input(tmp_path):
         RelationStore(timeout=-1)
 
 
-@pytest.mark.parametrize("timeout, exc", [(math.nan, ValueError), (math.inf, ValueError),
-                                          (-0.5, ValueError), (1e300, ValueError),
-                                          ("3", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "timeout, exc",
+    [
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (-0.5, ValueError),
+        (1e300, ValueError),
+        ("3", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_timeout_is_refused(timeout, exc):
     with pytest.raises(exc, match="RelationStore: timeout must"):
         RelationStore(timeout=timeout)
@@ -337,8 +364,7 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         RelationStore(tmp_path / "absent.sqlite", readonly=True)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root ignores file permissions")
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores file permissions")
 def test_read_only_directory_is_a_clear_error(tmp_path):
     path = tmp_path / "ro" / "store.sqlite"
     path.parent.mkdir()
@@ -391,8 +417,7 @@ def test_closed_store_is_a_clear_error(tmp_path, store_path):
     s.record([[0, 1]], [True])
     s.close()
     s.close()  # idempotent
-    for call in (lambda: s.record([[1, 2]], [True]), s.refresh,
-                 lambda: s.backup(tmp_path / "b.sqlite")):
+    for call in (lambda: s.record([[1, 2]], [True]), s.refresh, lambda: s.backup(tmp_path / "b.sqlite")):
         with pytest.raises(StoreError, match="is closed"):
             call()
     assert s.same(0, 1) is True  # the loaded relation still answers
@@ -436,10 +461,12 @@ def test_readonly_mode_never_writes_and_sees_writers(tmp_path, store_path):
         r.backup(backup)
     with RelationStore(backup, readonly=True) as c:
         assert c.n_queries == 3
+
     def state():  # the file, or the log tables and their last ids
         if is_url(path):
             return execute_sql(path, "SELECT key, value FROM meta ORDER BY key")
         return path.read_bytes(), os.stat(path).st_mtime_ns
+
     path = path if is_url(path) else pathlib.Path(path)
     after = state()
     for _ in range(2):
@@ -514,8 +541,12 @@ MANY_WRITER = textwrap.dedent("""
 def _view(store):
     """Everything a process knows: the log's answers in order, components, conflicts."""
     pairs, answers = store.answers()
-    return [pairs.tolist(), answers.tolist(), store.components(torch.arange(N_SAMPLES)).tolist(),
-            store.contradictions()[0].tolist()]
+    return [
+        pairs.tolist(),
+        answers.tolist(),
+        store.components(torch.arange(N_SAMPLES)).tolist(),
+        store.contradictions()[0].tolist(),
+    ]
 
 
 @pytest.mark.filterwarnings("ignore::palfast.active.store.ContradictionWarning")
@@ -526,16 +557,24 @@ def test_writers_in_four_processes_keep_one_log_order(tmp_path, store_path):
     same log in the same order and the same relation, and the reader, which refreshed
     during the writes, skipped no row that committed late."""
     RelationStore(store_path).close()  # one creates the store; the race is the appends
-    children = [subprocess.Popen([sys.executable, "-c", MANY_WRITER, store_path, str(tag),
-                                  str(N_EACH), str(tmp_path)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=child_env(),
-                                 cwd=tmp_path) for tag in range(1, N_WRITERS + 1)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", MANY_WRITER, store_path, str(tag), str(N_EACH), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            cwd=tmp_path,
+        )
+        for tag in range(1, N_WRITERS + 1)
+    ]
     reader = RelationStore(store_path, readonly=True)
     try:
         deadline, seen, refreshes = time.monotonic() + WRITERS_DEADLINE, 0, 0
         while not all((tmp_path / f"done{t}").exists() for t in range(1, N_WRITERS + 1)):
-            assert time.monotonic() < deadline and all(c.poll() is None for c in children), \
-                [c.stderr.read() for c in children if c.poll() is not None]
+            assert time.monotonic() < deadline and all(c.poll() is None for c in children), [
+                c.stderr.read() for c in children if c.poll() is not None
+            ]
             reader.refresh()
             assert reader.n_queries >= seen  # the log only grows
             seen, refreshes = reader.n_queries, refreshes + 1
@@ -557,8 +596,7 @@ def test_writers_in_four_processes_keep_one_log_order(tmp_path, store_path):
         expected, log = _view(fresh), fresh.log()
     assert refreshes > 1  # the reader did read while the writers wrote
     assert [r[0] for r in log] == list(range(1, N_WRITERS * N_EACH + 1))
-    assert collections.Counter(r[5] for r in log) == {f"writer{t}": N_EACH
-                                                       for t in range(1, N_WRITERS + 1)}
+    assert collections.Counter(r[5] for r in log) == {f"writer{t}": N_EACH for t in range(1, N_WRITERS + 1)}
     assert expected[3], "the noise gave no contradiction: the order would not matter"
     for view in views:
         assert view == expected
@@ -575,8 +613,9 @@ def test_lost_connection_is_a_store_error_naming_the_store(postgres_url, postgre
     s.record([[0, 1]], [True])
     db_name = urllib.parse.urlsplit(postgres_url).path.lstrip("/")
     # The second argument: wait (ms) until the session has ended (PostgreSQL 14 and later).
-    execute_sql(postgres_admin, "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
-                                f"WHERE datname = '{db_name}'")
+    execute_sql(
+        postgres_admin, f"SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = '{db_name}'"
+    )
     with pytest.raises(StoreError, match="cannot reach the PostgreSQL store") as e:
         s.record([[1, 2]], [True])
     assert postgres_url in str(e.value) and not isinstance(e.value, sqlite3.Error)
@@ -609,8 +648,7 @@ RESTARTS, RESTART_BATCHES = 2, 400
 
 
 @pytest.mark.slow
-def test_server_restart_mid_stream_loses_and_repeats_no_answer(tmp_path, postgres_server,
-                                                               postgres_url):
+def test_server_restart_mid_stream_loses_and_repeats_no_answer(tmp_path, postgres_server, postgres_url):
     """The server is restarted (pg_ctl restart -m fast) RESTARTS times while a writer
     records batches: the writer gets StoreError for the calls that fail, refreshes and
     retries as docs/active.md says, and in the end every batch it acknowledged is in the

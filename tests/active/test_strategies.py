@@ -26,11 +26,11 @@ def check_selection(q, store, budget, n=None, ids=None):
     assert q.dtype == torch.long and q.dim() == 2 and q.shape[1] == 2
     assert q.shape[0] <= budget
     assert bool((q[:, 0] < q[:, 1]).all())
-    assert not bool(store.known_mask(q).any())                       # nothing known or implied
-    assert len({tuple(p) for p in q.tolist()}) == q.shape[0]         # no duplicates
+    assert not bool(store.known_mask(q).any())  # nothing known or implied
+    assert len({tuple(p) for p in q.tolist()}) == q.shape[0]  # no duplicates
     roots = store.roots(q.reshape(-1)).reshape(-1, 2)
     comp_pairs = {tuple(sorted(r)) for r in roots.tolist()}
-    assert len(comp_pairs) == q.shape[0]                             # no two join the same components
+    assert len(comp_pairs) == q.shape[0]  # no two join the same components
     if ids is not None:
         assert bool(torch.isin(q, ids).all())
     elif n is not None and q.numel():
@@ -161,20 +161,23 @@ def test_pal_finds_more_positives_than_random(pal_links):
     assert biggest >= 10  # classes grow through transitivity, not just pairs
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"strategy": "greedy"}, ValueError, "strategy must be one of"),
-    ({"budget": -1}, ValueError, "budget must satisfy 0 <= budget, got -1"),
-    ({"budget": 2.5}, TypeError, "budget must be an int, got 2.5"),
-    ({"store": {}}, TypeError, "store must be a palfast.active.RelationStore"),
-    ({"k": 0}, ValueError, "k must satisfy 1 <= k, got 0"),
-    ({"explore": 1.5}, ValueError, "explore must be a finite number >= 0 and <= 1, got 1.5"),
-    ({"order": "nearest"}, ValueError, "order must be one of"),
-    ({"state": []}, TypeError, "state must be a dict"),
-    ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
-    ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
-    ({"embeddings": torch.full((5, 3), float("nan"))}, ValueError, "embeddings must be finite"),
-    ({"backend": "hnsw"}, ValueError, "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"strategy": "greedy"}, ValueError, "strategy must be one of"),
+        ({"budget": -1}, ValueError, "budget must satisfy 0 <= budget, got -1"),
+        ({"budget": 2.5}, TypeError, "budget must be an int, got 2.5"),
+        ({"store": {}}, TypeError, "store must be a palfast.active.RelationStore"),
+        ({"k": 0}, ValueError, "k must satisfy 1 <= k, got 0"),
+        ({"explore": 1.5}, ValueError, "explore must be a finite number >= 0 and <= 1, got 1.5"),
+        ({"order": "nearest"}, ValueError, "order must be one of"),
+        ({"state": []}, TypeError, "state must be a dict"),
+        ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
+        ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
+        ({"embeddings": torch.full((5, 3), float("nan"))}, ValueError, "embeddings must be finite"),
+        ({"backend": "hnsw"}, ValueError, "backend must be one of"),
+    ],
+)
 def test_bad_input(kwargs, exc, match):
     args = {"embeddings": torch.randn(10, 3), "store": RelationStore(), "budget": 3, **kwargs}
     with pytest.raises(exc, match=match):
@@ -204,8 +207,7 @@ def known_classes_with_free_rows(n_classes=4, per_class=10, known=8, seed=8):
     store = RelationStore()
     for c in range(n_classes):
         members = (y == c).nonzero().flatten()[:known]
-        store.record(torch.stack([members[:-1], members[1:]], 1),
-                     torch.ones(known - 1, dtype=torch.bool))
+        store.record(torch.stack([members[:-1], members[1:]], 1), torch.ones(known - 1, dtype=torch.bool))
     return x, y, store
 
 
@@ -244,8 +246,7 @@ def test_pal_gain_order_asks_the_merge_first_and_likely_rows_next():
     for h in halves:
         store.record(torch.stack([h[:-1], h[1:]], 1), torch.ones(4, dtype=torch.bool))
     q = select_queries(x, store, 2, "pal", order="gain", explore=0.0)
-    joins = [bool(torch.isin(p, halves[0]).any() and torch.isin(p, halves[1]).any())
-             for p in q]
+    joins = [bool(torch.isin(p, halves[0]).any() and torch.isin(p, halves[1]).any()) for p in q]
     assert any(joins)
     # Rows: the gain order asks likelier (more similar) rows than the random order, on
     # overlapping classes (separable ones make P(alike) flat: every order ties).
@@ -287,6 +288,7 @@ def test_index_arguments_reach_the_search(strategy):
 
 # ---- a CandidateGraph reused across calls (docs/active.md, "Query strategies")
 
+
 @pytest.fixture
 def knn_calls(monkeypatch):
     """The k of each search select_queries runs (the real palfast.knn.knn, counted)."""
@@ -295,8 +297,7 @@ def knn_calls(monkeypatch):
 
 @pytest.mark.parametrize("strategy", INFORMED)
 @pytest.mark.slow
-def test_a_graph_passed_to_every_round_is_searched_once_and_changes_nothing(strategy, knn_calls,
-                                                                           pal_links):
+def test_a_graph_passed_to_every_round_is_searched_once_and_changes_nothing(strategy, knn_calls, pal_links):
     x, y = clustered(120, 6)
     oracle = LabelOracle(y, noise=0.1, seed=1)
     stores = {"per call": RelationStore(), "reused": RelationStore()}
@@ -335,11 +336,15 @@ def test_candidate_graph_refuses_other_embeddings_and_index_arguments():
     graph = CandidateGraph(x, k=4)
     store = RelationStore()
     for other in (x.clone(), x[:20], x.double()):  # equal values are not enough: same array
-        with pytest.raises(ValueError, match=r"select_queries: graph must be built on these "
-                                             r"embeddings .* build CandidateGraph\(embeddings\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"select_queries: graph must be built on these "
+            r"embeddings .* build CandidateGraph\(embeddings\)",
+        ):
             select_queries(other, store, 3, "nearest", graph=graph)
-    with pytest.raises(ValueError, match="select_queries: index, nprobe must be left at the "
-                                         "default when graph is given"):
+    with pytest.raises(
+        ValueError, match="select_queries: index, nprobe must be left at the default when graph is given"
+    ):
         select_queries(x, store, 3, "nearest", graph=graph, index="exact", nprobe=2)
     with pytest.raises(TypeError, match="graph must be a palfast.active.CandidateGraph or None"):
         select_queries(x, store, 3, "nearest", graph=x)

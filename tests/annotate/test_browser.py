@@ -34,8 +34,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="needs Chromium and its driver (Debian: apt-get install chromium chromium-driver; "
-           ".ci/run installs them)")
+    reason="needs Chromium and its driver (Debian: apt-get install chromium chromium-driver; .ci/run installs them)",
+)
 
 #: Seconds to wait for the server to print its address (imports torch, renders nothing yet).
 SERVER_START_S = 60
@@ -49,13 +49,32 @@ NAME = "alice"
 def server(tmp_path):
     store = tmp_path / "answers.sqlite"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "palfast.cli", "annotate", "--demo", "--port", "0", "--store", str(store),
-         "--captcha-k", str(CAPTCHA_K)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "palfast.cli",
+            "annotate",
+            "--demo",
+            "--port",
+            "0",
+            "--store",
+            str(store),
+            "--captcha-k",
+            str(CAPTCHA_K),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
         # The server imports the palfast this test imported: the installed one (CI) or a
         # checkout's (`python -m pytest` there puts it first on sys.path, not the child's).
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-            str(Path(palfast.__file__).parent.parent), os.environ.get("PYTHONPATH")]))})
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(Path(palfast.__file__).parent.parent), os.environ.get("PYTHONPATH")])
+            ),
+        },
+    )
     deadline = time.monotonic() + SERVER_START_S
     url, seen = None, []
     while time.monotonic() < deadline and proc.poll() is None:
@@ -81,10 +100,19 @@ def browser(tmp_path):
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never download a browser
     opts = Options()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                 "--window-size=1000,760"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1000,760",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
@@ -99,9 +127,9 @@ def stats(driver):
 
 def wait_saved(driver, before: int, n_new: int):
     """Wait for the page after a submit; it says saved only after the store committed."""
-    WebDriverWait(driver, PAGE_S, ignored_exceptions=(NoSuchElementException,
-                                                      StaleElementReferenceException)).until(
-        lambda d: stats(d)[0] == before + n_new)
+    WebDriverWait(driver, PAGE_S, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        lambda d: stats(d)[0] == before + n_new
+    )
     return stats(driver)[1]
 
 
@@ -154,7 +182,8 @@ def test_browser_pairs_captchas_undo_then_sigkill(server, browser, tmp_path):
     # The undone screen is asked again, same anchor and candidates.
     form = browser.find_element(By.ID, "answer-form")
     assert sorted(int(v) for v in form.get_attribute("data-candidates").split(",")) == sorted(
-        acked[u][1] for u in undone)
+        acked[u][1] for u in undone
+    )
 
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -49,7 +49,7 @@ def images(n=N, seed=0):
     x = g.integers(0, 60, size=(n, 8, 8)).astype(np.uint8)
     for i in range(n):
         r, c = divmod(i % CLASSES, 2)
-        x[i, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 180
+        x[i, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 180
     return x
 
 
@@ -65,8 +65,7 @@ def served(tmp_path, request):
     secret = getattr(request, "param", None)
     data = ImageData("test", array=images()[..., None])
     store = RelationStore(tmp_path / "answers.sqlite", timeout=STORE_TIMEOUT_S)
-    q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=30,
-                  captcha_k=4, background=False)
+    q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=30, captcha_k=4, background=False)
     app = create_app(data, q, default_name="tester", token=secret)
     app.config["TESTING"] = False  # exercise the real error handlers
 
@@ -138,11 +137,13 @@ def test_malformed_answers_are_4xx_and_the_question_stays_open(served):
     client, _, store = served
     c = client("ann")
     _, csrf, qid = screen(c)
-    for form, code in [({"qid": qid, "answer": "yes"}, 403),                      # no token
-                       ({"csrf": csrf + "x", "qid": qid, "answer": "yes"}, 403),  # wrong token
-                       ({"csrf": csrf, "qid": qid}, 400),                          # no answer
-                       ({"csrf": csrf, "qid": qid, "answer": "maybe"}, 400),
-                       ({"csrf": csrf, "answer": "yes"}, 409)]:                    # no question
+    for form, code in [
+        ({"qid": qid, "answer": "yes"}, 403),  # no token
+        ({"csrf": csrf + "x", "qid": qid, "answer": "yes"}, 403),  # wrong token
+        ({"csrf": csrf, "qid": qid}, 400),  # no answer
+        ({"csrf": csrf, "qid": qid, "answer": "maybe"}, 400),
+        ({"csrf": csrf, "answer": "yes"}, 409),
+    ]:  # no question
         assert c.post("/answer", data=form).status_code == code, form
     assert c.post("/answer", data="not a form", content_type="application/json").status_code == 403
     big = {"csrf": csrf, "qid": qid, "answer": "yes", "pad": "x" * MAX_REQUEST_BYTES}
@@ -280,8 +281,13 @@ def test_a_flood_of_sessions_from_one_client_keeps_anothers_question(served, mon
     assert [r[5] for r in store.log()] == ["ann"]
     assert all(flood_qids) and len(q._issued) == 3  # the flood holds MAX_ISSUED_PER_CLIENT
     first = flood[0]
-    assert first.post("/answer", data={"csrf": token(first.get("/pair").get_data(as_text=True)),
-                                       "qid": flood_qids[0], "answer": "no"}).status_code == 409
+    assert (
+        first.post(
+            "/answer",
+            data={"csrf": token(first.get("/pair").get_data(as_text=True)), "qid": flood_qids[0], "answer": "no"},
+        ).status_code
+        == 409
+    )
     # Many clients at once: past MAX_ISSUED, the client holding the most gives one up.
     others = [client(f"p{k}", address=f"192.0.2.{k + 100}") for k in range(4)]
     for c in others:
@@ -312,9 +318,17 @@ def test_images_by_index_only(served):
     c = client(name=None)
     r = c.get("/image/0.png")
     assert r.status_code == 200 and r.data[:8] == b"\x89PNG\r\n\x1a\n" and r.mimetype == "image/png"
-    for bad in (f"/image/{N}.png", "/image/-1.png", "/image/1e3.png", "/image/..%2f..%2fetc%2fpasswd",
-                "/image/../../etc/passwd", "/image/0.png/../../x", "/static/../app.py",
-                "/static/..%2fapp.py", f"/image/{10**30}.png"):
+    for bad in (
+        f"/image/{N}.png",
+        "/image/-1.png",
+        "/image/1e3.png",
+        "/image/..%2f..%2fetc%2fpasswd",
+        "/image/../../etc/passwd",
+        "/image/0.png/../../x",
+        "/static/../app.py",
+        "/static/..%2fapp.py",
+        f"/image/{10**30}.png",
+    ):
         assert c.get(bad).status_code == 404, bad
 
 
@@ -335,8 +349,7 @@ def test_foreign_host_header_and_security_headers(served):
 def test_budget_stops_the_questions(tmp_path):
     data = ImageData("test", array=images())
     with RelationStore(tmp_path / "s.sqlite") as store:
-        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=2,
-                      background=False)
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, budget=2, background=False)
         for k in range(2):
             got = q.next("pair", "me")
             q.answer(got.qid, "me", "ann", [bool(k)])
@@ -426,8 +439,10 @@ def test_cli_help_and_argument_errors(tmp_path, capsys):
     with RelationStore(tmp_path / "big.sqlite") as s:
         s.record([[0, 5000]], [True])
     np.save(tmp_path / "x.npy", images())
-    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite"),
-                 "--port", "0"]) == 2
+    assert (
+        main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "big.sqlite"), "--port", "0"])
+        == 2
+    )
     assert "sample id 5000" in capsys.readouterr().err
 
 
@@ -443,16 +458,14 @@ def test_cli_port_must_be_a_tcp_port(port, capsys):
 def test_cli_store_in_a_missing_directory_is_one_line(tmp_path, capsys):
     np.save(tmp_path / "x.npy", images())
     missing = tmp_path / "missing_dir"
-    assert main(["annotate", "--data", str(tmp_path / "x.npy"),
-                 "--store", str(missing / "x.sqlite")]) == 2
+    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(missing / "x.sqlite")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "--store" in err and "does not exist" in err and f"mkdir -p {missing}" in err
     assert not missing.exists()
 
 
-def test_cli_store_url_and_the_environment_reach_the_store(tmp_path, postgres_url, monkeypatch,
-                                                          capsys):
+def test_cli_store_url_and_the_environment_reach_the_store(tmp_path, postgres_url, monkeypatch, capsys):
     """--store postgresql://... opens that database; without --store, $PALFAST_STORE names
     the store (a URL or a file); --store wins over it."""
     from palfast import annotate
@@ -486,14 +499,20 @@ def test_cli_store_url_and_the_environment_reach_the_store(tmp_path, postgres_ur
     assert answer_one(build_parser().parse_args(data)) == (file, 2)
 
 
-@pytest.mark.parametrize("url, message", [
-    ("postgresql://palfast:hunter2@/nodb?host=/nonexistent-socket-folder",
-     "--store: cannot reach the PostgreSQL store 'postgresql://palfast:***@/nodb"),
-    ("mysql://palfast:hunter2@db/answers", "--store mysql://...: a store URL must start with "
-                                           "postgresql:// or postgres://"),
-])
-def test_cli_bad_store_url_is_one_line_naming_the_option(tmp_path, capsys, monkeypatch, url,
-                                                         message):
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        (
+            "postgresql://palfast:hunter2@/nodb?host=/nonexistent-socket-folder",
+            "--store: cannot reach the PostgreSQL store 'postgresql://palfast:***@/nodb",
+        ),
+        (
+            "mysql://palfast:hunter2@db/answers",
+            "--store mysql://...: a store URL must start with postgresql:// or postgres://",
+        ),
+    ],
+)
+def test_cli_bad_store_url_is_one_line_naming_the_option(tmp_path, capsys, monkeypatch, url, message):
     pytest.importorskip("psycopg")
     from palfast import annotate
 
@@ -523,10 +542,24 @@ def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "palfast.cli", "annotate", "--data",
-                            str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"),
-                            "--port", str(port)], capture_output=True, text=True,
-                           timeout=SERVER_START_S, cwd=tmp_path)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "palfast.cli",
+                "annotate",
+                "--data",
+                str(tmp_path / "x.npy"),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=SERVER_START_S,
+            cwd=tmp_path,
+        )
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "pick another --port" in r.stderr and not (tmp_path / "s.sqlite").exists()
@@ -537,12 +570,29 @@ def serve(tmp_path, *args, env=None):
     """A real `palfast annotate` process on --port 0 over a small .npy data set; yields
     (URL it printed, its start-up output). Stopped with Ctrl-C (SIGINT), killed if stuck."""
     np.save(tmp_path / "serve.npy", images())
-    cmd = [sys.executable, "-m", "palfast.cli", "annotate", "--data", str(tmp_path / "serve.npy"),
-           "--store", str(tmp_path / "serve.sqlite"), "--port", "0", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "palfast.cli",
+        "annotate",
+        "--data",
+        str(tmp_path / "serve.npy"),
+        "--store",
+        str(tmp_path / "serve.sqlite"),
+        "--port",
+        "0",
+        *args,
+    ]
     # cwd: `python -m` puts the cwd first on sys.path, and a checkout's palfast/ (no
     # compiled _C) would shadow the installed package.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=tmp_path,
+    )
     # A thread reads the output, so a server that prints nothing cannot block the test
     # past SERVER_START_S (a plain readline would wait for ever).
     out: queue.Queue = queue.Queue()
@@ -567,8 +617,7 @@ def serve(tmp_path, *args, env=None):
             if line.startswith("palfast annotate: serving on http://"):
                 yield line.split()[4], "".join(lines)
                 return
-        raise AssertionError(f"palfast annotate did not start within {SERVER_START_S} s: "
-                             f"{''.join(lines)}")
+        raise AssertionError(f"palfast annotate did not start within {SERVER_START_S} s: {''.join(lines)}")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -673,7 +722,8 @@ class _Browser:
 
         self.base = url.split("?")[0].rstrip("/")
         self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect)
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect
+        )
         self.csrf = token(self.get("/"))
         assert self.post("/start", name=name, screen="pair") == 303
 
@@ -710,8 +760,10 @@ def test_two_servers_on_one_postgres_database(tmp_path, postgres_url):
     sees the other's answers, and an undo on B of an answer given on B retracts it."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with serve(tmp_path / "a", "--store", postgres_url) as (url_a, out_a), \
-            serve(tmp_path / "b", "--store", postgres_url) as (url_b, _):
+    with (
+        serve(tmp_path / "a", "--store", postgres_url) as (url_a, out_a),
+        serve(tmp_path / "b", "--store", postgres_url) as (url_b, _),
+    ):
         assert postgres_url in out_a  # the start-up line names the store (no password here)
         ann, bob = _Browser(url_a, "ann"), _Browser(url_b, "bob")
         asked, given = set(), []
@@ -741,8 +793,7 @@ def _end_store_sessions(admin: str, url: str) -> None:
 
     name = urllib.parse.urlsplit(url).path.lstrip("/")
     # The second argument: wait (ms) until the session has ended (PostgreSQL 14 and later).
-    execute_sql(admin, "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
-                       f"WHERE datname = '{name}'")
+    execute_sql(admin, f"SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = '{name}'")
 
 
 #: Seconds a test waits for the background refill thread to finish a refill.
@@ -754,8 +805,7 @@ def test_a_lost_store_connection_is_503_then_the_page_works_again(postgres_admin
     the store answers 503 with the store's reason, not 500, and the next one works."""
     data = ImageData("test", array=images()[..., None])
     with RelationStore(postgres_url) as store:
-        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N,
-                      background=False)
+        q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, background=False)
         app = create_app(data, q, default_name="tester")
         c = app.test_client()
         page = c.get("/").get_data(as_text=True)
@@ -786,8 +836,7 @@ def test_the_refill_thread_survives_a_lost_store_connection(postgres_admin, post
                     q._last_added = None
                     q._want_refill = True
                     q._changed.notify_all()
-                    assert q._changed.wait_for(lambda: q._last_added is not None,
-                                               timeout=REFILL_WAIT_S)
+                    assert q._changed.wait_for(lambda: q._last_added is not None, timeout=REFILL_WAIT_S)
 
             _end_store_sessions(postgres_admin, postgres_url)
             refill_and_wait()
@@ -854,7 +903,7 @@ def answer_screens(app, rounds=6):
 
 def test_memory_mapped_embeddings_serve_the_same_questions_as_in_ram(tmp_path):
     x = np.random.default_rng(3).standard_normal((N, 6)).astype(np.float32)
-    x[N // 2:] += 4 * np.eye(6, dtype=np.float32)[np.arange(N - N // 2) % 6]
+    x[N // 2 :] += 4 * np.eye(6, dtype=np.float32)[np.arange(N - N // 2) % 6]
     np.save(tmp_path / "emb.npy", x)
     mapped = Embeddings(N, tmp_path / "emb.npy")
     assert isinstance(mapped.get()[0], np.memmap)  # not read into memory
@@ -868,20 +917,37 @@ def test_memory_mapped_embeddings_serve_the_same_questions_as_in_ram(tmp_path):
     assert got[0] == got[1] and len(got[0]) == 6
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.arange(N * 3).reshape(N, 3), r"float16, float32, float64, got dtype '<i8'"),
-    (np.zeros(N, np.float32), r"must be \[N, D\] with N = 40 \(one row per image\), got shape \(40,\)"),
-    (np.zeros((N, 3), np.float32), r"must be finite, got 1 rows with NaN or Inf"),
-    (np.zeros((N, 3), np.float16), r"must be finite, got 2 rows with NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.arange(N * 3).reshape(N, 3), r"float16, float32, float64, got dtype '<i8'"),
+        (np.zeros(N, np.float32), r"must be \[N, D\] with N = 40 \(one row per image\), got shape \(40,\)"),
+        (np.zeros((N, 3), np.float32), r"must be finite, got 1 rows with NaN or Inf"),
+        (np.zeros((N, 3), np.float16), r"must be finite, got 2 rows with NaN or Inf"),
+    ],
+)
 def test_a_bad_embeddings_file_is_one_start_up_error_naming_the_option(tmp_path, capsys, bad, match):
     if bad.ndim == 2 and bad.dtype.kind == "f":  # a NaN row (float32), two Inf rows (float16)
         bad[7, 1] = np.nan if bad.dtype == np.float32 else np.inf
         bad[9, 0] = -np.inf if bad.dtype == np.float16 else 0
     np.save(tmp_path / "x.npy", images())
     np.save(tmp_path / "e.npy", bad)
-    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--embeddings", str(tmp_path / "e.npy"),
-                 "--store", str(tmp_path / "s.sqlite"), "--port", "0"]) == 2
+    assert (
+        main(
+            [
+                "annotate",
+                "--data",
+                str(tmp_path / "x.npy"),
+                "--embeddings",
+                str(tmp_path / "e.npy"),
+                "--store",
+                str(tmp_path / "s.sqlite"),
+                "--port",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"--embeddings {str(tmp_path / 'e.npy')!r}" in err and re.search(match, err), err
@@ -935,8 +1001,7 @@ def test_captcha_questions_do_not_copy_a_memory_mapped_pool(tmp_path, monkeypatc
     np.save(tmp_path / "e.npy", np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
     monkeypatch.setattr(questions_mod, "chunk_rows", lambda d: 2048, raising=False)
     with RelationStore() as store:
-        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, strategy="random",
-                      captcha_k=6, background=False)
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, strategy="random", captcha_k=6, background=False)
         q.refill()
         tracemalloc.start()
         try:
@@ -981,8 +1046,7 @@ def test_refills_search_the_knn_graph_once_and_never_reask(tmp_path, knn_searche
     n = 600
     y = clustered_file(tmp_path / "e.npy", n)
     with RelationStore() as store:
-        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, strategy=strategy,
-                      background=False)
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, strategy=strategy, background=False)
         asked = set()
         for _ in range(4):
             assert q.refill() > 0
@@ -1000,8 +1064,7 @@ def test_a_new_embeddings_file_gets_a_new_graph_searched_with_progress(tmp_path,
     clustered_file(tmp_path / "e.npy", n)
     said = []
     with RelationStore() as store:
-        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, background=False,
-                      progress=said.append)
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, background=False, progress=said.append)
         q.refill()
         q.refill()
         assert len(knn_searches) == 1 and len(said) == 2
@@ -1016,30 +1079,40 @@ def test_a_new_embeddings_file_gets_a_new_graph_searched_with_progress(tmp_path,
         q.close()
 
 
-@pytest.mark.parametrize("args,err", [
-    (["--index", "flat"], "argument --index: invalid choice: 'flat'"),
-    (["--index", "ivf", "--nlist", "0"], "argument --nlist: must be an integer >= 1, got '0'"),
-    (["--index", "ivf", "--nprobe", "two"], "argument --nprobe: must be an integer >= 1, got 'two'"),
-    (["--index", "hnsw", "--ef-search", "9"], "argument --ef-search: must be an integer >= 10, got '9'"),
-])
+@pytest.mark.parametrize(
+    "args,err",
+    [
+        (["--index", "flat"], "argument --index: invalid choice: 'flat'"),
+        (["--index", "ivf", "--nlist", "0"], "argument --nlist: must be an integer >= 1, got '0'"),
+        (["--index", "ivf", "--nprobe", "two"], "argument --nprobe: must be an integer >= 1, got 'two'"),
+        (["--index", "hnsw", "--ef-search", "9"], "argument --ef-search: must be an integer >= 10, got '9'"),
+    ],
+)
 def test_cli_index_options_reject_bad_values(capsys, args, err):
     with pytest.raises(SystemExit) as e:
         main(["annotate", "--demo", *args])
     assert e.value.code == 2 and err in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,err", [
-    (["--nlist", "4"], "--nlist applies to --index ivf only, got --index auto"),
-    (["--index", "exact", "--nprobe", "4"], "--nprobe applies to --index ivf only, got --index exact"),
-    (["--index", "ivf", "--ef-search", "32"], "--ef-search applies to --index hnsw only, got --index ivf"),
-    (["--index", "ivf", "--nlist", "4", "--nprobe", "5"], "--nprobe must be at most the 4 lists, got 5"),
-    (["--index", "ivf", "--nlist", "41"], "--nlist must be at most the 40 samples"),
-    (["--index", "ivf", "--nprobe", "2"], "--nprobe must be at most the 1 lists (the default --nlist), got 2"),
-])
+@pytest.mark.parametrize(
+    "args,err",
+    [
+        (["--nlist", "4"], "--nlist applies to --index ivf only, got --index auto"),
+        (["--index", "exact", "--nprobe", "4"], "--nprobe applies to --index ivf only, got --index exact"),
+        (["--index", "ivf", "--ef-search", "32"], "--ef-search applies to --index hnsw only, got --index ivf"),
+        (["--index", "ivf", "--nlist", "4", "--nprobe", "5"], "--nprobe must be at most the 4 lists, got 5"),
+        (["--index", "ivf", "--nlist", "41"], "--nlist must be at most the 40 samples"),
+        (["--index", "ivf", "--nprobe", "2"], "--nprobe must be at most the 1 lists (the default --nlist), got 2"),
+    ],
+)
 def test_cli_index_options_that_do_not_fit_are_one_line(tmp_path, capsys, args, err):
     np.save(tmp_path / "x.npy", images())
-    assert main(["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"),
-                 "--port", "0", *args]) == 2
+    assert (
+        main(
+            ["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.sqlite"), "--port", "0", *args]
+        )
+        == 2
+    )
     out = capsys.readouterr().err
     assert out.count("\n") == 1 and err in out, out
 
@@ -1051,21 +1124,32 @@ def test_cli_index_options_reach_select_queries(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["annotate", "--help"])
     out = capsys.readouterr().out
-    for text in ("--index {auto,exact,ivf,hnsw}", "auto (default): exact up to 20,000", "--nlist",
-                 "4*sqrt(N)", "--nprobe", "(default 16", "--ef-search", "(default 64)"):
+    for text in (
+        "--index {auto,exact,ivf,hnsw}",
+        "auto (default): exact up to 20,000",
+        "--nlist",
+        "4*sqrt(N)",
+        "--nprobe",
+        "(default 16",
+        "--ef-search",
+        "(default 64)",
+    ):
         assert text in out
     pytest.importorskip("faiss")
     calls = []
     real = questions_mod.select_queries
-    monkeypatch.setattr(questions_mod, "select_queries",
-                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(questions_mod, "select_queries", lambda *a, **k: calls.append(k) or real(*a, **k))
     np.save(tmp_path / "x.npy", images())
-    for opts, want in ((["--index", "ivf", "--nlist", "2", "--nprobe", "2"],
-                        {"index": "ivf", "nlist": 2, "nprobe": 2, "ef_search": None}),
-                       (["--index", "hnsw", "--ef-search", "12"],
-                        {"index": "hnsw", "nlist": None, "nprobe": None, "ef_search": 12})):
-        args = build_parser().parse_args(["annotate", "--data", str(tmp_path / "x.npy"), "--store",
-                                          str(tmp_path / f"{opts[1]}.sqlite"), *opts])
+    for opts, want in (
+        (
+            ["--index", "ivf", "--nlist", "2", "--nprobe", "2"],
+            {"index": "ivf", "nlist": 2, "nprobe": 2, "ef_search": None},
+        ),
+        (["--index", "hnsw", "--ef-search", "12"], {"index": "hnsw", "nlist": None, "nprobe": None, "ef_search": 12}),
+    ):
+        args = build_parser().parse_args(
+            ["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / f"{opts[1]}.sqlite"), *opts]
+        )
         app, q, store = annotate.build(args)
         try:
             got = q.next("pair", "me")

@@ -27,7 +27,10 @@ def test_record_returns_log_ids_and_retract_supersedes(tmp_path):
         assert pairs.tolist() == [[0, 1], [2, 3]] and answers.tolist() == [True, False]
         log = s.log()
         assert [(r[0], r[1], r[2], r[3], r[5], r[6]) for r in log] == [
-            (1, 0, 1, True, "ann", None), (2, 1, 2, True, "ann", "ann"), (3, 2, 3, False, "bob", None)]
+            (1, 0, 1, True, "ann", None),
+            (2, 1, 2, True, "ann", "ann"),
+            (3, 2, 3, False, "bob", None),
+        ]
     with RelationStore(path) as s:  # reopening replays the log without the retracted answer
         assert s.n_queries == 2 and s.same(0, 2) is None and s.same(2, 3) is False
         assert s.record([[5, 6]], [True]) == [4]
@@ -93,8 +96,7 @@ def test_version_2_store_is_migrated(tmp_path):
         s.retract([1])
         assert s.same(0, 1) is None
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
-        SCHEMA_VERSION)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
 
 
@@ -129,17 +131,24 @@ def _tamper(path, statement):
     db.close()
 
 
-@pytest.mark.parametrize("statement, match", [
-    ("UPDATE retractions SET answer_id = 3", "retractions row id=1 fails its check: its checksum"),
-    ("UPDATE retractions SET source = 'bob'", "retractions row id=1 fails its check: its checksum"),
-    ("DELETE FROM retractions", "retractions log ends at row id=0 but SQLite handed out ids up to 1"),
-    ("INSERT INTO retractions (id, answer_id, time, source, crc) "
-     f"VALUES (2, 9, 1.0, 'x', {row_crc(2, 9, 1.0, b'x')})",
-     "retractions row id=2 names answer id=9, which is not in the log"),
-    ("INSERT INTO retractions (id, answer_id, time, source, crc) "
-     f"VALUES (2, 0, 1.0, 'x', {row_crc(2, 0, 1.0, b'x')})",
-     "retractions row id=2 fails its check: answer_id is 0"),
-])
+@pytest.mark.parametrize(
+    "statement, match",
+    [
+        ("UPDATE retractions SET answer_id = 3", "retractions row id=1 fails its check: its checksum"),
+        ("UPDATE retractions SET source = 'bob'", "retractions row id=1 fails its check: its checksum"),
+        ("DELETE FROM retractions", "retractions log ends at row id=0 but SQLite handed out ids up to 1"),
+        (
+            "INSERT INTO retractions (id, answer_id, time, source, crc) "
+            f"VALUES (2, 9, 1.0, 'x', {row_crc(2, 9, 1.0, b'x')})",
+            "retractions row id=2 names answer id=9, which is not in the log",
+        ),
+        (
+            "INSERT INTO retractions (id, answer_id, time, source, crc) "
+            f"VALUES (2, 0, 1.0, 'x', {row_crc(2, 0, 1.0, b'x')})",
+            "retractions row id=2 fails its check: answer_id is 0",
+        ),
+    ],
+)
 def test_tampered_retractions_are_refused_and_salvaged(tmp_path, statement, match):
     path = tmp_path / "s.sqlite"
     _store_with_retraction(path)

@@ -50,8 +50,7 @@ def test_cuda_plan_has_the_issue_sizes_and_baselines():
 
 
 def test_inf_cl_skips_on_the_cpu_and_when_missing(monkeypatch):
-    [cpu_case] = [c for c in bi.cases(quick=False, device="cpu") if c.params["N"] == 1024
-                  and c.params["step"] == "fwd"]
+    [cpu_case] = [c for c in bi.cases(quick=False, device="cpu") if c.params["N"] == 1024 and c.params["step"] == "fwd"]
     with pytest.raises(Skip, match="Triton for CUDA GPUs"):
         cpu_case.impls["inf_cl"]()
     monkeypatch.setitem(sys.modules, "inf_cl", None)  # makes `import inf_cl` fail
@@ -63,11 +62,13 @@ def test_inf_cl_skips_on_the_cpu_and_when_missing(monkeypatch):
 def _fake_inf_cl(swap_labels: bool = False):
     """inf_cl.cal_inf_loss as its source computes it (inf_cl/flash.py, _cal_flash_loss):
     mean_i of logsumexp_k(scale q_i·k_k) − scale q_i·k_{labels_i}, no diagonal mask."""
+
     def cal_inf_loss(q, k, labels=None, scale=None, head_dim=256):
         assert head_dim == q.shape[1]
         labels = labels.roll(1) if swap_labels else labels
         logits = scale * q @ k.T
         return (torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None])[:, 0]).mean()
+
     return types.SimpleNamespace(cal_inf_loss=cal_inf_loss)
 
 
@@ -88,6 +89,7 @@ def test_inf_cl_glue_is_checked_against_the_dense_formula(monkeypatch, swap_labe
 def _sleeper(seconds):
     def factory():
         return lambda: time.sleep(seconds)
+
     return factory
 
 
@@ -101,14 +103,22 @@ def _fake_module(monkeypatch, judged):
     def cases(quick=False, device="cpu"):
         impls = {"fast": _sleeper(0.01), "base": _sleeper(0.03), "other": _sleeper(0.02)}
         skipping = {"base": _sleeper(0.01), "gone": _cannot_run}
-        return [Case("bench_fake", "fake one", {"step": "fwd", "flop_count": "fwd counted as 1e9"},
-                     impls, "base", compare_to=("other",), flops=1e9),
-                Case("bench_fake", "fake two", {}, skipping, "base")]
+        return [
+            Case(
+                "bench_fake",
+                "fake one",
+                {"step": "fwd", "flop_count": "fwd counted as 1e9"},
+                impls,
+                "base",
+                compare_to=("other",),
+                flops=1e9,
+            ),
+            Case("bench_fake", "fake two", {}, skipping, "base"),
+        ]
 
     def targets(rows, env):
         judged.append(len(rows))
-        return [{"target": "fast below 1 s", "value": 0.5, "unit": "s", "limit": 1.0,
-                 "status": "met"}]
+        return [{"target": "fast below 1 s", "value": 0.5, "unit": "s", "limit": 1.0, "status": "met"}]
 
     mod.cases, mod.targets = cases, targets
     monkeypatch.setitem(sys.modules, "palfast.benchmarks.bench_fake", mod)
@@ -124,8 +134,9 @@ def test_harness_reports_tflops_ratios_targets_and_writes_after_each_case(monkey
             seen.extend(json.loads(path.read_text())["results"])
 
     _fake_module(monkeypatch, judged)
-    report = harness.run_cases(["bench_fake"], device="cpu", repeats=3, memory=False,
-                               out_dir=str(tmp_path), progress=progress)
+    report = harness.run_cases(
+        ["bench_fake"], device="cpu", repeats=3, memory=False, out_dir=str(tmp_path), progress=progress
+    )
     assert {r["case"] for r in seen} == {"fake one"}
     rows = {(r["case"], r["impl"]): r for r in report["results"]}
     fast, base, other = (rows["fake one", k] for k in ("fast", "base", "other"))
@@ -136,8 +147,9 @@ def test_harness_reports_tflops_ratios_targets_and_writes_after_each_case(monkey
     assert rows["fake two", "gone"]["status"] == "skipped: no way"
     assert "tflops" not in rows["fake two", "base"]  # that case counts no FLOPs
     assert judged == [3, 5]  # the targets are judged after every case
-    assert report["targets"] == [{"module": "bench_fake", "target": "fast below 1 s", "value": 0.5,
-                                  "unit": "s", "limit": 1.0, "status": "met"}]
+    assert report["targets"] == [
+        {"module": "bench_fake", "target": "fast below 1 s", "value": 0.5, "unit": "s", "limit": 1.0, "status": "met"}
+    ]
     out = capsys.readouterr().out
     assert "TFLOP/s" in out and "vs other" in out and "fwd counted as 1e9" in out
     assert "fast below 1 s" in out and "met" in out
@@ -146,35 +158,75 @@ def test_harness_reports_tflops_ratios_targets_and_writes_after_each_case(monkey
 
 
 def test_summarize_kernels_reads_profiler_trace():
-    trace = {"traceEvents": [
-        {"ph": "X", "cat": "kernel", "name": "void ns::tile_kernel<T>(int)", "dur": 60.0,
-         "args": {"grid": [66, 8, 1], "block": [128, 1, 1]}},
-        {"ph": "X", "cat": "kernel", "name": "void ns::tile_kernel<T>(int)", "dur": 20.0,
-         "args": {"grid": [16, 1, 1], "block": [128, 1, 1]}},
-        {"ph": "X", "cat": "kernel", "name": "fill", "dur": 20.0,
-         "args": {"grid": "[2, 1, 1]", "block": "[256, 1, 1]"}},
-        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 500.0, "args": {}},
-    ]}
+    trace = {
+        "traceEvents": [
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "void ns::tile_kernel<T>(int)",
+                "dur": 60.0,
+                "args": {"grid": [66, 8, 1], "block": [128, 1, 1]},
+            },
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "void ns::tile_kernel<T>(int)",
+                "dur": 20.0,
+                "args": {"grid": [16, 1, 1], "block": [128, 1, 1]},
+            },
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "fill",
+                "dur": 20.0,
+                "args": {"grid": "[2, 1, 1]", "block": "[256, 1, 1]"},
+            },
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 500.0, "args": {}},
+        ]
+    }
     tile, fill = harness.summarize_kernels(trace)
-    assert tile == {"name": "void ns::tile_kernel<T>(int)", "launches": 2, "min_blocks": 16,
-                    "max_blocks": 528, "threads_per_block": 128, "gpu_us": 80.0, "share": 0.8}
+    assert tile == {
+        "name": "void ns::tile_kernel<T>(int)",
+        "launches": 2,
+        "min_blocks": 16,
+        "max_blocks": 528,
+        "threads_per_block": 128,
+        "gpu_us": 80.0,
+        "share": 0.8,
+    }
     assert (fill["min_blocks"], fill["threads_per_block"], fill["share"]) == (2, 256, 0.2)
 
 
 def _gpu_rows(fwd_ms, step_ms, fp32_ms, blocks, peaks):
     rows = []
-    for (N, dtype, step), ms in {(65536, "bfloat16", "fwd"): fwd_ms,
-                                 (65536, "bfloat16", "fwd+bwd"): step_ms,
-                                 (65536, "float32", "fwd+bwd"): fp32_ms,
-                                 (4096, "bfloat16", "fwd"): 1.0, (4096, "bfloat16", "fwd+bwd"): 1.0,
-                                 (16384, "bfloat16", "fwd"): 1.0,
-                                 (16384, "bfloat16", "fwd+bwd"): 1.0}.items():
-        kernels = [{"name": "void palfast::cuda::tile<T>()", "min_blocks": blocks, "share": 0.8},
-                   {"name": "at::native::reduce_kernel", "min_blocks": 1, "share": 0.15},
-                   {"name": "void palfast::cuda::small()", "min_blocks": 1, "share": 0.05}]
-        rows.append({"module": "bench_info_nce", "impl": "palfast", "N": N, "dtype": dtype,
-                     "step": step, "status": "ok", "median_s": ms / 1e3, "busy_processes": 0,
-                     "kernels": kernels, "peak_mib": peaks.get((N, dtype, step))})
+    for (N, dtype, step), ms in {
+        (65536, "bfloat16", "fwd"): fwd_ms,
+        (65536, "bfloat16", "fwd+bwd"): step_ms,
+        (65536, "float32", "fwd+bwd"): fp32_ms,
+        (4096, "bfloat16", "fwd"): 1.0,
+        (4096, "bfloat16", "fwd+bwd"): 1.0,
+        (16384, "bfloat16", "fwd"): 1.0,
+        (16384, "bfloat16", "fwd+bwd"): 1.0,
+    }.items():
+        kernels = [
+            {"name": "void palfast::cuda::tile<T>()", "min_blocks": blocks, "share": 0.8},
+            {"name": "at::native::reduce_kernel", "min_blocks": 1, "share": 0.15},
+            {"name": "void palfast::cuda::small()", "min_blocks": 1, "share": 0.05},
+        ]
+        rows.append(
+            {
+                "module": "bench_info_nce",
+                "impl": "palfast",
+                "N": N,
+                "dtype": dtype,
+                "step": step,
+                "status": "ok",
+                "median_s": ms / 1e3,
+                "busy_processes": 0,
+                "kernels": kernels,
+                "peak_mib": peaks.get((N, dtype, step)),
+            }
+        )
     return rows
 
 
@@ -200,9 +252,12 @@ def test_targets_are_judged_on_gpu_rows():
     partial = {t["target"]: t["status"] for t in bi.targets(some, env)}
     assert partial["forward <= 2 ms at N=65536 bf16"] == "met"
     assert partial["fwd heavy kernels >= 2 x SMs blocks at N=16384 bf16"] == (
-        "unmeasured (palfast not timed at N=16384 bfloat16 fwd)")
-    assert any(s == "unmeasured (peak memory not measured)" for s in
-               (t["status"] for t in bi.targets(_gpu_rows(1, 1, 1, 300, {}), env)))
+        "unmeasured (palfast not timed at N=16384 bfloat16 fwd)"
+    )
+    assert any(
+        s == "unmeasured (peak memory not measured)"
+        for s in (t["status"] for t in bi.targets(_gpu_rows(1, 1, 1, 300, {}), env))
+    )
 
 
 def _gpu_bench():
@@ -214,11 +269,20 @@ def _gpu_bench():
 
 def test_gpu_bench_table_prints_targets_and_heavy_kernels(tmp_path, capsys):
     gpu_bench = _gpu_bench()
-    assert gpu_bench._short_name(
-        "void palfast::cuda::(anonymous namespace)::sym_lse_kernel<Tile<bf16>>(const T*)") == "sym_lse_kernel"
+    assert (
+        gpu_bench._short_name("void palfast::cuda::(anonymous namespace)::sym_lse_kernel<Tile<bf16>>(const T*)")
+        == "sym_lse_kernel"
+    )
     assert gpu_bench.table(tmp_path) == 1
-    env = {"palfast": "0", "torch": torch.__version__, "device": "cuda", "cuda_device": "H200",
-           "threads": 1, "git_sha": "abc", "sm_count": 132}
+    env = {
+        "palfast": "0",
+        "torch": torch.__version__,
+        "device": "cuda",
+        "cuda_device": "H200",
+        "threads": 1,
+        "git_sha": "abc",
+        "sm_count": 132,
+    }
     rows = _gpu_rows(1.9, 5.9, 20.0, 264, {})
     for r in rows:
         r.update(case=f"info_nce N={r['N']} {r['step']}", load="quiet")
@@ -227,8 +291,9 @@ def test_gpu_bench_table_prints_targets_and_heavy_kernels(tmp_path, capsys):
     assert gpu_bench.table(tmp_path) == 0
     out = capsys.readouterr().out
     assert "forward <= 2 ms at N=65536 bf16" in out and "met" in out
-    assert ("heavy kernels of palfast, info_nce N=4096 fwd (132 SMs): tile 264 blocks 80%, "
-            "reduce_kernel 1 blocks 15%") in out
+    assert (
+        "heavy kernels of palfast, info_nce N=4096 fwd (132 SMs): tile 264 blocks 80%, reduce_kernel 1 blocks 15%"
+    ) in out
     assert "small" not in out
 
 
@@ -241,6 +306,7 @@ def test_deterministic_runs_under_the_flag_and_restores_the_callers():
 
 # ---- bench_active and bench_store (docs/active.md, "Large pools"): the quick form, shrunk
 # further so that it runs in seconds; the 10^6 runs are benchmarks, not tests.
+
 
 def _small_active(monkeypatch):
     from palfast.benchmarks import bench_active as ba
@@ -257,8 +323,15 @@ def _small_active(monkeypatch):
 def test_active_bench_quick_runs_every_index_with_recall(monkeypatch, tmp_path):
     pytest.importorskip("faiss")
     ba = _small_active(monkeypatch)
-    report = harness.run_cases(["bench_active"], quick=True, repeats=1, warmup=0, memory=False,
-                               out_dir=str(tmp_path), progress=lambda msg: None)
+    report = harness.run_cases(
+        ["bench_active"],
+        quick=True,
+        repeats=1,
+        warmup=0,
+        memory=False,
+        out_dir=str(tmp_path),
+        progress=lambda msg: None,
+    )
     rows = {r["index"]: r for r in report["results"]}
     assert set(rows) == {"exact", "ivf", "hnsw", "ivf-join"}
     for r in rows.values():
@@ -280,12 +353,22 @@ def test_active_bench_runs_ivf_join_without_faiss(monkeypatch, tmp_path):
     (with its recall) where faiss is missing, and only the FAISS indexes are skipped."""
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
     ba = _small_active(monkeypatch)
-    report = harness.run_cases(["bench_active"], quick=True, repeats=1, warmup=0, memory=False,
-                               out_dir=str(tmp_path), progress=lambda msg: None)
+    report = harness.run_cases(
+        ["bench_active"],
+        quick=True,
+        repeats=1,
+        warmup=0,
+        memory=False,
+        out_dir=str(tmp_path),
+        progress=lambda msg: None,
+    )
     status = {r["index"]: r["status"] for r in report["results"]}
-    assert status == {"exact": "ok", "ivf-join": "ok",
-                      "ivf": "skipped: faiss is not installed (pip install faiss-cpu)",
-                      "hnsw": "skipped: faiss is not installed (pip install faiss-cpu)"}
+    assert status == {
+        "exact": "ok",
+        "ivf-join": "ok",
+        "ivf": "skipped: faiss is not installed (pip install faiss-cpu)",
+        "hnsw": "skipped: faiss is not installed (pip install faiss-cpu)",
+    }
     join = next(r for r in report["results"] if r["index"] == "ivf-join")
     assert join["recall_at_10"] > 0.9 and join["recall_queries"] == 300
     ba._exact_neighbours.cache_clear()
@@ -305,13 +388,33 @@ def test_active_recall_counts_the_exact_neighbours_found():
 def test_active_targets_are_judged_at_a_million_rows():
     from palfast.benchmarks import bench_active as ba
 
-    rows = [{"N": ba.TARGET_N, "index": "ivf", "status": "ok", "median_s": 50.0,
-             "peak_rss_mib": 3000.0, "recall_at_10": 0.97},
-            {"N": ba.TARGET_N, "index": "hnsw", "status": "ok", "median_s": 70.0,
-             "peak_rss_mib": 5000.0, "recall_at_10": 0.9},
-            {"N": ba.TARGET_N, "index": "ivf-join", "status": "ok", "median_s": 275.0,
-             "peak_rss_mib": 2400.0, "recall_at_10": 1.0},
-            {"N": 10_000, "index": "ivf", "status": "ok", "median_s": 1.0}]
+    rows = [
+        {
+            "N": ba.TARGET_N,
+            "index": "ivf",
+            "status": "ok",
+            "median_s": 50.0,
+            "peak_rss_mib": 3000.0,
+            "recall_at_10": 0.97,
+        },
+        {
+            "N": ba.TARGET_N,
+            "index": "hnsw",
+            "status": "ok",
+            "median_s": 70.0,
+            "peak_rss_mib": 5000.0,
+            "recall_at_10": 0.9,
+        },
+        {
+            "N": ba.TARGET_N,
+            "index": "ivf-join",
+            "status": "ok",
+            "median_s": 275.0,
+            "peak_rss_mib": 2400.0,
+            "recall_at_10": 1.0,
+        },
+        {"N": 10_000, "index": "ivf", "status": "ok", "median_s": 1.0},
+    ]
     got = {t["target"]: t["status"] for t in ba.targets(rows, {})}
     assert [s for t, s in got.items() if "(ivf)" in t] == ["met"] * 3
     assert [s for t, s in got.items() if "(hnsw)" in t] == ["missed"] * 3
@@ -333,15 +436,22 @@ def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
     monkeypatch.delenv(bs.STORE_URL_ENV, raising=False)  # SQLite only
     pairs, ans = bs.answers(3000)
     assert 0.3 < float(ans.float().mean()) < 0.7 and bool((pairs[:, 0] != pairs[:, 1]).all())
-    report = harness.run_cases(["bench_store"], quick=True, repeats=1, warmup=0, memory=False,
-                               out_dir=str(tmp_path), progress=lambda msg: None)
+    report = harness.run_cases(
+        ["bench_store"], quick=True, repeats=1, warmup=0, memory=False, out_dir=str(tmp_path), progress=lambda msg: None
+    )
     assert [r["status"] for r in report["results"]] == ["ok"] * 4
     assert all(t["status"].startswith("unmeasured") for t in report["targets"])
     n = bs.ANSWERS
-    rows = [{"case": f"record answers={n} batch=1000", "sample_ids": n, "answers": n - 10,
-             "status": "ok", "median_s": 40.0},
-            {"case": f"reopen answers={n}", "sample_ids": n, "answers": n - 10, "status": "ok",
-             "median_s": 12.0}]
+    rows = [
+        {
+            "case": f"record answers={n} batch=1000",
+            "sample_ids": n,
+            "answers": n - 10,
+            "status": "ok",
+            "median_s": 40.0,
+        },
+        {"case": f"reopen answers={n}", "sample_ids": n, "answers": n - 10, "status": "ok", "median_s": 12.0},
+    ]
     record, reopen = bs.targets(rows, {})
     assert record["status"] == "met" and record["value"] == pytest.approx((n - 10) / 40.0)
     assert reopen["status"] == "missed" and reopen["value"] == 12.0
@@ -363,16 +473,21 @@ def test_store_bench_times_postgres_beside_sqlite(monkeypatch, tmp_path, postgre
     monkeypatch.setattr(bs, "QUICK_ANSWERS", 2000)
     monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
     monkeypatch.setenv(bs.STORE_URL_ENV, postgres_url)
-    report = harness.run_cases(["bench_store"], quick=True, repeats=1, warmup=0, memory=False,
-                               out_dir=str(tmp_path), progress=lambda msg: None)
+    report = harness.run_cases(
+        ["bench_store"], quick=True, repeats=1, warmup=0, memory=False, out_dir=str(tmp_path), progress=lambda msg: None
+    )
     got = [(r["case"].split()[0], r["impl"], r["status"]) for r in report["results"]]
-    assert got == [("record", "palfast", "ok"), ("record", "postgres", "ok"),
-                   ("reopen", "palfast", "ok"), ("reopen", "postgres", "ok"),
-                   ("refresh", "palfast", "ok"), ("refresh", "postgres", "ok"),
-                   ("known_mask", "palfast", "ok")]
+    assert got == [
+        ("record", "palfast", "ok"),
+        ("record", "postgres", "ok"),
+        ("reopen", "palfast", "ok"),
+        ("reopen", "postgres", "ok"),
+        ("refresh", "palfast", "ok"),
+        ("refresh", "postgres", "ok"),
+        ("known_mask", "palfast", "ok"),
+    ]
     gc.collect()
-    assert execute_sql(postgres_url, "SELECT count(*) FROM pg_namespace "
-                                     "WHERE nspname LIKE 'palfast_bench_%'") == [(0,)]
+    assert execute_sql(postgres_url, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'palfast_bench_%'") == [(0,)]
 
 
 @pytest.mark.slow
@@ -382,12 +497,18 @@ def test_harness_extras_join_the_row_and_their_failure_is_recorded(monkeypatch):
     def broken():
         raise ValueError("no index")
 
-    mod.cases = lambda quick=False, device="cpu": [Case(
-        "bench_extras", "extras", {}, {"a": _sleeper(0.0), "b": _sleeper(0.0)}, "a",
-        extras={"a": lambda: {"recall_at_10": 0.5}, "b": broken})]
+    mod.cases = lambda quick=False, device="cpu": [
+        Case(
+            "bench_extras",
+            "extras",
+            {},
+            {"a": _sleeper(0.0), "b": _sleeper(0.0)},
+            "a",
+            extras={"a": lambda: {"recall_at_10": 0.5}, "b": broken},
+        )
+    ]
     monkeypatch.setitem(sys.modules, "palfast.benchmarks.bench_extras", mod)
-    report = harness.run_cases(["bench_extras"], repeats=1, memory=False,
-                               progress=lambda msg: None)
+    report = harness.run_cases(["bench_extras"], repeats=1, memory=False, progress=lambda msg: None)
     a, b = report["results"]
     assert a["recall_at_10"] == 0.5 and b["status"] == "ok"
     assert b["extras_status"] == "failed: ValueError: no index"
@@ -399,8 +520,7 @@ def test_peak_memory_reports_the_whole_process(monkeypatch):
 
     monkeypatch.setattr(bs, "QUICK_ANSWERS", 2000)
     monkeypatch.setattr(bs, "MASK_PAIRS", 200_000)
-    got = harness.measure_peak_here("bench_store", "known_mask pairs=200000 answers=2000",
-                                    "palfast", quick=True)
+    got = harness.measure_peak_here("bench_store", "known_mask pairs=200000 answers=2000", "palfast", quick=True)
     assert got["status"] == "ok"
     # the whole process (interpreter, torch) is far above what one call adds
     assert got["peak_rss_bytes"] > got["peak_bytes"] + (50 << 20)

@@ -20,8 +20,7 @@ def quick_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("suite")
     lines = []
-    result = harness.run_cases(["bench_strategies"], quick=True, out_dir=str(out),
-                               progress=lines.append)
+    result = harness.run_cases(["bench_strategies"], quick=True, out_dir=str(out), progress=lines.append)
     return out, lines, result
 
 
@@ -59,15 +58,31 @@ def test_noisy_oracle_makes_contradictions_in_the_suite(quick_run):
 
 
 def _rows(strategy, seed, accs, task="t", noise=0.0, step=50):
-    return [{"task": task, "noise": noise, "strategy": strategy, "seed": seed, "round": i,
-             "n_queries": i * step, "accuracy": a} for i, a in enumerate(accs)]
+    return [
+        {
+            "task": task,
+            "noise": noise,
+            "strategy": strategy,
+            "seed": seed,
+            "round": i,
+            "n_queries": i * step,
+            "accuracy": a,
+        }
+        for i, a in enumerate(accs)
+    ]
 
 
 def test_summary_is_paired_by_seed_and_counts_queries_to_reach_random():
-    rows = (_rows("random", 0, [0.5, 0.6, 0.7]) + _rows("random", 1, [0.5, 0.8, 0.9])
-            + _rows("pal", 0, [0.5, 0.7, 0.8]) + _rows("pal", 1, [0.5, 0.9, 0.95])
-            + _rows("ideal", 0, [0.5, 1.0, 1.0]) + _rows("ideal", 1, [0.5, 0.9, 1.0])
-            + _rows("pal", 0, [0.5, 0.6], noise=0.1) + _rows("random", 0, [0.5, 0.4, 0.5], noise=0.1))
+    rows = (
+        _rows("random", 0, [0.5, 0.6, 0.7])
+        + _rows("random", 1, [0.5, 0.8, 0.9])
+        + _rows("pal", 0, [0.5, 0.7, 0.8])
+        + _rows("pal", 1, [0.5, 0.9, 0.95])
+        + _rows("ideal", 0, [0.5, 1.0, 1.0])
+        + _rows("ideal", 1, [0.5, 0.9, 1.0])
+        + _rows("pal", 0, [0.5, 0.6], noise=0.1)
+        + _rows("random", 0, [0.5, 0.4, 0.5], noise=0.1)
+    )
     s = {(r["strategy"], r["noise"]): r for r in report.summarize(rows, [50, 100], 100)}
     pal = s[("pal", 0.0)]
     assert pal["acc@50"] == pytest.approx(0.8) and pal["acc@50_sd"] == pytest.approx(math.sqrt(0.02))
@@ -122,8 +137,11 @@ def test_synthetic_tasks_are_seeded_and_the_views_do_not_separate_the_classes():
 
 
 def test_unknown_task_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"tasks must name some of digits-views, .*breast-cancer; "
-                                         r"unknown: 'ringz'"):
+    with pytest.raises(
+        ValueError,
+        match=r"tasks must name some of digits-views, .*breast-cancer; "
+        r"unknown: 'ringz'",
+    ):
         resolve_tasks("rings,ringz", "palfast bench strategies")
     with pytest.raises(ValueError, match=r"no task name contains 'nope'; the tasks are digits-views"):
         bs.run_suite(quick=True, out_dir=None, task_filter="nope")
@@ -133,8 +151,11 @@ def test_unknown_task_names_the_valid_ones():
 def test_noise_outside_zero_to_half_is_refused(noise, capsys):
     with pytest.raises(ValueError, match=r"LabelOracle: noise must be a probability in \[0, 0.5\]"):
         LabelOracle(torch.tensor([0, 1]), noise=noise)
-    with pytest.raises(ValueError, match=r"palfast bench strategies: noise must be a probability "
-                                         r"in \[0, 0.5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"palfast bench strategies: noise must be a probability "
+        r"in \[0, 0.5\]",
+    ):
         bs.check_settings(bs.Settings(**{**bs.QUICK.__dict__, "noise": (0.0, noise)}))
     assert bs.main(["--quick", "--noise", f"0,{noise}", "--out", "unused"]) == 2
     assert "noise must be a probability in [0, 0.5]" in capsys.readouterr().err

@@ -24,8 +24,25 @@ def test_info_tells_what_was_compiled(capsys):
 @pytest.mark.slow
 def test_bench_quick_writes_json_csv_and_table(tmp_path, capsys):
     # N=1024 has both steps (fwd, fwd+bwd); each row's peak memory costs a subprocess.
-    assert cli.main(["bench", "--only", "info_nce", "--quick", "--repeats", "1", "--device", "cpu",
-                     "--filter", "N=1024", "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--only",
+                "info_nce",
+                "--quick",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--filter",
+                "N=1024",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "palfast" in out and "naive_eager" in out and "git" in out
     assert "TFLOP/s" in out and "fwd counted as 2·N²·D" in out and "fwd+bwd counted as 6·N²·D" in out
@@ -59,15 +76,37 @@ def test_help_explains_every_command(capsys):
 
 @pytest.mark.slow
 def test_bench_contention_times_quiet_and_busy(tmp_path, capsys):
-    assert cli.main(["bench", "--only", "info_nce", "--quick", "--repeats", "1", "--device", "cpu",
-                     "--filter", "N=1024", "--no-memory", "--contention",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--only",
+                "info_nce",
+                "--quick",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--filter",
+                "N=1024",
+                "--no-memory",
+                "--contention",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "quiet" in out and "1 busy process" in out and "load average" in out
     [jpath] = tmp_path.glob("*.json")
     rows = json.loads(jpath.read_text())["results"]
     assert {(r["impl"], r["busy_processes"]) for r in rows} >= {
-        ("palfast", 0), ("palfast", 1), ("naive_eager", 0), ("naive_eager", 1)}
+        ("palfast", 0),
+        ("palfast", 1),
+        ("naive_eager", 0),
+        ("naive_eager", 1),
+    }
     for r in rows:
         assert r["status"] == "ok" and r["speedup_vs_naive_eager"] > 0
         assert len(r["load_average"]) == 2
@@ -85,31 +124,63 @@ def test_bench_min_time_must_not_be_negative(capsys):
 
 @pytest.mark.slow
 def test_bench_cpu_skips_inf_cl_with_its_reason(tmp_path, capsys):
-    assert cli.main(["bench", "--only", "info_nce", "--filter", "N=1024 D=128 float32 fwd+bwd",
-                     "--impls", "palfast", "inf_cl", "--repeats", "1", "--device", "cpu",
-                     "--no-memory", "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--only",
+                "info_nce",
+                "--filter",
+                "N=1024 D=128 float32 fwd+bwd",
+                "--impls",
+                "palfast",
+                "inf_cl",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--no-memory",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "inf_cl" in capsys.readouterr().out
     [jpath] = tmp_path.glob("*.json")
     status = {r["impl"]: r["status"] for r in json.loads(jpath.read_text())["results"]}
-    assert status == {"palfast": "ok", "naive_eager": "ok",
-                      "inf_cl": "skipped: Inf-CL's kernels are written in Triton for CUDA GPUs"}
+    assert status == {
+        "palfast": "ok",
+        "naive_eager": "ok",
+        "inf_cl": "skipped: Inf-CL's kernels are written in Triton for CUDA GPUs",
+    }
 
 
 # A bench run that stays short if an argument check is missing (one case, one impl, no
 # subprocess): the test then fails on the exit status, not on time.
-SMALL_BENCH = ["--quick", "--filter", "N=1024 D=128 float32 fwd+bwd", "--impls", "palfast",
-               "--no-memory", "--no-kernels"]
+SMALL_BENCH = [
+    "--quick",
+    "--filter",
+    "N=1024 D=128 float32 fwd+bwd",
+    "--impls",
+    "palfast",
+    "--no-memory",
+    "--no-kernels",
+]
 
 
-@pytest.mark.parametrize("args, named, allowed", [
-    (["--device", "bogus"], "argument --device", "cpu, cuda, cuda:N or auto"),
-    (["--device", "cuda:x"], "argument --device", "cpu, cuda, cuda:N or auto"),
-    (["--repeats", "-1"], "argument --repeats", "an integer >= 1"),
-    (["--repeats", "0"], "argument --repeats", "an integer >= 1"),
-    (["--warmup", "-1"], "argument --warmup", "an integer >= 0"),
-    (["--only", "bogus"], "argument --only", "'info_nce', 'covariance', 'candidates'"),
-    (["--only", "info_nce", "bogus"], "argument --only", "'info_nce', 'covariance', 'candidates'"),
-])
+@pytest.mark.parametrize(
+    "args, named, allowed",
+    [
+        (["--device", "bogus"], "argument --device", "cpu, cuda, cuda:N or auto"),
+        (["--device", "cuda:x"], "argument --device", "cpu, cuda, cuda:N or auto"),
+        (["--repeats", "-1"], "argument --repeats", "an integer >= 1"),
+        (["--repeats", "0"], "argument --repeats", "an integer >= 1"),
+        (["--warmup", "-1"], "argument --warmup", "an integer >= 0"),
+        (["--only", "bogus"], "argument --only", "'info_nce', 'covariance', 'candidates'"),
+        (["--only", "info_nce", "bogus"], "argument --only", "'info_nce', 'covariance', 'candidates'"),
+    ],
+)
 def test_bench_bad_arguments_are_usage_errors_and_write_nothing(tmp_path, capsys, args, named, allowed):
     out = tmp_path / "results"
     argv = ["bench", "--repeats", "1", *SMALL_BENCH, "--out", str(out), *args]

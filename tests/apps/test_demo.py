@@ -21,9 +21,17 @@ def toy(n=40, seed=0):
 def make_learner(data, oracle, store, strategy="pal"):
     torch.manual_seed(0)
     enc = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    return ActiveLearner(enc, data, oracle, store, strategy=strategy, epochs_per_round=1,
-                         batch_size=16, augment=lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g),
-                         progress=False)
+    return ActiveLearner(
+        enc,
+        data,
+        oracle,
+        store,
+        strategy=strategy,
+        epochs_per_round=1,
+        batch_size=16,
+        augment=lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g),
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("strategy", ["pal", "random"])
@@ -80,8 +88,9 @@ def test_oracles_count_pairs_and_interactions():
     flips = sum(int((noisy.ask(torch.tensor([[0, 1]] * 50)) ^ True).sum()) for _ in range(4))
     assert 50 < flips < 150
     screens = []
-    cb = CallbackOracle(lambda p: [True] * p.shape[0],
-                        batch_fn=lambda a, c: screens.append((a, c.tolist())) or [False] * len(c))
+    cb = CallbackOracle(
+        lambda p: [True] * p.shape[0], batch_fn=lambda a, c: screens.append((a, c.tolist())) or [False] * len(c)
+    )
     assert cb.ask_batch(4, [1, 2]).tolist() == [False, False] and screens == [(4, [1, 2])]
     assert (cb.n_pairs, cb.n_interactions) == (2, 1)
     with pytest.raises(ValueError, match="sample ids must be < 5"):
@@ -111,9 +120,27 @@ def test_augment_keeps_shape_and_varies():
 def test_tiny_demo_end_to_end(tmp_path, capsys):
     parser = add_demo_arguments(argparse.ArgumentParser())
     out = tmp_path / "demo"
-    args = parser.parse_args(["--out", str(out), "--budget", "12", "--queries-per-round", "6",
-                              "--seeds", "1", "--epochs", "1", "--strategies", "pal,random",
-                              "--unknown-weight", "0.5", "--threads", "1", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "--out",
+            str(out),
+            "--budget",
+            "12",
+            "--queries-per-round",
+            "6",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--strategies",
+            "pal,random",
+            "--unknown-weight",
+            "0.5",
+            "--threads",
+            "1",
+            "--no-progress",
+        ]
+    )
     threads = torch.get_num_threads()
     assert run_demo(args) == 0
     assert torch.get_num_threads() == threads  # the demo's --threads is undone
@@ -138,8 +165,10 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
     args = parser.parse_args(["--out", str(tmp_path), "--strategies", "pal,greedy"])
     assert run_demo(args) == 2
     assert "--strategies must name some of" in capsys.readouterr().out
-    for bad, message in ((["--threads", "0"], "--threads must be >= 1"),
-                         (["--unknown-weight", "1.5"], "--unknown-weight must be in [0, 1]")):
+    for bad, message in (
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--unknown-weight", "1.5"], "--unknown-weight must be in [0, 1]"),
+    ):
         assert run_demo(parser.parse_args(["--out", str(tmp_path), *bad])) == 2
         assert message in capsys.readouterr().out
 
@@ -148,16 +177,33 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
 def test_cli_main_dispatches_demo(tmp_path):
     from palfast.cli import main
 
-    assert main(["demo", "--out", str(tmp_path / "o"), "--budget", "4", "--queries-per-round",
-                 "4", "--seeds", "1", "--epochs", "1", "--strategies", "nearest",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path / "o"),
+                "--budget",
+                "4",
+                "--queries-per-round",
+                "4",
+                "--seeds",
+                "1",
+                "--epochs",
+                "1",
+                "--strategies",
+                "nearest",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "o" / "store_nearest_seed0.sqlite").exists()
 
 
 def test_area_and_queries_to_reach():
     # Trapezoids over 0..300, divided by the range: the mean accuracy over the budget.
-    assert area_under_curve([0, 100, 300], [0.5, 0.9, 0.9]) == pytest.approx(
-        (100 * 0.7 + 200 * 0.9) / 300)
+    assert area_under_curve([0, 100, 300], [0.5, 0.9, 0.9]) == pytest.approx((100 * 0.7 + 200 * 0.9) / 300)
     assert area_under_curve([0], [0.8]) == 0.8
     assert queries_to_reach([0, 100, 200], [0.5, 0.91, 0.95], 0.9) == 100
     assert queries_to_reach([0, 100, 200], [0.5, 0.6, 0.7], 0.9) is None
@@ -169,11 +215,10 @@ def test_evaluation_pairs_strategies_by_seed():
         for strategy, gain in (("pal", 0.05), ("random", 0.0)):
             for r, q in enumerate((0, 100, 200, 300)):
                 acc = base + (gain if q else 0.0) + 0.01 * r
-                rows.append({"strategy": strategy, "seed": seed, "round": r, "n_queries": q,
-                             "linear": acc})
+                rows.append({"strategy": strategy, "seed": seed, "round": r, "n_queries": q, "linear": acc})
     ev = evaluate_strategies(rows, ["pal", "random"], 300)
     assert ev["pal"]["at_vs_baseline"][100] == pytest.approx((0.05, 0.0))  # paired: no spread
-    assert ev["pal"]["at"][300][1] > 0.05          # unpaired: the seeds' spread
+    assert ev["pal"]["at"][300][1] > 0.05  # unpaired: the seeds' spread
     # pal at 100 (base + .06) >= random at 300 (base + .03): reached at 100 on both seeds.
     assert ev["pal"]["reach_baseline_final"] == [100, 100]
     assert ev["random"]["reach_baseline_final"] == [300, 300]

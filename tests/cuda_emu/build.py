@@ -59,7 +59,11 @@ def _flags() -> list[str]:
     includes += [f"-isystem{p}" for p in cpp_extension.include_paths()]
     includes.append(f"-isystem{sysconfig.get_paths()['include']}")
     return [
-        "-std=c++20", OPT, "-fPIC", "-g0", "-w",
+        "-std=c++20",
+        OPT,
+        "-fPIC",
+        "-g0",
+        "-w",
         # CUDA code type-puns freely (uint4 loads of 16-bit rows): no strict aliasing.
         "-fno-strict-aliasing",
         # The same rounding on every x86-64: no fused multiply-adds that the compiler
@@ -99,16 +103,17 @@ def _precompile(cxx: str, pch_dir: Path, flags: list[str]) -> None:
         return
     pch_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(HERE / "prelude.h", pch_dir / "prelude.h")
-    _run([cxx, *flags, "-x", "c++-header", _rel(pch_dir / "prelude.h"), "-o", str(pch) + ".tmp"],
-         "precompiling tests/cuda_emu/prelude.h")
+    _run(
+        [cxx, *flags, "-x", "c++-header", _rel(pch_dir / "prelude.h"), "-o", str(pch) + ".tmp"],
+        "precompiling tests/cuda_emu/prelude.h",
+    )
     os.replace(str(pch) + ".tmp", pch)
 
 
 def _compile(cxx: str, src: Path, obj: Path, flags: list[str], pch_dir: Path) -> None:
     args = [cxx, *flags, "-c", "-o", str(obj) + ".tmp"]
     if src.parent != HERE:  # palfast's own files see the emulator and palfast_emu registrations
-        args = [cxx, f"-I{_rel(pch_dir)}", *flags, "-c", "-o", str(obj) + ".tmp",
-                "-include", "prelude.h", "-x", "c++"]
+        args = [cxx, f"-I{_rel(pch_dir)}", *flags, "-c", "-o", str(obj) + ".tmp", "-include", "prelude.h", "-x", "c++"]
     _run([*args, _rel(src)], f"compiling {_rel(src)}")
     os.replace(str(obj) + ".tmp", obj)
 
@@ -136,8 +141,18 @@ def build() -> Path:
             for f in [pool.submit(_compile, cxx, src, obj, flags, pch_dir) for src, obj in todo]:
                 f.result()
         torch_lib = Path(torch.__file__).parent / "lib"
-        link = [cxx, "-shared", "-o", str(lib) + ".tmp", *map(str, objs.values()),
-                f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10"]
+        link = [
+            cxx,
+            "-shared",
+            "-o",
+            str(lib) + ".tmp",
+            *map(str, objs.values()),
+            f"-L{torch_lib}",
+            f"-Wl,-rpath,{torch_lib}",
+            "-ltorch",
+            "-ltorch_cpu",
+            "-lc10",
+        ]
         _run(link, "linking")
         os.replace(str(lib) + ".tmp", lib)
         _prune({lib, pch_dir})

@@ -50,8 +50,7 @@ def random_graph(kind: str, n: int, seed: int) -> palfast.PairGraph:
 # ------------------------------------------------------------------ info_nce
 def info_nce_emu(emu, z, g, normalize, a0, a1, grad_rows):
     rows, lse = emu.info_nce(z, *g.kernel_args(), TEMPERATURE, normalize, a0, a1)
-    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, TEMPERATURE,
-                                 normalize, a0, a1)
+    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, TEMPERATURE, normalize, a0, a1)
     return rows, lse, grad
 
 
@@ -92,13 +91,12 @@ def check_info_nce(emu, dtype, n, d, kind, normalize, a0, a1, seed):
         torch.testing.assert_close(rows.double(), want_rows, **TOL32)
         torch.testing.assert_close(grad.double(), want_grad, **TOL32_GRAD)
     else:
-        exact_rows, exact_grad = info_nce_ref(rounded(z64, dtype), g, normalize, a0, a1,
-                                               grad_rows)
+        exact_rows, exact_grad = info_nce_ref(rounded(z64, dtype), g, normalize, a0, a1, grad_rows)
         cond = info_nce_cond(z64, TEMPERATURE, normalize)
-        assert_rounding_close(rows, exact_rows, dtype, cond=cond, floor=INFO_NCE_ROWS_FLOOR,
-                              what="rows")
-        assert_rounding_close(grad, exact_grad, dtype, cond=cond, what="gradient",
-                              floor=info_nce_grad_floor(z64, grad_rows, normalize))
+        assert_rounding_close(rows, exact_rows, dtype, cond=cond, floor=INFO_NCE_ROWS_FLOOR, what="rows")
+        assert_rounding_close(
+            grad, exact_grad, dtype, cond=cond, what="gradient", floor=info_nce_grad_floor(z64, grad_rows, normalize)
+        )
 
 
 # Fa2Forward in csrc/cuda/info_nce/info_nce_fa2.cuh: 128-row tiles of 4 warps of 32 rows
@@ -122,6 +120,5 @@ def expected_forward_mmas(n: int, d: int, a0: int, a1: int) -> int:
         halves = range(k * TILE // KEY_ROWS, (k + 1) * TILE // KEY_ROWS)
         return sum(h * KEY_ROWS < n for h in halves)
 
-    halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles)
-                 if anchors(i) or anchors(k))
+    halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles) if anchors(i) or anchors(k))
     return halves * WARPS * M_TILES * math.ceil(d / K_STEP) * N8_TILES

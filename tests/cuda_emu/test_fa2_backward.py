@@ -138,7 +138,7 @@ def test_red_add_v2_adds_both_values(emu, threads, slots):
     assert emu.emu_ptx_red_v2_count() - before == threads
     want = torch.zeros(2 + 2 * slots, dtype=torch.float64)
     for i in range(threads):
-        want[2 + 2 * (i % slots): 4 + 2 * (i % slots)] += v[i].double()
+        want[2 + 2 * (i % slots) : 4 + 2 * (i % slots)] += v[i].double()
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 

@@ -37,8 +37,7 @@ SIZES = [(n, d) for n in NS for d in DS]
 def _ring(n: int) -> palfast.PairGraph:
     """Row i's one positive is row i + 1 (mod n): every anchor's lse enters its loss row."""
     src = torch.arange(n)
-    return palfast.PairGraph.from_edges(src, (src + 1) % n, torch.ones(n), num_nodes=n,
-                                        symmetric=False)
+    return palfast.PairGraph.from_edges(src, (src + 1) % n, torch.ones(n), num_nodes=n, symmetric=False)
 
 
 def _check_forward(emu, dtype, n, d, a0, a1, seed):
@@ -57,8 +56,9 @@ def _check_forward(emu, dtype, n, d, a0, a1, seed):
     assert torch.isfinite(lse[~outside]).all() if n > 1 else lse[0] == float("-inf")
     no_grad = torch.zeros(n, dtype=torch.float64)
     exact, _ = info_nce_ref(rounded(z64, dtype), g, True, a0, a1, no_grad)
-    assert_rounding_close(rows, exact, dtype, cond=info_nce_cond(z64, TEMPERATURE),
-                          floor=INFO_NCE_ROWS_FLOOR, what="rows")
+    assert_rounding_close(
+        rows, exact, dtype, cond=info_nce_cond(z64, TEMPERATURE), floor=INFO_NCE_ROWS_FLOOR, what="rows"
+    )
     return rows, lse
 
 
@@ -129,8 +129,7 @@ def test_fa2_forward_same_bits_for_every_schedule(emu, dtype, sms):
         z = torch.randn(700, 100, dtype=torch.float64).to(dtype)
         for seed in (2, 3):
             emu.emu_set_seed(seed)
-            results.append(emu.info_nce(z, *_ring(700).kernel_args(), TEMPERATURE, True,
-                                        3, 700))
+            results.append(emu.info_nce(z, *_ring(700).kernel_args(), TEMPERATURE, True, 3, 700))
     finally:
         emu.emu_set_sm_count(0)
     for other in results[1:]:

@@ -98,8 +98,7 @@ def test_info_nce_several_schedules(emu, seed):
 # The fixed-shift softmax (csrc/cuda/info_nce/info_nce.cuh, use_fixed_shift) runs for
 # normalize=True while 2·log2(e)/τ ≤ 112 (fp32 accumulation) or 1000 (fp64); the
 # online (max, sum) path runs below that τ.
-FIXED_SHIFT_MIN_TAU = {torch.float32: 2 * math.log2(math.e) / 112,
-                       torch.float64: 2 * math.log2(math.e) / 1000}
+FIXED_SHIFT_MIN_TAU = {torch.float32: 2 * math.log2(math.e) / 112, torch.float64: 2 * math.log2(math.e) / 1000}
 
 
 def _near_antipodal(n: int, d: int, dtype) -> torch.Tensor:
@@ -139,8 +138,7 @@ def test_info_nce_fixed_shift_bound(emu, dtype, side):
 
     z = z64.to(dtype)
     rows, lse = emu.info_nce(z, *g.kernel_args(), tau, True, 0, n)
-    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, tau, True,
-                                 0, n)
+    grad = emu.info_nce_backward(grad_rows.to(rows.dtype), z, *g.kernel_args(), lse, tau, True, 0, n)
     assert torch.isfinite(lse).all() and torch.isfinite(grad.double()).all()
     # s = c/τ is large here (up to 1/τ ≈ 160 in fp32), so the kernel loses about
     # |s|·eps: judged against the largest value (fp64) or by the rounding rule, whose
@@ -152,8 +150,7 @@ def test_info_nce_fixed_shift_bound(emu, dtype, side):
             top = want.abs().max()
             torch.testing.assert_close(got / top, want / top, rtol=0, atol=1e-10)
         else:
-            assert_rounding_close(got, want, dtype, cond=info_nce_cond(z64, tau),
-                                  floor=floors[what], what=what)
+            assert_rounding_close(got, want, dtype, cond=info_nce_cond(z64, tau), floor=floors[what], what=what)
 
 
 def test_info_nce_single_row_lse_is_minus_inf(emu):
@@ -171,8 +168,11 @@ def test_info_nce_rejects_class_ids_out_of_range(emu):
     args = list(g.kernel_args())
     args[8] = [2]  # label_classes says 2 classes, but id 2 is present
     z = torch.randn(5, 4)
-    with pytest.raises(ValueError, match=r"palfast.info_nce: graph.labels\[0\] must hold class ids "
-                                         r"in \[-1, label_classes = 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"palfast.info_nce: graph.labels\[0\] must hold class ids "
+        r"in \[-1, label_classes = 2\)",
+    ):
         emu.info_nce(z, *args, TEMPERATURE, True, 0, 5)
     args[6] = torch.tensor([[0, 1, -2, 0, 1]])
     args[8] = [3]
@@ -197,9 +197,11 @@ def test_float_atomics_alert_in_deterministic_mode(emu):
     torch.use_deterministic_algorithms(True)
     try:
         emu.info_nce(z, *edges.kernel_args(), TEMPERATURE, True, 0, 20)  # CSR only: deterministic
-        for call in (lambda: emu.info_nce(z, *labels.kernel_args(), TEMPERATURE, True, 0, 20),
-                     lambda: emu.graph_spmm(z, *labels.kernel_args(), False),
-                     lambda: emu.graph_dirichlet(z, *labels.kernel_args())):
+        for call in (
+            lambda: emu.info_nce(z, *labels.kernel_args(), TEMPERATURE, True, 0, 20),
+            lambda: emu.graph_spmm(z, *labels.kernel_args(), False),
+            lambda: emu.graph_dirichlet(z, *labels.kernel_args()),
+        ):
             with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
                 call()
     finally:
@@ -308,8 +310,9 @@ def test_emulator_wmma_fragment_layouts(emu):
     assert emu.emu_selftest_mma_max_error() == 0
 
 
-@pytest.mark.parametrize("x", [1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, 2**-24, 3 * 2**-25,
-                               -0.0, 1e-9, float("inf"), 1 / 3])
+@pytest.mark.parametrize(
+    "x", [1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, 2**-24, 3 * 2**-25, -0.0, 1e-9, float("inf"), 1 / 3]
+)
 def test_emulator_16_bit_rounding_matches_torch(emu, x):
     as_bits = lambda t: int(t.view(torch.int16).item()) & 0xFFFF
     assert emu.emu_selftest_half_bits(x) == as_bits(torch.tensor(x, dtype=torch.float32).half())

@@ -22,8 +22,7 @@ from palfast.testing import LOSSES
 
 def _graph(device="cpu", n=8):
     """Explicit edges (not symmetric, so both CSR sides exist) plus a label set."""
-    e = PairGraph.from_edges([0, 1, 2, 5], [1, 2, 0, 6], [1.0, 2.0, 0.5, 1.0], num_nodes=n,
-                             symmetric=False)
+    e = PairGraph.from_edges([0, 1, 2, 5], [1, 2, 0, 6], [1.0, 2.0, 0.5, 1.0], num_nodes=n, symmetric=False)
     return (e + PairGraph.from_labels(torch.arange(n) % 3)).to(device)
 
 
@@ -33,8 +32,11 @@ def _graph(device="cpu", n=8):
 def test_graph_changed_in_place_is_refused_by_the_losses(device, loss):
     g = _graph(device)
     g.indices[0] = 10**9
-    with pytest.raises(ValueError, match=rf"palfast.{loss}: graph must not be changed after it "
-                                         r"is built, got changes to graph.indices"):
+    with pytest.raises(
+        ValueError,
+        match=rf"palfast.{loss}: graph must not be changed after it "
+        r"is built, got changes to graph.indices",
+    ):
         LOSSES[loss](torch.randn(8, 4, device=device), g)
 
 
@@ -54,8 +56,11 @@ def test_copied_and_pickled_graphs_are_not_taken_for_changed_ones():
 def test_graph_replaced_with_bad_class_ids_is_refused_at_once(device):
     """dataclasses.replace runs PairGraph's validation (the ops' C++ check stays, for
     direct op calls: test_every_graph_op_rejects_corrupt_graph_tensors)."""
-    with pytest.raises(ValueError, match=r"PairGraph: labels\[0\] must hold class ids in \[-1, "
-                                         r"label_classes\[0\] = 2\), got values in \[0, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"PairGraph: labels\[0\] must hold class ids in \[-1, "
+        r"label_classes\[0\] = 2\), got values in \[0, 2\]",
+    ):
         dataclasses.replace(_graph(device), label_classes=(2,))
 
 
@@ -116,8 +121,7 @@ def test_every_graph_op_rejects_corrupt_graph_tensors(device, what):
         "graph_dirichlet": lambda: ops.graph_dirichlet(z, *args),
         "graph_dirichlet_backward": lambda: ops.graph_dirichlet_backward(g0, z, *args),
         "barlow_twins_xcorr": lambda: ops.barlow_twins_xcorr(z, *args, 0.005, 0.1, False),
-        "barlow_twins_xcorr_backward": lambda: ops.barlow_twins_xcorr_backward(
-            g0, z, *args, aux, 0.005, 0.1, False),
+        "barlow_twins_xcorr_backward": lambda: ops.barlow_twins_xcorr_backward(g0, z, *args, aux, 0.005, 0.1, False),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=rf"palfast.{name}: {CORRUPTIONS[what]}"):
@@ -127,30 +131,43 @@ def test_every_graph_op_rejects_corrupt_graph_tensors(device, what):
 def test_valid_graph_passes_the_op_check(device):
     g = _graph(device)
     z = torch.randn(8, 4, device=device, dtype=torch.float64)
-    torch.testing.assert_close(ops.graph_spmm(z, *g.kernel_args(), False),
-                               g.to_dense(torch.float64).to(device) @ z)
+    torch.testing.assert_close(ops.graph_spmm(z, *g.kernel_args(), False), g.to_dense(torch.float64).to(device) @ z)
 
 
 # ------------------------------------------------------------------- flags and types
-@pytest.mark.parametrize("call,match", [
-    (lambda z, g: palfast.info_nce(z, g, normalize="no"), "palfast.info_nce: normalize must be "
-                                                          "True or False, got 'no'"),
-    (lambda z, g: palfast.info_nce(z, g, check_finite=1), "check_finite must be True or False"),
-    (lambda z, g: palfast.vicreg(z, g, check_finite="yes"), "check_finite must be True or False"),
-    (lambda z, g: palfast.barlow_twins(z, g, gather="no"), "gather must be True or False"),
-    (lambda z, g: palfast.nn.InfoNCELoss(normalize="no")(z, g), "normalize must be True or False"),
-    (lambda z, g: palfast.nn.VICRegLoss(check_finite="no")(z[:4], z[4:]), "check_finite must be"),
-    (lambda z, g: PairGraph.from_edges([0], [1], num_nodes=2, symmetric="no"),
-     "PairGraph.from_edges: symmetric must be True or False, got 'no'"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda z, g: palfast.info_nce(z, g, normalize="no"),
+            "palfast.info_nce: normalize must be True or False, got 'no'",
+        ),
+        (lambda z, g: palfast.info_nce(z, g, check_finite=1), "check_finite must be True or False"),
+        (lambda z, g: palfast.vicreg(z, g, check_finite="yes"), "check_finite must be True or False"),
+        (lambda z, g: palfast.barlow_twins(z, g, gather="no"), "gather must be True or False"),
+        (lambda z, g: palfast.nn.InfoNCELoss(normalize="no")(z, g), "normalize must be True or False"),
+        (lambda z, g: palfast.nn.VICRegLoss(check_finite="no")(z[:4], z[4:]), "check_finite must be"),
+        (
+            lambda z, g: PairGraph.from_edges([0], [1], num_nodes=2, symmetric="no"),
+            "PairGraph.from_edges: symmetric must be True or False, got 'no'",
+        ),
+    ],
+)
 def test_truthy_strings_are_not_booleans(call, match):
     with pytest.raises(TypeError, match=match):
         call(torch.randn(8, 4), PairGraph.from_views(4, 2))
 
 
-@pytest.mark.parametrize("module", [palfast.nn.InfoNCELoss, palfast.nn.VICRegLoss,
-                                    palfast.nn.BarlowTwinsLoss, palfast.nn.SpectralContrastiveLoss,
-                                    palfast.nn.VIC2Loss])
+@pytest.mark.parametrize(
+    "module",
+    [
+        palfast.nn.InfoNCELoss,
+        palfast.nn.VICRegLoss,
+        palfast.nn.BarlowTwinsLoss,
+        palfast.nn.SpectralContrastiveLoss,
+        palfast.nn.VIC2Loss,
+    ],
+)
 @pytest.mark.parametrize("bad_view", ["z_a", "z_b"])
 def test_check_finite_holds_for_two_view_modules(module, bad_view):
     z_a, z_b = torch.randn(6, 4), torch.randn(6, 4)
@@ -162,8 +179,9 @@ def test_check_finite_holds_for_two_view_modules(module, bad_view):
 
 def test_two_view_info_nce_checks_dtypes():
     loss = palfast.nn.InfoNCELoss()
-    with pytest.raises(TypeError, match="palfast.nn.InfoNCELoss: z_b must be float32, float64, "
-                                        "float16 or bfloat16, got torch.int64"):
+    with pytest.raises(
+        TypeError, match="palfast.nn.InfoNCELoss: z_b must be float32, float64, float16 or bfloat16, got torch.int64"
+    ):
         loss(torch.randn(4, 3), torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="z_b must have z_a's dtype and device"):
         loss(torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64))
@@ -179,11 +197,14 @@ def test_from_dense_refuses_complex():
         PairGraph.from_dense(torch.ones(3, 3, dtype=torch.complex64))
 
 
-@pytest.mark.parametrize("labels", [
-    np.array([0, 2**64 - 1], dtype=np.uint64),
-    torch.tensor([0, 2**63], dtype=torch.uint64),
-    [0, 2**64 - 1],
-])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array([0, 2**64 - 1], dtype=np.uint64),
+        torch.tensor([0, 2**63], dtype=torch.uint64),
+        [0, 2**64 - 1],
+    ],
+)
 def test_from_labels_refuses_labels_beyond_int64(labels):
     with pytest.raises(ValueError, match="PairGraph.from_labels: labels must fit in int64"):
         PairGraph.from_labels(labels)
@@ -195,20 +216,25 @@ def test_from_labels_keeps_large_int64_labels():
 
 
 # --------------------------------------------------------------------- weight range
-@pytest.mark.parametrize("call", [
-    lambda: PairGraph.from_edges([0], [1], [1e-46], num_nodes=2),
-    lambda: PairGraph.from_edges([0], [1], torch.tensor([1e-40], dtype=torch.float64),
-                                 num_nodes=2),
-    lambda: 1e-46 * PairGraph.from_edges([0], [1], num_nodes=2),
-    lambda: 1e-46 * PairGraph.from_views(2, 2),
-    lambda: PairGraph.from_labels(torch.tensor([0, 0]), weight=1e-46),
-    lambda: PairGraph.from_edges([0, 0], [1, 1], [3e38, 3e38], num_nodes=2),
-    lambda: PairGraph.from_dense(torch.full((2, 2), 1e31)),
-    lambda: PairGraph.from_labels(torch.zeros(2**11, dtype=torch.long), weight=1e24),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: PairGraph.from_edges([0], [1], [1e-46], num_nodes=2),
+        lambda: PairGraph.from_edges([0], [1], torch.tensor([1e-40], dtype=torch.float64), num_nodes=2),
+        lambda: 1e-46 * PairGraph.from_edges([0], [1], num_nodes=2),
+        lambda: 1e-46 * PairGraph.from_views(2, 2),
+        lambda: PairGraph.from_labels(torch.tensor([0, 0]), weight=1e-46),
+        lambda: PairGraph.from_edges([0, 0], [1, 1], [3e38, 3e38], num_nodes=2),
+        lambda: PairGraph.from_dense(torch.full((2, 2), 1e31)),
+        lambda: PairGraph.from_labels(torch.zeros(2**11, dtype=torch.long), weight=1e24),
+    ],
+)
 def test_weights_outside_the_float32_safe_range_are_refused(call):
-    with pytest.raises(ValueError, match=r"must be (0 or in \[MIN_WEIGHT, MAX_WEIGHT\] = "
-                                         r"\[1e-30, 1e\+30\]|<= MAX_WEIGHT = 1e\+30)"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be (0 or in \[MIN_WEIGHT, MAX_WEIGHT\] = "
+        r"\[1e-30, 1e\+30\]|<= MAX_WEIGHT = 1e\+30)",
+    ):
         call()
 
 
@@ -251,9 +277,16 @@ def test_double_backward_raises_instead_of_a_wrong_value(loss):
         torch.autograd.grad(LOSSES[loss](z, g, **kw), z, create_graph=True)
 
 
-@pytest.mark.parametrize("module", [palfast.nn.InfoNCELoss, palfast.nn.VICRegLoss,
-                                    palfast.nn.BarlowTwinsLoss, palfast.nn.SpectralContrastiveLoss,
-                                    palfast.nn.VIC2Loss])
+@pytest.mark.parametrize(
+    "module",
+    [
+        palfast.nn.InfoNCELoss,
+        palfast.nn.VICRegLoss,
+        palfast.nn.BarlowTwinsLoss,
+        palfast.nn.SpectralContrastiveLoss,
+        palfast.nn.VIC2Loss,
+    ],
+)
 def test_double_backward_of_two_view_modules_raises(module):
     z_a = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     z_b = torch.randn(6, 5, dtype=torch.float64)
@@ -265,16 +298,22 @@ def test_double_backward_of_two_view_modules_raises(module):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_empty_batch_is_a_clear_error(loss):
     """No graph has 0 nodes, and an empty z is refused before the graph is looked at."""
-    with pytest.raises(ValueError, match=r"PairGraph.from_labels: len\(labels\) must satisfy "
-                                         r"1 <= len\(labels\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"PairGraph.from_labels: len\(labels\) must satisfy "
+        r"1 <= len\(labels\)",
+    ):
         PairGraph.from_labels(torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match=rf"palfast.{loss}: z must have at least 1 rows"):
         LOSSES[loss](torch.zeros(0, 4), PairGraph.from_views(1, 1))
 
 
 def test_huge_graphs_are_refused_before_allocating():
-    with pytest.raises(ValueError, match=r"PairGraph.from_views: n must satisfy "
-                                         r"1 <= n <= 2147483647, got 2147483648"):
+    with pytest.raises(
+        ValueError,
+        match=r"PairGraph.from_views: n must satisfy "
+        r"1 <= n <= 2147483647, got 2147483648",
+    ):
         PairGraph.from_views(2**31, 2)
     with pytest.raises(ValueError, match=r"n \* n_views must be <= MAX_NODES = 2147483647"):
         PairGraph.from_views(2**30, 2)
@@ -289,16 +328,20 @@ def test_numpy_booleans_are_booleans(flag):
     palfast.info_nce(z, g, normalize=flag)
     PairGraph.from_edges([0], [1], num_nodes=2, symmetric=flag)
     from palfast._checks import check_bool
+
     assert check_bool("op", "flag", flag) is bool(flag)
 
 
 def test_seed_must_be_an_int():
     from palfast.active import RelationStore, select_queries
+
     x = torch.randn(20, 4)
-    for seed, exc, match in (("5", TypeError, "seed must be an int, got '5'"),
-                             (2.0, TypeError, "seed must be an int"),
-                             (-1, ValueError, r"seed must satisfy 0 <= seed <= 18446744073709551615"),
-                             (2**64, ValueError, "seed must satisfy")):
+    for seed, exc, match in (
+        ("5", TypeError, "seed must be an int, got '5'"),
+        (2.0, TypeError, "seed must be an int"),
+        (-1, ValueError, r"seed must satisfy 0 <= seed <= 18446744073709551615"),
+        (2**64, ValueError, "seed must satisfy"),
+    ):
         with pytest.raises(exc, match=rf"palfast.active.select_queries: {match}"):
             select_queries(x, RelationStore(), 3, "random", seed=seed)
     assert select_queries(x, RelationStore(), 3, "random", seed=np.int64(5)).shape == (3, 2)
@@ -313,21 +356,27 @@ def test_negative_weight_is_checked_in_both_module_forms(weight):
             loss(*args)
 
 
-@pytest.mark.parametrize("ids", [[0, 2**63], [2**64 - 1, 0], np.array([0, 2**63], dtype=np.uint64),
-                                 torch.tensor([0, 2**63], dtype=torch.uint64)])
+@pytest.mark.parametrize(
+    "ids",
+    [[0, 2**63], [2**64 - 1, 0], np.array([0, 2**63], dtype=np.uint64), torch.tensor([0, 2**63], dtype=torch.uint64)],
+)
 def test_ids_beyond_int64_are_a_clear_error(ids):
     from palfast.active import candidate_pairs
+
     with pytest.raises(ValueError, match=r"palfast.active.candidate_pairs: ids must fit in int64"):
         candidate_pairs(torch.randn(2, 3), 1, ids=ids)
     with pytest.raises(ValueError, match=r"palfast.metrics.knn_accuracy: train_y must fit in int64"):
         palfast.metrics.knn_accuracy(torch.randn(2, 3), ids, torch.randn(2, 3), [0, 1], k=1)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda z: z.to_sparse(), r"z must be a dense \(strided\) tensor, got torch.sparse_coo"),
-    (lambda z: z.to_sparse_csr(), r"z must be a dense \(strided\) tensor, got torch.sparse_csr"),
-    (lambda z: torch.nested.nested_tensor([z, z]), "z must be a regular tensor, got a nested"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda z: z.to_sparse(), r"z must be a dense \(strided\) tensor, got torch.sparse_coo"),
+        (lambda z: z.to_sparse_csr(), r"z must be a dense \(strided\) tensor, got torch.sparse_csr"),
+        (lambda z: torch.nested.nested_tensor([z, z]), "z must be a regular tensor, got a nested"),
+    ],
+)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_sparse_and_nested_z_are_a_clear_error(make, match, loss):
     with pytest.raises(TypeError, match=rf"palfast.{loss}: {match}"):
@@ -370,9 +419,13 @@ def test_huge_z_never_gives_a_wrong_finite_loss_or_nan(loss, scale):
 
 def test_huge_z_error_names_z_and_overflow():
     g = PairGraph.from_views(4, 2)
-    with pytest.raises(ValueError, match=r"palfast.barlow_twins: z is too large for float32 "
-                                         r"accumulation \(largest \|z\| = .*\): .* overflow"):
+    with pytest.raises(
+        ValueError,
+        match=r"palfast.barlow_twins: z is too large for float32 "
+        r"accumulation \(largest \|z\| = .*\): .* overflow",
+    ):
         palfast.barlow_twins(torch.randn(8, 5) * 1e19, g)
     # float64 z has the range for it
-    torch.testing.assert_close(palfast.barlow_twins(torch.randn(8, 5, dtype=torch.float64) * 1e19,
-                                                    g).isfinite(), torch.tensor(True))
+    torch.testing.assert_close(
+        palfast.barlow_twins(torch.randn(8, 5, dtype=torch.float64) * 1e19, g).isfinite(), torch.tensor(True)
+    )

@@ -31,8 +31,7 @@ def test_matches_reference_float64(device, graph_factory, kind, n, d):
     torch.manual_seed(n * 1000 + d)
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     g = graph_factory(kind, n, seed=n + d).to(device)
-    assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g,
-                           lambd=0.3, eps=1e-3)
+    assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g, lambd=0.3, eps=1e-3)
 
 
 @pytest.mark.parametrize("n,d", [(30, 50), (50, 30)])
@@ -40,8 +39,7 @@ def test_asymmetric_weighted_edges(device, n, d):
     """Gᵀ ≠ G: the backward needs Gᵀ K G as well as G K Gᵀ (Gram side) and Gᵀ (C side)."""
     torch.manual_seed(1)
     src, dst = torch.randint(0, n, (4 * n,)), torch.randint(0, n, (4 * n,))
-    g = palfast.PairGraph.from_edges(src, dst, torch.rand(4 * n) * 2, num_nodes=n,
-                                     symmetric=False).to(device)
+    g = palfast.PairGraph.from_edges(src, dst, torch.rand(4 * n) * 2, num_nodes=n, symmetric=False).to(device)
     assert not g.symmetric
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g)
@@ -73,16 +71,14 @@ def test_two_view_is_official_barlow_twins(device, n, d):
     z_b = z_a + 0.5 * torch.randn(n, d, dtype=torch.float64, device=device)
     # lambd 0.0051: facebookresearch/barlowtwins' default
     official = functools.partial(reference.barlow_twins_two_view_official, lambd=0.0051)
-    assert_two_views_match(palfast.nn.BarlowTwinsLoss(lambd=0.0051), official, z_a, z_b,
-                           rtol=1e-10, atol=0)
+    assert_two_views_match(palfast.nn.BarlowTwinsLoss(lambd=0.0051), official, z_a, z_b, rtol=1e-10, atol=0)
 
 
 def test_two_view_float32_matches_official(device):
     torch.manual_seed(9)
     z_a, z_b = torch.randn(64, 256, device=device), torch.randn(64, 256, device=device)
     official = reference.barlow_twins_two_view_official(z_a, z_b, lambd=0.02)
-    torch.testing.assert_close(palfast.nn.BarlowTwinsLoss(lambd=0.02)(z_a, z_b), official,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(palfast.nn.BarlowTwinsLoss(lambd=0.02)(z_a, z_b), official, rtol=1e-5, atol=1e-5)
 
 
 def test_graph_form_differs_from_two_view_form():
@@ -96,8 +92,7 @@ def test_graph_form_differs_from_two_view_form():
 # ----------------------------------------------------------------- edge cases
 def test_empty_graph_gives_d_with_zero_gradient(device):
     z = torch.randn(10, 4, device=device, requires_grad=True)
-    graphs = (palfast.PairGraph.from_edges([], [], num_nodes=10),
-              palfast.PairGraph.from_labels(torch.arange(10)))
+    graphs = (palfast.PairGraph.from_edges([], [], num_nodes=10), palfast.PairGraph.from_labels(torch.arange(10)))
     assert_constant_with_zero_gradient(palfast.barlow_twins, z, graphs, 4.0)
 
 
@@ -124,11 +119,14 @@ def test_compile_fullgraph(device, n, d):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("bad,match,exc", [
-    (dict(lambd=-0.1), "lambd must be a finite number >= 0, got -0.1", ValueError),
-    (dict(lambd=None), "lambd must be a number, got NoneType", TypeError),
-    (dict(eps=-1.0), "eps must be a finite number > 0, got -1.0", ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,match,exc",
+    [
+        (dict(lambd=-0.1), "lambd must be a finite number >= 0, got -0.1", ValueError),
+        (dict(lambd=None), "lambd must be a number, got NoneType", TypeError),
+        (dict(eps=-1.0), "eps must be a finite number > 0, got -1.0", ValueError),
+    ],
+)
 def test_bad_arguments(bad, match, exc):
     with pytest.raises(exc, match=match):
         palfast.barlow_twins(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), **bad)

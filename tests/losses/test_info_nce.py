@@ -29,8 +29,7 @@ pytestmark = pytest.mark.numeric
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 127), (257, 3),
-                                 pytest.param(1000, 127, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 127), (257, 3), pytest.param(1000, 127, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matches_reference_float64(device, graph_factory, kind, n, d, normalize):
     torch.manual_seed(n * 1000 + d)
@@ -38,8 +37,9 @@ def test_matches_reference_float64(device, graph_factory, kind, n, d, normalize)
     if not normalize:
         z = z / d**0.5  # keep raw dot products / τ in a sane range
     g = graph_factory(kind, n, seed=n + d).to(device)
-    assert_rows_match_float64(palfast.info_nce, reference.info_nce, z, g, temperature=0.3,
-                              normalize=normalize, reduction="none")
+    assert_rows_match_float64(
+        palfast.info_nce, reference.info_nce, z, g, temperature=0.3, normalize=normalize, reduction="none"
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -63,8 +63,11 @@ def test_gradcheck(device, graph_factory):
     torch.manual_seed(3)
     z = torch.randn(13, 5, dtype=torch.float64, device=device, requires_grad=True)
     assert_gradcheck_every_kind(
-        lambda x, g: palfast.info_nce(x, g, temperature=0.5, reduction="none"), z, graph_factory,
-        nondet_tol=ATOMIC_NONDET_TOL)
+        lambda x, g: palfast.info_nce(x, g, temperature=0.5, reduction="none"),
+        z,
+        graph_factory,
+        nondet_tol=ATOMIC_NONDET_TOL,
+    )
 
 
 @pytest.mark.slow
@@ -76,8 +79,9 @@ def test_opcheck(device, graph_factory):
     torch.library.opcheck(ops.info_nce.default, args)
     _, lse = ops.info_nce(z.detach(), *args[1:])
     grad_rows = torch.randn(37, device=device)
-    torch.library.opcheck(ops.info_nce_backward.default,
-                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True, 0, 37))
+    torch.library.opcheck(
+        ops.info_nce_backward.default, (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True, 0, 37)
+    )
 
 
 def test_two_view_form_is_nt_xent(device):
@@ -106,9 +110,11 @@ def test_labels_form_is_supcon(device):
 
 def test_no_positives_gives_zero_with_zero_gradient(device):
     z = torch.randn(10, 4, device=device, requires_grad=True)
-    graphs = (palfast.PairGraph.from_labels(torch.full((10,), -1)),
-              palfast.PairGraph.from_edges([], [], num_nodes=10),
-              palfast.PairGraph.from_labels(torch.arange(10)))
+    graphs = (
+        palfast.PairGraph.from_labels(torch.full((10,), -1)),
+        palfast.PairGraph.from_edges([], [], num_nodes=10),
+        palfast.PairGraph.from_labels(torch.arange(10)),
+    )
     assert_constant_with_zero_gradient(palfast.info_nce, z, graphs, 0.0)
 
 
@@ -118,8 +124,9 @@ def test_duplicate_edges_sum_their_weights(device):
     dup = palfast.PairGraph.from_edges([0, 0, 2], [1, 1, 3], num_nodes=6)
     once = palfast.PairGraph.from_edges([0, 2], [1, 3], [2.0, 1.0], num_nodes=6)
     torch.testing.assert_close(dup.to_dense(), once.to_dense())
-    torch.testing.assert_close(palfast.info_nce(z, dup.to(device), reduction="none"),
-                               palfast.info_nce(z, once.to(device), reduction="none"))
+    torch.testing.assert_close(
+        palfast.info_nce(z, dup.to(device), reduction="none"), palfast.info_nce(z, once.to(device), reduction="none")
+    )
 
 
 @pytest.mark.slow
@@ -131,13 +138,16 @@ def test_compile_fullgraph(device):
 
 
 # ----------------------------------------------------------------- bad input
-@pytest.mark.parametrize("bad,match,exc", [
-    (dict(temperature=0.0), "temperature must be a finite number > 0", ValueError),
-    (dict(temperature=-1.0), "temperature", ValueError),
-    (dict(temperature=float("nan")), "temperature", ValueError),
-    (dict(temperature="0.1"), "temperature must be a number", TypeError),
-    (dict(reduction="avg"), "reduction must be one of", ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,match,exc",
+    [
+        (dict(temperature=0.0), "temperature must be a finite number > 0", ValueError),
+        (dict(temperature=-1.0), "temperature", ValueError),
+        (dict(temperature=float("nan")), "temperature", ValueError),
+        (dict(temperature="0.1"), "temperature must be a number", TypeError),
+        (dict(reduction="avg"), "reduction must be one of", ValueError),
+    ],
+)
 def test_bad_arguments(bad, match, exc):
     z = torch.randn(4, 3)
     with pytest.raises(exc, match=match):
@@ -244,8 +254,11 @@ def test_unnormalised_logits_beyond_float32_precision_are_refused():
     g = palfast.PairGraph.from_views(4, 2)
     z = torch.randn(8, 16)
     z = z / z.norm(dim=1).max() * 6e9**0.5  # logits up to ~6e9
-    with pytest.raises(ValueError, match=r"normalize=False, max_i ‖z_i‖² / temperature must be "
-                                         r"<= INFO_NCE_MAX_LOGIT = 1.67772e\+07"):
+    with pytest.raises(
+        ValueError,
+        match=r"normalize=False, max_i ‖z_i‖² / temperature must be "
+        r"<= INFO_NCE_MAX_LOGIT = 1.67772e\+07",
+    ):
         palfast.info_nce(z, g, normalize=False, temperature=1.0)
     palfast.info_nce(z.double(), g, normalize=False, temperature=1.0)  # fine in float64
 
@@ -261,8 +274,9 @@ def test_unnormalised_logits_within_the_bound_match_float64():
     reference.info_nce(exact, g, normalize=False, temperature=1.0).backward()
     # cond = 1 + max|s| ≈ 1e6: an fp32 logit of 1e6 carries an error of about 0.06,
     # which every fp32 computation of these probabilities inherits.
-    assert_rounding_close(z32.grad, exact.grad, torch.float32, what="gradient",
-                          cond=info_nce_cond(z, 1.0, normalize=False))
+    assert_rounding_close(
+        z32.grad, exact.grad, torch.float32, what="gradient", cond=info_nce_cond(z, 1.0, normalize=False)
+    )
 
 
 # csrc/cpu/info_nce.cpp uses one exponential per element (a fixed shift b = max ‖u‖² / τ)
@@ -280,8 +294,9 @@ def test_both_tile_paths_match_float64(device, graph_factory, temperature, dtype
     if dtype == torch.float64:
         assert_rows_match_float64(palfast.info_nce, reference.info_nce, z64, g, **kw)
     else:
-        assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
-                                     cond=info_nce_cond(z64, temperature), **kw)
+        assert_within_rounding_error(
+            palfast.info_nce, reference.info_nce, z64, g, dtype, cond=info_nce_cond(z64, temperature), **kw
+        )
 
 
 # ----------------------------------------------------- CPU scheduling and memory
@@ -293,8 +308,7 @@ def _cpu_fwd_bwd(z, g, n_threads):
         torch.set_num_threads(n_threads)
         rows, lse = ops.info_nce(z, *g.kernel_args(), 0.1, True, 0, z.shape[0])
         grad_rows = torch.linspace(-1, 1, z.shape[0], dtype=rows.dtype)
-        grad = ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.1, True, 0,
-                                     z.shape[0])
+        grad = ops.info_nce_backward(grad_rows, z, *g.kernel_args(), lse, 0.1, True, 0, z.shape[0])
     finally:
         torch.set_num_threads(threads)
     return rows, lse, grad
@@ -375,8 +389,14 @@ def test_cpu_backward_memory_does_not_grow_with_threads_times_n_d(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
 
     def peak(threads):
-        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), str(threads)],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), str(threads)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         return int(out.stdout.split()[-1])
 

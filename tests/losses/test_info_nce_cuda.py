@@ -41,8 +41,7 @@ def _rows_and_grad(z, graph, weights, *, temperature, normalize=True, op=True):
     if op:
         rows, _ = ops.info_nce(z, *graph.kernel_args(), temperature, normalize, 0, z.shape[0])
     else:
-        rows = reference.info_nce(z, graph, temperature=temperature, normalize=normalize,
-                                  reduction="none")
+        rows = reference.info_nce(z, graph, temperature=temperature, normalize=normalize, reduction="none")
     (rows.to(weights.dtype) * weights).sum().backward()
     return rows.detach(), z.grad
 
@@ -95,8 +94,9 @@ def test_float32_matches_cpu_kernel_and_reference(graph_factory, n, d):
     torch.testing.assert_close(got.cpu(), cpu, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(got_grad.cpu(), cpu_grad, rtol=1e-4, atol=1e-5)
     if n <= 1000:  # the dense float64 reference is N×N
-        want, want_grad = _rows_and_grad(z.double().to(CUDA), g.to(CUDA), w.double().to(CUDA),
-                                         temperature=0.1, op=False)
+        want, want_grad = _rows_and_grad(
+            z.double().to(CUDA), g.to(CUDA), w.double().to(CUDA), temperature=0.1, op=False
+        )
         torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-5)
 
@@ -110,10 +110,18 @@ def test_low_precision_within_rounding_error(graph_factory, dtype, n, d):
     g = graph_factory("semi", n, seed=n).to(CUDA)
     # The floors matter at N = 2, where every row's only key is its positive and the
     # exact loss and gradient are 0; the kernel's are 0 up to the rounding of terms.
-    assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
-                                 cond=info_nce_cond(z64, 0.2), floor=INFO_NCE_ROWS_FLOOR,
-                                 grad_floor=info_nce_grad_floor(z64, 1.0), temperature=0.2,
-                                 reduction="none")
+    assert_within_rounding_error(
+        palfast.info_nce,
+        reference.info_nce,
+        z64,
+        g,
+        dtype,
+        cond=info_nce_cond(z64, 0.2),
+        floor=INFO_NCE_ROWS_FLOOR,
+        grad_floor=info_nce_grad_floor(z64, 1.0),
+        temperature=0.2,
+        reduction="none",
+    )
 
 
 # Every kernel path on the GPU, as tests/test_cuda_emu_*.py run them on the CPU
@@ -124,8 +132,12 @@ def test_low_precision_within_rounding_error(graph_factory, dtype, n, d):
 #   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
 #     lse_kernel and the row-block backward;
 #   unnormalized: normalize=False, the online path too.
-KERNEL_PATHS = {"symmetric": (True, 0.1, False), "deterministic": (True, 0.1, True),
-                "small-tau": (True, 0.02, False), "unnormalized": (False, 0.1, False)}
+KERNEL_PATHS = {
+    "symmetric": (True, 0.1, False),
+    "deterministic": (True, 0.1, True),
+    "small-tau": (True, 0.02, False),
+    "unnormalized": (False, 0.1, False),
+}
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have a deterministic implementation")
@@ -143,12 +155,19 @@ def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, 
     # warn_only: the label part of "semi" sums classes with atomics (docs/cuda.md).
     mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
     with mode:
-        assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g, dtype,
-                                     cond=info_nce_cond(z64, temperature, normalize),
-                                     floor=INFO_NCE_ROWS_FLOOR,
-                                     grad_floor=info_nce_grad_floor(z64, 1.0, normalize),
-                                     temperature=temperature, reduction="none",
-                                     normalize=normalize)
+        assert_within_rounding_error(
+            palfast.info_nce,
+            reference.info_nce,
+            z64,
+            g,
+            dtype,
+            cond=info_nce_cond(z64, temperature, normalize),
+            floor=INFO_NCE_ROWS_FLOOR,
+            grad_floor=info_nce_grad_floor(z64, 1.0, normalize),
+            temperature=temperature,
+            reduction="none",
+            normalize=normalize,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -203,8 +222,7 @@ def test_single_row_gives_zero_loss_and_finite_zero_gradient(dtype):
 def test_nan_propagates(dtype):
     z = torch.randn(70, 20, device=CUDA, dtype=dtype)
     z[65, 3] = float("nan")  # in the second 64-row block
-    rows, lse = ops.info_nce(z, *palfast.PairGraph.from_views(35, 2).to(CUDA).kernel_args(), 0.1,
-                             True, 0, 70)
+    rows, lse = ops.info_nce(z, *palfast.PairGraph.from_views(35, 2).to(CUDA).kernel_args(), 0.1, True, 0, 70)
     assert torch.isnan(rows).all()
     assert not torch.isfinite(lse).any()  # NaN (the CPU kernel gives -inf for the NaN row itself)
 
@@ -224,8 +242,10 @@ def test_gradcheck(graph_factory, kind):
     z = torch.randn(70, 5, dtype=torch.float64, device=CUDA, requires_grad=True)
     g = graph_factory(kind, 70, seed=1).to(CUDA)
     for normalize in (True, False):
+
         def fn(x, normalize=normalize):
             return palfast.info_nce(x, g, temperature=0.5, normalize=normalize, reduction="none")
+
         assert torch.autograd.gradcheck(fn, (z,), nondet_tol=ATOMIC_NONDET_TOL)
 
 
@@ -237,8 +257,9 @@ def test_opcheck(graph_factory, dtype):
     torch.library.opcheck(ops.info_nce.default, (z, *g.kernel_args(), 0.2, True, 0, 37))
     _, lse = ops.info_nce(z.detach(), *g.kernel_args(), 0.2, True, 0, 37)
     grad_rows = torch.randn(37, device=CUDA, dtype=lse.dtype)
-    torch.library.opcheck(ops.info_nce_backward.default,
-                          (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True, 0, 37))
+    torch.library.opcheck(
+        ops.info_nce_backward.default, (grad_rows, z.detach(), *g.kernel_args(), lse, 0.2, True, 0, 37)
+    )
 
 
 def test_non_contiguous_and_side_stream(graph_factory):
@@ -261,8 +282,7 @@ def test_second_device(graph_factory):
     z = torch.randn(100, 16)
     g = graph_factory("labels", 100)
     dev = torch.device("cuda", 1)
-    got, got_grad = _rows_and_grad(z.to(dev), g.to(dev), torch.ones(100, device=dev),
-                                   temperature=0.1)
+    got, got_grad = _rows_and_grad(z.to(dev), g.to(dev), torch.ones(100, device=dev), temperature=0.1)
     want, want_grad = _rows_and_grad(z, g, torch.ones(100), temperature=0.1)
     torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=1e-4, atol=1e-5)

@@ -43,20 +43,30 @@ class Loss:
 
 
 LOSSES = {
-    "info_nce": Loss(palfast.info_nce, reference.info_nce, low_precision_shapes=((257, 64),),
-                     low_precision_kw=dict(temperature=0.2, reduction="none"),
-                     cond=info_nce_cond(torch.zeros(1, 1), temperature=0.2)),
+    "info_nce": Loss(
+        palfast.info_nce,
+        reference.info_nce,
+        low_precision_shapes=((257, 64),),
+        low_precision_kw=dict(temperature=0.2, reduction="none"),
+        cond=info_nce_cond(torch.zeros(1, 1), temperature=0.2),
+    ),
     "vicreg": Loss(palfast.vicreg, reference.vicreg, low_precision_scale=0.8),
-    "barlow_twins": Loss(palfast.barlow_twins, reference.barlow_twins,
-                         low_precision_kw=dict(lambd=0.05)),
-    "spectral_contrastive": Loss(palfast.spectral_contrastive, reference.spectral_contrastive,
-                                 low_precision_shapes=((96, 32),), low_precision_scale=0.3),
+    "barlow_twins": Loss(palfast.barlow_twins, reference.barlow_twins, low_precision_kw=dict(lambd=0.05)),
+    "spectral_contrastive": Loss(
+        palfast.spectral_contrastive,
+        reference.spectral_contrastive,
+        low_precision_shapes=((96, 32),),
+        low_precision_scale=0.3,
+    ),
 }
 
 
 def _low_precision_cases():
-    return [pytest.param(name, n, d, id=f"{name}-{n}x{d}")
-            for name, loss in LOSSES.items() for n, d in loss.low_precision_shapes]
+    return [
+        pytest.param(name, n, d, id=f"{name}-{n}x{d}")
+        for name, loss in LOSSES.items()
+        for n, d in loss.low_precision_shapes
+    ]
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -75,8 +85,7 @@ def test_low_precision_within_rounding_error(device, graph_factory, name, n, d, 
     torch.manual_seed(3)
     z64 = torch.randn(n, d, dtype=torch.float64, device=device) * loss.low_precision_scale
     g = graph_factory("semi", n, seed=4).to(device)
-    assert_within_rounding_error(loss.fn, loss.ref, z64, g, dtype, cond=loss.cond,
-                                 **loss.low_precision_kw)
+    assert_within_rounding_error(loss.fn, loss.ref, z64, g, dtype, cond=loss.cond, **loss.low_precision_kw)
 
 
 @pytest.mark.parametrize("kind", ["labels", "edges"])
@@ -99,9 +108,11 @@ def test_non_finite_input_gives_nan_unless_checked(device, name, bad):
 
 
 # ------------------------------------------------------------ the functional front
-TWO_VIEW = {"vicreg_two_view": palfast.nn.VICRegLoss,
-            "barlow_twins_two_view": palfast.nn.BarlowTwinsLoss,
-            "spectral_contrastive_two_view": palfast.nn.SpectralContrastiveLoss}
+TWO_VIEW = {
+    "vicreg_two_view": palfast.nn.VICRegLoss,
+    "barlow_twins_two_view": palfast.nn.BarlowTwinsLoss,
+    "spectral_contrastive_two_view": palfast.nn.SpectralContrastiveLoss,
+}
 
 
 def test_functional_front_exports_every_loss_of_palfast_losses():

@@ -39,8 +39,7 @@ def with_random_negatives(g: PairGraph, *, seed: int, density: float = 0.15) -> 
     pick[: max(1, n // 7)] = False  # rows without known negatives
     src, dst = pick.nonzero(as_tuple=True)
     w = 0.5 + torch.rand(src.numel(), generator=gen)
-    return g.with_negatives(PairGraph.from_edges(src, dst, w, num_nodes=n,
-                                                 symmetric=bool(seed % 2)))
+    return g.with_negatives(PairGraph.from_edges(src, dst, w, num_nodes=n, symmetric=bool(seed % 2)))
 
 
 # ------------------------------------------------------------------ PairGraph
@@ -54,10 +53,10 @@ def test_with_negatives_is_kept_by_to_add_scale_replace_and_pickle():
     assert torch.equal(h.to("cpu").negatives.to_dense(), neg.to_dense())
     torch.testing.assert_close((0.5 * h).negatives.to_dense(), 0.5 * neg.to_dense())
     other = PairGraph.from_labels(torch.tensor([0, 1, 2, 0, 1, 2])).with_negatives(
-        PairGraph.from_edges([2], [4], num_nodes=6))
+        PairGraph.from_edges([2], [4], num_nodes=6)
+    )
     both = h + other
-    torch.testing.assert_close(both.negatives.to_dense(),
-                               neg.to_dense() + other.negatives.to_dense())
+    torch.testing.assert_close(both.negatives.to_dense(), neg.to_dense() + other.negatives.to_dense())
     assert (h + g).negatives.to_dense().equal(neg.to_dense())
     assert (g + h).negatives.to_dense().equal(neg.to_dense())
     assert (g + g).negatives is None
@@ -66,16 +65,27 @@ def test_with_negatives_is_kept_by_to_add_scale_replace_and_pickle():
     assert "negative_edges=4" in repr(h)
 
 
-@pytest.mark.parametrize("pos,neg,match", [
-    (PairGraph.from_edges([0], [1], num_nodes=4), PairGraph.from_edges([1], [0], num_nodes=4),
-     r"rows \(0, 1\) both alike and different"),
-    (PairGraph.from_labels(torch.tensor([0, 1, 0, 1])),
-     PairGraph.from_edges([3], [1], num_nodes=4, symmetric=False), r"rows \(3, 1\)"),
-    (PairGraph.from_edges([2], [3], num_nodes=4, symmetric=False),
-     PairGraph.from_labels(torch.tensor([-1, 0, 1, 1])), r"rows \(2, 3\)"),
-    (PairGraph.from_views(2, 2), PairGraph.from_labels(torch.tensor([5, -1, 5, 7])),
-     r"rows \(0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "pos,neg,match",
+    [
+        (
+            PairGraph.from_edges([0], [1], num_nodes=4),
+            PairGraph.from_edges([1], [0], num_nodes=4),
+            r"rows \(0, 1\) both alike and different",
+        ),
+        (
+            PairGraph.from_labels(torch.tensor([0, 1, 0, 1])),
+            PairGraph.from_edges([3], [1], num_nodes=4, symmetric=False),
+            r"rows \(3, 1\)",
+        ),
+        (
+            PairGraph.from_edges([2], [3], num_nodes=4, symmetric=False),
+            PairGraph.from_labels(torch.tensor([-1, 0, 1, 1])),
+            r"rows \(2, 3\)",
+        ),
+        (PairGraph.from_views(2, 2), PairGraph.from_labels(torch.tensor([5, -1, 5, 7])), r"rows \(0, 2\)"),
+    ],
+)
 def test_a_pair_both_positive_and_negative_is_refused(pos, neg, match):
     with pytest.raises(ValueError, match="negatives must not contain a positive pair.*" + match):
         pos.with_negatives(neg)
@@ -85,8 +95,9 @@ def test_label_sets_that_share_no_pair_are_accepted():
     pos = PairGraph.from_labels(torch.tensor([0, 0, 1, 1, -1]))
     neg = PairGraph.from_labels(torch.tensor([3, 4, 3, 4, 3]))  # each pair crosses classes
     assert pos.with_negatives(neg).negatives is neg
-    assert pos.with_negatives(0 * PairGraph.from_labels(torch.tensor([0, 0, 1, 1, 1]))).negatives \
-        .total_weight == 0  # zero weight: no pair, so nothing is shared
+    assert (
+        pos.with_negatives(0 * PairGraph.from_labels(torch.tensor([0, 0, 1, 1, 1]))).negatives.total_weight == 0
+    )  # zero weight: no pair, so nothing is shared
 
 
 def test_adding_graphs_that_contradict_is_refused():
@@ -95,18 +106,30 @@ def test_adding_graphs_that_contradict_is_refused():
         g + PairGraph.from_edges([0], [1], num_nodes=4)
 
 
-@pytest.mark.parametrize("make,exc,match", [
-    (lambda g: g.with_negatives(torch.zeros(4, 4)), TypeError,
-     "negatives must be a PairGraph or None, got Tensor"),
-    (lambda g: g.with_negatives(PairGraph.from_views(3, 2)), ValueError,
-     "negatives must be over the graph's 4 rows, got a graph over 6"),
-    (lambda g: g.with_negatives(PairGraph.from_edges([0], [1], num_nodes=4).with_negatives(
-        PairGraph.from_edges([0], [2], num_nodes=4))), ValueError,
-     "negatives must not carry negatives of its own"),
-    (lambda g: dataclasses.replace(g, negatives=PairGraph.from_views(3, 2)), ValueError,
-     "negatives must be over the graph's 4 rows, got a graph over 6"),
-    (lambda g: dataclasses.replace(g, negatives="x"), TypeError, "negatives must be a PairGraph"),
-])
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda g: g.with_negatives(torch.zeros(4, 4)), TypeError, "negatives must be a PairGraph or None, got Tensor"),
+        (
+            lambda g: g.with_negatives(PairGraph.from_views(3, 2)),
+            ValueError,
+            "negatives must be over the graph's 4 rows, got a graph over 6",
+        ),
+        (
+            lambda g: g.with_negatives(
+                PairGraph.from_edges([0], [1], num_nodes=4).with_negatives(PairGraph.from_edges([0], [2], num_nodes=4))
+            ),
+            ValueError,
+            "negatives must not carry negatives of its own",
+        ),
+        (
+            lambda g: dataclasses.replace(g, negatives=PairGraph.from_views(3, 2)),
+            ValueError,
+            "negatives must be over the graph's 4 rows, got a graph over 6",
+        ),
+        (lambda g: dataclasses.replace(g, negatives="x"), TypeError, "negatives must be a PairGraph"),
+    ],
+)
 def test_bad_negatives(make, exc, match):
     with pytest.raises(exc, match=match):
         make(PairGraph.from_labels(torch.tensor([0, -1, -1, 0])))
@@ -126,8 +149,11 @@ def test_negatives_changed_in_place_are_refused(loss):
     neg = PairGraph.from_edges([0], [1], num_nodes=4)
     g = PairGraph.from_views(2, 2).with_negatives(neg)
     neg.weights.mul_(2)
-    with pytest.raises(ValueError, match=r"graph.negatives must not be changed.*graph\.negatives"
-                                         r"\.weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"graph.negatives must not be changed.*graph\.negatives"
+        r"\.weights",
+    ):
         loss(torch.randn(4, 3), g)
 
 
@@ -135,13 +161,13 @@ def test_negatives_changed_in_place_are_refused(loss):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 17), (257, 5)])
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
-def test_info_nce_unknown_weight_matches_reference_float64(device, graph_factory, kind, n, d,
-                                                           lam):
+def test_info_nce_unknown_weight_matches_reference_float64(device, graph_factory, kind, n, d, lam):
     torch.manual_seed(n * 100 + d + int(10 * lam))
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     g = with_random_negatives(graph_factory(kind, n, seed=n + d), seed=n).to(device)
-    assert_rows_match_float64(palfast.info_nce, reference.info_nce, z, g, temperature=0.3,
-                              reduction="none", unknown_weight=lam)
+    assert_rows_match_float64(
+        palfast.info_nce, reference.info_nce, z, g, temperature=0.3, reduction="none", unknown_weight=lam
+    )
 
 
 @pytest.mark.parametrize("lam,normalize", [(0.0, True), (0.6, False)])
@@ -152,8 +178,11 @@ def test_info_nce_unknown_weight_gradcheck(device, graph_factory, lam, normalize
     for kind in KINDS:
         g = with_random_negatives(graph_factory(kind, 9, seed=2), seed=3).to(device)
         assert torch.autograd.gradcheck(
-            lambda x, g=g: palfast.info_nce(x, g, temperature=0.5, normalize=normalize,
-                                            unknown_weight=lam, reduction="none"), (z,))
+            lambda x, g=g: palfast.info_nce(
+                x, g, temperature=0.5, normalize=normalize, unknown_weight=lam, reduction="none"
+            ),
+            (z,),
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -162,8 +191,16 @@ def test_info_nce_unknown_weight_reductions_unnormalised(device, graph_factory, 
     n, d = 41, 6
     z = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
     g = with_random_negatives(graph_factory("semi", n, seed=4), seed=6).to(device)
-    assert_matches_float64(palfast.info_nce, reference.info_nce, z, g, temperature=0.2,
-                           normalize=False, reduction=reduction, unknown_weight=0.25)
+    assert_matches_float64(
+        palfast.info_nce,
+        reference.info_nce,
+        z,
+        g,
+        temperature=0.2,
+        normalize=False,
+        reduction=reduction,
+        unknown_weight=0.25,
+    )
 
 
 def test_info_nce_unknown_weight_float32_close_to_float64(device, graph_factory):
@@ -182,14 +219,21 @@ def test_info_nce_unknown_weight_float32_close_to_float64(device, graph_factory)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_info_nce_unknown_weight_low_precision_within_rounding_error(device, graph_factory,
-                                                                     dtype):
+def test_info_nce_unknown_weight_low_precision_within_rounding_error(device, graph_factory, dtype):
     torch.manual_seed(11)
     z64 = torch.randn(257, 64, dtype=torch.float64, device=device)
     g = with_random_negatives(graph_factory("semi", 257, seed=5), seed=7, density=0.05)
-    assert_within_rounding_error(palfast.info_nce, reference.info_nce, z64, g.to(device),
-                                 dtype, cond=info_nce_cond(z64, 0.2), temperature=0.2,
-                                 reduction="none", unknown_weight=0.3)
+    assert_within_rounding_error(
+        palfast.info_nce,
+        reference.info_nce,
+        z64,
+        g.to(device),
+        dtype,
+        cond=info_nce_cond(z64, 0.2),
+        temperature=0.2,
+        reduction="none",
+        unknown_weight=0.3,
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -211,8 +255,7 @@ def test_info_nce_default_is_bit_identical_with_or_without_negatives(device, gra
 def test_info_nce_only_known_pairs_with_a_single_positive_is_zero():
     """λ = 0 with views only: each anchor's one known pair is its positive, ℓ_i = 0."""
     z = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
-    loss = palfast.info_nce(z, PairGraph.from_views(5, 2), unknown_weight=0.0,
-                            reduction="none")
+    loss = palfast.info_nce(z, PairGraph.from_views(5, 2), unknown_weight=0.0, reduction="none")
     torch.testing.assert_close(loss, torch.zeros(10, dtype=torch.float64))
 
 
@@ -234,12 +277,15 @@ def test_info_nce_unknown_weight_stops_pushing_unknown_pairs_apart():
         assert x.grad[4:].abs().max() > 1e-3  # class B is pushed away either way
 
 
-@pytest.mark.parametrize("bad,exc,match", [
-    (-0.1, ValueError, r"unknown_weight must be a finite number >= 0 and <= 1"),
-    (1.5, ValueError, "unknown_weight must be"),
-    (float("nan"), ValueError, "unknown_weight must be"),
-    ("0.5", TypeError, "unknown_weight must be a number"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (-0.1, ValueError, r"unknown_weight must be a finite number >= 0 and <= 1"),
+        (1.5, ValueError, "unknown_weight must be"),
+        (float("nan"), ValueError, "unknown_weight must be"),
+        ("0.5", TypeError, "unknown_weight must be a number"),
+    ],
+)
 def test_info_nce_bad_unknown_weight(bad, exc, match):
     with pytest.raises(exc, match="palfast.info_nce: " + match):
         palfast.info_nce(torch.randn(4, 3), PairGraph.from_views(2, 2), unknown_weight=bad)
@@ -262,8 +308,7 @@ def test_spectral_signed_graph_matches_reference_float64(device, graph_factory, 
     torch.manual_seed(n + d)
     z = torch.randn(n, d, dtype=torch.float64, device=device)
     g = with_random_negatives(graph_factory(kind, n, seed=d), seed=n + 1).to(device)
-    assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g,
-                           negative_weight=beta)
+    assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g, negative_weight=beta)
 
 
 @pytest.mark.slow
@@ -272,8 +317,7 @@ def test_spectral_signed_graph_gradcheck(device, graph_factory):
     z = torch.randn(11, 4, dtype=torch.float64, device=device, requires_grad=True)
     for kind in KINDS:
         g = with_random_negatives(graph_factory(kind, 11, seed=5), seed=2).to(device)
-        assert torch.autograd.gradcheck(
-            lambda x, g=g: palfast.spectral_contrastive(x, g, negative_weight=0.7), (z,))
+        assert torch.autograd.gradcheck(lambda x, g=g: palfast.spectral_contrastive(x, g, negative_weight=0.7), (z,))
 
 
 def test_spectral_negatives_only_and_defaults():
@@ -281,19 +325,16 @@ def test_spectral_negatives_only_and_defaults():
     bit-identical to the positive-only loss; the module passes β."""
     torch.manual_seed(6)
     z = torch.randn(9, 3, dtype=torch.float64)
-    only_neg = PairGraph.from_views(9, 1).with_negatives(
-        PairGraph.from_edges([0, 1], [2, 3], num_nodes=9))
-    torch.testing.assert_close(palfast.spectral_contrastive(z, only_neg),
-                               reference.spectral_contrastive(z, only_neg))
+    only_neg = PairGraph.from_views(9, 1).with_negatives(PairGraph.from_edges([0, 1], [2, 3], num_nodes=9))
+    torch.testing.assert_close(palfast.spectral_contrastive(z, only_neg), reference.spectral_contrastive(z, only_neg))
     g = PairGraph.from_labels(torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
     signed = with_random_negatives(g, seed=4)
-    assert torch.equal(palfast.spectral_contrastive(z, signed, negative_weight=0.0),
-                       palfast.spectral_contrastive(z, g))
-    assert not torch.equal(palfast.spectral_contrastive(z, signed),
-                           palfast.spectral_contrastive(z, g))
+    assert torch.equal(palfast.spectral_contrastive(z, signed, negative_weight=0.0), palfast.spectral_contrastive(z, g))
+    assert not torch.equal(palfast.spectral_contrastive(z, signed), palfast.spectral_contrastive(z, g))
     torch.testing.assert_close(
         palfast.nn.SpectralContrastiveLoss(negative_weight=3.0)(z, signed),
-        reference.spectral_contrastive(z, signed, negative_weight=3.0))
+        reference.spectral_contrastive(z, signed, negative_weight=3.0),
+    )
     with pytest.raises(ValueError, match="negative_weight must be a finite number >= 0"):
         palfast.spectral_contrastive(z, signed, negative_weight=-1.0)
 
@@ -344,8 +385,9 @@ def test_store_transitive_negatives_by_hand():
     store = RelationStore()
     big = 2**40
     # components {0, 1, 2} and {5, 6}; 2 ≁ 6 makes every member of one differ from the other
-    store.record(torch.tensor([[0, 1], [1, 2], [5, 6], [2, 6], [7, big]]),
-                 torch.tensor([True, True, True, False, False]))
+    store.record(
+        torch.tensor([[0, 1], [1, 2], [5, 6], [2, 6], [7, big]]), torch.tensor([True, True, True, False, False])
+    )
     g = store.graph(torch.tensor([0, 5, 9, 1, big, 7]), negatives=True)
     pairs = set(map(tuple, g.negatives.to_dense().nonzero().tolist()))
     assert pairs == {(0, 1), (1, 0), (3, 1), (1, 3), (4, 5), (5, 4)}
@@ -358,8 +400,9 @@ def test_store_negatives_with_contradictions_follow_the_first_answer():
     store = RelationStore()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ContradictionWarning)
-        store.record(torch.tensor([[0, 1], [1, 2], [0, 2], [3, 4], [3, 4]]),
-                     torch.tensor([True, False, True, False, True]))
+        store.record(
+            torch.tensor([[0, 1], [1, 2], [0, 2], [3, 4], [3, 4]]), torch.tensor([True, False, True, False, True])
+        )
     g = store.graph(torch.tensor([0, 1, 2, 3, 4]), n_views=2, negatives=True)
     dense = g.negatives.to_dense()[:5, :5]
     assert dense[0, 2] == 1 and dense[1, 2] == 1 and dense[3, 4] == 1 and dense[0, 1] == 0
@@ -379,8 +422,7 @@ def test_store_graph_trains_info_nce_and_spectral_with_negatives():
     for loss in (palfast.info_nce(z, g, unknown_weight=0.2), palfast.spectral_contrastive(z, g)):
         loss.backward()
     assert torch.isfinite(z.grad).all()
-    torch.testing.assert_close(palfast.info_nce(z, g, unknown_weight=0.2),
-                               reference.info_nce(z, g, unknown_weight=0.2))
+    torch.testing.assert_close(palfast.info_nce(z, g, unknown_weight=0.2), reference.info_nce(z, g, unknown_weight=0.2))
 
 
 @pytest.mark.slow

@@ -29,8 +29,7 @@ def _values_and_grads(fn, *inputs):
 
 
 def _assert_float64_match(ours, theirs, *inputs):
-    (got, g_got), (want, g_want) = _values_and_grads(ours, *inputs), _values_and_grads(theirs,
-                                                                                        *inputs)
+    (got, g_got), (want, g_want) = _values_and_grads(ours, *inputs), _values_and_grads(theirs, *inputs)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
@@ -45,14 +44,20 @@ def _assert_float32_match(ours, theirs, inputs64, temperature, grad_rows):
     exact, g_exact = _values_and_grads(theirs, *[t.double() for t in rounded])
     theirs32, _ = _values_and_grads(theirs, *rounded)
     cond = info_nce_cond(torch.cat([t for t in rounded if t.is_floating_point()]), temperature)
-    assert_rounding_close(got, exact, torch.float32, cond=cond, floor=INFO_NCE_ROWS_FLOOR,
-                          what="loss")
-    assert_rounding_close(got, theirs32, torch.float32, cond=2 * cond,
-                          floor=INFO_NCE_ROWS_FLOOR, what="loss against the library in float32")
+    assert_rounding_close(got, exact, torch.float32, cond=cond, floor=INFO_NCE_ROWS_FLOOR, what="loss")
+    assert_rounding_close(
+        got,
+        theirs32,
+        torch.float32,
+        cond=2 * cond,
+        floor=INFO_NCE_ROWS_FLOOR,
+        what="loss against the library in float32",
+    )
     for z, a, b in zip(rounded, g_got, g_exact):
         if z.is_floating_point():
-            assert_rounding_close(a, b, torch.float32, cond=cond,
-                                  floor=info_nce_grad_floor(z, grad_rows), what="gradient")
+            assert_rounding_close(
+                a, b, torch.float32, cond=cond, floor=info_nce_grad_floor(z, grad_rows), what="gradient"
+            )
 
 
 # ---------------------------------------------------------------- NTXentLoss
@@ -68,6 +73,7 @@ def _lightly_nt_xent(monkeypatch):
     lightly = pytest.importorskip("lightly", reason="lightly is not installed")
     try:
         from lightly.loss.ntx_ent_loss import NTXentLoss
+
         return NTXentLoss
     except ImportError:
         pass
@@ -106,8 +112,7 @@ def _nt_xent_formula(out0, out1, temperature):
 
 def _two_views(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, D, generator=g, dtype=torch.float64), \
-        torch.randn(n, D, generator=g, dtype=torch.float64)
+    return torch.randn(n, D, generator=g, dtype=torch.float64), torch.randn(n, D, generator=g, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("n", [1, 2, 33])
@@ -131,8 +136,7 @@ def test_nt_xent_matches_lightly_formula(n, temperature):
     _assert_float64_match(ours, formula, out0, out1)
     _assert_float32_match(ours, formula, [out0, out1], temperature, 1 / (2 * n))
     # the same loss as the module's two-view form
-    torch.testing.assert_close(ours(out0, out1),
-                               palfast.nn.InfoNCELoss(temperature)(out0, out1), rtol=0, atol=0)
+    torch.testing.assert_close(ours(out0, out1), palfast.nn.InfoNCELoss(temperature)(out0, out1), rtol=0, atol=0)
 
 
 def test_nt_xent_arguments():
@@ -140,8 +144,9 @@ def test_nt_xent_arguments():
     assert palfast.nn.NTXentLoss().temperature == 0.5  # lightly's default
     assert palfast.nn.NTXentLoss(memory_bank_size=0).memory_bank_size == 0
     for size in (4096, (4096, 128), -1, 0.0):
-        with pytest.raises(ValueError, match=f"{op}: memory_bank_size must be 0 .*got "
-                                             f"{size!r}".replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(
+            ValueError, match=f"{op}: memory_bank_size must be 0 .*got {size!r}".replace("(", r"\(").replace(")", r"\)")
+        ):
             palfast.nn.NTXentLoss(memory_bank_size=size)
     for t in (0.0, -0.5):
         with pytest.raises(ValueError, match=f"{op}: temperature must be a finite number > 0"):
@@ -159,8 +164,9 @@ def test_nt_xent_arguments():
 def test_nt_xent_gather_distributed_without_process_group_is_single_process():
     # as lightly: gather_distributed=True gathers only from other ranks, if any
     out0, out1 = _two_views(5, seed=7)
-    torch.testing.assert_close(palfast.nn.NTXentLoss(gather_distributed=True)(out0, out1),
-                               palfast.nn.NTXentLoss()(out0, out1), rtol=0, atol=0)
+    torch.testing.assert_close(
+        palfast.nn.NTXentLoss(gather_distributed=True)(out0, out1), palfast.nn.NTXentLoss()(out0, out1), rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------- SupConLoss
@@ -172,8 +178,9 @@ def _pml_sup_con():
 LABELS = {
     "classes": lambda n, g: torch.randint(0, 5, (n,), generator=g),
     "negative_labels": lambda n, g: torch.randint(-3, 2, (n,), generator=g),  # -1 is a class
-    "some_without_positives": lambda n, g: torch.cat([torch.zeros(n // 2, dtype=torch.long),
-                                                      torch.arange(1, n - n // 2 + 1)]),
+    "some_without_positives": lambda n, g: torch.cat(
+        [torch.zeros(n // 2, dtype=torch.long), torch.arange(1, n - n // 2 + 1)]
+    ),
     "no_positives": lambda n, g: torch.arange(n),
     "no_negatives": lambda n, g: torch.full((n,), 3),
 }
@@ -191,8 +198,7 @@ def test_sup_con_matches_pytorch_metric_learning(labels, n, temperature):
     z = torch.randn(n, D, generator=g, dtype=torch.float64)
     y = LABELS[labels](n, g)
     _assert_float64_match(lambda x: ours(x, y), lambda x: theirs(x, y), z)
-    _assert_float32_match(lambda x: ours(x, y), lambda x: theirs(x, y), [z],
-                          ours.temperature, 1.0)
+    _assert_float32_match(lambda x: ours(x, y), lambda x: theirs(x, y), [z], ours.temperature, 1.0)
     if labels in ("no_positives", "no_negatives") or n == 1:
         value, (grad,) = _values_and_grads(lambda x: ours(x, y), z)
         assert value.item() == 0.0 and not grad.any()
@@ -215,8 +221,7 @@ def test_sup_con_leaves_rows_of_zero_loss_out_of_the_mean():
     z = torch.stack([e[0], e[0], e[1], -e[1], e[2]])
     y = torch.tensor([0, 0, 1, 1, 2])
     ours = palfast.nn.SupConLoss(temperature=0.01)
-    rows = palfast.info_nce(z, palfast.PairGraph.from_labels(y), temperature=0.01,
-                            reduction="none")
+    rows = palfast.info_nce(z, palfast.PairGraph.from_labels(y), temperature=0.01, reduction="none")
     assert rows[:2].tolist() == [0.0, 0.0] and bool((rows[2:4] > 90).all())
     torch.testing.assert_close(ours(z, y), rows[2:4].mean(), rtol=1e-12, atol=0)
     _assert_float64_match(lambda x: ours(x, y), lambda x: theirs(x, y), z)
@@ -250,8 +255,7 @@ def _every_call():
     a, b = z[:4], z[4:]
     nn = palfast.nn
     calls = {}
-    for cls in (nn.InfoNCELoss, nn.VICRegLoss, nn.BarlowTwinsLoss, nn.SpectralContrastiveLoss,
-                nn.VIC2Loss):
+    for cls in (nn.InfoNCELoss, nn.VICRegLoss, nn.BarlowTwinsLoss, nn.SpectralContrastiveLoss, nn.VIC2Loss):
         calls[f"{cls.__name__}(z, graph)"] = lambda kw, cls=cls: cls(**kw)(z, g)
         calls[f"{cls.__name__}(z_a, z_b)"] = lambda kw, cls=cls: cls(**kw)(a, b)
     calls["SupConLoss"] = lambda kw: nn.SupConLoss(**kw)(z, torch.arange(4).repeat(2))

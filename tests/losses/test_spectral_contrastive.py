@@ -34,8 +34,9 @@ def test_matches_reference_float64(device, graph_factory, kind, n, d):
 def test_asymmetric_weighted_edges(device):
     torch.manual_seed(1)
     n = 30
-    g = palfast.PairGraph.from_edges(torch.randint(0, n, (90,)), torch.randint(0, n, (90,)),
-                                     torch.rand(90) * 2, num_nodes=n, symmetric=False).to(device)
+    g = palfast.PairGraph.from_edges(
+        torch.randint(0, n, (90,)), torch.randint(0, n, (90,)), torch.rand(90) * 2, num_nodes=n, symmetric=False
+    ).to(device)
     z = torch.randn(n, 20, dtype=torch.float64, device=device)
     assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g)
 
@@ -66,8 +67,9 @@ def test_two_view_is_haochen(device, n, d):
     torch.manual_seed(8)
     z_a = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
     z_b = z_a + 0.2 * torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
-    assert_two_views_match(palfast.nn.SpectralContrastiveLoss(), haochen_spectral_contrastive,
-                           z_a, z_b, rtol=1e-10, atol=1e-13)
+    assert_two_views_match(
+        palfast.nn.SpectralContrastiveLoss(), haochen_spectral_contrastive, z_a, z_b, rtol=1e-10, atol=1e-13
+    )
 
 
 def test_graph_form_shares_the_positive_term_with_two_views():
@@ -77,16 +79,14 @@ def test_graph_form_shares_the_positive_term_with_two_views():
     z = torch.cat([z_a, z_b])
     n = 20
     neg = ((z @ z.T).square().sum() - (z * z).sum(1).square().sum()) / (n * (n - 1))
-    torch.testing.assert_close(palfast.spectral_contrastive(z, g) - neg,
-                               -2 * (z_a * z_b).sum(1).mean())
+    torch.testing.assert_close(palfast.spectral_contrastive(z, g) - neg, -2 * (z_a * z_b).sum(1).mean())
 
 
 # ----------------------------------------------------------------- edge cases
 def test_empty_graph_and_single_row(device):
     z = torch.randn(10, 4, dtype=torch.float64, device=device)
     empty = palfast.PairGraph.from_edges([], [], num_nodes=10).to(device)
-    torch.testing.assert_close(palfast.spectral_contrastive(z, empty),
-                               reference.spectral_contrastive(z, empty))
+    torch.testing.assert_close(palfast.spectral_contrastive(z, empty), reference.spectral_contrastive(z, empty))
     one = torch.randn(1, 4, device=device, requires_grad=True)
     loss = palfast.spectral_contrastive(one, palfast.PairGraph.from_views(1, 1).to(device))
     loss.backward()
@@ -100,8 +100,7 @@ def test_compile_fullgraph(device):
     z = torch.randn(32, 8, device=device, requires_grad=True)
 
     def step(x):
-        return (palfast.spectral_contrastive(x * 2.0, g)
-                + palfast.nn.SpectralContrastiveLoss()(x[:16], x[16:]))
+        return palfast.spectral_contrastive(x * 2.0, g) + palfast.nn.SpectralContrastiveLoss()(x[:16], x[16:])
 
     assert_compile_matches_eager(step, z)
 

@@ -20,8 +20,7 @@ LOSSES = {
 
 def _graph(n):
     """n/2 samples of two views plus one extra directed edge (both CSR sides exist)."""
-    return PairGraph.from_views(n // 2, 2) + PairGraph.from_edges([0], [3], num_nodes=n,
-                                                                   symmetric=False)
+    return PairGraph.from_views(n // 2, 2) + PairGraph.from_edges([0], [3], num_nodes=n, symmetric=False)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -29,8 +28,7 @@ def _graph(n):
 def test_compile_with_dynamic_shapes_matches_eager(loss):
     fn, _, kw = LOSSES[loss]
     torch._dynamo.reset()
-    step = torch.compile(lambda z, g: fn(z, g, **kw), fullgraph=True, dynamic=True,
-                         backend="aot_eager")
+    step = torch.compile(lambda z, g: fn(z, g, **kw), fullgraph=True, dynamic=True, backend="aot_eager")
     for n, d in ((8, 5), (12, 7)):  # the second size reuses the dynamic graph
         z = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
         g = _graph(n)
@@ -51,12 +49,12 @@ def test_compile_with_dynamic_shapes_still_checks_numbers(bad):
     fullgraph trace in its own exception, whose message carries ours). NaN cannot be
     compared symbolically: dynamo raises while tracing check_number (docs/api.md)."""
     torch._dynamo.reset()
-    step = torch.compile(lambda z, g, t: palfast.info_nce(z, g, temperature=t), fullgraph=True,
-                         dynamic=True, backend="aot_eager")
+    step = torch.compile(
+        lambda z, g, t: palfast.info_nce(z, g, temperature=t), fullgraph=True, dynamic=True, backend="aot_eager"
+    )
     z, g = torch.randn(8, 5), _graph(8)
     torch.testing.assert_close(step(z, g, 0.5), palfast.info_nce(z, g, temperature=0.5))
-    match = "Invalid NaN comparison" if bad != bad else \
-        "palfast.info_nce: temperature must be a finite number > 0"
+    match = "Invalid NaN comparison" if bad != bad else "palfast.info_nce: temperature must be a finite number > 0"
     with pytest.raises(Exception, match=match):
         step(z, g, bad)
 
@@ -96,8 +94,11 @@ def test_nested_func_grad_is_refused_not_wrong(loss):
 def test_info_nce_with_unknown_weight_refuses_torch_func_clearly():
     g = _graph(10).with_negatives(PairGraph.from_edges([1], [2], num_nodes=10))
     z = torch.randn(10, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"palfast.info_nce: unknown_weight < 1 cannot run under "
-                                         r"torch.func transforms"):
+    with pytest.raises(
+        ValueError,
+        match=r"palfast.info_nce: unknown_weight < 1 cannot run under "
+        r"torch.func transforms",
+    ):
         torch.func.grad(lambda x: palfast.info_nce(x, g, unknown_weight=0.3))(z)
     # the same loss and its gradient through torch.autograd
     x = z.clone().requires_grad_()

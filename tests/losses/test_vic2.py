@@ -81,8 +81,7 @@ def test_two_view_module(device):
     torch.manual_seed(7)
     z_a, z_b = torch.randn(10, 6, device=device), torch.randn(10, 6, device=device)
     got = palfast.nn.VIC2Loss(beta=2.0)(z_a, z_b)
-    want = palfast.vic2(torch.cat([z_a, z_b]), palfast.PairGraph.from_views(10, 2).to(device),
-                        beta=2.0, n_views=2)
+    want = palfast.vic2(torch.cat([z_a, z_b]), palfast.PairGraph.from_views(10, 2).to(device), beta=2.0, n_views=2)
     torch.testing.assert_close(got, want)
 
 
@@ -162,19 +161,18 @@ def exploding_pool(t, n=8, d=4, n_views=2, seed=0):
 def test_fixed_pool_old_estimator_is_unbounded_below_pool_estimator_is_not():
     g = palfast.PairGraph.from_views(8, 2)
     old = [palfast.vic2(exploding_pool(t), g, beta=0.0, n_views=2).item() for t in (1, 10, 100)]
-    new = [palfast.vic2(exploding_pool(t), g, beta=0.0, n_views=2, pool_size=8).item()
-           for t in (1, 10, 100)]
-    assert old[0] > old[1] > old[2] and old[2] < -1e3   # the halves: −∞ as the sample grows
-    assert min(new) >= 0.0 and new[2] > new[1]           # whole pool: the plug-in, ≥ 0
+    new = [palfast.vic2(exploding_pool(t), g, beta=0.0, n_views=2, pool_size=8).item() for t in (1, 10, 100)]
+    assert old[0] > old[1] > old[2] and old[2] < -1e3  # the halves: −∞ as the sample grows
+    assert min(new) >= 0.0 and new[2] > new[1]  # whole pool: the plug-in, ≥ 0
     for t, value in zip((1, 10, 100), new):
-        torch.testing.assert_close(torch.tensor(value, dtype=torch.float64),
-                                   pool_objective(exploding_pool(t), 2))
+        torch.testing.assert_close(torch.tensor(value, dtype=torch.float64), pool_objective(exploding_pool(t), 2))
 
 
 @pytest.mark.slow
 def test_training_on_a_fixed_pool_runs_away_without_pool_size():
     """Adam on the pool's embeddings, batch = whole pool: the halves estimator is driven
     far below 0 (the failure), the pool estimator stays ≥ 0 and reaches ≈ 0."""
+
     def train(**kw):
         torch.manual_seed(0)
         z = torch.nn.Parameter(torch.randn(2 * 16, 4, dtype=torch.float64) * 0.3)
@@ -200,9 +198,10 @@ def test_pool_estimator_is_unbiased_over_batches_without_replacement():
     z = torch.randn(v, pool, d, dtype=torch.float64)
     target = pool_objective(z.reshape(-1, d), v)
     g = palfast.PairGraph.from_views(n, v)
-    values = [palfast.vic2(z[:, list(batch)].reshape(-1, d), g, beta=0.0, n_views=v,
-                           pool_size=pool)
-              for batch in itertools.combinations(range(pool), n)]
+    values = [
+        palfast.vic2(z[:, list(batch)].reshape(-1, d), g, beta=0.0, n_views=v, pool_size=pool)
+        for batch in itertools.combinations(range(pool), n)
+    ]
     torch.testing.assert_close(torch.stack(values).mean(), target)
     assert min(v.item() for v in values) >= -d * (pool - 1)  # the documented floor
 
@@ -211,15 +210,13 @@ def test_pool_estimator_is_unbiased_over_batches_without_replacement():
 def test_pool_estimator_matches_pairwise_formula_and_gradcheck(n, v, d, pool):
     torch.manual_seed(n + d)
     z = torch.randn(v * n, d, dtype=torch.float64, requires_grad=True)
-    g = palfast.PairGraph.from_views(n, v) if v > 1 else palfast.PairGraph.from_labels(
-        torch.arange(n) % 2)
+    g = palfast.PairGraph.from_views(n, v) if v > 1 else palfast.PairGraph.from_labels(torch.arange(n) % 2)
     got = palfast.vic2(z, g, beta=0.0, n_views=v, pool_size=pool)
     want = pool_estimate_by_pairs(z, v, pool)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
     if n <= 5:
-        assert torch.autograd.gradcheck(
-            lambda x: palfast.vic2(x, g, beta=0.5, n_views=v, pool_size=pool), (z,))
+        assert torch.autograd.gradcheck(lambda x: palfast.vic2(x, g, beta=0.5, n_views=v, pool_size=pool), (z,))
 
 
 def test_pool_size_bad_input():

@@ -60,16 +60,14 @@ def test_two_view_is_official_vicreg(device, n, d):
     torch.manual_seed(8)
     z_a = torch.randn(n, d, dtype=torch.float64, device=device) * 0.7
     z_b = z_a + 0.3 * torch.randn(n, d, dtype=torch.float64, device=device)
-    assert_two_views_match(palfast.nn.VICRegLoss(), reference.vicreg_two_view_official,
-                           z_a, z_b, rtol=1e-10, atol=0)
+    assert_two_views_match(palfast.nn.VICRegLoss(), reference.vicreg_two_view_official, z_a, z_b, rtol=1e-10, atol=0)
 
 
 def test_two_view_float32_matches_official(device):
     torch.manual_seed(9)
     z_a, z_b = torch.randn(64, 256, device=device), torch.randn(64, 256, device=device)
     official = reference.vicreg_two_view_official(z_a, z_b, sim_coeff=10.0)
-    torch.testing.assert_close(palfast.nn.VICRegLoss(sim_coeff=10.0)(z_a, z_b), official,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(palfast.nn.VICRegLoss(sim_coeff=10.0)(z_a, z_b), official, rtol=1e-5, atol=1e-6)
 
 
 def test_graph_form_shares_the_invariance_term_with_two_views(device):
@@ -92,8 +90,7 @@ def test_module_graph_call_equals_functional(device, graph_factory):
 def test_empty_graph_has_no_invariance_term(device):
     torch.manual_seed(11)
     z = torch.randn(10, 4, dtype=torch.float64, device=device, requires_grad=True)
-    for g in (palfast.PairGraph.from_edges([], [], num_nodes=10),
-              palfast.PairGraph.from_labels(torch.full((10,), -1))):
+    for g in (palfast.PairGraph.from_edges([], [], num_nodes=10), palfast.PairGraph.from_labels(torch.full((10,), -1))):
         got = palfast.vicreg(z, g.to(device))
         want = palfast.vicreg(z, g.to(device), sim_coeff=0.0)
         torch.testing.assert_close(got, want)
@@ -120,12 +117,15 @@ def test_compile_fullgraph(device):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("bad,match,exc", [
-    (dict(sim_coeff=-1.0), "sim_coeff must be a finite number >= 0, got -1.0", ValueError),
-    (dict(std_coeff=float("inf")), "std_coeff must be a finite number >= 0", ValueError),
-    (dict(cov_coeff="1"), "cov_coeff must be a number, got str", TypeError),
-    (dict(eps=0.0), "eps must be a finite number > 0, got 0.0", ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,match,exc",
+    [
+        (dict(sim_coeff=-1.0), "sim_coeff must be a finite number >= 0, got -1.0", ValueError),
+        (dict(std_coeff=float("inf")), "std_coeff must be a finite number >= 0", ValueError),
+        (dict(cov_coeff="1"), "cov_coeff must be a number, got str", TypeError),
+        (dict(eps=0.0), "eps must be a finite number > 0, got 0.0", ValueError),
+    ],
+)
 def test_bad_arguments(bad, match, exc):
     with pytest.raises(exc, match=match):
         palfast.vicreg(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), **bad)

@@ -51,9 +51,18 @@ def test_opcheck(device, graph_factory):
             args = (*g.kernel_args(), 0.1, 1.0 / g.total_weight, gram)
             torch.library.opcheck(ops.barlow_twins_xcorr.default, (zhat, *args))
             _, aux = ops.barlow_twins_xcorr(zhat.detach(), *args)
-            torch.library.opcheck(ops.barlow_twins_xcorr_backward.default,
-                                  (torch.tensor(1.3, device=device), zhat.detach(),
-                                   *g.kernel_args(), aux, 0.1, 1.0 / g.total_weight, gram))
+            torch.library.opcheck(
+                ops.barlow_twins_xcorr_backward.default,
+                (
+                    torch.tensor(1.3, device=device),
+                    zhat.detach(),
+                    *g.kernel_args(),
+                    aux,
+                    0.1,
+                    1.0 / g.total_weight,
+                    gram,
+                ),
+            )
 
 
 def test_checks_its_arguments():
@@ -64,7 +73,7 @@ def test_checks_its_arguments():
         ops.barlow_twins_xcorr(torch.randn(6, 2), *g.kernel_args(), 0.1, 0.0, False)
     with pytest.raises(ValueError, match="lambd must be a finite number >= 0"):
         ops.barlow_twins_xcorr(torch.randn(6, 2), *g.kernel_args(), -1.0, 1.0, False)
-    with pytest.raises(ValueError, match="aux must be the .* returned by barlow_twins_xcorr "
-                                         "with gram=False"):
-        ops.barlow_twins_xcorr_backward(torch.tensor(1.0), torch.randn(6, 2), *g.kernel_args(),
-                                        torch.ones(2, 6, 6), 0.1, 1.0, False)
+    with pytest.raises(ValueError, match="aux must be the .* returned by barlow_twins_xcorr with gram=False"):
+        ops.barlow_twins_xcorr_backward(
+            torch.tensor(1.0), torch.randn(6, 2), *g.kernel_args(), torch.ones(2, 6, 6), 0.1, 1.0, False
+        )

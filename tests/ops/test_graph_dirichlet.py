@@ -29,8 +29,7 @@ def test_matches_dense_float64(device, graph_factory, n):
         got = ops.graph_dirichlet(z, *g.kernel_args())
         want = _dense(z, w)
         torch.testing.assert_close(got, want)
-        torch.testing.assert_close(torch.autograd.grad(got, z)[0],
-                                   torch.autograd.grad(want, z)[0])
+        torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0])
 
 
 def test_same_bits_run_to_run(graph_factory):
@@ -55,8 +54,9 @@ def test_opcheck(device, graph_factory):
     g = graph_factory("semi", 23).to(device)
     z = torch.randn(23, 11, device=device, requires_grad=True)
     torch.library.opcheck(ops.graph_dirichlet.default, (z, *g.kernel_args()))
-    torch.library.opcheck(ops.graph_dirichlet_backward.default,
-                          (torch.tensor(1.5, device=device), z.detach(), *g.kernel_args()))
+    torch.library.opcheck(
+        ops.graph_dirichlet_backward.default, (torch.tensor(1.5, device=device), z.detach(), *g.kernel_args())
+    )
 
 
 def test_checks_its_arguments():

@@ -31,13 +31,11 @@ def test_uneven_rows_match_dense(device):
     n = 3000
     src = torch.cat([torch.zeros(20000, dtype=torch.long), torch.randint(0, n, (500,))])
     dst = torch.randint(0, n, (20500,))
-    g = palfast.PairGraph.from_edges(src, dst, torch.rand(20500), num_nodes=n,
-                                     symmetric=False).to(device)
+    g = palfast.PairGraph.from_edges(src, dst, torch.rand(20500), num_nodes=n, symmetric=False).to(device)
     x = torch.randn(n, 9, dtype=torch.float64, device=device)
     w = g.to_dense(torch.float64).to(device)
     for transpose in (False, True):
-        torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), transpose),
-                                   (w.T if transpose else w) @ x)
+        torch.testing.assert_close(ops.graph_spmm(x, *g.kernel_args(), transpose), (w.T if transpose else w) @ x)
 
 
 def test_same_bits_for_any_thread_count(graph_factory):

@@ -38,8 +38,7 @@ def test_both_sides_match_dense_float64(device, gram, pair, offdiag, m, a):
 
 
 def test_wrapper_takes_the_side_of_the_rule(device):
-    for m, a, b, self_product in [(30, 40, 40, True), (30, 29, 29, True), (6, 40, 40, False),
-                                  (40, 6, 6, False)]:
+    for m, a, b, self_product in [(30, 40, 40, True), (30, 29, 29, True), (6, 40, 40, False), (40, 6, 6, False)]:
         p = torch.randn(m, a, device=device)
         q = None if self_product else torch.randn(m, b, device=device)
         _, aux = _ops.sq_xcorr(p, q, True)
@@ -65,11 +64,18 @@ def test_opcheck(device):
         for gram in (False, True):
             for second in (None, q):
                 torch.library.opcheck(ops.sq_xcorr.default, (p, second, True, gram))
-                _, aux = ops.sq_xcorr(p.detach(), None if second is None else q.detach(), True,
-                                      gram)
-                torch.library.opcheck(ops.sq_xcorr_backward.default,
-                                      (torch.tensor(0.5, device=device), p.detach(),
-                                       None if second is None else q.detach(), aux, True, gram))
+                _, aux = ops.sq_xcorr(p.detach(), None if second is None else q.detach(), True, gram)
+                torch.library.opcheck(
+                    ops.sq_xcorr_backward.default,
+                    (
+                        torch.tensor(0.5, device=device),
+                        p.detach(),
+                        None if second is None else q.detach(),
+                        aux,
+                        True,
+                        gram,
+                    ),
+                )
 
 
 @pytest.mark.slow
@@ -92,13 +98,13 @@ def test_checks_its_arguments():
         ops.sq_xcorr(torch.randn(5, 2), torch.randn(5, 3), True, False)
     with pytest.raises(ValueError, match="palfast.sq_xcorr: p must be a 2-D tensor"):
         ops.sq_xcorr(torch.randn(5), None, True, False)
-    with pytest.raises(ValueError, match=r"aux must be the \[1, 2, 2\] Float tensor returned by "
-                                         r"sq_xcorr with gram=False"):
-        ops.sq_xcorr_backward(torch.tensor(1.0), torch.randn(5, 2), None, torch.ones(1, 5, 5),
-                              True, False)
+    with pytest.raises(
+        ValueError,
+        match=r"aux must be the \[1, 2, 2\] Float tensor returned by "
+        r"sq_xcorr with gram=False",
+    ):
+        ops.sq_xcorr_backward(torch.tensor(1.0), torch.randn(5, 2), None, torch.ones(1, 5, 5), True, False)
     with pytest.raises(ValueError, match=r"aux must be the \[1, 5, 5\]"):
-        ops.sq_xcorr_backward(torch.tensor(1.0), torch.randn(5, 2), None, torch.ones(1, 2, 2),
-                              True, True)
+        ops.sq_xcorr_backward(torch.tensor(1.0), torch.randn(5, 2), None, torch.ones(1, 2, 2), True, True)
     with pytest.raises(ValueError, match="palfast.sq_xcorr_backward: grad must be a 0-dim"):
-        ops.sq_xcorr_backward(torch.ones(2), torch.randn(5, 2), None, torch.ones(1, 2, 2),
-                              True, False)
+        ops.sq_xcorr_backward(torch.ones(2), torch.randn(5, 2), None, torch.ones(1, 2, 2), True, False)

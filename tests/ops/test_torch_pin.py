@@ -18,8 +18,13 @@ def _message(built_version, built_cuda, torch_version, torch_cuda, torch_hip=Non
 
 
 def test_the_installed_torch_passes():
-    _ops._check_torch(_ops.BUILD_INFO["torch_version"], _ops.BUILD_INFO["torch_cuda"],
-                      torch.__version__, torch.version.cuda, getattr(torch.version, "hip", None))
+    _ops._check_torch(
+        _ops.BUILD_INFO["torch_version"],
+        _ops.BUILD_INFO["torch_cuda"],
+        torch.__version__,
+        torch.version.cuda,
+        getattr(torch.version, "hip", None),
+    )
 
 
 @pytest.mark.parametrize("built, cuda", [("2.13.0+cpu", ""), ("2.14.1+cu130", "13.0")])
@@ -66,10 +71,10 @@ def test_import_of_a_mismatched_build_fails_with_the_fix(tmp_path):
         "except ImportError as e:\n"
         "    print(e)\n"
         "else:\n"
-        "    sys.exit('palfast imported beside the wrong torch')\n")
+        "    sys.exit('palfast imported beside the wrong torch')\n"
+    )
     # cwd outside the checkout: the palfast these tests import, not the source folder.
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     assert f"torch {fake}" in out.stdout and f"torch {torch.__version__}" in out.stdout
     assert "pip install torch==9.99.0 --index-url https://download.pytorch.org/whl/" in out.stdout
