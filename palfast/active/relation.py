@@ -86,27 +86,36 @@ class Relation:
         j``; the caller checked them), after those already applied. Returns the positions
         (in :meth:`answers`) of those among them that contradicted what was known."""
         first, before = len(self._conflicts), len(self._log_a)
+        # A store's reopen replays every answer here: the loop reads locals only.
+        log_i, log_j, log_a, conflicts = self._log_i, self._log_j, self._log_a, self._conflicts
+        dense, parent, cannot = self._dense, self._parent, self._cannot
+        node, find, union = self._node, self._find, self._union
         for i, j, ans in answers:
-            self._log_i.append(i)
-            self._log_j.append(j)
-            self._log_a.append(ans)
-            ri, rj = self._find(self._node(i)), self._find(self._node(j))
+            position = len(log_a)
+            log_i.append(i)
+            log_j.append(j)
+            log_a.append(ans)
+            di, dj = dense.get(i), dense.get(j)
+            di = node(i) if di is None else di
+            dj = node(j) if dj is None else dj
+            ri = di if parent[di] == di else find(di)  # a root (most often): no call
+            rj = dj if parent[dj] == dj else find(dj)
             if ans:
                 if ri == rj:
                     continue
-                if rj in self._cannot.get(ri, ()):
-                    self._conflicts.append(len(self._log_a) - 1)
+                if rj in cannot.get(ri, ()):
+                    conflicts.append(position)
                     continue
-                self._union(ri, rj)
+                union(ri, rj)
             else:
                 if ri == rj:
-                    self._conflicts.append(len(self._log_a) - 1)
+                    conflicts.append(position)
                     continue
-                self._cannot.setdefault(ri, set()).add(rj)
-                self._cannot.setdefault(rj, set()).add(ri)
-        if len(self._log_a) > before:
+                cannot.setdefault(ri, set()).add(rj)
+                cannot.setdefault(rj, set()).add(ri)
+        if len(log_a) > before:
             self._cache = None
-        return self._conflicts[first:]
+        return conflicts[first:]
 
     def answer_at(self, position: int) -> tuple[int, int, bool]:
         """``(i, j, alike)`` of the answer at ``position`` of :meth:`answers`."""
