@@ -137,6 +137,10 @@ class Questions:
         self.captcha_k = captcha_k
         self._seed = seed
         self._rounds = 0
+        # pal's exploration state (select_queries' ``state``): the refills are the
+        # consecutive calls of one selection, so its seed credit and its "stop exploring"
+        # carry over from one to the next (not across a restart of the server).
+        self._select_state: dict = {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # refill done / refill wanted
         self._pending: deque[tuple[int, int]] = deque()
@@ -255,6 +259,7 @@ class Questions:
                     self.strategy,
                     k=SELECT_K,
                     seed=self._seed * 1_000_003 + self._rounds,
+                    state=self._select_state if self.strategy == "pal" else None,
                     **how,
                 )
                 for i, j in got.tolist():

@@ -1059,6 +1059,33 @@ def test_refills_search_the_knn_graph_once_and_never_reask(tmp_path, knn_searche
         q.close()
 
 
+def test_pal_exploration_state_carries_from_refill_to_refill(tmp_path, monkeypatch):
+    """pal's exploration (its credit of seed queries, the seeds awaiting answers, when to
+    stop exploring) is a state select_queries carries between calls; the server's refills
+    are consecutive calls of one selection, so they pass it one dict, kept and updated."""
+    n = 300
+    y = clustered_file(tmp_path / "e.npy", n)
+    states = []
+    real = questions_mod.select_queries
+
+    def spy(*args, **kwargs):
+        states.append(kwargs.get("state"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(questions_mod, "select_queries", spy)
+    with RelationStore() as store:
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, background=False)
+        for _ in range(3):
+            assert q.refill() > 0
+            pairs = list(q._pending)
+            q._pending.clear()
+            store.record(pairs, [bool(y[i] == y[j]) for i, j in pairs])
+        q.close()
+    refills = states[1:]  # the first call is the constructor's check of the arguments
+    assert len(refills) == 3 and all(s is refills[0] for s in refills)
+    assert isinstance(refills[0], dict) and "explore_credit" in refills[0]
+
+
 def test_a_new_embeddings_file_gets_a_new_graph_searched_with_progress(tmp_path, knn_searches):
     n = 300
     clustered_file(tmp_path / "e.npy", n)
