@@ -9,7 +9,9 @@ Backends:
   float32 rows; a GPU index when the tensor is on CUDA and faiss was built with
   GPU support, fed through ``faiss.contrib.torch_utils`` (no host copy).
 * ``"torch"``: exact ``q̂ k̂ᵀ`` + ``topk``, a block of query rows at a time so at
-  most :data:`MAX_BLOCK` similarities exist at once, whatever N.
+  most :data:`MAX_BLOCK` similarities exist at once, whatever N; above
+  ``MAX_BLOCK / MIN_BLOCK_ROWS`` keys the keys are split into blocks too and each query
+  row's running top-k is merged block by block.
 * ``"auto"``: faiss when it imports, else torch.
 
 Indexes (``index=``; the torch backend is exact only):
@@ -81,6 +83,7 @@ __all__ = [
     "HNSW_M",
     "INDEXES",
     "MAX_BLOCK",
+    "MIN_BLOCK_ROWS",
     "TRAIN_ROWS_PER_LIST",
     "as_rows",
     "build_index",
@@ -144,6 +147,11 @@ PQ_BITS = 8
 # most query rows per block: bounded memory at any N, blocks big enough for BLAS.
 MAX_BLOCK = 1 << 24
 MAX_BLOCK_ROWS = 4096
+# Fewest query rows per block of the exact torch search: each key row read from memory
+# then serves at least this many dot products (a GEMM, not a matrix-vector product).
+# Blocks of MAX_BLOCK // N rows across all N keys fell below it from N = 65 536 (1 row
+# from N = 2^24: every query row re-read all N keys); above, the keys are split instead.
+MIN_BLOCK_ROWS = 256
 
 
 def resolve_backend(op: str, backend) -> str:
@@ -612,18 +620,33 @@ def _torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, self_offset
     """Exact top-k of ``queries`` among the unit rows ``keys``, a block of queries at a
     time (normalised per block unless ``normalized``); ``self_offset``: query row r is
     key row r + self_offset, never its own neighbour."""
-    block = max(1, min(MAX_BLOCK_ROWS, MAX_BLOCK // keys.shape[0]))
+    n_keys = keys.shape[0]
+    block = max(1, min(MAX_BLOCK_ROWS, MAX_BLOCK // n_keys))
+    key_block = n_keys
+    if block < MIN_BLOCK_ROWS:  # too few queries per pass over the keys: split the keys
+        block = MIN_BLOCK_ROWS
+        key_block = max(k, MAX_BLOCK // block)
     sims, nbrs = [], []
     for start in range(0, queries.shape[0], block):
         q = queries[start : start + block]
         q = q.to(keys.device) if normalized else _unit_chunk(q.to(keys.device))
-        s = q @ keys.T
-        if self_offset is not None:  # never one's own neighbour
-            rows = torch.arange(s.shape[0], device=s.device)
-            s[rows, rows + start + self_offset] = float("-inf")
-        v, i = s.topk(k, dim=1)
-        sims.append(v)
-        nbrs.append(i)
+        best = None
+        for k0 in range(0, n_keys, key_block):
+            s = q @ keys[k0 : k0 + key_block].T
+            if self_offset is not None:  # never one's own neighbour (if in this key block)
+                rows = torch.arange(s.shape[0], device=s.device)
+                own = rows + (start + self_offset - k0)
+                inside = (own >= 0) & (own < s.shape[1])
+                own = own.clamp(0, s.shape[1] - 1)
+                s[rows, own] = torch.where(inside, float("-inf"), s[rows, own])
+            v, i = s.topk(min(k, s.shape[1]), dim=1)
+            if best is None:
+                best = v, i + k0
+            else:  # merge this key block's top-k into the running one
+                v, pos = torch.cat([best[0], v], dim=1).topk(k, dim=1)
+                best = v, torch.cat([best[1], i + k0], dim=1).gather(1, pos)
+        sims.append(best[0])
+        nbrs.append(best[1])
     return torch.cat(sims), torch.cat(nbrs)
 
 

@@ -232,3 +232,22 @@ def test_ivf_join_bad_parameters(kwargs, exc, match):
         kwargs["keys"] = x
     with pytest.raises(exc, match=match):
         knn(x, 5, index="ivf-join", op="palfast.knn.knn", **kwargs)
+
+
+@pytest.mark.parametrize("self_search", [True, False])
+def test_exact_torch_search_with_the_keys_split_equals_one_pass(monkeypatch, self_search):
+    """Above MAX_BLOCK / MIN_BLOCK_ROWS keys the exact torch search splits the keys too and
+    merges each row's top-k block by block (the last key block smaller than k here); it
+    finds what one pass over all keys finds, own rows excluded in a self search."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=gen)
+    keys = None if self_search else torch.randn(250, 16, generator=gen)
+    k = 12
+    one_pass = knn(x, k, keys=keys, backend="torch")
+    monkeypatch.setattr(knn_mod, "MIN_BLOCK_ROWS", 16)
+    monkeypatch.setattr(knn_mod, "MAX_BLOCK", 97 * 16)  # 16 query rows x 97 keys per block
+    split = knn(x, k, keys=keys, backend="torch")
+    torch.testing.assert_close(split[0], one_pass[0], rtol=0, atol=1e-6)
+    assert torch.equal(split[1], one_pass[1])
+    if self_search:
+        assert not (split[1] == torch.arange(300)[:, None]).any()
