@@ -26,26 +26,7 @@ Example::
 
 from __future__ import annotations
 
-from .losses import (
-    INFO_NCE_MAX_LOGIT,
-    barlow_twins,
-    barlow_twins_two_view,
-    info_nce,
-    spectral_contrastive,
-    spectral_contrastive_two_view,
-    vic2,
-    vicreg,
-    vicreg_two_view,
-)
+from . import losses as _losses
+from .losses import *  # noqa: F403  (the front re-exports palfast.losses' public names, listed once there)
 
-__all__ = [
-    "info_nce",
-    "vicreg",
-    "barlow_twins",
-    "spectral_contrastive",
-    "vic2",
-    "vicreg_two_view",
-    "barlow_twins_two_view",
-    "spectral_contrastive_two_view",
-    "INFO_NCE_MAX_LOGIT",
-]
+__all__ = _losses.__all__

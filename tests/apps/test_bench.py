@@ -308,6 +308,14 @@ def test_deterministic_runs_under_the_flag_and_restores_the_callers():
 # further so that it runs in seconds; the 10^6 runs are benchmarks, not tests.
 
 
+def _run_quick(bench: str, out_dir) -> dict:
+    """The harness's report of ``bench``'s quick form: one repeat, no warm-up, no memory
+    subprocess, silent, written into ``out_dir``."""
+    return harness.run_cases(
+        [bench], quick=True, repeats=1, warmup=0, memory=False, out_dir=str(out_dir), progress=lambda msg: None
+    )
+
+
 def _small_active(monkeypatch):
     from palfast.benchmarks import bench_active as ba
 
@@ -323,15 +331,7 @@ def _small_active(monkeypatch):
 def test_active_bench_quick_runs_every_index_with_recall(monkeypatch, tmp_path):
     pytest.importorskip("faiss")
     ba = _small_active(monkeypatch)
-    report = harness.run_cases(
-        ["bench_active"],
-        quick=True,
-        repeats=1,
-        warmup=0,
-        memory=False,
-        out_dir=str(tmp_path),
-        progress=lambda msg: None,
-    )
+    report = _run_quick("bench_active", tmp_path)
     rows = {r["index"]: r for r in report["results"]}
     assert set(rows) == {"exact", "ivf", "hnsw", "ivf-join"}
     for r in rows.values():
@@ -353,15 +353,7 @@ def test_active_bench_runs_ivf_join_without_faiss(monkeypatch, tmp_path):
     (with its recall) where faiss is missing, and only the FAISS indexes are skipped."""
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
     ba = _small_active(monkeypatch)
-    report = harness.run_cases(
-        ["bench_active"],
-        quick=True,
-        repeats=1,
-        warmup=0,
-        memory=False,
-        out_dir=str(tmp_path),
-        progress=lambda msg: None,
-    )
+    report = _run_quick("bench_active", tmp_path)
     status = {r["index"]: r["status"] for r in report["results"]}
     assert status == {
         "exact": "ok",
@@ -436,9 +428,7 @@ def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
     monkeypatch.delenv(bs.STORE_URL_ENV, raising=False)  # SQLite only
     pairs, ans = bs.answers(3000)
     assert 0.3 < float(ans.float().mean()) < 0.7 and bool((pairs[:, 0] != pairs[:, 1]).all())
-    report = harness.run_cases(
-        ["bench_store"], quick=True, repeats=1, warmup=0, memory=False, out_dir=str(tmp_path), progress=lambda msg: None
-    )
+    report = _run_quick("bench_store", tmp_path)
     assert [r["status"] for r in report["results"]] == ["ok"] * 4
     assert all(t["status"].startswith("unmeasured") for t in report["targets"])
     n = bs.ANSWERS
@@ -473,9 +463,7 @@ def test_store_bench_times_postgres_beside_sqlite(monkeypatch, tmp_path, postgre
     monkeypatch.setattr(bs, "QUICK_ANSWERS", 2000)
     monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
     monkeypatch.setenv(bs.STORE_URL_ENV, postgres_url)
-    report = harness.run_cases(
-        ["bench_store"], quick=True, repeats=1, warmup=0, memory=False, out_dir=str(tmp_path), progress=lambda msg: None
-    )
+    report = _run_quick("bench_store", tmp_path)
     got = [(r["case"].split()[0], r["impl"], r["status"]) for r in report["results"]]
     assert got == [
         ("record", "palfast", "ok"),

@@ -21,28 +21,16 @@ def test_info_tells_what_was_compiled(capsys):
     assert "info_nce" in out and "FAISS" in out
 
 
+def _bench_info_nce_on_cpu(out_dir, *args: str) -> int:
+    """``palfast bench`` of info_nce on the CPU, one repeat, results in ``out_dir``:
+    its exit status."""
+    return cli.main(["bench", "--only", "info_nce", "--repeats", "1", "--device", "cpu", "--out", str(out_dir), *args])
+
+
 @pytest.mark.slow
 def test_bench_quick_writes_json_csv_and_table(tmp_path, capsys):
     # N=1024 has both steps (fwd, fwd+bwd); each row's peak memory costs a subprocess.
-    assert (
-        cli.main(
-            [
-                "bench",
-                "--only",
-                "info_nce",
-                "--quick",
-                "--repeats",
-                "1",
-                "--device",
-                "cpu",
-                "--filter",
-                "N=1024",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    assert _bench_info_nce_on_cpu(tmp_path, "--quick", "--filter", "N=1024") == 0
     out = capsys.readouterr().out
     assert "palfast" in out and "naive_eager" in out and "git" in out
     assert "TFLOP/s" in out and "fwd counted as 2·N²·D" in out and "fwd+bwd counted as 6·N²·D" in out
@@ -76,27 +64,7 @@ def test_help_explains_every_command(capsys):
 
 @pytest.mark.slow
 def test_bench_contention_times_quiet_and_busy(tmp_path, capsys):
-    assert (
-        cli.main(
-            [
-                "bench",
-                "--only",
-                "info_nce",
-                "--quick",
-                "--repeats",
-                "1",
-                "--device",
-                "cpu",
-                "--filter",
-                "N=1024",
-                "--no-memory",
-                "--contention",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    assert _bench_info_nce_on_cpu(tmp_path, "--quick", "--filter", "N=1024", "--no-memory", "--contention") == 0
     out = capsys.readouterr().out
     assert "quiet" in out and "1 busy process" in out and "load average" in out
     [jpath] = tmp_path.glob("*.json")
@@ -124,28 +92,10 @@ def test_bench_min_time_must_not_be_negative(capsys):
 
 @pytest.mark.slow
 def test_bench_cpu_skips_inf_cl_with_its_reason(tmp_path, capsys):
-    assert (
-        cli.main(
-            [
-                "bench",
-                "--only",
-                "info_nce",
-                "--filter",
-                "N=1024 D=128 float32 fwd+bwd",
-                "--impls",
-                "palfast",
-                "inf_cl",
-                "--repeats",
-                "1",
-                "--device",
-                "cpu",
-                "--no-memory",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
+    status = _bench_info_nce_on_cpu(
+        tmp_path, "--filter", "N=1024 D=128 float32 fwd+bwd", "--impls", "palfast", "inf_cl", "--no-memory"
     )
+    assert status == 0
     assert "inf_cl" in capsys.readouterr().out
     [jpath] = tmp_path.glob("*.json")
     status = {r["impl"]: r["status"] for r in json.loads(jpath.read_text())["results"]}
