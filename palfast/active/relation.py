@@ -45,6 +45,12 @@ def as_pairs(pairs, name: str = "pairs") -> torch.Tensor:
         t = t.reshape(0, 2)
     if t.dim() != 2 or t.shape[1] != 2:
         raise ValueError(f"{name} must be a [Q, 2] tensor of sample ids, got shape {tuple(t.shape)}")
+    return _sample_ids(t, name)
+
+
+def _sample_ids(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as a CPU LongTensor; ``TypeError``/``ValueError`` naming ``name`` unless it holds
+    integers >= 0."""
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise TypeError(f"{name} must hold integer sample ids, got {t.dtype}")
     t = t.to(device="cpu", dtype=torch.long)
@@ -308,12 +314,7 @@ class Relation:
         idx = torch.as_tensor(indices)
         if idx.dim() != 1:
             raise ValueError(f"{self._name}: indices must be a 1-D tensor of sample ids, got shape {tuple(idx.shape)}")
-        if idx.numel() and (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool):
-            raise TypeError(f"{self._name}: indices must hold integer sample ids, got {idx.dtype}")
-        idx = idx.to(device="cpu", dtype=torch.long)
-        if idx.numel() and int(idx.min()) < 0:
-            raise ValueError(f"{self._name}: indices must be >= 0, got {int(idx.min())}")
-        return idx
+        return _sample_ids(idx, f"{self._name}: indices")
 
     def graph(
         self,

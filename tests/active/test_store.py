@@ -305,6 +305,10 @@ def test_other_bad_input(tmp_path):
         s.graph(torch.tensor([0, 1]), n_views=0)
     with pytest.raises(ValueError, match="indices must be a 1-D"):
         s.graph(torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="RelationStore: indices must hold integer sample ids, got torch.float32"):
+        s.graph(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="RelationStore: indices must hold sample ids >= 0, got -1"):
+        s.graph(torch.tensor([0, -1]))
     with pytest.raises(ValueError, match="at least one sample id"):
         s.graph(torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match="must be a file"):
