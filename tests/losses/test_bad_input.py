@@ -19,6 +19,15 @@ from palfast import PairGraph, reference
 from palfast._ops import ops
 from palfast.testing import LOSSES
 
+# Every loss module of palfast.nn with a two-view form, module(z_a, z_b).
+MODULES = [
+    palfast.nn.InfoNCELoss,
+    palfast.nn.VICRegLoss,
+    palfast.nn.BarlowTwinsLoss,
+    palfast.nn.SpectralContrastiveLoss,
+    palfast.nn.VIC2Loss,
+]
+
 
 def _graph(device="cpu", n=8):
     """Explicit edges (not symmetric, so both CSR sides exist) plus a label set."""
@@ -158,16 +167,7 @@ def test_truthy_strings_are_not_booleans(call, match):
         call(torch.randn(8, 4), PairGraph.from_views(4, 2))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        palfast.nn.InfoNCELoss,
-        palfast.nn.VICRegLoss,
-        palfast.nn.BarlowTwinsLoss,
-        palfast.nn.SpectralContrastiveLoss,
-        palfast.nn.VIC2Loss,
-    ],
-)
+@pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("bad_view", ["z_a", "z_b"])
 def test_check_finite_holds_for_two_view_modules(module, bad_view):
     z_a, z_b = torch.randn(6, 4), torch.randn(6, 4)
@@ -175,6 +175,68 @@ def test_check_finite_holds_for_two_view_modules(module, bad_view):
     with pytest.raises(ValueError, match=rf"{bad_view} must be finite \(check_finite=True\)"):
         module(check_finite=True)(z_a, z_b)
     assert module()(z_a, z_b).isnan()  # the default still propagates NaN, like torch
+
+
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        (lambda g: (torch.randn(4), g), ValueError, "z must be a 2-D tensor"),
+        (lambda g: (torch.randn(4, 3, 1), g), ValueError, "z must be a 2-D tensor"),
+        (
+            lambda g: (torch.ones(4, 3, dtype=torch.long), g),
+            TypeError,
+            "z must be float32, float64, float16 or bfloat16",
+        ),
+        (lambda g: (torch.ones(4, 3, dtype=torch.int32), g), TypeError, "z must be float32"),
+        (lambda g: ([[1.0]], g), TypeError, "z must be a torch.Tensor"),
+        (lambda g: (torch.randn(5, 3), g), ValueError, r"graph must have one node per row of z \(5\)"),
+        (lambda g: (torch.randn(4, 3), torch.eye(4)), TypeError, "graph must be a palfast.PairGraph"),
+        (lambda g: (torch.randn(4, 3), None), TypeError, "graph must be a palfast.PairGraph"),
+    ],
+)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bad_z_and_graph(loss, args, exc, match):
+    with pytest.raises(exc, match=rf"palfast.{loss}: {match}"):
+        LOSSES[loss](*args(PairGraph.from_views(2, 2)))
+
+
+@pytest.mark.parametrize(
+    "views,exc,match",
+    [
+        (lambda: (torch.randn(4, 3), torch.randn(5, 3)), ValueError, "z_a and z_b must both be"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 2)), ValueError, "z_a and z_b must both be"),
+        (lambda: (torch.randn(4, 3), "graph"), TypeError, "z_b must be a torch.Tensor"),
+        (lambda: (torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)), ValueError, "z_b must have z_a's dtype"),
+        (lambda: (torch.ones(4, 3, dtype=torch.long), torch.randn(4, 3)), TypeError, "z_a must be float32"),
+    ],
+)
+@pytest.mark.parametrize("module", MODULES)
+def test_bad_views_of_two_view_modules(module, views, exc, match):
+    with pytest.raises(exc, match=match):
+        module()(*views())
+
+
+# The covariance losses' hyper-parameters and the modules that take them.
+COVARIANCE_MODULES = {"vicreg": palfast.nn.VICRegLoss, "barlow_twins": palfast.nn.BarlowTwinsLoss}
+
+
+@pytest.mark.parametrize(
+    "loss,bad,exc,match",
+    [
+        ("vicreg", dict(sim_coeff=-1.0), ValueError, "sim_coeff must be a finite number >= 0, got -1.0"),
+        ("vicreg", dict(std_coeff=float("inf")), ValueError, "std_coeff must be a finite number >= 0"),
+        ("vicreg", dict(cov_coeff="1"), TypeError, "cov_coeff must be a number, got str"),
+        ("vicreg", dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+        ("barlow_twins", dict(lambd=-0.1), ValueError, "lambd must be a finite number >= 0, got -0.1"),
+        ("barlow_twins", dict(lambd=None), TypeError, "lambd must be a number, got NoneType"),
+        ("barlow_twins", dict(eps=-1.0), ValueError, "eps must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_bad_hyper_parameters_of_the_function_and_the_two_view_module(loss, bad, exc, match):
+    with pytest.raises(exc, match=rf"palfast.{loss}: {match}"):
+        LOSSES[loss](torch.randn(4, 3), PairGraph.from_views(2, 2), **bad)
+    with pytest.raises(exc, match=match):
+        COVARIANCE_MODULES[loss](**bad)(torch.randn(4, 3), torch.randn(4, 3))
 
 
 def test_two_view_info_nce_checks_dtypes():
@@ -277,16 +339,7 @@ def test_double_backward_raises_instead_of_a_wrong_value(loss):
         torch.autograd.grad(LOSSES[loss](z, g, **kw), z, create_graph=True)
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        palfast.nn.InfoNCELoss,
-        palfast.nn.VICRegLoss,
-        palfast.nn.BarlowTwinsLoss,
-        palfast.nn.SpectralContrastiveLoss,
-        palfast.nn.VIC2Loss,
-    ],
-)
+@pytest.mark.parametrize("module", MODULES)
 def test_double_backward_of_two_view_modules_raises(module):
     z_a = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     z_b = torch.randn(6, 5, dtype=torch.float64)

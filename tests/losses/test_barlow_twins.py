@@ -118,31 +118,4 @@ def test_compile_fullgraph(device, n, d):
     assert_compile_matches_eager(step, z)
 
 
-# ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize(
-    "bad,match,exc",
-    [
-        (dict(lambd=-0.1), "lambd must be a finite number >= 0, got -0.1", ValueError),
-        (dict(lambd=None), "lambd must be a number, got NoneType", TypeError),
-        (dict(eps=-1.0), "eps must be a finite number > 0, got -1.0", ValueError),
-    ],
-)
-def test_bad_arguments(bad, match, exc):
-    with pytest.raises(exc, match=match):
-        palfast.barlow_twins(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), **bad)
-    with pytest.raises(exc, match=match):
-        palfast.nn.BarlowTwinsLoss(**bad)(torch.randn(4, 3), torch.randn(4, 3))
-
-
-def test_bad_z_and_graph():
-    g = palfast.PairGraph.from_views(2, 2)
-    with pytest.raises(ValueError, match="palfast.barlow_twins: z must be a 2-D tensor"):
-        palfast.barlow_twins(torch.randn(4, 3, 1), g)
-    with pytest.raises(TypeError, match="z must be float32"):
-        palfast.barlow_twins(torch.ones(4, 3, dtype=torch.int32), g)
-    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(6\)"):
-        palfast.barlow_twins(torch.randn(6, 3), g)
-    with pytest.raises(ValueError, match="z_b must have z_a's dtype"):
-        palfast.nn.BarlowTwinsLoss()(torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64))
-    with pytest.raises(TypeError, match="z_a must be float32"):
-        palfast.nn.BarlowTwinsLoss()(torch.ones(4, 3, dtype=torch.long), torch.randn(4, 3))
+# Bad z, graph and hyper-parameters of every loss: tests/losses/test_bad_input.py.

@@ -154,20 +154,7 @@ def test_bad_arguments(bad, match, exc):
         palfast.info_nce(z, palfast.PairGraph.from_views(2, 2), **bad)
 
 
-def test_bad_z_and_graph():
-    g = palfast.PairGraph.from_views(2, 2)
-    with pytest.raises(ValueError, match="z must be a 2-D tensor"):
-        palfast.info_nce(torch.randn(4), g)
-    with pytest.raises(TypeError, match="z must be float32"):
-        palfast.info_nce(torch.ones(4, 3, dtype=torch.long), g)
-    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
-        palfast.info_nce([[1.0]], g)
-    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(5\)"):
-        palfast.info_nce(torch.randn(5, 3), g)
-    with pytest.raises(TypeError, match="graph must be a palfast.PairGraph"):
-        palfast.info_nce(torch.randn(4, 3), torch.eye(4))
-
-
+# Bad z and graph of every loss: tests/losses/test_bad_input.py.
 def test_kernel_checks_its_arguments_too():
     """Calling the op directly with a mismatched graph is an error, not a crash."""
     g = palfast.PairGraph.from_views(3, 2)

@@ -105,13 +105,4 @@ def test_compile_fullgraph(device):
     assert_compile_matches_eager(step, z)
 
 
-def test_bad_input():
-    g = palfast.PairGraph.from_views(2, 2)
-    with pytest.raises(ValueError, match="palfast.spectral_contrastive: z must be a 2-D"):
-        palfast.spectral_contrastive(torch.randn(4), g)
-    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(3\)"):
-        palfast.spectral_contrastive(torch.randn(3, 2), g)
-    with pytest.raises(TypeError, match="graph must be a palfast.PairGraph"):
-        palfast.spectral_contrastive(torch.randn(4, 2), None)
-    with pytest.raises(ValueError, match="z_a and z_b must both be"):
-        palfast.nn.SpectralContrastiveLoss()(torch.randn(4, 3), torch.randn(4, 2))
+# Bad z, graph and hyper-parameters of every loss: tests/losses/test_bad_input.py.

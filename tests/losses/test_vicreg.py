@@ -117,38 +117,7 @@ def test_compile_fullgraph(device):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize(
-    "bad,match,exc",
-    [
-        (dict(sim_coeff=-1.0), "sim_coeff must be a finite number >= 0, got -1.0", ValueError),
-        (dict(std_coeff=float("inf")), "std_coeff must be a finite number >= 0", ValueError),
-        (dict(cov_coeff="1"), "cov_coeff must be a number, got str", TypeError),
-        (dict(eps=0.0), "eps must be a finite number > 0, got 0.0", ValueError),
-    ],
-)
-def test_bad_arguments(bad, match, exc):
-    with pytest.raises(exc, match=match):
-        palfast.vicreg(torch.randn(4, 3), palfast.PairGraph.from_views(2, 2), **bad)
-    with pytest.raises(exc, match=match):
-        palfast.nn.VICRegLoss(**bad)(torch.randn(4, 3), torch.randn(4, 3))
-
-
-def test_bad_z_and_graph():
-    g = palfast.PairGraph.from_views(2, 2)
-    with pytest.raises(ValueError, match="palfast.vicreg: z must be a 2-D tensor"):
-        palfast.vicreg(torch.randn(4), g)
-    with pytest.raises(TypeError, match="z must be float32, float64, float16 or bfloat16"):
-        palfast.vicreg(torch.ones(4, 3, dtype=torch.long), g)
-    with pytest.raises(ValueError, match=r"graph must have one node per row of z \(5\)"):
-        palfast.vicreg(torch.randn(5, 3), g)
-    with pytest.raises(TypeError, match="graph must be a palfast.PairGraph"):
-        palfast.vicreg(torch.randn(4, 3), torch.eye(4))
-    with pytest.raises(ValueError, match="z_a and z_b must both be"):
-        palfast.nn.VICRegLoss()(torch.randn(4, 3), torch.randn(5, 3))
-    with pytest.raises(TypeError, match="z_b must be a torch.Tensor"):
-        palfast.nn.VICRegLoss()(torch.randn(4, 3), "graph")
-
-
+# Bad z, graph and hyper-parameters of every loss: tests/losses/test_bad_input.py.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_on_wrong_device():
     with pytest.raises(ValueError, match="graph must be on z's device"):
