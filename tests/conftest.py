@@ -49,6 +49,20 @@ def graph_factory():
     return make_graph
 
 
+@pytest.fixture
+def seeded_inputs(device, graph_factory):
+    """``seeded_inputs(kind, n, d)`` -> ``(z, graph)``: a float64 ``z [n, d]`` of standard
+    normal entries, the global RNG seeded by (n, d), and a graph of that kind over its
+    rows, both on ``device``: what each loss is checked against its reference on."""
+
+    def make(kind: str, n: int, d: int):
+        torch.manual_seed(n * 1000 + d)
+        z = torch.randn(n, d, dtype=torch.float64, device=device)
+        return z, graph_factory(kind, n, seed=n + d).to(device)
+
+    return make
+
+
 # ------------------------------------------------ RelationStore backends (tests/_postgres.py)
 @pytest.fixture(scope="session")
 def postgres_server():

@@ -27,10 +27,8 @@ SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # N < D: Gram side; N > D: C 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,d", SIZES)
-def test_matches_reference_float64(device, graph_factory, kind, n, d):
-    torch.manual_seed(n * 1000 + d)
-    z = torch.randn(n, d, dtype=torch.float64, device=device)
-    g = graph_factory(kind, n, seed=n + d).to(device)
+def test_matches_reference_float64(seeded_inputs, kind, n, d):
+    z, g = seeded_inputs(kind, n, d)
     assert_matches_float64(palfast.barlow_twins, reference.barlow_twins, z, g, lambd=0.3, eps=1e-3)
 
 

@@ -31,12 +31,10 @@ pytestmark = pytest.mark.numeric
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (41, 127), (257, 3), pytest.param(1000, 127, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_matches_reference_float64(device, graph_factory, kind, n, d, normalize):
-    torch.manual_seed(n * 1000 + d)
-    z = torch.randn(n, d, dtype=torch.float64, device=device)
+def test_matches_reference_float64(seeded_inputs, kind, n, d, normalize):
+    z, g = seeded_inputs(kind, n, d)
     if not normalize:
         z = z / d**0.5  # keep raw dot products / τ in a sane range
-    g = graph_factory(kind, n, seed=n + d).to(device)
     assert_rows_match_float64(
         palfast.info_nce, reference.info_nce, z, g, temperature=0.3, normalize=normalize, reduction="none"
     )

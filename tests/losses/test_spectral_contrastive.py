@@ -24,11 +24,9 @@ SIZES = [(2, 3), (41, 127), (257, 3), (257, 127)]  # D < N: D×D side, else N×N
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,d", SIZES)
-def test_matches_reference_float64(device, graph_factory, kind, n, d):
-    torch.manual_seed(n * 1000 + d)
-    z = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
-    g = graph_factory(kind, n, seed=n + d).to(device)
-    assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z, g)
+def test_matches_reference_float64(seeded_inputs, kind, n, d):
+    z, g = seeded_inputs(kind, n, d)
+    assert_matches_float64(palfast.spectral_contrastive, reference.spectral_contrastive, z / d**0.5, g)
 
 
 def test_asymmetric_weighted_edges(device):

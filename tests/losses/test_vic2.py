@@ -24,10 +24,9 @@ pytestmark = pytest.mark.numeric
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,d", [(4, 3), (42, 127), (256, 3)])
-def test_matches_reference_float64(device, graph_factory, kind, n, d):
-    torch.manual_seed(n * 1000 + d)
-    z = torch.randn(n, d, dtype=torch.float64, device=device) / d**0.5
-    g = graph_factory(kind, n, seed=n + d).to(device)
+def test_matches_reference_float64(seeded_inputs, kind, n, d):
+    z, g = seeded_inputs(kind, n, d)
+    z = z / d**0.5
     n_views = 2 if kind in ("views", "semi") else 1
     kw = dict(beta=0.7, n_views=n_views)
     assert_matches_float64(palfast.vic2, reference.vic2, z, g, **kw)

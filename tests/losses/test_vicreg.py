@@ -26,10 +26,8 @@ SIZES = [(2, 3), (41, 127), (257, 3), (257, 40)]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,d", SIZES)
-def test_matches_reference_float64(device, graph_factory, kind, n, d):
-    torch.manual_seed(n * 1000 + d)
-    z = torch.randn(n, d, dtype=torch.float64, device=device)
-    g = graph_factory(kind, n, seed=n + d).to(device)
+def test_matches_reference_float64(seeded_inputs, kind, n, d):
+    z, g = seeded_inputs(kind, n, d)
     kw = dict(sim_coeff=3.0, std_coeff=2.0, cov_coeff=0.7, eps=1e-3)
     assert_matches_float64(palfast.vicreg, reference.vicreg, z, g, **kw)
 
