@@ -26,6 +26,22 @@ try:
 except ImportError:
     HAVE_FAISS = False
 
+
+def _peak_growth(tmp_path, script: str, *args: str) -> int:
+    """What ``python -c script *args`` prints last: the bytes by which its peak RSS grew
+    (a child process of the palfast these tests import, in ``tmp_path``: child_env)."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1])
+
+
 #: A chunk of 4 KiB is 85 rows at D = 12: the tests' 300 rows span 4 chunks, the last
 #: one partial, so every chunked pass crosses chunk boundaries.
 SMALL_CHUNK_BYTES = 1 << 12
@@ -186,20 +202,7 @@ def test_peak_memory_is_the_file_and_the_index(tmp_path, kind, backend):
     path = tmp_path / ("x.npy" if kind == "npy" else "x.bin")
     np.save(path, x) if kind == "npy" else x.tofile(path)
     del x
-    root = str(Path(palfast.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    # cwd: `python -c` puts the cwd first on sys.path, where a checkout's palfast/ (no
-    # compiled _C) would shadow the one these tests import.
-    run = subprocess.run(
-        [sys.executable, "-c", _MEM_CHILD, str(path), kind, backend],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr
-    extra = int(run.stdout.split()[-1])
+    extra = _peak_growth(tmp_path, _MEM_CHILD, str(path), kind, backend)
     file_bytes, index_bytes = MEM_ROWS * MEM_DIM * 8, MEM_ROWS * MEM_DIM * 4
     assert extra <= file_bytes + index_bytes + MEM_SLACK, (
         f"{extra / 2**20:.0f} MiB over {(file_bytes + index_bytes) / 2**20:.0f} MiB (file + index)"
@@ -252,14 +255,5 @@ _SCAN_CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("check", ["check_tensor", "as_rows"])
 @pytest.mark.slow
 def test_the_nonfinite_scan_holds_one_chunk_not_a_mask_of_the_whole(tmp_path, check):
-    run = subprocess.run(
-        [sys.executable, "-c", _SCAN_CHILD, check],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr
-    extra = int(run.stdout.split()[-1])
+    extra = _peak_growth(tmp_path, _SCAN_CHILD, check)
     assert extra <= SCAN_SLACK, f"{extra / 2**20:.0f} MiB to scan a {SCAN_ROWS * SCAN_DIM * 4 >> 20} MiB tensor"

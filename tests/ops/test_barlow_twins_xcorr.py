@@ -42,11 +42,8 @@ def test_wrapper_takes_the_side_of_the_rule(graph_factory):
 
 
 @pytest.mark.slow
-def test_opcheck(device, graph_factory):
-    torch.manual_seed(6)
-    for n, d in [(15, 20), (20, 15)]:
-        g = graph_factory("semi", n).to(device)
-        zhat = torch.randn(n, d, device=device, requires_grad=True)
+def test_opcheck(device, opcheck_inputs):
+    for g, zhat in opcheck_inputs:
         for gram in (False, True):
             args = (*g.kernel_args(), 0.1, 1.0 / g.total_weight, gram)
             torch.library.opcheck(ops.barlow_twins_xcorr.default, (zhat, *args))

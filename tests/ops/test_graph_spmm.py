@@ -56,11 +56,8 @@ def test_same_bits_for_any_thread_count(graph_factory):
 
 
 @pytest.mark.slow
-def test_opcheck(device, graph_factory):
-    torch.manual_seed(6)
-    for n, d in [(15, 20), (20, 15)]:
-        g = graph_factory("semi", n).to(device)
-        x = torch.randn(n, d, device=device, requires_grad=True)
+def test_opcheck(opcheck_inputs):
+    for g, x in opcheck_inputs:
         for transpose in (False, True):
             torch.library.opcheck(ops.graph_spmm.default, (x, *g.kernel_args(), transpose))
 
