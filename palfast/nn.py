@@ -28,8 +28,8 @@ from .losses._common import (
     check_finite_values,
     check_gather,
     check_two_views,
-    gathered_views,
     stacked_views,
+    two_views,
 )
 
 __all__ = [
@@ -232,10 +232,8 @@ class VIC2Loss(nn.Module):
         n_views, gather = self.n_views, self.gather
         if not isinstance(graph_or_z_b, PairGraph):
             op = "palfast.nn.VIC2Loss"
-            check_two_views(op, z, graph_or_z_b, 2, self.check_finite)
             # vic2 reads z as stacked view blocks: gather each view, then stack them
-            if check_gather(op, gather):
-                z, graph_or_z_b = gathered_views(z, graph_or_z_b)
+            z, graph_or_z_b = two_views(op, z, graph_or_z_b, 2, self.check_finite, gather)
             z, graph_or_z_b = stacked_views(z, graph_or_z_b, gather=False)
             n_views, gather = 2, False
         return F.vic2(z, graph_or_z_b, beta=self.beta, n_views=n_views, check_finite=self.check_finite, gather=gather)

@@ -138,6 +138,15 @@ def check_two_views(op: str, z_a, z_b, min_rows: int, check_finite, names: tuple
         check_finite_values(op, name, t, check_finite)
 
 
+def two_views(op: str, z_a, z_b, min_rows: int, check_finite, gather) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check z_a and z_b (:func:`check_two_views`) and, under torch.distributed
+    (``gather``), return every rank's views (:func:`gathered_views`); else z_a, z_b."""
+    check_two_views(op, z_a, z_b, min_rows, check_finite)
+    if check_gather(op, gather):
+        z_a, z_b = gathered_views(z_a, z_b)
+    return z_a, z_b
+
+
 def stacked_views(z_a, z_b, gather: bool) -> tuple[torch.Tensor, PairGraph]:
     """cat(z_a, z_b) and the graph that pairs each image's two views: row i with row
     i + n. Gathered (``gather``), this rank's rows are one block of the global batch,

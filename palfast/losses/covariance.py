@@ -19,13 +19,11 @@ from .._checks import check_number
 from ..graph import PairGraph
 from ._common import (
     acc,
-    check_gather,
     check_rows,
-    check_two_views,
     dirichlet_mean,
-    gathered_views,
     global_rows,
     no_overflow_nan,
+    two_views,
     with_check,
 )
 
@@ -255,10 +253,8 @@ def vicreg_two_view(
         >>> loss = palfast.functional.vicreg_two_view(z_a, z_b)
     """
     op = "palfast.vicreg_two_view"
-    check_two_views(op, z_a, z_b, 2, check_finite)
     sim_coeff, std_coeff, cov_coeff, eps = _vicreg_coeffs(op, sim_coeff, std_coeff, cov_coeff, eps)
-    if check_gather(op, gather):
-        z_a, z_b = gathered_views(z_a, z_b)
+    z_a, z_b = two_views(op, z_a, z_b, 2, check_finite, gather)
     xa, xb = acc(z_a), acc(z_b)
     var_a, cov_a = _variance_covariance(xa, eps)
     var_b, cov_b = _variance_covariance(xb, eps)
@@ -289,10 +285,8 @@ def barlow_twins_two_view(
         >>> loss = palfast.functional.barlow_twins_two_view(z_a, z_b, lambd=0.0051)
     """
     op = "palfast.barlow_twins_two_view"
-    check_two_views(op, z_a, z_b, 1, check_finite)
     lambd, eps = _barlow_twins_coeffs(op, lambd, eps)
-    if check_gather(op, gather):
-        z_a, z_b = gathered_views(z_a, z_b)
+    z_a, z_b = two_views(op, z_a, z_b, 1, check_finite, gather)
     pa, pb = _standardize(acc(z_a), eps), _standardize(acc(z_b), eps)
     n = pa.shape[0]
     on = (1 - (pa * pb).sum(0) / n).square().sum()
@@ -315,9 +309,7 @@ def spectral_contrastive_two_view(
         >>> loss = palfast.functional.spectral_contrastive_two_view(z_a, z_b)
     """
     op = "palfast.spectral_contrastive_two_view"
-    check_two_views(op, z_a, z_b, 1, check_finite)
-    if check_gather(op, gather):
-        z_a, z_b = gathered_views(z_a, z_b)
+    z_a, z_b = two_views(op, z_a, z_b, 1, check_finite, gather)
     xa, xb = acc(z_a), acc(z_b)
     n = xa.shape[0]
     loss = -2 * (xa * xb).sum() / n
