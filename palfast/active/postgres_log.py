@@ -116,6 +116,12 @@ def shown(url: str) -> str:
     return re.sub(r"(password=)[^&]*", r"\1***", url)
 
 
+def _one_line(e: Exception) -> str:
+    """A PostgreSQL error's message on one line (libpq's span several), so that a
+    command-line tool can print the error as one line."""
+    return " ".join(str(e).split())
+
+
 def _psycopg():
     try:
         import psycopg
@@ -185,9 +191,7 @@ class PostgresAnswerLog(AnswerLog):
     def _error(self, where: str, e: Exception) -> StoreError:
         """A psycopg exception as a palfast one that names the store and says what to do."""
         errors = self._psycopg.errors
-        # libpq's messages span lines ("...failed: ...\n\tIs the server running...?"):
-        # one line, so that a command-line tool can print the error as one line.
-        msg = " ".join(str(e).split())
+        msg = _one_line(e)
         if isinstance(e, errors.LockNotAvailable):
             return StoreError(
                 f"{where}: {self._shown!r} stayed locked by another process longer "
@@ -246,18 +250,43 @@ class PostgresAnswerLog(AnswerLog):
                 f"RelationStore: {self._shown!r} holds no palfast RelationStore "
                 f"(no meta table; readonly=True never creates one)"
             )
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        self._check_tables()
+
+    def _check_tables(self) -> None:
+        """Refuse a ``meta`` table of another application (``ValueError``), a newer
+        schema (``ValueError``: upgrade palfast) and palfast's tables with another
+        layout or version (``StoreCorruptError``: a PostgreSQL store is created at
+        :data:`SCHEMA_VERSION` and never migrated), as the SQLite store does."""
+        db, psycopg = self._db, self._psycopg
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except psycopg.Error as e:
+            raise ValueError(
+                f"RelationStore: {self._shown!r} has a meta table that is not palfast's "
+                f"({_one_line(e)}); use another database or search_path"
+            ) from e
         if meta.get("application") != "palfast.RelationStore":
             raise ValueError(
                 f"RelationStore: {self._shown!r} has a meta table that is not "
-                f"palfast's (application={meta.get('application')!r})"
+                f"palfast's (application={meta.get('application')!r}); use another "
+                f"database or search_path"
             )
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
+        raw = meta.get("schema_version")
+        version = int(raw) if isinstance(raw, str) and raw.isdigit() else -1
+        if version > SCHEMA_VERSION:
             raise ValueError(
-                f"RelationStore: {self._shown!r} has schema version "
-                f"{meta.get('schema_version')!r}; this palfast reads "
-                f"{SCHEMA_VERSION} (upgrade palfast if it is newer)"
+                f"RelationStore: {self._shown!r} has schema version {version}, newer "
+                f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast"
             )
+        if version != SCHEMA_VERSION:
+            raise self._corrupt(f"it has an invalid schema version {raw!r} (a PostgreSQL store is {SCHEMA_VERSION})")
+        try:
+            for table, cols in _COLUMNS.items():
+                db.execute(f"SELECT id, {', '.join(cols)}, time, source, crc FROM {table} LIMIT 0")
+        except psycopg.Error as e:
+            raise self._corrupt(
+                f"its meta table is palfast's but its tables are missing or damaged ({_one_line(e)})"
+            ) from e
 
     def _has(self, table: str) -> bool:
         return self._db.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]

@@ -27,7 +27,7 @@ from palfast.active.answer_log import (
     row_crc,
 )
 
-from _store_helpers import child_env, execute_sql, random_answers
+from _store_helpers import child_env, execute_sql, is_url, random_answers
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):
@@ -37,22 +37,33 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
         RelationStore(path)
 
 
-def test_foreign_sqlite_is_refused(tmp_path):
-    path = tmp_path / "foreign.sqlite"
-    execute_sql(path, "CREATE TABLE answers (x)")
-    with pytest.raises(ValueError, match="foreign"):
-        RelationStore(path)
+def test_foreign_database_is_refused(store_path):
+    """A database holding an ``answers`` table of another application is refused, on
+    both backends, and nothing is written into it."""
+    path = store_path
+    execute_sql(path, "CREATE TABLE answers (x INTEGER)")
+    for readonly in (False, True):
+        with pytest.raises(ValueError, match="foreign|not a palfast RelationStore|no palfast"):
+            RelationStore(path, readonly=readonly)
+    if is_url(path):
+        assert _postgres_tables(path) == ["answers"]
+        return
     execute_sql(path, "PRAGMA application_id = 1234")
     with pytest.raises(ValueError, match="another application"):
         RelationStore(path)
 
 
-def test_newer_schema_and_damaged_store_are_refused(tmp_path):
-    path = tmp_path / "newer.sqlite"
+def test_newer_schema_is_refused(store_path):
+    path = store_path
     RelationStore(path).close()
     execute_sql(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(ValueError, match="schema version 99"):
-        RelationStore(path)
+    for readonly in (False, True):
+        with pytest.raises(ValueError, match="schema version 99, newer than this palfast understands") as e:
+            RelationStore(path, readonly=readonly)
+        assert not isinstance(e.value, StoreCorruptError)  # not damage: upgrade palfast
+
+
+def test_damaged_store_is_refused(tmp_path):
     path = tmp_path / "damaged.sqlite"
     RelationStore(path).close()
     execute_sql(path, "DROP TABLE meta")
@@ -510,3 +521,84 @@ def test_replaced_store_and_loss_seen_by_refresh(tmp_path):
         w.record([[0, 1]], [True])
     r.close()
     w.close()
+
+
+# ------------------------------------------------------------ PostgreSQL only
+def _postgres_tables(url) -> list[str]:
+    """The tables of the first schema of ``url``'s search_path, sorted."""
+    return [
+        r[0]
+        for r in execute_sql(
+            url, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename"
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "damage, exc, match",
+    [
+        # Another application's tables: refused as foreign, never written into.
+        ("CREATE TABLE meta (x INTEGER)", ValueError, "meta table that is not palfast's"),
+        (
+            "CREATE TABLE meta (key TEXT, value TEXT); CREATE TABLE answers (x INTEGER)",
+            ValueError,
+            "meta table that is not palfast's",
+        ),
+        # palfast's meta, tables of another layout: damage.
+        ("STORE; ALTER TABLE answers RENAME COLUMN source TO src", StoreCorruptError, "missing or damaged"),
+        ("STORE; ALTER TABLE retractions RENAME TO r", StoreCorruptError, "missing or damaged"),
+        ("STORE; UPDATE meta SET value = '2' WHERE key = 'schema_version'", StoreCorruptError, "invalid schema"),
+        ("STORE; UPDATE meta SET value = 'x' WHERE key = 'schema_version'", StoreCorruptError, "invalid schema"),
+    ],
+)
+def test_postgres_foreign_or_damaged_tables_are_refused(postgres_url, damage, exc, match):
+    """A database whose tables are not those of a PostgreSQL RelationStore (schema 3) is
+    refused with ValueError (another application's) or StoreCorruptError (palfast's,
+    damaged), naming the store, opened writable or read-only; nothing is written."""
+    for statement in damage.split("; "):
+        if statement == "STORE":
+            RelationStore(postgres_url).close()
+        else:
+            execute_sql(postgres_url, statement)
+    before = _postgres_tables(postgres_url)
+    for readonly in (False, True):
+        with pytest.raises(exc, match=match) as e:
+            RelationStore(postgres_url, readonly=readonly)
+        assert postgres_url in str(e.value)
+    assert _postgres_tables(postgres_url) == before
+
+
+def test_postgres_edited_row_fails_its_checksum(postgres_url):
+    """A row edited behind the store's back (triggers disabled, as a superuser could) is
+    refused at open and by a refresh that reads it; the store that refused keeps what it
+    had read."""
+    _store_with_rows(postgres_url)
+    execute_sql(
+        postgres_url,
+        "ALTER TABLE answers DISABLE TRIGGER ALL",
+        "UPDATE answers SET answer = 0 WHERE id = 3",
+        "ALTER TABLE answers ENABLE TRIGGER ALL",
+    )
+    for readonly in (False, True):
+        with pytest.raises(StoreCorruptError, match="answers row id=3 fails its check: its checksum") as e:
+            RelationStore(postgres_url, readonly=readonly)
+        assert postgres_url in str(e.value)
+    execute_sql(
+        postgres_url,
+        "ALTER TABLE answers DISABLE TRIGGER ALL",
+        "UPDATE answers SET answer = 1 WHERE id = 3",
+        "ALTER TABLE answers ENABLE TRIGGER ALL",
+    )
+    reader = RelationStore(postgres_url, readonly=True)
+    with RelationStore(postgres_url) as writer:
+        writer.record([[10, 11]], [True])
+    execute_sql(
+        postgres_url,
+        "ALTER TABLE answers DISABLE TRIGGER ALL",
+        "UPDATE answers SET i = 12 WHERE id = 6",
+        "ALTER TABLE answers ENABLE TRIGGER ALL",
+    )
+    with pytest.raises(StoreCorruptError, match="answers row id=6 fails its check: its checksum"):
+        reader.refresh()
+    assert reader.n_queries == 5 and reader.same(10, 11) is None and reader.same(12, 11) is None
+    reader.close()
