@@ -204,6 +204,16 @@ class PostgresAnswerLog(AnswerLog):
                 f"readonly=True, or a read-only server or user); open it "
                 f"without readonly on a writable server to record answers"
             )
+        if isinstance(e, errors.InsufficientPrivilege):
+            return StoreError(
+                f"{where}: the user of {self._shown!r} lacks a privilege on the store's "
+                f"tables (PostgreSQL says: {msg}). A reader needs SELECT on answers, "
+                f"retractions and meta; a writer also INSERT and UPDATE on the three "
+                f"(the write lock, LOCK TABLE ... IN EXCLUSIVE MODE, needs UPDATE; the "
+                f"triggers still refuse every UPDATE of a row), and CREATE on the schema "
+                f"to create a new store: GRANT them, or open the store with readonly=True "
+                f"to only read it. Nothing of this call was written"
+            )
         if isinstance(e, errors.DiskFull):
             return StoreError(
                 f"{where}: the disk of the server of {self._shown!r} is full; "

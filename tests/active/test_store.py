@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sqlite3
@@ -686,3 +687,103 @@ def test_server_restart_mid_stream_loses_and_repeats_no_answer(tmp_path, postgre
     with RelationStore(postgres_url) as s:
         assert s.n_queries == RESTART_BATCHES * BATCH
         assert [r[0] for r in s.log()] == list(range(1, s.n_queries + 1))
+
+
+def _as_user(url: str, user: str, password: str | None = None, database: str | None = None) -> str:
+    """``url`` with another user (and password, database)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    login = user if password is None else f"{user}:{password}"
+    path = parts.path if database is None else "/" + database
+    return parts._replace(netloc=f"{login}@{host}", path=path).geturl()
+
+
+@pytest.mark.parametrize("what", ["database", "user"])
+def test_missing_database_or_user_is_a_clear_error(postgres_url, what):
+    """A URL naming a database or a user the server does not have raises StoreError
+    naming the store (password hidden) and what the server said; nothing is created.
+    (A wrong password: test_wrong_password_is_a_clear_error.)"""
+    db = urllib.parse.urlsplit(postgres_url).path.lstrip("/")
+    if what == "database":
+        url = _as_user(postgres_url, "palfast", "secret", database=db + "_missing")
+        said = f'database "{db}_missing" does not exist'
+    else:
+        url = _as_user(postgres_url, "palfast_no_such_user", "secret")
+        said = 'role "palfast_no_such_user" does not exist'
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="cannot reach the PostgreSQL store") as e:
+            RelationStore(url, readonly=readonly)
+        assert said in str(e.value) and "secret" not in str(e.value)
+        assert url.replace(":secret@", ":***@") in str(e.value)
+    assert execute_sql(postgres_url, f"SELECT count(*) FROM pg_database WHERE datname = '{db}_missing'") == [(0,)]
+
+
+@pytest.mark.slow
+def test_wrong_password_is_a_clear_error(postgres_server, postgres_url):
+    """A user that must give a password (scram-sha-256 in pg_hba.conf) and gets a wrong
+    one: StoreError naming the store, the password hidden; the right one opens it."""
+    if postgres_server is None:
+        pytest.skip("PALFAST_TEST_POSTGRES names someone else's server: not ours to reconfigure")
+    import psycopg
+
+    user = f"palfast_pw_{os.getpid()}"
+    hba = os.path.join(postgres_server.folder, "data", "pg_hba.conf")
+    with open(hba) as f:
+        before = f.read()
+    execute_sql(postgres_url, f"CREATE ROLE {user} LOGIN PASSWORD 'right'", f"GRANT ALL ON SCHEMA public TO {user}")
+    try:
+        with open(hba, "w") as f:  # the first matching line wins
+            f.write(f"local all {user} scram-sha-256\n" + before)
+        execute_sql(postgres_url, "SELECT pg_reload_conf()")
+        wrong = _as_user(postgres_url, user, "wrong-secret")
+        deadline = time.monotonic() + 30
+        while True:  # the server reloads its configuration asynchronously
+            try:
+                psycopg.connect(wrong).close()
+            except psycopg.OperationalError:
+                break
+            assert time.monotonic() < deadline, "the server did not reload pg_hba.conf"
+            time.sleep(0.05)
+        with pytest.raises(StoreError, match="cannot reach the PostgreSQL store.*password authentication failed") as e:
+            RelationStore(wrong)
+        assert "wrong-secret" not in str(e.value) and f"{user}:***@" in str(e.value)
+        with RelationStore(_as_user(postgres_url, user, "right")) as s:
+            s.record([[0, 1]], [True])
+    finally:
+        with open(hba, "w") as f:
+            f.write(before)
+        execute_sql(postgres_url, "SELECT pg_reload_conf()")
+        execute_sql(postgres_url, f"REASSIGN OWNED BY {user} TO palfast", f"DROP OWNED BY {user}", f"DROP ROLE {user}")
+
+
+def test_read_only_user_cannot_record(postgres_url):
+    """A user allowed only to SELECT: record and retract raise StoreError naming the store
+    and saying what to grant, and write nothing; readonly=True reads the store."""
+    user = f"palfast_ro_{os.getpid()}"
+    with RelationStore(postgres_url) as s:
+        ids = s.record([[0, 1], [1, 2]], [True, False])
+    execute_sql(
+        postgres_url,
+        f"CREATE ROLE {user} LOGIN",
+        f"GRANT SELECT ON answers, retractions, meta TO {user}",
+    )
+    try:
+        url = _as_user(postgres_url, user)
+        s = RelationStore(url)
+        for call in (lambda: s.record([[2, 3]], [True]), lambda: s.retract(ids[:1])):
+            with pytest.raises(StoreError, match=f"user of '{re.escape(url)}' lacks a privilege.*readonly=True") as e:
+                call()
+            assert "permission denied for table" in str(e.value)
+        assert s.n_queries == 2 and s.same(0, 1) is True and s.same(0, 2) is False
+        with RelationStore(url, readonly=True) as r:
+            assert r.n_queries == 2 and len(r.log()) == 2
+        with RelationStore(postgres_url) as owner:
+            assert [row[0] for row in owner.log()] == [1, 2] and owner.log()[0][6] is None
+        # What the error says a writer needs is enough.
+        execute_sql(postgres_url, f"GRANT INSERT, UPDATE ON answers, retractions, meta TO {user}")
+        assert s.record([[2, 3]], [True]) == [3]
+        s.retract([1])
+        assert s.same(0, 1) is None and s.same(2, 3) is True
+        s.close()
+    finally:
+        execute_sql(postgres_url, f"DROP OWNED BY {user}", f"DROP ROLE {user}")
