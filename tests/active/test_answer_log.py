@@ -568,36 +568,26 @@ def test_postgres_foreign_or_damaged_tables_are_refused(postgres_url, damage, ex
     assert _postgres_tables(postgres_url) == before
 
 
+def _edit_postgres_row(url, update: str) -> None:
+    """Run ``update`` on the answers table as a superuser could, its triggers disabled."""
+    execute_sql(url, "ALTER TABLE answers DISABLE TRIGGER ALL", update, "ALTER TABLE answers ENABLE TRIGGER ALL")
+
+
 def test_postgres_edited_row_fails_its_checksum(postgres_url):
     """A row edited behind the store's back (triggers disabled, as a superuser could) is
     refused at open and by a refresh that reads it; the store that refused keeps what it
     had read."""
     _store_with_rows(postgres_url)
-    execute_sql(
-        postgres_url,
-        "ALTER TABLE answers DISABLE TRIGGER ALL",
-        "UPDATE answers SET answer = 0 WHERE id = 3",
-        "ALTER TABLE answers ENABLE TRIGGER ALL",
-    )
+    _edit_postgres_row(postgres_url, "UPDATE answers SET answer = 0 WHERE id = 3")
     for readonly in (False, True):
         with pytest.raises(StoreCorruptError, match="answers row id=3 fails its check: its checksum") as e:
             RelationStore(postgres_url, readonly=readonly)
         assert postgres_url in str(e.value)
-    execute_sql(
-        postgres_url,
-        "ALTER TABLE answers DISABLE TRIGGER ALL",
-        "UPDATE answers SET answer = 1 WHERE id = 3",
-        "ALTER TABLE answers ENABLE TRIGGER ALL",
-    )
+    _edit_postgres_row(postgres_url, "UPDATE answers SET answer = 1 WHERE id = 3")
     reader = RelationStore(postgres_url, readonly=True)
     with RelationStore(postgres_url) as writer:
         writer.record([[10, 11]], [True])
-    execute_sql(
-        postgres_url,
-        "ALTER TABLE answers DISABLE TRIGGER ALL",
-        "UPDATE answers SET i = 12 WHERE id = 6",
-        "ALTER TABLE answers ENABLE TRIGGER ALL",
-    )
+    _edit_postgres_row(postgres_url, "UPDATE answers SET i = 12 WHERE id = 6")
     with pytest.raises(StoreCorruptError, match="answers row id=6 fails its check: its checksum"):
         reader.refresh()
     assert reader.n_queries == 5 and reader.same(10, 11) is None and reader.same(12, 11) is None
