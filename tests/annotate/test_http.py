@@ -1,5 +1,5 @@
 """palfast annotate at the HTTP level (Flask's test client): the answer flow, undo, and every
-bad request the issue lists — forged or replayed answers, foreign sessions, CSRF, oversized
+bad request docs/annotate.md guards against — forged or replayed answers, foreign sessions, CSRF, oversized
 and malformed bodies, image ids out of range or path-like, a foreign Host — each a 4xx,
 never a crash, never a lost answer. Data loaders and the embeddings reload are here too."""
 
