@@ -175,6 +175,20 @@ def _layout_version(db: sqlite3.Connection) -> int:
     return version
 
 
+def schema_version(meta: dict, shown: str) -> int:
+    """The schema version a store's ``meta`` records (-1 when it is missing or not a
+    number); a version newer than this palfast's is a ValueError naming the store
+    ``shown`` (the backends check the older and invalid ones their own way)."""
+    raw = meta.get("schema_version")
+    version = int(raw) if isinstance(raw, str) and raw.isdigit() else -1
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"RelationStore: {shown!r} has schema version {version}, newer "
+            f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast"
+        )
+    return version
+
+
 def _select(table: str, version: int) -> str:
     """SELECT of a log table's rows as ``(id, *integer columns, time, source bytes, crc)``;
     crc is NULL before schema 2 (reading a version-1 file read-only)."""
@@ -896,15 +910,11 @@ class SQLiteAnswerLog(AnswerLog):
             raise StoreCorruptError(
                 f"RelationStore: {self.path!r} has no palfast meta record (got application={meta.get('application')!r})"
             )
-        raw = meta.get("schema_version")
-        version = int(raw) if isinstance(raw, str) and raw.isdigit() else -1
-        if version > SCHEMA_VERSION:
-            raise ValueError(
-                f"RelationStore: {self.path!r} has schema version {version}, newer "
-                f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast"
-            )
+        version = schema_version(meta, self.path)
         if version < 1:
-            raise StoreCorruptError(f"RelationStore: {self.path!r} has an invalid schema version {raw!r}")
+            raise StoreCorruptError(
+                f"RelationStore: {self.path!r} has an invalid schema version {meta.get('schema_version')!r}"
+            )
         # meta.schema_version has no checksum: a flipped bit must not pick the code path
         # of another schema (an older one ignores the retractions), so the tables the
         # file has must be those of the version it names, no fewer and no more.
@@ -912,7 +922,7 @@ class SQLiteAnswerLog(AnswerLog):
         if found != version:
             what = next(w for since, w in _LAYOUT if (version >= since) != (found >= since))
             raise StoreCorruptError(
-                f"RelationStore: {self.path!r}: meta.schema_version is {raw!r} but the "
+                f"RelationStore: {self.path!r}: meta.schema_version is {meta.get('schema_version')!r} but the "
                 f"file's tables are those of schema {found} (it "
                 f"{'lacks' if version > found else 'has'} the {what}): the version record "
                 f"or the tables are damaged. RelationStore.salvage(path, new_path) copies "

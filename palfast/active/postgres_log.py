@@ -57,6 +57,7 @@ from .answer_log import (
     SQLiteAnswerLog,
     StoreCorruptError,
     StoreError,
+    schema_version,
 )
 
 __all__ = ["URL_SCHEMES", "PostgresAnswerLog", "is_postgres_url"]
@@ -281,15 +282,12 @@ class PostgresAnswerLog(AnswerLog):
                 f"palfast's (application={meta.get('application')!r}); use another "
                 f"database or search_path"
             )
-        raw = meta.get("schema_version")
-        version = int(raw) if isinstance(raw, str) and raw.isdigit() else -1
-        if version > SCHEMA_VERSION:
-            raise ValueError(
-                f"RelationStore: {self._shown!r} has schema version {version}, newer "
-                f"than this palfast understands ({SCHEMA_VERSION}); upgrade palfast"
-            )
+        version = schema_version(meta, self._shown)
         if version != SCHEMA_VERSION:
-            raise self._corrupt(f"it has an invalid schema version {raw!r} (a PostgreSQL store is {SCHEMA_VERSION})")
+            raise self._corrupt(
+                f"it has an invalid schema version {meta.get('schema_version')!r} "
+                f"(a PostgreSQL store is {SCHEMA_VERSION})"
+            )
         try:
             for table, cols in _COLUMNS.items():
                 db.execute(f"SELECT id, {', '.join(cols)}, time, source, crc FROM {table} LIMIT 0")
