@@ -70,7 +70,10 @@ Guarantees (file-backed store)
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import re
 import sqlite3
 import struct
 import threading
@@ -91,15 +94,24 @@ __all__ = [
     "row_crc",
     "salvage",
     "source_bytes",
+    "state_crc",
+    "state_text",
 ]
 
 #: ``PRAGMA application_id`` of a RelationStore file: b"PALF" as a big-endian int32.
 APPLICATION_ID = 0x50414C46
 #: 1: the first layout; 2: adds the per-row ``crc`` column; 3: adds the ``retractions``
-#: table. Older files are migrated on a writable open (:meth:`RelationStore._migrate`);
-#: the version bump makes an older palfast, which would ignore retractions, refuse a
-#: store that has them instead of misreading it.
-SCHEMA_VERSION = 3
+#: table; 4: adds the ``state`` table (:meth:`RelationStore.save_state`). Older files are
+#: migrated on a writable open (:meth:`SQLiteAnswerLog._migrate`); the version bump makes
+#: an older palfast, which would ignore retractions, refuse a store that has them instead
+#: of misreading it.
+SCHEMA_VERSION = 4
+#: The first schema with the ``state`` table; a store read read-only at an older schema
+#: has no saved state (:meth:`RelationStore.load_state` returns None).
+STATE_SINCE = 4
+#: What a state key may be: short ASCII names (``"pal"``), the same text in SQLite and
+#: in PostgreSQL whatever the server's encoding.
+_STATE_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
 #: SQLite's busy timeout is an int of milliseconds.
 _MAX_TIMEOUT = 2_000_000.0
 #: :meth:`RelationStore.salvage` reads a store whose scan fails row by row, up to this id.
@@ -140,6 +152,13 @@ _RETRACTIONS = (
         crc INTEGER NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
     *_append_only("retractions"),
 )
+# Schema 4: the strategy state, one row per key, replaced by each save (not a log: only
+# the last value counts), checksummed like the log rows (:func:`state_crc`).
+_STATE_TABLE = """CREATE TABLE state (
+        key TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL,
+        time REAL NOT NULL,
+        crc INTEGER NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))"""
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE answers (
@@ -152,6 +171,7 @@ _SCHEMA = (
         crc INTEGER NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
     *_append_only("answers"),
     *_RETRACTIONS,
+    _STATE_TABLE,
 )
 #: The integer columns of each log table, between ``id`` and ``time, source, crc``.
 _COLUMNS = {"answers": ("i", "j", "answer"), "retractions": ("answer_id",)}
@@ -159,16 +179,18 @@ _COLUMNS = {"answers": ("i", "j", "answer"), "retractions": ("answer_id",)}
 
 #: What each schema version added to the file, ``(version, what)``: the layout a file
 #: has is checked against its ``meta.schema_version`` (:func:`_layout_version`).
-_LAYOUT = ((2, "crc column of answers"), (3, "retractions table"))
+_LAYOUT = ((2, "crc column of answers"), (3, "retractions table"), (4, "state table"))
+#: Reads the state table (schema 4); it fails on an older layout.
+_STATE_SELECT = "SELECT value, time, crc FROM state"
 
 
 def _layout_version(db: sqlite3.Connection) -> int:
-    """The schema version the tables of ``db`` have (1, 2 or 3), read from the layout
+    """The schema version the tables of ``db`` have (1 to 4), read from the layout
     itself rather than from the unchecksummed ``meta.schema_version``."""
     version = 1
-    for since, table in ((2, "answers"), (3, "retractions")):
+    for since, query in ((2, _select("answers", 2)), (3, _select("retractions", 3)), (4, _STATE_SELECT)):
         try:
-            db.execute(_select(table, since) + " LIMIT 0")
+            db.execute(query + " LIMIT 0")
         except sqlite3.OperationalError:  # no such table / column
             break
         version = since
@@ -302,6 +324,54 @@ def source_bytes(where: str, source) -> bytes:
         return source.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{where}: source must be valid text ({e})") from None
+
+
+def _json_problem(value, at: str) -> tuple[type[Exception], str] | None:
+    """Why ``value`` (shown as ``at``) would not come back from JSON as it is, or None:
+    only dicts with str keys, lists, str, int, float (finite), bool and None, of exactly
+    these types (a tuple would come back as a list, an int key as a str)."""
+    if value is None or type(value) in (str, int, bool):
+        return None
+    if type(value) is float:
+        return None if math.isfinite(value) else (ValueError, f"{at} is {value}, and JSON has no NaN or infinity")
+    if type(value) is list:
+        items = ((f"{at}[{k}]", v) for k, v in enumerate(value))
+    elif type(value) is dict:
+        bad = next((k for k in value if type(k) is not str), None)
+        if bad is not None:
+            return TypeError, f"{at} has the key {bad!r} ({type(bad).__name__}); JSON keys are str"
+        items = ((f"{at}[{k!r}]", v) for k, v in value.items())
+    else:
+        hint = "; use a list" if isinstance(value, tuple) else ""
+        return TypeError, f"{at} is a {type(value).__name__}, not a JSON type{hint}"
+    return next((p for a, v in items if (p := _json_problem(v, a))), None)
+
+
+def state_text(where: str, key, value, name: str = "value") -> str:
+    """The JSON text saved for a strategy state ``value`` (a dict, the argument ``name``)
+    under ``key``; TypeError/ValueError naming ``where`` and the part of ``value`` that
+    JSON would not give back as it is (:func:`_json_problem`)."""
+    if not isinstance(key, str) or not _STATE_KEY.fullmatch(key):
+        raise ValueError(
+            f"{where}: key must be 1 to 200 ASCII letters, digits or '_.:/-' (e.g. 'pal'), got {key!r}"
+        )
+    if type(value) is not dict:
+        raise TypeError(f"{where}: {name} must be a dict (a JSON object), got {type(value).__name__}")
+    problem = _json_problem(value, name)
+    if problem:
+        exc, what = problem
+        raise exc(
+            f"{where}: {name} must hold only JSON types (dict with str keys, list, str, int, "
+            f"finite float, bool, None), so that load_state gives it back equal: {what}"
+        )
+    return json.dumps(value, allow_nan=False)
+
+
+def state_crc(key: str, text: str, t: float) -> int:
+    """CRC-32 of one row of the ``state`` table: :func:`row_crc` with id 0 (the row has
+    none), the key's length as its integer column (so that key and value cannot trade
+    bytes), ``time``, and the ASCII bytes of key then value."""
+    return row_crc(0, len(key), t, (key + text).encode("ascii"))
 
 
 def _sqlite_error(
@@ -634,9 +704,12 @@ class AnswerLog:
     # ``_next_id(db, table)`` (under the write lock), ``_insert(db, table, rows)`` and,
     # around a read, ``_before_snapshot()`` / ``_check_snapshot(db, before, new)``.
 
-    def append(self, where: str, pairs: list, answers: list, source: str) -> tuple[NewRows, list[int]]:
+    def append(
+        self, where: str, pairs: list, answers: list, source: str, state: dict[str, str] | None = None
+    ) -> tuple[NewRows, list[int]]:
         """Append one answers row per ``(i, j)`` of ``pairs`` and ``alike`` of ``answers``
-        (checked by the caller), in one transaction, durable on return.
+        (checked by the caller), in one transaction, durable on return; ``state`` (key →
+        JSON text of :func:`state_text`) is saved in the same transaction.
         Returns what is new since the last read, the rows of this call last, and their
         ids. On any error nothing of this call is written."""
         src = source.encode("utf-8")
@@ -654,6 +727,8 @@ class AnswerLog:
                 for k, ((i, j), x) in enumerate(zip(pairs, answers))
             ]
             self._insert(db, "answers", rows)
+            if state:
+                self._put_state(db, state)
         ours = [(seq, i, j, bool(x), t, source) for seq, i, j, x, t, _, _ in rows]
         new = NewRows(others + ours, retractions, rebuild)
         self._advance(new)
@@ -700,6 +775,61 @@ class AnswerLog:
             rows = self._read(db, "answers", 0)
             by = {} if "retractions" not in self._tables() else {r[1]: r[3] for r in self._read(db, "retractions", 0)}
         return [(*row, by.get(row[0])) for row in rows]
+
+    # ------------------------------------------------- strategy state (schema 4)
+    #: The backend's SQL parameter marker.
+    _PARAM = "?"
+
+    def _put_state(self, db, state: dict[str, str]) -> None:
+        """Save ``state`` (key → JSON text of :func:`state_text`) in the caller's write
+        transaction, replacing the earlier value of each key."""
+        now = time.time()
+        marks = ", ".join([self._PARAM] * 4)
+        for key, text in state.items():
+            db.execute(
+                f"INSERT INTO state (key, value, time, crc) VALUES ({marks}) ON CONFLICT (key) "
+                f"DO UPDATE SET value = excluded.value, time = excluded.time, crc = excluded.crc",
+                (key, text, now, state_crc(key, text, now)),
+            )
+
+    def save_state(self, where: str, state: dict[str, str]) -> None:
+        """Save ``state`` (see :meth:`_put_state`) in one transaction, durable on return."""
+        with self._transaction(where, write=True) as db:
+            self._put_state(db, state)
+
+    def load_state(self, where: str, key: str) -> dict | None:
+        """The value last saved under ``key``, verified; None when there is none (or the
+        store, read read-only, predates the state table)."""
+        if self._version < STATE_SINCE:
+            return None
+        with self._transaction(where) as db:
+            row = db.execute(f"{_STATE_SELECT} WHERE key = {self._PARAM}", (key,)).fetchone()
+        if row is None:
+            return None
+        text, t, crc = row
+        problem = None
+        if type(text) is not str or not text.isascii() or type(t) is not float or type(crc) is not int:
+            problem = f"a value has the wrong type (value {type(text).__name__}, time {t!r}, crc {crc!r})"
+        elif crc != state_crc(key, text, t):
+            problem = "its checksum does not match its content"
+        else:
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                problem = f"its value is not JSON ({e})"
+        if problem is None and type(value) is not dict:
+            problem = f"its value is a JSON {type(value).__name__}, not an object"
+        if problem:
+            raise StoreCorruptError(
+                f"{where}: {self._shown_name()}: state row key={key!r} fails its check: {problem}. "
+                f"It was damaged or edited outside palfast; the answers are not affected. "
+                f"save_state({key!r}, {{}}) replaces it (the strategy then starts afresh)"
+            )
+        return value
+
+    def _shown_name(self) -> str:
+        """The store as messages name it."""
+        return repr(self.path) if self.path is not None else "the in-memory store"
 
 
 class SQLiteAnswerLog(AnswerLog):
@@ -938,6 +1068,7 @@ class SQLiteAnswerLog(AnswerLog):
           version-1 row that is not a valid answer stops the migration (nothing is
           changed) with the error naming it.
         * 2 → 3: add the (empty) retractions table.
+        * 3 → 4: add the (empty) state table.
         """
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -956,6 +1087,8 @@ class SQLiteAnswerLog(AnswerLog):
             if version < 3:
                 for statement in _RETRACTIONS:
                     db.execute(statement)
+            if version < STATE_SINCE:
+                db.execute(_STATE_TABLE)
             if version < SCHEMA_VERSION:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -15,8 +15,13 @@ implied, nothing is left to ask); the last round's record says which (``"stop"``
 Everything the learner knows is in the store, so a new learner on the same store
 file continues where the last one stopped: ``run(budget)`` asks only
 ``budget − store.n_queries`` more pairs (the encoder is retrained from the store's
-answers; pass the same ``seed`` for the same choices; ``"pal"``'s exploration credit
-starts again from zero).
+answers; pass the same ``seed`` for the same choices). ``"pal"``'s exploration state
+(:attr:`ActiveLearner.strategy_state`: its seed credit, the seeds not yet judged, whether
+it still explores) is saved in the store with each round's answers, in the same
+transaction (``store.record(..., state=)``, key
+:data:`palfast.active.strategies.PAL_STATE_KEY`), and a new learner
+loads it, so the exploration continues too. Learners (and ``palfast annotate`` servers)
+sharing one store share that key: the last to record wins.
 
 Example::
 
@@ -48,7 +53,7 @@ from ..graph import PairGraph
 from .oracle import Oracle
 from .relation import as_pairs
 from .store import ContradictionWarning, RelationStore
-from .strategies import ORDERS, STRATEGIES, select_queries
+from .strategies import ORDERS, PAL_STATE_KEY, STRATEGIES, select_queries
 
 __all__ = ["ActiveLearner"]
 
@@ -192,8 +197,9 @@ class ActiveLearner:
         self.progress = check_bool(_OP, "progress", progress)
         self.source = check_instance(_OP, "source", source, str, "a str")
         self.group_components = check_bool(_OP, "group_components", group_components)
-        #: What "pal" carries from one selection to the next (exploration credit, seeds).
-        self.strategy_state: dict = {}
+        #: What "pal" carries from one selection to the next (exploration credit, seeds),
+        #: as the store last saved it (see the module docstring).
+        self.strategy_state: dict = (self.store.load_state(PAL_STATE_KEY) if self._pal else None) or {}
         params = list(encoder.parameters())
         self.device = (
             torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
@@ -206,6 +212,11 @@ class ActiveLearner:
         )
         self._gen = torch.Generator().manual_seed(self.seed)
         self._positives = torch.zeros(0, 2, dtype=torch.long)
+
+    @property
+    def _pal(self) -> bool:
+        """Whether the strategy is ``"pal"``, whose state the store keeps."""
+        return isinstance(self.strategy, str) and self.strategy == "pal"
 
     @property
     def n_views(self) -> int:
@@ -339,13 +350,15 @@ class ActiveLearner:
         return pairs
 
     def ask_and_record(self, pairs: torch.Tensor) -> torch.Tensor:
-        """Ask the oracle and record the answers (one store transaction). Answers that
-        contradict the known relation are counted in ``store.n_conflicts``, not warned
-        about here: :meth:`run` warns once per run with the total."""
+        """Ask the oracle and record the answers (one store transaction, with ``"pal"``'s
+        :attr:`strategy_state`). Answers that contradict the known relation are counted
+        in ``store.n_conflicts``, not warned about here: :meth:`run` warns once per run
+        with the total."""
         answers = self.oracle.ask(pairs)
+        state = {PAL_STATE_KEY: self.strategy_state} if self._pal else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ContradictionWarning)
-            self.store.record(pairs, answers, source=self.source)
+            self.store.record(pairs, answers, source=self.source, state=state)
         return answers
 
     # -------------------------------------------------------------------- loop
@@ -366,7 +379,8 @@ class ActiveLearner:
         Returns one dict per round: ``round``, ``n_queries`` (answers the encoder was
         trained with), ``n_positive`` (answers "alike" so far), ``n_conflicts`` (answers
         so far that contradict earlier ones: a noisy oracle), ``loss``, ``n_seeds``
-        (``"pal"``'s exploration questions so far), ``stop``, and the hook's entries.
+        (``"pal"``'s exploration questions so far, those of earlier learners on the
+        store included), ``stop``, and the hook's entries.
         A run whose answers added contradictions warns once, at its end, with
         :class:`ContradictionWarning`.
         """

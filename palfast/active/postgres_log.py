@@ -3,9 +3,11 @@
 
 The same tables as the SQLite log (palfast/active/answer_log.py), in the schema the
 connection's ``search_path`` names first: ``meta``, ``answers(id, i, j, answer, time,
-source, crc)`` and ``retractions(id, answer_id, time, source, crc)``, every row with the
-same CRC-32 (:func:`palfast.active.answer_log.row_crc`; ``source`` is stored as the UTF-8
-bytes the checksum covers), UPDATE, DELETE and TRUNCATE refused by triggers.
+source, crc)``, ``retractions(id, answer_id, time, source, crc)`` and (schema 4, added
+to an older store on its first writable open) ``state(key, value, time, crc)``, every
+row with the same CRC-32 (:func:`palfast.active.answer_log.row_crc`; ``source`` is stored
+as the UTF-8 bytes the checksum covers). UPDATE, DELETE and TRUNCATE of the two logs are
+refused by triggers; a state row is replaced by each save.
 
 One log order for every writer
 ------------------------------
@@ -52,6 +54,7 @@ from .answer_log import (
     _COLUMNS,
     APPLICATION_ID,
     SCHEMA_VERSION,
+    STATE_SINCE,
     AnswerLog,
     NewRows,
     SQLiteAnswerLog,
@@ -73,6 +76,16 @@ _CONNECT_TIMEOUT = 10
 _APPEND_ONLY = """CREATE FUNCTION palfast_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN RAISE EXCEPTION 'palfast RelationStore: the % log is append-only', TG_TABLE_NAME;
     END $$"""
+# Schema 4 (as the SQLite store's): the strategy state, one row per key, replaced by
+# each save (RelationStore.save_state). A store created at schema 3 gains it on its first
+# writable open (PostgresAnswerLog._migrate).
+_STATE_TABLE = """CREATE TABLE state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        time DOUBLE PRECISION NOT NULL,
+        crc BIGINT NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))"""
+#: The first schema of a PostgreSQL store (schemas 1 and 2 are SQLite's only).
+_FIRST_VERSION = 3
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE answers (
@@ -90,6 +103,7 @@ _SCHEMA = (
         time DOUBLE PRECISION NOT NULL,
         source BYTEA NOT NULL,
         crc BIGINT NOT NULL CHECK (crc BETWEEN 0 AND 4294967295))""",
+    _STATE_TABLE,
     _APPEND_ONLY,
     *(
         f"""CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t}
@@ -209,10 +223,10 @@ class PostgresAnswerLog(AnswerLog):
             return StoreError(
                 f"{where}: the user of {self._shown!r} lacks a privilege on the store's "
                 f"tables (PostgreSQL says: {msg}). A reader needs SELECT on answers, "
-                f"retractions and meta; a writer also INSERT and UPDATE on the three "
+                f"retractions, meta and state; a writer also INSERT and UPDATE on the four "
                 f"(the write lock, LOCK TABLE ... IN EXCLUSIVE MODE, needs UPDATE; the "
-                f"triggers still refuse every UPDATE of a row), and CREATE on the schema "
-                f"to create a new store: GRANT them, or open the store with readonly=True "
+                f"triggers still refuse every UPDATE of a log row), and CREATE on the schema "
+                f"to create a new store or upgrade an older one: GRANT them, or open the store with readonly=True "
                 f"to only read it. Nothing of this call was written"
             )
         if isinstance(e, errors.DiskFull):
@@ -262,12 +276,28 @@ class PostgresAnswerLog(AnswerLog):
                 f"(no meta table; readonly=True never creates one)"
             )
         self._check_tables()
+        if not self.readonly and self._version < SCHEMA_VERSION:
+            self._migrate()
+            self._check_tables()
+
+    def _migrate(self) -> None:
+        """Bring a store of an older schema to :data:`SCHEMA_VERSION` in one transaction
+        (3 → 4: add the empty state table), under the creation lock; re-reads the
+        version there, as another process may have migrated it meanwhile. Needs CREATE
+        on the schema, like creating a store."""
+        db = self._db
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK,))
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is not None and row[0] == str(_FIRST_VERSION):
+                db.execute(_STATE_TABLE)
+                db.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def _check_tables(self) -> None:
         """Refuse a ``meta`` table of another application (``ValueError``), a newer
         schema (``ValueError``: upgrade palfast) and palfast's tables with another
         layout or version (``StoreCorruptError``: a PostgreSQL store is created at
-        :data:`SCHEMA_VERSION` and never migrated), as the SQLite store does."""
+        schema 3 or later), as the SQLite store does. Sets ``_version``."""
         db, psycopg = self._db, self._psycopg
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
@@ -283,10 +313,10 @@ class PostgresAnswerLog(AnswerLog):
                 f"database or search_path"
             )
         version = schema_version(meta, self._shown)
-        if version != SCHEMA_VERSION:
+        if version < _FIRST_VERSION:
             raise self._corrupt(
                 f"it has an invalid schema version {meta.get('schema_version')!r} "
-                f"(a PostgreSQL store is {SCHEMA_VERSION})"
+                f"(a PostgreSQL store is {_FIRST_VERSION} to {SCHEMA_VERSION})"
             )
         try:
             for table, cols in _COLUMNS.items():
@@ -295,6 +325,15 @@ class PostgresAnswerLog(AnswerLog):
             raise self._corrupt(
                 f"its meta table is palfast's but its tables are missing or damaged ({_one_line(e)})"
             ) from e
+        # Its existence only: a reader may lack SELECT on it (it needs it for load_state).
+        if version >= STATE_SINCE and not self._has("state"):
+            raise self._corrupt(f"its meta table records schema {version} but it has no state table")
+        self._version = version
+
+    _PARAM = "%s"
+
+    def _shown_name(self) -> str:
+        return repr(self._shown)
 
     def _has(self, table: str) -> bool:
         return self._db.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
@@ -385,6 +424,9 @@ class PostgresAnswerLog(AnswerLog):
         and checksums), verified by opening it read-only."""
         with self._transaction(where) as db:
             rows = {t: self._fetch(db, t, 0) for t in _COLUMNS}
+            state = []
+            if self._version >= STATE_SINCE:
+                state = db.execute("SELECT key, value, time, crc FROM state").fetchall()
         if os.path.exists(dst):
             raise ValueError(f"{where}: {dst!r} already exists; choose a new path (a backup never overwrites a file)")
         out = SQLiteAnswerLog(dst)
@@ -393,6 +435,8 @@ class PostgresAnswerLog(AnswerLog):
             with out._transaction(where, write=True) as sq:
                 for table, found in rows.items():
                     out._insert(sq, table, [(*r[:-2], r[-2].decode("utf-8"), r[-1]) for r in found])
+                # As they are, checksums included: load_state verifies them in the copy.
+                sq.executemany("INSERT INTO state (key, value, time, crc) VALUES (?, ?, ?, ?)", state)
         except sqlite3.Error as e:
             raise StoreError(f"{where}: could not write the copy {dst!r}: {e}") from e
         finally:

@@ -68,6 +68,7 @@ from .answer_log import (  # noqa: F401
     StoreError,
     row_crc,
     source_bytes,
+    state_text,
 )
 from .answer_log import salvage as _salvage
 from .postgres_log import PostgresAnswerLog, is_postgres_url, shown
@@ -170,13 +171,15 @@ class RelationStore:
         self.close()
 
     # ------------------------------------------------------------- recording
-    def record(self, pairs, answers, source: str = "oracle") -> list[int]:
+    def record(self, pairs, answers, source: str = "oracle", *, state: dict | None = None) -> list[int]:
         """Append answers to the log (one transaction) and update the relation.
 
         Args:
             pairs: ``[Q, 2]`` integer sample ids (int64 ≥ 0), ``i != j`` in each row.
             answers: ``[Q]`` bool, True = "alike".
             source: free text stored with each answer (e.g. ``"oracle"``, ``"prior"``).
+            state: ``{key: value}`` saved as :meth:`save_state` does, in the same
+                transaction as the answers (a strategy's state that these answers go with).
 
         Returns the log ids of the new rows, in order (what :meth:`retract` takes).
         When this returns the answers are durable (file-backed store) and recorded
@@ -199,6 +202,7 @@ class RelationStore:
         ):
             raise TypeError(f"{where}: answers must be bool (or 0/1 integers), got {a.dtype}")
         source_bytes(where, source)
+        texts = self._state_texts(where, state)
         if p.numel() and bool((p[:, 0] == p[:, 1]).any()):
             q = int((p[:, 0] == p[:, 1]).nonzero()[0, 0])
             raise ValueError(
@@ -206,8 +210,10 @@ class RelationStore:
             )
         if p.numel() == 0:
             self._log.check_writable(where)
+            if texts:
+                self._log.save_state(where, texts)
             return []
-        new, ids = self._log.append(where, p.tolist(), a.tolist(), source)
+        new, ids = self._log.append(where, p.tolist(), a.tolist(), source, texts)
         conflicts = self._apply_new(new)
         # Our rows are the last of the log (never retracted yet): their conflicts are
         # those at positions from n_queries - len(ids) on.
@@ -223,6 +229,36 @@ class RelationStore:
                 stacklevel=2,
             )
         return ids
+
+    # --------------------------------------------------------- strategy state
+    def save_state(self, key: str, value: dict) -> None:
+        """Save a strategy's state ``value`` under ``key`` (e.g. ``"pal"``: what
+        :func:`select_queries` carries from call to call), replacing the earlier value:
+        one transaction, durable on return like :meth:`record`, checksummed. ``value``
+        must be a dict of JSON types only (dicts with str keys, lists, str, int, finite
+        float, bool, None; TypeError/ValueError otherwise), so that :meth:`load_state`
+        gives back an equal value of the same types. Processes sharing the store share
+        the keys: the last save of a key wins. Raises :class:`StoreError` on a
+        read-only or closed store."""
+        where = "RelationStore.save_state"
+        self._log.save_state(where, {key: state_text(where, key, value)})
+
+    def load_state(self, key: str) -> dict | None:
+        """The value last saved under ``key`` (:meth:`save_state`, or ``record(...,
+        state=)``), read and verified from the store now; None when none was saved (or
+        a store of schema 3 or older opened read-only). Raises
+        :class:`StoreCorruptError` when the saved row fails its checksum."""
+        where = "RelationStore.load_state"
+        state_text(where, key, {})  # the key's check
+        return self._log.load_state(where, key)
+
+    @staticmethod
+    def _state_texts(where: str, state) -> dict[str, str]:
+        if state is None:
+            return {}
+        if type(state) is not dict:
+            raise TypeError(f"{where}: state must be a dict {{key: value}} or None, got {type(state).__name__}")
+        return {key: state_text(where, key, value, f"state[{key!r}]") for key, value in state.items()}
 
     def retract(self, answer_ids, source: str = "oracle") -> None:
         """Supersede earlier answers (undo): appends one retraction per answer id, in one

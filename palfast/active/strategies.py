@@ -120,6 +120,10 @@ _MAX_SEED = 2**64 - 1
 #: misses in a row, not one, because a single seed can land in a known class by chance
 #: while others are still undiscovered.
 STABLE_SEEDS = 3
+#: The key under which :class:`ActiveLearner` and ``palfast annotate`` keep ``"pal"``'s
+#: ``state`` in their RelationStore (:meth:`RelationStore.save_state`), so that a run
+#: resumed from the store continues its exploration where it stopped.
+PAL_STATE_KEY = "pal"
 #: Float sums of explore·budget (0.1 added ten times is 0.999…) still make whole seeds.
 _CREDIT_SLACK = 1e-9
 
@@ -213,9 +217,10 @@ def select_queries(
         state: ``"pal"`` only, a dict it reads and updates so that consecutive calls
             add up: ``explore_credit`` (the fraction of a seed not yet spent),
             ``n_seeds`` (seeds asked so far), ``exploring`` (False once the number of
-            classes is stable), ``misses`` and ``pending`` (seeds not yet judged).
-            Pass the same dict to every call (:class:`ActiveLearner` does); None =
-            a fresh one each call.
+            classes is stable), ``misses`` and ``pending`` (seeds not yet judged, as
+            lists ``[i, j, partner_free]``). Pass the same dict to every call
+            (:class:`ActiveLearner` does); None = a fresh one each call. It holds JSON
+            types only, so :meth:`RelationStore.save_state` can keep it across runs.
 
     Returns:
         LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
@@ -922,8 +927,9 @@ def _pal(
                 used[hit] = True
                 links.reach(hit)
                 state["n_seeds"] = state.get("n_seeds", 0) + 1
+                # A list, not a tuple: the state is JSON (RelationStore.save_state).
                 state.setdefault("pending", []).append(
-                    (int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit]))
+                    [int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit])]
                 )
                 break
 
@@ -942,7 +948,7 @@ def _exploration(store: RelationStore, state: dict, n_cls: int, budget: int, exp
     for a, b, partner_free in state.pop("pending", []):
         same = store.same(a, b)
         if same is None:
-            waiting.append((a, b, partner_free))  # not answered yet: judge it later
+            waiting.append([a, b, partner_free])  # not answered yet: judge it later
             continue
         state["misses"] = 0 if (same and partner_free) else state.get("misses", 0) + 1
     state["pending"] = waiting

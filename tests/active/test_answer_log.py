@@ -288,24 +288,26 @@ def test_invalid_version_1_row_stops_the_migration(tmp_path):
     db.close()
 
 
-@pytest.mark.parametrize("bit", [0, 1])  # '3' (0x33) becomes '2' or '1'
-def test_flipped_schema_version_is_refused_not_trusted(tmp_path, bit):
-    """meta.schema_version has no checksum: one flipped bit made a read-only open take
-    the schema-2 path and drop the retractions silently. It is cross-checked against the
-    tables the file has."""
+@pytest.mark.parametrize("older", "123")
+def test_damaged_schema_version_is_refused_not_trusted(tmp_path, older):
+    """meta.schema_version has no checksum: a damaged record naming an older schema
+    (one flipped bit turned schema 3's '3' into '2') made a read-only open take that
+    schema's path and drop the retractions (and now the state table) silently. It is
+    cross-checked against the tables the file has."""
     path = tmp_path / "s.sqlite"
     with RelationStore(path) as s:
         s.record([[0, 1], [1, 2]], [True, True])
         s.retract([2])
-    assert not os.path.exists(f"{path}-wal")  # the close checkpointed: one file to flip
+    assert not os.path.exists(f"{path}-wal")  # the close checkpointed: one file to edit
     data = bytearray(path.read_bytes())
     at = data.find(b"schema_version" + str(SCHEMA_VERSION).encode())
     assert at > 0 and data.find(b"schema_version" + str(SCHEMA_VERSION).encode(), at + 1) < 0
-    data[at + len(b"schema_version")] ^= 1 << bit
+    data[at + len(b"schema_version")] = ord(older)
     path.write_bytes(bytes(data))
     for readonly in (True, False):
         with pytest.raises(
-            StoreCorruptError, match="schema_version is '[12]' but the file's tables are those of schema 3.*salvage"
+            StoreCorruptError,
+            match=f"schema_version is '{older}' but the file's tables are those of schema {SCHEMA_VERSION}.*salvage",
         ):
             RelationStore(path, readonly=readonly)
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")  # trusts the tables
@@ -420,23 +422,31 @@ def test_lost_wal_frames_are_an_error_not_fewer_answers(tmp_path, killed_store, 
     wal = next(d for name, d in killed_store.items() if name.endswith("-wal"))
     page = int.from_bytes(wal[8:12], "big")  # WAL header: page size
     frame = 24 + page  # frame header + one page
+    # The end of the first transaction (the schema): its last frame is the first whose
+    # header records a database size (a commit frame). Damage before it loses the store.
+    commits = (k for k in range(32, len(wal), frame) if int.from_bytes(wal[k + 4 : k + 8], "big"))
+    schema_end = next(commits) + frame
     if how == "flip":
         rng = random.Random(1)
-        trials = [_flip(rng.randrange(len(wal) * 8)) for _ in range(12)]
-        trials.append(_flip((32 + (len(wal) - 32) // frame // 2 * frame + 24 + 100) * 8))
+        bits = [rng.randrange(len(wal) * 8) for _ in range(12)]
+        bits.append((32 + (len(wal) - 32) // frame // 2 * frame + 24 + 100) * 8)
+        trials = [_flip(bit) for bit in bits]
+        no_store = [bit >> 3 < schema_end for bit in bits]
     elif how == "delete":
         trials = [lambda name, data: None if name.endswith("-wal") else data]
     elif how == "truncate":
         trials = [lambda name, data: data[: len(data) // 2] if name.endswith("-wal") else data]
     else:  # whole frames cut off the end: the last transactions vanish cleanly
         trials = [lambda name, data: data[: len(data) - 3 * frame] if name.endswith("-wal") else data]
+    if how != "flip":
+        no_store = [how == "delete"] * len(trials)
     n_retractions = KILLED_ANSWERS - _expected_after_kill()
     for k, damage in enumerate(trials):
         path = _place(killed_store, tmp_path / str(k), damage)
         for readonly in (True, False):
             with pytest.raises(StoreCorruptError, match=r"acknowledged .* lost.*-wal.*backup.*accept_loss=True"):
                 RelationStore(path, readonly=readonly)
-        if how == "delete":  # the schema itself was in the -wal: no store is left
+        if no_store[k]:  # the schema itself was in the lost part of the -wal: no store is left
             with pytest.raises(ValueError, match="not a palfast RelationStore"):
                 RelationStore(path, accept_loss=True, readonly=True)
         else:

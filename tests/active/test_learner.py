@@ -1,6 +1,7 @@
 """ActiveLearner: any loss, any strategy, the stopping rule, per-round hooks, one
 contradiction warning per run, the graph built in one place, argument checks."""
 
+import copy
 import functools
 import warnings
 
@@ -201,3 +202,32 @@ def test_run_bad_arguments():
         lrn.run(5, queries_per_round=2.5)
     with pytest.raises(TypeError, match="ActiveLearner.run: on_round must be a callable"):
         lrn.run(5, on_round="print")
+
+
+def test_pal_learner_resumed_from_the_store_continues_its_exploration(store_path):
+    """"pal"'s exploration state is saved with each round's answers: a new learner on the
+    reopened store starts from the state the stopped one had, and ends where a run that
+    was never stopped ends (no training, so that the selections depend on the store, the
+    state and the seed only)."""
+    data, y = toy()
+    kw = {"strategy": "pal", "epochs_per_round": 0, "explore": 0.3}
+    straight = learner(data, y, RelationStore(), **kw)
+    seen = []  # the state at the start of each round, by answers so far
+    straight.run(
+        budget=30, queries_per_round=6, on_round=lambda lrn, rec: seen.append(copy.deepcopy(lrn.strategy_state))
+    )
+
+    with RelationStore(store_path) as store:
+        first = learner(data, y, store, **kw)
+        first.run(budget=12, queries_per_round=6)
+        stopped = copy.deepcopy(first.strategy_state)
+    assert stopped == seen[2] and stopped["n_seeds"] > 0 and stopped["pending"]
+    with RelationStore(store_path) as store:
+        resumed = learner(data, y, store, **kw)
+        assert resumed.strategy_state == stopped
+        pending = resumed.strategy_state["pending"]
+        assert all(type(p) is list and type(p[0]) is int and type(p[2]) is bool for p in pending)
+        history = resumed.run(budget=30, queries_per_round=6)
+        assert resumed.strategy_state == straight.strategy_state
+        assert torch.equal(store.answers()[0], straight.store.answers()[0])
+        assert history[-1]["n_seeds"] == straight.strategy_state["n_seeds"]

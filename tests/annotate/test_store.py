@@ -83,8 +83,9 @@ def test_version_2_store_is_migrated(tmp_path):
     path = tmp_path / "v2.sqlite"
     with RelationStore(path) as s:
         s.record([[0, 1]], [True])
-    db = sqlite3.connect(path)  # the layout schema 2 had: the same, less the retractions
+    db = sqlite3.connect(path)  # the layout schema 2 had: the same, less retractions and state
     db.execute("DROP TABLE retractions")
+    db.execute("DROP TABLE state")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.execute("PRAGMA user_version = 2")
     db.commit()
