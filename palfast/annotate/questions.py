@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..active import CandidateGraph, RelationStore, select_queries
-from ..active.strategies import GRAPH_STRATEGIES
+from ..active.strategies import GRAPH_STRATEGIES, PAL_STATE_KEY
 from ..knn import chunk_rows
 from .data import Embeddings
 
@@ -139,8 +139,9 @@ class Questions:
         self._rounds = 0
         # pal's exploration state (select_queries' ``state``): the refills are the
         # consecutive calls of one selection, so its seed credit and its "stop exploring"
-        # carry over from one to the next (not across a restart of the server).
-        self._select_state: dict = {}
+        # carry over from one to the next, and across a restart: it is saved in the store
+        # after each refill and loaded here (docs/annotate.md).
+        self._select_state: dict = (store.load_state(PAL_STATE_KEY) if strategy == "pal" else None) or {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # refill done / refill wanted
         self._pending: deque[tuple[int, int]] = deque()
@@ -268,6 +269,8 @@ class Questions:
                         have.add((i, j))
                         added += 1
                 self.exhausted = got.shape[0] == 0
+                if self.strategy == "pal":  # after the pairs are queued: a failure keeps them
+                    self.store.save_state(PAL_STATE_KEY, self._select_state)
                 self.refill_error = None
             except Exception as e:  # keep serving what is pending; the page shows the reason
                 self.refill_error = f"{type(e).__name__}: {e}"

@@ -4,6 +4,7 @@ and malformed bodies, image ids out of range or path-like, a foreign Host — ea
 never a crash, never a lost answer. Data loaders and the embeddings reload are here too."""
 
 import contextlib
+import copy
 import io
 import os
 import queue
@@ -1084,6 +1085,32 @@ def test_pal_exploration_state_carries_from_refill_to_refill(tmp_path, monkeypat
     refills = states[1:]  # the first call is the constructor's check of the arguments
     assert len(refills) == 3 and all(s is refills[0] for s in refills)
     assert isinstance(refills[0], dict) and "explore_credit" in refills[0]
+
+
+def test_pal_exploration_state_survives_a_restart_of_the_server(tmp_path):
+    """Each refill saves pal's state in the store; a server started again on the store
+    loads it, so the exploration continues (its seed count, credit and unjudged seeds)."""
+    n = 300
+    y = clustered_file(tmp_path / "e.npy", n)
+    path = tmp_path / "answers.sqlite"
+    with RelationStore(path) as store:
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, background=False)
+        for _ in range(2):
+            assert q.refill() > 0
+            pairs = list(q._pending)[:10]  # some questions left unanswered at the stop
+            q._pending.clear()
+            store.record(pairs, [bool(y[i] == y[j]) for i, j in pairs])
+        assert q.refill() > 0
+        before = copy.deepcopy(q._select_state)
+        q.close()
+    assert before["n_seeds"] > 0 and "explore_credit" in before
+    with RelationStore(path) as store:
+        assert store.load_state("pal") == before
+        q = Questions(store, Embeddings(n, tmp_path / "e.npy"), n, background=False)
+        assert q._select_state == before
+        assert q.refill() > 0 and q._select_state["n_seeds"] >= before["n_seeds"]
+        assert store.load_state("pal") == q._select_state
+        q.close()
 
 
 def test_a_new_embeddings_file_gets_a_new_graph_searched_with_progress(tmp_path, knn_searches):
