@@ -12,6 +12,9 @@ SQLite (docs/active.md, "RelationStore").
   never by editing the log. The relation, :meth:`RelationStore.answers` and
   :attr:`RelationStore.n_queries` are those of the log without the retracted answers;
   :meth:`RelationStore.log` lists every row with who retracted it;
+* **strategy state** (SQLite table ``state``: key, value, time, crc; schema 4): one
+  JSON value per key, replaced by each save (:meth:`RelationStore.save_state`), its
+  CRC-32 (:func:`state_crc`) verified when read;
 
 and reads them back verified, in id order, remembering how far it has read; the
 relation they imply is :mod:`palfast.active.relation`'s, and
@@ -59,10 +62,11 @@ Guarantees (file-backed store)
 * A file that is not SQLite, or an SQLite database that is not a RelationStore
   (``PRAGMA application_id`` and the ``meta`` table are checked), or one written
   by a newer schema version raises ``ValueError`` naming the path, never
-  silently mixes data. Stores of schema version 1 (no checksums) or 2 (no
-  retractions) are migrated in one transaction when opened for writing. The
-  ``meta.schema_version`` record has no checksum, so it must agree with the tables the
-  file has (the crc column from 2 on, the retractions table from 3 on); a mismatch
+  silently mixes data. Stores of schema version 1 (no checksums), 2 (no
+  retractions) or 3 (no state table) are migrated in one transaction when opened for
+  writing. The ``meta.schema_version`` record has no checksum, so it must agree with the
+  tables the file has (the crc column from 2 on, the retractions table from 3 on, the
+  state table from 4 on); a mismatch
   raises :class:`StoreCorruptError` rather than reading the file as another version
   (which would ignore its retractions).
 """

@@ -15,7 +15,9 @@ The store keeps (the log in :mod:`palfast.active.answer_log`, the relation in
   indices (a dict maps sample id → index, in order of first appearance);
 * **cannot-link** pairs between components from negative answers, propagated by
   construction: the negative is stored between the two *components*, so
-  A~B and B≁C give A≁C, and merging two components merges their cannot-links.
+  A~B and B≁C give A≁C, and merging two components merges their cannot-links;
+* a **strategy state** per key (:meth:`RelationStore.save_state`), e.g. ``"pal"``'s
+  exploration, saved with the answers it goes with (``record(..., state=)``).
 
 The guarantees of the file-backed store (durability, detection of lost acknowledged
 answers, integrity checks, several processes, ``readonly=True``, foreign files and older
@@ -104,7 +106,8 @@ class RelationStore:
         timeout: seconds a writer waits for another process's lock (busy timeout),
             a finite number ``0 <= timeout <= 2e6``.
         readonly: open an existing file with SQLite's ``mode=ro``: the file is never
-            written, :meth:`record` and :meth:`retract` raise :class:`StoreError`,
+            written, :meth:`record`, :meth:`retract` and :meth:`save_state` raise
+            :class:`StoreError`,
             :meth:`refresh` still sees what other processes append.
         accept_loss: open a store although rows that ``<path>-acked`` records as
             acknowledged are missing (a damaged, truncated or deleted ``-wal``), or
