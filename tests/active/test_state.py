@@ -133,12 +133,6 @@ def test_readonly_store_loads_state_and_refuses_to_save(store_path):
         assert s.load_state("pal") == {"n_seeds": 1} and s.n_queries == 0
 
 
-def _edit_state(path, sql: str) -> None:
-    """Run ``sql`` on the state table behind the store's back (no trigger guards it: a
-    state row is replaced by each save)."""
-    execute_sql(path, sql)
-
-
 @pytest.mark.parametrize(
     "edit, why",
     [
@@ -156,7 +150,8 @@ def test_damaged_state_row_is_detected(store_path, edit, why):
     with RelationStore(store_path) as s:
         s.record([[0, 1]], [True], state={"pal": {"n_seeds": 1}})
         t = execute_sql(store_path, "SELECT time FROM state WHERE key = 'pal'")[0][0]
-    _edit_state(store_path, edit.replace("CRC_OF_LIST", str(state_crc("pal", "[1]", t))))
+    # Behind the store's back: no trigger guards the state table (each save replaces a row).
+    execute_sql(store_path, edit.replace("CRC_OF_LIST", str(state_crc("pal", "[1]", t))))
     key = "pam" if "key = 'pam'" in edit else "pal"
     for readonly in (True, False):
         with RelationStore(store_path, readonly=readonly) as s:
