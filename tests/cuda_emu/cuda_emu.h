@@ -26,21 +26,28 @@
 //     the data only once cp_async_wait covers its group, so reads before the
 //     wait, or of a buffer being refilled, go wrong; a thread that exits with
 //     copies never waited for is an error.
+//   * dynamic shared memory (`extern __shared__`, rewritten by build.py) with
+//     the GPU's limits: see "Shared memory" below.
 // Not modelled: lanes of a warp in lock-step for ordinary loads and stores
 // (fibers never interleave inside a plain read-modify-write, so a non-atomic
-// `+=` from several threads is not caught), out-of-bounds accesses, and
-// uninitialised shared memory (it keeps the previous block's contents).
+// `+=` from several threads is not caught), out-of-bounds accesses to static
+// shared memory and global memory, and uninitialised static shared memory (it
+// keeps the previous block's contents).
 #pragma once
 
 #include <math.h>  // the float overloads of expf/fma/sqrt... in the global namespace
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -158,9 +165,31 @@ struct Warp {
   float a[kTileElems], b[kTileElems], c[kTileElems];
 };
 
+// The launch's dynamic shared memory: a mapping of `map_bytes`, then a
+// PROT_NONE guard page; the buffer (`bytes` long) is placed when the first
+// extern __shared__ declaration is reached, to end as near the guard as its
+// alignment allows.
+struct DynamicSmem {
+  size_t bytes = 0;
+  char* map = nullptr;
+  size_t map_bytes = 0;
+  char* base = nullptr;  // null until placed
+  size_t align = 0;
+  DynamicSmem() = default;
+  DynamicSmem(const DynamicSmem&) = delete;
+  DynamicSmem& operator=(const DynamicSmem&) = delete;
+  ~DynamicSmem();
+};
+
 struct Launch {
   dim3 grid, block, block_idx;
   int nthreads = 0, live = 0, at_barrier = 0;
+  const void* kernel = nullptr;
+  DynamicSmem dyn;
+  size_t dyn_limit = 0;  // the kernel's MaxDynamicSharedMemorySize at launch
+  bool opted_in = false;  // set by cudaFuncSetAttribute
+  std::vector<const void*> statics;  // static __shared__ arrays seen in this launch
+  size_t static_bytes = 0;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   std::vector<int> ready;
@@ -273,6 +302,214 @@ inline void fiber_entry() {
   yield();  // never resumed
 }
 
+// ------------------------------------------------------------ shared memory
+// What a GPU allows a block, and what the emulator checks:
+//   * static __shared__ arrays: at most kStaticSmemBytes in all (ptxas refuses
+//     more); build.py makes each array report its size when a thread first
+//     reaches its declaration in a launch, so the checks below see the static
+//     bytes then, not at the launch itself;
+//   * dynamic shared memory (the launch's third argument, read through
+//     `extern __shared__ T name[];`): at most the kernel's
+//     cudaFuncAttributeMaxDynamicSharedMemorySize, which is kStaticSmemBytes
+//     less its static bytes until cudaFuncSetAttribute raises it. CUDA Runtime
+//     API, cudaFuncAttributes::maxDynamicSharedSizeBytes: "Any launch must have
+//     a dynamic shared memory size smaller than this value"; a larger launch
+//     does not run and reports cudaErrorInvalidValue;
+//   * a raised limit plus the static bytes may not pass the device's opt-in
+//     maximum per block (CUDA Runtime API, cudaFuncSetAttribute: "The sum of
+//     this value and the function attribute sharedSizeBytes cannot exceed the
+//     device attribute cudaDevAttrMaxSharedMemoryPerBlockOptin"; otherwise it
+//     returns cudaErrorInvalidValue).
+// Each block gets its own dynamic buffer of exactly the bytes asked for, filled
+// with kSmemPoison (NaN as fp32, bf16 and fp16) at the block's start, aligned to
+// what its declaration asks (__align__(N), or the element type's alignment) and
+// no more, so code that relies on a larger alignment than it declares fails.
+// The buffer ends as near a PROT_NONE guard page as that alignment allows: an
+// access beyond the slack (< 2·alignment bytes) is a segmentation fault that
+// names the overrun, and a write into the slack, or in front of the buffer, is
+// reported at the block's end. Reads of the slack see the poison.
+constexpr size_t kStaticSmemBytes = 48 * 1024;  // 49152: CUDA C++ Programming Guide, technical
+                                                // specifications: 48 KB of static shared memory
+                                                // per block on every compute capability
+// Maximum shared memory per block with the opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// from the same table: 227 KB on compute capability 9.0 (H100, H200), 163 KB on 8.0 (A100).
+constexpr size_t kSmemOptinSm90 = 227 * 1024;  // 232448
+constexpr size_t kSmemOptinSm80 = 163 * 1024;  // 166912
+constexpr unsigned char kSmemPoison = 0xFF;    // as cp.async's poison: NaN in every float type
+constexpr size_t kMaxDynamicAlign = 4096;      // the largest alignment the placement handles
+constexpr size_t kPageBytes = 4096;
+
+// The opt-in maximum of the emulated device: an sm_90's unless a test picks sm_80
+// (runtime.cpp, emu_set_smem_arch).
+inline size_t& smem_optin() {
+  static size_t bytes = kSmemOptinSm90;
+  return bytes;
+}
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel, as cudaFuncSetAttribute
+// left it (process-wide, like the attribute of a loaded function).
+struct KernelAttributes {
+  std::mutex mu;
+  std::map<const void*, size_t> max_dynamic;
+};
+inline KernelAttributes& kernel_attributes() {
+  static KernelAttributes a;
+  return a;
+}
+
+inline std::string smem_error(const Launch& l, const std::string& what) {
+  return what + " (static " + std::to_string(l.static_bytes) + " bytes, dynamic " +
+         std::to_string(l.dyn.bytes) + " bytes, this kernel's dynamic limit " +
+         std::to_string(l.dyn_limit) + " bytes" + (l.opted_in ? " set by cudaFuncSetAttribute" : "") +
+         ", the device's opt-in maximum " + std::to_string(smem_optin()) + " bytes)";
+}
+
+// The limits that involve the static bytes; "" when they hold.
+inline std::string check_smem_limits(const Launch& l) {
+  if (l.static_bytes > kStaticSmemBytes)
+    return smem_error(l, "static shared memory above 48 KB (ptxas refuses the kernel)");
+  if (!l.opted_in && l.static_bytes + l.dyn.bytes > kStaticSmemBytes)
+    return smem_error(l, "static plus dynamic shared memory above 48 KB without "
+                         "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, "
+                         "bytes) (cudaErrorInvalidValue at launch on a GPU)");
+  if (l.opted_in && l.static_bytes + l.dyn_limit > smem_optin())
+    return smem_error(l, "static shared memory plus the MaxDynamicSharedMemorySize set by "
+                         "cudaFuncSetAttribute above the device's opt-in maximum (that "
+                         "cudaFuncSetAttribute returns cudaErrorInvalidValue on a GPU)");
+  return "";
+}
+
+// Called (through build.py's rewrite) after each static __shared__ declaration.
+inline bool note_static_shared(const void* array, size_t bytes) {
+  Runtime& r = rt();
+  if (r.launch == nullptr || r.current == nullptr) return true;  // namespace scope: no launch
+  Launch& l = *r.launch;
+  if (std::find(l.statics.begin(), l.statics.end(), array) != l.statics.end()) return true;
+  l.statics.push_back(array);
+  l.static_bytes += bytes;
+  const std::string error = check_smem_limits(l);
+  if (!error.empty()) fail(error);
+  return true;
+}
+
+inline char* guard_page(const DynamicSmem& d) { return d.map + d.map_bytes; }
+
+inline DynamicSmem::~DynamicSmem() {
+  if (map != nullptr) munmap(map, map_bytes + kPageBytes);
+}
+
+// SIGSEGV in the guard page of a running launch's dynamic shared memory: says so,
+// then lets the previous handler (Python's faulthandler, or the default) have it.
+inline struct sigaction& previous_segv() {
+  static struct sigaction old {};
+  return old;
+}
+inline void write_stderr(const char* s) { (void)!write(2, s, strlen(s)); }
+inline void on_segv(int sig, siginfo_t* info, void* ctx) {
+  Runtime& r = rt();
+  const char* addr = static_cast<const char*>(info->si_addr);
+  const DynamicSmem* d = r.launch ? &r.launch->dyn : nullptr;
+  if (d && d->base && addr >= guard_page(*d) && addr < guard_page(*d) + kPageBytes) {
+    const std::string msg = "cuda_emu: a thread accessed dynamic shared memory " +
+                            std::to_string(addr - (d->base + d->bytes)) +
+                            " bytes past the end of the " + std::to_string(d->bytes) +
+                            " bytes its launch asked for (out of bounds: undefined on the GPU)\n";
+    write_stderr(msg.c_str());
+  }
+  sigaction(SIGSEGV, &previous_segv(), nullptr);  // the fault repeats under the previous handler
+  (void)sig;
+  (void)ctx;
+}
+inline void install_segv_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv());
+  });
+}
+
+inline size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+// The launch-time checks, and the launch's dynamic buffer; throws where the GPU
+// refuses the launch.
+inline void begin_dynamic_smem(Launch& l, size_t bytes) {
+  {
+    KernelAttributes& a = kernel_attributes();
+    std::lock_guard<std::mutex> lock(a.mu);
+    const auto it = a.max_dynamic.find(l.kernel);
+    l.opted_in = it != a.max_dynamic.end();
+    l.dyn_limit = l.opted_in ? it->second : kStaticSmemBytes;
+  }
+  l.dyn.bytes = bytes;
+  if (bytes > l.dyn_limit)
+    throw std::runtime_error(
+        "cuda_emu: launch refused (cudaErrorInvalidValue on a GPU): " +
+        smem_error(l, "dynamic shared memory above the kernel's limit; raise the limit with "
+                      "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, "
+                      "bytes) before the launch"));
+  // Room for the buffer at any alignment up to kMaxDynamicAlign, then the guard page.
+  l.dyn.map_bytes = round_up(bytes + 2 * kMaxDynamicAlign, kPageBytes);
+  void* p = mmap(nullptr, l.dyn.map_bytes + kPageBytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map dynamic shared memory");
+  l.dyn.map = static_cast<char*>(p);
+  mprotect(guard_page(l.dyn), kPageBytes, PROT_NONE);
+  install_segv_handler();
+}
+
+inline void poison_dynamic_smem(Launch& l) {
+  if (l.dyn.map != nullptr) std::memset(l.dyn.map, kSmemPoison, l.dyn.map_bytes);
+}
+
+// At a block's end: the bytes around the buffer must still hold the poison.
+inline void check_dynamic_smem(Launch& l) {
+  const DynamicSmem& d = l.dyn;
+  if (d.base == nullptr) return;
+  const char* end = d.base + d.bytes;
+  const auto written = [](const char* from, const char* to) {
+    for (const char* q = from; q < to; ++q)
+      if (static_cast<unsigned char>(*q) != kSmemPoison) return q;
+    return static_cast<const char*>(nullptr);
+  };
+  if (const char* q = written(end, guard_page(d)))
+    l.error = "a thread wrote dynamic shared memory " + std::to_string(q - end) +
+              " bytes past the end of the " + std::to_string(d.bytes) +
+              " bytes its launch asked for (out of bounds: undefined on the GPU)";
+  else if (const char* q = written(d.map, d.base))
+    l.error = "a thread wrote dynamic shared memory " + std::to_string(d.base - q) +
+              " bytes before its start (out of bounds: undefined on the GPU)";
+}
+
+// The launch's dynamic shared memory, for `extern __shared__ __align__(align) T
+// name[];` (build.py). The first declaration reached places the buffer: aligned
+// to exactly what it asks (an address that is a multiple of the alignment but not
+// of twice it), ending as near the guard page as that allows. All declarations
+// alias it, as on the GPU.
+template <typename T>
+T (&dynamic_shared(size_t declared))[] {
+  Launch& l = cur();
+  DynamicSmem& d = l.dyn;
+  const size_t align = std::max(declared, alignof(T));
+  if (align > kMaxDynamicAlign || (align & (align - 1)) != 0)
+    fail("extern __shared__: alignment " + std::to_string(align) +
+         " is not a power of two up to " + std::to_string(kMaxDynamicAlign));
+  if (d.base == nullptr) {
+    auto at = reinterpret_cast<uintptr_t>(guard_page(d)) - d.bytes;
+    at -= at % align;
+    if (at % (2 * align) == 0) at -= align;  // aligned to `align`, not to more
+    d.base = reinterpret_cast<char*>(at);
+    d.align = align;
+  } else if (reinterpret_cast<uintptr_t>(d.base) % align != 0) {
+    fail("extern __shared__: this declaration asks for alignment " + std::to_string(align) +
+         " but an earlier one placed the buffer at alignment " + std::to_string(d.align) +
+         " (declare the largest alignment on every extern __shared__ of the kernel)");
+  }
+  return *reinterpret_cast<T(*)[]>(d.base);
+}
+
 inline char* stack_for(int t) {
   Runtime& r = rt();
   while (static_cast<int>(r.stacks.size()) <= t) {
@@ -288,6 +525,7 @@ inline char* stack_for(int t) {
 // Runs one block to completion; returns an error message or "".
 inline std::string run_block(Launch& l) {
   Runtime& r = rt();
+  poison_dynamic_smem(l);  // each block starts with its own, uninitialised buffer
   l.live = l.nthreads;
   l.at_barrier = 0;
   for (Warp& w : l.warps) w.arrived = w.exited = 0;
@@ -322,15 +560,16 @@ inline std::string run_block(Launch& l) {
     switch_to(r.host, r.current->ctx);
   }
   r.current = nullptr;
+  if (l.error.empty()) check_dynamic_smem(l);
   return l.error;
 }
 
 inline void set_seed(uint64_t seed) { rt().rng.seed(seed); }
 
-// kernel<<<grid, block, smem>>>(args...): blocks in a random order, each a set of fibers.
+// kernel<<<grid, block, smem>>>(args...): blocks in a random order, each a set of
+// fibers, each block with its own `smem` bytes of dynamic shared memory.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
-  if (smem != 0) throw std::runtime_error("cuda_emu: dynamic shared memory is not emulated");
   const long long nthreads = static_cast<long long>(block.x) * block.y * block.z;
   if (nthreads < 1 || nthreads > kMaxThreads)
     throw std::runtime_error("cuda_emu: invalid block size " + std::to_string(nthreads));
@@ -340,6 +579,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... arg
   std::function<void()> body = [&] { std::apply(kernel, params); };
   Runtime& r = rt();
   Launch l;
+  l.kernel = reinterpret_cast<const void*>(kernel);
+  begin_dynamic_smem(l, smem);  // throws where the GPU refuses the launch
   l.grid = grid;
   l.block = block;
   l.nthreads = static_cast<int>(nthreads);
@@ -733,3 +974,27 @@ struct CUDAGuard {
 };
 }  // namespace c10::cuda
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes):
+// the kernel's dynamic shared memory limit for later launches (cuda_emu.h,
+// "Shared memory"). As on the GPU, a value that is negative or above the device's
+// opt-in maximum returns cudaErrorInvalidValue; one that passes it only with the
+// kernel's static bytes added is refused at the kernel's first launch, when the
+// emulator learns those bytes.
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute {  // the values of CUDA's driver_types.h
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+};
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > palfast_emu::smem_optin())
+    return cudaErrorInvalidValue;
+  palfast_emu::KernelAttributes& a = palfast_emu::kernel_attributes();
+  std::lock_guard<std::mutex> lock(a.mu);
+  a.max_dynamic[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : "invalid argument";
+}
