@@ -104,7 +104,8 @@ at::Tensor block_sum(const at::Tensor& x, int64_t max_dynamic) {
 }
 
 // ---- what a block finds in its dynamic shared memory before writing it, and
-// where it lies: out[b] = (first 32-bit word, address mod 256) for block b.
+// where it lies: out[b] = (first 32-bit word, address mod 256) for block b;
+// then it writes that word, which the next block must not see.
 constexpr uintptr_t kAddressModulus = 256;
 
 template <int Align>
@@ -115,6 +116,7 @@ __global__ void first_look_kernel(int64_t* out) {
   std::memcpy(&word, raw, sizeof word);
   out[2 * blockIdx.x] = word;
   out[2 * blockIdx.x + 1] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(raw) % kAddressModulus);
+  std::memset(raw, 0, sizeof word);
 }
 
 at::Tensor first_look(int64_t blocks, int64_t align, int64_t bytes) {
