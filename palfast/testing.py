@@ -28,6 +28,7 @@ from palfast.benchmarks.harness import deterministic_algorithms
 
 __all__ = [
     "ATOMIC_NONDET_TOL",
+    "INFO_NCE_KERNEL_PATHS",
     "INFO_NCE_ROWS_FLOOR",
     "KINDS",
     "LOSSES",
@@ -53,6 +54,23 @@ __all__ = [
 # varying order (docs/cuda.md, "Determinism"): two float64 passes on the same input
 # then differ by rounding, orders of magnitude below gradcheck's own tolerances.
 ATOMIC_NONDET_TOL = 1e-12
+
+# Every kernel path of info_nce on CUDA (csrc/cuda/info_nce/info_nce.cuh, docs/cuda.md
+# "info_nce kernels"), by name: (normalize, τ, torch's deterministic mode).
+#   symmetric: the fixed-shift forward and symmetric backward (fa2_sym_* for 16-bit
+#     z with D ≤ 128, sym_* otherwise);
+#   deterministic: the same forward, the row-block backward (grad_tile_kernel);
+#   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
+#     lse_kernel and the row-block backward;
+#   unnormalized: normalize=False, the online path too.
+# The CUDA tests (tests/losses/test_info_nce_cuda.py) and the sanitizers' workload of
+# tools/gpu_session.sh (tools/gpu_bench.py) run each.
+INFO_NCE_KERNEL_PATHS = {
+    "symmetric": (True, 0.1, False),
+    "deterministic": (True, 0.1, True),
+    "small-tau": (True, 0.02, False),
+    "unnormalized": (False, 0.1, False),
+}
 
 # Every graph kind tests/conftest.py's graph_factory builds.
 KINDS = ["views", "labels", "edges", "dense", "semi"]

@@ -1,18 +1,22 @@
-"""The Python parts of tools/gpu_session.sh: a small run of every CUDA op (for
-compute-sanitizer), and the summary of the benchmark that the session runs with
-`palfast bench --only info_nce` (palfast/benchmarks/: effective TFLOP/s, ratios,
-kernel grids and the CUDA speed targets).
+"""The Python parts of tools/gpu_session.sh: a small run of every CUDA kernel path
+(for compute-sanitizer), the curated CUDA tests of tools/gpu_tests.txt, and the
+summary of the benchmark that the session runs with `palfast bench --only info_nce`
+(palfast/benchmarks/: effective TFLOP/s, ratios, kernel grids and the CUDA speed
+targets).
 
   python tools/gpu_bench.py workload [--device cpu]
+  python tools/gpu_bench.py tests [--collect-only] [--list FILE]
   python tools/gpu_bench.py table --out DIR    # the newest bench_*.json in DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,50 +24,93 @@ import torch
 import palfast
 from palfast.benchmarks.bench_info_nce import HEAVY_KERNEL_SHARE
 from palfast.benchmarks.harness import deterministic_algorithms, format_table
+from palfast.testing import INFO_NCE_KERNEL_PATHS
 
-TEMPERATURE = 0.2
-SMALL_TEMPERATURE = 0.01  # below the CUDA fixed-shift bound (about 0.026)
+# Shapes of the workload, (rows, columns, why): every one has partial tiles (rows not
+# a multiple of the 64-row tiles, nor of fa2_sym_lse_kernel's 128 rows, more than two
+# of the latter, so that off-diagonal tile pairs, column sums and the row side's
+# shared M buffer run too), and its D is not a multiple of 16 (the FA2 kernels'
+# zero-padded last k-step, pad_to_chunk).
+WORKLOAD_SHAPES = (
+    (300, 40, "even D: red.global.v2 in fa2_sym_grad_kernel on sm_90"),
+    (300, 37, "odd D: the scalar atomics of fa2_sym_grad_kernel"),
+    (150, 131, "D > 128: 16-bit z in sym_lse_kernel and sym_grad_kernel; several gradient column blocks"),
+)
+WORKLOAD_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Anchors [a0, n - ANCHOR_TAIL): rows before and after the anchor range, so the
+# kernels' anchor bounds (tiles without anchors skipped) run as well.
+ANCHOR_HEAD, ANCHOR_TAIL = 3, 7
 
 
-def _graph_args(g):
-    return g.kernel_args()
-
-
-# Rows of the workload: more than two of fa2_sym_lse_kernel's 128-row tiles and four
-# of the backward's 64-row key tiles, the last ones partial, so that off-diagonal tile
-# pairs (column sums, the row side's shared M buffer) run under the sanitizers too.
-WORKLOAD_ROWS = 300
-WORKLOAD_DIM = 40  # not a multiple of 16: the FA2 kernels' zero-padded last k-step
+def _graphs(n: int, device: torch.device):
+    """A graph of CSR edges plus label sets (the class-sum atomics), and the edges
+    alone (no label part), on ``n`` rows."""
+    gen = torch.Generator().manual_seed(n)
+    src, dst = torch.randint(0, n, (3 * n,), generator=gen), torch.randint(0, n, (3 * n,), generator=gen)
+    edges = palfast.PairGraph.from_edges(src, dst, torch.rand(3 * n, generator=gen), num_nodes=n, symmetric=False)
+    semi = 0.5 * edges + palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen))
+    return {"edges+labels": semi.to(device), "edges": edges.to(device)}
 
 
 def workload(device: torch.device) -> None:
-    """Forward and backward of every op that has a CUDA kernel, on a small graph
-    with CSR edges and labels, in every dtype, anchors not aligned to tiles; the
-    info_nce backward also in torch's deterministic mode (the row-block kernel)."""
+    """Forward and backward of every op that has a CUDA kernel, small enough for the
+    sanitizers, over every kernel path: for each of WORKLOAD_SHAPES and
+    WORKLOAD_DTYPES, info_nce on each of palfast.testing.INFO_NCE_KERNEL_PATHS (the
+    fixed-shift forward with the symmetric backward, FA2-style for 16-bit z with
+    D ≤ 128; the row-block backward of deterministic mode; the online forward and
+    row-block backward of a small τ and of normalize=False), then graph_spmm (both
+    sides) and graph_dirichlet with its backward, on a graph with label sets and on
+    edges alone. Which kernel each case takes is in docs/cuda.md, "info_nce kernels"."""
     ops = torch.ops.palfast
-    n, d = WORKLOAD_ROWS, WORKLOAD_DIM
-    gen = torch.Generator().manual_seed(0)
-    src, dst = torch.randint(0, n, (3 * n,), generator=gen), torch.randint(0, n, (3 * n,), generator=gen)
-    edges = palfast.PairGraph.from_edges(src, dst, torch.rand(3 * n, generator=gen), num_nodes=n, symmetric=False)
-    g = (0.5 * edges + palfast.PairGraph.from_labels(torch.randint(-1, 4, (n,), generator=gen))).to(device)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
-        z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-        # The fixed-shift softmax (normalize=True, τ above its bound), and the online
-        # path (τ below the bound, normalize=False): csrc/cuda/info_nce/info_nce.cuh, use_fixed_shift.
-        for normalize, tau in ((True, TEMPERATURE), (True, SMALL_TEMPERATURE), (False, TEMPERATURE)):
-            rows, lse = ops.info_nce(z, *_graph_args(g), tau, normalize, 3, n)
-            ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, tau, normalize, 3, n)
-        # warn_only: the label part's class sums use atomics and would raise.
-        with deterministic_algorithms(warn_only=True):
-            rows, lse = ops.info_nce(z, *_graph_args(g), TEMPERATURE, True, 3, n)
-            ops.info_nce_backward(torch.ones_like(rows), z, *_graph_args(g), lse, TEMPERATURE, True, 3, n)
-        for transpose in (False, True):
-            ops.graph_spmm(z, *_graph_args(g), transpose)
-        e = ops.graph_dirichlet(z, *_graph_args(g))
-        ops.graph_dirichlet_backward(torch.ones_like(e), z, *_graph_args(g))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for n, d, why in WORKLOAD_SHAPES:
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(n + d)
+        graphs = _graphs(n, device)
+        g = graphs["edges+labels"].kernel_args()
+        a0, a1 = ANCHOR_HEAD, n - ANCHOR_TAIL
+        for dtype in WORKLOAD_DTYPES:
+            z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
+            for normalize, tau, deterministic in INFO_NCE_KERNEL_PATHS.values():
+                # warn_only: the label part's class sums use atomics and would raise.
+                mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
+                with mode:
+                    rows, lse = ops.info_nce(z, *g, tau, normalize, a0, a1)
+                    ops.info_nce_backward(torch.ones_like(rows), z, *g, lse, tau, normalize, a0, a1)
+            for graph in graphs.values():
+                for transpose in (False, True):
+                    ops.graph_spmm(z, *graph.kernel_args(), transpose)
+                e = ops.graph_dirichlet(z, *graph.kernel_args())
+                ops.graph_dirichlet_backward(torch.ones_like(e), z, *graph.kernel_args())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        # Printed as it goes: a sanitizer cut off by its cap shows how far it got.
+        print(f"N={n} D={d} ({why}): {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"workload done on {device}")
+
+
+# The curated CUDA tests, one pytest id a line (the file says how they were chosen).
+GPU_TESTS = Path(__file__).with_name("gpu_tests.txt")
+
+
+def test_ids(path: Path) -> list[str]:
+    """The pytest ids listed in ``path``, without comments and blank lines."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def cuda_tests(path: Path, collect_only: bool) -> int:
+    """Runs the tests listed in ``path`` (pytest's exit status: 4 when an id names no
+    test). ``collect_only``: only collects them, on any machine, so that a list that
+    no longer matches the tests fails before a GPU is at hand; the CUDA-parametrised
+    ids exist only where torch sees a GPU (tests/conftest.py, DEVICES), so torch is
+    told it does, for collection, which runs no test."""
+    import pytest
+
+    args = ["-q", "-p", "no:cacheprovider", "-rfE", "--maxfail=10", *test_ids(path)]
+    if collect_only:
+        torch.cuda.is_available = lambda: True
+        args.insert(0, "--collect-only")
+    return int(pytest.main(args))
 
 
 def _short_name(kernel: str) -> str:
@@ -98,8 +145,10 @@ def table(folder: Path) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["workload", "table"])
+    p.add_argument("what", choices=["workload", "tests", "table"])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--collect-only", action="store_true", help="tests: collect them only (no GPU needed)")
+    p.add_argument("--list", type=Path, default=GPU_TESTS, help="tests: the file of test ids")
     p.add_argument(
         "--out",
         type=Path,
@@ -110,6 +159,8 @@ def main(argv=None) -> int:
     if a.what == "workload":
         workload(torch.device(a.device))
         return 0
+    if a.what == "tests":
+        return cuda_tests(a.list, a.collect_only)
     return table(a.out)
 
 

@@ -22,6 +22,7 @@ from palfast import reference
 from palfast._ops import ops
 from palfast.testing import (
     ATOMIC_NONDET_TOL,
+    INFO_NCE_KERNEL_PATHS,
     INFO_NCE_ROWS_FLOOR,
     assert_within_rounding_error,
     deterministic_algorithms,
@@ -124,29 +125,14 @@ def test_low_precision_within_rounding_error(graph_factory, dtype, n, d):
     )
 
 
-# Every kernel path on the GPU, as tests/test_cuda_emu_*.py run them on the CPU
-# (csrc/cuda/info_nce/info_nce.cuh; name: (normalize, τ, deterministic mode)):
-#   symmetric: the fixed-shift forward and symmetric backward (fa2_sym_* for 16-bit
-#     z with D ≤ 128, sym_* otherwise);
-#   deterministic: the same forward, the row-block backward (grad_tile_kernel);
-#   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
-#     lse_kernel and the row-block backward;
-#   unnormalized: normalize=False, the online path too.
-KERNEL_PATHS = {
-    "symmetric": (True, 0.1, False),
-    "deterministic": (True, 0.1, True),
-    "small-tau": (True, 0.02, False),
-    "unnormalized": (False, 0.1, False),
-}
-
-
 @pytest.mark.filterwarnings("ignore:.*does not have a deterministic implementation")
-@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+# Every kernel path on the GPU, as tests/cuda_emu/ runs them on the CPU.
+@pytest.mark.parametrize("path", list(INFO_NCE_KERNEL_PATHS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("n", [257, 4097])
 @pytest.mark.parametrize("d", [64, 128, 200])
 def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, d):
-    normalize, temperature, deterministic = KERNEL_PATHS[path]
+    normalize, temperature, deterministic = INFO_NCE_KERNEL_PATHS[path]
     torch.manual_seed(5 * n + d)
     z64 = torch.randn(n, d, dtype=torch.float64, device=CUDA)
     if not normalize:
