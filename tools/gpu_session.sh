@@ -52,17 +52,24 @@ while (( $# )); do
 done
 
 # The steps in order, NAME:CAP_S. A step gets the smaller of its cap and the time left.
-# The caps of the checks (env .. tests) add up to 20 + 180 + 4 × 45 + 60 = 440 s; with
-# SAFETY_S = 15 kept back for the summary, 540 − 15 − 440 = 85 s are left for the
+# The caps of the checks (env .. tests) add up to 15 + 200 + 4 × 45 + 50 = 445 s; with
+# SAFETY_S = 15 kept back for the summary, 540 − 15 − 445 = 80 s are left for the
 # benchmark even if every check takes its whole cap (more when they finish early: env
-# takes a few seconds, the build less than its cap on a 16-core machine).
-#   build 180: palfast's sources, the largest info_nce_backward.cu alone for one arch
-#     (docs/cuda.md, "Build", gives the measured times);
+# takes about 5 s).
+#   build 200: the files compile side by side, so the build takes about as long as the
+#     largest one, info_nce_backward.cu, for one architecture (docs/cuda.md, "Which
+#     torch the in-place build supports", has what is measured);
 #   sanitizers 45 each: importing torch under compute-sanitizer takes about 20 s, the
 #     workload (tools/gpu_bench.py, WORKLOAD_SHAPES) is sized to run within the rest;
-#   tests 60: tools/gpu_tests.txt, 88 cases sized for about 40 s, plus pytest's start.
-STEPS=(env:20 build:180 memcheck:45 racecheck:45 synccheck:45 initcheck:45 tests:60 bench:0)
+#   tests 50: tools/gpu_tests.txt, 88 cases sized for about 40 s, plus pytest's start.
+STEPS=(env:15 build:200 memcheck:45 racecheck:45 synccheck:45 initcheck:45 tests:50 bench:0)
 SAFETY_S=15          # kept back for the summary at the end
+if [ -n "$ONLY" ]; then
+  for want in ${ONLY//,/ }; do
+    [[ " ${STEPS[*]} " == *" $want:"* ]] || {
+      echo "$0: --steps: no step '$want'; the steps are: ${STEPS[*]%%:*}" >&2; exit 2; }
+  done
+fi
 BENCH_MIN_S=60       # the benchmark's least useful time: its first bf16 case (docs/cuda.md)
 
 OUT="${OUT:-build/gpu_session}"

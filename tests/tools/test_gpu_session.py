@@ -54,6 +54,8 @@ def test_checks_run_before_the_bench_and_their_caps_leave_it_time():
     bench_min = int(re.search(r"^BENCH_MIN_S=(\d+)", SCRIPT.read_text(), re.M).group(1))
     # Every check may take its whole cap and the benchmark still gets its least useful time.
     assert checks_s + bench_min <= total - safety, (checks_s, bench_min, total, safety)
+    wrong = _run("--plan", "--steps", "memcheck,nope")
+    assert wrong.returncode == 2 and "no step 'nope'" in wrong.stderr
 
 
 def _fake_tool(path: Path) -> Path:
@@ -107,7 +109,7 @@ def test_steps_json_records_each_step_as_it_ends_and_survives_a_cut(tmp_path):
         proc.wait()
     record = json.loads(steps_json.read_text())
     env, running = record["steps"]
-    assert env["name"] == "env" and env["verdict"] == "PASS" and env["cap_s"] == 20
+    assert env["name"] == "env" and env["verdict"] == "PASS" and env["cap_s"] == 15
     assert env["log"] == "env.log" and "torch" in (out / "env.log").read_text()
     assert running["name"] == "tests" and running["verdict"] == "RUNNING"
     assert record["dry_run"] is True and record["gpu"] is False
