@@ -208,7 +208,8 @@ env_info() {
   local n; n=$(find_nvcc)
   echo "nvcc: ${n:-not found}"
   [ -n "$n" ] && "$n" --version | tail -1
-  echo "compute-sanitizer: $(find_sanitizer || true)"
+  local cs; cs=$(find_sanitizer)
+  echo "compute-sanitizer: ${cs:-not found (PATH, beside nvcc, CUDA_HOME, /usr/local/cuda)}"
   echo "cores: $(nproc)"
   install_wheels
 }
