@@ -67,14 +67,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], SmemAddr row) {
 #if defined(PALFAST_EMU)
   palfast_emu::ldmatrix_x4(r, reinterpret_cast<const void*>(row), Trans);
 #elif PALFAST_SM80_OK
+  // "memory": the asm reads shared memory through a 32-bit address that the compiler
+  // cannot see as a pointer, so without it this thread's plain stores to the tile
+  // (fa2_sym_grad_kernel stages M in shared memory by plain stores) could be moved
+  // after the load. Other threads' stores still need a barrier (__syncthreads)
+  // between them and this load, as every caller has; the barrier alone also orders
+  // them in the compiler, so the clobber guards a future caller without one.
   if constexpr (Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(row));
+                 : "r"(row)
+                 : "memory");
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(row));
+                 : "r"(row)
+                 : "memory");
   }
 #else
   __trap();
@@ -119,8 +127,13 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
   palfast_emu::cp_async(dst, src, src_bytes);
 #elif PALFAST_SM80_OK
   // .cg: cached in L2 only, as the tile is read once per block from shared memory.
+  // "memory": the copy will write dst, so this thread's plain loads of the old
+  // contents of dst must stay before it (a buffer refilled while it was still being
+  // read). The new contents are read only after cp_async_wait (itself a "memory"
+  // asm) and, for other threads' copies, a __syncthreads.
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(src_bytes));
+               "l"(src), "r"(src_bytes)
+               : "memory");
 #else
   __trap();
 #endif
@@ -131,7 +144,9 @@ __device__ __forceinline__ void cp_async_commit() {
 #if defined(PALFAST_EMU)
   palfast_emu::cp_async_commit();
 #elif PALFAST_SM80_OK
-  asm volatile("cp.async.commit_group;\n" ::);
+  // "memory", as on the copies: this thread's plain shared-memory accesses stay on
+  // their side of the group's boundary (one commit a tile, so it costs nothing).
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
