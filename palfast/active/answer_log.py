@@ -772,11 +772,11 @@ class AnswerLog:
         self._advance(new)
         return new
 
-    def rows(self, where: str) -> list[tuple]:
-        """Every answer, retracted ones included, read and verified, in id order:
-        ``(id, i, j, answer: bool, time, source, retracted_by)``."""
+    def rows(self, where: str, after: int = 0) -> list[tuple]:
+        """Every answer with id > ``after``, retracted ones included, read and verified,
+        in id order: ``(id, i, j, answer: bool, time, source, retracted_by)``."""
         with self._transaction(where) as db:
-            rows = self._read(db, "answers", 0)
+            rows = self._read(db, "answers", after)
             by = {} if "retractions" not in self._tables() else {r[1]: r[3] for r in self._read(db, "retractions", 0)}
         return [(*row, by.get(row[0])) for row in rows]
 

@@ -123,6 +123,12 @@ class Relation:
             self._cache = None
         return conflicts[first:]
 
+    @property
+    def relation(self) -> Relation:
+        """This relation itself: under policy ``"first"`` the answers feed it directly
+        (the other policies' relations, in palfast/active/policy.py, hold one)."""
+        return self
+
     def answer_at(self, position: int) -> tuple[int, int, bool]:
         """``(i, j, alike)`` of the answer at ``position`` of :meth:`answers`."""
         return self._log_i[position], self._log_j[position], self._log_a[position]
@@ -268,18 +274,25 @@ class Relation:
     def known_mask(self, pairs) -> torch.Tensor:
         """Vectorised :meth:`is_known` over ``pairs [Q, 2]``: BoolTensor ``[Q]``."""
         p = as_pairs(pairs).numpy()
-        if p.shape[0] == 0:
-            return torch.zeros(0, dtype=torch.bool)
-        ri, rj = self._dense_roots(p[:, 0]), self._dense_roots(p[:, 1])
+        return torch.from_numpy(self.verdicts(p[:, 0], p[:, 1]) >= 0)
+
+    def verdicts(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`same` over the sample ids ``i[q], j[q]`` (int64 arrays of one
+        shape, checked by the caller): int8, 1 known alike, 0 known different, −1 unknown."""
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        out = np.full(i.shape, -1, dtype=np.int8)
+        if i.size == 0:
+            return out
+        ri, rj = self._dense_roots(i), self._dense_roots(j)
         both = (ri >= 0) & (rj >= 0)
-        known = (p[:, 0] == p[:, 1]) | (both & (ri == rj))
         c = self._lookup()
         keys = c["keys"]
         if keys.shape[0]:
             q = np.where(both, ri * c["n"] + rj, -1)
             pos = np.searchsorted(keys, q).clip(max=keys.shape[0] - 1)
-            known |= both & (keys[pos] == q)
-        return torch.from_numpy(known)
+            out[both & (keys[pos] == q)] = 0
+        out[(i == j) | (both & (ri == rj))] = 1
+        return out
 
     def roots(self, indices=None) -> torch.Tensor:
         """Union-find root of each sample in ``indices`` (LongTensor ``[B]``), a sample id;

@@ -23,11 +23,27 @@ The guarantees of the file-backed store (durability, detection of lost acknowled
 answers, integrity checks, several processes, ``readonly=True``, foreign files and older
 schemas) are those of its log: see :mod:`palfast.active.answer_log`.
 
-Contradictions (a noisy oracle saying i~j after i≁j was implied, or the reverse)
-are logged like any answer but do not change the relation: the first answer
-wins, in log order. :meth:`RelationStore.record` warns with
-:class:`ContradictionWarning`; :meth:`RelationStore.contradictions` lists them and
-:attr:`RelationStore.n_conflicts` counts them.
+Answers that disagree (a noisy oracle, people who make mistakes) are resolved by the
+store's ``policy`` (:mod:`palfast.active.policy`; docs/active.md, "Answers from people
+who make mistakes"), a property of how the log is read, not of the file:
+
+* ``"first"`` (default): answers are applied in log order; one that contradicts what
+  the answers before it imply (i~j after i≁j was implied, or the reverse) is logged
+  but does not change the relation: the first answer wins;
+* ``"majority"``: each pair {i, j} counts with its majority answer (a tie keeps its
+  earliest answer), the pairs applied as under ``"first"`` in the order of their
+  earliest answer;
+* ``"confirm"``: as ``"first"``, but an "alike" answer that would join two components
+  of more than one sample each waits (:meth:`RelationStore.unconfirmed`) until a second
+  "alike" answer across them confirms it; a "different" one across them drops it.
+
+A *contradiction* is an answer (not retracted) whose pair the relation knows with the
+opposite answer; under ``"first"`` these are the answers that contradicted what was
+known when they arrived. :meth:`RelationStore.record` warns with
+:class:`ContradictionWarning` about the new ones, :meth:`RelationStore.contradictions`
+lists them and :attr:`RelationStore.n_conflicts` counts them;
+:meth:`RelationStore.annotators` gives each source's answers, agreement with the
+majority and contradictions.
 
 Example::
 
@@ -50,7 +66,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .._checks import check_bool, check_number
@@ -73,27 +91,55 @@ from .answer_log import (  # noqa: F401
     state_text,
 )
 from .answer_log import salvage as _salvage
+from .policy import POLICIES, check_policy, make_relation  # noqa: F401
 from .postgres_log import PostgresAnswerLog, is_postgres_url, shown
 from .relation import MAX_IMPLICIT_IDS, Relation, as_pairs  # noqa: F401
 
-__all__ = ["ContradictionWarning", "RelationStore", "SalvageReport", "StoreCorruptError", "StoreError"]
+__all__ = [
+    "AnnotatorStats",
+    "ContradictionWarning",
+    "RelationStore",
+    "SalvageReport",
+    "StoreCorruptError",
+    "StoreError",
+]
 
 
 class ContradictionWarning(UserWarning):
-    """:meth:`RelationStore.record` logged answers that contradict what was known
-    (kept in the log, ignored by the relation; see :meth:`RelationStore.contradictions`)."""
+    """:meth:`RelationStore.record` logged answers that contradict what the store knows
+    (kept in the log; the relation does not follow them; see
+    :meth:`RelationStore.contradictions`)."""
 
 
-def _query(name: str):
-    """The method ``name`` of :class:`Relation`, asked of the store's relation (same
-    docstring and signature)."""
+class AnnotatorStats(NamedTuple):
+    """What one source (who answered) contributed, from :meth:`RelationStore.annotators`.
+
+    * ``answers``: its answers in the log, retracted ones left out;
+    * ``repeated``: those of them about a pair {i, j} answered more than once (by anyone);
+    * ``agreement``: the fraction of the ``repeated`` answers that agree with their
+      pair's majority answer (more "alike" than "different" answers: alike; fewer:
+      different; a tie: the pair's earliest answer), None when ``repeated`` is 0;
+    * ``contradictions``: its answers that are contradictions under the store's policy
+      (in :meth:`RelationStore.contradictions`).
+    """
+
+    answers: int
+    repeated: int
+    agreement: float | None
+    contradictions: int
+
+
+def _query(name: str, part: str = "_relation"):
+    """The method ``name`` of :class:`Relation`, asked of the store's ``part``: the
+    relation (``"_relation"``) or the answers read through the policy (``"_answers"``),
+    with the same docstring and signature."""
     method = getattr(Relation, name)
     if isinstance(method, property):
-        return property(lambda self: method.fget(self._relation), doc=method.__doc__)
+        return property(lambda self: getattr(getattr(self, part), name), doc=method.__doc__)
 
     @functools.wraps(method)
     def ask(self, *args, **kw):
-        return method(self._relation, *args, **kw)
+        return getattr(getattr(self, part), name)(*args, **kw)
 
     return ask
 
@@ -102,7 +148,12 @@ class RelationStore:
     """Answers of an oracle about pairs of samples, with transitive closure.
 
     Args:
-        path: SQLite file to create or resume; ``None`` keeps everything in memory.
+        path: SQLite file to create or resume, or a ``postgresql://`` URL; ``None``
+            keeps everything in memory.
+        policy: how answers that disagree are resolved when the log is read:
+            ``"first"`` (default), ``"majority"`` or ``"confirm"`` (module docstring;
+            docs/active.md, "Answers from people who make mistakes"). Not stored in the
+            file: other processes may read the same log with another policy.
         timeout: seconds a writer waits for another process's lock (busy timeout),
             a finite number ``0 <= timeout <= 2e6``.
         readonly: open an existing file with SQLite's ``mode=ro``: the file is never
@@ -120,7 +171,8 @@ class RelationStore:
         StoreError: missing or unreadable/unwritable directory, lock held too long.
         StoreCorruptError: the file fails its integrity checks (see :meth:`salvage`),
             or acknowledged rows are missing (see ``accept_loss``).
-        ValueError: the file is not a RelationStore, or a newer schema version.
+        ValueError: the file is not a RelationStore, or a newer schema version; an
+            unknown ``policy``.
 
     See the module docstrings (this one and :mod:`palfast.active.answer_log`) for the
     guarantees. Use as a context manager or call :meth:`close` to release the file.
@@ -130,6 +182,7 @@ class RelationStore:
         self,
         path: str | os.PathLike | None = None,
         *,
+        policy: str = "first",
         timeout: float = 30.0,
         readonly: bool = False,
         accept_loss: bool = False,
@@ -137,8 +190,14 @@ class RelationStore:
         timeout = check_number("RelationStore", "timeout", timeout, 0.0, maximum=_MAX_TIMEOUT)
         self.readonly = check_bool("RelationStore", "readonly", readonly)
         accept_loss = check_bool("RelationStore", "accept_loss", accept_loss)
+        self.policy = check_policy("RelationStore", policy)
         self.path = None if path is None else os.fspath(path)
-        self._relation = Relation("RelationStore")
+        # The answers read through the policy, and the relation they imply (one object
+        # under "first": the answers feed the union-find directly, as they always did).
+        self._answers = make_relation(self.policy, "RelationStore")
+        self._relation: Relation = self._answers.relation
+        self._sources: list[str] = []  # source of answer id k + 1, read when first asked
+        self._annotators: dict | None = None
         if self.readonly and self.path is None:
             raise ValueError("RelationStore: readonly=True needs the path of an existing store")
         self._log: AnswerLog
@@ -157,9 +216,11 @@ class RelationStore:
         """Apply what the log read; returns the positions (in :meth:`answers`) of the
         answers among them that contradicted what was known."""
         if new.rebuild:
-            self._relation.clear()
+            self._answers.clear()
+        if new.answers or new.retractions:
+            self._annotators = None
         retracted = self._log.retracted
-        return self._relation.extend((i, j, a) for seq, i, j, a, _, _ in new.answers if seq not in retracted)
+        return self._answers.extend((i, j, a) for seq, i, j, a, _, _ in new.answers if seq not in retracted)
 
     def close(self) -> None:
         """Close the database (idempotent). Everything recorded is already on disk;
@@ -187,8 +248,9 @@ class RelationStore:
         Returns the log ids of the new rows, in order (what :meth:`retract` takes).
         When this returns the answers are durable (file-backed store) and recorded
         as acknowledged in ``<path>-acked`` (see :mod:`palfast.active.answer_log`).
-        Answers that contradict the known relation are kept and warned about
-        (:class:`ContradictionWarning`). On any error nothing of this call is recorded.
+        Answers that are contradictions once applied (under the store's ``policy``) are
+        kept and warned about (:class:`ContradictionWarning`). On any error nothing of
+        this call is recorded.
         """
         where = "RelationStore.record"
         p = as_pairs(pairs)
@@ -222,12 +284,13 @@ class RelationStore:
         # those at positions from n_queries - len(ids) on.
         mine = [c for c in conflicts if c >= self.n_queries - len(ids)]
         if mine:
-            i, j, ans = self._relation.answer_at(mine[0])
+            i, j, ans = self._answers.answer_at(mine[0])
             warnings.warn(
                 f"{where}: {len(mine)} of {len(ids)} answers contradict what the store "
-                f"already knew (first: ({i}, {j}) answered {'alike' if ans else 'different'}, "
-                f"known {'different' if ans else 'alike'}). They are kept in the log and do "
-                f"not change the relation; see RelationStore.contradictions()",
+                f"knows (first: ({i}, {j}) answered {'alike' if ans else 'different'}, "
+                f"known {'different' if ans else 'alike'}). They are kept in the log and the "
+                f"relation does not follow them (policy {self.policy!r}); see "
+                f"RelationStore.contradictions()",
                 ContradictionWarning,
                 stacklevel=2,
             )
@@ -297,18 +360,98 @@ class RelationStore:
         return self._log.rows("RelationStore.log")
 
     # --------------------------------------------------------------- queries
-    n_queries = _query("n_queries")
-    n_conflicts = _query("n_conflicts")
+    n_queries = _query("n_queries", "_answers")
     num_ids = _query("num_ids")
     ids = _query("ids")
-    contradictions = _query("contradictions")
     same = _query("same")
     is_known = _query("is_known")
     known_mask = _query("known_mask")
     roots = _query("roots")
     components = _query("components")
-    answers = _query("answers")
+    answers = _query("answers", "_answers")
     graph = _query("graph")
+
+    @property
+    def n_conflicts(self) -> int:
+        """Number of contradictions (:meth:`contradictions`)."""
+        return self._answers.n_conflicts
+
+    def contradictions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The contradictions, in log order: ``(positions LongTensor [C], pairs
+        LongTensor [C, 2], answers BoolTensor [C])``, ``positions`` into :meth:`answers`.
+
+        A contradiction is an answer (not retracted) whose pair the relation knows with
+        the opposite answer: it is in the log, and the relation does not follow it.
+        ``"first"``: the answers that contradicted what the answers before them implied
+        (the relation only grows, so this never changes until a retraction).
+        ``"majority"``: the answers their pair's majority, or the pairs before it by
+        transitivity, overruled; a later answer can turn an earlier one into a
+        contradiction or back. ``"confirm"``: as ``"first"``; an answer whose merge is
+        pending (:meth:`unconfirmed`) is not one, and becomes one when a "different"
+        answer drops its merge."""
+        return self._answers.contradictions()
+
+    def unconfirmed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "alike" answers whose merge waits for a confirming answer (policy
+        ``"confirm"``; empty under the others), in log order: ``(ids LongTensor [P],
+        pairs LongTensor [P, 2])``, ``ids`` the log ids (what :meth:`record` returned,
+        what :meth:`retract` takes). Asking a pair again, or any pair across the same
+        two components, confirms or drops the merge."""
+        if self.policy != "confirm":
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long)
+        positions, pairs = self._answers.unconfirmed()
+        return torch.from_numpy(self._log_ids()[positions.numpy()]), pairs
+
+    def _log_ids(self) -> np.ndarray:
+        """The log id of each answer of :meth:`answers` (position -> id): the ids read so
+        far without the retracted ones."""
+        ids = np.arange(1, self._log.last_answer + 1, dtype=np.int64)
+        if self._log.retracted:
+            ids = ids[~np.isin(ids, np.fromiter(self._log.retracted, dtype=np.int64))]
+        return ids
+
+    def annotators(self) -> dict[str, AnnotatorStats]:
+        """Per source (who answered; :meth:`record`'s ``source``), what its answers
+        contributed: ``{source: AnnotatorStats(answers, repeated, agreement,
+        contradictions)}`` (see :class:`AnnotatorStats`), over the answers not
+        retracted, sources in order of their first answer. Works under every policy; the
+        majority is the one of policy ``"majority"`` whatever the store's policy,
+        ``contradictions`` are the store's.
+
+        The sources are read from the log the first time (then only the new rows), so
+        this raises :class:`StoreError` on a closed store that never read them."""
+        if self._annotators is None:
+            self._annotators = self._count_annotators()
+        return dict(self._annotators)
+
+    def _count_annotators(self) -> dict[str, AnnotatorStats]:
+        last = self._log.last_answer
+        if len(self._sources) < last:
+            rows = self._log.rows("RelationStore.annotators", after=len(self._sources))
+            self._sources += [row[5] for row in rows if row[0] <= last]
+        pairs, alike = (t.numpy() for t in self._answers.answers())
+        if alike.size == 0:
+            return {}
+        names, who = np.unique(np.asarray(self._sources, dtype=object)[self._log_ids() - 1], return_inverse=True)
+        key = np.sort(pairs, axis=1)
+        _, earliest, pair = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        pair = pair.reshape(-1)
+        n_alike = np.bincount(pair, weights=alike)
+        n_all = np.bincount(pair)
+        majority = np.where(2 * n_alike == n_all, alike[earliest], 2 * n_alike > n_all)
+        repeated = n_all[pair] > 1
+        agrees = repeated & (alike == majority[pair])
+        conflict = np.zeros(alike.size, dtype=bool)
+        conflict[self._answers.contradictions()[0].numpy()] = True
+        count = functools.partial(np.bincount, who, minlength=len(names))
+        n, n_rep, n_agree, n_conf = count(), count(repeated), count(agrees), count(conflict)
+        first_seen = np.unique(who, return_index=True)[1]
+        return {
+            names[s]: AnnotatorStats(
+                int(n[s]), int(n_rep[s]), float(n_agree[s] / n_rep[s]) if n_rep[s] else None, int(n_conf[s])
+            )
+            for s in np.argsort(first_seen, kind="stable")
+        }
 
     # ------------------------------------------------------- copies, recovery
     def backup(self, path: str | os.PathLike) -> None:
@@ -326,7 +469,7 @@ class RelationStore:
     def __repr__(self) -> str:
         path = shown(self.path) if is_postgres_url(self.path) else self.path
         return (
-            f"RelationStore(path={path!r}, n_queries={self.n_queries}, "
+            f"RelationStore(path={path!r}, policy={self.policy!r}, n_queries={self.n_queries}, "
             f"components={self._relation.n_components()}, conflicts={self.n_conflicts}"
             f"{', readonly' if self.readonly else ''})"
         )

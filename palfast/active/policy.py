@@ -1,0 +1,276 @@
+"""How a store resolves answers that disagree: the answer-resolution policies of
+:class:`palfast.active.RelationStore` (docs/active.md, "Answers from people who make
+mistakes").
+
+A store reads its log (every answer not retracted, in log order) through a policy; the
+policy is how the log is *read*, not part of the file, so two processes may read one log
+with different policies. The policies:
+
+* ``"first"`` (:class:`~palfast.active.relation.Relation` itself): every answer is
+  applied in log order; one that contradicts what the answers before it imply is
+  ignored, so the first answer wins.
+* ``"majority"`` (:class:`MajorityRelation`): each unordered pair {i, j} gets one
+  answer, its *majority answer*: "alike" if more of its answers say alike than not,
+  "different" if fewer, and its earliest answer on a tie. The relation is that of
+  ``"first"`` fed one answer per pair, the majority answer, the pairs in the order of
+  their earliest answer (so an answer implied through other pairs still wins over a
+  later pair's majority by transitivity).
+* ``"confirm"`` (:class:`ConfirmRelation`): as ``"first"``, except that an "alike"
+  answer joining two components that both have more than one sample is held as a
+  *pending merge* until a second "alike" answer across the same two components arrives
+  (any pair across them, from anyone, or the same pair again); a "different" answer
+  across them drops it (and is applied). See :class:`ConfirmRelation` for the details.
+
+Under every policy a *contradiction* is an answer (not retracted) whose pair the
+relation knows with the opposite answer: :meth:`Relation.contradictions`. Under
+``"first"`` these are exactly the answers that contradicted what the answers before
+them implied (that relation only grows); under ``"majority"`` they are the answers the
+majority (or transitivity) overruled; under ``"confirm"`` a pending answer is not one
+until a "different" answer drops its merge.
+
+Example::
+
+    >>> from palfast.active.policy import make_relation
+    >>> log = [(0, 1, True), (2, 3, True), (1, 2, True), (1, 2, False), (1, 2, False)]
+    >>> for policy in ("first", "majority", "confirm"):
+    ...     rel = make_relation(policy)
+    ...     _ = rel.extend(log)
+    ...     print(policy, rel.relation.same(0, 3), rel.n_conflicts)
+    first True 2
+    majority False 1
+    confirm False 1
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .relation import Relation
+
+__all__ = ["POLICIES", "ConfirmRelation", "MajorityRelation", "check_policy", "make_relation"]
+
+#: The answer-resolution policies, the default first.
+POLICIES = ("first", "majority", "confirm")
+
+
+def check_policy(op: str, policy) -> str:
+    """``policy`` if it names one of :data:`POLICIES`, else a ``ValueError`` naming ``op``."""
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(
+            f"{op}: policy must be one of {', '.join(repr(p) for p in POLICIES)} "
+            f"(how disagreeing answers are resolved; docs/active.md), got {policy!r}"
+        )
+    return policy
+
+
+def make_relation(policy: str = "first", name: str = "Relation"):
+    """The relation a log implies under ``policy`` (see the module docstring): a
+    :class:`Relation` for ``"first"``, else a :class:`MajorityRelation` or
+    :class:`ConfirmRelation`. Each has ``extend``, ``clear``, ``answers``,
+    ``answer_at``, ``n_queries``, ``n_conflicts``, ``contradictions`` and ``relation``
+    (the :class:`Relation` that answers ``same``, ``components``, ``graph``, ...)."""
+    policy = check_policy(name, policy)
+    if policy == "first":
+        return Relation(name)
+    return (MajorityRelation if policy == "majority" else ConfirmRelation)(name)
+
+
+def _key(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a < b else (b, a)
+
+
+class _Resolved:
+    """A log read through a policy: every answer is kept (:meth:`answers`,
+    :attr:`n_queries`) and :attr:`relation`, a :class:`Relation`, is fed what the
+    policy makes of them (a subclass's ``_resolve``). The contradictions are the
+    answers :attr:`relation` disagrees with, computed when asked."""
+
+    def __init__(self, name: str = "Relation"):
+        self.relation = Relation(name)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every answer (a store replays its log after a retraction)."""
+        self.relation.clear()
+        self._log_i: list[int] = []  # every answer, in order
+        self._log_j: list[int] = []
+        self._log_a: list[bool] = []
+        self._conflict_cache: list[int] | None = None
+
+    # The log's queries are Relation's: they read _log_i, _log_j, _log_a and _conflicts.
+    answers = Relation.answers
+    answer_at = Relation.answer_at
+    n_queries = Relation.n_queries
+    n_conflicts = Relation.n_conflicts
+    contradictions = Relation.contradictions
+
+    @property
+    def _conflicts(self) -> list[int]:
+        if self._conflict_cache is None:
+            self._conflict_cache = self._disagreeing(0)
+        return self._conflict_cache
+
+    def _disagreeing(self, start: int) -> list[int]:
+        """Positions ≥ ``start`` of the answers :attr:`relation` knows the opposite of."""
+        verdict = self.relation.verdicts(
+            np.asarray(self._log_i[start:], dtype=np.int64), np.asarray(self._log_j[start:], dtype=np.int64)
+        )
+        alike = np.asarray(self._log_a[start:], dtype=np.int8)
+        return (np.flatnonzero((verdict >= 0) & (verdict != alike)) + start).tolist()
+
+    def extend(self, answers) -> list[int]:
+        """Apply ``answers``, an iterable of ``(i, j, alike)``, after those already
+        applied; returns the positions (in :meth:`answers`) of those among them that are
+        contradictions once they are applied."""
+        start = len(self._log_a)
+        self._resolve(answers)
+        self._conflict_cache = None
+        return self._disagreeing(start)
+
+    def _log(self, i: int, j: int, alike: bool) -> None:
+        self._log_i.append(i)
+        self._log_j.append(j)
+        self._log_a.append(alike)
+
+    def _resolve(self, answers) -> None:
+        raise NotImplementedError
+
+
+class MajorityRelation(_Resolved):
+    """Policy ``"majority"`` (module docstring): one answer per unordered pair, its
+    majority answer, fed to :attr:`relation` in the order of each pair's earliest answer.
+
+    A new pair is applied at once (it comes last in that order); a repeated answer that
+    changes its pair's majority replays every pair (O(pairs), a union-find cannot undo
+    a merge), one that does not change it leaves the relation as it is.
+    """
+
+    def clear(self) -> None:
+        super().clear()
+        # {i, j} as (min, max) -> [i, j of its earliest answer, earliest answer,
+        # alike count, different count], in order of the earliest answer.
+        self._pairs: dict[tuple[int, int], list] = {}
+
+    @staticmethod
+    def _majority(entry: list) -> bool:
+        _, _, earliest, n_alike, n_different = entry
+        return earliest if n_alike == n_different else n_alike > n_different
+
+    def _resolve(self, answers) -> None:
+        pairs, majority = self._pairs, self._majority
+        fresh = []  # pairs first answered here, in order: they extend the relation
+        replay = False
+        for i, j, alike in answers:
+            self._log(i, j, alike)
+            key = _key(i, j)
+            entry = pairs.get(key)
+            if entry is None:
+                pairs[key] = [i, j, alike, int(alike), int(not alike)]
+                fresh.append((i, j, alike))
+                continue
+            before = majority(entry)
+            entry[3 if alike else 4] += 1
+            replay |= majority(entry) != before
+        if replay:
+            self.relation.clear()
+            self.relation.extend((e[0], e[1], majority(e)) for e in pairs.values())
+        elif fresh:
+            self.relation.extend(fresh)
+
+
+class ConfirmRelation(_Resolved):
+    """Policy ``"confirm"`` (module docstring). Answers are applied in log order as
+    under ``"first"``, except:
+
+    * an "alike" answer between two components that both have more than one sample,
+      not known different, is not applied: it waits as a *pending merge* of the two
+      components (:meth:`unconfirmed`);
+    * the next "alike" answer across the same two components (any pair, the same pair
+      again, from anyone) confirms it: the components merge;
+    * a "different" answer across them drops it (the "different" answer is applied; the
+      pending answer becomes a contradiction);
+    * when a component grows, its pending merges follow it: one that now joins
+      components known different is dropped, and two that now join the same two
+      components are two "alike" answers across them, so they merge.
+
+    An "alike" answer touching a component of one sample is applied at once.
+    """
+
+    def clear(self) -> None:
+        super().clear()
+        # (root, root) of the two components, dense roots of relation, smaller first
+        # -> positions (in answers()) of the "alike" answers waiting on that merge.
+        self._pending: dict[tuple[int, int], list[int]] = {}
+        self._partners: dict[int, set[int]] = {}  # dense root -> roots it has a pending merge with
+
+    def unconfirmed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answers whose merge waits for confirmation, in log order: ``(positions
+        LongTensor [P], pairs LongTensor [P, 2])``, positions into :meth:`answers`."""
+        pos = sorted(p for waiting in self._pending.values() for p in waiting)
+        pairs = [[self._log_i[p], self._log_j[p]] for p in pos]
+        return torch.tensor(pos, dtype=torch.long), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+    def _resolve(self, answers) -> None:
+        rel = self.relation
+        for i, j, alike in answers:
+            position = len(self._log_a)
+            self._log(i, j, alike)
+            ri, rj = rel._find(rel._node(i)), rel._find(rel._node(j))
+            if ri == rj or rj in rel._cannot.get(ri, ()):
+                rel.extend([(i, j, alike)])  # a repeat or a contradiction: as "first"
+                continue
+            key = _key(ri, rj)
+            if not alike:
+                self._unpend(key)
+                rel.extend([(i, j, False)])
+            elif key in self._pending:  # the second "alike" answer across them
+                self._unpend(key)
+                self._join(i, j)
+            elif rel._size[ri] > 1 and rel._size[rj] > 1:
+                self._pend(key, [position])
+            else:
+                self._join(i, j)
+        rel._cache = None  # nodes may have been created without an extend
+
+    def _pend(self, key: tuple[int, int], positions: list[int]) -> None:
+        self._pending[key] = positions
+        a, b = key
+        self._partners.setdefault(a, set()).add(b)
+        self._partners.setdefault(b, set()).add(a)
+
+    def _unpend(self, key: tuple[int, int]) -> list[int]:
+        """Drop the pending merge ``key`` if there is one; returns its positions."""
+        positions = self._pending.pop(key, [])
+        if positions:
+            for r, other in (key, key[::-1]):
+                partners = self._partners[r]
+                partners.discard(other)
+                if not partners:
+                    del self._partners[r]
+        return positions
+
+    def _join(self, i: int, j: int) -> None:
+        """Apply "alike" (i, j), then move the pending merges of the two old components
+        to the merged one (dropped, or merged in turn; see the class docstring)."""
+        rel = self.relation
+        todo = [(i, j)]
+        while todo:
+            i, j = todo.pop()
+            old = {rel._find(rel._node(i)), rel._find(rel._node(j))}
+            rel.extend([(i, j, True)])
+            root = rel._find(rel._dense[i])
+            if len(old) == 1 or rel._find(rel._dense[j]) != root:
+                continue  # no merge: a repeat, or known different
+            moved = [self._unpend(_key(r, q)) for r in old for q in list(self._partners.get(r, ()))]
+            for positions in sorted(moved):  # in order of their earliest answer
+                p = positions[0]
+                ra, rb = rel._find(rel._dense[self._log_i[p]]), rel._find(rel._dense[self._log_j[p]])
+                if ra == rb or rb in rel._cannot.get(ra, ()):
+                    continue  # joined meanwhile, or now known different: dropped
+                key = _key(ra, rb)
+                if key in self._pending:  # two "alike" answers across the same components
+                    self._unpend(key)
+                    todo.append((self._log_i[p], self._log_j[p]))
+                else:
+                    self._pend(key, positions)
