@@ -44,6 +44,36 @@ def relation_of(store, n):
     return torch.tensor([[code[store.same(i, j)] for j in range(n)] for i in range(n)])
 
 
+def closure_reference(n, pairs, answers):
+    """Brute force: components of the positive answers (flood fill), negatives lifted to
+    components, first answer wins on contradictions. Returns an [n, n] matrix of
+    1 (alike), 0 (different), -1 (unknown)."""
+    comp = list(range(n))
+
+    def relabel(old, new):
+        for t in range(n):
+            if comp[t] == old:
+                comp[t] = new
+
+    negatives = set()
+    for (i, j), a in zip(pairs, answers):
+        ci, cj = comp[i], comp[j]
+        if a:
+            if ci != cj and (min(ci, cj), max(ci, cj)) not in negatives:
+                relabel(cj, ci)
+                negatives = {tuple(sorted((ci if x == cj else x, ci if y == cj else y))) for x, y in negatives}
+        elif ci != cj:
+            negatives.add((min(ci, cj), max(ci, cj)))
+    out = torch.full((n, n), -1)
+    for i in range(n):
+        for j in range(n):
+            if comp[i] == comp[j]:
+                out[i, j] = 1
+            elif (min(comp[i], comp[j]), max(comp[i], comp[j])) in negatives:
+                out[i, j] = 0
+    return out
+
+
 def random_answers(n, q, n_classes, seed, noise=0.0):
     """``q`` answers about ``n`` samples of ``n_classes`` hidden classes, a fraction
     ``noise`` of them flipped: ``(pairs [q, 2], answers [q])``."""
