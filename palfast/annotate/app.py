@@ -172,6 +172,8 @@ def create_app(
         if not name:
             return redirect(url_for("start"))
         q = questions.next(kind, me, client=request.remote_addr or "")
+        stats = questions.stats(me)
+        stats["agreement"] = questions.agreement(name)  # shown in the header's status line
         return render_template(
             f"{kind}.html",
             title=title,
@@ -179,7 +181,7 @@ def create_app(
             q=q,
             name=name,
             csrf=session["csrf"],
-            stats=questions.stats(me),
+            stats=stats,
             message=session.pop("message", None),
             exhausted=questions.exhausted,
         )

@@ -450,6 +450,16 @@ class Questions:
             return last
 
     # ----------------------------------------------------------------- stats
+    def agreement(self, name: str) -> dict | None:
+        """What the page's header shows of the person ``name`` (the source of their
+        answers): the store's :meth:`~palfast.active.RelationStore.annotators` entry
+        (``answers``, ``repeated``, ``agreement`` with the majority, ``contradictions``)
+        as a dict, None before their first answer."""
+        with self._lock:
+            self.store.refresh()
+            mine = self.store.annotators().get(name)
+        return None if mine is None else mine._asdict()
+
     def stats(self, owner: str) -> dict:
         with self._lock:
             self.store.refresh()

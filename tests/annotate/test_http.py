@@ -132,6 +132,15 @@ def test_pair_answer_is_stored_once_under_the_name(served):
     assert 'data-answered="1"' in page and 'data-last-ids="1"' in page
     assert c.post("/answer", data={"csrf": csrf, "qid": qid2, "answer": "skip"}).status_code == 303
     assert store.n_queries == 1 and "Skipped" in screen(c)[0]
+    # The header shows the person's agreement with the majority (RelationStore.annotators).
+    assert q.agreement("ann") == {"answers": 1, "repeated": 0, "agreement": None, "contradictions": 0}
+    assert 'data-agreement=""' in screen(c)[0]
+    store.record([[j, i]], [False], source="bob")  # a tie: the earliest answer (ann's) stands
+    assert q.agreement("ann")["agreement"] == 1.0
+    assert 'data-agreement="1.0000"' in screen(c)[0] and "agreement <b>100%</b> of 1 repeated" in screen(c)[0]
+    store.record([[i, j]], [False], source="cy")  # now "different" has the majority
+    assert q.agreement("ann") == {"answers": 1, "repeated": 1, "agreement": 0.0, "contradictions": 0}
+    assert 'data-agreement="0.0000"' in screen(c)[0]
 
 
 def test_malformed_answers_are_4xx_and_the_question_stays_open(served):
