@@ -7,13 +7,16 @@ from . import distributed
 from .candidates import candidate_pairs
 from .learner import ActiveLearner
 from .oracle import CallbackOracle, LabelOracle, Oracle
-from .store import ContradictionWarning, RelationStore, StoreCorruptError, StoreError
+from .policy import POLICIES
+from .store import AnnotatorStats, ContradictionWarning, RelationStore, StoreCorruptError, StoreError
 from .strategies import ORDERS, STRATEGIES, CandidateGraph, select_queries
 
 __all__ = [
     "ORDERS",
+    "POLICIES",
     "STRATEGIES",
     "ActiveLearner",
+    "AnnotatorStats",
     "CallbackOracle",
     "CandidateGraph",
     "LabelOracle",
