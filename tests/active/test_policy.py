@@ -229,6 +229,42 @@ def test_confirm_pending_merges_follow_growing_components():
     assert rel.contradictions()[0].tolist() == [2]
 
 
+def check_confirm_state(rel, answers, n):
+    """Every pending merge of ``rel`` (a ConfirmRelation) is an "alike" answer between
+    two groups of two or more samples that are not known alike or different."""
+    sizes = torch.bincount(rel.relation.roots(torch.arange(n)), minlength=n)
+    for p, (i, j) in zip(*(t.tolist() for t in rel.unconfirmed())):
+        assert answers[p] is True and rel.relation.same(i, j) is None
+        assert sizes[rel.relation.roots(torch.tensor([i]))] > 1 and sizes[rel.relation.roots(torch.tensor([j]))] > 1
+
+
+def test_confirm_is_derived_from_the_log_whatever_the_batches():
+    """Random logs with repeats and noise, fed in batches of 1..5 (what record and
+    refresh do): after each batch, the relation, pending merges and contradictions are
+    those of the log so far fed at once (what reopen does)."""
+    n, pending_seen = 12, 0
+    for seed in range(8):
+        pairs, answers = repeated_answers(n, 40, seed, n_pairs=25, n_classes=2)
+        log = [(i, j, a) for (i, j), a in zip(pairs, answers)]
+        batched = ConfirmRelation()
+        g = torch.Generator().manual_seed(200 + seed)
+        start = 0
+        while start < len(log):
+            stop = start + int(torch.randint(1, 6, (1,), generator=g))
+            batched.extend(log[start:stop])
+            whole = ConfirmRelation()
+            whole.extend(log[:stop])
+            ids = torch.arange(n)
+            assert torch.equal(relation_of(whole.relation, n), relation_of(batched.relation, n)), (seed, stop)
+            assert torch.equal(whole.relation.components(ids), batched.relation.components(ids))
+            assert whole.unconfirmed()[0].tolist() == batched.unconfirmed()[0].tolist(), (seed, stop)
+            assert whole.contradictions()[0].tolist() == batched.contradictions()[0].tolist()
+            check_confirm_state(whole, answers, n)
+            pending_seen += whole.unconfirmed()[0].numel()
+            start = stop
+    assert pending_seen > 0  # the logs do exercise pending merges
+
+
 # ---------------------------------------------------------------- annotators
 #: (source, i, j, alike) in log order; the 9th answer is retracted. Counted by hand:
 #: pair {0,1}: F (cy), T (ann), T (bob) -> majority alike; {2,3}: F, F -> different;
