@@ -12,6 +12,8 @@ queries. It touches no database: rebuilding it from a log is replaying the log.
   A~B and B≁C give A≁C, and merging two components merges their cannot-links.
 * **contradictions** (an answer saying i~j after i≁j was implied, or the reverse) are
   kept in :meth:`Relation.answers` but do not change the relation: the first answer wins.
+  This is the store's default policy, ``"first"``; the others (palfast/active/policy.py)
+  feed a :class:`Relation` what they make of the answers.
 
 Example::
 
