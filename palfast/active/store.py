@@ -144,6 +144,19 @@ def _query(name: str, part: str = "_relation"):
     return ask
 
 
+def _pair_groups(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unordered pairs {i, j} of ``pairs [Q, 2]``: ``(group [Q], earliest [G])``, the
+    group of each row and the first row of each group (a stable sort, no hashing)."""
+    key = np.sort(pairs, axis=1)
+    order = np.lexsort((key[:, 1], key[:, 0]))  # stable: the earliest row leads its group
+    k = key[order]
+    starts = np.ones(k.shape[0], dtype=bool)
+    starts[1:] = (k[1:] != k[:-1]).any(axis=1)
+    group = np.empty(k.shape[0], dtype=np.int64)
+    group[order] = np.cumsum(starts) - 1
+    return group, order[starts]
+
+
 class RelationStore:
     """Answers of an oracle about pairs of samples, with transitive closure.
 
@@ -196,7 +209,10 @@ class RelationStore:
         # under "first": the answers feed the union-find directly, as they always did).
         self._answers = make_relation(self.policy, "RelationStore")
         self._relation: Relation = self._answers.relation
-        self._sources: list[str] = []  # source of answer id k + 1, read when first asked
+        # Read when annotators() is first asked: the sources in order of first sight
+        # (source -> code) and the code of the source of answer id k + 1.
+        self._source_code: dict[str, int] = {}
+        self._source_of: list[int] = []
         self._annotators: dict | None = None
         if self.readonly and self.path is None:
             raise ValueError("RelationStore: readonly=True needs the path of an existing store")
@@ -426,31 +442,30 @@ class RelationStore:
 
     def _count_annotators(self) -> dict[str, AnnotatorStats]:
         last = self._log.last_answer
-        if len(self._sources) < last:
-            rows = self._log.rows("RelationStore.annotators", after=len(self._sources))
-            self._sources += [row[5] for row in rows if row[0] <= last]
+        if len(self._source_of) < last:  # read the sources of the rows not read yet
+            rows = self._log.rows("RelationStore.annotators", after=len(self._source_of))
+            code = self._source_code
+            self._source_of += [code.setdefault(row[5], len(code)) for row in rows if row[0] <= last]
         pairs, alike = (t.numpy() for t in self._answers.answers())
         if alike.size == 0:
             return {}
-        names, who = np.unique(np.asarray(self._sources, dtype=object)[self._log_ids() - 1], return_inverse=True)
-        key = np.sort(pairs, axis=1)
-        _, earliest, pair = np.unique(key, axis=0, return_index=True, return_inverse=True)
-        pair = pair.reshape(-1)
-        n_alike = np.bincount(pair, weights=alike)
-        n_all = np.bincount(pair)
+        who = np.asarray(self._source_of, dtype=np.int64)[self._log_ids() - 1]
+        pair, earliest = _pair_groups(pairs)
+        n_alike, n_all = np.bincount(pair, weights=alike), np.bincount(pair)
         majority = np.where(2 * n_alike == n_all, alike[earliest], 2 * n_alike > n_all)
         repeated = n_all[pair] > 1
         agrees = repeated & (alike == majority[pair])
         conflict = np.zeros(alike.size, dtype=bool)
         conflict[self._answers.contradictions()[0].numpy()] = True
-        count = functools.partial(np.bincount, who, minlength=len(names))
+        count = functools.partial(np.bincount, who, minlength=len(self._source_code))
         n, n_rep, n_agree, n_conf = count(), count(repeated), count(agrees), count(conflict)
-        first_seen = np.unique(who, return_index=True)[1]
+        names = list(self._source_code)
+        present, first = np.unique(who, return_index=True)
         return {
             names[s]: AnnotatorStats(
                 int(n[s]), int(n_rep[s]), float(n_agree[s] / n_rep[s]) if n_rep[s] else None, int(n_conf[s])
             )
-            for s in np.argsort(first_seen, kind="stable")
+            for s in present[np.argsort(first)]
         }
 
     # ------------------------------------------------------- copies, recovery

@@ -266,10 +266,10 @@ def test_confirm_is_derived_from_the_log_whatever_the_batches():
 
 
 # ---------------------------------------------------------------- annotators
-#: (source, i, j, alike) in log order; the 9th answer is retracted. Counted by hand:
+#: (source, i, j, alike) in log order; the 9th and the 12th answers are retracted. Counted by hand:
 #: pair {0,1}: F (cy), T (ann), T (bob) -> majority alike; {2,3}: F, F -> different;
 #: {4,5}: T (cy), F (dan) -> a tie, the earliest (alike); {0,2}: T (ann), F (cy) -> a
-#: tie, alike; {7,8} once (eve); {5,6} only in the retracted answer.
+#: tie, alike; {7,8} once (eve); {5,6} and {9,10} only in retracted answers.
 ANNOTATED = [
     ("cy", 0, 1, False),
     ("ann", 0, 1, True),
@@ -282,6 +282,7 @@ ANNOTATED = [
     ("bob", 5, 6, True),
     ("dan", 4, 5, False),
     ("eve", 7, 8, True),
+    ("zed", 9, 10, True),  # retracted, zed's only answer: zed is not listed
 ]
 #: answers (the retracted one left out), repeated, agreement: the same under every policy.
 COUNTS = {"cy": (3, 3, 1 / 3), "ann": (3, 3, 1.0), "bob": (2, 2, 1.0), "dan": (1, 1, 0.0), "eve": (1, 0, None)}
@@ -300,7 +301,7 @@ def test_annotators_counts_answers_agreement_and_contradictions(store_path, poli
     with RelationStore(store_path, policy=policy) as s:
         assert s.annotators() == {}
         ids = [s.record([[i, j]], [a], source=who)[0] for who, i, j, a in ANNOTATED]
-        s.retract([ids[8]], source="bob")
+        s.retract([ids[8], ids[11]], source="bob")
         expected = {
             who: AnnotatorStats(*COUNTS[who], CONTRADICTIONS[policy][who]) for who in ("cy", "ann", "bob", "dan", "eve")
         }
