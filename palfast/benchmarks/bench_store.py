@@ -13,12 +13,17 @@ Cases (one implementation each, ``palfast``):
   The file is built once per process, in large calls.
 * ``refresh``: :meth:`RelationStore.refresh` of a reader of the store holding every
   answer when nothing is new: what ``palfast annotate`` pays on every page it serves.
+* ``refresh (10000 new)``: the same reader's refresh after another writer (a second
+  process's store, here in the same process) appended :data:`NEW_ROWS` answers in
+  calls of :data:`BATCH`: reading, verifying and applying them. The append runs
+  untimed before each run (:class:`palfast.benchmarks.harness.Prepared`), so the store
+  grows by NEW_ROWS per run.
 * ``known_mask``: :meth:`RelationStore.known_mask` on :data:`MASK_PAIRS` random pairs,
   against the store holding every answer.
 
 Backends: ``palfast`` is the SQLite file store (the baseline). With a PostgreSQL
 database named by ``$PALFAST_BENCH_STORE_URL`` (``palfast bench --store-url URL`` sets
-it), ``record``, ``reopen`` and ``refresh`` are also timed as ``postgres`` on that
+it), ``record``, ``reopen`` and both ``refresh`` cases are also timed as ``postgres`` on that
 server: each store lives in a schema of its own (``palfast_bench_<pid>_<k>``, through the
 URL's ``search_path``), dropped after its run. The user of the URL must be allowed to
 create schemas. The benchmark starts no server: give it one (bench/README.md says how
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 
 from ..active import RelationStore
-from .harness import Case
+from .harness import Case, Prepared
 
 N_CLASSES = 1000
 #: Answers per record() call of the record case (an annotation app's flush, or a round).
@@ -48,6 +53,12 @@ ANSWERS, QUICK_ANSWERS = 1_000_000, 10_000
 MASK_PAIRS = 1_000_000
 #: Answers per record() call when a case only needs the file built (fewer transactions).
 BUILD_BATCH = 100_000
+#: Answers another writer appends before each timed refresh of the ``refresh (10000 new)``
+#: case: enough that reading, verifying and applying them outweighs a refresh's fixed cost
+#: (the ``refresh (nothing new)`` case: 0.2 ms on SQLite, 2.4 ms on PostgreSQL at 10^5
+#: answers, bench/README.md), so the time over NEW_ROWS is the cost of a row; and a tenth
+#: of a store of 10^5 answers: a reader catching up, not a reopen.
+NEW_ROWS = 10_000
 #: The environment variable naming the PostgreSQL database the ``postgres`` cases use.
 STORE_URL_ENV = "PALFAST_BENCH_STORE_URL"
 _schemas = itertools.count()
@@ -56,16 +67,18 @@ TARGET_ANSWERS_PER_S = 20_000
 TARGET_REOPEN_S = 10.0
 
 
-def answers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` answers (pairs ``[m, 2]``, bool ``[m]``, m ≤ n: pairs of one sample dropped)
-    over ``n`` sample ids, as the module docstring describes."""
-    rng = np.random.default_rng(n)
+def answers(n: int, count: int | None = None, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` (default ``n``) answers (pairs ``[m, 2]``, bool ``[m]``, m ≤ count: pairs
+    of one sample dropped) over ``n`` sample ids, as the module docstring describes,
+    drawn with ``seed`` (default ``n``)."""
+    count = n if count is None else count
+    rng = np.random.default_rng(n if seed is None else seed)
     label = np.arange(n) % N_CLASSES
-    i = rng.integers(0, n, n)
+    i = rng.integers(0, n, count)
     # a sample of i's class: same residue mod N_CLASSES
     per_class = (n - label[i] + N_CLASSES - 1) // N_CLASSES
-    j_same = label[i] + N_CLASSES * (rng.random(n) * per_class).astype(np.int64)
-    j = np.where(rng.random(n) < 0.5, j_same, rng.integers(0, n, n))
+    j_same = label[i] + N_CLASSES * (rng.random(count) * per_class).astype(np.int64)
+    j = np.where(rng.random(count) < 0.5, j_same, rng.integers(0, n, count))
     keep = i != j
     i, j = i[keep], j[keep]
     return torch.from_numpy(np.stack([i, j], 1)), torch.from_numpy(label[i] == label[j])
@@ -178,6 +191,28 @@ def _refresh(n: int, url: str | None = None):
     return make
 
 
+def _refresh_new(n: int, url: str | None = None):
+    def make():
+        keeper, path, _ = _full_store(n, url)
+        reader = RelationStore(path, readonly=True)
+        writer = RelationStore(path)
+        seeds = itertools.count(n + 1)  # answers(n) drew with seed n: new pairs each run
+
+        def prepare():
+            pairs, ans = answers(n, NEW_ROWS, seed=next(seeds))
+            _record_all(writer, pairs, ans, BATCH)
+
+        def run():
+            _ = keeper
+            before = reader.n_queries
+            if reader.refresh() != writer.n_queries - before or reader.n_queries != writer.n_queries:
+                raise RuntimeError("the reader's refresh did not read what the writer appended")
+
+        return Prepared(prepare, run)
+
+    return make
+
+
 def _known_mask(n: int):
     def make():
         pairs, ans = answers(n)
@@ -213,6 +248,14 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
         ),
         Case("bench_store", f"reopen answers={n}", params, backends(_reopen), "palfast", "cpu"),
         Case("bench_store", f"refresh (nothing new) answers={n}", params, backends(_refresh), "palfast", "cpu"),
+        Case(
+            "bench_store",
+            f"refresh ({NEW_ROWS} new) answers={n}",
+            {**params, "new_rows": NEW_ROWS},
+            backends(_refresh_new),
+            "palfast",
+            "cpu",
+        ),
         Case(
             "bench_store",
             f"known_mask pairs={MASK_PAIRS} answers={n}",

@@ -9,7 +9,8 @@ list[Case]``. A :class:`Case` names a set of implementations of one workload
   medians and the ratio ``baseline_median / impl_median`` (> 1: faster than the
   baseline);
 * times CUDA runs with CUDA events (warm-up runs excluded), CPU runs with the
-  wall clock;
+  wall clock; a factory returning a :class:`Prepared` gets its ``prepare()`` run
+  untimed before every run (the state a run uses up, made again);
 * reports effective TFLOP/s where a case counts its FLOPs (``Case.flops``; each
   ``bench_<op>.py`` says how it counts them) and ratios to the baseline and to the
   labels in ``Case.compare_to``;
@@ -57,13 +58,28 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Case", "Skip", "run_cases", "environment"]
+__all__ = ["Case", "Prepared", "Skip", "run_cases", "environment"]
 
 BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates", "bench_active", "bench_store"]
 
 
 class Skip(Exception):
     """Raised by a factory when an implementation cannot run this case (e.g. no memory)."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a factory returns for a step that uses up its input (a refresh reads the rows
+    appended for it once): ``prepare()`` makes the input again, untimed, before every
+    run (warm-up, timed and peak-memory runs alike); only ``run()`` is measured. Calling
+    it does both, in that order."""
+
+    prepare: Callable[[], object]
+    run: Callable[[], object]
+
+    def __call__(self) -> object:
+        self.prepare()
+        return self.run()
 
 
 @contextlib.contextmanager
@@ -207,7 +223,11 @@ def _sync(device: str) -> None:
 
 def _time_one(run: Callable[[], object], device: str) -> float:
     """Seconds of one run(): CUDA events around it on a GPU (the device's own clock,
-    after a synchronize so that earlier work is not counted), the wall clock on the CPU."""
+    after a synchronize so that earlier work is not counted), the wall clock on the CPU.
+    A :class:`Prepared` run is prepared first, untimed."""
+    if isinstance(run, Prepared):
+        run.prepare()
+        run = run.run
     if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
@@ -302,6 +322,9 @@ def measure_peak_here(module: str, case_name: str, label: str, quick: bool) -> d
         return {"status": f"skipped: {e}"}
     if case.peak_warmup:
         run()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the op's
+    if isinstance(run, Prepared):
+        run.prepare()  # its memory is the input's, not the measured step's
+        run = run.run
     gc.collect()
     # Writing 5 to clear_refs resets the kernel's peak-RSS mark (VmHWM) to the current RSS.
     with open("/proc/self/clear_refs", "w") as f:

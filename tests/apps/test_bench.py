@@ -425,11 +425,15 @@ def test_store_bench_quick_and_its_targets(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bs, "QUICK_ANSWERS", 3000)
     monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
+    monkeypatch.setattr(bs, "NEW_ROWS", 500)
     monkeypatch.delenv(bs.STORE_URL_ENV, raising=False)  # SQLite only
     pairs, ans = bs.answers(3000)
     assert 0.3 < float(ans.float().mean()) < 0.7 and bool((pairs[:, 0] != pairs[:, 1]).all())
+    more, _ = bs.answers(3000, 500, seed=3001)  # the refresh case's new rows: other pairs
+    assert 0 < more.shape[0] <= 500 and int(more.max()) < 3000 and not torch.equal(more, pairs[: more.shape[0]])
     report = _run_quick("bench_store", tmp_path)
-    assert [r["status"] for r in report["results"]] == ["ok"] * 4
+    assert [r["status"] for r in report["results"]] == ["ok"] * 5
+    assert report["results"][3]["case"] == "refresh (500 new) answers=3000"
     assert all(t["status"].startswith("unmeasured") for t in report["targets"])
     n = bs.ANSWERS
     rows = [
@@ -462,6 +466,7 @@ def test_store_bench_times_postgres_beside_sqlite(monkeypatch, tmp_path, postgre
     assert "--store-url must start with postgresql://" in capsys.readouterr().err
     monkeypatch.setattr(bs, "QUICK_ANSWERS", 2000)
     monkeypatch.setattr(bs, "MASK_PAIRS", 20_000)
+    monkeypatch.setattr(bs, "NEW_ROWS", 300)
     monkeypatch.setenv(bs.STORE_URL_ENV, postgres_url)
     report = _run_quick("bench_store", tmp_path)
     got = [(r["case"].split()[0], r["impl"], r["status"]) for r in report["results"]]
@@ -471,6 +476,8 @@ def test_store_bench_times_postgres_beside_sqlite(monkeypatch, tmp_path, postgre
         ("reopen", "palfast", "ok"),
         ("reopen", "postgres", "ok"),
         ("refresh", "palfast", "ok"),
+        ("refresh", "postgres", "ok"),
+        ("refresh", "palfast", "ok"),  # of 300 new rows
         ("refresh", "postgres", "ok"),
         ("known_mask", "palfast", "ok"),
     ]
@@ -501,6 +508,41 @@ def test_harness_extras_join_the_row_and_their_failure_is_recorded(monkeypatch):
     assert a["recall_at_10"] == 0.5 and b["status"] == "ok"
     assert b["extras_status"] == "failed: ValueError: no index"
     assert "recall@10 0.5000" in harness.format_table(report)
+
+
+#: How long the test's prepare() sleeps: far above the time of its run(), so that a timing
+#: that counted it would show.
+PREPARE_S = 0.2
+
+
+def test_prepared_runs_are_prepared_before_every_run_and_untimed(monkeypatch):
+    """A factory returning Prepared: prepare() runs before each warm-up, timed and
+    peak-memory run, outside the timing; run() alone is timed."""
+    calls = []
+
+    def factory():
+        def prepare():
+            time.sleep(PREPARE_S)
+            calls.append("prepare")
+
+        def run():
+            if calls[-1:] != ["prepare"]:  # each run uses up what prepare() made
+                raise RuntimeError("run() without prepare()")
+            calls.append("run")
+
+        return harness.Prepared(prepare, run)
+
+    mod = types.ModuleType("palfast.benchmarks.bench_prepared")
+    mod.cases = lambda quick=False, device="cpu": [Case("bench_prepared", "prepared", {}, {"a": factory}, "a")]
+    monkeypatch.setitem(sys.modules, "palfast.benchmarks.bench_prepared", mod)
+    report = harness.run_cases(["bench_prepared"], repeats=3, warmup=1, memory=False, progress=lambda msg: None)
+    (row,) = report["results"]
+    assert row["status"] == "ok" and row["runs"] == 3
+    assert row["median_s"] < PREPARE_S / 2
+    assert calls == ["prepare", "run"] * 4  # the warm-up and three timed runs
+    calls.clear()
+    assert harness.measure_peak_here("bench_prepared", "prepared", "a", quick=False)["status"] == "ok"
+    assert calls == ["prepare", "run"] * 2  # its warm-up and the measured run
 
 
 def test_peak_memory_reports_the_whole_process(monkeypatch):
