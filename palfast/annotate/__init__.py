@@ -58,7 +58,9 @@ MIN_TOKEN_CHARS = 12
 TOKEN_BYTES = 24
 #: ``--index`` choices: palfast.knn's indexes but IVF-PQ (a compressed index trades recall
 #: for memory; the rows' float32 copy of IVF fits wherever the embeddings file does).
-INDEXES = ("auto", "exact", "ivf", "hnsw")
+INDEXES = ("auto", "exact", "ivf", "ivf-join", "hnsw")
+#: The indexes ``--nlist`` and ``--nprobe`` apply to (both cluster the rows into lists).
+LIST_INDEXES = ("ivf", "ivf-join")
 
 
 DESCRIPTION = """\
@@ -173,7 +175,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     """``--index``, ``--nlist``, ``--nprobe``, ``--ef-search``: the k-NN index of
     select_queries' candidate graph (palfast.knn; docs/annotate.md, "Large pools")."""
     from .._checks import int_at_least
-    from ..knn import AUTO_EXACT_MAX_ROWS, DEFAULT_EF_SEARCH, DEFAULT_NPROBE
+    from ..knn import AUTO_EXACT_MAX_ROWS, DEFAULT_EF_SEARCH, DEFAULT_JOIN_NPROBE, DEFAULT_NPROBE
     from .questions import SELECT_K
 
     g = p.add_argument_group(
@@ -187,8 +189,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
         choices=INDEXES,
         default="auto",
         help=f"auto (default): exact up to {AUTO_EXACT_MAX_ROWS:,} samples, above "
-        "palfast's IVF self search (ivf-join: torch only, no faiss needed); "
-        "exact: every similarity (N^2 D work per search); ivf: FAISS inverted "
+        "ivf-join; exact: every similarity (N^2 D work per search); ivf-join: "
+        "palfast's IVF self search (torch only, no faiss needed); ivf: FAISS inverted "
         "lists, approximate; hnsw: FAISS graph index, approximate, no training "
         "(pip install faiss-cpu for these two)",
     )
@@ -197,15 +199,17 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
         type=int_at_least(1),
         default=None,
         metavar="LISTS",
-        help="--index ivf: lists the samples are clustered into, 1..N (default: about 4*sqrt(N), at most N/39)",
+        help="--index ivf or ivf-join: lists the samples are clustered into, 1..N "
+        "(default: about 4*sqrt(N), at most N/39)",
     )
     g.add_argument(
         "--nprobe",
         type=int_at_least(1),
         default=None,
         metavar="LISTS",
-        help=f"--index ivf: lists scanned per sample, 1..nlist; more is slower and "
-        f"finds more true neighbours (default {DEFAULT_NPROBE}, at most nlist)",
+        help=f"--index ivf or ivf-join: lists scanned per sample, 1..nlist; more is "
+        f"slower and finds more true neighbours (default {DEFAULT_NPROBE} for ivf, "
+        f"{DEFAULT_JOIN_NPROBE} for ivf-join, at most nlist)",
     )
     g.add_argument(
         "--ef-search",
@@ -223,14 +227,16 @@ def check_index_args(args, n: int | None = None) -> None:
     ``--nlist`` at most n and ``--nprobe`` at most the lists. Raises ValueError naming them."""
     from ..knn import default_nlist
 
-    for opt, value, index in (
-        ("--nlist", args.nlist, "ivf"),
-        ("--nprobe", args.nprobe, "ivf"),
-        ("--ef-search", args.ef_search, "hnsw"),
+    for opt, value, indexes in (
+        ("--nlist", args.nlist, LIST_INDEXES),
+        ("--nprobe", args.nprobe, LIST_INDEXES),
+        ("--ef-search", args.ef_search, ("hnsw",)),
     ):
-        if value is not None and args.index != index:
+        if value is not None and args.index not in indexes:
+            named = " or ".join(indexes)
             raise ValueError(
-                f"{opt} applies to --index {index} only, got --index {args.index}; add --index {index} or drop {opt}"
+                f"{opt} applies to --index {named} only, got --index {args.index}; "
+                f"add --index {indexes[0]} or drop {opt}"
             )
     if n is not None and args.nlist is not None and args.nlist > n:
         raise ValueError(f"--nlist must be at most the {n} samples (each list is trained on samples), got {args.nlist}")

@@ -5,6 +5,7 @@ never a crash, never a lost answer. Data loaders and the embeddings reload are h
 
 import contextlib
 import copy
+import importlib.util
 import io
 import os
 import queue
@@ -1160,8 +1161,11 @@ def test_cli_index_options_reject_bad_values(capsys, args, err):
 @pytest.mark.parametrize(
     "args,err",
     [
-        (["--nlist", "4"], "--nlist applies to --index ivf only, got --index auto"),
-        (["--index", "exact", "--nprobe", "4"], "--nprobe applies to --index ivf only, got --index exact"),
+        (["--nlist", "4"], "--nlist applies to --index ivf or ivf-join only, got --index auto"),
+        (["--index", "exact", "--nprobe", "4"], "--nprobe applies to --index ivf or ivf-join only, got --index exact"),
+        (["--index", "hnsw", "--nlist", "1"], "--nlist applies to --index ivf or ivf-join only, got --index hnsw"),
+        (["--index", "ivf-join", "--ef-search", "32"], "--ef-search applies to --index hnsw only, got --index ivf-"),
+        (["--index", "ivf-join", "--nprobe", "2"], "--nprobe must be at most the 1 lists (the default --nlist), got 2"),
         (["--index", "ivf", "--ef-search", "32"], "--ef-search applies to --index hnsw only, got --index ivf"),
         (["--index", "ivf", "--nlist", "4", "--nprobe", "5"], "--nprobe must be at most the 4 lists, got 5"),
         (["--index", "ivf", "--nlist", "41"], "--nlist must be at most the 40 samples"),
@@ -1188,7 +1192,7 @@ def test_cli_index_options_reach_select_queries(tmp_path, capsys, monkeypatch):
         main(["annotate", "--help"])
     out = capsys.readouterr().out
     for text in (
-        "--index {auto,exact,ivf,hnsw}",
+        "--index {auto,exact,ivf,ivf-join,hnsw}",
         "auto (default): exact up to 20,000",
         "--nlist",
         "4*sqrt(N)",
@@ -1198,18 +1202,25 @@ def test_cli_index_options_reach_select_queries(tmp_path, capsys, monkeypatch):
         "(default 64)",
     ):
         assert text in out
-    pytest.importorskip("faiss")
     calls = []
     real = questions_mod.select_queries
     monkeypatch.setattr(questions_mod, "select_queries", lambda *a, **k: calls.append(k) or real(*a, **k))
     np.save(tmp_path / "x.npy", images())
+    has_faiss = importlib.util.find_spec("faiss") is not None
     for opts, want in (
+        # ivf-join is torch only; 40 samples allow one list (at least 39 rows per list)
+        (
+            ["--index", "ivf-join", "--nlist", "1", "--nprobe", "1"],
+            {"index": "ivf-join", "nlist": 1, "nprobe": 1, "ef_search": None},
+        ),
         (
             ["--index", "ivf", "--nlist", "2", "--nprobe", "2"],
             {"index": "ivf", "nlist": 2, "nprobe": 2, "ef_search": None},
         ),
         (["--index", "hnsw", "--ef-search", "12"], {"index": "hnsw", "nlist": None, "nprobe": None, "ef_search": 12}),
     ):
+        if opts[1] != "ivf-join" and not has_faiss:
+            continue  # FAISS's indexes: pip install faiss-cpu
         args = build_parser().parse_args(
             ["annotate", "--data", str(tmp_path / "x.npy"), "--store", str(tmp_path / f"{opts[1]}.sqlite"), *opts]
         )
