@@ -127,7 +127,7 @@ def test_learner_reask_errors():
         ActiveLearner(nn.Linear(4, 4), X, LabelOracle(y), RelationStore(policy="confirm"), reask=2)
     with pytest.raises(ValueError, match="ActiveLearner: reask is passed to select_queries"):
         ActiveLearner(
-            nn.Linear(4, 4), X, LabelOracle(y), RelationStore(policy="confirm"), strategy=lambda *a, **k: None, reask=0.2
+            nn.Linear(4, 4), X, LabelOracle(y), RelationStore(policy="confirm"), strategy=lambda *a, **k: 0, reask=0.2
         )
 
 
@@ -178,3 +178,22 @@ def test_learner_noisy_leaves_no_pending_merge_it_could_reask(seed):
         learner(x, y, store, LabelOracle(y, noise=0.2, seed=seed), 0.5, seed).run(150, 15)
     ids, _ = store.unconfirmed()
     assert bool((ids > store.n_queries - 15).all())
+
+
+def test_apps_refuse_bad_policy_options_before_any_work():
+    import argparse
+    import dataclasses
+
+    from palfast.benchmarks.bench_strategies import QUICK, check_settings, main
+    from palfast.demo import check_policy_args
+
+    with pytest.raises(ValueError, match="palfast demo: --reask 0.1 .*--policy confirm or --policy majority"):
+        check_policy_args("palfast demo", argparse.Namespace(policy="first", reask=0.1))
+    with pytest.raises(ValueError, match=r"--reask must be a share in \[0, 1\]"):
+        check_policy_args("palfast demo", argparse.Namespace(policy="confirm", reask=-1.0))
+    assert check_policy_args("palfast demo", argparse.Namespace(policy="majority", reask=0.2)) == ("majority", 0.2)
+    with pytest.raises(ValueError, match="strategies: reask=0.2 .*policy 'first'"):
+        check_settings(dataclasses.replace(QUICK, reask=0.2))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        check_settings(dataclasses.replace(QUICK, policy="best"))
+    assert main(["--quick", "--reask", "2", "--policy", "confirm"]) == 2
