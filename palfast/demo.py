@@ -72,7 +72,7 @@ BASELINE = "random"
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the demo's options to ``parser`` (used by ``palfast demo``)."""
-    from .active import STRATEGIES
+    from .active import POLICIES, STRATEGIES
 
     parser.add_argument("--out", default="palfast_demo_out", help="output directory (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"small run, under 2 minutes on 2 CPU cores ({QUICK})")
@@ -117,6 +117,24 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default="gain",
         choices=("gain", "random"),
         help="pal's order inside a class (docs/active.md; default %(default)s)",
+    )
+    parser.add_argument(
+        "--policy",
+        default="first",
+        choices=POLICIES,
+        help="how the store resolves answers that disagree (docs/active.md, 'Answers from "
+        "people who make mistakes'): first = the first answer wins (default); majority = "
+        "each pair's majority answer; confirm = a merge of two known classes waits for a "
+        "second 'alike' answer",
+    )
+    parser.add_argument(
+        "--reask",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share in [0, 1] of each round's questions spent first on asking again the "
+        "answers a second one could overturn, most consequential first (needs --policy "
+        "confirm or majority; default 0)",
     )
     parser.add_argument(
         "--views",
@@ -189,7 +207,27 @@ def _settings(args) -> dict:
     s["views"] = getattr(args, "views", "shift")
     if s["views"] not in VIEWS:
         raise ValueError(f"palfast demo: --views must be one of {VIEWS}, got {s['views']!r}")
+    s["policy"], s["reask"] = check_policy_args("palfast demo", args)
     return s
+
+
+def check_policy_args(op: str, args) -> tuple[str, float]:
+    """``(policy, reask)`` from ``args.policy`` and ``args.reask`` (default "first", 0),
+    checked before any work, the errors naming the options."""
+    from .active import POLICIES
+
+    policy, reask = getattr(args, "policy", "first"), getattr(args, "reask", 0.0)
+    if policy not in POLICIES:
+        raise ValueError(f"{op}: --policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if not isinstance(reask, int | float) or not 0 <= reask <= 1:  # also refuses nan
+        raise ValueError(f"{op}: --reask must be a share in [0, 1] of the questions, got {reask}")
+    if reask > 0 and policy == "first":
+        raise ValueError(
+            f"{op}: --reask {reask:g} asks answers again, which changes nothing under "
+            f"--policy first (the first answer wins); add --policy confirm or --policy "
+            f"majority, or leave --reask at 0"
+        )
+    return policy, float(reask)
 
 
 def run_one(
@@ -205,7 +243,7 @@ def run_one(
 ) -> list[dict]:
     """One active run; returns the per-round history with test accuracies."""
     from .active import ActiveLearner, LabelOracle, RelationStore
-    from .metrics import knn_accuracy, linear_probe_accuracy
+    from .metrics import knn_accuracy, linear_probe_accuracy, merged_classes
 
     x_pool, y_pool, x_test, y_test = data
     if store_path is not None and not resume and os.path.exists(store_path):
@@ -220,11 +258,12 @@ def run_one(
         return {
             "knn": knn_accuracy(f_pool, y_pool, f_test, y_test, k=20),
             "linear": linear_probe_accuracy(f_pool, y_pool, f_test, y_test),
+            "merged": merged_classes(learner.store.components(torch.arange(y_pool.numel())), y_pool),
         }
 
     views = settings.get("views", "shift")
     view_fn = {"shift": augment, "noise": augment_noise, "none": None}[views]
-    with RelationStore(store_path) as store:
+    with RelationStore(store_path, policy=settings.get("policy", "first")) as store:
         learner = ActiveLearner(
             encoder,
             x_pool,
@@ -241,6 +280,7 @@ def run_one(
             progress=progress,
             order=settings.get("order", "gain"),
             unknown_weight=settings.get("unknown_weight", 1.0),
+            reask=settings.get("reask", 0.0),
         )
         history = learner.run(settings["budget"], settings["queries_per_round"], on_round=evaluate)
     for h in history:
@@ -411,6 +451,7 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
     print(
         f"palfast demo: digits, pool {data[0].shape[0]} / test {data[2].shape[0]}, "
         f"views {settings['views']}, unknown weight {settings['unknown_weight']:g}, "
+        f"policy {settings['policy']}, reask {settings['reask']:g}, noise {args.noise:g}, "
         f"budget {settings['budget']} queries in rounds of {settings['queries_per_round']}, "
         f"{settings['seeds']} seed(s), strategies {', '.join(settings['strategies'])}"
     )
@@ -426,7 +467,8 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
             print(
                 f"  seed {seed} {strategy:>9}: {last['n_queries']} queries "
                 f"({last['n_positive']} alike) -> linear {100 * last['linear']:.2f}%  "
-                f"k-NN {100 * last['knn']:.2f}%"
+                f"k-NN {100 * last['knn']:.2f}%, {last['n_conflicts']} contradictions, "
+                f"{last['merged']} known classes mixing true classes"
             )
             rows.extend(history)
     summary = summarize(rows, settings["strategies"])
@@ -440,6 +482,7 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
                 "n_queries",
                 "n_positive",
                 "n_conflicts",
+                "merged",
                 "n_seeds",
                 "stop",
                 "loss",

@@ -21,10 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_id_vector, check_int, check_number, check_tensor
+from ._checks import as_long_vector, check_id_vector, check_int, check_number, check_tensor
 from .knn import knn
 
-__all__ = ["area_under_curve", "knn_accuracy", "linear_probe_accuracy", "queries_to_reach", "rankme"]
+__all__ = [
+    "area_under_curve",
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "merged_classes",
+    "queries_to_reach",
+    "rankme",
+]
 
 
 def _check_z(op: str, name: str, z) -> torch.Tensor:
@@ -142,3 +149,22 @@ def area_under_curve(queries: list[int], acc: list[float]) -> float:
 def queries_to_reach(queries: list[int], acc: list[float], target: float) -> int | None:
     """The first checkpoint (queries) whose accuracy is ≥ target; None if never."""
     return next((q for q, a in zip(queries, acc) if a >= target), None)
+
+
+def merged_classes(components, labels) -> int:
+    """How many known classes hold samples of two true classes or more: ``components [N]``
+    the component of each sample (``RelationStore.components``: −1 for a sample with no
+    known positive), ``labels [N]`` its true class. 0 when the answers never joined two
+    classes (a wrong "alike" answer, or a noisy oracle's, that the store followed).
+
+        >>> merged_classes(torch.tensor([5, 5, 5, -1, 7]), torch.tensor([0, 0, 1, 1, 2]))
+        1
+    """
+    op = "palfast.metrics.merged_classes"
+    comp = as_long_vector(op, "components", components).cpu()
+    y = check_id_vector(op, "labels", labels, comp.numel(), "class id")
+    known = comp >= 0
+    # Distinct (component, class) pairs, then the components that have more than one.
+    pairs = torch.unique(torch.stack([comp[known], y[known]], 1), dim=0)
+    _, per_component = torch.unique_consecutive(pairs[:, 0], return_counts=True)
+    return int((per_component > 1).sum())

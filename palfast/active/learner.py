@@ -51,6 +51,7 @@ from .._checks import check_bool, check_callable, check_choice, check_instance, 
 from ..functional import info_nce
 from ..graph import PairGraph
 from .oracle import Oracle
+from .policy import check_reask
 from .relation import as_pairs
 from .store import ContradictionWarning, RelationStore
 from .strategies import ORDERS, PAL_STATE_KEY, STRATEGIES, select_queries
@@ -86,6 +87,12 @@ class ActiveLearner:
         temperature: of the default loss :func:`palfast.info_nce`.
         label_weight, view_weight: weights of the two graphs (see ``RelationStore.graph``).
         k, explore, order: passed to :func:`select_queries` (named strategies only).
+        reask: :func:`select_queries`' share of each round's questions spent first on
+            asking again the answers a second one could overturn (named strategies only;
+            default 0). Above 0 the store must be writable and opened with policy
+            ``"confirm"`` or ``"majority"``. A re-asked pair goes to the oracle again and
+            its answer is recorded as a new one (a :class:`~palfast.active.LabelOracle`
+            draws a fresh flip for every pair it is asked, so a repeat is independent).
         negatives: the batch graph carries the known "different" pairs
             (``RelationStore.graph(..., negatives=True)``, ``graph.negatives``), for losses
             that use them (``info_nce`` with ``unknown_weight < 1``,
@@ -128,6 +135,7 @@ class ActiveLearner:
         k: int = 10,
         explore: float = 0.1,
         order: str = "gain",
+        reask: float = 0.0,
         transitive: bool | None = None,
         negatives: bool | None = None,
         unknown_weight: float = 1.0,
@@ -190,6 +198,13 @@ class ActiveLearner:
         self.k = check_int(_OP, "k", k, 1)
         self.explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
         self.order = check_choice(_OP, "order", order, ORDERS)
+        self.reask = check_reask(_OP, reask, self.store.policy, self.store.readonly)
+        if self.reask and callable(self.strategy):
+            raise ValueError(
+                f"{_OP}: reask is passed to select_queries, the named strategies; a "
+                f"callable strategy chooses its own pairs (call select_queries with "
+                f"reask= inside it), got reask={self.reask:g}"
+            )
         self.embed_fn = (
             None if embed_fn is None else check_callable(_OP, "embed_fn", embed_fn, "embed_fn(encoder, x) -> [B, D]")
         )
@@ -337,6 +352,7 @@ class ActiveLearner:
                 explore=self.explore,
                 order=self.order,
                 state=self.strategy_state,
+                reask=self.reask,
             )
         pairs = as_pairs(
             self.strategy(emb, self.store, budget, k=self.k, generator=gen),

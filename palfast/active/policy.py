@@ -21,6 +21,11 @@ with different policies. The policies:
   (any pair across them, from anyone, or the same pair again); a "different" answer
   across them drops it (and is applied). See :class:`ConfirmRelation` for the details.
 
+A *re-ask* asks the oracle again about an answer a second one could overturn
+(:func:`palfast.active.select_queries`' ``reask``): :meth:`ConfirmRelation.reask_candidates`
+and :meth:`MajorityRelation.reask_candidates` list them, with the number of sample pairs a
+wrong answer joins; under ``"first"`` a repeat changes nothing (:func:`check_reask`).
+
 Under every policy a *contradiction* is an answer (not retracted) whose pair the
 relation knows with the opposite answer: :meth:`Relation.contradictions`. Under
 ``"first"`` these are exactly the answers that contradicted what the answers before
@@ -46,9 +51,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._checks import check_number
 from .relation import Relation
 
-__all__ = ["POLICIES", "ConfirmRelation", "MajorityRelation", "check_policy", "make_relation"]
+__all__ = ["POLICIES", "ConfirmRelation", "MajorityRelation", "check_policy", "check_reask", "make_relation"]
 
 #: The answer-resolution policies, the default first.
 POLICIES = ("first", "majority", "confirm")
@@ -62,6 +68,28 @@ def check_policy(op: str, policy) -> str:
             f"(how disagreeing answers are resolved; docs/active.md), got {policy!r}"
         )
     return policy
+
+
+def check_reask(op: str, reask, policy: str, readonly: bool) -> float:
+    """``reask`` (:func:`palfast.active.select_queries`' share of the budget spent on
+    re-asks) as a float in [0, 1], or a clear error naming ``op``: a share above 0 needs a
+    store that can record the new answers (not ``readonly``) and a ``policy`` under which
+    a repeated answer can change the relation (``"confirm"`` or ``"majority"``)."""
+    reask = check_number(op, "reask", reask, 0.0, maximum=1.0)
+    if reask > 0 and readonly:
+        raise ValueError(
+            f"{op}: reask={reask:g} asks answers again, but the store was opened with "
+            f"readonly=True, so the new answers could not be recorded; open it without "
+            f"readonly, or pass reask=0"
+        )
+    if reask > 0 and policy == "first":
+        raise ValueError(
+            f"{op}: reask={reask:g} asks answers again, which cannot change anything under "
+            f"policy 'first' (the first answer wins); open the store with policy='confirm' "
+            f"or policy='majority' (docs/active.md, \"Answers from people who make "
+            f"mistakes\"), or pass reask=0"
+        )
+    return reask
 
 
 def make_relation(policy: str = "first", name: str = "Relation"):
@@ -151,6 +179,34 @@ class MajorityRelation(_Resolved):
         # {i, j} as (min, max) -> [i, j of its earliest answer, earliest answer,
         # alike count, different count], in order of the earliest answer.
         self._pairs: dict[tuple[int, int], list] = {}
+        # {i, j} -> |C_i|·|C_j| when its majority answer "alike" joined two components
+        # of two samples or more each (recorded as the relation applies it).
+        self._joined: dict[tuple[int, int], int] = {}
+
+    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs whose majority answer "alike" joined two components of two samples or
+        more each and rests on a margin of one vote at most (answered "alike" once and
+        never "different", or as often "alike" as "different" with "alike" first, the
+        tie's winner): ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the
+        consequence |C_i|·|C_j| being the sizes of the two components when the answer
+        joined them, in the order the relation applied them. Asking such a pair again
+        adds a vote: one "different" answer turns a single "alike" into a tie (kept by
+        the earliest answer, so the pair stays a candidate), two overturn it."""
+        rows = []
+        for key, product in self._joined.items():
+            i, j, earliest, n_alike, n_different = self._pairs[key]
+            if n_alike - n_different == 1 or (n_alike == n_different and earliest):
+                rows.append((i, j, product))
+        out = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+        return out[:, :2], out[:, 2]
+
+    def _apply(self, answers) -> None:
+        """Feed ``(i, j, majority)`` to the relation, recording the joins it makes."""
+        rel, joined = self.relation, []
+        rel.extend(answers, joined)
+        for position, size_i, size_j in joined:
+            if size_i > 1 and size_j > 1:
+                self._joined[_key(rel._log_i[position], rel._log_j[position])] = size_i * size_j
 
     @staticmethod
     def _majority(entry: list) -> bool:
@@ -174,9 +230,10 @@ class MajorityRelation(_Resolved):
             replay |= majority(entry) != before
         if replay:
             self.relation.clear()
-            self.relation.extend((e[0], e[1], majority(e)) for e in pairs.values())
+            self._joined = {}
+            self._apply((e[0], e[1], majority(e)) for e in pairs.values())
         elif fresh:
-            self.relation.extend(fresh)
+            self._apply(fresh)
 
 
 class ConfirmRelation(_Resolved):
@@ -210,6 +267,21 @@ class ConfirmRelation(_Resolved):
         pos = sorted(p for waiting in self._pending.values() for p in waiting)
         pairs = [[self._log_i[p], self._log_j[p]] for p in pos]
         return torch.tensor(pos, dtype=torch.long), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pair per pending merge, the pair of its earliest waiting answer:
+        ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the consequence
+        |C_i|·|C_j| being the sizes of the two components now (the sample pairs the merge
+        would join), in the order of those answers. Asking the pair again confirms the
+        merge ("alike") or drops it ("different")."""
+        rel = self.relation
+        rows = sorted(
+            (positions[0], rel._size[a] * rel._size[b]) for (a, b), positions in self._pending.items()
+        )
+        out = torch.tensor(
+            [(self._log_i[p], self._log_j[p], product) for p, product in rows], dtype=torch.long
+        ).reshape(-1, 3)
+        return out[:, :2], out[:, 2]
 
     def _resolve(self, answers) -> None:
         rel = self.relation

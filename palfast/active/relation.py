@@ -89,15 +89,18 @@ class Relation:
         self._conflicts: list[int] = []  # positions (in _log_*) of contradicting answers
         self._cache: dict | None = None  # vectorised lookups, rebuilt after changes
 
-    def extend(self, answers) -> list[int]:
+    def extend(self, answers, joined: list | None = None) -> list[int]:
         """Apply ``answers``, an iterable of ``(i, j, alike)`` (sample ids as ints, ``i !=
         j``; the caller checked them), after those already applied. Returns the positions
-        (in :meth:`answers`) of those among them that contradicted what was known."""
+        (in :meth:`answers`) of those among them that contradicted what was known.
+        ``joined``: a list that receives ``(position, size_i, size_j)`` for every answer
+        that joined two components, their sizes just before (policy ``"majority"``'s
+        re-ask candidates, palfast/active/policy.py)."""
         first, before = len(self._conflicts), len(self._log_a)
         # A store's reopen replays every answer here: the loop reads locals only.
         log_i, log_j, log_a, conflicts = self._log_i, self._log_j, self._log_a, self._conflicts
         dense, parent, cannot = self._dense, self._parent, self._cannot
-        node, find, union = self._node, self._find, self._union
+        node, find, union, size = self._node, self._find, self._union, self._size
         for i, j, ans in answers:
             position = len(log_a)
             log_i.append(i)
@@ -114,6 +117,8 @@ class Relation:
                 if rj in cannot.get(ri, ()):
                     conflicts.append(position)
                     continue
+                if joined is not None:
+                    joined.append((position, size[ri], size[rj]))
                 union(ri, rj)
             else:
                 if ri == rj:

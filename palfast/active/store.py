@@ -418,6 +418,24 @@ class RelationStore:
         positions, pairs = self._answers.unconfirmed()
         return torch.from_numpy(self._log_ids()[positions.numpy()]), pairs
 
+    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answers that asking the same pair again could overturn, what
+        :func:`palfast.active.select_queries` re-asks (its ``reask``):
+        ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the consequence being
+        the number of sample pairs the answer joins (or would join), |C_i|·|C_j|.
+
+        * ``"confirm"``: one pair per pending merge (:meth:`unconfirmed`), the pair of
+          its earliest waiting answer, with the sizes of the two components now;
+        * ``"majority"``: the pairs whose majority answer "alike" joined two components
+          of two samples or more each, with their sizes when it joined them, while the
+          majority rests on one vote at most (one "alike" answer and no "different",
+          or a tie that the earliest answer, "alike", wins; see
+          :meth:`palfast.active.policy.MajorityRelation.reask_candidates`);
+        * ``"first"``: none (a repeated answer changes nothing)."""
+        if self.policy == "first":
+            return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return self._answers.reask_candidates()
+
     def _log_ids(self) -> np.ndarray:
         """The log id of each answer of :meth:`answers` (position -> id): the ids read so
         far without the retracted ones."""

@@ -10,6 +10,20 @@ the same rules:
   (once one is answered the other is implied), so every query is informative;
 * Q = budget unless fewer unknown component pairs exist among the rows.
 
+The one exception is ``reask`` (a share of the budget, default 0): it first asks again
+answers that a second answer could overturn, most consequential first
+(:meth:`RelationStore.reask_candidates`; docs/active.md, "Answers from people who make
+mistakes"). Under policy ``"confirm"`` these are the pending merges (the same pair as
+their earliest waiting answer, asked again: the question whose answer is in doubt, and
+with an oracle whose mistakes are independent, a fresh draw), under ``"majority"`` the
+pairs whose "alike" joined two classes on one vote; the consequence is |C_i|·|C_j|, the
+sample pairs the answer joins. Only pairs whose two samples are rows (``ids``) are
+re-asked, each at most once per call, and at most ``int(reask · budget)`` of them; they
+come first in the returned pairs, and the strategy fills the rest of the budget (the
+rules above hold among its pairs, and it asks no pair across the two components of a
+re-asked pending merge). A re-asked pair is one the store knows under ``"majority"``:
+the deliberate exception to "never a known pair".
+
 Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosine):
 
 ``"passive"``
@@ -92,6 +106,7 @@ import torch.nn.functional as F
 from .._checks import check_choice, check_instance, check_int, check_number
 from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
+from .policy import check_reask
 from .store import RelationStore
 
 __all__ = [
@@ -137,6 +152,13 @@ class _Selection:
         self.roots = store.roots(ids)  # [N] root of each row
         self.taken: set[tuple[int, int]] = set()
         self.pairs: list[tuple[int, int]] = []
+        self.kept: tuple[int, frozenset] = (0, frozenset())  # the re-asks (_reask), kept by reset
+
+    def reset(self) -> None:
+        """Forget the pairs chosen after the re-asks."""
+        n, taken = self.kept
+        del self.pairs[n:]
+        self.taken = set(taken)
 
     def key(self, a: int, b: int) -> tuple[int, int]:
         ra, rb = int(self.roots[a]), int(self.roots[b])
@@ -182,6 +204,7 @@ def select_queries(
     nprobe: int | None = None,
     ef_search: int | None = None,
     graph: CandidateGraph | None = None,
+    reask: float = 0.0,
 ) -> torch.Tensor:
     """Choose up to ``budget`` unknown pairs to ask the oracle.
 
@@ -221,9 +244,15 @@ def select_queries(
             lists ``[i, j, partner_free]``). Pass the same dict to every call
             (:class:`ActiveLearner` does); None = a fresh one each call. It holds JSON
             types only, so :meth:`RelationStore.save_state` can keep it across runs.
+        reask: share in [0, 1] of the budget spent first on asking again the answers a
+            second one could overturn, most consequential first (module docstring);
+            default 0. Above 0 the store must be writable and opened with policy
+            ``"confirm"`` or ``"majority"`` (ValueError otherwise: under ``"first"`` a
+            repeated answer changes nothing).
 
     Returns:
-        LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
+        LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU;
+        the re-asked pairs first.
     """
     if graph is not None:
         check_instance(_OP, "graph", graph, CandidateGraph, "a palfast.active.CandidateGraph or None")
@@ -258,6 +287,7 @@ def select_queries(
         raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, got {type(store).__name__}")
     budget = check_int(_OP, "budget", budget, 0)
     check_choice(_OP, "strategy", strategy, STRATEGIES)
+    reask = check_reask(_OP, reask, store.policy, store.readonly)
     k = check_int(_OP, "k", k, 1)
     explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
     order = check_choice(_OP, "order", order, ORDERS)
@@ -278,11 +308,13 @@ def select_queries(
     sel = _Selection(store, row_ids)
     if budget == 0:
         return sel.result()
+    if reask:
+        _reask(sel, int(reask * budget + _CREDIT_SLACK))
     if strategy == "random":
         _random(sel, n, budget, generator)
         return sel.result()
     if strategy == "passive":
-        return _passive(store, row_ids, budget, generator)
+        return torch.cat([sel.result(), _passive(store, row_ids, budget - len(sel.pairs), generator)])
     x = _UnitRows(x)
     if strategy == "nearest":
         _nearest(sel, graph, budget, k)
@@ -502,6 +534,36 @@ def _random_row_pairs(n: int, missing, gen: torch.Generator):
         yield a[perm], b[perm]
 
 
+def _reask(sel: _Selection, n_reask: int) -> None:
+    """Start the selection with up to ``n_reask`` re-asks (module docstring): the store's
+    candidates among the rows, most consequential first (ties: log order), each pair and
+    each pending merge once. O(P log P + N log P) for P candidates."""
+    pairs, consequence = sel.store.reask_candidates()
+    if n_reask == 0 or pairs.shape[0] == 0:
+        return
+    pairs = pairs[torch.sort(-consequence, stable=True).indices]
+    # The row of each candidate's samples (−1: not a row): the rows' ids looked up among
+    # the candidates' sorted ids, never a table sized by the largest id.
+    values, where = torch.unique(pairs.reshape(-1), return_inverse=True)
+    pos = torch.searchsorted(values, sel.ids).clamp_max(values.numel() - 1)
+    hit = values[pos] == sel.ids
+    row_of = torch.full((values.numel(),), -1, dtype=torch.long)
+    row_of[pos[hit]] = hit.nonzero().flatten()
+    rows = row_of[where].reshape(-1, 2)
+    asked: set[tuple[int, int]] = set()
+    for a, b in rows[(rows >= 0).all(1)].tolist():
+        if len(sel.pairs) >= n_reask:
+            break
+        i, j = sorted((int(sel.ids[a]), int(sel.ids[b])))
+        key = sel.key(a, b)
+        if (i, j) in asked or (key[0] != key[1] and not sel.try_add(a, b)):
+            continue  # asked already in this call, or another pair of the same pending merge
+        if key[0] == key[1]:  # "majority": a pair inside one class, a vote more
+            sel.pairs.append((i, j))
+        asked.add((i, j))
+    sel.kept = (len(sel.pairs), frozenset(sel.taken))
+
+
 def _random(sel: _Selection, n: int, budget: int, gen: torch.Generator) -> None:
     for a, b in _random_row_pairs(n, lambda: budget - len(sel.pairs), gen):
         unknown = ~sel.store.known_mask(torch.stack([sel.ids[a], sel.ids[b]], 1))
@@ -583,8 +645,7 @@ def _uncertain(sel: _Selection, xn: _UnitRows, graph: CandidateGraph, budget: in
         pairs, sims = graph.pairs(k, sel)
         t = _threshold(sel, xn, sims)
         order = torch.sort((sims - t).abs(), stable=True).indices
-        sel.pairs.clear()
-        sel.taken.clear()
+        sel.reset()
         sel.add_ranked(*_rows_of(sel, pairs[order]), budget)
         if len(sel.pairs) >= budget or k >= n - 1:
             return

@@ -77,6 +77,7 @@ $PALFAST_ANNOTATE_TOKEN or --token, else a random one; traffic is plain HTTP (do
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..active.policy import POLICIES
     from ..active.strategies import STRATEGIES
 
     p.description = DESCRIPTION
@@ -166,6 +167,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=port_number,
         default=DEFAULT_PORT,
         help=f"port, 0..{MAX_PORT} (default {DEFAULT_PORT}; 0 picks a free one, printed at start)",
+    )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="first",
+        help="how the store resolves answers that disagree (docs/active.md, 'Answers from "
+        "people who make mistakes'): first = the first answer wins (default); majority = "
+        "each pair's majority answer; confirm = a merge of two known classes waits for a "
+        "second 'alike' answer. The log is the same file under every policy",
+    )
+    p.add_argument(
+        "--reask",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share in [0, 1] of each refill of questions spent first on asking again the "
+        "answers a second one could overturn, most consequential first (needs --policy "
+        "confirm or majority; default 0)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the query selection (default 0)")
     add_index_arguments(p)
@@ -346,6 +365,20 @@ def check_store(store: str) -> None:
         )
 
 
+def check_reask_args(args) -> None:
+    """``--policy`` and ``--reask``: a share in [0, 1], above 0 only with a policy under
+    which a repeated answer can change something."""
+    policy, reask = getattr(args, "policy", "first"), getattr(args, "reask", 0.0)
+    if not 0 <= reask <= 1:  # also refuses nan
+        raise ValueError(f"--reask must be a share in [0, 1] of the questions, got {reask}")
+    if reask > 0 and policy == "first":
+        raise ValueError(
+            f"--reask {reask:g} asks answers again, which changes nothing under --policy "
+            f"first (the first answer wins); add --policy confirm or --policy majority, "
+            f"or leave --reask at 0"
+        )
+
+
 def check_args(args) -> None:
     """The checks that need no data, no store and no port: raises ValueError with a fix.
     Sets ``args.store`` to :func:`store_location`."""
@@ -356,6 +389,7 @@ def check_args(args) -> None:
     if not 2 <= args.captcha_k <= MAX_CAPTCHA_K:
         raise ValueError(f"--captcha-k must be in 2..{MAX_CAPTCHA_K}, got {args.captcha_k}")
     check_index_args(args)
+    check_reask_args(args)
     args.store = store_location(args)
     check_store(args.store)
 
@@ -377,7 +411,7 @@ def build(args, token: str | None = None):
     check_index_args(args, data.n)
     embeddings = Embeddings(data.n, args.embeddings, fallback=fallback)
     try:
-        store = RelationStore(args.store)
+        store = RelationStore(args.store, policy=getattr(args, "policy", "first"))
     except (StoreError, ValueError) as e:
         # locked, read-only, unreadable, unreachable server, not a store: the store's
         # message says why (and names a URL without its password).
@@ -398,6 +432,7 @@ def build(args, token: str | None = None):
             budget=args.budget,
             captcha_k=args.captcha_k,
             seed=args.seed,
+            reask=getattr(args, "reask", 0.0),
             index=args.index,
             nlist=args.nlist,
             nprobe=args.nprobe,

@@ -111,6 +111,7 @@ class Questions:
         budget: int = 500,
         captcha_k: int = 6,
         seed: int = 0,
+        reask: float = 0.0,
         background: bool = True,
         index: str = "auto",
         nlist: int | None = None,
@@ -119,6 +120,7 @@ class Questions:
         progress=None,
     ):
         """``background=False``: no refill thread, :meth:`next` refills in the caller's thread.
+        ``reask``: select_queries' share of each refill spent on asking answers again.
         ``index``, ``nlist``, ``nprobe``, ``ef_search``: select_queries' k-NN index
         (docs/annotate.md, "Large pools"); checked here, before any question, by a
         selection of no pairs (ValueError / ImportError naming the argument).
@@ -132,7 +134,11 @@ class Questions:
         # budget 0: every argument is checked, nothing is searched; on a stand-in of the
         # pool's N rows and one column (the checks need N, not the rows; the embeddings
         # were checked for NaN/Inf when read).
-        select_queries(torch.zeros(n, 1), store, 0, strategy, k=SELECT_K, **self.index_args)
+        select_queries(torch.zeros(n, 1), store, 0, strategy, k=SELECT_K, reask=reask, **self.index_args)
+        self.reask = reask
+        # Pairs a refill chose as re-asks (select_queries' reask) not yet on a screen: under
+        # policy "majority" the store knows them, and they are asked all the same.
+        self._reasks: set[tuple[int, int]] = set()
         self.budget = budget
         self.captcha_k = captcha_k
         self._seed = seed
@@ -184,6 +190,7 @@ class Questions:
         if version != self._version:
             self._version = version
             self._pending.clear()  # chosen on the old embeddings: choose again
+            self._reasks.clear()
             self.exhausted = False
             self._want_refill = True
             self._changed.notify_all()
@@ -261,8 +268,11 @@ class Questions:
                     k=SELECT_K,
                     seed=self._seed * 1_000_003 + self._rounds,
                     state=self._select_state if self.strategy == "pal" else None,
+                    reask=self.reask,
                     **how,
                 )
+                if self.reask:  # re-asks of known pairs (policy "majority") are usable
+                    self._reasks.update(map(tuple, got[self.store.known_mask(got)].tolist()))
                 for i, j in got.tolist():
                     if (i, j) not in have:
                         self._pending.append((i, j))
@@ -303,7 +313,8 @@ class Questions:
         return {(min(q.anchor, o), max(q.anchor, o)) for q in self._issued.values() for o in q.others}
 
     def _usable(self, i: int, j: int, busy) -> bool:
-        return (min(i, j), max(i, j)) not in busy and not self.store.is_known(i, j)
+        pair = (min(i, j), max(i, j))
+        return pair not in busy and (pair in self._reasks or not self.store.is_known(i, j))
 
     def next(self, kind: str, owner: str, client: str = "") -> Question | None:
         """The question for ``owner``'s ``kind`` screen: the one already on it, the one it
@@ -331,6 +342,7 @@ class Questions:
                 while self._pending:
                     i, j = self._pending.popleft()
                     if self._usable(i, j, busy):
+                        self._reasks.discard((i, j))  # asked once: known again from now on
                         if len(self._pending) < LOW_WATER:
                             self._want_refill = True
                             self._changed.notify_all()

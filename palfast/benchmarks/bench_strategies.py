@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ..active.oracle import check_noise
+from ..active.policy import POLICIES, check_policy, check_reask
 from .strategy_report import IDEAL, format_summary, plot_grid, summarize
 from .strategy_tasks import TASKS, Task, resolve_tasks
 
@@ -74,6 +75,11 @@ class Settings:
     lr: float = 2e-3
     temperature: float = 0.2
     batch_size: int = 256
+    #: The stores' answer-resolution policy and the share of each round re-asked
+    #: (``RelationStore(policy=)``, ``select_queries(reask=)``; the ideal reference,
+    #: noise-free, always asks new pairs).
+    policy: str = "first"
+    reask: float = 0.0
 
 
 def _all_strategies() -> tuple[str, ...]:
@@ -118,6 +124,8 @@ def check_settings(s: Settings) -> Settings:
             f"{_OP}: strategies must name some of {', '.join(known)}; unknown: "
             f"{', '.join(map(repr, bad)) or '(none given)'}"
         )
+    check_policy(_OP, s.policy)
+    check_reask(_OP, s.reask, s.policy, False)
     for level in s.noise:
         check_noise(_OP, "noise", level)
     if not s.noise:
@@ -164,7 +172,7 @@ class LabelDirectly:
 def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Settings) -> list[dict]:
     """One active run; returns its per-round records with the probe's test accuracy."""
     from ..active import ActiveLearner, ContradictionWarning, LabelOracle, RelationStore
-    from ..metrics import linear_probe_accuracy
+    from ..metrics import linear_probe_accuracy, merged_classes
 
     x_pool, y_pool, x_test, y_test = data
     torch.manual_seed(seed)  # the same initial weights for every strategy of this seed
@@ -173,15 +181,19 @@ def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Setting
     epochs = max(1, round(s.steps_per_round / batches))
 
     def evaluate(learner, record):
-        return {"accuracy": linear_probe_accuracy(learner.embed(x_pool), y_pool, learner.embed(x_test), y_test)}
+        return {
+            "accuracy": linear_probe_accuracy(learner.embed(x_pool), y_pool, learner.embed(x_test), y_test),
+            "merged": merged_classes(learner.store.components(torch.arange(y_pool.numel())), y_pool),
+        }
 
     chooser = LabelDirectly(y_pool, seed) if strategy == IDEAL else strategy
     learner = ActiveLearner(
         encoder,
         x_pool,
         LabelOracle(y_pool, noise=noise, seed=seed),
-        RelationStore(),
+        RelationStore(policy=s.policy),
         strategy=chooser,
+        reask=0.0 if strategy == IDEAL else s.reask,
         augment=task.views,
         n_views=2,
         epochs_per_round=epochs,
@@ -205,6 +217,7 @@ def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Setting
             "n_positive": h["n_positive"],
             "n_conflicts": h["n_conflicts"],
             "accuracy": h["accuracy"],
+            "merged": h["merged"],
             "stop": h["stop"],
         }
         for h in history
@@ -380,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--queries-per-round", type=int, help="default 50")
     p.add_argument("--steps-per-round", type=int, help="optimiser steps per round (default 20)")
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        help="how the stores resolve answers that disagree (docs/active.md, 'Answers from "
+        "people who make mistakes'; default first)",
+    )
+    p.add_argument(
+        "--reask",
+        type=float,
+        metavar="FRACTION",
+        help="share in [0, 1] of each round's questions spent first on asking again the "
+        "answers a second one could overturn (needs --policy confirm or majority; default 0)",
+    )
     p.add_argument("--out", default="bench_results", help="output folder (default %(default)s)")
     return p
 
@@ -398,6 +424,8 @@ def main(argv=None) -> int:
             "checkpoints",
             "queries_per_round",
             "steps_per_round",
+            "policy",
+            "reask",
         )
         if getattr(args, k) is not None
     }

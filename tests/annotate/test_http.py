@@ -1237,3 +1237,25 @@ def test_cli_index_options_reach_select_queries(tmp_path, capsys, monkeypatch):
         assert graphs and all(g is q._graph[1] for g in graphs)
         assert {key: getattr(q._graph[1], key) for key in want} == want
         calls.clear()
+
+
+def test_questions_reask_a_one_vote_join_first_under_majority(tmp_path):
+    """--policy majority --reask: a known pair whose "alike" joined two classes on one
+    vote is handed out again (the exception to "never a known pair"), before new ones."""
+    data = ImageData("test", array=images()[..., None])
+    store = RelationStore(tmp_path / "answers.sqlite", policy="majority", timeout=STORE_TIMEOUT_S)
+    store.record([[0, 1], [2, 3], [1, 2]], [True, True, True])
+    q = Questions(store, Embeddings(N, fallback=data.simple_embeddings()), N, reask=0.5, background=False)
+    first = q.next("pair", "ann")
+    assert (first.anchor, first.others) == (1, [2])
+    q.close()
+
+
+def test_cli_policy_and_reask_errors(capsys):
+    assert main(["annotate", "--demo", "--reask", "0.2"]) == 2
+    assert "--policy confirm or --policy majority" in capsys.readouterr().err
+    assert main(["annotate", "--demo", "--policy", "confirm", "--reask", "1.5"]) == 2
+    assert "--reask must be a share in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["annotate", "--demo", "--policy", "best"])
+    assert "invalid choice: 'best'" in capsys.readouterr().err

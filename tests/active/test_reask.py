@@ -1,0 +1,199 @@
+"""Re-asks (select_queries' ``reask``; docs/active.md, "Answers from people who make
+mistakes"): the pending merges of "confirm" and the one-vote joins of "majority" asked
+again first, most consequential first, each once; the errors; ActiveLearner's pass-through."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from palfast.active import ActiveLearner, CallbackOracle, LabelOracle, RelationStore, select_queries
+from palfast.active.strategies import STRATEGIES
+from palfast.metrics import merged_classes
+
+pytestmark = pytest.mark.filterwarnings("ignore::palfast.active.store.ContradictionWarning")
+
+N = 20
+X = torch.randn(N, 4, generator=torch.Generator().manual_seed(0))
+ALIKE = True
+
+
+def confirm_store():
+    """Classes A={0,1}, B={2,3}, C={4,5,6}, D={7,8,9}, then three "alike" answers across
+    them that wait: (1,2) A-B (2·2 = 4 sample pairs), (0,4) A-C (2·3 = 6), (6,7) C-D (9)."""
+    store = RelationStore(policy="confirm")
+    store.record([[0, 1], [2, 3], [4, 5], [5, 6], [7, 8], [8, 9]], [ALIKE] * 6)
+    store.record([[1, 2], [0, 4], [6, 7]], [ALIKE] * 3)
+    assert store.unconfirmed()[1].tolist() == [[1, 2], [0, 4], [6, 7]]
+    return store
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_confirm_reasks_pending_merges_first_by_consequence(strategy):
+    store = confirm_store()
+    q = select_queries(X, store, 5, strategy, reask=0.6, seed=1)  # int(0.6 · 5) = 3 re-asks
+    assert q[:3].tolist() == [[6, 7], [0, 4], [1, 2]]
+    assert len({tuple(p) for p in q.tolist()}) == q.shape[0] == 5  # no pair twice
+    # The rest are new questions: unknown, and none across a re-asked merge.
+    assert not bool(store.known_mask(q[3:]).any())
+    roots = store.roots(q[3:].reshape(-1)).reshape(-1, 2).sort(1).values.tolist()
+    re_asked = store.roots(q[:3].reshape(-1)).reshape(-1, 2).sort(1).values.tolist()
+    if strategy != "passive":  # passive rejects only asked pairs (module docstring)
+        assert not any(r in re_asked for r in roots)
+
+
+def test_confirm_reask_share_and_rows():
+    store = confirm_store()
+    assert select_queries(X, store, 5, "nearest", reask=0.4)[:2].tolist() == [[6, 7], [0, 4]]
+    assert [6, 7] not in select_queries(X, store, 5, "nearest", reask=0.4)[2:].tolist()
+    # A pending pair with a sample outside the rows cannot be asked: the next one is.
+    ids = torch.tensor([i for i in range(N) if i != 7])
+    q = select_queries(X[: N - 1], store, 5, "nearest", reask=0.4, ids=ids)
+    assert q[:2].tolist() == [[0, 4], [1, 2]]
+    # Every pending merge asked once, the rest of the budget as without reask.
+    q = select_queries(X, store, 8, "nearest", reask=1.0)
+    assert q[:3].tolist() == [[6, 7], [0, 4], [1, 2]] and q.shape[0] == 8
+    assert [tuple(p) for p in q[3:].tolist()] == [tuple(p) for p in select_queries(X, store, 8, "nearest")[:5].tolist()]
+    # reask=0 changes nothing.
+    assert torch.equal(select_queries(X, store, 5, "pal", reask=0.0), select_queries(X, store, 5, "pal"))
+
+
+def test_confirm_reask_resolves_the_merge():
+    store = confirm_store()
+    q = select_queries(X, store, 2, "nearest", reask=1.0)
+    assert q.tolist() == [[6, 7], [0, 4]]
+    store.record(q, [ALIKE, not ALIKE])  # C-D confirmed, A-C dropped
+    assert store.same(4, 9) and store.same(0, 4) is False
+    pairs, consequence = store.reask_candidates()
+    assert pairs.tolist() == [[1, 2]] and consequence.tolist() == [4]
+
+
+def test_majority_reasks_one_vote_joins():
+    store = RelationStore(policy="majority")
+    # A={0,1}, B={2,3}, C={4,5}, D={6,7,8}; (1,2) joins A and B (4 sample pairs), (5,6)
+    # joins C and D (6), (8,9) joins a single sample (not a candidate), (3,4) joins A+B
+    # with C+D (4·5 = 20) but has a second "alike" answer (not a candidate).
+    store.record([[0, 1], [2, 3], [4, 5], [6, 7], [7, 8]], [ALIKE] * 5)
+    store.record([[1, 2], [5, 6], [8, 9], [3, 4], [4, 3]], [ALIKE] * 5)
+    pairs, consequence = store.reask_candidates()
+    assert pairs.tolist() == [[1, 2], [5, 6]] and consequence.tolist() == [4, 6]
+    q = select_queries(X, store, 4, "pal", reask=0.5)
+    assert q[:2].tolist() == [[5, 6], [1, 2]]  # known pairs: the exception
+    assert len({tuple(p) for p in q.tolist()}) == q.shape[0]
+    assert not bool(store.known_mask(q[2:]).any())
+    # One "different" vote: a tie, kept by the earliest answer ("alike"): still asked.
+    store.record([[5, 6]], [not ALIKE])
+    assert store.same(4, 7) and store.reask_candidates()[0].tolist() == [[1, 2], [5, 6]]
+    store.record([[6, 5]], [not ALIKE])  # overturned: C and D apart, no longer a candidate
+    assert store.same(4, 7) is False and store.reask_candidates()[0].tolist() == [[1, 2]]
+    store.record([[1, 2]], [ALIKE])  # two votes ahead: settled
+    assert store.reask_candidates()[0].tolist() == []
+
+
+def test_first_has_no_candidates():
+    store = RelationStore()
+    store.record([[0, 1], [2, 3], [1, 2]], [ALIKE] * 3)
+    assert store.reask_candidates()[0].shape == (0, 2)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf])
+def test_reask_out_of_range(bad):
+    with pytest.raises(ValueError, match="select_queries: reask must be"):
+        select_queries(X, confirm_store(), 4, reask=bad)
+
+
+def test_reask_needs_a_policy_that_can_change():
+    with pytest.raises(ValueError, match=r"reask=0\.1 .*policy 'first'.*policy='confirm' or policy='majority'"):
+        select_queries(X, RelationStore(), 4, reask=0.1)
+    select_queries(X, RelationStore(), 4, reask=0.0)  # no re-ask: every policy
+
+
+def test_reask_needs_a_writable_store(tmp_path):
+    path = tmp_path / "s.sqlite"
+    RelationStore(path).close()
+    with RelationStore(path, policy="confirm", readonly=True) as store:
+        with pytest.raises(ValueError, match=r"reask=0\.5 .*readonly=True.*could not be recorded"):
+            select_queries(X, store, 4, reask=0.5)
+        assert select_queries(X, store, 4).shape == (4, 2)
+
+
+def test_learner_reask_errors():
+    y = torch.arange(N) % 2
+    with pytest.raises(ValueError, match="ActiveLearner: reask=0.2 .*policy 'first'"):
+        ActiveLearner(nn.Linear(4, 4), X, LabelOracle(y), reask=0.2)
+    with pytest.raises(ValueError, match="ActiveLearner: reask must be"):
+        ActiveLearner(nn.Linear(4, 4), X, LabelOracle(y), RelationStore(policy="confirm"), reask=2)
+    with pytest.raises(ValueError, match="ActiveLearner: reask is passed to select_queries"):
+        ActiveLearner(
+            nn.Linear(4, 4), X, LabelOracle(y), RelationStore(policy="confirm"), strategy=lambda *a, **k: 0, reask=0.2
+        )
+
+
+def blobs(n_classes=8, per=15, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_classes).repeat_interleave(per)
+    return 4 * torch.randn(n_classes, dim, generator=g)[y] + torch.randn(y.numel(), dim, generator=g), y
+
+
+def learner(x, y, store, oracle, reask, seed=0):
+    """No training (epochs 0): the selection runs on a fixed random projection, fast."""
+    torch.manual_seed(seed)
+    return ActiveLearner(
+        nn.Linear(x.shape[1], x.shape[1]), x, oracle, store, epochs_per_round=0, progress=False, seed=seed, reask=reask
+    )
+
+
+def test_learner_wrong_merge_is_reasked_and_undone():
+    """A person's mistake, "alike" across two known classes, then a truthful oracle: with
+    re-asks the run asks it again first and the classes stay apart; under "first" they
+    are merged."""
+    x, y = blobs()
+    (a0, a1), (b0, b1) = (y == 0).nonzero()[:2].flatten().tolist(), (y == 1).nonzero()[:2].flatten().tolist()
+    prior = ([[a0, a1], [b0, b1], [a1, b0]], [ALIKE] * 3)  # the last one is wrong
+    ends = {}
+    for policy, reask in (("first", 0.0), ("confirm", 0.2)):
+        store = RelationStore(policy=policy)
+        store.record(*prior, source="person")
+        oracle = CallbackOracle(lambda p: y[p[:, 0]] == y[p[:, 1]])
+        learner(x, y, store, oracle, reask).run(60, 15)
+        ends[(policy, reask)] = (merged_classes(store.components(torch.arange(y.numel())), y), store.unconfirmed()[1])
+        if reask:
+            asked = store.answers()[0][3:]  # the oracle's first question is the re-ask
+            assert asked[0].tolist() == [a1, b0]
+    assert ends[("confirm", 0.2)][0] == 0 and ends[("confirm", 0.2)][1].shape[0] == 0
+    assert ends[("first", 0.0)][0] >= 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_learner_noisy_leaves_no_pending_merge_it_could_reask(seed):
+    """A noisy oracle (a fresh flip per question): with a re-ask share larger than the
+    pending merges a round makes, every merge still pending at the end comes from the
+    last round's answers (asked after the last selection)."""
+    x, y = blobs(seed=seed)
+    store = RelationStore(policy="confirm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner(x, y, store, LabelOracle(y, noise=0.2, seed=seed), 0.5, seed).run(150, 15)
+    ids, _ = store.unconfirmed()
+    assert bool((ids > store.n_queries - 15).all())
+
+
+def test_apps_refuse_bad_policy_options_before_any_work():
+    import argparse
+    import dataclasses
+
+    from palfast.benchmarks.bench_strategies import QUICK, check_settings, main
+    from palfast.demo import check_policy_args
+
+    with pytest.raises(ValueError, match="palfast demo: --reask 0.1 .*--policy confirm or --policy majority"):
+        check_policy_args("palfast demo", argparse.Namespace(policy="first", reask=0.1))
+    with pytest.raises(ValueError, match=r"--reask must be a share in \[0, 1\]"):
+        check_policy_args("palfast demo", argparse.Namespace(policy="confirm", reask=-1.0))
+    assert check_policy_args("palfast demo", argparse.Namespace(policy="majority", reask=0.2)) == ("majority", 0.2)
+    with pytest.raises(ValueError, match="strategies: reask=0.2 .*policy 'first'"):
+        check_settings(dataclasses.replace(QUICK, reask=0.2))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        check_settings(dataclasses.replace(QUICK, policy="best"))
+    assert main(["--quick", "--reask", "2", "--policy", "confirm"]) == 2
