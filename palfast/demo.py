@@ -207,27 +207,12 @@ def _settings(args) -> dict:
     s["views"] = getattr(args, "views", "shift")
     if s["views"] not in VIEWS:
         raise ValueError(f"palfast demo: --views must be one of {VIEWS}, got {s['views']!r}")
-    s["policy"], s["reask"] = check_policy_args("palfast demo", args)
+    from .active.policy import check_policy_options
+
+    s["policy"], s["reask"] = check_policy_options(
+        "palfast demo", getattr(args, "policy", "first"), getattr(args, "reask", 0.0)
+    )
     return s
-
-
-def check_policy_args(op: str, args) -> tuple[str, float]:
-    """``(policy, reask)`` from ``args.policy`` and ``args.reask`` (default "first", 0),
-    checked before any work, the errors naming the options."""
-    from .active import POLICIES
-
-    policy, reask = getattr(args, "policy", "first"), getattr(args, "reask", 0.0)
-    if policy not in POLICIES:
-        raise ValueError(f"{op}: --policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if not isinstance(reask, int | float) or not 0 <= reask <= 1:  # also refuses nan
-        raise ValueError(f"{op}: --reask must be a share in [0, 1] of the questions, got {reask}")
-    if reask > 0 and policy == "first":
-        raise ValueError(
-            f"{op}: --reask {reask:g} asks answers again, which changes nothing under "
-            f"--policy first (the first answer wins); add --policy confirm or --policy "
-            f"majority, or leave --reask at 0"
-        )
-    return policy, float(reask)
 
 
 def run_one(

@@ -356,9 +356,7 @@ def state_text(where: str, key, value, name: str = "value") -> str:
     under ``key``; TypeError/ValueError naming ``where`` and the part of ``value`` that
     JSON would not give back as it is (:func:`_json_problem`)."""
     if not isinstance(key, str) or not _STATE_KEY.fullmatch(key):
-        raise ValueError(
-            f"{where}: key must be 1 to 200 ASCII letters, digits or '_.:/-' (e.g. 'pal'), got {key!r}"
-        )
+        raise ValueError(f"{where}: key must be 1 to 200 ASCII letters, digits or '_.:/-' (e.g. 'pal'), got {key!r}")
     if type(value) is not dict:
         raise TypeError(f"{where}: {name} must be a dict (a JSON object), got {type(value).__name__}")
     problem = _json_problem(value, name)

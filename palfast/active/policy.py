@@ -54,7 +54,15 @@ import torch
 from .._checks import check_number
 from .relation import Relation
 
-__all__ = ["POLICIES", "ConfirmRelation", "MajorityRelation", "check_policy", "check_reask", "make_relation"]
+__all__ = [
+    "POLICIES",
+    "ConfirmRelation",
+    "MajorityRelation",
+    "check_policy",
+    "check_policy_options",
+    "check_reask",
+    "make_relation",
+]
 
 #: The answer-resolution policies, the default first.
 POLICIES = ("first", "majority", "confirm")
@@ -87,9 +95,29 @@ def check_reask(op: str, reask, policy: str, readonly: bool) -> float:
             f"{op}: reask={reask:g} asks answers again, which cannot change anything under "
             f"policy 'first' (the first answer wins); open the store with policy='confirm' "
             f"or policy='majority' (docs/active.md, \"Answers from people who make "
-            f"mistakes\"), or pass reask=0"
+            f'mistakes"), or pass reask=0'
         )
     return reask
+
+
+def check_policy_options(op: str, policy, reask) -> tuple[str, float]:
+    """``(policy, reask)`` given as the command-line options ``--policy`` and ``--reask``
+    of ``palfast demo`` and ``palfast annotate``, checked before any
+    work, the errors naming the options and how to fix them (:func:`check_reask` says the
+    same to Python callers, naming the arguments). ``op`` leads each message unless
+    empty (a caller that adds its own prefix)."""
+    op = f"{op}: " if op else ""
+    if policy not in POLICIES:
+        raise ValueError(f"{op}--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if not isinstance(reask, int | float) or not 0 <= reask <= 1:  # also refuses nan
+        raise ValueError(f"{op}--reask must be a share in [0, 1] of the questions, got {reask}")
+    if reask > 0 and policy == "first":
+        raise ValueError(
+            f"{op}--reask {reask:g} asks answers again, which changes nothing under "
+            f"--policy first (the first answer wins); add --policy confirm or --policy "
+            f"majority, or leave --reask at 0"
+        )
+    return policy, float(reask)
 
 
 def make_relation(policy: str = "first", name: str = "Relation"):
@@ -275,9 +303,7 @@ class ConfirmRelation(_Resolved):
         would join), in the order of those answers. Asking the pair again confirms the
         merge ("alike") or drops it ("different")."""
         rel = self.relation
-        rows = sorted(
-            (positions[0], rel._size[a] * rel._size[b]) for (a, b), positions in self._pending.items()
-        )
+        rows = sorted((positions[0], rel._size[a] * rel._size[b]) for (a, b), positions in self._pending.items())
         out = torch.tensor(
             [(self._log_i[p], self._log_j[p], product) for p, product in rows], dtype=torch.long
         ).reshape(-1, 3)

@@ -365,20 +365,6 @@ def check_store(store: str) -> None:
         )
 
 
-def check_reask_args(args) -> None:
-    """``--policy`` and ``--reask``: a share in [0, 1], above 0 only with a policy under
-    which a repeated answer can change something."""
-    policy, reask = getattr(args, "policy", "first"), getattr(args, "reask", 0.0)
-    if not 0 <= reask <= 1:  # also refuses nan
-        raise ValueError(f"--reask must be a share in [0, 1] of the questions, got {reask}")
-    if reask > 0 and policy == "first":
-        raise ValueError(
-            f"--reask {reask:g} asks answers again, which changes nothing under --policy "
-            f"first (the first answer wins); add --policy confirm or --policy majority, "
-            f"or leave --reask at 0"
-        )
-
-
 def check_args(args) -> None:
     """The checks that need no data, no store and no port: raises ValueError with a fix.
     Sets ``args.store`` to :func:`store_location`."""
@@ -389,7 +375,9 @@ def check_args(args) -> None:
     if not 2 <= args.captcha_k <= MAX_CAPTCHA_K:
         raise ValueError(f"--captcha-k must be in 2..{MAX_CAPTCHA_K}, got {args.captcha_k}")
     check_index_args(args)
-    check_reask_args(args)
+    from ..active.policy import check_policy_options
+
+    check_policy_options("", getattr(args, "policy", "first"), getattr(args, "reask", 0.0))
     args.store = store_location(args)
     check_store(args.store)
 

@@ -205,7 +205,7 @@ def test_run_bad_arguments():
 
 
 def test_pal_learner_resumed_from_the_store_continues_its_exploration(store_path):
-    """"pal"'s exploration state is saved with each round's answers: a new learner on the
+    """ "pal"'s exploration state is saved with each round's answers: a new learner on the
     reopened store starts from the state the stopped one had, and ends where a run that
     was never stopped ends (no training, so that the selections depend on the store, the
     state and the seed only)."""

@@ -181,17 +181,18 @@ def test_learner_noisy_leaves_no_pending_merge_it_could_reask(seed):
 
 
 def test_apps_refuse_bad_policy_options_before_any_work():
-    import argparse
     import dataclasses
 
+    from palfast.active.policy import check_policy_options
     from palfast.benchmarks.bench_strategies import QUICK, check_settings, main
-    from palfast.demo import check_policy_args
 
     with pytest.raises(ValueError, match="palfast demo: --reask 0.1 .*--policy confirm or --policy majority"):
-        check_policy_args("palfast demo", argparse.Namespace(policy="first", reask=0.1))
+        check_policy_options("palfast demo", "first", 0.1)
     with pytest.raises(ValueError, match=r"--reask must be a share in \[0, 1\]"):
-        check_policy_args("palfast demo", argparse.Namespace(policy="confirm", reask=-1.0))
-    assert check_policy_args("palfast demo", argparse.Namespace(policy="majority", reask=0.2)) == ("majority", 0.2)
+        check_policy_options("palfast demo", "confirm", -1.0)
+    assert check_policy_options("palfast demo", "majority", 0.2) == ("majority", 0.2)
+    with pytest.raises(ValueError, match="^--policy must be one of"):  # no op: the caller prefixes
+        check_policy_options("", "vote", 0.0)
     with pytest.raises(ValueError, match="strategies: reask=0.2 .*policy 'first'"):
         check_settings(dataclasses.replace(QUICK, reask=0.2))
     with pytest.raises(ValueError, match="policy must be one of"):

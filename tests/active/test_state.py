@@ -17,7 +17,7 @@ STATE = {
     "exploring": True,
     "misses": 0,
     "pending": [[2**40, 3, False], [5, 6, True]],
-    "note": "é ∑ \x00 \"quoted\"",
+    "note": 'é ∑ \x00 "quoted"',
     "nothing": None,
     "nested": {"a": [[], {}], "b": -1.5e-300},
 }

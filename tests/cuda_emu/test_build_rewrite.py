@@ -35,7 +35,7 @@ def test_comments_strings_and_directives_are_left_alone():
     src = (
         "// extern __shared__ float c[];\n"
         "/* __shared__ int d[4]; */\n"
-        '#define SHARED __shared__ int e[4];\n'
+        "#define SHARED __shared__ int e[4];\n"
         'const char* s = "__shared__ int f[4];";\n'
     )
     assert rewrite(src, "k.cu") == src
