@@ -61,6 +61,17 @@ Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosin
     compete on gain. The pair asked is the two closest members of the two sides
     (the easiest question for a person).
 
+    ``mix="guided"`` (default) spends the whole growth budget (the budget less the
+    seeds) on these class-guided questions. ``mix="adaptive"`` spends only the share
+    max(0, 2·AUC − 1) of it on them and the rest on random pairs as ``"random"`` draws
+    them: AUC is the ranking AUC (Mann-Whitney) of the similarity each question of the
+    previous call had *when it was asked* against its answer, i.e. how well similarity
+    predicted "alike" on pairs the encoder had not yet been trained on (2·AUC − 1 is 0
+    for a coin flip, 1 for a perfect ranking). The share is kept from call to call in
+    ``state`` while a call's questions lack an "alike" or a "different" answer, and is
+    1 at first. The suite measures it as ``pal-adaptive`` (docs/active.md, "Choosing a
+    strategy").
+
     Seeds explore: the row least similar to every known member and seed so far
     (farthest-point), paired with its nearest neighbour. All of the budget seeds
     while no class exists; then ``explore · budget`` per call is added to a credit
@@ -220,11 +231,15 @@ def select_queries(
             fraction carried from call to call through ``state``).
         order: ``"pal"`` only, how a class's candidates are ranked: ``"gain"`` (expected
             samples joined, merges first) or ``"random"`` (module docstring).
+        mix: ``"pal"`` only, ``"guided"`` (every growth question class-guided) or
+            ``"adaptive"`` (a share of them random pairs, by how well similarity
+            predicted the previous call's answers; module docstring).
         state: ``"pal"`` only, a dict it reads and updates so that consecutive calls
             add up: ``explore_credit`` (the fraction of a seed not yet spent),
             ``n_seeds`` (seeds asked so far), ``exploring`` (False once the number of
             classes is stable), ``misses`` and ``pending`` (seeds not yet judged, as
-            lists ``[i, j, partner_free]``). Pass the same dict to every call
+            lists ``[i, j, partner_free]``); with ``mix="adaptive"`` also ``asked``
+            (this call's questions, ``[i, j, similarity]``) and ``guided_share``. Pass the same dict to every call
             (:class:`ActiveLearner` does); None = a fresh one each call. It holds JSON
             types only, so :meth:`RelationStore.save_state` can keep it across runs.
 
