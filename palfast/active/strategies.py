@@ -75,6 +75,17 @@ Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosin
     compete on gain. The pair asked is the two closest members of the two sides
     (the easiest question for a person).
 
+    ``mix="guided"`` (default) spends the whole growth budget (the budget less the
+    seeds; re-asks count as part of it) on these class-guided questions. ``mix="adaptive"`` spends only the share
+    max(0, 2·AUC − 1) of it on them and the rest on random pairs as ``"random"`` draws
+    them: AUC is the ranking AUC (Mann-Whitney) of the similarity each question of the
+    previous call had *when it was asked* against its answer, i.e. how well similarity
+    predicted "alike" on pairs the encoder had not yet been trained on (2·AUC − 1 is 0
+    for a coin flip, 1 for a perfect ranking). The share is kept from call to call in
+    ``state`` while a call's questions lack an "alike" or a "different" answer, and is
+    1 at first. The suite measures it as ``pal-adaptive`` (docs/active.md, "Choosing a
+    strategy").
+
     Seeds explore: the row least similar to every known member and seed so far
     (farthest-point), paired with its nearest neighbour. All of the budget seeds
     while no class exists; then ``explore · budget`` per call is added to a credit
@@ -111,6 +122,7 @@ from .store import RelationStore
 
 __all__ = [
     "GRAPH_STRATEGIES",
+    "MIXES",
     "ORDERS",
     "STABLE_SEEDS",
     "STRATEGIES",
@@ -128,6 +140,10 @@ GRAPH_STRATEGIES = ("pal", "nearest", "uncertain")
 UNCERTAIN_K_FACTOR = 3
 #: ``"pal"``'s order of the candidates inside a class (module docstring).
 ORDERS = ("gain", "random")
+#: ``"pal"``'s split of its growth budget between class-guided and random pairs (module
+#: docstring): ``"guided"`` all class-guided; ``"adaptive"`` by how well similarity
+#: predicted the answers to its previous call's questions.
+MIXES = ("guided", "adaptive")
 _OP = "palfast.active.select_queries"
 #: torch.Generator.manual_seed takes an unsigned 64-bit seed.
 _MAX_SEED = 2**64 - 1
@@ -198,6 +214,7 @@ def select_queries(
     backend: str = "auto",
     explore: float = 0.1,
     order: str = "gain",
+    mix: str = "guided",
     state: dict | None = None,
     index: str = "auto",
     nlist: int | None = None,
@@ -237,11 +254,15 @@ def select_queries(
             fraction carried from call to call through ``state``).
         order: ``"pal"`` only, how a class's candidates are ranked: ``"gain"`` (expected
             samples joined, merges first) or ``"random"`` (module docstring).
+        mix: ``"pal"`` only, ``"guided"`` (every growth question class-guided) or
+            ``"adaptive"`` (a share of them random pairs, by how well similarity
+            predicted the previous call's answers; module docstring).
         state: ``"pal"`` only, a dict it reads and updates so that consecutive calls
             add up: ``explore_credit`` (the fraction of a seed not yet spent),
             ``n_seeds`` (seeds asked so far), ``exploring`` (False once the number of
             classes is stable), ``misses`` and ``pending`` (seeds not yet judged, as
-            lists ``[i, j, partner_free]``). Pass the same dict to every call
+            lists ``[i, j, partner_free]``); with ``mix="adaptive"`` also ``asked``
+            (this call's questions, ``[i, j, similarity]``) and ``guided_share``. Pass the same dict to every call
             (:class:`ActiveLearner` does); None = a fresh one each call. It holds JSON
             types only, so :meth:`RelationStore.save_state` can keep it across runs.
         reask: share in [0, 1] of the budget spent first on asking again the answers a
@@ -291,6 +312,7 @@ def select_queries(
     k = check_int(_OP, "k", k, 1)
     explore = check_number(_OP, "explore", explore, 0.0, maximum=1.0)
     order = check_choice(_OP, "order", order, ORDERS)
+    mix = check_choice(_OP, "mix", mix, MIXES)
     if state is not None and not isinstance(state, dict):
         raise TypeError(
             f"{_OP}: state must be a dict (pass the same one to every call) or None, got {type(state).__name__}"
@@ -321,7 +343,7 @@ def select_queries(
     elif strategy == "uncertain":
         _uncertain(sel, x, graph, budget, k)
     else:
-        _pal(sel, x, graph, budget, k, explore, generator, order, {} if state is None else state)
+        _pal(sel, x, graph, budget, k, explore, generator, order, mix, {} if state is None else state)
         if len(sel.pairs) < budget:  # every row already used once: most similar pairs left
             _nearest(sel, graph, budget, k)
     return sel.result()
@@ -870,6 +892,7 @@ def _pal(
     explore: float,
     gen: torch.Generator,
     order: str,
+    mix: str,
     state: dict,
 ) -> None:
     n = xn.shape[0]
@@ -898,11 +921,15 @@ def _pal(
     p_alike = _isotonic((xn[ra] * xn[rb]).sum(1), y)
 
     n_seed = _exploration(sel.store, state, n_cls, budget, explore)
+    n_spread = budget - n_seed  # class-guided questions, then random pairs, up to this
+    guided = _guided_share(sel.store, state) if mix == "adaptive" else 1.0
 
     # ---- grow the classes, least-queried first. Candidates of class c: rows in no
     # class and the other classes. The next row and the next class compete on the
     # expected number of samples joined to c (module docstring).
-    n_grow = budget - n_seed
+    # The re-asks (select_queries' reask) already chosen count as guided questions.
+    n_reasked = sel.kept[0]
+    n_grow = n_reasked + round(guided * max(0, n_spread - n_reasked))
     heap = [(int(asked[c]), members[c].numel(), c) for c in range(n_cls)]
     heapq.heapify(heap)
     free = ~in_class
@@ -962,6 +989,11 @@ def _pal(
         if asked_one:
             heapq.heappush(heap, (q + 1, size, c))
 
+    # ---- random pairs (mix "adaptive": the share similarity did not earn, see
+    # _guided_share), spread over the pool like strategy "random"'s.
+    if len(sel.pairs) < n_spread and mix == "adaptive":
+        _random(sel, n, n_spread, gen)
+
     # ---- seed new classes far from everything known (and fill what growth could not):
     # the row least similar to every class member and seed so far, with its nearest
     # neighbour (most likely alike).
@@ -993,6 +1025,49 @@ def _pal(
                     [int(sel.ids[x_row]), int(sel.ids[hit]), not bool(in_class[hit])]
                 )
                 break
+    if mix == "adaptive":  # judged by _guided_share at the next call; new pairs only
+        new_pairs = sel.result()[n_reasked:]
+        ra, rb = _rows_of(sel, new_pairs)
+        sims = (xn[ra] * xn[rb]).sum(1) if ra.numel() else torch.zeros(0)
+        state["asked"] = [[i, j, sim] for (i, j), sim in zip(new_pairs.tolist(), sims.tolist())]
+
+
+def _ranking_auc(s: torch.Tensor, y: torch.Tensor) -> float:
+    """P(a random "alike" pair is more similar than a random "different" one), ties
+    counting one half (Mann-Whitney); needs both answers among ``y``."""
+    order = torch.argsort(s)
+    s_sorted = s[order].double()
+    ranks = torch.empty_like(s_sorted)
+    ranks[order] = torch.arange(1, s.numel() + 1, dtype=torch.double)
+    # ties: the mean rank of their run
+    _, inv, counts = torch.unique_consecutive(s_sorted, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inv]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _guided_share(store: RelationStore, state: dict) -> float:
+    """Share of ``"pal"``'s growth budget for class-guided questions under
+    ``mix="adaptive"`` (module docstring): 2·AUC − 1 (clamped to [0, 1]) of the
+    similarity each of the previous call's questions had *when it was asked* against its
+    answer. Not the answered pairs' current similarities: the encoder has since been
+    trained on those answers, so its similarities fit them whatever they predict for
+    new pairs. Kept from the call before while the questions lack an "alike" and a
+    "different" answer (1 at first: nothing says similarity fails yet)."""
+    asked = state.pop("asked", [])
+    sims, answers = [], []
+    for i, j, s in asked:
+        same = store.same(i, j)
+        if same is not None:
+            sims.append(s)
+            answers.append(bool(same))
+    y = torch.tensor(answers, dtype=torch.bool)
+    if bool(y.any()) and bool((~y).any()):
+        auc = _ranking_auc(torch.tensor(sims), y)
+        state["guided_share"] = min(1.0, max(0.0, 2 * auc - 1))
+    return state.get("guided_share", 1.0)
 
 
 def _exploration(store: RelationStore, state: dict, n_cls: int, budget: int, explore: float) -> int:

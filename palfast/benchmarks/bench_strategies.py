@@ -88,6 +88,31 @@ def _all_strategies() -> tuple[str, ...]:
     return tuple(STRATEGIES)
 
 
+#: Variants of a strategy the suite can run by name beside :data:`STRATEGIES` (``--strategies
+#: pal,pal-adaptive``), to measure an option before it becomes a default: name → the
+#: strategy and the :func:`~palfast.active.select_queries` options it runs with.
+VARIANTS = {"pal-adaptive": ("pal", {"mix": "adaptive"})}
+
+
+class Variant:
+    """A :data:`VARIANTS` entry as a callable strategy of
+    :class:`~palfast.active.ActiveLearner`, keeping its own ``state`` across rounds as the
+    learner does for ``"pal"``."""
+
+    def __init__(self, name: str, reask: float = 0.0):
+        self.__name__ = name
+        self.strategy, options = VARIANTS[name]
+        self.options = {**options, "reask": reask}  # a callable strategy re-asks itself
+        self.state: dict = {}
+
+    def __call__(self, embeddings, store, budget, k=10, generator=None) -> torch.Tensor:
+        from ..active import select_queries
+
+        return select_queries(
+            embeddings, store, budget, self.strategy, k=k, generator=generator, state=self.state, **self.options
+        )
+
+
 #: The full suite: every task, without noise and with 5 % and 10 % of answers flipped,
 #: 3 seeds, 300 queries in rounds of 50 (an evaluation at 0, 50, …, 300 queries).
 FULL = Settings(
@@ -117,7 +142,7 @@ QUICK = Settings(
 def check_settings(s: Settings) -> Settings:
     """``s`` with its tasks, strategies and noise levels validated (clear errors)."""
     resolve_tasks(s.tasks, _OP)
-    known = _all_strategies()
+    known = _all_strategies() + tuple(VARIANTS)
     bad = [t for t in s.strategies if t not in known]
     if bad or not s.strategies:
         raise ValueError(
@@ -186,14 +211,20 @@ def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Setting
             "merged": merged_classes(learner.store.components(torch.arange(y_pool.numel())), y_pool),
         }
 
-    chooser = LabelDirectly(y_pool, seed) if strategy == IDEAL else strategy
+    chooser = (
+        LabelDirectly(y_pool, seed)
+        if strategy == IDEAL
+        else Variant(strategy, s.reask)
+        if strategy in VARIANTS
+        else strategy
+    )
     learner = ActiveLearner(
         encoder,
         x_pool,
         LabelOracle(y_pool, noise=noise, seed=seed),
         RelationStore(policy=s.policy),
         strategy=chooser,
-        reask=0.0 if strategy == IDEAL else s.reask,
+        reask=0.0 if strategy == IDEAL or strategy in VARIANTS else s.reask,
         augment=task.views,
         n_views=2,
         epochs_per_round=epochs,
@@ -386,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_names, help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--noise", type=_floats, help="comma-separated oracle noise levels in [0, 0.5] (default 0,0.05,0.1)")
     p.add_argument("--seeds", type=int, help="seeds 0..S-1 (default 3, quick 2)")
-    p.add_argument("--strategies", type=_names, help="comma-separated (default: all)")
+    p.add_argument(
+        "--strategies",
+        type=_names,
+        help=f"comma-separated (default: all of palfast.active.STRATEGIES; variants: {', '.join(VARIANTS)})",
+    )
     p.add_argument("--budget", type=int, help="queries per run (default 300, quick 100)")
     p.add_argument(
         "--checkpoints", type=_ints, help="queries at which the table reports accuracy (default 50,100,200,300)"

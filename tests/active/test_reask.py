@@ -60,6 +60,17 @@ def test_confirm_reask_share_and_rows():
     assert torch.equal(select_queries(X, store, 5, "pal", reask=0.0), select_queries(X, store, 5, "pal"))
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_pal_adaptive_mix_keeps_the_reasks_first_and_judges_only_new_pairs(share):
+    """pal's mix="adaptive" with reask: the re-asks lead, as without the mix; the pairs
+    kept for judging the mix at the next call are the new ones only (a re-asked pair's
+    answer is known already, it would not tell how well similarity predicts)."""
+    store, state = confirm_store(), {"exploring": False, "guided_share": share}
+    q = select_queries(X, store, 8, "pal", reask=0.5, seed=2, mix="adaptive", state=state)
+    assert q[:3].tolist() == [[6, 7], [0, 4], [1, 2]] and q.shape[0] == 8
+    assert [p[:2] for p in state["asked"]] == q[3:].tolist()
+
+
 def test_confirm_reask_resolves_the_merge():
     store = confirm_store()
     q = select_queries(X, store, 2, "nearest", reask=1.0)

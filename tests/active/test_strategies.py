@@ -171,6 +171,7 @@ def test_pal_finds_more_positives_than_random(pal_links):
         ({"k": 0}, ValueError, "k must satisfy 1 <= k, got 0"),
         ({"explore": 1.5}, ValueError, "explore must be a finite number >= 0 and <= 1, got 1.5"),
         ({"order": "nearest"}, ValueError, "order must be one of"),
+        ({"mix": "uncertain"}, ValueError, "mix must be one of"),
         ({"state": []}, TypeError, "state must be a dict"),
         ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
         ({"embeddings": torch.randn(1, 3)}, ValueError, "at least 2 rows"),
@@ -357,3 +358,54 @@ def test_candidate_graph_refuses_other_embeddings_and_index_arguments():
     # a NumPy array (a memory map the same way) is one array across calls: accepted
     a = x.numpy()
     assert select_queries(a, store, 3, "nearest", graph=CandidateGraph(a, k=4)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_pal_adaptive_mix_keeps_every_rule(noise, pal_links):
+    """mix="adaptive" adds random pairs to "pal"'s: still no known or implied pair, no two
+    pairs joining the same components, the budget filled."""
+    x, y = clustered(90, 5)
+    store, oracle, state = RelationStore(), LabelOracle(y, noise=noise, seed=1), {}
+    for r in range(6):
+        q = select_queries(x, store, 25, "pal", k=5, seed=r, mix="adaptive", state=state)
+        check_selection(q, store, 25, n=90)
+        assert q.shape[0] == min(25, n_unknown_component_pairs(store, torch.arange(90)))
+        store.record(q, oracle.ask(q))
+    assert 0.0 <= state["guided_share"] <= 1.0
+
+
+def adaptive_share_after_rounds(labels_follow_similarity: bool) -> float:
+    x, y = clustered(120, 4, spread=0.3, seed=3)
+    if not labels_follow_similarity:  # answers independent of the embeddings
+        y = y[torch.randperm(120, generator=torch.Generator().manual_seed(4))]
+    store, oracle, state = RelationStore(), LabelOracle(y), {}
+    for r in range(4):
+        q = select_queries(x, store, 30, "pal", seed=r, mix="adaptive", state=state)
+        store.record(q, oracle.ask(q))
+    select_queries(x, store, 30, "pal", seed=9, mix="adaptive", state=state)
+    return state["guided_share"]
+
+
+def test_pal_adaptive_share_follows_how_well_similarity_predicted_the_answers():
+    assert adaptive_share_after_rounds(True) > 0.8
+    assert adaptive_share_after_rounds(False) < 0.4
+
+
+def test_pal_adaptive_mix_is_random_at_share_0_and_guided_at_share_1():
+    x, y, store = known_classes_with_free_rows()
+    stable = {"exploring": False}  # no seeds: the whole budget is split
+    random_pairs = select_queries(x, store, 10, "random", seed=5)
+    q = select_queries(x, store, 10, "pal", seed=5, mix="adaptive", state={**stable, "guided_share": 0.0})
+    assert torch.equal(q, random_pairs)
+    guided = select_queries(x, store, 10, "pal", seed=5, state=dict(stable))
+    q = select_queries(x, store, 10, "pal", seed=5, mix="adaptive", state={**stable, "guided_share": 1.0})
+    assert torch.equal(q, guided)
+
+
+def test_ranking_auc_counts_pairs_and_half_ties():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, (40,), generator=g).float()  # many ties
+    y = torch.rand(40, generator=g) < 0.4
+    pos, neg = s[y], s[~y]
+    brute = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean()
+    assert strategies_mod._ranking_auc(s, y) == pytest.approx(float(brute))
