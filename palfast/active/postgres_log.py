@@ -203,8 +203,9 @@ class PostgresAnswerLog(AnswerLog):
             self._db.close()
             self._db = None
 
-    def _error(self, where: str, e: Exception) -> StoreError:
-        """A psycopg exception as a palfast one that names the store and says what to do."""
+    def _error(self, where: str, e: Exception, writing: bool = False) -> StoreError:
+        """A psycopg exception as a palfast one that names the store and says what to do;
+        ``writing``: it broke a write transaction (which may have committed)."""
         errors = self._psycopg.errors
         msg = _one_line(e)
         if isinstance(e, errors.LockNotAvailable):
@@ -239,10 +240,14 @@ class PostgresAnswerLog(AnswerLog):
             return StoreError(
                 f"{where}: cannot reach the PostgreSQL store {self._shown!r}: "
                 f"check that the server runs and that the URL, user and "
-                f"network are right; the next call connects again. If this "
-                f"was record() or retract(), its rows may have been committed "
-                f"just before the connection broke: refresh() shows them "
-                f"(PostgreSQL says: {msg})"
+                f"network are right; the next call connects again. "
+                + (
+                    "This call's writes may have been committed just before the "
+                    "connection broke: refresh() shows the answers the store holds "
+                    if writing
+                    else ""
+                )
+                + f"(PostgreSQL says: {msg})"
             )
         return StoreError(f"{where}: PostgreSQL failed on {self._shown!r}: {msg}")
 
@@ -385,7 +390,7 @@ class PostgresAnswerLog(AnswerLog):
                     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 yield db
         except psycopg.Error as e:
-            raise self._error(where, e) from e
+            raise self._error(where, e, writing=write) from e
 
     def check_writable(self, where: str):
         db = self._conn(where)
