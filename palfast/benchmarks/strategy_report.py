@@ -158,6 +158,10 @@ def plot_grid(rows: list[dict], budget: int, path: str, note: str = "") -> None:
     import matplotlib.pyplot as plt
 
     runs = _runs(rows)
+    # Strategies without a colour of their own (the suite's variants, a callable's name)
+    # take the cycle's next ones, C5 onwards, in order of appearance: never another's.
+    others = [t for t in dict.fromkeys(r["strategy"] for r in rows) if t not in COLORS]
+    colors = {**COLORS, **{t: f"C{5 + i % 5}" for i, t in enumerate(others)}}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     noises = sorted({r["noise"] for r in rows})
     fig, axes = plt.subplots(
@@ -180,14 +184,14 @@ def plot_grid(rows: list[dict], budget: int, path: str, note: str = "") -> None:
                 m = [100 * s[0] for s in stats]
                 sd = [100 * s[1] for s in stats]
                 style = "--" if strategy == IDEAL else "-"
-                ax.plot(qs, m, style, marker="o", ms=2.5, lw=1.2, label=strategy, color=COLORS.get(strategy))
+                ax.plot(qs, m, style, marker="o", ms=2.5, lw=1.2, label=strategy, color=colors[strategy])
                 if strategy != IDEAL:
                     ax.fill_between(
                         qs,
                         [a - b for a, b in zip(m, sd)],
                         [a + b for a, b in zip(m, sd)],
                         alpha=0.12,
-                        color=COLORS.get(strategy),
+                        color=colors[strategy],
                     )
             ax.set_title(f"{task}, noise {100 * noise:g} %", fontsize=9)
             ax.grid(alpha=0.3)
