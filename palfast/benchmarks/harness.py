@@ -26,7 +26,11 @@ list[Case]``. A :class:`Case` names a set of implementations of one workload
 * writes JSON and CSV (with device, versions and git SHA) after every case, so
   that a run stopped by a time limit keeps what it measured, and prints a table;
 * asks each benchmark module that has a ``targets(rows, environment)`` function
-  which of its targets the results meet (``report["targets"]``).
+  which of its targets the results meet (``report["targets"]``);
+* on CUDA, measures the card's bf16 matmul rate once per run (:func:`matmul_rate`,
+  ``environment["bf16_mm_tflops"]``) and gives every row with effective TFLOP/s its
+  share of that rate (``mm_share``): what "a good share of peak" means on the card at
+  hand, measured beside the rows rather than taken from a datasheet.
 
 Timed tests are not benchmarks: nothing here asserts a speed.
 
@@ -121,6 +125,38 @@ class Case:
     #: False for steps that take minutes and whose one-time allocations (imports, thread
     #: pools) are small beside them.
     peak_warmup: bool = True
+
+
+#: The matmul whose rate :func:`matmul_rate` measures: two MM_RATE_SIZE² bf16 matrices
+#: (2·8192³ = 1.1 TFLOP, a few ms on a current card: large enough for cuBLAS to reach
+#: its sustained rate), timed MM_RATE_REPEATS times after MM_RATE_WARMUP untimed runs.
+MM_RATE_SIZE = 8192
+MM_RATE_WARMUP = 3
+MM_RATE_REPEATS = 10
+
+
+def matmul_rate(device: str) -> float | None:
+    """TFLOP/s of a bf16 ``torch.mm`` of two MM_RATE_SIZE² matrices on ``device`` (the
+    median of MM_RATE_REPEATS runs timed with CUDA events); None on the CPU, whose
+    benchmarks count no bf16 rate. The denominator of each CUDA row's ``mm_share``."""
+    if not device.startswith("cuda"):
+        return None
+    n = MM_RATE_SIZE
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(MM_RATE_WARMUP):
+        torch.mm(a, b)
+    seconds = []
+    for _ in range(MM_RATE_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    _free_cuda_cache(device)
+    return 2 * n**3 / statistics.median(seconds) / 1e12
 
 
 def environment() -> dict:
@@ -497,6 +533,7 @@ def run_cases(
         return {"suites": suites}
     env = environment()
     env["device"] = device
+    env["bf16_mm_tflops"] = matmul_rate(device)
     env["load_average_start"] = load_average()
     rows = []
     report = {"environment": env, "results": rows, "targets": []}
@@ -533,6 +570,8 @@ def run_cases(
                         if case.flops:
                             row["flops"] = case.flops
                             row["tflops"] = case.flops / row["median_s"] / 1e12
+                            if env["bf16_mm_tflops"]:
+                                row["mm_share"] = row["tflops"] / env["bf16_mm_tflops"]
                         for other in (case.baseline, *case.compare_to):
                             if timing.get(other, {}).get("median_s"):
                                 row["speedup_vs_" + other] = timing[other]["median_s"] / row["median_s"]
@@ -590,6 +629,7 @@ def _add_memory_ratios(rows: list[dict], case: Case) -> None:
 
 #: Row fields printed after the ratios when a row has them: (key, label, format).
 SHOWN_FIELDS = (
+    ("mm_share", "of bf16 mm", ".1%"),
     ("peak_rss_mib", "peak RSS MiB", ".0f"),
     ("recall_at_10", "recall@10", ".4f"),
     ("extras_status", "extras", ""),
@@ -604,6 +644,8 @@ def format_table(report: dict) -> str:
     ]
     load = f" | load average {env['load_average_start']}" if env.get("load_average_start") else ""
     lines[0] += load
+    if env.get("bf16_mm_tflops"):
+        lines[0] += f" | bf16 mm {env['bf16_mm_tflops']:.0f} TFLOP/s ({MM_RATE_SIZE}³, measured)"
     header = (
         f"{'case':<44} {'impl':<22} {'load':<16} {'median ms':>10} {'TFLOP/s':>8} "
         f"{'speedup':>8} {'peak MiB':>9} {'mem x':>6}  other ratios"

@@ -157,6 +157,24 @@ def test_harness_reports_tflops_ratios_targets_and_writes_after_each_case(monkey
     assert json.loads(path.read_text())["targets"] == report["targets"]
 
 
+def test_rows_carry_their_share_of_the_measured_matmul_rate(monkeypatch, tmp_path, capsys):
+    """On CUDA every row with TFLOP/s gets ``mm_share``, its share of the bf16 matmul rate
+    measured in the same run (here a stand-in rate: no GPU); the CPU measures none."""
+    assert harness.matmul_rate("cpu") is None
+    _fake_module(monkeypatch, [])
+    report = harness.run_cases(["bench_fake"], device="cpu", repeats=3, memory=False)
+    assert report["environment"]["bf16_mm_tflops"] is None
+    assert not any("mm_share" in r for r in report["results"])
+    monkeypatch.setattr(harness, "matmul_rate", lambda device: 2e-3)
+    capsys.readouterr()
+    report = harness.run_cases(["bench_fake"], device="cpu", repeats=3, memory=False)
+    fast = next(r for r in report["results"] if r["impl"] == "fast")
+    assert fast["mm_share"] == pytest.approx(fast["tflops"] / 2e-3)
+    assert not any("mm_share" in r for r in report["results"] if "tflops" not in r)
+    out = capsys.readouterr().out
+    assert "bf16 mm 0 TFLOP/s (8192³, measured)" in out and f"of bf16 mm {fast['mm_share']:.1%}" in out
+
+
 def test_summarize_kernels_reads_profiler_trace():
     trace = {
         "traceEvents": [
