@@ -195,8 +195,9 @@ def _settings(args) -> dict:
             )
     if s["epochs"] < 1:
         raise ValueError(f"palfast demo: --epochs must be >= 1, got {s['epochs']}")
-    if not 0 <= args.noise < 1:
-        raise ValueError(f"palfast demo: --noise must be in [0, 1), got {args.noise}")
+    from .active.oracle import check_noise
+
+    check_noise("palfast demo", "--noise", args.noise)  # LabelOracle's range, checked before any work
     s["threads"] = getattr(args, "threads", DEMO_THREADS)
     if s["threads"] < 1:
         raise ValueError(f"palfast demo: --threads must be >= 1, got {s['threads']}")

@@ -168,6 +168,10 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
     for bad, message in (
         (["--threads", "0"], "--threads must be >= 1"),
         (["--unknown-weight", "1.5"], "--unknown-weight must be in [0, 1]"),
+        (["--noise", "0.6"], "--noise must be a probability in [0, 0.5]"),
+        (["--noise", "nan"], "--noise must be a probability in [0, 0.5]"),
+        (["--reask", "0.2"], "--reask 0.2 asks answers again, which changes nothing under --policy first"),
+        (["--policy", "majority", "--reask", "2"], "--reask must be a share in [0, 1]"),
     ):
         assert run_demo(parser.parse_args(["--out", str(tmp_path), *bad])) == 2
         assert message in capsys.readouterr().out
