@@ -243,13 +243,18 @@ class SalvageReport(NamedTuple):
     ``unverified``: ids of kept rows that had no checksum (valid values, written by a
     schema-1 palfast after the store was migrated); ``retractions_kept`` and
     ``retractions_dropped`` the same for the retractions table (a dropped retraction
-    brings its answer back into the relation: check them)."""
+    brings its answer back into the relation: check them); ``state_kept`` the keys of the
+    strategy state copied (each row verified, its value and time kept) and
+    ``state_dropped`` ``(key, reason)`` for each state row that failed its check (that
+    strategy starts afresh on the salvaged store)."""
 
     kept: int
     dropped: list
     unverified: list
     retractions_kept: int
     retractions_dropped: list
+    state_kept: list
+    state_dropped: list
 
 
 def row_crc(seq: int, *fields) -> int:
@@ -374,6 +379,23 @@ def state_crc(key: str, text: str, t: float) -> int:
     none), the key's length as its integer column (so that key and value cannot trade
     bytes), ``time``, and the ASCII bytes of key then value."""
     return row_crc(0, len(key), t, (key + text).encode("ascii"))
+
+
+def _verified_state(key: str, text, t, crc) -> tuple[dict | None, str | None]:
+    """One row of the ``state`` table checked: ``(value, None)``, or ``(None, why it
+    fails)`` (a wrong type, a checksum that does not match, a value that is not a JSON
+    object). For :meth:`SQLiteAnswerLog.load_state` and :func:`salvage`."""
+    if type(text) is not str or not text.isascii() or type(t) is not float or type(crc) is not int:
+        return None, f"a value has the wrong type (value {type(text).__name__}, time {t!r}, crc {crc!r})"
+    if crc != state_crc(key, text, t):
+        return None, "its checksum does not match its content"
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return None, f"its value is not JSON ({e})"
+    if type(value) is not dict:
+        return None, f"its value is a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 def _sqlite_error(
@@ -808,19 +830,7 @@ class AnswerLog:
             row = db.execute(f"{_STATE_SELECT} WHERE key = {self._PARAM}", (key,)).fetchone()
         if row is None:
             return None
-        text, t, crc = row
-        problem = None
-        if type(text) is not str or not text.isascii() or type(t) is not float or type(crc) is not int:
-            problem = f"a value has the wrong type (value {type(text).__name__}, time {t!r}, crc {crc!r})"
-        elif crc != state_crc(key, text, t):
-            problem = "its checksum does not match its content"
-        else:
-            try:
-                value = json.loads(text)
-            except ValueError as e:
-                problem = f"its value is not JSON ({e})"
-        if problem is None and type(value) is not dict:
-            problem = f"its value is a JSON {type(value).__name__}, not an object"
+        value, problem = _verified_state(key, *row)
         if problem:
             raise StoreCorruptError(
                 f"{where}: {self._shown_name()}: state row key={key!r} fails its check: {problem}. "
@@ -1388,7 +1398,8 @@ def salvage(src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
     migration) are kept and listed as ``unverified``. Returns :class:`SalvageReport`
     with the rows kept and, for each row dropped, its id and why. Check the report:
     the dropped answers may need to be asked again, and a dropped retraction brings
-    its answer back."""
+    its answer back. The strategy state (schema 4) is copied too, each row that
+    verifies with its value and time (``state_kept``, ``state_dropped``)."""
     where = "RelationStore.salvage"
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst):
@@ -1410,6 +1421,7 @@ def salvage(src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
         retractions, r_dropped = [], []
         if version >= 3:
             retractions, r_dropped, _ = _salvage_table(db, where, src, "retractions", version)
+        states, s_dropped = _salvage_state(db) if version >= STATE_SINCE else ([], [])
     finally:
         db.close()
     new_id = {row[0]: k + 1 for k, row in enumerate(answers)}
@@ -1441,6 +1453,39 @@ def salvage(src: str | os.PathLike, dst: str | os.PathLike) -> SalvageReport:
                     for k, (a, (t, s)) in enumerate(kept_retractions.items())
                 ],
             )
+            db.executemany(
+                "INSERT INTO state (key, value, time, crc) VALUES (?, ?, ?, ?)",
+                [(key, text, t, state_crc(key, text, t)) for key, text, t in states],
+            )
     finally:
         out.close()
-    return SalvageReport(len(answers), dropped, unverified, len(kept_retractions), sorted(r_dropped))
+    return SalvageReport(
+        len(answers),
+        dropped,
+        unverified,
+        len(kept_retractions),
+        sorted(r_dropped),
+        [key for key, _, _ in states],
+        s_dropped,
+    )
+
+
+def _salvage_state(db: sqlite3.Connection) -> tuple[list, list]:
+    """For :func:`salvage`: ``(key, value text, time)`` of each ``state`` row that passes
+    its check, and ``(key, reason)`` for each that does not (the table unreadable: one
+    entry with key None; a row whose key is not text cannot be named or checked)."""
+    try:
+        rows = db.execute("SELECT key, value, time, crc FROM state ORDER BY key").fetchall()
+    except sqlite3.Error as e:
+        return [], [(None, f"the state table is unreadable ({e})")]
+    kept, dropped = [], []
+    for key, text, t, crc in rows:
+        if type(key) is not str or not key.isascii():
+            dropped.append((repr(key), "its key is not ASCII text"))
+            continue
+        _, problem = _verified_state(key, text, t, crc)
+        if problem:
+            dropped.append((key, problem))
+        else:
+            kept.append((key, text, t))
+    return kept, dropped

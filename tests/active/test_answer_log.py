@@ -160,7 +160,7 @@ def test_salvage_keeps_valid_rows_without_checksum(tmp_path):
     with pytest.raises(StoreCorruptError, match="row id=2 fails its check: checksum is None"):
         RelationStore(path)
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
-    assert report == (2, [], [2], 0, [])
+    assert report == (2, [], [2], 0, [], [], [])
     with RelationStore(tmp_path / "saved.sqlite") as s:
         assert s.same(0, 2) is True
     with pytest.raises(ValueError, match="already exists"):

@@ -194,3 +194,24 @@ def test_schema_3_store_gains_the_state_table_on_a_writable_open(store_path):
         assert s.load_state("pal") == {"n_seeds": 1} and s.n_queries == 3
     with RelationStore(store_path, readonly=True) as r:
         assert r.load_state("pal") == {"n_seeds": 1}
+
+
+def test_salvage_copies_the_state_rows_that_verify(tmp_path):
+    """salvage() copies each state row that passes its check, value and time unchanged
+    (the learner on the salvaged store continues), and names each one it drops."""
+    path = tmp_path / "answers.sqlite"
+    with RelationStore(path) as s:
+        s.record([[0, 1]], [True], state={"pal": {"n_seeds": 3, "pending": [[0, 1, True]]}})
+        s.save_state("other", {"a": 1})
+    saved = execute_sql(path, "SELECT key, value, time FROM state ORDER BY key")
+    report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
+    assert report.kept == 1 and report.state_kept == ["other", "pal"] and report.state_dropped == []
+    assert execute_sql(tmp_path / "saved.sqlite", "SELECT key, value, time FROM state ORDER BY key") == saved
+    with RelationStore(tmp_path / "saved.sqlite") as s:
+        assert s.load_state("pal") == {"n_seeds": 3, "pending": [[0, 1, True]]}
+    execute_sql(path, "UPDATE state SET value = '{\"a\": 2}' WHERE key = 'other'")  # fails its checksum
+    report = RelationStore.salvage(path, tmp_path / "saved2.sqlite")
+    assert report.state_kept == ["pal"]
+    assert report.state_dropped == [("other", "its checksum does not match its content")]
+    with RelationStore(tmp_path / "saved2.sqlite") as s:
+        assert s.load_state("other") is None and s.load_state("pal")["n_seeds"] == 3
