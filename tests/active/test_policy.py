@@ -1,6 +1,6 @@
 """Answer-resolution policies (palfast/active/policy.py; docs/active.md, "Answers from
-people who make mistakes"): "majority" against a brute-force reference, "confirm" on
-hand-made logs, both with retractions, reopen and refresh on both backends
+people who make mistakes"): "majority" and "confirm" against brute-force references
+of their rules, "confirm" also on hand-made logs, both with retractions, reopen and refresh on both backends
 (``store_path``), and :meth:`RelationStore.annotators` on answers whose statistics are
 counted by hand below."""
 
@@ -14,7 +14,7 @@ from palfast.active.policy import POLICIES, ConfirmRelation, MajorityRelation, m
 from palfast.active.relation import Relation
 from palfast.active.store import AnnotatorStats, ContradictionWarning
 
-from _store_helpers import closure_reference, relation_of
+from _store_helpers import closure_reference, random_answers, relation_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::palfast.active.store.ContradictionWarning")
 
@@ -236,6 +236,86 @@ def check_confirm_state(rel, answers, n):
     for p, (i, j) in zip(*(t.tolist() for t in rel.unconfirmed())):
         assert answers[p] is True and rel.relation.same(i, j) is None
         assert sizes[rel.relation.roots(torch.tensor([i]))] > 1 and sizes[rel.relation.roots(torch.tensor([j]))] > 1
+
+
+def confirm_reference(n, pairs, answers):
+    """Brute force of policy "confirm" from its rule (docs/active.md, "Answers from people
+    who make mistakes"), on component labels: an "alike" answer joins two components at
+    once when one of them is a single sample, else waits as a pending merge until a
+    second "alike" answer across the same two components; a "different" answer across
+    them drops it; after every change the pending merges are read again on the new
+    components: one inside a component is done, one across components known different is
+    dropped, and two across the same two components merge them. Returns the relation as
+    an ``[n, n]`` matrix of 1 / 0 / -1 and the positions of the pending answers."""
+    comp, negatives, pending = list(range(n)), set(), []  # pending: positions, log order
+
+    def key(a, b):
+        return frozenset((a, b))
+
+    def merge(a, b):
+        nonlocal negatives
+        comp[:] = [a if c == b else c for c in comp]
+        negatives = {frozenset(a if c == b else c for c in k) for k in negatives}
+
+    def settle():
+        while True:
+            across = {}
+            for p in list(pending):
+                ci, cj = comp[pairs[p][0]], comp[pairs[p][1]]
+                if ci == cj or key(ci, cj) in negatives:
+                    pending.remove(p)  # joined another way, or dropped
+                elif key(ci, cj) in across:  # two answers across the same two groups
+                    pending.remove(p)
+                    pending.remove(across[key(ci, cj)])
+                    merge(ci, cj)
+                    break
+                else:
+                    across[key(ci, cj)] = p
+            else:
+                return
+
+    for p, ((i, j), alike) in enumerate(zip(pairs, answers)):
+        ci, cj = comp[i], comp[j]
+        if ci == cj or key(ci, cj) in negatives:
+            continue  # a repeat, or a contradiction: the relation does not change
+        if not alike:
+            negatives.add(key(ci, cj))
+        elif comp.count(ci) == 1 or comp.count(cj) == 1:
+            merge(ci, cj)
+        else:
+            pending.append(p)  # settle merges it if another answer waits across the same groups
+        settle()
+    out = torch.full((n, n), -1)
+    for a in range(n):
+        for b in range(n):
+            out[a, b] = 1 if comp[a] == comp[b] else 0 if key(comp[a], comp[b]) in negatives else -1
+    return out, pending
+
+
+def test_confirm_relation_matches_brute_force():
+    """Random logs, with noise, of pairs drawn anew (so that partial groups of one class
+    meet) and of few pairs repeated: after every answer, the relation, the pending
+    answers and the contradictions of ConfirmRelation are those of the brute force; the
+    logs hold merges that wait, are confirmed and are dropped."""
+    n, waited, confirmed, dropped = 12, 0, 0, 0
+    logs = [random_answers(n, 50, 2 + seed % 3, seed, noise=0.15) for seed in range(12)]
+    logs = [(p.tolist(), a.tolist()) for p, a in logs]
+    logs += [repeated_answers(n, 50, seed, n_pairs=24, n_classes=3) for seed in range(6)]
+    for pairs, answers in logs:
+        rel, before = ConfirmRelation(), []
+        for stop in range(1, len(pairs) + 1):
+            rel.extend([(*pairs[stop - 1], answers[stop - 1])])
+            expected, pending = confirm_reference(n, pairs[:stop], answers[:stop])
+            assert torch.equal(relation_of(rel.relation, n), expected), (pairs, answers, stop)
+            assert rel.unconfirmed()[0].tolist() == pending, (pairs, answers, stop)
+            conflicts = disagreeing(expected, pairs[:stop], answers[:stop])
+            assert rel.contradictions()[0].tolist() == conflicts
+            for p in set(before) - set(pending):
+                confirmed += p not in conflicts
+                dropped += p in conflicts
+            waited += len(set(pending) - set(before))
+            before = pending
+    assert waited > 0 and confirmed > 0 and dropped > 0, (waited, confirmed, dropped)
 
 
 def test_confirm_is_derived_from_the_log_whatever_the_batches():
