@@ -280,13 +280,18 @@ def port_number(text: str) -> int:
 
 
 def _fail(msg: str) -> int:
-    print(f"palfast annotate: {msg}", file=sys.stderr)
+    _say(msg)
     return 2
 
 
-def _say(msg: str) -> None:
-    """A progress line on stderr (the k-NN graph search of the refill thread)."""
-    print(f"palfast annotate: {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, stream=None) -> None:
+    """One line on ``stream`` (default stderr), written by one ``write`` call and flushed.
+    print() writes the text and its newline separately, and stderr writes each through
+    at once: a line of the refill thread (the k-NN graph search) could then be cut by a
+    line of the main thread, in a terminal or a log that takes both streams."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(f"palfast annotate: {msg}\n")
+    stream.flush()
 
 
 def _is_loopback(host: str) -> bool:
@@ -476,7 +481,7 @@ def _warn_network(host: str, port: int, query: str, has_token: bool) -> None:
             "the images and write answers. Use it only on a network you trust."
         )
     for line in lines:
-        print(f"palfast annotate: {line}", file=sys.stderr, flush=True)
+        _say(line)
 
 
 def _is_ip(host: str) -> bool:
@@ -529,10 +534,8 @@ def run(args) -> int:
     query = "" if token is None else "?" + urllib.parse.urlencode({"token": token})
     if not _is_loopback(args.host):
         _warn_network(args.host, server.port, query, token is not None)
-    print(
-        f"palfast annotate: serving on {_url(args.host, server.port)}{query}  "
-        f"(store {shown_store(args.store)}; Ctrl-C stops)",
-        flush=True,
+    _say(
+        f"serving on {_url(args.host, server.port)}{query}  (store {shown_store(args.store)}; Ctrl-C stops)", sys.stdout
     )
     try:
         server.serve_forever()

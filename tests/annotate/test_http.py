@@ -1259,3 +1259,28 @@ def test_cli_policy_and_reask_errors(capsys):
     with pytest.raises(SystemExit):
         main(["annotate", "--demo", "--policy", "best"])
     assert "invalid choice: 'best'" in capsys.readouterr().err
+
+
+def test_each_line_is_one_write(capsys):
+    """The refill thread's lines and the main thread's share a terminal or a log: each
+    line goes out in one write, its newline included, so no other line can cut it."""
+    from palfast.annotate import _say
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    stream = Writes()
+    _say("k-NN graph searched in 0.0 s", stream)
+    _say("serving on http://127.0.0.1:1/", stream)
+    assert stream.calls == [
+        "palfast annotate: k-NN graph searched in 0.0 s\n",
+        "palfast annotate: serving on http://127.0.0.1:1/\n",
+    ]
+    _say("to stderr")
+    assert capsys.readouterr().err == "palfast annotate: to stderr\n"
