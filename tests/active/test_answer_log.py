@@ -311,7 +311,7 @@ def test_damaged_schema_version_is_refused_not_trusted(tmp_path, older):
         ):
             RelationStore(path, readonly=readonly)
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")  # trusts the tables
-    assert report == (2, [], [], 1, [])
+    assert report == (2, [], [], 1, [], [], [])
     with RelationStore(tmp_path / "saved.sqlite") as s:
         assert s.n_queries == 1 and s.same(1, 2) is None
 

@@ -171,7 +171,7 @@ def test_backup_and_salvage_keep_retractions(tmp_path):
     with RelationStore(path) as s:
         s.backup(tmp_path / "copy.sqlite")
     report = RelationStore.salvage(path, tmp_path / "saved.sqlite")
-    assert report == (3, [], [], 1, [])
+    assert report == (3, [], [], 1, [], [], [])
     for copy in ("copy.sqlite", "saved.sqlite"):
         with RelationStore(tmp_path / copy) as s:
             assert s.n_queries == 2 and s.same(0, 2) is None and s.same(2, 3) is False
