@@ -91,7 +91,10 @@ def _all_strategies() -> tuple[str, ...]:
 #: Variants of a strategy the suite can run by name beside :data:`STRATEGIES` (``--strategies
 #: pal,pal-adaptive``), to measure an option before it becomes a default: name → the
 #: strategy and the :func:`~palfast.active.select_queries` options it runs with.
-VARIANTS = {"pal-adaptive": ("pal", {"mix": "adaptive"})}
+VARIANTS = {
+    "pal-adaptive": ("pal", {"mix": "adaptive"}),
+    "pal-random-order": ("pal", {"order": "random"}),
+}
 
 
 class Variant:

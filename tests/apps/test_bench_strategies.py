@@ -172,3 +172,24 @@ def test_bad_settings_are_refused_before_any_run(capsys):
     assert "strategies must name some of pal" in capsys.readouterr().err
     assert bs.main(["--checkpoints", "30", "--budget", "100"]) == 2
     assert "checkpoints must be multiples of queries_per_round (50)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(bs.VARIANTS))
+def test_variants_run_their_strategy_with_their_options_and_keep_state(name):
+    """A suite variant is select_queries with the variant's options, one state dict across
+    calls (as ActiveLearner keeps pal's), and the suite's reask passed through."""
+    from palfast.active import RelationStore, select_queries
+
+    strategy, options = bs.VARIANTS[name]
+    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(60) % 4
+    variant, store, state = bs.Variant(name), RelationStore(), {}
+    for r in range(3):
+        got = variant(x, store, 10, k=5, generator=torch.Generator().manual_seed(r))
+        want = select_queries(
+            x, store, 10, strategy, k=5, generator=torch.Generator().manual_seed(r), state=state, **options
+        )
+        assert torch.equal(got, want) and variant.state == state
+        store.record(got, (y[got[:, 0]] == y[got[:, 1]]).tolist())
+    with pytest.raises(ValueError, match="reask=0.5 asks answers again"):
+        bs.Variant(name, reask=0.5)(x, store, 10)  # the store's policy is "first"
