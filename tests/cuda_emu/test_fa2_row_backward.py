@@ -14,12 +14,11 @@ PALFAST_INFO_NCE_BACKWARD (docs/cuda.md, "info_nce kernels") selects the kernel.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
 
-from palfast.testing import deterministic_algorithms
+from palfast.testing import deterministic_algorithms, info_nce_backward_kernel
 
 from cuda_emu.common import (
     TEMPERATURE,
@@ -33,30 +32,12 @@ from cuda_emu.common import (
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
 pytestmark = [pytest.mark.numeric, pytest.mark.slow]
 
-ENV = "PALFAST_INFO_NCE_BACKWARD"
 DTYPES16 = [torch.bfloat16, torch.float16]
 # N around the 128-row query tile and the 64-row key half; D odd, below and at 128.
 NS = [1, 3, 41, 127, 129, 257]
 DS = [1, 3, 100, 128]
 SIZES = [(n, d) for n in NS for d in DS]
 SIZE_KINDS = ["edges", "labels", "semi", "views"]
-
-
-@contextlib.contextmanager
-def _backward_kernel(value: str | None):
-    """PALFAST_INFO_NCE_BACKWARD set to value (None: unset) inside the block."""
-    before = os.environ.get(ENV)
-    if value is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
 
 
 @contextlib.contextmanager
@@ -73,7 +54,7 @@ def _check(emu, dtype, n, d, kind, a0, a1, seed, env=None):
     """Forward and backward against the reference, the row kernel's mma count, and
     no red_add_v2 (the symmetric kernel's adds)."""
     mmas, reds = emu.emu_ptx_mma_count(), emu.emu_ptx_red_v2_count()
-    with _backward_kernel(env):
+    with info_nce_backward_kernel(env):
         check_info_nce(emu, dtype, n, d, kind, True, a0, a1, seed)
     want = expected_forward_mmas(n, d, a0, a1) + expected_row_backward_mmas(n, d, a0, a1)
     assert emu.emu_ptx_mma_count() - mmas == want
@@ -119,7 +100,7 @@ def _backward(emu, dtype, n, d, seed, env):
     g = random_graph("edges", n, seed)
     rows, lse = emu.info_nce(z, *g.kernel_args(), TEMPERATURE, True, 0, n)
     atomics, reds = emu.emu_atomic_count(), emu.emu_ptx_red_v2_count()
-    with _backward_kernel(env):
+    with info_nce_backward_kernel(env):
         grad = emu.info_nce_backward(torch.randn(n).to(rows.dtype), z, *g.kernel_args(), lse, TEMPERATURE, True, 0, n)
     return grad, emu.emu_atomic_count() - atomics, emu.emu_ptx_red_v2_count() - reds
 
@@ -166,11 +147,11 @@ def test_other_kernels_where_asked_or_out_of_reach(emu, env, d):
     """'tile' takes grad_tile_kernel (no FA2 backward mmas); 'row' with D > 128 takes
     the default there (the symmetric kernel, which has no FA2 path for that D)."""
     mmas = emu.emu_ptx_mma_count()
-    with _backward_kernel(env):
+    with info_nce_backward_kernel(env):
         check_info_nce(emu, torch.bfloat16, 130, d, "views", True, 0, 130, seed=11)
     assert emu.emu_ptx_mma_count() - mmas == expected_forward_mmas(130, d, 0, 130)
 
 
 def test_bad_value_is_an_error(emu):
-    with _backward_kernel("rows"), pytest.raises(RuntimeError, match="PALFAST_INFO_NCE_BACKWARD must be"):
+    with info_nce_backward_kernel("rows"), pytest.raises(RuntimeError, match="PALFAST_INFO_NCE_BACKWARD must be"):
         info_nce_emu(emu, torch.randn(5, 4), random_graph("views", 5, 0), True, 0, 5, torch.ones(5))

@@ -568,7 +568,8 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
 #pragma unroll
       for (int ks = 0; ks < F::kKSteps; ++ks) {
         if (ks < ksteps) {
-          ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false)));
+          const T* row = frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false);
+          ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(row));
         }
       }
     }
@@ -608,8 +609,8 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
               const int c = 16 * kk + 8 * j + 2 * t + (e & 1);
               const int64_t i = row0 + 16 * m + 8 * (e >> 1), k = h * KR + c;
               const bool keep = !masked || (i < n && k < n && i != k);
-              mv[e] = keep ? exp2_normal(fmaf(s[m][j][e], shift_log2, -shift_log2)) * (ai[m][e >> 1] + a_keys[cur][c])
-                           : 0.0f;
+              const float ak = ai[m][e >> 1] + a_keys[cur][c];
+              mv[e] = keep ? exp2_normal(fmaf(s[m][j][e], shift_log2, -shift_log2)) * ak : 0.0f;
             }
             mf[m][2 * j] = ptx::pack16x2<T>(mv[0], mv[1]);      // row g; keys 8j + 2t..
             mf[m][2 * j + 1] = ptx::pack16x2<T>(mv[2], mv[3]);  // row g + 8
@@ -761,7 +762,8 @@ inline at::Tensor slices_for(const KeySplits& ks, at::Tensor& dneg) {
 
 // dneg = Σ of the slices in order (nothing to do for one split).
 template <typename Acc>
-void sum_slices(const KeySplits& ks, const at::Tensor& parts, at::Tensor& dneg, cudaStream_t stream) {
+void sum_slices(const KeySplits& ks, const at::Tensor& parts, at::Tensor& dneg,
+                cudaStream_t stream) {
   if (ks.splits == 1) return;
   launch(sum_slices_kernel<Acc>, grid_stride(dneg.numel(), kRowThreads), kRowThreads, stream,
          ptr<Acc>(parts), ks.splits, dneg.numel(), mut_ptr<Acc>(dneg));
@@ -821,8 +823,8 @@ inline DnegChoice dneg_choice() {
   if (v == "row") return DnegChoice::kRow;
   if (v == "sym") return DnegChoice::kSym;
   if (v == "tile") return DnegChoice::kTile;
-  TORCH_CHECK(false, kBackwardOp, ": PALFAST_INFO_NCE_BACKWARD must be 'row', 'sym', 'tile' or unset, not '",
-              v, "'");
+  TORCH_CHECK(false, kBackwardOp,
+              ": PALFAST_INFO_NCE_BACKWARD must be 'row', 'sym', 'tile' or unset, not '", v, "'");
 }
 
 template <typename ZT, typename Tile>
