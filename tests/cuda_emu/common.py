@@ -4,6 +4,7 @@ build.py and handed to the tests by the ``emu`` fixture of conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -139,3 +140,13 @@ def expected_row_backward_mmas(n: int, d: int, a0: int, a1: int) -> int:
         halves += max(0, hi - lo)
     key_steps = KEY_ROWS // K_STEP
     return halves * WARPS * key_steps * 2 * M_TILES * 2 * math.ceil(d / K_STEP)
+
+
+@contextlib.contextmanager
+def emulated_sms(emu, sms: int):
+    """The emulated GPU has `sms` SMs inside the block (0: the default, an H200's 132)."""
+    emu.emu_set_sm_count(sms)
+    try:
+        yield
+    finally:
+        emu.emu_set_sm_count(0)

@@ -14,7 +14,6 @@ or in deterministic mode (the FA2 row kernel then, counted there).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 
 from palfast.testing import deterministic_algorithms
 
-from cuda_emu.common import check_info_nce, expected_forward_mmas, expected_row_backward_mmas
+from cuda_emu.common import check_info_nce, emulated_sms, expected_forward_mmas, expected_row_backward_mmas
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
 pytestmark = [pytest.mark.numeric, pytest.mark.slow]
@@ -67,16 +66,6 @@ def _expected_backward_mmas(n: int, d: int, a0: int, a1: int) -> int:
     return total
 
 
-@contextlib.contextmanager
-def _emulated_sms(emu, sms: int):
-    """The emulated GPU has `sms` SMs inside the block (0: the default, an H200's 132)."""
-    emu.emu_set_sm_count(sms)
-    try:
-        yield
-    finally:
-        emu.emu_set_sm_count(0)
-
-
 def _check(emu, dtype, n, d, kind, a0, a1, seed, row=False):
     """Forward and backward against the reference (tests/cuda_emu/test_ops.py), and
     the mma count of the FA2 forward plus the FA2 symmetric backward (row: the FA2
@@ -105,7 +94,7 @@ def test_fa2_backward_matches_reference(emu, dtype, i):
 @pytest.mark.parametrize("sms", [1, 3])
 @pytest.mark.parametrize("d,kind", [(64, "views"), (128, "labels"), (40, "semi")])
 def test_fa2_backward_streams_row_tiles_on_few_sms(emu, dtype, sms, d, kind):
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         _check(emu, dtype, 700, d, kind, 0, 700, seed=sms * 10 + d)
 
 
@@ -120,7 +109,7 @@ ANCHORS = [(0, 1), (1, 130), (31, 33), (63, 66), (64, 96), (70, 129), (200, 257)
 @pytest.mark.parametrize("a0,a1", ANCHORS)
 @pytest.mark.parametrize("sms", [1, 0])
 def test_fa2_backward_anchor_range(emu, dtype, a0, a1, sms):
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         _check(emu, dtype, 257, 40, "semi", a0, a1, seed=a0 + 3 * a1)
 
 

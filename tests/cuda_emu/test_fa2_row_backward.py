@@ -13,8 +13,6 @@ PALFAST_INFO_NCE_BACKWARD (docs/cuda.md, "info_nce kernels") selects the kernel.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ from palfast.testing import deterministic_algorithms, info_nce_backward_kernel
 from cuda_emu.common import (
     TEMPERATURE,
     check_info_nce,
+    emulated_sms,
     expected_forward_mmas,
     expected_row_backward_mmas,
     info_nce_emu,
@@ -38,16 +37,6 @@ NS = [1, 3, 41, 127, 129, 257]
 DS = [1, 3, 100, 128]
 SIZES = [(n, d) for n in NS for d in DS]
 SIZE_KINDS = ["edges", "labels", "semi", "views"]
-
-
-@contextlib.contextmanager
-def _emulated_sms(emu, sms: int):
-    """The emulated GPU has `sms` SMs inside the block (0: the default, an H200's 132)."""
-    emu.emu_set_sm_count(sms)
-    try:
-        yield
-    finally:
-        emu.emu_set_sm_count(0)
 
 
 def _check(emu, dtype, n, d, kind, a0, a1, seed, env=None):
@@ -74,7 +63,7 @@ def test_fa2_row_backward_matches_reference(emu, dtype, i):
 @pytest.mark.parametrize("sms", [1, 0])
 @pytest.mark.parametrize("d,kind", [(64, "views"), (128, "labels"), (40, "semi")])
 def test_fa2_row_backward_walks_and_splits_key_halves(emu, dtype, sms, d, kind):
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         _check(emu, dtype, 700, d, kind, 0, 700, seed=sms * 10 + d, env="row")
 
 
@@ -88,7 +77,7 @@ ANCHORS = [(0, 1), (1, 130), (63, 66), (64, 96), (100, 129), (130, 257), (200, 2
 @pytest.mark.parametrize("a0,a1", ANCHORS)
 @pytest.mark.parametrize("sms", [1, 0])
 def test_fa2_row_backward_anchor_range(emu, dtype, a0, a1, sms):
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         _check(emu, dtype, 257, 40, "semi", a0, a1, seed=a0 + 3 * a1)
 
 
@@ -122,7 +111,7 @@ def test_fa2_row_backward_issues_no_atomics(emu, dtype, n, d):
 def test_fa2_row_backward_same_bits_for_every_schedule(emu, dtype, sms):
     """Every output written once in a fixed order: any block and thread order gives
     the same bits, with the key splits of 132 and of 7 SMs too."""
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         grads = []
         for seed in (1, 2, 3):
             emu.emu_set_seed(seed)

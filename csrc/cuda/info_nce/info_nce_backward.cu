@@ -362,11 +362,7 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   // Copies of row tile h and its factors into buffer b; committed by the caller.
   auto load_rows = [&](int b, int64_t h) {
     load_tile_async<T, IB>(rows[b], x, n, ld, cols, h * IB);
-    constexpr int kCopyBytes = 16, kFloatsPerCopy = kCopyBytes / sizeof(float);
-    if (threadIdx.x < IB / kFloatsPerCopy) {
-      const int f = kFloatsPerCopy * threadIdx.x;
-      ptx::cp_async_16(a_rows[b] + f, a + h * IB + f, kCopyBytes);
-    }
+    load_floats_async<IB>(a_rows[b], a, h * IB);
   };
   load_tile_async<T, KB>(key, x, n, ld, cols, k0);
   load_rows(0, h_hi);
@@ -551,28 +547,11 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
     // Copies of key half h and its factors into buffer b; committed by the caller.
     auto load_half = [&](int b, int64_t h) {
       load_tile_async<T, KR>(tiles + b * KR * F::kLd, x, n, ld, cols, h * KR);
-      constexpr int kCopyBytes = 16, kFloatsPerCopy = kCopyBytes / sizeof(float);
-      if (threadIdx.x < KR / kFloatsPerCopy) {
-        const int f = kFloatsPerCopy * threadIdx.x;
-        ptx::cp_async_16(a_keys[b] + f, a + h * KR + f, kCopyBytes);
-      }
+      load_floats_async<KR>(a_keys[b], a, h * KR);
     };
     // Q through both key buffers, its fragments into registers, then the key halves.
-    load_tile_async<T, B>(tiles, x, n, ld, cols, i0);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // every thread's copies have landed
     uint32_t qf[F::kMTiles][F::kKSteps][4];
-#pragma unroll
-    for (int m = 0; m < F::kMTiles; ++m) {
-#pragma unroll
-      for (int ks = 0; ks < F::kKSteps; ++ks) {
-        if (ks < ksteps) {
-          const T* row = frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false);
-          ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(row));
-        }
-      }
-    }
+    load_query_fragments(qf, tiles, x, n, ld, cols, ksteps, i0);
     float ai[F::kMTiles][2];  // a of rows row0 + 16m + 8r (a is padded to whole query tiles)
 #pragma unroll
     for (int m = 0; m < F::kMTiles; ++m) {

@@ -65,6 +65,20 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x,
   }
 }
 
+// Rows [r0, r0 + Rows) of the float vector v into dst [Rows] by 16-byte cp.async
+// copies of the first Rows/4 threads (v must hold them all: the factor vectors are
+// padded to whole tiles). Not waited for here.
+template <int Rows>
+__device__ __forceinline__ void load_floats_async(float* dst, const float* __restrict__ v,
+                                                  int64_t r0) {
+  constexpr int kCopyBytes = 16, kFloatsPerCopy = kCopyBytes / sizeof(float);
+  static_assert(Rows % kFloatsPerCopy == 0);
+  if (threadIdx.x < Rows / kFloatsPerCopy) {
+    const int f = kFloatsPerCopy * threadIdx.x;
+    ptx::cp_async_16(dst + f, v + r0 + f, kCopyBytes);
+  }
+}
+
 // The address this lane gives ldmatrix_x4 for the four 8×8 matrices at rows
 // row0.., columns col0.. of a shared tile: matrix m = lane / 8 is rows
 // row0 + (m & 1)·8.., columns col0 + (m >> 1)·8.. (the A fragment order, see
@@ -110,6 +124,33 @@ __device__ __forceinline__ void tile_dots(float (&s)[MTiles][NTiles][4],
       for (int m = 0; m < MTiles; ++m) {
         ptx::mma_m16n8k16<T>(s[m][j], a[m][ks], b0);
         ptx::mma_m16n8k16<T>(s[m][j + 1], a[m][ks], b1);
+      }
+    }
+  }
+}
+
+// qf ← the A fragments of this warp's kMTiles m16 tiles of the query tile, rows
+// [r0, r0 + kB) of x (warp w: rows r0 + w·kWarpRows..), over the first ksteps
+// k-steps: copied by cp.async into `tiles` (kB rows of kLd, both key buffers of
+// fa2_sym_lse_kernel and fa2_row_grad_kernel), waited for, read by ldmatrix. All
+// threads; the caller's __syncthreads must follow before `tiles` is overwritten.
+template <typename T>
+__device__ __forceinline__ void load_query_fragments(
+    uint32_t (&qf)[Fa2Forward<T>::kMTiles][Fa2Forward<T>::kKSteps][4], T* tiles,
+    const T* __restrict__ x, int64_t n, int64_t ld, int cols, int ksteps, int64_t r0) {
+  using F = Fa2Forward<T>;
+  load_tile_async<T, F::kB>(tiles, x, n, ld, cols, r0);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // every thread's copies have landed
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+    for (int ks = 0; ks < F::kKSteps; ++ks) {
+      if (ks < ksteps) {
+        const T* row = frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false);
+        ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(row));
       }
     }
   }
