@@ -1,6 +1,6 @@
 // The FA2-style tile layout and helpers shared by fa2_sym_lse_kernel
-// (csrc/cuda/info_nce/info_nce_forward.cu) and fa2_sym_grad_kernel
-// (csrc/cuda/info_nce/info_nce_backward.cu): 16-bit tiles of up to kMaxD columns in
+// (csrc/cuda/info_nce/info_nce_forward.cu), fa2_sym_grad_kernel and
+// fa2_row_grad_kernel (csrc/cuda/info_nce/info_nce_backward.cu): 16-bit tiles of up to kMaxD columns in
 // shared memory, filled by cp.async and read by ldmatrix (csrc/cuda/mma.cuh).
 // Included after info_nce.cuh, inside no namespace of its own.
 #pragma once
@@ -13,7 +13,8 @@ namespace {
 
 // fa2_sym_lse_kernel's tiles; fa2_sym_grad_kernel (Fa2Backward) shares the
 // block size, D limit and shared-tile layout (kThreads, kMaxD, kKSteps, kChunk,
-// kLd), not the row counts.
+// kLd), not the row counts; fa2_row_grad_kernel (Fa2Row) takes them all, its query
+// tile and key halves being the forward's.
 template <typename T>
 struct Fa2Forward {
   // Query tiles of 128 rows, 4 warps × 32 rows: two m16 tiles a warp (the M of
@@ -156,9 +157,10 @@ __device__ __forceinline__ void load_query_fragments(
   }
 }
 
-// The FA2-style kernels (fa2_sym_lse_kernel, fa2_sym_grad_kernel) take 16-bit z
-// with D ≤ Fa2Forward::kMaxD: their fragments of the block's own tile (and the
-// backward's column-side accumulators) live in registers. Other D, fp32 and fp64
+// The FA2-style kernels (fa2_sym_lse_kernel, fa2_sym_grad_kernel,
+// fa2_row_grad_kernel) take 16-bit z with D ≤ Fa2Forward::kMaxD: their fragments
+// of the block's own tile (and the backward's column-side or dneg accumulators)
+// live in registers. Other D, fp32 and fp64
 // take the shared-memory tile kernels.
 template <typename Tile>
 bool use_fa2_tiles(int64_t d) {
