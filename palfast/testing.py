@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 import palfast
-from palfast.benchmarks.harness import deterministic_algorithms
+from palfast.benchmarks.harness import deterministic_algorithms, info_nce_backward_kernel
 
 __all__ = [
     "ATOMIC_NONDET_TOL",
@@ -44,6 +44,7 @@ __all__ = [
     "assert_two_views_match",
     "assert_within_rounding_error",
     "deterministic_algorithms",
+    "info_nce_backward_kernel",
     "info_nce_cond",
     "info_nce_grad_floor",
     "values_and_grads",
@@ -56,20 +57,27 @@ __all__ = [
 ATOMIC_NONDET_TOL = 1e-12
 
 # Every kernel path of info_nce on CUDA (csrc/cuda/info_nce/info_nce.cuh, docs/cuda.md
-# "info_nce kernels"), by name: (normalize, τ, torch's deterministic mode).
-#   symmetric: the fixed-shift forward and symmetric backward (fa2_sym_* for 16-bit
-#     z with D ≤ 128, sym_* otherwise);
-#   deterministic: the same forward, the row-block backward (grad_tile_kernel);
+# "info_nce kernels"), by name: (normalize, τ, torch's deterministic mode,
+# PALFAST_INFO_NCE_BACKWARD or None for unset; set with info_nce_backward_kernel).
+#   row: the fixed-shift forward and the default backward: fa2_row_grad_kernel for
+#     16-bit z with D ≤ 128, the symmetric sym_grad_kernel otherwise;
+#   symmetric: the same forward, the symmetric backward asked for (fa2_sym_* for
+#     16-bit z with D ≤ 128, sym_* otherwise);
+#   tile: the same forward, the row-block backward (grad_tile_kernel) asked for;
+#   deterministic: the same forward, the deterministic default backward
+#     (fa2_row_grad_kernel for 16-bit z with D ≤ 128, grad_tile_kernel otherwise);
 #   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
 #     lse_kernel and the row-block backward;
 #   unnormalized: normalize=False, the online path too.
 # The CUDA tests (tests/losses/test_info_nce_cuda.py) and the sanitizers' workload of
 # tools/gpu_session.sh (tools/gpu_bench.py) run each.
 INFO_NCE_KERNEL_PATHS = {
-    "symmetric": (True, 0.1, False),
-    "deterministic": (True, 0.1, True),
-    "small-tau": (True, 0.02, False),
-    "unnormalized": (False, 0.1, False),
+    "row": (True, 0.1, False, None),
+    "symmetric": (True, 0.1, False, "sym"),
+    "tile": (True, 0.1, False, "tile"),
+    "deterministic": (True, 0.1, True, None),
+    "small-tau": (True, 0.02, False, None),
+    "unnormalized": (False, 0.1, False, None),
 }
 
 # Every graph kind tests/conftest.py's graph_factory builds.

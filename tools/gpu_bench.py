@@ -23,7 +23,7 @@ import torch
 
 import palfast
 from palfast.benchmarks.bench_info_nce import HEAVY_KERNEL_SHARE
-from palfast.benchmarks.harness import deterministic_algorithms, format_table
+from palfast.benchmarks.harness import deterministic_algorithms, format_table, info_nce_backward_kernel
 from palfast.testing import INFO_NCE_KERNEL_PATHS
 
 # Shapes of the workload, (rows, columns, why): every one has partial tiles (rows not
@@ -56,8 +56,9 @@ def workload(device: torch.device) -> None:
     """Forward and backward of every op that has a CUDA kernel, small enough for the
     sanitizers, over every kernel path: for each of WORKLOAD_SHAPES and
     WORKLOAD_DTYPES, info_nce on each of palfast.testing.INFO_NCE_KERNEL_PATHS (the
-    fixed-shift forward with the symmetric backward, FA2-style for 16-bit z with
-    D ≤ 128; the row-block backward of deterministic mode; the online forward and
+    fixed-shift forward with each backward: the default FA2 row kernel for 16-bit z
+    with D ≤ 128, the symmetric one, FA2-style for 16-bit z with D ≤ 128, the
+    row-block one, and those of deterministic mode; the online forward and
     row-block backward of a small τ and of normalize=False), then graph_spmm (both
     sides) and graph_dirichlet with its backward, on a graph with label sets and on
     edges alone. Which kernel each case takes is in docs/cuda.md, "info_nce kernels"."""
@@ -70,10 +71,10 @@ def workload(device: torch.device) -> None:
         a0, a1 = ANCHOR_HEAD, n - ANCHOR_TAIL
         for dtype in WORKLOAD_DTYPES:
             z = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-            for normalize, tau, deterministic in INFO_NCE_KERNEL_PATHS.values():
+            for normalize, tau, deterministic, backward_kernel in INFO_NCE_KERNEL_PATHS.values():
                 # warn_only: the label part's class sums use atomics and would raise.
                 mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
-                with mode:
+                with mode, info_nce_backward_kernel(backward_kernel):
                     rows, lse = ops.info_nce(z, *g, tau, normalize, a0, a1)
                     ops.info_nce_backward(torch.ones_like(rows), z, *g, lse, tau, normalize, a0, a1)
             for graph in graphs.values():

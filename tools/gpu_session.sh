@@ -61,7 +61,7 @@ done
 #     torch the in-place build supports", has what is measured);
 #   sanitizers 45 each: importing torch under compute-sanitizer takes about 20 s, the
 #     workload (tools/gpu_bench.py, WORKLOAD_SHAPES) is sized to run within the rest;
-#   tests 50: tools/gpu_tests.txt, 88 cases sized for about 40 s, plus pytest's start.
+#   tests 50: tools/gpu_tests.txt, 93 cases sized for about 40 s, plus pytest's start.
 STEPS=(env:15 build:200 memcheck:45 racecheck:45 synccheck:45 initcheck:45 tests:50 bench:0)
 SAFETY_S=15          # kept back for the summary at the end
 if [ -n "$ONLY" ]; then

@@ -17,9 +17,14 @@ forward + backward (``fwd+bwd``). Implementations:
   It computes in float32 (TF32 dots) whatever the input dtype.
 * ``pml_SupConLoss``: pytorch-metric-learning's ``SupConLoss`` (N ≤ 8192, when installed).
 * ``palfast_deterministic`` (CUDA, forward + backward): palfast under
-  ``torch.use_deterministic_algorithms(True, warn_only=True)``, which takes the
-  row-block backward kernel instead of the symmetric one with atomics
-  (docs/cuda.md, "Determinism"); no GPU has timed the two yet, so both are timed.
+  ``torch.use_deterministic_algorithms(True, warn_only=True)``, which takes a
+  deterministic backward kernel (docs/cuda.md, "Determinism"): for 16-bit z the
+  default FA2 row kernel, for float32 the row-block kernel instead of the symmetric
+  one with atomics.
+* ``palfast_sym``, ``palfast_tile`` (CUDA, 16-bit forward + backward): palfast with
+  ``PALFAST_INFO_NCE_BACKWARD=sym`` (the FA2 symmetric backward with atomics) and
+  ``=tile`` (the row-block kernel), so that the three 16-bit backward kernels are
+  timed in one process (docs/cuda.md, "info_nce kernels"); no GPU has timed them yet.
 
 TFLOP/s are effective (see ``effective_flops``): 2·N²·D for the forward, 6·N²·D for
 forward + backward, as FlashAttention's benchmarks count attention, whatever the
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 import palfast
 
-from .harness import Case, Skip, deterministic_algorithms
+from .harness import INFO_NCE_BACKWARD_ENV, Case, Skip, deterministic_algorithms, info_nce_backward_kernel
 
 D = 128
 TAU = 0.1
@@ -146,6 +151,17 @@ def _deterministic(run):
     return deterministic_run
 
 
+def _with_backward_kernel(run, kernel: str):
+    """``run`` with PALFAST_INFO_NCE_BACKWARD=kernel, the caller's value restored after
+    each call (the other implementations run with the default kernel)."""
+
+    def run_with_kernel():
+        with info_nce_backward_kernel(kernel):
+            return run()
+
+    return run_with_kernel
+
+
 def _import_inf_cl():
     try:
         import inf_cl
@@ -226,6 +242,13 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
                 raise Skip("deterministic mode changes only the CUDA backward kernel")
             return _deterministic(make_palfast(N, dtype, step, grad))
 
+        def make_palfast_kernel(kernel, N=N, dtype=dtype, step=step, grad=grad):
+            if not cuda or not grad:
+                raise Skip(f"{INFO_NCE_BACKWARD_ENV} changes only the CUDA backward kernel")
+            if dtype == torch.float32:
+                raise Skip(f"for float32, {kernel!r} is the kernel of palfast or of palfast_deterministic")
+            return _with_backward_kernel(make_palfast(N, dtype, step, grad), kernel)
+
         def make_naive(N=N, dtype=dtype, step=step, grad=grad):
             _dense_guard(N, device, dtype)
             return _step(_naive_nt_xent, _inputs(N, device, dtype, grad), step)
@@ -262,6 +285,8 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
         impls = {"palfast": make_palfast, "naive_eager": make_naive}
         if cuda and grad:
             impls["palfast_deterministic"] = make_palfast_deterministic
+            impls["palfast_sym"] = functools.partial(make_palfast_kernel, "sym")
+            impls["palfast_tile"] = functools.partial(make_palfast_kernel, "tile")
         if not quick:
             impls["torch_compile_naive"] = make_compiled
             impls["inf_cl"] = make_inf_cl
@@ -275,7 +300,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
                 impls,
                 "naive_eager",
                 device,
-                compare_to=("torch_compile_naive", "inf_cl", "palfast_deterministic"),
+                compare_to=("torch_compile_naive", "inf_cl", "palfast_deterministic", "palfast_sym", "palfast_tile"),
                 flops=effective_flops(N, D, step),
             )
         )

@@ -100,6 +100,29 @@ def deterministic_algorithms(warn_only: bool = False):
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
+# The variable that picks info_nce's CUDA backward kernel (docs/cuda.md, "info_nce kernels").
+INFO_NCE_BACKWARD_ENV = "PALFAST_INFO_NCE_BACKWARD"
+
+
+@contextlib.contextmanager
+def info_nce_backward_kernel(kernel: str | None):
+    """PALFAST_INFO_NCE_BACKWARD=kernel inside the block (None: unset, the default
+    kernel); the previous value is restored after it. (The benchmarks time each CUDA
+    backward kernel with it; tools/gpu_bench.py and the tests use it too.)"""
+    before = os.environ.get(INFO_NCE_BACKWARD_ENV)
+    if kernel is None:
+        os.environ.pop(INFO_NCE_BACKWARD_ENV, None)
+    else:
+        os.environ[INFO_NCE_BACKWARD_ENV] = kernel
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(INFO_NCE_BACKWARD_ENV, None)
+        else:
+            os.environ[INFO_NCE_BACKWARD_ENV] = before
+
+
 @dataclasses.dataclass
 class Case:
     """One workload. ``impls`` maps a label to a factory; calling the factory builds

@@ -38,10 +38,17 @@ def test_cuda_plan_has_the_issue_sizes_and_baselines():
     assert cases[0].params["N"] == 65536
     for c in cases:
         assert c.baseline == "naive_eager"
-        assert set(c.compare_to) == {"torch_compile_naive", "inf_cl", "palfast_deterministic"}
+        assert set(c.compare_to) == {
+            "torch_compile_naive",
+            "inf_cl",
+            "palfast_deterministic",
+            "palfast_sym",
+            "palfast_tile",
+        }
         assert {"torch_compile_naive", "inf_cl"} <= set(c.impls)
-        # Both CUDA backward kernels are timed: deterministic mode takes the row-block one.
-        assert ("palfast_deterministic" in c.impls) == (c.params["step"] == "fwd+bwd")
+        # Every CUDA backward kernel is timed: deterministic mode and PALFAST_INFO_NCE_BACKWARD pick them.
+        for impl in ("palfast_deterministic", "palfast_sym", "palfast_tile"):
+            assert (impl in c.impls) == (c.params["step"] == "fwd+bwd")
         assert c.flops == bi.effective_flops(c.params["N"], bi.D, c.params["step"])
         assert c.name.endswith(c.params["step"]) and c.device == "cuda"
     cpu = bi.cases(quick=True, device="cpu")

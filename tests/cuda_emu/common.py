@@ -4,6 +4,7 @@ build.py and handed to the tests by the ``emu`` fixture of conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -122,3 +123,30 @@ def expected_forward_mmas(n: int, d: int, a0: int, a1: int) -> int:
 
     halves = sum(halves_in_n(k) for i in range(tiles) for k in range(i, tiles) if anchors(i) or anchors(k))
     return halves * WARPS * M_TILES * math.ceil(d / K_STEP) * N8_TILES
+
+
+def expected_row_backward_mmas(n: int, d: int, a0: int, a1: int) -> int:
+    """Warp-level mmas of one fa2_row_grad_kernel backward: every 128-row query tile
+    walks the key halves (64 rows) with a row < n, or, without anchor rows, those
+    holding anchors; per half 4 warps × 4 key steps of 16 × (S + M·U_K) × 2 m16
+    tiles × 2 n8 tiles × ceil(D/16); none when D > 128."""
+    if d > MAX_D:
+        return 0
+    halves = 0
+    for q in range(math.ceil(n / TILE)):
+        lo, hi = 0, math.ceil(n / KEY_ROWS)
+        if not (q * TILE < a1 and (q + 1) * TILE > a0):
+            lo, hi = max(lo, a0 // KEY_ROWS), min(hi, math.ceil(a1 / KEY_ROWS))
+        halves += max(0, hi - lo)
+    key_steps = KEY_ROWS // K_STEP
+    return halves * WARPS * key_steps * 2 * M_TILES * 2 * math.ceil(d / K_STEP)
+
+
+@contextlib.contextmanager
+def emulated_sms(emu, sms: int):
+    """The emulated GPU has `sms` SMs inside the block (0: the default, an H200's 132)."""
+    emu.emu_set_sm_count(sms)
+    try:
+        yield
+    finally:
+        emu.emu_set_sm_count(0)

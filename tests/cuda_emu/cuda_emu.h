@@ -206,6 +206,7 @@ struct Runtime {
   long long switches = 0;
   long long ptx_mmas = 0;  // warp-level mma.sync m16n8k16 so far (tests check which path ran)
   long long red_v2s = 0;   // red_add_v2 calls (per thread) so far
+  long long atomics = 0;   // atomicAdd calls (per thread) so far
 };
 
 inline Runtime& rt() {
@@ -641,6 +642,7 @@ T __shfl_sync(unsigned mask, T v, int src_lane, int width = palfast_emu::kWarpSi
 // the order of the adds still varies with the scheduler seed, as on the GPU.
 template <typename T>
 T atomicAdd(T* address, T v) {
+  ++palfast_emu::rt().atomics;  // counted, so that tests see which path ran
   const T old = *address;
   *address = old + v;
   return old;

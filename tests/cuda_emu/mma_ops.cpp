@@ -192,6 +192,9 @@ int64_t mma_count() { return palfast_emu::rt().ptx_mmas; }
 // Thread-level red_add_v2 calls so far (the emulated kernels' included).
 int64_t red_v2_count() { return palfast_emu::rt().red_v2s; }
 
+// Thread-level atomicAdd calls so far (the emulated kernels' included).
+int64_t atomic_count() { return palfast_emu::rt().atomics; }
+
 // ---- red_add_v2: each of `threads` threads adds (v[2i], v[2i + 1]) to
 // out[offset + 2·(i % slots) ..], so `threads / slots` threads meet on each pair.
 __global__ void red_v2_kernel(const float* v, int slots, int64_t offset, float* out) {
@@ -220,5 +223,6 @@ TORCH_LIBRARY_FRAGMENT(palfast_emu, m) {
         &cp_async);
   m.def("emu_ptx_mma_count() -> int", &mma_count);
   m.def("emu_ptx_red_v2_count() -> int", &red_v2_count);
+  m.def("emu_atomic_count() -> int", &atomic_count);
   m.def("emu_ptx_red_v2(Tensor v, int slots, int offset) -> Tensor", &red_v2);
 }

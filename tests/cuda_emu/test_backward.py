@@ -1,13 +1,17 @@
-"""The CUDA info_nce backward's two dneg kernels, run by the CPU emulator (tests/cuda_emu).
+"""The CUDA info_nce backward's dneg kernels, run by the CPU emulator (tests/cuda_emu).
 
 csrc/cuda/info_nce/info_nce_backward.cu computes dneg = M u on the fixed-shift path
-(normalize=True, τ above the bound of use_fixed_shift) by the symmetric kernel
-(tile pairs I ≤ K, float atomicAdd), unless torch's deterministic mode is on;
-then, and on the online path, by the row-block kernel (every element written
-once, in a fixed order). Both are checked here against the float64 reference at
-awkward sizes, anchor ranges and grids sized for few SMs, on extreme but valid
-input, and for the same bits across schedules where the path is deterministic.
-The fixtures and checks are those of tests/cuda_emu/test_ops.py.
+(normalize=True, τ above the bound of use_fixed_shift) by the FA2-style row kernel
+for 16-bit z with D ≤ 128 (fa2_row_grad_kernel, no atomics; its own tests are in
+test_fa2_row_backward.py) and by the symmetric kernel (tile pairs I ≤ K, float
+atomicAdd) otherwise, unless torch's deterministic mode is on; then, and on the
+online path, by a row kernel (every element written once, in a fixed order): the
+FA2 one where it applies, else the row-block kernel (grad_tile_kernel).
+PALFAST_INFO_NCE_BACKWARD picks the symmetric or the row-block kernel for 16-bit z
+too, so each is checked here against the float64 reference at awkward sizes,
+anchor ranges and grids sized for few SMs, on extreme but valid input, and for
+the same bits across schedules where the path is deterministic. The fixtures and
+checks are those of tests/cuda_emu/test_ops.py.
 """
 
 from __future__ import annotations
@@ -32,14 +36,22 @@ from cuda_emu.common import (
 pytestmark = [pytest.mark.numeric, pytest.mark.slow]
 
 
-# "symmetric": the default mode; "deterministic": torch.use_deterministic_algorithms
-# (warn_only, so that label-set graphs, whose class sums use atomics, only warn).
-PATHS = ["symmetric", "deterministic"]
+# "symmetric": out of deterministic mode with PALFAST_INFO_NCE_BACKWARD=sym (the
+# symmetric kernels, 16-bit z included); "tile": =tile (grad_tile_kernel everywhere);
+# "deterministic": torch.use_deterministic_algorithms, variable unset (warn_only, so
+# that label-set graphs, whose class sums use atomics, only warn).
+PATHS = ["symmetric", "tile", "deterministic"]
+BACKWARD_KERNEL = {"symmetric": "sym", "tile": "tile", "deterministic": None}
 
 
 @pytest.fixture(params=PATHS)
-def path(request):
-    if request.param == "symmetric":
+def path(request, monkeypatch):
+    env = BACKWARD_KERNEL[request.param]
+    if env is None:
+        monkeypatch.delenv("PALFAST_INFO_NCE_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("PALFAST_INFO_NCE_BACKWARD", env)
+    if request.param != "deterministic":
         yield request.param
         return
     with deterministic_algorithms(warn_only=True):

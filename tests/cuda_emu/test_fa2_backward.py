@@ -1,18 +1,19 @@
 """The FA2-style backward of CUDA info_nce (fa2_sym_grad_kernel in
 csrc/cuda/info_nce/info_nce_backward.cu: 16-bit z, normalize=True, τ on the fixed-shift
-path, D ≤ 128, torch's deterministic mode off) under the CPU emulator, against
+path, D ≤ 128, torch's deterministic mode off, selected by
+PALFAST_INFO_NCE_BACKWARD=sym: the row kernel of test_fa2_row_backward.py is the
+default there) under the CPU emulator, against
 palfast.reference in float64 by the rounding rule of palfast/testing.py
 (whose emulator, fixtures and checks this file imports).
 
 The emulator counts warp-level mma.sync calls and red_add_v2 calls
 (csrc/cuda/mma.cuh), so each test also checks that the FA2 kernel ran exactly on
 the tile pairs it should: not at all for D > 128 (sym_grad_kernel's WMMA path)
-or in deterministic mode (the row-block kernel).
+or in deterministic mode (the FA2 row kernel then, counted there).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 
 from palfast.testing import deterministic_algorithms
 
-from cuda_emu.common import check_info_nce, expected_forward_mmas
+from cuda_emu.common import check_info_nce, emulated_sms, expected_forward_mmas, expected_row_backward_mmas
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
 pytestmark = [pytest.mark.numeric, pytest.mark.slow]
@@ -38,6 +39,12 @@ KEY_TILE, ROW_TILE, K_STEP, MAX_D = 64, 32, 16, 128
 MMAS_DIAGONAL, MMAS_OFF_DIAGONAL = 32, 48
 # Graph kinds cycled over SIZES (each gives every row positives).
 SIZE_KINDS = ["edges", "labels", "semi", "views"]
+
+
+@pytest.fixture(autouse=True)
+def _symmetric_backward(monkeypatch):
+    """Every test here asks for the symmetric kernels."""
+    monkeypatch.setenv("PALFAST_INFO_NCE_BACKWARD", "sym")
 
 
 def _expected_backward_mmas(n: int, d: int, a0: int, a1: int) -> int:
@@ -59,24 +66,14 @@ def _expected_backward_mmas(n: int, d: int, a0: int, a1: int) -> int:
     return total
 
 
-@contextlib.contextmanager
-def _emulated_sms(emu, sms: int):
-    """The emulated GPU has `sms` SMs inside the block (0: the default, an H200's 132)."""
-    emu.emu_set_sm_count(sms)
-    try:
-        yield
-    finally:
-        emu.emu_set_sm_count(0)
-
-
-def _check(emu, dtype, n, d, kind, a0, a1, seed, fa2=True):
+def _check(emu, dtype, n, d, kind, a0, a1, seed, row=False):
     """Forward and backward against the reference (tests/cuda_emu/test_ops.py), and
-    the mma count of the FA2 forward plus, when fa2, the FA2 backward. Returns the
-    number of red_add_v2 calls."""
+    the mma count of the FA2 forward plus the FA2 symmetric backward (row: the FA2
+    row kernel instead). Returns the number of red_add_v2 calls."""
     mmas, reds = emu.emu_ptx_mma_count(), emu.emu_ptx_red_v2_count()
     check_info_nce(emu, dtype, n, d, kind, True, a0, a1, seed)
-    want = expected_forward_mmas(n, d, a0, a1) + (_expected_backward_mmas(n, d, a0, a1) if fa2 else 0)
-    assert emu.emu_ptx_mma_count() - mmas == want
+    backward = expected_row_backward_mmas if row else _expected_backward_mmas
+    assert emu.emu_ptx_mma_count() - mmas == expected_forward_mmas(n, d, a0, a1) + backward(n, d, a0, a1)
     return emu.emu_ptx_red_v2_count() - reds
 
 
@@ -97,7 +94,7 @@ def test_fa2_backward_matches_reference(emu, dtype, i):
 @pytest.mark.parametrize("sms", [1, 3])
 @pytest.mark.parametrize("d,kind", [(64, "views"), (128, "labels"), (40, "semi")])
 def test_fa2_backward_streams_row_tiles_on_few_sms(emu, dtype, sms, d, kind):
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         _check(emu, dtype, 700, d, kind, 0, 700, seed=sms * 10 + d)
 
 
@@ -112,17 +109,18 @@ ANCHORS = [(0, 1), (1, 130), (31, 33), (63, 66), (64, 96), (70, 129), (200, 257)
 @pytest.mark.parametrize("a0,a1", ANCHORS)
 @pytest.mark.parametrize("sms", [1, 0])
 def test_fa2_backward_anchor_range(emu, dtype, a0, a1, sms):
-    with _emulated_sms(emu, sms):
+    with emulated_sms(emu, sms):
         _check(emu, dtype, 257, 40, "semi", a0, a1, seed=a0 + 3 * a1)
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have a deterministic implementation")
 @pytest.mark.parametrize("dtype", DTYPES16, ids=str)
-def test_deterministic_mode_takes_the_row_block_kernel(emu, dtype):
-    """Under torch.use_deterministic_algorithms the FA2 backward does not run (its
-    float atomics add in a varying order): only the forward's mmas are counted."""
+def test_deterministic_mode_takes_no_symmetric_kernel(emu, dtype):
+    """Under torch.use_deterministic_algorithms the FA2 symmetric backward does not
+    run although asked (its float atomics add in a varying order): the FA2 row
+    kernel's mmas are counted instead, and no red_add_v2."""
     with deterministic_algorithms(warn_only=True):
-        reds = _check(emu, dtype, 130, 72, "edges", 0, 130, seed=7, fa2=False)
+        reds = _check(emu, dtype, 130, 72, "edges", 0, 130, seed=7, row=True)
     assert reds == 0
 
 

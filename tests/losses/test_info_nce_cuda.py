@@ -26,6 +26,7 @@ from palfast.testing import (
     INFO_NCE_ROWS_FLOOR,
     assert_within_rounding_error,
     deterministic_algorithms,
+    info_nce_backward_kernel,
     info_nce_cond,
     info_nce_grad_floor,
 )
@@ -132,7 +133,7 @@ def test_low_precision_within_rounding_error(graph_factory, dtype, n, d):
 @pytest.mark.parametrize("n", [257, 4097])
 @pytest.mark.parametrize("d", [64, 128, 200])
 def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, d):
-    normalize, temperature, deterministic = INFO_NCE_KERNEL_PATHS[path]
+    normalize, temperature, deterministic, backward_kernel = INFO_NCE_KERNEL_PATHS[path]
     torch.manual_seed(5 * n + d)
     z64 = torch.randn(n, d, dtype=torch.float64, device=CUDA)
     if not normalize:
@@ -140,7 +141,7 @@ def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, 
     g = graph_factory("semi", n, seed=d).to(CUDA)
     # warn_only: the label part of "semi" sums classes with atomics (docs/cuda.md).
     mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
-    with mode:
+    with mode, info_nce_backward_kernel(backward_kernel):
         assert_within_rounding_error(
             palfast.info_nce,
             reference.info_nce,

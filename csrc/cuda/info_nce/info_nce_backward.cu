@@ -1,6 +1,9 @@
 // palfast::info_nce_backward on CUDA: dneg = M u by the tile kernel, the positive
 // term and the normalisation backward. The design, the tile policies and the
 // kernels shared with the forward are in csrc/cuda/info_nce/info_nce.cuh.
+#include <cstdlib>
+#include <string>
+
 #include "info_nce.cuh"
 #include "info_nce_fa2.cuh"
 
@@ -359,11 +362,7 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   // Copies of row tile h and its factors into buffer b; committed by the caller.
   auto load_rows = [&](int b, int64_t h) {
     load_tile_async<T, IB>(rows[b], x, n, ld, cols, h * IB);
-    constexpr int kCopyBytes = 16, kFloatsPerCopy = kCopyBytes / sizeof(float);
-    if (threadIdx.x < IB / kFloatsPerCopy) {
-      const int f = kFloatsPerCopy * threadIdx.x;
-      ptx::cp_async_16(a_rows[b] + f, a + h * IB + f, kCopyBytes);
-    }
+    load_floats_async<IB>(a_rows[b], a, h * IB);
   };
   load_tile_async<T, KB>(key, x, n, ld, cols, k0);
   load_rows(0, h_hi);
@@ -489,6 +488,148 @@ __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
   }
 }
 
+// ------------------------------- row backward, FA2-style (16-bit, atomic-free)
+// dneg_I = Σ_K M_IK U_K for this block's 128 query rows I (Fa2Forward's tile: 4
+// warps × 32 rows, two m16 tiles a warp), over the key halves of 64 rows
+// [h_lo, h_hi) of its split z (blockIdx.y; all of them with one split), streamed
+// by cp.async through the two key buffers that first hold the query tile while
+// each warp loads its A fragments. Per 16 keys of a half, each warp computes
+// S = U_I U_Kᵀ (32 × 16) by mma.sync, M_ik = e_ik (a_i + a_k) in those
+// accumulators (as fa2_sym_grad_kernel, a scaled by 2^m), rounds M to 16 bits as
+// the A fragments of one k-step (FlashAttention-2 repacks P the same way), and
+// adds M·U_K with B = U_K by ldmatrix .trans of the same buffer, into 32 × 128
+// fp32 accumulators held over the walk. Every element of the block's slice
+// out[z][I][:d] is then written once, by plain stores: no atomics, no zeroed
+// output, the same sums in the same order on every run (deterministic). Counts and
+// predicted times: csrc/cuda/info_nce/info_nce.md, "Step 4: the FA2-style row kernel".
+template <typename T>
+struct Fa2Row {
+  using F = Fa2Forward<T>;
+  static constexpr int kKeySteps = F::kKeyRows / 16;  // 16-key k-steps of M·U_K per half
+  static constexpr int kDNTiles = F::kMaxD / 8;       // n8 tiles of dneg's D
+};
+
+template <typename T>
+__global__ void __launch_bounds__(Fa2Forward<T>::kThreads)
+    fa2_row_grad_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld, float inv_tau,
+                        const float* __restrict__ a, const float* __restrict__ g_absmax,
+                        int64_t a0, int64_t a1, int64_t split_halves, float* __restrict__ out) {
+  using F = Fa2Forward<T>;
+  using R = Fa2Row<T>;
+  constexpr int B = F::kB, KR = F::kKeyRows;
+  __shared__ __align__(128) T tiles[F::kHalves * KR * F::kLd];
+  __shared__ __align__(16) float a_keys[2][KR];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;  // rows g, g + 8 of each m16 tile, columns 2t, 2t + 1
+  const int ksteps = static_cast<int>((d + 15) / 16);
+  const int cols = ksteps * 16;  // D zero-padded to mma's K
+  const float shift_log2 = inv_tau * float(kLog2e);  // e_ik = exp2(c_ik·shift_log2 − shift_log2)
+  float m_scale, out_scale;  // a holds the scaled factors; out_scale undoes the scale
+  g_scales<WmmaTile<T>>(*g_absmax, m_scale, out_scale);
+  const int64_t i0 = int64_t(blockIdx.x) * B;
+  // This split's key halves, without those past n and, when I has no anchor rows,
+  // those without any (a_i = a_k = 0 there: M = 0).
+  int64_t h_lo = int64_t(blockIdx.y) * split_halves;
+  int64_t h_hi = std::min(h_lo + split_halves, (n + KR - 1) / KR);
+  if (!(i0 < a1 && i0 + B > a0)) {
+    h_lo = std::max(h_lo, a0 / KR);
+    h_hi = std::min(h_hi, (a1 + KR - 1) / KR);
+  }
+  const int64_t row0 = i0 + warp * F::kWarpRows + g;  // rows row0 + 16m + 8r of this lane
+  float o[F::kMTiles][R::kDNTiles][4];  // rows 16m + g (+ 8), columns 8j + 2t, + 1
+#pragma unroll
+  for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+    for (int j = 0; j < R::kDNTiles; ++j) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.0f;
+  }
+
+  if (h_lo < h_hi) {  // the same for the whole block
+    // Copies of key half h and its factors into buffer b; committed by the caller.
+    auto load_half = [&](int b, int64_t h) {
+      load_tile_async<T, KR>(tiles + b * KR * F::kLd, x, n, ld, cols, h * KR);
+      load_floats_async<KR>(a_keys[b], a, h * KR);
+    };
+    // Q through both key buffers, its fragments into registers, then the key halves.
+    uint32_t qf[F::kMTiles][F::kKSteps][4];
+    load_query_fragments(qf, tiles, x, n, ld, cols, ksteps, i0);
+    float ai[F::kMTiles][2];  // a of rows row0 + 16m + 8r (a is padded to whole query tiles)
+#pragma unroll
+    for (int m = 0; m < F::kMTiles; ++m) {
+      ai[m][0] = a[row0 + 16 * m];
+      ai[m][1] = a[row0 + 16 * m + 8];
+    }
+    __syncthreads();  // every warp holds its Q: the buffers may take key halves
+    load_half(0, h_lo);
+    ptx::cp_async_commit();
+
+    for (int64_t h = h_lo; h < h_hi; ++h) {
+      const int cur = static_cast<int>((h - h_lo) & 1);
+      const T* key = tiles + cur * KR * F::kLd;
+      if (h + 1 < h_hi) load_half(cur ^ 1, h + 1);
+      ptx::cp_async_commit();   // empty after the last half: the wait below stays the same
+      ptx::cp_async_wait<1>();  // this thread's copies of half h have landed
+      __syncthreads();          // and everyone's
+      // Masked entries (k ≥ n, i ≥ n, the diagonal) are 0, never exp'd; only halves
+      // inside the query tile and the last tiles have any.
+      const bool masked = (h * KR < i0 + B && (h + 1) * KR > i0) || (h + 1) * KR > n || i0 + B > n;
+#pragma unroll
+      for (int kk = 0; kk < R::kKeySteps; ++kk) {
+        // S of keys h·KR + 16kk.. (two n8 tiles), then M in place, as A of k-step kk.
+        float s[F::kMTiles][2][4];
+        tile_dots(s, qf, key + kk * 16 * F::kLd, ksteps);
+        uint32_t mf[F::kMTiles][4];
+#pragma unroll
+        for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float mv[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int c = 16 * kk + 8 * j + 2 * t + (e & 1);
+              const int64_t i = row0 + 16 * m + 8 * (e >> 1), k = h * KR + c;
+              const bool keep = !masked || (i < n && k < n && i != k);
+              const float ak = ai[m][e >> 1] + a_keys[cur][c];
+              mv[e] = keep ? exp2_normal(fmaf(s[m][j][e], shift_log2, -shift_log2)) * ak : 0.0f;
+            }
+            mf[m][2 * j] = ptx::pack16x2<T>(mv[0], mv[1]);      // row g; keys 8j + 2t..
+            mf[m][2 * j + 1] = ptx::pack16x2<T>(mv[2], mv[3]);  // row g + 8
+          }
+        }
+        // dneg_I += M·U_K over these 16 keys, U_K as B by ldmatrix .trans ([k = keys][n = D]).
+#pragma unroll
+        for (int nb = 0; nb < F::kKSteps; ++nb) {
+          if (nb >= ksteps) continue;
+          uint32_t bf[4];
+          ptx::ldmatrix_x4<true>(bf, ptx::smem_addr(frag_row(key, kk * 16, nb * 16, false)));
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+#pragma unroll
+          for (int m = 0; m < F::kMTiles; ++m) {
+            ptx::mma_m16n8k16<T>(o[m][2 * nb], mf[m], b0);
+            ptx::mma_m16n8k16<T>(o[m][2 * nb + 1], mf[m], b1);
+          }
+        }
+      }
+      __syncthreads();  // the key buffer and its factors are read: the next half may overwrite them
+    }
+  }
+  // Every element of the block's rows < n and columns < d, once (0 without key halves).
+  float* slice = out + int64_t(blockIdx.y) * n * d;
+#pragma unroll
+  for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = row0 + 16 * m + 8 * r;
+      if (i >= n) continue;
+#pragma unroll
+      for (int j = 0; j < R::kDNTiles; ++j) {
+        const int64_t c = 8 * j + 2 * t;
+        if (c < d) slice[i * d + c] = o[m][j][2 * r] * out_scale;
+        if (c + 1 < d) slice[i * d + c + 1] = o[m][j][2 * r + 1] * out_scale;
+      }
+    }
+  }
+}
+
 // out[e] = Σ_s parts[s][e] for e < count, the slices added in order (deterministic).
 template <typename Acc>
 __global__ void sum_slices_kernel(const Acc* __restrict__ parts, int64_t slices, int64_t count,
@@ -578,30 +719,91 @@ void symmetric_dneg(const TileArgs<Tile>& args, const at::Tensor& u, int64_t col
   launch(sym_grad_kernel<Tile>, grid, kTileThreads, stream, args, chunk_tiles, mut_ptr<Acc>(dneg));
 }
 
+// Key splits of a row kernel (grad_tile_kernel, fa2_row_grad_kernel) with `blocks`
+// blocks per split over `keys` key tiles: at small N the key tiles are split over up
+// to `splits` blocks per output tile, so that the grid has kBlocksPerSm blocks per
+// SM; their partial sums go to slices [splits, N, D] (about kBlocksPerSm·SMs
+// output tiles in all, whatever N), added in a fixed order by sum_slices. Large N:
+// one split, written straight into dneg.
+struct KeySplits {
+  int64_t per_split, splits;
+};
+inline KeySplits key_splits(int64_t blocks, int64_t keys) {
+  const int64_t want = ceil_div(kBlocksPerSm * sm_count(), blocks);
+  const int64_t per_split = ceil_div(keys, std::clamp<int64_t>(want, 1, keys));
+  return {per_split, ceil_div(keys, per_split)};  // ≤ kMaxGridY: want ≤ 2·SMs
+}
+
+// The slices' output: dneg itself for one split, else a [splits, N, D] buffer.
+inline at::Tensor slices_for(const KeySplits& ks, at::Tensor& dneg) {
+  return ks.splits == 1 ? dneg : at::empty({ks.splits, dneg.size(0), dneg.size(1)}, dneg.options());
+}
+
+// dneg = Σ of the slices in order (nothing to do for one split).
+template <typename Acc>
+void sum_slices(const KeySplits& ks, const at::Tensor& parts, at::Tensor& dneg,
+                cudaStream_t stream) {
+  if (ks.splits == 1) return;
+  launch(sum_slices_kernel<Acc>, grid_stride(dneg.numel(), kRowThreads), kRowThreads, stream,
+         ptr<Acc>(parts), ks.splits, dneg.numel(), mut_ptr<Acc>(dneg));
+}
+
 // dneg = M u by grad_tile_kernel: every element written once, in a fixed order
-// (the deterministic kernel, and the one of the online path).
+// (the deterministic kernel beyond fa2_row_grad_kernel's reach, and the one of the
+// online path).
 template <typename Tile>
 void row_block_dneg(const TileArgs<Tile>& args, bool fixed_shift, int64_t col_blocks,
                     at::Tensor& dneg, cudaStream_t stream) {
   using Acc = typename Tile::Acc;
-  const int64_t n = args.n, d = args.d;
-  const int64_t row_blocks = ceil_div(n, Tile::BM), key_tiles = ceil_div(n, Tile::BN);
-  // Small N: split the key tiles over up to `splits` blocks per output tile, so
-  // that the grid has kBlocksPerSm blocks per SM; their partial sums go to slices
-  // [splits, N, D] (about kBlocksPerSm·SMs·BM·D floats in all, whatever N)
-  // added in a fixed order. Large N: one slice, written straight into dneg.
-  const int64_t want = ceil_div(kBlocksPerSm * sm_count(), row_blocks * col_blocks);
-  const int64_t split_tiles = ceil_div(key_tiles, std::clamp<int64_t>(want, 1, key_tiles));
-  const int64_t splits = ceil_div(key_tiles, split_tiles);  // ≤ kMaxGridY: want ≤ 2·SMs
-  at::Tensor parts = splits == 1 ? dneg : at::empty({splits, n, d}, dneg.options());
+  const int64_t row_blocks = ceil_div(args.n, Tile::BM);
+  const KeySplits ks = key_splits(row_blocks * col_blocks, ceil_div(args.n, Tile::BN));
+  at::Tensor parts = slices_for(ks, dneg);
   const dim3 grid(grid_exact(kBackwardOp, row_blocks), static_cast<unsigned int>(col_blocks),
-                  static_cast<unsigned int>(splits));
+                  static_cast<unsigned int>(ks.splits));
   launch(fixed_shift ? grad_tile_kernel<Tile, true> : grad_tile_kernel<Tile, false>,
-         grid, kTileThreads, stream, args, split_tiles, mut_ptr<Acc>(parts));
-  if (splits > 1) {
-    launch(sum_slices_kernel<Acc>, grid_stride(n * d, kRowThreads), kRowThreads, stream,
-           ptr<Acc>(parts), splits, n * d, mut_ptr<Acc>(dneg));
+         grid, kTileThreads, stream, args, ks.per_split, mut_ptr<Acc>(parts));
+  sum_slices<Acc>(ks, parts, dneg, stream);
+}
+
+// dneg = M u by fa2_row_grad_kernel (16-bit z, D ≤ 128, the fixed shift): every
+// element written once, in a fixed order, no atomics.
+template <typename Tile>
+void fa2_row_dneg(const TileArgs<Tile>& args, const at::Tensor& u, at::Tensor& dneg,
+                  cudaStream_t stream) {
+  using In = typename Tile::In;
+  using Acc = typename Tile::Acc;
+  if constexpr (std::is_same_v<In, __half> || std::is_same_v<In, __nv_bfloat16>) {
+    using F = Fa2Forward<In>;
+    const int64_t q_tiles = ceil_div(args.n, F::kB);
+    const KeySplits ks = key_splits(q_tiles, ceil_div(args.n, F::kKeyRows));
+    at::Tensor parts = slices_for(ks, dneg);
+    const at::Tensor up = pad_to_chunk<In>(u);
+    at::Tensor a = at::empty({q_tiles * F::kB}, dneg.options());  // whole query tiles
+    launch(fa2_factors_kernel<Tile>, grid_stride(a.numel(), kRowThreads), kRowThreads, stream,
+           args, a.numel(), mut_ptr<Acc>(a));
+    const dim3 grid(grid_exact(kBackwardOp, q_tiles), static_cast<unsigned int>(ks.splits));
+    launch(fa2_row_grad_kernel<In>, grid, F::kThreads, stream, ptr<In>(up), args.n, args.d,
+           up.size(1), args.inv_tau, ptr<Acc>(a), args.g_absmax, args.a0, args.a1, ks.per_split,
+           mut_ptr<Acc>(parts));
+    sum_slices<Acc>(ks, parts, dneg, stream);
+  } else {
+    TORCH_CHECK(false, kBackwardOp, ": fa2_row_grad_kernel takes 16-bit z only");
   }
+}
+
+// The backward's dneg kernel as PALFAST_INFO_NCE_BACKWARD asks (docs/cuda.md,
+// "info_nce kernels"): unset or empty, the default; "row", fa2_row_grad_kernel;
+// "sym", the symmetric kernels; "tile", grad_tile_kernel. Any other value is an error.
+enum class DnegChoice { kDefault, kRow, kSym, kTile };
+inline DnegChoice dneg_choice() {
+  const char* env = std::getenv("PALFAST_INFO_NCE_BACKWARD");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty()) return DnegChoice::kDefault;
+  if (v == "row") return DnegChoice::kRow;
+  if (v == "sym") return DnegChoice::kSym;
+  if (v == "tile") return DnegChoice::kTile;
+  TORCH_CHECK(false, kBackwardOp,
+              ": PALFAST_INFO_NCE_BACKWARD must be 'row', 'sym', 'tile' or unset, not '", v, "'");
 }
 
 template <typename ZT, typename Tile>
@@ -638,12 +840,25 @@ at::Tensor backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const
   const TileArgs<Tile> args{ptr<In>(u), n, d, inv_tau, ptr<Acc>(gr), ptr<Acc>(lse),
                             ptr<Acc>(g_absmax), a0, a1};
   const bool fixed_shift = use_fixed_shift<Acc>(normalize, temperature);
-  // dneg = Σ_K M_IK u_K. The symmetric kernel's float atomics add in a varying
-  // order: under torch.use_deterministic_algorithms the row-block kernel runs
-  // instead (4/3 of the tensor FLOPs, 2× the exps), as PyTorch's own ops pick a
-  // deterministic kernel where they have one (docs/cuda.md, "Determinism").
+  // dneg = Σ_K M_IK u_K by one of three kernels (docs/cuda.md, "info_nce kernels"):
+  //  * fa2_row_grad_kernel, 16-bit z with D ≤ 128 on the fixed-shift path: no
+  //    atomics, deterministic, predicted the fastest (info_nce.md): the default there;
+  //  * the symmetric kernels (3/4 of the tensor FLOPs, float atomics adding in a
+  //    varying order): the default of the other fixed-shift cases, never under
+  //    torch.use_deterministic_algorithms, as PyTorch's own ops pick a
+  //    deterministic kernel where they have one (docs/cuda.md, "Determinism");
+  //  * grad_tile_kernel, the row-block kernel: the online path, and deterministic
+  //    mode where fa2_row_grad_kernel does not apply.
+  // PALFAST_INFO_NCE_BACKWARD picks another where it applies (read on every path,
+  // so that a bad value is always an error).
+  const DnegChoice choice = dneg_choice();
+  const bool row_ok = fixed_shift && use_fa2_tiles<Tile>(d);
+  const bool sym_ok = fixed_shift && !at::globalContext().deterministicAlgorithms();
   at::Tensor dneg;
-  if (fixed_shift && !at::globalContext().deterministicAlgorithms()) {
+  if (row_ok && choice != DnegChoice::kTile && (choice != DnegChoice::kSym || !sym_ok)) {
+    dneg = at::empty({n, d}, acc_opts);
+    fa2_row_dneg<Tile>(args, u, dneg, stream);
+  } else if (sym_ok && choice != DnegChoice::kTile) {
     dneg = at::zeros({n, d}, acc_opts);
     symmetric_dneg<Tile>(args, u, col_blocks, dneg, stream);
   } else {

@@ -1,6 +1,6 @@
 // The FA2-style tile layout and helpers shared by fa2_sym_lse_kernel
-// (csrc/cuda/info_nce/info_nce_forward.cu) and fa2_sym_grad_kernel
-// (csrc/cuda/info_nce/info_nce_backward.cu): 16-bit tiles of up to kMaxD columns in
+// (csrc/cuda/info_nce/info_nce_forward.cu), fa2_sym_grad_kernel and
+// fa2_row_grad_kernel (csrc/cuda/info_nce/info_nce_backward.cu): 16-bit tiles of up to kMaxD columns in
 // shared memory, filled by cp.async and read by ldmatrix (csrc/cuda/mma.cuh).
 // Included after info_nce.cuh, inside no namespace of its own.
 #pragma once
@@ -13,7 +13,8 @@ namespace {
 
 // fa2_sym_lse_kernel's tiles; fa2_sym_grad_kernel (Fa2Backward) shares the
 // block size, D limit and shared-tile layout (kThreads, kMaxD, kKSteps, kChunk,
-// kLd), not the row counts.
+// kLd), not the row counts; fa2_row_grad_kernel (Fa2Row) takes them all, its query
+// tile and key halves being the forward's.
 template <typename T>
 struct Fa2Forward {
   // Query tiles of 128 rows, 4 warps × 32 rows: two m16 tiles a warp (the M of
@@ -62,6 +63,20 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ x,
   for (int it = 0; it < Rows / kRowStep; ++it, src += step) {
     const bool inside = it * kRowStep < rows_left;
     ptx::cp_async_16(out + it * kRowStep * F::kLd, inside ? src : x, inside ? 16 : 0);
+  }
+}
+
+// Rows [r0, r0 + Rows) of the float vector v into dst [Rows] by 16-byte cp.async
+// copies of the first Rows/4 threads (v must hold them all: the factor vectors are
+// padded to whole tiles). Not waited for here.
+template <int Rows>
+__device__ __forceinline__ void load_floats_async(float* dst, const float* __restrict__ v,
+                                                  int64_t r0) {
+  constexpr int kCopyBytes = 16, kFloatsPerCopy = kCopyBytes / sizeof(float);
+  static_assert(Rows % kFloatsPerCopy == 0);
+  if (threadIdx.x < Rows / kFloatsPerCopy) {
+    const int f = kFloatsPerCopy * threadIdx.x;
+    ptx::cp_async_16(dst + f, v + r0 + f, kCopyBytes);
   }
 }
 
@@ -115,9 +130,37 @@ __device__ __forceinline__ void tile_dots(float (&s)[MTiles][NTiles][4],
   }
 }
 
-// The FA2-style kernels (fa2_sym_lse_kernel, fa2_sym_grad_kernel) take 16-bit z
-// with D ≤ Fa2Forward::kMaxD: their fragments of the block's own tile (and the
-// backward's column-side accumulators) live in registers. Other D, fp32 and fp64
+// qf ← the A fragments of this warp's kMTiles m16 tiles of the query tile, rows
+// [r0, r0 + kB) of x (warp w: rows r0 + w·kWarpRows..), over the first ksteps
+// k-steps: copied by cp.async into `tiles` (kB rows of kLd, both key buffers of
+// fa2_sym_lse_kernel and fa2_row_grad_kernel), waited for, read by ldmatrix. All
+// threads; the caller's __syncthreads must follow before `tiles` is overwritten.
+template <typename T>
+__device__ __forceinline__ void load_query_fragments(
+    uint32_t (&qf)[Fa2Forward<T>::kMTiles][Fa2Forward<T>::kKSteps][4], T* tiles,
+    const T* __restrict__ x, int64_t n, int64_t ld, int cols, int ksteps, int64_t r0) {
+  using F = Fa2Forward<T>;
+  load_tile_async<T, F::kB>(tiles, x, n, ld, cols, r0);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // every thread's copies have landed
+  const int warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int m = 0; m < F::kMTiles; ++m) {
+#pragma unroll
+    for (int ks = 0; ks < F::kKSteps; ++ks) {
+      if (ks < ksteps) {
+        const T* row = frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false);
+        ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(row));
+      }
+    }
+  }
+}
+
+// The FA2-style kernels (fa2_sym_lse_kernel, fa2_sym_grad_kernel,
+// fa2_row_grad_kernel) take 16-bit z with D ≤ Fa2Forward::kMaxD: their fragments
+// of the block's own tile (and the backward's column-side or dneg accumulators)
+// live in registers. Other D, fp32 and fp64
 // take the shared-memory tile kernels.
 template <typename Tile>
 bool use_fa2_tiles(int64_t d) {

@@ -267,21 +267,8 @@ __global__ void __launch_bounds__(Fa2Forward<T>::kThreads, kFa2ResidentBlocks)
     float row_sum[F::kMTiles][2] = {};
     if (h_lo < h_hi) {
       // Q through both key buffers, its fragments into registers, then the key halves.
-      load_tile_async<T, B>(tiles, x, n, ld, cols, ti * B);
-      ptx::cp_async_commit();
-      ptx::cp_async_wait<0>();
-      __syncthreads();  // every thread's copies have landed
       uint32_t qf[F::kMTiles][F::kKSteps][4];
-#pragma unroll
-      for (int m = 0; m < F::kMTiles; ++m) {
-#pragma unroll
-        for (int ks = 0; ks < F::kKSteps; ++ks) {
-          if (ks < ksteps) {
-            const T* row = frag_row(tiles, warp * F::kWarpRows + 16 * m, ks * 16, false);
-            ptx::ldmatrix_x4(qf[m][ks], ptx::smem_addr(row));
-          }
-        }
-      }
+      load_query_fragments(qf, tiles, x, n, ld, cols, ksteps, ti * B);
       __syncthreads();  // every warp holds its Q: the buffers may take key halves
       load_tile_async<T, KR>(tiles, x, n, ld, cols, h_lo * KR);
       ptx::cp_async_commit();
