@@ -73,6 +73,7 @@ BASELINE = "random"
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the demo's options to ``parser`` (used by ``palfast demo``)."""
     from .active import POLICIES, STRATEGIES
+    from .active.strategies import DEFAULT_ORDER, ORDERS
 
     parser.add_argument("--out", default="palfast_demo_out", help="output directory (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"small run, under 2 minutes on 2 CPU cores ({QUICK})")
@@ -114,9 +115,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument(
         "--order",
-        default="gain",
-        choices=("gain", "random"),
-        help="pal's order inside a class (docs/active.md; default %(default)s)",
+        default=DEFAULT_ORDER,
+        choices=ORDERS,
+        help="pal's order inside a class: random (default) or gain, likeliest 'alike' "
+        "first (docs/active.md, 'Query strategies')",
     )
     parser.add_argument(
         "--policy",
@@ -204,7 +206,9 @@ def _settings(args) -> dict:
     s["unknown_weight"] = getattr(args, "unknown_weight", 1.0)
     if not 0 <= s["unknown_weight"] <= 1:
         raise ValueError(f"palfast demo: --unknown-weight must be in [0, 1], got {s['unknown_weight']}")
-    s["order"] = getattr(args, "order", "gain")
+    from .active.strategies import DEFAULT_ORDER
+
+    s["order"] = getattr(args, "order", DEFAULT_ORDER)
     s["views"] = getattr(args, "views", "shift")
     if s["views"] not in VIEWS:
         raise ValueError(f"palfast demo: --views must be one of {VIEWS}, got {s['views']!r}")
@@ -229,6 +233,7 @@ def run_one(
 ) -> list[dict]:
     """One active run; returns the per-round history with test accuracies."""
     from .active import ActiveLearner, LabelOracle, RelationStore
+    from .active.strategies import DEFAULT_ORDER
     from .metrics import knn_accuracy, linear_probe_accuracy, merged_classes
 
     x_pool, y_pool, x_test, y_test = data
@@ -264,7 +269,7 @@ def run_one(
             temperature=0.2,
             seed=seed,
             progress=progress,
-            order=settings.get("order", "gain"),
+            order=settings.get("order", DEFAULT_ORDER),
             unknown_weight=settings.get("unknown_weight", 1.0),
             reask=settings.get("reask", 0.0),
         )

@@ -54,7 +54,7 @@ from .oracle import Oracle
 from .policy import check_reask
 from .relation import as_pairs
 from .store import ContradictionWarning, RelationStore
-from .strategies import ORDERS, PAL_STATE_KEY, STRATEGIES, select_queries
+from .strategies import DEFAULT_ORDER, ORDERS, PAL_STATE_KEY, STRATEGIES, select_queries
 
 __all__ = ["ActiveLearner"]
 
@@ -134,7 +134,7 @@ class ActiveLearner:
         view_weight: float = 1.0,
         k: int = 10,
         explore: float = 0.1,
-        order: str = "gain",
+        order: str = DEFAULT_ORDER,
         reask: float = 0.0,
         transitive: bool | None = None,
         negatives: bool | None = None,

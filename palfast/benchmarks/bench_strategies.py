@@ -93,7 +93,7 @@ def _all_strategies() -> tuple[str, ...]:
 #: strategy and the :func:`~palfast.active.select_queries` options it runs with.
 VARIANTS = {
     "pal-adaptive": ("pal", {"mix": "adaptive"}),
-    "pal-random-order": ("pal", {"order": "random"}),
+    "pal-gain-order": ("pal", {"order": "gain"}),
 }
 
 
