@@ -205,6 +205,7 @@ struct Runtime {
   std::vector<char*> stacks;
   long long switches = 0;
   long long ptx_mmas = 0;  // warp-level mma.sync m16n8k16 so far (tests check which path ran)
+  long long ptx_tf32_mmas = 0;  // warp-level mma.sync m16n8k8 tf32 so far
   long long red_v2s = 0;   // red_add_v2 calls (per thread) so far
   long long atomics = 0;   // atomicAdd calls (per thread) so far
 };
@@ -772,6 +773,52 @@ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
     out[e] = sum;
   }
   static_assert(kM * kK <= kTileElems && kK * kN <= kTileElems, "the warp's scratch holds A and B");
+  warp_barrier(kFullMask);  // all have read before the scratch is reused
+  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+}
+
+// cvt.rna.tf32.f32: x to nearest tf32 (10 mantissa bits), ties away from zero,
+// as an fp32 pattern with the low 13 bits zero. Adding half a unit of the kept
+// last bit to the magnitude's pattern and truncating rounds ties away (the
+// pattern is sign-magnitude) and carries into the exponent where it must, up to
+// inf past the largest tf32. Inf and NaN are returned unchanged.
+constexpr uint32_t kTf32DroppedBits = 13, kTf32Half = 1u << (kTf32DroppedBits - 1);
+constexpr uint32_t kTf32Keep = ~((1u << kTf32DroppedBits) - 1);
+
+inline uint32_t tf32_rna_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7F800000u) == 0x7F800000u) return u;  // inf, NaN
+  return (u + kTf32Half) & kTf32Keep;
+}
+
+inline float tf32_operand(uint32_t reg) {  // only the tf32 bits of an operand count
+  const uint32_t u = reg & kTf32Keep;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, D = C = acc: as
+// mma_m16n8k16 with the tf32 layouts of csrc/cuda/mma.cuh (one element a
+// register); tf32 products are exact in fp32. Counted in ptx_tf32_mmas (the
+// 16-bit ones are ptx_mmas).
+inline void mma_m16n8k8_tf32(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  constexpr int kN = 8, kK = 8;
+  Fiber& f = self();
+  Warp& w = cur().warps[f.warp];
+  const int g = f.lane >> 2, t = f.lane & 3;
+  for (int i = 0; i < 4; ++i) w.a[(g + 8 * (i & 1)) * kK + t + 4 * (i >> 1)] = tf32_operand(a[i]);
+  for (int i = 0; i < 2; ++i) w.b[(t + 4 * i) * kN + g] = tf32_operand(b[i]);
+  if (f.lane == 0) ++rt().ptx_tf32_mmas;
+  warp_barrier(kFullMask);  // A and B complete
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = acc[e];
+    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
+    out[e] = sum;
+  }
   warp_barrier(kFullMask);  // all have read before the scratch is reused
   for (int e = 0; e < 4; ++e) acc[e] = out[e];
 }
