@@ -33,6 +33,7 @@ __all__ = [
     "KINDS",
     "LOSSES",
     "ROUNDING_MULTIPLE",
+    "TF32_EPS",
     "assert_compile_matches_eager",
     "assert_constant_with_zero_gradient",
     "assert_float32_close_to_float64",
@@ -166,19 +167,35 @@ def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
 # below 0.6.
 ROUNDING_MULTIPLE = 8.0
 
+# float32 info_nce on CUDA with torch.backends.cuda.matmul.allow_tf32 = True computes
+# the logits S = U Uᵀ on tensor cores from operands rounded to tf32 (10 explicit
+# mantissa bits, so eps = 2^-10 and unit roundoff 2^-11), the rest in float32. Rounding
+# u_i and u_k to tf32 moves s_ik = <u_i, u_k>/τ by at most (2 · 2^-11 + 2^-22) ·
+# ‖u_i‖‖u_k‖/τ ≤ TF32_EPS · max(‖u_i‖², ‖u_k‖²)/τ (plus 2^-22), i.e. one relative
+# rounding at tf32's eps of an intermediate no larger than cond (info_nce_cond's max|s|
+# includes the diagonal ‖u_i‖²/τ): the kind of error the rule above counts in
+# eps(dtype) · cond. So the same rule, multiple and cond hold with eps = TF32_EPS in
+# place of float32's (assert_rounding_close's eps=), the float32 roundings being 2^13
+# times smaller. Without the flag the kernels split each operand into two tf32 parts
+# (3×TF32), whose dropped terms are ~2^-22 relative: float32's rule applies.
+TF32_EPS = 2.0**-10
 
-def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="result"):
+
+def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="result", eps=None):
     """got, computed from inputs in `dtype`, is within ROUNDING_MULTIPLE * eps(dtype) *
     cond of exact (float64 on the same rounded inputs), relative to the larger of
     exact's largest magnitude and `floor` (the size of the terms where exact cancels
-    to about 0)."""
+    to about 0). `eps` replaces eps(dtype) where the kernel rounds its intermediates
+    coarser than dtype (TF32_EPS)."""
     exact = exact.detach().double()
     err = (got.detach().double() - exact).abs().max().item() if exact.numel() else 0.0
     scale = max(exact.abs().max().item() if exact.numel() else 0.0, floor)
-    bound = ROUNDING_MULTIPLE * torch.finfo(dtype).eps * cond * scale
+    eps_name = f"eps({dtype})" if eps is None else f"eps {eps:.3g}"
+    eps = torch.finfo(dtype).eps if eps is None else eps
+    bound = ROUNDING_MULTIPLE * eps * cond * scale
     assert err <= bound, (
         f"{what}: error {err:.3g} > bound {bound:.3g} = {ROUNDING_MULTIPLE:g} * "
-        f"eps({dtype}) * cond {cond:.3g} * scale {scale:.3g}"
+        f"{eps_name} * cond {cond:.3g} * scale {scale:.3g}"
     )
 
 

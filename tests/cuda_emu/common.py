@@ -55,10 +55,10 @@ def info_nce_emu(emu, z, g, normalize, a0, a1, grad_rows):
     return rows, lse, grad
 
 
-def info_nce_ref(z, g, normalize, a0, a1, grad_rows):
+def info_nce_ref(z, g, normalize, a0, a1, grad_rows, temperature=TEMPERATURE):
     """Rows of the anchors [a0, a1) (0 elsewhere) and d(Σ grad_rows·rows)/dz, in z's dtype."""
     z = z.detach().clone().requires_grad_(True)
-    rows = reference.info_nce(z, g, temperature=TEMPERATURE, normalize=normalize, reduction="none")
+    rows = reference.info_nce(z, g, temperature=temperature, normalize=normalize, reduction="none")
     anchor = torch.zeros(z.shape[0], dtype=torch.bool)
     anchor[a0:a1] = True
     rows = torch.where(anchor, rows, torch.zeros_like(rows))

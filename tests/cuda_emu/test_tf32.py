@@ -1,0 +1,142 @@
+"""float32 info_nce on tensor cores (Tf32Tile in csrc/cuda/info_nce/info_nce.cuh: the
+logits S = U_I U_Kᵀ by mma.sync m16n8k8 tf32) under the CPU emulator, forward and
+gradient, against palfast.reference in float64:
+
+* torch.backends.cuda.matmul.allow_tf32 = True: plain TF32 (one mma per product),
+  held to the rounding rule of palfast/testing.py with eps = TF32_EPS;
+* allow_tf32 = False (PyTorch's default): 3×TF32 split precision (three mmas per
+  product), held to the float32 tolerance of the other emulator tests.
+
+The emulator counts tf32 mmas apart from the 16-bit ones, so each test also checks
+that the tensor-core path ran, on every 64-row tile pair once in each direction,
+with three mmas per product without the flag.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from palfast.testing import (
+    INFO_NCE_ROWS_FLOOR,
+    TF32_EPS,
+    assert_rounding_close,
+    info_nce_cond,
+    info_nce_grad_floor,
+)
+
+from cuda_emu.common import TOL32, TOL32_GRAD, info_nce_ref, random_graph
+
+# float tolerances: CI runs these again under a second CPU capability (.ci/run)
+pytestmark = [pytest.mark.numeric, pytest.mark.slow]
+
+NS = [1, 3, 41, 127, 129, 257]
+DS = [1, 3, 100, 128]
+SIZES = [(n, d) for n in NS for d in DS]
+# Tf32Tile: 64×64 S tiles of 4 warps, each 2 m16 × 4 n8 tiles, D in k-steps of 8
+# staged 16 columns at a time (zero-padded past D).
+TILE, WARPS, M_TILES, N8_TILES, K8, STAGE = 64, 4, 2, 4, 8, 16
+
+
+def _mmas_per_tile(d: int, allow_tf32: bool) -> int:
+    return WARPS * M_TILES * N8_TILES * math.ceil(d / STAGE) * (STAGE // K8) * (1 if allow_tf32 else 3)
+
+
+@pytest.fixture(params=[True, False], ids=["allow_tf32", "3xtf32"])
+def allow_tf32(request):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    try:
+        yield request.param
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _check(emu, allow_tf32, n, d, *, kind="labels", normalize=True, temperature=0.3, seed=0):
+    """Runs forward and backward; checks them against the reference; returns the tf32
+    mma counts of each."""
+    torch.manual_seed(seed)
+    emu.emu_set_seed(seed)
+    z64 = torch.randn(n, d, dtype=torch.float64)
+    if not normalize:
+        z64 = z64 / d**0.5
+    g = random_graph(kind, n, seed)
+    grad_rows = torch.randn(n, dtype=torch.float64)
+    z = z64.float()
+    c0 = emu.emu_ptx_tf32_mma_count()
+    rows, lse = emu.info_nce(z, *g.kernel_args(), temperature, normalize, 0, n)
+    c1 = emu.emu_ptx_tf32_mma_count()
+    grad = emu.info_nce_backward(grad_rows.float(), z, *g.kernel_args(), lse, temperature, normalize, 0, n)
+    c2 = emu.emu_ptx_tf32_mma_count()
+    assert grad.dtype == torch.float32 and grad.shape == (n, d)
+    # the yardstick: float64 on the float32 inputs (the tf32 rounding is the kernel's)
+    z32 = z.double()
+    want_rows, want_grad = info_nce_ref(z32, g, normalize, 0, n, grad_rows.float().double(), temperature)
+    if allow_tf32:
+        cond = info_nce_cond(z32, temperature, normalize)
+        floor = info_nce_grad_floor(z32, grad_rows, normalize)
+        kw = {"cond": cond, "eps": TF32_EPS}
+        assert_rounding_close(rows, want_rows, torch.float32, floor=INFO_NCE_ROWS_FLOOR, what="rows", **kw)
+        assert_rounding_close(grad, want_grad, torch.float32, floor=floor, what="gradient", **kw)
+    else:
+        torch.testing.assert_close(rows.double(), want_rows, **TOL32)
+        torch.testing.assert_close(grad.double(), want_grad, **TOL32_GRAD)
+    return c1 - c0, c2 - c1
+
+
+@pytest.mark.parametrize("n,d", SIZES, ids=[f"n{n}-d{d}" for n, d in SIZES])
+def test_fixed_shift(emu, allow_tf32, n, d):
+    """The fixed-shift forward (sym_lse_kernel) and the default backward (sym_grad_kernel)
+    each compute S once per 64-row tile pair I ≤ K."""
+    fwd, bwd = _check(emu, allow_tf32, n, d)
+    tiles = math.ceil(n / TILE)
+    want = tiles * (tiles + 1) // 2 * _mmas_per_tile(d, allow_tf32)
+    assert (fwd, bwd) == (want, want)
+
+
+@pytest.mark.parametrize("kind", ["edges", "semi", "views"])
+def test_graph_kinds(emu, allow_tf32, kind):
+    _check(emu, allow_tf32, 130, 72, kind=kind, seed=1)
+
+
+@pytest.mark.parametrize(
+    "normalize,temperature", [(False, 0.3), (True, 0.02)], ids=["unnormalized", "small-tau"]
+)
+def test_online_paths(emu, normalize, temperature):
+    """The online forward (lse_kernel) and the row-block backward use the same tiles:
+    tf32 mmas there too, three times as many without the flag."""
+    counts = {}
+    for allow in (True, False):
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            counts[allow] = _check(emu, allow, 129, 100, normalize=normalize, temperature=temperature)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    fwd, bwd = counts[True]
+    assert fwd > 0 and bwd > 0
+    assert fwd % _mmas_per_tile(100, True) == 0 and bwd % _mmas_per_tile(100, True) == 0
+    assert counts[False] == (3 * fwd, 3 * bwd)
+
+
+def test_tf32_error_is_seen(emu):
+    """The tf32 bound is not vacuous: plain TF32 errs by more than the 3×TF32 path, and
+    by more than float32's own rule would allow on some input (so a path that silently
+    ran plain TF32 without the flag fails the float32 checks)."""
+    n, d = 257, 128
+    torch.manual_seed(3)
+    z = torch.randn(n, d)
+    g = random_graph("labels", n, 3)
+    want, _ = info_nce_ref(z.double(), g, True, 0, n, torch.zeros(n, dtype=torch.float64), 0.1)
+    errs = {}
+    for allow in (True, False):
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        try:
+            rows, _ = emu.info_nce(z, *g.kernel_args(), 0.1, True, 0, n)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        errs[allow] = (rows.double() - want).abs().max().item()
+    assert errs[True] > 10 * errs[False]
