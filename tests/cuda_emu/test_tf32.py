@@ -5,7 +5,8 @@ gradient, against palfast.reference in float64:
 * torch.backends.cuda.matmul.allow_tf32 = True: plain TF32 (one mma per product),
   held to the rounding rule of palfast/testing.py with eps = TF32_EPS;
 * allow_tf32 = False (PyTorch's default): 3×TF32 split precision (three mmas per
-  product), held to the float32 tolerance of the other emulator tests.
+  product), held to the same rule at float32's eps and to the float32 tolerances of
+  the other emulator tests.
 
 The emulator counts tf32 mmas apart from the 16-bit ones, so each test also checks
 that the tensor-core path ran, on every 64-row tile pair once in each direction,
@@ -74,13 +75,13 @@ def _check(emu, allow_tf32, n, d, *, kind="labels", normalize=True, temperature=
     # the yardstick: float64 on the float32 inputs (the tf32 rounding is the kernel's)
     z32 = z.double()
     want_rows, want_grad = info_nce_ref(z32, g, normalize, 0, n, grad_rows.float().double(), temperature)
-    if allow_tf32:
-        cond = info_nce_cond(z32, temperature, normalize)
-        floor = info_nce_grad_floor(z32, grad_rows, normalize)
-        kw = {"cond": cond, "eps": TF32_EPS}
-        assert_rounding_close(rows, want_rows, torch.float32, floor=INFO_NCE_ROWS_FLOOR, what="rows", **kw)
-        assert_rounding_close(grad, want_grad, torch.float32, floor=floor, what="gradient", **kw)
-    else:
+    # plain TF32: the rounding rule at tf32's eps; 3×TF32: at float32's (the rule's
+    # eps(float32)), and the fixed tolerances of the other float32 emulator tests
+    kw = {"cond": info_nce_cond(z32, temperature, normalize), "eps": TF32_EPS if allow_tf32 else None}
+    floor = info_nce_grad_floor(z32, grad_rows, normalize)
+    assert_rounding_close(rows, want_rows, torch.float32, floor=INFO_NCE_ROWS_FLOOR, what="rows", **kw)
+    assert_rounding_close(grad, want_grad, torch.float32, floor=floor, what="gradient", **kw)
+    if not allow_tf32:
         torch.testing.assert_close(rows.double(), want_rows, **TOL32)
         torch.testing.assert_close(grad.double(), want_grad, **TOL32_GRAD)
     return c1 - c0, c2 - c1
