@@ -356,8 +356,11 @@ struct SimtTile {
 // float32 on tensor cores: FloatTile with S = U_I U_Kᵀ (dots) by mma.sync
 // m16n8k8 tf32 instead of SIMT FMAs; M·U_K and M^T·U_I (mv, Accum) stay SIMT.
 // Each warp of the 2×2 grid computes 32×32 of the 64×64 S tile (2 m16 × 4 n8
-// tiles), reading its fragments from the SIMT staging buffer (row stride BK + 1)
-// by plain loads and rounding them with cvt.rna.tf32.f32.
+// tiles), reading its fragments from the staging buffer by plain 32-bit loads
+// and rounding them with cvt.rna.tf32.f32. The staging row stride is BK + 4 = 20
+// floats (SimtTile's BK + 1 would put lanes g and g + 2 on one bank): a fragment
+// load reads row g, column t of 8 rows × 4 columns, at banks 20g + t mod 32, all
+// 32 distinct.
 // kSplit = false: plain TF32, one mma per product (torch.backends.cuda.matmul.
 // allow_tf32 = True); each product is rounded to tf32 (unit roundoff 2^-11).
 // kSplit = true: 3×TF32, x = x_hi + x_lo with x_hi = tf32(x), x_lo = tf32(x − x_hi),
@@ -366,6 +369,9 @@ struct SimtTile {
 template <bool kSplit>
 struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
   using Base = SimtTile<float, 64, 64, 16, 128, 64>;
+  static constexpr int kLdStage = BK + 4;
+  static constexpr size_t kStageBytes =
+      std::max<size_t>((BM + BN) * kLdStage, BN * kLdV) * sizeof(float);
   static constexpr int kK8 = 8, kWarpRows = 32, kWarpCols = 32;
   static constexpr int kMT = kWarpRows / 16, kNT = kWarpCols / 8;
   static_assert(BM == 2 * kWarpRows && BN == 2 * kWarpCols && BK % kK8 == 0 && kWarps == 4,
