@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 import palfast
-from palfast.benchmarks.harness import deterministic_algorithms, info_nce_backward_kernel
+from palfast.benchmarks.harness import allow_tf32, deterministic_algorithms, info_nce_backward_kernel
 
 __all__ = [
     "ATOMIC_NONDET_TOL",
@@ -34,6 +34,7 @@ __all__ = [
     "LOSSES",
     "ROUNDING_MULTIPLE",
     "TF32_EPS",
+    "allow_tf32",
     "assert_compile_matches_eager",
     "assert_constant_with_zero_gradient",
     "assert_float32_close_to_float64",
@@ -199,19 +200,22 @@ def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="resul
     )
 
 
-def assert_within_rounding_error(kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0, grad_floor=0.0, **kw):
+def assert_within_rounding_error(
+    kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0, grad_floor=0.0, eps=None, **kw
+):
     """The low-precision rule every loss is held to (tests/losses/test_loss_contract.py): the
     kernel runs on z64 rounded to `dtype`; its forward and gradient (outputs may be
     scalars or per-row, summed for backward) are judged by assert_rounding_close
-    against ref in float64 on the same rounded z (floors: the forward's, the gradient's)."""
+    against ref in float64 on the same rounded z (floors: the forward's, the gradient's;
+    eps: assert_rounding_close's)."""
     x = z64.detach().to(dtype).double().requires_grad_()
     exact = ref(x, graph, **kw)
     exact.sum().backward()
     z = z64.detach().to(dtype).requires_grad_()
     out = kernel(z, graph, **kw)
     out.float().sum().backward()
-    assert_rounding_close(out, exact, dtype, cond=cond, floor=floor, what="forward")
-    assert_rounding_close(z.grad, x.grad, dtype, cond=cond, floor=grad_floor, what="gradient")
+    assert_rounding_close(out, exact, dtype, cond=cond, floor=floor, what="forward", eps=eps)
+    assert_rounding_close(z.grad, x.grad, dtype, cond=cond, floor=grad_floor, what="gradient", eps=eps)
 
 
 def info_nce_cond(z: torch.Tensor, temperature: float, normalize: bool = True) -> float:

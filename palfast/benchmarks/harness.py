@@ -123,6 +123,20 @@ def info_nce_backward_kernel(kernel: str | None):
             os.environ[INFO_NCE_BACKWARD_ENV] = before
 
 
+@contextlib.contextmanager
+def allow_tf32(allow: bool):
+    """torch.backends.cuda.matmul.allow_tf32 = allow inside the block, the previous value
+    restored after it. float32 info_nce on CUDA reads the flag at each call: plain TF32
+    tensor cores when True, 3×TF32 split precision when False (docs/cuda.md). (The
+    benchmarks time float32 both ways with it; the tests use it too.)"""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @dataclasses.dataclass
 class Case:
     """One workload. ``impls`` maps a label to a factory; calling the factory builds

@@ -23,6 +23,7 @@ import torch
 from palfast.testing import (
     INFO_NCE_ROWS_FLOOR,
     TF32_EPS,
+    allow_tf32,
     assert_rounding_close,
     info_nce_cond,
     info_nce_grad_floor,
@@ -41,21 +42,17 @@ SIZES = [(n, d) for n in NS for d in DS]
 TILE, WARPS, M_TILES, N8_TILES, K8, STAGE = 64, 4, 2, 4, 8, 16
 
 
-def _mmas_per_tile(d: int, allow_tf32: bool) -> int:
-    return WARPS * M_TILES * N8_TILES * math.ceil(d / STAGE) * (STAGE // K8) * (1 if allow_tf32 else 3)
+def _mmas_per_tile(d: int, tf32: bool) -> int:
+    return WARPS * M_TILES * N8_TILES * math.ceil(d / STAGE) * (STAGE // K8) * (1 if tf32 else 3)
 
 
 @pytest.fixture(params=[True, False], ids=["allow_tf32", "3xtf32"])
-def allow_tf32(request):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = request.param
-    try:
+def tf32(request):
+    with allow_tf32(request.param):
         yield request.param
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _check(emu, allow_tf32, n, d, *, kind="labels", normalize=True, temperature=0.3, seed=0):
+def _check(emu, tf32, n, d, *, kind="labels", normalize=True, temperature=0.3, seed=0):
     """Runs forward and backward; checks them against the reference; returns the tf32
     mma counts of each."""
     torch.manual_seed(seed)
@@ -77,45 +74,39 @@ def _check(emu, allow_tf32, n, d, *, kind="labels", normalize=True, temperature=
     want_rows, want_grad = info_nce_ref(z32, g, normalize, 0, n, grad_rows.float().double(), temperature)
     # plain TF32: the rounding rule at tf32's eps; 3×TF32: at float32's (the rule's
     # eps(float32)), and the fixed tolerances of the other float32 emulator tests
-    kw = {"cond": info_nce_cond(z32, temperature, normalize), "eps": TF32_EPS if allow_tf32 else None}
+    kw = {"cond": info_nce_cond(z32, temperature, normalize), "eps": TF32_EPS if tf32 else None}
     floor = info_nce_grad_floor(z32, grad_rows, normalize)
     assert_rounding_close(rows, want_rows, torch.float32, floor=INFO_NCE_ROWS_FLOOR, what="rows", **kw)
     assert_rounding_close(grad, want_grad, torch.float32, floor=floor, what="gradient", **kw)
-    if not allow_tf32:
+    if not tf32:
         torch.testing.assert_close(rows.double(), want_rows, **TOL32)
         torch.testing.assert_close(grad.double(), want_grad, **TOL32_GRAD)
     return c1 - c0, c2 - c1
 
 
 @pytest.mark.parametrize("n,d", SIZES, ids=[f"n{n}-d{d}" for n, d in SIZES])
-def test_fixed_shift(emu, allow_tf32, n, d):
+def test_fixed_shift(emu, tf32, n, d):
     """The fixed-shift forward (sym_lse_kernel) and the default backward (sym_grad_kernel)
     each compute S once per 64-row tile pair I ≤ K."""
-    fwd, bwd = _check(emu, allow_tf32, n, d)
+    fwd, bwd = _check(emu, tf32, n, d)
     tiles = math.ceil(n / TILE)
-    want = tiles * (tiles + 1) // 2 * _mmas_per_tile(d, allow_tf32)
+    want = tiles * (tiles + 1) // 2 * _mmas_per_tile(d, tf32)
     assert (fwd, bwd) == (want, want)
 
 
 @pytest.mark.parametrize("kind", ["edges", "semi", "views"])
-def test_graph_kinds(emu, allow_tf32, kind):
-    _check(emu, allow_tf32, 130, 72, kind=kind, seed=1)
+def test_graph_kinds(emu, tf32, kind):
+    _check(emu, tf32, 130, 72, kind=kind, seed=1)
 
 
-@pytest.mark.parametrize(
-    "normalize,temperature", [(False, 0.3), (True, 0.02)], ids=["unnormalized", "small-tau"]
-)
+@pytest.mark.parametrize("normalize,temperature", [(False, 0.3), (True, 0.02)], ids=["unnormalized", "small-tau"])
 def test_online_paths(emu, normalize, temperature):
     """The online forward (lse_kernel) and the row-block backward use the same tiles:
     tf32 mmas there too, three times as many without the flag."""
     counts = {}
     for allow in (True, False):
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        try:
+        with allow_tf32(allow):
             counts[allow] = _check(emu, allow, 129, 100, normalize=normalize, temperature=temperature)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
     fwd, bwd = counts[True]
     assert fwd > 0 and bwd > 0
     assert fwd % _mmas_per_tile(100, True) == 0 and bwd % _mmas_per_tile(100, True) == 0
@@ -133,11 +124,7 @@ def test_tf32_error_is_seen(emu):
     want, _ = info_nce_ref(z.double(), g, True, 0, n, torch.zeros(n, dtype=torch.float64), 0.1)
     errs = {}
     for allow in (True, False):
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        try:
+        with allow_tf32(allow):
             rows, _ = emu.info_nce(z, *g.kernel_args(), 0.1, True, 0, n)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
         errs[allow] = (rows.double() - want).abs().max().item()
     assert errs[True] > 10 * errs[False]
