@@ -89,6 +89,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], SmemAddr row) {
 #endif
 }
 
+// One mma.sync of the named shape and types (a string literal) on acc, a and b,
+// D = C = acc: every variant below takes four fp32 accumulators, four A and two
+// B registers.
+#define PALFAST_MMA_SYNC(instr)                                                  \
+  asm volatile(instr " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n" \
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
 // acc ← A·B + acc for one 16×8×16 tile, T = __nv_bfloat16 or __half, fp32
 // accumulation. Warp-collective.
 template <typename T>
@@ -100,17 +108,9 @@ __device__ __forceinline__ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a
   palfast_emu::mma_m16n8k16<T>(acc, a, b);
 #elif PALFAST_SM80_OK
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    PALFAST_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    PALFAST_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
   }
 #else
   __trap();
@@ -147,11 +147,7 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&acc)[4], const uint32_t
 #if defined(PALFAST_EMU)
   palfast_emu::mma_m16n8k8_tf32(acc, a, b);
 #elif PALFAST_SM80_OK
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  PALFAST_MMA_SYNC("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32");
 #else
   __trap();
 #endif

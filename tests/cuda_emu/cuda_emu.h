@@ -749,6 +749,24 @@ float unpack16(uint32_t reg, int hi) {
   return std::is_same_v<T, __half> ? half_to_float(bits) : bf16_to_float(bits);
 }
 
+// The second half of an emulated mma.sync m16n8kK, once every lane has put its A
+// (16×K at w.a) and B (K×8 at w.b) elements in the warp's scratch: this lane's
+// four elements of D = A·B + acc, c[e] = (g + 8·(e / 2), 2t + e % 2), summed in fp32.
+template <int kK>
+void mma_from_scratch(float (&acc)[4], Warp& w, int g, int t) {
+  constexpr int kN = 8;
+  warp_barrier(kFullMask);  // A and B complete
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = acc[e];
+    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
+    out[e] = sum;
+  }
+  warp_barrier(kFullMask);  // all have read before the scratch is reused
+  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32, D = C = acc: the lanes
 // publish A (16×16) and B (16×8) in the warp's scratch, then each computes its
 // own four elements of D in fp32 (16-bit products are exact in fp32).
@@ -764,17 +782,8 @@ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   for (int i = 0; i < 2; ++i)
     for (int h = 0; h < 2; ++h) w.b[(2 * t + h + 8 * i) * kN + g] = unpack16<T>(b[i], h);
   if (f.lane == 0) ++rt().ptx_mmas;
-  warp_barrier(kFullMask);  // A and B complete
-  float out[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
-    float sum = acc[e];
-    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
-    out[e] = sum;
-  }
   static_assert(kM * kK <= kTileElems && kK * kN <= kTileElems, "the warp's scratch holds A and B");
-  warp_barrier(kFullMask);  // all have read before the scratch is reused
-  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+  mma_from_scratch<kK>(acc, w, g, t);
 }
 
 // cvt.rna.tf32.f32: x to nearest tf32 (10 mantissa bits), ties away from zero,
@@ -811,16 +820,7 @@ inline void mma_m16n8k8_tf32(float (&acc)[4], const uint32_t (&a)[4], const uint
   for (int i = 0; i < 4; ++i) w.a[(g + 8 * (i & 1)) * kK + t + 4 * (i >> 1)] = tf32_operand(a[i]);
   for (int i = 0; i < 2; ++i) w.b[(t + 4 * i) * kN + g] = tf32_operand(b[i]);
   if (f.lane == 0) ++rt().ptx_tf32_mmas;
-  warp_barrier(kFullMask);  // A and B complete
-  float out[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
-    float sum = acc[e];
-    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
-    out[e] = sum;
-  }
-  warp_barrier(kFullMask);  // all have read before the scratch is reused
-  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+  mma_from_scratch<kK>(acc, w, g, t);
 }
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes. On the GPU dst is

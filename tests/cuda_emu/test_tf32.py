@@ -29,7 +29,7 @@ from palfast.testing import (
     info_nce_grad_floor,
 )
 
-from cuda_emu.common import TOL32, TOL32_GRAD, info_nce_ref, random_graph
+from cuda_emu.common import TOL32, TOL32_GRAD, info_nce_case, info_nce_ref, random_graph
 
 # float tolerances: CI runs these again under a second CPU capability (.ci/run)
 pytestmark = [pytest.mark.numeric, pytest.mark.slow]
@@ -55,13 +55,7 @@ def tf32(request):
 def _check(emu, tf32, n, d, *, kind="labels", normalize=True, temperature=0.3, seed=0):
     """Runs forward and backward; checks them against the reference; returns the tf32
     mma counts of each."""
-    torch.manual_seed(seed)
-    emu.emu_set_seed(seed)
-    z64 = torch.randn(n, d, dtype=torch.float64)
-    if not normalize:
-        z64 = z64 / d**0.5
-    g = random_graph(kind, n, seed)
-    grad_rows = torch.randn(n, dtype=torch.float64)
+    z64, g, grad_rows = info_nce_case(emu, n, d, kind, normalize, seed)
     z = z64.float()
     c0 = emu.emu_ptx_tf32_mma_count()
     rows, lse = emu.info_nce(z, *g.kernel_args(), temperature, normalize, 0, n)
