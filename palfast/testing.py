@@ -71,6 +71,8 @@ ATOMIC_NONDET_TOL = 1e-12
 #   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
 #     lse_kernel and the row-block backward;
 #   unnormalized: normalize=False, the online path too.
+# float32 z takes the same kernels with S on tf32 tensor cores from sm_80: 3×TF32, or
+# plain TF32 where TF32 matmuls are allowed (allow_tf32 below; docs/cuda.md; TF32_EPS).
 # The CUDA tests (tests/losses/test_info_nce_cuda.py) and the sanitizers' workload of
 # tools/gpu_session.sh (tools/gpu_bench.py) run each.
 INFO_NCE_KERNEL_PATHS = {
@@ -168,7 +170,7 @@ def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
 # below 0.6.
 ROUNDING_MULTIPLE = 8.0
 
-# float32 info_nce on CUDA with torch.backends.cuda.matmul.allow_tf32 = True computes
+# float32 info_nce on CUDA with TF32 matmuls allowed (allow_tf32(True)) computes
 # the logits S = U Uᵀ on tensor cores from operands rounded to tf32 (10 explicit
 # mantissa bits, so eps = 2^-10 and unit roundoff 2^-11), the rest in float32. Rounding
 # u_i and u_k to tf32 moves s_ik = <u_i, u_k>/τ by at most (2 · 2^-11 + 2^-22) ·

@@ -5,8 +5,9 @@ temperature 0.1, timed as a forward alone (``fwd``, under ``torch.no_grad``) and
 forward + backward (``fwd+bwd``). Implementations:
 
 * ``palfast``: ``palfast.info_nce(z, PairGraph.from_views(n, 2), temperature=0.1)``.
-  On CUDA, float32 z runs with ``torch.backends.cuda.matmul.allow_tf32 = False`` (PyTorch's
-  default): the logits on tensor cores in 3×TF32 split precision, about float32's accuracy.
+  On CUDA, float32 z runs with TF32 matmuls forbidden (``torch.backends.cuda.matmul.fp32_precision
+  = "ieee"``, as PyTorch's default ``allow_tf32 = False``): the logits on tensor cores in 3×TF32
+  split precision, about float32's accuracy.
 * ``naive_eager``, the baseline: the usual eager NT-Xent (dense N×N logits, the
   diagonal masked, cross-entropy); it skips where its N×N matrices cannot fit in memory.
 * ``torch_compile_naive``: ``torch.compile(dynamic=True)`` of the same function (one
@@ -18,7 +19,7 @@ forward + backward (``fwd+bwd``). Implementations:
   row's own pair (e^{1/τ}): not the same loss value as NT-Xent, the same N×N logits.
   It computes in float32 (TF32 dots) whatever the input dtype.
 * ``pml_SupConLoss``: pytorch-metric-learning's ``SupConLoss`` (N ≤ 8192, when installed).
-* ``palfast_tf32`` (CUDA, float32): the same with ``allow_tf32 = True``: plain TF32, one
+* ``palfast_tf32`` (CUDA, float32): the same with TF32 matmuls allowed (``"tf32"``): plain TF32, one
   tensor-core product per logit product, tf32's accuracy (docs/cuda.md, "info_nce kernels").
 * ``palfast_deterministic`` (CUDA, forward + backward): palfast under
   ``torch.use_deterministic_algorithms(True, warn_only=True)``, which takes a
@@ -174,7 +175,7 @@ def _with_backward_kernel(run, kernel: str):
 
 
 def _with_allow_tf32(run, allow: bool):
-    """``run`` with torch.backends.cuda.matmul.allow_tf32 = allow, the caller's value
+    """``run`` with TF32 matmuls allowed or not, the caller's setting
     restored after each call (harness.allow_tf32)."""
 
     def run_with_flag():

@@ -2,9 +2,10 @@
 logits S = U_I U_Kᵀ by mma.sync m16n8k8 tf32) under the CPU emulator, forward and
 gradient, against palfast.reference in float64:
 
-* torch.backends.cuda.matmul.allow_tf32 = True: plain TF32 (one mma per product),
-  held to the rounding rule of palfast/testing.py with eps = TF32_EPS;
-* allow_tf32 = False (PyTorch's default): 3×TF32 split precision (three mmas per
+* torch.backends.cuda.matmul.fp32_precision = "tf32" (what allow_tf32 = True sets):
+  plain TF32 (one mma per product), held to the rounding rule of palfast/testing.py
+  with eps = TF32_EPS;
+* otherwise (PyTorch's default): 3×TF32 split precision (three mmas per
   product), held to the same rule at float32's eps and to the float32 tolerances of
   the other emulator tests.
 
@@ -122,3 +123,36 @@ def test_tf32_error_is_seen(emu):
             rows, _ = emu.info_nce(z, *g.kernel_args(), 0.1, True, 0, n)
         errs[allow] = (rows.double() - want).abs().max().item()
     assert errs[True] > 10 * errs[False]
+
+
+@pytest.mark.parametrize(
+    "set_flag,tf32",
+    [
+        (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), True),
+        (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", False), False),
+        (lambda: torch.set_float32_matmul_precision("high"), True),
+        (lambda: torch.set_float32_matmul_precision("highest"), False),
+        (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), True),
+        # the legacy flag, then the new one: reading allow_tf32 raises now, the kernels do not
+        (
+            lambda: (
+                setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+                setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+            ),
+            False,
+        ),
+    ],
+    ids=["allow_tf32", "no_allow_tf32", "matmul_precision_high", "matmul_precision_highest", "fp32_precision", "mixed"],
+)
+def test_every_way_of_setting_the_flag(emu, set_flag, tf32):
+    """Each of PyTorch's ways to allow or forbid TF32 matmuls picks the path: plain TF32
+    (one mma per product) or 3×TF32 (three)."""
+    n, d = 41, 16
+    z = torch.randn(n, d)
+    g = random_graph("labels", n, 0)
+    with allow_tf32(False):  # restores the flag after the test
+        set_flag()
+        before = emu.emu_ptx_tf32_mma_count()
+        emu.info_nce(z, *g.kernel_args(), 0.3, True, 0, n)
+        assert emu.emu_ptx_tf32_mma_count() - before == _mmas_per_tile(d, tf32)
+    torch.set_float32_matmul_precision("highest")

@@ -164,7 +164,7 @@ def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, 
 @pytest.mark.parametrize("n", [257, 4097])
 @pytest.mark.parametrize("d", [64, 128, 200])
 def test_float32_allow_tf32_within_tf32_rounding(graph_factory, path, n, d):
-    """float32 with torch.backends.cuda.matmul.allow_tf32 = True: the logits on plain TF32
+    """float32 with TF32 matmuls allowed (allow_tf32): the logits on plain TF32
     tensor cores, held to the rounding rule at TF32_EPS (palfast/testing.py). Without
     the flag (test_every_kernel_path_within_rounding_error) the kernels run 3×TF32."""
     normalize, temperature, deterministic, backward_kernel = INFO_NCE_KERNEL_PATHS[path]

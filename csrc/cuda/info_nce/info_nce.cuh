@@ -784,14 +784,20 @@ at::Tensor prepare(const at::Tensor& z, bool normalize, at::Tensor* norm, cudaSt
 }
 
 // How float32 z computes S = U_I U_Kᵀ, read at each call: SIMT FMAs before sm_80
-// (no tf32 mma), else tf32 tensor cores, plain where PyTorch's matmul flag
-// allows TF32 (torch.backends.cuda.matmul.allow_tf32, which is
-// at::globalContext().allowTF32CuBLAS()), 3×TF32 split precision otherwise.
+// (no tf32 mma), else tf32 tensor cores, plain where PyTorch's CUDA matmul
+// precision is "tf32" (torch.backends.cuda.matmul.fp32_precision, which
+// allow_tf32 = True and torch.set_float32_matmul_precision("high") also set),
+// 3×TF32 split precision otherwise. Read as float32Precision(CUDA, MATMUL), as
+// PyTorch's own cuBLAS calls read it: allowTF32CuBLAS() throws where the legacy and
+// the new flag were both set.
 enum class FloatMath { kSimt, kTf32, kTf32x3 };
 
 FloatMath float_math() {
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return FloatMath::kSimt;
-  return at::globalContext().allowTF32CuBLAS() ? FloatMath::kTf32 : FloatMath::kTf32x3;
+  const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                                         at::Float32Op::MATMUL) ==
+                    at::Float32Precision::TF32;
+  return tf32 ? FloatMath::kTf32 : FloatMath::kTf32x3;
 }
 
 void check_tensor_cores(const at::Tensor& z) {
