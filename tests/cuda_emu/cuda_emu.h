@@ -1008,11 +1008,16 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
 }  // namespace nvcuda::wmma
 
 // ------------------------------------------------------------ host API stand-ins
+namespace palfast_emu {
+int compute_major();  // runtime.cpp
+}  // namespace palfast_emu
 namespace at::cuda {
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
-// The emulated device: an sm_90 (H100/H200), so every kernel path is taken.
+// The emulated device: an sm_90 (H100/H200), so every kernel path is taken, unless
+// a test sets another major version (emu_set_compute_major, runtime.cpp).
 inline const cudaDeviceProp* getCurrentDeviceProperties() {
-  static const cudaDeviceProp prop{9, 0};
+  static cudaDeviceProp prop{9, 0};
+  prop.major = palfast_emu::compute_major();
   return &prop;
 }
 }  // namespace at::cuda

@@ -156,3 +156,20 @@ def test_every_way_of_setting_the_flag(emu, set_flag, tf32):
         emu.info_nce(z, *g.kernel_args(), 0.3, True, 0, n)
         assert emu.emu_ptx_tf32_mma_count() - before == _mmas_per_tile(d, tf32)
     torch.set_float32_matmul_precision("highest")
+
+
+def test_before_sm80_float32_stays_simt(emu):
+    """On an emulated compute capability 7.x GPU float32 takes the SIMT tiles (no tf32
+    mma) whatever the flag, at float32's accuracy; 16-bit z is refused there."""
+    emu.emu_set_compute_major(7)
+    try:
+        for allow in (True, False):
+            with allow_tf32(allow):
+                before = emu.emu_ptx_tf32_mma_count()
+                _check(emu, False, 129, 100)
+                assert emu.emu_ptx_tf32_mma_count() == before
+        g = random_graph("labels", 8, 0)
+        with pytest.raises(RuntimeError, match="compute capability 8.0 or newer"):
+            emu.info_nce(torch.randn(8, 16).bfloat16(), *g.kernel_args(), 0.3, True, 0, 8)
+    finally:
+        emu.emu_set_compute_major(0)

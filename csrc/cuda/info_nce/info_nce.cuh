@@ -361,14 +361,14 @@ struct SimtTile {
 // floats (SimtTile's BK + 1 would put lanes g and g + 2 on one bank): a fragment
 // load reads row g, column t of 8 rows × 4 columns, at banks 20g + t mod 32, all
 // 32 distinct.
-// kSplit = false: plain TF32, one mma per product (torch.backends.cuda.matmul.
-// allow_tf32 = True); each product is rounded to tf32 (unit roundoff 2^-11).
+// kSplit = false: plain TF32, one mma per product (TF32 matmuls allowed: float_math
+// below); each operand is rounded to tf32 (unit roundoff 2^-11), the products of
+// tf32 values are exact and summed in fp32.
 // kSplit = true: 3×TF32, x = x_hi + x_lo with x_hi = tf32(x), x_lo = tf32(x − x_hi),
 // a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi (a_lo·b_lo, of relative size 2^-22, is
 // dropped): three mmas per product, about fp32's accuracy.
 template <bool kSplit>
 struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
-  using Base = SimtTile<float, 64, 64, 16, 128, 64>;
   static constexpr int kLdStage = BK + 4;
   static constexpr size_t kStageBytes =
       std::max<size_t>((BM + BN) * kLdStage, BN * kLdV) * sizeof(float);
@@ -817,8 +817,8 @@ constexpr int64_t kBlocksPerSm = 2;
 // common D ≤ 128 computes S once), staged in chunks that fit 48 KiB of shared memory.
 using DoubleTile = SimtTile<double, 32, 32, 16, 128, 32>;
 using FloatTile = SimtTile<float, 64, 64, 16, 128, 64>;
-using Tf32Tile1 = Tf32Tile<false>;  // allow_tf32: plain TF32
-using Tf32Tile3 = Tf32Tile<true>;   // 3×TF32
+using Tf32Tile1 = Tf32Tile<false>;  // TF32 matmuls allowed: plain TF32
+using Tf32Tile3 = Tf32Tile<true>;   // otherwise: 3×TF32
 using HalfTile = WmmaTile<__half>;
 using BFloat16Tile = WmmaTile<__nv_bfloat16>;
 
