@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 import palfast
-from palfast.benchmarks.harness import deterministic_algorithms, info_nce_backward_kernel
+from palfast.benchmarks.harness import allow_tf32, deterministic_algorithms, info_nce_backward_kernel
 
 __all__ = [
     "ATOMIC_NONDET_TOL",
@@ -33,6 +33,8 @@ __all__ = [
     "KINDS",
     "LOSSES",
     "ROUNDING_MULTIPLE",
+    "TF32_EPS",
+    "allow_tf32",
     "assert_compile_matches_eager",
     "assert_constant_with_zero_gradient",
     "assert_float32_close_to_float64",
@@ -69,6 +71,8 @@ ATOMIC_NONDET_TOL = 1e-12
 #   small-tau: τ = 0.02, below use_fixed_shift's bound of about 0.026: the online
 #     lse_kernel and the row-block backward;
 #   unnormalized: normalize=False, the online path too.
+# float32 z takes the same kernels with S on tf32 tensor cores from sm_80: 3×TF32, or
+# plain TF32 where TF32 matmuls are allowed (allow_tf32 below; docs/cuda.md; TF32_EPS).
 # The CUDA tests (tests/losses/test_info_nce_cuda.py) and the sanitizers' workload of
 # tools/gpu_session.sh (tools/gpu_bench.py) run each.
 INFO_NCE_KERNEL_PATHS = {
@@ -166,35 +170,54 @@ def assert_two_views_match(fn_a, fn_b, z_a, z_b, *, rtol, atol):
 # below 0.6.
 ROUNDING_MULTIPLE = 8.0
 
+# float32 info_nce on CUDA with TF32 matmuls allowed (allow_tf32(True)) computes
+# the logits S = U Uᵀ on tensor cores from operands rounded to tf32 (10 explicit
+# mantissa bits, so eps = 2^-10 and unit roundoff 2^-11), the rest in float32. Rounding
+# u_i and u_k to tf32 moves s_ik = <u_i, u_k>/τ by at most (2 · 2^-11 + 2^-22) ·
+# ‖u_i‖‖u_k‖/τ ≤ TF32_EPS · max(‖u_i‖², ‖u_k‖²)/τ (plus 2^-22), i.e. one relative
+# rounding at tf32's eps of an intermediate no larger than cond (info_nce_cond's max|s|
+# includes the diagonal ‖u_i‖²/τ): the kind of error the rule above counts in
+# eps(dtype) · cond. So the same rule, multiple and cond hold with eps = TF32_EPS in
+# place of float32's (assert_rounding_close's eps=), the float32 roundings being 2^13
+# times smaller. Without the flag the kernels split each operand into two tf32 parts
+# (3×TF32), whose dropped terms are ~2^-22 relative: float32's rule applies.
+TF32_EPS = 2.0**-10
 
-def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="result"):
+
+def assert_rounding_close(got, exact, dtype, *, cond=1.0, floor=0.0, what="result", eps=None):
     """got, computed from inputs in `dtype`, is within ROUNDING_MULTIPLE * eps(dtype) *
     cond of exact (float64 on the same rounded inputs), relative to the larger of
     exact's largest magnitude and `floor` (the size of the terms where exact cancels
-    to about 0)."""
+    to about 0). `eps` replaces eps(dtype) where the kernel rounds its intermediates
+    coarser than dtype (TF32_EPS)."""
     exact = exact.detach().double()
     err = (got.detach().double() - exact).abs().max().item() if exact.numel() else 0.0
     scale = max(exact.abs().max().item() if exact.numel() else 0.0, floor)
-    bound = ROUNDING_MULTIPLE * torch.finfo(dtype).eps * cond * scale
+    eps_name = f"eps({dtype})" if eps is None else f"eps {eps:.3g}"
+    eps = torch.finfo(dtype).eps if eps is None else eps
+    bound = ROUNDING_MULTIPLE * eps * cond * scale
     assert err <= bound, (
         f"{what}: error {err:.3g} > bound {bound:.3g} = {ROUNDING_MULTIPLE:g} * "
-        f"eps({dtype}) * cond {cond:.3g} * scale {scale:.3g}"
+        f"{eps_name} * cond {cond:.3g} * scale {scale:.3g}"
     )
 
 
-def assert_within_rounding_error(kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0, grad_floor=0.0, **kw):
+def assert_within_rounding_error(
+    kernel, ref, z64, graph, dtype, *, cond=1.0, floor=0.0, grad_floor=0.0, eps=None, **kw
+):
     """The low-precision rule every loss is held to (tests/losses/test_loss_contract.py): the
     kernel runs on z64 rounded to `dtype`; its forward and gradient (outputs may be
     scalars or per-row, summed for backward) are judged by assert_rounding_close
-    against ref in float64 on the same rounded z (floors: the forward's, the gradient's)."""
+    against ref in float64 on the same rounded z (floors: the forward's, the gradient's;
+    eps: assert_rounding_close's)."""
     x = z64.detach().to(dtype).double().requires_grad_()
     exact = ref(x, graph, **kw)
     exact.sum().backward()
     z = z64.detach().to(dtype).requires_grad_()
     out = kernel(z, graph, **kw)
     out.float().sum().backward()
-    assert_rounding_close(out, exact, dtype, cond=cond, floor=floor, what="forward")
-    assert_rounding_close(z.grad, x.grad, dtype, cond=cond, floor=grad_floor, what="gradient")
+    assert_rounding_close(out, exact, dtype, cond=cond, floor=floor, what="forward", eps=eps)
+    assert_rounding_close(z.grad, x.grad, dtype, cond=cond, floor=grad_floor, what="gradient", eps=eps)
 
 
 def info_nce_cond(z: torch.Tensor, temperature: float, normalize: bool = True) -> float:

@@ -1,6 +1,6 @@
 // Warp-level tensor-core and copy primitives of sm_80+ as small device functions:
-// ldmatrix (shared memory -> mma fragments), mma.sync m16n8k16 with fp32
-// accumulation, and cp.async (global -> shared memory without registers).
+// ldmatrix (shared memory -> mma fragments), mma.sync m16n8k16 (16-bit) and
+// m16n8k8 (tf32, with cvt.rna.tf32.f32) with fp32 accumulation, and cp.async (global -> shared memory without registers).
 // Each is one PTX instruction on the GPU; under PALFAST_EMU (the CPU emulator of
 // the test suite, tests/cuda_emu/cuda_emu.h) the same call runs the emulator's
 // model of it, with the PTX ISA's per-lane fragment layouts, so kernels written
@@ -89,6 +89,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], SmemAddr row) {
 #endif
 }
 
+// One mma.sync of the named shape and types (a string literal) on acc, a and b,
+// D = C = acc: every variant below takes four fp32 accumulators, four A and two
+// B registers.
+#define PALFAST_MMA_SYNC(instr)                                                  \
+  asm volatile(instr " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n" \
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+
 // acc ← A·B + acc for one 16×8×16 tile, T = __nv_bfloat16 or __half, fp32
 // accumulation. Warp-collective.
 template <typename T>
@@ -100,18 +108,46 @@ __device__ __forceinline__ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a
   palfast_emu::mma_m16n8k16<T>(acc, a, b);
 #elif PALFAST_SM80_OK
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    PALFAST_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    PALFAST_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32");
   }
+#else
+  __trap();
+#endif
+}
+
+// x rounded to tf32 (cvt.rna.tf32.f32: to nearest, ties away from zero, keeping
+// 10 of fp32's 23 mantissa bits), as the 32-bit pattern that tf32 mma operands
+// take: an fp32 whose low 13 bits are zero. Inf and NaN stay what they are.
+__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
+#if defined(PALFAST_EMU)
+  return palfast_emu::tf32_rna_bits(x);
+#elif PALFAST_SM80_OK
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#else
+  (void)x;
+  __trap();
+  return 0;
+#endif
+}
+
+// acc ← A·B + acc for one 16×8×8 tile of tf32 operands (registers holding fp32
+// patterns, as cvt_rna_tf32 gives them; the GPU reads only their tf32 bits), fp32
+// accumulation. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k8",
+// .tf32), one element a register, g = lane / 4, t = lane % 4:
+//   A (16×8, row):  a[0] = (g, t), a[1] = (g+8, t), a[2] = (g, t+4), a[3] = (g+8, t+4)
+//   B (8×8, col):   b[0] = (k t, n g), b[1] = (k t+4, n g)
+//   C, D (16×8 fp32): as for m16n8k16.
+// Warp-collective.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&acc)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+#if defined(PALFAST_EMU)
+  palfast_emu::mma_m16n8k8_tf32(acc, a, b);
+#elif PALFAST_SM80_OK
+  PALFAST_MMA_SYNC("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32");
 #else
   __trap();
 #endif

@@ -5,6 +5,9 @@ temperature 0.1, timed as a forward alone (``fwd``, under ``torch.no_grad``) and
 forward + backward (``fwd+bwd``). Implementations:
 
 * ``palfast``: ``palfast.info_nce(z, PairGraph.from_views(n, 2), temperature=0.1)``.
+  On CUDA, float32 z runs with TF32 matmuls forbidden (``torch.backends.cuda.matmul.fp32_precision
+  = "ieee"``, as PyTorch's default ``allow_tf32 = False``): the logits on tensor cores in 3×TF32
+  split precision, about float32's accuracy.
 * ``naive_eager``, the baseline: the usual eager NT-Xent (dense N×N logits, the
   diagonal masked, cross-entropy); it skips where its N×N matrices cannot fit in memory.
 * ``torch_compile_naive``: ``torch.compile(dynamic=True)`` of the same function (one
@@ -16,6 +19,8 @@ forward + backward (``fwd+bwd``). Implementations:
   row's own pair (e^{1/τ}): not the same loss value as NT-Xent, the same N×N logits.
   It computes in float32 (TF32 dots) whatever the input dtype.
 * ``pml_SupConLoss``: pytorch-metric-learning's ``SupConLoss`` (N ≤ 8192, when installed).
+* ``palfast_tf32`` (CUDA, float32): the same with TF32 matmuls allowed (``"tf32"``): plain TF32, one
+  tensor-core product per logit product, tf32's accuracy (docs/cuda.md, "info_nce kernels").
 * ``palfast_deterministic`` (CUDA, forward + backward): palfast under
   ``torch.use_deterministic_algorithms(True, warn_only=True)``, which takes a
   deterministic backward kernel (docs/cuda.md, "Determinism"): for 16-bit z the
@@ -41,7 +46,14 @@ import torch.nn.functional as F
 
 import palfast
 
-from .harness import INFO_NCE_BACKWARD_ENV, Case, Skip, deterministic_algorithms, info_nce_backward_kernel
+from .harness import (
+    INFO_NCE_BACKWARD_ENV,
+    Case,
+    Skip,
+    allow_tf32,
+    deterministic_algorithms,
+    info_nce_backward_kernel,
+)
 
 D = 128
 TAU = 0.1
@@ -162,6 +174,17 @@ def _with_backward_kernel(run, kernel: str):
     return run_with_kernel
 
 
+def _with_allow_tf32(run, allow: bool):
+    """``run`` with TF32 matmuls allowed or not, the caller's setting
+    restored after each call (harness.allow_tf32)."""
+
+    def run_with_flag():
+        with allow_tf32(allow):
+            return run()
+
+    return run_with_flag
+
+
 def _import_inf_cl():
     try:
         import inf_cl
@@ -216,6 +239,7 @@ def _plan(quick: bool, device: str) -> list[tuple[int, torch.dtype, str]]:
             (65536, torch.bfloat16, FWD_BWD),
             (65536, torch.bfloat16, FWD),
             (65536, torch.float32, FWD_BWD),
+            (65536, torch.float32, FWD),
             (16384, torch.bfloat16, FWD_BWD),
             (16384, torch.bfloat16, FWD),
             (4096, torch.bfloat16, FWD_BWD),
@@ -232,10 +256,16 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     for N, dtype, step in _plan(quick, device):
         grad = step == FWD_BWD
 
-        def make_palfast(N=N, dtype=dtype, step=step, grad=grad):
+        def make_palfast(N=N, dtype=dtype, step=step, grad=grad, tf32=False):
             z = _inputs(N, device, dtype, grad)
             g = palfast.PairGraph.from_views(N // 2, 2, device=device)
-            return _step(lambda x: palfast.info_nce(x, g, temperature=TAU), z, step)
+            run = _step(lambda x: palfast.info_nce(x, g, temperature=TAU), z, step)
+            return _with_allow_tf32(run, tf32) if cuda and dtype == torch.float32 else run
+
+        def make_palfast_tf32(N=N, dtype=dtype, step=step, grad=grad):
+            if not cuda or dtype != torch.float32:
+                raise Skip("allow_tf32 changes only the CUDA kernels of float32 z")
+            return make_palfast(N, dtype, step, grad, tf32=True)
 
         def make_palfast_deterministic(N=N, dtype=dtype, step=step, grad=grad):
             if not cuda or not grad:
@@ -283,6 +313,8 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             return _step(lambda x: loss(x, labels), _inputs(N, device, dtype, grad), step)
 
         impls = {"palfast": make_palfast, "naive_eager": make_naive}
+        if cuda:
+            impls["palfast_tf32"] = make_palfast_tf32
         if cuda and grad:
             impls["palfast_deterministic"] = make_palfast_deterministic
             impls["palfast_sym"] = functools.partial(make_palfast_kernel, "sym")
@@ -300,7 +332,14 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
                 impls,
                 "naive_eager",
                 device,
-                compare_to=("torch_compile_naive", "inf_cl", "palfast_deterministic", "palfast_sym", "palfast_tile"),
+                compare_to=(
+                    "torch_compile_naive",
+                    "inf_cl",
+                    "palfast_tf32",
+                    "palfast_deterministic",
+                    "palfast_sym",
+                    "palfast_tile",
+                ),
                 flops=effective_flops(N, D, step),
             )
         )

@@ -123,6 +123,22 @@ def info_nce_backward_kernel(kernel: str | None):
             os.environ[INFO_NCE_BACKWARD_ENV] = before
 
 
+@contextlib.contextmanager
+def allow_tf32(allow: bool):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (allow) or "ieee" inside the
+    block, the previous value restored after it: what allow_tf32 = True / False sets,
+    through PyTorch's newer flag, whose reading never fails (reading allow_tf32 raises
+    once both flags have been set). float32 info_nce on CUDA reads it at each call:
+    plain TF32 tensor cores for "tf32", 3×TF32 split precision otherwise
+    (docs/cuda.md). (The benchmarks time float32 both ways with it; the tests use it too.)"""
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if allow else "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
 @dataclasses.dataclass
 class Case:
     """One workload. ``impls`` maps a label to a factory; calling the factory builds

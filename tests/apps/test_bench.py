@@ -33,22 +33,23 @@ def test_cuda_plan_has_the_issue_sizes_and_baselines():
     cases = bi.cases(quick=False, device="cuda")  # built, not run
     got = {(c.params["N"], c.params["dtype"], c.params["step"]) for c in cases}
     want = {(N, "bfloat16", step) for N in (4096, 16384, 65536) for step in ("fwd", "fwd+bwd")}
-    assert got == want | {(65536, "float32", "fwd+bwd")}
+    assert got == want | {(65536, "float32", step) for step in ("fwd", "fwd+bwd")}
     # The targets' size first, so that a run cut by a time limit has it.
     assert cases[0].params["N"] == 65536
     for c in cases:
         assert c.baseline == "naive_eager"
-        assert set(c.compare_to) == {
-            "torch_compile_naive",
-            "inf_cl",
-            "palfast_deterministic",
-            "palfast_sym",
-            "palfast_tile",
-        }
+        others = {"torch_compile_naive", "inf_cl"}
+        palfast_variants = {"palfast_tf32", "palfast_deterministic", "palfast_sym", "palfast_tile"}
+        assert set(c.compare_to) == others | palfast_variants
         assert {"torch_compile_naive", "inf_cl"} <= set(c.impls)
         # Every CUDA backward kernel is timed: deterministic mode and PALFAST_INFO_NCE_BACKWARD pick them.
         for impl in ("palfast_deterministic", "palfast_sym", "palfast_tile"):
             assert (impl in c.impls) == (c.params["step"] == "fwd+bwd")
+        # float32 is timed with allow_tf32 off (palfast: 3×TF32) and on (plain TF32).
+        assert "palfast_tf32" in c.impls
+        if c.params["dtype"] != "float32":
+            with pytest.raises(Skip, match="allow_tf32"):
+                c.impls["palfast_tf32"]()
         assert c.flops == bi.effective_flops(c.params["N"], bi.D, c.params["step"])
         assert c.name.endswith(c.params["step"]) and c.device == "cuda"
     cpu = bi.cases(quick=True, device="cpu")

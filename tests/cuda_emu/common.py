@@ -55,10 +55,10 @@ def info_nce_emu(emu, z, g, normalize, a0, a1, grad_rows):
     return rows, lse, grad
 
 
-def info_nce_ref(z, g, normalize, a0, a1, grad_rows):
+def info_nce_ref(z, g, normalize, a0, a1, grad_rows, temperature=TEMPERATURE):
     """Rows of the anchors [a0, a1) (0 elsewhere) and d(Σ grad_rows·rows)/dz, in z's dtype."""
     z = z.detach().clone().requires_grad_(True)
-    rows = reference.info_nce(z, g, temperature=TEMPERATURE, normalize=normalize, reduction="none")
+    rows = reference.info_nce(z, g, temperature=temperature, normalize=normalize, reduction="none")
     anchor = torch.zeros(z.shape[0], dtype=torch.bool)
     anchor[a0:a1] = True
     rows = torch.where(anchor, rows, torch.zeros_like(rows))
@@ -71,14 +71,19 @@ def rounded(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z.to(dtype).double()
 
 
-def check_info_nce(emu, dtype, n, d, kind, normalize, a0, a1, seed):
+def info_nce_case(emu, n, d, kind, normalize, seed):
+    """z64 [n, d] (rows of norm about 1 without normalize), a `kind` graph and grad_rows,
+    all from `seed`, which also seeds the emulator's schedule."""
     torch.manual_seed(seed)
     emu.emu_set_seed(seed)
     z64 = torch.randn(n, d, dtype=torch.float64)
     if not normalize:
         z64 = z64 / d**0.5
-    g = random_graph(kind, n, seed)
-    grad_rows = torch.randn(n, dtype=torch.float64)
+    return z64, random_graph(kind, n, seed), torch.randn(n, dtype=torch.float64)
+
+
+def check_info_nce(emu, dtype, n, d, kind, normalize, a0, a1, seed):
+    z64, g, grad_rows = info_nce_case(emu, n, d, kind, normalize, seed)
     rows, lse, grad = info_nce_emu(emu, z64.to(dtype), g, normalize, a0, a1, grad_rows)
     assert grad.dtype == dtype and grad.shape == (n, d)
     outside = torch.ones(n, dtype=torch.bool)

@@ -205,6 +205,7 @@ struct Runtime {
   std::vector<char*> stacks;
   long long switches = 0;
   long long ptx_mmas = 0;  // warp-level mma.sync m16n8k16 so far (tests check which path ran)
+  long long ptx_tf32_mmas = 0;  // warp-level mma.sync m16n8k8 tf32 so far
   long long red_v2s = 0;   // red_add_v2 calls (per thread) so far
   long long atomics = 0;   // atomicAdd calls (per thread) so far
 };
@@ -748,6 +749,24 @@ float unpack16(uint32_t reg, int hi) {
   return std::is_same_v<T, __half> ? half_to_float(bits) : bf16_to_float(bits);
 }
 
+// The second half of an emulated mma.sync m16n8kK, once every lane has put its A
+// (16×K at w.a) and B (K×8 at w.b) elements in the warp's scratch: this lane's
+// four elements of D = A·B + acc, c[e] = (g + 8·(e / 2), 2t + e % 2), summed in fp32.
+template <int kK>
+void mma_from_scratch(float (&acc)[4], Warp& w, int g, int t) {
+  constexpr int kN = 8;
+  warp_barrier(kFullMask);  // A and B complete
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = acc[e];
+    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
+    out[e] = sum;
+  }
+  warp_barrier(kFullMask);  // all have read before the scratch is reused
+  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32, D = C = acc: the lanes
 // publish A (16×16) and B (16×8) in the warp's scratch, then each computes its
 // own four elements of D in fp32 (16-bit products are exact in fp32).
@@ -763,17 +782,45 @@ void mma_m16n8k16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   for (int i = 0; i < 2; ++i)
     for (int h = 0; h < 2; ++h) w.b[(2 * t + h + 8 * i) * kN + g] = unpack16<T>(b[i], h);
   if (f.lane == 0) ++rt().ptx_mmas;
-  warp_barrier(kFullMask);  // A and B complete
-  float out[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
-    float sum = acc[e];
-    for (int k = 0; k < kK; ++k) sum += w.a[row * kK + k] * w.b[k * kN + col];
-    out[e] = sum;
-  }
   static_assert(kM * kK <= kTileElems && kK * kN <= kTileElems, "the warp's scratch holds A and B");
-  warp_barrier(kFullMask);  // all have read before the scratch is reused
-  for (int e = 0; e < 4; ++e) acc[e] = out[e];
+  mma_from_scratch<kK>(acc, w, g, t);
+}
+
+// cvt.rna.tf32.f32: x to nearest tf32 (10 mantissa bits), ties away from zero,
+// as an fp32 pattern with the low 13 bits zero. Adding half a unit of the kept
+// last bit to the magnitude's pattern and truncating rounds ties away (the
+// pattern is sign-magnitude) and carries into the exponent where it must, up to
+// inf past the largest tf32. Inf and NaN are returned unchanged.
+constexpr uint32_t kTf32DroppedBits = 13, kTf32Half = 1u << (kTf32DroppedBits - 1);
+constexpr uint32_t kTf32Keep = ~((1u << kTf32DroppedBits) - 1);
+
+inline uint32_t tf32_rna_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7F800000u) == 0x7F800000u) return u;  // inf, NaN
+  return (u + kTf32Half) & kTf32Keep;
+}
+
+inline float tf32_operand(uint32_t reg) {  // only the tf32 bits of an operand count
+  const uint32_t u = reg & kTf32Keep;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, D = C = acc: as
+// mma_m16n8k16 with the tf32 layouts of csrc/cuda/mma.cuh (one element a
+// register); tf32 products are exact in fp32. Counted in ptx_tf32_mmas (the
+// 16-bit ones are ptx_mmas).
+inline void mma_m16n8k8_tf32(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  constexpr int kN = 8, kK = 8;
+  Fiber& f = self();
+  Warp& w = cur().warps[f.warp];
+  const int g = f.lane >> 2, t = f.lane & 3;
+  for (int i = 0; i < 4; ++i) w.a[(g + 8 * (i & 1)) * kK + t + 4 * (i >> 1)] = tf32_operand(a[i]);
+  for (int i = 0; i < 2; ++i) w.b[(t + 4 * i) * kN + g] = tf32_operand(b[i]);
+  if (f.lane == 0) ++rt().ptx_tf32_mmas;
+  mma_from_scratch<kK>(acc, w, g, t);
 }
 
 // cp.async.cg.shared.global [dst], [src], 16, src_bytes. On the GPU dst is
@@ -961,11 +1008,16 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
 }  // namespace nvcuda::wmma
 
 // ------------------------------------------------------------ host API stand-ins
+namespace palfast_emu {
+int compute_major();  // runtime.cpp
+}  // namespace palfast_emu
 namespace at::cuda {
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
-// The emulated device: an sm_90 (H100/H200), so every kernel path is taken.
+// The emulated device: an sm_90 (H100/H200), so every kernel path is taken, unless
+// a test sets another major version (emu_set_compute_major, runtime.cpp).
 inline const cudaDeviceProp* getCurrentDeviceProperties() {
-  static const cudaDeviceProp prop{9, 0};
+  static cudaDeviceProp prop{9, 0};
+  prop.major = palfast_emu::compute_major();
   return &prop;
 }
 }  // namespace at::cuda

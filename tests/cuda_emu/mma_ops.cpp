@@ -78,6 +78,45 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bo
   return d;
 }
 
+// ---- mma.sync m16n8k8 tf32 on registers given per lane: a [32, 4], b [32, 2]
+// (int32, one fp32 pattern each), c [32, 4] fp32; returns d [32, 4].
+__global__ void mma_tf32_kernel(const int32_t* a, const int32_t* b, const float* c, float* d) {
+  const int lane = threadIdx.x;
+  uint32_t ra[4], rb[2];
+  float acc[4];
+  for (int i = 0; i < 4; ++i) ra[i] = static_cast<uint32_t>(a[lane * 4 + i]);
+  for (int i = 0; i < 2; ++i) rb[i] = static_cast<uint32_t>(b[lane * 2 + i]);
+  for (int i = 0; i < 4; ++i) acc[i] = c[lane * 4 + i];
+  ptx::mma_m16n8k8_tf32(acc, ra, rb);
+  for (int i = 0; i < 4; ++i) d[lane * 4 + i] = acc[i];
+}
+
+at::Tensor mma_tf32(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  check(a.scalar_type() == at::kInt && a.numel() == kWarp * 4, "a: int32 [32, 4]");
+  check(b.scalar_type() == at::kInt && b.numel() == kWarp * 2, "b: int32 [32, 2]");
+  check(c.scalar_type() == at::kFloat && c.numel() == kWarp * 4, "c: float32 [32, 4]");
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous(), cc = c.contiguous();
+  at::Tensor d = at::zeros({kWarp, 4}, c.options());
+  palfast_emu::launch(mma_tf32_kernel, dim3(1), dim3(kWarp), 0, ac.data_ptr<int32_t>(),
+                      bc.data_ptr<int32_t>(), cc.data_ptr<float>(), d.data_ptr<float>());
+  return d;
+}
+
+// ---- cvt.rna.tf32.f32 of each element of x (float32), as int32 patterns.
+__global__ void cvt_tf32_kernel(const float* x, int64_t n, int32_t* out) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+    out[i] = static_cast<int32_t>(ptx::cvt_rna_tf32(x[i]));
+}
+
+at::Tensor cvt_tf32(const at::Tensor& x) {
+  check(x.scalar_type() == at::kFloat, "x: float32");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  palfast_emu::launch(cvt_tf32_kernel, dim3(1), dim3(kWarp), 0, xc.data_ptr<float>(),
+                      xc.numel(), out.data_ptr<int32_t>());
+  return out;
+}
+
 // ---- a 16×N GEMM as the kernels do it: out = A Bᵀ with A [16, K] and B [N, K]
 // (b_kn = false, ldmatrix) or out = A B with B [K, N] (b_kn = true,
 // ldmatrix .trans), all operands in shared memory, fragments by ldmatrix.
@@ -189,6 +228,9 @@ at::Tensor cp_async(const at::Tensor& src, const at::Tensor& src_bytes, int64_t 
 // Warp-level mma.sync m16n8k16 run so far (the emulated kernels' included).
 int64_t mma_count() { return palfast_emu::rt().ptx_mmas; }
 
+// Warp-level mma.sync m16n8k8 tf32 run so far (the emulated kernels' included).
+int64_t tf32_mma_count() { return palfast_emu::rt().ptx_tf32_mmas; }
+
 // Thread-level red_add_v2 calls so far (the emulated kernels' included).
 int64_t red_v2_count() { return palfast_emu::rt().red_v2s; }
 
@@ -218,6 +260,9 @@ at::Tensor red_v2(const at::Tensor& v, int64_t slots, int64_t offset) {
 TORCH_LIBRARY_FRAGMENT(palfast_emu, m) {
   m.def("emu_ptx_ldmatrix(Tensor x, Tensor rows, bool trans, int lanes) -> Tensor", &ldmatrix);
   m.def("emu_ptx_mma(Tensor a, Tensor b, Tensor c, bool bf16, int lanes) -> Tensor", &mma);
+  m.def("emu_ptx_mma_tf32(Tensor a, Tensor b, Tensor c) -> Tensor", &mma_tf32);
+  m.def("emu_ptx_cvt_tf32(Tensor x) -> Tensor", &cvt_tf32);
+  m.def("emu_ptx_tf32_mma_count() -> int", &tf32_mma_count);
   m.def("emu_ptx_gemm(Tensor a, Tensor b, bool b_kn) -> Tensor", &gemm);
   m.def("emu_ptx_cp_async(Tensor src, Tensor src_bytes, int pending, bool final_wait) -> Tensor",
         &cp_async);

@@ -38,9 +38,13 @@ namespace palfast_emu {
 namespace {
 constexpr int kH200Sms = 132;  // the default: an H200's streaming multiprocessors
 int emulated_sms = kH200Sms;
+constexpr int kSm90Major = 9;  // the default: an H100/H200's compute capability 9.0
+int emulated_major = kSm90Major;
 }  // namespace
 // The SM count the kernels' grids are sized for (csrc/cuda/common.cuh, sm_count).
 int sm_count() { return emulated_sms; }
+// The emulated GPU's compute capability major version (getCurrentDeviceProperties).
+int compute_major() { return emulated_major; }
 }  // namespace palfast_emu
 
 namespace {
@@ -49,6 +53,12 @@ namespace {
 // grids of large work items, as on a GPU with few SMs.
 void set_sm_count(int64_t sms) {
   palfast_emu::emulated_sms = sms > 0 ? static_cast<int>(sms) : palfast_emu::kH200Sms;
+}
+
+// Sets the emulated compute capability's major version (0: back to 9), so tests
+// reach the host's choices for older GPUs (float32 without tf32 mma before 8).
+void set_compute_major(int64_t major) {
+  palfast_emu::emulated_major = major > 0 ? static_cast<int>(major) : palfast_emu::kSm90Major;
 }
 
 // Seeds the scheduler: the block order and the order in which threads run.
@@ -133,6 +143,7 @@ TORCH_LIBRARY_FRAGMENT(palfast_emu, m) {
   m.def("emu_set_seed(int seed) -> ()", &set_seed);
   m.def("emu_switches() -> int", &switches);
   m.def("emu_set_sm_count(int sms) -> ()", &set_sm_count);
+  m.def("emu_set_compute_major(int major) -> ()", &set_compute_major);
   m.def("emu_selftest_neighbour_reads_wrong(bool barrier) -> int", &neighbour_reads_wrong);
   m.def("emu_selftest_half_warp_shuffle() -> ()", &half_warp_shuffle);
   m.def("emu_selftest_mma_max_error() -> float", &mma_max_error);

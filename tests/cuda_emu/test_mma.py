@@ -1,5 +1,5 @@
-"""The warp-level primitives of csrc/cuda/mma.cuh (ldmatrix, mma.sync m16n8k16,
-cp.async) under the CPU emulator, against the PTX ISA's per-lane layouts written
+"""The warp-level primitives of csrc/cuda/mma.cuh (ldmatrix, mma.sync m16n8k16 and
+m16n8k8 tf32, cvt.rna.tf32.f32, cp.async) under the CPU emulator, against the PTX ISA's per-lane layouts written
 out here from the ISA's figures ("Matrix Fragments for mma.m16n8k16", ldmatrix),
 against plain matmuls in float64 and plain copies.
 
@@ -134,6 +134,86 @@ def test_ldmatrix_mma_gemm(emu, dtype, b_kn, k, n):
     want = a.double() @ b.double().T
     bound = k * 2.0**-23 * (a.double().abs() @ b.double().abs().T)
     assert ((got.double() - want).abs() <= bound).all()
+
+
+# ------------------------------------------------------------------ tf32
+TF32_DROPPED = 13  # fp32 mantissa bits that tf32 drops (23 - 10)
+
+
+def _tf32_rna(x: torch.Tensor) -> torch.Tensor:
+    """cvt.rna.tf32.f32 written from its definition, in float64: the nearest value with
+    10 mantissa bits, ties away from zero (finite inputs; the exponent from frexp)."""
+    xd = x.double()
+    _, e = torch.frexp(xd)  # |x| = m·2^e, m in [0.5, 1): the last kept bit is 2^(e - 11)
+    ulp = torch.ldexp(torch.ones_like(xd), e - 11)
+    r = torch.floor(xd.abs() / ulp + 0.5) * ulp  # ties away: + 0.5 then floor on |x|
+    return torch.where(xd == 0, xd, torch.copysign(r, xd)).float()
+
+
+def _f32_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def test_cvt_rna_tf32(emu):
+    """Round to nearest, ties away from zero, on random values, exact ties (half a tf32
+    unit above a tf32 value, both signs), values rounding up into the next binade, and
+    inf/NaN unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=gen) * torch.exp2(torch.randint(-60, 60, (4096,), generator=gen).float())
+    base = _tf32_rna(torch.randn(64, generator=gen))
+    half_ulp = torch.ldexp(torch.ones(64), torch.frexp(base)[1] - 12)
+    ties = torch.cat([base + half_ulp * torch.sign(base), -(base + half_ulp * torch.sign(base))])
+    near_two = torch.tensor([1.99999, -1.99999, 0.0, -0.0, 1.0, 2.0**-126, 3.4e38])
+    finite = torch.cat([x, ties, near_two])
+    got = emu.emu_ptx_cvt_tf32(finite).view(torch.float32)
+    assert torch.equal(_f32_bits(got), _f32_bits(_tf32_rna(finite)))
+    assert (_f32_bits(got) & ((1 << TF32_DROPPED) - 1) == 0).all()
+    # ties go away from zero: |rounded| > |x|
+    gt = emu.emu_ptx_cvt_tf32(ties).view(torch.float32)
+    assert (gt.abs() > ties.abs()).all()
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    got = emu.emu_ptx_cvt_tf32(special).view(torch.float32)
+    assert torch.isinf(got[:2]).all() and got[0] > 0 > got[1] and torch.isnan(got[2])
+
+
+def _tf32_fragments(a: torch.Tensor, b: torch.Tensor):
+    """Per-lane registers of A (16×8) and B (8×8, k × n) by the PTX ISA's m16n8k8 .tf32
+    figures: a[i] = (g + 8·(i % 2), t + 4·(i / 2)), b[i] = (k t + 4·i, n g)."""
+    ra = torch.stack([a[G + 8 * (i % 2), T + 4 * (i // 2)] for i in range(4)], dim=1)
+    rb = torch.stack([b[T + 4 * i, G] for i in range(2)], dim=1)
+    return _f32_bits(ra), _f32_bits(rb)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mma_m16n8k8_tf32_matches_matmul(emu, seed):
+    """D = A·B + C against a float64 matmul of the tf32-rounded operands: every lane's
+    four elements in the ISA's places (distinct random values, so a swapped register or
+    lane is seen); the low 13 bits of the operands are ignored (here set to garbage)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = _tf32_rna(torch.randn(16, 8, generator=gen))
+    b = _tf32_rna(torch.randn(8, 8, generator=gen))
+    c = torch.randn(16, 8, generator=gen)
+    ra, rb = _tf32_fragments(a, b)
+    junk = torch.randint(0, 1 << TF32_DROPPED, ra.shape, generator=gen, dtype=torch.int32)
+    got = emu.emu_ptx_mma_tf32(ra | junk, rb | junk[:, :2], _c_lanes(c))
+    want = a.double() @ b.double() + c.double()
+    # fp32 accumulation of 8 exact products: a few fp32 units of the terms' size.
+    bound = 2.0**-20 * (a.double().abs() @ b.double().abs() + c.double().abs())
+    err = (got.double() - _c_lanes(want)).abs()
+    assert (err <= _c_lanes(bound)).all(), err.max()
+
+
+def test_mma_m16n8k8_tf32_exact_on_integers(emu):
+    """Small integers: D must equal A·B + C bit for bit; counted as one tf32 mma."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randint(-8, 9, (16, 8), generator=gen).float()
+    b = torch.randint(-8, 9, (8, 8), generator=gen).float()
+    c = torch.randint(-100, 101, (16, 8), generator=gen).float()
+    ra, rb = _tf32_fragments(a, b)
+    before = emu.emu_ptx_tf32_mma_count()
+    got = emu.emu_ptx_mma_tf32(ra, rb, _c_lanes(c))
+    assert emu.emu_ptx_tf32_mma_count() - before == 1
+    assert torch.equal(got, _c_lanes(a @ b + c))
 
 
 # ------------------------------------------------------------------ cp.async

@@ -24,6 +24,8 @@ from palfast.testing import (
     ATOMIC_NONDET_TOL,
     INFO_NCE_KERNEL_PATHS,
     INFO_NCE_ROWS_FLOOR,
+    TF32_EPS,
+    allow_tf32,
     assert_within_rounding_error,
     deterministic_algorithms,
     info_nce_backward_kernel,
@@ -151,6 +153,38 @@ def test_every_kernel_path_within_rounding_error(graph_factory, path, dtype, n, 
             cond=info_nce_cond(z64, temperature, normalize),
             floor=INFO_NCE_ROWS_FLOOR,
             grad_floor=info_nce_grad_floor(z64, 1.0, normalize),
+            temperature=temperature,
+            reduction="none",
+            normalize=normalize,
+        )
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have a deterministic implementation")
+@pytest.mark.parametrize("path", list(INFO_NCE_KERNEL_PATHS))
+@pytest.mark.parametrize("n", [257, 4097])
+@pytest.mark.parametrize("d", [64, 128, 200])
+def test_float32_allow_tf32_within_tf32_rounding(graph_factory, path, n, d):
+    """float32 with TF32 matmuls allowed (allow_tf32): the logits on plain TF32
+    tensor cores, held to the rounding rule at TF32_EPS (palfast/testing.py). Without
+    the flag (test_every_kernel_path_within_rounding_error) the kernels run 3×TF32."""
+    normalize, temperature, deterministic, backward_kernel = INFO_NCE_KERNEL_PATHS[path]
+    torch.manual_seed(7 * n + d)
+    z64 = torch.randn(n, d, dtype=torch.float64, device=CUDA)
+    if not normalize:
+        z64 = z64 / d**0.5
+    g = graph_factory("semi", n, seed=d).to(CUDA)
+    mode = deterministic_algorithms(warn_only=True) if deterministic else contextlib.nullcontext()
+    with mode, info_nce_backward_kernel(backward_kernel), allow_tf32(True):
+        assert_within_rounding_error(
+            palfast.info_nce,
+            reference.info_nce,
+            z64,
+            g,
+            torch.float32,
+            cond=info_nce_cond(z64, temperature, normalize),
+            floor=INFO_NCE_ROWS_FLOOR,
+            grad_floor=info_nce_grad_floor(z64, 1.0, normalize),
+            eps=TF32_EPS,
             temperature=temperature,
             reduction="none",
             normalize=normalize,

@@ -26,6 +26,7 @@
 
 #include "../../info_nce.h"
 #include "../graph_spmm_cuda.cuh"
+#include "../mma.cuh"
 
 namespace palfast::cuda {
 namespace {
@@ -350,6 +351,100 @@ struct SimtTile {
       write<kAtomic>(o, out, n, d, i0, j0, out_scale);
     }
   };
+};
+
+// float32 on tensor cores: FloatTile with S = U_I U_Kᵀ (dots) by mma.sync
+// m16n8k8 tf32 instead of SIMT FMAs; M·U_K and M^T·U_I (mv, Accum) stay SIMT.
+// Each warp of the 2×2 grid computes 32×32 of the 64×64 S tile (2 m16 × 4 n8
+// tiles), reading its fragments from the staging buffer by plain 32-bit loads
+// and rounding them with cvt.rna.tf32.f32. The staging row stride is BK + 4 = 20
+// floats (SimtTile's BK + 1 would put lanes g and g + 2 on one bank): a fragment
+// load reads row g, column t of 8 rows × 4 columns, at banks 20g + t mod 32, all
+// 32 distinct.
+// kSplit = false: plain TF32, one mma per product (TF32 matmuls allowed: float_math
+// below); each operand is rounded to tf32 (unit roundoff 2^-11), the products of
+// tf32 values are exact and summed in fp32.
+// kSplit = true: 3×TF32, x = x_hi + x_lo with x_hi = tf32(x), x_lo = tf32(x − x_hi),
+// a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi (a_lo·b_lo, of relative size 2^-22, is
+// dropped): three mmas per product, about fp32's accuracy.
+template <bool kSplit>
+struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
+  static constexpr int kLdStage = BK + 4;
+  static constexpr size_t kStageBytes =
+      std::max<size_t>((BM + BN) * kLdStage, BN * kLdV) * sizeof(float);
+  static constexpr int kK8 = 8, kWarpRows = 32, kWarpCols = 32;
+  static constexpr int kMT = kWarpRows / 16, kNT = kWarpCols / 8;
+  static_assert(BM == 2 * kWarpRows && BN == 2 * kWarpCols && BK % kK8 == 0 && kWarps == 4,
+                "2×2 warps of 32×32");
+
+  // hi (and, kSplit, lo) tf32 parts of x.
+  static __device__ __forceinline__ void split(float x, uint32_t& hi, uint32_t& lo) {
+    hi = ptx::cvt_rna_tf32(x);
+    if constexpr (kSplit) {
+      float h;
+      memcpy(&h, &hi, sizeof h);
+      lo = ptx::cvt_rna_tf32(x - h);
+    }
+  }
+
+  static __device__ __forceinline__ void dots(const float* x, int64_t n, int64_t d, int64_t i0,
+                                              int64_t k0, unsigned char* stage, float* s) {
+    float* a = reinterpret_cast<float*>(stage);
+    float* b = a + BM * kLdStage;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int wm = warp / 2, wn = warp % 2, g = lane / 4, t = lane % 4;
+    float acc[kMT][kNT][4];
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    for (int64_t d0 = 0; d0 < d; d0 += BK) {
+      load_tile<BM, BK, kLdStage>(a, x, n, d, i0, d0);
+      load_tile<BN, BK, kLdStage>(b, x, n, d, k0, d0);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += kK8) {
+        uint32_t ah[kMT][4], al[kMT][4], bh[kNT][2], bl[kNT][2];
+#pragma unroll
+        for (int i = 0; i < kMT; ++i)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {  // a[r] = (g + 8·(r % 2), t + 4·(r / 2))
+            const int row = wm * kWarpRows + 16 * i + g + 8 * (r & 1), col = kk + t + 4 * (r >> 1);
+            split(a[row * kLdStage + col], ah[i][r], al[i][r]);
+          }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {  // b[r] = (k t + 4·r, n g), B = U_Kᵀ
+            const int col = wn * kWarpCols + 8 * j + g, k = kk + t + 4 * r;
+            split(b[col * kLdStage + k], bh[j][r], bl[j][r]);
+          }
+#pragma unroll
+        for (int i = 0; i < kMT; ++i)
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            if constexpr (kSplit) {  // the small terms first
+              ptx::mma_m16n8k8_tf32(acc[i][j], al[i], bh[j]);
+              ptx::mma_m16n8k8_tf32(acc[i][j], ah[i], bl[j]);
+            }
+            ptx::mma_m16n8k8_tf32(acc[i][j], ah[i], bh[j]);
+          }
+      }
+      __syncthreads();  // the next chunk (or load_v) overwrites the staging buffer
+    }
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // c[e] = (g + 8·(e / 2), 2t + e % 2)
+          const int row = wm * kWarpRows + 16 * i + g + 8 * (e >> 1);
+          const int col = wn * kWarpCols + 8 * j + 2 * t + (e & 1);
+          s[row * kLdS + col] = acc[i][j][e];
+        }
+  }
 };
 
 // Tensor cores (WMMA m16n16k16, fp32 accumulation) for float16/bfloat16.
@@ -688,6 +783,23 @@ at::Tensor prepare(const at::Tensor& z, bool normalize, at::Tensor* norm, cudaSt
   return op;
 }
 
+// How float32 z computes S = U_I U_Kᵀ, read at each call: SIMT FMAs before sm_80
+// (no tf32 mma), else tf32 tensor cores, plain where PyTorch's CUDA matmul
+// precision is "tf32" (torch.backends.cuda.matmul.fp32_precision, which
+// allow_tf32 = True and torch.set_float32_matmul_precision("high") also set),
+// 3×TF32 split precision otherwise. Read as float32Precision(CUDA, MATMUL), as
+// PyTorch's own cuBLAS calls read it: allowTF32CuBLAS() throws where the legacy and
+// the new flag were both set.
+enum class FloatMath { kSimt, kTf32, kTf32x3 };
+
+FloatMath float_math() {
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return FloatMath::kSimt;
+  const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                                         at::Float32Op::MATMUL) ==
+                    at::Float32Precision::TF32;
+  return tf32 ? FloatMath::kTf32 : FloatMath::kTf32x3;
+}
+
 void check_tensor_cores(const at::Tensor& z) {
   if (z.scalar_type() != at::kHalf && z.scalar_type() != at::kBFloat16) return;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
@@ -705,6 +817,8 @@ constexpr int64_t kBlocksPerSm = 2;
 // common D ≤ 128 computes S once), staged in chunks that fit 48 KiB of shared memory.
 using DoubleTile = SimtTile<double, 32, 32, 16, 128, 32>;
 using FloatTile = SimtTile<float, 64, 64, 16, 128, 64>;
+using Tf32Tile1 = Tf32Tile<false>;  // TF32 matmuls allowed: plain TF32
+using Tf32Tile3 = Tf32Tile<true>;   // otherwise: 3×TF32
 using HalfTile = WmmaTile<__half>;
 using BFloat16Tile = WmmaTile<__nv_bfloat16>;
 

@@ -890,7 +890,17 @@ at::Tensor info_nce_backward_cuda(const at::Tensor& grad_rows, const at::Tensor&
     case at::kDouble:
       return backward_impl<double, DoubleTile>(grad_rows, z, g, lse, temperature, normalize, a0, a1);
     case at::kFloat:
-      return backward_impl<float, FloatTile>(grad_rows, z, g, lse, temperature, normalize, a0, a1);
+      switch (float_math()) {
+        case FloatMath::kTf32:
+          return backward_impl<float, Tf32Tile1>(grad_rows, z, g, lse, temperature, normalize, a0,
+                                                 a1);
+        case FloatMath::kTf32x3:
+          return backward_impl<float, Tf32Tile3>(grad_rows, z, g, lse, temperature, normalize, a0,
+                                                 a1);
+        default:
+          return backward_impl<float, FloatTile>(grad_rows, z, g, lse, temperature, normalize, a0,
+                                                 a1);
+      }
     case at::kHalf:
       return backward_impl<at::Half, HalfTile>(grad_rows, z, g, lse, temperature, normalize, a0, a1);
     default:

@@ -471,7 +471,14 @@ std::tuple<at::Tensor, at::Tensor> info_nce_cuda(const at::Tensor& z, const Grap
   check_tensor_cores(z);
   switch (z.scalar_type()) {
     case at::kDouble: return forward_impl<double, DoubleTile>(z, g, temperature, normalize, a0, a1);
-    case at::kFloat: return forward_impl<float, FloatTile>(z, g, temperature, normalize, a0, a1);
+    case at::kFloat:
+      switch (float_math()) {
+        case FloatMath::kTf32:
+          return forward_impl<float, Tf32Tile1>(z, g, temperature, normalize, a0, a1);
+        case FloatMath::kTf32x3:
+          return forward_impl<float, Tf32Tile3>(z, g, temperature, normalize, a0, a1);
+        default: return forward_impl<float, FloatTile>(z, g, temperature, normalize, a0, a1);
+      }
     case at::kHalf: return forward_impl<at::Half, HalfTile>(z, g, temperature, normalize, a0, a1);
     default: return forward_impl<at::BFloat16, BFloat16Tile>(z, g, temperature, normalize, a0, a1);
   }
