@@ -1046,8 +1046,7 @@ def _ranking_auc(s: torch.Tensor, y: torch.Tensor) -> float:
     order = torch.argsort(s)
     s_sorted = s[order].double()
     ranks = torch.empty_like(s_sorted)
-    ranks[order] = torch.arange(1, s.numel() + 1, dtype=torch.double)
-    # ties: the mean rank of their run
+    # each value's rank, 1-based; ties: the mean rank of their run
     _, inv, counts = torch.unique_consecutive(s_sorted, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).double()
     mean_rank = ends - (counts.double() - 1) / 2
