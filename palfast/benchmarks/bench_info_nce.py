@@ -152,37 +152,16 @@ def _step(loss_fn, z, step: str):
     return forward_backward
 
 
-def _deterministic(run):
-    """``run`` under torch.use_deterministic_algorithms(True, warn_only=True), the caller's
-    setting restored after each call (the other implementations run without it)."""
+def _inside(run, context):
+    """``run`` with each call inside ``context()``, a fresh context manager per call that
+    restores the caller's setting after it (the other implementations run outside it):
+    deterministic mode, PALFAST_INFO_NCE_BACKWARD, or the TF32 flag."""
 
-    def deterministic_run():
-        with deterministic_algorithms(warn_only=True):
+    def run_inside():
+        with context():
             return run()
 
-    return deterministic_run
-
-
-def _with_backward_kernel(run, kernel: str):
-    """``run`` with PALFAST_INFO_NCE_BACKWARD=kernel, the caller's value restored after
-    each call (the other implementations run with the default kernel)."""
-
-    def run_with_kernel():
-        with info_nce_backward_kernel(kernel):
-            return run()
-
-    return run_with_kernel
-
-
-def _with_allow_tf32(run, allow: bool):
-    """``run`` with TF32 matmuls allowed or not, the caller's setting
-    restored after each call (harness.allow_tf32)."""
-
-    def run_with_flag():
-        with allow_tf32(allow):
-            return run()
-
-    return run_with_flag
+    return run_inside
 
 
 def _import_inf_cl():
@@ -260,7 +239,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
             z = _inputs(N, device, dtype, grad)
             g = palfast.PairGraph.from_views(N // 2, 2, device=device)
             run = _step(lambda x: palfast.info_nce(x, g, temperature=TAU), z, step)
-            return _with_allow_tf32(run, tf32) if cuda and dtype == torch.float32 else run
+            return _inside(run, functools.partial(allow_tf32, tf32)) if cuda and dtype == torch.float32 else run
 
         def make_palfast_tf32(N=N, dtype=dtype, step=step, grad=grad):
             if not cuda or dtype != torch.float32:
@@ -270,14 +249,16 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
         def make_palfast_deterministic(N=N, dtype=dtype, step=step, grad=grad):
             if not cuda or not grad:
                 raise Skip("deterministic mode changes only the CUDA backward kernel")
-            return _deterministic(make_palfast(N, dtype, step, grad))
+            return _inside(
+                make_palfast(N, dtype, step, grad), functools.partial(deterministic_algorithms, warn_only=True)
+            )
 
         def make_palfast_kernel(kernel, N=N, dtype=dtype, step=step, grad=grad):
             if not cuda or not grad:
                 raise Skip(f"{INFO_NCE_BACKWARD_ENV} changes only the CUDA backward kernel")
             if dtype == torch.float32:
                 raise Skip(f"for float32, {kernel!r} is the kernel of palfast or of palfast_deterministic")
-            return _with_backward_kernel(make_palfast(N, dtype, step, grad), kernel)
+            return _inside(make_palfast(N, dtype, step, grad), functools.partial(info_nce_backward_kernel, kernel))
 
         def make_naive(N=N, dtype=dtype, step=step, grad=grad):
             _dense_guard(N, device, dtype)

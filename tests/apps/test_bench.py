@@ -17,7 +17,7 @@ import torch
 
 from palfast.benchmarks import bench_info_nce as bi
 from palfast.benchmarks import harness
-from palfast.benchmarks.harness import Case, Skip
+from palfast.benchmarks.harness import Case, Skip, deterministic_algorithms
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -324,7 +324,7 @@ def test_gpu_bench_table_prints_targets_and_heavy_kernels(tmp_path, capsys):
 
 
 def test_deterministic_runs_under_the_flag_and_restores_the_callers():
-    run = bi._deterministic(torch.are_deterministic_algorithms_enabled)
+    run = bi._inside(torch.are_deterministic_algorithms_enabled, lambda: deterministic_algorithms(warn_only=True))
     assert not torch.are_deterministic_algorithms_enabled()
     assert run() is True
     assert not torch.are_deterministic_algorithms_enabled()
