@@ -395,6 +395,10 @@ struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
   static_assert(kLdS % 8 == 4 && kLdV % 16 == 8 && kLdStage % 8 == 4,
                 "the strides of the bank counts above");
 
+  // k-steps of mv unrolled: two overlap one step's fragment loads with the other's
+  // mmas; 3×TF32 holds twice the fragments, and sym_grad_kernel (64 column-side
+  // accumulators, 255 registers) then spills on sm_80 unless the loop runs one at a time.
+  static constexpr int kMvUnroll = kSplit ? 1 : 2;
   using FragA = uint32_t[kMT][4];  // tf32 A fragments (hi or lo) of the warp's m16 tiles
   using FragB = uint32_t[kNT][2];  // tf32 B fragments of its n8 tiles
   using FragC = float[kMT][kNT][4];
@@ -509,7 +513,7 @@ struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
     static_assert(!kTrans || BM == BN, "Mᵀ V needs square tiles");
     const float* v = reinterpret_cast<const float*>(stage);
     const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
-#pragma unroll 2
+#pragma unroll kMvUnroll
     for (int kk = 0; kk < BN; kk += kK8) {
       FragA ah, al;
       FragB bh, bl;
