@@ -34,8 +34,8 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-// Tile kernels: 4 warps, the 2×2 warp grid of the 16-bit tiles (each warp 32×32
-// of S) and 8 S entries per thread per 64×64 tile in the SIMT tiles.
+// Tile kernels: 4 warps, the 2×2 warp grid of the tensor-core tiles (each warp
+// 32×32 of S) and 8 S entries per thread per 64×64 tile in the SIMT tiles.
 constexpr int kTileThreads = 128;
 constexpr int kWarps = kTileThreads / kWarpSize;
 constexpr const char* kForwardOp = kInfoNceOp;
