@@ -367,11 +367,12 @@ struct SimtTile {
 //    mod 32, all 32 distinct;
 //  * S (M in place), BN + 4 = 68 floats: M as A reads row g, column t, banks
 //    68g + t = 4g + t mod 32, all distinct; Mᵀ as A (add_t) reads row t, column g,
-//    banks 4t + g, two lanes a bank (2-way: no stride ≡ 4 mod 8 serves both, and
-//    the row-block kernel reads M only); dots' C stores (row g, column 2t + e)
-//    hit 4g + 2t + e, 2-way, once per tile;
+//    banks 4t + g, two lanes a bank (2-way: a stride ≡ 8 mod 16 would free Mᵀ
+//    and make M 2-way instead, and the row-block kernel reads M only); dots' C
+//    stores (row g, column 2t + e) hit 4g + 2t + e, 2-way, once per tile;
 //  * V, DVS + 8 = 72 floats: B reads row t (k), column g (n), banks 72t + g =
-//    8t + g mod 32, all distinct (and 16-byte rows: load_v copies by uint4).
+//    8t + g mod 32, all distinct (rows of 16-byte multiples: load_v copies by
+//    uint4 where D is a multiple of 4).
 // kSplit = false: plain TF32, one mma per product (TF32 matmuls allowed: float_math
 // below); each operand is rounded to tf32 (unit roundoff 2^-11), the products of
 // tf32 values are exact and summed in fp32. In the backward M is rounded to tf32
