@@ -179,8 +179,12 @@ ROUNDING_MULTIPLE = 8.0
 # includes the diagonal ‖u_i‖²/τ): the kind of error the rule above counts in
 # eps(dtype) · cond. So the same rule, multiple and cond hold with eps = TF32_EPS in
 # place of float32's (assert_rounding_close's eps=), the float32 roundings being 2^13
-# times smaller. Without the flag the kernels split each operand into two tf32 parts
-# (3×TF32), whose dropped terms are ~2^-22 relative: float32's rule applies.
+# times smaller. The backward rounds M and u to tf32 as well for dneg = M u: one
+# relative rounding of each term M_ik u_k, which moves dneg_i by at most
+# TF32_EPS · Σ_k |M_ik| |u_k|, the size of the gradient's own terms (the rule's scale
+# and floor), so the same eps covers it. Without the flag the kernels split each
+# operand into two tf32 parts (3×TF32), whose dropped terms are ~2^-22 relative:
+# float32's rule applies.
 TF32_EPS = 2.0**-10
 
 

@@ -34,8 +34,8 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-// Tile kernels: 4 warps, the 2×2 warp grid of the 16-bit tiles (each warp 32×32
-// of S) and 8 S entries per thread per 64×64 tile in the SIMT tiles.
+// Tile kernels: 4 warps, the 2×2 warp grid of the tensor-core tiles (each warp
+// 32×32 of S) and 8 S entries per thread per 64×64 tile in the SIMT tiles.
 constexpr int kTileThreads = 128;
 constexpr int kWarps = kTileThreads / kWarpSize;
 constexpr const char* kForwardOp = kInfoNceOp;
@@ -353,29 +353,56 @@ struct SimtTile {
   };
 };
 
-// float32 on tensor cores: FloatTile with S = U_I U_Kᵀ (dots) by mma.sync
-// m16n8k8 tf32 instead of SIMT FMAs; M·U_K and M^T·U_I (mv, Accum) stay SIMT.
-// Each warp of the 2×2 grid computes 32×32 of the 64×64 S tile (2 m16 × 4 n8
-// tiles), reading its fragments from the staging buffer by plain 32-bit loads
-// and rounding them with cvt.rna.tf32.f32. The staging row stride is BK + 4 = 20
-// floats (SimtTile's BK + 1 would put lanes g and g + 2 on one bank): a fragment
-// load reads row g, column t of 8 rows × 4 columns, at banks 20g + t mod 32, all
-// 32 distinct.
+// float32 on tensor cores: FloatTile's blocking with all three tile products by
+// mma.sync m16n8k8 tf32 instead of SIMT FMAs: S = U_I U_Kᵀ (dots), and the
+// backward's M·V and Mᵀ·V (Accum, add_atomic; V = U_K or U_I). Each warp of the
+// 2×2 grid computes 32×32 of the 64×64 S tile and, per staged chunk of DVS = 64
+// gradient columns, 32 rows × 32 columns of M·V (2 m16 × 4 n8 tiles each), reading
+// its fragments from shared memory by plain 32-bit loads and rounding them with
+// cvt.rna.tf32.f32. Row strides are chosen for the fragment loads (lanes g =
+// lane / 4, t = lane % 4; a load instruction is conflict-free when its 32 lanes
+// hit 32 distinct banks):
+//  * staging, BK + 4 = 20 floats (SimtTile's BK + 1 would put lanes g and g + 2 on
+//    one bank): dots reads row g, column t of 8 rows × 4 columns, banks 20g + t
+//    mod 32, all 32 distinct;
+//  * S (M in place), BN + 4 = 68 floats: M as A reads row g, column t, banks
+//    68g + t = 4g + t mod 32, all distinct; Mᵀ as A (add_t) reads row t, column g,
+//    banks 4t + g, two lanes a bank (2-way: a stride ≡ 8 mod 16 would free Mᵀ
+//    and make M 2-way instead, and the row-block kernel reads M only); dots' C
+//    stores (row g, column 2t + e) hit 4g + 2t + e, 2-way, once per tile;
+//  * V, DVS + 8 = 72 floats: B reads row t (k), column g (n), banks 72t + g =
+//    8t + g mod 32, all distinct (rows of 16-byte multiples: load_v copies by
+//    uint4 where D is a multiple of 4).
 // kSplit = false: plain TF32, one mma per product (TF32 matmuls allowed: float_math
 // below); each operand is rounded to tf32 (unit roundoff 2^-11), the products of
-// tf32 values are exact and summed in fp32.
+// tf32 values are exact and summed in fp32. In the backward M is rounded to tf32
+// too: one relative rounding of each M_ik, whose terms the gradient's rounding
+// rule already counts (palfast/testing.py, TF32_EPS).
 // kSplit = true: 3×TF32, x = x_hi + x_lo with x_hi = tf32(x), x_lo = tf32(x − x_hi),
 // a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi (a_lo·b_lo, of relative size 2^-22, is
-// dropped): three mmas per product, about fp32's accuracy.
+// dropped): three mmas per product, about fp32's accuracy; M is split as well.
 template <bool kSplit>
 struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
   static constexpr int kLdStage = BK + 4;
+  static constexpr int kLdS = BN + 4;
+  static constexpr int kLdV = DVS + 8;
   static constexpr size_t kStageBytes =
       std::max<size_t>((BM + BN) * kLdStage, BN * kLdV) * sizeof(float);
-  static constexpr int kK8 = 8, kWarpRows = 32, kWarpCols = 32;
+  static constexpr int kK8 = 8, kWarpRows = 32, kWarpCols = 32, kWarpVCols = DVS / 2;
   static constexpr int kMT = kWarpRows / 16, kNT = kWarpCols / 8;
-  static_assert(BM == 2 * kWarpRows && BN == 2 * kWarpCols && BK % kK8 == 0 && kWarps == 4,
-                "2×2 warps of 32×32");
+  static_assert(BM == 2 * kWarpRows && BN == 2 * kWarpCols && kWarpVCols == kWarpCols &&
+                    BK % kK8 == 0 && BN % kK8 == 0 && kWarps == 4,
+                "2×2 warps of 32×32 (S) and of 32 rows × 32 columns of a V chunk (M·V)");
+  static_assert(kLdS % 8 == 4 && kLdV % 16 == 8 && kLdStage % 8 == 4,
+                "the strides of the bank counts above");
+
+  // k-steps of mv unrolled: two overlap one step's fragment loads with the other's
+  // mmas; 3×TF32 holds twice the fragments, and sym_grad_kernel (64 column-side
+  // accumulators, 255 registers) then spills on sm_80 unless the loop runs one at a time.
+  static constexpr int kMvUnroll = kSplit ? 1 : 2;
+  using FragA = uint32_t[kMT][4];  // tf32 A fragments (hi or lo) of the warp's m16 tiles
+  using FragB = uint32_t[kNT][2];  // tf32 B fragments of its n8 tiles
+  using FragC = float[kMT][kNT][4];
 
   // hi (and, kSplit, lo) tf32 parts of x.
   static __device__ __forceinline__ void split(float x, uint32_t& hi, uint32_t& lo) {
@@ -387,50 +414,74 @@ struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
     }
   }
 
-  static __device__ __forceinline__ void dots(const float* x, int64_t n, int64_t d, int64_t i0,
-                                              int64_t k0, unsigned char* stage, float* s) {
-    float* a = reinterpret_cast<float*>(stage);
-    float* b = a + BM * kLdStage;
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-    const int wm = warp / 2, wn = warp % 2, g = lane / 4, t = lane % 4;
-    float acc[kMT][kNT][4];
+  // A fragments of one k-step: the m16 tiles at rows r0 + 16i, columns k0..k0+7,
+  // element (row, k) being at(row, k).
+  template <typename F>
+  static __device__ __forceinline__ void load_a(FragA& hi, FragA& lo, int r0, int k0, F at) {
+    const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)  // a[r] = (g + 8·(r % 2), t + 4·(r / 2))
+        split(at(r0 + 16 * i + g + 8 * (r & 1), k0 + t + 4 * (r >> 1)), hi[i][r], lo[i][r]);
+  }
+
+  // B fragments of one k-step: the n8 tiles at columns c0 + 8j, k = k0..k0+7,
+  // element (k, col) being at(k, col).
+  template <typename F>
+  static __device__ __forceinline__ void load_b(FragB& hi, FragB& lo, int c0, int k0, F at) {
+    const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)  // b[r] = (k t + 4·r, n g)
+        split(at(k0 + t + 4 * r, c0 + 8 * j + g), hi[j][r], lo[j][r]);
+  }
+
+  // acc += A·B over one k-step for every m16 × n8 tile of the warp.
+  static __device__ __forceinline__ void mma_step(FragC& acc, const FragA& ah, const FragA& al,
+                                                  const FragB& bh, const FragB& bl) {
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        if constexpr (kSplit) {  // the small terms first
+          ptx::mma_m16n8k8_tf32(acc[i][j], al[i], bh[j]);
+          ptx::mma_m16n8k8_tf32(acc[i][j], ah[i], bl[j]);
+        }
+        ptx::mma_m16n8k8_tf32(acc[i][j], ah[i], bh[j]);
+      }
+  }
+
+  static __device__ __forceinline__ void zero(FragC& acc) {
 #pragma unroll
     for (int i = 0; i < kMT; ++i)
 #pragma unroll
       for (int j = 0; j < kNT; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  }
+
+  static __device__ __forceinline__ void dots(const float* x, int64_t n, int64_t d, int64_t i0,
+                                              int64_t k0, unsigned char* stage, float* s) {
+    float* a = reinterpret_cast<float*>(stage);
+    float* b = a + BM * kLdStage;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int wm = warp / 2, wn = warp % 2, g = lane / 4, t = lane % 4;
+    FragC acc;
+    zero(acc);
     for (int64_t d0 = 0; d0 < d; d0 += BK) {
       load_tile<BM, BK, kLdStage>(a, x, n, d, i0, d0);
       load_tile<BN, BK, kLdStage>(b, x, n, d, k0, d0);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += kK8) {
-        uint32_t ah[kMT][4], al[kMT][4], bh[kNT][2], bl[kNT][2];
-#pragma unroll
-        for (int i = 0; i < kMT; ++i)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {  // a[r] = (g + 8·(r % 2), t + 4·(r / 2))
-            const int row = wm * kWarpRows + 16 * i + g + 8 * (r & 1), col = kk + t + 4 * (r >> 1);
-            split(a[row * kLdStage + col], ah[i][r], al[i][r]);
-          }
-#pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {  // b[r] = (k t + 4·r, n g), B = U_Kᵀ
-            const int col = wn * kWarpCols + 8 * j + g, k = kk + t + 4 * r;
-            split(b[col * kLdStage + k], bh[j][r], bl[j][r]);
-          }
-#pragma unroll
-        for (int i = 0; i < kMT; ++i)
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) {
-            if constexpr (kSplit) {  // the small terms first
-              ptx::mma_m16n8k8_tf32(acc[i][j], al[i], bh[j]);
-              ptx::mma_m16n8k8_tf32(acc[i][j], ah[i], bl[j]);
-            }
-            ptx::mma_m16n8k8_tf32(acc[i][j], ah[i], bh[j]);
-          }
+        FragA ah, al;
+        FragB bh, bl;
+        load_a(ah, al, wm * kWarpRows, kk, [&](int row, int k) { return a[row * kLdStage + k]; });
+        // B = U_Kᵀ: element (k, col) is U_K[col][k]
+        load_b(bh, bl, wn * kWarpCols, kk, [&](int k, int col) { return b[col * kLdStage + k]; });
+        mma_step(acc, ah, al, bh, bl);
       }
       __syncthreads();  // the next chunk (or load_v) overwrites the staging buffer
     }
@@ -445,6 +496,102 @@ struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
           s[row * kLdS + col] = acc[i][j][e];
         }
   }
+
+  // SimtTile's, with this tile's strides.
+  static __device__ __forceinline__ void load_v(unsigned char* stage, const float* x, int64_t n,
+                                                int64_t d, int64_t k0, int64_t j0) {
+    load_tile<BN, DVS, kLdV>(reinterpret_cast<float*>(stage), x, n, d, k0, j0);
+  }
+
+  static __device__ __forceinline__ void store_m(float* s, unsigned char*, int r, int c, float v) {
+    s[r * kLdS + c] = v;  // the same thread read s[r][c] just before
+  }
+
+  // o += M V (kTrans: Mᵀ V, square tiles) for this warp's rows wm·32 + 16i and the
+  // chunk's columns wn·32 + 8j, with M in s [BM][kLdS] and V in stage [BN][kLdV].
+  template <bool kTrans>
+  static __device__ __forceinline__ void mv(FragC& o, const float* s, const unsigned char* stage) {
+    static_assert(!kTrans || BM == BN, "Mᵀ V needs square tiles");
+    const float* v = reinterpret_cast<const float*>(stage);
+    const int warp = threadIdx.x / kWarpSize, wm = warp / 2, wn = warp % 2;
+#pragma unroll kMvUnroll
+    for (int kk = 0; kk < BN; kk += kK8) {
+      FragA ah, al;
+      FragB bh, bl;
+      load_a(ah, al, wm * kWarpRows, kk, [&](int row, int k) {
+        return kTrans ? s[k * kLdS + row] : s[row * kLdS + k];
+      });
+      load_b(bh, bl, wn * kWarpVCols, kk, [&](int k, int col) { return v[k * kLdV + col]; });
+      mma_step(o, ah, al, bh, bl);
+    }
+  }
+
+  // out[i0 + r][j0 + c] (+)= o's element (r, c)·out_scale inside [n, d], o holding
+  // this warp's rows wm·32 + 16i + g + 8·(e / 2), columns wn·32 + 8j + 2t + e % 2.
+  template <bool kAtomic>
+  static __device__ __forceinline__ void write_frags(const FragC& o, float* out, int64_t n,
+                                                     int64_t d, int64_t i0, int64_t j0,
+                                                     float out_scale) {
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int wm = warp / 2, wn = warp % 2, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int64_t gi = i0 + wm * kWarpRows + 16 * i + g + 8 * e2;
+        if (gi >= n) continue;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int64_t gj = j0 + wn * kWarpVCols + 8 * j + 2 * t + e1;
+            if (gj < d) store_value<kAtomic>(out + gi * d + gj, o[i][j][2 * e2 + e1] * out_scale);
+          }
+      }
+  }
+
+  // out[i0 + r][j0 + c] += (M V)[r][c]·out_scale by atomicAdd, V one chunk in stage:
+  // 32 accumulators a thread, as SimtTile's.
+  static __device__ __forceinline__ void add_atomic(const float* s, const unsigned char*,
+                                                    const unsigned char* stage, float* out,
+                                                    int64_t n, int64_t d, int64_t i0, int64_t j0,
+                                                    float out_scale, float*) {
+    FragC t;
+    zero(t);
+    mv<false>(t, s, stage);
+    write_frags<true>(t, out, n, d, i0, j0, out_scale);
+  }
+
+  struct Accum {
+    FragC o[kChunks];  // chunk c: columns c·DVS + wn·32 + 8j + 2t + e % 2 (write_frags)
+
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) Tf32Tile::zero(o[c]);
+    }
+
+    // O[:, chunk kChunk] += M V with M in s [BM][kLdS] and V in stage [BN][kLdV].
+    template <int kChunk>
+    __device__ __forceinline__ void add(const float* s, const unsigned char*,
+                                        const unsigned char* stage) {
+      mv<false>(o[kChunk], s, stage);
+    }
+
+    // O[:, chunk kChunk] += Mᵀ V (rows of O are columns of M).
+    template <int kChunk>
+    __device__ __forceinline__ void add_t(const float* s, const unsigned char*,
+                                          const unsigned char* stage) {
+      mv<true>(o[kChunk], s, stage);
+    }
+
+    template <bool kAtomic>
+    __device__ __forceinline__ void store(float* out, int64_t n, int64_t d, int64_t i0,
+                                          int64_t j0, float out_scale, float*) const {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+        write_frags<kAtomic>(o[c], out, n, d, i0, j0 + c * DVS, out_scale);
+    }
+  };
 };
 
 // Tensor cores (WMMA m16n16k16, fp32 accumulation) for float16/bfloat16.

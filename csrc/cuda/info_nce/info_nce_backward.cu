@@ -42,7 +42,8 @@ __device__ __forceinline__ void g_scales(typename Tile::Acc g_absmax, typename T
 }
 
 // The backward tile kernels' shared memory (Smem's layout): S (M in place for the
-// SIMT tiles), M in the input type (WMMA tiles), and the row and column factors.
+// fp32/fp64 tiles, SimtTile and Tf32Tile), M in the input type (WMMA tiles), and
+// the row and column factors.
 template <typename Tile>
 struct GradSmem {
   using Acc = typename Tile::Acc;
