@@ -48,6 +48,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -58,6 +60,7 @@ __all__ = [
     "POLICIES",
     "ConfirmRelation",
     "MajorityRelation",
+    "ReaskCandidates",
     "check_policy",
     "check_policy_options",
     "check_reask",
@@ -130,6 +133,28 @@ def make_relation(policy: str = "first", name: str = "Relation"):
     if policy == "first":
         return Relation(name)
     return (MajorityRelation if policy == "majority" else ConfirmRelation)(name)
+
+
+class ReaskCandidates(NamedTuple):
+    """The answers a repeat could overturn, one row per pair (``reask_candidates`` of the
+    policies and of :class:`palfast.active.RelationStore`), in the order the policy lists
+    them: ``pairs`` LongTensor [P, 2] (sample ids, the pair to ask again),
+    ``consequence`` LongTensor [P] (|C_i|·|C_j|, the sample pairs the answer joins or
+    would join), ``single`` BoolTensor [P] (one of the two components was one sample)
+    and ``contested`` BoolTensor [P] (a "different" answer about the pair is on record).
+    :func:`palfast.active.select_queries` orders them by :func:`reask_order
+    <palfast.active.strategies.reask_order>`."""
+
+    pairs: torch.Tensor
+    consequence: torch.Tensor
+    single: torch.Tensor
+    contested: torch.Tensor
+
+    @classmethod
+    def of(cls, rows) -> ReaskCandidates:
+        """From rows ``(i, j, consequence, single, contested)``."""
+        out = torch.tensor(rows, dtype=torch.long).reshape(-1, 5)
+        return cls(out[:, :2], out[:, 2], out[:, 3].bool(), out[:, 4].bool())
 
 
 def _key(a: int, b: int) -> tuple[int, int]:
@@ -207,34 +232,37 @@ class MajorityRelation(_Resolved):
         # {i, j} as (min, max) -> [i, j of its earliest answer, earliest answer,
         # alike count, different count], in order of the earliest answer.
         self._pairs: dict[tuple[int, int], list] = {}
-        # {i, j} -> |C_i|·|C_j| when its majority answer "alike" joined two components
-        # of two samples or more each (recorded as the relation applies it).
-        self._joined: dict[tuple[int, int], int] = {}
+        # {i, j} -> (|C_i|, |C_j|) when its majority answer "alike" joined two
+        # components (recorded as the relation applies it), in the order it did.
+        self._joined: dict[tuple[int, int], tuple[int, int]] = {}
 
-    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs whose majority answer "alike" joined two components of two samples or
-        more each and rests on a margin of one vote at most (answered "alike" once and
-        never "different", or as often "alike" as "different" with "alike" first, the
-        tie's winner): ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the
-        consequence |C_i|·|C_j| being the sizes of the two components when the answer
-        joined them, in the order the relation applied them. Asking such a pair again
-        adds a vote: one "different" answer turns a single "alike" into a tie (kept by
-        the earliest answer, so the pair stays a candidate), two overturn it."""
+    def reask_candidates(self) -> ReaskCandidates:
+        """The pairs whose majority answer "alike" joined two components and rests on a
+        margin of one vote at most (answered "alike" once and never "different", or as
+        often "alike" as "different" with "alike" first, the tie's winner), in the order
+        the relation applied them: a :class:`ReaskCandidates`, ``consequence`` being
+        |C_i|·|C_j| with the sizes of the two components when the answer joined them,
+        ``single`` whether one of them was one sample (a sample joined to a class, or two
+        samples joined), ``contested`` whether a "different" answer is on record (a tie).
+
+        Asking such a pair again adds a vote: one "different" answer turns a single
+        "alike" into a tie, which the earliest answer ("alike") wins, so the pair stays
+        joined and a candidate (now ``contested``); a second "different" overturns it
+        (2 against 1), the pair is applied as "different" and is no longer a candidate. A
+        re-ask answered "alike" settles it (2 against 0, or 2 against 1)."""
         rows = []
-        for key, product in self._joined.items():
+        for key, (size_i, size_j) in self._joined.items():
             i, j, earliest, n_alike, n_different = self._pairs[key]
             if n_alike - n_different == 1 or (n_alike == n_different and earliest):
-                rows.append((i, j, product))
-        out = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
-        return out[:, :2], out[:, 2]
+                rows.append((i, j, size_i * size_j, min(size_i, size_j) == 1, n_different > 0))
+        return ReaskCandidates.of(rows)
 
     def _apply(self, answers) -> None:
         """Feed ``(i, j, majority)`` to the relation, recording the joins it makes."""
         rel, joined = self.relation, []
         rel.extend(answers, joined)
         for position, size_i, size_j in joined:
-            if size_i > 1 and size_j > 1:
-                self._joined[_key(rel._log_i[position], rel._log_j[position])] = size_i * size_j
+            self._joined[_key(rel._log_i[position], rel._log_j[position])] = (size_i, size_j)
 
     @staticmethod
     def _majority(entry: list) -> bool:
@@ -296,18 +324,16 @@ class ConfirmRelation(_Resolved):
         pairs = [[self._log_i[p], self._log_j[p]] for p in pos]
         return torch.tensor(pos, dtype=torch.long), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
-    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pair per pending merge, the pair of its earliest waiting answer:
-        ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the consequence
-        |C_i|·|C_j| being the sizes of the two components now (the sample pairs the merge
-        would join), in the order of those answers. Asking the pair again confirms the
-        merge ("alike") or drops it ("different")."""
+    def reask_candidates(self) -> ReaskCandidates:
+        """One pair per pending merge, the pair of its earliest waiting answer, in the
+        order of those answers: a :class:`ReaskCandidates`, ``consequence`` being
+        |C_i|·|C_j| with the sizes of the two components now (the sample pairs the merge
+        would join); never ``single`` (a merge waits only between two components of two
+        samples or more) nor ``contested`` (a "different" answer drops the merge). Asking
+        the pair again confirms the merge ("alike") or drops it ("different")."""
         rel = self.relation
         rows = sorted((positions[0], rel._size[a] * rel._size[b]) for (a, b), positions in self._pending.items())
-        out = torch.tensor(
-            [(self._log_i[p], self._log_j[p], product) for p, product in rows], dtype=torch.long
-        ).reshape(-1, 3)
-        return out[:, :2], out[:, 2]
+        return ReaskCandidates.of([(self._log_i[p], self._log_j[p], product, False, False) for p, product in rows])
 
     def _resolve(self, answers) -> None:
         rel = self.relation

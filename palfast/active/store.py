@@ -91,7 +91,7 @@ from .answer_log import (  # noqa: F401
     state_text,
 )
 from .answer_log import salvage as _salvage
-from .policy import POLICIES, check_policy, make_relation  # noqa: F401
+from .policy import POLICIES, ReaskCandidates, check_policy, make_relation  # noqa: F401
 from .postgres_log import PostgresAnswerLog, is_postgres_url, shown
 from .relation import MAX_IMPLICIT_IDS, Relation, as_pairs  # noqa: F401
 
@@ -418,22 +418,26 @@ class RelationStore:
         positions, pairs = self._answers.unconfirmed()
         return torch.from_numpy(self._log_ids()[positions.numpy()]), pairs
 
-    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def reask_candidates(self) -> ReaskCandidates:
         """The answers that asking the same pair again could overturn, what
-        :func:`palfast.active.select_queries` re-asks (its ``reask``):
-        ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the consequence being
-        the number of sample pairs the answer joins (or would join), |C_i|·|C_j|.
+        :func:`palfast.active.select_queries` re-asks (its ``reask``): a
+        :class:`~palfast.active.policy.ReaskCandidates` ``(pairs [P, 2], consequence [P],
+        single [P], contested [P])``, the consequence being the number of sample pairs
+        the answer joins (or would join), |C_i|·|C_j|; ``single`` when one of the two
+        components was one sample; ``contested`` when a "different" answer about the
+        pair is on record.
 
         * ``"confirm"``: one pair per pending merge (:meth:`unconfirmed`), the pair of
-          its earliest waiting answer, with the sizes of the two components now;
-        * ``"majority"``: the pairs whose majority answer "alike" joined two components
-          of two samples or more each, with their sizes when it joined them, while the
-          majority rests on one vote at most (one "alike" answer and no "different",
-          or a tie that the earliest answer, "alike", wins; see
+          its earliest waiting answer, with the sizes of the two components now (never
+          single: an "alike" answer touching one sample is applied at once);
+        * ``"majority"``: the pairs whose majority answer "alike" joined two components,
+          a single sample too, with their sizes when it joined them, while the majority
+          rests on one vote at most (one "alike" answer and no "different", or a tie
+          that the earliest answer, "alike", wins; see
           :meth:`palfast.active.policy.MajorityRelation.reask_candidates`);
         * ``"first"``: none (a repeated answer changes nothing)."""
         if self.policy == "first":
-            return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            return ReaskCandidates.of([])
         return self._answers.reask_candidates()
 
     def _log_ids(self) -> np.ndarray:

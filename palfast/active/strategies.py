@@ -117,7 +117,7 @@ import torch.nn.functional as F
 from .._checks import check_choice, check_instance, check_int, check_number
 from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
-from .policy import check_reask
+from .policy import ReaskCandidates, check_reask
 from .store import RelationStore
 
 __all__ = [
@@ -128,6 +128,7 @@ __all__ = [
     "STABLE_SEEDS",
     "STRATEGIES",
     "UNCERTAIN_K_FACTOR",
+    "reask_order",
     "CandidateGraph",
     "select_queries",
 ]
@@ -339,7 +340,7 @@ def select_queries(
     if budget == 0:
         return sel.result()
     if reask:
-        _reask(sel, int(reask * budget + _CREDIT_SLACK))
+        _reask(sel, _UnitRows(x), int(reask * budget + _CREDIT_SLACK))
     if strategy == "random":
         _random(sel, n, budget, generator)
         return sel.result()
@@ -564,14 +565,45 @@ def _random_row_pairs(n: int, missing, gen: torch.Generator):
         yield a[perm], b[perm]
 
 
-def _reask(sel: _Selection, n_reask: int) -> None:
+def reask_order(candidates: ReaskCandidates, similarity: torch.Tensor) -> torch.Tensor:
+    """The order in which :func:`select_queries` re-asks ``candidates``
+    (:class:`~palfast.active.policy.ReaskCandidates`, P rows), given ``similarity`` [P],
+    the cosine similarity of each pair's two samples in the current embeddings: the
+    indices of the candidates, first asked first. The one place this order is defined:
+
+    1. the joins of two components of two samples or more each (every pending merge of
+       ``"confirm"``), most consequential first (|C_i|·|C_j|, largest first): one wrong
+       answer joins two classes;
+    2. the ``single`` joins (a sample joined to a class, or two samples joined) that are
+       ``contested`` (a "different" answer on record: under ``"majority"`` a tie, which
+       one more "different" answer overturns), least similar first;
+    3. the other ``single`` joins, least similar first: an "alike" answer that the
+       embedding, trained on it, still finds unlikely is the most suspicious.
+
+    Ties keep the candidates' order (the policy's, the order it applied them). O(P log P).
+
+        >>> from palfast.active.policy import ReaskCandidates
+        >>> c = ReaskCandidates.of([(0, 1, 3, True, False), (2, 3, 4, False, False),
+        ...                         (4, 5, 2, True, False), (6, 7, 9, False, False),
+        ...                         (8, 9, 5, True, True)])
+        >>> reask_order(c, torch.tensor([0.2, 0.9, -0.1, 0.8, 0.7])).tolist()
+        [3, 1, 4, 2, 0]
+    """
+    single = candidates.single
+    value = torch.where(single, similarity.double(), -candidates.consequence.double())
+    tier = torch.where(single, torch.where(candidates.contested, 1, 2), 0)
+    order = torch.sort(value, stable=True).indices
+    return order[torch.sort(tier[order], stable=True).indices]
+
+
+def _reask(sel: _Selection, xn: _UnitRows, n_reask: int) -> None:
     """Start the selection with up to ``n_reask`` re-asks (module docstring): the store's
-    candidates among the rows, most consequential first (ties: log order), each pair and
-    each pending merge once. O(P log P + N log P) for P candidates."""
-    pairs, consequence = sel.store.reask_candidates()
+    candidates among the rows in :func:`reask_order`, each pair and each pending merge
+    once. O(P log P + N log P + P·D) for P candidates of D dimensions."""
+    candidates = sel.store.reask_candidates()
+    pairs = candidates.pairs
     if n_reask == 0 or pairs.shape[0] == 0:
         return
-    pairs = pairs[torch.sort(-consequence, stable=True).indices]
     # The row of each candidate's samples (−1: not a row): the rows' ids looked up among
     # the candidates' sorted ids, never a table sized by the largest id.
     values, where = torch.unique(pairs.reshape(-1), return_inverse=True)
@@ -580,8 +612,12 @@ def _reask(sel: _Selection, n_reask: int) -> None:
     row_of = torch.full((values.numel(),), -1, dtype=torch.long)
     row_of[pos[hit]] = hit.nonzero().flatten()
     rows = row_of[where].reshape(-1, 2)
+    among = (rows >= 0).all(1)
+    candidates = ReaskCandidates(*(t[among] for t in candidates))
+    rows = rows[among]
+    similarity = (xn[rows[:, 0]] * xn[rows[:, 1]]).sum(1)
     asked: set[tuple[int, int]] = set()
-    for a, b in rows[(rows >= 0).all(1)].tolist():
+    for a, b in rows[reask_order(candidates, similarity)].tolist():
         if len(sel.pairs) >= n_reask:
             break
         i, j = sorted((int(sel.ids[a]), int(sel.ids[b])))

@@ -71,6 +71,56 @@ def test_majority_relation_matches_brute_force(seed):
     assert rel.n_queries == len(pairs) and rel.answers()[1].tolist() == answers
 
 
+def majority_candidates_reference(pairs, answers):
+    """Brute force of MajorityRelation.reask_candidates: the majority answers (as
+    majority_reference) applied in order to components kept as Python sets; every
+    "alike" that joins two components not known different is a join, with the two sizes
+    before it; a candidate when its pair's majority rests on one vote at most (one more
+    "alike" than "different", or a tie that the earliest answer, "alike", wins).
+    ``[(i, j, consequence, single, contested)]`` in the order of the joins."""
+    earliest, votes, n_diff = {}, {}, {}
+    for (i, j), a in zip(pairs, answers):
+        key = frozenset((i, j))
+        earliest.setdefault(key, ((i, j), a))
+        votes[key] = votes.get(key, 0) + (1 if a else -1)
+        n_diff[key] = n_diff.get(key, 0) + (not a)
+    comp, apart, out = {}, set(), []
+    for key, ((i, j), first) in earliest.items():
+        ci, cj = comp.setdefault(i, frozenset([i])), comp.setdefault(j, frozenset([j]))
+        alike = first if votes[key] == 0 else votes[key] > 0
+        if ci == cj or frozenset((ci, cj)) in apart:
+            continue
+        if not alike:
+            apart.add(frozenset((ci, cj)))
+            continue
+        merged = ci | cj
+        apart = {frozenset(merged if c in (ci, cj) else c for c in link) for link in apart}
+        for m in merged:
+            comp[m] = merged
+        if votes[key] == 1 or (votes[key] == 0 and first):
+            out.append((i, j, len(ci) * len(cj), min(len(ci), len(cj)) == 1, n_diff[key] > 0))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_majority_reask_candidates_match_brute_force(seed):
+    n = 9
+    pairs, answers = repeated_answers(n, 45, seed)
+    rel = MajorityRelation()
+    g = torch.Generator().manual_seed(200 + seed)
+    start = 0
+    while start < len(pairs):  # batches of 1..5: new pairs, repeats, flips of the majority
+        stop = start + int(torch.randint(1, 6, (1,), generator=g))
+        rel.extend(zip(*zip(*pairs[start:stop]), answers[start:stop]))
+        c = rel.reask_candidates()
+        got = [
+            (i, j, k, bool(s), bool(t))
+            for (i, j), k, s, t in zip(c.pairs.tolist(), c.consequence.tolist(), c.single, c.contested)
+        ]
+        assert got == majority_candidates_reference(pairs[:stop], answers[:stop]), (seed, stop)
+        start = stop
+
+
 def test_majority_without_repeats_is_first_bit_for_bit():
     """No pair answered twice: "majority" feeds the relation exactly what "first" does,
     so even the component ids (union-find roots) agree."""
