@@ -571,14 +571,15 @@ def reask_order(candidates: ReaskCandidates, similarity: torch.Tensor) -> torch.
     the cosine similarity of each pair's two samples in the current embeddings: the
     indices of the candidates, first asked first. The one place this order is defined:
 
-    1. the joins of two components of two samples or more each (every pending merge of
-       ``"confirm"``), most consequential first (|C_i|·|C_j|, largest first): one wrong
-       answer joins two classes;
-    2. the ``single`` joins (a sample joined to a class, or two samples joined) that are
-       ``contested`` (a "different" answer on record: under ``"majority"`` a tie, which
-       one more "different" answer overturns), least similar first;
-    3. the other ``single`` joins, least similar first: an "alike" answer that the
-       embedding, trained on it, still finds unlikely is the most suspicious.
+    1. the ``contested`` candidates (a "different" answer on record: under
+       ``"majority"`` a tie, which one more answer settles either way), most
+       consequential first (|C_i|·|C_j|, largest first): the most likely wrong, and one
+       question resolves each;
+    2. the joins of two components of two samples or more each (every pending merge of
+       ``"confirm"``), most consequential first: one wrong answer joins two classes;
+    3. the other ``single`` joins (a sample joined to a class, or two samples joined),
+       least similar first: an "alike" answer that the embedding, trained on it, still
+       finds unlikely is the most suspicious.
 
     Ties keep the candidates' order (the policy's, the order it applied them). O(P log P).
 
@@ -587,11 +588,11 @@ def reask_order(candidates: ReaskCandidates, similarity: torch.Tensor) -> torch.
         ...                         (4, 5, 2, True, False), (6, 7, 9, False, False),
         ...                         (8, 9, 5, True, True)])
         >>> reask_order(c, torch.tensor([0.2, 0.9, -0.1, 0.8, 0.7])).tolist()
-        [3, 1, 4, 2, 0]
+        [4, 3, 1, 2, 0]
     """
-    single = candidates.single
-    value = torch.where(single, similarity.double(), -candidates.consequence.double())
-    tier = torch.where(single, torch.where(candidates.contested, 1, 2), 0)
+    by_similarity = candidates.single & ~candidates.contested
+    value = torch.where(by_similarity, similarity.double(), -candidates.consequence.double())
+    tier = torch.where(candidates.contested, 0, torch.where(candidates.single, 2, 1))
     order = torch.sort(value, stable=True).indices
     return order[torch.sort(tier[order], stable=True).indices]
 

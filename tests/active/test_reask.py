@@ -275,20 +275,27 @@ def test_suspicion_asks_the_planted_wrong_join_first():
     assert select_queries(emb, store, 10, "pal", reask=0.2)[:2].tolist() == [[6, 13], [2, 15]]
 
 
-def test_suspicion_asks_a_contested_single_join_before_the_rest():
+def test_suspicion_asks_a_contested_join_first():
+    """A tie (one more answer settles it) comes before everything, a join of two classes
+    too; among contested candidates the most consequential first."""
     emb, store = planted_wrong_join()
     store.record([[0, 1]], [not ALIKE])  # a tie on a pair the embedding finds likely
     assert select_queries(emb, store, 10, "pal", reask=0.2)[:2].tolist() == [[0, 1], [2, 15]]
+    store.record([[6, 13]], [ALIKE])  # joins 6-11 with 12-14 (6·3)
+    assert select_queries(emb, store, 10, "pal", reask=0.3)[:3].tolist() == [[0, 1], [6, 13], [2, 15]]
+    store.record([[3, 4]], [not ALIKE])  # a tie on a join of consequence 3·1 > 1·1
+    assert select_queries(emb, store, 10, "pal", reask=0.3)[:3].tolist() == [[3, 4], [0, 1], [6, 13]]
 
 
 def reask_order_reference(candidates, similarity):
     """Brute force of reask_order's rule: sort the indices by (tier, key, index), tier 0
-    for the multi joins (key: −consequence), 1 for the contested single joins, 2 for the
-    other single joins (key: similarity)."""
+    for the contested candidates and 1 for the other multi joins (key: −consequence), 2
+    for the other single joins (key: similarity)."""
+
     def key(k):
-        if not candidates.single[k]:
-            return (0, -int(candidates.consequence[k]), k)
-        return (1 if candidates.contested[k] else 2, float(similarity[k]), k)
+        if candidates.contested[k] or not candidates.single[k]:
+            return (0 if candidates.contested[k] else 1, -int(candidates.consequence[k]), k)
+        return (2, float(similarity[k]), k)
 
     return sorted(range(candidates.pairs.shape[0]), key=key)
 
