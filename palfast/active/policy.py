@@ -23,8 +23,21 @@ with different policies. The policies:
 
 A *re-ask* asks the oracle again about an answer a second one could overturn
 (:func:`palfast.active.select_queries`' ``reask``): :meth:`ConfirmRelation.reask_candidates`
-and :meth:`MajorityRelation.reask_candidates` list them, with the number of sample pairs a
-wrong answer joins; under ``"first"`` a repeat changes nothing (:func:`check_reask`).
+(the pending merges) and :meth:`MajorityRelation.reask_candidates` (every "alike" that
+joined two components on one vote, a single sample joined to a class too) list them as
+:class:`ReaskCandidates`, with the number of sample pairs a wrong answer joins, whether
+one side was a single sample and whether a "different" answer is on record;
+:func:`palfast.active.strategies.reask_order` orders them. Under ``"first"`` a repeat
+changes nothing (:func:`check_reask`).
+
+Under ``"confirm"`` an "alike" answer touching a component of one sample is applied at
+once, never pending, so it is no re-ask candidate: a later "different" about the pair is
+a contradiction that first-answer-wins ignores. For a person who errs, ``"majority"``
+with re-asks is the policy that can overturn a wrong single-sample join (two "different"
+answers against one "alike"). ``"confirm"`` is left so on purpose: holding single joins
+back would hold back most of a run's growth (a class grows one sample at a time), and
+holding only those the embedding finds unlikely would make the relation depend on the
+embeddings, where every policy is a reading of the log alone (docs/active.md).
 
 Under every policy a *contradiction* is an answer (not retracted) whose pair the
 relation knows with the opposite answer: :meth:`Relation.contradictions`. Under

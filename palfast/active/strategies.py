@@ -11,18 +11,21 @@ the same rules:
 * Q = budget unless fewer unknown component pairs exist among the rows.
 
 The one exception is ``reask`` (a share of the budget, default 0): it first asks again
-answers that a second answer could overturn, most consequential first
-(:meth:`RelationStore.reask_candidates`; docs/active.md, "Answers from people who make
-mistakes"). Under policy ``"confirm"`` these are the pending merges (the same pair as
-their earliest waiting answer, asked again: the question whose answer is in doubt, and
-with an oracle whose mistakes are independent, a fresh draw), under ``"majority"`` the
-pairs whose "alike" joined two classes on one vote; the consequence is |C_i|·|C_j|, the
-sample pairs the answer joins. Only pairs whose two samples are rows (``ids``) are
-re-asked, each at most once per call, and at most ``int(reask · budget)`` of them; they
-come first in the returned pairs, and the strategy fills the rest of the budget (the
-rules above hold among its pairs, and it asks no pair across the two components of a
-re-asked pending merge). A re-asked pair is one the store knows under ``"majority"``:
-the deliberate exception to "never a known pair".
+answers that a second answer could overturn (:meth:`RelationStore.reask_candidates`;
+docs/active.md, "Answers from people who make mistakes"). Under policy ``"confirm"``
+these are the pending merges (the same pair as their earliest waiting answer, asked
+again: the question whose answer is in doubt, and with an oracle whose mistakes are
+independent, a fresh draw), under ``"majority"`` the pairs whose "alike" joined two
+components on one vote, a single sample joined to a class too. They are asked in the
+order of :func:`reask_order`: the contested ones first (a tie that one more answer
+settles), then the joins of two components of two samples or more, most consequential
+first (|C_i|·|C_j|, the sample pairs the answer joins), then the single-sample joins,
+least similar in ``embeddings`` first (the most suspicious "alike"). Only pairs whose
+two samples are rows (``ids``) are re-asked, each at most once per call, and at most
+``int(reask · budget)`` of them; they come first in the returned pairs, and the
+strategy fills the rest of the budget (the rules above hold among its pairs, and it asks
+no pair across the two components of a re-asked pending merge). A re-asked pair is one
+the store knows under ``"majority"``: the deliberate exception to "never a known pair".
 
 Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosine):
 
@@ -275,7 +278,7 @@ def select_queries(
             (:class:`ActiveLearner` does); None = a fresh one each call. It holds JSON
             types only, so :meth:`RelationStore.save_state` can keep it across runs.
         reask: share in [0, 1] of the budget spent first on asking again the answers a
-            second one could overturn, most consequential first (module docstring);
+            second one could overturn, in the order of :func:`reask_order` (module docstring);
             default 0. Above 0 the store must be writable and opened with policy
             ``"confirm"`` or ``"majority"`` (ValueError otherwise: under ``"first"`` a
             repeated answer changes nothing).

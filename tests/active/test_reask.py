@@ -1,6 +1,7 @@
 """Re-asks (select_queries' ``reask``; docs/active.md, "Answers from people who make
 mistakes"): the pending merges of "confirm" and the one-vote joins of "majority" asked
-again first, most consequential first, each once; the errors; ActiveLearner's pass-through."""
+again first in reask_order (contested, then multi joins by consequence, then single
+joins least similar first), each once; the errors; ActiveLearner's pass-through."""
 
 import math
 import warnings
