@@ -16,16 +16,19 @@ docs/active.md, "Answers from people who make mistakes"). Under policy ``"confir
 these are the pending merges (the same pair as their earliest waiting answer, asked
 again: the question whose answer is in doubt, and with an oracle whose mistakes are
 independent, a fresh draw), under ``"majority"`` the pairs whose "alike" joined two
-components on one vote, a single sample joined to a class too. They are asked in the
-order of :func:`reask_order`: the contested ones first (a tie that one more answer
-settles), then the joins of two components of two samples or more, most consequential
+components by one vote, a single sample joined to a class too, and the tied pairs (no
+answer applied) the store does not know. They are asked in the order of
+:func:`reask_order`: the contested ones first (a tie, which one more answer settles),
+then the joins of two components of two samples or more, most consequential
 first (|C_i|·|C_j|, the sample pairs the answer joins), then the single-sample joins,
 least similar in ``embeddings`` first (the most suspicious "alike"). Only pairs whose
 two samples are rows (``ids``) are re-asked, each at most once per call, and at most
 ``int(reask · budget)`` of them; they come first in the returned pairs, and the
 strategy fills the rest of the budget (the rules above hold among its pairs, and it asks
-no pair across the two components of a re-asked pending merge). A re-asked pair is one
-the store knows under ``"majority"``: the deliberate exception to "never a known pair".
+no pair across the two components of a re-asked pending merge, nor across those of a
+re-asked tie). A re-asked one-vote join is a pair the store knows under ``"majority"``:
+the deliberate exception to "never a known pair". A tied pair is unknown, so the
+strategy may ask it too when the re-asks do not (it is then no exception).
 
 Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosine):
 
@@ -574,10 +577,14 @@ def reask_order(candidates: ReaskCandidates, similarity: torch.Tensor) -> torch.
     the cosine similarity of each pair's two samples in the current embeddings: the
     indices of the candidates, first asked first. The one place this order is defined:
 
-    1. the ``contested`` candidates (a "different" answer on record: under
-       ``"majority"`` a tie, which one more answer settles either way), most
-       consequential first (|C_i|·|C_j|, largest first): the most likely wrong, and one
-       question resolves each;
+    1. the ``contested`` candidates (under ``"majority"`` a tied pair: no answer
+       applied, the next one settles it either way), most consequential first
+       (|C_i|·|C_j|, largest first). A tie joins nothing, so it is no risk to the
+       classes; it comes first because one question settles it for good, where a pair
+       that has cost two questions gives nothing, and because ties are few (each needs
+       a "different" against an "alike"): the two answers cancel, and the pair is as
+       likely alike as the strategy's questions are, so leaving it keeps a sample (or a
+       class) out of its class;
     2. the joins of two components of two samples or more each (every pending merge of
        ``"confirm"``), most consequential first: one wrong answer joins two classes;
     3. the other ``single`` joins (a sample joined to a class, or two samples joined),

@@ -1,6 +1,6 @@
 """Re-asks (select_queries' ``reask``; docs/active.md, "Answers from people who make
-mistakes"): the pending merges of "confirm" and the one-vote joins of "majority" asked
-again first in reask_order (contested, then multi joins by consequence, then single
+mistakes"): the pending merges of "confirm" and the one-vote joins and ties of "majority"
+asked again first in reask_order (contested, then multi joins by consequence, then single
 joins least similar first), each once; the errors; ActiveLearner's pass-through."""
 
 import math
@@ -113,32 +113,54 @@ def test_majority_reasks_multi_joins_first():
     assert sorted(q[2:8].tolist()) == [[0, 1], [2, 3], [4, 5], [6, 7], [7, 8], [8, 9]]
 
 
-def test_majority_overturns_a_multi_join_in_two_votes():
+def test_majority_undoes_a_multi_join_with_one_vote():
     store = majority_store()
-    # One "different" vote: a tie, kept by the earliest answer ("alike"): still asked.
+    # One "different" vote: a tie, which gives the pair no answer: C and D apart again,
+    # and the pair, unknown now, a contested candidate with the components now:
+    # A+B+C (joined by the settled (3, 4)) and D+{9}, 6·4.
     store.record([[5, 6]], [not ALIKE])
     c = store.reask_candidates()
-    assert store.same(4, 7) and [5, 6] in c.pairs.tolist()
-    assert c.contested.tolist() == [p == [5, 6] for p in c.pairs.tolist()]
-    store.record([[6, 5]], [not ALIKE])  # overturned: C and D apart, no longer a candidate
+    assert store.same(4, 7) is None and store.same(5, 6) is None and store.same(6, 9)
+    assert c.pairs.tolist()[-1] == [5, 6] and c.contested.tolist() == [False] * (len(c.pairs) - 1) + [True]
+    assert int(c.consequence[-1]) == 24
+    store.record([[6, 5]], [not ALIKE])  # settled: C and D apart, no longer a candidate
     assert store.same(4, 7) is False and [5, 6] not in store.reask_candidates().pairs.tolist()
     store.record([[1, 2]], [ALIKE])  # two votes ahead: settled
     assert [1, 2] not in store.reask_candidates().pairs.tolist()
 
 
-def test_majority_overturns_a_single_join_in_two_votes():
-    """A sample joined to a class by one "alike": one "different" re-ask makes a tie
-    (the earliest answer, "alike", wins: still joined, now contested), a second one
-    overturns it; its consequence follows the replay."""
+def test_majority_undoes_a_single_join_with_one_vote():
+    """A sample joined to a class by one "alike": one "different" re-ask makes a tie,
+    which undoes the join (the pair unknown, contested, its consequence that of the
+    components now); a third answer settles it."""
     store = majority_store()
     store.record([[8, 9]], [not ALIKE])
     c = store.reask_candidates()
     row = c.pairs.tolist().index([8, 9])
-    assert store.same(8, 9) and bool(c.single[row]) and bool(c.contested[row]) and int(c.consequence[row]) == 5
+    assert store.same(8, 9) is None and store.same(4, 8) and not bool(store.known_mask([[8, 9]]))
+    assert bool(c.single[row]) and bool(c.contested[row]) and int(c.consequence[row]) == 9  # A+B+C+D · {9}
+    assert select_queries(X, store, 4, "pal", reask=0.25)[0].tolist() == [8, 9]  # the tie first
     store.record([[9, 8]], [not ALIKE])
     assert store.same(8, 9) is False and store.same(4, 8)
     assert [8, 9] not in store.reask_candidates().pairs.tolist()
     assert store.n_queries == 12  # every answer kept
+
+
+def test_a_tied_pair_is_asked_once_and_nothing_across_it():
+    """A tie is unknown: the re-asks ask it, and then the strategy asks no other pair
+    across its two components in the same call; without re-asks the strategy may ask it."""
+    emb, store = planted_wrong_join()
+    store.record([[15, 2]], [not ALIKE])  # the wrong join undone by one re-ask
+    assert store.same(2, 15) is None
+    tie = tuple(store.roots(torch.tensor([2, 15])).sort().values.tolist())
+    for reask in (0.0, 0.1, 0.5):
+        q = select_queries(emb, store, 10, "pal", reask=reask)
+        n = int(reask * 10)  # the re-asks, the tie first; then the strategy's pairs
+        assert q.shape[0] > n and (n == 0 or q[0].tolist() == [2, 15])
+        rest = q[n:]
+        assert not bool(store.known_mask(rest).any())
+        across = {tuple(r) for r in store.roots(rest.flatten()).reshape(-1, 2).sort(1).values.tolist()}
+        assert len(across) == rest.shape[0] and (n == 0 or tie not in across)
 
 
 def test_first_has_no_candidates():
