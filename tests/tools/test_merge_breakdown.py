@@ -26,12 +26,17 @@ def test_wrong_joins_single_multi_round_votes():
     store = RelationStore(policy="majority")
     store.record([[0, 1], [2, 3]], [True, True])  # round 0 (rounds of 2): right
     store.record([[1, 2], [4, 5]], [True, True])  # round 1: A+B (2·2), wrong; right
-    store.record([[5, 6], [6, 5]], [True, False])  # round 2: 6 (class 0) to C, a tie
-    store.record([[0, 4]], [False])  # round 3: a right "different" (A+B vs C+6)
+    store.record([[5, 6], [6, 5]], [True, False])  # round 2: 6 (class 0) to C, then a tie: undone
+    store.record([[0, 4]], [False])  # round 3: a right "different" (A+B vs C)
     joins = merge_breakdown.wrong_joins(store, y, 2)
     assert [(w["pair"], w["sizes"], w["kind"], w["round"], w["votes"], w["candidate"]) for w in joins] == [
         ((1, 2), (2, 2), "multi", 1, (1, 0), True),
-        ((5, 6), (2, 1), "single", 2, (1, 1), True),
     ]
-    store.record([[5, 6]], [False])  # overturned: no longer a wrong join
+    store.record([[6, 5]], [True])  # the tie settled "alike", 2 to 1: a one-vote join again
+    joins = merge_breakdown.wrong_joins(store, y, 2)
+    assert [(w["pair"], w["sizes"], w["kind"], w["round"], w["votes"], w["candidate"]) for w in joins] == [
+        ((1, 2), (2, 2), "multi", 1, (1, 0), True),
+        ((5, 6), (2, 1), "single", 2, (2, 1), True),
+    ]
+    store.record([[5, 6]], [False])  # a tie again: undone, no longer a wrong join
     assert [w["pair"] for w in merge_breakdown.wrong_joins(store, y, 2)] == [(1, 2)]
