@@ -135,7 +135,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=0.0,
         metavar="FRACTION",
         help="share in [0, 1] of each round's questions spent first on asking again the "
-        "answers a second one could overturn, most consequential first (needs --policy "
+        "answers a second one could overturn (contested ones, then joins of two classes by size, then "
+        "single-sample joins least similar first; needs --policy "
         "confirm or majority; default 0)",
     )
     parser.add_argument(

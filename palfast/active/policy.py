@@ -9,12 +9,14 @@ with different policies. The policies:
 * ``"first"`` (:class:`~palfast.active.relation.Relation` itself): every answer is
   applied in log order; one that contradicts what the answers before it imply is
   ignored, so the first answer wins.
-* ``"majority"`` (:class:`MajorityRelation`): each unordered pair {i, j} gets one
-  answer, its *majority answer*: "alike" if more of its answers say alike than not,
-  "different" if fewer, and its earliest answer on a tie. The relation is that of
-  ``"first"`` fed one answer per pair, the majority answer, the pairs in the order of
-  their earliest answer (so an answer implied through other pairs still wins over a
-  later pair's majority by transitivity).
+* ``"majority"`` (:class:`MajorityRelation`): each unordered pair {i, j} gets at most
+  one answer, its *majority answer*: "alike" if more of its answers say alike than not,
+  "different" if fewer, and none on a tie (as many of each: the pair is unknown unless
+  other pairs imply it). The relation is that of ``"first"`` fed one answer per pair
+  with a majority, the pairs in the order of their earliest answer (so an answer
+  implied through other pairs still wins over a later pair's majority by
+  transitivity). One "different" answer against one "alike" thus undoes the join, and
+  a third answer settles the pair.
 * ``"confirm"`` (:class:`ConfirmRelation`): as ``"first"``, except that an "alike"
   answer joining two components that both have more than one sample is held as a
   *pending merge* until a second "alike" answer across the same two components arrives
@@ -23,14 +25,30 @@ with different policies. The policies:
 
 A *re-ask* asks the oracle again about an answer a second one could overturn
 (:func:`palfast.active.select_queries`' ``reask``): :meth:`ConfirmRelation.reask_candidates`
-and :meth:`MajorityRelation.reask_candidates` list them, with the number of sample pairs a
-wrong answer joins; under ``"first"`` a repeat changes nothing (:func:`check_reask`).
+(the pending merges) and :meth:`MajorityRelation.reask_candidates` (every "alike" that
+joined two components by one vote, a single sample joined to a class too, and the tied
+pairs the relation does not know) list them as :class:`ReaskCandidates`, with the number
+of sample pairs a wrong answer joins, whether one side was a single sample and whether
+the pair is *contested* (a tie: no answer applied, the next one settles it);
+:func:`palfast.active.strategies.reask_order` orders them. Under ``"first"`` a repeat
+changes nothing (:func:`check_reask`).
+
+Under ``"confirm"`` an "alike" answer touching a component of one sample is applied at
+once, never pending, so it is no re-ask candidate: a later "different" about the pair is
+a contradiction that first-answer-wins ignores. For a person who errs, ``"majority"``
+with re-asks is the policy that can overturn a wrong single-sample join (one "different"
+answer against one "alike" makes a tie, which undoes it). ``"confirm"`` is left so on
+purpose: holding single joins
+back would hold back most of a run's growth (a class grows one sample at a time), and
+holding only those the embedding finds unlikely would make the relation depend on the
+embeddings, where every policy is a reading of the log alone (docs/active.md).
 
 Under every policy a *contradiction* is an answer (not retracted) whose pair the
 relation knows with the opposite answer: :meth:`Relation.contradictions`. Under
 ``"first"`` these are exactly the answers that contradicted what the answers before
 them implied (that relation only grows); under ``"majority"`` they are the answers the
-majority (or transitivity) overruled; under ``"confirm"`` a pending answer is not one
+majority (or transitivity) overruled, and none of a tied pair's answers unless other
+pairs imply it; under ``"confirm"`` a pending answer is not one
 until a "different" answer drops its merge.
 
 Example::
@@ -44,9 +62,22 @@ Example::
     first True 2
     majority False 1
     confirm False 1
+
+Under ``"majority"`` the first four answers alone tie on {1, 2}: the pair is unknown, and
+none of its answers is a contradiction; it is the one re-ask candidate left (contested)::
+
+    >>> rel = make_relation("majority")
+    >>> _ = rel.extend(log[:4])
+    >>> rel.relation.same(1, 2), rel.relation.same(0, 1), rel.n_conflicts
+    (None, True, 0)
+    >>> c = rel.reask_candidates()
+    >>> c.pairs.tolist(), c.consequence.tolist(), c.contested.tolist()
+    ([[0, 1], [2, 3], [1, 2]], [1, 1, 4], [False, False, True])
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +89,7 @@ __all__ = [
     "POLICIES",
     "ConfirmRelation",
     "MajorityRelation",
+    "ReaskCandidates",
     "check_policy",
     "check_policy_options",
     "check_reask",
@@ -132,6 +164,29 @@ def make_relation(policy: str = "first", name: str = "Relation"):
     return (MajorityRelation if policy == "majority" else ConfirmRelation)(name)
 
 
+class ReaskCandidates(NamedTuple):
+    """The answers a repeat could overturn, one row per pair (``reask_candidates`` of the
+    policies and of :class:`palfast.active.RelationStore`), in the order the policy lists
+    them: ``pairs`` LongTensor [P, 2] (sample ids, the pair to ask again),
+    ``consequence`` LongTensor [P] (|C_i|·|C_j|, the sample pairs the answer joins or
+    would join), ``single`` BoolTensor [P] (one of the two components was one sample)
+    and ``contested`` BoolTensor [P] (under ``"majority"``, the pair's answers tie: it has
+    no answer, and the next one settles it; never under ``"confirm"``).
+    :func:`palfast.active.select_queries` orders them by :func:`reask_order
+    <palfast.active.strategies.reask_order>`."""
+
+    pairs: torch.Tensor
+    consequence: torch.Tensor
+    single: torch.Tensor
+    contested: torch.Tensor
+
+    @classmethod
+    def of(cls, rows) -> ReaskCandidates:
+        """From rows ``(i, j, consequence, single, contested)``."""
+        out = torch.tensor(rows, dtype=torch.long).reshape(-1, 5)
+        return cls(out[:, :2], out[:, 2], out[:, 3].bool(), out[:, 4].bool())
+
+
 def _key(a: int, b: int) -> tuple[int, int]:
     return (a, b) if a < b else (b, a)
 
@@ -195,54 +250,83 @@ class _Resolved:
 
 class MajorityRelation(_Resolved):
     """Policy ``"majority"`` (module docstring): one answer per unordered pair, its
-    majority answer, fed to :attr:`relation` in the order of each pair's earliest answer.
+    majority answer, fed to :attr:`relation` in the order of each pair's earliest answer;
+    a pair whose answers tie (as many "alike" as "different") feeds nothing, so the
+    relation knows it only if other pairs imply it.
 
     A new pair is applied at once (it comes last in that order); a repeated answer that
-    changes its pair's majority replays every pair (O(pairs), a union-find cannot undo
-    a merge), one that does not change it leaves the relation as it is.
+    changes its pair's majority (a tie included) replays every pair (O(pairs), a
+    union-find cannot undo a merge), one that does not change it leaves the relation as
+    it is.
     """
 
     def clear(self) -> None:
         super().clear()
-        # {i, j} as (min, max) -> [i, j of its earliest answer, earliest answer,
-        # alike count, different count], in order of the earliest answer.
+        # {i, j} as (min, max) -> [i, j of its earliest answer, alike count, different
+        # count, rank], in order of the earliest answer (rank: the position in that order).
         self._pairs: dict[tuple[int, int], list] = {}
-        # {i, j} -> |C_i|·|C_j| when its majority answer "alike" joined two components
-        # of two samples or more each (recorded as the relation applies it).
-        self._joined: dict[tuple[int, int], int] = {}
+        # {i, j} -> (|C_i|, |C_j|) when its majority answer "alike" joined two
+        # components (recorded as the relation applies it), in the order it did.
+        self._joined: dict[tuple[int, int], tuple[int, int]] = {}
+        self._tied: dict[tuple[int, int], int] = {}  # the tied pairs -> their rank
 
-    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs whose majority answer "alike" joined two components of two samples or
-        more each and rests on a margin of one vote at most (answered "alike" once and
-        never "different", or as often "alike" as "different" with "alike" first, the
-        tie's winner): ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the
-        consequence |C_i|·|C_j| being the sizes of the two components when the answer
-        joined them, in the order the relation applied them. Asking such a pair again
-        adds a vote: one "different" answer turns a single "alike" into a tie (kept by
-        the earliest answer, so the pair stays a candidate), two overturn it."""
+    def reask_candidates(self) -> ReaskCandidates:
+        """The answers one more answer about the same pair could overturn or settle: a
+        :class:`ReaskCandidates`, ``consequence`` being |C_i|·|C_j|, ``single`` whether
+        one of the two components is one sample (a sample joined to a class, or two
+        samples). First, in the order the relation applied them, the pairs whose majority
+        answer "alike" joined two components by one vote (one more "alike" than
+        "different": 1 to 0, 2 to 1, ...), with the sizes of the two components when it
+        joined them, not ``contested``; then, in the order of their earliest answer, the
+        tied pairs the relation does not know (no answer applied, none implied), with the
+        sizes of their two components now, ``contested``.
+
+        Asking a one-vote join again adds a vote: "different" makes a tie, which gives the
+        pair no answer, so the join is undone (the pair is now a contested candidate);
+        "alike" settles it (2 to 0, 3 to 1). Asking a tied pair again settles it either
+        way: "different" keeps the two components apart (2 to 1, no longer a candidate),
+        "alike" joins them, by one vote (2 to 1: a one-vote join, a candidate again, with
+        the same odds of being wrong as a single "alike"). A tied pair the relation
+        knows through other pairs is no candidate: one more answer about it is outvoted
+        by those pairs (or, earlier in the order, overrules them) like any other answer,
+        and the strategies never ask a known pair."""
         rows = []
-        for key, product in self._joined.items():
-            i, j, earliest, n_alike, n_different = self._pairs[key]
-            if n_alike - n_different == 1 or (n_alike == n_different and earliest):
-                rows.append((i, j, product))
-        out = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
-        return out[:, :2], out[:, 2]
+        for key, (size_i, size_j) in self._joined.items():
+            i, j, n_alike, n_different, _ = self._pairs[key]
+            if n_alike - n_different == 1:
+                rows.append((i, j, size_i * size_j, min(size_i, size_j) == 1, False))
+        if self._tied:
+            rel = self.relation
+            tied = [self._pairs[key] for key in sorted(self._tied, key=self._tied.__getitem__)]
+            i = np.asarray([e[0] for e in tied], dtype=np.int64)
+            j = np.asarray([e[1] for e in tied], dtype=np.int64)
+            for a, b, verdict in zip(i.tolist(), j.tolist(), rel.verdicts(i, j).tolist()):
+                if verdict < 0:
+                    size_a, size_b = self._size(a), self._size(b)
+                    rows.append((a, b, size_a * size_b, min(size_a, size_b) == 1, True))
+        return ReaskCandidates.of(rows)
+
+    def _size(self, i: int) -> int:
+        """The size of the component of sample ``i`` now (1: a sample the relation never saw)."""
+        rel = self.relation
+        d = rel._dense.get(i)
+        return 1 if d is None else rel._size[rel._find(d)]
 
     def _apply(self, answers) -> None:
         """Feed ``(i, j, majority)`` to the relation, recording the joins it makes."""
         rel, joined = self.relation, []
         rel.extend(answers, joined)
         for position, size_i, size_j in joined:
-            if size_i > 1 and size_j > 1:
-                self._joined[_key(rel._log_i[position], rel._log_j[position])] = size_i * size_j
+            self._joined[_key(rel._log_i[position], rel._log_j[position])] = (size_i, size_j)
 
     @staticmethod
-    def _majority(entry: list) -> bool:
-        _, _, earliest, n_alike, n_different = entry
-        return earliest if n_alike == n_different else n_alike > n_different
+    def _majority(entry: list) -> bool | None:
+        """A pair's majority answer: True ("alike"), False ("different"), None on a tie."""
+        _, _, n_alike, n_different, _ = entry
+        return None if n_alike == n_different else n_alike > n_different
 
     def _resolve(self, answers) -> None:
-        pairs, majority = self._pairs, self._majority
+        pairs, majority, tied = self._pairs, self._majority, self._tied
         fresh = []  # pairs first answered here, in order: they extend the relation
         replay = False
         for i, j, alike in answers:
@@ -250,16 +334,22 @@ class MajorityRelation(_Resolved):
             key = _key(i, j)
             entry = pairs.get(key)
             if entry is None:
-                pairs[key] = [i, j, alike, int(alike), int(not alike)]
+                pairs[key] = [i, j, int(alike), int(not alike), len(pairs)]
                 fresh.append((i, j, alike))
                 continue
             before = majority(entry)
-            entry[3 if alike else 4] += 1
-            replay |= majority(entry) != before
+            entry[2 if alike else 3] += 1
+            after = majority(entry)
+            if after is None:
+                tied[key] = entry[4]
+            else:
+                tied.pop(key, None)
+            replay |= after != before
         if replay:
             self.relation.clear()
             self._joined = {}
-            self._apply((e[0], e[1], majority(e)) for e in pairs.values())
+            resolved = ((e[0], e[1], majority(e)) for e in pairs.values())
+            self._apply((i, j, alike) for i, j, alike in resolved if alike is not None)
         elif fresh:
             self._apply(fresh)
 
@@ -296,18 +386,16 @@ class ConfirmRelation(_Resolved):
         pairs = [[self._log_i[p], self._log_j[p]] for p in pos]
         return torch.tensor(pos, dtype=torch.long), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
-    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pair per pending merge, the pair of its earliest waiting answer:
-        ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the consequence
-        |C_i|·|C_j| being the sizes of the two components now (the sample pairs the merge
-        would join), in the order of those answers. Asking the pair again confirms the
-        merge ("alike") or drops it ("different")."""
+    def reask_candidates(self) -> ReaskCandidates:
+        """One pair per pending merge, the pair of its earliest waiting answer, in the
+        order of those answers: a :class:`ReaskCandidates`, ``consequence`` being
+        |C_i|·|C_j| with the sizes of the two components now (the sample pairs the merge
+        would join); never ``single`` (a merge waits only between two components of two
+        samples or more) nor ``contested`` (a "different" answer drops the merge). Asking
+        the pair again confirms the merge ("alike") or drops it ("different")."""
         rel = self.relation
         rows = sorted((positions[0], rel._size[a] * rel._size[b]) for (a, b), positions in self._pending.items())
-        out = torch.tensor(
-            [(self._log_i[p], self._log_j[p], product) for p, product in rows], dtype=torch.long
-        ).reshape(-1, 3)
-        return out[:, :2], out[:, 2]
+        return ReaskCandidates.of([(self._log_i[p], self._log_j[p], product, False, False) for p, product in rows])
 
     def _resolve(self, answers) -> None:
         rel = self.relation

@@ -30,9 +30,9 @@ who make mistakes"), a property of how the log is read, not of the file:
 * ``"first"`` (default): answers are applied in log order; one that contradicts what
   the answers before it imply (i~j after i≁j was implied, or the reverse) is logged
   but does not change the relation: the first answer wins;
-* ``"majority"``: each pair {i, j} counts with its majority answer (a tie keeps its
-  earliest answer), the pairs applied as under ``"first"`` in the order of their
-  earliest answer;
+* ``"majority"``: each pair {i, j} counts with its majority answer (a tie gives it no
+  answer: unknown unless other pairs imply it), the pairs applied as under ``"first"``
+  in the order of their earliest answer;
 * ``"confirm"``: as ``"first"``, but an "alike" answer that would join two components
   of more than one sample each waits (:meth:`RelationStore.unconfirmed`) until a second
   "alike" answer across them confirms it; a "different" one across them drops it.
@@ -91,7 +91,7 @@ from .answer_log import (  # noqa: F401
     state_text,
 )
 from .answer_log import salvage as _salvage
-from .policy import POLICIES, check_policy, make_relation  # noqa: F401
+from .policy import POLICIES, ReaskCandidates, check_policy, make_relation  # noqa: F401
 from .postgres_log import PostgresAnswerLog, is_postgres_url, shown
 from .relation import MAX_IMPLICIT_IDS, Relation, as_pairs  # noqa: F401
 
@@ -115,10 +115,12 @@ class AnnotatorStats(NamedTuple):
     """What one source (who answered) contributed, from :meth:`RelationStore.annotators`.
 
     * ``answers``: its answers in the log, retracted ones left out;
-    * ``repeated``: those of them about a pair {i, j} answered more than once (by anyone);
+    * ``repeated``: those of them about a pair {i, j} answered more than once (by anyone)
+      that has a majority answer (more "alike" than "different" answers: alike; fewer:
+      different). An answer about a tied pair (as many of each) agrees with no majority:
+      it is counted in ``answers`` only, neither for nor against the agreement;
     * ``agreement``: the fraction of the ``repeated`` answers that agree with their
-      pair's majority answer (more "alike" than "different" answers: alike; fewer:
-      different; a tie: the pair's earliest answer), None when ``repeated`` is 0;
+      pair's majority answer, None when ``repeated`` is 0;
     * ``contradictions``: its answers that are contradictions under the store's policy
       (in :meth:`RelationStore.contradictions`).
     """
@@ -144,17 +146,10 @@ def _query(name: str, part: str = "_relation"):
     return ask
 
 
-def _pair_groups(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The unordered pairs {i, j} of ``pairs [Q, 2]``: ``(group [Q], earliest [G])``, the
-    group of each row and the first row of each group (a stable sort, no hashing)."""
-    key = np.sort(pairs, axis=1)
-    order = np.lexsort((key[:, 1], key[:, 0]))  # stable: the earliest row leads its group
-    k = key[order]
-    starts = np.ones(k.shape[0], dtype=bool)
-    starts[1:] = (k[1:] != k[:-1]).any(axis=1)
-    group = np.empty(k.shape[0], dtype=np.int64)
-    group[order] = np.cumsum(starts) - 1
-    return group, order[starts]
+def _pair_groups(pairs: np.ndarray) -> np.ndarray:
+    """The unordered pair {i, j} of each row of ``pairs [Q, 2]``: ``group [Q]``, one
+    number per distinct pair (a sort, no hashing)."""
+    return np.unique(np.sort(pairs, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
 
 
 class RelationStore:
@@ -418,22 +413,27 @@ class RelationStore:
         positions, pairs = self._answers.unconfirmed()
         return torch.from_numpy(self._log_ids()[positions.numpy()]), pairs
 
-    def reask_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def reask_candidates(self) -> ReaskCandidates:
         """The answers that asking the same pair again could overturn, what
-        :func:`palfast.active.select_queries` re-asks (its ``reask``):
-        ``(pairs LongTensor [P, 2], consequence LongTensor [P])``, the consequence being
-        the number of sample pairs the answer joins (or would join), |C_i|·|C_j|.
+        :func:`palfast.active.select_queries` re-asks (its ``reask``): a
+        :class:`~palfast.active.policy.ReaskCandidates` ``(pairs [P, 2], consequence [P],
+        single [P], contested [P])``, the consequence being the number of sample pairs
+        the answer joins (or would join), |C_i|·|C_j|; ``single`` when one of the two
+        components was one sample; ``contested`` when the pair's answers tie (policy
+        ``"majority"``: no answer applied; the next one settles it).
 
         * ``"confirm"``: one pair per pending merge (:meth:`unconfirmed`), the pair of
-          its earliest waiting answer, with the sizes of the two components now;
-        * ``"majority"``: the pairs whose majority answer "alike" joined two components
-          of two samples or more each, with their sizes when it joined them, while the
-          majority rests on one vote at most (one "alike" answer and no "different",
-          or a tie that the earliest answer, "alike", wins; see
+          its earliest waiting answer, with the sizes of the two components now (never
+          single: an "alike" answer touching one sample is applied at once);
+        * ``"majority"``: the pairs whose majority answer "alike" joined two components,
+          a single sample too, with their sizes when it joined them, while the majority
+          rests on one vote (one more "alike" answer than "different"); then the tied
+          pairs the relation does not know, ``contested``, with the sizes of their
+          components now (see
           :meth:`palfast.active.policy.MajorityRelation.reask_candidates`);
         * ``"first"``: none (a repeated answer changes nothing)."""
         if self.policy == "first":
-            return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            return ReaskCandidates.of([])
         return self._answers.reask_candidates()
 
     def _log_ids(self) -> np.ndarray:
@@ -468,10 +468,10 @@ class RelationStore:
         if alike.size == 0:
             return {}
         who = np.asarray(self._source_of, dtype=np.int64)[self._log_ids() - 1]
-        pair, earliest = _pair_groups(pairs)
+        pair = _pair_groups(pairs)
         n_alike, n_all = np.bincount(pair, weights=alike), np.bincount(pair)
-        majority = np.where(2 * n_alike == n_all, alike[earliest], 2 * n_alike > n_all)
-        repeated = n_all[pair] > 1
+        majority, decided = 2 * n_alike > n_all, 2 * n_alike != n_all  # a tie: no majority
+        repeated = (n_all[pair] > 1) & decided[pair]
         agrees = repeated & (alike == majority[pair])
         conflict = np.zeros(alike.size, dtype=bool)
         conflict[self._answers.contradictions()[0].numpy()] = True

@@ -11,18 +11,24 @@ the same rules:
 * Q = budget unless fewer unknown component pairs exist among the rows.
 
 The one exception is ``reask`` (a share of the budget, default 0): it first asks again
-answers that a second answer could overturn, most consequential first
-(:meth:`RelationStore.reask_candidates`; docs/active.md, "Answers from people who make
-mistakes"). Under policy ``"confirm"`` these are the pending merges (the same pair as
-their earliest waiting answer, asked again: the question whose answer is in doubt, and
-with an oracle whose mistakes are independent, a fresh draw), under ``"majority"`` the
-pairs whose "alike" joined two classes on one vote; the consequence is |C_i|·|C_j|, the
-sample pairs the answer joins. Only pairs whose two samples are rows (``ids``) are
-re-asked, each at most once per call, and at most ``int(reask · budget)`` of them; they
-come first in the returned pairs, and the strategy fills the rest of the budget (the
-rules above hold among its pairs, and it asks no pair across the two components of a
-re-asked pending merge). A re-asked pair is one the store knows under ``"majority"``:
-the deliberate exception to "never a known pair".
+answers that a second answer could overturn (:meth:`RelationStore.reask_candidates`;
+docs/active.md, "Answers from people who make mistakes"). Under policy ``"confirm"``
+these are the pending merges (the same pair as their earliest waiting answer, asked
+again: the question whose answer is in doubt, and with an oracle whose mistakes are
+independent, a fresh draw), under ``"majority"`` the pairs whose "alike" joined two
+components by one vote, a single sample joined to a class too, and the tied pairs (no
+answer applied) the store does not know. They are asked in the order of
+:func:`reask_order`: the contested ones first (a tie, which one more answer settles),
+then the joins of two components of two samples or more, most consequential
+first (|C_i|·|C_j|, the sample pairs the answer joins), then the single-sample joins,
+least similar in ``embeddings`` first (the most suspicious "alike"). Only pairs whose
+two samples are rows (``ids``) are re-asked, each at most once per call, and at most
+``int(reask · budget)`` of them; they come first in the returned pairs, and the
+strategy fills the rest of the budget (the rules above hold among its pairs, and it asks
+no pair across the two components of a re-asked pending merge, nor across those of a
+re-asked tie). A re-asked one-vote join is a pair the store knows under ``"majority"``:
+the deliberate exception to "never a known pair". A tied pair is unknown, so the
+strategy may ask it too when the re-asks do not (it is then no exception).
 
 Strategies (row r of ``embeddings`` is sample ``ids[r]``; similarities are cosine):
 
@@ -117,7 +123,7 @@ import torch.nn.functional as F
 from .._checks import check_choice, check_instance, check_int, check_number
 from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
-from .policy import check_reask
+from .policy import ReaskCandidates, check_reask
 from .store import RelationStore
 
 __all__ = [
@@ -128,6 +134,7 @@ __all__ = [
     "STABLE_SEEDS",
     "STRATEGIES",
     "UNCERTAIN_K_FACTOR",
+    "reask_order",
     "CandidateGraph",
     "select_queries",
 ]
@@ -274,7 +281,7 @@ def select_queries(
             (:class:`ActiveLearner` does); None = a fresh one each call. It holds JSON
             types only, so :meth:`RelationStore.save_state` can keep it across runs.
         reask: share in [0, 1] of the budget spent first on asking again the answers a
-            second one could overturn, most consequential first (module docstring);
+            second one could overturn, in the order of :func:`reask_order` (module docstring);
             default 0. Above 0 the store must be writable and opened with policy
             ``"confirm"`` or ``"majority"`` (ValueError otherwise: under ``"first"`` a
             repeated answer changes nothing).
@@ -339,7 +346,7 @@ def select_queries(
     if budget == 0:
         return sel.result()
     if reask:
-        _reask(sel, int(reask * budget + _CREDIT_SLACK))
+        _reask(sel, _UnitRows(x), int(reask * budget + _CREDIT_SLACK))
     if strategy == "random":
         _random(sel, n, budget, generator)
         return sel.result()
@@ -564,14 +571,50 @@ def _random_row_pairs(n: int, missing, gen: torch.Generator):
         yield a[perm], b[perm]
 
 
-def _reask(sel: _Selection, n_reask: int) -> None:
+def reask_order(candidates: ReaskCandidates, similarity: torch.Tensor) -> torch.Tensor:
+    """The order in which :func:`select_queries` re-asks ``candidates``
+    (:class:`~palfast.active.policy.ReaskCandidates`, P rows), given ``similarity`` [P],
+    the cosine similarity of each pair's two samples in the current embeddings: the
+    indices of the candidates, first asked first. The one place this order is defined:
+
+    1. the ``contested`` candidates (under ``"majority"`` a tied pair: no answer
+       applied, the next one settles it either way), most consequential first
+       (|C_i|·|C_j|, largest first). A tie joins nothing, so it is no risk to the
+       classes; it comes first because one question settles it for good, where a pair
+       that has cost two questions gives nothing, and because ties are few (each needs
+       a "different" against an "alike"): the two answers cancel, and the pair is as
+       likely alike as the strategy's questions are, so leaving it keeps a sample (or a
+       class) out of its class;
+    2. the joins of two components of two samples or more each (every pending merge of
+       ``"confirm"``), most consequential first: one wrong answer joins two classes;
+    3. the other ``single`` joins (a sample joined to a class, or two samples joined),
+       least similar first: an "alike" answer that the embedding, trained on it, still
+       finds unlikely is the most suspicious.
+
+    Ties keep the candidates' order (the policy's, the order it applied them). O(P log P).
+
+        >>> from palfast.active.policy import ReaskCandidates
+        >>> c = ReaskCandidates.of([(0, 1, 3, True, False), (2, 3, 4, False, False),
+        ...                         (4, 5, 2, True, False), (6, 7, 9, False, False),
+        ...                         (8, 9, 5, True, True)])
+        >>> reask_order(c, torch.tensor([0.2, 0.9, -0.1, 0.8, 0.7])).tolist()
+        [4, 3, 1, 2, 0]
+    """
+    by_similarity = candidates.single & ~candidates.contested
+    value = torch.where(by_similarity, similarity.double(), -candidates.consequence.double())
+    tier = torch.where(candidates.contested, 0, torch.where(candidates.single, 2, 1))
+    order = torch.sort(value, stable=True).indices
+    return order[torch.sort(tier[order], stable=True).indices]
+
+
+def _reask(sel: _Selection, xn: _UnitRows, n_reask: int) -> None:
     """Start the selection with up to ``n_reask`` re-asks (module docstring): the store's
-    candidates among the rows, most consequential first (ties: log order), each pair and
-    each pending merge once. O(P log P + N log P) for P candidates."""
-    pairs, consequence = sel.store.reask_candidates()
+    candidates among the rows in :func:`reask_order`, each pair and each pending merge
+    once. O(P log P + N log P + P·D) for P candidates of D dimensions."""
+    candidates = sel.store.reask_candidates()
+    pairs = candidates.pairs
     if n_reask == 0 or pairs.shape[0] == 0:
         return
-    pairs = pairs[torch.sort(-consequence, stable=True).indices]
     # The row of each candidate's samples (−1: not a row): the rows' ids looked up among
     # the candidates' sorted ids, never a table sized by the largest id.
     values, where = torch.unique(pairs.reshape(-1), return_inverse=True)
@@ -580,8 +623,12 @@ def _reask(sel: _Selection, n_reask: int) -> None:
     row_of = torch.full((values.numel(),), -1, dtype=torch.long)
     row_of[pos[hit]] = hit.nonzero().flatten()
     rows = row_of[where].reshape(-1, 2)
+    among = (rows >= 0).all(1)
+    candidates = ReaskCandidates(*(t[among] for t in candidates))
+    rows = rows[among]
+    similarity = (xn[rows[:, 0]] * xn[rows[:, 1]]).sum(1)
     asked: set[tuple[int, int]] = set()
-    for a, b in rows[(rows >= 0).all(1)].tolist():
+    for a, b in rows[reask_order(candidates, similarity)].tolist():
         if len(sel.pairs) >= n_reask:
             break
         i, j = sorted((int(sel.ids[a]), int(sel.ids[b])))

@@ -183,7 +183,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="FRACTION",
         help="share in [0, 1] of each refill of questions spent first on asking again the "
-        "answers a second one could overturn, most consequential first (needs --policy "
+        "answers a second one could overturn (contested ones, then joins of two classes by size, then "
+        "single-sample joins least similar first; needs --policy "
         "confirm or majority; default 0)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the query selection (default 0)")

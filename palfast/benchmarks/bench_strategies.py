@@ -197,8 +197,12 @@ class LabelDirectly:
         return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
 
-def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Settings) -> list[dict]:
-    """One active run; returns its per-round records with the probe's test accuracy."""
+def run_one(
+    task: Task, data, strategy: str, seed: int, noise: float, s: Settings, keep: list | None = None
+) -> list[dict]:
+    """One active run; returns its per-round records with the probe's test accuracy.
+    ``keep``: a list that receives the run's :class:`~palfast.active.ActiveLearner` (its
+    store, to study the answers after the run: ``tools/merge_breakdown.py``)."""
     from ..active import ActiveLearner, ContradictionWarning, LabelOracle, RelationStore
     from ..metrics import linear_probe_accuracy, merged_classes
 
@@ -240,6 +244,8 @@ def run_one(task: Task, data, strategy: str, seed: int, noise: float, s: Setting
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ContradictionWarning)  # counted in n_conflicts
         history = learner.run(s.budget, s.queries_per_round, on_round=evaluate)
+    if keep is not None:
+        keep.append(learner)
     return [
         {
             "task": task.name,

@@ -1,8 +1,8 @@
 """Answer-resolution policies (palfast/active/policy.py; docs/active.md, "Answers from
-people who make mistakes"): "majority" and "confirm" against brute-force references
-of their rules, "confirm" also on hand-made logs, both with retractions, reopen and refresh on both backends
-(``store_path``), and :meth:`RelationStore.annotators` on answers whose statistics are
-counted by hand below."""
+people who make mistakes"): "majority" (its relation and its re-ask candidates) and
+"confirm" against brute-force references of their rules, "confirm" also on hand-made
+logs, both with retractions, reopen and refresh on both backends (``store_path``), and
+:meth:`RelationStore.annotators` on answers whose statistics are counted by hand below."""
 
 import warnings
 
@@ -36,16 +36,53 @@ def repeated_answers(n, q, seed, n_pairs=10, n_classes=3):
 
 def majority_reference(n, pairs, answers):
     """Brute force of policy "majority", in integers: count each unordered pair's
-    answers; its answer is "alike" when more say alike, "different" when fewer, its
-    earliest answer on a tie; hand one answer per pair, pairs in the order of their
-    earliest answer, to the first-answer-wins closure. ``[n, n]`` of 1 / 0 / -1."""
+    answers; its answer is "alike" when more say alike, "different" when fewer, none on
+    a tie; hand one answer per pair that has one, pairs in the order of their earliest
+    answer, to the first-answer-wins closure. ``[n, n]`` of 1 / 0 / -1."""
     earliest, votes = {}, {}
     for (i, j), a in zip(pairs, answers):
         key = frozenset((i, j))
-        earliest.setdefault(key, ((i, j), a))  # dicts keep insertion order
+        earliest.setdefault(key, (i, j))  # dicts keep insertion order
         votes[key] = votes.get(key, 0) + (1 if a else -1)
-    resolved = [(p, a if votes[k] == 0 else votes[k] > 0) for k, (p, a) in earliest.items()]
+    resolved = [(p, votes[k] > 0) for k, p in earliest.items() if votes[k] != 0]
     return closure_reference(n, [p for p, _ in resolved], [a for _, a in resolved])
+
+
+def majority_candidates_reference(pairs, answers):
+    """Brute force of MajorityRelation.reask_candidates: the majority answers (as
+    majority_reference) applied in order to components kept as Python sets; every
+    "alike" that joins two components not known different is a join, with the two sizes
+    before it; a candidate when its pair's majority rests on one vote (one more "alike"
+    than "different"). Then the tied pairs (as many of each) whose two samples end in two
+    components not known different, with the sizes of those, contested.
+    ``[(i, j, consequence, single, contested)]``: the joins in their order, then the
+    ties in the order of their earliest answer."""
+    earliest, votes = {}, {}
+    for (i, j), a in zip(pairs, answers):
+        key = frozenset((i, j))
+        earliest.setdefault(key, (i, j))
+        votes[key] = votes.get(key, 0) + (1 if a else -1)
+    comp, apart, out = {}, set(), []
+    for key, (i, j) in earliest.items():
+        if votes[key] == 0:
+            continue  # a tie: no answer
+        ci, cj = comp.setdefault(i, frozenset([i])), comp.setdefault(j, frozenset([j]))
+        if ci == cj or frozenset((ci, cj)) in apart:
+            continue
+        if votes[key] < 0:
+            apart.add(frozenset((ci, cj)))
+            continue
+        merged = ci | cj
+        apart = {frozenset(merged if c in (ci, cj) else c for c in link) for link in apart}
+        for m in merged:
+            comp[m] = merged
+        if votes[key] == 1:
+            out.append((i, j, len(ci) * len(cj), min(len(ci), len(cj)) == 1, False))
+    for key, (i, j) in earliest.items():
+        ci, cj = comp.get(i, frozenset([i])), comp.get(j, frozenset([j]))
+        if votes[key] == 0 and ci != cj and frozenset((ci, cj)) not in apart:
+            out.append((i, j, len(ci) * len(cj), min(len(ci), len(cj)) == 1, True))
+    return out
 
 
 def disagreeing(matrix, pairs, answers):
@@ -67,6 +104,12 @@ def test_majority_relation_matches_brute_force(seed):
         expected = majority_reference(n, pairs[:stop], answers[:stop])
         assert torch.equal(relation_of(rel.relation, n), expected), (seed, stop)
         assert rel.contradictions()[0].tolist() == disagreeing(expected, pairs[:stop], answers[:stop])
+        c = rel.reask_candidates()  # and its re-ask candidates
+        got = [
+            (i, j, k, bool(s), bool(t))
+            for (i, j), k, s, t in zip(c.pairs.tolist(), c.consequence.tolist(), c.single, c.contested)
+        ]
+        assert got == majority_candidates_reference(pairs[:stop], answers[:stop]), (seed, stop)
         start = stop
     assert rel.n_queries == len(pairs) and rel.answers()[1].tolist() == answers
 
@@ -107,24 +150,48 @@ def test_majority_store_matches_brute_force_and_reopens(store_path, seed):
         assert torch.equal(relation_of(s, n), closure_reference(n, pairs, answers))
 
 
-def test_majority_flip_warns_and_retract_rebuilds(store_path):
+def test_majority_tie_is_unknown_and_a_third_answer_settles(store_path):
     s = RelationStore(store_path, policy="majority")
     ids = s.record([[0, 1], [1, 2]], [True, True])
-    with pytest.warns(ContradictionWarning, match="1 of 1 answers contradict.*policy 'majority'"):
-        ids += s.record([[1, 0]], [False])  # tie: the earliest answer (alike) stands
-    assert s.same(0, 2) is True and s.contradictions()[0].tolist() == [2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContradictionWarning)
+        ids += s.record([[1, 0]], [False])  # a tie: {0, 1} has no answer, none contradicts
+    assert s.same(0, 1) is None and s.same(0, 2) is None and s.same(1, 2) is True and s.n_conflicts == 0
+    assert s.known_mask([[0, 1], [0, 2], [1, 2]]).tolist() == [False, False, True]
+    c = s.reask_candidates()  # the one-vote join {1, 2}, then the tie ({0} and {1, 2} now)
+    assert c.pairs.tolist() == [[1, 2], [0, 1]] and c.contested.tolist() == [False, True]
+    assert c.consequence.tolist() == [1, 2] and c.single.tolist() == [True, True]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ContradictionWarning)  # the new answer wins: no warning
-        ids += s.record([[0, 1]], [False])
+        ids += s.record([[0, 1]], [False])  # the third answer settles it: different, 2 to 1
     assert s.same(0, 1) is False and s.same(0, 2) is False and s.same(1, 2) is True
     assert s.contradictions()[0].tolist() == [0]  # the first "alike" is now overruled
-    s.retract([ids[3]])  # back to a tie: the earliest answer again
-    assert s.same(0, 2) is True and s.n_queries == 3 and s.contradictions()[0].tolist() == [2]
-    s.retract([ids[0]])  # only "different" is left for {0, 1}
-    assert s.same(0, 1) is False and s.same(1, 2) is True and s.n_conflicts == 0
+    assert s.reask_candidates().pairs.tolist() == [[1, 2]]
+    with pytest.warns(ContradictionWarning, match="1 of 1 answers contradict.*policy 'majority'"):
+        ids += s.record([[2, 0]], [True])  # a new pair, known different already
+    s.retract([ids[3]])  # back to a tie on {0, 1}: now {0, 2} joins 0 to {1, 2} ...
+    assert s.same(0, 2) is True and s.same(0, 1) is True and s.n_queries == 4
+    assert s.contradictions()[0].tolist() == [2]  # ... so the tied pair is known, and its "different" overruled
+    assert [0, 1] not in s.reask_candidates().pairs.tolist()  # known: no candidate
+    s.retract([ids[0]])  # only "different" is left for {0, 1}, earlier than {0, 2}
+    assert s.same(0, 1) is False and s.same(1, 2) is True and s.same(0, 2) is False
+    assert s.contradictions()[0].tolist() == [2]  # (2, 0) alike, after {0, 1} different
     with RelationStore(store_path, policy="majority") as again:
         assert torch.equal(relation_of(again, 3), relation_of(s, 3))
     s.close()
+
+
+def test_majority_tie_then_alike_is_a_one_vote_join_again():
+    rel = MajorityRelation()
+    rel.extend([(0, 1, True), (1, 2, True), (2, 1, False)])
+    assert rel.relation.same(0, 2) is None
+    rel.extend([(1, 2, True)])  # 2 to 1: joined again, by one vote
+    c = rel.reask_candidates()
+    assert rel.relation.same(0, 2) is True and rel.n_conflicts == 1
+    assert c.pairs.tolist() == [[0, 1], [1, 2]] and c.contested.tolist() == [False, False]
+    assert c.consequence.tolist() == [1, 2]
+    rel.extend([(2, 1, True)])  # 3 to 1: settled
+    assert rel.reask_candidates().pairs.tolist() == [[0, 1]]
 
 
 def test_policies_are_how_a_log_is_read_not_the_file(store_path):
@@ -348,8 +415,8 @@ def test_confirm_is_derived_from_the_log_whatever_the_batches():
 # ---------------------------------------------------------------- annotators
 #: (source, i, j, alike) in log order; the 9th and the 12th answers are retracted. Counted by hand:
 #: pair {0,1}: F (cy), T (ann), T (bob) -> majority alike; {2,3}: F, F -> different;
-#: {4,5}: T (cy), F (dan) -> a tie, the earliest (alike); {0,2}: T (ann), F (cy) -> a
-#: tie, alike; {7,8} once (eve); {5,6} and {9,10} only in retracted answers.
+#: {4,5}: T (cy), F (dan) -> a tie, no majority; {0,2}: T (ann), F (cy) -> a tie; {7,8}
+#: once (eve); {5,6} and {9,10} only in retracted answers.
 ANNOTATED = [
     ("cy", 0, 1, False),
     ("ann", 0, 1, True),
@@ -365,13 +432,16 @@ ANNOTATED = [
     ("zed", 9, 10, True),  # retracted, zed's only answer: zed is not listed
 ]
 #: answers (the retracted one left out), repeated, agreement: the same under every policy.
-COUNTS = {"cy": (3, 3, 1 / 3), "ann": (3, 3, 1.0), "bob": (2, 2, 1.0), "dan": (1, 1, 0.0), "eve": (1, 0, None)}
+#: An answer on a tied pair agrees with no majority: counted in answers, not in repeated
+#: (cy on {4,5} and {0,2}, ann on {0,2}, dan on {4,5}).
+COUNTS = {"cy": (3, 1, 0.0), "ann": (3, 2, 1.0), "bob": (2, 2, 1.0), "dan": (1, 0, None), "eve": (1, 0, None)}
 #: contradictions. "first" and "confirm" (no two groups meet): the answers after the
 #: first one of a pair that disagree with it (ann and bob on {0,1}, cy on {0,2}, dan on
-#: {4,5}); "majority": the answers against their pair's majority (cy twice, dan).
+#: {4,5}); "majority": the answers against their pair's majority (cy on {0,1}); the tied
+#: pairs {4,5} and {0,2} are unknown (no other pair implies them), so none of theirs.
 CONTRADICTIONS = {
     "first": {"cy": 1, "ann": 1, "bob": 1, "dan": 1, "eve": 0},
-    "majority": {"cy": 2, "ann": 0, "bob": 0, "dan": 1, "eve": 0},
+    "majority": {"cy": 1, "ann": 0, "bob": 0, "dan": 0, "eve": 0},
     "confirm": {"cy": 1, "ann": 1, "bob": 1, "dan": 1, "eve": 0},
 }
 
@@ -398,7 +468,10 @@ def test_annotators_sees_answers_of_other_writers(store_path):
         assert b.annotators() == {}
         b.refresh()
         assert b.annotators() == {"ann": AnnotatorStats(1, 0, None, 0)}
-        a.record([[1, 0], [0, 1]], [False, False], source="bob")
+        a.record([[1, 0]], [False], source="bob")  # a tie: no majority to agree with
+        b.refresh()
+        assert b.annotators() == {"ann": AnnotatorStats(1, 0, None, 0), "bob": AnnotatorStats(1, 0, None, 0)}
+        a.record([[0, 1]], [False], source="bob")
         b.refresh()
         assert b.annotators() == {"ann": AnnotatorStats(1, 1, 0.0, 1), "bob": AnnotatorStats(2, 2, 1.0, 0)}
 

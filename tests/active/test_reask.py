@@ -1,6 +1,7 @@
 """Re-asks (select_queries' ``reask``; docs/active.md, "Answers from people who make
-mistakes"): the pending merges of "confirm" and the one-vote joins of "majority" asked
-again first, most consequential first, each once; the errors; ActiveLearner's pass-through."""
+mistakes"): the pending merges of "confirm" and the one-vote joins and ties of "majority"
+asked again first in reask_order (contested, then multi joins by consequence, then single
+joins least similar first), each once; the errors; ActiveLearner's pass-through."""
 
 import math
 import warnings
@@ -77,30 +78,89 @@ def test_confirm_reask_resolves_the_merge():
     assert q.tolist() == [[6, 7], [0, 4]]
     store.record(q, [ALIKE, not ALIKE])  # C-D confirmed, A-C dropped
     assert store.same(4, 9) and store.same(0, 4) is False
-    pairs, consequence = store.reask_candidates()
+    pairs, consequence = store.reask_candidates()[:2]
     assert pairs.tolist() == [[1, 2]] and consequence.tolist() == [4]
 
 
-def test_majority_reasks_one_vote_joins():
+def majority_store():
+    """A={0,1}, B={2,3}, C={4,5}, D={6,7,8} joined one sample at a time (single joins,
+    consequence 1·1 and, for 8, 2·1), then (1,2) joins A and B (2·2 = 4 sample pairs),
+    (5,6) joins C and D (2·3 = 6), (8,9) joins the single sample 9 to C+D (5·1), and
+    (3,4) joins A+B with C+D (4·6 = 24) but has a second "alike" answer (not a candidate)."""
     store = RelationStore(policy="majority")
-    # A={0,1}, B={2,3}, C={4,5}, D={6,7,8}; (1,2) joins A and B (4 sample pairs), (5,6)
-    # joins C and D (6), (8,9) joins a single sample (not a candidate), (3,4) joins A+B
-    # with C+D (4·5 = 20) but has a second "alike" answer (not a candidate).
     store.record([[0, 1], [2, 3], [4, 5], [6, 7], [7, 8]], [ALIKE] * 5)
     store.record([[1, 2], [5, 6], [8, 9], [3, 4], [4, 3]], [ALIKE] * 5)
-    pairs, consequence = store.reask_candidates()
-    assert pairs.tolist() == [[1, 2], [5, 6]] and consequence.tolist() == [4, 6]
+    return store
+
+
+def test_majority_lists_single_and_multi_one_vote_joins():
+    c = majority_store().reask_candidates()
+    assert c.pairs.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [7, 8], [1, 2], [5, 6], [8, 9]]
+    assert c.consequence.tolist() == [1, 1, 1, 1, 2, 4, 6, 5]
+    assert c.single.tolist() == [True] * 5 + [False, False, True]
+    assert not bool(c.contested.any())
+
+
+def test_majority_reasks_multi_joins_first():
+    store = majority_store()
     q = select_queries(X, store, 4, "pal", reask=0.5)
     assert q[:2].tolist() == [[5, 6], [1, 2]]  # known pairs: the exception
     assert len({tuple(p) for p in q.tolist()}) == q.shape[0]
     assert not bool(store.known_mask(q[2:]).any())
-    # One "different" vote: a tie, kept by the earliest answer ("alike"): still asked.
+    # Every candidate once when the share allows: the multi joins first, then the rest.
+    q = select_queries(X, store, 12, "pal", reask=1.0)
+    assert q[:2].tolist() == [[5, 6], [1, 2]] and q.shape[0] == 12
+    assert sorted(q[2:8].tolist()) == [[0, 1], [2, 3], [4, 5], [6, 7], [7, 8], [8, 9]]
+
+
+def test_majority_undoes_a_multi_join_with_one_vote():
+    store = majority_store()
+    # One "different" vote: a tie, which gives the pair no answer: C and D apart again,
+    # and the pair, unknown now, a contested candidate with the components now:
+    # A+B+C (joined by the settled (3, 4)) and D+{9}, 6·4.
     store.record([[5, 6]], [not ALIKE])
-    assert store.same(4, 7) and store.reask_candidates()[0].tolist() == [[1, 2], [5, 6]]
-    store.record([[6, 5]], [not ALIKE])  # overturned: C and D apart, no longer a candidate
-    assert store.same(4, 7) is False and store.reask_candidates()[0].tolist() == [[1, 2]]
+    c = store.reask_candidates()
+    assert store.same(4, 7) is None and store.same(5, 6) is None and store.same(6, 9)
+    assert c.pairs.tolist()[-1] == [5, 6] and c.contested.tolist() == [False] * (len(c.pairs) - 1) + [True]
+    assert int(c.consequence[-1]) == 24
+    store.record([[6, 5]], [not ALIKE])  # settled: C and D apart, no longer a candidate
+    assert store.same(4, 7) is False and [5, 6] not in store.reask_candidates().pairs.tolist()
     store.record([[1, 2]], [ALIKE])  # two votes ahead: settled
-    assert store.reask_candidates()[0].tolist() == []
+    assert [1, 2] not in store.reask_candidates().pairs.tolist()
+
+
+def test_majority_undoes_a_single_join_with_one_vote():
+    """A sample joined to a class by one "alike": one "different" re-ask makes a tie,
+    which undoes the join (the pair unknown, contested, its consequence that of the
+    components now); a third answer settles it."""
+    store = majority_store()
+    store.record([[8, 9]], [not ALIKE])
+    c = store.reask_candidates()
+    row = c.pairs.tolist().index([8, 9])
+    assert store.same(8, 9) is None and store.same(4, 8) and not bool(store.known_mask([[8, 9]]))
+    assert bool(c.single[row]) and bool(c.contested[row]) and int(c.consequence[row]) == 9  # A+B+C+D · {9}
+    assert select_queries(X, store, 4, "pal", reask=0.25)[0].tolist() == [8, 9]  # the tie first
+    store.record([[9, 8]], [not ALIKE])
+    assert store.same(8, 9) is False and store.same(4, 8)
+    assert [8, 9] not in store.reask_candidates().pairs.tolist()
+    assert store.n_queries == 12  # every answer kept
+
+
+def test_a_tied_pair_is_asked_once_and_nothing_across_it():
+    """A tie is unknown: the re-asks ask it, and then the strategy asks no other pair
+    across its two components in the same call; without re-asks the strategy may ask it."""
+    emb, store = planted_wrong_join()
+    store.record([[15, 2]], [not ALIKE])  # the wrong join undone by one re-ask
+    assert store.same(2, 15) is None
+    tie = tuple(store.roots(torch.tensor([2, 15])).sort().values.tolist())
+    for reask in (0.0, 0.1, 0.5):
+        q = select_queries(emb, store, 10, "pal", reask=reask)
+        n = int(reask * 10)  # the re-asks, the tie first; then the strategy's pairs
+        assert q.shape[0] > n and (n == 0 or q[0].tolist() == [2, 15])
+        rest = q[n:]
+        assert not bool(store.known_mask(rest).any())
+        across = {tuple(r) for r in store.roots(rest.flatten()).reshape(-1, 2).sort(1).values.tolist()}
+        assert len(across) == rest.shape[0] and (n == 0 or tie not in across)
 
 
 def test_first_has_no_candidates():
@@ -209,3 +269,71 @@ def test_apps_refuse_bad_policy_options_before_any_work():
     with pytest.raises(ValueError, match="policy must be one of"):
         check_settings(dataclasses.replace(QUICK, policy="best"))
     assert main(["--quick", "--reask", "2", "--policy", "confirm"]) == 2
+
+
+def planted_wrong_join(policy="majority"):
+    """Three tight classes on the unit circle (samples 0–5 at angle 0, 6–11 at 2π/3,
+    12–17 at 4π/3), each built by single "alike" joins, and one wrong "alike" among them:
+    sample 15 (of the third class) joined to sample 2 of the first, a single join too."""
+    angle = torch.tensor([0.0] * 6 + [2.1] * 6 + [4.2] * 6) + 0.05 * torch.arange(18) % 0.3
+    emb = torch.stack([angle.cos(), angle.sin()], 1)
+    store = RelationStore(policy=policy)
+    chains = [[c + k, c + k + 1] for c in (0, 6, 12) for k in range(5) if c + k + 1 != 15]
+    store.record(chains[:7], [ALIKE] * 7)
+    store.record([[2, 15]], [ALIKE])  # the wrong one, in the middle of the log
+    store.record(chains[7:], [ALIKE] * (len(chains) - 7))
+    return emb, store
+
+
+def test_suspicion_asks_the_planted_wrong_join_first():
+    emb, store = planted_wrong_join()
+    c = store.reask_candidates()
+    assert bool(c.single.all()) and [2, 15] in c.pairs.tolist()
+    assert select_queries(emb, store, 10, "pal", reask=0.1)[0].tolist() == [2, 15]
+    # By consequence alone (the order before) it would not be first: the class joins of
+    # later answers are larger.
+    assert int(c.consequence[c.pairs.tolist().index([2, 15])]) < int(c.consequence.max())
+    # A join of two classes still comes before it.
+    store.record([[6, 13]], [ALIKE])  # joins 6-11 with 12-14 (6·3)
+    assert select_queries(emb, store, 10, "pal", reask=0.2)[:2].tolist() == [[6, 13], [2, 15]]
+
+
+def test_suspicion_asks_a_contested_join_first():
+    """A tie (one more answer settles it) comes before everything, a join of two classes
+    too; among contested candidates the most consequential first."""
+    emb, store = planted_wrong_join()
+    store.record([[0, 1]], [not ALIKE])  # a tie on a pair the embedding finds likely
+    assert select_queries(emb, store, 10, "pal", reask=0.2)[:2].tolist() == [[0, 1], [2, 15]]
+    store.record([[6, 13]], [ALIKE])  # joins 6-11 with 12-14 (6·3)
+    assert select_queries(emb, store, 10, "pal", reask=0.3)[:3].tolist() == [[0, 1], [6, 13], [2, 15]]
+    store.record([[3, 4]], [not ALIKE])  # a tie on a join of consequence 3·1 > 1·1
+    assert select_queries(emb, store, 10, "pal", reask=0.3)[:3].tolist() == [[3, 4], [0, 1], [6, 13]]
+
+
+def reask_order_reference(candidates, similarity):
+    """Brute force of reask_order's rule: sort the indices by (tier, key, index), tier 0
+    for the contested candidates and 1 for the other multi joins (key: −consequence), 2
+    for the other single joins (key: similarity)."""
+
+    def key(k):
+        if candidates.contested[k] or not candidates.single[k]:
+            return (0 if candidates.contested[k] else 1, -int(candidates.consequence[k]), k)
+        return (2, float(similarity[k]), k)
+
+    return sorted(range(candidates.pairs.shape[0]), key=key)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_reask_order_matches_brute_force(seed):
+    from palfast.active.policy import ReaskCandidates
+    from palfast.active.strategies import reask_order
+
+    g = torch.Generator().manual_seed(seed)
+    p = int(torch.randint(0, 30, (1,), generator=g))
+    rows = [
+        (2 * k, 2 * k + 1, int(torch.randint(1, 8, (1,), generator=g)), bool(b), bool(c))
+        for k, (b, c) in enumerate(torch.randint(0, 2, (p, 2), generator=g).tolist())
+    ]
+    candidates = ReaskCandidates.of(rows)
+    similarity = torch.randint(-4, 5, (p,), generator=g).float() / 4  # ties on purpose
+    assert reask_order(candidates, similarity).tolist() == reask_order_reference(candidates, similarity)

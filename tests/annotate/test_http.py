@@ -136,12 +136,13 @@ def test_pair_answer_is_stored_once_under_the_name(served):
     # The header shows the person's agreement with the majority (RelationStore.annotators).
     assert q.agreement("ann") == {"answers": 1, "repeated": 0, "agreement": None, "contradictions": 0}
     assert 'data-agreement=""' in screen(c)[0]
-    store.record([[j, i]], [False], source="bob")  # a tie: the earliest answer (ann's) stands
-    assert q.agreement("ann")["agreement"] == 1.0
-    assert 'data-agreement="1.0000"' in screen(c)[0] and "agreement <b>100%</b> of 1 repeated" in screen(c)[0]
+    store.record([[j, i]], [False], source="bob")  # a tie: no majority, so no agreement yet
+    assert q.agreement("ann") == {"answers": 1, "repeated": 0, "agreement": None, "contradictions": 0}
+    assert 'data-agreement=""' in screen(c)[0] and "no pair of yours asked twice with a majority yet" in screen(c)[0]
     store.record([[i, j]], [False], source="cy")  # now "different" has the majority
     assert q.agreement("ann") == {"answers": 1, "repeated": 1, "agreement": 0.0, "contradictions": 0}
-    assert 'data-agreement="0.0000"' in screen(c)[0]
+    assert 'data-agreement="0.0000"' in screen(c)[0] and "agreement <b>0%</b> of 1 repeated" in screen(c)[0]
+    assert q.agreement("cy")["agreement"] == 1.0
 
 
 def test_malformed_answers_are_4xx_and_the_question_stays_open(served):
