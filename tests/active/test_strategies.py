@@ -409,3 +409,45 @@ def test_ranking_auc_counts_pairs_and_half_ties():
     pos, neg = s[y], s[~y]
     brute = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean()
     assert strategies_mod._ranking_auc(s, y) == pytest.approx(float(brute))
+
+
+def _unit(rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float), dim=1)
+
+
+def _asks_merge(q, side_a, side_b):
+    return any(({i, j} & side_a) and ({i, j} & side_b) for i, j in q.tolist())
+
+
+def test_pal_merge_candidate_of_a_fragment_whose_votes_split(pal_links):
+    # A, B, C (two rows each, along the three axes) and F (six rows near the diagonal, two
+    # tilted towards each axis): F's members vote A, B and C a third each, no majority.
+    # Each of them is F's most voted class (a plurality), so each asks the merge with F (a
+    # "yes" joins six samples) before any row; free rows on the far side of the sphere.
+    x = _unit(
+        [[1, 0, 0], [1, 0.1, 0], [0, 1, 0], [0, 1, 0.1], [0, 0, 1], [0.1, 0, 1]]
+        + [[1.3, 1, 1], [1.35, 1, 1], [1, 1.3, 1], [1, 1.35, 1], [1, 1, 1.3], [1, 1, 1.35]]
+        + [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-1, -1, -1], [-1, -0.5, 0]]
+    )
+    store = RelationStore()
+    chains = [(0, 1), (2, 3), (4, 5), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11)]
+    store.record(torch.tensor(chains), torch.ones(len(chains), dtype=torch.bool))
+    q = select_queries(x, store, 3, "pal", explore=0.0)
+    check_selection(q, store, 3, n=x.shape[0])
+    fragment = set(range(6, 12))
+    for side in ({0, 1}, {2, 3}, {4, 5}):
+        assert _asks_merge(q, side, fragment)
+
+
+def test_pal_merge_votes_skip_the_classes_known_different(pal_links):
+    # Unit vectors at these angles (degrees): classes A (0°), B (30°) and C (70°), two
+    # rows each, A and B known different; free rows elsewhere. A's most similar other
+    # class is B, so A's votes go to C, the class not known to differ, and C asks the
+    # merge A–C: without skipping B, A voted for B and was never offered again.
+    angles = torch.deg2rad(torch.tensor([0.0, 2.0, 30.0, 32.0, 70.0, 72.0, 150.0, 180.0, 200.0, 230.0, 260.0, 300.0]))
+    x = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    store = RelationStore()
+    store.record(torch.tensor([[0, 1], [2, 3], [4, 5], [0, 2]]), torch.tensor([True, True, True, False]))
+    q = select_queries(x, store, 3, "pal", explore=0.0)
+    check_selection(q, store, 3, n=12)
+    assert _asks_merge(q, {0, 1}, {4, 5})
