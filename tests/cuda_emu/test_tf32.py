@@ -155,6 +155,7 @@ def test_backward_kernels(emu, tf32, path, n, d, a0, a1, sms):
     and under torch's deterministic mode (warn_only: label-set graphs' class sums use
     atomics), with partial tiles, anchor ranges, column blocks and key splits."""
     emu.emu_set_sm_count(sms)
+    reds = emu.emu_ptx_red_v2_count()
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(info_nce_backward_kernel(None if path == "deterministic" else path))
@@ -164,6 +165,9 @@ def test_backward_kernels(emu, tf32, path, n, d, a0, a1, sms):
     finally:
         emu.emu_set_sm_count(0)
     assert bwd == expected_backward_mmas(n, d, a0, a1, tf32, symmetric=path == "sym")
+    # The symmetric kernel's adds go two columns a request where D is even; the row-block
+    # kernel writes each output once, no atomics.
+    assert (emu.emu_ptx_red_v2_count() > reds) == (path == "sym" and d % 2 == 0)
 
 
 @pytest.mark.parametrize("kind", ["edges", "semi", "views"])

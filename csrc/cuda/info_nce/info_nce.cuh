@@ -191,6 +191,18 @@ __device__ __forceinline__ void store_value(Acc* p, Acc v) {
   }
 }
 
+// out[0] += v0, out[1] += v1 for column c of a row of d columns (c even): one
+// vector red where both columns exist and d is even (8-byte aligned pairs),
+// scalar atomics for the last column of an odd d.
+__device__ __forceinline__ void add_pair(float* out, int64_t c, int64_t d, float v0, float v1) {
+  if (c + 1 < d && d % 2 == 0) {
+    ptx::red_add_v2(out, v0, v1);
+  } else {
+    if (c < d) atomicAdd(out, v0);
+    if (c + 1 < d) atomicAdd(out + 1, v1);
+  }
+}
+
 // f(std::integral_constant<int, c>{}) for c = 0, 1, ..., N − 1: the chunk index is a
 // compile-time constant, so accumulator registers are indexed statically.
 template <int N, typename F>
@@ -400,6 +412,14 @@ struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
   // mmas; 3×TF32 holds twice the fragments, and sym_grad_kernel (64 column-side
   // accumulators, 255 registers) then spills on sm_80 unless the loop runs one at a time.
   static constexpr int kMvUnroll = kSplit ? 1 : 2;
+  // write_frags' atomic adds by red_add_v2, two columns a request, from sm_90 (the
+  // emulator included); before it red_add_v2 is two scalar atomics anyway, and the
+  // scalar loop keeps the 3×TF32 sym_grad_kernel from spilling on sm_80 (16 bytes).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr bool kVectorRed = false;
+#else
+  static constexpr bool kVectorRed = true;
+#endif
   using FragA = uint32_t[kMT][4];  // tf32 A fragments (hi or lo) of the warp's m16 tiles
   using FragB = uint32_t[kNT][2];  // tf32 B fragments of its n8 tiles
   using FragC = float[kMT][kNT][4];
@@ -541,12 +561,19 @@ struct Tf32Tile : SimtTile<float, 64, 64, 16, 128, 64> {
         const int64_t gi = i0 + wm * kWarpRows + 16 * i + g + 8 * e2;
         if (gi >= n) continue;
 #pragma unroll
-        for (int j = 0; j < kNT; ++j)
+        for (int j = 0; j < kNT; ++j) {
+          // the lane's two adjacent columns (even gj: j0 is a multiple of DVS)
+          const int64_t gj = j0 + wn * kWarpVCols + 8 * j + 2 * t;
+          if constexpr (kAtomic && kVectorRed) {  // one request for both where d is even
+            add_pair(out + gi * d + gj, gj, d, o[i][j][2 * e2] * out_scale,
+                     o[i][j][2 * e2 + 1] * out_scale);
+          } else {
 #pragma unroll
-          for (int e1 = 0; e1 < 2; ++e1) {
-            const int64_t gj = j0 + wn * kWarpVCols + 8 * j + 2 * t + e1;
-            if (gj < d) store_value<kAtomic>(out + gi * d + gj, o[i][j][2 * e2 + e1] * out_scale);
+            for (int e1 = 0; e1 < 2; ++e1)
+              if (gj + e1 < d)
+                store_value<kAtomic>(out + gi * d + gj + e1, o[i][j][2 * e2 + e1] * out_scale);
           }
+        }
       }
   }
 

@@ -316,18 +316,6 @@ __global__ void fa2_factors_kernel(const TileArgs<Tile> p, int64_t len,
     a[i] = i < p.n ? row_factor<true>(p.g[i] * m_scale, p.lse[i], p.inv_tau) : Acc(0);
 }
 
-// out[0] += v0, out[1] += v1 for column c of a row of d columns (c even): one
-// vector red where both columns exist and d is even (8-byte aligned pairs),
-// scalar atomics for the last column of an odd d.
-__device__ __forceinline__ void add_pair(float* out, int64_t c, int64_t d, float v0, float v1) {
-  if (c + 1 < d && d % 2 == 0) {
-    ptx::red_add_v2(out, v0, v1);
-  } else {
-    if (c < d) atomicAdd(out, v0);
-    if (c + 1 < d) atomicAdd(out + 1, v1);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(Fa2Backward<T>::kThreads)
     fa2_sym_grad_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t ld, float inv_tau,
