@@ -204,6 +204,10 @@ class _Selection:
         ra, rb = int(self.roots[a]), int(self.roots[b])
         return (ra, rb) if ra < rb else (rb, ra)
 
+    def known(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Whether the store knows each pair of rows (a[q], b[q]): BoolTensor [Q]."""
+        return self.store.known_mask(torch.stack([self.ids[a], self.ids[b]], 1))
+
     def try_add(self, a: int, b: int) -> bool:
         """Add the pair of rows (a, b) unless it joins an already joined component pair.
         The caller has checked that the store does not know it."""
@@ -355,14 +359,17 @@ def select_queries(
     sel = _Selection(store, row_ids)
     if budget == 0:
         return sel.result()
+    # The unit rows, for the re-asks and the strategies that read similarities: one
+    # wrapper (a CUDA x is copied to the CPU once), none for "random" and "passive".
+    if reask or strategy not in ("random", "passive"):
+        x = _UnitRows(x)
     if reask:
-        _reask(sel, _UnitRows(x), int(reask * budget + _CREDIT_SLACK))
+        _reask(sel, x, int(reask * budget + _CREDIT_SLACK))
     if strategy == "random":
         _random(sel, n, budget, generator)
         return sel.result()
     if strategy == "passive":
         return torch.cat([sel.result(), _passive(store, row_ids, budget - len(sel.pairs), generator)])
-    x = _UnitRows(x)
     if strategy == "nearest":
         _nearest(sel, graph, budget, k)
     elif strategy == "uncertain":
@@ -653,7 +660,7 @@ def _reask(sel: _Selection, xn: _UnitRows, n_reask: int) -> None:
 
 def _random(sel: _Selection, n: int, budget: int, gen: torch.Generator) -> None:
     for a, b in _random_row_pairs(n, lambda: budget - len(sel.pairs), gen):
-        unknown = ~sel.store.known_mask(torch.stack([sel.ids[a], sel.ids[b]], 1))
+        unknown = ~sel.known(a, b)
         sel.add_ranked(a[unknown], b[unknown], budget)
 
 
@@ -1009,9 +1016,6 @@ def _pal(
     heapq.heapify(heap)
     free = ~in_class
 
-    def known_pairs(a, b):  # rows a[q], b[q] in two classes: known ⇔ known different
-        return sel.store.known_mask(torch.stack([sel.ids[a], sel.ids[b]], 1))
-
     # Similarities of rows to classes; the predicted class of a row is its most linked
     # class (1-NN over the known members).
     if n * max(member_rows.numel(), budget) <= PAL_EXACT_WORK:
@@ -1019,11 +1023,11 @@ def _pal(
         first = torch.stack([m[0] for m in members]) if n_cls else torch.zeros(0, dtype=torch.long)
         ca, cb = torch.triu_indices(n_cls, n_cls, 1)
         differ = torch.zeros(n_cls, n_cls, dtype=torch.bool)
-        differ[ca, cb] = known_pairs(first[ca], first[cb])
+        differ[ca, cb] = sel.known(first[ca], first[cb])  # two classes: known ⇔ known different
         differ |= differ.T.clone()
         links = _DenseLinks(xn, member_rows, member_cls, n_cls, members, free, differ)
     else:
-        links = _GraphLinks(xn, class_of, n_cls, members, free, graph, k, known_pairs)
+        links = _GraphLinks(xn, class_of, n_cls, members, free, graph, k, sel.known)
     ranks: list = [None] * n_cls
     row_cur = [0] * n_cls
     cls_cur = [0] * n_cls
@@ -1099,8 +1103,7 @@ def _pal(
         used[x_row] = True
         links.reach(x_row)
         for chunk in links.partners(x_row, used):
-            anchor = torch.full_like(chunk, x_row)
-            unknown = ~sel.store.known_mask(torch.stack([sel.ids[anchor], sel.ids[chunk]], 1))
+            unknown = ~sel.known(torch.full_like(chunk, x_row), chunk)
             hit = next((b for b in chunk[unknown].tolist() if sel.try_add(x_row, b)), None)
             if hit is not None:
                 used[hit] = True
