@@ -9,7 +9,7 @@ from .learner import ActiveLearner
 from .oracle import CallbackOracle, LabelOracle, Oracle
 from .policy import POLICIES
 from .store import AnnotatorStats, ContradictionWarning, RelationStore, StoreCorruptError, StoreError
-from .strategies import ORDERS, STRATEGIES, CandidateGraph, select_queries
+from .strategies import ORDERS, STRATEGIES, CandidateGraph, select_queries, select_reasks
 
 __all__ = [
     "ORDERS",
@@ -26,5 +26,6 @@ __all__ = [
     "distributed",
     "knn",
     "select_queries",
+    "select_reasks",
 ]
 __all__ += ["ContradictionWarning", "StoreCorruptError", "StoreError"]  # the store's errors

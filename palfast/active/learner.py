@@ -54,7 +54,16 @@ from .oracle import Oracle
 from .policy import check_reask
 from .relation import as_pairs
 from .store import ContradictionWarning, RelationStore
-from .strategies import DEFAULT_ORDER, ORDERS, PAL_STATE_KEY, STRATEGIES, select_queries
+from .strategies import (
+    DEFAULT_ORDER,
+    ORDERS,
+    PAL_STATE_KEY,
+    STRATEGIES,
+    CandidateGraph,
+    reask_count,
+    select_queries,
+    select_reasks,
+)
 
 __all__ = ["ActiveLearner"]
 
@@ -335,12 +344,18 @@ class ActiveLearner:
         return torch.cat(out)
 
     def select(self, budget: int) -> torch.Tensor:
-        """Pairs to ask next (``[Q, 2]``, Q ≤ budget) by the learner's strategy."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.store.n_queries)
+        """Pairs to ask next (``[Q, 2]``, Q ≤ budget) by the learner's strategy, with
+        ``reask``'s share of them re-asks, first: one :func:`select_queries` call.
+        (:meth:`run` asks its re-asks after each round's new questions instead.)"""
+        return self._select(budget, self.reask, self._selection_embeddings(), None)
+
+    def _selection_embeddings(self) -> torch.Tensor:
         if self.strategy in ("random", "passive"):  # embeddings unused: skip the forward pass
-            emb = torch.zeros(self.data.shape[0], 1)
-        else:
-            emb = self.embed()
+            return torch.zeros(self.data.shape[0], 1)
+        return self.embed()
+
+    def _select(self, budget: int, reask: float, emb: torch.Tensor, graph: CandidateGraph | None) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.store.n_queries)
         if isinstance(self.strategy, str):
             return select_queries(
                 emb,
@@ -352,7 +367,8 @@ class ActiveLearner:
                 explore=self.explore,
                 order=self.order,
                 state=self.strategy_state,
-                reask=self.reask,
+                graph=graph,
+                reask=reask,
             )
         pairs = as_pairs(
             self.strategy(emb, self.store, budget, k=self.k, generator=gen),
@@ -364,6 +380,40 @@ class ActiveLearner:
                 f"pairs for a budget of {budget}; it must return at most budget"
             )
         return pairs
+
+    def _ask_round(self, budget: int) -> int:
+        """Select, ask and record one round's ``budget`` questions on one set of
+        embeddings; returns how many were asked (0: the strategy found none).
+
+        With ``reask`` > 0 the new questions come first and the re-asks after them
+        (:func:`select_reasks`), so that the re-asks reach this round's answers too, the
+        last round's included, which no later selection would reach: ``budget −
+        int(reask · budget)`` new questions, then up to the rest in re-asks. When fewer
+        re-asks are due, the rest goes round again, new questions then their re-asks,
+        until the budget is spent or nothing is left to ask (with no re-ask due and no
+        new question under the share, as at ``reask`` 1, the rest is new questions). The strategy's calls share
+        one k-NN graph (:class:`CandidateGraph`), searched at most once per round."""
+        emb = self._selection_embeddings()
+        if not self.reask:
+            pairs = self._select(budget, 0.0, emb, None)
+            if pairs.shape[0]:
+                self.ask_and_record(pairs)
+            return pairs.shape[0]
+        graph = CandidateGraph(emb, k=min(self.k, emb.shape[0] - 1))
+        left, share = budget, self.reask
+        while left:
+            new = self._select(left - reask_count(share, left), 0.0, emb, graph)
+            if new.shape[0]:
+                self.ask_and_record(new)
+            again = select_reasks(emb, self.store, left - new.shape[0])
+            if again.shape[0]:
+                self.ask_and_record(again)
+            asked = new.shape[0] + again.shape[0]
+            if not asked and not share:
+                break  # nothing left to ask
+            share = share if asked else 0.0  # no re-ask due (reask 1): new questions
+            left -= asked
+        return budget - left
 
     def ask_and_record(self, pairs: torch.Tensor) -> torch.Tensor:
         """Ask the oracle and record the answers (one store transaction, with ``"pal"``'s
@@ -433,11 +483,9 @@ class ActiveLearner:
                 if remaining <= 0:
                     info["stop"] = "budget"
                     break
-                pairs = self.select(min(queries_per_round, remaining))
-                if pairs.shape[0] == 0:
+                if not self._ask_round(min(queries_per_round, remaining)):
                     info["stop"] = "exhausted"
                     break
-                self.ask_and_record(pairs)
         finally:
             if bar is not None:
                 bar.close()

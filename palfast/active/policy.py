@@ -116,20 +116,28 @@ def check_reask(op: str, reask, policy: str, readonly: bool) -> float:
     store that can record the new answers (not ``readonly``) and a ``policy`` under which
     a repeated answer can change the relation (``"confirm"`` or ``"majority"``)."""
     reask = check_number(op, "reask", reask, 0.0, maximum=1.0)
-    if reask > 0 and readonly:
-        raise ValueError(
-            f"{op}: reask={reask:g} asks answers again, but the store was opened with "
-            f"readonly=True, so the new answers could not be recorded; open it without "
-            f"readonly, or pass reask=0"
-        )
-    if reask > 0 and policy == "first":
-        raise ValueError(
-            f"{op}: reask={reask:g} asks answers again, which cannot change anything under "
-            f"policy 'first' (the first answer wins); open the store with policy='confirm' "
-            f"or policy='majority' (docs/active.md, \"Answers from people who make "
-            f'mistakes"), or pass reask=0'
-        )
+    if reask > 0:
+        check_reask_store(op, f"reask={reask:g} asks", policy, readonly, ", or pass reask=0")
     return reask
+
+
+def check_reask_store(op: str, what: str, policy: str, readonly: bool, otherwise: str = "") -> None:
+    """A clear error naming ``op`` unless a store of ``policy`` opened with ``readonly``
+    can take re-asks (:func:`check_reask`'s rules). ``what`` is the subject of the
+    message (``"reask=0.2 asks"``), ``otherwise`` ends each remedy (``", or pass
+    reask=0"``)."""
+    if readonly:
+        raise ValueError(
+            f"{op}: {what} answers again, but the store was opened with readonly=True, so "
+            f"the new answers could not be recorded; open it without readonly{otherwise}"
+        )
+    if policy == "first":
+        raise ValueError(
+            f"{op}: {what} answers again, which cannot change anything under policy "
+            f"'first' (the first answer wins); open the store with policy='confirm' or "
+            f"policy='majority' (docs/active.md, \"Answers from people who make "
+            f'mistakes"){otherwise}'
+        )
 
 
 def check_policy_options(op: str, policy, reask) -> tuple[str, float]:

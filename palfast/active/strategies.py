@@ -133,7 +133,7 @@ import torch.nn.functional as F
 from .._checks import check_choice, check_instance, check_int, check_number
 from ..knn import as_rows, check_index_params, knn, resolve_backend, resolve_index, row_spans
 from .candidates import check_ids, pairs_from_knn
-from .policy import ReaskCandidates, check_reask
+from .policy import ReaskCandidates, check_reask, check_reask_store
 from .store import RelationStore
 
 __all__ = [
@@ -147,6 +147,7 @@ __all__ = [
     "reask_order",
     "CandidateGraph",
     "select_queries",
+    "select_reasks",
 ]
 
 STRATEGIES = ("pal", "nearest", "uncertain", "random", "passive")
@@ -179,8 +180,15 @@ STABLE_SEEDS = 3
 #: ``state`` in their RelationStore (:meth:`RelationStore.save_state`), so that a run
 #: resumed from the store continues its exploration where it stopped.
 PAL_STATE_KEY = "pal"
-#: Float sums of explore·budget (0.1 added ten times is 0.999…) still make whole seeds.
+#: Float sums and products (0.1 added ten times is 0.999…) still make whole counts:
+#: the seeds of explore·budget, the re-asks of reask·budget.
 _CREDIT_SLACK = 1e-9
+
+
+def reask_count(reask: float, budget: int) -> int:
+    """The re-asks a share ``reask`` of ``budget`` questions allows: ``int(reask ·
+    budget)``, with a float product such as 0.3 · 10 = 2.9999… still making 3."""
+    return int(reask * budget + _CREDIT_SLACK)
 
 
 class _Selection:
@@ -364,7 +372,7 @@ def select_queries(
     if reask or strategy not in ("random", "passive"):
         x = _UnitRows(x)
     if reask:
-        _reask(sel, x, int(reask * budget + _CREDIT_SLACK))
+        _reask(sel, x, reask_count(reask, budget))
     if strategy == "random":
         _random(sel, n, budget, generator)
         return sel.result()
@@ -378,6 +386,35 @@ def select_queries(
         _pal(sel, x, graph, budget, k, explore, generator, order, mix, {} if state is None else state)
         if len(sel.pairs) < budget:  # every row already used once: most similar pairs left
             _nearest(sel, graph, budget, k)
+    return sel.result()
+
+
+def select_reasks(embeddings, store: RelationStore, budget: int, *, ids=None) -> torch.Tensor:
+    """Only the re-asks: up to ``budget`` pairs whose answers a second one could
+    overturn, chosen and ordered as ``select_queries(..., reask=)`` chooses its re-asks
+    (module docstring), and no new question. :class:`ActiveLearner` calls it after each
+    round's new questions, so that the re-asks reach the answers just given.
+
+    Args:
+        embeddings: ``[N, D]``, row r = sample ``ids[r]`` (as :func:`select_queries`);
+            they order the single-sample joins (least similar first).
+        store: a :class:`RelationStore` opened writable with policy ``"confirm"`` or
+            ``"majority"`` (ValueError otherwise, before any work).
+        budget: the most pairs wanted (int ≥ 0).
+        ids: ``[N]`` distinct sample ids of the rows (default ``arange(N)``).
+
+    Returns:
+        LongTensor ``[Q, 2]`` sample ids, ``Q ≤ budget``, each row ``i < j``, on CPU.
+    """
+    op = "palfast.active.select_reasks"
+    x = as_rows(op, "embeddings", embeddings, min_rows=2, finite=True)
+    if not isinstance(store, RelationStore):
+        raise TypeError(f"{op}: store must be a palfast.active.RelationStore, got {type(store).__name__}")
+    budget = check_int(op, "budget", budget, 0)
+    check_reask_store(op, "it asks", store.policy, store.readonly)
+    sel = _Selection(store, check_ids(op, ids, x.shape[0]))
+    if budget:
+        _reask(sel, _UnitRows(x), budget)
     return sel.result()
 
 
@@ -426,8 +463,9 @@ class CandidateGraph:
     again), and the graph is kept with the both-direction edge lists ``"pal"`` walks.
     What depends on the answers (the store) is never kept: every call recomputes it.
 
-    Without ``graph=``, select_queries builds one per call (what :class:`ActiveLearner`
-    needs: its embeddings change every round). ``palfast annotate`` builds one per
+    Without ``graph=``, select_queries builds one per call. :class:`ActiveLearner`, whose
+    embeddings change every round, builds one per round when a round makes more than one
+    call (with ``reask``). ``palfast annotate`` builds one per
     embeddings file (docs/annotate.md, "Large pools").
 
     The graph holds the embeddings it was built on (a view, no copy) and the search

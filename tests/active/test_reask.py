@@ -1,7 +1,8 @@
 """Re-asks (select_queries' ``reask``; docs/active.md, "Answers from people who make
 mistakes"): the pending merges of "confirm" and the one-vote joins and ties of "majority"
 asked again first in reask_order (contested, then multi joins by consequence, then single
-joins least similar first), each once; the errors; ActiveLearner's pass-through."""
+joins least similar first), each once; the errors; select_reasks (the re-asks alone);
+ActiveLearner's rounds (new questions, then their re-asks)."""
 
 import math
 import warnings
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from palfast.active import ActiveLearner, CallbackOracle, LabelOracle, RelationStore, select_queries
+from palfast.active import ActiveLearner, CallbackOracle, LabelOracle, RelationStore, select_queries, select_reasks
 from palfast.active.strategies import STRATEGIES
 from palfast.metrics import merged_classes
 
@@ -190,6 +191,36 @@ def test_reask_needs_a_writable_store(tmp_path):
         assert select_queries(X, store, 4).shape == (4, 2)
 
 
+@pytest.mark.parametrize("make", [confirm_store, majority_store])
+def test_select_reasks_are_the_reasks_select_queries_starts_with(make):
+    store = make()
+    every = select_reasks(X, store, 100)
+    n = store.unconfirmed()[1].shape[0] if store.policy == "confirm" else store.reask_candidates().pairs.shape[0]
+    assert every.shape == (n, 2)
+    assert select_queries(X, store, 100, "random", reask=1.0)[:n].tolist() == every.tolist()
+    for budget in (0, 1, 2, n - 1):
+        assert select_reasks(X, store, budget).tolist() == every[:budget].tolist()
+    ids = torch.arange(N) + 100  # rows named by other ids: no candidate among them
+    assert select_reasks(X, store, 100, ids=ids).shape == (0, 2)
+
+
+def test_select_reasks_errors(tmp_path):
+    op = "palfast.active.select_reasks"
+    with pytest.raises(ValueError, match=rf"{op}: it asks answers again, which cannot change .* policy 'first'"):
+        select_reasks(X, RelationStore(), 4)
+    path = tmp_path / "s.sqlite"
+    RelationStore(path).close()
+    with RelationStore(path, policy="majority", readonly=True) as store:
+        with pytest.raises(ValueError, match=rf"{op}: it asks .*readonly=True.*could not be recorded"):
+            select_reasks(X, store, 4)
+    with pytest.raises(TypeError, match=f"{op}: store must be"):
+        select_reasks(X, None, 4)
+    with pytest.raises(ValueError, match=f"{op}: budget"):
+        select_reasks(X, majority_store(), -1)
+    with pytest.raises(ValueError, match=f"{op}: embeddings"):
+        select_reasks(torch.full((N, 4), math.nan), majority_store(), 4)
+
+
 def test_learner_reask_errors():
     y = torch.arange(N) % 2
     with pytest.raises(ValueError, match="ActiveLearner: reask=0.2 .*policy 'first'"):
@@ -218,8 +249,8 @@ def learner(x, y, store, oracle, reask, seed=0):
 
 def test_learner_wrong_merge_is_reasked_and_undone():
     """A person's mistake, "alike" across two known classes, then a truthful oracle: with
-    re-asks the run asks it again first and the classes stay apart; under "first" they
-    are merged."""
+    re-asks the run asks it again in its first round and the classes stay apart; under
+    "first" they are merged."""
     x, y = blobs()
     (a0, a1), (b0, b1) = (y == 0).nonzero()[:2].flatten().tolist(), (y == 1).nonzero()[:2].flatten().tolist()
     prior = ([[a0, a1], [b0, b1], [a1, b0]], [ALIKE] * 3)  # the last one is wrong
@@ -231,8 +262,8 @@ def test_learner_wrong_merge_is_reasked_and_undone():
         learner(x, y, store, oracle, reask).run(60, 15)
         ends[(policy, reask)] = (merged_classes(store.components(torch.arange(y.numel())), y), store.unconfirmed()[1])
         if reask:
-            asked = store.answers()[0][3:]  # the oracle's first question is the re-ask
-            assert asked[0].tolist() == [a1, b0]
+            asked = store.answers()[0][3:18]  # the first round's questions
+            assert [a1, b0] in asked.tolist()
     assert ends[("confirm", 0.2)][0] == 0 and ends[("confirm", 0.2)][1].shape[0] == 0
     assert ends[("first", 0.0)][0] >= 1
 
@@ -240,15 +271,31 @@ def test_learner_wrong_merge_is_reasked_and_undone():
 @pytest.mark.parametrize("seed", range(3))
 def test_learner_noisy_leaves_no_pending_merge_it_could_reask(seed):
     """A noisy oracle (a fresh flip per question): with a re-ask share larger than the
-    pending merges a round makes, every merge still pending at the end comes from the
-    last round's answers (asked after the last selection)."""
+    pending merges a round makes, no merge is left pending at the end, the last round's
+    included (its re-asks come after its new questions)."""
     x, y = blobs(seed=seed)
     store = RelationStore(policy="confirm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learner(x, y, store, LabelOracle(y, noise=0.2, seed=seed), 0.5, seed).run(150, 15)
-    ids, _ = store.unconfirmed()
-    assert bool((ids > store.n_queries - 15).all())
+    assert store.n_queries == 150
+    assert store.unconfirmed()[0].shape[0] == 0
+
+
+@pytest.mark.parametrize("policy", ["confirm", "majority"])
+def test_learner_reasks_its_round_s_own_answers(policy):
+    """One round on an empty store: nothing can be re-asked before its questions, so the
+    re-asks must come after them, within the round (one selection each time), and the
+    budget is spent exactly."""
+    x, y = blobs()
+    store = RelationStore(policy=policy)
+    history = learner(x, y, store, CallbackOracle(lambda p: y[p[:, 0]] == y[p[:, 1]]), 0.5).run(20, 20)
+    assert store.n_queries == 20 and len(history) == 2
+    asked = [tuple(p) for p in store.answers()[0].tolist()]
+    again = [i for i, p in enumerate(asked) if p in asked[:i]]
+    assert again and min(again) >= 10  # the first 20 − int(0.5 · 20) are new questions
+    if policy == "majority":  # every "alike" of the round asked twice (a truthful oracle)
+        assert store.reask_candidates().pairs.shape[0] == 0
 
 
 def test_apps_refuse_bad_policy_options_before_any_work():
@@ -337,3 +384,12 @@ def test_reask_order_matches_brute_force(seed):
     candidates = ReaskCandidates.of(rows)
     similarity = torch.randint(-4, 5, (p,), generator=g).float() / 4  # ties on purpose
     assert reask_order(candidates, similarity).tolist() == reask_order_reference(candidates, similarity)
+
+
+def test_learner_at_reask_1_still_spends_its_budget():
+    """At reask 1 a round's share leaves no new question; when no re-ask is due either,
+    the rest of the round goes to new questions instead of ending the run."""
+    x, y = blobs()
+    store = RelationStore(policy="majority")
+    history = learner(x, y, store, CallbackOracle(lambda p: y[p[:, 0]] == y[p[:, 1]]), 1.0).run(40, 10)
+    assert store.n_queries == 40 and history[-1]["stop"] == "budget" and len(history) == 5
