@@ -56,11 +56,19 @@ from .relation import as_pairs
 from .store import ContradictionWarning, RelationStore
 from .strategies import DEFAULT_ORDER, ORDERS, PAL_STATE_KEY, STRATEGIES, select_queries
 
-__all__ = ["ActiveLearner"]
+__all__ = ["ActiveLearner", "selection_seed"]
 
 _OP = "palfast.active.ActiveLearner"
 #: How a strategy callable is called (docs/active.md, "ActiveLearner").
 _STRATEGY_CALL = "strategy(embeddings, store, budget, k=k, generator=generator) -> [Q, 2]"
+
+
+def selection_seed(seed: int, n_queries: int) -> int:
+    """The seed of a selection by a run seeded ``seed`` when its store holds ``n_queries``
+    answers: one per answer count, so a run resumed from its store (a new learner, a
+    restarted ``palfast annotate``) draws anew instead of repeating the earlier run's draws,
+    and the same store and seed give the same choices."""
+    return seed * 1_000_003 + n_queries
 
 
 class ActiveLearner:
@@ -336,7 +344,7 @@ class ActiveLearner:
 
     def select(self, budget: int) -> torch.Tensor:
         """Pairs to ask next (``[Q, 2]``, Q ≤ budget) by the learner's strategy."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.store.n_queries)
+        gen = torch.Generator().manual_seed(selection_seed(self.seed, self.store.n_queries))
         if self.strategy in ("random", "passive"):  # embeddings unused: skip the forward pass
             emb = torch.zeros(self.data.shape[0], 1)
         else:
