@@ -65,11 +65,19 @@ from .strategies import (
     select_reasks,
 )
 
-__all__ = ["ActiveLearner"]
+__all__ = ["ActiveLearner", "selection_seed"]
 
 _OP = "palfast.active.ActiveLearner"
 #: How a strategy callable is called (docs/active.md, "ActiveLearner").
 _STRATEGY_CALL = "strategy(embeddings, store, budget, k=k, generator=generator) -> [Q, 2]"
+
+
+def selection_seed(seed: int, n_queries: int) -> int:
+    """The seed of a selection by a run seeded ``seed`` when its store holds ``n_queries``
+    answers: one per answer count, so a run resumed from its store (a new learner, a
+    restarted ``palfast annotate``) draws anew instead of repeating the earlier run's draws,
+    and the same store and seed give the same choices."""
+    return seed * 1_000_003 + n_queries
 
 
 class ActiveLearner:
@@ -355,7 +363,7 @@ class ActiveLearner:
         return self.embed()
 
     def _select(self, budget: int, reask: float, emb: torch.Tensor, graph: CandidateGraph | None) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.store.n_queries)
+        gen = torch.Generator().manual_seed(selection_seed(self.seed, self.store.n_queries))
         if isinstance(self.strategy, str):
             return select_queries(
                 emb,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..active import CandidateGraph, RelationStore, select_queries
+from ..active.learner import selection_seed
 from ..active.strategies import GRAPH_STRATEGIES, PAL_STATE_KEY
 from ..knn import chunk_rows
 from .data import Embeddings
@@ -142,7 +143,11 @@ class Questions:
         self.budget = budget
         self.captcha_k = captcha_k
         self._seed = seed
-        self._rounds = 0
+        # The refills' randomness: seeded from the store's answer count (selection_seed, as
+        # ActiveLearner's rounds), so a restarted server does not repeat the draws of the run
+        # before it; refills at the same count continue one stream (docs/annotate.md).
+        self._gen: torch.Generator | None = None
+        self._gen_at = -1  # the answer count self._gen was seeded at
         # pal's exploration state (select_queries' ``state``): the refills are the
         # consecutive calls of one selection, so its seed credit and its "stop exploring"
         # carry over from one to the next, and across a restart: it is saved in the store
@@ -257,7 +262,10 @@ class Questions:
             try:
                 busy = self._busy_pairs()
                 have = set(self._pending) | busy
-                self._rounds += 1
+                n_queries = self.store.n_queries
+                if n_queries != self._gen_at:
+                    self._gen = torch.Generator().manual_seed(selection_seed(self._seed, n_queries))
+                    self._gen_at = n_queries
                 # The graph carries the index arguments (checked when it was built).
                 how = {"graph": graph} if graph is not None else self.index_args
                 got = select_queries(
@@ -266,7 +274,7 @@ class Questions:
                     REFILL,
                     self.strategy,
                     k=SELECT_K,
-                    seed=self._seed * 1_000_003 + self._rounds,
+                    generator=self._gen,
                     state=self._select_state if self.strategy == "pal" else None,
                     reask=self.reask,
                     **how,

@@ -26,7 +26,9 @@ Every run of one seed starts from the same initial weights and oracle seed, so t
 (``strategy_report.py``) compares strategies seed by seed with ``random``. Outputs in the
 output folder, paths printed: ``strategies_<device>_<time>.csv`` (one row per task, noise
 and strategy), ``..._curves.csv`` (one row per round of every run), ``..._grid.png`` (one
-panel per task and noise level) and ``.json`` (settings, environment, summary).
+panel per task and noise level) and ``.json`` (settings, environment, summary; strict
+JSON, a number without a value, such as the difference to ``random`` where random did not
+run, written as null).
 
 Cost: one torch thread and one BLAS thread (the model is too small to gain from more, and
 beside other processes more threads spin-wait: docs/active.md, "The demo").
@@ -39,6 +41,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -339,14 +342,23 @@ def write_outputs(
         f"load average {env.get('load_average_start')} → {env.get('load_average_end')}"
     )
     plot_grid(rows, s.budget, str(paths["png"]), note=note)
-    paths["json"].write_text(
-        json.dumps(
-            {"settings": dataclasses.asdict(s), "environment": env, "seconds": seconds, "summary": summary},
-            indent=2,
-            default=str,
-        )
-    )
+    report = {"settings": dataclasses.asdict(s), "environment": env, "seconds": seconds, "summary": summary}
+    # allow_nan=False: a NaN left in would be written as the bare word NaN, which strict
+    # JSON readers refuse.
+    paths["json"].write_text(json.dumps(_finite_or_none(report), indent=2, default=str, allow_nan=False))
     return paths
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float made None (null in JSON): a paired difference
+    to ``random`` when random did not run, a mean over no seeds (``mean_sd``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def run_suite(

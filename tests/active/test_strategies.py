@@ -439,15 +439,49 @@ def test_pal_merge_candidate_of_a_fragment_whose_votes_split(pal_links):
         assert _asks_merge(q, side, fragment)
 
 
-def test_pal_merge_votes_skip_the_classes_known_different(pal_links):
-    # Unit vectors at these angles (degrees): classes A (0°), B (30°) and C (70°), two
-    # rows each, A and B known different; free rows elsewhere. A's most similar other
-    # class is B, so A's votes go to C, the class not known to differ, and C asks the
-    # merge A–C: without skipping B, A voted for B and was never offered again.
+def _three_arcs():
+    """Unit vectors at these angles (degrees): rows 0–1 at 0°, 2–3 at 30°, 4–5 at 70° (three
+    classes once each pair is answered "alike"), and six rows elsewhere on the circle."""
     angles = torch.deg2rad(torch.tensor([0.0, 2.0, 30.0, 32.0, 70.0, 72.0, 150.0, 180.0, 200.0, 230.0, 260.0, 300.0]))
-    x = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+
+
+def test_pal_merge_votes_skip_the_classes_known_different(pal_links):
+    # Classes A (0°), B (30°) and C (70°) of _three_arcs, A and B known different. A's
+    # most similar other class is B, so A's votes go to C, the class not known to differ,
+    # and C asks the merge A–C: without skipping B, A voted for B and was never offered
+    # again.
+    x = _three_arcs()
     store = RelationStore()
     store.record(torch.tensor([[0, 1], [2, 3], [4, 5], [0, 2]]), torch.tensor([True, True, True, False]))
     q = select_queries(x, store, 3, "pal", explore=0.0)
     check_selection(q, store, 3, n=12)
     assert _asks_merge(q, {0, 1}, {4, 5})
+
+
+def test_pal_class_known_different_from_every_other_casts_no_vote(pal_links, monkeypatch):
+    # Classes A (0°), B (30°) and Z (70°) of _three_arcs, Z known different from A and
+    # from B, so its members have no class to vote for: Z is no class's merge candidate.
+    # A vote of Z's would not change the pairs asked (a Z–A pair is known, skipped when
+    # reached), so the test reads the candidates pal builds (``merges``).
+    offered = []
+
+    def recording(merges):
+        def wrapper(self, c):
+            others, share = merges(self, c)
+            offered.extend((c, int(o)) for o in others)
+            return others, share
+
+        return wrapper
+
+    for links in (strategies_mod._DenseLinks, strategies_mod._GraphLinks):
+        monkeypatch.setattr(links, "merges", recording(links.merges))
+    x = _three_arcs()
+    store = RelationStore()
+    store.record(torch.tensor([[0, 1], [2, 3], [4, 5], [0, 4], [2, 4]]), torch.tensor([True, True, True, False, False]))
+    q = select_queries(x, store, 3, "pal", explore=0.0)
+    check_selection(q, store, 3, n=12)
+    assert _asks_merge(q, {0, 1}, {2, 3})  # A and B still vote for each other
+    roots = store.roots(torch.tensor([0, 2, 4]))  # pal numbers the classes in root order
+    z = int((roots < roots[2]).sum())
+    assert offered and not [m for m in offered if z in m]

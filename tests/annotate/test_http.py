@@ -1124,6 +1124,35 @@ def test_pal_exploration_state_survives_a_restart_of_the_server(tmp_path):
         q.close()
 
 
+def test_a_restarted_server_does_not_repeat_the_selection_seeds(tmp_path, monkeypatch):
+    """Each refill's selection is seeded from the store's answer count: a server started
+    again on the store after answers draws with new seeds (it once counted its refills from
+    0 again and repeated the first run's seeds); refills with no answer between them
+    continue one stream, so they still find new pairs."""
+    seeds = []
+    real = questions_mod.select_queries
+
+    def spy(*args, **kwargs):
+        gen = kwargs.get("generator")
+        if gen is not None or kwargs.get("seed") is not None:  # a refill, not the constructor's check
+            seeds.append(gen.initial_seed() if gen is not None else kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(questions_mod, "select_queries", spy)
+    path, runs = tmp_path / "answers.sqlite", []
+    for _ in range(2):
+        with RelationStore(path) as store:
+            q = Questions(store, Embeddings(N), N, strategy="random", background=False)
+            assert q.refill() > 0 and q.refill() > 0  # the second: new pairs all the same
+            pairs = list(q._pending)[:5]
+            store.record(pairs, [False] * 5)  # answers before the restart
+            q.close()
+        runs.append(seeds[:])
+        seeds.clear()
+    first, second = runs
+    assert len(first) == len(second) == 2 and not set(first) & set(second)
+
+
 def test_a_new_embeddings_file_gets_a_new_graph_searched_with_progress(tmp_path, knn_searches):
     n = 300
     clustered_file(tmp_path / "e.npy", n)

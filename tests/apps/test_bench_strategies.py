@@ -2,6 +2,8 @@
 its evaluation, its bad input, and the noise range of LabelOracle it relies on."""
 
 import csv
+import dataclasses
+import json
 import math
 
 import pytest
@@ -99,6 +101,31 @@ def test_summary_is_paired_by_seed_and_counts_queries_to_reach_random():
     assert noisy["ideal@50"] == pytest.approx(0.95)
     assert report.area_under_curve([0, 50, 100], [0.5, 0.6, 0.6]) == pytest.approx(noisy["auc"])
     assert "reaches random's final" in report.format_summary(list(s.values()), [50, 100])
+
+
+def _refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_json_is_strict_with_null_where_random_did_not_run(tmp_path):
+    """Without ``random`` the paired differences are NaN: the JSON holds null there, and a
+    strict parser (one refusing NaN and Infinity) reads it."""
+    s = dataclasses.replace(
+        bs.QUICK,
+        tasks=("iris",),
+        noise=(0.0,),
+        seeds=1,
+        strategies=("pal",),
+        budget=50,
+        checkpoints=(50,),
+        steps_per_round=1,
+    )
+    result = bs.run_suite(out_dir=str(tmp_path), settings=s, progress=lambda line: None)
+    assert math.isnan(result["summary"][0]["vs_random@50"])  # the NaN the file must not hold
+    written = json.loads(result["paths"]["json"].read_text(), parse_constant=_refuse)
+    pal = written["summary"][0]
+    assert pal["strategy"] == "pal" and pal["vs_random@50"] is None and pal["vs_random_auc_sd"] is None
+    assert pal["acc@50"] == result["summary"][0]["acc@50"] and pal["acc@50_sd"] == 0.0
 
 
 def test_median_of_reach_counts_never_as_infinite():

@@ -206,6 +206,19 @@ def test_tf32_error_is_seen(emu):
     assert errs[True] > 10 * errs[False]
 
 
+@pytest.fixture
+def matmul_precision():
+    """The float32 matmul precision as it was before the test, restored after it, and the
+    per-backend flags torch.set_float32_matmul_precision also writes (without them, their
+    "none" comes back as "ieee")."""
+    flags = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = torch.get_float32_matmul_precision(), [f.fp32_precision for f in flags]
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    for f, value in zip(flags, before[1]):
+        f.fp32_precision = value
+
+
 @pytest.mark.parametrize(
     "set_flag,tf32",
     [
@@ -225,7 +238,7 @@ def test_tf32_error_is_seen(emu):
     ],
     ids=["allow_tf32", "no_allow_tf32", "matmul_precision_high", "matmul_precision_highest", "fp32_precision", "mixed"],
 )
-def test_every_way_of_setting_the_flag(emu, set_flag, tf32):
+def test_every_way_of_setting_the_flag(emu, set_flag, tf32, matmul_precision):
     """Each of PyTorch's ways to allow or forbid TF32 matmuls picks the path: plain TF32
     (one mma per product) or 3×TF32 (three)."""
     n, d = 41, 16
@@ -236,7 +249,6 @@ def test_every_way_of_setting_the_flag(emu, set_flag, tf32):
         before = emu.emu_ptx_tf32_mma_count()
         emu.info_nce(z, *g.kernel_args(), 0.3, True, 0, n)
         assert emu.emu_ptx_tf32_mma_count() - before == _mmas_per_tile(d, tf32)
-    torch.set_float32_matmul_precision("highest")
 
 
 def test_before_sm80_float32_stays_simt(emu):
