@@ -104,9 +104,10 @@ class ActiveLearner:
         temperature: of the default loss :func:`palfast.info_nce`.
         label_weight, view_weight: weights of the two graphs (see ``RelationStore.graph``).
         k, explore, order: passed to :func:`select_queries` (named strategies only).
-        reask: :func:`select_queries`' share of each round's questions spent first on
-            asking again the answers a second one could overturn (named strategies only;
-            default 0). Above 0 the store must be writable and opened with policy
+        reask: share of each round's questions spent on asking again the answers a
+            second one could overturn, after the round's new questions, so that the
+            re-asks reach them too (:func:`select_reasks`; :meth:`run`; named strategies
+            only; default 0). Above 0 the store must be writable and opened with policy
             ``"confirm"`` or ``"majority"``. A re-asked pair goes to the oracle again and
             its answer is recorded as a new one (a :class:`~palfast.active.LabelOracle`
             draws a fresh flip for every pair it is asked, so a repeat is independent).
@@ -438,8 +439,9 @@ class ActiveLearner:
     # -------------------------------------------------------------------- loop
     def run(self, budget: int, queries_per_round: int = 50, on_round: Callable | None = None) -> list[dict]:
         """Rounds until ``store.n_queries >= budget``: train, then ``on_round``, then
-        select/ask/record. The last round trains on every answer, so the last entry
-        describes the final encoder.
+        select/ask/record (with ``reask``, the new questions first and their re-asks
+        after them: ``_ask_round``). The last round trains on every answer, so the last
+        entry describes the final encoder.
 
         Stopping rule: the run ends after the round that trained on ``budget`` answers
         (``"stop": "budget"``), or earlier after a round whose selection returned no
