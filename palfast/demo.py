@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import time
@@ -42,6 +41,7 @@ import time
 import torch
 from torch import nn
 
+from ._json import dumps
 from .datasets import augment, augment_noise, load_digits_split
 from .metrics import area_under_curve, queries_to_reach
 
@@ -488,11 +488,8 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
         m: evaluate_strategies(rows, settings["strategies"], settings["budget"], m) for m in ("linear", "knn")
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(
-            {"settings": {**settings, "noise": args.noise}, "rows": rows, "summary": summary, "evaluation": evaluation},
-            f,
-            indent=1,
-        )
+        results = {"settings": {**settings, "noise": args.noise}, "rows": rows, "summary": summary}
+        f.write(dumps({**results, "evaluation": evaluation}, indent=1))
     plot(summary, os.path.join(args.out, "accuracy_vs_queries.png"))
     print("\nlinear probe test accuracy (%), mean ± std over seeds, vs oracle queries")
     print(format_table(summary, "linear"))

@@ -40,8 +40,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -50,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from .._json import dumps
 from ..active.oracle import check_noise
 from ..active.policy import POLICIES, check_policy, check_reask
 from .strategy_report import IDEAL, format_summary, plot_grid, summarize
@@ -343,22 +342,9 @@ def write_outputs(
     )
     plot_grid(rows, s.budget, str(paths["png"]), note=note)
     report = {"settings": dataclasses.asdict(s), "environment": env, "seconds": seconds, "summary": summary}
-    # allow_nan=False: a NaN left in would be written as the bare word NaN, which strict
-    # JSON readers refuse.
-    paths["json"].write_text(json.dumps(_finite_or_none(report), indent=2, default=str, allow_nan=False))
+    # NaN where a number does not exist (vs_random when random did not run): null.
+    paths["json"].write_text(dumps(report, indent=2, default=str))
     return paths
-
-
-def _finite_or_none(value):
-    """``value`` with every non-finite float made None (null in JSON): a paired difference
-    to ``random`` when random did not run, a mean over no seeds (``mean_sd``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def run_suite(

@@ -62,6 +62,8 @@ from pathlib import Path
 
 import torch
 
+from .._json import dumps
+
 __all__ = ["Case", "Prepared", "Skip", "run_cases", "environment"]
 
 BENCH_MODULES = ["bench_info_nce", "bench_covariance", "bench_candidates", "bench_active", "bench_store"]
@@ -698,7 +700,7 @@ def format_table(report: dict) -> str:
         speedups = {k[len("speedup_vs_") :]: v for k, v in r.items() if k.startswith("speedup_vs_")}
         speed = speedups.pop(r.get("baseline"), None)
         others = ", ".join(
-            [f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"]]
+            [f"vs {k} {v:.2f}x" for k, v in speedups.items() if k != r["impl"] and v is not None]
             + [f"{label} {r[key]:{fmt}}" for key, label, fmt in SHOWN_FIELDS if r.get(key) is not None]
         )
         mem = next((v for k, v in r.items() if k.startswith("memory_ratio_vs_")), None)
@@ -734,7 +736,7 @@ def write_report(report: dict, out_dir: str, stem: str | None = None, quiet: boo
     jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
     # Written aside and renamed: a run killed by a time limit mid-write keeps the last whole file.
     tmp = jpath.with_name(jpath.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.write_text(dumps(report, indent=2, default=str))
     tmp.replace(jpath)
     # The kernel lists stay in the JSON: a CSV cell cannot hold them readably.
     keys = sorted(
