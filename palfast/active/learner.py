@@ -400,8 +400,9 @@ class ActiveLearner:
         int(reask · budget)`` new questions, then up to the rest in re-asks. When fewer
         re-asks are due, the rest goes round again, new questions then their re-asks,
         until the budget is spent or nothing is left to ask (with no re-ask due and no
-        new question under the share, as at ``reask`` 1, the rest is new questions). The strategy's calls share
-        one k-NN graph (:class:`CandidateGraph`), searched at most once per round."""
+        new question under the share, as at ``reask`` 1, the rest is new questions).
+        The strategy's calls share one k-NN graph (:class:`CandidateGraph`), searched
+        at most once per round."""
         emb = self._selection_embeddings()
         if not self.reask:
             pairs = self._select(budget, 0.0, emb, None)
