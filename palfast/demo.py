@@ -488,8 +488,13 @@ def _run(args: argparse.Namespace, settings: dict) -> int:
         m: evaluate_strategies(rows, settings["strategies"], settings["budget"], m) for m in ("linear", "knn")
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        results = {"settings": {**settings, "noise": args.noise}, "rows": rows, "summary": summary}
-        f.write(dumps({**results, "evaluation": evaluation}, indent=1))
+        results = {
+            "settings": {**settings, "noise": args.noise},
+            "rows": rows,
+            "summary": summary,
+            "evaluation": evaluation,
+        }
+        f.write(dumps(results, indent=1))
     plot(summary, os.path.join(args.out, "accuracy_vs_queries.png"))
     print("\nlinear probe test accuracy (%), mean ± std over seeds, vs oracle queries")
     print(format_table(summary, "linear"))

@@ -341,8 +341,7 @@ def select_queries(
             f"again whenever the embeddings change"
         )
     n = x.shape[0]
-    if not isinstance(store, RelationStore):
-        raise TypeError(f"{_OP}: store must be a palfast.active.RelationStore, got {type(store).__name__}")
+    check_instance(_OP, "store", store, RelationStore, "a palfast.active.RelationStore")
     budget = check_int(_OP, "budget", budget, 0)
     check_choice(_OP, "strategy", strategy, STRATEGIES)
     reask = check_reask(_OP, reask, store.policy, store.readonly)
@@ -408,13 +407,11 @@ def select_reasks(embeddings, store: RelationStore, budget: int, *, ids=None) ->
     """
     op = "palfast.active.select_reasks"
     x = as_rows(op, "embeddings", embeddings, min_rows=2, finite=True)
-    if not isinstance(store, RelationStore):
-        raise TypeError(f"{op}: store must be a palfast.active.RelationStore, got {type(store).__name__}")
+    check_instance(op, "store", store, RelationStore, "a palfast.active.RelationStore")
     budget = check_int(op, "budget", budget, 0)
     check_reask_store(op, "it asks", store.policy, store.readonly)
     sel = _Selection(store, check_ids(op, ids, x.shape[0]))
-    if budget:
-        _reask(sel, _UnitRows(x), budget)
+    _reask(sel, _UnitRows(x), budget)
     return sel.result()
 
 
@@ -666,9 +663,11 @@ def _reask(sel: _Selection, xn: _UnitRows, n_reask: int) -> None:
     """Start the selection with up to ``n_reask`` re-asks (module docstring): the store's
     candidates among the rows in :func:`reask_order`, each pair and each pending merge
     once. O(P log P + N log P + P·D) for P candidates of D dimensions."""
+    if n_reask == 0:
+        return
     candidates = sel.store.reask_candidates()
     pairs = candidates.pairs
-    if n_reask == 0 or pairs.shape[0] == 0:
+    if pairs.shape[0] == 0:
         return
     # The row of each candidate's samples (−1: not a row): the rows' ids looked up among
     # the candidates' sorted ids, never a table sized by the largest id.
